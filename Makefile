@@ -1,0 +1,42 @@
+# Two commands for a new machine: `make demo` runs the main job, `make test` runs the tests.
+# Both set up what is missing first: Debian packages (poppler, fonts), a virtualenv, the package.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEBIAN_PACKAGES := poppler-utils fonts-dejavu-core fonts-liberation fonts-freefont-ttf fonts-courier-prime \
+	fonts-gnutypewriter fonts-ebgaramond fonts-crosextra-caladea fonts-crosextra-carlito fonts-open-sans \
+	fonts-lato fonts-dkg-handwriting fonts-femkeklaver fonts-humor-sans fonts-dancingscript fonts-kristi \
+	fonts-comic-neue
+DEMO := out/demo
+
+.PHONY: setup demo test clean .system-packages
+
+setup: $(VENV)/.installed .system-packages
+
+.system-packages:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $$missing; \
+	fi
+
+# torch is pinned to the CPU build first so that no multi-GB CUDA build is pulled in;
+# on a GPU machine install the torch you want before `make setup`.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+demo: setup
+	$(BIN)/trocr-pipeline synth docs --output $(DEMO)/samples --count 4 --seed 7
+	$(BIN)/trocr-pipeline run $(DEMO)/samples --output $(DEMO)/result
+	$(BIN)/trocr-pipeline show $(DEMO)/result
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,128 @@
+"""Rasterize: page ranges of a triaged document to 8-bit grayscale page images.
+
+PDFs are rendered by poppler a few pages per call (``rasterize.pages_per_task``), so a 1,000-page
+file never sits in memory whole and a hung poppler is killed after ``render_timeout_s``. Every page
+that was planned comes out as exactly one :class:`PageWork`, rendered or failed with a reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from pdf2image import convert_from_path
+from pdf2image.exceptions import PDFPageCountError, PDFPopplerTimeoutError, PDFSyntaxError
+from PIL import Image
+
+from operators.ingest import DocumentKind, DocumentPlan, local_path
+from pipeline.config import RasterizeConfig
+from pipeline.errors import DocumentError, PageCountMismatch, PageTooLarge, RenderFailed, RenderTimeout
+from pipeline.records import PageWork
+
+#: Scans often claim 72 dpi or nothing; outside this range the configured dpi is used instead.
+_PLAUSIBLE_DPI = (100, 1200)
+
+
+@dataclass(frozen=True)
+class PageRange:
+    """A unit of rendering work: pages first..last (1-based, inclusive) of one document."""
+
+    doc_id: str
+    source: str
+    kind: DocumentKind
+    first: int
+    last: int
+
+
+def page_ranges(plans: list[DocumentPlan], pages_per_task: int) -> list[PageRange]:
+    ranges = []
+    for plan in plans:
+        if plan.error is not None:
+            continue
+        for first in range(1, plan.num_pages + 1, pages_per_task):
+            last = min(first + pages_per_task - 1, plan.num_pages)
+            ranges.append(PageRange(plan.doc_id, plan.source, plan.kind, first, last))
+    return ranges
+
+
+def to_gray8(image: Image.Image) -> np.ndarray:
+    """Any Pillow mode (1-bit, palette, alpha, CMYK, 16-bit, float) to an 8-bit gray array."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.full_like(values, 255.0)
+        return scaled.round().astype(np.uint8)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return np.asarray(image.convert("L"), dtype=np.uint8)
+
+
+def _image_dpi(image: Image.Image, fallback: int) -> int:
+    dpi = image.info.get("dpi")
+    if dpi and _PLAUSIBLE_DPI[0] <= round(float(dpi[0])) <= _PLAUSIBLE_DPI[1]:
+        return round(float(dpi[0]))
+    return fallback
+
+
+def _new_page(task: PageRange, number: int, dpi: int) -> PageWork:
+    return PageWork(doc_id=task.doc_id, source=task.source, page=number, dpi=dpi)
+
+
+def _render_pdf(task: PageRange, path: str, config: RasterizeConfig) -> list[PageWork]:
+    try:
+        images = convert_from_path(
+            path,
+            dpi=config.dpi,
+            first_page=task.first,
+            last_page=task.last,
+            grayscale=True,
+            timeout=config.render_timeout_s,
+        )
+    except PDFPopplerTimeoutError as exc:
+        raise RenderTimeout(
+            f"poppler took longer than {config.render_timeout_s:g} s on pages {task.first}-{task.last}; killed"
+        ) from exc
+    except (PDFPageCountError, PDFSyntaxError) as exc:
+        raise RenderFailed(f"poppler failed on pages {task.first}-{task.last}: {exc}") from exc
+    pages = []
+    for offset, number in enumerate(range(task.first, task.last + 1)):
+        work = _new_page(task, number, config.dpi)
+        if offset >= len(images):
+            work.fail(PageCountMismatch.error_code,
+                      f"page {number} is declared but poppler rendered only {len(images)} of pages "
+                      f"{task.first}-{task.last}")
+        else:
+            work.image = to_gray8(images[offset])
+            work.height, work.width = work.image.shape
+        pages.append(work)
+    return pages
+
+
+def _render_image(task: PageRange, path: str, config: RasterizeConfig) -> list[PageWork]:
+    pages = []
+    with Image.open(path) as image:
+        for number in range(task.first, task.last + 1):
+            image.seek(number - 1)
+            work = _new_page(task, number, _image_dpi(image, config.dpi))
+            if image.width * image.height > config.max_page_pixels:
+                raise PageTooLarge(f"page {number} has {image.width}x{image.height} px, over the limit")
+            work.image = to_gray8(image)
+            work.height, work.width = work.image.shape
+            pages.append(work)
+    return pages
+
+
+def rasterize(task: PageRange, config: RasterizeConfig) -> list[PageWork]:
+    """Render one page range; a failure fails every page of the range with the reason."""
+    try:
+        with local_path(task.source) as path:
+            if task.kind == "pdf":
+                return _render_pdf(task, path, config)
+            return _render_image(task, path, config)
+    except DocumentError as error:
+        reason = (error.error_code, str(error))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        reason = (RenderFailed.error_code, f"pages {task.first}-{task.last} cannot be decoded: {exc}")
+    return [_new_page(task, number, config.dpi).fail(*reason) for number in range(task.first, task.last + 1)]

@@ -1,0 +1,150 @@
+"""Write: finished pages and documents to Parquet, committed so that readers and reruns see each
+document exactly once.
+
+Pages are held per document until all of its pages are in. Complete documents are written in
+pairs of part files with the same name, ``pages/part-R-N.parquet`` then
+``documents/part-R-N.parquet``, each written under ``_staging/`` and renamed into place. A document
+counts as written once its ``documents`` row is published; a ``pages`` part whose ``documents``
+twin is missing (a run killed between the two renames) is removed at the next start, and the rerun
+processes those documents again.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from operators.reassemble import page_row
+from pipeline.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, PageWork
+
+PAGES_DIR = "pages"
+DOCUMENTS_DIR = "documents"
+STAGING_DIR = "_staging"
+
+
+def _filesystem(output: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in output:
+        return pafs.FileSystem.from_uri(output)
+    return pafs.LocalFileSystem(), os.path.abspath(output)
+
+
+def _list_parts(filesystem: pafs.FileSystem, folder: str) -> dict[str, str]:
+    selector = pafs.FileSelector(folder, allow_not_found=True)
+    return {info.base_name: info.path for info in filesystem.get_file_info(selector)
+            if info.type == pafs.FileType.File and info.base_name.endswith(".parquet")}
+
+
+def recover_output(output: str) -> set[str]:
+    """Clean what a killed run left behind and return the doc_ids already published."""
+    filesystem, root = _filesystem(output)
+    filesystem.create_dir(root, recursive=True)
+    filesystem.delete_dir_contents(f"{root}/{STAGING_DIR}", missing_dir_ok=True)
+    documents = _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}")
+    for name, path in _list_parts(filesystem, f"{root}/{PAGES_DIR}").items():
+        if name not in documents:
+            filesystem.delete_file(path)
+    done: set[str] = set()
+    for path in documents.values():
+        table = pq.read_table(path, columns=["doc_id"], filesystem=filesystem)
+        done.update(table.column("doc_id").to_pylist())
+    return done
+
+
+@dataclass
+class WriteSummary:
+    documents_ok: int = 0
+    documents_failed: int = 0
+    pages: int = 0
+    pages_failed: int = 0
+    lines: int = 0
+
+
+@dataclass
+class _PendingDocument:
+    record: DocumentRecord
+    pages: dict[int, PageWork] = field(default_factory=dict)
+
+
+def _document_outcome(record: DocumentRecord, pages: list[PageWork]) -> DocumentRecord:
+    failed = [page for page in pages if page.status == "failed"]
+    if record.status == "failed" or not failed:
+        return record
+    first = failed[0]
+    message = f"{len(failed)} of {len(pages)} pages failed; page {first.page}: {first.error_message}"
+    return DocumentRecord(record.doc_id, record.source, "failed", first.error_code, message, record.num_pages)
+
+
+class ParquetSink:
+    """Collects page results as they stream in and publishes complete documents."""
+
+    def __init__(self, output: str, rows_per_file: int):
+        self.filesystem, self.root = _filesystem(output)
+        self.rows_per_file = rows_per_file
+        self.run_id = uuid.uuid4().hex[:12]
+        self.summary = WriteSummary()
+        self._pending: dict[tuple[str, str], _PendingDocument] = {}
+        self._ready_documents: list[DocumentRecord] = []
+        self._ready_pages: list[dict] = []
+        self._parts = 0
+        for folder in (PAGES_DIR, DOCUMENTS_DIR, STAGING_DIR):
+            self.filesystem.create_dir(f"{self.root}/{folder}", recursive=True)
+
+    def expect(self, record: DocumentRecord) -> None:
+        """Announce a document; one with no pages to wait for is complete at once."""
+        if record.num_pages == 0 or record.status == "failed":
+            self._complete(record, [])
+        else:
+            self._pending[(record.doc_id, record.source)] = _PendingDocument(record)
+
+    def add_page(self, work: PageWork) -> None:
+        pending = self._pending[(work.doc_id, work.source)]
+        if work.page in pending.pages:
+            raise RuntimeError(f"page {work.page} of {work.source} arrived twice")
+        pending.pages[work.page] = work
+        if len(pending.pages) == pending.record.num_pages:
+            del self._pending[(work.doc_id, work.source)]
+            self._complete(pending.record, [pending.pages[n] for n in sorted(pending.pages)])
+
+    def _complete(self, record: DocumentRecord, pages: list[PageWork]) -> None:
+        outcome = _document_outcome(record, pages)
+        self._ready_documents.append(outcome)
+        self._ready_pages.extend(page_row(page) for page in pages)
+        summary = self.summary
+        summary.documents_ok += outcome.status == "ok"
+        summary.documents_failed += outcome.status == "failed"
+        summary.pages += len(pages)
+        summary.pages_failed += sum(page.status == "failed" for page in pages)
+        summary.lines += sum(len(page.lines) for page in pages)
+        if len(self._ready_pages) >= self.rows_per_file or len(self._ready_documents) >= self.rows_per_file:
+            self.flush()
+
+    def _publish(self, table: pa.Table, folder: str, name: str) -> None:
+        staged = f"{self.root}/{STAGING_DIR}/{folder}-{name}"
+        pq.write_table(table, staged, filesystem=self.filesystem)
+        self.filesystem.move(staged, f"{self.root}/{folder}/{name}")
+
+    def flush(self) -> None:
+        if not self._ready_documents:
+            return
+        name = f"part-{self.run_id}-{self._parts:05d}.parquet"
+        self._parts += 1
+        self._publish(pa.Table.from_pylist(self._ready_pages, schema=PAGES_SCHEMA), PAGES_DIR, name)
+        documents = [asdict(record) for record in self._ready_documents]
+        self._publish(pa.Table.from_pylist(documents, schema=DOCUMENTS_SCHEMA), DOCUMENTS_DIR, name)
+        self._ready_documents, self._ready_pages = [], []
+
+    def close(self) -> WriteSummary:
+        """Flush; documents still waiting for pages mean pages were lost, which is a bug."""
+        if self._pending:
+            missing = {source: record.record.num_pages - len(record.pages)
+                       for (_, source), record in self._pending.items()}
+            raise RuntimeError(f"pages never arrived for {missing}")
+        self.flush()
+        self.filesystem.delete_dir_contents(f"{self.root}/{STAGING_DIR}", missing_dir_ok=True)
+        return self.summary
+

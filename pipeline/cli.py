@@ -1,0 +1,125 @@
+"""``trocr-pipeline`` command line: run, detect, show, synth, train, eval.
+
+Every :class:`~pipeline.errors.PipelineError` becomes its exit code and a one-line message; a job
+whose documents partly failed exits with ``documents_failed`` after writing everything it could.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import load_config
+from pipeline.errors import ExitCode, PipelineError
+
+log = logging.getLogger("trocr_pipeline")
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", help="files, folders or globs; local paths or URIs (s3://, gs://)")
+    parser.add_argument("--output", "-o", required=True, help="output folder or URI")
+    parser.add_argument("--config", "-c", type=Path, help="YAML config (default: configs/local.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set recognize.precision=fp16 (repeatable)")
+
+
+def _job_command(args: argparse.Namespace, mode: str) -> int:
+    from pipeline.job import run_job
+
+    config = load_config(args.config, args.overrides)
+    summary = run_job(args.inputs, args.output, config, mode=mode)
+    print(summary.describe())
+    return ExitCode.documents_failed if summary.written.documents_failed else ExitCode.ok
+
+
+def _synth_command(args: argparse.Namespace) -> int:
+    if args.what == "docs":
+        from pipeline.synth.docs import write_document_set
+
+        paths = write_document_set(Path(args.output), args.count, args.seed, dpi=args.dpi)
+        print(f"wrote {len(paths)} documents with ground truth to {args.output}")
+    else:
+        from pipeline.synth.lines import write_line_set
+
+        folder = write_line_set(Path(args.output), args.count, args.seed, font_kind=args.font_kind)
+        print(f"wrote {args.count} line images with ground truth to {folder}")
+    return ExitCode.ok
+
+
+def _show_command(args: argparse.Namespace) -> int:
+    import pyarrow.dataset as ds
+
+    documents = ds.dataset(f"{args.output}/documents", format="parquet").to_table().to_pylist()
+    pages = ds.dataset(f"{args.output}/pages", format="parquet").to_table(
+        columns=["source", "page", "status", "text", "lines"]).to_pylist()
+    for document in sorted(documents, key=lambda row: row["source"]):
+        reason = f" ({document['error_code']}: {document['error_message']})" if document["status"] != "ok" else ""
+        print(f"{document['status']:6} {document['num_pages']:3} pages  {document['source']}{reason}")
+    for page in sorted(pages, key=lambda row: (row["source"], row["page"]))[: args.pages]:
+        confidences = [line["confidence"] for line in page["lines"] if line["confidence"] is not None]
+        mean = sum(confidences) / len(confidences) if confidences else float("nan")
+        print(f"\n--- {Path(page['source']).name} page {page['page']}: {len(page['lines'])} lines, "
+              f"mean confidence {mean:.2f}")
+        print("\n".join(page["text"].splitlines()[: args.lines]))
+    return ExitCode.ok
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline.evaluate import add_eval_arguments, eval_command
+    from pipeline.train import add_train_arguments, train_command
+
+    parser = argparse.ArgumentParser(prog="trocr-pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="the whole job: ingest, rasterize, detect, recognize, write Parquet")
+    _add_job_arguments(run)
+    run.set_defaults(handler=lambda args: _job_command(args, "recognize"))
+
+    detect = commands.add_parser("detect", help="layout only: the pages table with empty line texts")
+    _add_job_arguments(detect)
+    detect.set_defaults(handler=lambda args: _job_command(args, "detect"))
+
+    synth = commands.add_parser("synth", help="synthetic scanned documents or text lines with ground truth")
+    synth.add_argument("what", choices=["docs", "lines"])
+    synth.add_argument("--output", "-o", required=True)
+    synth.add_argument("--count", "-n", type=int, default=4)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--dpi", type=int, default=150, help="docs only")
+    synth.add_argument("--font-kind", choices=["printed", "handwritten", "all"], default="printed", help="lines only")
+    synth.set_defaults(handler=_synth_command)
+
+    show = commands.add_parser("show", help="print the documents and the start of each page's text of an output")
+    show.add_argument("output")
+    show.add_argument("--pages", type=int, default=3, help="pages to print")
+    show.add_argument("--lines", type=int, default=8, help="lines per page to print")
+    show.set_defaults(handler=_show_command)
+
+    train = commands.add_parser("train", help="fine-tune or train a TrOCR model")
+    add_train_arguments(train)
+    train.set_defaults(handler=train_command)
+
+    evaluate = commands.add_parser("eval", help="CER/WER of a model on line images with ground truth")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(handler=eval_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args))
+    except PipelineError as error:
+        print(f"trocr-pipeline: error: {error}", file=sys.stderr)
+        return int(error.exit_code)
+    except KeyboardInterrupt:
+        print("trocr-pipeline: interrupted", file=sys.stderr)
+        return int(ExitCode.ctrl_c)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Typed, frozen job configuration: YAML file, then ``--set key=value`` overrides.
+
+Unknown keys are rejected with the dotted key named, so a typo in a cluster config fails at
+submission time instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = PROJECT_ROOT / "models" / "trocr-pipeline-printed-small"
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "local.yaml"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RayConfig(_Frozen):
+    """Where the job runs. ``address: null`` starts a private local Ray instance."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(default=None, ge=1, description="local instance only")
+    object_store_memory_mb: int | None = Field(default=None, ge=64, description="local instance only")
+
+
+class RasterizeConfig(_Frozen):
+    dpi: int = Field(default=300, ge=50, le=1200)
+    pages_per_task: int = Field(default=8, ge=1, description="pages rendered per poppler call")
+    pdfinfo_timeout_s: float = Field(default=30.0, gt=0)
+    render_timeout_s: float = Field(default=120.0, gt=0, description="per page range")
+    max_page_pixels: int = Field(default=250_000_000, ge=1, description="checked before rendering")
+    num_cpus: float = Field(default=1.0, gt=0)
+
+
+class DetectConfig(_Frozen):
+    """Classical line detection (operators.detect). Pixel values are at 300 dpi and scaled with
+    the page dpi; the other lengths are in text heights, measured on each page."""
+
+    min_line_height_px: int = Field(default=8, ge=1, description="at 300 dpi; smaller ink is noise")
+    max_skew_deg: float = Field(default=5.0, ge=0, le=45)
+    sauvola_window_px: int = Field(default=75, ge=3, description="binarization window at 300 dpi")
+    sauvola_k: float = Field(default=0.3, gt=0, lt=1, description="higher drops fainter ink")
+    column_gap: float = Field(default=1.0, gt=0, description="min gutter between columns")
+    wide_gap: float = Field(default=4.0, gt=0, description="gutter that splits even single lines")
+    block_gap: float = Field(default=1.5, gt=0, description="min vertical gap between stacked blocks")
+    smooth_width: float = Field(default=1.5, gt=0, description="density smoothing along the line")
+    smooth_height: float = Field(default=0.3, gt=0, description="density smoothing across lines")
+    core_threshold: float = Field(default=0.3, gt=0, lt=1, description="line core density, share of p95")
+    line_merge_gap: float = Field(default=3.0, ge=0, description="max word gap inside one line")
+    line_reach: float = Field(default=1.5, gt=0, description="max distance of a line's ink from its core")
+    crop_padding_px: int = Field(default=4, ge=0, description="padding around each line crop")
+    num_cpus: float = Field(default=1.0, gt=0)
+
+
+class RecognizeConfig(_Frozen):
+    """TrOCR recognition in an actor pool."""
+
+    model: str = Field(default=str(DEFAULT_MODEL), description="hub id or local folder")
+    engine: Literal["hf"] = "hf"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    num_beams: int = Field(default=1, ge=1)
+    max_new_tokens: int = Field(default=128, ge=1)
+    line_batch_size: int = Field(default=32, ge=1, description="line crops per model call")
+    pages_per_batch: int = Field(default=4, ge=1, description="pages handed to an actor at once")
+    concurrency: int | tuple[int, int] = Field(default=1, description="actors, or (min, max) to autoscale")
+    num_gpus: float = Field(default=0.0, ge=0)
+    num_cpus: float = Field(default=1.0, gt=0)
+    torch_threads: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RecognizeConfig":
+        if self.device == "cpu" and self.precision != "fp32":
+            raise ValueError("precision fp16/bf16 needs device cuda (or auto on a GPU machine)")
+        if isinstance(self.concurrency, tuple) and not (1 <= self.concurrency[0] <= self.concurrency[1]):
+            raise ValueError("concurrency (min, max) needs 1 <= min <= max")
+        return self
+
+
+class OutputConfig(_Frozen):
+    parquet_rows_per_file: int = Field(default=2000, ge=1)
+
+
+class JobConfig(_Frozen):
+    ray: RayConfig = RayConfig()
+    rasterize: RasterizeConfig = RasterizeConfig()
+    detect: DetectConfig = DetectConfig()
+    recognize: RecognizeConfig = RecognizeConfig()
+    output: OutputConfig = OutputConfig()
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown key {key!r}")
+        else:
+            lines.append(f"{key}: {item['msg']}")
+    return "; ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig:
+    """Load ``path`` (default: configs/local.yaml when present) and apply ``key=value`` overrides.
+
+    Override values are parsed as YAML, so ``--set recognize.concurrency=[1,4]`` gives a tuple and
+    ``--set ray.address=null`` gives None.
+    """
+    tree: dict[str, Any] = {}
+    source = Path(path) if path is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    if source is not None:
+        try:
+            loaded = yaml.safe_load(source.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {source}: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {source} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {source} must be a mapping at the top level")
+        tree = loaded or {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as exc:
+        where = f" in {source}" if source else ""
+        raise ConfigError(f"invalid configuration{where}: {_describe(exc)}") from exc

@@ -1,0 +1,140 @@
+"""One exception hierarchy for the whole pipeline.
+
+Every error carries the process exit code the CLI returns for it and, for errors that belong to a
+single document or page, the stable ``error_code`` written to the ``documents`` / ``pages`` tables.
+The set of error codes is documented in the README; add new ones there too.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    ok = 0
+    other_error = 1
+    bad_args = 2
+    input_file = 3
+    documents_failed = 4
+    model_error = 5
+    ctrl_c = 130
+
+
+class PipelineError(Exception):
+    """Base of every error the pipeline raises on purpose."""
+
+    exit_code: ExitCode = ExitCode.other_error
+    error_code: str = "internal_error"
+
+
+class ConfigError(PipelineError):
+    """The configuration or the command line is wrong."""
+
+    exit_code = ExitCode.bad_args
+    error_code = "bad_config"
+
+
+class ModelLoadError(PipelineError):
+    """The recognition model cannot be loaded: fail at start-up, never write empty output."""
+
+    exit_code = ExitCode.model_error
+    error_code = "model_error"
+
+
+class NoInputError(PipelineError):
+    """The inputs named on the command line match no file."""
+
+    exit_code = ExitCode.input_file
+    error_code = "no_input"
+
+
+class DocumentError(PipelineError):
+    """Something is wrong with one input file; that document fails, the job goes on."""
+
+    exit_code = ExitCode.documents_failed
+    error_code = "document_error"
+
+
+class UnreadableFile(DocumentError):
+    """The file cannot be opened or read (missing, permissions, I/O error)."""
+
+    error_code = "unreadable"
+
+
+class EmptyFile(DocumentError):
+    """The file has zero bytes."""
+
+    error_code = "empty_file"
+
+
+class UnsupportedFormat(DocumentError):
+    """The bytes are not a PDF, TIFF, PNG or JPEG, whatever the file name says."""
+
+    error_code = "unsupported_format"
+
+
+class CorruptFile(DocumentError):
+    """The file is damaged beyond repair (truncated, broken structure)."""
+
+    error_code = "corrupt_file"
+
+
+class EncryptedFile(DocumentError):
+    """The PDF needs a user password to open."""
+
+    error_code = "encrypted"
+
+
+class PageTooLarge(DocumentError):
+    """A page would exceed the configured pixel limit, or the image is a decompression bomb."""
+
+    error_code = "page_too_large"
+
+
+class RenderTimeout(DocumentError):
+    """poppler did not answer within the configured timeout; it was killed."""
+
+    error_code = "render_timeout"
+
+
+class RenderFailed(DocumentError):
+    """poppler or the image decoder failed on a page."""
+
+    error_code = "render_failed"
+
+
+class PageCountMismatch(DocumentError):
+    """Fewer pages rendered than the file declares."""
+
+    error_code = "page_count_mismatch"
+
+
+class DetectionFailed(DocumentError):
+    """Line detection failed on a page."""
+
+    error_code = "detection_failed"
+
+
+class RecognitionFailed(DocumentError):
+    """The model failed on this page's lines even after splitting the batch."""
+
+    error_code = "recognition_failed"
+
+
+#: error_code -> meaning, as documented in the README.
+ERROR_CODES: dict[str, str] = {
+    cls.error_code: (cls.__doc__ or cls.__name__).strip().splitlines()[0]
+    for cls in (
+        UnreadableFile,
+        EmptyFile,
+        UnsupportedFormat,
+        CorruptFile,
+        EncryptedFile,
+        PageTooLarge,
+        RenderTimeout,
+        RenderFailed,
+        PageCountMismatch,
+        DetectionFailed,
+        RecognitionFailed,
+    )
+}

@@ -1,0 +1,179 @@
+"""Job assembly: the stages wired into one streaming Ray Data job.
+
+Each stage is a plain function over :class:`PageWork` (testable without Ray); this module only
+adapts them to Ray rows. A row carries one pickled ``PageWork``, so a page's image and lines travel
+together through every stage with no shuffle, and the driver only ever sees text.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal
+
+import ray
+
+from operators.detect import detect_lines
+from operators.ingest import DocumentPlan, expand_inputs, triage
+from operators.rasterize import PageRange, page_ranges, rasterize
+from operators.write import ParquetSink, WriteSummary, recover_output
+from pipeline.config import JobConfig
+from pipeline.errors import DetectionFailed
+from pipeline.records import DocumentRecord, PageWork
+
+log = logging.getLogger("trocr_pipeline")
+Mode = Literal["recognize", "detect"]
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    output: str
+    documents_skipped: int
+    written: WriteSummary
+    seconds: float
+
+    @property
+    def pages_per_second(self) -> float:
+        return self.written.pages / self.seconds if self.seconds > 0 else 0.0
+
+    def describe(self) -> str:
+        w = self.written
+        return (
+            f"output: {self.output}\n"
+            f"documents: {w.documents_ok} ok, {w.documents_failed} failed, {self.documents_skipped} already done\n"
+            f"pages: {w.pages} ({w.pages_failed} failed), lines: {w.lines}\n"
+            f"time: {self.seconds:.1f} s, {self.pages_per_second:.2f} pages/s"
+        )
+
+
+@contextmanager
+def ray_session(config: JobConfig) -> Iterator[None]:
+    """Join the cluster (``ray job submit`` sets RAY_ADDRESS) or start a private local instance,
+    and shut down only what this job started."""
+    if ray.is_initialized():
+        yield
+        return
+    options: dict[str, Any] = {"address": config.ray.address, "include_dashboard": False,
+                               "logging_level": logging.WARNING}
+    if config.ray.address is None and not os.environ.get("RAY_ADDRESS"):
+        options["num_cpus"] = config.ray.num_cpus
+        if config.ray.object_store_memory_mb:
+            options["object_store_memory"] = config.ray.object_store_memory_mb * 1024 * 1024
+    ray.init(**options)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _pack(work: PageWork) -> dict[str, bytes]:
+    return {"work": pickle.dumps(work, protocol=5)}
+
+
+def _unpack(row: dict[str, Any]) -> PageWork:
+    return pickle.loads(row["work"])
+
+
+def _triage_row(row: dict[str, Any], config: JobConfig) -> dict[str, bytes]:
+    return {"plan": pickle.dumps(triage(row["source"], config.rasterize))}
+
+
+def _rasterize_row(row: dict[str, Any], config: JobConfig) -> list[dict[str, bytes]]:
+    task: PageRange = pickle.loads(row["task"])
+    return [_pack(work) for work in rasterize(task, config.rasterize)]
+
+
+def _detect_row(row: dict[str, Any], config: JobConfig) -> dict[str, bytes]:
+    work = _unpack(row)
+    if work.status == "ok":
+        try:
+            work.lines = detect_lines(work.image, work.dpi, config.detect)
+        except (ValueError, RuntimeError) as exc:  # a detector bug must not lose the page
+            work.fail(DetectionFailed.error_code, f"line detection failed: {exc}")
+    return _pack(work)
+
+
+def _drop_image_row(row: dict[str, Any]) -> dict[str, bytes]:
+    work = _unpack(row)
+    work.image = None
+    return _pack(work)
+
+
+def _prepare_row(row: dict[str, Any], preprocessor, padding: int) -> dict[str, bytes]:
+    from operators.recognize import prepare_crops
+
+    return _pack(prepare_crops(_unpack(row), preprocessor, padding))
+
+
+class _RecognizeBatch:
+    """Ray adapter around :class:`operators.recognize.TrOCRRecognizer` (model loaded once)."""
+
+    def __init__(self, config: JobConfig):
+        from operators.recognize import TrOCRRecognizer
+
+        self.recognizer = TrOCRRecognizer(config.recognize)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[bytes]]:
+        pages = [pickle.loads(item) for item in batch["work"]]
+        return {"work": [pickle.dumps(work, protocol=5) for work in self.recognizer.recognize_pages(pages)]}
+
+
+def _triage_all(sources: list[str], config: JobConfig) -> list[DocumentPlan]:
+    dataset = ray.data.from_items([{"source": s} for s in sources])
+    dataset = dataset.map(_triage_row, fn_kwargs={"config": config}, num_cpus=config.rasterize.num_cpus)
+    return [pickle.loads(row["plan"]) for row in dataset.take_all()]
+
+
+def _page_dataset(ranges: list[PageRange], config: JobConfig, mode: Mode, preprocessor) -> ray.data.Dataset:
+    dataset = ray.data.from_items([{"task": pickle.dumps(r)} for r in ranges], override_num_blocks=len(ranges))
+    dataset = dataset.flat_map(_rasterize_row, fn_kwargs={"config": config}, num_cpus=config.rasterize.num_cpus)
+    dataset = dataset.map(_detect_row, fn_kwargs={"config": config}, num_cpus=config.detect.num_cpus)
+    if mode == "detect":
+        return dataset.map(_drop_image_row)
+    recognize = config.recognize
+    dataset = dataset.map(_prepare_row, fn_kwargs={"preprocessor": preprocessor,
+                                                   "padding": config.detect.crop_padding_px},
+                          num_cpus=config.detect.num_cpus)
+    return dataset.map_batches(
+        _RecognizeBatch,
+        fn_constructor_kwargs={"config": config},
+        batch_size=recognize.pages_per_batch,
+        concurrency=recognize.concurrency,
+        num_gpus=recognize.num_gpus,
+        num_cpus=recognize.num_cpus,
+    )
+
+
+def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "recognize") -> JobSummary:
+    """Run the whole job; bad documents are recorded as failed rows, never raised."""
+    started = time.monotonic()
+    sources = expand_inputs(inputs)
+    preprocessor = None
+    if mode == "recognize":
+        from pipeline.model import load_line_preprocessor
+
+        preprocessor = load_line_preprocessor(config.recognize.model)  # fails fast on a bad model folder
+    done = recover_output(output)
+    sink = ParquetSink(output, config.output.parquet_rows_per_file)
+    with ray_session(config):
+        plans = _triage_all(sources, config)
+        fresh = [plan for plan in plans if plan.doc_id not in done]
+        for plan in fresh:
+            error = plan.error
+            sink.expect(DocumentRecord(
+                doc_id=plan.doc_id, source=plan.source, status="failed" if error else "ok",
+                error_code=error.error_code if error else None, error_message=str(error) if error else None,
+                num_pages=plan.num_pages,
+            ))
+        ranges = page_ranges(fresh, config.rasterize.pages_per_task)
+        if ranges:
+            for batch in _page_dataset(ranges, config, mode, preprocessor).iter_batches(batch_size=None):
+                for item in batch["work"]:
+                    sink.add_page(pickle.loads(item))
+    written = sink.close()
+    return JobSummary(output=output, documents_skipped=len(plans) - len(fresh), written=written,
+                      seconds=time.monotonic() - started)

@@ -1,0 +1,106 @@
+"""Typed records that flow between stages, and the one explicit Arrow schema of the output.
+
+Stages pass :class:`PageWork` objects (pickled into a single Ray Data column) so the page image
+and its lines travel together with no shuffle; only the final text records become Arrow rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+
+Status = Literal["ok", "failed"]
+BBox = tuple[int, int, int, int]
+
+
+@dataclass
+class LineRecord:
+    """One text line: geometry from detection, text from recognition."""
+
+    bbox: BBox  # x0, y0, x1, y1 in page pixels
+    polygon: list[tuple[int, int]]  # closed outline in page pixels
+    block: int  # block (column / region) index in reading order
+    order: int  # 0-based position of the line in the page's reading order
+    text: str = ""
+    confidence: float | None = None  # geometric mean of token probabilities
+    truncated: bool = False  # the decoder hit max_new_tokens before end-of-sequence
+
+
+@dataclass
+class PageWork:
+    """A page on its way through the stages."""
+
+    doc_id: str
+    source: str
+    page: int  # 1-based
+    dpi: int
+    width: int = 0
+    height: int = 0
+    image: np.ndarray | None = None  # 8-bit grayscale page, dropped once the crops are cut
+    lines: list[LineRecord] = field(default_factory=list)
+    line_pixels: list[np.ndarray] = field(default_factory=list)  # model-ready crops, one per line
+    status: Status = "ok"
+    error_code: str | None = None
+    error_message: str | None = None
+
+    def fail(self, error_code: str, message: str) -> "PageWork":
+        self.status = "failed"
+        self.error_code = error_code
+        self.error_message = message
+        self.image = None
+        self.line_pixels = []
+        return self
+
+
+@dataclass(frozen=True)
+class DocumentRecord:
+    doc_id: str
+    source: str
+    status: Status
+    error_code: str | None
+    error_message: str | None
+    num_pages: int
+
+
+LINE_TYPE = pa.struct(
+    [
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("confidence", pa.float32()),
+        pa.field("bbox", pa.list_(pa.int32(), 4), nullable=False),
+        pa.field("polygon", pa.list_(pa.list_(pa.int32(), 2)), nullable=False),
+        pa.field("block", pa.int32(), nullable=False),
+        pa.field("order", pa.int32(), nullable=False),
+        pa.field("truncated", pa.bool_(), nullable=False),
+    ]
+)
+
+PAGES_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("page", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("dpi", pa.int32(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("lines", pa.list_(LINE_TYPE), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error_code", pa.string()),
+        pa.field("error_message", pa.string()),
+    ]
+)
+
+DOCUMENTS_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error_code", pa.string()),
+        pa.field("error_message", pa.string()),
+        pa.field("num_pages", pa.int32(), nullable=False),
+    ]
+)
+

@@ -1,0 +1,65 @@
+"""Session-scoped fixtures: real files, a real local Ray instance, tiny random-weight models.
+
+Nothing here needs the network, a GPU or ../shared: every input is built by the project itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf"
+
+
+def text_page(lines: list[str], size: tuple[int, int] = (1240, 1754), font_px: int = 28) -> Image.Image:
+    """A plain one-column 150-dpi page with the given lines, for small format tests."""
+    page = Image.new("L", size, 255)
+    draw = ImageDraw.Draw(page)
+    font = ImageFont.truetype(FONT, font_px)
+    for index, line in enumerate(lines):
+        draw.text((120, 150 + index * int(font_px * 1.8)), line, font=font, fill=20)
+    return page
+
+
+def write_pdf(path: Path, pages: list[Image.Image], dpi: int = 150) -> Path:
+    first, *rest = [page.copy() for page in pages]  # Pillow keeps encoder state on saved images
+    first.save(path, save_all=True, append_images=rest, resolution=dpi)
+    return path
+
+
+@pytest.fixture(scope="session")
+def page_images() -> list[Image.Image]:
+    return [text_page([f"Page {n} of the test document", "A second line of text here."]) for n in (1, 2, 3)]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray instance for the whole session (jobs reuse it instead of starting their own)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from pipeline.model import build_tiny_random_trocr
+
+    return build_tiny_random_trocr(tmp_path_factory.mktemp("models") / "tiny-vit-roberta")
+
+
+@pytest.fixture(scope="session")
+def synthetic_documents(tmp_path_factory) -> list[Path]:
+    from pipeline.synth.docs import write_document_set
+
+    folder = tmp_path_factory.mktemp("synthetic-docs")
+    return write_document_set(folder, count=4, seed=11, dpi=150, formats=("pdf", "tiff"),
+                              pages_per_document=(1, 3), two_column_share=0.5)
+
+
+def gray_noise(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width), dtype=np.uint8)

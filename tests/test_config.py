@@ -1,0 +1,56 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import JobConfig, load_config
+from pipeline.errors import ConfigError, ExitCode
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "cluster-v100.yaml"])
+def test_shipped_configs_load(name):
+    config = load_config(ROOT / "configs" / name)
+    assert isinstance(config, JobConfig)
+
+
+def test_overrides_are_parsed_as_yaml():
+    config = load_config(ROOT / "configs" / "local.yaml",
+                         ["recognize.concurrency=[1, 4]", "rasterize.dpi=200", "ray.address=null"])
+    assert config.recognize.concurrency == (1, 4)
+    assert config.rasterize.dpi == 200
+    assert config.ray.address is None
+
+
+def test_config_is_frozen():
+    config = load_config(ROOT / "configs" / "local.yaml")
+    with pytest.raises(Exception):
+        config.rasterize.dpi = 100
+
+
+@pytest.mark.parametrize("override, named", [
+    ("recognize.beams=4", "recognize.beams"),
+    ("nonsense.key=1", "nonsense"),
+    ("rasterize.dpi=10", "rasterize.dpi"),
+])
+def test_bad_keys_and_values_are_named(override, named):
+    with pytest.raises(ConfigError, match=named) as info:
+        load_config(ROOT / "configs" / "local.yaml", [override])
+    assert info.value.exit_code == ExitCode.bad_args
+
+
+def test_unknown_key_in_yaml_file_is_rejected(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("detect:\n  colums: 2\n")
+    with pytest.raises(ConfigError, match="unknown key 'detect.colums'"):
+        load_config(path)
+
+
+def test_half_precision_on_cpu_is_refused():
+    with pytest.raises(ConfigError, match="precision"):
+        load_config(ROOT / "configs" / "local.yaml", ["recognize.device=cpu", "recognize.precision=fp16"])
+
+
+def test_set_needs_key_value():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(ROOT / "configs" / "local.yaml", ["rasterize.dpi"])

@@ -1,0 +1,126 @@
+"""Ingest and triage on real files built here: good and broken PDFs, TIFFs, PNGs and JPEGs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pikepdf
+import pytest
+from PIL import Image
+
+from conftest import write_pdf
+from operators.ingest import expand_inputs, sniff_kind, triage
+from pipeline.config import RasterizeConfig
+from pipeline.errors import NoInputError, UnsupportedFormat
+
+CONFIG = RasterizeConfig(dpi=150)
+
+
+@pytest.fixture(scope="module")
+def good_pdf(tmp_path_factory, page_images):
+    return write_pdf(tmp_path_factory.mktemp("pdf") / "three.pdf", page_images)
+
+
+def test_expand_folder_glob_and_file(tmp_path, good_pdf, page_images):
+    (tmp_path / "sub").mkdir()
+    shutil.copy(good_pdf, tmp_path / "a.pdf")
+    page_images[0].save(tmp_path / "sub" / "b.PNG")
+    (tmp_path / "notes.txt").write_text("not a document")
+    from_folder = expand_inputs([str(tmp_path)])
+    assert [os.path.basename(p) for p in from_folder] == ["a.pdf", "b.PNG"]
+    assert expand_inputs([str(tmp_path / "**" / "*.PNG")]) == [str(tmp_path / "sub" / "b.PNG")]
+    # an explicit file is taken whatever its suffix, and duplicates collapse
+    assert expand_inputs([str(tmp_path / "notes.txt"), str(tmp_path / "notes.txt")]) == [str(tmp_path / "notes.txt")]
+
+
+def test_input_matching_nothing_is_an_error(tmp_path):
+    with pytest.raises(NoInputError, match="missing"):
+        expand_inputs([str(tmp_path / "missing")])
+
+
+def test_sniff_kind_trusts_bytes_not_names():
+    assert sniff_kind(b"%PDF-1.7\n") == "pdf"
+    assert sniff_kind(b"\x89PNG\r\n\x1a\n....") == "png"
+    assert sniff_kind(b"II*\x00") == "tiff"
+    assert sniff_kind(b"\xff\xd8\xff\xe0") == "jpeg"
+    with pytest.raises(UnsupportedFormat):
+        sniff_kind(b"hello world")
+
+
+def test_good_pdf(good_pdf):
+    plan = triage(str(good_pdf), CONFIG)
+    assert plan.error is None and plan.kind == "pdf" and plan.num_pages == 3
+    assert len(plan.doc_id) == 64
+
+
+def test_doc_id_is_content_hash(tmp_path, good_pdf):
+    copy = shutil.copy(good_pdf, tmp_path / "renamed.pdf")
+    assert triage(str(copy), CONFIG).doc_id == triage(str(good_pdf), CONFIG).doc_id
+
+
+def test_multipage_tiff(tmp_path, page_images):
+    path = tmp_path / "scan.tif"
+    page_images[0].save(path, save_all=True, append_images=page_images[1:], compression="tiff_lzw")
+    plan = triage(str(path), CONFIG)
+    assert (plan.kind, plan.num_pages, plan.error) == ("tiff", 3, None)
+
+
+def _broken(tmp_path, good_pdf, name):
+    path = tmp_path / name
+    data = good_pdf.read_bytes()
+    if name == "empty.pdf":
+        path.write_bytes(b"")
+    elif name == "text.pdf":
+        path.write_text("this is a text file wearing a .pdf name\n")
+    elif name == "truncated.pdf":
+        path.write_bytes(data[: len(data) // 3])
+    elif name == "encrypted.pdf":
+        with pikepdf.open(good_pdf) as pdf:
+            pdf.save(path, encryption=pikepdf.Encryption(owner="owner-secret", user="user-secret"))
+    elif name == "unreadable.pdf":
+        path.write_bytes(data)
+        path.chmod(0)
+    return path
+
+
+@pytest.mark.parametrize("name, error_code", [
+    ("empty.pdf", "empty_file"),
+    ("text.pdf", "unsupported_format"),
+    ("truncated.pdf", "corrupt_file"),
+    ("encrypted.pdf", "encrypted"),
+])
+def test_broken_files_fail_with_a_reason(tmp_path, good_pdf, name, error_code):
+    plan = triage(str(_broken(tmp_path, good_pdf, name)), CONFIG)
+    assert plan.error is not None, name
+    assert plan.error.error_code == error_code
+    assert str(plan.error)
+    assert plan.num_pages == 0
+
+
+def test_file_gone_before_triage_is_unreadable(tmp_path):
+    plan = triage(str(tmp_path / "deleted.pdf"), CONFIG)
+    assert plan.error.error_code == "unreadable" and "deleted.pdf" in str(plan.error)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_file(tmp_path, good_pdf):
+    plan = triage(str(_broken(tmp_path, good_pdf, "unreadable.pdf")), CONFIG)
+    assert plan.error.error_code == "unreadable"
+
+
+def test_owner_password_only_pdf_is_processed(tmp_path, good_pdf):
+    path = tmp_path / "owner-only.pdf"
+    with pikepdf.open(good_pdf) as pdf:
+        pdf.save(path, encryption=pikepdf.Encryption(owner="owner-secret", user=""))
+    plan = triage(str(path), CONFIG)
+    assert plan.error is None and plan.num_pages == 3
+
+
+def test_page_too_large_is_checked_before_rendering(good_pdf, tmp_path):
+    small_limit = RasterizeConfig(dpi=300, max_page_pixels=1_000_000)
+    plan = triage(str(good_pdf), small_limit)
+    assert plan.error.error_code == "page_too_large"
+    image = tmp_path / "huge.png"
+    Image.new("1", (5000, 5000), 1).save(image)
+    assert triage(str(image), small_limit).error.error_code == "page_too_large"

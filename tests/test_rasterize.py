@@ -1,0 +1,78 @@
+"""Rasterize real PDFs with real poppler, and images in every Pillow mode archives produce."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_pdf
+from operators.ingest import DocumentPlan
+from operators.rasterize import PageRange, page_ranges, rasterize, to_gray8
+from pipeline.config import RasterizeConfig
+
+
+def _plan(pages: int, error=None) -> DocumentPlan:
+    return DocumentPlan(doc_id=f"id{pages}", source=f"doc{pages}.pdf", kind="pdf", num_pages=pages, error=error)
+
+
+def test_page_ranges_cover_every_page_once():
+    ranges = page_ranges([_plan(1), _plan(10), _plan(0)], pages_per_task=4)
+    covered = [(r.source, p) for r in ranges for p in range(r.first, r.last + 1)]
+    assert covered == [("doc1.pdf", 1)] + [("doc10.pdf", p) for p in range(1, 11)]
+    assert max(r.last - r.first + 1 for r in ranges) == 4
+
+
+def test_pdf_range_renders_gray_pages_at_dpi(tmp_path, page_images):
+    path = write_pdf(tmp_path / "doc.pdf", page_images, dpi=150)
+    pages = rasterize(PageRange("id", str(path), "pdf", 2, 3), RasterizeConfig(dpi=150))
+    assert [p.page for p in pages] == [2, 3]
+    for work in pages:
+        assert work.status == "ok"
+        assert work.image.dtype == np.uint8 and work.image.ndim == 2
+        assert (work.width, work.height) == page_images[0].size
+        assert work.image.min() < 100  # the text is there
+
+
+def test_poppler_timeout_fails_the_range_with_a_reason(tmp_path, page_images):
+    path = write_pdf(tmp_path / "doc.pdf", page_images)
+    pages = rasterize(PageRange("id", str(path), "pdf", 1, 3), RasterizeConfig(dpi=600, render_timeout_s=0.01))
+    assert [(p.page, p.status, p.error_code) for p in pages] == [(n, "failed", "render_timeout") for n in (1, 2, 3)]
+    assert all(p.image is None for p in pages)
+
+
+def _mode_image(mode: str) -> Image.Image:
+    base = Image.new("L", (64, 32), 255)
+    base.paste(0, (10, 10, 30, 20))
+    if mode == "I;16":
+        return Image.fromarray((np.asarray(base, dtype=np.uint16) * 257).astype(np.uint16))
+    if mode == "RGBA":
+        image = base.convert("RGBA")
+        image.putalpha(Image.new("L", base.size, 255).point(lambda v: v))
+        transparent = Image.new("RGBA", base.size, (0, 0, 0, 0))
+        transparent.paste(image.crop((0, 0, 40, 32)), (0, 0))
+        return transparent  # right part fully transparent black: must come out as white paper
+    return base.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "RGB", "CMYK", "I;16", "RGBA", "LA"])
+def test_every_image_mode_becomes_8bit_gray(mode):
+    gray = to_gray8(_mode_image(mode))
+    assert gray.dtype == np.uint8 and gray.shape == (32, 64)
+    assert gray[15, 20] < 60, "ink stays dark"
+    assert gray[2, 2] > 200, "paper stays light"
+    assert gray[2, 60] > 200, "transparent areas become paper"
+
+
+def test_multipage_tiff_pages_and_dpi(tmp_path, page_images):
+    path = tmp_path / "scan.tif"
+    page_images[0].save(path, save_all=True, append_images=page_images[1:], dpi=(200, 200))
+    pages = rasterize(PageRange("id", str(path), "tiff", 1, 3), RasterizeConfig(dpi=300))
+    assert [(p.page, p.status, p.dpi) for p in pages] == [(1, "ok", 200), (2, "ok", 200), (3, "ok", 200)]
+
+
+def test_implausible_image_dpi_falls_back_to_config(tmp_path, page_images):
+    path = tmp_path / "scan.png"
+    page_images[0].save(path, dpi=(72, 72))
+    (work,) = rasterize(PageRange("id", str(path), "png", 1, 1), RasterizeConfig(dpi=300))
+    assert work.dpi == 300
