@@ -42,22 +42,28 @@ class RasterizeConfig(_Frozen):
 
 class DetectConfig(_Frozen):
     """Classical line detection (operators.detect). Pixel values are at 300 dpi and scaled with
-    the page dpi; the other lengths are in text heights, measured on each page."""
+    the page dpi; lengths without a unit are in line pitches, measured on each page."""
 
     min_line_height_px: int = Field(default=8, ge=1, description="at 300 dpi; smaller ink is noise")
     max_skew_deg: float = Field(default=5.0, ge=0, le=45)
     sauvola_window_px: int = Field(default=75, ge=3, description="binarization window at 300 dpi")
-    sauvola_k: float = Field(default=0.3, gt=0, lt=1, description="higher drops fainter ink")
-    column_gap: float = Field(default=1.0, gt=0, description="min gutter between columns")
-    wide_gap: float = Field(default=4.0, gt=0, description="gutter that splits even single lines")
-    block_gap: float = Field(default=1.5, gt=0, description="min vertical gap between stacked blocks")
-    smooth_width: float = Field(default=1.5, gt=0, description="density smoothing along the line")
-    smooth_height: float = Field(default=0.3, gt=0, description="density smoothing across lines")
-    core_threshold: float = Field(default=0.3, gt=0, lt=1, description="line core density, share of p95")
-    line_merge_gap: float = Field(default=3.0, ge=0, description="max word gap inside one line")
-    line_reach: float = Field(default=1.5, gt=0, description="max distance of a line's ink from its core")
+    sauvola_k: float = Field(default=0.2, gt=0, lt=1, description="higher drops fainter ink")
+    min_contrast: float = Field(default=0.5, ge=0, lt=1, description="fainter ink (share of typical) is show-through")
+    column_gap: float = Field(default=0.6, gt=0, description="min gutter between columns")
+    column_lines: float = Field(default=3.0, gt=0, description="min text height beside a gutter")
+    gutter_noise: float = Field(default=0.1, ge=0, lt=1, description="share of rows that may cross a gutter")
+    wide_gap: float = Field(default=2.5, gt=0, description="gap that separates even single lines")
+    block_gap: float = Field(default=1.0, gt=0, description="min gap between stacked blocks")
+    smooth_width: float = Field(default=0.8, gt=0, description="density smoothing along the line")
+    smooth_height: float = Field(default=0.15, gt=0, description="density smoothing across lines")
+    core_threshold: float = Field(default=0.3, gt=0, lt=1, description="core density, share of its p95")
+    line_merge_gap: float = Field(default=1.5, ge=0, description="max word gap inside one line")
+    line_reach: float = Field(default=0.8, gt=0, description="max distance of a line's ink from its core")
+    min_line_ink: float = Field(default=0.03, ge=0, description="min ink area of a line, in pitch^2")
+    polygon_padding: float = Field(default=0.1, ge=0, description="margin around a line's ink")
     crop_padding_px: int = Field(default=4, ge=0, description="padding around each line crop")
     num_cpus: float = Field(default=1.0, gt=0)
+    memory_mb: int = Field(default=512, ge=64, description="Ray memory request of a layout task")
 
 
 class RecognizeConfig(_Frozen):

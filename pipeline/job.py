@@ -20,9 +20,11 @@ import ray
 from operators.detect import detect_lines
 from operators.ingest import DocumentPlan, expand_inputs, triage
 from operators.rasterize import PageRange, page_ranges, rasterize
+from operators.recognize import TrOCRRecognizer, prepare_crops
 from operators.write import ParquetSink, WriteSummary, recover_output
 from pipeline.config import JobConfig
 from pipeline.errors import DetectionFailed
+from pipeline.model import LinePreprocessor, load_line_preprocessor
 from pipeline.records import DocumentRecord, PageWork
 
 log = logging.getLogger("trocr_pipeline")
@@ -87,34 +89,24 @@ def _rasterize_row(row: dict[str, Any], config: JobConfig) -> list[dict[str, byt
     return [_pack(work) for work in rasterize(task, config.rasterize)]
 
 
-def _detect_row(row: dict[str, Any], config: JobConfig) -> dict[str, bytes]:
+def _layout_row(row: dict[str, Any], config: JobConfig, preprocessor: LinePreprocessor | None) -> dict[str, bytes]:
+    """Detect lines, then (recognize mode) cut model-ready crops; the page image stops here."""
     work = _unpack(row)
     if work.status == "ok":
         try:
             work.lines = detect_lines(work.image, work.dpi, config.detect)
         except (ValueError, RuntimeError) as exc:  # a detector bug must not lose the page
             work.fail(DetectionFailed.error_code, f"line detection failed: {exc}")
-    return _pack(work)
-
-
-def _drop_image_row(row: dict[str, Any]) -> dict[str, bytes]:
-    work = _unpack(row)
+    if preprocessor is not None:
+        work = prepare_crops(work, preprocessor, config.detect.crop_padding_px)
     work.image = None
     return _pack(work)
-
-
-def _prepare_row(row: dict[str, Any], preprocessor, padding: int) -> dict[str, bytes]:
-    from operators.recognize import prepare_crops
-
-    return _pack(prepare_crops(_unpack(row), preprocessor, padding))
 
 
 class _RecognizeBatch:
     """Ray adapter around :class:`operators.recognize.TrOCRRecognizer` (model loaded once)."""
 
     def __init__(self, config: JobConfig):
-        from operators.recognize import TrOCRRecognizer
-
         self.recognizer = TrOCRRecognizer(config.recognize)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[bytes]]:
@@ -128,21 +120,30 @@ def _triage_all(sources: list[str], config: JobConfig) -> list[DocumentPlan]:
     return [pickle.loads(row["plan"]) for row in dataset.take_all()]
 
 
-def _page_dataset(ranges: list[PageRange], config: JobConfig, mode: Mode, preprocessor) -> ray.data.Dataset:
+def _recognizer_pool(concurrency: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
+    if isinstance(concurrency, tuple):
+        return ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1])
+    return ray.data.ActorPoolStrategy(size=concurrency)
+
+
+def _page_dataset(ranges: list[PageRange], config: JobConfig,
+                  preprocessor: LinePreprocessor | None) -> ray.data.Dataset:
+    """Rasterize -> layout (CPU tasks) -> recognize (actor pool; skipped without a preprocessor)."""
     dataset = ray.data.from_items([{"task": pickle.dumps(r)} for r in ranges], override_num_blocks=len(ranges))
     dataset = dataset.flat_map(_rasterize_row, fn_kwargs={"config": config}, num_cpus=config.rasterize.num_cpus)
-    dataset = dataset.map(_detect_row, fn_kwargs={"config": config}, num_cpus=config.detect.num_cpus)
-    if mode == "detect":
-        return dataset.map(_drop_image_row)
+    # The memory request sizes layout tasks to a page image; being different from the actor's
+    # resources it also stops Ray from fusing layout into the recognizer actor, which would
+    # serialize CPU work with the model instead of overlapping them.
+    dataset = dataset.map(_layout_row, fn_kwargs={"config": config, "preprocessor": preprocessor},
+                          num_cpus=config.detect.num_cpus, memory=config.detect.memory_mb * 1024 * 1024)
+    if preprocessor is None:
+        return dataset
     recognize = config.recognize
-    dataset = dataset.map(_prepare_row, fn_kwargs={"preprocessor": preprocessor,
-                                                   "padding": config.detect.crop_padding_px},
-                          num_cpus=config.detect.num_cpus)
     return dataset.map_batches(
         _RecognizeBatch,
         fn_constructor_kwargs={"config": config},
         batch_size=recognize.pages_per_batch,
-        concurrency=recognize.concurrency,
+        compute=_recognizer_pool(recognize.concurrency),
         num_gpus=recognize.num_gpus,
         num_cpus=recognize.num_cpus,
     )
@@ -152,11 +153,8 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     """Run the whole job; bad documents are recorded as failed rows, never raised."""
     started = time.monotonic()
     sources = expand_inputs(inputs)
-    preprocessor = None
-    if mode == "recognize":
-        from pipeline.model import load_line_preprocessor
-
-        preprocessor = load_line_preprocessor(config.recognize.model)  # fails fast on a bad model folder
+    # the model is checked before any document is read: a bad model folder fails the job at once
+    preprocessor = load_line_preprocessor(config.recognize.model) if mode == "recognize" else None
     done = recover_output(output)
     sink = ParquetSink(output, config.output.parquet_rows_per_file)
     with ray_session(config):
@@ -171,7 +169,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             ))
         ranges = page_ranges(fresh, config.rasterize.pages_per_task)
         if ranges:
-            for batch in _page_dataset(ranges, config, mode, preprocessor).iter_batches(batch_size=None):
+            for batch in _page_dataset(ranges, config, preprocessor).iter_batches(batch_size=None):
                 for item in batch["work"]:
                     sink.add_page(pickle.loads(item))
     written = sink.close()

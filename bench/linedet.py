@@ -1,0 +1,356 @@
+"""Line-detection benchmark on real scans with PAGE / ALTO ground truth (project issue 5).
+
+Runs ``operators.detect.detect_lines`` on every page of ``MANIFEST`` (default
+``PAGES/manifest.tsv``), writes one prediction JSON per page in the format of the reference
+scorer (``shared/tools/linedet_eval.py``), scores it (precision / recall / F1 of a one-to-one
+matching at polygon IoU >= 0.5, Kendall tau of the reading order over matched lines, overall and
+within ground-truth blocks, seconds per page) per category and overall, and, when the reference
+scorer is found, checks that its figures on the same prediction files agree with ours.
+
+    .venv/bin/python bench/linedet.py --pages ../shared/data/pages --out out/linedet
+
+Polygon IoU is computed like the reference scorer without shapely: both polygons are rasterised
+with OpenCV at rounded coordinates. The matching is greedy by IoU; at IoU >= 0.5 a line can hardly
+overlap two others that much, so this equals the maximum matching the reference may use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from lxml import etree
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT))
+
+from operators.detect import detect_lines  # noqa: E402
+from pipeline.config import DetectConfig  # noqa: E402
+
+DEFAULT_PAGES = PROJECT_ROOT.parent / "shared" / "data" / "pages"
+DEFAULT_REFERENCE = PROJECT_ROOT.parent / "shared" / "tools" / "linedet_eval.py"
+IOU_THRESHOLD = 0.5
+#: Manifest categories grouped into the four categories the targets are set for.
+CATEGORY_GROUPS = {
+    "handwritten": "handwritten",
+    "typewritten": "typewritten",
+    "printed_modern_scan": "printed modern",
+    "printed_historical_early_modern": "printed historical",
+    "printed_historical_fraktur": "printed historical",
+}
+COMPARED_KEYS = ("n_gt", "n_pred", "tp_poly", "conc", "disc", "conc_blk", "disc_blk")
+
+
+@dataclass(frozen=True)
+class GroundTruthLine:
+    points: np.ndarray  # (N, 2) polygon in page pixels
+    block: int  # index of the enclosing TextBlock / TextRegion, -1 for none
+
+
+@dataclass(frozen=True)
+class PageEntry:
+    image: str  # relative to the pages folder
+    ground_truth: str
+    category: str  # manifest category
+
+
+def local_name(element) -> str:
+    return etree.QName(element).localname
+
+
+def parse_points(text: str) -> np.ndarray:
+    """'x y x y ...' (ALTO) or 'x,y x,y ...' (PAGE) -> (N, 2) float array."""
+    numbers = [float(value) for value in text.replace(",", " ").split()]
+    return np.array(numbers[: len(numbers) // 2 * 2], dtype=np.float64).reshape(-1, 2)
+
+
+def box_points(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float64)
+
+
+def has_area(points: np.ndarray) -> bool:
+    if len(points) < 3:
+        return False
+    x, y = points[:, 0], points[:, 1]
+    return abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) > 1e-6
+
+
+def enclosing_block(line, block_tags: tuple[str, ...]):
+    parent = line.getparent()
+    while parent is not None and local_name(parent) not in block_tags:
+        parent = parent.getparent()
+    return parent
+
+
+def block_indices(lines: list, block_tags: tuple[str, ...]) -> list[int]:
+    """Index of each line's enclosing block, numbered in document order (-1 for none)."""
+    ids: dict[str, int] = {}
+    indices = []
+    for line in lines:
+        block = enclosing_block(line, block_tags)
+        key = None if block is None else block.getroottree().getpath(block)
+        indices.append(-1 if key is None else ids.setdefault(key, len(ids)))
+    return indices
+
+
+def alto_geometry(line) -> np.ndarray | None:
+    """Shape/Polygon points, else the HPOS/VPOS/WIDTH/HEIGHT box, else the polygon's box."""
+    points = np.zeros((0, 2))
+    for polygon in line.iter("{*}Polygon"):
+        points = parse_points(polygon.get("POINTS", ""))
+    if has_area(points):
+        return points
+    try:
+        x, y = float(line.get("HPOS")), float(line.get("VPOS"))
+        return box_points(x, y, x + float(line.get("WIDTH")), y + float(line.get("HEIGHT")))
+    except (TypeError, ValueError):
+        return box_points(*points.min(axis=0), *points.max(axis=0)) if len(points) else None
+
+
+def page_geometry(line) -> np.ndarray | None:
+    """TextLine/Coords@points (or PAGE 2010 Coords/Point); a degenerate outline becomes its box."""
+    coords = [child for child in line if local_name(child) == "Coords"]
+    if not coords:
+        return None
+    if coords[0].get("points"):
+        points = parse_points(coords[0].get("points"))
+    else:
+        points = np.array([[float(p.get("x")), float(p.get("y"))] for p in coords[0] if local_name(p) == "Point"])
+    if len(points) == 0:
+        return None
+    return points if has_area(points) else box_points(*points.min(axis=0), *points.max(axis=0))
+
+
+def read_ground_truth(path: Path) -> list[GroundTruthLine]:
+    """Every TextLine of an ALTO or PAGE file in document order (the ground-truth reading order)."""
+    root = etree.parse(str(path)).getroot()
+    kind = local_name(root)
+    if kind.lower() == "alto":
+        geometry, block_tags = alto_geometry, ("TextBlock",)
+    elif kind == "PcGts":
+        geometry, block_tags = page_geometry, ("TextRegion",)
+    else:
+        raise ValueError(f"{path}: neither ALTO nor PAGE (root element <{kind}>)")
+    lines = list(root.iter("{*}TextLine"))
+    result = []
+    for line, block in zip(lines, block_indices(lines, block_tags)):
+        points = geometry(line)
+        if points is not None:
+            result.append(GroundTruthLine(points, block))
+    return result
+
+
+def read_manifest(pages: Path, manifest: Path) -> list[PageEntry]:
+    """Manifest rows with XML ground truth; one ground truth per image (the manifest's choice,
+    e.g. PAGE for the Kant page that also ships ALTO)."""
+    entries: dict[str, PageEntry] = {}
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle, delimiter="\t"):
+            image, truth = row["image"].strip(), row["ground_truth"].strip()
+            if truth.lower().endswith(".xml") and image not in entries and (pages / truth).is_file():
+                entries[image] = PageEntry(image, truth, row["category"].strip())
+    return list(entries.values())
+
+
+def rasterise(points: np.ndarray) -> tuple[int, int, np.ndarray]:
+    x0, y0 = np.floor(points.min(axis=0)).astype(int)
+    x1, y1 = np.ceil(points.max(axis=0)).astype(int)
+    mask = np.zeros((max(y1 - y0, 1), max(x1 - x0, 1)), np.uint8)
+    cv2.fillPoly(mask, [np.round(points - [x0, y0]).astype(np.int32)], 1)
+    return int(x0), int(y0), mask
+
+
+def polygon_iou_matrix(truth: list[np.ndarray], predicted: list[np.ndarray]) -> np.ndarray:
+    """IoU of every ground-truth / predicted polygon pair whose bounding boxes overlap."""
+    iou = np.zeros((len(truth), len(predicted)))
+    if not truth or not predicted:
+        return iou
+    boxes_t = np.array([[*p.min(axis=0), *p.max(axis=0)] for p in truth])
+    boxes_p = np.array([[*p.min(axis=0), *p.max(axis=0)] for p in predicted])
+    overlap_w = np.minimum(boxes_t[:, None, 2], boxes_p[None, :, 2]) - np.maximum(boxes_t[:, None, 0], boxes_p[None, :, 0])
+    overlap_h = np.minimum(boxes_t[:, None, 3], boxes_p[None, :, 3]) - np.maximum(boxes_t[:, None, 1], boxes_p[None, :, 1])
+    raster_t = [rasterise(p) for p in truth]
+    raster_p = [rasterise(p) for p in predicted]
+    for i, j in np.argwhere((overlap_w > 0) & (overlap_h > 0)):
+        (ax, ay, a), (bx, by, b) = raster_t[i], raster_p[j]
+        x0, y0 = max(ax, bx), max(ay, by)
+        x1, y1 = min(ax + a.shape[1], bx + b.shape[1]), min(ay + a.shape[0], by + b.shape[0])
+        inter = 0
+        if x1 > x0 and y1 > y0:
+            inter = int((a[y0 - ay : y1 - ay, x0 - ax : x1 - ax] & b[y0 - by : y1 - by, x0 - bx : x1 - bx]).sum())
+        union = int(a.sum()) + int(b.sum()) - inter
+        iou[i, j] = inter / union if union else 0.0
+    return iou
+
+
+def match(iou: np.ndarray, threshold: float) -> list[tuple[int, int]]:
+    """One-to-one (ground truth, prediction) pairs at IoU >= threshold, best IoU first."""
+    pairs, used_t, used_p = [], set(), set()
+    for i, j in sorted(np.argwhere(iou >= threshold).tolist(), key=lambda ij: -iou[ij[0], ij[1]]):
+        if i not in used_t and j not in used_p:
+            pairs.append((i, j))
+            used_t.add(i)
+            used_p.add(j)
+    return sorted(pairs)
+
+
+def concordance(pairs: list[tuple[int, int]], blocks: list[int] | None = None) -> tuple[int, int]:
+    """Concordant and discordant pairs of matched lines, ground-truth order vs predicted order;
+    with ``blocks``, only pairs of lines in one ground-truth block count."""
+    concordant = discordant = 0
+    for a in range(len(pairs)):
+        for b in range(a + 1, len(pairs)):
+            (gt_a, pred_a), (gt_b, pred_b) = pairs[a], pairs[b]
+            if blocks is not None and (blocks[gt_a] != blocks[gt_b] or blocks[gt_a] < 0):
+                continue
+            same_direction = (gt_b - gt_a) * (pred_b - pred_a)
+            concordant += same_direction > 0
+            discordant += same_direction < 0
+    return concordant, discordant
+
+
+def score_page(truth: list[GroundTruthLine], predicted: list[np.ndarray], seconds: float) -> dict:
+    pairs = match(polygon_iou_matrix([line.points for line in truth], predicted), IOU_THRESHOLD)
+    conc, disc = concordance(pairs)
+    conc_blk, disc_blk = concordance(pairs, [line.block for line in truth])
+    return {"pages": 1, "n_gt": len(truth), "n_pred": len(predicted), "tp_poly": len(pairs), "conc": conc,
+            "disc": disc, "conc_blk": conc_blk, "disc_blk": disc_blk, "seconds": seconds}
+
+
+def rates(counts: dict) -> dict:
+    """Counts plus precision, recall, F1, the two taus and seconds per page (None when undefined)."""
+    precision = counts["tp_poly"] / counts["n_pred"] if counts["n_pred"] else None
+    recall = counts["tp_poly"] / counts["n_gt"] if counts["n_gt"] else None
+    f1 = 2 * precision * recall / (precision + recall) if precision and recall else 0.0
+    tau = (counts["conc"] - counts["disc"]) / (counts["conc"] + counts["disc"]) if counts["conc"] + counts["disc"] else None
+    pairs_blk = counts["conc_blk"] + counts["disc_blk"]
+    tau_blk = (counts["conc_blk"] - counts["disc_blk"]) / pairs_blk if pairs_blk else None
+    return {**counts, "precision": precision, "recall": recall, "f1": f1, "tau": tau, "tau_blk": tau_blk,
+            "sec_per_page": counts["seconds"] / counts["pages"]}
+
+
+def add_counts(total: dict, page: dict) -> None:
+    for key, value in page.items():
+        total[key] = total.get(key, 0) + value
+
+
+def run_detection(pages: Path, entries: list[PageEntry], pred_dir: Path, dpi: int, config: DetectConfig) -> dict[str, float]:
+    """Detect lines on every page and write the prediction files; returns seconds per image."""
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    seconds = {}
+    for entry in entries:
+        gray = cv2.imread(str(pages / entry.image), cv2.IMREAD_GRAYSCALE)
+        if gray is None:
+            raise SystemExit(f"cannot read image {pages / entry.image}")
+        start = time.perf_counter()
+        lines = detect_lines(gray, dpi, config)
+        seconds[entry.image] = time.perf_counter() - start
+        prediction = {"image": entry.image, "seconds": seconds[entry.image],
+                      "lines": [{"polygon": [list(point) for point in line.polygon]} for line in lines]}
+        (pred_dir / (entry.image.replace("/", "__") + ".json")).write_text(json.dumps(prediction))
+    return seconds
+
+
+def load_prediction(pred_dir: Path, entry: PageEntry) -> list[np.ndarray]:
+    data = json.loads((pred_dir / (entry.image.replace("/", "__") + ".json")).read_text())
+    return [np.asarray(line["polygon"], dtype=np.float64).reshape(-1, 2) for line in data["lines"]]
+
+
+def evaluate(pages: Path, entries: list[PageEntry], pred_dir: Path, seconds: dict[str, float]) -> dict:
+    per_page, groups = {}, {}
+    for entry in entries:
+        counts = score_page(read_ground_truth(pages / entry.ground_truth), load_prediction(pred_dir, entry),
+                            seconds[entry.image])
+        per_page[entry.image] = {**counts, "category": entry.category}
+        for group in (CATEGORY_GROUPS.get(entry.category, entry.category), "overall"):
+            add_counts(groups.setdefault(group, {}), counts)
+    return {"pages": {image: {**rates({k: v for k, v in c.items() if k != "category"}), "category": c["category"]}
+                      for image, c in per_page.items()},
+            "groups": {name: rates(groups[name]) for name in sorted(groups, key=lambda n: (n == "overall", n))}}
+
+
+def compare_with_reference(reference: Path, pages: Path, pred_dir: Path, ours: dict) -> list[str]:
+    """Differences between the reference scorer's per-page counts and ours (empty: they agree)."""
+    spec = importlib.util.spec_from_file_location("linedet_eval", reference)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    summary = module.run_eval(str(pages), str(pred_dir))
+    differences = []
+    for page in summary["pages"]:
+        mine = ours["pages"].get(page["image"])
+        if mine is None:
+            differences.append(f"{page['image']}: scored by the reference only")
+            continue
+        for key in COMPARED_KEYS:
+            if page[key] != mine[key]:
+                differences.append(f"{page['image']}: {key} reference {page[key]} vs ours {mine[key]}")
+    overall = summary["overall"]
+    for ref_key, our_key in (("F1_poly", "f1"), ("tau", "tau"), ("tau_blk", "tau_blk")):
+        theirs, mine = overall[ref_key], ours["groups"]["overall"][our_key]
+        if (theirs is None) != (mine is None) or (theirs is not None and abs(theirs - mine) > 1e-9):
+            differences.append(f"overall {ref_key}: reference {theirs} vs ours {mine}")
+    return differences
+
+
+def fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def table(rows: dict[str, dict], title: str) -> str:
+    lines = [f"| {title} | pages | GT | pred | P | R | F1 | tau | tau blk | s/page |", "|---" * 10 + "|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['pages']} | {r['n_gt']} | {r['n_pred']} | {fmt(r['precision'])} | "
+                     f"{fmt(r['recall'])} | {fmt(r['f1'])} | {fmt(r['tau'])} | {fmt(r['tau_blk'])} | "
+                     f"{fmt(r['sec_per_page'], 2)} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pages", type=Path, default=DEFAULT_PAGES, help="folder with manifest.tsv, images, XML")
+    parser.add_argument("--manifest", type=Path, help="default: PAGES/manifest.tsv")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "out" / "linedet",
+                        help="prediction JSONs go to OUT/pred, the summary to OUT/summary.json")
+    parser.add_argument("--dpi", type=int, default=300, help="resolution assumed for every scan")
+    parser.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE,
+                        help="reference scorer to cross-check against (skipped when missing)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    manifest = args.manifest or args.pages / "manifest.tsv"
+    if not manifest.is_file():
+        raise SystemExit(f"no manifest at {manifest}")
+    entries = read_manifest(args.pages, manifest)
+    if not entries:
+        raise SystemExit(f"{manifest} lists no page with XML ground truth")
+    pred_dir = args.out / "pred"
+    seconds = run_detection(args.pages, entries, pred_dir, args.dpi, DetectConfig())
+    result = evaluate(args.pages, entries, pred_dir, seconds)
+    print(table(result["pages"], "page"))
+    print()
+    print(table(result["groups"], "category"))
+    (args.out / "summary.json").write_text(json.dumps(result, indent=1))
+    if not args.reference.is_file():
+        print(f"\nreference scorer not found at {args.reference}: cross-check skipped")
+        return 0
+    differences = compare_with_reference(args.reference, args.pages, pred_dir, result)
+    if differences:
+        print("\nDISAGREEMENT with the reference scorer:\n  " + "\n  ".join(differences))
+        return 1
+    print(f"\nreference scorer {args.reference.name} agrees on every page's counts and the overall F1 and taus")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

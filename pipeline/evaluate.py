@@ -1,0 +1,175 @@
+"""``trocr-pipeline eval``: CER and WER (jiwer) of a model on folders of line images with ground truth.
+
+Lines are decoded by :func:`operators.recognize.decode_lines`, the code the pipeline itself runs, so
+the figures are the pipeline's figures. Scores are corpus-level (total edits / total reference
+characters or words) per source folder and overall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import jiwer
+
+from pipeline.config import DEFAULT_MODEL
+from pipeline.errors import ConfigError, ExitCode
+from pipeline.model import TrOCRBundle, load_trocr
+from pipeline.train import LabeledLine, read_line_folder
+
+NORMALIZATIONS = ("case", "whitespace", "punctuation")
+
+
+@dataclass(frozen=True)
+class LineResult:
+    image: str
+    source: str
+    prediction: str
+    reference: str
+    cer: float
+
+
+@dataclass(frozen=True)
+class Score:
+    source: str
+    lines: int
+    cer: float
+    wer: float
+
+
+def make_normalizer(options: Sequence[str]) -> Callable[[str], str]:
+    """Text normaliser applied to both reference and prediction before scoring."""
+    unknown = set(options) - set(NORMALIZATIONS)
+    if unknown:
+        raise ConfigError(f"unknown --normalize option(s) {sorted(unknown)}; choose from {', '.join(NORMALIZATIONS)}")
+
+    def normalize(text: str) -> str:
+        if "case" in options:
+            text = text.casefold()
+        if "punctuation" in options:
+            text = "".join(char for char in text if not unicodedata.category(char).startswith("P"))
+        if "whitespace" in options or "punctuation" in options:
+            text = " ".join(text.split())
+        return text
+
+    return normalize
+
+
+def read_eval_lines(folders: Sequence[Path]) -> list[LabeledLine]:
+    """All labelled lines of the folders; a folder without any is an error, not a silent zero."""
+    lines = []
+    for folder in folders:
+        found = read_line_folder(Path(folder))
+        if not found:
+            raise ConfigError(f"no labelled lines in {folder}: expected <name>.png|jpg|tif beside <name>.gt.txt")
+        lines += found
+    return lines
+
+
+def recognize(bundle: TrOCRBundle, lines: Sequence[LabeledLine], batch_size: int, num_beams: int,
+              max_new_tokens: int) -> list[str]:
+    """Predicted text per line, decoded exactly as the pipeline's recognizer does."""
+    from operators.recognize import decode_lines
+
+    crops = [line.load_gray() for line in lines]
+    resized = [bundle.preprocessor.resize(crop) for crop in crops]
+    hints = [crop.shape[1] / max(1, crop.shape[0]) for crop in crops]
+    readings = decode_lines(bundle, resized, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                            line_batch_size=batch_size, length_hints=hints)
+    return [reading.text for reading in readings]
+
+
+def score_lines(lines: Sequence[LabeledLine], predictions: Sequence[str],
+                normalize: Callable[[str], str]) -> list[LineResult]:
+    results = []
+    for line, prediction in zip(lines, predictions, strict=True):
+        reference, hypothesis = normalize(line.text), normalize(prediction)
+        results.append(LineResult(line.name, line.source, prediction, line.text, line_cer(reference, hypothesis)))
+    return results
+
+
+def line_cer(reference: str, hypothesis: str) -> float:
+    """jiwer CER of one line; an empty reference scores 0 if the prediction is empty too, else 1."""
+    if not reference:
+        return 0.0 if not hypothesis else 1.0
+    return float(jiwer.cer(reference, hypothesis))
+
+
+def summarize(results: Sequence[LineResult], normalize: Callable[[str], str], source: str) -> Score:
+    """Corpus CER/WER over lines with a non-empty reference (jiwer cannot score empty references)."""
+    scored = [result for result in results if normalize(result.reference)]
+    if not scored:
+        return Score(source, 0, float("nan"), float("nan"))
+    references = [normalize(result.reference) for result in scored]
+    hypotheses = [normalize(result.prediction) for result in scored]
+    return Score(source, len(scored), float(jiwer.cer(references, hypotheses)), float(jiwer.wer(references, hypotheses)))
+
+
+def scores_by_source(results: Sequence[LineResult], normalize: Callable[[str], str]) -> list[Score]:
+    """One score per source folder (in first-seen order), then the overall score."""
+    sources = list(dict.fromkeys(result.source for result in results))
+    per_source = [summarize([r for r in results if r.source == source], normalize, source) for source in sources]
+    return per_source + [summarize(results, normalize, "overall")]
+
+
+def format_report(scores: Sequence[Score], results: Sequence[LineResult], worst: int) -> str:
+    width = max(len(score.source) for score in scores)
+    rows = [f"{'source':<{width}}  {'lines':>6}  {'CER':>7}  {'WER':>7}"]
+    rows += [f"{s.source:<{width}}  {s.lines:>6}  {s.cer:>7.2%}  {s.wer:>7.2%}" for s in scores]
+    if worst > 0:
+        rows.append(f"\nworst {min(worst, len(results))} lines (CER, image, reference | prediction):")
+        for result in sorted(results, key=lambda r: r.cer, reverse=True)[:worst]:
+            rows.append(f"{result.cer:7.2%}  {result.image}\n         ref:  {result.reference}\n         pred: {result.prediction}")
+    return "\n".join(rows)
+
+
+def write_predictions(path: Path, results: Sequence[LineResult]) -> None:
+    """JSONL, one {image, prediction, reference, cer} object per line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as out:
+        for result in results:
+            row = {key: value for key, value in asdict(result).items() if key != "source"}
+            row["image"] = str(Path(result.source) / result.image)
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def evaluate(model: str, folders: Sequence[Path], normalize_options: Sequence[str] = (), batch_size: int = 32,
+             num_beams: int = 1, max_new_tokens: int = 128, device: str = "auto",
+             precision: str = "fp32") -> tuple[list[Score], list[LineResult]]:
+    """Load ``model``, read every folder's lines, decode and score them."""
+    normalize = make_normalizer(normalize_options)
+    lines = read_eval_lines(folders)
+    bundle = load_trocr(model, device=device, precision=precision)
+    results = score_lines(lines, recognize(bundle, lines, batch_size, num_beams, max_new_tokens), normalize)
+    return scores_by_source(results, normalize), results
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", default=str(DEFAULT_MODEL), help="hub id or local folder")
+    parser.add_argument("--lines", nargs="+", type=Path, required=True,
+                        help="folders of line images with <name>.gt.txt ground truth")
+    parser.add_argument("--normalize", default="", help=f"comma list of {','.join(NORMALIZATIONS)}")
+    parser.add_argument("--predictions", type=Path, help="write JSONL {image, prediction, reference, cer}")
+    parser.add_argument("--worst", type=int, default=10, help="list the K lines with the highest CER")
+    parser.add_argument("--batch-size", type=int, default=32, help="lines per model call")
+    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or args.num_beams < 1 or args.max_new_tokens < 1 or args.worst < 0:
+        raise ConfigError("--batch-size, --num-beams and --max-new-tokens must be >= 1, --worst >= 0")
+    options = [option.strip() for option in args.normalize.split(",") if option.strip()]
+    scores, results = evaluate(args.model, args.lines, options, args.batch_size, args.num_beams,
+                               args.max_new_tokens, args.device, args.precision)
+    print(format_report(scores, results, args.worst))
+    if args.predictions:
+        write_predictions(args.predictions, results)
+        print(f"\npredictions written to {args.predictions}")
+    return ExitCode.ok

@@ -1,0 +1,187 @@
+"""The model layer on tiny random checkpoints built here: both tokenizer kinds, ViT and DeiT encoders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from pipeline.errors import ModelLoadError
+from pipeline.model import (
+    KEEP_ASPECT_KEY,
+    LinePreprocessor,
+    build_tiny_random_trocr,
+    build_trocr,
+    load_trocr,
+    save_trocr,
+)
+from pipeline.tokenizer import train_tokenizer
+
+FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+KINDS = [("roberta", "vit"), ("xlm-roberta", "deit")]
+
+
+def render_line(text: str, height: int = 40) -> np.ndarray:
+    """A real rendered line of black text on white, uint8 gray."""
+    font = ImageFont.truetype(FONT, size=int(height * 0.6))
+    width = int(font.getlength(text)) + 16
+    image = Image.new("L", (width, height), 255)
+    ImageDraw.Draw(image).text((8, height * 0.15), text, font=font, fill=0)
+    return np.asarray(image)
+
+
+@pytest.fixture(scope="session", params=KINDS, ids=lambda kind: "-".join(kind))
+def tiny_checkpoint(request, tmp_path_factory) -> Path:
+    tokenizer_kind, encoder = request.param
+    return build_tiny_random_trocr(tmp_path_factory.mktemp(f"{tokenizer_kind}-{encoder}"), tokenizer_kind, encoder)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint):
+    return load_trocr(str(tiny_checkpoint), device="cpu")
+
+
+def test_load_sets_generation_ids_cache_and_eval_mode(tiny_bundle):
+    generation = tiny_bundle.model.generation_config
+    tokenizer = tiny_bundle.tokenizer
+    assert generation.use_cache is True
+    assert generation.decoder_start_token_id == tokenizer.bos_token_id
+    assert generation.pad_token_id == tokenizer.pad_token_id
+    assert generation.eos_token_id == tokenizer.eos_token_id
+    assert not tiny_bundle.model.training
+    assert tiny_bundle.device == torch.device("cpu") and tiny_bundle.dtype == torch.float32
+
+
+def test_preprocessor_matches_real_image_processor(tiny_bundle):
+    crop = render_line("Matching the processor, 123")
+    resized = tiny_bundle.preprocessor.resize(crop)
+    ours = tiny_bundle.preprocessor.to_pixel_values([resized], "cpu", torch.float32)
+    reference = tiny_bundle.processor(images=Image.fromarray(crop).convert("RGB"), return_tensors="pt").pixel_values
+    assert resized.shape == (32, 128, 3) and resized.dtype == np.uint8
+    assert ours.shape == reference.shape == (1, 3, 32, 128)
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_rgb_and_gray_crops_give_the_same_input(tiny_bundle):
+    gray = render_line("gray or rgb")
+    rgb = np.repeat(gray[:, :, None], 3, axis=2)
+    assert np.array_equal(tiny_bundle.preprocessor.resize(gray), tiny_bundle.preprocessor.resize(rgb))
+
+
+def test_generate_from_loaded_checkpoint(tiny_bundle):
+    resized = [tiny_bundle.preprocessor.resize(render_line(text)) for text in ("one line", "a second, longer line")]
+    pixel_values = tiny_bundle.preprocessor.to_pixel_values(resized, tiny_bundle.device, tiny_bundle.dtype)
+    with torch.inference_mode():
+        generated = tiny_bundle.model.generate(pixel_values, max_new_tokens=6, num_beams=2)
+    assert generated.shape[0] == 2 and generated.shape[1] <= 7
+    assert bool((generated[:, 0] == tiny_bundle.model.generation_config.decoder_start_token_id).all())
+    assert len(tiny_bundle.tokenizer.batch_decode(generated, skip_special_tokens=True)) == 2
+
+
+def test_preprocessor_rejects_bad_input(tiny_bundle):
+    preprocessor = tiny_bundle.preprocessor
+    with pytest.raises(ValueError, match="uint8"):
+        preprocessor.resize(np.zeros((10, 10), dtype=np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        preprocessor.resize(np.zeros((10, 10, 4), dtype=np.uint8))
+    with pytest.raises(ValueError, match="empty"):
+        preprocessor.resize(np.zeros((0, 10), dtype=np.uint8))
+    with pytest.raises(ValueError, match="none"):
+        preprocessor.to_pixel_values([], "cpu", torch.float32)
+    with pytest.raises(ValueError, match="expected uint8"):
+        preprocessor.to_pixel_values([np.zeros((5, 5, 3), dtype=np.uint8)], "cpu", torch.float32)
+
+
+@pytest.fixture(scope="session")
+def wide_checkpoint(tmp_path_factory) -> Path:
+    """Non-square 24x192 input with 8x8 patches, keep-aspect preprocessing."""
+    tokenizer = train_tokenizer(["some text for a wide model, 0-9"] * 4, "roberta", vocab_size=280)
+    model, processor = build_trocr(
+        tokenizer, input_size=(24, 192), patch_size=(8, 8), hidden_size=32,
+        encoder_layers=1, encoder_heads=2, decoder_layers=1, decoder_heads=2, max_target_tokens=16, keep_aspect=True,
+    )
+    return save_trocr(model, processor, tmp_path_factory.mktemp("wide"))
+
+
+def test_non_square_keep_aspect_checkpoint_round_trips(wide_checkpoint):
+    bundle = load_trocr(str(wide_checkpoint), device="cpu")
+    assert bundle.preprocessor.input_size == (24, 192)
+    assert bundle.preprocessor.keep_aspect
+    assert bundle.model.config.encoder.image_size == [24, 192]
+    short = bundle.preprocessor.resize(render_line("short", height=48))
+    pixel_values = bundle.preprocessor.to_pixel_values([short], "cpu", torch.float32)
+    generated = bundle.model.generate(pixel_values, max_new_tokens=4)
+    assert generated.shape[0] == 1
+    # "short" at 48 px high scaled to 24 px is ~60 px wide: the rest of the width is white padding.
+    assert short.shape == (24, 192, 3)
+    assert (short[:, 100:] == 255).all()
+    assert (short[:, :60] < 128).any()
+
+
+def test_keep_aspect_shrinks_long_lines_to_fit_and_centres_them(wide_checkpoint):
+    bundle = load_trocr(str(wide_checkpoint), device="cpu")
+    long_line = render_line("a very long line that is far wider than the model input " * 2, height=40)
+    resized = bundle.preprocessor.resize(long_line)
+    dark_rows = np.flatnonzero((resized < 230).any(axis=(1, 2)))
+    assert resized.shape == (24, 192, 3)
+    assert dark_rows.size and dark_rows.min() > 0 and dark_rows.max() < 23
+    assert (resized[: dark_rows.min()] == 255).all()
+
+
+def test_keep_aspect_key_is_saved_in_the_processor_config(wide_checkpoint):
+    saved = json.loads((wide_checkpoint / "processor_config.json").read_text())
+    assert saved["image_processor"][KEEP_ASPECT_KEY] is True
+
+
+def test_stretch_is_default_when_key_absent(tiny_checkpoint):
+    assert load_trocr(str(tiny_checkpoint), device="cpu").preprocessor.keep_aspect is False
+
+
+def test_missing_folder_is_a_model_load_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="no-such-model"):
+        load_trocr(str(tmp_path / "no-such-model"), device="cpu")
+
+
+def test_incomplete_folder_names_what_is_missing(tiny_checkpoint, tmp_path):
+    broken = Path(shutil.copytree(tiny_checkpoint, tmp_path / "broken"))
+    (broken / "model.safetensors").unlink()
+    (broken / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"broken.*weights.*tokenizer"):
+        load_trocr(str(broken), device="cpu")
+
+
+def test_corrupt_weights_are_a_model_load_error(tiny_checkpoint, tmp_path):
+    broken = Path(shutil.copytree(tiny_checkpoint, tmp_path / "corrupt"))
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match="corrupt"):
+        load_trocr(str(broken), device="cpu")
+
+
+def test_half_precision_on_cpu_is_refused(tiny_checkpoint):
+    with pytest.raises(ModelLoadError, match="CUDA"):
+        load_trocr(str(tiny_checkpoint), device="cpu", precision="fp16")
+
+
+def test_center_crop_processor_is_reproduced():
+    from transformers import DeiTImageProcessorPil
+
+    processor = DeiTImageProcessorPil(size={"height": 40, "width": 160}, crop_size={"height": 32, "width": 128},
+                                      do_center_crop=True, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    preprocessor = LinePreprocessor.from_image_processor(processor)
+    crop = render_line("centre crop")
+    ours = preprocessor.to_pixel_values([preprocessor.resize(crop)], "cpu", torch.float32)
+    reference = processor(images=Image.fromarray(crop).convert("RGB"), return_tensors="pt").pixel_values
+    assert preprocessor.input_size == (32, 128)
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_unreproducible_processor_fails_loudly():
+    from transformers import ViTImageProcessorPil
+
+    with pytest.raises(ModelLoadError, match="shortest_edge"):
+        LinePreprocessor.from_image_processor(ViTImageProcessorPil(size={"shortest_edge": 32}))

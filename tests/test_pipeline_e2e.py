@@ -1,0 +1,142 @@
+"""End to end on a real local Ray instance: synthetic scanned PDFs and TIFFs in, Parquet out."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+
+from pipeline.config import load_config
+from pipeline.errors import ExitCode
+from pipeline.job import run_job
+from pipeline.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA
+from pipeline.synth.docs import load_ground_truth
+
+
+def _iou(a, b) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union else 0.0
+
+
+def _read(output: str, table: str):
+    return ds.dataset(f"{output}/{table}", format="parquet").to_table()
+
+
+@pytest.fixture(scope="module")
+def input_folder(tmp_path_factory, synthetic_documents):
+    folder = tmp_path_factory.mktemp("inputs")
+    for document in synthetic_documents:
+        shutil.copy(document, folder)
+    (folder / "corrupt.pdf").write_bytes(b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog")  # truncated after the header
+    return folder
+
+
+@pytest.fixture(scope="module")
+def detect_output(ray_local, input_folder, tmp_path_factory):
+    output = str(tmp_path_factory.mktemp("detect-out"))
+    config = load_config(None, ["rasterize.dpi=150"])
+    summary = run_job([str(input_folder)], output, config, mode="detect")
+    return output, summary
+
+
+def test_one_documents_row_per_input_and_corrupt_file_recorded(detect_output, synthetic_documents):
+    output, summary = detect_output
+    documents = {os.path.basename(row["source"]): row for row in _read(output, "documents").to_pylist()}
+    assert set(documents) == {p.name for p in synthetic_documents} | {"corrupt.pdf"}
+    corrupt = documents.pop("corrupt.pdf")
+    assert corrupt["status"] == "failed" and corrupt["error_code"] == "corrupt_file" and corrupt["error_message"]
+    for path in synthetic_documents:
+        truth = load_ground_truth(path)
+        assert documents[path.name]["status"] == "ok"
+        assert documents[path.name]["num_pages"] == len(truth["pages"])
+    assert (summary.written.documents_ok, summary.written.documents_failed) == (len(synthetic_documents), 1)
+
+
+def test_pages_line_counts_and_reading_order(detect_output, synthetic_documents):
+    output, _ = detect_output
+    pages = {(os.path.basename(row["source"]), row["page"]): row for row in _read(output, "pages").to_pylist()}
+    two_column_pages = 0
+    for path in synthetic_documents:
+        truth = load_ground_truth(path)
+        for truth_page in truth["pages"]:
+            page = pages.pop((path.name, truth_page["page"]))
+            assert page["status"] == "ok"
+            assert (page["width"], page["height"]) == (truth_page["width"], truth_page["height"])
+            expected, found = len(truth_page["lines"]), len(page["lines"])
+            assert abs(found - expected) <= 0.1 * expected, f"{path.name} p{truth_page['page']}: {found} vs {expected}"
+            assert [line["order"] for line in page["lines"]] == list(range(found))
+            # reading order: the ground-truth order of matched lines must increase along the detected order
+            matched = []
+            for line in page["lines"]:
+                best = max(truth_page["lines"], key=lambda t: _iou(line["bbox"], t["bbox"]))
+                if _iou(line["bbox"], best["bbox"]) >= 0.5:
+                    matched.append(best["order"])
+            assert len(matched) >= 0.9 * expected
+            assert matched == sorted(matched), f"{path.name} p{truth_page['page']} out of reading order"
+            two_column_pages += truth_page["columns"] == 2
+    assert not pages, f"pages without ground truth: {sorted(pages)}"
+    assert two_column_pages > 0, "the fixture must include two-column pages"
+
+
+def test_schema_is_the_documented_one(detect_output):
+    output, _ = detect_output
+    assert _read(output, "pages").schema.equals(PAGES_SCHEMA)
+    assert _read(output, "documents").schema.equals(DOCUMENTS_SCHEMA)
+
+
+def test_rerun_skips_documents_already_written(ray_local, detect_output, input_folder):
+    output, first = detect_output
+    before = _read(output, "pages").num_rows
+    again = run_job([str(input_folder)], output, load_config(None, ["rasterize.dpi=150"]), mode="detect")
+    assert again.documents_skipped == first.written.documents_ok + first.written.documents_failed
+    assert again.written.pages == 0
+    assert _read(output, "pages").num_rows == before
+
+
+def test_recognition_fills_text_and_confidence(ray_local, input_folder, tiny_model, tmp_path):
+    config = load_config(None, ["rasterize.dpi=150", f"recognize.model={tiny_model}",
+                                "recognize.max_new_tokens=8", "recognize.line_batch_size=16"])
+    summary = run_job([str(input_folder)], str(tmp_path), config)
+    assert summary.written.lines > 0
+    pages = _read(str(tmp_path), "pages").to_pylist()
+    lines = [line for page in pages for line in page["lines"]]
+    assert len(lines) == summary.written.lines
+    confidences = np.array([line["confidence"] for line in lines])
+    assert np.all((confidences >= 0) & (confidences <= 1))
+    # a random 8-token model never reaches end-of-sequence: every line is flagged, none silently cut
+    assert all(line["truncated"] for line in lines)
+    for page in pages:  # page text is the line texts in reading order (blank lines between blocks)
+        assert [t for t in page["text"].split("\n") if t] == [line["text"] for line in page["lines"] if line["text"]]
+
+
+def test_cli_run_reports_failed_documents_in_exit_code(input_folder, tiny_model, tmp_path):
+    output = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", str(input_folder / "corrupt.pdf"),
+         str(next(input_folder.glob("*.tif*"))), "--output", str(output),
+         "--set", "rasterize.dpi=150", "--set", f"recognize.model={tiny_model}",
+         "--set", "recognize.max_new_tokens=4", "--set", "ray.num_cpus=2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == ExitCode.documents_failed, result.stderr[-3000:]
+    assert "documents: 1 ok, 1 failed" in result.stdout
+
+
+def test_cli_bad_model_fails_fast_with_clear_message(input_folder, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", str(input_folder), "--output", str(tmp_path / "out"),
+         "--set", f"recognize.model={tmp_path / 'no-such-model'}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == ExitCode.model_error
+    assert "no-such-model" in result.stderr
+    assert not (tmp_path / "out" / "pages").exists()

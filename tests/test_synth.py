@@ -1,0 +1,227 @@
+"""Synthetic lines and documents: real fonts, real rendering, real files written to tmp_path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pdf2image import convert_from_path
+from PIL import Image, ImageSequence
+
+from pipeline.synth.corpus import CHARSET, CorpusSampler, cut_at_word
+from pipeline.synth.docs import load_ground_truth, write_document_set
+from pipeline.synth.fonts import REQUIRED_CHARS, FontsNotFound, discover_fonts, load_font, missing_chars
+from pipeline.synth.lines import MANIFEST_HEADER, iter_lines, write_line_set
+
+
+# --- fonts -----------------------------------------------------------------------------------
+
+def test_font_discovery_finds_printed_and_handwritten_faces():
+    printed, handwritten, every = discover_fonts("printed"), discover_fonts("handwritten"), discover_fonts("all")
+    assert {f.kind for f in printed} == {"printed"} and {f.kind for f in handwritten} == {"handwritten"}
+    assert set(every) == set(printed) | set(handwritten)
+    assert {"LiberationSerif-Regular", "DejaVuSansMono"} <= {f.name for f in printed}
+    assert all(f.covers(REQUIRED_CHARS) for f in every)
+
+
+def test_font_discovery_names_the_debian_packages_when_nothing_is_installed(tmp_path):
+    with pytest.raises(FontsNotFound, match="fonts-dkg-handwriting"):
+        discover_fonts("handwritten", root=tmp_path)
+    with pytest.raises(ValueError, match="font kind"):
+        discover_fonts("gothic")
+
+
+def test_missing_chars_tells_absent_glyphs_from_present_ones():
+    face = discover_fonts("printed")[0]
+    font = load_font(face.path, 32)
+    assert missing_chars(font, "Ag& \ue001\u0530") == {"\ue001", "\u0530"}
+
+
+def test_uppercase_only_face_reports_upper_case_ground_truth():
+    humor = [f for f in discover_fonts("handwritten") if f.uppercase_only]
+    assert humor, "Humor Sans (fonts-humor-sans) should be installed and flagged upper-case only"
+    assert humor[0].shown("Fax 12b") == "FAX 12B"
+    assert not humor[0].covers("café")  # É is outside CHARSET, so accented text never goes to it
+
+
+# --- corpus ----------------------------------------------------------------------------------
+
+def test_corpus_is_deterministic_and_stays_inside_charset():
+    first = _lines(CorpusSampler(3), 300)
+    assert _lines(CorpusSampler(3), 300) == first
+    assert _lines(CorpusSampler(4), 50) != first[:50]
+    assert all(set(line) <= set(CHARSET) for line in first)
+    assert all(line == line.strip() and "  " not in line for line in first)
+
+
+def test_corpus_lines_spread_from_one_word_to_full_width():
+    lengths = [len(line) for line in _lines(CorpusSampler(11), 400)]
+    assert min(lengths) >= 1 and max(lengths) <= 70
+    assert sum(n >= 40 for n in lengths) > 0.3 * len(lengths)
+    assert sum(n < 15 for n in lengths) > 0.05 * len(lengths)
+    assert len(CorpusSampler(1).line(max_chars=5)) <= 5
+
+
+def test_paragraph_has_the_requested_word_count_and_a_full_stop():
+    text = CorpusSampler(2).paragraph(37)
+    assert len(text.split()) == 37 and text[-1] in ".?!"
+    with pytest.raises(ValueError):
+        CorpusSampler(2).paragraph(0)
+
+
+def test_cut_at_word_keeps_whole_words():
+    assert cut_at_word("alpha beta gamma", 12) == "alpha beta"
+    assert cut_at_word("alpha beta", 40) == "alpha beta"
+    assert cut_at_word("abcdefgh", 3) == "abc"
+
+
+def _lines(sampler: CorpusSampler, count: int) -> list[str]:
+    return [sampler.line() for _ in range(count)]
+
+
+# --- lines -----------------------------------------------------------------------------------
+
+def test_iter_lines_is_deterministic_and_chunkable():
+    whole = list(iter_lines(6, seed=5))
+    again = list(iter_lines(6, seed=5))
+    tail = list(iter_lines(3, seed=5, start_index=3))
+    assert [(t, f) for _, t, f in whole] == [(t, f) for _, t, f in again]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for (a, _, _), (b, _, _) in zip(whole, again))
+    assert [t for _, t, _ in whole[3:]] == [t for _, t, _ in tail]
+    assert [t for _, t, _ in iter_lines(6, seed=6)] != [t for _, t, _ in whole]
+
+
+def test_line_images_are_grey_tight_crops_of_dark_ink_on_light_paper():
+    for image, text, font_name in iter_lines(12, seed=21, font_kind="all"):
+        pixels = np.asarray(image)
+        assert image.mode == "L" and text and font_name
+        assert 16 <= image.height <= 140 and image.width >= image.height // 2
+        assert pixels.min() < 110 and np.median(pixels) > 150  # ink present, paper dominates
+        assert np.median(pixels[:, :2]) > 150  # the side margins are paper, the crop does not cut ink
+
+
+def test_write_line_set_writes_images_text_and_manifest_that_agree(tmp_path):
+    out = write_line_set(tmp_path / "set", count=4, seed=9)
+    write_line_set(out, count=2, seed=9, start_index=4)
+    rows = [line.split("\t") for line in (out / "manifest.tsv").read_text(encoding="utf-8").splitlines()]
+    assert tuple(rows[0]) == MANIFEST_HEADER and len(rows) == 7
+    streamed = list(iter_lines(6, seed=9))
+    for index, (row, (image, text, font_name)) in enumerate(zip(rows[1:], streamed)):
+        stem = f"line_{index:06d}"
+        assert row == [f"{stem}.png", text, font_name, "printed"]
+        assert (out / f"{stem}.gt.txt").read_bytes() == text.encode("utf-8")
+        assert np.array_equal(np.asarray(Image.open(out / f"{stem}.png")), np.asarray(image))
+
+
+def test_write_line_set_with_zero_count_writes_only_the_manifest_header(tmp_path):
+    out = write_line_set(tmp_path, count=0, seed=1)
+    assert (out / "manifest.tsv").read_text().splitlines() == ["\t".join(MANIFEST_HEADER)]
+    assert not list(out.glob("*.png"))
+
+
+# --- documents -------------------------------------------------------------------------------
+
+DOC_DPI = 100
+
+
+@pytest.fixture(scope="module")
+def two_column_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("docs2")
+    return write_document_set(out, count=2, seed=13, dpi=DOC_DPI, pages_per_document=(2, 2), two_column_share=1.0)
+
+
+@pytest.fixture(scope="module")
+def skewed_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("skewed")
+    return write_document_set(out, count=1, seed=2, dpi=DOC_DPI, formats=("tiff",), pages_per_document=(1, 1),
+                              two_column_share=0.0, max_skew_deg=3.0)
+
+
+def _page_images(document):
+    if document.suffix == ".pdf":
+        return convert_from_path(document, dpi=DOC_DPI, grayscale=True)
+    with Image.open(document) as tiff:
+        return [frame.convert("L") for frame in ImageSequence.Iterator(tiff)]
+
+
+def test_documents_cycle_formats_and_carry_ground_truth_beside_them(two_column_set):
+    assert [d.name for d in two_column_set] == ["doc_0000.pdf", "doc_0001.tif"]
+    for document in two_column_set:
+        gt = load_ground_truth(document)
+        assert gt["source"] == document.name and gt["dpi"] == DOC_DPI and len(gt["pages"]) == 2
+        assert [page["page"] for page in gt["pages"]] == [1, 2]
+
+
+def test_ground_truth_lines_are_inside_the_page_ordered_and_never_collide(two_column_set, skewed_set):
+    for document in two_column_set + skewed_set:
+        for page in load_ground_truth(document)["pages"]:
+            lines = page["lines"]
+            assert lines, f"{document.name} page {page['page']} has no lines"
+            assert sorted(line["order"] for line in lines) == list(range(len(lines)))
+            for line in lines:
+                x0, y0, x1, y1 = line["bbox"]
+                assert 0 <= x0 < x1 <= page["width"] and 0 <= y0 < y1 <= page["height"]
+                assert line["text"] and line["text"] == line["text"].strip()
+                assert 0 <= line["block"] < page["columns"]
+            for block in range(page["columns"]):
+                in_order = sorted(lines, key=lambda line: line["order"])
+                boxes = [line["bbox"] for line in in_order if line["block"] == block]
+                if page["skew_deg"] == 0:
+                    assert all(upper[3] <= lower[1] for upper, lower in zip(boxes, boxes[1:]))
+
+
+def test_two_column_pages_fill_both_columns_left_block_first(two_column_set):
+    for document in two_column_set:
+        for page in load_ground_truth(document)["pages"]:
+            left = [line for line in page["lines"] if line["block"] == 0]
+            right = [line for line in page["lines"] if line["block"] == 1]
+            assert page["columns"] == 2 and left and right
+            assert max(line["bbox"][2] for line in left) < min(line["bbox"][0] for line in right)
+            assert max(line["order"] for line in left) < min(line["order"] for line in right)
+
+
+def test_rendered_pages_match_the_stored_size_and_ink_lies_inside_the_boxes(two_column_set):
+    for document in two_column_set:
+        gt_pages = load_ground_truth(document)["pages"]
+        images = _page_images(document)
+        assert len(images) == len(gt_pages)
+        for image, page in zip(images, gt_pages):
+            assert image.size == (page["width"], page["height"])
+            dark = np.asarray(image) < 100
+            outside = dark.copy()
+            for line in page["lines"]:
+                x0, y0, x1, y1 = line["bbox"]
+                assert dark[y0:y1, x0:x1].any(), f"no ink in the box of {line['text']!r}"
+                outside[max(0, y0 - 3) : y1 + 3, max(0, x0 - 3) : x1 + 3] = False
+            assert outside.mean() < 0.001  # only dust specks outside the line boxes
+
+
+def test_tiff_has_the_stated_page_count_and_resolution(two_column_set):
+    with Image.open(two_column_set[1]) as tiff:
+        assert tiff.n_frames == len(load_ground_truth(two_column_set[1])["pages"])
+        assert tuple(round(v) for v in tiff.info["dpi"]) == (DOC_DPI, DOC_DPI)
+
+
+def test_skewed_page_boxes_enclose_the_turned_lines(skewed_set):
+    page = load_ground_truth(skewed_set[0])["pages"][0]
+    assert 0 < abs(page["skew_deg"]) <= 3.0 and page["columns"] == 1
+    slope = np.tan(np.deg2rad(abs(page["skew_deg"])))
+    for line in page["lines"]:
+        x0, y0, x1, y1 = line["bbox"]
+        assert y1 - y0 >= slope * (x1 - x0) * 0.9
+
+
+def test_document_set_is_deterministic(tmp_path):
+    first = write_document_set(tmp_path / "a", count=1, seed=8, dpi=60, formats=("tiff",), pages_per_document=(1, 1))
+    second = write_document_set(tmp_path / "b", count=1, seed=8, dpi=60, formats=("tiff",), pages_per_document=(1, 1))
+    assert load_ground_truth(first[0]) == load_ground_truth(second[0])
+    assert np.array_equal(np.asarray(_page_images(first[0])[0]), np.asarray(_page_images(second[0])[0]))
+
+
+def test_document_set_rejects_bad_arguments_and_writes_nothing_for_zero(tmp_path):
+    with pytest.raises(ValueError, match="formats"):
+        write_document_set(tmp_path, count=1, seed=1, formats=("png",))
+    with pytest.raises(ValueError, match="pages_per_document"):
+        write_document_set(tmp_path, count=1, seed=1, pages_per_document=(3, 1))
+    assert write_document_set(tmp_path / "none", count=0, seed=1) == []
+    with pytest.raises(FileNotFoundError, match="gt.json"):
+        load_ground_truth(tmp_path / "missing.pdf")

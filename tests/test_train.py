@@ -1,0 +1,194 @@
+"""Training on tiny models: the loss falls, checkpoints resume, the output loads back; data readers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image, ImageDraw, ImageFont
+
+from pipeline.errors import ConfigError
+from pipeline.model import build_tiny_random_trocr, load_trocr
+from pipeline.train import (
+    CHECKPOINT_PREFIX,
+    LabelCollator,
+    TrainConfig,
+    cut_polygon,
+    latest_checkpoint,
+    learning_rate_factor,
+    load_train_config,
+    read_line_folder,
+    read_page_lines,
+    train,
+)
+
+FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+TEXTS = ["hello world", "quick fox", "lazy dog 42", "OCR lines"]
+
+
+def render(text: str, height: int = 32) -> Image.Image:
+    font = ImageFont.truetype(FONT, size=int(height * 0.6))
+    image = Image.new("L", (int(font.getlength(text)) + 12, height), 255)
+    ImageDraw.Draw(image).text((6, height * 0.15), text, font=font, fill=0)
+    return image
+
+
+@pytest.fixture(scope="module")
+def line_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("lines")
+    for index, text in enumerate(TEXTS):
+        render(text).save(folder / f"line_{index:03d}.bin.png")
+        (folder / f"line_{index:03d}.gt.txt").write_text(text + "\n", encoding="utf-8")
+    (folder / "unlabelled.png").write_bytes(b"")  # no .gt.txt: ignored
+    return folder
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    return build_tiny_random_trocr(tmp_path_factory.mktemp("base"))
+
+
+def fine_tune_config(tmp_path: Path, base_model: Path, line_folder: Path, steps: int) -> TrainConfig:
+    return TrainConfig(
+        output_dir=tmp_path / "model",
+        work_dir=tmp_path / "work",
+        base_model=str(base_model),
+        train_data=[{"kind": "folder", "path": line_folder}],
+        validation_data=[{"kind": "folder", "path": line_folder}],
+        steps=steps,
+        batch_size=4,
+        learning_rate=3e-3,
+        warmup_steps=2,
+        checkpoint_every=10,
+        validate_every=10,
+        torch_threads=1,
+    )
+
+
+def test_fine_tuning_lowers_the_loss_and_saves_a_loadable_model(tmp_path, base_model, line_folder):
+    metrics: list[dict] = []
+    output = train(fine_tune_config(tmp_path, base_model, line_folder, steps=20), show_progress=False,
+                   report=metrics.append)
+    losses = [row["loss"] for row in metrics]
+    assert len(losses) == 20
+    assert np.mean(losses[-3:]) < 0.7 * losses[0]
+    assert [row["step"] for row in metrics if "validation_cer" in row] == [10, 20]
+    bundle = load_trocr(str(output), device="cpu")
+    assert bundle.preprocessor.input_size == (32, 128)
+    assert latest_checkpoint(tmp_path / "work").name == f"{CHECKPOINT_PREFIX}20"
+
+
+def test_resume_continues_from_the_newest_checkpoint(tmp_path, base_model, line_folder):
+    train(fine_tune_config(tmp_path, base_model, line_folder, steps=10), show_progress=False)
+    metrics: list[dict] = []
+    train(fine_tune_config(tmp_path, base_model, line_folder, steps=12), resume=True, show_progress=False,
+          report=metrics.append)
+    assert [row["step"] for row in metrics] == [11, 12]
+    assert latest_checkpoint(tmp_path / "work").name == f"{CHECKPOINT_PREFIX}12"
+
+
+def test_from_scratch_builds_tokenizer_and_model_from_the_spec(tmp_path):
+    config = TrainConfig(
+        output_dir=tmp_path / "model",
+        work_dir=tmp_path / "work",
+        model={"input_size": [16, 64], "patch_size": [16, 8], "hidden_size": 32, "encoder_layers": 1,
+               "encoder_heads": 2, "decoder_layers": 1, "decoder_heads": 2, "max_target_tokens": 24,
+               "vocab_size": 300, "tokenizer_corpus_lines": 50},
+        train_data=[{"kind": "synth", "seed": 5}],
+        validation_data=[{"kind": "synth", "seed": 6, "count": 3}],
+        steps=2,
+        batch_size=2,
+        torch_threads=1,
+    )
+    bundle = load_trocr(str(train(config, show_progress=False)), device="cpu")
+    assert bundle.preprocessor.input_size == (16, 64) and bundle.preprocessor.keep_aspect
+    assert len(bundle.tokenizer) == 300
+    assert bundle.model.config.encoder.num_hidden_layers == 1
+
+
+def test_labels_pad_with_minus_100_and_drop_the_start_token(base_model):
+    tokenizer = load_trocr(str(base_model), device="cpu").tokenizer
+    labels = LabelCollator(tokenizer, tokenizer.bos_token_id, max_target_tokens=16).labels(["a", "longer text"])
+    assert labels.shape[0] == 2
+    assert (labels[:, 0] != tokenizer.bos_token_id).all()
+    assert labels[0, -1] == -100 and (labels[1] != -100).all()
+    assert tokenizer.decode(labels[1][labels[1] >= 0], skip_special_tokens=True) == "longer text"
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    factors = [learning_rate_factor(step, 10, 100, 0.1) for step in range(101)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[50] < factors[10] and factors[100] == pytest.approx(0.1)
+
+
+def test_config_needs_exactly_one_model_source(tmp_path):
+    config = {"output_dir": "o", "work_dir": "w", "train_data": [{"kind": "synth"}], "steps": 1}
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match="exactly one of base_model"):
+        load_train_config(path)
+    path.write_text(yaml.safe_dump({**config, "base_model": "x", "bogus": 1}))
+    with pytest.raises(ConfigError, match="bogus"):
+        load_train_config(path)
+
+
+def test_line_folder_pairs_images_with_ground_truth(line_folder):
+    lines = read_line_folder(line_folder)
+    assert [line.text for line in lines] == TEXTS
+    assert lines[0].name == "line_000.bin.png"
+    assert lines[0].load_gray().dtype == np.uint8 and lines[0].load_gray().ndim == 2
+
+
+def page_image(tmp_path: Path) -> Path:
+    image = Image.new("L", (400, 100), 255)
+    image.paste(render("first line"), (10, 5))
+    image.paste(render("second line"), (10, 55))
+    path = tmp_path / "page.png"
+    image.save(path)
+    return path
+
+
+def test_page_xml_lines_are_cut_from_their_polygons(tmp_path):
+    page_image(tmp_path)
+    (tmp_path / "page.xml").write_text(f"""<?xml version="1.0" encoding="UTF-8"?>
+<PcGts xmlns="http://schema.primaresearch.org/PAGE/gts/pagecontent/2019-07-15">
+  <Page imageFilename="page.png" imageWidth="400" imageHeight="100"><TextRegion id="r1">
+    <TextLine id="l1"><Coords points="5,3 200,3 200,40 5,40"/>
+      <TextEquiv index="1"><Unicode>wrong</Unicode></TextEquiv>
+      <TextEquiv index="0"><Unicode>first line</Unicode></TextEquiv></TextLine>
+    <TextLine id="l2"><Coords points="5,52 220,52 220,90 5,90"/><TextEquiv><Unicode>second line</Unicode></TextEquiv></TextLine>
+    <TextLine id="l3"><Coords points="5,92 20,92 20,99 5,99"/><TextEquiv><Unicode></Unicode></TextEquiv></TextLine>
+  </TextRegion></Page></PcGts>""")
+    lines = read_page_lines(tmp_path)
+    assert [line.text for line in lines] == ["first line", "second line"]
+    assert lines[0].load_gray().shape == (38, 196)
+    assert (lines[0].load_gray() < 128).any()
+
+
+def test_alto_lines_use_polygon_or_box_and_join_strings(tmp_path):
+    page_image(tmp_path)
+    (tmp_path / "page.xml").write_text("""<?xml version="1.0" encoding="UTF-8"?>
+<alto xmlns="http://www.loc.gov/standards/alto/ns-v4#">
+  <Description><MeasurementUnit>pixel</MeasurementUnit>
+    <sourceImageInformation><fileName>page.png</fileName></sourceImageInformation></Description>
+  <Layout><Page><PrintSpace><TextBlock>
+    <TextLine HPOS="5" VPOS="3" WIDTH="195" HEIGHT="37"><String CONTENT="first"/><SP/><String CONTENT="line"/></TextLine>
+    <TextLine><Shape><Polygon POINTS="5 52 220 52 220 90 5 90"/></Shape><String CONTENT="second line"/></TextLine>
+  </TextBlock></PrintSpace></Page></Layout></alto>""")
+    lines = read_page_lines(tmp_path / "page.xml")
+    assert [line.text for line in lines] == ["first line", "second line"]
+    assert lines[1].load_gray().shape == (39, 216)
+
+
+def test_cut_polygon_whitens_outside_and_rejects_degenerate_shapes():
+    gray = np.zeros((20, 20), dtype=np.uint8)
+    triangle = cut_polygon(gray, np.array([[0, 0], [19, 0], [0, 19]], dtype=float))
+    assert triangle[0, 0] == 0 and triangle[19, 19] == 255
+    assert cut_polygon(gray, np.array([[0, 0], [5, 5]], dtype=float)) is None
+
+
+def test_missing_line_folder_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_line_folder(tmp_path / "nope")

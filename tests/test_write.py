@@ -1,0 +1,87 @@
+"""The Parquet sink: explicit schema, every document once, recovery after a killed run."""
+
+from __future__ import annotations
+
+import pyarrow.dataset as ds
+import pytest
+
+from operators.write import DOCUMENTS_DIR, PAGES_DIR, ParquetSink, recover_output
+from pipeline.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
+
+
+def _document(doc_id: str, pages: int, status="ok", error_code=None) -> DocumentRecord:
+    return DocumentRecord(doc_id, f"{doc_id}.pdf", status, error_code, "broken" if error_code else None, pages)
+
+
+def _page(doc_id: str, number: int, texts=("first", "second")) -> PageWork:
+    lines = [LineRecord(bbox=(0, 10 * i, 50, 10 * i + 8), polygon=[(0, 10 * i), (50, 10 * i), (50, 10 * i + 8),
+                                                                     (0, 10 * i + 8)],
+                        block=0, order=i, text=text, confidence=0.9) for i, text in enumerate(texts)]
+    return PageWork(doc_id=doc_id, source=f"{doc_id}.pdf", page=number, dpi=300, width=100, height=100, lines=lines)
+
+
+def _read(output, folder):
+    return ds.dataset(f"{output}/{folder}", format="parquet").to_table()
+
+
+def test_documents_and_pages_with_the_explicit_schema(tmp_path):
+    sink = ParquetSink(str(tmp_path), rows_per_file=100)
+    sink.expect(_document("a", 2))
+    sink.expect(_document("bad", 0, status="failed", error_code="corrupt_file"))
+    sink.add_page(_page("a", 2))
+    sink.add_page(_page("a", 1))
+    summary = sink.close()
+    assert (summary.documents_ok, summary.documents_failed, summary.pages, summary.lines) == (1, 1, 2, 4)
+    pages, documents = _read(tmp_path, PAGES_DIR), _read(tmp_path, DOCUMENTS_DIR)
+    assert pages.schema.equals(PAGES_SCHEMA) and documents.schema.equals(DOCUMENTS_SCHEMA)
+    assert sorted(pages.column("page").to_pylist()) == [1, 2]
+    assert pages.column("text").to_pylist()[0] == "first\nsecond"
+    rows = {row["doc_id"]: row for row in documents.to_pylist()}
+    assert rows["bad"]["error_code"] == "corrupt_file" and rows["a"]["num_pages"] == 2
+
+
+def test_a_failed_page_fails_its_document_but_keeps_the_others(tmp_path):
+    sink = ParquetSink(str(tmp_path), rows_per_file=100)
+    sink.expect(_document("a", 2))
+    sink.add_page(_page("a", 1))
+    sink.add_page(_page("a", 2).fail("render_timeout", "poppler hung"))
+    sink.close()
+    (document,) = _read(tmp_path, DOCUMENTS_DIR).to_pylist()
+    assert document["status"] == "failed" and document["error_code"] == "render_timeout"
+    assert "1 of 2 pages failed" in document["error_message"]
+    assert sorted(_read(tmp_path, PAGES_DIR).column("status").to_pylist()) == ["failed", "ok"]
+
+
+def test_page_twice_and_missing_pages_are_bugs(tmp_path):
+    sink = ParquetSink(str(tmp_path), rows_per_file=100)
+    sink.expect(_document("a", 3))
+    sink.add_page(_page("a", 1))
+    with pytest.raises(RuntimeError, match="twice"):
+        sink.add_page(_page("a", 1))
+    with pytest.raises(RuntimeError, match="never arrived"):
+        sink.close()
+
+
+def test_documents_are_published_whole_in_small_parts(tmp_path):
+    sink = ParquetSink(str(tmp_path), rows_per_file=2)
+    for name in "abcde":
+        sink.expect(_document(name, 1))
+        sink.add_page(_page(name, 1))
+    sink.close()
+    assert len(list((tmp_path / PAGES_DIR).iterdir())) == len(list((tmp_path / DOCUMENTS_DIR).iterdir())) == 3
+    assert sorted(_read(tmp_path, DOCUMENTS_DIR).column("doc_id").to_pylist()) == list("abcde")
+    assert list((tmp_path / "_staging").iterdir()) == []
+
+
+def test_recover_removes_orphan_pages_and_reports_done_documents(tmp_path):
+    sink = ParquetSink(str(tmp_path), rows_per_file=1)
+    sink.expect(_document("a", 1))
+    sink.add_page(_page("a", 1))
+    sink.close()
+    # a run killed between publishing a pages part and its documents twin
+    orphan = tmp_path / PAGES_DIR / "part-killed-00000.parquet"
+    orphan.write_bytes((tmp_path / PAGES_DIR).glob("*.parquet").__next__().read_bytes())
+    (tmp_path / "_staging" / "pages-half-written.parquet").write_bytes(b"PAR1 garbage")
+    assert recover_output(str(tmp_path)) == {"a"}
+    assert not orphan.exists()
+    assert list((tmp_path / "_staging").iterdir()) == []
