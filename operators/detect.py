@@ -369,6 +369,9 @@ def _lines_in_block(ink: np.ndarray, rect: Rect, pitch: float, config: DetectCon
         if end - begin < min_area:
             continue
         polygon = _envelope(xs[begin:end], ys[begin:end], pitch, config.polygon_padding * pitch)
+        width, height = np.ptp(polygon, axis=0)
+        if width < config.min_line_aspect * height:
+            continue  # page edges, stamps, stray marks: text lines are wider than tall
         polygon += np.array([x0, y0], np.float64)
         lines.append(
             _Line(
@@ -392,7 +395,7 @@ def _line_cores(block: np.ndarray, pitch: float, config: DetectConfig) -> np.nda
     density = cv2.blur(block.astype(np.float32), kernel, borderType=cv2.BORDER_CONSTANT)
     inked = density[block > 0]
     level = config.core_threshold * float(np.percentile(inked, 95))
-    core_mask = (density > level).astype(np.uint8)
+    core_mask = _split_tall_cores(density, level, pitch)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(core_mask, connectivity=8)
     big = (stats[1:, cv2.CC_STAT_HEIGHT] >= 0.1 * pitch) & (stats[1:, cv2.CC_STAT_WIDTH] >= 0.3 * pitch)
     keep_ids = np.flatnonzero(big) + 1
@@ -402,25 +405,46 @@ def _line_cores(block: np.ndarray, pitch: float, config: DetectConfig) -> np.nda
     return _drop_fragments(relabel[labels], pitch)
 
 
+def _split_tall_cores(density: np.ndarray, level: float, pitch: float) -> np.ndarray:
+    """Core mask (uint8 0/1) at ``level``; a core taller than a line pitch, where touching
+    lines ran together, is thresholded again at rising levels until it falls apart into
+    line-wide pieces."""
+    core_mask = (density > level).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(core_mask, connectivity=8)
+    for label in np.flatnonzero(stats[1:, cv2.CC_STAT_HEIGHT] > 1.2 * pitch) + 1:
+        x, y, width, height = stats[label, :4]
+        window = (slice(y, y + height), slice(x, x + width))
+        own = labels[window] == label
+        for factor in (1.5, 2.0, 2.5):
+            pieces = (own & (density[window] > factor * level)).astype(np.uint8)
+            _, _, piece_stats, _ = cv2.connectedComponentsWithStats(pieces, connectivity=8)
+            if (piece_stats[1:, cv2.CC_STAT_WIDTH] >= pitch).sum() >= 2:
+                core_mask[window][own] = pieces[own]
+                break
+    return core_mask
+
+
 def _drop_fragments(cores: np.ndarray, pitch: float) -> np.ndarray:
     """Remove short cores lying next to a long one: loops, accents and flourishes between
     lines, whose ink then joins the nearest real line. Isolated short cores (a page number,
     a one-word line) stay."""
     count = int(cores.max())
-    cols = np.nonzero(cores)[1]
-    labels = cores[cores > 0]
-    x_min = np.full(count + 1, np.inf)
-    x_max = np.full(count + 1, -np.inf)
-    np.minimum.at(x_min, labels, cols)
-    np.maximum.at(x_max, labels, cols)
-    short = (x_max - x_min + 1) < pitch
-    short[0] = False
-    if not short.any() or short[1:].all():
+    if count == 0:
+        return cores
+    rows, cols = np.nonzero(cores)
+    labels = cores[rows, cols]
+    order = np.lexsort((cols, labels))  # by line id, then left to right
+    labels, cols = labels[order], cols[order]
+    present, first = np.unique(labels, return_index=True)
+    last = np.append(first[1:], labels.size) - 1
+    short = np.zeros(count + 1, bool)
+    short[present] = cols[last] - cols[first] + 1 < pitch
+    if not short.any() or short[present].all():
         return cores
     long_cores = (cores > 0) & ~short[cores]
     distance = cv2.distanceTransform((~long_cores).astype(np.uint8), cv2.DIST_L2, 5)
     near = np.zeros(count + 1, bool)
-    np.logical_or.at(near, labels, distance[cores > 0] < 0.6 * pitch)
+    near[np.unique(cores[(cores > 0) & (distance < 0.6 * pitch)])] = True
     drop = short & near
     return np.where(drop[cores], 0, cores)
 
@@ -470,14 +494,13 @@ def _envelope(xs: np.ndarray, ys: np.ndarray, pitch: float, padding: float) -> n
     smoothed by a running median so single flourishes do not dominate, then padded."""
     bin_width = max(2.0, pitch / 2)
     bins = ((xs - xs.min()) / bin_width).astype(np.int64)
-    count = int(bins.max()) + 1
-    tops = np.full(count, np.inf)
-    bottoms = np.full(count, -np.inf)
-    np.minimum.at(tops, bins, ys)
-    np.maximum.at(bottoms, bins, ys + 1)
-    filled = np.isfinite(tops)
-    centers = xs.min() + (np.flatnonzero(filled) + 0.5) * bin_width
-    tops, bottoms = _running_median(tops[filled]) - padding, _running_median(bottoms[filled]) + padding
+    order = np.lexsort((ys, bins))  # by bin, then top to bottom inside a bin
+    bins, ys = bins[order], ys[order]
+    used, first = np.unique(bins, return_index=True)
+    last = np.append(first[1:], bins.size) - 1
+    centers = xs.min() + (used + 0.5) * bin_width
+    tops = _running_median(ys[first].astype(np.float64)) - padding
+    bottoms = _running_median(ys[last].astype(np.float64) + 1) + padding
     x_left, x_right = xs.min() - padding, xs.max() + 1 + padding
     xs_path = np.concatenate([[x_left], np.clip(centers, x_left, x_right), [x_right]])
     upper = np.column_stack([xs_path, np.concatenate([[tops[0]], tops, [tops[-1]]])])

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
 
+import pikepdf
 import pyarrow.fs as pafs
 from PIL import Image
 
@@ -49,6 +50,7 @@ class DocumentPlan:
     kind: DocumentKind | None
     num_pages: int
     error: DocumentError | None = None
+    repaired: bool = False  # poppler could not read it; render the copy pikepdf (qpdf) repairs
 
 
 def _is_uri(text: str) -> bool:
@@ -80,6 +82,10 @@ def _expand_one(item: str) -> list[str]:
         return [_with_scheme(item, i.path) for i in infos
                 if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path) and _supported(i.path)]
     info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.Directory and not _is_uri(item):
+        # os.walk, unlike pyarrow, lists broken links: they become `unreadable` rows, not silence
+        return sorted(os.path.join(root, name) for root, _, names in os.walk(path)
+                      for name in names if _supported(name))
     if info.type == pafs.FileType.Directory:
         infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
         return sorted(_with_scheme(item, i.path) for i in infos
@@ -163,13 +169,46 @@ def _check_pixels(width: float, height: float, page: int, config: RasterizeConfi
         )
 
 
-def triage_pdf(path: str, config: RasterizeConfig) -> int:
-    info = pdf_info(path, config)
-    if info["pages"] < 1:
+def page_tree_count(path: str) -> int | None:
+    """Pages in the PDF's page tree as qpdf walks it (the declared /Count can lie); None if qpdf
+    cannot open the file either."""
+    try:
+        with pikepdf.open(path) as pdf:
+            return len(pdf.pages)
+    except pikepdf.PasswordError as exc:
+        raise EncryptedFile("the PDF is encrypted with a user password") from exc
+    except pikepdf.PdfError:
+        return None
+
+
+@contextmanager
+def repaired_pdf(path: str) -> Iterator[str]:
+    """A copy of a damaged PDF rewritten by qpdf, which rebuilds broken cross-reference data."""
+    with tempfile.NamedTemporaryFile(prefix="trocr-pipeline-repaired-", suffix=".pdf") as handle:
+        try:
+            with pikepdf.open(path) as pdf:
+                pdf.save(handle.name)
+        except pikepdf.PdfError as exc:
+            raise CorruptFile(f"the PDF is damaged and qpdf could not repair it: {exc}") from exc
+        yield handle.name
+
+
+def triage_pdf(path: str, config: RasterizeConfig) -> tuple[int, bool]:
+    """Page count and whether rendering needs the repaired copy; page sizes checked on the way."""
+    pages_in_tree = page_tree_count(path)
+    try:
+        info, repaired = pdf_info(path, config), False
+    except CorruptFile:
+        if pages_in_tree is None:
+            raise
+        with repaired_pdf(path) as fixed:
+            info, repaired = pdf_info(fixed, config), True
+    pages = pages_in_tree if pages_in_tree is not None else int(info["pages"])
+    if pages < 1:
         raise CorruptFile("the PDF has no pages")
     for number, (w_pt, h_pt) in enumerate(info["sizes"], start=1):
         _check_pixels(w_pt / 72 * config.dpi, h_pt / 72 * config.dpi, number, config, config.dpi)
-    return int(info["pages"])
+    return pages, repaired
 
 
 def triage_image(path: str, config: RasterizeConfig) -> int:
@@ -209,7 +248,10 @@ def triage(source: str, config: RasterizeConfig) -> DocumentPlan:
             raise EmptyFile("the file is empty (0 bytes)")
         kind = sniff_kind(data[:1024])
         with local_path(source, data) as path:
-            num_pages = triage_pdf(path, config) if kind == "pdf" else triage_image(path, config)
-        return DocumentPlan(doc_id=doc_id, source=source, kind=kind, num_pages=num_pages)
+            if kind == "pdf":
+                num_pages, repaired = triage_pdf(path, config)
+            else:
+                num_pages, repaired = triage_image(path, config), False
+        return DocumentPlan(doc_id=doc_id, source=source, kind=kind, num_pages=num_pages, repaired=repaired)
     except DocumentError as error:
         return DocumentPlan(doc_id=doc_id, source=source, kind=kind, num_pages=0, error=error)

@@ -14,7 +14,7 @@ from pdf2image import convert_from_path
 from pdf2image.exceptions import PDFPageCountError, PDFPopplerTimeoutError, PDFSyntaxError
 from PIL import Image
 
-from operators.ingest import DocumentKind, DocumentPlan, local_path
+from operators.ingest import DocumentKind, DocumentPlan, local_path, repaired_pdf
 from pipeline.config import RasterizeConfig
 from pipeline.errors import DocumentError, PageCountMismatch, PageTooLarge, RenderFailed, RenderTimeout
 from pipeline.records import PageWork
@@ -32,6 +32,7 @@ class PageRange:
     kind: DocumentKind
     first: int
     last: int
+    repaired: bool = False
 
 
 def page_ranges(plans: list[DocumentPlan], pages_per_task: int) -> list[PageRange]:
@@ -41,7 +42,7 @@ def page_ranges(plans: list[DocumentPlan], pages_per_task: int) -> list[PageRang
             continue
         for first in range(1, plan.num_pages + 1, pages_per_task):
             last = min(first + pages_per_task - 1, plan.num_pages)
-            ranges.append(PageRange(plan.doc_id, plan.source, plan.kind, first, last))
+            ranges.append(PageRange(plan.doc_id, plan.source, plan.kind, first, last, plan.repaired))
     return ranges
 
 
@@ -118,9 +119,12 @@ def rasterize(task: PageRange, config: RasterizeConfig) -> list[PageWork]:
     """Render one page range; a failure fails every page of the range with the reason."""
     try:
         with local_path(task.source) as path:
-            if task.kind == "pdf":
+            if task.kind != "pdf":
+                return _render_image(task, path, config)
+            if not task.repaired:
                 return _render_pdf(task, path, config)
-            return _render_image(task, path, config)
+            with repaired_pdf(path) as fixed:
+                return _render_pdf(task, fixed, config)
     except DocumentError as error:
         reason = (error.error_code, str(error))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

@@ -9,16 +9,21 @@ decodes them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
+from transformers import VisionEncoderDecoderModel
 
+from operators.decoding import DecodedLine, DecodingEngine, sequence_confidence
 from operators.detect import crop_line
 from pipeline.config import RecognizeConfig
 from pipeline.errors import RecognitionFailed
 from pipeline.model import LinePreprocessor, TrOCRBundle, load_trocr
 from pipeline.records import PageWork
+
+
+Engine = Literal["fast", "hf"]
 
 
 @dataclass(frozen=True)
@@ -36,11 +41,25 @@ def prepare_crops(work: PageWork, preprocessor: LinePreprocessor, padding: int) 
     return work
 
 
-def _decode_chunk(bundle: TrOCRBundle, resized: Sequence[np.ndarray], num_beams: int,
-                  max_new_tokens: int) -> list[LineReading]:
+def _decode_chunk(bundle: TrOCRBundle, resized: Sequence[np.ndarray], num_beams: int, max_new_tokens: int,
+                  engine: Engine) -> list[LineReading]:
     pixel_values = bundle.preprocessor.to_pixel_values(resized, bundle.device, bundle.dtype)
+    if engine == "fast":
+        decoded = DecodingEngine(bundle.model).decode(pixel_values, num_beams, max_new_tokens)
+    else:
+        decoded = _generate(bundle.model, pixel_values, num_beams, max_new_tokens)
+    pad_id = bundle.model.generation_config.pad_token_id
+    return [LineReading(text=bundle.tokenizer.decode([t for t in line.tokens if t != pad_id],
+                                                     skip_special_tokens=True).strip(),
+                        confidence=line.confidence, truncated=line.truncated)
+            for line in decoded]
+
+
+def _generate(model: VisionEncoderDecoderModel, pixel_values: torch.Tensor, num_beams: int,
+              max_new_tokens: int) -> list[DecodedLine]:
+    """transformers ``generate``: the reference the fast engine is tested against."""
     with torch.inference_mode():
-        output = bundle.model.generate(
+        output = model.generate(
             pixel_values=pixel_values,
             num_beams=num_beams,
             max_new_tokens=max_new_tokens,
@@ -49,26 +68,26 @@ def _decode_chunk(bundle: TrOCRBundle, resized: Sequence[np.ndarray], num_beams:
             output_scores=True,
             return_dict_in_generate=True,
         )
-        token_logprobs = bundle.model.compute_transition_scores(
+        token_logprobs = model.compute_transition_scores(
             output.sequences, output.scores, getattr(output, "beam_indices", None), normalize_logits=num_beams == 1
         )
     generated = output.sequences[:, -token_logprobs.shape[1]:]
-    config = bundle.model.generation_config
-    eos_id, pad_id = config.eos_token_id, config.pad_token_id
-    readings = []
+    eos_id = model.generation_config.eos_token_id
+    decoded = []
     for tokens, logprobs in zip(generated.tolist(), token_logprobs.float().cpu()):
         length = tokens.index(eos_id) + 1 if eos_id in tokens else len(tokens)
-        scored = logprobs[:length]
-        scored = scored[torch.isfinite(scored)]
-        confidence = float(torch.exp(scored.mean())) if len(scored) else 0.0
-        text = bundle.tokenizer.decode([t for t in tokens[:length] if t != pad_id], skip_special_tokens=True)
-        readings.append(LineReading(text=text.strip(), confidence=confidence, truncated=eos_id not in tokens))
-    return readings
+        decoded.append(DecodedLine(tokens[:length], sequence_confidence(logprobs[:length]),
+                                   truncated=eos_id not in tokens))
+    return decoded
 
 
 def decode_lines(bundle: TrOCRBundle, resized: Sequence[np.ndarray], num_beams: int, max_new_tokens: int,
-                 line_batch_size: int, length_hints: Sequence[float] | None = None) -> list[LineReading]:
+                 line_batch_size: int, length_hints: Sequence[float] | None = None,
+                 engine: Engine = "fast") -> list[LineReading]:
     """Decode model-size crops in batches of similar expected length; results in input order.
+
+    ``engine``: "fast" is :class:`operators.decoding.DecodingEngine`, "hf" is transformers ``generate``;
+    in fp32 both give the same texts.
 
     ``length_hints`` (e.g. the crops' width/height before resizing) group lines that will decode to
     a similar number of tokens, so short lines do not wait on long ones.
@@ -82,7 +101,7 @@ def decode_lines(bundle: TrOCRBundle, resized: Sequence[np.ndarray], num_beams: 
     for start in range(0, len(order), line_batch_size):
         chunk = order[start:start + line_batch_size]
         for index, reading in zip(chunk, _decode_chunk(bundle, [resized[i] for i in chunk], num_beams,
-                                                       max_new_tokens)):
+                                                       max_new_tokens, engine)):
             readings[index] = reading
     return readings
 
@@ -105,7 +124,7 @@ class TrOCRRecognizer:
                 targets.append(line)
         try:
             readings = decode_lines(self.bundle, crops, self.config.num_beams, self.config.max_new_tokens,
-                                    self.config.line_batch_size, hints)
+                                    self.config.line_batch_size, hints, self.config.engine)
         except RuntimeError as exc:
             for work in pages:
                 if work.status == "ok":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -76,7 +76,7 @@ def _document_outcome(record: DocumentRecord, pages: list[PageWork]) -> Document
         return record
     first = failed[0]
     message = f"{len(failed)} of {len(pages)} pages failed; page {first.page}: {first.error_message}"
-    return DocumentRecord(record.doc_id, record.source, "failed", first.error_code, message, record.num_pages)
+    return replace(record, status="failed", error_code=first.error_code, error_message=message)
 
 
 class ParquetSink:

@@ -48,10 +48,10 @@ class DetectConfig(_Frozen):
     max_skew_deg: float = Field(default=5.0, ge=0, le=45)
     sauvola_window_px: int = Field(default=75, ge=3, description="binarization window at 300 dpi")
     sauvola_k: float = Field(default=0.2, gt=0, lt=1, description="higher drops fainter ink")
-    min_contrast: float = Field(default=0.5, ge=0, lt=1, description="fainter ink (share of typical) is show-through")
+    min_contrast: float = Field(default=0.5, ge=0, lt=1, description="share of typical ink contrast")
     column_gap: float = Field(default=0.6, gt=0, description="min gutter between columns")
     column_lines: float = Field(default=3.0, gt=0, description="min text height beside a gutter")
-    gutter_noise: float = Field(default=0.1, ge=0, lt=1, description="share of rows that may cross a gutter")
+    gutter_noise: float = Field(default=0.1, ge=0, lt=1, description="share of rows crossing a gutter")
     wide_gap: float = Field(default=2.5, gt=0, description="gap that separates even single lines")
     block_gap: float = Field(default=1.0, gt=0, description="min gap between stacked blocks")
     smooth_width: float = Field(default=0.8, gt=0, description="density smoothing along the line")
@@ -60,7 +60,8 @@ class DetectConfig(_Frozen):
     line_merge_gap: float = Field(default=1.5, ge=0, description="max word gap inside one line")
     line_reach: float = Field(default=0.8, gt=0, description="max distance of a line's ink from its core")
     min_line_ink: float = Field(default=0.03, ge=0, description="min ink area of a line, in pitch^2")
-    polygon_padding: float = Field(default=0.1, ge=0, description="margin around a line's ink")
+    min_line_aspect: float = Field(default=2.0, ge=0, description="min width / height of a line")
+    polygon_padding: float = Field(default=0.15, ge=0, description="margin around a line's ink")
     crop_padding_px: int = Field(default=4, ge=0, description="padding around each line crop")
     num_cpus: float = Field(default=1.0, gt=0)
     memory_mb: int = Field(default=512, ge=64, description="Ray memory request of a layout task")
@@ -70,7 +71,7 @@ class RecognizeConfig(_Frozen):
     """TrOCR recognition in an actor pool."""
 
     model: str = Field(default=str(DEFAULT_MODEL), description="hub id or local folder")
-    engine: Literal["hf"] = "hf"
+    engine: Literal["fast", "hf"] = Field(default="fast", description="fast: this project's engine; hf: transformers generate")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     num_beams: int = Field(default=1, ge=1)

@@ -165,7 +165,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             sink.expect(DocumentRecord(
                 doc_id=plan.doc_id, source=plan.source, status="failed" if error else "ok",
                 error_code=error.error_code if error else None, error_message=str(error) if error else None,
-                num_pages=plan.num_pages,
+                num_pages=plan.num_pages, repaired=plan.repaired,
             ))
         ranges = page_ranges(fresh, config.rasterize.pages_per_task)
         if ranges:

@@ -63,6 +63,7 @@ class DocumentRecord:
     error_code: str | None
     error_message: str | None
     num_pages: int
+    repaired: bool = False  # the file was damaged; qpdf rebuilt it and the pages it recovered were read
 
 
 LINE_TYPE = pa.struct(
@@ -101,6 +102,7 @@ DOCUMENTS_SCHEMA = pa.schema(
         pa.field("error_code", pa.string()),
         pa.field("error_message", pa.string()),
         pa.field("num_pages", pa.int32(), nullable=False),
+        pa.field("repaired", pa.bool_(), nullable=False),
     ]
 )
 

@@ -427,7 +427,7 @@ def learning_rate_factor(step: int, warmup_steps: int, total_steps: int, min_rat
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW without decay on biases and norms; warmup + cosine schedule."""
     decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
+    for parameter in model.parameters():
         (no_decay if parameter.ndim < 2 else decay).append(parameter)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -489,11 +489,8 @@ class TrainingRun:
     device: torch.device
     autocast_dtype: torch.dtype
     forward_model: torch.nn.Module  # the model itself, or its DistributedDataParallel wrapper under Ray Train
+    preprocessor: LinePreprocessor
     shard: tuple[int, int] = (0, 1)  # (rank, world size)
-
-    @property
-    def preprocessor(self) -> LinePreprocessor:
-        return LinePreprocessor.from_image_processor(self.processor.image_processor)
 
     @property
     def is_main(self) -> bool:
@@ -526,7 +523,8 @@ def start_run(config: TrainConfig, resume: bool, shard: tuple[int, int] = (0, 1)
         schedule.load_state_dict(saved["schedule"])
         state = TrainerState(step=saved["step"], best_cer=saved["best_cer"])
         log.info("resumed from %s at step %d", checkpoint, state.step)
-    run = TrainingRun(config, model, processor, optimizer, schedule, device, autocast_dtype, forward_model, shard)
+    preprocessor = LinePreprocessor.from_image_processor(processor.image_processor)
+    run = TrainingRun(config, model, processor, optimizer, schedule, device, autocast_dtype, forward_model, preprocessor, shard)
     return run, state
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import pikepdf
@@ -74,7 +75,7 @@ def _broken(tmp_path, good_pdf, name):
     elif name == "text.pdf":
         path.write_text("this is a text file wearing a .pdf name\n")
     elif name == "truncated.pdf":
-        path.write_bytes(data[: len(data) // 3])
+        path.write_bytes(data[: len(data) // 10])
     elif name == "encrypted.pdf":
         with pikepdf.open(good_pdf) as pdf:
             pdf.save(path, encryption=pikepdf.Encryption(owner="owner-secret", user="user-secret"))
@@ -115,6 +116,34 @@ def test_owner_password_only_pdf_is_processed(tmp_path, good_pdf):
         pdf.save(path, encryption=pikepdf.Encryption(owner="owner-secret", user=""))
     plan = triage(str(path), CONFIG)
     assert plan.error is None and plan.num_pages == 3
+
+
+def test_truncated_pdf_is_repaired_and_keeps_the_pages_it_still_has(tmp_path, good_pdf):
+    path = tmp_path / "half.pdf"
+    data = good_pdf.read_bytes()
+    path.write_bytes(data[: len(data) * 3 // 4])
+    plan = triage(str(path), CONFIG)
+    assert plan.error is None and plan.repaired
+    assert 1 <= plan.num_pages < 3
+
+
+def test_broken_cross_reference_is_repaired(tmp_path, good_pdf):
+    """poppler cannot read an xref stream PDF whose startxref offset is wrong; qpdf rebuilds it."""
+    compact = tmp_path / "objstm.pdf"
+    with pikepdf.open(good_pdf) as pdf:
+        pdf.save(compact, object_stream_mode=pikepdf.ObjectStreamMode.generate)
+    data = compact.read_bytes()
+    offset = re.search(rb"startxref\s+(\d+)", data)
+    broken = tmp_path / "broken-xref.pdf"
+    broken.write_bytes(data[: offset.start(1)] + b"9" * len(offset.group(1)) + data[offset.end(1):])
+    plan = triage(str(broken), CONFIG)
+    assert (plan.error, plan.repaired, plan.num_pages) == (None, True, 3)
+
+
+def test_declared_page_count_is_not_trusted(tmp_path, good_pdf):
+    inflated = tmp_path / "count5.pdf"
+    inflated.write_bytes(good_pdf.read_bytes().replace(b"/Count 3", b"/Count 5"))
+    assert triage(str(inflated), CONFIG).num_pages == 3
 
 
 def test_page_too_large_is_checked_before_rendering(good_pdf, tmp_path):

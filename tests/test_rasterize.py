@@ -41,6 +41,15 @@ def test_poppler_timeout_fails_the_range_with_a_reason(tmp_path, page_images):
     assert all(p.image is None for p in pages)
 
 
+def test_pages_poppler_does_not_render_fail_as_count_mismatch(tmp_path, page_images):
+    """The page tree holds 3 pages but /Count says 2: poppler renders 2, the third is recorded."""
+    path = write_pdf(tmp_path / "doc.pdf", page_images, dpi=150)
+    path.write_bytes(path.read_bytes().replace(b"/Count 3", b"/Count 2"))
+    pages = rasterize(PageRange("id", str(path), "pdf", 1, 3), RasterizeConfig(dpi=100))
+    assert [(p.page, p.status, p.error_code) for p in pages] == [
+        (1, "ok", None), (2, "ok", None), (3, "failed", "page_count_mismatch")]
+
+
 def _mode_image(mode: str) -> Image.Image:
     base = Image.new("L", (64, 32), 255)
     base.paste(0, (10, 10, 30, 20))

@@ -73,7 +73,7 @@ def test_fine_tuning_lowers_the_loss_and_saves_a_loadable_model(tmp_path, base_m
                    report=metrics.append)
     losses = [row["loss"] for row in metrics]
     assert len(losses) == 20
-    assert np.mean(losses[-3:]) < 0.7 * losses[0]
+    assert np.mean(losses[-3:]) < losses[0] - 1.0  # nats; an untrained model stays near ln(vocab)
     assert [row["step"] for row in metrics if "validation_cer" in row] == [10, 20]
     bundle = load_trocr(str(output), device="cpu")
     assert bundle.preprocessor.input_size == (32, 128)

@@ -1,0 +1,425 @@
+"""Fast TrOCR decoding: greedy and beam search written directly on the model's own modules.
+
+Why not ``generate``: per step it pays for generic machinery (cache objects, mask builders, logits
+processors, stopping criteria), expands the encoder output once per beam, and keeps finished lines in
+the batch until the longest one ends. This engine runs the encoder once per line, projects each
+line's cross-attention keys/values once (its beams share them), writes self-attention keys/values into
+one preallocated cache, and drops lines from the running batch as soon as they are finished.
+
+It repeats the arithmetic of ``TrOCRDecoder`` (post-norm layers, scaled queries, learned or sinusoidal
+positions) and the bookkeeping of ``GenerationMixin._beam_search`` op for op, so in fp32 it returns the
+texts ``generate`` returns. Weights are read from the model at every call, never copied ahead, so an
+engine cannot go stale while the model trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, VisionEncoderDecoderModel
+from transformers.models.trocr.modeling_trocr import TrOCRSinusoidalPositionalEmbedding
+
+from pipeline.errors import ModelLoadError
+
+#: Generation settings that make ``generate`` add logits processors this engine does not implement.
+UNSUPPORTED_GENERATION_SETTINGS = (
+    "min_length", "min_new_tokens", "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "sequence_bias", "forced_bos_token_id", "forced_eos_token_id",
+    "suppress_tokens", "begin_suppress_tokens", "exponential_decay_length_penalty", "renormalize_logits",
+    "remove_invalid_values", "num_beam_groups", "diversity_penalty", "num_return_sequences",
+)
+#: HF's stand-in for minus infinity in beam bookkeeping; the same constant keeps tie-breaks identical.
+NEG_LARGE = -1.0e9
+
+
+@dataclass(frozen=True)
+class DecodedLine:
+    tokens: list[int]  # generated ids after the start token, through the first end-of-sequence id
+    confidence: float  # geometric mean of the chosen tokens' probabilities, 0..1
+    truncated: bool  # no end-of-sequence within max_new_tokens
+
+
+def sequence_confidence(token_logprobs: torch.Tensor) -> float:
+    """Geometric mean of the token probabilities; -inf scores (masked tokens) are left out."""
+    finite = token_logprobs[torch.isfinite(token_logprobs)]
+    return float(torch.exp(finite.mean())) if len(finite) else 0.0
+
+
+@dataclass(frozen=True)
+class _Norm:
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+@dataclass(frozen=True)
+class _LayerWeights:
+    """One TrOCRDecoderLayer as plain tensors; q/k/v of self-attention and k/v of cross-attention fused."""
+
+    self_qkv: tuple[torch.Tensor, torch.Tensor]
+    self_out: tuple[torch.Tensor, torch.Tensor]
+    self_norm: _Norm
+    cross_q: tuple[torch.Tensor, torch.Tensor]
+    cross_kv: tuple[torch.Tensor, torch.Tensor]
+    cross_out: tuple[torch.Tensor, torch.Tensor]
+    cross_norm: _Norm
+    fc1: tuple[torch.Tensor, torch.Tensor]
+    fc2: tuple[torch.Tensor, torch.Tensor]
+    final_norm: _Norm
+    activation: torch.nn.Module
+
+
+class _Cache:
+    """Self-attention keys/values of all layers in one tensor (layers, 2, rows, heads, max_len, head_dim)."""
+
+    def __init__(self, layers: int, rows: int, heads: int, max_len: int, head_dim: int, like: torch.Tensor):
+        self.tensor = like.new_empty((layers, 2, rows, heads, max_len, head_dim))
+
+    def keep_rows(self, rows: torch.Tensor, filled: int) -> None:
+        """Reorder/compact to ``rows`` (beam parents, surviving lines); only the ``filled`` steps are copied."""
+        kept = self.tensor[:, :, rows, :, :filled]
+        if len(rows) != self.tensor.shape[2]:
+            self.tensor = self.tensor.new_empty((*kept.shape[:4], self.tensor.shape[4], kept.shape[5]))
+        self.tensor[:, :, :, :, :filled] = kept
+
+
+class DecodingEngine:
+    """Greedy and beam-search decoding of a VisionEncoderDecoder TrOCR model (ViT/DeiT encoder)."""
+
+    def __init__(self, model: VisionEncoderDecoderModel):
+        decoder = model.decoder.model.decoder
+        config = model.config.decoder
+        self.model = model
+        self.decoder = decoder
+        self.heads = config.decoder_attention_heads
+        self.hidden = config.hidden_size
+        self.head_dim = self.hidden // self.heads
+        self.scaling = self.head_dim ** -0.5
+        self.learned_positions = bool(config.use_learned_position_embeddings)
+        self.generation = model.generation_config
+        self.start_id = _required_id(self.generation.decoder_start_token_id, "decoder_start_token_id")
+        self.pad_id = _required_id(self.generation.pad_token_id, "pad_token_id")
+        eos = _required_id(self.generation.eos_token_id, "eos_token_id")
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
+        _check_generation_settings(self.generation)
+
+    def decode(self, pixel_values: torch.Tensor, num_beams: int, max_new_tokens: int) -> list[DecodedLine]:
+        """(N, 3, H, W) encoder input -> N decoded lines, in input order; greedy when ``num_beams`` is 1."""
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be (lines, 3, height, width), got {tuple(pixel_values.shape)}")
+        if num_beams < 1 or max_new_tokens < 1:
+            raise ValueError(f"num_beams and max_new_tokens must be >= 1, got {num_beams} and {max_new_tokens}")
+        if len(pixel_values) == 0:
+            return []
+        with torch.inference_mode():
+            weights = self._layer_weights()
+            cross = self._cross_keys_values(pixel_values, weights)
+            positions = self._position_table(max_new_tokens, cross.dtype, cross.device)
+            if num_beams == 1:
+                tokens, logprobs = self._greedy(weights, cross, positions, max_new_tokens)
+            else:
+                tokens, logprobs = self._beam_search(weights, cross, positions, num_beams, max_new_tokens)
+        return [self._line(row_tokens, row_logprobs) for row_tokens, row_logprobs in zip(tokens.tolist(), logprobs)]
+
+    def _line(self, tokens: list[int], logprobs: torch.Tensor) -> DecodedLine:
+        ends = [index for index, token in enumerate(tokens) if token in self.eos_ids]
+        length = ends[0] + 1 if ends else len(tokens)
+        return DecodedLine(tokens[:length], sequence_confidence(logprobs[:length]), truncated=not ends)
+
+    # -- model pieces --------------------------------------------------------------------------------
+
+    def _layer_weights(self) -> list[_LayerWeights]:
+        return [_layer_weights(layer) for layer in self.decoder.layers]
+
+    def _cross_keys_values(self, pixel_values: torch.Tensor, weights: list[_LayerWeights]) -> torch.Tensor:
+        """Encoder once, then every layer's cross-attention keys/values: (layers, 2, lines, heads, src, head_dim)."""
+        memory = self.model.encoder(pixel_values=pixel_values).last_hidden_state
+        projection = getattr(self.model, "enc_to_dec_proj", None)  # exists exactly when the forward pass uses it
+        if projection is not None:
+            memory = projection(memory)
+        lines, source = memory.shape[:2]
+        per_layer = [F.linear(memory, *layer.cross_kv).view(lines, source, 2, self.heads, self.head_dim)
+                     for layer in weights]
+        return torch.stack(per_layer).permute(0, 3, 1, 4, 2, 5).contiguous()
+
+    def _position_table(self, max_new_tokens: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Position embedding of decoder step 0..max_new_tokens-1 (sinusoidal: indexed from the pad id on)."""
+        if self.learned_positions:
+            table = self.decoder.embed_positions.weight
+            offset = self.decoder.embed_positions.offset
+            if offset + max_new_tokens > len(table):
+                raise ValueError(f"max_new_tokens {max_new_tokens} exceeds the decoder's "
+                                 f"{len(table) - offset} learned positions")
+            return table[offset:offset + max_new_tokens]
+        pad = self.decoder.embed_positions.padding_idx
+        table = TrOCRSinusoidalPositionalEmbedding.get_embedding(pad + 1 + max_new_tokens, self.hidden, pad)
+        return table.to(device=device, dtype=dtype)
+
+    def _embed(self, tokens: torch.Tensor, step: int, positions: torch.Tensor) -> torch.Tensor:
+        embedded = F.embedding(tokens, self.decoder.embed_tokens.weight)
+        if self.decoder.embed_tokens.embed_scale != 1.0:
+            embedded = embedded * self.decoder.embed_tokens.embed_scale
+        if self.learned_positions:
+            hidden = embedded + positions[step]
+        else:  # HF gives a generated pad token the zero row at padding_idx instead of its step's position
+            pad = self.decoder.embed_positions.padding_idx
+            hidden = embedded + positions[torch.where(tokens == self.pad_id, pad, pad + 1 + step)]
+        if self.decoder.layernorm_embedding is not None:
+            hidden = self.decoder.layernorm_embedding(hidden)
+        return hidden
+
+    def _step(self, weights: list[_LayerWeights], tokens: torch.Tensor, step: int, positions: torch.Tensor,
+              cache: _Cache, cross: torch.Tensor, beams: int) -> torch.Tensor:
+        """One decoder step for the running rows (lines x beams); returns fp32 logits (rows, vocab)."""
+        hidden = self._embed(tokens, step, positions)
+        rows = len(tokens)
+        for index, layer in enumerate(weights):
+            query, key, value = F.linear(hidden, *layer.self_qkv).split(self.hidden, dim=-1)
+            cache.tensor[index, 0, :, :, step] = key.view(rows, self.heads, self.head_dim)
+            cache.tensor[index, 1, :, :, step] = value.view(rows, self.heads, self.head_dim)
+            query = (query * self.scaling).view(rows, self.heads, 1, self.head_dim)
+            attended = _attend(query, cache.tensor[index, 0, :, :, :step + 1], cache.tensor[index, 1, :, :, :step + 1])
+            hidden = layer.self_norm(hidden + F.linear(attended.reshape(rows, self.hidden), *layer.self_out))
+
+            query = F.linear(hidden, *layer.cross_q) * self.scaling
+            query = query.view(rows // beams, beams, self.heads, self.head_dim).transpose(1, 2)
+            attended = _attend(query, cross[index, 0], cross[index, 1]).transpose(1, 2)
+            hidden = layer.cross_norm(hidden + F.linear(attended.reshape(rows, self.hidden), *layer.cross_out))
+
+            feed_forward = F.linear(layer.activation(F.linear(hidden, *layer.fc1)), *layer.fc2)
+            hidden = layer.final_norm(hidden + feed_forward)
+        return F.linear(hidden, self.model.decoder.output_projection.weight).float()
+
+    # -- search ----------------------------------------------------------------------------------------
+
+    def _greedy(self, weights: list[_LayerWeights], cross: torch.Tensor, positions: torch.Tensor,
+                max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Argmax per step; a line leaves the batch (and its cache rows) at its end-of-sequence token."""
+        lines, device = cross.shape[2], cross.device
+        out_tokens = torch.full((lines, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
+        out_logprobs = torch.zeros((lines, max_new_tokens), dtype=torch.float32, device=device)
+        running = torch.arange(lines, device=device)  # input line of each running row
+        tokens = torch.full((lines,), self.start_id, dtype=torch.long, device=device)
+        cache = self._new_cache(lines, max_new_tokens, cross)
+        eos = torch.tensor(self.eos_ids, device=device)
+        for step in range(max_new_tokens):
+            logits = self._step(weights, tokens, step, positions, cache, cross, beams=1)
+            tokens = logits.argmax(dim=-1)
+            out_tokens[running, step] = tokens
+            out_logprobs[running, step] = logits.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
+            finished = torch.isin(tokens, eos)
+            if step + 1 == max_new_tokens or not finished.any():
+                continue
+            keep = (~finished).nonzero().squeeze(1)
+            if len(keep) == 0:
+                break
+            running, tokens, cross = running[keep], tokens[keep], cross[:, :, keep]
+            cache.keep_rows(keep, step + 1)
+        return out_tokens, out_logprobs.cpu()
+
+    def _beam_search(self, weights: list[_LayerWeights], cross: torch.Tensor, positions: torch.Tensor,
+                     beams: int, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """HF beam search per line (same scores, length penalty, early stopping, tie-breaks); a line leaves
+        the batch once ``generate`` could no longer change its best finished hypothesis."""
+        lines, device = cross.shape[2], cross.device
+        search = _BeamState.start(lines, beams, max_new_tokens, self.pad_id, device)
+        rules = _BeamRules.from_generation(self.generation, beams, len(self.eos_ids), max_new_tokens, device)
+        out_tokens = torch.full((lines, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
+        out_logprobs = torch.zeros((lines, max_new_tokens), dtype=torch.float32, device=device)
+        tokens = torch.full((lines * beams,), self.start_id, dtype=torch.long, device=device)
+        cache = self._new_cache(lines * beams, max_new_tokens, cross)
+        eos = torch.tensor(self.eos_ids, device=device)
+        for step in range(max_new_tokens):
+            logits = self._step(weights, tokens, step, positions, cache, cross, beams)
+            parents = search.advance(logits.log_softmax(dim=-1), step, eos, rules)
+            done = search.done(rules) if step + 1 < max_new_tokens else torch.ones_like(search.running)
+            finished_lines = done.nonzero().squeeze(1)
+            out_tokens[search.running[finished_lines]] = search.finished_tokens[finished_lines, 0]
+            out_logprobs[search.running[finished_lines]] = search.finished_logprobs[finished_lines, 0]
+            keep = (~done).nonzero().squeeze(1)
+            if len(keep) == 0:
+                break
+            if len(keep) != len(search.running):
+                search, cross = search.select(keep), cross[:, :, keep]
+            cache.keep_rows(parents[keep].reshape(-1), step + 1)
+            tokens = search.running_tokens[:, :, step].reshape(-1)
+        return out_tokens, out_logprobs.cpu()
+
+    def _new_cache(self, rows: int, max_new_tokens: int, like: torch.Tensor) -> _Cache:
+        return _Cache(len(self.decoder.layers), rows, self.heads, max_new_tokens, self.head_dim, like)
+
+
+@dataclass(frozen=True)
+class _BeamRules:
+    """The generation-config knobs of HF beam search, and the constants derived from them."""
+
+    beams: int
+    candidates: int  # top-k kept per step: enough that num_beams of them do not end
+    top_beam_mask: torch.Tensor  # only the first num_beams candidates may become finished hypotheses
+    length_penalty: float
+    early_stopping: bool | str
+    max_new_tokens: int
+
+    @classmethod
+    def from_generation(cls, generation: GenerationConfig, beams: int, eos_count: int, max_new_tokens: int,
+                        device: torch.device) -> "_BeamRules":
+        candidates = max(2, 1 + eos_count) * beams
+        mask = torch.arange(candidates, device=device) < beams
+        return cls(beams, candidates, mask, float(generation.length_penalty), generation.early_stopping,
+                   max_new_tokens)
+
+
+@dataclass
+class _BeamState:
+    """Per running line: its input index, live beams and best finished hypotheses (HF's tensors, per line)."""
+
+    running: torch.Tensor  # (lines,) input line index
+    running_tokens: torch.Tensor  # (lines, beams, max_new_tokens)
+    running_logprobs: torch.Tensor  # (lines, beams, max_new_tokens) chosen-token log-probabilities
+    running_scores: torch.Tensor  # (lines, beams) summed log-probabilities
+    finished_tokens: torch.Tensor
+    finished_logprobs: torch.Tensor
+    finished_scores: torch.Tensor  # (lines, beams) length-penalised, NEG_LARGE when empty
+    finished_flags: torch.Tensor  # (lines, beams) bool
+    improvable: torch.Tensor  # (lines, 1) bool: a live beam may still beat the worst finished one
+
+    @classmethod
+    def start(cls, lines: int, beams: int, max_new_tokens: int, pad_id: int, device: torch.device) -> "_BeamState":
+        tokens = torch.full((lines, beams, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros((lines, beams, max_new_tokens), dtype=torch.float32, device=device)
+        scores = torch.zeros((lines, beams), dtype=torch.float32, device=device)
+        scores[:, 1:] = NEG_LARGE  # all beams start equal: only the first may expand at step 0
+        return cls(
+            running=torch.arange(lines, device=device),
+            running_tokens=tokens, running_logprobs=logprobs, running_scores=scores,
+            finished_tokens=tokens.clone(), finished_logprobs=logprobs.clone(),
+            finished_scores=torch.full((lines, beams), NEG_LARGE, dtype=torch.float32, device=device),
+            finished_flags=torch.zeros((lines, beams), dtype=torch.bool, device=device),
+            improvable=torch.ones((lines, 1), dtype=torch.bool, device=device),
+        )
+
+    def advance(self, log_probs: torch.Tensor, step: int, eos: torch.Tensor, rules: _BeamRules) -> torch.Tensor:
+        """Extend every line by one token (HF ``_beam_search`` steps c-g); returns the cache row of each new
+        live beam's parent, (lines, beams)."""
+        lines, beams = self.running_scores.shape
+        vocab = log_probs.shape[-1]
+        flat_log_probs = log_probs.view(lines, beams * vocab)
+        accumulated = (log_probs.view(lines, beams, vocab) + self.running_scores[:, :, None]).view(lines, -1)
+        top_scores, top_indices = torch.topk(accumulated, k=rules.candidates)
+        top_parents = top_indices // vocab
+        top_ids = top_indices % vocab
+        top_tokens = _gather_beams(self.running_tokens, top_parents)
+        top_tokens[:, :, step] = top_ids
+        top_logprobs = _gather_beams(self.running_logprobs, top_parents)
+        top_logprobs[:, :, step] = flat_log_probs.gather(1, top_indices)
+        ends = torch.isin(top_ids, eos) | (step + 1 >= rules.max_new_tokens)
+
+        live_scores = top_scores + ends.to(torch.float32) * NEG_LARGE
+        live = torch.topk(live_scores, k=beams)[1]
+        self.running_tokens = _gather_beams(top_tokens, live)
+        self.running_logprobs = _gather_beams(top_logprobs, live)
+        self.running_scores = _gather_beams(live_scores, live)
+        parents = _gather_beams(top_parents, live) + torch.arange(lines, device=live.device)[:, None] * beams
+
+        self._keep_best_finished(top_tokens, top_logprobs, top_scores, ends, step, rules)
+        self._update_improvable(step, rules)
+        return parents
+
+    def _keep_best_finished(self, top_tokens: torch.Tensor, top_logprobs: torch.Tensor, top_scores: torch.Tensor,
+                            ends: torch.Tensor, step: int, rules: _BeamRules) -> None:
+        """HF ``_update_finished_beams``: merge the candidates that just ended into the best ``beams``."""
+        just_finished = ends & rules.top_beam_mask[None, :]
+        scores = top_scores / ((step + 1) ** rules.length_penalty)
+        full = torch.all(self.finished_flags, dim=-1, keepdim=True) & (rules.early_stopping is True)
+        scores += full.to(torch.float32) * NEG_LARGE
+        scores += (~self.improvable).to(torch.float32) * NEG_LARGE
+        scores += (~just_finished) * NEG_LARGE
+        merged_scores = torch.cat((self.finished_scores, scores), dim=1)
+        best = torch.topk(merged_scores, k=rules.beams)[1]
+        self.finished_tokens = _gather_beams(torch.cat((self.finished_tokens, top_tokens), dim=1), best)
+        self.finished_logprobs = _gather_beams(torch.cat((self.finished_logprobs, top_logprobs), dim=1), best)
+        self.finished_scores = _gather_beams(merged_scores, best)
+        self.finished_flags = _gather_beams(torch.cat((self.finished_flags, just_finished), dim=1), best)
+
+    def _update_improvable(self, step: int, rules: _BeamRules) -> None:
+        """HF ``_check_early_stop_heuristic`` at cur_len = step + 2 (prompt length 1)."""
+        if rules.early_stopping == "never" and rules.length_penalty > 0.0:
+            best_length = rules.max_new_tokens
+        else:
+            best_length = step + 1
+        best_live = self.running_scores[:, :1] / (best_length ** rules.length_penalty)
+        worst_finished = torch.where(self.finished_flags, torch.min(self.finished_scores, dim=1, keepdim=True)[0],
+                                     NEG_LARGE)
+        self.improvable = self.improvable & torch.any(best_live > worst_finished, dim=-1, keepdim=True)
+
+    def done(self, rules: _BeamRules) -> torch.Tensor:
+        """(lines,) bool: ``generate`` can no longer change this line's best finished hypothesis."""
+        all_full = torch.all(self.finished_flags, dim=-1) & (rules.early_stopping is True)
+        return ~self.improvable[:, 0] | all_full
+
+    def select(self, lines: torch.Tensor) -> "_BeamState":
+        return _BeamState(**{name: value[lines] for name, value in vars(self).items()})
+
+
+def _gather_beams(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """tensor (lines, beams, ...) -> the beams named by indices (lines, k), as HF ``_gather_beams``."""
+    while indices.ndim < tensor.ndim:
+        indices = indices.unsqueeze(-1)
+    return torch.take_along_dim(tensor, indices, dim=1)
+
+
+def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Eager attention as TrOCRAttention computes it (query already scaled); softmax in fp32."""
+    weights = torch.matmul(query, keys.transpose(-1, -2))
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(values.dtype)
+    return torch.matmul(weights, values)
+
+
+def _layer_weights(layer: torch.nn.Module) -> _LayerWeights:
+    self_attn, cross_attn = layer.self_attn, layer.encoder_attn
+    return _LayerWeights(
+        self_qkv=_fused(self_attn.q_proj, self_attn.k_proj, self_attn.v_proj),
+        self_out=(self_attn.out_proj.weight, self_attn.out_proj.bias),
+        self_norm=_norm(layer.self_attn_layer_norm),
+        cross_q=(cross_attn.q_proj.weight, cross_attn.q_proj.bias),
+        cross_kv=_fused(cross_attn.k_proj, cross_attn.v_proj),
+        cross_out=(cross_attn.out_proj.weight, cross_attn.out_proj.bias),
+        cross_norm=_norm(layer.encoder_attn_layer_norm),
+        fc1=(layer.fc1.weight, layer.fc1.bias),
+        fc2=(layer.fc2.weight, layer.fc2.bias),
+        final_norm=_norm(layer.final_layer_norm),
+        activation=layer.activation_fn,
+    )
+
+
+def _fused(*projections: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several linear layers on the same input as one (weights stacked along the output dimension)."""
+    if any(projection.bias is None for projection in projections):
+        raise ModelLoadError("TrOCR attention projections without bias are not supported by the fast engine")
+    return (torch.cat([projection.weight for projection in projections]),
+            torch.cat([projection.bias for projection in projections]))
+
+
+def _norm(layer_norm: torch.nn.LayerNorm) -> _Norm:
+    return _Norm(layer_norm.weight, layer_norm.bias, layer_norm.eps)
+
+
+def _required_id(value: int | list[int] | None, name: str) -> int | list[int]:
+    if value is None:
+        raise ModelLoadError(f"generation config has no {name}; the fast engine needs it")
+    return value
+
+
+def _check_generation_settings(generation: GenerationConfig) -> None:
+    """Refuse settings that would make ``generate`` (engine hf) choose other tokens than this engine."""
+    defaults = GenerationConfig()
+    changed = [name for name in UNSUPPORTED_GENERATION_SETTINGS
+               if getattr(generation, name, None) != getattr(defaults, name, None)]
+    if changed:
+        raise ModelLoadError(f"generation config sets {', '.join(changed)}, which the fast decoding engine does not "
+                             f"implement; use recognize.engine=hf for this model")

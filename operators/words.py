@@ -1,0 +1,272 @@
+"""Words: a recognized line split into words with pixel boxes, the input LayoutLM-style models need.
+
+The work is split in two because the page image is gone after the layout stage and the text is only
+known after recognition. :func:`ink_gaps` runs on each line crop in the layout stage and keeps the
+blank column runs between the ink; :func:`split_words` runs once the text is known and picks as many
+of those runs as the text has word breaks. Only columns are kept, so every word box spans the
+line's height.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+import pyarrow as pa
+
+Interval = tuple[int, int]  # x0, x1 (exclusive) in page pixels
+BBox = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive) in page pixels
+
+#: Otsu's two classes must differ by this many gray levels, else the crop is blank paper.
+MIN_INK_CONTRAST = 30
+#: An ink pixel needs this many ink pixels in its 3x3 neighbourhood (itself included): drops
+#: salt noise and pairs, keeps one-pixel strokes.
+MIN_NEIGHBOURHOOD_INK = 3
+#: Ink components smaller than (this share of the crop height)^2 pixels are specks, not glyphs.
+SPECK_SHARE = 0.04
+#: Slants (x shift per row, positive leans right) tried to straighten italic and cursive script;
+#: upright first so that ties keep the plain columns.
+SLANTS = (0.0, 0.1, -0.1, 0.2, -0.2, 0.3, 0.4, 0.5)
+#: LayoutLM boxes are given on a 0-1000 grid of the page.
+LAYOUT_SCALE = 1000
+
+WORD_TYPE = pa.struct(
+    [
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("bbox", pa.list_(pa.int32(), 4), nullable=False),
+        pa.field("bbox_norm", pa.list_(pa.int32(), 4), nullable=False),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Word:
+    text: str
+    bbox: BBox  # page pixels
+    bbox_norm: BBox  # 0-1000 of the page width / height, as LayoutLM processors expect
+
+    def to_row(self) -> dict:
+        """The Arrow row of :data:`WORD_TYPE`."""
+        return {"text": self.text, "bbox": list(self.bbox), "bbox_norm": list(self.bbox_norm)}
+
+
+def ink_gaps(crop: np.ndarray, origin: tuple[int, int]) -> list[Interval]:
+    """Blank column runs of an 8-bit grayscale line crop, in page x coordinates, widest first.
+
+    ``origin`` is the crop's top-left corner in page pixels. The runs include the margins before
+    the first and after the last ink, which :func:`split_words` uses to trim the line's ends.
+    Ink is Otsu's dark class; column runs holding fewer ink pixels than a speck are blank. For
+    slanted script the columns follow the slant that leaves the most blank columns, and a run is
+    reported where it crosses the crop's middle row. Returns [] when the crop holds no ink.
+    """
+    _check_crop(crop)
+    ink = _ink_pixels(crop)
+    if ink is None:
+        return []
+    profile = _column_profile(*ink, crop.shape)
+    occupied = _without_specks(profile, max(2.0, (SPECK_SHARE * crop.shape[0]) ** 2))
+    if not occupied.any():
+        return []
+    x_offset = int(origin[0])
+    runs = [(start + x_offset, end + x_offset) for start, end in _runs(~occupied)]
+    return sorted(runs, key=lambda run: (run[0] - run[1], run[0]))
+
+
+def split_words(text: str, line_bbox: Sequence[int], gaps: Sequence[Interval],
+                page_size: tuple[int, int]) -> list[Word]:
+    """The words of a line's text, each with a box inside ``line_bbox``, in x order, not overlapping.
+
+    ``gaps`` are the line's :func:`ink_gaps`. Gaps reaching the line's ends are margins and trim the
+    first and last word. Of the others, the n-1 widest separate the n words, placed in x order.
+    When there are fewer gaps than word breaks, each gap goes to the break whose expected position
+    (from the words' character counts) is nearest, in order, and the words between two placed
+    breaks share that span in proportion to their character counts. Every box spans the line's
+    height. Returns [] for text without words.
+    """
+    words = text.split()
+    x0, y0, x1, y1 = _check_line(line_bbox, page_size)
+    if not words:
+        return []
+    left, right, inner = _trim_margins(x0, x1, gaps)
+    breaks = _place_breaks(words, left, right, inner)
+    edges = [left, *[edge for cut in breaks for edge in cut], right]
+    return [_word(word, (edges[2 * i], y0, edges[2 * i + 1], y1), page_size) for i, word in enumerate(words)]
+
+
+def normalize_bbox(bbox: BBox, page_size: tuple[int, int]) -> BBox:
+    """A pixel box on LayoutLM's 0-1000 page grid, clipped to it."""
+    width, height = page_size
+    scales = (width, height, width, height)
+    return tuple(min(LAYOUT_SCALE, max(0, int(LAYOUT_SCALE * value / scale)))
+                 for value, scale in zip(bbox, scales))
+
+
+def _check_crop(crop: np.ndarray) -> None:
+    if not isinstance(crop, np.ndarray) or crop.dtype != np.uint8 or crop.ndim != 2:
+        raise ValueError(f"line crop must be a 2-D uint8 array, got {getattr(crop, 'dtype', type(crop))} "
+                         f"with shape {getattr(crop, 'shape', None)}")
+    if crop.size == 0:
+        raise ValueError(f"line crop has zero size: shape {crop.shape}")
+
+
+def _ink_pixels(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Rows and columns of Otsu's dark class, or None when the crop is blank paper."""
+    _, dark = cv2.threshold(crop, 0, 1, cv2.THRESH_BINARY_INV | cv2.THRESH_OTSU)
+    dark_count = cv2.countNonZero(dark)
+    if dark_count in (0, crop.size):
+        return None
+    dark_mean = cv2.mean(crop, mask=dark)[0]
+    paper_mean = (cv2.sumElems(crop)[0] - dark_mean * dark_count) / (crop.size - dark_count)
+    if paper_mean - dark_mean < MIN_INK_CONTRAST:
+        return None
+    neighbourhood = cv2.boxFilter(dark, -1, (3, 3), normalize=False, borderType=cv2.BORDER_CONSTANT)
+    dark[neighbourhood < MIN_NEIGHBOURHOOD_INK] = 0
+    if not dark.any():
+        return None
+    points = cv2.findNonZero(dark).reshape(-1, 2).T.astype(np.intp)
+    return points[1], points[0]
+
+
+def _column_profile(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Ink pixels per column once the script is straightened by the slant that leaves the most
+    blank columns (searched on every other ink pixel: the ranking needs no more)."""
+    height, width = shape
+    row_shifts = np.rint(np.outer(SLANTS, np.arange(height) - (height - 1) / 2)).astype(np.intp)
+    blanks = _blank_columns(_sheared_profiles(rows[::2], cols[::2], row_shifts, width))
+    best = int(np.argmax(blanks))
+    return _sheared_profiles(rows, cols, row_shifts[best:best + 1], width)[0]
+
+
+def _sheared_profiles(rows: np.ndarray, cols: np.ndarray, row_shifts: np.ndarray, width: int) -> np.ndarray:
+    """Ink per column (one profile per row of ``row_shifts``) with each pixel row shifted sideways."""
+    shifted = np.clip(cols + row_shifts[:, rows], 0, width - 1)
+    shifted += width * np.arange(len(row_shifts))[:, None]
+    return np.bincount(shifted.ravel(), minlength=width * len(row_shifts)).reshape(-1, width)
+
+
+def _blank_columns(profiles: np.ndarray) -> np.ndarray:
+    """Per profile, the columns without ink between its first and its last inked column."""
+    inked = profiles > 0
+    first = inked.argmax(axis=1)
+    last = inked.shape[1] - 1 - inked[:, ::-1].argmax(axis=1)
+    return last - first + 1 - inked.sum(axis=1)
+
+
+def _without_specks(profile: np.ndarray, speck_area: float) -> np.ndarray:
+    """Occupied columns, leaving out runs of columns whose ink adds up to less than a speck."""
+    occupied = profile > 0
+    runs = _runs(occupied)
+    starts = np.array([start for start, _ in runs], np.intp)
+    for (start, end), ink in zip(runs, np.add.reduceat(profile, starts).tolist()):
+        if ink < speck_area:
+            occupied[start:end] = False
+    return occupied
+
+
+def _runs(mask: np.ndarray) -> list[Interval]:
+    """Half-open runs of True in a boolean column mask."""
+    edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
+
+
+def _check_line(line_bbox: Sequence[int], page_size: tuple[int, int]) -> BBox:
+    if len(line_bbox) != 4:
+        raise ValueError(f"line bbox must be (x0, y0, x1, y1), got {line_bbox}")
+    x0, y0, x1, y1 = (int(value) for value in line_bbox)
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"line bbox {tuple(line_bbox)} has zero size")
+    if len(page_size) != 2 or min(page_size) <= 0:
+        raise ValueError(f"page size must be (width, height) > 0, got {page_size}")
+    return x0, y0, x1, y1
+
+
+def _trim_margins(x0: int, x1: int, gaps: Sequence[Interval]) -> tuple[int, int, list[Interval]]:
+    """The line's inked span and the gaps strictly inside it."""
+    left, right = x0, x1
+    for start, end in gaps:
+        if end <= start:
+            raise ValueError(f"gap ({start}, {end}) is empty")
+        if start <= x0:
+            left = max(left, min(end, x1))
+        if end >= x1:
+            right = min(right, max(start, x0))
+    if left >= right:  # gaps cover the whole line: nothing to trim by
+        left, right = x0, x1
+    inner = [(start, end) for start, end in gaps if left < start and end < right]
+    return left, right, inner
+
+
+def _place_breaks(words: list[str], left: int, right: int, gaps: list[Interval]) -> list[Interval]:
+    """One (end of word, start of next word) cut per word break, in x order."""
+    needed = len(words) - 1
+    if len(gaps) >= needed:
+        widest = sorted(gaps, key=lambda gap: (gap[0] - gap[1], gap[0]))[:needed]
+        return sorted(widest)
+    expected = _expected_breaks(words, left, right)
+    assigned = _assign_gaps(sorted(gaps), expected)
+    cuts: list[Interval | None] = [None] * needed
+    for gap, index in zip(sorted(gaps), assigned):
+        cuts[index] = gap
+    return _fill_proportionally(words, left, right, cuts)
+
+
+def _expected_breaks(words: list[str], left: int, right: int) -> list[float]:
+    """Where each word break would fall if every character (and each space) were equally wide."""
+    units = sum(len(word) for word in words) + len(words) - 1
+    scale = (right - left) / units
+    positions, used = [], 0
+    for word in words[:-1]:
+        used += len(word)
+        positions.append(left + (used + 0.5) * scale)
+        used += 1
+    return positions
+
+
+def _assign_gaps(gaps: list[Interval], expected: list[float]) -> list[int]:
+    """Order-preserving match of every gap to a distinct break, minimizing the total distance."""
+    count, slots = len(gaps), len(expected)
+    centers = [(start + end) / 2 for start, end in gaps]
+    cost = np.full((count + 1, slots + 1), np.inf)
+    cost[0, :] = 0.0
+    for i in range(1, count + 1):
+        for j in range(i, slots + 1):
+            cost[i, j] = min(cost[i, j - 1], cost[i - 1, j - 1] + abs(centers[i - 1] - expected[j - 1]))
+    assigned, j = [], slots
+    for i in range(count, 0, -1):
+        while cost[i, j] == cost[i, j - 1]:
+            j -= 1
+        assigned.append(j - 1)
+        j -= 1
+    return assigned[::-1]
+
+
+def _fill_proportionally(words: list[str], left: int, right: int,
+                         cuts: list[Interval | None]) -> list[Interval]:
+    """Fill the unplaced breaks: words between two placed breaks share the span by character count."""
+    anchors = [-1] + [index for index, cut in enumerate(cuts) if cut is not None] + [len(cuts)]
+    filled = list(cuts)
+    for first, last in zip(anchors, anchors[1:]):
+        start = left if first < 0 else cuts[first][1]
+        end = right if last == len(cuts) else cuts[last][0]
+        segment = words[first + 1:last + 1]
+        for offset, cut in enumerate(_proportional_cuts(segment, start, end)):
+            filled[first + 1 + offset] = cut
+    return filled
+
+
+def _proportional_cuts(words: list[str], start: int, end: int) -> list[Interval]:
+    """Breaks between ``words`` laid over [start, end), one unit per character and per space."""
+    units = sum(len(word) for word in words) + len(words) - 1
+    scale = (end - start) / units
+    cuts, used = [], 0
+    for word in words[:-1]:
+        used += len(word)
+        cuts.append((start + round(used * scale), start + round((used + 1) * scale)))
+        used += 1
+    return cuts
+
+
+def _word(text: str, bbox: BBox, page_size: tuple[int, int]) -> Word:
+    return Word(text, bbox, normalize_bbox(bbox, page_size))

@@ -1,0 +1,111 @@
+"""trocr-pipeline eval: scoring with jiwer, normalisation, per-source report, predictions file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from pipeline.errors import ConfigError, ExitCode
+from pipeline.evaluate import (
+    LineResult,
+    add_eval_arguments,
+    eval_command,
+    format_report,
+    line_cer,
+    make_normalizer,
+    scores_by_source,
+)
+from pipeline.model import build_tiny_random_trocr
+
+FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+
+
+def write_lines(folder: Path, texts: list[str]) -> Path:
+    folder.mkdir(parents=True)
+    font = ImageFont.truetype(FONT, size=20)
+    for index, text in enumerate(texts):
+        image = Image.new("L", (int(font.getlength(text)) + 10, 32), 255)
+        ImageDraw.Draw(image).text((5, 5), text, font=font, fill=0)
+        image.save(folder / f"l{index}.png")
+        (folder / f"l{index}.gt.txt").write_text(text, encoding="utf-8")
+    return folder
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_random_trocr(tmp_path_factory.mktemp("model"))
+
+
+def test_eval_command_reports_each_folder_and_writes_predictions(tmp_path, tiny_model, capsys):
+    first = write_lines(tmp_path / "first", ["alpha beta", "gamma"])
+    second = write_lines(tmp_path / "second", ["delta"])
+    predictions = tmp_path / "out" / "predictions.jsonl"
+    args = parse(["--model", str(tiny_model), "--lines", str(first), str(second), "--predictions", str(predictions),
+                  "--worst", "2", "--batch-size", "2", "--max-new-tokens", "8", "--device", "cpu"])
+    assert eval_command(args) == ExitCode.ok
+    report = capsys.readouterr().out
+    assert str(first) in report and str(second) in report and "overall" in report
+    assert "worst 2 lines" in report
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(rows) == 3
+    assert set(rows[0]) == {"image", "prediction", "reference", "cer"}
+    assert {row["reference"] for row in rows} == {"alpha beta", "gamma", "delta"}
+    assert rows[0]["image"].endswith("first/l0.png")
+
+
+def test_folder_without_labelled_lines_is_an_error(tmp_path, tiny_model):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no labelled lines"):
+        eval_command(parse(["--model", str(tiny_model), "--lines", str(tmp_path / "empty"), "--device", "cpu"]))
+
+
+def test_scores_are_corpus_level_per_source_and_overall():
+    identity = make_normalizer([])
+    results = [
+        LineResult("a.png", "A", "abed", "abcd", 0.25),
+        LineResult("b.png", "A", "xyz", "xyz", 0.0),
+        LineResult("c.png", "B", "hello there", "hello world", 5 / 11),
+    ]
+    scores = {score.source: score for score in scores_by_source(results, identity)}
+    assert scores["A"].lines == 2 and scores["A"].cer == pytest.approx(1 / 7)
+    assert scores["A"].wer == pytest.approx(1 / 2)
+    assert scores["B"].wer == pytest.approx(1 / 2)
+    assert scores["overall"].cer == pytest.approx(6 / 18)
+
+
+def test_lines_with_empty_reference_are_left_out_of_corpus_scores():
+    results = [LineResult("a.png", "A", "noise", "", 1.0)]
+    score = scores_by_source(results, make_normalizer([]))[0]
+    assert score.lines == 0 and math.isnan(score.cer)
+
+
+def test_normalizations():
+    assert make_normalizer(["case"])("Hello World") == "hello world"
+    assert make_normalizer(["whitespace"])("  a   b ") == "a b"
+    assert make_normalizer(["punctuation"])("Hello, world!  (x)") == "Hello world x"
+    assert make_normalizer([])(" A, b ") == " A, b "
+    with pytest.raises(ConfigError, match="unknown --normalize"):
+        make_normalizer(["accents"])
+
+
+def test_line_cer_handles_empty_reference():
+    assert line_cer("", "") == 0.0
+    assert line_cer("", "x") == 1.0
+    assert line_cer("abcd", "abed") == pytest.approx(0.25)
+
+
+def test_report_lists_worst_lines_first():
+    results = [LineResult("good.png", "A", "ok", "ok", 0.0), LineResult("bad.png", "A", "xx", "ok", 1.0)]
+    report = format_report(scores_by_source(results, make_normalizer([])), results, worst=1)
+    assert "bad.png" in report and "good.png" not in report
