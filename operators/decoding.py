@@ -14,7 +14,9 @@ engine cannot go stale while the model trains.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,39 @@ def sequence_confidence(token_logprobs: torch.Tensor) -> float:
     """Geometric mean of the token probabilities; -inf scores (masked tokens) are left out."""
     finite = token_logprobs[torch.isfinite(token_logprobs)]
     return float(torch.exp(finite.mean())) if len(finite) else 0.0
+
+
+def hf_generate(model: VisionEncoderDecoderModel, pixel_values: torch.Tensor, num_beams: int,
+              max_new_tokens: int) -> list[DecodedLine]:
+    """The same lines decoded by transformers ``generate`` (engine "hf"): the reference this engine must equal."""
+    with torch.inference_mode():
+        output = model.generate(
+            pixel_values=pixel_values,
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        token_logprobs = model.compute_transition_scores(
+            output.sequences, output.scores, getattr(output, "beam_indices", None), normalize_logits=num_beams == 1
+        )
+    generated = output.sequences[:, -token_logprobs.shape[1]:]
+    eos_ids = _as_list(model.generation_config.eos_token_id)
+    return [_decoded_line(tokens, logprobs, eos_ids)
+            for tokens, logprobs in zip(generated.tolist(), token_logprobs.float().cpu())]
+
+
+def _decoded_line(tokens: list[int], logprobs: torch.Tensor, eos_ids: list[int]) -> DecodedLine:
+    """Cut a generated row after its first end-of-sequence id (what follows is padding)."""
+    ends = [index for index, token in enumerate(tokens) if token in eos_ids]
+    length = ends[0] + 1 if ends else len(tokens)
+    return DecodedLine(tokens[:length], sequence_confidence(logprobs[:length]), truncated=not ends)
+
+
+def _as_list(ids: int | list[int]) -> list[int]:
+    return [ids] if isinstance(ids, int) else list(ids)
 
 
 @dataclass(frozen=True)
@@ -101,12 +136,13 @@ class DecodingEngine:
         self.head_dim = self.hidden // self.heads
         self.scaling = self.head_dim ** -0.5
         self.learned_positions = bool(config.use_learned_position_embeddings)
-        self.generation = model.generation_config
-        self.start_id = _required_id(self.generation.decoder_start_token_id, "decoder_start_token_id")
-        self.pad_id = _required_id(self.generation.pad_token_id, "pad_token_id")
-        eos = _required_id(self.generation.eos_token_id, "eos_token_id")
-        self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
-        _check_generation_settings(self.generation)
+        # generate() fails with an IndexError past the learned positions; here such lines end truncated
+        self.max_positions = (len(decoder.embed_positions.weight) - decoder.embed_positions.offset
+                              if self.learned_positions else sys.maxsize)
+        self.generation = _effective_generation_settings(model.generation_config)
+        self.start_id = _required_id(self.generation, "decoder_start_token_id")
+        self.pad_id = _required_id(self.generation, "pad_token_id")
+        self.eos_ids = _as_list(_required_id(self.generation, "eos_token_id"))
 
     def decode(self, pixel_values: torch.Tensor, num_beams: int, max_new_tokens: int) -> list[DecodedLine]:
         """(N, 3, H, W) encoder input -> N decoded lines, in input order; greedy when ``num_beams`` is 1."""
@@ -116,6 +152,7 @@ class DecodingEngine:
             raise ValueError(f"num_beams and max_new_tokens must be >= 1, got {num_beams} and {max_new_tokens}")
         if len(pixel_values) == 0:
             return []
+        max_new_tokens = min(max_new_tokens, self.max_positions)
         with torch.inference_mode():
             weights = self._layer_weights()
             cross = self._cross_keys_values(pixel_values, weights)
@@ -124,12 +161,7 @@ class DecodingEngine:
                 tokens, logprobs = self._greedy(weights, cross, positions, max_new_tokens)
             else:
                 tokens, logprobs = self._beam_search(weights, cross, positions, num_beams, max_new_tokens)
-        return [self._line(row_tokens, row_logprobs) for row_tokens, row_logprobs in zip(tokens.tolist(), logprobs)]
-
-    def _line(self, tokens: list[int], logprobs: torch.Tensor) -> DecodedLine:
-        ends = [index for index, token in enumerate(tokens) if token in self.eos_ids]
-        length = ends[0] + 1 if ends else len(tokens)
-        return DecodedLine(tokens[:length], sequence_confidence(logprobs[:length]), truncated=not ends)
+        return [_decoded_line(row, row_logprobs, self.eos_ids) for row, row_logprobs in zip(tokens.tolist(), logprobs)]
 
     # -- model pieces --------------------------------------------------------------------------------
 
@@ -152,9 +184,6 @@ class DecodingEngine:
         if self.learned_positions:
             table = self.decoder.embed_positions.weight
             offset = self.decoder.embed_positions.offset
-            if offset + max_new_tokens > len(table):
-                raise ValueError(f"max_new_tokens {max_new_tokens} exceeds the decoder's "
-                                 f"{len(table) - offset} learned positions")
             return table[offset:offset + max_new_tokens]
         pad = self.decoder.embed_positions.padding_idx
         table = TrOCRSinusoidalPositionalEmbedding.get_embedding(pad + 1 + max_new_tokens, self.hidden, pad)
@@ -266,11 +295,11 @@ class _BeamRules:
     max_new_tokens: int
 
     @classmethod
-    def from_generation(cls, generation: GenerationConfig, beams: int, eos_count: int, max_new_tokens: int,
+    def from_generation(cls, generation: dict[str, Any], beams: int, eos_count: int, max_new_tokens: int,
                         device: torch.device) -> "_BeamRules":
         candidates = max(2, 1 + eos_count) * beams
         mask = torch.arange(candidates, device=device) < beams
-        return cls(beams, candidates, mask, float(generation.length_penalty), generation.early_stopping,
+        return cls(beams, candidates, mask, float(generation["length_penalty"]), generation["early_stopping"],
                    max_new_tokens)
 
 
@@ -409,17 +438,20 @@ def _norm(layer_norm: torch.nn.LayerNorm) -> _Norm:
     return _Norm(layer_norm.weight, layer_norm.bias, layer_norm.eps)
 
 
-def _required_id(value: int | list[int] | None, name: str) -> int | list[int]:
-    if value is None:
+def _required_id(generation: dict[str, Any], name: str) -> int | list[int]:
+    if generation.get(name) is None:
         raise ModelLoadError(f"generation config has no {name}; the fast engine needs it")
-    return value
+    return generation[name]
 
 
-def _check_generation_settings(generation: GenerationConfig) -> None:
-    """Refuse settings that would make ``generate`` (engine hf) choose other tokens than this engine."""
-    defaults = GenerationConfig()
-    changed = [name for name in UNSUPPORTED_GENERATION_SETTINGS
-               if getattr(generation, name, None) != getattr(defaults, name, None)]
+def _effective_generation_settings(generation: GenerationConfig) -> dict[str, Any]:
+    """The settings ``generate`` runs with: the model's own, unset ones filled with transformers' defaults
+    (as ``GenerationMixin._prepare_generation_config`` does). Refuses settings that would make
+    ``generate`` add logits processors this engine does not implement."""
+    defaults = GenerationConfig._get_default_generation_params()
+    settings = {**defaults, **{name: value for name, value in generation.to_dict().items() if value is not None}}
+    changed = [name for name in UNSUPPORTED_GENERATION_SETTINGS if settings.get(name) != defaults.get(name)]
     if changed:
         raise ModelLoadError(f"generation config sets {', '.join(changed)}, which the fast decoding engine does not "
                              f"implement; use recognize.engine=hf for this model")
+    return settings

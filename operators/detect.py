@@ -27,6 +27,12 @@ WORK_DPI = 150
 CONFIG_DPI = 300
 #: Ink must lie where the local background is at least this share of the paper brightness.
 PAPER_SHARE = 0.6
+#: A separate piece of paper smaller than this share of the largest is no page (ruler, colour
+#: chart, library banner, a sliver of the facing page).
+SHEET_SHARE = 0.25
+#: Window, in glyph heights, of the running mean removed from row profiles before the line
+#: pitch is measured: several lines long, so the line rhythm itself stays.
+TREND_GLYPHS = 6
 
 Rect = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
 
@@ -78,7 +84,7 @@ def detect_lines(page: np.ndarray, dpi: int, config: DetectConfig) -> list[LineR
     records: list[LineRecord] = []
     block = 0
     for rect in _find_blocks(upright, pitch, config):
-        lines = _lines_in_block(upright, rect, pitch, config)
+        lines = _lines_in_block(upright, rect, pitch, glyph_height, config)
         for line in lines:
             records.append(_record(frame.to_page(line.polygon), block, len(records)))
         block += bool(lines)
@@ -131,17 +137,34 @@ def _odd(value: float) -> int:
 def _binarize(gray: np.ndarray, window: int, k: float) -> tuple[np.ndarray, np.ndarray]:
     """Sauvola ink mask (uint8 0/1) and each pixel's contrast against the paper around it.
 
-    Ink is darker than its window's adaptive threshold. Only pixels on paper count: where the
-    local background (the brightest value nearby) is far darker than the page's paper (scanner
-    bed, book cover, shadows), Sauvola would turn texture into ink."""
+    Ink is darker than its window's adaptive threshold. Only pixels on the page's paper count:
+    where the local background (the brightest value nearby) is far darker than the page's paper
+    (scanner bed, book cover, shadows), Sauvola would turn texture into ink, and text on small
+    separate pieces of paper beside the page (see :func:`_sheets`) is not the page's."""
     values = gray.astype(np.float32)
     mean = cv2.boxFilter(values, -1, (window, window), borderType=cv2.BORDER_REFLECT)
     mean_sq = cv2.boxFilter(values * values, -1, (window, window), borderType=cv2.BORDER_REFLECT)
     std = np.sqrt(np.maximum(mean_sq - mean * mean, 0))
     threshold = mean * (1 + k * (std / 128.0 - 1))
-    paper = cv2.dilate(gray, cv2.getStructuringElement(cv2.MORPH_RECT, (window, window)))
-    on_paper = paper > PAPER_SHARE * float(np.percentile(paper, 90))
+    square = cv2.getStructuringElement(cv2.MORPH_RECT, (window, window))
+    paper = cv2.dilate(gray, square)
+    level = PAPER_SHARE * float(np.percentile(paper, 90))
+    on_paper = (paper > level) & _sheets(gray > level, square)
     return ((values < threshold) & on_paper).astype(np.uint8), paper.astype(np.float32) - values
+
+
+def _sheets(bright: np.ndarray, square: np.ndarray) -> np.ndarray:
+    """Where the pages lie: connected areas of bright paper of at least ``SHEET_SHARE`` of the
+    largest, widened by ``square`` to take in the ink on them.
+
+    Scanner targets, rulers and banners lie on the scan as separate small pieces of paper; both
+    pages of an open book are large and both stay."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(bright.astype(np.uint8), connectivity=4)
+    if count <= 1:
+        return np.zeros(bright.shape, bool)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    pages = np.concatenate([[0], areas >= SHEET_SHARE * areas.max()]).astype(np.uint8)[labels]
+    return cv2.dilate(pages, square) > 0
 
 
 def _clean(
@@ -185,15 +208,19 @@ def _line_pitch(ink: np.ndarray, glyph_height: float) -> float:
 
     Row profiles of four vertical strips (narrow enough to survive skew and columns) are
     autocorrelated; the pitch is the first strong peak after the correlation turns negative
-    (between lines), not the highest, which can sit at two pitches. Without a periodic
-    profile (one or two lines) it falls back to twice the typical glyph height.
+    (between lines), not the highest, which can sit at two pitches. Each profile loses its
+    running mean over ``TREND_GLYPHS`` glyph heights first: pictures, blank margins and text that
+    fills only part of the page would otherwise keep the correlation positive far beyond one
+    line. Without a periodic profile (one or two lines) it falls back to twice the typical
+    glyph height.
     """
     rows = ink.shape[0]
     max_lag = max(4, min(rows // 3, 400))
+    trend = np.ones(_odd(TREND_GLYPHS * glyph_height)) / _odd(TREND_GLYPHS * glyph_height)
     correlation = np.zeros(max_lag)
     for strip in np.array_split(ink, 4, axis=1):
         profile = strip.sum(axis=1).astype(np.float64)
-        profile -= profile.mean()
+        profile -= np.convolve(profile, trend, mode="same")
         energy = float(np.dot(profile, profile))
         if energy > 0:
             full = np.correlate(profile, profile, "full")[rows - 1 : rows - 1 + max_lag]
@@ -203,7 +230,7 @@ def _line_pitch(ink: np.ndarray, glyph_height: float) -> float:
     below_zero = np.flatnonzero(correlation < 0)
     peaks = peaks[peaks > below_zero[0]] if below_zero.size else peaks[:0]
     if peaks.size:
-        strong = peaks[correlation[peaks] >= 0.6 * correlation[peaks].max()]
+        strong = peaks[correlation[peaks] >= 0.5 * correlation[peaks].max()]
         return float(strong[0])
     return 2.0 * glyph_height
 
@@ -350,7 +377,8 @@ def _ink_height(region: np.ndarray) -> int:
     return int(rows[-1] - rows[0] + 1) if rows.size else 0
 
 
-def _lines_in_block(ink: np.ndarray, rect: Rect, pitch: float, config: DetectConfig) -> list[_Line]:
+def _lines_in_block(ink: np.ndarray, rect: Rect, pitch: float, glyph_height: float,
+                    config: DetectConfig) -> list[_Line]:
     """Lines of one block in reading order, as polygons in the deskewed working frame."""
     x0, y0, x1, y1 = rect
     block = ink[y0:y1, x0:x1]
@@ -368,6 +396,8 @@ def _lines_in_block(ink: np.ndarray, rect: Rect, pitch: float, config: DetectCon
     for begin, end in zip(starts, [*starts[1:], labels.size]):
         if end - begin < min_area:
             continue
+        if _column_thickness(xs[begin:end], ys[begin:end]) < config.min_line_thickness * glyph_height:
+            continue  # rules, dash fillers, paper edges: long but only a stroke thick
         polygon = _envelope(xs[begin:end], ys[begin:end], pitch, config.polygon_padding * pitch)
         width, height = np.ptp(polygon, axis=0)
         if width < config.min_line_aspect * height:
@@ -382,6 +412,18 @@ def _lines_in_block(ink: np.ndarray, rect: Rect, pitch: float, config: DetectCon
             )
         )
     return _reading_order(lines)
+
+
+def _column_thickness(xs: np.ndarray, ys: np.ndarray) -> float:
+    """Median height of a line's ink per pixel column: about the x-height for text, a stroke
+    width for a rule however it wavers."""
+    columns = xs - xs.min()
+    top = np.full(int(columns.max()) + 1, np.iinfo(np.int64).max)
+    bottom = np.full(top.size, -1)
+    np.minimum.at(top, columns, ys)
+    np.maximum.at(bottom, columns, ys)
+    inked = bottom >= 0
+    return float(np.median(bottom[inked] - top[inked] + 1))
 
 
 def _line_cores(block: np.ndarray, pitch: float, config: DetectConfig) -> np.ndarray:

@@ -8,14 +8,14 @@ decodes them.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np
 import torch
-from transformers import VisionEncoderDecoderModel
 
-from operators.decoding import DecodedLine, DecodingEngine, sequence_confidence
+from operators.decoding import DecodingEngine, hf_generate
 from operators.detect import crop_line
 from pipeline.config import RecognizeConfig
 from pipeline.errors import RecognitionFailed
@@ -26,6 +26,9 @@ from pipeline.records import PageWork
 Engine = Literal["fast", "hf"]
 
 
+log = logging.getLogger(__name__)
+
+
 @dataclass(frozen=True)
 class LineReading:
     text: str
@@ -34,8 +37,13 @@ class LineReading:
 
 
 def prepare_crops(work: PageWork, preprocessor: LinePreprocessor, padding: int) -> PageWork:
-    """Cut each detected line from the page and resize it to model input; drop the page image."""
+    """Cut each detected line from the page and resize it to model input; drop the page image.
+
+    A line whose box has no area holds no pixels and so no text: it is dropped here rather than
+    handed to the model. Extreme aspect ratios are the preprocessor's to fit.
+    """
     if work.status == "ok" and work.image is not None:
+        work.lines = [line for line in work.lines if line.bbox[2] > line.bbox[0] and line.bbox[3] > line.bbox[1]]
         work.line_pixels = [preprocessor.resize(crop_line(work.image, line, padding)) for line in work.lines]
     work.image = None
     return work
@@ -47,38 +55,12 @@ def _decode_chunk(bundle: TrOCRBundle, resized: Sequence[np.ndarray], num_beams:
     if engine == "fast":
         decoded = DecodingEngine(bundle.model).decode(pixel_values, num_beams, max_new_tokens)
     else:
-        decoded = _generate(bundle.model, pixel_values, num_beams, max_new_tokens)
+        decoded = hf_generate(bundle.model, pixel_values, num_beams, max_new_tokens)
     pad_id = bundle.model.generation_config.pad_token_id
     return [LineReading(text=bundle.tokenizer.decode([t for t in line.tokens if t != pad_id],
                                                      skip_special_tokens=True).strip(),
                         confidence=line.confidence, truncated=line.truncated)
             for line in decoded]
-
-
-def _generate(model: VisionEncoderDecoderModel, pixel_values: torch.Tensor, num_beams: int,
-              max_new_tokens: int) -> list[DecodedLine]:
-    """transformers ``generate``: the reference the fast engine is tested against."""
-    with torch.inference_mode():
-        output = model.generate(
-            pixel_values=pixel_values,
-            num_beams=num_beams,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            use_cache=True,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-        token_logprobs = model.compute_transition_scores(
-            output.sequences, output.scores, getattr(output, "beam_indices", None), normalize_logits=num_beams == 1
-        )
-    generated = output.sequences[:, -token_logprobs.shape[1]:]
-    eos_id = model.generation_config.eos_token_id
-    decoded = []
-    for tokens, logprobs in zip(generated.tolist(), token_logprobs.float().cpu()):
-        length = tokens.index(eos_id) + 1 if eos_id in tokens else len(tokens)
-        decoded.append(DecodedLine(tokens[:length], sequence_confidence(logprobs[:length]),
-                                   truncated=eos_id not in tokens))
-    return decoded
 
 
 def decode_lines(bundle: TrOCRBundle, resized: Sequence[np.ndarray], num_beams: int, max_new_tokens: int,
@@ -106,32 +88,99 @@ def decode_lines(bundle: TrOCRBundle, resized: Sequence[np.ndarray], num_beams: 
     return readings
 
 
+def decode_limit(model: VisionEncoderDecoderModel) -> int | None:
+    """Tokens the decoder can produce: its learned position table's size; None when sinusoidal."""
+    decoder_config = model.config.decoder
+    if getattr(decoder_config, "use_learned_position_embeddings", False):
+        return decoder_config.max_position_embeddings
+    return None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; the CPU allocator raises a plain RuntimeError."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
 class TrOCRRecognizer:
-    """Ray Data actor: loads the model once, then fills in the text of whole pages per call."""
+    """Ray Data actor: loads the model once, then fills in the text of whole pages per call.
+
+    Out of memory in a batch halves the line batch size (and keeps it halved for this actor) and
+    retries; a line that does not fit even alone fails its page with ``recognition_failed``, the
+    other lines keep their text.
+    """
 
     def __init__(self, config: RecognizeConfig):
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
-        self.config = config
+        self.line_batch_size = config.line_batch_size
         self.bundle = load_trocr(config.model, device=config.device, precision=config.precision)
+        limit = decode_limit(self.bundle.model)
+        if limit is not None and config.max_new_tokens > limit:
+            log.warning("recognize.max_new_tokens=%d is beyond the decoder's %d learned positions; lines longer "
+                        "than %d tokens are cut and flagged truncated", config.max_new_tokens, limit, limit)
+            config = config.model_copy(update={"max_new_tokens": limit})
+        self.config = config
+
+    def _decode(self, crops: list[np.ndarray], hints: list[float]) -> list[LineReading]:
+        config = self.config
+        return decode_lines(self.bundle, crops, config.num_beams, config.max_new_tokens, self.line_batch_size,
+                            hints, config.engine)
+
+    def _release_memory(self) -> None:
+        if self.bundle.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def decode_with_backoff(self, crops: list[np.ndarray], hints: list[float]) -> list[LineReading | None]:
+        """Readings in input order; None for a line that does not fit in memory even alone."""
+        while True:
+            try:
+                return self._decode(crops, hints)
+            except RuntimeError as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                self._release_memory()
+                if self.line_batch_size == 1:
+                    break
+                self.line_batch_size = max(1, self.line_batch_size // 2)
+                log.warning("out of memory decoding %d lines; line batch size now %d", len(crops),
+                            self.line_batch_size)
+        readings: list[LineReading | None] = []
+        for crop, hint in zip(crops, hints):
+            try:
+                readings.extend(self._decode([crop], [hint]))
+            except RuntimeError as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                self._release_memory()
+                readings.append(None)
+        return readings
 
     def recognize_pages(self, pages: list[PageWork]) -> list[PageWork]:
-        crops, hints, targets = [], [], []
+        crops, hints, owners = [], [], []
         for work in pages:
             for line, pixels in zip(work.lines, work.line_pixels):
                 crops.append(pixels)
                 hints.append((line.bbox[2] - line.bbox[0]) / max(1, line.bbox[3] - line.bbox[1]))
-                targets.append(line)
+                owners.append((work, line))
+            work.line_pixels = []
         try:
-            readings = decode_lines(self.bundle, crops, self.config.num_beams, self.config.max_new_tokens,
-                                    self.config.line_batch_size, hints, self.config.engine)
-        except RuntimeError as exc:
+            readings = self.decode_with_backoff(crops, hints)
+        except RuntimeError as exc:  # not memory: record it on the pages instead of losing them
             for work in pages:
                 if work.status == "ok":
                     work.fail(RecognitionFailed.error_code, f"recognition failed: {exc}")
             return pages
-        for line, reading in zip(targets, readings):
+        unread: dict[int, list[int]] = {}
+        for (work, line), reading in zip(owners, readings):
+            if reading is None:
+                unread.setdefault(id(work), []).append(line.order)
+                continue
             line.text, line.confidence, line.truncated = reading.text, reading.confidence, reading.truncated
         for work in pages:
-            work.line_pixels = []
+            if id(work) in unread:
+                orders = unread[id(work)]
+                work.fail(RecognitionFailed.error_code,
+                          f"{len(orders)} of {len(work.lines)} lines did not fit in memory even one at a time "
+                          f"(line order {', '.join(map(str, orders))}); the other lines were read")
         return pages

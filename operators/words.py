@@ -19,16 +19,20 @@ import pyarrow as pa
 Interval = tuple[int, int]  # x0, x1 (exclusive) in page pixels
 BBox = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive) in page pixels
 
+#: Crops at least twice this tall are halved until they are not: word gaps stay several pixels
+#: wide and the cost per line stays well below a millisecond whatever the scan resolution.
+WORK_HEIGHT = 32
 #: Otsu's two classes must differ by this many gray levels, else the crop is blank paper.
 MIN_INK_CONTRAST = 30
 #: An ink pixel needs this many ink pixels in its 3x3 neighbourhood (itself included): drops
 #: salt noise and pairs, keeps one-pixel strokes.
 MIN_NEIGHBOURHOOD_INK = 3
-#: Ink components smaller than (this share of the crop height)^2 pixels are specks, not glyphs.
-SPECK_SHARE = 0.04
 #: Slants (x shift per row, positive leans right) tried to straighten italic and cursive script;
 #: upright first so that ties keep the plain columns.
 SLANTS = (0.0, 0.1, -0.1, 0.2, -0.2, 0.3, 0.4, 0.5)
+#: Pixels of gap width a gap loses per pixel it lies away from where the character counts put
+#: its word break: a tie-breaker that keeps one wrong pick from shifting every later word.
+POSITION_WEIGHT = 0.05
 #: LayoutLM boxes are given on a 0-1000 grid of the page.
 LAYOUT_SCALE = 1000
 
@@ -43,6 +47,8 @@ WORD_TYPE = pa.struct(
 
 @dataclass(frozen=True)
 class Word:
+    """One word of a recognized line and where it is."""
+
     text: str
     bbox: BBox  # page pixels
     bbox_norm: BBox  # 0-1000 of the page width / height, as LayoutLM processors expect
@@ -57,20 +63,23 @@ def ink_gaps(crop: np.ndarray, origin: tuple[int, int]) -> list[Interval]:
 
     ``origin`` is the crop's top-left corner in page pixels. The runs include the margins before
     the first and after the last ink, which :func:`split_words` uses to trim the line's ends.
-    Ink is Otsu's dark class; column runs holding fewer ink pixels than a speck are blank. For
-    slanted script the columns follow the slant that leaves the most blank columns, and a run is
-    reported where it crosses the crop's middle row. Returns [] when the crop holds no ink.
+    Returns [] when the crop holds no ink (blank, or too faint to tell from the paper).
+
+    Ink is Otsu's dark class less specks (pixels with fewer than two ink neighbours). For slanted
+    script the columns follow the slant that leaves the most blank columns, and a run is reported
+    where it crosses the crop's middle row. Tall crops are measured halved (see
+    :data:`WORK_HEIGHT`), so their run ends are multiples of the halving factor.
     """
     _check_crop(crop)
-    ink = _ink_pixels(crop)
+    work, factor = crop, 1
+    while work.shape[0] >= 2 * WORK_HEIGHT:  # halving is OpenCV's fast area-resize path
+        work, factor = cv2.resize(work, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA), factor * 2
+    ink = _ink_pixels(work)
     if ink is None:
         return []
-    profile = _column_profile(*ink, crop.shape)
-    occupied = _without_specks(profile, max(2.0, (SPECK_SHARE * crop.shape[0]) ** 2))
-    if not occupied.any():
-        return []
+    occupied = _column_profile(*ink, work.shape) > 0
     x_offset = int(origin[0])
-    runs = [(start + x_offset, end + x_offset) for start, end in _runs(~occupied)]
+    runs = [(x_offset + start * factor, x_offset + end * factor) for start, end in _runs(~occupied)]
     return sorted(runs, key=lambda run: (run[0] - run[1], run[0]))
 
 
@@ -79,11 +88,13 @@ def split_words(text: str, line_bbox: Sequence[int], gaps: Sequence[Interval],
     """The words of a line's text, each with a box inside ``line_bbox``, in x order, not overlapping.
 
     ``gaps`` are the line's :func:`ink_gaps`. Gaps reaching the line's ends are margins and trim the
-    first and last word. Of the others, the n-1 widest separate the n words, placed in x order.
-    When there are fewer gaps than word breaks, each gap goes to the break whose expected position
-    (from the words' character counts) is nearest, in order, and the words between two placed
-    breaks share that span in proportion to their character counts. Every box spans the line's
-    height. Returns [] for text without words.
+    first and last word. Of the others, one is placed at each word break, in x order: the widest
+    gaps win, but a gap loses :data:`POSITION_WEIGHT` of a pixel of width per pixel it lies away
+    from where the words' character counts put its break, so one wrong pick does not shift every
+    later word. When there are fewer gaps than word breaks, every gap is placed that way and the
+    words between two placed breaks share their span in proportion to their character counts (all
+    of the line when there is no gap at all). Every box spans the line's height. Returns [] when
+    the text has no words.
     """
     words = text.split()
     x0, y0, x1, y1 = _check_line(line_bbox, page_size)
@@ -154,17 +165,6 @@ def _blank_columns(profiles: np.ndarray) -> np.ndarray:
     return last - first + 1 - inked.sum(axis=1)
 
 
-def _without_specks(profile: np.ndarray, speck_area: float) -> np.ndarray:
-    """Occupied columns, leaving out runs of columns whose ink adds up to less than a speck."""
-    occupied = profile > 0
-    runs = _runs(occupied)
-    starts = np.array([start for start, _ in runs], np.intp)
-    for (start, end), ink in zip(runs, np.add.reduceat(profile, starts).tolist()):
-        if ink < speck_area:
-            occupied[start:end] = False
-    return occupied
-
-
 def _runs(mask: np.ndarray) -> list[Interval]:
     """Half-open runs of True in a boolean column mask."""
     edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
@@ -183,7 +183,7 @@ def _check_line(line_bbox: Sequence[int], page_size: tuple[int, int]) -> BBox:
 
 
 def _trim_margins(x0: int, x1: int, gaps: Sequence[Interval]) -> tuple[int, int, list[Interval]]:
-    """The line's inked span and the gaps strictly inside it."""
+    """The line's span less the margins among ``gaps``, and the gaps strictly inside that span."""
     left, right = x0, x1
     for start, end in gaps:
         if end <= start:
@@ -200,46 +200,37 @@ def _trim_margins(x0: int, x1: int, gaps: Sequence[Interval]) -> tuple[int, int,
 
 def _place_breaks(words: list[str], left: int, right: int, gaps: list[Interval]) -> list[Interval]:
     """One (end of word, start of next word) cut per word break, in x order."""
-    needed = len(words) - 1
-    if len(gaps) >= needed:
-        widest = sorted(gaps, key=lambda gap: (gap[0] - gap[1], gap[0]))[:needed]
-        return sorted(widest)
-    expected = _expected_breaks(words, left, right)
-    assigned = _assign_gaps(sorted(gaps), expected)
-    cuts: list[Interval | None] = [None] * needed
-    for gap, index in zip(sorted(gaps), assigned):
+    expected = [(start + end) / 2 for start, end in _proportional_cuts(words, left, right)]
+    cuts: list[Interval | None] = [None] * len(expected)
+    for gap, index in _match_gaps(sorted(gaps), expected, right - left):
         cuts[index] = gap
     return _fill_proportionally(words, left, right, cuts)
 
 
-def _expected_breaks(words: list[str], left: int, right: int) -> list[float]:
-    """Where each word break would fall if every character (and each space) were equally wide."""
-    units = sum(len(word) for word in words) + len(words) - 1
-    scale = (right - left) / units
-    positions, used = [], 0
-    for word in words[:-1]:
-        used += len(word)
-        positions.append(left + (used + 0.5) * scale)
-        used += 1
-    return positions
-
-
-def _assign_gaps(gaps: list[Interval], expected: list[float]) -> list[int]:
-    """Order-preserving match of every gap to a distinct break, minimizing the total distance."""
-    count, slots = len(gaps), len(expected)
-    centers = [(start + end) / 2 for start, end in gaps]
-    cost = np.full((count + 1, slots + 1), np.inf)
-    cost[0, :] = 0.0
-    for i in range(1, count + 1):
-        for j in range(i, slots + 1):
-            cost[i, j] = min(cost[i, j - 1], cost[i - 1, j - 1] + abs(centers[i - 1] - expected[j - 1]))
-    assigned, j = [], slots
-    for i in range(count, 0, -1):
-        while cost[i, j] == cost[i, j - 1]:
+def _match_gaps(gaps: list[Interval], expected: list[float], span: int) -> list[tuple[Interval, int]]:
+    """Gaps (in x order) matched in order to distinct breaks: as many as possible, and among those
+    the set with the most width less :data:`POSITION_WEIGHT` times each one's distance from its
+    break's expected position (dynamic programming over gaps x breaks)."""
+    if not gaps or not expected:
+        return []
+    widths = np.array([end - start for start, end in gaps], float)
+    centers = np.array([(start + end) / 2 for start, end in gaps])
+    more_matches_win = span * (1 + POSITION_WEIGHT * len(expected)) + 1
+    pair_score = more_matches_win + widths[:, None] - POSITION_WEIGHT * np.abs(centers[:, None] - expected)
+    best = np.zeros((len(gaps) + 1, len(expected) + 1))
+    for i in range(1, len(gaps) + 1):
+        take = np.maximum(best[i - 1, 1:], best[i - 1, :-1] + pair_score[i - 1])
+        best[i, 1:] = np.maximum.accumulate(take)
+    matches, i, j = [], len(gaps), len(expected)
+    while i > 0 and j > 0:
+        if best[i, j] == best[i - 1, j]:
+            i -= 1
+        elif best[i, j] == best[i, j - 1]:
             j -= 1
-        assigned.append(j - 1)
-        j -= 1
-    return assigned[::-1]
+        else:
+            matches.append((gaps[i - 1], j - 1))
+            i, j = i - 1, j - 1
+    return matches[::-1]
 
 
 def _fill_proportionally(words: list[str], left: int, right: int,
@@ -250,20 +241,19 @@ def _fill_proportionally(words: list[str], left: int, right: int,
     for first, last in zip(anchors, anchors[1:]):
         start = left if first < 0 else cuts[first][1]
         end = right if last == len(cuts) else cuts[last][0]
-        segment = words[first + 1:last + 1]
-        for offset, cut in enumerate(_proportional_cuts(segment, start, end)):
-            filled[first + 1 + offset] = cut
+        for offset, (cut_start, cut_end) in enumerate(_proportional_cuts(words[first + 1:last + 1], start, end)):
+            filled[first + 1 + offset] = (round(cut_start), round(cut_end))
     return filled
 
 
-def _proportional_cuts(words: list[str], start: int, end: int) -> list[Interval]:
-    """Breaks between ``words`` laid over [start, end), one unit per character and per space."""
+def _proportional_cuts(words: list[str], start: float, end: float) -> list[tuple[float, float]]:
+    """The spaces between ``words`` laid over [start, end), one unit per character and per space."""
     units = sum(len(word) for word in words) + len(words) - 1
     scale = (end - start) / units
     cuts, used = [], 0
     for word in words[:-1]:
         used += len(word)
-        cuts.append((start + round(used * scale), start + round((used + 1) * scale)))
+        cuts.append((start + used * scale, start + (used + 1) * scale))
         used += 1
     return cuts
 

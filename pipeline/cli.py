@@ -1,4 +1,4 @@
-"""``trocr-pipeline`` command line: run, detect, show, synth, train, eval.
+"""``trocr-pipeline`` command line: run, detect, show, synth, train, eval, inspect.
 
 Every :class:`~pipeline.errors.PipelineError` becomes its exit code and a one-line message; a job
 whose documents partly failed exits with ``documents_failed`` after writing everything it could.
@@ -68,6 +68,7 @@ def _show_command(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.evaluate import add_eval_arguments, eval_command
+    from pipeline.inspect import add_inspect_arguments, inspect_command
     from pipeline.train import add_train_arguments, train_command
 
     parser = argparse.ArgumentParser(prog="trocr-pipeline", description=__doc__.splitlines()[0])
@@ -104,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="CER/WER of a model on line images with ground truth")
     add_eval_arguments(evaluate)
     evaluate.set_defaults(handler=eval_command)
+
+    inspect = commands.add_parser("inspect", help="PNG overlays of the detected lines (and their text) per page")
+    add_inspect_arguments(inspect)
+    inspect.set_defaults(handler=inspect_command)
     return parser
 
 

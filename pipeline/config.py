@@ -61,6 +61,8 @@ class DetectConfig(_Frozen):
     line_reach: float = Field(default=0.8, gt=0, description="max distance of a line's ink from its core")
     min_line_ink: float = Field(default=0.03, ge=0, description="min ink area of a line, in pitch^2")
     min_line_aspect: float = Field(default=2.0, ge=0, description="min width / height of a line")
+    min_line_thickness: float = Field(default=0.15, ge=0, lt=1,
+                                      description="min median ink height per column, share of the glyph height")
     polygon_padding: float = Field(default=0.15, ge=0, description="margin around a line's ink")
     crop_padding_px: int = Field(default=4, ge=0, description="padding around each line crop")
     num_cpus: float = Field(default=1.0, gt=0)

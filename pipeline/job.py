@@ -54,14 +54,16 @@ class JobSummary:
 
 @contextmanager
 def ray_session(config: JobConfig) -> Iterator[None]:
-    """Join the cluster (``ray job submit`` sets RAY_ADDRESS) or start a private local instance,
-    and shut down only what this job started."""
+    """Join the cluster (``ray job submit`` sets RAY_ADDRESS) or start a private local instance
+    (never a stray ``ray start`` cluster found on the machine), and shut down only what this job
+    started."""
     if ray.is_initialized():
         yield
         return
     options: dict[str, Any] = {"address": config.ray.address, "include_dashboard": False,
                                "logging_level": logging.WARNING}
     if config.ray.address is None and not os.environ.get("RAY_ADDRESS"):
+        options["address"] = "local"
         options["num_cpus"] = config.ray.num_cpus
         if config.ray.object_store_memory_mb:
             options["object_store_memory"] = config.ray.object_store_memory_mb * 1024 * 1024

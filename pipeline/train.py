@@ -613,18 +613,30 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
 
 
 def train_with_ray(config: TrainConfig, workers: int, resume: bool = False) -> Path:
-    """Data-parallel training on ``workers`` Ray Train workers (DDP over gloo on CPU, NCCL on GPU)."""
+    """Data-parallel training on ``workers`` Ray Train workers (DDP over gloo on CPU, NCCL on GPU).
+
+    Starts a private local Ray instance unless the caller already connected to one, so training
+    never attaches by accident to another Ray cluster found on the machine.
+    """
+    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     config = absolute_paths(config)
-    trainer = TorchTrainer(
-        _ray_worker_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "resume": resume},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=resolve_device(config.device).type == "cuda"),
-        run_config=RunConfig(name="trocr-train", storage_path=str(config.work_dir / "ray")),
-    )
-    trainer.fit()
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address="local", num_cpus=workers + 1, include_dashboard=False)
+    try:
+        trainer = TorchTrainer(
+            _ray_worker_loop,
+            train_loop_config={"config": config.model_dump(mode="json"), "resume": resume},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=resolve_device(config.device).type == "cuda"),
+            run_config=RunConfig(name="trocr-train", storage_path=str(config.work_dir / "ray")),
+        )
+        trainer.fit()
+    finally:
+        if started_here:
+            ray.shutdown()
     return config.output_dir
 
 

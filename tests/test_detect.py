@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from operators.detect import crop_line, detect_lines
 from pipeline.config import DetectConfig
@@ -169,6 +169,55 @@ def test_bad_page_is_rejected(bad_page):
 def test_bad_dpi_is_rejected():
     with pytest.raises(ValueError, match="dpi"):
         detect_lines(np.full((100, 100), 255, np.uint8), 0, CONFIG)
+
+
+FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf"
+WORDS = "the archive keeps letters, deeds and wills of the town since 1620".split()
+
+
+def _text_rows(draw: ImageDraw.ImageDraw, left: int, top: int, count: int, pitch: int, ink: int = 25) -> list[int]:
+    """Draw ``count`` lines of 150-dpi body text; returns each line's vertical centre."""
+    font = ImageFont.truetype(FONT, 26)
+    centres = []
+    for index in range(count):
+        words = WORDS[index % 4 :] + WORDS[: index % 4]
+        draw.text((left, top + index * pitch), " ".join(words[:8]), font=font, fill=ink, anchor="ls")
+        centres.append(top + index * pitch - 9)
+    return centres
+
+
+def _centres(lines: list[LineRecord]) -> list[float]:
+    return sorted((line.bbox[1] + line.bbox[3]) / 2 for line in lines)
+
+
+def test_dash_fillers_and_rules_are_not_lines():
+    """Hand-ruled fillers (short thin dashes, each too short to count as a rule on its own)
+    between paragraphs are long and dark but only a stroke thick: no line for them."""
+    page = Image.new("L", (1275, 1650), 235)
+    draw = ImageDraw.Draw(page)
+    centres = _text_rows(draw, 120, 300, 4, 48) + _text_rows(draw, 120, 620, 4, 48)
+    for x in range(120, 1100, 90):  # a hand-drawn dashed separator between the paragraphs
+        draw.line([(x, 540 + x // 97 % 3), (x + 60, 541 + x // 53 % 3)], fill=30, width=2)
+    draw.line([(120, 1100), (1150, 1104)], fill=30, width=3)  # a ruled line below the text
+    lines = detect_lines(np.array(page), DPI, CONFIG)
+    assert len(lines) == len(centres)
+    assert np.allclose(_centres(lines), centres, atol=12)
+
+
+def test_text_on_a_card_beside_the_page_is_not_read():
+    """A ruler or colour chart photographed beside the page is a separate piece of paper: its
+    labels are not text lines of the page."""
+    scan = Image.new("L", (1500, 1700), 40)  # dark scanner background
+    draw = ImageDraw.Draw(scan)
+    draw.rectangle((60, 60, 1000, 1640), fill=225)  # the page
+    centres = _text_rows(draw, 140, 300, 10, 48)
+    draw.rectangle((1100, 400, 1440, 900), fill=250)  # the card, a tenth of the page's size
+    font = ImageFont.truetype(FONT, 26)
+    for index, label in enumerate(["Gray Scale 1620", "Archive of the town", "inches 1 2 3 4 5"]):
+        draw.text((1115, 500 + 60 * index), label, font=font, fill=25, anchor="ls")
+    lines = detect_lines(np.array(scan), DPI, CONFIG)
+    assert len(lines) == len(centres)
+    assert all(line.bbox[2] < 1000 for line in lines)
 
 
 def _line(polygon: list[tuple[int, int]]) -> LineRecord:

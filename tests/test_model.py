@@ -185,3 +185,23 @@ def test_unreproducible_processor_fails_loudly():
 
     with pytest.raises(ModelLoadError, match="shortest_edge"):
         LinePreprocessor.from_image_processor(ViTImageProcessorPil(size={"shortest_edge": 32}))
+
+
+@pytest.mark.parametrize("legacy_config", [
+    {"feature_extractor_type": "ViTFeatureExtractor", "resample": 2},
+    {"feature_extractor_type": "DeiTFeatureExtractor", "resample": 3, "crop_size": 384, "do_center_crop": True},
+], ids=["trocr-base-style", "trocr-small-style"])
+def test_official_checkpoint_processor_configs_are_reproduced(tmp_path, legacy_config):
+    """preprocessor_config.json as the microsoft/trocr-* checkpoints ship it (int sizes, old class names)."""
+    from transformers import AutoImageProcessor
+
+    config = {"do_normalize": True, "do_resize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+              "processor_class": "TrOCRProcessor", "size": 384, **legacy_config}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    processor = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
+    preprocessor = LinePreprocessor.from_image_processor(processor)
+    crop = render_line("An official checkpoint")
+    ours = preprocessor.to_pixel_values([preprocessor.resize(crop)], "cpu", torch.float32)
+    reference = processor(images=Image.fromarray(crop).convert("RGB"), return_tensors="pt").pixel_values
+    assert preprocessor.input_size == (384, 384)
+    assert torch.allclose(ours, reference, atol=1e-5)

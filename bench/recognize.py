@@ -1,0 +1,193 @@
+"""Recognition speed: the fast decoding engine against transformers ``generate`` (project issue 4).
+
+On the same synthetic line crops (real text rendered by ``pipeline.synth.lines.iter_lines``), in one
+process, decodes with (1) the naive loop of the HuggingFace TrOCR docs, one line per ``generate``
+call, (2) batched ``generate`` with the cache on, as ``decode_lines(engine="hf")`` runs it, and (3) this
+project's engine, ``decode_lines(engine="fast")``, with the same batches, and checks that all three
+return the same texts. Crops are resized once up front (the pipeline does that in a separate stage).
+
+    .venv/bin/python bench/recognize.py
+    .venv/bin/python bench/recognize.py --model random-small --lines 8 --max-new-tokens 32
+
+``random-base`` / ``random-small`` are random-weight models with the architecture of
+microsoft/trocr-base-* / trocr-small-* (their tokenizer is padded with unused tokens to the exact
+vocabulary size); a random model never emits end-of-sequence, so every line runs to max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import (
+    DeiTConfig,
+    TrOCRConfig,
+    TrOCRProcessor,
+    VisionEncoderDecoderConfig,
+    VisionEncoderDecoderModel,
+    ViTConfig,
+    ViTImageProcessorPil,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT))
+
+from operators.recognize import LineReading, decode_lines  # noqa: E402
+from pipeline.config import DEFAULT_MODEL, RecognizeConfig  # noqa: E402
+from pipeline.model import LinePreprocessor, TrOCRBundle, load_trocr, resolve_device, resolve_dtype  # noqa: E402
+from pipeline.synth.corpus import CorpusSampler  # noqa: E402
+from pipeline.synth.lines import iter_lines  # noqa: E402
+from pipeline.tokenizer import TokenizerKind, train_tokenizer  # noqa: E402
+
+#: (encoder config, decoder config, tokenizer kind) of the official checkpoints, weights left random.
+RANDOM_ARCHITECTURES = {
+    "random-base": (  # microsoft/trocr-base-printed / -handwritten
+        ViTConfig(image_size=384, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                  intermediate_size=3072),
+        dict(vocab_size=50265, d_model=1024, decoder_layers=12, decoder_attention_heads=16, decoder_ffn_dim=4096,
+             activation_function="gelu", cross_attention_hidden_size=768, scale_embedding=False),
+        "roberta",
+    ),
+    "random-small": (  # microsoft/trocr-small-printed / -handwritten
+        DeiTConfig(image_size=384, patch_size=16, hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                   intermediate_size=1536),
+        dict(vocab_size=64044, d_model=256, decoder_layers=6, decoder_attention_heads=8, decoder_ffn_dim=1024,
+             activation_function="relu", cross_attention_hidden_size=384, scale_embedding=True),
+        "xlm-roberta",
+    ),
+}
+TOKENIZER_CORPUS_LINES = 2000
+
+
+def random_bundle(name: str, device: torch.device, dtype: torch.dtype) -> TrOCRBundle:
+    """A random-weight model with an official TrOCR architecture, and a tokenizer of its vocabulary size."""
+    encoder_config, decoder_settings, tokenizer_kind = RANDOM_ARCHITECTURES[name]
+    tokenizer = padded_tokenizer(tokenizer_kind, decoder_settings["vocab_size"])
+    decoder_config = TrOCRConfig(
+        **decoder_settings, max_position_embeddings=512, layernorm_embedding=True,
+        use_learned_position_embeddings=True, dropout=0.0, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id,
+    )
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder_config, decoder_config)
+    torch.manual_seed(0)
+    model = VisionEncoderDecoderModel(config=config)
+    generation = model.generation_config
+    generation.decoder_start_token_id = tokenizer.eos_token_id
+    generation.pad_token_id, generation.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    model.to(device=device, dtype=dtype).eval()
+    size = {"height": encoder_config.image_size, "width": encoder_config.image_size}
+    image_processor = ViTImageProcessorPil(size=size, resample=Image.Resampling.BILINEAR,
+                                           image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = TrOCRProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    preprocessor = LinePreprocessor.from_image_processor(image_processor)
+    return TrOCRBundle(model, processor, tokenizer, preprocessor, device, dtype)
+
+
+def padded_tokenizer(kind: TokenizerKind, vocab_size: int):
+    """A tokenizer learnt on the synthetic corpus, padded with unused tokens so every model id decodes."""
+    corpus = CorpusSampler(0)
+    tokenizer = train_tokenizer([corpus.line() for _ in range(TOKENIZER_CORPUS_LINES)], kind, vocab_size=512)
+    tokenizer.add_tokens([f"<unused{index}>" for index in range(vocab_size - len(tokenizer))])
+    return tokenizer
+
+
+def line_crops(bundle: TrOCRBundle, count: int, seed: int) -> tuple[list[np.ndarray], list[float]]:
+    """Model-size crops of rendered synthetic lines, and their width/height (the pipeline's length hint)."""
+    resized, hints = [], []
+    for image, _text, _font in iter_lines(count, seed):
+        pixels = np.asarray(image)
+        resized.append(bundle.preprocessor.resize(pixels))
+        hints.append(pixels.shape[1] / pixels.shape[0])
+    return resized, hints
+
+
+def naive_loop(bundle: TrOCRBundle, resized: list[np.ndarray], num_beams: int, max_new_tokens: int) -> list[str]:
+    """The HuggingFace TrOCR docs' recipe: one ``generate`` and one ``batch_decode`` per line."""
+    texts = []
+    with torch.inference_mode():
+        for pixels in resized:
+            pixel_values = bundle.preprocessor.to_pixel_values([pixels], bundle.device, bundle.dtype)
+            generated_ids = bundle.model.generate(pixel_values, num_beams=num_beams, max_new_tokens=max_new_tokens)
+            texts.append(bundle.tokenizer.batch_decode(generated_ids, skip_special_tokens=True)[0].strip())
+    return texts
+
+
+def timed(run: Callable[[], list], device: torch.device) -> tuple[list, float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def texts_of(readings: list[LineReading]) -> list[str]:
+    return [reading.text for reading in readings]
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = RecognizeConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(DEFAULT_MODEL) if DEFAULT_MODEL.exists() else "random-small",
+                        help=f"checkpoint folder or one of {sorted(RANDOM_ARCHITECTURES)} "
+                             f"(default: {DEFAULT_MODEL.name} when present, else random-small)")
+    parser.add_argument("--lines", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=defaults.line_batch_size)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="default: the model's generation config, else the pipeline default")
+    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--seed", type=int, default=7, help="seed of the synthetic lines")
+    args = parser.parse_args(argv)
+    if args.lines < 1 or args.batch_size < 1:
+        parser.error("--lines and --batch-size must be >= 1")
+
+    if args.model in RANDOM_ARCHITECTURES:
+        device = resolve_device(args.device)
+        bundle = random_bundle(args.model, device, resolve_dtype(args.precision, device))
+    else:
+        bundle = load_trocr(args.model, device=args.device, precision=args.precision)
+    resized, hints = line_crops(bundle, args.lines, args.seed)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = bundle.model.generation_config.max_new_tokens or defaults.max_new_tokens
+    print(f"model {args.model} | {args.lines} lines | batch {args.batch_size} | max_new_tokens {args.max_new_tokens} "
+          f"| beams {args.num_beams} | {bundle.device} {args.precision} | torch threads {torch.get_num_threads()}")
+
+    def batched(engine: str) -> Callable[[], list[LineReading]]:
+        return lambda: decode_lines(bundle, resized, args.num_beams, args.max_new_tokens, args.batch_size, hints,
+                                    engine=engine)
+
+    warm = slice(0, min(2, len(resized)))  # first calls pay for allocator and kernel set-up
+    decode_lines(bundle, resized[warm], args.num_beams, 4, args.batch_size, engine="hf")
+    decode_lines(bundle, resized[warm], args.num_beams, 4, args.batch_size, engine="fast")
+    naive, naive_s = timed(lambda: naive_loop(bundle, resized, args.num_beams, args.max_new_tokens), bundle.device)
+    hf, hf_s = timed(batched("hf"), bundle.device)
+    fast, fast_s = timed(batched("fast"), bundle.device)
+
+    for name, seconds in (("naive loop (HF docs, 1 line/generate)", naive_s), ("HF batched generate", hf_s),
+                          ("fast engine", fast_s)):
+        print(f"{name:40s} {args.lines / seconds:8.2f} lines/s  ({seconds:.2f} s)")
+    same_as_hf = sum(a == b for a, b in zip(texts_of(fast), texts_of(hf)))
+    same_as_naive = sum(a == b for a, b in zip(texts_of(fast), naive))
+    truncated = sum(reading.truncated for reading in fast)
+    print(f"identical texts: fast vs HF batched {same_as_hf}/{args.lines}, fast vs naive {same_as_naive}/{args.lines}"
+          f" | {truncated} lines hit max_new_tokens")
+    for reading in fast[:3]:
+        print(f"  e.g. {reading.text[:70]!r} (confidence {reading.confidence:.3f})")
+    identical = same_as_hf == same_as_naive == args.lines
+    print(f"speedup_vs_hf_batched={hf_s / fast_s:.2f} speedup_vs_naive={naive_s / fast_s:.2f} "
+          f"identical={str(identical).lower()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

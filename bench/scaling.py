@@ -1,0 +1,176 @@
+"""Scaling benchmark (project issue 7): where a page's time goes, and pages/s on 1 and 2 cores.
+
+1. Stage costs: every stage function run in this process, one thread, on the same synthetic pages
+   (triage, rasterize, layout = line detection, crop = cut + resize line crops, recognize, write =
+   reassemble + Parquet): CPU-seconds per page per stage (this process plus its poppler children,
+   so other load on the machine does not inflate them), the figures to size a cluster's CPUs per
+   GPU with.
+2. End to end: ``run_job`` on a private local Ray instance with the process pinned to 1 core,
+   then to 2 cores (Ray's workers inherit the affinity), for pages/s including Ray's start-up.
+
+    .venv/bin/python bench/scaling.py [--documents 4] [--dpi 300] [--model PATH] [--device cuda]
+
+The model is ``models/trocr-pipeline-printed-small`` when it is there, else a tiny random TrOCR
+built on the fly; the table says which (a random model never stops early, so its recognize cost is
+set by ``--max-new-tokens`` and only the CPU stages are realistic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from operators.detect import detect_lines  # noqa: E402
+from operators.ingest import triage  # noqa: E402
+from operators.rasterize import page_ranges, rasterize  # noqa: E402
+from operators.recognize import TrOCRRecognizer, prepare_crops  # noqa: E402
+from operators.write import ParquetSink  # noqa: E402
+from pipeline.config import DEFAULT_MODEL, JobConfig, load_config  # noqa: E402
+from pipeline.job import run_job  # noqa: E402
+from pipeline.model import build_tiny_random_trocr, load_line_preprocessor  # noqa: E402
+from pipeline.records import DocumentRecord  # noqa: E402
+from pipeline.synth.docs import write_document_set  # noqa: E402
+
+STAGES = ("triage", "rasterize", "layout", "crop", "recognize", "write")
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (pdftoppm), user + system."""
+    user, system, children_user, children_system, _ = os.times()
+    return user + system + children_user + children_system
+
+
+@dataclass
+class StageCosts:
+    """CPU seconds spent in each stage over ``pages`` pages and ``lines`` lines."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    pages: int = 0
+    lines: int = 0
+
+    @contextmanager
+    def timing(self, stage: str) -> Iterator[None]:
+        started = cpu_seconds()
+        yield
+        self.seconds[stage] += cpu_seconds() - started
+
+
+def pick_model(requested: str | None, workdir: Path) -> tuple[str, str]:
+    """The model to benchmark and how to describe it."""
+    if requested:
+        return requested, requested
+    if DEFAULT_MODEL.is_dir():
+        return str(DEFAULT_MODEL), f"{DEFAULT_MODEL.name} (the shipped model)"
+    return str(build_tiny_random_trocr(workdir / "tiny-random")), "tiny random TrOCR (shipped model not present)"
+
+
+def measure_stages(documents: list[Path], config: JobConfig, output: Path) -> StageCosts:
+    """Run each stage function directly, one thread, on every page of ``documents``."""
+    costs = StageCosts()
+    preprocessor = load_line_preprocessor(config.recognize.model)
+    recognizer = TrOCRRecognizer(config.recognize)
+    sink = ParquetSink(str(output), config.output.parquet_rows_per_file)
+    for document in documents:
+        with costs.timing("triage"):
+            plan = triage(str(document), config.rasterize)
+        if plan.error is not None:
+            raise RuntimeError(f"benchmark input {document} failed triage: {plan.error}")
+        sink.expect(DocumentRecord(plan.doc_id, plan.source, "ok", None, None, plan.num_pages))
+        for task in page_ranges([plan], config.rasterize.pages_per_task):
+            with costs.timing("rasterize"):
+                pages = rasterize(task, config.rasterize)
+            for work in [page for page in pages if page.status == "ok"]:
+                with costs.timing("layout"):
+                    work.lines = detect_lines(work.image, work.dpi, config.detect)
+                with costs.timing("crop"):
+                    prepare_crops(work, preprocessor, config.detect.crop_padding_px)
+            with costs.timing("recognize"):
+                pages = recognizer.recognize_pages(pages)
+            with costs.timing("write"):
+                for work in pages:
+                    sink.add_page(work)
+            costs.pages += len(pages)
+            costs.lines += sum(len(work.lines) for work in pages)
+    with costs.timing("write"):
+        sink.close()
+    return costs
+
+
+def run_on_cores(documents: list[Path], config: JobConfig, output: Path, cores: set[int]) -> float:
+    """pages/s of the whole job with this process and its Ray workers pinned to ``cores``."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        summary = run_job([str(path) for path in documents], str(output), config)
+    finally:
+        os.sched_setaffinity(0, before)
+    if summary.written.documents_failed:
+        raise RuntimeError(f"{summary.written.documents_failed} benchmark documents failed:\n{summary.describe()}")
+    return summary.pages_per_second
+
+
+def stage_table(costs: StageCosts) -> str:
+    total = sum(costs.seconds.values())
+    rows = [f"{'stage':10} {'CPU-s/page':>10} {'share':>6}"]
+    for stage in STAGES:
+        seconds = costs.seconds[stage]
+        rows.append(f"{stage:10} {seconds / costs.pages:10.3f} {seconds / total:6.1%}")
+    rows.append(f"{'total':10} {total / costs.pages:10.3f} {1:6.1%}")
+    cpu_only = total - costs.seconds["recognize"]
+    rows.append(f"CPU stages without recognize: {cpu_only / costs.pages:.3f} core-s/page "
+                f"-> one core feeds {costs.pages / cpu_only:.2f} pages/s")
+    return "\n".join(rows)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--documents", type=int, default=4, help="synthetic documents (1-3 pages each)")
+    parser.add_argument("--dpi", type=int, default=300, help="scan and rasterize resolution")
+    parser.add_argument("--model", help="TrOCR folder or hub id (default: shipped model, else tiny random)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: fp16 with one GPU per recognizer actor, as configs/cluster-v100.yaml")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=7)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if len(os.sched_getaffinity(0)) < 2:
+        print("needs at least 2 cores to compare 1 and 2", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="scaling-") as scratch:
+        workdir = Path(scratch)
+        model, model_name = pick_model(args.model, workdir)
+        documents = write_document_set(workdir / "docs", args.documents, args.seed, dpi=args.dpi,
+                                       formats=("pdf",))
+        gpu = ["recognize.precision=fp16", "recognize.num_gpus=1"] if args.device == "cuda" else []
+        overrides = [f"rasterize.dpi={args.dpi}", f"recognize.model={model}", f"recognize.device={args.device}",
+                     f"recognize.max_new_tokens={args.max_new_tokens}", "recognize.torch_threads=1",
+                     "ray.num_cpus=2", *gpu]
+        config = load_config(None, overrides)
+        torch.set_num_threads(1)
+        costs = measure_stages(documents, config, workdir / "stages")
+        print(f"model: {model_name}; {args.documents} documents, {costs.pages} pages, {costs.lines} lines "
+              f"at {args.dpi} dpi; max_new_tokens {args.max_new_tokens}; load average {os.getloadavg()[0]:.1f}")
+        print(f"\nstage costs, one thread in-process, CPU time:\n{stage_table(costs)}")
+        first, second = sorted(os.sched_getaffinity(0))[:2]
+        one = run_on_cores(documents, config, workdir / "one-core", {first})
+        two = run_on_cores(documents, config, workdir / "two-cores", {first, second})
+        print("\nwhole job (run_job, local Ray, start-up included):")
+        print(f"1 core : {one:.3f} pages/s\n2 cores: {two:.3f} pages/s ({two / one:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

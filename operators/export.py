@@ -1,0 +1,382 @@
+"""Export: a finished document's pages as ALTO 4.4, PAGE XML 2019-07-15, hOCR 1.2 and plain text.
+
+The input is exactly what the Parquet output holds (``pages`` rows as :func:`operators.reassemble.
+page_row` makes them, and the ``documents`` row), so exports can be written as documents complete
+or later from the Parquet files. ALTO and PAGE describe one image each and get one file per page;
+hOCR and text hold a whole document. File names start with the source's name and the doc_id's
+first 8 characters, so two sources with the same name never overwrite each other, and a rerun
+overwrites its own files.
+
+Word boxes are written where a line carries ``words``; otherwise ALTO gets one String per word
+without coordinates and PAGE and hOCR stop at the line. The recognizer scores whole lines, so a
+word's confidence is its line's.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from typing import Callable, Iterator, Sequence
+
+import pyarrow.fs as pafs
+from lxml import etree
+
+SOFTWARE = "trocr-pipeline"
+FORMATS = ("alto", "page", "hocr", "txt")
+
+ALTO_NS = "http://www.loc.gov/standards/alto/ns-v4#"
+ALTO_SCHEMA = "http://www.loc.gov/alto/v4/alto-4-4.xsd"
+PAGE_NS = "http://schema.primaresearch.org/PAGE/gts/pagecontent/2019-07-15"
+PAGE_SCHEMA = f"{PAGE_NS}/pagecontent.xsd"
+XHTML_NS = "http://www.w3.org/1999/xhtml"
+XSI_NS = "http://www.w3.org/2001/XMLSchema-instance"
+XHTML_DOCTYPE = ('<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Strict//EN" '
+                 '"http://www.w3.org/TR/xhtml1/DTD/xhtml1-strict.dtd">')
+HOCR_CAPABILITIES = "ocr_page ocr_carea ocr_par ocr_line ocrx_word"
+
+#: Characters XML 1.0 cannot hold; recognized text never should contain them, but one must not
+#: make a whole document unwritable.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+Rows = list[dict]
+Rendered = Iterator[tuple[str, bytes]]  # (file name, content)
+
+
+def write_exports(pages: Sequence[dict], document: dict, formats: Sequence[str], out_dir: str,
+                  filesystem: pafs.FileSystem | None = None) -> list[str]:
+    """Write one document in each of ``formats`` under ``out_dir`` and return the paths written.
+
+    ``out_dir`` is a local path or URI, or a path in ``filesystem`` when one is given. A document
+    without pages (it failed before rasterizing) has nothing to export and writes no file.
+    """
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"unknown export formats {unknown}; choose from {list(FORMATS)}")
+    stray = {row["doc_id"] for row in pages} - {document["doc_id"]}
+    if stray:
+        raise ValueError(f"pages of documents {sorted(stray)} given with document {document['doc_id']}")
+    if not pages:
+        return []
+    filesystem, root = _resolve(out_dir, filesystem)
+    filesystem.create_dir(root, recursive=True)
+    ordered = sorted(pages, key=lambda row: row["page"])
+    stem = export_stem(document)
+    written = []
+    for export_format in dict.fromkeys(formats):
+        for name, content in RENDERERS[export_format](ordered, document, stem):
+            path = f"{root}/{name}"
+            with filesystem.open_output_stream(path) as stream:
+                stream.write(content)
+            written.append(path)
+    return written
+
+
+def export_stem(document: dict) -> str:
+    """``<source file name without suffix>-<first 8 characters of doc_id>``."""
+    name = document["source"].replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    base = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
+    return f"{base}-{document['doc_id'][:8]}"
+
+
+def _resolve(out_dir: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
+    if filesystem is not None:
+        return filesystem, out_dir.rstrip("/")
+    if "://" in out_dir:
+        return pafs.FileSystem.from_uri(out_dir)
+    return pafs.LocalFileSystem(), os.path.abspath(out_dir)
+
+
+# --- shared geometry and text ---------------------------------------------------------------
+
+
+def _blocks(page: dict) -> list[list[dict]]:
+    """The page's lines grouped by block, blocks and lines in reading order."""
+    blocks: dict[int, list[dict]] = {}
+    for line in sorted(page["lines"], key=lambda item: item["order"]):
+        blocks.setdefault(line["block"], []).append(line)
+    return list(blocks.values())
+
+
+def _union(lines: list[dict]) -> tuple[int, int, int, int]:
+    boxes = [line["bbox"] for line in lines]
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes),
+            max(b[2] for b in boxes), max(b[3] for b in boxes))
+
+
+def _rectangle(bbox: Sequence[int]) -> list[tuple[int, int]]:
+    x0, y0, x1, y1 = bbox
+    return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+
+
+def _outline(line: dict) -> list[tuple[int, int]]:
+    """The line polygon, or its box when the polygon cannot span an area."""
+    polygon = [tuple(point) for point in line["polygon"]]
+    return polygon if len(polygon) >= 3 else _rectangle(line["bbox"])
+
+
+def _points(points: list[tuple[int, int]]) -> str:
+    """``x1,y1 x2,y2 ...`` (the form ALTO recommends and PAGE requires), never negative."""
+    return " ".join(f"{max(0, int(x))},{max(0, int(y))}" for x, y in points)
+
+
+def _xml_text(text: str) -> str:
+    return _NOT_XML.sub("", text)
+
+
+def _confidence(value: float | None) -> str | None:
+    return None if value is None else f"{min(1.0, max(0.0, value)):.4f}"
+
+
+def _a(tag: str) -> str:
+    return f"{{{ALTO_NS}}}{tag}"
+
+
+def _p(tag: str) -> str:
+    return f"{{{PAGE_NS}}}{tag}"
+
+
+def _h(tag: str) -> str:
+    return f"{{{XHTML_NS}}}{tag}"
+
+
+def _set(element: etree._Element, **attributes: object) -> etree._Element:
+    """Set the attributes that have a value (None means absent)."""
+    for name, value in attributes.items():
+        if value is not None:
+            element.set(name, str(value))
+    return element
+
+
+def _failure(page: dict) -> str | None:
+    if page["status"] == "ok":
+        return None
+    return f"page failed ({page['error_code']}): {page['error_message']}"
+
+
+def _software_version() -> str:
+    try:
+        return version(SOFTWARE)
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+def _xml_bytes(root: etree._Element, doctype: str | None = None) -> bytes:
+    return etree.tostring(root, xml_declaration=True, encoding="UTF-8", pretty_print=True, doctype=doctype)
+
+
+# --- ALTO 4.4 -------------------------------------------------------------------------------
+
+
+def _alto_files(pages: Rows, document: dict, stem: str) -> Rendered:
+    for page in pages:
+        yield f"{stem}.p{page['page']:04d}.alto.xml", _xml_bytes(alto_page(page))
+
+
+def alto_page(page: dict) -> etree._Element:
+    """One page as an ALTO 4.4 document: blocks in reading order, line polygons, word Strings."""
+    root = etree.Element(_a("alto"), nsmap={None: ALTO_NS, "xsi": XSI_NS})
+    root.set(f"{{{XSI_NS}}}schemaLocation", f"{ALTO_NS} {ALTO_SCHEMA}")
+    _alto_description(root, page["source"])
+    number = page["page"]
+    blocks = _blocks(page)
+    if blocks:
+        group = etree.SubElement(etree.SubElement(root, _a("ReadingOrder")), _a("OrderedGroup"), ID=f"p{number}_ro")
+        for index in range(1, len(blocks) + 1):
+            etree.SubElement(group, _a("ElementRef"), ID=f"p{number}_ro{index}", REF=f"p{number}_b{index}")
+    page_element = _set(etree.SubElement(etree.SubElement(root, _a("Layout")), _a("Page")), ID=f"p{number}",
+                        PHYSICAL_IMG_NR=number, WIDTH=page["width"], HEIGHT=page["height"],
+                        PROCESSING="processing", QUALITY_DETAIL=_failure(page))
+    space = _set(etree.SubElement(page_element, _a("PrintSpace")), HPOS=0, VPOS=0,
+                 WIDTH=page["width"], HEIGHT=page["height"])
+    line_number = 0
+    for block_number, lines in enumerate(blocks, start=1):
+        block = _alto_box(etree.SubElement(space, _a("TextBlock"), ID=f"p{number}_b{block_number}"), _union(lines))
+        for line in lines:
+            line_number += 1
+            _alto_line(block, line, f"p{number}_l{line_number}")
+    return root
+
+
+def _alto_description(root: etree._Element, source: str) -> None:
+    """Pixel units, the source file, and the processing step (referenced by each Page)."""
+    description = etree.SubElement(root, _a("Description"))
+    etree.SubElement(description, _a("MeasurementUnit")).text = "pixel"
+    image = etree.SubElement(description, _a("sourceImageInformation"))
+    etree.SubElement(image, _a("fileName")).text = _xml_text(source)
+    processing = etree.SubElement(description, _a("Processing"), ID="processing")
+    etree.SubElement(processing, _a("processingCategory")).text = "contentGeneration"
+    etree.SubElement(processing, _a("processingStepDescription")).text = (
+        "text line detection (OpenCV) and line recognition (TrOCR)")
+    software = etree.SubElement(processing, _a("processingSoftware"))
+    etree.SubElement(software, _a("softwareName")).text = SOFTWARE
+    etree.SubElement(software, _a("softwareVersion")).text = _software_version()
+
+
+def _alto_box(element: etree._Element, bbox: Sequence[int]) -> etree._Element:
+    x0, y0, x1, y1 = bbox
+    return _set(element, HPOS=x0, VPOS=y0, WIDTH=x1 - x0, HEIGHT=y1 - y0)
+
+
+def _alto_line(block: etree._Element, line: dict, line_id: str) -> None:
+    element = _alto_box(etree.SubElement(block, _a("TextLine"), ID=line_id), line["bbox"])
+    shape = etree.SubElement(element, _a("Shape"))
+    etree.SubElement(shape, _a("Polygon"), POINTS=_points(_outline(line)))
+    confidence = _confidence(line["confidence"])
+    words = line.get("words")
+    strings = ([(word["text"], word["bbox"]) for word in words] if words
+               else [(text, None) for text in line["text"].split()] or [("", None)])
+    for index, (text, bbox) in enumerate(strings, start=1):
+        if index > 1:
+            etree.SubElement(element, _a("SP"))
+        string = etree.SubElement(element, _a("String"), ID=f"{line_id}_w{index}", CONTENT=_xml_text(text))
+        if bbox is not None:
+            _alto_box(string, bbox)
+        _set(string, WC=confidence)
+
+
+# --- PAGE XML 2019-07-15 --------------------------------------------------------------------
+
+
+def _page_files(pages: Rows, document: dict, stem: str) -> Rendered:
+    for page in pages:
+        yield f"{stem}.p{page['page']:04d}.page.xml", _xml_bytes(page_xml(page))
+
+
+def page_xml(page: dict) -> etree._Element:
+    """One page as a PAGE XML document: regions in a reading order, line polygons, Words, TextEquivs."""
+    root = etree.Element(_p("PcGts"), nsmap={None: PAGE_NS, "xsi": XSI_NS})
+    root.set(f"{{{XSI_NS}}}schemaLocation", f"{PAGE_NS} {PAGE_SCHEMA}")
+    _page_metadata(root, _failure(page))
+    number = page["page"]
+    element = etree.SubElement(root, _p("Page"), imageFilename=_xml_text(page["source"]),
+                               imageWidth=str(page["width"]), imageHeight=str(page["height"]))
+    if page["dpi"]:
+        _set(element, imageXResolution=page["dpi"], imageYResolution=page["dpi"], imageResolutionUnit="PPI")
+    blocks = _blocks(page)
+    if blocks:
+        group = etree.SubElement(etree.SubElement(element, _p("ReadingOrder")), _p("OrderedGroup"),
+                                 id=f"p{number}_ro", caption="Regions reading order")
+        for index in range(len(blocks)):
+            etree.SubElement(group, _p("RegionRefIndexed"), index=str(index), regionRef=f"p{number}_r{index + 1}")
+    line_number = 0
+    for block_number, lines in enumerate(blocks, start=1):
+        region = etree.SubElement(element, _p("TextRegion"), id=f"p{number}_r{block_number}")
+        etree.SubElement(region, _p("Coords"), points=_points(_rectangle(_union(lines))))
+        for line in lines:
+            line_number += 1
+            _page_line(region, line, f"p{number}_l{line_number}")
+        _text_equiv(region, "\n".join(line["text"] for line in lines), None)
+    return root
+
+
+def _page_metadata(root: etree._Element, failure: str | None) -> None:
+    """Creator and the time of writing in UTC; a failed page's error goes into the Comments."""
+    metadata = etree.SubElement(root, _p("Metadata"))
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    etree.SubElement(metadata, _p("Creator")).text = f"{SOFTWARE} {_software_version()}"
+    etree.SubElement(metadata, _p("Created")).text = stamp
+    etree.SubElement(metadata, _p("LastChange")).text = stamp
+    if failure:
+        etree.SubElement(metadata, _p("Comments")).text = _xml_text(failure)
+
+
+def _page_line(region: etree._Element, line: dict, line_id: str) -> None:
+    element = etree.SubElement(region, _p("TextLine"), id=line_id)
+    etree.SubElement(element, _p("Coords"), points=_points(_outline(line)))
+    confidence = _confidence(line["confidence"])
+    for index, word in enumerate(line.get("words") or [], start=1):
+        word_element = etree.SubElement(element, _p("Word"), id=f"{line_id}_w{index}")
+        etree.SubElement(word_element, _p("Coords"), points=_points(_rectangle(word["bbox"])))
+        _text_equiv(word_element, word["text"], confidence)
+    _text_equiv(element, line["text"], confidence)
+
+
+def _text_equiv(parent: etree._Element, text: str, confidence: str | None) -> None:
+    equiv = _set(etree.SubElement(parent, _p("TextEquiv")), conf=confidence)
+    etree.SubElement(equiv, _p("Unicode")).text = _xml_text(text)
+
+
+# --- hOCR 1.2 -------------------------------------------------------------------------------
+
+
+def _hocr_files(pages: Rows, document: dict, stem: str) -> Rendered:
+    yield f"{stem}.hocr", _xml_bytes(hocr_document(pages, document), doctype=XHTML_DOCTYPE)
+
+
+def hocr_document(pages: Rows, document: dict) -> etree._Element:
+    """All pages of a document as one hOCR 1.2 XHTML file: page, content area, paragraph, line, word."""
+    root = etree.Element(_h("html"), nsmap={None: XHTML_NS})
+    head = etree.SubElement(root, _h("head"))
+    etree.SubElement(head, _h("title")).text = _xml_text(document["source"])
+    etree.SubElement(head, _h("meta"), {"http-equiv": "Content-Type", "content": "text/html; charset=utf-8"})
+    etree.SubElement(head, _h("meta"), name="ocr-system", content=f"{SOFTWARE} {_software_version()}")
+    etree.SubElement(head, _h("meta"), name="ocr-capabilities", content=HOCR_CAPABILITIES)
+    etree.SubElement(head, _h("meta"), name="ocr-number-of-pages", content=str(len(pages)))
+    body = etree.SubElement(root, _h("body"))
+    for page in pages:
+        _hocr_page(body, page)
+    for element in body.iter():
+        if len(element) == 0 and element.text is None:
+            element.text = ""  # <div></div>, not <div/>, which HTML parsers read as an open tag
+    return root
+
+
+def _hocr_page(body: etree._Element, page: dict) -> None:
+    number = page["page"]
+    source = _xml_text(page["source"]).replace('"', "%22")
+    title = f'image "{source}"; bbox 0 0 {page["width"]} {page["height"]}; ppageno {number - 1}'
+    if page["dpi"]:
+        title += f"; scan_res {page['dpi']} {page['dpi']}"
+    element = etree.SubElement(body, _h("div"), {"class": "ocr_page", "id": f"page_{number}", "title": title})
+    line_number = 0
+    for block_number, lines in enumerate(_blocks(page), start=1):
+        bbox = _hocr_bbox(_union(lines))
+        area = etree.SubElement(element, _h("div"), {"class": "ocr_carea", "id": f"block_{number}_{block_number}",
+                                                    "title": bbox})
+        paragraph = etree.SubElement(area, _h("p"), {"class": "ocr_par", "id": f"par_{number}_{block_number}",
+                                                    "title": bbox})
+        for line in lines:
+            line_number += 1
+            _hocr_line(paragraph, line, f"{number}_{line_number}")
+
+
+def _hocr_line(paragraph: etree._Element, line: dict, line_id: str) -> None:
+    confidence = "" if line["confidence"] is None else f"; x_wconf {_percent(line['confidence'])}"
+    element = etree.SubElement(paragraph, _h("span"), {"class": "ocr_line", "id": f"line_{line_id}",
+                                                       "title": _hocr_bbox(line["bbox"]) + confidence})
+    words = line.get("words")
+    if not words:
+        element.text = _xml_text(line["text"])
+        return
+    for index, word in enumerate(words, start=1):
+        span = etree.SubElement(element, _h("span"), {"class": "ocrx_word", "id": f"word_{line_id}_{index}",
+                                                     "title": _hocr_bbox(word["bbox"]) + confidence})
+        span.text = _xml_text(word["text"])
+        span.tail = " " if index < len(words) else None
+
+
+def _hocr_bbox(bbox: Sequence[int]) -> str:
+    return "bbox " + " ".join(str(int(value)) for value in bbox)
+
+
+def _percent(confidence: float) -> int:
+    """hOCR confidences are 0-100."""
+    return round(100 * min(1.0, max(0.0, confidence)))
+
+
+# --- plain text -----------------------------------------------------------------------------
+
+
+def _text_files(pages: Rows, document: dict, stem: str) -> Rendered:
+    """Page texts in page order, each ending in a newline, separated by form feeds."""
+    yield f"{stem}.txt", "\f".join(page["text"] + "\n" for page in pages).encode("utf-8")
+
+
+RENDERERS: dict[str, Callable[[Rows, dict, str], Rendered]] = {
+    "alto": _alto_files,
+    "page": _page_files,
+    "hocr": _hocr_files,
+    "txt": _text_files,
+}

@@ -1,0 +1,167 @@
+"""``trocr-pipeline inspect``: PNG overlays of the detected lines, for a person to check layout by eye.
+
+The stages run in this process, one page at a time, exactly as the job calls them (no Ray): triage,
+rasterize, detect and, with ``--recognize``, crop + decode. Each page becomes one PNG: the page with
+every line polygon coloured by block and labelled ``order`` / ``b<block>``; with recognized text, a
+panel on the right shows each line's text where the line sits on the page. Documents and pages that
+fail are reported with their reason and written as no PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from operators.detect import detect_lines
+from operators.ingest import DocumentPlan, expand_inputs, triage
+from operators.recognize import decode_lines, prepare_crops
+from operators.rasterize import page_ranges, rasterize
+from pipeline.config import JobConfig, load_config
+from pipeline.errors import ConfigError, DetectionFailed, ExitCode
+from pipeline.model import TrOCRBundle, load_trocr
+from pipeline.records import LineRecord, PageWork
+
+#: Longest side of an overlay in pixels: a whole page stays legible on screen and the PNG small.
+OVERLAY_MAX_SIDE = 1600
+#: Colours cycled over blocks (RGB), distinct on paper-white and on black ink.
+BLOCK_COLOURS = ((230, 25, 75), (60, 140, 60), (0, 100, 220), (245, 130, 48), (145, 30, 180), (0, 150, 150))
+LABEL_PX = 14
+MIN_TEXT_PX = 8
+
+
+@dataclass(frozen=True)
+class PageOutcome:
+    """What inspect made of one planned page: its overlay, or the reason there is none."""
+
+    source: str
+    page: int | None  # None when the whole document failed before its pages were known
+    lines: list[LineRecord]
+    overlay: Path | None
+    error: str | None = None  # "error_code: message" when the page failed
+
+    def describe(self) -> str:
+        where = self.source if self.page is None else f"{self.source} page {self.page}"
+        if self.error is not None:
+            return f"failed  {where}: {self.error}"
+        blocks = len({line.block for line in self.lines})
+        found = f"{len(self.lines)} lines in {blocks} blocks" if self.lines else "0 lines (no text found)"
+        return f"ok      {where}: {found} -> {self.overlay}"
+
+
+def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", help="files, folders or globs; local paths or URIs")
+    parser.add_argument("--output", "-o", required=True, type=Path, help="folder for the PNG overlays")
+    parser.add_argument("--config", "-c", type=Path, help="YAML config (default: configs/local.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set detect.block_gap=1.5 (repeatable)")
+    parser.add_argument("--recognize", action="store_true", help="also decode each line with recognize.model")
+    parser.add_argument("--pages", type=int, help="inspect only the first N pages of each document")
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    if args.pages is not None and args.pages < 1:
+        raise ConfigError(f"--pages must be >= 1, got {args.pages}")
+    config = load_config(args.config, args.overrides)
+    outcomes = inspect_documents(expand_inputs(args.inputs), args.output, config, args.recognize, args.pages)
+    for outcome in outcomes:
+        print(outcome.describe())
+    failed = sum(outcome.error is not None for outcome in outcomes)
+    print(f"{len(outcomes) - failed} overlays written to {args.output}, {failed} failed")
+    return ExitCode.documents_failed if failed else ExitCode.ok
+
+
+def inspect_documents(sources: list[str], output: Path, config: JobConfig, recognize: bool = False,
+                      max_pages: int | None = None) -> list[PageOutcome]:
+    """Overlay every page of ``sources`` (the first ``max_pages`` of each) into ``output``."""
+    output.mkdir(parents=True, exist_ok=True)
+    bundle = load_trocr(config.recognize.model, config.recognize.device, config.recognize.precision) if recognize else None
+    plans = [triage(source, config.rasterize) for source in sources]
+    outcomes = [PageOutcome(plan.source, None, [], None, f"{plan.error.error_code}: {plan.error}")
+                for plan in plans if plan.error is not None]
+    for task in page_ranges([_first_pages(plan, max_pages) for plan in plans], config.rasterize.pages_per_task):
+        for work in rasterize(task, config.rasterize):
+            outcomes.append(_inspect_page(work, output, config, bundle))
+    return outcomes
+
+
+def _first_pages(plan: DocumentPlan, max_pages: int | None) -> DocumentPlan:
+    if max_pages is None or plan.error is not None:
+        return plan
+    return dataclasses.replace(plan, num_pages=min(plan.num_pages, max_pages))
+
+
+def _inspect_page(work: PageWork, output: Path, config: JobConfig, bundle: TrOCRBundle | None) -> PageOutcome:
+    if work.status == "ok":
+        try:
+            work.lines = detect_lines(work.image, work.dpi, config.detect)
+        except (ValueError, RuntimeError) as exc:
+            work.fail(DetectionFailed.error_code, f"line detection failed: {exc}")
+    if work.status != "ok":
+        return PageOutcome(work.source, work.page, [], None, f"{work.error_code}: {work.error_message}")
+    texts = _recognize(work, config, bundle) if bundle is not None else None
+    path = output / f"{Path(work.source).stem}-{work.doc_id[:8]}-p{work.page:04d}.png"
+    draw_overlay(work.image, work.lines, texts).save(path, compress_level=1)  # fast; overlays are throwaway
+    return PageOutcome(work.source, work.page, work.lines, path)
+
+
+def _recognize(work: PageWork, config: JobConfig, bundle: TrOCRBundle) -> list[str]:
+    image = work.image  # prepare_crops drops it from the PageWork, the overlay still needs it
+    prepare_crops(work, bundle.preprocessor, config.detect.crop_padding_px)
+    work.image = image
+    hints = [(line.bbox[2] - line.bbox[0]) / max(1, line.bbox[3] - line.bbox[1]) for line in work.lines]
+    recognize = config.recognize
+    readings = decode_lines(bundle, work.line_pixels, recognize.num_beams, recognize.max_new_tokens,
+                            recognize.line_batch_size, hints, recognize.engine)
+    work.line_pixels = []
+    return [reading.text for reading in readings]
+
+
+def draw_overlay(page: np.ndarray, lines: list[LineRecord], texts: list[str] | None = None,
+                 max_side: int = OVERLAY_MAX_SIDE) -> Image.Image:
+    """The page, scaled to fit ``max_side``, with each line's polygon, order and block drawn on it;
+    with ``texts`` (one per line) a panel of the same size on the right shows them in place."""
+    if page.ndim != 2 or page.dtype != np.uint8 or page.size == 0:
+        raise ValueError(f"page must be a non-empty 8-bit grayscale array, got {page.dtype} {page.shape}")
+    if texts is not None and len(texts) != len(lines):
+        raise ValueError(f"{len(texts)} texts for {len(lines)} lines")
+    if max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
+    scale = min(1.0, max_side / max(page.shape))
+    size = (max(1, round(page.shape[1] * scale)), max(1, round(page.shape[0] * scale)))
+    canvas = Image.fromarray(page).resize(size, Image.Resampling.LANCZOS).convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    label_font = ImageFont.load_default(size=LABEL_PX)
+    for line in lines:
+        colour = BLOCK_COLOURS[line.block % len(BLOCK_COLOURS)]
+        outline = [(x * scale, y * scale) for x, y in line.polygon]
+        draw.polygon(outline, outline=colour, width=2)
+        x0, y0 = line.bbox[0] * scale, line.bbox[1] * scale
+        draw.text((x0, y0), f"{line.order} b{line.block}", font=label_font, fill=colour, anchor="lb",
+                  stroke_width=2, stroke_fill=(255, 255, 255))
+    if texts is None:
+        return canvas
+    return _beside(canvas, _text_panel(canvas.size, lines, texts, scale))
+
+
+def _text_panel(size: tuple[int, int], lines: list[LineRecord], texts: list[str], scale: float) -> Image.Image:
+    """White panel with each text at its line's position, sized to the line's height."""
+    panel = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(panel)
+    for line, text in zip(lines, texts):
+        x0, y0, _, y1 = (value * scale for value in line.bbox)
+        font = ImageFont.load_default(size=max(MIN_TEXT_PX, round(0.6 * (y1 - y0))))
+        colour = BLOCK_COLOURS[line.block % len(BLOCK_COLOURS)]
+        draw.text((x0, (y0 + y1) / 2), f"{line.order}: {text}", font=font, fill=colour, anchor="lm")
+    return panel
+
+
+def _beside(left: Image.Image, right: Image.Image) -> Image.Image:
+    combined = Image.new("RGB", (left.width + right.width, max(left.height, right.height)), (255, 255, 255))
+    combined.paste(left, (0, 0))
+    combined.paste(right, (left.width, 0))
+    return combined

@@ -1,0 +1,335 @@
+"""Running on a Ray cluster: the shipped cluster files, `ray job submit` against a real local head,
+and the recognizer actor pool spread over a simulated multi-node GPU cluster.
+
+The Ray processes these tests start live in subprocesses with their own RAY_TMPDIR: a test process
+already joined to the session's ``ray_local`` cannot join a second cluster, and a head started with
+the default temp dir would publish its address to every plain ``ray.init()`` on this machine. They
+are stopped by process group, never with ``ray stop`` (which stops every Ray instance of the host).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import jsonschema
+import pyarrow.dataset as ds
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKER = REPO / "docker"
+RAY_CLI = str(Path(sys.executable).with_name("ray"))
+CLI_PREFIXES = (["trocr-pipeline"], ["python", "-m", "pipeline.cli"])
+CPU_OVERRIDES = [  # the V100 config on a CPU-only test cluster with the tiny model
+    "rasterize.dpi=150", "recognize.device=cpu", "recognize.precision=fp32", "recognize.num_gpus=0",
+    "recognize.num_cpus=1", "recognize.concurrency=1", "recognize.torch_threads=1",
+    "recognize.max_new_tokens=4", "recognize.line_batch_size=16",
+]
+
+
+# ---------------------------------------------------------------- offline checks of the shipped files
+
+
+def _cli_arguments(command: list[str]) -> list[str]:
+    """The arguments after the program, for a command that starts with one of the documented entrypoints."""
+    for prefix in CLI_PREFIXES:
+        if command[: len(prefix)] == prefix:
+            return command[len(prefix):]
+    raise AssertionError(f"entrypoint must start with one of {CLI_PREFIXES}: {command}")
+
+
+def _parse_entrypoint(command: list[str]):
+    from pipeline.cli import build_parser
+
+    return build_parser().parse_args(_cli_arguments(command))
+
+
+def _readme_job_commands() -> list[list[str]]:
+    """Every `ray job submit ... -- <entrypoint>` in docker/README.md, continuation lines joined."""
+    text = (DOCKER / "README.md").read_text().replace("\\\n", " ")
+    commands = [shlex.split(line) for line in text.splitlines() if line.strip().startswith("ray job submit")]
+    return [command[command.index("--") + 1:] for command in commands]
+
+
+def _makefile_debian_packages() -> list[str]:
+    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    match = re.search(r"^DEBIAN_PACKAGES\s*:=(.*)$", text, re.MULTILINE)
+    assert match, "Makefile has no DEBIAN_PACKAGES"
+    return match.group(1).split()
+
+
+def _dockerfile_apt_packages() -> set[str]:
+    text = (DOCKER / "Dockerfile").read_text().replace("\\\n", " ")
+    installs = re.findall(r"apt-get install ([^&\n]*)", text)
+    return {word for install in installs for word in install.split() if not word.startswith("-")}
+
+
+def test_cluster_config_is_fp16_on_one_gpu_per_actor():
+    from pipeline.config import load_config
+
+    recognize = load_config(REPO / "configs" / "cluster-v100.yaml").recognize
+    assert (recognize.device, recognize.precision, recognize.num_gpus) == ("cuda", "fp16", 1)
+    assert isinstance(recognize.concurrency, tuple), "the actor pool should autoscale with the cluster's GPUs"
+
+
+def test_cluster_launcher_yaml_is_valid_for_ray_autoscaler():
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    cluster = yaml.safe_load((DOCKER / "cluster-v100.yaml").read_text())
+    jsonschema.validate(cluster, schema)
+    node_types = cluster["available_node_types"]
+    assert cluster["head_node_type"] in node_types
+    gpu_types = [spec for spec in node_types.values() if spec["resources"].get("GPU")]
+    assert gpu_types and all(spec["node_config"]["InstanceType"].startswith("p3") for spec in gpu_types)
+    assert cluster["docker"]["image"] == _manifest_image()
+
+
+def _manifest_image() -> str:
+    job = yaml.safe_load((DOCKER / "rayjob-v100.yaml").read_text())
+    return job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+
+
+def test_rayjob_manifest_has_the_v1_fields():
+    job = yaml.safe_load((DOCKER / "rayjob-v100.yaml").read_text())
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    spec = job["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["entrypoint"]
+    yaml.safe_load(spec["runtimeEnvYAML"])
+    cluster = spec["rayClusterSpec"]
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0", "the driver and writer keep the head to themselves"
+    (workers,) = cluster["workerGroupSpecs"]
+    assert workers["groupName"] and workers["minReplicas"] <= workers["replicas"] <= workers["maxReplicas"]
+    (container,) = workers["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["image"] == head["template"]["spec"]["containers"][0]["image"]
+
+
+def test_documented_entrypoints_parse_with_the_cli():
+    job = yaml.safe_load((DOCKER / "rayjob-v100.yaml").read_text())
+    entrypoints = [shlex.split(job["spec"]["entrypoint"]), *_readme_job_commands()]
+    assert len(entrypoints) >= 3, "README should show ray job submit with and without a runtime env"
+    for command in entrypoints:
+        args = _parse_entrypoint(command)
+        assert args.command in ("run", "detect") and args.output
+
+
+def test_entrypoint_parser_rejects_unknown_programs():
+    with pytest.raises(AssertionError, match="entrypoint must start"):
+        _parse_entrypoint(["python", "my_script.py", "run"])
+
+
+def test_dockerfile_installs_what_the_makefile_lists():
+    packages = _dockerfile_apt_packages()
+    missing = [package for package in _makefile_debian_packages() if package not in packages]
+    assert not missing, f"docker/Dockerfile lacks Debian packages the Makefile installs: {missing}"
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    assert re.search(r"^FROM rayproject/ray:\S+-gpu", dockerfile, re.MULTILINE)
+    assert re.search(r"^RUN pip install\b.*\s\.$", dockerfile, re.MULTILINE), "the image must install this package"
+
+
+def test_runtime_env_yaml_is_accepted_by_ray():
+    from ray.runtime_env import RuntimeEnv
+
+    env = RuntimeEnv(**yaml.safe_load((DOCKER / "runtime-env.yaml").read_text()))
+    assert "/models/" in env["excludes"], "model folders must not be uploaded with the working dir"
+
+
+# ---------------------------------------------------------------- real Ray processes
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _private_ray_env(ray_tmpdir: str) -> dict[str, str]:
+    """This venv first on PATH (the job's `python`), a temp dir no other Ray on the host reads, and
+    Ray's token authentication (on by default since 2.5x) with a token of its own instead of
+    ~/.ray/auth_token."""
+    return {**os.environ, "RAY_TMPDIR": ray_tmpdir, "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def _stop_process_group(pgid: int, grace_s: float = 15.0) -> None:
+    """SIGTERM the group, then SIGKILL whatever outlives the grace period."""
+    with suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            os.killpg(pgid, 0)
+            time.sleep(0.2)
+        os.killpg(pgid, signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class RayHead:
+    dashboard: str  # the Jobs API address, http://host:port
+    env: dict[str, str]
+
+    def job(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """`ray job <verb> --address <head> ...` from the repo root, output as text."""
+        verb, *rest = args
+        return subprocess.run([RAY_CLI, "job", verb, "--address", self.dashboard, *rest], cwd=REPO, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def status(self, submission_id: str) -> str:
+        """What `ray job status` says: 'Job 'ID' succeeded|failed' and the status message."""
+        result = self.job("status", "--log-color", "false", submission_id)
+        return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A real `ray start --head` with the dashboard's job server, two CPUs, no GPU."""
+    ray_tmpdir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    env = _private_ray_env(ray_tmpdir)
+    dashboard_port = _free_port()
+    start = subprocess.Popen(
+        [RAY_CLI, "start", "--head", f"--port={_free_port()}", "--num-cpus=2", "--num-gpus=0",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+         f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+         "--disable-usage-stats"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        output, _ = start.communicate(timeout=120)
+        assert start.returncode == 0, output[-3000:]
+        yield RayHead(f"http://127.0.0.1:{dashboard_port}", env)
+    finally:
+        _stop_process_group(start.pid)
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def job_documents(synthetic_documents) -> list[Path]:
+    return synthetic_documents[:2]
+
+
+@pytest.fixture(scope="module")
+def job_inputs(tmp_path_factory, job_documents) -> Path:
+    """The documents alone in one folder: the job's 'shared storage' input."""
+    folder = tmp_path_factory.mktemp("cluster-inputs")
+    for document in job_documents:
+        shutil.copy(document, folder)
+    return folder
+
+
+def _expected_pages(documents: list[Path]) -> list[tuple[str, int]]:
+    from pipeline.synth.docs import load_ground_truth
+
+    return sorted((path.name, page["page"]) for path in documents for page in load_ground_truth(path)["pages"])
+
+
+def _read_output(output: Path) -> tuple[list[dict], list[tuple[str, int]]]:
+    documents = ds.dataset(output / "documents", format="parquet").to_table().to_pylist()
+    pages = ds.dataset(output / "pages", format="parquet").to_table(columns=["source", "page"]).to_pylist()
+    return documents, [(Path(row["source"]).name, row["page"]) for row in pages]
+
+
+def _assert_every_document_once(output: Path, expected: list[Path]) -> None:
+    documents, pages = _read_output(output)
+    assert sorted(Path(row["source"]).name for row in documents) == sorted(path.name for path in expected)
+    assert all(row["status"] == "ok" for row in documents), documents
+    assert len({row["doc_id"] for row in documents}) == len(documents)
+    assert sorted(pages) == _expected_pages(expected), "every page exactly once"
+
+
+def test_job_submit_runs_the_cli_and_reports_in_the_job_logs(ray_head, job_inputs, job_documents, tiny_model,
+                                                              tmp_path):
+    output = tmp_path / "ocr"
+    entrypoint = ["python", "-m", "pipeline.cli", "run", str(job_inputs), "--output", str(output),
+                  "--config", "configs/cluster-v100.yaml", "--set", f"recognize.model={tiny_model}",
+                  *[arg for override in CPU_OVERRIDES for arg in ("--set", override)]]
+    submit = ray_head.job("submit", "--submission-id", "ocr-ok", "--working-dir", ".",
+                          "--runtime-env", "docker/runtime-env.yaml", "--", *entrypoint, timeout=300)
+    assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
+    assert "Job 'ocr-ok' succeeded" in ray_head.status("ocr-ok")
+    logs = ray_head.job("logs", "ocr-ok").stdout
+    pages = len(_expected_pages(job_documents))
+    assert "documents: 2 ok, 0 failed, 0 already done" in logs and f"pages: {pages} (0 failed)" in logs, logs[-3000:]
+    _assert_every_document_once(output, job_documents)
+
+
+def test_job_submit_fails_the_job_with_the_cli_exit_code(ray_head, job_inputs, tmp_path):
+    from pipeline.errors import ExitCode
+
+    missing_model = tmp_path / "no-such-model"
+    submit = ray_head.job("submit", "--submission-id", "ocr-bad-model", "--working-dir", ".",
+                          "--runtime-env", "docker/runtime-env.yaml", "--",
+                          "python", "-m", "pipeline.cli", "run", str(job_inputs), "--output", str(tmp_path / "ocr"),
+                          "--set", f"recognize.model={missing_model}", timeout=180)
+    assert submit.returncode != 0
+    status = ray_head.status("ocr-bad-model")
+    assert "Job 'ocr-bad-model' failed" in status
+    assert f"Job entrypoint command failed with exit code {int(ExitCode.model_error)}" in status
+    assert str(missing_model) in ray_head.job("logs", "ocr-bad-model").stdout
+
+
+def run_on_simulated_gpu_cluster(spec: dict) -> dict:
+    """Subprocess side: a CPU-only head plus nodes declaring one (fake) GPU each, the job with one GPU
+    per recognizer actor, then where the GPU-requesting actors lived (Ray's state API)."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
+    from pipeline.config import load_config
+    from pipeline.job import run_job
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": True, "dashboard_port": _free_port(),
+        "dashboard_agent_listen_port": _free_port()})
+    try:
+        gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:V100": 1}).node_id
+                     for _ in range(spec["gpu_nodes"])]
+        ray.init(address=cluster.address, logging_level="WARNING")
+        summary = run_job(spec["inputs"], spec["output"], load_config(None, spec["overrides"]))
+        actors = [actor for actor in list_actors(detail=True, limit=1000) if actor.required_resources.get("GPU")]
+        return {"head_node": cluster.head_node.node_id, "gpu_nodes": gpu_nodes,
+                "actor_nodes": [actor.node_id for actor in actors], "documents_ok": summary.written.documents_ok}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_recognizer_actors_spread_over_gpu_nodes(job_inputs, job_documents, tiny_model, tmp_path):
+    gpu_nodes = 2
+    spec = {"gpu_nodes": gpu_nodes, "inputs": [str(job_inputs)], "output": str(tmp_path / "ocr"),
+            "overrides": ["rasterize.dpi=150", f"recognize.model={tiny_model}", "recognize.device=cpu",
+                          "recognize.num_gpus=1", "recognize.num_cpus=0.5", f"recognize.concurrency={gpu_nodes}",
+                          "recognize.max_new_tokens=4", "recognize.line_batch_size=16"]}
+    report = tmp_path / "report.json"
+    ray_tmpdir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")
+    try:
+        result = subprocess.run([sys.executable, __file__, json.dumps(spec), str(report)], cwd=REPO,
+                                env=_private_ray_env(ray_tmpdir), capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    placement = json.loads(report.read_text())
+    assert len(placement["actor_nodes"]) == gpu_nodes, placement
+    assert sorted(placement["actor_nodes"]) == sorted(placement["gpu_nodes"]), "one actor per GPU node, none on the head"
+    assert placement["documents_ok"] == 2
+    _assert_every_document_once(tmp_path / "ocr", job_documents)
+
+
+if __name__ == "__main__":  # the subprocess of test_recognizer_actors_spread_over_gpu_nodes
+    sys.path.insert(0, str(REPO))
+    Path(sys.argv[2]).write_text(json.dumps(run_on_simulated_gpu_cluster(json.loads(sys.argv[1]))))

@@ -1,0 +1,237 @@
+"""ALTO, PAGE, hOCR and text exports of page rows made by the real reassembly code.
+
+Structure is checked with lxml; the official ALTO 4.4 and PAGE 2019 schemas are also applied when
+the dev data checkout ``../shared/schemas`` sits next to the repository.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+from lxml import etree
+
+from operators.export import ALTO_NS, PAGE_NS, XHTML_NS, export_stem, write_exports
+from operators.reassemble import page_row
+from operators.words import split_words
+from pipeline.records import LineRecord, PageWork
+
+SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
+SIZE = (1240, 1754)
+DOC_ID = "0123456789abcdef"
+SOURCE = "scans/Box 3/letter.final.pdf"
+TRICKY = 'Fish & Chips <cheap> "fresh"'
+ALTO = {"a": ALTO_NS}
+PAGE = {"p": PAGE_NS}
+XHTML = {"h": XHTML_NS}
+XLINK_STUB = b"""<xsd:schema xmlns:xsd="http://www.w3.org/2001/XMLSchema"
+    targetNamespace="http://www.w3.org/1999/xlink" attributeFormDefault="qualified">
+  <xsd:attributeGroup name="simpleLink">
+    <xsd:attribute name="type" type="xsd:string"/><xsd:attribute name="href" type="xsd:anyURI"/>
+    <xsd:attribute name="role" type="xsd:string"/><xsd:attribute name="arcrole" type="xsd:string"/>
+    <xsd:attribute name="title" type="xsd:string"/><xsd:attribute name="show" type="xsd:string"/>
+    <xsd:attribute name="actuate" type="xsd:string"/>
+  </xsd:attributeGroup>
+</xsd:schema>"""
+
+
+def _line(block: int, order: int, x0: int, y0: int, text: str, confidence: float | None) -> LineRecord:
+    x1, y1 = x0 + 500, y0 + 40
+    polygon = [(x0, y0 + 2), (x0 + 250, y0), (x1, y0 + 3), (x1, y1), (x0, y1 - 1)]
+    return LineRecord(bbox=(x0, y0, x1, y1), polygon=polygon, block=block, order=order, text=text,
+                      confidence=confidence)
+
+
+def _row(page: int, lines: list[LineRecord], status: str = "ok", with_words: bool = True) -> dict:
+    """A pages row from :func:`page_row`, with each line's words added the way the pipeline will."""
+    work = PageWork(doc_id=DOC_ID, source=SOURCE, page=page, dpi=150, width=SIZE[0], height=SIZE[1], lines=lines)
+    if status == "failed":
+        work.fail("recognition_failed", "model ran out of memory <&>")
+    row = page_row(work)
+    if with_words:
+        for line in row["lines"]:
+            line["words"] = [word.to_row() for word in split_words(line["text"], line["bbox"], [], SIZE)]
+    return row
+
+
+@pytest.fixture()
+def pages() -> list[dict]:
+    """Page 1: two blocks given out of order; page 2: empty; page 3: failed; page 4: lines without words."""
+    first = [
+        _line(1, 2, 700, 200, "right column first line", 0.8),
+        _line(0, 0, 100, 200, TRICKY, 0.9375),
+        _line(0, 1, 100, 260, "second line of the left column", None),
+    ]
+    return [
+        _row(3, [], status="failed"),
+        _row(1, first),
+        _row(2, []),
+        _row(4, [_line(0, 0, 100, 100, "no word boxes here", 0.5)], with_words=False),
+    ]
+
+
+@pytest.fixture()
+def document() -> dict:
+    return {"doc_id": DOC_ID, "source": SOURCE, "status": "failed", "error_code": "recognition_failed",
+            "error_message": "1 of 4 pages failed", "num_pages": 4}
+
+
+@pytest.fixture()
+def exported(tmp_path, pages, document) -> dict[str, Path]:
+    paths = write_exports(pages, document, ["alto", "page", "hocr", "txt"], str(tmp_path))
+    return {Path(path).name: Path(path) for path in paths}
+
+
+def _parse(exported: dict[str, Path], suffix: str) -> etree._ElementTree:
+    return etree.parse(str(exported[f"letter.final-01234567{suffix}"]))
+
+
+def test_one_file_per_page_for_alto_and_page_one_per_document_for_hocr_and_text(exported):
+    stem = "letter.final-01234567"
+    expected = {f"{stem}.p{n:04d}.{kind}.xml" for n in range(1, 5) for kind in ("alto", "page")}
+    assert set(exported) == expected | {f"{stem}.hocr", f"{stem}.txt"}
+    assert export_stem({"doc_id": "ffee" * 4, "source": "s3://bucket/in/scan"}) == "scan-ffeeffee"
+
+
+def test_alto_page_holds_blocks_in_reading_order_with_polygons_words_and_confidences(exported, pages):
+    tree = _parse(exported, ".p0001.alto.xml")
+    assert tree.getroot().tag == f"{{{ALTO_NS}}}alto"
+    assert tree.findtext("a:Description/a:MeasurementUnit", namespaces=ALTO) == "pixel"
+    assert tree.findtext("a:Description/a:sourceImageInformation/a:fileName", namespaces=ALTO) == SOURCE
+    assert tree.findtext(".//a:processingSoftware/a:softwareName", namespaces=ALTO) == "trocr-pipeline"
+    page = tree.find("a:Layout/a:Page", ALTO)
+    assert (page.get("WIDTH"), page.get("HEIGHT"), page.get("PHYSICAL_IMG_NR")) == ("1240", "1754", "1")
+    blocks = page.findall(".//a:TextBlock", ALTO)
+    refs = [ref.get("REF") for ref in tree.findall("a:ReadingOrder/a:OrderedGroup/a:ElementRef", ALTO)]
+    assert refs == [block.get("ID") for block in blocks] and len(blocks) == 2
+    lines = page.findall(".//a:TextLine", ALTO)
+    row_lines = pages[1]["lines"]
+    assert [len(block.findall("a:TextLine", ALTO)) for block in blocks] == [2, 1]
+    assert [" ".join(s.get("CONTENT") for s in line.findall("a:String", ALTO)) for line in lines] == [
+        TRICKY, "second line of the left column", "right column first line"]
+    first = lines[0]
+    assert first.find("a:Shape/a:Polygon", ALTO).get("POINTS") == "100,202 350,200 600,203 600,240 100,239"
+    strings = first.findall("a:String", ALTO)
+    assert len(strings) == len(row_lines[0]["words"]) == 5
+    for string, word in zip(strings, row_lines[0]["words"]):
+        x0, y0, x1, y1 = word["bbox"]
+        assert [string.get(key) for key in ("HPOS", "VPOS", "WIDTH", "HEIGHT")] == [
+            str(x0), str(y0), str(x1 - x0), str(y1 - y0)]
+        assert string.get("WC") == "0.9375"
+    assert all(string.get("WC") is None for string in lines[1].findall("a:String", ALTO))
+
+
+def test_page_xml_holds_regions_in_reading_order_with_words_and_confidences(exported, pages):
+    tree = _parse(exported, ".p0001.page.xml")
+    page = tree.find("p:Page", PAGE)
+    assert (page.get("imageFilename"), page.get("imageWidth"), page.get("imageHeight")) == (SOURCE, "1240", "1754")
+    refs = page.findall("p:ReadingOrder/p:OrderedGroup/p:RegionRefIndexed", PAGE)
+    regions = page.findall("p:TextRegion", PAGE)
+    assert [(ref.get("index"), ref.get("regionRef")) for ref in refs] == [
+        (str(index), region.get("id")) for index, region in enumerate(regions)]
+    lines = page.findall(".//p:TextLine", PAGE)
+    assert [line.findtext("p:TextEquiv/p:Unicode", namespaces=PAGE) for line in lines] == [
+        TRICKY, "second line of the left column", "right column first line"]
+    assert lines[0].find("p:Coords", PAGE).get("points") == "100,202 350,200 600,203 600,240 100,239"
+    assert [line.find("p:TextEquiv", PAGE).get("conf") for line in lines] == ["0.9375", None, "0.8000"]
+    words = lines[0].findall("p:Word", PAGE)
+    assert [word.findtext("p:TextEquiv/p:Unicode", namespaces=PAGE) for word in words] == TRICKY.split()
+    x0, y0, x1, y1 = pages[1]["lines"][0]["words"][2]["bbox"]
+    assert words[2].find("p:Coords", PAGE).get("points") == f"{x0},{y0} {x1},{y0} {x1},{y1} {x0},{y1}"
+    assert regions[0].findtext("p:TextEquiv/p:Unicode", namespaces=PAGE) == (
+        f"{TRICKY}\nsecond line of the left column")
+
+
+def test_hocr_holds_every_page_with_areas_lines_words_boxes_and_confidences(exported, pages):
+    tree = _parse(exported, ".hocr")
+    assert tree.docinfo.doctype.startswith("<!DOCTYPE html")
+    meta = {m.get("name"): m.get("content") for m in tree.findall("h:head/h:meta", XHTML) if m.get("name")}
+    assert meta["ocr-number-of-pages"] == "4" and meta["ocr-system"].startswith("trocr-pipeline")
+    assert set(meta["ocr-capabilities"].split()) == {"ocr_page", "ocr_carea", "ocr_par", "ocr_line", "ocrx_word"}
+    page_divs = tree.findall("h:body/h:div[@class='ocr_page']", XHTML)
+    assert [div.get("id") for div in page_divs] == ["page_1", "page_2", "page_3", "page_4"]
+    assert "bbox 0 0 1240 1754; ppageno 0; scan_res 150 150" in page_divs[0].get("title")
+    assert len(page_divs[0].findall("h:div[@class='ocr_carea']/h:p[@class='ocr_par']", XHTML)) == 2
+    lines = page_divs[0].findall(".//h:span[@class='ocr_line']", XHTML)
+    assert [line.get("title") for line in lines] == [
+        "bbox 100 200 600 240; x_wconf 94", "bbox 100 260 600 300", "bbox 700 200 1200 240; x_wconf 80"]
+    words = lines[0].findall("h:span[@class='ocrx_word']", XHTML)
+    assert "".join(lines[0].itertext()) == TRICKY
+    assert words[0].get("title") == "bbox {} {} {} {}; x_wconf 94".format(*pages[1]["lines"][0]["words"][0]["bbox"])
+
+
+def test_text_export_separates_pages_with_form_feeds(exported, pages):
+    text = exported["letter.final-01234567.txt"].read_text(encoding="utf-8")
+    by_number = {row["page"]: row["text"] for row in pages}
+    assert text.split("\f") == [by_number[n] + "\n" for n in (1, 2, 3, 4)]
+    assert TRICKY in text
+
+
+def test_lines_without_word_boxes_keep_their_text(exported):
+    alto = _parse(exported, ".p0004.alto.xml")
+    strings = alto.findall(".//a:TextLine/a:String", ALTO)
+    assert [s.get("CONTENT") for s in strings] == "no word boxes here".split()
+    assert all(s.get("HPOS") is None for s in strings)
+    assert _parse(exported, ".p0004.page.xml").findall(".//p:Word", PAGE) == []
+    line = _parse(exported, ".hocr").find(".//h:div[@id='page_4']//h:span[@class='ocr_line']", XHTML)
+    assert line.text == "no word boxes here" and len(line) == 0
+
+
+def test_empty_page_has_no_lines_and_failed_page_no_text(exported):
+    for number in ("0002", "0003"):
+        alto, page = _parse(exported, f".p{number}.alto.xml"), _parse(exported, f".p{number}.page.xml")
+        assert alto.find("a:Layout/a:Page", ALTO) is not None
+        assert alto.findall(".//a:TextBlock", ALTO) == [] and alto.find("a:ReadingOrder", ALTO) is None
+        assert page.findall(".//p:TextRegion", PAGE) == [] and page.find(".//p:ReadingOrder", PAGE) is None
+    assert _parse(exported, ".p0002.alto.xml").find("a:Layout/a:Page", ALTO).get("QUALITY_DETAIL") is None
+    failure = "page failed (recognition_failed): model ran out of memory <&>"
+    assert _parse(exported, ".p0003.alto.xml").find("a:Layout/a:Page", ALTO).get("QUALITY_DETAIL") == failure
+    assert _parse(exported, ".p0003.page.xml").findtext("p:Metadata/p:Comments", namespaces=PAGE) == failure
+    hocr = _parse(exported, ".hocr")
+    assert len(hocr.find(".//h:div[@id='page_3']", XHTML)) == 0
+
+
+def test_text_xml_cannot_hold_is_dropped_not_fatal(tmp_path, document):
+    row = _row(1, [_line(0, 0, 100, 100, "bell\x07 and esc\x1bape", 0.7)])
+    paths = write_exports([row], document, ["alto", "page", "hocr"], str(tmp_path))
+    alto = etree.parse(paths[0])
+    assert [s.get("CONTENT") for s in alto.findall(".//a:String", ALTO)] == ["bell", "and", "escape"]
+
+
+def test_writes_through_a_given_filesystem(tmp_path, pages, document):
+    filesystem = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    paths = write_exports(pages, document, ["txt", "txt"], "exports", filesystem)
+    assert paths == ["exports/letter.final-01234567.txt"]
+    assert (tmp_path / "exports" / "letter.final-01234567.txt").is_file()
+
+
+def test_document_without_pages_writes_nothing(tmp_path, document):
+    assert write_exports([], document, ["alto", "hocr"], str(tmp_path / "out")) == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_rejects_unknown_formats_and_pages_of_another_document(tmp_path, pages, document):
+    with pytest.raises(ValueError, match="unknown export formats \\['pdf'\\]"):
+        write_exports(pages, document, ["alto", "pdf"], str(tmp_path))
+    with pytest.raises(ValueError, match="pages of documents"):
+        write_exports(pages, {**document, "doc_id": "another"}, ["txt"], str(tmp_path))
+
+
+@pytest.mark.skipif(not SCHEMAS.is_dir(), reason=f"official XSDs live in the dev data checkout {SCHEMAS}, "
+                                                  "which a plain clone lacks")
+def test_alto_and_page_files_are_valid_against_the_official_schemas(exported):
+    class XlinkStub(etree.Resolver):
+        """ALTO imports the xlink schema by URL; there is no network, and only xlink:href uses it."""
+
+        def resolve(self, url, public_id, context):
+            return self.resolve_string(XLINK_STUB, context) if "xlink" in url else None
+
+    parser = etree.XMLParser()
+    parser.resolvers.add(XlinkStub())
+    alto = etree.XMLSchema(etree.parse(str(SCHEMAS / "alto-4-4.xsd"), parser))
+    page = etree.XMLSchema(etree.parse(str(SCHEMAS / "pagecontent-2019-07-15.xsd")))
+    for name, path in exported.items():
+        schema = alto if name.endswith(".alto.xml") else page if name.endswith(".page.xml") else None
+        if schema is not None:
+            assert schema.validate(etree.parse(str(path))), (name, schema.error_log.last_error)

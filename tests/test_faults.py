@@ -1,0 +1,124 @@
+"""Faults on a real local Ray instance: the driver killed with SIGKILL and rerun, a recognizer actor
+killed mid-batch. Either way every document and page ends up in the output exactly once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from pipeline.synth.docs import load_ground_truth, write_document_set
+
+RECOGNIZER_TITLE = "MapBatches(_RecognizeBatch)"
+
+
+@pytest.fixture(scope="module")
+def documents(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("fault-docs")
+    return write_document_set(folder, count=6, seed=23, dpi=100, formats=("pdf", "tiff"), pages_per_document=(1, 2))
+
+
+def _job(documents: list[Path], output: Path, model: Path) -> subprocess.Popen:
+    """The CLI job in its own process group; one page per actor call so results stream in steadily."""
+    command = [sys.executable, "-m", "pipeline.cli", "run", str(documents[0].parent), "--output", str(output),
+               "--set", "rasterize.dpi=100", "--set", f"recognize.model={model}", "--set", "ray.num_cpus=2",
+               "--set", "recognize.max_new_tokens=32", "--set", "output.parquet_rows_per_file=1",
+               "--set", "recognize.pages_per_batch=1", "--set", "recognize.line_batch_size=8"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _published(output: Path) -> int:
+    folder = output / "documents"
+    return len(list(folder.glob("*.parquet"))) if folder.exists() else 0
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _check_exactly_once(output: Path, documents: list[Path]) -> list[dict]:
+    rows = ds.dataset(output / "documents", format="parquet").to_table().to_pylist()
+    assert Counter(Path(row["source"]).name for row in rows) == Counter(p.name for p in documents)
+    assert all(row["status"] == "ok" for row in rows)
+    pages = ds.dataset(output / "pages", format="parquet").to_table().to_pylist()
+    expected = Counter((p.name, page["page"]) for p in documents for page in load_ground_truth(p)["pages"])
+    assert Counter((Path(page["source"]).name, page["page"]) for page in pages) == expected
+    assert list((output / "_staging").iterdir()) == []
+    return pages
+
+
+def test_driver_killed_then_rerun_writes_every_document_once(documents, tiny_model, tmp_path):
+    output = tmp_path / "out"
+    job = _job(documents, output, tiny_model)
+    try:
+        _wait_for(lambda: _published(output) >= 1 or job.poll() is not None, 300, "the first published document")
+        os.killpg(job.pid, signal.SIGKILL)  # the driver and the Ray instance it started
+        job.wait(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    killed_at = _published(output)
+    assert 1 <= killed_at < len(documents), "the kill must land mid-job for this test to mean anything"
+
+    rerun = _job(documents, output, tiny_model)
+    log, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, log[-3000:]
+    assert f"{killed_at} already done" in log
+    _check_exactly_once(output, documents)
+
+
+def _busy_recognizers(job_pid: int) -> list[int]:
+    """Recognizer actors of this job (descendants of its driver) that are inside a call right now."""
+    parents, titles = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            titles[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            if pid == job_pid:
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    return [pid for pid, title in titles.items()
+            if title.startswith(f"ray::MapWorker({RECOGNIZER_TITLE}).submit") and descends(pid)]
+
+
+def test_recognizer_killed_mid_batch_loses_no_line(documents, tiny_model, tmp_path):
+    output = tmp_path / "out"
+    job = _job(documents, output, tiny_model)
+    try:
+        _wait_for(lambda: _busy_recognizers(job.pid) or job.poll() is not None, 300, "a busy recognizer actor")
+        victims = _busy_recognizers(job.pid)
+        assert victims and job.poll() is None, "the job ended before the actor could be killed"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        log, _ = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 0, log[-3000:]
+    assert _published(output) == len(documents)
+    pages = _check_exactly_once(output, documents)
+    lines = [line for page in pages for line in page["lines"]]
+    assert lines and all(line["text"] and line["confidence"] is not None for line in lines)

@@ -1,0 +1,105 @@
+"""``trocr-pipeline inspect`` on synthetic documents (real PDFs/TIFFs, real fonts) and a tiny TrOCR."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.errors import ExitCode
+from pipeline.inspect import OVERLAY_MAX_SIDE, draw_overlay, inspect_documents
+from pipeline.records import LineRecord
+from pipeline.synth.docs import load_ground_truth
+
+DPI_OVERRIDE = "rasterize.dpi=150"  # the synthetic documents are drawn at 150 dpi
+
+
+@pytest.fixture(scope="module")
+def documents(synthetic_documents) -> list[Path]:
+    """A PDF and a TIFF, one of them with several pages (kept few: every page is rendered)."""
+    chosen = synthetic_documents[:2]
+    assert {path.suffix for path in chosen} == {".pdf", ".tif"} and max(_page_counts(chosen)) > 1
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def input_folder(tmp_path_factory, documents) -> Path:
+    folder = tmp_path_factory.mktemp("inspect-inputs")
+    for document in documents:
+        (folder / document.name).symlink_to(document)
+    (folder / "corrupt.pdf").write_bytes(b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog")  # truncated after the header
+    return folder
+
+
+def _page_counts(documents: list[Path]) -> list[int]:
+    return [len(load_ground_truth(document)["pages"]) for document in documents]
+
+
+def _coloured(image: Image.Image) -> np.ndarray:
+    """Pixels whose channels differ: drawn overlay, never the grayscale page."""
+    pixels = np.asarray(image, dtype=np.int16)
+    return np.ptp(pixels, axis=2) > 40
+
+
+def test_cli_writes_one_overlay_per_page_and_reports_the_failed_document(input_folder, documents, tmp_path, capsys):
+    output = tmp_path / "overlays"
+    code = main(["inspect", str(input_folder), "--output", str(output), "--set", DPI_OVERRIDE])
+    printed = capsys.readouterr().out
+    assert code == ExitCode.documents_failed
+    failed = [line for line in printed.splitlines() if line.startswith("failed")]
+    assert len(failed) == 1 and "corrupt.pdf" in failed[0] and "corrupt_file" in failed[0]
+    overlays = sorted(output.glob("*.png"))
+    assert len(overlays) == sum(_page_counts(documents))
+    for path in overlays:
+        with Image.open(path) as overlay:
+            assert max(overlay.size) <= OVERLAY_MAX_SIDE
+            assert _coloured(overlay.convert("RGB")).any(), f"{path.name} shows no line"
+
+
+def test_pages_option_limits_each_document(documents, tmp_path):
+    config = load_config(None, [DPI_OVERRIDE])
+    outcomes = inspect_documents([str(path) for path in documents], tmp_path, config, max_pages=1)
+    assert [outcome.page for outcome in outcomes] == [1] * len(documents)
+    assert all(outcome.error is None and outcome.lines for outcome in outcomes)
+
+
+def test_bad_pages_option_is_a_usage_error(input_folder, tmp_path):
+    code = main(["inspect", str(input_folder), "--output", str(tmp_path), "--pages", "0"])
+    assert code == ExitCode.bad_args
+
+
+def test_recognize_adds_a_text_panel_beside_the_page(documents, tiny_model, tmp_path):
+    config = load_config(None, [DPI_OVERRIDE, f"recognize.model={tiny_model}", "recognize.max_new_tokens=16"])
+    plain, = inspect_documents([str(documents[0])], tmp_path / "plain", config, max_pages=1)
+    read, = inspect_documents([str(documents[0])], tmp_path / "read", config, recognize=True, max_pages=1)
+    with Image.open(plain.overlay) as without_text, Image.open(read.overlay) as with_text:
+        assert with_text.size == (2 * without_text.width, without_text.height)
+        panel = np.asarray(with_text.convert("L"))[:, without_text.width:]
+    assert (panel < 128).any(), "the text panel is blank"
+    assert len(read.lines) == len(plain.lines) > 0
+
+
+def _page_with_one_line() -> tuple[np.ndarray, LineRecord]:
+    page = np.full((400, 3200), 200, np.uint8)
+    polygon = [(400, 100), (2800, 100), (2800, 180), (400, 180)]
+    return page, LineRecord(bbox=(400, 100, 2801, 181), polygon=polygon, block=0, order=0)
+
+
+def test_overlay_is_downscaled_and_draws_only_where_lines_are():
+    page, line = _page_with_one_line()
+    empty = draw_overlay(page, [])
+    drawn = draw_overlay(page, [line])
+    assert empty.size == drawn.size == (OVERLAY_MAX_SIDE, 200)
+    assert not _coloured(empty).any()
+    rows = np.flatnonzero(_coloured(drawn).any(axis=1))
+    assert rows.min() >= 30 and rows.max() <= 95  # the label above the line and the outline at 50..90
+
+
+def test_overlay_rejects_texts_that_do_not_match_the_lines():
+    page, line = _page_with_one_line()
+    with pytest.raises(ValueError, match="1 texts for 2 lines"):
+        draw_overlay(page, [line, line], ["only one"])

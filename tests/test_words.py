@@ -1,0 +1,224 @@
+"""Word boxes from ink gaps, checked on lines rendered with real Debian fonts.
+
+Each line is drawn word by word so that every word's true box is known (``font.getbbox`` at the
+place it was drawn); the line crop is cut with the detector's own :func:`crop_line`. Word boxes
+span their line's height by design (only columns survive the layout stage), so the truth box of a
+word is its drawn horizontal extent over the line's vertical extent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from operators.detect import crop_line
+from operators.words import WORD_TYPE, WORK_HEIGHT, Word, ink_gaps, normalize_bbox, split_words
+from pipeline.records import LineRecord
+
+FONTS = {
+    "sans": "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "monospace": "/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf",
+    "italic": "/usr/share/fonts/truetype/dejavu/DejaVuSerif-Italic.ttf",
+    "garamond-italic": "/usr/share/fonts/opentype/ebgaramond/EBGaramond12-Italic.otf",
+    "cursive-handwriting": "/usr/share/fonts/opentype/dancingscript/DancingScript-Regular.otf",
+    "print-handwriting": "/usr/share/fonts/truetype/fifthhorseman/dkg.ttf",
+    "slanted-handwriting": "/usr/share/fonts/truetype/kristi/Kristi.ttf",
+}
+LINES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Invoice No. 4711, dated 12 March 1987, total $1,250.00",
+    'He said: "it is all in the archive, box 17"',
+)
+CROP_PADDING = 4
+MIN_IOU = 0.7
+
+
+def _render_line(text: str, font_path: str, slant: float = 0.0,
+                 font_size: int = 36) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """A page with one line drawn word by word, and each word's drawn x extent (``getbbox``).
+
+    ``slant`` shears the page (x shift per pixel row up from the line's middle) the way slanted
+    handwriting leans; a word's extent is then the ink of that word drawn alone and sheared alike."""
+    font = ImageFont.truetype(font_path, font_size)
+    size = (int(font.getlength(text)) + 160, 4 * font_size)
+    top, middle = font_size, font_size * 3 // 2
+    page = Image.new("L", size, 255)
+    extents, position = [], 0
+    for word in text.split(" "):
+        start = text.index(word, position)
+        position = start + len(word)
+        x = 80 + font.getlength(text[:start])
+        ImageDraw.Draw(page).text((x, top), word, font=font, fill=15)
+        if slant:
+            alone = Image.new("L", size, 255)
+            ImageDraw.Draw(alone).text((x, top), word, font=font, fill=15)
+            columns = np.flatnonzero((_shear(alone, slant, middle) < 128).any(axis=0))
+            extents.append((int(columns[0]), int(columns[-1]) + 1))
+        else:
+            left, _, right, _ = font.getbbox(word)
+            extents.append((round(x + left), round(x + right)))
+    return _shear(page, slant, middle), extents
+
+
+def _shear(image: Image.Image, slant: float, middle: int) -> np.ndarray:
+    return np.array(image.transform(image.size, Image.AFFINE, (1, slant, -slant * middle, 0, 1, 0),
+                                    resample=Image.BILINEAR, fillcolor=255))
+
+
+def _ink_line(page: np.ndarray) -> LineRecord:
+    """The line record a detector would give: the ink's box with a small margin."""
+    rows, cols = np.nonzero(page < 128)
+    x0, y0, x1, y1 = cols.min() - 3, rows.min() - 3, cols.max() + 4, rows.max() + 4
+    return LineRecord(bbox=(x0, y0, x1, y1), polygon=[(x0, y0), (x1, y0), (x1, y1), (x0, y1)], block=0, order=0)
+
+
+def _words_of(page: np.ndarray, line: LineRecord, text: str) -> list[Word]:
+    x0, y0 = line.bbox[:2]
+    origin = (max(0, x0 - CROP_PADDING), max(0, y0 - CROP_PADDING))
+    gaps = ink_gaps(crop_line(page, line, CROP_PADDING), origin)
+    return split_words(text, line.bbox, gaps, (page.shape[1], page.shape[0]))
+
+
+def _iou(a, b) -> float:
+    width = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def _share_matched(font_path: str, salt: float = 0.0, slant: float = 0.0, font_size: int = 36) -> float:
+    """Share of words whose box overlaps the truth enough; ``salt``: share of pixels blackened."""
+    matched = total = 0
+    for text in LINES:
+        page, extents = _render_line(text, font_path, slant, font_size)
+        line = _ink_line(page)
+        page[np.random.default_rng(7).random(page.shape) < salt] = 0
+        _, y0, _, y1 = line.bbox
+        words = _words_of(page, line, text)
+        assert [word.text for word in words] == text.split()
+        for word, (left, right) in zip(words, extents):
+            matched += _iou(word.bbox, (left, y0, right, y1)) >= MIN_IOU
+            total += 1
+    return matched / total
+
+
+@pytest.mark.parametrize("font", sorted(FONTS))
+def test_word_boxes_match_the_drawn_words(font):
+    assert _share_matched(FONTS[font]) >= 0.9
+
+
+@pytest.mark.parametrize("font", ["sans", "italic", "cursive-handwriting"])
+def test_word_boxes_survive_salt_noise(font):
+    assert _share_matched(FONTS[font], salt=0.02) >= 0.9
+
+
+@pytest.mark.parametrize("font", ["sans", "cursive-handwriting"])
+def test_word_boxes_follow_strongly_slanted_script(font):
+    """Sheared by 0.35 no blank column is left between many words: the slant search finds them."""
+    assert _share_matched(FONTS[font], slant=0.35) >= 0.9
+
+
+@pytest.mark.parametrize("font", ["sans", "cursive-handwriting"])
+def test_word_boxes_from_tall_crops_measured_halved(font):
+    """100 px type gives crops over twice WORK_HEIGHT tall: gaps are found on the halved crop."""
+    page, _ = _render_line(LINES[0], FONTS[font], font_size=100)
+    _, y0, _, y1 = _ink_line(page).bbox
+    assert y1 - y0 >= 2 * WORK_HEIGHT
+    assert _share_matched(FONTS[font], font_size=100) >= 0.9
+
+
+def test_gaps_are_widest_first_in_page_coordinates():
+    page, _ = _render_line(LINES[0], FONTS["sans"])
+    line = _ink_line(page)
+    crop = crop_line(page, line, CROP_PADDING)
+    at_zero = ink_gaps(crop, (0, 0))
+    moved = ink_gaps(crop, (250, 40))
+    assert moved == [(start + 250, end + 250) for start, end in at_zero]
+    widths = [end - start for start, end in at_zero]
+    assert widths == sorted(widths, reverse=True) and min(widths) > 0
+    assert len(at_zero) >= len(LINES[0].split()) + 1  # word breaks plus both margins
+
+
+def test_blank_and_faint_crops_have_no_gaps():
+    assert ink_gaps(np.full((40, 300), 255, np.uint8), (0, 0)) == []
+    scanner_texture = np.full((40, 300), 240, np.uint8)
+    scanner_texture[:, ::9] = 228  # faint streaks: Otsu splits them off, yet they are paper
+    assert ink_gaps(scanner_texture, (0, 0)) == []
+
+
+@pytest.mark.parametrize("crop", [np.zeros((0, 10), np.uint8), np.zeros((10, 10), np.float32),
+                                  np.zeros((10, 10, 3), np.uint8)])
+def test_ink_gaps_rejects_what_is_not_a_grayscale_crop(crop):
+    with pytest.raises(ValueError, match="line crop"):
+        ink_gaps(crop, (0, 0))
+
+
+def test_words_without_usable_gaps_split_by_character_counts():
+    words = split_words("aa bb cc", (0, 5, 90, 15), [], (100, 20))
+    assert [word.bbox for word in words] == [(0, 5, 22, 15), (34, 5, 56, 15), (68, 5, 90, 15)]
+
+
+def test_fewer_gaps_than_breaks_go_to_the_nearest_break():
+    words = split_words("aa bb cc", (0, 5, 90, 15), [(60, 70)], (100, 20))
+    assert [word.bbox[::2] for word in words] == [(0, 24), (36, 60), (70, 90)]
+
+
+def test_a_slightly_wider_gap_far_from_any_break_loses_to_one_in_place():
+    words = split_words("aaaa bbbb cccc", (0, 0, 140, 10), [(40, 50), (90, 99), (120, 130)], (200, 10))
+    assert [word.bbox[::2] for word in words] == [(0, 40), (50, 90), (99, 140)]
+
+
+def test_margins_trim_the_line_ends():
+    words = split_words("one two", (10, 0, 110, 10), [(6, 14), (50, 58), (104, 114), (30, 31)], (200, 10))
+    assert [word.bbox[::2] for word in words] == [(14, 50), (58, 104)]
+
+
+def test_single_word_and_empty_text():
+    assert split_words("   ", (0, 0, 50, 10), [(20, 30)], (100, 100)) == []
+    assert split_words("", (0, 0, 50, 10), [], (100, 100)) == []
+    [word] = split_words("alone", (5, 0, 50, 10), [(20, 30)], (100, 100))
+    assert word.bbox == (5, 0, 50, 10) and word.text == "alone"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_boxes_stay_inside_the_line_in_order_without_overlap(seed):
+    rng = np.random.default_rng(seed)
+    line = (40, 10, 640, 50)
+    starts = np.sort(rng.choice(np.arange(30, 650, 12), size=rng.integers(0, 20), replace=False))
+    gaps = [(int(start), int(start + rng.integers(1, 11))) for start in starts]
+    text = " ".join("w" * int(length) for length in rng.integers(1, 9, size=rng.integers(1, 25)))
+    words = split_words(text, line, gaps, (700, 100))
+    assert len(words) == len(text.split())
+    edges = [edge for word in words for edge in word.bbox[::2]]
+    assert edges == sorted(edges) and edges[0] >= line[0] and edges[-1] <= line[2]
+    assert all(word.bbox[1::2] == line[1::2] for word in words)
+
+
+def test_normalized_boxes_use_the_layoutlm_grid_and_clip():
+    assert normalize_bbox((500, 250, 1000, 500), (2000, 1000)) == (250, 250, 500, 500)
+    assert normalize_bbox((1999, 0, 2500, 1000), (2000, 1000)) == (999, 0, 1000, 1000)
+    [word] = split_words("x", (100, 100, 300, 200), [], (1000, 400))
+    assert word.bbox_norm == (100, 250, 300, 500)
+
+
+@pytest.mark.parametrize("line_bbox, page_size, gaps, message", [
+    ((10, 0, 10, 5), (100, 100), [], "zero size"),
+    ((0, 0, 10), (100, 100), [], "x0, y0, x1, y1"),
+    ((0, 0, 10, 5), (0, 100), [], "page size"),
+    ((0, 0, 10, 5), (100, 100), [(4, 4)], "empty"),
+])
+def test_split_words_rejects_bad_geometry(line_bbox, page_size, gaps, message):
+    with pytest.raises(ValueError, match=message):
+        split_words("a b", line_bbox, gaps, page_size)
+
+
+def test_words_convert_to_the_arrow_word_type():
+    words = split_words("Dear Sir,", (0, 0, 100, 20), [(40, 52)], (200, 100))
+    rows = [word.to_row() for word in words]
+    array = pa.array(rows, type=WORD_TYPE)
+    assert array.to_pylist() == rows == [
+        {"text": "Dear", "bbox": [0, 0, 40, 20], "bbox_norm": [0, 0, 200, 200]},
+        {"text": "Sir,", "bbox": [52, 0, 100, 20], "bbox_norm": [260, 0, 500, 200]},
+    ]
