@@ -1,11 +1,13 @@
 """Reassemble: a recognized page back into one ``pages`` row in reading order.
 
 Detection already fixed each line's block and reading-order position; this stage joins the line
-texts into the page text and maps the typed records onto the Arrow row of ``PAGES_SCHEMA``.
+texts into the page text, splits each line into words at the ink gaps measured in the layout stage,
+and maps the typed records onto the Arrow row of ``PAGES_SCHEMA``.
 """
 
 from __future__ import annotations
 
+from operators.words import split_words
 from pipeline.records import LineRecord, PageWork
 
 
@@ -24,6 +26,7 @@ def page_text(lines: list[LineRecord]) -> str:
 def page_row(work: PageWork) -> dict:
     """The Arrow row (matching PAGES_SCHEMA) of a finished page."""
     lines = sorted(work.lines, key=lambda item: item.order)
+    page_size = (work.width, work.height)
     return {
         "doc_id": work.doc_id,
         "source": work.source,
@@ -41,6 +44,7 @@ def page_row(work: PageWork) -> dict:
                 "block": line.block,
                 "order": line.order,
                 "truncated": line.truncated,
+                "words": [word.to_row() for word in split_words(line.text, line.bbox, line.gaps, page_size)],
             }
             for line in lines
         ],

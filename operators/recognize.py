@@ -17,6 +17,7 @@ import torch
 
 from operators.decoding import DecodingEngine, hf_generate
 from operators.detect import crop_line
+from operators.words import ink_gaps
 from pipeline.config import RecognizeConfig
 from pipeline.errors import RecognitionFailed
 from pipeline.model import LinePreprocessor, TrOCRBundle, load_trocr
@@ -37,14 +38,19 @@ class LineReading:
 
 
 def prepare_crops(work: PageWork, preprocessor: LinePreprocessor, padding: int) -> PageWork:
-    """Cut each detected line from the page and resize it to model input; drop the page image.
+    """Cut each detected line from the page, measure its word gaps, and resize it to model input;
+    drop the page image.
 
     A line whose box has no area holds no pixels and so no text: it is dropped here rather than
     handed to the model. Extreme aspect ratios are the preprocessor's to fit.
     """
     if work.status == "ok" and work.image is not None:
         work.lines = [line for line in work.lines if line.bbox[2] > line.bbox[0] and line.bbox[3] > line.bbox[1]]
-        work.line_pixels = [preprocessor.resize(crop_line(work.image, line, padding)) for line in work.lines]
+        work.line_pixels = []
+        for line in work.lines:
+            crop = crop_line(work.image, line, padding)
+            line.gaps = ink_gaps(crop, (max(0, line.bbox[0] - padding), max(0, line.bbox[1] - padding)))
+            work.line_pixels.append(preprocessor.resize(crop))
     work.image = None
     return work
 

@@ -14,7 +14,6 @@ from typing import Sequence
 
 import cv2
 import numpy as np
-import pyarrow as pa
 
 Interval = tuple[int, int]  # x0, x1 (exclusive) in page pixels
 BBox = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive) in page pixels
@@ -36,13 +35,6 @@ POSITION_WEIGHT = 0.05
 #: LayoutLM boxes are given on a 0-1000 grid of the page.
 LAYOUT_SCALE = 1000
 
-WORD_TYPE = pa.struct(
-    [
-        pa.field("text", pa.string(), nullable=False),
-        pa.field("bbox", pa.list_(pa.int32(), 4), nullable=False),
-        pa.field("bbox_norm", pa.list_(pa.int32(), 4), nullable=False),
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -54,7 +46,7 @@ class Word:
     bbox_norm: BBox  # 0-1000 of the page width / height, as LayoutLM processors expect
 
     def to_row(self) -> dict:
-        """The Arrow row of :data:`WORD_TYPE`."""
+        """The Arrow row of :data:`pipeline.records.WORD_TYPE`."""
         return {"text": self.text, "bbox": list(self.bbox), "bbox_norm": list(self.bbox_norm)}
 
 
@@ -72,7 +64,7 @@ def ink_gaps(crop: np.ndarray, origin: tuple[int, int]) -> list[Interval]:
     """
     _check_crop(crop)
     work, factor = crop, 1
-    while work.shape[0] >= 2 * WORK_HEIGHT:  # halving is OpenCV's fast area-resize path
+    while work.shape[0] >= 2 * WORK_HEIGHT and work.shape[1] >= 2:  # halving: OpenCV's fast area path
         work, factor = cv2.resize(work, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA), factor * 2
     ink = _ink_pixels(work)
     if ink is None:

@@ -6,25 +6,29 @@ pairs of part files with the same name, ``pages/part-R-N.parquet`` then
 ``documents/part-R-N.parquet``, each written under ``_staging/`` and renamed into place. A document
 counts as written once its ``documents`` row is published; a ``pages`` part whose ``documents``
 twin is missing (a run killed between the two renames) is removed at the next start, and the rerun
-processes those documents again.
+processes those documents again. ALTO / PAGE / hOCR / text exports, when asked for, go to
+``exports/`` before the documents row is published, under names that a rerun overwrites.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from operators.export import write_exports
 from operators.reassemble import page_row
 from pipeline.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, PageWork
 
 PAGES_DIR = "pages"
 DOCUMENTS_DIR = "documents"
 STAGING_DIR = "_staging"
+EXPORTS_DIR = "exports"
 
 
 def _filesystem(output: str) -> tuple[pafs.FileSystem, str]:
@@ -82,9 +86,10 @@ def _document_outcome(record: DocumentRecord, pages: list[PageWork]) -> Document
 class ParquetSink:
     """Collects page results as they stream in and publishes complete documents."""
 
-    def __init__(self, output: str, rows_per_file: int):
+    def __init__(self, output: str, rows_per_file: int, exports: Sequence[str] = ()):
         self.filesystem, self.root = _filesystem(output)
         self.rows_per_file = rows_per_file
+        self.exports = tuple(exports)
         self.run_id = uuid.uuid4().hex[:12]
         self.summary = WriteSummary()
         self._pending: dict[tuple[str, str], _PendingDocument] = {}
@@ -112,8 +117,11 @@ class ParquetSink:
 
     def _complete(self, record: DocumentRecord, pages: list[PageWork]) -> None:
         outcome = _document_outcome(record, pages)
+        rows = [page_row(page) for page in pages]
+        if self.exports:  # before the documents row is published: a rerun rewrites them whole
+            write_exports(rows, asdict(outcome), self.exports, f"{self.root}/{EXPORTS_DIR}", self.filesystem)
         self._ready_documents.append(outcome)
-        self._ready_pages.extend(page_row(page) for page in pages)
+        self._ready_pages.extend(rows)
         summary = self.summary
         summary.documents_ok += outcome.status == "ok"
         summary.documents_failed += outcome.status == "failed"

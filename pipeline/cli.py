@@ -23,12 +23,17 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", type=Path, help="YAML config (default: configs/local.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set recognize.precision=fp16 (repeatable)")
+    parser.add_argument("--export", metavar="FORMATS",
+                        help="also write alto,page,hocr,txt files to DIR/exports (same as output.exports)")
 
 
 def _job_command(args: argparse.Namespace, mode: str) -> int:
     from pipeline.job import run_job
 
-    config = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.export:
+        overrides.append(f"output.exports=[{args.export}]")
+    config = load_config(args.config, overrides)
     summary = run_job(args.inputs, args.output, config, mode=mode)
     print(summary.describe())
     return ExitCode.documents_failed if summary.written.documents_failed else ExitCode.ok

@@ -96,6 +96,8 @@ class RecognizeConfig(_Frozen):
 
 class OutputConfig(_Frozen):
     parquet_rows_per_file: int = Field(default=2000, ge=1)
+    exports: tuple[Literal["alto", "page", "hocr", "txt"], ...] = Field(
+        default=(), description="files beside the Parquet, in DIR/exports/")
 
 
 class JobConfig(_Frozen):

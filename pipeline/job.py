@@ -158,7 +158,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     # the model is checked before any document is read: a bad model folder fails the job at once
     preprocessor = load_line_preprocessor(config.recognize.model) if mode == "recognize" else None
     done = recover_output(output)
-    sink = ParquetSink(output, config.output.parquet_rows_per_file)
+    sink = ParquetSink(output, config.output.parquet_rows_per_file, config.output.exports)
     with ray_session(config):
         plans = _triage_all(sources, config)
         fresh = [plan for plan in plans if plan.doc_id not in done]

@@ -27,6 +27,7 @@ class LineRecord:
     text: str = ""
     confidence: float | None = None  # geometric mean of token probabilities
     truncated: bool = False  # the decoder hit max_new_tokens before end-of-sequence
+    gaps: list[tuple[int, int]] = field(default_factory=list)  # blank columns in the crop (page x), for words
 
 
 @dataclass
@@ -66,6 +67,14 @@ class DocumentRecord:
     repaired: bool = False  # the file was damaged; qpdf rebuilt it and the pages it recovered were read
 
 
+WORD_TYPE = pa.struct(
+    [
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("bbox", pa.list_(pa.int32(), 4), nullable=False),
+        pa.field("bbox_norm", pa.list_(pa.int32(), 4), nullable=False),  # 0-1000 of the page, as LayoutLM
+    ]
+)
+
 LINE_TYPE = pa.struct(
     [
         pa.field("text", pa.string(), nullable=False),
@@ -75,6 +84,7 @@ LINE_TYPE = pa.struct(
         pa.field("block", pa.int32(), nullable=False),
         pa.field("order", pa.int32(), nullable=False),
         pa.field("truncated", pa.bool_(), nullable=False),
+        pa.field("words", pa.list_(WORD_TYPE), nullable=False),
     ]
 )
 

@@ -105,11 +105,13 @@ def _manifest_image() -> str:
 
 
 def test_rayjob_manifest_has_the_v1_fields():
+    from ray.runtime_env import RuntimeEnv
+
     job = yaml.safe_load((DOCKER / "rayjob-v100.yaml").read_text())
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     spec = job["spec"]
     assert spec["shutdownAfterJobFinishes"] is True and spec["entrypoint"]
-    yaml.safe_load(spec["runtimeEnvYAML"])
+    RuntimeEnv(**yaml.safe_load(spec["runtimeEnvYAML"]))
     cluster = spec["rayClusterSpec"]
     head = cluster["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0", "the driver and writer keep the head to themselves"
@@ -168,7 +170,7 @@ def _private_ray_env(ray_tmpdir: str) -> dict[str, str]:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
-def _stop_process_group(pgid: int, grace_s: float = 15.0) -> None:
+def _stop_process_group(pgid: int, grace_s: float = 5.0) -> None:
     """SIGTERM the group, then SIGKILL whatever outlives the grace period."""
     with suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGTERM)

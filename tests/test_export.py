@@ -14,7 +14,6 @@ from lxml import etree
 
 from operators.export import ALTO_NS, PAGE_NS, XHTML_NS, export_stem, write_exports
 from operators.reassemble import page_row
-from operators.words import split_words
 from pipeline.records import LineRecord, PageWork
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
@@ -44,14 +43,14 @@ def _line(block: int, order: int, x0: int, y0: int, text: str, confidence: float
 
 
 def _row(page: int, lines: list[LineRecord], status: str = "ok", with_words: bool = True) -> dict:
-    """A pages row from :func:`page_row`, with each line's words added the way the pipeline will."""
+    """A pages row from :func:`page_row` (which splits each line into words), or with words removed."""
     work = PageWork(doc_id=DOC_ID, source=SOURCE, page=page, dpi=150, width=SIZE[0], height=SIZE[1], lines=lines)
     if status == "failed":
         work.fail("recognition_failed", "model ran out of memory <&>")
     row = page_row(work)
-    if with_words:
+    if not with_words:
         for line in row["lines"]:
-            line["words"] = [word.to_row() for word in split_words(line["text"], line["bbox"], [], SIZE)]
+            line["words"] = []
     return row
 
 

@@ -114,6 +114,13 @@ def test_recognition_fills_text_and_confidence(ray_local, input_folder, tiny_mod
     assert np.all((confidences >= 0) & (confidences <= 1))
     # a random 8-token model never reaches end-of-sequence: every line is flagged, none silently cut
     assert all(line["truncated"] for line in lines)
+    for line in lines:  # words for LayoutLM: boxes inside the line, normalised to 0-1000
+        assert [word["text"] for word in line["words"]] == line["text"].split()
+        x0, y0, x1, y1 = line["bbox"]
+        for word in line["words"]:
+            wx0, wy0, wx1, wy1 = word["bbox"]
+            assert x0 <= wx0 < wx1 <= x1 and y0 <= wy0 < wy1 <= y1
+            assert all(0 <= value <= 1000 for value in word["bbox_norm"])
     for page in pages:  # page text is the line texts in reading order (blank lines between blocks)
         assert [t for t in page["text"].split("\n") if t] == [line["text"] for line in page["lines"] if line["text"]]
 
@@ -124,11 +131,13 @@ def test_cli_run_reports_failed_documents_in_exit_code(input_folder, tiny_model,
         [sys.executable, "-m", "pipeline.cli", "run", str(input_folder / "corrupt.pdf"),
          str(next(input_folder.glob("*.tif*"))), "--output", str(output),
          "--set", "rasterize.dpi=150", "--set", f"recognize.model={tiny_model}",
-         "--set", "recognize.max_new_tokens=4", "--set", "ray.num_cpus=2"],
+         "--set", "recognize.max_new_tokens=4", "--set", "ray.num_cpus=2", "--export", "alto,page,hocr,txt"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == ExitCode.documents_failed, result.stderr[-3000:]
     assert "documents: 1 ok, 1 failed" in result.stdout
+    exported = sorted(path.name.split(".", 1)[1].split(".", 1)[-1] for path in (output / "exports").iterdir())
+    assert {"alto.xml", "page.xml", "hocr", "txt"} <= set(exported), exported
 
 
 def test_cli_bad_model_fails_fast_with_clear_message(input_folder, tmp_path):

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from operators.detect import crop_line
-from operators.words import WORD_TYPE, WORK_HEIGHT, Word, ink_gaps, normalize_bbox, split_words
+from operators.words import WORK_HEIGHT, Word, ink_gaps, normalize_bbox, split_words
+from pipeline.records import WORD_TYPE
 from pipeline.records import LineRecord
 
 FONTS = {
