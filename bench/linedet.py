@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, detector in detectors.items():
         pred_dir = args.out / name / "pred"
         results[name] = evaluate(args.pages, entries, pred_dir, run_detection(args.pages, entries, pred_dir, detector))
-        print(f"\n{name}\n\n" + table(results[name]["pages"], "page") + "\n\n" + table(results[name]["groups"], "category"))
+        print(f"\n{name}\n\n{table(results[name]['pages'], 'page')}\n\n{table(results[name]['groups'], 'category')}")
     if tesseract is None:
         print(f"\ntesseract ({args.tesseract}) not found: comparison skipped")
     print("\n" + side_by_side(results))

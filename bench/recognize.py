@@ -147,9 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--seed", type=int, default=7, help="seed of the synthetic lines")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.lines < 1 or args.batch_size < 1:
         parser.error("--lines and --batch-size must be >= 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     if args.model in RANDOM_ARCHITECTURES:
         device = resolve_device(args.device)

@@ -2,9 +2,9 @@
 
 1. Stage costs: every stage function run in this process, one thread, on the same synthetic pages
    (triage, rasterize, layout = line detection, crop = cut + resize line crops, recognize, write =
-   reassemble + Parquet): CPU-seconds per page per stage (this process plus its poppler children,
+   reassemble + Parquet): CPU seconds per page per stage (this process plus its poppler children,
    so other load on the machine does not inflate them), the figures to size a cluster's CPUs per
-   GPU with.
+   GPU with, and wall seconds (on a GPU, the recognize row's wall time is the GPU's cost).
 2. End to end: ``run_job`` on a private local Ray instance with the process pinned to 1 core,
    then to 2 cores (Ray's workers inherit the affinity), for pages/s including Ray's start-up.
 
@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,17 +53,19 @@ def cpu_seconds() -> float:
 
 @dataclass
 class StageCosts:
-    """CPU seconds spent in each stage over ``pages`` pages and ``lines`` lines."""
+    """CPU and wall seconds spent in each stage over ``pages`` pages and ``lines`` lines."""
 
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    cpu: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    wall: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     pages: int = 0
     lines: int = 0
 
     @contextmanager
     def timing(self, stage: str) -> Iterator[None]:
-        started = cpu_seconds()
+        cpu_started, wall_started = cpu_seconds(), time.perf_counter()
         yield
-        self.seconds[stage] += cpu_seconds() - started
+        self.cpu[stage] += cpu_seconds() - cpu_started
+        self.wall[stage] += time.perf_counter() - wall_started
 
 
 def pick_model(requested: str | None, workdir: Path) -> tuple[str, str]:
@@ -120,13 +123,14 @@ def run_on_cores(documents: list[Path], config: JobConfig, output: Path, cores: 
 
 
 def stage_table(costs: StageCosts) -> str:
-    total = sum(costs.seconds.values())
-    rows = [f"{'stage':10} {'CPU-s/page':>10} {'share':>6}"]
+    """Per-page CPU and wall seconds of each stage; the share is of the CPU total."""
+    total = sum(costs.cpu.values())
+    rows = [f"{'stage':10} {'CPU-s/page':>10} {'wall-s/page':>11} {'share':>6}"]
     for stage in STAGES:
-        seconds = costs.seconds[stage]
-        rows.append(f"{stage:10} {seconds / costs.pages:10.3f} {seconds / total:6.1%}")
-    rows.append(f"{'total':10} {total / costs.pages:10.3f} {1:6.1%}")
-    cpu_only = total - costs.seconds["recognize"]
+        rows.append(f"{stage:10} {costs.cpu[stage] / costs.pages:10.3f} {costs.wall[stage] / costs.pages:11.3f} "
+                    f"{costs.cpu[stage] / total:6.1%}")
+    rows.append(f"{'total':10} {total / costs.pages:10.3f} {sum(costs.wall.values()) / costs.pages:11.3f} {1:6.1%}")
+    cpu_only = total - costs.cpu["recognize"]
     rows.append(f"CPU stages without recognize: {cpu_only / costs.pages:.3f} core-s/page "
                 f"-> one core feeds {costs.pages / cpu_only:.2f} pages/s")
     return "\n".join(rows)
@@ -163,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         costs = measure_stages(documents, config, workdir / "stages")
         print(f"model: {model_name}; {args.documents} documents, {costs.pages} pages, {costs.lines} lines "
               f"at {args.dpi} dpi; max_new_tokens {args.max_new_tokens}; load average {os.getloadavg()[0]:.1f}")
-        print(f"\nstage costs, one thread in-process, CPU time:\n{stage_table(costs)}")
+        print(f"\nstage costs, one thread in-process:\n{stage_table(costs)}")
         first, second = sorted(os.sched_getaffinity(0))[:2]
         one = run_on_cores(documents, config, workdir / "one-core", {first})
         two = run_on_cores(documents, config, workdir / "two-cores", {first, second})

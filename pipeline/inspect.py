@@ -22,7 +22,7 @@ from operators.ingest import DocumentPlan, expand_inputs, triage
 from operators.recognize import decode_lines, prepare_crops
 from operators.rasterize import page_ranges, rasterize
 from pipeline.config import JobConfig, load_config
-from pipeline.errors import ConfigError, DetectionFailed, ExitCode
+from pipeline.errors import ConfigError, DetectionFailed, ExitCode, RecognitionFailed
 from pipeline.model import TrOCRBundle, load_trocr
 from pipeline.records import LineRecord, PageWork
 
@@ -79,7 +79,8 @@ def inspect_documents(sources: list[str], output: Path, config: JobConfig, recog
                       max_pages: int | None = None) -> list[PageOutcome]:
     """Overlay every page of ``sources`` (the first ``max_pages`` of each) into ``output``."""
     output.mkdir(parents=True, exist_ok=True)
-    bundle = load_trocr(config.recognize.model, config.recognize.device, config.recognize.precision) if recognize else None
+    recognizer = config.recognize
+    bundle = load_trocr(recognizer.model, recognizer.device, recognizer.precision) if recognize else None
     plans = [triage(source, config.rasterize) for source in sources]
     outcomes = [PageOutcome(plan.source, None, [], None, f"{plan.error.error_code}: {plan.error}")
                 for plan in plans if plan.error is not None]
@@ -103,7 +104,11 @@ def _inspect_page(work: PageWork, output: Path, config: JobConfig, bundle: TrOCR
             work.fail(DetectionFailed.error_code, f"line detection failed: {exc}")
     if work.status != "ok":
         return PageOutcome(work.source, work.page, [], None, f"{work.error_code}: {work.error_message}")
-    texts = _recognize(work, config, bundle) if bundle is not None else None
+    try:
+        texts = _recognize(work, config, bundle) if bundle is not None else None
+    except RuntimeError as exc:  # out of memory, a model bug: the page fails, the others go on
+        reason = f"{RecognitionFailed.error_code}: recognition failed: {exc}"
+        return PageOutcome(work.source, work.page, [], None, reason)
     path = output / f"{Path(work.source).stem}-{work.doc_id[:8]}-p{work.page:04d}.png"
     draw_overlay(work.image, work.lines, texts).save(path, compress_level=1)  # fast; overlays are throwaway
     return PageOutcome(work.source, work.page, work.lines, path)

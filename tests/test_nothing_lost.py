@@ -7,11 +7,15 @@ one pages row, and the good files among the broken ones are all processed.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections import Counter
 
+import pikepdf
 import pyarrow.dataset as ds
 import pytest
 
+from conftest import text_page, write_pdf
 from corpus.build import EXPECTED, build_corpus
 from pipeline.config import load_config
 from pipeline.job import run_job
@@ -66,3 +70,34 @@ def test_blank_page_is_ok_with_no_lines(corpus_run):
     _, _, _, pages = corpus_run
     (page,) = [p for p in pages if os.path.basename(p["source"]) == "blank.pdf"]
     assert (page["status"], page["lines"], page["text"]) == ("ok", [], "")
+
+
+def test_thousand_page_pdf_streams_through_in_bounded_memory(tmp_path):
+    """1,000 pages rendered 25 at a time: every page comes out once, the driver stays small."""
+    single = write_pdf(tmp_path / "one.pdf", [text_page(["A page of the thousand-page register",
+                                                         "with a second line of text"],
+                                                        size=(620, 877), font_px=14)], dpi=75)
+    register = tmp_path / "register.pdf"
+    with pikepdf.open(single) as pdf:
+        for _ in range(999):
+            pdf.pages.append(pdf.pages[0])
+        pdf.save(register)
+    output = tmp_path / "out"
+    measured = (
+        "import resource, sys\n"
+        "from pipeline.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "print('max_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "sys.exit(code)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", measured, "detect", str(register), "--output", str(output),
+         "--set", "rasterize.dpi=75", "--set", "rasterize.pages_per_task=25", "--set", "ray.num_cpus=2"],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pages = ds.dataset(f"{output}/pages", format="parquet").to_table(columns=["page", "status", "lines"])
+    assert sorted(pages.column("page").to_pylist()) == list(range(1, 1001))
+    assert set(pages.column("status").to_pylist()) == {"ok"}
+    assert all(len(lines) == 2 for lines in pages.column("lines").to_pylist())
+    max_rss_mb = int(result.stdout.split("max_rss_kb")[1].split()[0]) / 1024
+    assert max_rss_mb < 1500, f"driver peaked at {max_rss_mb:.0f} MB"

@@ -1,0 +1,179 @@
+"""The fast decoding engine against transformers ``generate`` on real (tiny) TrOCR models built here.
+
+Equality of argmax/top-k choices between two correct fp32 implementations only holds where the
+model's choices are not near-ties: batched and per-line matrix products may round differently in
+the last bit. An untrained model's logits sit within ~1e-6 of each other, so the random models here
+get their output projection scaled up (same arithmetic, decisive choices), and the main checks use a
+model fine-tuned in the fixture until it reads its lines back, with trained-like peaked
+distributions and end-of-sequence tokens at very different steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from transformers import (
+    DeiTConfig,
+    TrOCRConfig,
+    VisionEncoderDecoderConfig,
+    VisionEncoderDecoderModel,
+)
+
+from operators.decoding import DecodingEngine, hf_generate
+from operators.recognize import decode_lines
+from pipeline.config import RecognizeConfig
+from pipeline.errors import ModelLoadError
+from pipeline.model import TrOCRBundle, build_tiny_random_trocr, load_trocr
+
+FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+#: Very different lengths (1 to 20+ tokens), so lines leave the running batch at different steps.
+TEXTS = ["Pack", "The quick brown fox jumps over", "0123456789", "How vexingly quick daft zebras jump", "dozen",
+         "Sphinx of black quartz, judge my vow"]
+FINE_TUNE_STEPS = 150
+CONFIDENCE_TOLERANCE = 1e-4
+
+
+def render_line(text: str, height: int = 32) -> np.ndarray:
+    font = ImageFont.truetype(FONT, size=int(height * 0.6))
+    image = Image.new("L", (int(font.getlength(text)) + 16, height), 255)
+    ImageDraw.Draw(image).text((8, height * 0.15), text, font=font, fill=0)
+    return np.asarray(image)
+
+
+def pixel_values(bundle: TrOCRBundle, texts: list[str]) -> torch.Tensor:
+    resized = [bundle.preprocessor.resize(render_line(text)) for text in texts]
+    return bundle.preprocessor.to_pixel_values(resized, "cpu", torch.float32)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Single-threaded torch: tiny ops on a shared 2-core machine run far faster without thread hand-offs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, one_thread) -> TrOCRBundle:
+    """The tiny ViT/RoBERTa model fine-tuned on TEXTS until it reads them back."""
+    bundle = load_trocr(str(build_tiny_random_trocr(tmp_path_factory.mktemp("trained"))), device="cpu")
+    inputs = pixel_values(bundle, TEXTS)
+    labels = bundle.tokenizer(TEXTS, padding=True, return_tensors="pt").input_ids
+    labels[labels == bundle.tokenizer.pad_token_id] = -100
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(bundle.model.parameters(), lr=3e-3)
+    bundle.model.train()
+    for _ in range(FINE_TUNE_STEPS):
+        loss = bundle.model(pixel_values=inputs, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    bundle.model.eval()
+    return bundle
+
+
+def assert_same_lines(fast, reference):
+    assert [line.tokens for line in fast] == [line.tokens for line in reference]
+    assert [line.truncated for line in fast] == [line.truncated for line in reference]
+    for ours, theirs in zip(fast, reference):
+        assert ours.confidence == pytest.approx(theirs.confidence, abs=CONFIDENCE_TOLERANCE)
+
+
+def test_fine_tuned_model_reads_its_lines(trained):
+    """Guards the premise of the tests below: peaked choices and end-of-sequence at different steps."""
+    readings = decode_lines(trained, [trained.preprocessor.resize(render_line(t)) for t in TEXTS], num_beams=1,
+                            max_new_tokens=32, line_batch_size=len(TEXTS), engine="hf")
+    assert [reading.text for reading in readings] == TEXTS
+    assert min(reading.confidence for reading in readings) > 0.5
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_same_as_generate_with_lines_leaving_the_batch(trained, num_beams):
+    inputs = pixel_values(trained, TEXTS)
+    fast = DecodingEngine(trained.model).decode(inputs, num_beams, max_new_tokens=32)
+    assert_same_lines(fast, hf_generate(trained.model, inputs, num_beams, max_new_tokens=32))
+    lengths = [len(line.tokens) for line in fast]
+    assert min(lengths) <= 5 and max(lengths) >= 20 and not any(line.truncated for line in fast)
+    one_by_one = [DecodingEngine(trained.model).decode(inputs[i:i + 1], num_beams, 32)[0] for i in range(len(TEXTS))]
+    assert_same_lines(fast, one_by_one)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_truncation_flag_and_text_match_generate(trained, num_beams):
+    resized = [trained.preprocessor.resize(render_line(text)) for text in TEXTS]
+    fast = decode_lines(trained, resized, num_beams, max_new_tokens=6, line_batch_size=4, engine="fast")
+    reference = decode_lines(trained, resized, num_beams, max_new_tokens=6, line_batch_size=4, engine="hf")
+    assert [(r.text, r.truncated) for r in fast] == [(r.text, r.truncated) for r in reference]
+    assert any(reading.truncated for reading in fast) and not all(reading.truncated for reading in fast)
+
+
+def peaked(model: VisionEncoderDecoderModel) -> VisionEncoderDecoderModel:
+    """Scale the output projection: the same network with decisive (non-tied) next-token choices."""
+    with torch.no_grad():
+        model.decoder.output_projection.weight.mul_(50.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("tokenizer_kind, encoder", [("roberta", "vit"), ("xlm-roberta", "deit")])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_random_models_of_both_kinds(tmp_path, one_thread, tokenizer_kind, encoder, num_beams):
+    bundle = load_trocr(str(build_tiny_random_trocr(tmp_path / "model", tokenizer_kind, encoder)), device="cpu")
+    model = peaked(bundle.model)
+    inputs = pixel_values(bundle, TEXTS[:4])
+    fast = DecodingEngine(model).decode(inputs, num_beams, max_new_tokens=12)
+    assert_same_lines(fast, hf_generate(model, inputs, num_beams, max_new_tokens=12))
+
+
+def test_sinusoidal_positions_scaled_embeddings_and_projected_encoder(one_thread):
+    """The other TrOCR decoder variants: sinusoidal positions, sqrt(d) embedding scale, relu, no embedding
+    layer norm, and an encoder wider than the decoder (enc_to_dec_proj)."""
+    encoder = DeiTConfig(image_size=[32, 128], patch_size=16, hidden_size=48, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=96)
+    decoder = TrOCRConfig(vocab_size=97, d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
+                          activation_function="relu", use_learned_position_embeddings=False, scale_embedding=True,
+                          layernorm_embedding=False, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
+                          eos_token_id=2, decoder_start_token_id=2)
+    torch.manual_seed(3)
+    model = VisionEncoderDecoderModel(VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder))
+    model.generation_config.decoder_start_token_id = 2
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 1, 2
+    assert hasattr(model, "enc_to_dec_proj")
+    model = peaked(model)
+    inputs = torch.randn(5, 3, 32, 128)
+    for num_beams in (1, 3):
+        fast = DecodingEngine(model).decode(inputs, num_beams, max_new_tokens=10)
+        assert_same_lines(fast, hf_generate(model, inputs, num_beams, max_new_tokens=10))
+
+
+def test_empty_input_and_bad_shapes(trained):
+    engine = DecodingEngine(trained.model)
+    assert engine.decode(torch.zeros((0, 3, 32, 128)), num_beams=1, max_new_tokens=8) == []
+    assert decode_lines(trained, [], num_beams=1, max_new_tokens=8, line_batch_size=4) == []
+    with pytest.raises(ValueError, match="lines, 3, height, width"):
+        engine.decode(torch.zeros((2, 32, 128)), num_beams=1, max_new_tokens=8)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        engine.decode(torch.zeros((1, 3, 32, 128)), num_beams=0, max_new_tokens=8)
+
+
+def test_lines_stop_at_the_last_learned_position(tiny_model: Path, one_thread):
+    """generate() raises IndexError past the learned positions; the engine returns truncated lines."""
+    bundle = load_trocr(str(tiny_model), device="cpu")
+    positions = bundle.model.config.decoder.max_position_embeddings
+    lines = DecodingEngine(bundle.model).decode(pixel_values(bundle, ["dozen"]), 1, max_new_tokens=positions + 10)
+    assert lines[0].truncated and len(lines[0].tokens) == positions
+
+
+def test_refuses_generation_settings_it_does_not_implement(tiny_model: Path):
+    bundle = load_trocr(str(tiny_model), device="cpu")
+    bundle.model.generation_config.no_repeat_ngram_size = 3
+    with pytest.raises(ModelLoadError, match="no_repeat_ngram_size.*engine=hf"):
+        DecodingEngine(bundle.model)
+
+
+def test_fast_is_the_default_engine():
+    assert RecognizeConfig().engine == "fast"
