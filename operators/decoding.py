@@ -242,7 +242,7 @@ class DecodingEngine:
             out_tokens[running, step] = tokens
             out_logprobs[running, step] = logits.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
             finished = torch.isin(tokens, eos)
-            if True:
+            if step + 1 == max_new_tokens or not finished.any():
                 continue
             keep = (~finished).nonzero().squeeze(1)
             if len(keep) == 0:

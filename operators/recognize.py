@@ -14,6 +14,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 import torch
+from transformers import VisionEncoderDecoderModel
 
 from operators.decoding import DecodingEngine, hf_generate
 from operators.detect import crop_line

@@ -27,7 +27,6 @@ from pipeline.errors import DetectionFailed
 from pipeline.model import LinePreprocessor, load_line_preprocessor
 from pipeline.records import DocumentRecord, PageWork
 
-log = logging.getLogger("trocr_pipeline")
 Mode = Literal["recognize", "detect"]
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
@@ -61,5 +60,11 @@ def synthetic_documents(tmp_path_factory) -> list[Path]:
                               pages_per_document=(1, 3), two_column_share=0.5)
 
 
-def gray_noise(height: int, width: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (height, width), dtype=np.uint8)
+def box_iou(a, b) -> float:
+    """Intersection over union of two [x0, y0, x1, y1] boxes."""
+    width = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union else 0.0
+

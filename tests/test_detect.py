@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
+from conftest import box_iou
 from operators.detect import crop_line, detect_lines
 from pipeline.config import DetectConfig
 from pipeline.records import LineRecord
@@ -50,14 +51,6 @@ def detections(synthetic_pages) -> dict[str, list[tuple[list[LineRecord], dict]]
         name: [(detect_lines(image, DPI, CONFIG), truth) for image, truth in pages]
         for name, pages in synthetic_pages.items()
     }
-
-
-def box_iou(a, b) -> float:
-    width = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    height = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = width * height
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union else 0.0
 
 
 def match_lines(lines: list[LineRecord], truth: list[dict]) -> dict[int, int]:

@@ -4,7 +4,6 @@ killed mid-batch. Either way every document and page ends up in the output exact
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -12,19 +11,12 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
+from conftest import box_iou
 from pipeline.config import load_config
 from pipeline.errors import ExitCode
 from pipeline.job import run_job
 from pipeline.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA
 from pipeline.synth.docs import load_ground_truth
-
-
-def _iou(a, b) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union else 0.0
 
 
 def _read(output: str, table: str):
@@ -77,8 +69,8 @@ def test_pages_line_counts_and_reading_order(detect_output, synthetic_documents)
             # reading order: the ground-truth order of matched lines must increase along the detected order
             matched = []
             for line in page["lines"]:
-                best = max(truth_page["lines"], key=lambda t: _iou(line["bbox"], t["bbox"]))
-                if _iou(line["bbox"], best["bbox"]) >= 0.5:
+                best = max(truth_page["lines"], key=lambda t: box_iou(line["bbox"], t["bbox"]))
+                if box_iou(line["bbox"], best["bbox"]) >= 0.5:
                     matched.append(best["order"])
             assert len(matched) >= 0.9 * expected
             assert matched == sorted(matched), f"{path.name} p{truth_page['page']} out of reading order"

@@ -152,7 +152,7 @@ def page_image(tmp_path: Path) -> Path:
 
 def test_page_xml_lines_are_cut_from_their_polygons(tmp_path):
     page_image(tmp_path)
-    (tmp_path / "page.xml").write_text(f"""<?xml version="1.0" encoding="UTF-8"?>
+    (tmp_path / "page.xml").write_text("""<?xml version="1.0" encoding="UTF-8"?>
 <PcGts xmlns="http://schema.primaresearch.org/PAGE/gts/pagecontent/2019-07-15">
   <Page imageFilename="page.png" imageWidth="400" imageHeight="100"><TextRegion id="r1">
     <TextLine id="l1"><Coords points="5,3 200,3 200,40 5,40"/>
