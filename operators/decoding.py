@@ -8,8 +8,8 @@ one preallocated cache, and drops lines from the running batch as soon as they a
 
 It repeats the arithmetic of ``TrOCRDecoder`` (post-norm layers, scaled queries, learned or sinusoidal
 positions) and the bookkeeping of ``GenerationMixin._beam_search`` op for op, so in fp32 it returns the
-texts ``generate`` returns. Weights are read from the model at every call, never copied ahead, so an
-engine cannot go stale while the model trains.
+texts ``generate`` returns. Weights are read from the model at every call (the fused q/k/v copies are
+made per call), so an engine cannot go stale while the model trains, and building one is cheap.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def sequence_confidence(token_logprobs: torch.Tensor) -> float:
 
 
 def hf_generate(model: VisionEncoderDecoderModel, pixel_values: torch.Tensor, num_beams: int,
-              max_new_tokens: int) -> list[DecodedLine]:
+                max_new_tokens: int) -> list[DecodedLine]:
     """The same lines decoded by transformers ``generate`` (engine "hf"): the reference this engine must equal."""
     with torch.inference_mode():
         output = model.generate(
@@ -119,7 +119,9 @@ class _Cache:
         """Reorder/compact to ``rows`` (beam parents, surviving lines); only the ``filled`` steps are copied."""
         kept = self.tensor[:, :, rows, :, :filled]
         if len(rows) != self.tensor.shape[2]:
-            self.tensor = self.tensor.new_empty((*kept.shape[:4], self.tensor.shape[4], kept.shape[5]))
+            shape = list(self.tensor.shape)
+            shape[2] = len(rows)
+            self.tensor = self.tensor.new_empty(shape)
         self.tensor[:, :, :, :, :filled] = kept
 
 
@@ -207,17 +209,17 @@ class DecodingEngine:
         """One decoder step for the running rows (lines x beams); returns fp32 logits (rows, vocab)."""
         hidden = self._embed(tokens, step, positions)
         rows = len(tokens)
-        for index, layer in enumerate(weights):
+        for layer, (keys, values), (cross_keys, cross_values) in zip(weights, cache.tensor, cross):
             query, key, value = F.linear(hidden, *layer.self_qkv).split(self.hidden, dim=-1)
-            cache.tensor[index, 0, :, :, step] = key.view(rows, self.heads, self.head_dim)
-            cache.tensor[index, 1, :, :, step] = value.view(rows, self.heads, self.head_dim)
+            keys[:, :, step] = key.view(rows, self.heads, self.head_dim)
+            values[:, :, step] = value.view(rows, self.heads, self.head_dim)
             query = (query * self.scaling).view(rows, self.heads, 1, self.head_dim)
-            attended = _attend(query, cache.tensor[index, 0, :, :, :step + 1], cache.tensor[index, 1, :, :, :step + 1])
+            attended = _attend(query, keys[:, :, :step + 1], values[:, :, :step + 1])
             hidden = layer.self_norm(hidden + F.linear(attended.reshape(rows, self.hidden), *layer.self_out))
 
             query = F.linear(hidden, *layer.cross_q) * self.scaling
             query = query.view(rows // beams, beams, self.heads, self.head_dim).transpose(1, 2)
-            attended = _attend(query, cross[index, 0], cross[index, 1]).transpose(1, 2)
+            attended = _attend(query, cross_keys, cross_values).transpose(1, 2)
             hidden = layer.cross_norm(hidden + F.linear(attended.reshape(rows, self.hidden), *layer.cross_out))
 
             feed_forward = F.linear(layer.activation(F.linear(hidden, *layer.fc1)), *layer.fc2)

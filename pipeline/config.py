@@ -73,7 +73,8 @@ class RecognizeConfig(_Frozen):
     """TrOCR recognition in an actor pool."""
 
     model: str = Field(default=str(DEFAULT_MODEL), description="hub id or local folder")
-    engine: Literal["fast", "hf"] = Field(default="fast", description="fast: this project's engine; hf: transformers generate")
+    engine: Literal["fast", "hf"] = Field(default="fast",
+                                          description="fast: this project's engine; hf: transformers generate")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     num_beams: int = Field(default=1, ge=1)
@@ -83,6 +84,7 @@ class RecognizeConfig(_Frozen):
     concurrency: int | tuple[int, int] = Field(default=1, description="actors, or (min, max) to autoscale")
     num_gpus: float = Field(default=0.0, ge=0)
     num_cpus: float = Field(default=1.0, gt=0)
+    accelerator_type: str | None = Field(default=None, description="e.g. V100: pin actors on mixed clusters")
     torch_threads: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")

@@ -81,10 +81,6 @@ def _unpack(row: dict[str, Any]) -> PageWork:
     return pickle.loads(row["work"])
 
 
-def _triage_row(row: dict[str, Any], config: JobConfig) -> dict[str, bytes]:
-    return {"plan": pickle.dumps(triage(row["source"], config.rasterize))}
-
-
 def _rasterize_row(row: dict[str, Any], config: JobConfig) -> list[dict[str, bytes]]:
     task: PageRange = pickle.loads(row["task"])
     return [_pack(work) for work in rasterize(task, config.rasterize)]
@@ -116,9 +112,9 @@ class _RecognizeBatch:
 
 
 def _triage_all(sources: list[str], config: JobConfig) -> list[DocumentPlan]:
-    dataset = ray.data.from_items([{"source": s} for s in sources])
-    dataset = dataset.map(_triage_row, fn_kwargs={"config": config}, num_cpus=config.rasterize.num_cpus)
-    return [pickle.loads(row["plan"]) for row in dataset.take_all()]
+    """Triage every file in parallel as plain Ray tasks: cheap, and quicker to start than a dataset."""
+    remote_triage = ray.remote(num_cpus=config.rasterize.num_cpus)(triage)
+    return ray.get([remote_triage.remote(source, config.rasterize) for source in sources])
 
 
 def _recognizer_pool(concurrency: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
@@ -147,6 +143,7 @@ def _page_dataset(ranges: list[PageRange], config: JobConfig,
         compute=_recognizer_pool(recognize.concurrency),
         num_gpus=recognize.num_gpus,
         num_cpus=recognize.num_cpus,
+        accelerator_type=recognize.accelerator_type,
     )
 
 

@@ -39,7 +39,7 @@ def ray_local():
     """One real local Ray instance for the whole session (jobs reuse it instead of starting their own)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
 

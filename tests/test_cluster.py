@@ -34,9 +34,10 @@ REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
 RAY_CLI = str(Path(sys.executable).with_name("ray"))
 CLI_PREFIXES = (["trocr-pipeline"], ["python", "-m", "pipeline.cli"])
+IMAGE_ROOT = Path("/home/ray/trocr-pipeline")  # where docker/Dockerfile puts the repo's configs
 CPU_OVERRIDES = [  # the V100 config on a CPU-only test cluster with the tiny model
     "rasterize.dpi=150", "recognize.device=cpu", "recognize.precision=fp32", "recognize.num_gpus=0",
-    "recognize.num_cpus=1", "recognize.concurrency=1", "recognize.torch_threads=1",
+    "recognize.num_cpus=1", "recognize.concurrency=1", "recognize.torch_threads=1", "recognize.accelerator_type=null",
     "recognize.max_new_tokens=4", "recognize.line_batch_size=16",
 ]
 
@@ -56,6 +57,13 @@ def _parse_entrypoint(command: list[str]):
     from pipeline.cli import build_parser
 
     return build_parser().parse_args(_cli_arguments(command))
+
+
+def _repo_config(path: Path | None) -> Path | None:
+    """The repository file an entrypoint's --config names, in the image or in the working dir."""
+    if path is None:
+        return None
+    return REPO / (path.relative_to(IMAGE_ROOT) if path.is_absolute() else path)
 
 
 def _readme_job_commands() -> list[list[str]]:
@@ -123,12 +131,16 @@ def test_rayjob_manifest_has_the_v1_fields():
 
 
 def test_documented_entrypoints_parse_with_the_cli():
+    from pipeline.config import load_config
+
     job = yaml.safe_load((DOCKER / "rayjob-v100.yaml").read_text())
     entrypoints = [shlex.split(job["spec"]["entrypoint"]), *_readme_job_commands()]
     assert len(entrypoints) >= 3, "README should show ray job submit with and without a runtime env"
     for command in entrypoints:
         args = _parse_entrypoint(command)
         assert args.command in ("run", "detect") and args.output
+        config = load_config(_repo_config(args.config), args.overrides)  # raises on a bad key or value
+        assert config.recognize.num_gpus == 1, f"{command} does not run recognition on the GPUs"
 
 
 def test_entrypoint_parser_rejects_unknown_programs():

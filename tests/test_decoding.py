@@ -103,6 +103,19 @@ def test_same_as_generate_with_lines_leaving_the_batch(trained, num_beams):
     assert_same_lines(fast, one_by_one)
 
 
+@pytest.mark.parametrize("early_stopping, length_penalty", [(True, 1.0), ("never", 1.0), (False, 2.0)])
+def test_beam_search_stopping_rules_match_generate(trained, early_stopping, length_penalty):
+    """With early_stopping=True lines finish their search at different steps and leave the batch early."""
+    generation = trained.model.generation_config
+    generation.early_stopping, generation.length_penalty = early_stopping, length_penalty
+    try:
+        inputs = pixel_values(trained, TEXTS)
+        fast = DecodingEngine(trained.model).decode(inputs, num_beams=4, max_new_tokens=32)
+        assert_same_lines(fast, hf_generate(trained.model, inputs, num_beams=4, max_new_tokens=32))
+    finally:
+        generation.early_stopping, generation.length_penalty = None, None
+
+
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_truncation_flag_and_text_match_generate(trained, num_beams):
     resized = [trained.preprocessor.resize(render_line(text)) for text in TEXTS]
