@@ -11,7 +11,12 @@ return the same texts. Crops are resized once up front (the pipeline does that i
 
 ``random-base`` / ``random-small`` are random-weight models with the architecture of
 microsoft/trocr-base-* / trocr-small-* (their tokenizer is padded with unused tokens to the exact
-vocabulary size); a random model never emits end-of-sequence, so every line runs to max_new_tokens.
+vocabulary size). A random model's output is arbitrary (it may end at once or run to max_new_tokens)
+and mostly special tokens, so its texts are often empty and the identity check is weak there
+(tests/test_decoding.py compares token ids).
+
+On a shared CPU pass ``--threads 1``: with more torch threads than free cores every small op waits
+for a descheduled thread, which distorts all three timings (``generate`` the most).
 """
 
 from __future__ import annotations
@@ -120,6 +125,7 @@ def naive_loop(bundle: TrOCRBundle, resized: list[np.ndarray], num_beams: int, m
 
 
 def timed(run: Callable[[], list], device: torch.device) -> tuple[list, float]:
+    """run()'s result and wall seconds, queued GPU work included."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()

@@ -141,3 +141,15 @@ def test_cli_bad_model_fails_fast_with_clear_message(input_folder, tmp_path):
     assert result.returncode == ExitCode.model_error
     assert "no-such-model" in result.stderr
     assert not (tmp_path / "out" / "pages").exists()
+
+
+def test_filesystem_uris_for_inputs_and_output(ray_local, synthetic_documents, tmp_path):
+    """Inputs and output given as pyarrow filesystem URIs (file:// here; s3:// and gs:// take the same path)."""
+    source = synthetic_documents[0]
+    output_uri = f"file://{tmp_path / 'out'}"
+    summary = run_job([f"file://{source.parent}/{source.stem}.*"], output_uri,
+                      load_config(None, ["rasterize.dpi=150"]), mode="detect")
+    assert summary.written.documents_ok == 1
+    (document,) = _read(str(tmp_path / "out"), "documents").to_pylist()
+    assert document["source"] == f"file://{source}"
+    assert document["num_pages"] == len(load_ground_truth(source)["pages"])
