@@ -128,6 +128,8 @@ class TrOCRRecognizer:
                         "than %d tokens are cut and flagged truncated", config.max_new_tokens, limit, limit)
             config = config.model_copy(update={"max_new_tokens": limit})
         self.config = config
+        if config.engine == "fast":
+            DecodingEngine(self.bundle.model)  # refuses unsupported generation settings now, not mid-job
 
     def _decode(self, crops: list[np.ndarray], hints: list[float]) -> list[LineReading]:
         config = self.config

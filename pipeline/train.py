@@ -14,6 +14,7 @@ import logging
 import math
 import random
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -678,8 +679,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
 
+def _interrupt_on_sigterm() -> None:
+    """A killed training run unwinds like Ctrl-C, so its DataLoader worker processes exit with it."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def train_command(args: argparse.Namespace) -> int:
     config = load_train_config(args.config)
+    _interrupt_on_sigterm()
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     if args.workers > 1:

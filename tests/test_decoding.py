@@ -93,7 +93,9 @@ def test_fine_tuned_model_reads_its_lines(trained):
 
 
 @pytest.mark.parametrize("num_beams", [1, 4])
-def test_same_as_generate_with_lines_leaving_the_batch(trained, num_beams):
+def test_same_as_generate_for_lines_of_very_different_lengths(trained, num_beams):
+    """Greedy lines leave the running batch at their own end-of-sequence; results equal generate's and
+    decoding each line alone."""
     inputs = pixel_values(trained, TEXTS)
     fast = DecodingEngine(trained.model).decode(inputs, num_beams, max_new_tokens=32)
     assert_same_lines(fast, hf_generate(trained.model, inputs, num_beams, max_new_tokens=32))
@@ -126,7 +128,8 @@ def test_truncation_flag_and_text_match_generate(trained, num_beams):
 
 
 def peaked(model: VisionEncoderDecoderModel) -> VisionEncoderDecoderModel:
-    """Scale the output projection: the same network with decisive (non-tied) next-token choices."""
+    """Scale the output projection (and the input embeddings where they are tied to it): decisive,
+    non-tied next-token choices, the same weights for both decoders."""
     with torch.no_grad():
         model.decoder.output_projection.weight.mul_(50.0)
     return model.eval()
