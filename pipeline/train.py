@@ -456,9 +456,14 @@ class TrainerState:
     best_cer: float = float("inf")
 
 
+def _checkpoints(work_dir: Path) -> list[Path]:
+    """Checkpoint folders in step order."""
+    return sorted(work_dir.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda path: int(path.name.removeprefix(CHECKPOINT_PREFIX)))
+
+
 def latest_checkpoint(work_dir: Path) -> Path | None:
-    checkpoints = sorted(work_dir.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda path: int(path.name.removeprefix(CHECKPOINT_PREFIX)))
-    complete = [path for path in checkpoints if (path / TRAINER_STATE).is_file()]
+    """The newest complete checkpoint (one interrupted while saving has no trainer state yet)."""
+    complete = [path for path in _checkpoints(work_dir) if (path / TRAINER_STATE).is_file()]
     return complete[-1] if complete else None
 
 
@@ -471,8 +476,7 @@ def save_checkpoint(run: "TrainingRun", state: TrainerState) -> Path:
          "schedule": run.schedule.state_dict()},
         folder / TRAINER_STATE,
     )
-    checkpoints = sorted(run.config.work_dir.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda path: int(path.name.removeprefix(CHECKPOINT_PREFIX)))
-    for old in checkpoints[: -run.config.keep_checkpoints]:
+    for old in _checkpoints(run.config.work_dir)[: -run.config.keep_checkpoints]:
         shutil.rmtree(old)
     return folder
 
@@ -651,7 +655,8 @@ def _ray_worker_loop(loop_config: dict) -> None:
         resume=loop_config["resume"],
         show_progress=False,
         shard=(context.get_world_rank(), context.get_world_size()),
-        wrap=ray.train.torch.prepare_model,
+        # find_unused_parameters: the ViT pooler is part of the checkpoint but not of the loss
+        wrap=lambda model: ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}),
         report=ray.train.report,
     )
 
