@@ -22,7 +22,7 @@ RECOGNIZER_TITLE = "MapBatches(_RecognizeBatch)"
 @pytest.fixture(scope="module")
 def documents(tmp_path_factory) -> list[Path]:
     folder = tmp_path_factory.mktemp("fault-docs")
-    return write_document_set(folder, count=6, seed=23, dpi=100, formats=("pdf", "tiff"), pages_per_document=(1, 2))
+    return write_document_set(folder, count=8, seed=23, dpi=100, formats=("pdf", "tiff"), pages_per_document=(1, 2))
 
 
 def _job(documents: list[Path], output: Path, model: Path) -> subprocess.Popen:
