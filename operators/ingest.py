@@ -79,8 +79,8 @@ def _expand_one(item: str) -> list[str]:
     if _GLOB_CHARS.search(path):
         root = path[: _GLOB_CHARS.search(path).start()].rsplit("/", 1)[0] or "/"
         infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
-        return [_with_scheme(item, i.path) for i in infos
-                if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path) and _supported(i.path)]
+        return sorted(_with_scheme(item, i.path) for i in infos
+                      if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path) and _supported(i.path))
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.Directory and not _is_uri(item):
         # os.walk, unlike pyarrow, lists broken links: they become `unreadable` rows, not silence
@@ -114,13 +114,29 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     return sources
 
 
-def read_source(source: str) -> bytes:
+_CHUNK = 1 << 20
+
+
+def _chunks(source: str) -> Iterator[bytes]:
+    """The file's bytes a megabyte at a time, so a huge scan never sits in memory whole."""
     filesystem, path = _resolve(source)
     try:
         with filesystem.open_input_stream(path) as stream:
-            return stream.read()
+            while chunk := stream.read(_CHUNK):
+                yield chunk
     except OSError as exc:
         raise UnreadableFile(f"cannot read {source}: {exc}") from exc
+
+
+def fingerprint(source: str) -> tuple[str, bytes, int]:
+    """sha256 of the file's bytes (the doc_id), its first 1 KiB for sniffing, and its size."""
+    digest, head, size = hashlib.sha256(), b"", 0
+    for chunk in _chunks(source):
+        digest.update(chunk)
+        if len(head) < 1024:
+            head += chunk[: 1024 - len(head)]
+        size += len(chunk)
+    return digest.hexdigest(), head, size
 
 
 def sniff_kind(head: bytes) -> DocumentKind:
@@ -226,13 +242,14 @@ def triage_image(path: str, config: RasterizeConfig) -> int:
 
 
 @contextmanager
-def local_path(source: str, data: bytes | None = None) -> Iterator[str]:
+def local_path(source: str) -> Iterator[str]:
     """A local path for poppler/Pillow: the file itself when local, else a temporary copy."""
     if not _is_uri(source):
         yield source
         return
     with tempfile.NamedTemporaryFile(prefix="trocr-pipeline-", suffix=Path(source).suffix) as handle:
-        handle.write(read_source(source) if data is None else data)
+        for chunk in _chunks(source):
+            handle.write(chunk)
         handle.flush()
         yield handle.name
 
@@ -242,12 +259,11 @@ def triage(source: str, config: RasterizeConfig) -> DocumentPlan:
     doc_id = hashlib.sha256(source.encode()).hexdigest()  # replaced by the content hash once read
     kind: DocumentKind | None = None
     try:
-        data = read_source(source)
-        doc_id = hashlib.sha256(data).hexdigest()
-        if not data:
+        doc_id, head, size = fingerprint(source)
+        if size == 0:
             raise EmptyFile("the file is empty (0 bytes)")
-        kind = sniff_kind(data[:1024])
-        with local_path(source, data) as path:
+        kind = sniff_kind(head)
+        with local_path(source) as path:
             if kind == "pdf":
                 num_pages, repaired = triage_pdf(path, config)
             else:
