@@ -89,28 +89,33 @@ class LinePreprocessor:
         )
 
     def resize(self, crop: np.ndarray) -> np.ndarray:
-        """uint8 HxW gray or HxWx3 RGB crop -> uint8 (H, W, 3) at ``input_size``; cheap, CPU only."""
+        """uint8 HxW gray or HxWx3 RGB crop -> uint8 (H, W) or (H, W, 3) at ``input_size``; cheap, CPU only.
+
+        Gray stays one channel (a third of the bytes through the object store); the processor's own
+        gray-to-RGB step is the channel expansion in :meth:`to_pixel_values`, which gives the same values.
+        """
         image = _to_pil(crop)
         if self.keep_aspect:
             image = self._fit_on_background(image)
         else:
             image = image.resize((self.resize_size[1], self.resize_size[0]), resample=self.resample)
             image = self._center_crop(image)
-        pixels = np.asarray(image)
-        if pixels.ndim == 2:
-            pixels = np.repeat(pixels[:, :, None], 3, axis=2)
-        return pixels
+        return np.asarray(image)
 
     def to_pixel_values(self, resized: Sequence[np.ndarray], device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
         """Stack resized crops into (N, 3, H, W), rescale and normalise on ``device``, cast to ``dtype``."""
         if len(resized) == 0:
             raise ValueError("to_pixel_values needs at least one resized line image, got none")
-        expected = (*self.input_size, 3)
+        shapes = {self.input_size, (*self.input_size, 3)}
         for index, pixels in enumerate(resized):
-            if pixels.shape != expected or pixels.dtype != np.uint8:
-                raise ValueError(f"resized line {index} is {pixels.dtype} {pixels.shape}, expected uint8 {expected}")
+            if pixels.shape not in shapes or pixels.dtype != np.uint8 or pixels.shape != resized[0].shape:
+                raise ValueError(f"resized line {index} is {pixels.dtype} {pixels.shape}, expected uint8 "
+                                 f"{self.input_size} (gray) or {(*self.input_size, 3)} (RGB), all alike")
         batch = torch.from_numpy(np.stack(resized)).to(device)
-        values = batch.permute(0, 3, 1, 2).to(torch.float32)
+        if batch.ndim == 3:
+            values = batch.unsqueeze(1).expand(-1, 3, -1, -1).to(torch.float32)
+        else:
+            values = batch.permute(0, 3, 1, 2).to(torch.float32)
         if self.rescale_factor is not None:
             values = values * self.rescale_factor
         if self.image_mean is not None:

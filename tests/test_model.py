@@ -62,7 +62,7 @@ def test_preprocessor_matches_real_image_processor(tiny_bundle):
     resized = tiny_bundle.preprocessor.resize(crop)
     ours = tiny_bundle.preprocessor.to_pixel_values([resized], "cpu", torch.float32)
     reference = tiny_bundle.processor(images=Image.fromarray(crop).convert("RGB"), return_tensors="pt").pixel_values
-    assert resized.shape == (32, 128, 3) and resized.dtype == np.uint8
+    assert resized.shape == (32, 128) and resized.dtype == np.uint8  # gray stays one channel
     assert ours.shape == reference.shape == (1, 3, 32, 128)
     assert torch.allclose(ours, reference, atol=1e-5)
 
@@ -70,7 +70,10 @@ def test_preprocessor_matches_real_image_processor(tiny_bundle):
 def test_rgb_and_gray_crops_give_the_same_input(tiny_bundle):
     gray = render_line("gray or rgb")
     rgb = np.repeat(gray[:, :, None], 3, axis=2)
-    assert np.array_equal(tiny_bundle.preprocessor.resize(gray), tiny_bundle.preprocessor.resize(rgb))
+    from_gray, from_rgb = (tiny_bundle.preprocessor.to_pixel_values([tiny_bundle.preprocessor.resize(crop)], "cpu",
+                                                                    torch.float32) for crop in (gray, rgb))
+    assert tiny_bundle.preprocessor.resize(rgb).shape == (32, 128, 3)
+    assert torch.equal(from_gray, from_rgb)
 
 
 def test_generate_from_loaded_checkpoint(tiny_bundle):
@@ -118,7 +121,7 @@ def test_non_square_keep_aspect_checkpoint_round_trips(wide_checkpoint):
     generated = bundle.model.generate(pixel_values, max_new_tokens=4)
     assert generated.shape[0] == 1
     # "short" at 48 px high scaled to 24 px is ~60 px wide: the rest of the width is white padding.
-    assert short.shape == (24, 192, 3)
+    assert short.shape == (24, 192)
     assert (short[:, 100:] == 255).all()
     assert (short[:, :60] < 128).any()
 
@@ -127,8 +130,8 @@ def test_keep_aspect_shrinks_long_lines_to_fit_and_centres_them(wide_checkpoint)
     bundle = load_trocr(str(wide_checkpoint), device="cpu")
     long_line = render_line("a very long line that is far wider than the model input " * 2, height=40)
     resized = bundle.preprocessor.resize(long_line)
-    dark_rows = np.flatnonzero((resized < 230).any(axis=(1, 2)))
-    assert resized.shape == (24, 192, 3)
+    dark_rows = np.flatnonzero((resized < 230).any(axis=1))
+    assert resized.shape == (24, 192)
     assert dark_rows.size and dark_rows.min() > 0 and dark_rows.max() < 23
     assert (resized[: dark_rows.min()] == 255).all()
 

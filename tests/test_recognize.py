@@ -29,7 +29,7 @@ def test_prepare_crops_fits_every_shape_and_drops_empty_boxes(tiny_model):
     assert [line.order for line in work.lines] == [0, 2, 3]
     assert len(work.line_pixels) == 3
     height, width = preprocessor.input_size
-    assert all(pixels.shape == (height, width, 3) and pixels.dtype == np.uint8 for pixels in work.line_pixels)
+    assert all(pixels.shape == (height, width) and pixels.dtype == np.uint8 for pixels in work.line_pixels)
     assert work.image is None
 
 
