@@ -145,6 +145,8 @@ class DecodingEngine:
         self.start_id = _required_id(self.generation, "decoder_start_token_id")
         self.pad_id = _required_id(self.generation, "pad_token_id")
         self.eos_ids = _as_list(_required_id(self.generation, "eos_token_id"))
+        with torch.no_grad():  # merged once: an engine sees the weights as they were when it was built
+            self.weights = self._layer_weights()
 
     def decode(self, pixel_values: torch.Tensor, num_beams: int, max_new_tokens: int) -> list[DecodedLine]:
         """(N, 3, H, W) encoder input -> N decoded lines, in input order; greedy when ``num_beams`` is 1."""
@@ -156,7 +158,7 @@ class DecodingEngine:
             return []
         max_new_tokens = min(max_new_tokens, self.max_positions)
         with torch.inference_mode():
-            weights = self._layer_weights()
+            weights = self.weights
             cross = self._cross_keys_values(pixel_values, weights)
             positions = self._position_table(max_new_tokens, cross.dtype, cross.device)
             if num_beams == 1:

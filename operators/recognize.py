@@ -57,10 +57,10 @@ def prepare_crops(work: PageWork, preprocessor: LinePreprocessor, padding: int) 
 
 
 def _decode_chunk(bundle: TrOCRBundle, resized: Sequence[np.ndarray], num_beams: int, max_new_tokens: int,
-                  engine: Engine) -> list[LineReading]:
+                  engine: DecodingEngine | None) -> list[LineReading]:
     pixel_values = bundle.preprocessor.to_pixel_values(resized, bundle.device, bundle.dtype)
-    if engine == "fast":
-        decoded = DecodingEngine(bundle.model).decode(pixel_values, num_beams, max_new_tokens)
+    if engine is not None:
+        decoded = engine.decode(pixel_values, num_beams, max_new_tokens)
     else:
         decoded = hf_generate(bundle.model, pixel_values, num_beams, max_new_tokens)
     pad_id = bundle.model.generation_config.pad_token_id
@@ -86,11 +86,12 @@ def decode_lines(bundle: TrOCRBundle, resized: Sequence[np.ndarray], num_beams: 
     if length_hints is not None and len(length_hints) != len(resized):
         raise ValueError(f"{len(length_hints)} length hints for {len(resized)} crops")
     order = np.argsort(length_hints, kind="stable") if length_hints is not None else np.arange(len(resized))
+    fast_engine = DecodingEngine(bundle.model) if engine == "fast" else None  # weights merged once per call
     readings: list[LineReading | None] = [None] * len(resized)
     for start in range(0, len(order), line_batch_size):
         chunk = order[start:start + line_batch_size]
         for index, reading in zip(chunk, _decode_chunk(bundle, [resized[i] for i in chunk], num_beams,
-                                                       max_new_tokens, engine)):
+                                                       max_new_tokens, fast_engine)):
             readings[index] = reading
     return readings
 
