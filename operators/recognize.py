@@ -18,7 +18,7 @@ from transformers import VisionEncoderDecoderModel
 
 from operators.decoding import DecodingEngine, hf_generate
 from operators.detect import crop_line
-from operators.words import ink_gaps
+from operators.words import cut_points, ink_gaps
 from pipeline.config import RecognizeConfig
 from pipeline.errors import RecognitionFailed
 from pipeline.model import LinePreprocessor, TrOCRBundle, load_trocr
@@ -38,22 +38,80 @@ class LineReading:
     truncated: bool  # no end-of-sequence within max_new_tokens
 
 
-def prepare_crops(work: PageWork, preprocessor: LinePreprocessor, padding: int) -> PageWork:
-    """Cut each detected line from the page, measure its word gaps, and resize it to model input;
-    drop the page image.
+@dataclass(frozen=True)
+class LinePiece:
+    """A model-size crop of a whole line, or of one part of a line too long for the model's input."""
+
+    pixels: np.ndarray
+    aspect: float  # width / height before resizing: the expected-length hint that groups pieces in batches
+
+
+def line_pieces(crop: np.ndarray, gaps: Sequence[tuple[int, int]], preprocessor: LinePreprocessor,
+                split_long_lines: bool) -> list[LinePiece]:
+    """The pieces the model reads for one line crop, left to right.
+
+    A keep-aspect model shrinks a line wider than its input to fit, and shrunken glyphs are misread,
+    so such a line is cut at word gaps (``gaps``: its :func:`ink_gaps` in crop x coordinates) into
+    pieces that fit; :func:`join_readings` puts their texts back together. Stretching models (the
+    official 384 x 384 checkpoints) were trained on whole lines and always get the whole line.
+    """
+    height, width = crop.shape[:2]
+    cuts = []
+    if split_long_lines and preprocessor.keep_aspect:
+        input_height, input_width = preprocessor.input_size
+        cuts = cut_points(gaps, width, height, input_width / input_height)
+    bounds = [0, *cuts, width]
+    return [LinePiece(preprocessor.resize(crop[:, start:end]), (end - start) / max(1, height))
+            for start, end in zip(bounds, bounds[1:])]
+
+
+def prepare_crops(work: PageWork, preprocessor: LinePreprocessor, padding: int, split_long_lines: bool) -> PageWork:
+    """Cut each detected line from the page, measure its word gaps, and resize it (or its pieces, see
+    :func:`line_pieces`) to model input; drop the page image.
 
     A line whose box has no area holds no pixels and so no text: it is dropped here rather than
-    handed to the model. Extreme aspect ratios are the preprocessor's to fit.
+    handed to the model.
     """
     if work.status == "ok" and work.image is not None:
         work.lines = [line for line in work.lines if line.bbox[2] > line.bbox[0] and line.bbox[3] > line.bbox[1]]
-        work.line_pixels = []
+        work.line_pieces = []
         for line in work.lines:
             crop = crop_line(work.image, line, padding)
-            line.gaps = ink_gaps(crop, (max(0, line.bbox[0] - padding), max(0, line.bbox[1] - padding)))
-            work.line_pixels.append(preprocessor.resize(crop))
+            left = max(0, line.bbox[0] - padding)
+            line.gaps = ink_gaps(crop, (left, max(0, line.bbox[1] - padding)))
+            crop_gaps = [(x0 - left, x1 - left) for x0, x1 in line.gaps]
+            work.line_pieces.append(line_pieces(crop, crop_gaps, preprocessor, split_long_lines))
     work.image = None
     return work
+
+
+def join_readings(readings: Sequence[LineReading | None]) -> LineReading | None:
+    """One line's reading from its pieces' readings: texts joined by a space (pieces are cut at word
+    gaps), the weakest piece's confidence; None when a piece has no reading."""
+    if any(reading is None for reading in readings):
+        return None
+    return LineReading(text=" ".join(reading.text for reading in readings if reading.text),
+                       confidence=min(reading.confidence for reading in readings),
+                       truncated=any(reading.truncated for reading in readings))
+
+
+def read_lines(bundle: TrOCRBundle, pieces: Sequence[Sequence[LinePiece]], num_beams: int, max_new_tokens: int,
+               line_batch_size: int, engine: Engine = "fast") -> list[LineReading]:
+    """One reading per line from its :func:`line_pieces`, all pieces decoded together by
+    :func:`decode_lines`; a line without pieces reads as empty text."""
+    flat = [piece for line in pieces for piece in line]
+    readings = decode_lines(bundle, [piece.pixels for piece in flat], num_beams, max_new_tokens, line_batch_size,
+                            [piece.aspect for piece in flat], engine)
+    return [join_readings(part) for part in _regroup(readings, [len(line) for line in pieces])]
+
+
+def _regroup(items: Sequence, counts: Sequence[int]) -> list[list]:
+    """Split a flat list back into consecutive groups of the given sizes."""
+    groups, start = [], 0
+    for count in counts:
+        groups.append(list(items[start:start + count]))
+        start += count
+    return groups
 
 
 def _decode_chunk(bundle: TrOCRBundle, resized: Sequence[np.ndarray], num_beams: int, max_new_tokens: int,
@@ -167,20 +225,22 @@ class TrOCRRecognizer:
         return readings
 
     def recognize_pages(self, pages: list[PageWork]) -> list[PageWork]:
-        crops, hints, owners = [], [], []
+        crops, hints, owners, counts = [], [], [], []
         for work in pages:
-            for line, pixels in zip(work.lines, work.line_pixels):
-                crops.append(pixels)
-                hints.append((line.bbox[2] - line.bbox[0]) / max(1, line.bbox[3] - line.bbox[1]))
+            for line, pieces in zip(work.lines, work.line_pieces):
+                crops += [piece.pixels for piece in pieces]
+                hints += [piece.aspect for piece in pieces]
+                counts.append(len(pieces))
                 owners.append((work, line))
-            work.line_pixels = []
+            work.line_pieces = []
         try:
-            readings = self.decode_with_backoff(crops, hints)
+            piece_readings = self.decode_with_backoff(crops, hints)
         except RuntimeError as exc:  # not memory: record it on the pages instead of losing them
             for work in pages:
                 if work.status == "ok":
                     work.fail(RecognitionFailed.error_code, f"recognition failed: {exc}")
             return pages
+        readings = [join_readings(part) for part in _regroup(piece_readings, counts)]
         unread: dict[int, list[int]] = {}
         for (work, line), reading in zip(owners, readings):
             if reading is None:

@@ -34,6 +34,9 @@ SLANTS = (0.0, 0.1, -0.1, 0.2, -0.2, 0.3, 0.4, 0.5)
 POSITION_WEIGHT = 0.05
 #: LayoutLM boxes are given on a 0-1000 grid of the page.
 LAYOUT_SCALE = 1000
+#: A blank run at least this many crop heights wide is taken for a space between words: a line too
+#: long for the model is cut at such runs.
+WORD_GAP_HEIGHTS = 0.25
 
 
 
@@ -73,6 +76,34 @@ def ink_gaps(crop: np.ndarray, origin: tuple[int, int]) -> list[Interval]:
     x_offset = int(origin[0])
     runs = [(x_offset + start * factor, x_offset + end * factor) for start, end in _runs(~occupied)]
     return sorted(runs, key=lambda run: (run[0] - run[1], run[0]))
+
+
+def cut_points(gaps: Sequence[Interval], width: int, height: int, max_aspect: float) -> list[int]:
+    """Columns at which to cut a line crop wider than ``max_aspect``:1 so that every piece fits.
+
+    Why: a keep-aspect model shrinks a longer line to fit its input, and shrunken glyphs are misread.
+    ``gaps`` are the crop's :func:`ink_gaps` in crop x coordinates. Each cut is the middle of the
+    word gap nearest the middle of the span still too long, so the pieces come out about equal; a
+    word gap is a run :data:`WORD_GAP_HEIGHTS` wide, or (tightly set type) half the span's widest. Returns [] when the crop fits, and leaves a span whole when it has no
+    blank run inside.
+    """
+    if max_aspect <= 0:
+        raise ValueError(f"max_aspect must be positive, got {max_aspect}")
+    return _cuts(gaps, 0, width, max_aspect * height, WORD_GAP_HEIGHTS * height)
+
+
+def _cuts(gaps: Sequence[Interval], start: int, end: int, max_width: float, word_gap: float) -> list[int]:
+    if end - start <= max_width:
+        return []
+    inside = [gap for gap in gaps if gap[0] > start and gap[1] < end]
+    if not inside:
+        return []
+    widest = max(x1 - x0 for x0, x1 in inside)
+    candidates = [gap for gap in inside if gap[1] - gap[0] >= min(word_gap, widest / 2)]
+    middle = (start + end) / 2
+    x0, x1 = min(candidates, key=lambda gap: (abs((gap[0] + gap[1]) / 2 - middle), gap[0]))
+    cut = (x0 + x1) // 2
+    return _cuts(gaps, start, cut, max_width, word_gap) + [cut] + _cuts(gaps, cut, end, max_width, word_gap)
 
 
 def split_words(text: str, line_bbox: Sequence[int], gaps: Sequence[Interval],

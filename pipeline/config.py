@@ -80,6 +80,8 @@ class RecognizeConfig(_Frozen):
     num_beams: int = Field(default=1, ge=1)
     max_new_tokens: int = Field(default=128, ge=1)
     line_batch_size: int = Field(default=32, ge=1, description="line crops per model call")
+    split_long_lines: bool = Field(default=True, description="cut lines wider than a keep-aspect model's input "
+                                                              "at word gaps instead of shrinking them to fit")
     pages_per_batch: int = Field(default=4, ge=1, description="pages handed to an actor at once")
     concurrency: int | tuple[int, int] = Field(default=1, description="actors, or (min, max) to autoscale")
     num_gpus: float = Field(default=0.0, ge=0)

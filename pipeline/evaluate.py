@@ -1,14 +1,17 @@
-"""``trocr-pipeline eval``: CER and WER (jiwer) of a model on folders of line images with ground truth.
+"""``trocr-pipeline eval``: CER and WER (jiwer) of a model on line images or on whole pages with ground truth.
 
-Lines are decoded by :func:`operators.recognize.decode_lines`, the code the pipeline itself runs, so
-the figures are the pipeline's figures. Scores are corpus-level (total edits / total reference
-characters or words) per source folder and overall.
+``--lines``: folders of line images with ``.gt.txt``, read by the pipeline's own recognizer code
+(:func:`operators.recognize.read_lines`). ``--pages``: PAGE or ALTO files, whose images go through the
+whole job (detection, reading order, recognition) and whose page text is compared with the ground
+truth's lines in file order. Either way the figures are the pipeline's figures. Scores are
+corpus-level (total edits / total reference characters or words) per source and overall.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -19,7 +22,7 @@ import jiwer
 from pipeline.config import DEFAULT_MODEL
 from pipeline.errors import ConfigError, ExitCode
 from pipeline.model import TrOCRBundle, load_trocr
-from pipeline.train import LabeledLine, read_line_folder
+from pipeline.train import LabeledLine, page_xml_files, read_line_folder, read_page_xml
 
 NORMALIZATIONS = ("case", "whitespace", "punctuation")
 
@@ -34,9 +37,19 @@ class LineResult:
 
 
 @dataclass(frozen=True)
+class PageTruth:
+    """A PAGE/ALTO file's image and its text: the lines in file order, one per row."""
+
+    xml: Path
+    image: Path
+    source: str
+    text: str
+
+
+@dataclass(frozen=True)
 class Score:
     source: str
-    lines: int
+    lines: int  # scored items: lines, or pages with --pages
     cer: float
     wer: float
 
@@ -72,15 +85,46 @@ def read_eval_lines(folders: Sequence[Path]) -> list[LabeledLine]:
 
 def recognize(bundle: TrOCRBundle, lines: Sequence[LabeledLine], batch_size: int, num_beams: int,
               max_new_tokens: int) -> list[str]:
-    """Predicted text per line, decoded exactly as the pipeline's recognizer does."""
-    from operators.recognize import decode_lines
+    """Predicted text per line, read exactly as the pipeline's recognizer reads it (long lines in pieces)."""
+    from operators.recognize import line_pieces, read_lines
+    from operators.words import ink_gaps
 
-    crops = [line.load_gray() for line in lines]
-    resized = [bundle.preprocessor.resize(crop) for crop in crops]
-    hints = [crop.shape[1] / max(1, crop.shape[0]) for crop in crops]
-    readings = decode_lines(bundle, resized, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                            line_batch_size=batch_size, length_hints=hints)
+    pieces = []
+    for line in lines:
+        crop = line.load_gray()
+        pieces.append(line_pieces(crop, ink_gaps(crop, (0, 0)), bundle.preprocessor, split_long_lines=True))
+    readings = read_lines(bundle, pieces, num_beams, max_new_tokens, batch_size)
     return [reading.text for reading in readings]
+
+
+def read_page_truth(paths: Sequence[Path]) -> list[PageTruth]:
+    pages = []
+    for path in paths:
+        for xml_path in page_xml_files(Path(path)):
+            image, lines = read_page_xml(xml_path)
+            pages.append(PageTruth(xml_path, image, str(path), "\n".join(text for _, text in lines if text)))
+    return pages
+
+
+def recognize_pages(pages: Sequence[PageTruth], overrides: Sequence[str]) -> list[str]:
+    """Each page's text from the whole job (local Ray, default config plus ``overrides``), written to a
+    temporary folder; a page the job could not read scores as empty text."""
+    import pyarrow.dataset as ds
+
+    from pipeline.config import load_config
+    from pipeline.job import run_job
+
+    with tempfile.TemporaryDirectory(prefix="trocr-eval-") as output:
+        run_job([str(page.image.resolve()) for page in pages], output, load_config(None, list(overrides)))
+        rows = ds.dataset(f"{output}/pages", format="parquet").to_table(columns=["source", "page", "text"]).to_pylist()
+    texts = {row["source"]: row["text"] or "" for row in rows if row["page"] == 1}
+    return [texts.get(str(page.image.resolve()), "") for page in pages]
+
+
+def score_pages(pages: Sequence[PageTruth], predictions: Sequence[str],
+                normalize: Callable[[str], str]) -> list[LineResult]:
+    return [LineResult(page.xml.name, page.source, prediction, page.text, line_cer(normalize(page.text), normalize(prediction)))
+            for page, prediction in zip(pages, predictions, strict=True)]
 
 
 def score_lines(lines: Sequence[LabeledLine], predictions: Sequence[str],
@@ -116,12 +160,12 @@ def scores_by_source(results: Sequence[LineResult], normalize: Callable[[str], s
     return per_source + [summarize(results, normalize, "overall")]
 
 
-def format_report(scores: Sequence[Score], results: Sequence[LineResult], worst: int) -> str:
+def format_report(scores: Sequence[Score], results: Sequence[LineResult], worst: int, unit: str = "lines") -> str:
     width = max(len(score.source) for score in scores)
-    rows = [f"{'source':<{width}}  {'lines':>6}  {'CER':>7}  {'WER':>7}"]
+    rows = [f"{'source':<{width}}  {unit:>6}  {'CER':>7}  {'WER':>7}"]
     rows += [f"{s.source:<{width}}  {s.lines:>6}  {s.cer:>7.2%}  {s.wer:>7.2%}" for s in scores]
     if worst > 0:
-        rows.append(f"\nworst {min(worst, len(results))} lines (CER, image, reference | prediction):")
+        rows.append(f"\nworst {min(worst, len(results))} {unit} (CER, image, reference | prediction):")
         for result in sorted(results, key=lambda r: r.cer, reverse=True)[:worst]:
             rows.append(f"{result.cer:7.2%}  {result.image}\n         ref:  {result.reference}\n         pred: {result.prediction}")
     return "\n".join(rows)
@@ -148,10 +192,25 @@ def evaluate(model: str, folders: Sequence[Path], normalize_options: Sequence[st
     return scores_by_source(results, normalize), results
 
 
+def evaluate_pages(model: str, paths: Sequence[Path], normalize_options: Sequence[str] = (), batch_size: int = 32,
+                   num_beams: int = 1, max_new_tokens: int = 128, device: str = "auto",
+                   precision: str = "fp32") -> tuple[list[Score], list[LineResult]]:
+    """Run the whole job on the PAGE/ALTO files' images and score each page's text."""
+    normalize = make_normalizer(normalize_options)
+    pages = read_page_truth(paths)
+    overrides = [f"recognize.model={model}", f"recognize.line_batch_size={batch_size}", f"recognize.num_beams={num_beams}",
+                 f"recognize.max_new_tokens={max_new_tokens}", f"recognize.device={device}",
+                 f"recognize.precision={precision}"]
+    results = score_pages(pages, recognize_pages(pages, overrides), normalize)
+    return scores_by_source(results, normalize), results
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default=str(DEFAULT_MODEL), help="hub id or local folder")
-    parser.add_argument("--lines", nargs="+", type=Path, required=True,
-                        help="folders of line images with <name>.gt.txt ground truth")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--lines", nargs="+", type=Path, help="folders of line images with <name>.gt.txt ground truth")
+    data.add_argument("--pages", nargs="+", type=Path,
+                      help="PAGE/ALTO files or folders of them: their images go through the whole job")
     parser.add_argument("--normalize", default="", help=f"comma list of {','.join(NORMALIZATIONS)}")
     parser.add_argument("--predictions", type=Path, help="write JSONL {image, prediction, reference, cer}")
     parser.add_argument("--worst", type=int, default=10, help="list the K lines with the highest CER")
@@ -166,9 +225,10 @@ def eval_command(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.num_beams < 1 or args.max_new_tokens < 1 or args.worst < 0:
         raise ConfigError("--batch-size, --num-beams and --max-new-tokens must be >= 1, --worst >= 0")
     options = [option.strip() for option in args.normalize.split(",") if option.strip()]
-    scores, results = evaluate(args.model, args.lines, options, args.batch_size, args.num_beams,
-                               args.max_new_tokens, args.device, args.precision)
-    print(format_report(scores, results, args.worst))
+    run = evaluate_pages if args.pages else evaluate
+    scores, results = run(args.model, args.pages or args.lines, options, args.batch_size, args.num_beams,
+                          args.max_new_tokens, args.device, args.precision)
+    print(format_report(scores, results, args.worst, "pages" if args.pages else "lines"))
     if args.predictions:
         write_predictions(args.predictions, results)
         print(f"\npredictions written to {args.predictions}")

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from operators.detect import detect_lines
 from operators.ingest import DocumentPlan, expand_inputs, triage
-from operators.recognize import decode_lines, prepare_crops
+from operators.recognize import prepare_crops, read_lines
 from operators.rasterize import page_ranges, rasterize
 from pipeline.config import JobConfig, load_config
 from pipeline.errors import ConfigError, DetectionFailed, ExitCode, RecognitionFailed
@@ -116,13 +116,12 @@ def _inspect_page(work: PageWork, output: Path, config: JobConfig, bundle: TrOCR
 
 def _recognize(work: PageWork, config: JobConfig, bundle: TrOCRBundle) -> list[str]:
     image = work.image  # prepare_crops drops it from the PageWork, the overlay still needs it
-    prepare_crops(work, bundle.preprocessor, config.detect.crop_padding_px)
-    work.image = image
-    hints = [(line.bbox[2] - line.bbox[0]) / max(1, line.bbox[3] - line.bbox[1]) for line in work.lines]
     recognize = config.recognize
-    readings = decode_lines(bundle, work.line_pixels, recognize.num_beams, recognize.max_new_tokens,
-                            recognize.line_batch_size, hints, recognize.engine)
-    work.line_pixels = []
+    prepare_crops(work, bundle.preprocessor, config.detect.crop_padding_px, recognize.split_long_lines)
+    work.image = image
+    readings = read_lines(bundle, work.line_pieces, recognize.num_beams, recognize.max_new_tokens,
+                          recognize.line_batch_size, recognize.engine)
+    work.line_pieces = []
     return [reading.text for reading in readings]
 
 

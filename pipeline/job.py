@@ -95,7 +95,7 @@ def _layout_row(row: dict[str, Any], config: JobConfig, preprocessor: LinePrepro
         except (ValueError, RuntimeError) as exc:  # a detector bug must not lose the page
             work.fail(DetectionFailed.error_code, f"line detection failed: {exc}")
     if preprocessor is not None:
-        work = prepare_crops(work, preprocessor, config.detect.crop_padding_px)
+        work = prepare_crops(work, preprocessor, config.detect.crop_padding_px, config.recognize.split_long_lines)
     work.image = None
     return _pack(work)
 

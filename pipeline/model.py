@@ -252,8 +252,10 @@ def build_trocr(
     return model, processor
 
 
-def build_tiny_random_trocr(out_dir: Path, tokenizer_kind: TokenizerKind = "roberta", encoder: EncoderKind = "vit", seed: int = 0) -> Path:
-    """Save a tiny untrained TrOCR (32x128 input, stretched like the official processors) for tests; no download."""
+def build_tiny_random_trocr(out_dir: Path, tokenizer_kind: TokenizerKind = "roberta", encoder: EncoderKind = "vit", seed: int = 0,
+                            keep_aspect: bool = False) -> Path:
+    """Save a tiny untrained TrOCR (32x128 input, stretched like the official processors unless
+    ``keep_aspect``) for tests; no download."""
     tokenizer = train_tokenizer(TINY_CORPUS, tokenizer_kind, vocab_size=300)
     model, processor = build_trocr(
         tokenizer,
@@ -266,7 +268,7 @@ def build_tiny_random_trocr(out_dir: Path, tokenizer_kind: TokenizerKind = "robe
         decoder_layers=1,
         decoder_heads=2,
         max_target_tokens=32,
-        keep_aspect=False,
+        keep_aspect=keep_aspect,
         seed=seed,
     )
     return save_trocr(model, processor, Path(out_dir))

@@ -7,10 +7,13 @@ and its lines travel together with no shuffle; only the final text records becom
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    from operators.recognize import LinePiece
 
 Status = Literal["ok", "failed"]
 BBox = tuple[int, int, int, int]
@@ -42,7 +45,7 @@ class PageWork:
     height: int = 0
     image: np.ndarray | None = None  # 8-bit grayscale page, dropped once the crops are cut
     lines: list[LineRecord] = field(default_factory=list)
-    line_pixels: list[np.ndarray] = field(default_factory=list)  # model-ready crops, one per line
+    line_pieces: list[list[LinePiece]] = field(default_factory=list)  # per line: what the model reads
     status: Status = "ok"
     error_code: str | None = None
     error_message: str | None = None
@@ -52,7 +55,7 @@ class PageWork:
         self.error_code = error_code
         self.error_message = message
         self.image = None
-        self.line_pixels = []
+        self.line_pieces = []
         return self
 
 

@@ -99,7 +99,9 @@ class TrainConfig(_Frozen):
     model: ModelSpec | None = Field(default=None, description="or: build this model from scratch")
     train_data: list[DataSource] = Field(min_length=1)
     validation_data: list[DataSource] = []
-    steps: int = Field(ge=1, description="optimizer steps")
+    steps: int = Field(ge=1, description="optimizer steps; the learning-rate schedule spans them")
+    stop_after_step: int | None = Field(default=None, ge=1,
+                                        description="end this run early, at this step, on the same schedule")
     batch_size: int = Field(default=32, ge=1)
     grad_accum_steps: int = Field(default=1, ge=1)
     learning_rate: float = Field(default=5e-4, gt=0)
@@ -193,25 +195,37 @@ def read_page_lines(path: Path) -> list[LabeledLine]:
     Pixels outside a line's polygon (within its bounding box) are set to white, so neighbouring
     lines' ascenders and descenders do not leak into the crop. Lines without text are skipped.
     """
-    files = sorted(path.glob("*.xml")) if path.is_dir() else [path]
-    if not path.exists() or not files:
-        raise ConfigError(f"page source {path}: no PAGE/ALTO .xml file found")
     lines: list[LabeledLine] = []
-    for xml_path in files:
-        root = etree.parse(str(xml_path)).getroot()
-        kind = etree.QName(root).localname
-        if kind == "PcGts":
-            image_name, polygons_and_text = _page_lines(root)
-        elif kind == "alto":
-            image_name, polygons_and_text = _alto_lines(root, xml_path)
-        else:
-            raise ConfigError(f"{xml_path}: root element {kind!r} is neither PAGE (PcGts) nor ALTO (alto)")
-        gray = _load_page_image(xml_path, image_name)
+    for xml_path in page_xml_files(path):
+        image_path, polygons_and_text = read_page_xml(xml_path)
+        with Image.open(image_path) as image:
+            gray = np.asarray(image.convert("L"))
         for number, (polygon, text) in enumerate(polygons_and_text):
             crop = cut_polygon(gray, polygon)
             if text and crop is not None:
                 lines.append(LabeledLine.in_memory(crop, text, f"{xml_path.stem}:{number}", str(xml_path)))
     return lines
+
+
+def page_xml_files(path: Path) -> list[Path]:
+    """One PAGE/ALTO file, or every .xml file of a folder."""
+    files = sorted(path.glob("*.xml")) if path.is_dir() else [path]
+    if not path.exists() or not files:
+        raise ConfigError(f"page source {path}: no PAGE/ALTO .xml file found")
+    return files
+
+
+def read_page_xml(xml_path: Path) -> tuple[Path, list[tuple[np.ndarray, str]]]:
+    """The page image's path and every text line's (polygon, text), in the file's order."""
+    root = etree.parse(str(xml_path)).getroot()
+    kind = etree.QName(root).localname
+    if kind == "PcGts":
+        image_name, polygons_and_text = _page_lines(root)
+    elif kind == "alto":
+        image_name, polygons_and_text = _alto_lines(root, xml_path)
+    else:
+        raise ConfigError(f"{xml_path}: root element {kind!r} is neither PAGE (PcGts) nor ALTO (alto)")
+    return _page_image_path(xml_path, image_name), polygons_and_text
 
 
 def _children(element, name: str) -> list:
@@ -260,14 +274,13 @@ def _parse_points(points: str) -> np.ndarray:
     return np.array(numbers[: len(numbers) // 2 * 2]).reshape(-1, 2)
 
 
-def _load_page_image(xml_path: Path, image_name: str) -> np.ndarray:
+def _page_image_path(xml_path: Path, image_name: str) -> Path:
     folder = xml_path.parent
     candidates = [folder / image_name, folder.parent / image_name, folder / Path(image_name).name]
     image_path = next((path for path in candidates if image_name and path.is_file()), None)
     if image_path is None:
         raise ConfigError(f"{xml_path}: page image {image_name!r} not found next to it")
-    with Image.open(image_path) as image:
-        return np.asarray(image.convert("L"))
+    return image_path
 
 
 def cut_polygon(gray: np.ndarray, polygon: np.ndarray) -> np.ndarray | None:
@@ -473,7 +486,7 @@ def save_checkpoint(run: "TrainingRun", state: TrainerState) -> Path:
     save_trocr(run.model, run.processor, folder)
     torch.save(
         {"step": state.step, "best_cer": state.best_cer, "optimizer": run.optimizer.state_dict(),
-         "schedule": run.schedule.state_dict()},
+         "schedule": run.schedule.state_dict(), "grad_scaler": run.grad_scaler.state_dict()},
         folder / TRAINER_STATE,
     )
     for old in _checkpoints(run.config.work_dir)[: -run.config.keep_checkpoints]:
@@ -495,6 +508,7 @@ class TrainingRun:
     autocast_dtype: torch.dtype
     forward_model: torch.nn.Module  # the model itself, or its DistributedDataParallel wrapper under Ray Train
     preprocessor: LinePreprocessor
+    grad_scaler: torch.amp.GradScaler  # loss scaling for fp16 (V100), so small gradients do not flush to zero
     shard: tuple[int, int] = (0, 1)  # (rank, world size)
 
     @property
@@ -521,15 +535,18 @@ def start_run(config: TrainConfig, resume: bool, shard: tuple[int, int] = (0, 1)
     model.to(device).train()
     forward_model = wrap(model) if wrap else model
     optimizer, schedule = make_optimizer(model, config)
+    grad_scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     state = TrainerState()
     if checkpoint is not None:
         saved = torch.load(checkpoint / TRAINER_STATE, map_location=device, weights_only=False)
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
+        grad_scaler.load_state_dict(saved["grad_scaler"])
         state = TrainerState(step=saved["step"], best_cer=saved["best_cer"])
         log.info("resumed from %s at step %d", checkpoint, state.step)
     preprocessor = LinePreprocessor.from_image_processor(processor.image_processor)
-    run = TrainingRun(config, model, processor, optimizer, schedule, device, autocast_dtype, forward_model, preprocessor, shard)
+    run = TrainingRun(config, model, processor, optimizer, schedule, device, autocast_dtype, forward_model, preprocessor,
+                      grad_scaler, shard)
     return run, state
 
 
@@ -552,24 +569,25 @@ def train_step(run: TrainingRun, batches: Iterator[Batch]) -> float:
         pixel_values = run.preprocessor.to_pixel_values(batch.pixels, run.device, torch.float32)
         with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype != torch.float32):
             loss = run.forward_model(pixel_values=pixel_values, labels=batch.labels.to(run.device)).loss
-        (loss / run.config.grad_accum_steps).backward()
+        run.grad_scaler.scale(loss / run.config.grad_accum_steps).backward()
         total += loss.item()
+    run.grad_scaler.unscale_(run.optimizer)
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.max_grad_norm)
-    run.optimizer.step()
+    run.grad_scaler.step(run.optimizer)  # skips the step when fp16 gradients overflowed
+    run.grad_scaler.update()
     run.schedule.step()
     return total / run.config.grad_accum_steps
 
 
 def validate(run: TrainingRun, lines: Sequence[LabeledLine]) -> float:
-    """Greedy-decode the validation lines with the pipeline's own decoder and return the CER."""
-    from operators.recognize import decode_lines
+    """Greedy-read the validation lines as the pipeline and ``eval`` read them and return the CER."""
+    from pipeline.evaluate import recognize
 
     run.model.eval()
-    resized = [run.preprocessor.resize(line.load_gray()) for line in lines]
-    readings = decode_lines(run.bundle(), resized, num_beams=1, max_new_tokens=run.model.generation_config.max_new_tokens or 128,
-                            line_batch_size=run.config.validation_batch_size)
+    predictions = recognize(run.bundle(), lines, run.config.validation_batch_size, num_beams=1,
+                            max_new_tokens=run.model.generation_config.max_new_tokens or 128)
     run.model.train()
-    return character_error_rate([line.text for line in lines], [reading.text for reading in readings])
+    return character_error_rate([line.text for line in lines], predictions)
 
 
 def train(config: TrainConfig, resume: bool = False, show_progress: bool = True, shard: tuple[int, int] = (0, 1),
@@ -586,17 +604,18 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
     run, state = start_run(config, resume, shard, wrap)
     held_out = validation_lines(config.validation_data) if run.is_main else []
     batches = training_batches(run, state)
-    progress = tqdm(total=config.steps, initial=state.step, disable=not (show_progress and run.is_main), desc="train", unit="step")
+    last_step = min(config.steps, config.stop_after_step or config.steps)
+    progress = tqdm(total=last_step, initial=state.step, disable=not (show_progress and run.is_main), desc="train", unit="step")
     recent_losses: list[float] = []
     started = time.monotonic()
-    while state.step < config.steps:
+    while state.step < last_step:
         loss = train_step(run, batches)
         recent_losses = (recent_losses + [loss])[-50:]
         state.step += 1
         progress.update(1)
         progress.set_postfix(loss=f"{np.mean(recent_losses):.3f}", lr=f"{run.schedule.get_last_lr()[0]:.2e}")
-        at_end = state.step == config.steps
-        metrics = {"step": state.step, "loss": loss}
+        at_end = state.step == last_step
+        metrics = {"step": state.step, "loss": loss, "world_size": run.shard[1]}
         if held_out and (state.step % config.validate_every == 0 or at_end):
             metrics["validation_cer"] = cer = validate(run, held_out)
             log.info("step %d: loss %.4f, validation CER %.4f (best before %.4f), %.0f s",

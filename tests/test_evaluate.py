@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 import pytest
 from PIL import Image, ImageDraw, ImageFont
@@ -21,6 +22,7 @@ from pipeline.evaluate import (
     scores_by_source,
 )
 from pipeline.model import build_tiny_random_trocr
+from pipeline.synth.docs import load_ground_truth, write_document_set
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 
@@ -109,3 +111,40 @@ def test_report_lists_worst_lines_first():
     results = [LineResult("good.png", "A", "ok", "ok", 0.0), LineResult("bad.png", "A", "xx", "ok", 1.0)]
     report = format_report(scores_by_source(results, make_normalizer([])), results, worst=1)
     assert "bad.png" in report and "good.png" not in report
+
+
+def write_page_xml(folder: Path, image_name: str, size: tuple[int, int], lines: list[dict]) -> Path:
+    """A minimal PAGE 2019 file: one region, one TextLine (box polygon + text) per line, in the given order."""
+    text_lines = "".join(
+        f'<TextLine id="l{index}"><Coords points="{x0},{y0} {x1},{y0} {x1},{y1} {x0},{y1}"/>'
+        f"<TextEquiv><Unicode>{escape(line['text'])}</Unicode></TextEquiv></TextLine>"
+        for index, line in enumerate(lines) for x0, y0, x1, y1 in [line["bbox"]])
+    path = folder / f"{Path(image_name).stem}.xml"
+    path.write_text(
+        '<PcGts xmlns="http://schema.primaresearch.org/PAGE/gts/pagecontent/2019-07-15">'
+        f'<Page imageFilename="{image_name}" imageWidth="{size[0]}" imageHeight="{size[1]}">'
+        f'<TextRegion id="r0">{text_lines}</TextRegion></Page></PcGts>', encoding="utf-8")
+    return path
+
+
+def test_eval_pages_runs_the_whole_job_on_page_xml_images(tmp_path, capsys):
+    """--pages: the bundled model reads a synthetic page through detection and recognition; the page
+    text is scored against the PAGE file's lines (and an empty prediction would score 100%)."""
+    document = write_document_set(tmp_path / "docs", count=1, seed=5, dpi=150, formats=("tiff",),
+                                  pages_per_document=(1, 1), two_column_share=0.0)[0]
+    truth = load_ground_truth(document)["pages"][0]
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    with Image.open(document) as image:
+        image.save(folder / "scan.png")
+        size = image.size
+    write_page_xml(folder, "scan.png", size, sorted(truth["lines"], key=lambda line: (line["block"], line["order"])))
+    predictions = tmp_path / "pages.jsonl"
+    assert eval_command(parse(["--pages", str(folder), "--predictions", str(predictions), "--worst", "0",
+                               "--device", "cpu", "--max-new-tokens", "96"])) == ExitCode.ok
+    report = capsys.readouterr().out
+    assert report.splitlines()[0].split()[:2] == ["source", "pages"]
+    [row] = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines()]
+    assert row["image"] == str(folder / "scan.xml")
+    assert len(row["reference"].splitlines()) == len(truth["lines"])
+    assert row["cer"] < 0.05, row

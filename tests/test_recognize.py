@@ -7,10 +7,14 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
 
-from operators.recognize import prepare_crops
-from pipeline.model import load_line_preprocessor
+from operators.recognize import LineReading, decode_lines, join_readings, prepare_crops, read_lines
+from pipeline.model import build_tiny_random_trocr, load_line_preprocessor, load_trocr
 from pipeline.records import LineRecord, PageWork
+
+FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 
 
 def _line(x0, y0, x1, y1, order) -> LineRecord:
@@ -25,12 +29,58 @@ def test_prepare_crops_fits_every_shape_and_drops_empty_boxes(tiny_model):
              _line(50, 300, 50, 340, 1),        # zero width
              _line(0, 500, 1600, 506, 2),       # 1600 x 6: extreme wide
              _line(700, 0, 708, 1200, 3)]       # 8 x 1200: extreme tall
-    work = prepare_crops(PageWork("d", "s", 1, 300, 1600, 1200, image=page, lines=lines), preprocessor, padding=4)
+    work = prepare_crops(PageWork("d", "s", 1, 300, 1600, 1200, image=page, lines=lines), preprocessor, padding=4,
+                         split_long_lines=True)
     assert [line.order for line in work.lines] == [0, 2, 3]
-    assert len(work.line_pixels) == 3
+    assert [len(pieces) for pieces in work.line_pieces] == [1, 1, 1]  # a stretching model reads whole lines
     height, width = preprocessor.input_size
-    assert all(pixels.shape == (height, width) and pixels.dtype == np.uint8 for pixels in work.line_pixels)
+    assert all(piece.pixels.shape == (height, width) and piece.pixels.dtype == np.uint8
+               for pieces in work.line_pieces for piece in pieces)
     assert work.image is None
+
+
+@pytest.fixture(scope="module")
+def keep_aspect_model(tmp_path_factory):
+    return load_trocr(str(build_tiny_random_trocr(tmp_path_factory.mktemp("keep"), keep_aspect=True)), device="cpu")
+
+
+def _page_with_lines(texts: list[str]) -> tuple[np.ndarray, list[LineRecord]]:
+    font = ImageFont.truetype(FONT, 24)
+    page = Image.new("L", (2400, 80 * len(texts) + 40), 255)
+    lines = []
+    for order, text in enumerate(texts):
+        y = 40 + 80 * order
+        ImageDraw.Draw(page).text((40, y), text, font=font, fill=0)
+        x0, y0, x1, y1 = font.getbbox(text)
+        lines.append(_line(40 + x0, y + y0, 40 + x1, y + y1, order))
+    return np.array(page), lines
+
+
+def test_a_line_wider_than_a_keep_aspect_input_is_read_in_pieces_that_fit(keep_aspect_model):
+    preprocessor = keep_aspect_model.preprocessor  # 32 x 128: lines over 4:1 are cut
+    texts = ["Short", "A much longer line of several words that does not fit the input at all"]
+    page, lines = _page_with_lines(texts)
+    work = prepare_crops(PageWork("d", "s", 1, 300, page.shape[1], page.shape[0], image=page, lines=lines),
+                         preprocessor, padding=4, split_long_lines=True)
+    short, long = work.line_pieces
+    assert len(short) == 1 and len(long) >= 4
+    assert all(piece.aspect <= 4.0 for piece in long)
+    x0, y0, x1, y1 = work.lines[1].bbox  # the pieces tile the whole crop (4 px padding around the box)
+    assert sum(piece.aspect for piece in long) == pytest.approx((x1 - x0 + 8) / (y1 - y0 + 8))
+    whole = prepare_crops(PageWork("d", "s", 1, 300, page.shape[1], page.shape[0], image=page, lines=lines),
+                          preprocessor, padding=4, split_long_lines=False)
+    assert [len(pieces) for pieces in whole.line_pieces] == [1, 1]
+
+    readings = read_lines(keep_aspect_model, work.line_pieces, num_beams=1, max_new_tokens=6, line_batch_size=3)
+    each = decode_lines(keep_aspect_model, [piece.pixels for piece in long], 1, 6, line_batch_size=3)
+    assert len(readings) == 2
+    assert readings[1] == join_readings(each)  # the pieces, decoded with the short line, regroup to this line
+
+
+def test_joined_reading_has_a_space_per_cut_and_the_weakest_confidence():
+    parts = [LineReading("total", 0.9, False), LineReading("", 0.5, False), LineReading("$12", 0.7, True)]
+    assert join_readings(parts) == LineReading("total $12", 0.5, True)
+    assert join_readings([parts[0], None]) is None
 
 
 OOM_PROBE = textwrap.dedent("""

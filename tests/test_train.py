@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
@@ -13,6 +17,7 @@ from pipeline.errors import ConfigError
 from pipeline.model import build_tiny_random_trocr, load_trocr
 from pipeline.train import (
     CHECKPOINT_PREFIX,
+    TRAINER_STATE,
     LabelCollator,
     TrainConfig,
     cut_polygon,
@@ -78,6 +83,36 @@ def test_fine_tuning_lowers_the_loss_and_saves_a_loadable_model(tmp_path, base_m
     bundle = load_trocr(str(output), device="cpu")
     assert bundle.preprocessor.input_size == (32, 128)
     assert latest_checkpoint(tmp_path / "work").name == f"{CHECKPOINT_PREFIX}20"
+
+
+def test_two_ray_train_workers_train_one_model_through_the_cli(tmp_path, base_model, line_folder):
+    """``train --workers 2``: Ray Train's TorchTrainer, DDP over gloo on two CPU workers, its own local Ray."""
+    config = fine_tune_config(tmp_path, base_model, line_folder, steps=4).model_dump(mode="json")
+    config.update(checkpoint_every=2, validate_every=2)
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    done = subprocess.run([sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main())",
+                           "train", "--config", str(tmp_path / "train.yaml"), "--workers", "2", "--no-progress"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Ray Train logs each rank's reports: the last step ran data-parallel on two workers
+    assert "'step': 4" in done.stderr and "'world_size': 2" in done.stderr, done.stderr[-3000:]
+    assert latest_checkpoint(tmp_path / "work").name == f"{CHECKPOINT_PREFIX}4"
+    assert load_trocr(str(tmp_path / "model"), device="cpu").preprocessor.input_size == (32, 128)
+
+
+def test_stop_after_step_ends_early_on_the_schedule_of_all_steps(tmp_path, base_model, line_folder):
+    config = fine_tune_config(tmp_path, base_model, line_folder, steps=12).model_copy(update={"stop_after_step": 4})
+    metrics: list[dict] = []
+    train(config, show_progress=False, report=metrics.append)
+    assert [row["step"] for row in metrics] == [1, 2, 3, 4]
+    checkpoint = latest_checkpoint(tmp_path / "work")
+    assert checkpoint.name == f"{CHECKPOINT_PREFIX}4"
+    saved = torch.load(checkpoint / TRAINER_STATE, weights_only=False)
+    expected_lr = config.learning_rate * learning_rate_factor(4, config.warmup_steps, 12, config.min_lr_ratio)
+    assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(expected_lr)
+    metrics.clear()
+    train(config.model_copy(update={"stop_after_step": None}), resume=True, show_progress=False, report=metrics.append)
+    assert [row["step"] for row in metrics] == list(range(5, 13))
 
 
 def test_resume_continues_from_the_newest_checkpoint(tmp_path, base_model, line_folder):

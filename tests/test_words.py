@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from operators.detect import crop_line
-from operators.words import WORK_HEIGHT, Word, ink_gaps, normalize_bbox, split_words
+from operators.words import WORK_HEIGHT, Word, cut_points, ink_gaps, normalize_bbox, split_words
 from pipeline.records import WORD_TYPE
 from pipeline.records import LineRecord
 
@@ -128,6 +128,34 @@ def test_word_boxes_from_tall_crops_measured_halved(font):
     _, y0, _, y1 = _ink_line(page).bbox
     assert y1 - y0 >= 2 * WORK_HEIGHT
     assert _share_matched(FONTS[font], font_size=100) >= 0.9
+
+
+@pytest.mark.parametrize("font", ["sans", "garamond-italic", "print-handwriting"])
+def test_a_line_too_long_for_the_model_is_cut_between_words_into_pieces_that_fit(font):
+    text = "Invoice No. 4711, dated 12 March 1987, total $1,250.00 paid in full by the archive office"
+    page, extents = _render_line(text, FONTS[font])
+    line = _ink_line(page)
+    crop = crop_line(page, line, CROP_PADDING)
+    height, width = crop.shape
+    max_aspect = width / height / 3.5  # the line is 3.5 times too long
+    cuts = cut_points(ink_gaps(crop, (0, 0)), width, height, max_aspect)
+    bounds = [0, *cuts, width]
+    assert len(cuts) >= 3 and cuts == sorted(cuts)
+    assert all(end - start <= max_aspect * height for start, end in zip(bounds, bounds[1:]))
+    left = max(0, line.bbox[0] - CROP_PADDING)
+    for cut in cuts:  # in page x: between two drawn words, never through one
+        assert not any(x0 < cut + left < x1 for x0, x1 in extents)
+
+
+def test_cuts_prefer_word_gaps_and_leave_fitting_or_gapless_spans_whole():
+    assert cut_points([(300, 310)], width=500, height=20, max_aspect=30) == []  # fits: 500 <= 600
+    assert cut_points([], width=1000, height=20, max_aspect=10) == []  # no blank run to cut at
+    # the 2 px run lies nearer the middle, but the 10 px run (a word gap at height 20) wins
+    assert cut_points([(490, 492), (300, 310)], width=1000, height=20, max_aspect=40) == [305]
+    # the 695 px right part still exceeds 600: cut again, at a letter gap when that is all there is
+    assert cut_points([(490, 492), (300, 310)], width=1000, height=20, max_aspect=30) == [305, 491]
+    with pytest.raises(ValueError, match="max_aspect"):
+        cut_points([], width=10, height=10, max_aspect=0)
 
 
 def test_gaps_are_widest_first_in_page_coordinates():
