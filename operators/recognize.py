@@ -97,8 +97,8 @@ def join_readings(readings: Sequence[LineReading | None]) -> LineReading | None:
 
 def read_lines(bundle: TrOCRBundle, pieces: Sequence[Sequence[LinePiece]], num_beams: int, max_new_tokens: int,
                line_batch_size: int, engine: Engine = "fast") -> list[LineReading]:
-    """One reading per line from its :func:`line_pieces`, all pieces decoded together by
-    :func:`decode_lines`; a line without pieces reads as empty text."""
+    """One reading per line from its :func:`line_pieces` (one or more per line), all pieces decoded
+    together by :func:`decode_lines` so pieces of many lines share batches."""
     flat = [piece for line in pieces for piece in line]
     readings = decode_lines(bundle, [piece.pixels for piece in flat], num_beams, max_new_tokens, line_batch_size,
                             [piece.aspect for piece in flat], engine)
