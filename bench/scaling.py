@@ -96,7 +96,7 @@ def measure_stages(documents: list[Path], config: JobConfig, output: Path) -> St
                 with costs.timing("layout"):
                     work.lines = detect_lines(work.image, work.dpi, config.detect)
                 with costs.timing("crop"):
-                    prepare_crops(work, preprocessor, config.detect.crop_padding_px)
+                    prepare_crops(work, preprocessor, config.detect.crop_padding_px, config.recognize.split_long_lines)
             with costs.timing("recognize"):
                 pages = recognizer.recognize_pages(pages)
             with costs.timing("write"):
