@@ -45,8 +45,19 @@ def parse_variant(text: str) -> tuple[str, dict[str, object]]:
         key, sep, value = assignment.partition("=")
         if not sep:
             raise SystemExit(f"expected KEY=VALUE in variant {name!r}, got {assignment!r}")
-        overrides[key.strip()] = yaml.safe_load(value)
+        overrides[key.strip()] = parse_value(value)
     return name, overrides
+
+
+def parse_value(text: str) -> object:
+    """YAML, except that 5e-4 is a number (YAML 1.1 reads exponents without a dot as strings)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def apply_overrides(tree: dict, overrides: dict[str, object]) -> dict:

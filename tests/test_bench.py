@@ -1,0 +1,58 @@
+"""The benchmark scripts run end to end on tiny inputs and print their result lines.
+
+Their figures are not checked (speed belongs in the benchmarks, not in tests); that they still run
+against the current code is. bench/linedet.py needs ../shared and is not run here.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(*argv: str, timeout: int = 600) -> str:
+    done = subprocess.run([sys.executable, *argv], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={"PATH": "/usr/bin:/bin", "RAY_ADDRESS": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_recognize_bench_ends_with_its_ratio_line():
+    out = run_bench("bench/recognize.py", "--model", "random-small", "--lines", "4", "--max-new-tokens", "4",
+                    "--threads", "1")
+    assert re.fullmatch(r"speedup_vs_hf_batched=\d+\.\d\d speedup_vs_naive=\d+\.\d\d identical=true",
+                        out.strip().splitlines()[-1])
+
+
+def test_scaling_bench_reports_stage_costs_and_both_core_counts(tiny_model):
+    out = run_bench("bench/scaling.py", "--documents", "1", "--dpi", "100", "--model", str(tiny_model),
+                    "--max-new-tokens", "4")
+    stages = re.findall(r"^(\w+)\s+\d+\.\d{3}\s+\d+\.\d{3}\s+[\d.]+%$", out, flags=re.MULTILINE)
+    assert stages == ["triage", "rasterize", "layout", "crop", "recognize", "write", "total"]
+    assert re.search(r"^1 core : \d+\.\d{3} pages/s$", out, flags=re.MULTILINE)
+    assert re.search(r"^2 cores: \d+\.\d{3} pages/s \(\d+\.\d\dx\)$", out, flags=re.MULTILINE)
+
+
+def test_train_sweep_runs_each_variant_and_tabulates_it(tmp_path, tiny_model):
+    lines = tmp_path / "lines"
+    run_bench("-c", "import sys; from pipeline.cli import main; sys.exit(main())",
+              "synth", "lines", "--output", str(lines), "--count", "8", "--seed", "3")
+    base = {"base_model": str(tiny_model), "output_dir": "unused", "work_dir": "unused",
+            "train_data": [{"kind": "folder", "path": str(lines)}], "validation_data": [{"kind": "folder", "path": str(lines)}],
+            "steps": 2, "batch_size": 4, "validate_every": 2, "checkpoint_every": 2, "torch_threads": 1}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    out = run_bench("bench/train_sweep.py", "--config", str(tmp_path / "base.yaml"), "--minutes", "5",
+                    "--out", str(tmp_path / "sweep"), "--variant", "slow:learning_rate=1e-5",
+                    "--variant", "fast:learning_rate=1e-3;batch_size=2")
+    rows = {line.split()[0]: line.split()[1:] for line in out.strip().splitlines()[1:]}
+    assert set(rows) == {"slow", "fast"}
+    assert all(exit_code == "0" and step == "2" for exit_code, step, _loss, _cer in rows.values())
+    fast = yaml.safe_load((tmp_path / "sweep" / "fast" / "config.yaml").read_text())
+    assert (fast["learning_rate"], fast["batch_size"]) == (1e-3, 2)
+    assert (tmp_path / "sweep" / "fast" / "model" / "model.safetensors").is_file()
