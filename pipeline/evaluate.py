@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import tempfile
 import unicodedata
 from collections.abc import Callable, Sequence
@@ -25,6 +26,8 @@ from pipeline.model import TrOCRBundle, load_trocr
 from pipeline.train import LabeledLine, page_xml_files, read_line_folder, read_page_xml
 
 NORMALIZATIONS = ("case", "whitespace", "punctuation")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ def read_page_truth(paths: Sequence[Path]) -> list[PageTruth]:
 
 def recognize_pages(pages: Sequence[PageTruth], overrides: Sequence[str]) -> list[str]:
     """Each page's text from the whole job (local Ray, default config plus ``overrides``), written to a
-    temporary folder; a page the job could not read scores as empty text."""
+    temporary folder; a page the job could not read scores as empty text, and its error is logged."""
     import pyarrow.dataset as ds
 
     from pipeline.config import load_config
@@ -116,7 +119,13 @@ def recognize_pages(pages: Sequence[PageTruth], overrides: Sequence[str]) -> lis
 
     with tempfile.TemporaryDirectory(prefix="trocr-eval-") as output:
         run_job([str(page.image.resolve()) for page in pages], output, load_config(None, list(overrides)))
-        rows = ds.dataset(f"{output}/pages", format="parquet").to_table(columns=["source", "page", "text"]).to_pylist()
+        rows = ds.dataset(f"{output}/pages", format="parquet").to_table(
+            columns=["source", "page", "text", "status", "error_message"]).to_pylist()
+        documents = ds.dataset(f"{output}/documents", format="parquet").to_table(
+            columns=["source", "status", "error_message"]).to_pylist()
+    for row in documents + rows:
+        if row["status"] != "ok":
+            log.warning("%s not read (scored as empty text): %s", row["source"], row["error_message"])
     texts = {row["source"]: row["text"] or "" for row in rows if row["page"] == 1}
     return [texts.get(str(page.image.resolve()), "") for page in pages]
 
