@@ -84,8 +84,9 @@ def cut_points(gaps: Sequence[Interval], width: int, height: int, max_aspect: fl
     Why: a keep-aspect model shrinks a longer line to fit its input, and shrunken glyphs are misread.
     ``gaps`` are the crop's :func:`ink_gaps` in crop x coordinates. Each cut is the middle of the
     word gap nearest the middle of the span still too long, so the pieces come out about equal; a
-    word gap is a run :data:`WORD_GAP_HEIGHTS` wide, or (tightly set type) half the span's widest. Returns [] when the crop fits, and leaves a span whole when it has no
-    blank run inside.
+    word gap is a run :data:`WORD_GAP_HEIGHTS` wide, or (tightly set type) half as wide as the
+    span's widest run. Returns [] when the crop fits, and leaves a span whole when it has no blank
+    run inside.
     """
     if max_aspect <= 0:
         raise ValueError(f"max_aspect must be positive, got {max_aspect}")
