@@ -125,11 +125,19 @@ def alto_geometry(line) -> np.ndarray | None:
         points = parse_points(polygon.get("POINTS", ""))
     if has_area(points):
         return points
+    box = alto_box(line)
+    if box is not None:
+        return box
+    return box_points(*points.min(axis=0), *points.max(axis=0)) if len(points) else None
+
+
+def alto_box(element) -> np.ndarray | None:
+    """The HPOS/VPOS/WIDTH/HEIGHT box of an ALTO element; None when it has no complete one."""
     try:
-        x, y = float(line.get("HPOS")), float(line.get("VPOS"))
-        return box_points(x, y, x + float(line.get("WIDTH")), y + float(line.get("HEIGHT")))
+        x, y = float(element.get("HPOS")), float(element.get("VPOS"))
+        return box_points(x, y, x + float(element.get("WIDTH")), y + float(element.get("HEIGHT")))
     except (TypeError, ValueError):
-        return box_points(*points.min(axis=0), *points.max(axis=0)) if len(points) else None
+        return None
 
 
 def page_geometry(line) -> np.ndarray | None:
@@ -174,11 +182,7 @@ def block_geometry(block) -> np.ndarray | None:
             points = parse_points(polygon.get("POINTS", ""))
             if has_area(points):
                 return points
-    try:
-        x, y = float(block.get("HPOS")), float(block.get("VPOS"))
-        return box_points(x, y, x + float(block.get("WIDTH")), y + float(block.get("HEIGHT")))
-    except (TypeError, ValueError):
-        return None
+    return alto_box(block)
 
 
 def read_annotated_area(path: Path, truth: list[GroundTruthLine]) -> list[np.ndarray]:
