@@ -396,8 +396,8 @@ def _lines_in_block(ink: np.ndarray, rect: Rect, pitch: float, glyph_height: flo
     for begin, end in zip(starts, [*starts[1:], labels.size]):
         if end - begin < min_area:
             continue
-        if _column_thickness(xs[begin:end], ys[begin:end]) < config.min_line_thickness * glyph_height:
-            continue  # rules, dash fillers, paper edges: long but only a stroke thick
+        if _is_rule(xs[begin:end], ys[begin:end], glyph_height, config):
+            continue  # rules, double rules, underlines, dash fillers, paper edges
         polygon = _envelope(xs[begin:end], ys[begin:end], pitch, config.polygon_padding * pitch)
         width, height = np.ptp(polygon, axis=0)
         if width < config.min_line_aspect * height:
@@ -414,16 +414,28 @@ def _lines_in_block(ink: np.ndarray, rect: Rect, pitch: float, glyph_height: flo
     return _reading_order(lines)
 
 
-def _column_thickness(xs: np.ndarray, ys: np.ndarray) -> float:
-    """Median height of a line's ink per pixel column: about the x-height for text, a stroke
-    width for a rule however it wavers."""
+def _is_rule(xs: np.ndarray, ys: np.ndarray, glyph_height: float, config: DetectConfig) -> bool:
+    """A rule, not text: per pixel column, its ink is only a stroke high (median height under
+    ``min_line_thickness`` glyph heights: a single rule however it wavers, a dash filler, a paper
+    edge), or it is the same in nearly every column (a double or thick-thin rule, an underline:
+    ink in ``rule_column_share`` of the columns, and the ink's height and amount each vary by less
+    than ``rule_spread`` glyph heights from the 10th to the 90th percentile column). Text,
+    capitals included, alternates stems with hairlines and gaps, so its columns vary."""
     columns = xs - xs.min()
-    top = np.full(int(columns.max()) + 1, np.iinfo(np.int64).max)
-    bottom = np.full(top.size, -1)
+    width = int(columns.max()) + 1
+    top = np.full(width, np.iinfo(np.int64).max)
+    bottom = np.full(width, -1)
     np.minimum.at(top, columns, ys)
     np.maximum.at(bottom, columns, ys)
     inked = bottom >= 0
-    return float(np.median(bottom[inked] - top[inked] + 1))
+    heights = (bottom - top + 1)[inked]
+    if np.median(heights) < config.min_line_thickness * glyph_height:
+        return True
+    if width < 4 * glyph_height or inked.mean() < config.rule_column_share:
+        return False
+    amounts = np.bincount(columns, minlength=width)[inked]
+    return all(np.ptp(np.percentile(values, [10, 90])) < config.rule_spread * glyph_height
+               for values in (heights, amounts))
 
 
 def _line_cores(block: np.ndarray, pitch: float, config: DetectConfig) -> np.ndarray:

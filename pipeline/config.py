@@ -63,6 +63,10 @@ class DetectConfig(_Frozen):
     min_line_aspect: float = Field(default=2.0, ge=0, description="min width / height of a line")
     min_line_thickness: float = Field(default=0.15, ge=0, lt=1,
                                       description="min median ink height per column, share of the glyph height")
+    rule_column_share: float = Field(default=0.9, gt=0, le=1,
+                                     description="a rule has ink in at least this share of its columns ...")
+    rule_spread: float = Field(default=0.3, ge=0,
+                               description="... and its per-column ink varies less than this, in glyph heights")
     polygon_padding: float = Field(default=0.15, ge=0, description="margin around a line's ink")
     crop_padding_px: int = Field(default=4, ge=0, description="padding around each line crop")
     num_cpus: float = Field(default=1.0, gt=0)

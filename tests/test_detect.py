@@ -197,6 +197,23 @@ def test_dash_fillers_and_rules_are_not_lines():
     assert np.allclose(_centres(lines), centres, atol=12)
 
 
+def test_double_rules_and_underlines_are_not_lines_but_capitals_are():
+    """A thick-thin double rule (taller than a stroke, but the same in every column) and a heavy
+    pencil underline are not text; a heading in bold condensed capitals, as evenly inked as text
+    gets, stays a line."""
+    page = Image.new("L", (1275, 1650), 235)
+    draw = ImageDraw.Draw(page)
+    heading = ImageFont.truetype("/usr/share/fonts/truetype/dejavu/DejaVuSansCondensed-Bold.ttf", 30)
+    draw.text((120, 260), "MINIMUM HUMMING", font=heading, fill=25, anchor="ls")
+    centres = [260 - 11] + _text_rows(draw, 120, 400, 4, 48) + _text_rows(draw, 120, 700, 4, 48)
+    draw.rectangle((120, 320, 1150, 325), fill=30)  # the thick rule of a thick-thin double rule
+    draw.rectangle((120, 330, 1150, 331), fill=30)  # and its thin partner
+    draw.line([(300, 604), (480, 606)], fill=60, width=5)  # a pencil underline below the paragraph
+    lines = detect_lines(np.array(page), DPI, CONFIG)
+    assert len(lines) == len(centres)
+    assert np.allclose(_centres(lines), sorted(centres), atol=12)
+
+
 def test_text_on_a_card_beside_the_page_is_not_read():
     """A ruler or colour chart photographed beside the page is a separate piece of paper: its
     labels are not text lines of the page."""
