@@ -83,8 +83,9 @@ def detect_lines(page: np.ndarray, dpi: int, config: DetectConfig) -> list[LineR
     frame = _Frame(scale=scale, to_work=to_work, page_shape=page.shape)
     records: list[LineRecord] = []
     block = 0
-    for rect in _find_blocks(upright, pitch, config):
-        lines = _lines_in_block(upright, rect, pitch, glyph_height, config)
+    letter_size = _letter_sizes(upright, glyph_height)
+    for rect in _find_blocks(upright, letter_size, pitch, config):
+        lines = _lines_in_block(upright, letter_size, rect, pitch, glyph_height, config)
         for line in lines:
             records.append(_record(frame.to_page(line.polygon), block, len(records)))
         block += bool(lines)
@@ -279,13 +280,24 @@ def _rotate(ink: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]:
     return upright, cv2.invertAffineTransform(forward)
 
 
-def _find_blocks(ink: np.ndarray, pitch: float, config: DetectConfig) -> list[Rect]:
+def _letter_sizes(ink: np.ndarray, glyph_height: float) -> np.ndarray:
+    """Per ink pixel, the height of its connected component in typical glyph heights (0 off ink):
+    gaps between letters and words grow with the letters, so gap thresholds are scaled by it."""
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(ink, connectivity=8)
+    heights = stats[:, cv2.CC_STAT_HEIGHT].astype(np.float32) / glyph_height
+    heights[0] = 0
+    return heights[labels]
+
+
+def _find_blocks(ink: np.ndarray, letter_size: np.ndarray, pitch: float, config: DetectConfig) -> list[Rect]:
     """Blocks in reading order by a recursive XY-cut.
 
     A vertical cut (column gutter) is tried first so that columns are read one after the other;
     it needs a gap of ``column_gap`` pitches with ``column_lines`` lines of text on both sides,
-    or a gap of ``wide_gap`` pitches. Otherwise the widest horizontal gap of ``block_gap``
-    pitches splits the region top/bottom; a region with neither is a block.
+    or a gap of ``wide_gap`` pitches. Both widths grow with the size of the letters on either side
+    of the gap (relative to the page's typical glyph height), so the letter and word gaps of a
+    large, letter-spaced heading are not taken for gutters. Otherwise the widest horizontal gap of
+    ``block_gap`` pitches splits the region top/bottom; a region with neither is a block.
     """
     blocks: list[Rect] = []
     pending = [_trim(ink, (0, 0, ink.shape[1], ink.shape[0]))]
@@ -293,7 +305,7 @@ def _find_blocks(ink: np.ndarray, pitch: float, config: DetectConfig) -> list[Re
         rect = pending.pop(0)
         if rect is None:
             continue
-        parts = _split(ink, rect, pitch, config)
+        parts = _split(ink, letter_size, rect, pitch, config)
         if parts is None:
             blocks.append(rect)
         else:
@@ -319,19 +331,20 @@ def _gaps(profile: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 
 
-def _split(ink: np.ndarray, rect: Rect, pitch: float, config: DetectConfig) -> list[Rect] | None:
+def _split(ink: np.ndarray, letter_size: np.ndarray, rect: Rect, pitch: float,
+           config: DetectConfig) -> list[Rect] | None:
     x0, y0, x1, y1 = rect
     region = ink[y0:y1, x0:x1]
+    sizes = letter_size[y0:y1, x0:x1]
     tall = config.column_lines * pitch
-    column_gaps = [
-        (start, end)
-        for start, end in _gaps(region.sum(axis=0))
-        if end - start >= config.wide_gap * pitch
-        or (
-            end - start >= config.column_gap * pitch
+    column_gaps = []
+    for start, end in _gaps(region.sum(axis=0)):
+        unit = pitch * _gap_scale(sizes[:, start - 1], sizes[:, end])
+        if end - start >= config.wide_gap * unit or (
+            end - start >= config.column_gap * unit
             and min(_ink_height(region[:, :start]), _ink_height(region[:, end:])) >= tall
-        )
-    ]
+        ):
+            column_gaps.append((start, end))
     if column_gaps:
         start, end = max(column_gaps, key=lambda gap: gap[1] - gap[0])
         return [(x0, y0, x0 + start, y1), (x0 + end, y0, x1, y1)]
@@ -339,19 +352,26 @@ def _split(ink: np.ndarray, rect: Rect, pitch: float, config: DetectConfig) -> l
     if row_gaps:
         start, end = max(row_gaps, key=lambda gap: gap[1] - gap[0])
         return [(x0, y0, x1, y0 + start), (x0, y0 + end, x1, y1)]
-    cut = _soft_gutter(region, pitch, config)
+    cut = _soft_gutter(region, pitch * _gap_scale(sizes), config)
     if cut is not None:
         return [(x0, y0, x0 + cut, y1), (x0 + cut, y0, x1, y1)]
     return None
 
 
+def _gap_scale(*sides: np.ndarray) -> float:
+    """How many times the page's typical glyph height the letters of a region are (at least 1):
+    the smallest of the median letter heights of its ``sides`` (letter-size maps)."""
+    return max(1.0, min(float(np.median(side[side > 0])) for side in sides))
+
+
 def _soft_gutter(region: np.ndarray, pitch: float, config: DetectConfig) -> int | None:
     """Column of a gutter that a few marks cross (line numbers, a stray heading, noise).
 
-    A column is gutter when, with ink widened by ``column_gap`` pitches, at most
-    ``gutter_noise`` of the text rows touch it; both sides must hold a real column of text
-    (ink in half of the text rows, ``column_lines`` pitches tall), so the ragged right edge of
-    a single column never qualifies.
+    A column is gutter when, with ink widened by ``column_gap`` pitches, at most ``gutter_noise``
+    of the text rows touch it; both sides must hold a real column of text (ink in half of the text
+    rows, ``column_lines`` pitches tall), so the ragged right edge of a single column never
+    qualifies. ``pitch`` is the page's line pitch grown with the region's letter size
+    (:func:`_gap_scale`), so the letter gaps of a block of large headings are no gutter.
     """
     widened = cv2.dilate(region, np.ones((1, _odd(config.column_gap * pitch)), np.uint8))
     text_rows = region.any(axis=1)
@@ -377,12 +397,12 @@ def _ink_height(region: np.ndarray) -> int:
     return int(rows[-1] - rows[0] + 1) if rows.size else 0
 
 
-def _lines_in_block(ink: np.ndarray, rect: Rect, pitch: float, glyph_height: float,
+def _lines_in_block(ink: np.ndarray, letter_size: np.ndarray, rect: Rect, pitch: float, glyph_height: float,
                     config: DetectConfig) -> list[_Line]:
     """Lines of one block in reading order, as polygons in the deskewed working frame."""
     x0, y0, x1, y1 = rect
     block = ink[y0:y1, x0:x1]
-    cores = _line_cores(block, pitch, config)
+    cores = _line_cores(block, letter_size[y0:y1, x0:x1], pitch, config)
     if cores.max() == 0:
         return []
     owner = _nearest_core(cores, max_distance=config.line_reach * pitch)
@@ -438,12 +458,12 @@ def _is_rule(xs: np.ndarray, ys: np.ndarray, glyph_height: float, config: Detect
                for values in (heights, amounts))
 
 
-def _line_cores(block: np.ndarray, pitch: float, config: DetectConfig) -> np.ndarray:
+def _line_cores(block: np.ndarray, letter_size: np.ndarray, pitch: float, config: DetectConfig) -> np.ndarray:
     """Label image of line cores: dense bands of ink after smoothing along the text direction.
 
     Ascenders, descenders and interline space are sparse, so a density threshold keeps the
     x-height bands of neighbouring lines apart even where their strokes touch. Pieces of one
-    line that a wide word gap separates are merged afterwards.
+    line that a wide word gap separates are merged afterwards (wider gaps between larger letters).
     """
     kernel = (_odd(config.smooth_width * pitch), _odd(config.smooth_height * pitch))
     density = cv2.blur(block.astype(np.float32), kernel, borderType=cv2.BORDER_CONSTANT)
@@ -455,7 +475,8 @@ def _line_cores(block: np.ndarray, pitch: float, config: DetectConfig) -> np.nda
     keep_ids = np.flatnonzero(big) + 1
     relabel = np.zeros(count, np.int32)
     if keep_ids.size:
-        relabel[keep_ids] = _merge_along_lines(stats[keep_ids], config.line_merge_gap * pitch)
+        sizes = _core_letter_sizes(labels, letter_size, count)[keep_ids]
+        relabel[keep_ids] = _merge_along_lines(stats[keep_ids], sizes, config.line_merge_gap * pitch)
     return _drop_fragments(relabel[labels], pitch)
 
 
@@ -503,9 +524,23 @@ def _drop_fragments(cores: np.ndarray, pitch: float) -> np.ndarray:
     return np.where(drop[cores], 0, cores)
 
 
-def _merge_along_lines(stats: np.ndarray, max_gap: float) -> np.ndarray:
+def _core_letter_sizes(labels: np.ndarray, letter_size: np.ndarray, count: int) -> np.ndarray:
+    """Per core label, the median letter size (:func:`_letter_sizes`, 0 off ink) of the ink under
+    it, at least 1."""
+    on_ink = letter_size > 0
+    sizes = np.ones(count, np.float32)
+    core_of_ink, values = labels[on_ink], letter_size[on_ink]
+    order = np.argsort(core_of_ink, kind="stable")
+    core_of_ink, values = core_of_ink[order], values[order]
+    present, starts = np.unique(core_of_ink, return_index=True)
+    for label, chunk in zip(present, np.split(values, starts[1:])):
+        sizes[label] = max(1.0, float(np.median(chunk)))
+    return sizes
+
+
+def _merge_along_lines(stats: np.ndarray, sizes: np.ndarray, max_gap: float) -> np.ndarray:
     """1-based line ids for core pieces: pieces side by side on one line (overlapping rows,
-    horizontal gap up to ``max_gap``) get the same id."""
+    horizontal gap up to ``max_gap`` times the smaller of their letter ``sizes``) get the same id."""
     left = stats[:, cv2.CC_STAT_LEFT]
     right = left + stats[:, cv2.CC_STAT_WIDTH]
     top = stats[:, cv2.CC_STAT_TOP]
@@ -513,7 +548,7 @@ def _merge_along_lines(stats: np.ndarray, max_gap: float) -> np.ndarray:
     overlap = np.minimum.outer(bottom, bottom) - np.maximum.outer(top, top)
     smaller = np.minimum.outer(bottom - top, bottom - top)
     gap = np.maximum.outer(left, left) - np.minimum.outer(right, right)
-    linked = (overlap >= 0.5 * smaller) & (gap <= max_gap)
+    linked = (overlap >= 0.5 * smaller) & (gap <= max_gap * np.minimum.outer(sizes, sizes))
     parent = np.arange(len(stats))
     for i, j in zip(*np.nonzero(np.triu(linked, 1))):
         root_i, root_j = _root(parent, i), _root(parent, j)

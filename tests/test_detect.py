@@ -214,6 +214,36 @@ def test_double_rules_and_underlines_are_not_lines_but_capitals_are():
     assert np.allclose(_centres(lines), sorted(centres), atol=12)
 
 
+def test_letter_spaced_title_lines_stay_whole_above_two_columns():
+    """Early-modern title lines: large capitals with wide letter spacing, above two columns. Gaps
+    between letters and words grow with the letters, so a title line is neither cut at the
+    columns' gutter nor split at its letter gaps, and the titles are read first."""
+    page = Image.new("L", (1275, 1650), 235)
+    draw = ImageDraw.Draw(page)
+    titles = []
+    for baseline, size, words in ((200, 84, ("LIBER", "PRIMVS.")), (290, 56, ("FEN", "PRIMA.", "DOCTRINA"))):
+        capitals = ImageFont.truetype(FONT, size)
+        x = 170
+        for word in words:
+            for letter in word:
+                draw.text((x, baseline), letter, font=capitals, fill=25, anchor="ls")
+                x += int(draw.textlength(letter, font=capitals)) + size // 3
+            x += size // 2
+        titles.append((baseline, x))
+    body = ImageFont.truetype(FONT, 26)
+    rows = 10
+    for column_left in (120, 690):
+        for index in range(rows):
+            draw.text((column_left, 380 + index * 36), " ".join(WORDS[index % 5:][:4]), font=body, fill=25,
+                      anchor="ls")
+    lines = detect_lines(np.array(page), DPI, CONFIG)
+    for line, (baseline, right) in zip(lines, titles):
+        assert line.bbox[0] < 180 and line.bbox[2] > right - 100 and baseline - 60 < line.bbox[3] < baseline + 30
+    assert len(lines) == len(titles) + 2 * rows
+    body_lines = lines[len(titles):]
+    assert [line.bbox[0] < 640 for line in body_lines] == [True] * rows + [False] * rows
+
+
 def test_text_on_a_card_beside_the_page_is_not_read():
     """A ruler or colour chart photographed beside the page is a separate piece of paper: its
     labels are not text lines of the page."""
