@@ -476,7 +476,7 @@ def _line_cores(block: np.ndarray, letter_size: np.ndarray, pitch: float, config
     relabel = np.zeros(count, np.int32)
     if keep_ids.size:
         sizes = _core_letter_sizes(labels, letter_size, count)[keep_ids]
-        relabel[keep_ids] = _merge_along_lines(stats[keep_ids], sizes, config.line_merge_gap * pitch)
+        relabel[keep_ids] = _merge_along_lines(stats[keep_ids], sizes, config.line_merge_gap * pitch, pitch)
     return _drop_fragments(relabel[labels], pitch)
 
 
@@ -538,9 +538,14 @@ def _core_letter_sizes(labels: np.ndarray, letter_size: np.ndarray, count: int) 
     return sizes
 
 
-def _merge_along_lines(stats: np.ndarray, sizes: np.ndarray, max_gap: float) -> np.ndarray:
+def _merge_along_lines(stats: np.ndarray, sizes: np.ndarray, max_gap: float, pitch: float) -> np.ndarray:
     """1-based line ids for core pieces: pieces side by side on one line (overlapping rows,
-    horizontal gap up to ``max_gap`` times the smaller of their letter ``sizes``) get the same id."""
+    horizontal gap up to ``max_gap`` times the smaller of their letter ``sizes``) get the same id.
+
+    Closest pairs are joined first, and never two groups holding long pieces (a pitch or more,
+    times their letter size) stacked one above the other (sharing half the narrower one's
+    columns, not rows): a marginal note or a tall mark beside two lines of a column overlaps the
+    rows of both, and would otherwise chain them into one."""
     left = stats[:, cv2.CC_STAT_LEFT]
     right = left + stats[:, cv2.CC_STAT_WIDTH]
     top = stats[:, cv2.CC_STAT_TOP]
@@ -548,11 +553,20 @@ def _merge_along_lines(stats: np.ndarray, sizes: np.ndarray, max_gap: float) -> 
     overlap = np.minimum.outer(bottom, bottom) - np.maximum.outer(top, top)
     smaller = np.minimum.outer(bottom - top, bottom - top)
     gap = np.maximum.outer(left, left) - np.minimum.outer(right, right)
-    linked = (overlap >= 0.5 * smaller) & (gap <= max_gap * np.minimum.outer(sizes, sizes))
+    same_rows = overlap >= 0.5 * smaller
+    size = np.minimum.outer(sizes, sizes)
+    linked = same_rows & (gap <= max_gap * size)
+    narrower = np.minimum.outer(right - left, right - left)
+    stacked = ~same_rows & (-gap >= 0.5 * narrower) & (narrower >= pitch * size)
+    first, second = np.nonzero(np.triu(linked, 1))
     parent = np.arange(len(stats))
-    for i, j in zip(*np.nonzero(np.triu(linked, 1))):
+    members = {i: [i] for i in range(len(stats))}
+    for i, j in sorted(zip(first.tolist(), second.tolist()), key=lambda pair: gap[pair]):
         root_i, root_j = _root(parent, i), _root(parent, j)
+        if root_i == root_j or stacked[np.ix_(members[root_i], members[root_j])].any():
+            continue
         parent[root_i] = root_j
+        members[root_j] += members.pop(root_i)
     roots = np.array([_root(parent, i) for i in range(len(stats))])
     _, ids = np.unique(roots, return_inverse=True)
     return ids.astype(np.int32) + 1

@@ -244,6 +244,18 @@ def test_letter_spaced_title_lines_stay_whole_above_two_columns():
     assert [line.bbox[0] < 640 for line in body_lines] == [True] * rows + [False] * rows
 
 
+def test_a_mark_beside_two_lines_does_not_join_them():
+    """A marginal word set close to the column, level with the gap between two lines, overlaps
+    the rows of both: it may join one of them, but the two lines stay apart."""
+    page = Image.new("L", (1275, 1650), 235)
+    draw = ImageDraw.Draw(page)
+    centres = _text_rows(draw, 300, 300, 8, 40)
+    draw.text((180, 300 + 3 * 40 + 20), "Cap", font=ImageFont.truetype(FONT, 48), fill=25, anchor="ls")
+    lines = detect_lines(np.array(page), DPI, CONFIG)
+    assert len(lines) == len(centres)
+    assert np.allclose(_centres(lines), centres, atol=14)
+
+
 def test_text_on_a_card_beside_the_page_is_not_read():
     """A ruler or colour chart photographed beside the page is a separate piece of paper: its
     labels are not text lines of the page."""
