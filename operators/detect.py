@@ -59,6 +59,7 @@ class _Line:
     """A line in the deskewed working frame: its outline and the extent used to order it."""
 
     polygon: np.ndarray  # (N, 2) float, clockwise in image coordinates
+    baseline: np.ndarray  # (K, 2) float polyline, left to right
     x_start: float
     y_top: float
     y_bottom: float
@@ -87,7 +88,7 @@ def detect_lines(page: np.ndarray, dpi: int, config: DetectConfig) -> list[LineR
     for rect in _find_blocks(upright, letter_size, pitch, config):
         lines = _lines_in_block(upright, letter_size, rect, pitch, glyph_height, config)
         for line in lines:
-            records.append(_record(frame.to_page(line.polygon), block, len(records)))
+            records.append(_record(frame.to_page(line.polygon), frame.to_page(line.baseline), block, len(records)))
         block += bool(lines)
     return records
 
@@ -426,6 +427,7 @@ def _lines_in_block(ink: np.ndarray, letter_size: np.ndarray, rect: Rect, pitch:
         lines.append(
             _Line(
                 polygon=polygon,
+                baseline=_baseline(xs[begin:end], ys[begin:end], pitch) + np.array([x0, y0], np.float64),
                 x_start=float(polygon[:, 0].min()),
                 y_top=float(polygon[:, 1].min()),
                 y_bottom=float(polygon[:, 1].max()),
@@ -611,6 +613,37 @@ def _envelope(xs: np.ndarray, ys: np.ndarray, pitch: float, padding: float) -> n
     return np.concatenate([upper, lower[::-1]])
 
 
+def _baseline(xs: np.ndarray, ys: np.ndarray, pitch: float) -> np.ndarray:
+    """Polyline the line's letters stand on, from its left to its right end: per stretch of about
+    two pitches, the row below which the ink thins out most (the foot of the x-height band, since
+    descenders are sparse), smoothed by a running median so that a stretch holding only a
+    descender or a flourish does not bend it."""
+    x_left, x_right = float(xs.min()), float(xs.max()) + 1
+    top = int(ys.min())
+    stretches = max(1, round((x_right - x_left) / (2 * pitch)))
+    edges = np.linspace(x_left, x_right, stretches + 1)
+    stretch_of = np.clip(np.searchsorted(edges, xs, side="right") - 1, 0, stretches - 1)
+    centres, feet = [], []
+    for stretch in range(stretches):
+        rows = ys[stretch_of == stretch] - top
+        if rows.size >= pitch / 2:
+            centres.append((edges[stretch] + edges[stretch + 1]) / 2)
+            feet.append(top + _foot(rows))
+    if not feet:  # ink too thin in every stretch: one foot for the whole line
+        centres, feet = [(x_left + x_right) / 2], [top + _foot(ys - top)]
+    feet = _running_median(np.asarray(feet, np.float64), radius=1)
+    xs_path = np.concatenate([[x_left], centres, [x_right]])
+    return np.column_stack([xs_path, np.concatenate([[feet[0]], feet, [feet[-1]]])])
+
+
+def _foot(rows: np.ndarray) -> int:
+    """Row (from the top of the ink) just below the steepest fall of a row histogram of ink; the
+    fall to the empty row below the ink counts too."""
+    counts = np.append(np.bincount(rows), 0).astype(np.float64)
+    profile = np.convolve(counts, [0.25, 0.5, 0.25], mode="same")
+    return int(np.argmax(profile[:-1] - profile[1:])) + 1
+
+
 def _running_median(values: np.ndarray, radius: int = 2) -> np.ndarray:
     padded = np.pad(values, radius, mode="edge")
     windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * radius + 1)
@@ -633,12 +666,13 @@ def _same_row(a: _Line, b: _Line) -> bool:
     return overlap >= 0.5 * min(a.y_bottom - a.y_top, b.y_bottom - b.y_top)
 
 
-def _record(polygon: np.ndarray, block: int, order: int) -> LineRecord:
+def _record(polygon: np.ndarray, baseline: np.ndarray, block: int, order: int) -> LineRecord:
     x0, y0 = polygon.min(axis=0)
     x1, y1 = polygon.max(axis=0)
     return LineRecord(
         bbox=(int(x0), int(y0), int(x1) + 1, int(y1) + 1),
         polygon=[(int(x), int(y)) for x, y in polygon],
+        baseline=[(int(x), int(y)) for x, y in baseline],
         block=block,
         order=order,
     )

@@ -221,6 +221,8 @@ def _alto_box(element: etree._Element, bbox: Sequence[int]) -> etree._Element:
 
 def _alto_line(block: etree._Element, line: dict, line_id: str) -> None:
     element = _alto_box(etree.SubElement(block, _a("TextLine"), ID=line_id), line["bbox"])
+    if len(line["baseline"]) >= 2:
+        _set(element, BASELINE=_points(line["baseline"]))
     shape = etree.SubElement(element, _a("Shape"))
     etree.SubElement(shape, _a("Polygon"), POINTS=_points(_outline(line)))
     confidence = _confidence(line["confidence"])
@@ -285,6 +287,8 @@ def _page_metadata(root: etree._Element, failure: str | None) -> None:
 def _page_line(region: etree._Element, line: dict, line_id: str) -> None:
     element = etree.SubElement(region, _p("TextLine"), id=line_id)
     etree.SubElement(element, _p("Coords"), points=_points(_outline(line)))
+    if len(line["baseline"]) >= 2:
+        etree.SubElement(element, _p("Baseline"), points=_points(line["baseline"]))
     confidence = _confidence(line["confidence"])
     for index, word in enumerate(line.get("words") or [], start=1):
         word_element = etree.SubElement(element, _p("Word"), id=f"{line_id}_w{index}")
@@ -344,8 +348,8 @@ def _hocr_page(body: etree._Element, page: dict) -> None:
 
 def _hocr_line(paragraph: etree._Element, line: dict, line_id: str) -> None:
     confidence = "" if line["confidence"] is None else f"; x_wconf {_percent(line['confidence'])}"
-    element = etree.SubElement(paragraph, _h("span"), {"class": "ocr_line", "id": f"line_{line_id}",
-                                                       "title": _hocr_bbox(line["bbox"]) + confidence})
+    title = _hocr_bbox(line["bbox"]) + _hocr_baseline(line["baseline"], line["bbox"]) + confidence
+    element = etree.SubElement(paragraph, _h("span"), {"class": "ocr_line", "id": f"line_{line_id}", "title": title})
     words = line.get("words")
     if not words:
         element.text = _xml_text(line["text"])
@@ -359,6 +363,17 @@ def _hocr_line(paragraph: etree._Element, line: dict, line_id: str) -> None:
 
 def _hocr_bbox(bbox: Sequence[int]) -> str:
     return "bbox " + " ".join(str(int(value)) for value in bbox)
+
+
+def _hocr_baseline(baseline: Sequence[Sequence[int]], bbox: Sequence[int]) -> str:
+    """hOCR's straight baseline through the polyline's ends: slope, and its height at the box's left
+    edge counted from the box's bottom (negative: above it)."""
+    if len(baseline) < 2:
+        return ""
+    (first_x, first_y), (last_x, last_y) = baseline[0], baseline[-1]
+    slope = (last_y - first_y) / (last_x - first_x) if last_x != first_x else 0.0
+    offset = first_y + slope * (bbox[0] - first_x) - bbox[3]
+    return f"; baseline {slope:.4f} {round(offset)}"
 
 
 def _percent(confidence: float) -> int:

@@ -41,6 +41,7 @@ def page_row(work: PageWork) -> dict:
                 "confidence": line.confidence,
                 "bbox": list(line.bbox),
                 "polygon": [list(point) for point in line.polygon],
+                "baseline": [list(point) for point in line.baseline],
                 "block": line.block,
                 "order": line.order,
                 "truncated": line.truncated,

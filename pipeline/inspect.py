@@ -127,7 +127,7 @@ def _recognize(work: PageWork, config: JobConfig, bundle: TrOCRBundle) -> list[s
 
 def draw_overlay(page: np.ndarray, lines: list[LineRecord], texts: list[str] | None = None,
                  max_side: int = OVERLAY_MAX_SIDE) -> Image.Image:
-    """The page, scaled to fit ``max_side``, with each line's polygon, order and block drawn on it;
+    """The page, scaled to fit ``max_side``, with each line's polygon, baseline, order and block drawn on it;
     with ``texts`` (one per line) a panel of the same size on the right shows them in place."""
     if page.ndim != 2 or page.dtype != np.uint8 or page.size == 0:
         raise ValueError(f"page must be a non-empty 8-bit grayscale array, got {page.dtype} {page.shape}")
@@ -144,6 +144,7 @@ def draw_overlay(page: np.ndarray, lines: list[LineRecord], texts: list[str] | N
         colour = BLOCK_COLOURS[line.block % len(BLOCK_COLOURS)]
         outline = [(x * scale, y * scale) for x, y in line.polygon]
         draw.polygon(outline, outline=colour, width=2)
+        draw.line([(x * scale, y * scale) for x, y in line.baseline], fill=colour, width=1)
         x0, y0 = line.bbox[0] * scale, line.bbox[1] * scale
         draw.text((x0, y0), f"{line.order} b{line.block}", font=label_font, fill=colour, anchor="lb",
                   stroke_width=2, stroke_fill=(255, 255, 255))

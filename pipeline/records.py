@@ -25,6 +25,7 @@ class LineRecord:
 
     bbox: BBox  # x0, y0, x1, y1 in page pixels
     polygon: list[tuple[int, int]]  # closed outline in page pixels
+    baseline: list[tuple[int, int]]  # polyline the letters stand on, left to right, in page pixels
     block: int  # block (column / region) index in reading order
     order: int  # 0-based position of the line in the page's reading order
     text: str = ""
@@ -84,6 +85,7 @@ LINE_TYPE = pa.struct(
         pa.field("confidence", pa.float32()),
         pa.field("bbox", pa.list_(pa.int32(), 4), nullable=False),
         pa.field("polygon", pa.list_(pa.list_(pa.int32(), 2)), nullable=False),
+        pa.field("baseline", pa.list_(pa.list_(pa.int32(), 2)), nullable=False),
         pa.field("block", pa.int32(), nullable=False),
         pa.field("order", pa.int32(), nullable=False),
         pa.field("truncated", pa.bool_(), nullable=False),

@@ -123,6 +123,25 @@ def test_polygons_are_clockwise_outlines_inside_their_boxes(detections, page_set
             assert signed_area > 0  # clockwise on screen, where y points down
 
 
+@pytest.mark.parametrize("page_set", list(PAGE_SETS))
+def test_baselines_lie_on_the_typeset_baselines(detections, page_set):
+    """Each matched line's baseline runs left to right across its ink (inside its box, which only
+    adds the polygon's padding) and, between the typeset baseline's ends, stays within 15% of the
+    text size of it (skewed pages included; the x-height is about half the text size)."""
+    for lines, truth in detections[page_set]:
+        for i, j in match_lines(lines, truth["lines"]).items():
+            line = lines[j]
+            xs, ys = np.array(line.baseline, np.float64).T
+            x0, _, x1, _ = line.bbox
+            (left_x, left_y), (right_x, right_y) = truth["lines"][i]["baseline"]
+            text_size = truth["lines"][i]["bbox"][3] - truth["lines"][i]["bbox"][1] - abs(right_y - left_y)
+            assert np.all(np.diff(xs) > 0) and x0 <= xs[0] and xs[-1] < x1
+            assert xs[0] - x0 <= text_size and x1 - 1 - xs[-1] <= text_size
+            probes = np.linspace(max(left_x, xs[0]), min(right_x, xs[-1]), 9)
+            typeset = left_y + (probes - left_x) * (right_y - left_y) / (right_x - left_x)
+            assert np.abs(np.interp(probes, xs, ys) - typeset).max() <= 0.15 * text_size, (page_set, i)
+
+
 def test_thresholds_scale_with_dpi(synthetic_pages):
     image, _ = synthetic_pages["one_column"][0]
     at_150 = detect_lines(image, DPI, CONFIG)
@@ -274,7 +293,8 @@ def test_text_on_a_card_beside_the_page_is_not_read():
 
 def _line(polygon: list[tuple[int, int]]) -> LineRecord:
     xs, ys = zip(*polygon)
-    return LineRecord(bbox=(min(xs), min(ys), max(xs) + 1, max(ys) + 1), polygon=polygon, block=0, order=0)
+    return LineRecord(bbox=(min(xs), min(ys), max(xs) + 1, max(ys) + 1), polygon=polygon,
+                      baseline=[(min(xs), max(ys)), (max(xs), max(ys))], block=0, order=0)
 
 
 def test_crop_line_masks_everything_outside_the_padded_polygon():
@@ -308,6 +328,7 @@ def test_crop_line_of_detected_lines_is_never_empty(synthetic_pages, detections)
 
 def test_crop_line_rejects_a_zero_size_box():
     page = np.full((50, 80), 200, np.uint8)
-    line = LineRecord(bbox=(10, 10, 10, 20), polygon=[(10, 10), (10, 10), (10, 19), (10, 19)], block=0, order=0)
+    line = LineRecord(bbox=(10, 10, 10, 20), polygon=[(10, 10), (10, 10), (10, 19), (10, 19)],
+                      baseline=[(10, 16), (10, 16)], block=0, order=0)
     with pytest.raises(ValueError, match="zero size"):
         crop_line(page, line, padding=2)

@@ -38,7 +38,8 @@ XLINK_STUB = b"""<xsd:schema xmlns:xsd="http://www.w3.org/2001/XMLSchema"
 def _line(block: int, order: int, x0: int, y0: int, text: str, confidence: float | None) -> LineRecord:
     x1, y1 = x0 + 500, y0 + 40
     polygon = [(x0, y0 + 2), (x0 + 250, y0), (x1, y0 + 3), (x1, y1), (x0, y1 - 1)]
-    return LineRecord(bbox=(x0, y0, x1, y1), polygon=polygon, block=block, order=order, text=text,
+    baseline = [(x0, y1 - 9), (x0 + 250, y1 - 10), (x1, y1 - 8)]
+    return LineRecord(bbox=(x0, y0, x1, y1), polygon=polygon, baseline=baseline, block=block, order=order, text=text,
                       confidence=confidence)
 
 
@@ -111,6 +112,7 @@ def test_alto_page_holds_blocks_in_reading_order_with_polygons_words_and_confide
         TRICKY, "second line of the left column", "right column first line"]
     first = lines[0]
     assert first.find("a:Shape/a:Polygon", ALTO).get("POINTS") == "100,202 350,200 600,203 600,240 100,239"
+    assert first.get("BASELINE") == "100,231 350,230 600,232"
     strings = first.findall("a:String", ALTO)
     assert len(strings) == len(row_lines[0]["words"]) == 5
     for string, word in zip(strings, row_lines[0]["words"]):
@@ -133,6 +135,7 @@ def test_page_xml_holds_regions_in_reading_order_with_words_and_confidences(expo
     assert [line.findtext("p:TextEquiv/p:Unicode", namespaces=PAGE) for line in lines] == [
         TRICKY, "second line of the left column", "right column first line"]
     assert lines[0].find("p:Coords", PAGE).get("points") == "100,202 350,200 600,203 600,240 100,239"
+    assert lines[0].find("p:Baseline", PAGE).get("points") == "100,231 350,230 600,232"
     assert [line.find("p:TextEquiv", PAGE).get("conf") for line in lines] == ["0.9375", None, "0.8000"]
     words = lines[0].findall("p:Word", PAGE)
     assert [word.findtext("p:TextEquiv/p:Unicode", namespaces=PAGE) for word in words] == TRICKY.split()
@@ -154,7 +157,8 @@ def test_hocr_holds_every_page_with_areas_lines_words_boxes_and_confidences(expo
     assert len(page_divs[0].findall("h:div[@class='ocr_carea']/h:p[@class='ocr_par']", XHTML)) == 2
     lines = page_divs[0].findall(".//h:span[@class='ocr_line']", XHTML)
     assert [line.get("title") for line in lines] == [
-        "bbox 100 200 600 240; x_wconf 94", "bbox 100 260 600 300", "bbox 700 200 1200 240; x_wconf 80"]
+        "bbox 100 200 600 240; baseline 0.0020 -9; x_wconf 94", "bbox 100 260 600 300; baseline 0.0020 -9",
+        "bbox 700 200 1200 240; baseline 0.0020 -9; x_wconf 80"]
     words = lines[0].findall("h:span[@class='ocrx_word']", XHTML)
     assert "".join(lines[0].itertext()) == TRICKY
     assert words[0].get("title") == "bbox {} {} {} {}; x_wconf 94".format(*pages[1]["lines"][0]["words"][0]["bbox"])

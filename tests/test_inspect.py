@@ -86,7 +86,8 @@ def test_recognize_adds_a_text_panel_beside_the_page(documents, tiny_model, tmp_
 def _page_with_one_line() -> tuple[np.ndarray, LineRecord]:
     page = np.full((400, 3200), 200, np.uint8)
     polygon = [(400, 100), (2800, 100), (2800, 180), (400, 180)]
-    return page, LineRecord(bbox=(400, 100, 2801, 181), polygon=polygon, block=0, order=0)
+    return page, LineRecord(bbox=(400, 100, 2801, 181), polygon=polygon, baseline=[(400, 165), (2800, 165)], block=0,
+                            order=0)
 
 
 def test_overlay_is_downscaled_and_draws_only_where_lines_are():
@@ -97,6 +98,7 @@ def test_overlay_is_downscaled_and_draws_only_where_lines_are():
     assert not _coloured(empty).any()
     rows = np.flatnonzero(_coloured(drawn).any(axis=1))
     assert rows.min() >= 30 and rows.max() <= 95  # the label above the line and the outline at 50..90
+    assert _coloured(drawn)[81:84, 300:1300].any(axis=0).all()  # the baseline at 82.5, inside the outline
 
 
 def test_overlay_rejects_texts_that_do_not_match_the_lines():

@@ -18,7 +18,8 @@ FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 
 
 def _line(x0, y0, x1, y1, order) -> LineRecord:
-    return LineRecord(bbox=(x0, y0, x1, y1), polygon=[(x0, y0), (x1, y0), (x1, y1), (x0, y1)], block=0, order=order)
+    return LineRecord(bbox=(x0, y0, x1, y1), polygon=[(x0, y0), (x1, y0), (x1, y1), (x0, y1)],
+                      baseline=[(x0, y1 - 1), (x1, y1 - 1)], block=0, order=order)
 
 
 def test_prepare_crops_fits_every_shape_and_drops_empty_boxes(tiny_model):

@@ -72,7 +72,8 @@ def _ink_line(page: np.ndarray) -> LineRecord:
     """The line record a detector would give: the ink's box with a small margin."""
     rows, cols = np.nonzero(page < 128)
     x0, y0, x1, y1 = cols.min() - 3, rows.min() - 3, cols.max() + 4, rows.max() + 4
-    return LineRecord(bbox=(x0, y0, x1, y1), polygon=[(x0, y0), (x1, y0), (x1, y1), (x0, y1)], block=0, order=0)
+    return LineRecord(bbox=(x0, y0, x1, y1), polygon=[(x0, y0), (x1, y0), (x1, y1), (x0, y1)],
+                      baseline=[(x0, y1 - 1), (x1, y1 - 1)], block=0, order=0)
 
 
 def _words_of(page: np.ndarray, line: LineRecord, text: str) -> list[Word]:

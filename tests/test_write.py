@@ -16,7 +16,7 @@ def _document(doc_id: str, pages: int, status="ok", error_code=None) -> Document
 def _page(doc_id: str, number: int, texts=("first", "second")) -> PageWork:
     lines = [LineRecord(bbox=(0, 10 * i, 50, 10 * i + 8), polygon=[(0, 10 * i), (50, 10 * i), (50, 10 * i + 8),
                                                                      (0, 10 * i + 8)],
-                        block=0, order=i, text=text, confidence=0.9) for i, text in enumerate(texts)]
+                        baseline=[(0, 10 * i + 6), (50, 10 * i + 6)], block=0, order=i, text=text, confidence=0.9) for i, text in enumerate(texts)]
     return PageWork(doc_id=doc_id, source=f"{doc_id}.pdf", page=number, dpi=300, width=100, height=100, lines=lines)
 
 

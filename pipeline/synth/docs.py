@@ -192,7 +192,7 @@ def paste_max(page: np.ndarray, mask: np.ndarray, origin: tuple[int, int]) -> No
 
 
 def render_ink(placed: list[PlacedLine], style: PageStyle, skew_deg: float) -> tuple[np.ndarray, list[dict]]:
-    """The page's ink mask and the ground-truth line records (text, box, block, order)."""
+    """The page's ink mask and the ground-truth line records (text, box, baseline, block, order)."""
     page = np.zeros((style.height, style.width), dtype=np.uint8)
     turn = rotation_about_centre(style.width, style.height, skew_deg)
     records = []
@@ -204,8 +204,19 @@ def render_ink(placed: list[PlacedLine], style: PageStyle, skew_deg: float) -> t
         if box is None:
             continue  # turned entirely off the page: nothing visible to annotate
         paste_max(page, warped, origin)
-        records.append({"text": line.text, "bbox": box, "block": line.block, "order": len(records)})
+        records.append({"text": line.text, "bbox": box, "baseline": typeset_baseline(line, style.face, turn),
+                        "block": line.block, "order": len(records)})
     return page, records
+
+
+def typeset_baseline(line: PlacedLine, face: FontFace, turn: np.ndarray) -> list[list[int]]:
+    """Ends of the line's baseline (its ink's left and right edge, the ascent below its origin) on the
+    page, after the page's turn."""
+    font = load_font(face.path, line.size_px)
+    left, _, right, _ = font.getbbox(line.text)
+    ascent = font.getmetrics()[0]
+    ends = np.array([[line.x + left, line.y + ascent, 1], [line.x + right, line.y + ascent, 1]], np.float64)
+    return np.rint(ends @ turn[:2].T).astype(int).tolist()
 
 
 def add_specks(page: np.ndarray, rng: np.random.Generator) -> None:
