@@ -7,7 +7,9 @@ the reference scorer (``shared/tools/linedet_eval.py``), scores them (precision 
 one-to-one matching at polygon IoU >= 0.5, Kendall tau of the reading order over matched lines,
 overall and within ground-truth blocks, seconds per page from image file to polygons) per category
 and overall, and, when the reference scorer is found, checks that its figures on our prediction
-files agree with ours.
+files agree with ours. Where the ground truth has baselines (ALTO 4 BASELINE points, PAGE
+Baseline), "baseline err" is the mean vertical distance of our matched lines' baselines from
+them, in ground-truth line heights (Tesseract's TSV has no baselines).
 
 Ground truth often annotates only part of a page (calamari: no marginalia, no footnote section),
 so a second F1, "F1 ann", also scores each detector with the predictions that lie mostly (>= half
@@ -63,13 +65,20 @@ ANNOTATED_SHARE = 0.5
 TESSERACT_LINE_LEVEL = "4"
 
 #: Image file -> predicted line polygons in reading order.
-Detector = Callable[[Path], list[np.ndarray]]
+@dataclass(frozen=True)
+class DetectedLine:
+    polygon: np.ndarray  # (N, 2) in page pixels
+    baseline: np.ndarray | None  # (K, 2) polyline, None when the detector gives none
+
+
+Detector = Callable[[Path], list[DetectedLine]]
 
 
 @dataclass(frozen=True)
 class GroundTruthLine:
     points: np.ndarray  # (N, 2) polygon in page pixels
     block: int  # index of the enclosing TextBlock / TextRegion, -1 for none
+    baseline: np.ndarray | None = None  # (K, 2) polyline when the ground truth has one
 
 
 @dataclass(frozen=True)
@@ -154,6 +163,16 @@ def page_geometry(line) -> np.ndarray | None:
     return points if has_area(points) else box_points(*points.min(axis=0), *points.max(axis=0))
 
 
+def baseline_of(line) -> np.ndarray | None:
+    """ALTO 4 TextLine@BASELINE as points, or PAGE TextLine/Baseline@points; None without two points
+    (ALTO 2/3 give a single height, which says nothing about where the line runs)."""
+    text = line.get("BASELINE")
+    if text is None:
+        text = next((child.get("points", "") for child in line if local_name(child) == "Baseline"), "")
+    points = parse_points(text)
+    return points if len(points) >= 2 and np.ptp(points[:, 0]) > 0 else None
+
+
 def read_ground_truth(path: Path) -> list[GroundTruthLine]:
     """Every TextLine of an ALTO or PAGE file in document order (the ground-truth reading order)."""
     root = etree.parse(str(path)).getroot()
@@ -169,7 +188,7 @@ def read_ground_truth(path: Path) -> list[GroundTruthLine]:
     for line, block in zip(lines, block_indices(lines, block_tags)):
         points = geometry(line)
         if points is not None:
-            result.append(GroundTruthLine(points, block))
+            result.append(GroundTruthLine(points, block, baseline_of(line)))
     return result
 
 
@@ -278,12 +297,26 @@ def concordance(pairs: list[tuple[int, int]], blocks: list[int] | None = None) -
     return concordant, discordant
 
 
-def score_page(truth: list[GroundTruthLine], predicted: list[np.ndarray], seconds: float) -> dict:
+def baseline_error(truth: GroundTruthLine, baseline: np.ndarray) -> float:
+    """Mean vertical distance between a predicted and the ground-truth baseline where both run, in
+    ground-truth line heights (the line polygon's height)."""
+    gt_x, gt_y = truth.baseline[np.argsort(truth.baseline[:, 0])].T
+    x, y = baseline[np.argsort(baseline[:, 0])].T
+    low, high = max(gt_x[0], x[0]), min(gt_x[-1], x[-1])
+    probes = np.linspace(low, high, 20) if high > low else np.array([(low + high) / 2])
+    return float(np.mean(np.abs(np.interp(probes, x, y) - np.interp(probes, gt_x, gt_y))) / np.ptp(truth.points[:, 1]))
+
+
+def score_page(truth: list[GroundTruthLine], predicted: list[np.ndarray], seconds: float,
+               baselines: list[np.ndarray | None] | None = None) -> dict:
     pairs = match(polygon_iou_matrix([line.points for line in truth], predicted), IOU_THRESHOLD)
     conc, disc = concordance(pairs)
     conc_blk, disc_blk = concordance(pairs, [line.block for line in truth])
+    errors = [baseline_error(truth[i], baselines[j]) for i, j in pairs
+              if baselines is not None and baselines[j] is not None and truth[i].baseline is not None]
     return {"pages": 1, "n_gt": len(truth), "n_pred": len(predicted), "tp_poly": len(pairs), "conc": conc,
-            "disc": disc, "conc_blk": conc_blk, "disc_blk": disc_blk, "seconds": seconds}
+            "disc": disc, "conc_blk": conc_blk, "disc_blk": disc_blk, "seconds": seconds,
+            "n_baseline": len(errors), "baseline_error_sum": sum(errors)}
 
 
 def rates(counts: dict) -> dict:
@@ -297,6 +330,7 @@ def rates(counts: dict) -> dict:
     annotated = counts["n_gt"] + counts["n_pred_ann"]
     return {**counts, "precision": precision, "recall": recall, "f1": f1, "tau": tau, "tau_blk": tau_blk,
             "f1_ann": 2 * counts["tp_ann"] / annotated if annotated else 0.0,
+            "baseline_error": counts["baseline_error_sum"] / counts["n_baseline"] if counts["n_baseline"] else None,
             "sec_per_page": counts["seconds"] / counts["pages"]}
 
 
@@ -310,7 +344,8 @@ def our_detector(dpi: int, config: DetectConfig) -> Detector:
         gray = cv2.imread(str(image), cv2.IMREAD_GRAYSCALE)
         if gray is None:
             raise SystemExit(f"cannot read image {image}")
-        return [np.asarray(line.polygon, np.float64) for line in detect_lines(gray, dpi, config)]
+        return [DetectedLine(np.asarray(line.polygon, np.float64), np.asarray(line.baseline, np.float64))
+                for line in detect_lines(gray, dpi, config)]
 
     return detect
 
@@ -319,12 +354,12 @@ def tesseract_detector(executable: str) -> Detector:
     """Tesseract's line boxes (TSV level 4) in its reading order; one OpenMP thread, as ours runs."""
     environment = {**os.environ, "OMP_THREAD_LIMIT": "1"}
 
-    def detect(image: Path) -> list[np.ndarray]:
+    def detect(image: Path) -> list[DetectedLine]:
         result = subprocess.run([executable, str(image), "-", "--psm", "3", "tsv"], capture_output=True,
                                 text=True, env=environment, timeout=300)
         if result.returncode != 0:
             raise SystemExit(f"tesseract failed on {image}: {result.stderr.strip()}")
-        return parse_tesseract_lines(result.stdout)
+        return [DetectedLine(box, None) for box in parse_tesseract_lines(result.stdout)]
 
     return detect
 
@@ -344,17 +379,21 @@ def run_detection(pages: Path, entries: list[PageEntry], pred_dir: Path, detecto
     seconds = {}
     for entry in entries:
         start = time.perf_counter()
-        polygons = detector(pages / entry.image)
+        lines = detector(pages / entry.image)
         seconds[entry.image] = time.perf_counter() - start
         prediction = {"image": entry.image, "seconds": seconds[entry.image],
-                      "lines": [{"polygon": np.rint(points).astype(int).tolist()} for points in polygons]}
+                      "lines": [{"polygon": np.rint(line.polygon).astype(int).tolist()}
+                                | ({} if line.baseline is None else {"baseline": np.rint(line.baseline).astype(int).tolist()})
+                                for line in lines]}
         (pred_dir / (entry.image.replace("/", "__") + ".json")).write_text(json.dumps(prediction))
     return seconds
 
 
-def load_prediction(pred_dir: Path, entry: PageEntry) -> list[np.ndarray]:
+def load_prediction(pred_dir: Path, entry: PageEntry) -> list[DetectedLine]:
     data = json.loads((pred_dir / (entry.image.replace("/", "__") + ".json")).read_text())
-    return [np.asarray(line["polygon"], dtype=np.float64).reshape(-1, 2) for line in data["lines"]]
+    return [DetectedLine(np.asarray(line["polygon"], dtype=np.float64).reshape(-1, 2),
+                         np.asarray(line["baseline"], dtype=np.float64) if "baseline" in line else None)
+            for line in data["lines"]]
 
 
 def score_annotated(path: Path, truth: list[GroundTruthLine], predicted: list[np.ndarray]) -> dict:
@@ -368,8 +407,9 @@ def score_annotated(path: Path, truth: list[GroundTruthLine], predicted: list[np
 def evaluate(pages: Path, entries: list[PageEntry], pred_dir: Path, seconds: dict[str, float]) -> dict:
     per_page, groups = {}, {}
     for entry in entries:
-        truth, predicted = read_ground_truth(pages / entry.ground_truth), load_prediction(pred_dir, entry)
-        counts = {**score_page(truth, predicted, seconds[entry.image]),
+        truth, lines = read_ground_truth(pages / entry.ground_truth), load_prediction(pred_dir, entry)
+        predicted = [line.polygon for line in lines]
+        counts = {**score_page(truth, predicted, seconds[entry.image], [line.baseline for line in lines]),
                   **score_annotated(pages / entry.ground_truth, truth, predicted)}
         per_page[entry.image] = {**counts, "category": entry.category}
         for group in (CATEGORY_GROUPS.get(entry.category, entry.category), "overall"):
@@ -408,11 +448,12 @@ def fmt(value, digits: int = 3) -> str:
 
 
 def table(rows: dict[str, dict], title: str) -> str:
-    lines = [f"| {title} | pages | GT | pred | P | R | F1 | F1 ann | tau | tau blk | s/page |", "|---" * 11 + "|"]
+    lines = [f"| {title} | pages | GT | pred | P | R | F1 | F1 ann | tau | tau blk | baseline err | s/page |",
+             "|---" * 12 + "|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['pages']} | {r['n_gt']} | {r['n_pred']} | {fmt(r['precision'])} | "
                      f"{fmt(r['recall'])} | {fmt(r['f1'])} | {fmt(r['f1_ann'])} | {fmt(r['tau'])} | "
-                     f"{fmt(r['tau_blk'])} | {fmt(r['sec_per_page'], 2)} |")
+                     f"{fmt(r['tau_blk'])} | {fmt(r['baseline_error'])} | {fmt(r['sec_per_page'], 2)} |")
     return "\n".join(lines)
 
 
