@@ -192,11 +192,36 @@ def _clean(
     faint = strength < min_contrast * _weighted_median(strength[sized], areas[sized].astype(np.float64))
     length = np.hypot(widths, heights)
     rule = (length > 6 * size) & (areas < 0.2 * size * length)
+    for index in np.flatnonzero(rule):
+        rule[index] = _is_straight_stroke(labels, index + 1, stats[index + 1], size)
     huge = ((heights > 5 * size) & (widths > 5 * size)) | (heights > 8 * size) | (widths > 40 * size)
     keep = glyph_like & ~rule & ~huge & ~faint
     if not keep.any():
         return np.zeros_like(ink), None
     return np.concatenate([[False], keep])[labels].astype(np.uint8), size
+
+
+def _is_straight_stroke(labels: np.ndarray, label: int, stat: np.ndarray, size: float) -> bool:
+    """A long sparse component is a rule when it is a stroke: thin across its own direction
+    (its minimum-area rectangle under half a glyph high) or, per pixel column or row, only a tenth
+    of a glyph thick. A word of cursive written with a thin pen is as long and sparse, but as high
+    as its letters and thick where they loop."""
+    x, y, width, height = stat[:4]
+    ys, xs = np.nonzero(labels[y:y + height, x:x + width] == label)
+    short_side = min(cv2.minAreaRect(np.column_stack([xs, ys]).astype(np.float32))[1])
+    thickness = min(np.median(_spans(xs, ys)[1]), np.median(_spans(ys, xs)[1]))
+    return bool(short_side < 0.5 * size or thickness < 0.1 * size)
+
+
+def _spans(positions: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For pixel ``positions`` (columns or rows, from 0) and their ``values`` (rows or columns): which
+    positions hold ink, and the span of the values at each that does."""
+    low = np.full(int(positions.max()) + 1, np.iinfo(np.int64).max)
+    high = np.full(low.size, -1)
+    np.minimum.at(low, positions, values)
+    np.maximum.at(high, positions, values)
+    occupied = high >= 0
+    return occupied, (high - low + 1)[occupied]
 
 
 def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
@@ -444,13 +469,8 @@ def _is_rule(xs: np.ndarray, ys: np.ndarray, glyph_height: float, config: Detect
     than ``rule_spread`` glyph heights from the 10th to the 90th percentile column). Text,
     capitals included, alternates stems with hairlines and gaps, so its columns vary."""
     columns = xs - xs.min()
-    width = int(columns.max()) + 1
-    top = np.full(width, np.iinfo(np.int64).max)
-    bottom = np.full(width, -1)
-    np.minimum.at(top, columns, ys)
-    np.maximum.at(bottom, columns, ys)
-    inked = bottom >= 0
-    heights = (bottom - top + 1)[inked]
+    inked, heights = _spans(columns, ys)
+    width = inked.size
     if np.median(heights) < config.min_line_thickness * glyph_height:
         return True
     if width < 4 * glyph_height or inked.mean() < config.rule_column_share:

@@ -275,6 +275,21 @@ def test_a_mark_beside_two_lines_does_not_join_them():
     assert np.allclose(_centres(lines), centres, atol=14)
 
 
+def test_thin_pen_cursive_is_text_not_a_rule():
+    """A line of cursive written with a thin pen is one long, sparse connected stroke, as a rule
+    is; but it is as high as its letters and loops, so it stays a line."""
+    page = Image.new("L", (1275, 1650), 235)
+    draw = ImageDraw.Draw(page)
+    centres = _text_rows(draw, 120, 300, 3, 48) + _text_rows(draw, 120, 492, 2, 48)
+    x, baseline = 130, 444
+    for _ in range(24):  # "eeee...": loops joined along the baseline, a one-pixel pen
+        draw.ellipse((x, baseline - 14, x + 12, baseline), outline=25, width=1)
+        draw.line([(x + 6, baseline), (x + 26, baseline)], fill=25, width=1)
+        x += 20
+    lines = detect_lines(np.array(page), DPI, CONFIG)
+    assert np.allclose(_centres(lines), sorted(centres + [baseline - 7]), atol=12)
+
+
 def test_text_on_a_card_beside_the_page_is_not_read():
     """A ruler or colour chart photographed beside the page is a separate piece of paper: its
     labels are not text lines of the page."""
