@@ -18,7 +18,7 @@ from transformers import VisionEncoderDecoderModel
 
 from operators.decoding import DecodingEngine, hf_generate
 from operators.detect import crop_line
-from operators.words import cut_points, ink_gaps
+from operators.words import cut_points, fit_rows_to_ink, ink_gaps
 from pipeline.config import RecognizeConfig
 from pipeline.errors import RecognitionFailed
 from pipeline.model import LinePreprocessor, TrOCRBundle, load_trocr
@@ -66,8 +66,8 @@ def line_pieces(crop: np.ndarray, gaps: Sequence[tuple[int, int]], preprocessor:
 
 
 def prepare_crops(work: PageWork, preprocessor: LinePreprocessor, padding: int, split_long_lines: bool) -> PageWork:
-    """Cut each detected line from the page, measure its word gaps, and resize it (or its pieces, see
-    :func:`line_pieces`) to model input; drop the page image.
+    """Cut each detected line from the page, measure its word gaps, fit it to its ink's rows and
+    resize it (or its pieces, see :func:`line_pieces`) to model input; drop the page image.
 
     A line whose box has no area holds no pixels and so no text: it is dropped here rather than
     handed to the model.
@@ -80,7 +80,7 @@ def prepare_crops(work: PageWork, preprocessor: LinePreprocessor, padding: int, 
             left = max(0, line.bbox[0] - padding)
             line.gaps = ink_gaps(crop, (left, max(0, line.bbox[1] - padding)))
             crop_gaps = [(x0 - left, x1 - left) for x0, x1 in line.gaps]
-            work.line_pieces.append(line_pieces(crop, crop_gaps, preprocessor, split_long_lines))
+            work.line_pieces.append(line_pieces(fit_rows_to_ink(crop), crop_gaps, preprocessor, split_long_lines))
     work.image = None
     return work
 

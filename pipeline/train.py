@@ -33,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 
+from operators.words import fit_rows_to_ink
 from pipeline.errors import ConfigError, ExitCode
 from pipeline.model import (
     EncoderKind,
@@ -202,8 +203,9 @@ def read_page_lines(path: Path) -> list[LabeledLine]:
             gray = np.asarray(image.convert("L"))
         for number, (polygon, text) in enumerate(polygons_and_text):
             crop = cut_polygon(gray, polygon)
-            if text and crop is not None:
-                lines.append(LabeledLine.in_memory(crop, text, f"{xml_path.stem}:{number}", str(xml_path)))
+            if text and crop is not None:  # fitted as the pipeline fits the lines it reads
+                lines.append(LabeledLine.in_memory(fit_rows_to_ink(crop), text, f"{xml_path.stem}:{number}",
+                                                   str(xml_path)))
     return lines
 
 

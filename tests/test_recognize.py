@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
+from operators.detect import crop_line
 from operators.recognize import LineReading, decode_lines, join_readings, prepare_crops, read_lines
+from operators.words import fit_rows_to_ink
 from pipeline.model import build_tiny_random_trocr, load_line_preprocessor, load_trocr
 from pipeline.records import LineRecord, PageWork
 
@@ -66,8 +68,9 @@ def test_a_line_wider_than_a_keep_aspect_input_is_read_in_pieces_that_fit(keep_a
     short, long = work.line_pieces
     assert len(short) == 1 and len(long) >= 4
     assert all(piece.aspect <= 4.0 for piece in long)
-    x0, y0, x1, y1 = work.lines[1].bbox  # the pieces tile the whole crop (4 px padding around the box)
-    assert sum(piece.aspect for piece in long) == pytest.approx((x1 - x0 + 8) / (y1 - y0 + 8))
+    fitted = fit_rows_to_ink(crop_line(page, work.lines[1], 4))  # the pieces tile the whole crop, fitted to the ink
+    assert fitted.shape[0] < work.lines[1].bbox[3] - work.lines[1].bbox[1] + 8
+    assert sum(piece.aspect for piece in long) == pytest.approx(fitted.shape[1] / fitted.shape[0])
     whole = prepare_crops(PageWork("d", "s", 1, 300, page.shape[1], page.shape[0], image=page, lines=lines),
                           preprocessor, padding=4, split_long_lines=False)
     assert [len(pieces) for pieces in whole.line_pieces] == [1, 1]

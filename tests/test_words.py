@@ -14,7 +14,17 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from operators.detect import crop_line
-from operators.words import WORK_HEIGHT, Word, cut_points, ink_gaps, normalize_bbox, split_words
+from operators.words import (
+    INK_MARGIN,
+    MIN_INK_MARGIN_PX,
+    WORK_HEIGHT,
+    Word,
+    cut_points,
+    fit_rows_to_ink,
+    ink_gaps,
+    normalize_bbox,
+    split_words,
+)
 from pipeline.records import WORD_TYPE
 from pipeline.records import LineRecord
 
@@ -183,6 +193,30 @@ def test_blank_and_faint_crops_have_no_gaps():
 def test_ink_gaps_rejects_what_is_not_a_grayscale_crop(crop):
     with pytest.raises(ValueError, match="line crop"):
         ink_gaps(crop, (0, 0))
+    with pytest.raises(ValueError, match="line crop"):
+        fit_rows_to_ink(crop)
+
+
+@pytest.mark.parametrize("font", ["sans", "cursive-handwriting"])
+def test_a_crop_is_fitted_to_its_ink_rows_with_a_small_margin(font):
+    page, _ = _render_line(LINES[1], FONTS[font])
+    rows = np.flatnonzero((page < 128).any(axis=1))
+    padded = np.pad(page[rows[0]:rows[-1] + 1], ((40, 25), (0, 0)), constant_values=255)  # a detector's loose crop
+    speck = padded.copy()
+    speck[5, 10] = 0  # a single dark pixel is no ink
+    ink_height = rows[-1] - rows[0] + 1
+    margin = max(MIN_INK_MARGIN_PX, round(INK_MARGIN * ink_height))
+    for crop in (padded, speck):
+        fitted = fit_rows_to_ink(crop)
+        assert fitted.shape[1] == crop.shape[1] and abs(len(fitted) - (ink_height + 2 * margin)) <= 2
+        starts = [start for start in range(38 - margin, 43 - margin)
+                  if np.array_equal(fitted, crop[start:start + len(fitted)])]
+        assert starts, "not a slice of the crop's rows around its ink"  # anti-aliased edges may count or not
+
+
+def test_blank_crops_are_not_fitted():
+    blank = np.full((40, 300), 250, np.uint8)
+    assert fit_rows_to_ink(blank) is blank
 
 
 def test_words_without_usable_gaps_split_by_character_counts():
