@@ -47,7 +47,7 @@ from transformers import (
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from operators.recognize import LineReading, decode_lines  # noqa: E402
+from operators.recognize import LineReading, decode_lines, line_batches  # noqa: E402
 from pipeline.config import DEFAULT_MODEL, RecognizeConfig  # noqa: E402
 from pipeline.model import LinePreprocessor, TrOCRBundle, load_trocr, resolve_device, resolve_dtype  # noqa: E402
 from pipeline.synth.corpus import CorpusSampler  # noqa: E402
@@ -133,11 +133,10 @@ def naive_loop(bundle: TrOCRBundle, resized: list[np.ndarray], num_beams: int, m
 def encoder_floor(bundle: TrOCRBundle, resized: list[np.ndarray], hints: list[float], batch_size: int) -> list:
     """The encoder alone over the batches ``decode_lines`` forms: work that ``generate`` and the engine
     both do, identically, before decoding a token. Its time bounds any decoder's speedup."""
-    order = np.argsort(hints, kind="stable")
     outputs = []
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = [resized[index] for index in order[start:start + batch_size]]
+        for chunk in line_batches(len(resized), batch_size, hints):
+            batch = [resized[index] for index in chunk]
             pixel_values = bundle.preprocessor.to_pixel_values(batch, bundle.device, bundle.dtype)
             outputs.append(bundle.model.encoder(pixel_values=pixel_values).last_hidden_state)
     return outputs

@@ -141,17 +141,22 @@ def decode_lines(bundle: TrOCRBundle, resized: Sequence[np.ndarray], num_beams: 
     """
     if len(resized) == 0:
         return []
-    if length_hints is not None and len(length_hints) != len(resized):
-        raise ValueError(f"{len(length_hints)} length hints for {len(resized)} crops")
-    order = np.argsort(length_hints, kind="stable") if length_hints is not None else np.arange(len(resized))
     fast_engine = DecodingEngine(bundle.model) if engine == "fast" else None  # weights merged once per call
     readings: list[LineReading | None] = [None] * len(resized)
-    for start in range(0, len(order), line_batch_size):
-        chunk = order[start:start + line_batch_size]
+    for chunk in line_batches(len(resized), line_batch_size, length_hints):
         for index, reading in zip(chunk, _decode_chunk(bundle, [resized[i] for i in chunk], num_beams,
                                                        max_new_tokens, fast_engine)):
             readings[index] = reading
     return readings
+
+
+def line_batches(count: int, line_batch_size: int, length_hints: Sequence[float] | None) -> list[np.ndarray]:
+    """Indices of ``count`` crops in the batches :func:`decode_lines` decodes: consecutive runs of
+    ``line_batch_size`` in order of their length hints (input order without hints)."""
+    if length_hints is not None and len(length_hints) != count:
+        raise ValueError(f"{len(length_hints)} length hints for {count} crops")
+    order = np.argsort(length_hints, kind="stable") if length_hints is not None else np.arange(count)
+    return [order[start:start + line_batch_size] for start in range(0, count, line_batch_size)]
 
 
 def decode_limit(model: VisionEncoderDecoderModel) -> int | None:
