@@ -84,6 +84,7 @@ class DataSource(_Frozen):
     font_kind: Literal["printed", "handwritten", "all"] = "printed"
     seed: int = Field(default=0, description="synth: the line set; different seeds give disjoint sets")
     count: int | None = Field(default=None, ge=1, description="synth: lines (validation needs it); None = endless")
+    augment: bool = Field(default=False, description="folder or pages: vary each real line every time it is drawn")
     weight: float = Field(default=1.0, gt=0, description="share of training batches drawn from this source")
 
     @model_validator(mode="after")
@@ -163,11 +164,12 @@ class LabeledLine:
         return cls(name=name, text=text, source=source, pixels=image)
 
     def load_gray(self) -> np.ndarray:
-        """uint8 HxW grayscale pixels (alpha and colour dropped)."""
+        """uint8 HxW grayscale pixels (alpha and colour dropped); a file's rows fitted to its ink as the
+        pipeline fits the lines it reads (line crops cut with a margin carry a neighbour's descenders)."""
         if self.pixels is not None:
             return self.pixels
         with Image.open(self.path) as image:
-            return np.asarray(image.convert("L"))
+            return fit_rows_to_ink(np.asarray(image.convert("L")))
 
 
 def read_line_folder(folder: Path) -> list[LabeledLine]:
@@ -341,7 +343,7 @@ class TrainingLines(IterableDataset):
 def _source_stream(source: DataSource, seed: int, start_line: int, worker_id: int, workers: int) -> Iterator[tuple[np.ndarray, str]]:
     if source.kind == "synth":
         return _synth_stream(source, start_line, worker_id, workers)
-    return _shuffled_forever(read_line_sources([source]), random.Random(seed + start_line + worker_id))
+    return _shuffled_forever(read_line_sources([source]), random.Random(seed + start_line + worker_id), source.augment)
 
 
 def _synth_stream(source: DataSource, start_line: int, worker_id: int, workers: int) -> Iterator[tuple[np.ndarray, str]]:
@@ -359,12 +361,16 @@ def _synth_stream(source: DataSource, start_line: int, worker_id: int, workers: 
         chunk += workers
 
 
-def _shuffled_forever(lines: list[LabeledLine], rng: random.Random) -> Iterator[tuple[np.ndarray, str]]:
+def _shuffled_forever(lines: list[LabeledLine], rng: random.Random, augment: bool) -> Iterator[tuple[np.ndarray, str]]:
     if not lines:
         raise ConfigError("a training data source has no labelled lines")
+    from pipeline.synth.degrade import augment_scan
+
+    pixel_rng = np.random.default_rng(rng.randrange(2**32))
     while True:
         for line in rng.sample(lines, len(lines)):
-            yield line.load_gray(), line.text
+            gray = line.load_gray()
+            yield (augment_scan(gray, pixel_rng) if augment else gray), line.text
 
 
 def validation_lines(sources: Sequence[DataSource]) -> list[LabeledLine]:

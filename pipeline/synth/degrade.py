@@ -145,3 +145,33 @@ def scanned_line(mask: np.ndarray, rng: np.random.Generator, font_px: int,
         return binarize(image)
     image = np.clip(image, 0, 255).astype(np.uint8)
     return jpeg_roundtrip(image, rng) if rng.random() < P_JPEG else image
+
+
+def augment_scan(gray: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A real scanned line image, varied as another scan of it could be: slant, width, ink, focus, noise.
+
+    Why: a few thousand real lines seen many times would be learned by heart; each time a line is
+    drawn it looks a little different, while its text stays legible.
+    """
+    height, width = gray.shape
+    image = gray.astype(np.float32)
+    if rng.random() < 0.5:  # slant, stretch and a slight rotation about the middle, white around
+        shear, stretch = rng.uniform(-0.15, 0.15), rng.uniform(0.85, 1.15)
+        angle = np.deg2rad(rng.uniform(-1.0, 1.0))
+        affine = np.array([[stretch * np.cos(angle), shear - np.sin(angle), 0],
+                           [np.sin(angle), np.cos(angle), 0]], dtype=np.float64)
+        new_width = max(8, int(round(width * stretch + abs(shear) * height)))
+        affine[:, 2] = [new_width / 2, height / 2] - affine[:, :2] @ [width / 2, height / 2]
+        image = cv2.warpAffine(image, affine, (new_width, height), flags=cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_CONSTANT, borderValue=255)
+    if rng.random() < 0.2:  # dark ink is a minimum: eroding grey levels thickens strokes, dilating thins them
+        kernel = np.ones((2, 2), np.uint8)
+        image = (cv2.erode if rng.random() < 0.5 else cv2.dilate)(image, kernel)
+    if rng.random() < 0.5:  # contrast and paper tone
+        image = 255 - (255 - image) * np.float32(rng.uniform(0.6, 1.2)) - np.float32(rng.uniform(-10, 30))
+    if rng.random() < P_BLUR:
+        image = blur(image, rng, height)
+    if rng.random() < P_NOISE:
+        image = add_noise(image, rng, max_sigma=8.0)
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    return jpeg_roundtrip(image, rng) if rng.random() < P_JPEG else image
