@@ -15,12 +15,14 @@ made per call), so an engine cannot go stale while the model trains, and buildin
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, VisionEncoderDecoderModel
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.trocr.modeling_trocr import TrOCRSinusoidalPositionalEmbedding
 
 from pipeline.errors import ModelLoadError
@@ -148,8 +150,11 @@ class DecodingEngine:
         with torch.no_grad():  # merged once: an engine sees the weights as they were when it was built
             self.weights = self._layer_weights()
 
-    def decode(self, pixel_values: torch.Tensor, num_beams: int, max_new_tokens: int) -> list[DecodedLine]:
-        """(N, 3, H, W) encoder input -> N decoded lines, in input order; greedy when ``num_beams`` is 1."""
+    def decode(self, pixel_values: torch.Tensor, num_beams: int, max_new_tokens: int,
+               line_widths: Sequence[int] | None = None) -> list[DecodedLine]:
+        """(N, 3, H, W) encoder input -> N decoded lines, in input order; greedy when ``num_beams`` is 1.
+
+        ``line_widths``: see :func:`encode_lines`."""
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must be (lines, 3, height, width), got {tuple(pixel_values.shape)}")
         if num_beams < 1 or max_new_tokens < 1:
@@ -159,12 +164,12 @@ class DecodingEngine:
         max_new_tokens = min(max_new_tokens, self.max_positions)
         with torch.inference_mode():
             weights = self.weights
-            cross = self._cross_keys_values(pixel_values, weights)
+            cross, cross_bias = self._cross_keys_values(pixel_values, weights, line_widths)
             positions = self._position_table(max_new_tokens, cross.dtype, cross.device)
             if num_beams == 1:
-                tokens, logprobs = self._greedy(weights, cross, positions, max_new_tokens)
+                tokens, logprobs = self._greedy(weights, cross, cross_bias, positions, max_new_tokens)
             else:
-                tokens, logprobs = self._beam_search(weights, cross, positions, num_beams, max_new_tokens)
+                tokens, logprobs = self._beam_search(weights, cross, cross_bias, positions, num_beams, max_new_tokens)
         return [_decoded_line(row, row_logprobs, self.eos_ids) for row, row_logprobs in zip(tokens.tolist(), logprobs)]
 
     # -- model pieces --------------------------------------------------------------------------------
@@ -172,16 +177,22 @@ class DecodingEngine:
     def _layer_weights(self) -> list[_LayerWeights]:
         return [_layer_weights(layer) for layer in self.decoder.layers]
 
-    def _cross_keys_values(self, pixel_values: torch.Tensor, weights: list[_LayerWeights]) -> torch.Tensor:
-        """Encoder once, then every layer's cross-attention keys/values: (layers, 2, lines, heads, src, head_dim)."""
-        memory = self.model.encoder(pixel_values=pixel_values).last_hidden_state
+    def _cross_keys_values(self, pixel_values: torch.Tensor, weights: list[_LayerWeights],
+                           line_widths: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encoder once, then every layer's cross-attention keys/values: (layers, 2, lines, heads, src, head_dim),
+        and with ``line_widths`` the additive cross-attention mask of each line's own patches (lines, 1, 1, src)."""
+        memory, own_patches = encode_lines(self.model.encoder, pixel_values, line_widths)
         projection = getattr(self.model, "enc_to_dec_proj", None)  # exists exactly when the forward pass uses it
         if projection is not None:
             memory = projection(memory)
         lines, source = memory.shape[:2]
         per_layer = [F.linear(memory, *layer.cross_kv).view(lines, source, 2, self.heads, self.head_dim)
                      for layer in weights]
-        return torch.stack(per_layer).permute(0, 3, 1, 4, 2, 5).contiguous()
+        cross = torch.stack(per_layer).permute(0, 3, 1, 4, 2, 5).contiguous()
+        if own_patches is None:
+            return cross, None
+        bias = torch.zeros(own_patches.shape, dtype=memory.dtype, device=memory.device)
+        return cross, bias.masked_fill(~own_patches, torch.finfo(memory.dtype).min)[:, None, None, :]
 
     def _position_table(self, max_new_tokens: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Position embedding of decoder step 0..max_new_tokens-1 (sinusoidal: indexed from the pad id on)."""
@@ -207,7 +218,7 @@ class DecodingEngine:
         return hidden
 
     def _step(self, weights: list[_LayerWeights], tokens: torch.Tensor, step: int, positions: torch.Tensor,
-              cache: _Cache, cross: torch.Tensor, beams: int) -> torch.Tensor:
+              cache: _Cache, cross: torch.Tensor, cross_bias: torch.Tensor | None, beams: int) -> torch.Tensor:
         """One decoder step for the running rows (lines x beams); returns fp32 logits (rows, vocab)."""
         hidden = self._embed(tokens, step, positions)
         rows = len(tokens)
@@ -221,7 +232,7 @@ class DecodingEngine:
 
             query = F.linear(hidden, *layer.cross_q) * self.scaling
             query = query.view(rows // beams, beams, self.heads, self.head_dim).transpose(1, 2)
-            attended = _attend(query, cross_keys, cross_values).transpose(1, 2)
+            attended = _attend(query, cross_keys, cross_values, cross_bias).transpose(1, 2)
             hidden = layer.cross_norm(hidden + F.linear(attended.reshape(rows, self.hidden), *layer.cross_out))
 
             feed_forward = F.linear(layer.activation(F.linear(hidden, *layer.fc1)), *layer.fc2)
@@ -230,8 +241,8 @@ class DecodingEngine:
 
     # -- search ----------------------------------------------------------------------------------------
 
-    def _greedy(self, weights: list[_LayerWeights], cross: torch.Tensor, positions: torch.Tensor,
-                max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _greedy(self, weights: list[_LayerWeights], cross: torch.Tensor, cross_bias: torch.Tensor | None,
+                positions: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Argmax per step; a line leaves the batch (and its cache rows) at its end-of-sequence token."""
         lines, device = cross.shape[2], cross.device
         out_tokens = torch.full((lines, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
@@ -241,7 +252,7 @@ class DecodingEngine:
         cache = self._new_cache(lines, max_new_tokens, cross)
         eos = torch.tensor(self.eos_ids, device=device)
         for step in range(max_new_tokens):
-            logits = self._step(weights, tokens, step, positions, cache, cross, beams=1)
+            logits = self._step(weights, tokens, step, positions, cache, cross, cross_bias, beams=1)
             tokens = logits.argmax(dim=-1)
             out_tokens[running, step] = tokens
             out_logprobs[running, step] = logits.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
@@ -252,11 +263,12 @@ class DecodingEngine:
             if len(keep) == 0:
                 break
             running, tokens, cross = running[keep], tokens[keep], cross[:, :, keep]
+            cross_bias = cross_bias[keep] if cross_bias is not None else None
             cache.keep_rows(keep, step + 1)
         return out_tokens, out_logprobs.cpu()
 
-    def _beam_search(self, weights: list[_LayerWeights], cross: torch.Tensor, positions: torch.Tensor,
-                     beams: int, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _beam_search(self, weights: list[_LayerWeights], cross: torch.Tensor, cross_bias: torch.Tensor | None,
+                     positions: torch.Tensor, beams: int, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """HF beam search per line (same scores, length penalty, early stopping, tie-breaks); a line leaves
         the batch once ``generate`` could no longer change its best finished hypothesis."""
         lines, device = cross.shape[2], cross.device
@@ -268,7 +280,7 @@ class DecodingEngine:
         cache = self._new_cache(lines * beams, max_new_tokens, cross)
         eos = torch.tensor(self.eos_ids, device=device)
         for step in range(max_new_tokens):
-            logits = self._step(weights, tokens, step, positions, cache, cross, beams)
+            logits = self._step(weights, tokens, step, positions, cache, cross, cross_bias, beams)
             parents = search.advance(logits.log_softmax(dim=-1), step, eos, rules)
             done = search.done(rules) if step + 1 < max_new_tokens else torch.ones_like(search.running)
             finished_lines = done.nonzero().squeeze(1)
@@ -279,6 +291,7 @@ class DecodingEngine:
                 break
             if len(keep) != len(search.running):
                 search, cross = search.select(keep), cross[:, :, keep]
+                cross_bias = cross_bias[keep] if cross_bias is not None else None
             cache.keep_rows(parents[keep].reshape(-1), step + 1)
             tokens = search.running_tokens[:, :, step].reshape(-1)
         return out_tokens, out_logprobs.cpu()
@@ -399,6 +412,60 @@ class _BeamState:
         return _BeamState(**{name: value[lines] for name, value in vars(self).items()})
 
 
+def ink_width_step(model: VisionEncoderDecoderModel, keep_aspect: bool) -> int | None:
+    """Columns by which a batch of keep-aspect line images may be narrowed for :func:`encode_lines`:
+    the encoder's patch width; None where the input cannot be narrowed (stretched input, other encoders)."""
+    config = model.config.encoder
+    if not keep_aspect or config.model_type not in ("vit", "deit"):
+        return None
+    return _pair(config.patch_size)[1]
+
+
+def encode_lines(encoder: torch.nn.Module, pixel_values: torch.Tensor,
+                 line_widths: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ViT/DeiT encoder output for keep-aspect line images, each attending to its own ink only.
+
+    Why: keep-aspect line images are left-aligned on white, so the columns right of a line carry
+    nothing. The batch may come narrower than the model's input (cut right of its widest line, see
+    ``LinePreprocessor.to_pixel_values``): the encoder then works in proportion to the ink, and the
+    kept patches keep their own position embeddings. ``line_widths`` (pixels, one per line) mask each
+    line's patches right of its own width out of attention, so a line reads the same whatever batch it
+    is in; the decoder must then attend to the same tokens, which the second value gives (bool, lines x
+    tokens; None without widths). Equal to the encoder's own forward pass with those patches masked;
+    without widths, at full width, it is the encoder's own forward pass.
+    """
+    config = encoder.config
+    height, width = _pair(config.image_size)
+    if line_widths is None and pixel_values.shape[-2:] == (height, width):
+        return encoder(pixel_values=pixel_values).last_hidden_state, None
+    patch_height, patch_width = _pair(config.patch_size)
+    if pixel_values.shape[-2] != height or pixel_values.shape[-1] % patch_width or pixel_values.shape[-1] > width:
+        raise ValueError(f"line images of {tuple(pixel_values.shape[-2:])} px do not fit a {height}x{width} encoder "
+                         f"cut at multiples of {patch_width} px")
+    embeddings = encoder.embeddings
+    rows, columns, kept = height // patch_height, width // patch_width, pixel_values.shape[-1] // patch_width
+    patches = embeddings.patch_embeddings.projection(pixel_values.to(embeddings.position_embeddings.dtype))
+    patches = patches.flatten(2).transpose(1, 2)
+    specials = [embeddings.cls_token] + ([embeddings.distillation_token] if hasattr(embeddings, "distillation_token") else [])
+    positions = embeddings.position_embeddings
+    grid = positions[:, len(specials):].reshape(1, rows, columns, -1)[:, :, :kept].reshape(1, rows * kept, -1)
+    tokens = torch.cat([token.expand(len(pixel_values), -1, -1) for token in specials] + [patches], dim=1)
+    hidden = embeddings.dropout(tokens + torch.cat([positions[:, :len(specials)], grid], dim=1))
+    keep = mask = None
+    if line_widths is not None:
+        own_columns = -(-torch.as_tensor(line_widths, device=hidden.device).clamp(min=1) // patch_width)
+        keep = torch.arange(kept, device=hidden.device).lt(own_columns[:, None]).repeat(1, rows)
+        keep = torch.cat([keep.new_ones(len(keep), len(specials)), keep], dim=1)
+        mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=keep)
+    for layer in encoder.layers:
+        hidden = layer(hidden, mask)
+    return encoder.layernorm(hidden), keep
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
 def _gather_beams(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """tensor (lines, beams, ...) -> the beams named by indices (lines, k), as HF ``_gather_beams``."""
     while indices.ndim < tensor.ndim:
@@ -406,9 +473,12 @@ def _gather_beams(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(tensor, indices, dim=1)
 
 
-def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Eager attention as TrOCRAttention computes it (query already scaled); softmax in fp32."""
+def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Eager attention as TrOCRAttention computes it (query already scaled, additive mask); softmax in fp32."""
     weights = torch.matmul(query, keys.transpose(-1, -2))
+    if bias is not None:
+        weights = weights + bias
     weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(values.dtype)
     return torch.matmul(weights, values)
 

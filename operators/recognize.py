@@ -21,7 +21,7 @@ from operators.detect import crop_line
 from operators.words import cut_points, fit_rows_to_ink, ink_gaps
 from pipeline.config import RecognizeConfig
 from pipeline.errors import RecognitionFailed
-from pipeline.model import LinePreprocessor, TrOCRBundle, load_trocr
+from pipeline.model import LinePreprocessor, TrOCRBundle, ink_columns, load_trocr
 from pipeline.records import PageWork
 
 
@@ -116,9 +116,13 @@ def _regroup(items: Sequence, counts: Sequence[int]) -> list[list]:
 
 def _decode_chunk(bundle: TrOCRBundle, resized: Sequence[np.ndarray], num_beams: int, max_new_tokens: int,
                   engine: DecodingEngine | None) -> list[LineReading]:
-    pixel_values = bundle.preprocessor.to_pixel_values(resized, bundle.device, bundle.dtype)
+    # the fast engine reads each line over its own ink, the batch cut at its widest line (encode_lines);
+    # generate() gets what a transformers user gives it
+    width_step = bundle.width_step if engine is not None else None
+    pixel_values = bundle.preprocessor.to_pixel_values(resized, bundle.device, bundle.dtype, width_step)
     if engine is not None:
-        decoded = engine.decode(pixel_values, num_beams, max_new_tokens)
+        widths = [ink_columns(pixels) for pixels in resized] if width_step else None
+        decoded = engine.decode(pixel_values, num_beams, max_new_tokens, widths)
     else:
         decoded = hf_generate(bundle.model, pixel_values, num_beams, max_new_tokens)
     pad_id = bundle.model.generation_config.pad_token_id

@@ -31,6 +31,7 @@ from transformers import (
     ViTImageProcessorPil,
 )
 
+from operators.decoding import ink_width_step
 from pipeline.errors import ModelLoadError
 from pipeline.tokenizer import TokenizerKind, train_tokenizer
 
@@ -102,8 +103,14 @@ class LinePreprocessor:
             image = self._center_crop(image)
         return np.asarray(image)
 
-    def to_pixel_values(self, resized: Sequence[np.ndarray], device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
-        """Stack resized crops into (N, 3, H, W), rescale and normalise on ``device``, cast to ``dtype``."""
+    def to_pixel_values(self, resized: Sequence[np.ndarray], device: torch.device | str, dtype: torch.dtype,
+                        width_step: int | None = None) -> torch.Tensor:
+        """Stack resized crops into (N, 3, H, W), rescale and normalise on ``device``, cast to ``dtype``.
+
+        With ``width_step`` (keep-aspect input only), the batch is cut right of its widest line's last
+        non-background column, rounded up to a multiple of ``width_step``: see
+        :func:`operators.decoding.encode_lines`.
+        """
         if len(resized) == 0:
             raise ValueError("to_pixel_values needs at least one resized line image, got none")
         shapes = {self.input_size, (*self.input_size, 3)}
@@ -111,7 +118,13 @@ class LinePreprocessor:
             if pixels.shape not in shapes or pixels.dtype != np.uint8 or pixels.shape != resized[0].shape:
                 raise ValueError(f"resized line {index} is {pixels.dtype} {pixels.shape}, expected uint8 "
                                  f"{self.input_size} (gray) or {(*self.input_size, 3)} (RGB), all alike")
-        batch = torch.from_numpy(np.stack(resized)).to(device)
+        stacked = np.stack(resized)
+        if width_step is not None:
+            if not self.keep_aspect:
+                raise ValueError("only keep-aspect line images can be cut to their ink width")
+            widest = max(ink_columns(pixels) for pixels in resized)
+            stacked = stacked[:, :, :min(-(-max(widest, 1) // width_step) * width_step, stacked.shape[2])]
+        batch = torch.from_numpy(np.ascontiguousarray(stacked)).to(device)
         if batch.ndim == 3:
             values = batch.unsqueeze(1).expand(-1, 3, -1, -1).to(torch.float32)
         else:
@@ -142,6 +155,12 @@ class LinePreprocessor:
         return image.crop((left, top, left + self.input_size[1], top + self.input_size[0]))
 
 
+def ink_columns(resized: np.ndarray) -> int:
+    """Columns of a resized keep-aspect line image up to its last one that is not all background."""
+    columns = np.flatnonzero((resized != BACKGROUND).reshape(resized.shape[0], resized.shape[1], -1).any(axis=(0, 2)))
+    return int(columns[-1]) + 1 if columns.size else 0
+
+
 @dataclass(frozen=True)
 class TrOCRBundle:
     """Everything a recognizer needs, loaded once per actor."""
@@ -152,6 +171,7 @@ class TrOCRBundle:
     preprocessor: LinePreprocessor
     device: torch.device
     dtype: torch.dtype
+    width_step: int | None = None  # see operators.decoding.ink_width_step
 
 
 def load_trocr(name_or_path: str, device: str = "auto", precision: str = "fp32") -> TrOCRBundle:
@@ -173,7 +193,8 @@ def load_trocr(name_or_path: str, device: str = "auto", precision: str = "fp32")
     _set_generation_ids(model, tokenizer, name_or_path)
     model.to(torch_device).eval()
     processor = TrOCRProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    return TrOCRBundle(model, processor, tokenizer, preprocessor, torch_device, dtype)
+    return TrOCRBundle(model, processor, tokenizer, preprocessor, torch_device, dtype,
+                       ink_width_step(model, preprocessor.keep_aspect))
 
 
 def resolve_device(device: str) -> torch.device:

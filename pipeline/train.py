@@ -16,7 +16,7 @@ import random
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,7 +32,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from PIL import Image
 from tqdm import tqdm
 from transformers import TrOCRProcessor, VisionEncoderDecoderModel
+from transformers.models.vision_encoder_decoder.modeling_vision_encoder_decoder import shift_tokens_right
 
+from operators.decoding import encode_lines, ink_width_step
 from operators.words import fit_rows_to_ink
 from pipeline.errors import ConfigError, ExitCode
 from pipeline.model import (
@@ -40,6 +42,7 @@ from pipeline.model import (
     LinePreprocessor,
     TrOCRBundle,
     build_trocr,
+    ink_columns,
     load_trocr,
     resolve_device,
     resolve_dtype,
@@ -147,6 +150,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 GT_SUFFIX = ".gt.txt"
 #: Synthetic lines are rendered in chunks of this many; DataLoader workers take turns by chunk.
 SYNTH_CHUNK = 256
+#: Training lines are drawn this many batches at a time and batched by ink width within the draw.
+WIDTH_POOL_BATCHES = 8
 
 
 @dataclass(frozen=True)
@@ -514,7 +519,7 @@ class TrainingRun:
     schedule: torch.optim.lr_scheduler.LambdaLR
     device: torch.device
     autocast_dtype: torch.dtype
-    forward_model: torch.nn.Module  # the model itself, or its DistributedDataParallel wrapper under Ray Train
+    forward_model: torch.nn.Module  # InkWidthForward of the model, or its DistributedDataParallel wrapper under Ray Train
     preprocessor: LinePreprocessor
     grad_scaler: torch.amp.GradScaler  # loss scaling for fp16 (V100), so small gradients do not flush to zero
     shard: tuple[int, int] = (0, 1)  # (rank, world size)
@@ -524,7 +529,36 @@ class TrainingRun:
         return self.shard[0] == 0
 
     def bundle(self) -> TrOCRBundle:
-        return TrOCRBundle(self.model, self.processor, self.processor.tokenizer, self.preprocessor, self.device, torch.float32)
+        return TrOCRBundle(self.model, self.processor, self.processor.tokenizer, self.preprocessor, self.device, torch.float32,
+                           self.width_step)
+
+    @property
+    def width_step(self) -> int | None:
+        return ink_width_step(self.model, self.preprocessor.keep_aspect)
+
+
+class InkWidthForward(torch.nn.Module):
+    """The model's teacher-forced loss with each line seen as the pipeline reads it: the batch cut at its
+    widest line, every line attended to over its own ink only (:func:`operators.decoding.encode_lines`),
+    by the encoder and by the decoder's cross-attention. A module of its own so that DDP can wrap it.
+    The loss is ``VisionEncoderDecoderModel``'s, which has no way to pass an encoder attention mask."""
+
+    def __init__(self, model: VisionEncoderDecoderModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor,
+                line_widths: Sequence[int] | None) -> torch.Tensor:
+        model = self.model
+        memory, own_patches = encode_lines(model.encoder, pixel_values, line_widths)
+        if own_patches is None:
+            return model(encoder_outputs=(memory,), labels=labels).loss
+        if getattr(model, "enc_to_dec_proj", None) is not None:
+            memory = model.enc_to_dec_proj(memory)
+        inputs = shift_tokens_right(labels, model.config.pad_token_id, model.config.decoder_start_token_id)
+        logits = model.decoder(input_ids=inputs, encoder_hidden_states=memory,
+                               encoder_attention_mask=own_patches.long()).logits
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
 def start_run(config: TrainConfig, resume: bool, shard: tuple[int, int] = (0, 1),
@@ -541,7 +575,7 @@ def start_run(config: TrainConfig, resume: bool, shard: tuple[int, int] = (0, 1)
     else:
         model, processor = build_or_load(config)
     model.to(device).train()
-    forward_model = wrap(model) if wrap else model
+    forward_model = wrap(InkWidthForward(model)) if wrap else InkWidthForward(model)
     optimizer, schedule = make_optimizer(model, config)
     grad_scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     state = TrainerState()
@@ -564,8 +598,20 @@ def training_batches(run: TrainingRun, state: TrainerState) -> Iterator[Batch]:
     dataset = TrainingLines(config.train_data, run.preprocessor, config.seed, start_line=lines_seen, shard=run.shard)
     collator = LabelCollator(run.processor.tokenizer, run.model.config.decoder_start_token_id,
                              run.model.generation_config.max_new_tokens or 128)
-    loader = DataLoader(dataset, batch_size=config.batch_size, collate_fn=collator, num_workers=config.loader_workers)
-    return iter(loader)
+    pools = DataLoader(dataset, batch_size=config.batch_size * WIDTH_POOL_BATCHES, collate_fn=list,
+                       num_workers=config.loader_workers)
+    return _width_sorted_batches(pools, collator, config.batch_size, random.Random(config.seed + lines_seen))
+
+
+def _width_sorted_batches(pools: Iterable[list[tuple[np.ndarray, str]]], collator: "LabelCollator", batch_size: int,
+                          rng: random.Random) -> Iterator[Batch]:
+    """Batches of lines of similar ink width, so that a batch cut at its widest line spends little on
+    padding: each pool of WIDTH_POOL_BATCHES batches is sorted by width, cut into batches, shuffled."""
+    for pool in pools:
+        pool.sort(key=lambda item: ink_columns(item[0]))
+        batches = [pool[start:start + batch_size] for start in range(0, len(pool), batch_size)]
+        for batch in rng.sample(batches, len(batches)):
+            yield collator(batch)
 
 
 def train_step(run: TrainingRun, batches: Iterator[Batch]) -> float:
@@ -574,9 +620,10 @@ def train_step(run: TrainingRun, batches: Iterator[Batch]) -> float:
     total = 0.0
     for _ in range(run.config.grad_accum_steps):
         batch = next(batches)
-        pixel_values = run.preprocessor.to_pixel_values(batch.pixels, run.device, torch.float32)
+        pixel_values = run.preprocessor.to_pixel_values(batch.pixels, run.device, torch.float32, run.width_step)
+        widths = [ink_columns(pixels) for pixels in batch.pixels] if run.width_step else None
         with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype != torch.float32):
-            loss = run.forward_model(pixel_values=pixel_values, labels=batch.labels.to(run.device)).loss
+            loss = run.forward_model(pixel_values, batch.labels.to(run.device), widths)
         run.grad_scaler.scale(loss / run.config.grad_accum_steps).backward()
         total += loss.item()
     run.grad_scaler.unscale_(run.optimizer)

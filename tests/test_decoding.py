@@ -23,11 +23,11 @@ from transformers import (
     VisionEncoderDecoderModel,
 )
 
-from operators.decoding import DecodingEngine, hf_generate
+from operators.decoding import DecodingEngine, encode_lines, hf_generate
 from operators.recognize import decode_lines
 from pipeline.config import RecognizeConfig
 from pipeline.errors import ModelLoadError
-from pipeline.model import TrOCRBundle, build_tiny_random_trocr, load_trocr
+from pipeline.model import TrOCRBundle, build_tiny_random_trocr, ink_columns, load_trocr
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 #: Very different lengths (1 to 20+ tokens), so lines leave the running batch at different steps.
@@ -193,3 +193,39 @@ def test_refuses_generation_settings_it_does_not_implement(tiny_model: Path):
 
 def test_fast_is_the_default_engine():
     assert RecognizeConfig().engine == "fast"
+
+
+@pytest.mark.parametrize("encoder", ["vit", "deit"])
+def test_encoder_at_ink_width_equals_full_width_with_the_other_patches_masked(tmp_path, one_thread, encoder):
+    """Each line attends to its own patches only, which keep their own positions: transformers' own
+    encoder at full width, with every other patch masked out of attention, gives the same output for them."""
+    model = load_trocr(str(build_tiny_random_trocr(tmp_path / encoder, encoder=encoder, keep_aspect=True)),
+                       device="cpu").model.encoder  # 32 x 128 input, 16 x 16 patches: a grid of 2 rows x 8
+    images = torch.randn(3, 3, 32, 128)
+    memory, own = encode_lines(model, images)
+    assert own is None and torch.equal(memory, model(pixel_values=images).last_hidden_state)
+    specials, kept, widths = (2 if encoder == "deit" else 1), 5, [80, 33, 1]  # 5, 3 and 1 columns of patches
+    memory, own = encode_lines(model, images[..., :kept * 16], widths)
+    for line, columns in enumerate((5, 3, 1)):
+        mask = torch.ones(1, specials + 16, dtype=torch.long)
+        mask[:, specials:] = torch.arange(16).remainder(8).lt(columns).long()
+        masked = model(pixel_values=images[line:line + 1], attention_mask=mask).last_hidden_state[0]
+        assert own[line].tolist() == mask[0].reshape(-1)[:specials].bool().tolist() + \
+            torch.arange(2 * kept).remainder(kept).lt(columns).tolist()
+        torch.testing.assert_close(memory[line][own[line]], masked[mask[0].bool()], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not fit"):
+        encode_lines(model, images[..., :40], [40, 40, 40])
+
+
+def test_batches_are_cut_at_their_widest_line_and_read_the_same(tmp_path, one_thread):
+    """The fast engine reads a keep-aspect batch at its widest line's width, rounded up to a patch."""
+    bundle = load_trocr(str(build_tiny_random_trocr(tmp_path / "wide", keep_aspect=True)), device="cpu")
+    assert bundle.width_step == 16
+    resized = [bundle.preprocessor.resize(render_line(text)[:, :90]) for text in ("Pack", "dozen jugs")]
+    widest = max(ink_columns(pixels) for pixels in resized)
+    cut = bundle.preprocessor.to_pixel_values(resized, "cpu", torch.float32, bundle.width_step)
+    assert 0 < widest < 128 and cut.shape[-1] == -(-widest // 16) * 16
+    full = bundle.preprocessor.to_pixel_values(resized, "cpu", torch.float32)
+    assert torch.equal(cut, full[..., :cut.shape[-1]])
+    stretched = load_trocr(str(build_tiny_random_trocr(tmp_path / "stretched")), device="cpu")
+    assert stretched.width_step is None
