@@ -46,7 +46,14 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from operators.detect import detect_lines  # noqa: E402
-from pipeline.config import DetectConfig  # noqa: E402
+from operators.formats.read import (  # noqa: E402
+    XmlLine,
+    block_geometry,
+    box_points,
+    enclosing_block,
+    read_page_xml,
+)
+from operators.settings import DetectConfig  # noqa: E402
 
 DEFAULT_PAGES = PROJECT_ROOT.parent / "shared" / "data" / "pages"
 DEFAULT_REFERENCE = PROJECT_ROOT.parent / "shared" / "tools" / "linedet_eval.py"
@@ -75,136 +82,13 @@ Detector = Callable[[Path], list[DetectedLine]]
 
 
 @dataclass(frozen=True)
-class GroundTruthLine:
-    points: np.ndarray  # (N, 2) polygon in page pixels
-    block: int  # index of the enclosing TextBlock / TextRegion, -1 for none
-    baseline: np.ndarray | None = None  # (K, 2) polyline when the ground truth has one
-
-
-@dataclass(frozen=True)
 class PageEntry:
     image: str  # relative to the pages folder
     ground_truth: str
     category: str  # manifest category
 
 
-def local_name(element) -> str:
-    return etree.QName(element).localname
-
-
-def parse_points(text: str) -> np.ndarray:
-    """'x y x y ...' (ALTO) or 'x,y x,y ...' (PAGE) -> (N, 2) float array."""
-    numbers = [float(value) for value in text.replace(",", " ").split()]
-    return np.array(numbers[: len(numbers) // 2 * 2], dtype=np.float64).reshape(-1, 2)
-
-
-def box_points(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
-    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float64)
-
-
-def has_area(points: np.ndarray) -> bool:
-    if len(points) < 3:
-        return False
-    x, y = points[:, 0], points[:, 1]
-    return abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) > 1e-6
-
-
-def enclosing_block(line, block_tags: tuple[str, ...]):
-    parent = line.getparent()
-    while parent is not None and local_name(parent) not in block_tags:
-        parent = parent.getparent()
-    return parent
-
-
-def block_indices(lines: list, block_tags: tuple[str, ...]) -> list[int]:
-    """Index of each line's enclosing block, numbered in document order (-1 for none)."""
-    ids: dict[str, int] = {}
-    indices = []
-    for line in lines:
-        block = enclosing_block(line, block_tags)
-        key = None if block is None else block.getroottree().getpath(block)
-        indices.append(-1 if key is None else ids.setdefault(key, len(ids)))
-    return indices
-
-
-def alto_geometry(line) -> np.ndarray | None:
-    """Shape/Polygon points, else the HPOS/VPOS/WIDTH/HEIGHT box, else the polygon's box."""
-    points = np.zeros((0, 2))
-    for polygon in line.iter("{*}Polygon"):
-        points = parse_points(polygon.get("POINTS", ""))
-    if has_area(points):
-        return points
-    box = alto_box(line)
-    if box is not None:
-        return box
-    return box_points(*points.min(axis=0), *points.max(axis=0)) if len(points) else None
-
-
-def alto_box(element) -> np.ndarray | None:
-    """The HPOS/VPOS/WIDTH/HEIGHT box of an ALTO element; None when it has no complete one."""
-    try:
-        x, y = float(element.get("HPOS")), float(element.get("VPOS"))
-        return box_points(x, y, x + float(element.get("WIDTH")), y + float(element.get("HEIGHT")))
-    except (TypeError, ValueError):
-        return None
-
-
-def page_geometry(line) -> np.ndarray | None:
-    """TextLine/Coords@points (or PAGE 2010 Coords/Point); a degenerate outline becomes its box."""
-    coords = [child for child in line if local_name(child) == "Coords"]
-    if not coords:
-        return None
-    if coords[0].get("points"):
-        points = parse_points(coords[0].get("points"))
-    else:
-        points = np.array([[float(p.get("x")), float(p.get("y"))] for p in coords[0] if local_name(p) == "Point"])
-    if len(points) == 0:
-        return None
-    return points if has_area(points) else box_points(*points.min(axis=0), *points.max(axis=0))
-
-
-def baseline_of(line) -> np.ndarray | None:
-    """ALTO 4 TextLine@BASELINE as points, or PAGE TextLine/Baseline@points; None without two points
-    (ALTO 2/3 give a single height, which says nothing about where the line runs)."""
-    text = line.get("BASELINE")
-    if text is None:
-        text = next((child.get("points", "") for child in line if local_name(child) == "Baseline"), "")
-    points = parse_points(text)
-    return points if len(points) >= 2 and np.ptp(points[:, 0]) > 0 else None
-
-
-def read_ground_truth(path: Path) -> list[GroundTruthLine]:
-    """Every TextLine of an ALTO or PAGE file in document order (the ground-truth reading order)."""
-    root = etree.parse(str(path)).getroot()
-    kind = local_name(root)
-    if kind.lower() == "alto":
-        geometry, block_tags = alto_geometry, ("TextBlock",)
-    elif kind == "PcGts":
-        geometry, block_tags = page_geometry, ("TextRegion",)
-    else:
-        raise ValueError(f"{path}: neither ALTO nor PAGE (root element <{kind}>)")
-    lines = list(root.iter("{*}TextLine"))
-    result = []
-    for line, block in zip(lines, block_indices(lines, block_tags)):
-        points = geometry(line)
-        if points is not None:
-            result.append(GroundTruthLine(points, block, baseline_of(line)))
-    return result
-
-
-def block_geometry(block) -> np.ndarray | None:
-    """A TextRegion's Coords, or a TextBlock's own Shape/Polygon, else its HPOS/VPOS/WIDTH/HEIGHT box."""
-    if local_name(block) == "TextRegion":
-        return page_geometry(block)
-    for shape in (child for child in block if local_name(child) == "Shape"):
-        for polygon in (child for child in shape if local_name(child) == "Polygon"):
-            points = parse_points(polygon.get("POINTS", ""))
-            if has_area(points):
-                return points
-    return alto_box(block)
-
-
-def read_annotated_area(path: Path, truth: list[GroundTruthLine]) -> list[np.ndarray]:
+def read_annotated_area(path: Path, truth: list[XmlLine]) -> list[np.ndarray]:
     """Polygons of the GT blocks that hold lines and of the GT lines (``truth``, read from ``path``):
     where the GT says anything."""
     root = etree.parse(str(path)).getroot()
@@ -297,7 +181,7 @@ def concordance(pairs: list[tuple[int, int]], blocks: list[int] | None = None) -
     return concordant, discordant
 
 
-def baseline_error(truth: GroundTruthLine, baseline: np.ndarray) -> float:
+def baseline_error(truth: XmlLine, baseline: np.ndarray) -> float:
     """Mean vertical distance between a predicted and the ground-truth baseline where both run, in
     ground-truth line heights (the line polygon's height)."""
     gt_x, gt_y = truth.baseline[np.argsort(truth.baseline[:, 0])].T
@@ -307,7 +191,7 @@ def baseline_error(truth: GroundTruthLine, baseline: np.ndarray) -> float:
     return float(np.mean(np.abs(np.interp(probes, x, y) - np.interp(probes, gt_x, gt_y))) / np.ptp(truth.points[:, 1]))
 
 
-def score_page(truth: list[GroundTruthLine], predicted: list[np.ndarray], seconds: float,
+def score_page(truth: list[XmlLine], predicted: list[np.ndarray], seconds: float,
                baselines: list[np.ndarray | None] | None = None) -> dict:
     pairs = match(polygon_iou_matrix([line.points for line in truth], predicted), IOU_THRESHOLD)
     conc, disc = concordance(pairs)
@@ -396,7 +280,7 @@ def load_prediction(pred_dir: Path, entry: PageEntry) -> list[DetectedLine]:
             for line in data["lines"]]
 
 
-def score_annotated(path: Path, truth: list[GroundTruthLine], predicted: list[np.ndarray]) -> dict:
+def score_annotated(path: Path, truth: list[XmlLine], predicted: list[np.ndarray]) -> dict:
     """Counts of the lenient score: predictions mostly outside the annotated area left out."""
     shares = inside_share(read_annotated_area(path, truth), predicted)
     kept = [points for points, share in zip(predicted, shares) if share >= ANNOTATED_SHARE]
@@ -407,7 +291,7 @@ def score_annotated(path: Path, truth: list[GroundTruthLine], predicted: list[np
 def evaluate(pages: Path, entries: list[PageEntry], pred_dir: Path, seconds: dict[str, float]) -> dict:
     per_page, groups = {}, {}
     for entry in entries:
-        truth, lines = read_ground_truth(pages / entry.ground_truth), load_prediction(pred_dir, entry)
+        truth, lines = read_page_xml(pages / entry.ground_truth).lines, load_prediction(pred_dir, entry)
         predicted = [line.polygon for line in lines]
         counts = {**score_page(truth, predicted, seconds[entry.image], [line.baseline for line in lines]),
                   **score_annotated(pages / entry.ground_truth, truth, predicted)}

@@ -48,11 +48,11 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from operators.recognize import LineReading, decode_lines, line_batches  # noqa: E402
-from pipeline.config import DEFAULT_MODEL, RecognizeConfig  # noqa: E402
-from pipeline.model import LinePreprocessor, TrOCRBundle, load_trocr, resolve_device, resolve_dtype  # noqa: E402
+from operators.settings import DEFAULT_MODEL, RecognizeConfig  # noqa: E402
+from operators.model import LinePreprocessor, TrOCRBundle, load_trocr, resolve_device, resolve_dtype  # noqa: E402
 from pipeline.synth.corpus import CorpusSampler  # noqa: E402
 from pipeline.synth.lines import iter_lines  # noqa: E402
-from pipeline.tokenizer import TokenizerKind, train_tokenizer  # noqa: E402
+from pipeline.train.tokenizer import TokenizerKind, train_tokenizer  # noqa: E402
 
 #: (encoder config, decoder config, tokenizer kind) of the official checkpoints, weights left random.
 RANDOM_ARCHITECTURES = {

@@ -31,16 +31,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from operators.detect import detect_lines  # noqa: E402
 from operators.ingest import triage  # noqa: E402
+from operators.model import load_line_preprocessor  # noqa: E402
 from operators.rasterize import page_ranges, rasterize  # noqa: E402
-from operators.recognize import TrOCRRecognizer, prepare_crops  # noqa: E402
+from operators.recognize import TrOCRRecognizer  # noqa: E402
+from operators.records import DocumentRecord  # noqa: E402
+from operators.settings import DEFAULT_MODEL  # noqa: E402
 from operators.write import ParquetSink  # noqa: E402
-from pipeline.config import DEFAULT_MODEL, JobConfig, load_config  # noqa: E402
+from pipeline.config import JobConfig, load_config  # noqa: E402
 from pipeline.job import run_job  # noqa: E402
-from pipeline.model import build_tiny_random_trocr, load_line_preprocessor  # noqa: E402
-from pipeline.records import DocumentRecord  # noqa: E402
+from pipeline.stages import cut_crops, detect_page  # noqa: E402
 from pipeline.synth.docs import write_document_set  # noqa: E402
+from tests.helpers import build_tiny_random_trocr  # noqa: E402
 
 STAGES = ("triage", "rasterize", "layout", "crop", "recognize", "write")
 
@@ -94,9 +96,9 @@ def measure_stages(documents: list[Path], config: JobConfig, output: Path) -> St
                 pages = rasterize(task, config.rasterize)
             for work in [page for page in pages if page.status == "ok"]:
                 with costs.timing("layout"):
-                    work.lines = detect_lines(work.image, work.dpi, config.detect)
+                    detect_page(work, config.detect)
                 with costs.timing("crop"):
-                    prepare_crops(work, preprocessor, config.detect.crop_padding_px, config.recognize.split_long_lines)
+                    cut_crops(work, config, preprocessor)
             with costs.timing("recognize"):
                 pages = recognizer.recognize_pages(pages)
             with costs.timing("write"):

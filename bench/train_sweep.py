@@ -27,7 +27,7 @@ import yaml
 #: GPU machine may lack.
 TRAIN_ONLY = """
 import argparse, logging, sys
-from pipeline.train import add_train_arguments, train_command
+from pipeline.train.cli import add_train_arguments, train_command
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 parser = argparse.ArgumentParser()
 add_train_arguments(parser)

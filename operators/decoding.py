@@ -25,7 +25,7 @@ from transformers import GenerationConfig, VisionEncoderDecoderModel
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.trocr.modeling_trocr import TrOCRSinusoidalPositionalEmbedding
 
-from pipeline.errors import ModelLoadError
+from operators.errors import ModelLoadError
 
 #: Generation settings that make ``generate`` add logits processors this engine does not implement.
 UNSUPPORTED_GENERATION_SETTINGS = (

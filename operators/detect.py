@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from pipeline.config import DetectConfig
-from pipeline.records import LineRecord
+from operators.settings import DetectConfig
+from operators.records import LineRecord
 
 #: Resolution the analysis runs at: enough for line geometry, a quarter of the pixels of 300 dpi.
 WORK_DPI = 150
@@ -67,7 +67,7 @@ class _Line:
 
 def detect_lines(page: np.ndarray, dpi: int, config: DetectConfig) -> list[LineRecord]:
     """Text lines of an 8-bit grayscale page in reading order; [] when the page holds no text."""
-    _check_page(page)
+    check_page(page)
     if dpi <= 0:
         raise ValueError(f"dpi must be positive, got {dpi}")
     scale = min(1.0, WORK_DPI / dpi)
@@ -93,34 +93,7 @@ def detect_lines(page: np.ndarray, dpi: int, config: DetectConfig) -> list[LineR
     return records
 
 
-def crop_line(page: np.ndarray, line: LineRecord, padding: int) -> np.ndarray:
-    """The line's padded bbox crop with everything outside its padded polygon set to paper.
-
-    Masking keeps the ascenders and descenders of neighbouring lines out of the recognizer's
-    input; the paper value is the crop's median, which is background for any text line.
-    """
-    _check_page(page)
-    if padding < 0:
-        raise ValueError(f"padding must be >= 0, got {padding}")
-    x0, y0, x1, y1 = line.bbox
-    if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"line bbox {line.bbox} has zero size")
-    height, width = page.shape
-    cx0, cy0 = max(0, x0 - padding), max(0, y0 - padding)
-    cx1, cy1 = min(width, x1 + padding), min(height, y1 + padding)
-    if cx1 <= cx0 or cy1 <= cy0:
-        raise ValueError(f"line bbox {line.bbox} lies outside the {width}x{height} page")
-    crop = page[cy0:cy1, cx0:cx1].copy()
-    mask = np.zeros(crop.shape, np.uint8)
-    outline = np.asarray(line.polygon, np.int32).reshape(-1, 1, 2) - np.array([cx0, cy0], np.int32)
-    cv2.fillPoly(mask, [outline], 255)
-    if padding > 0:
-        cv2.polylines(mask, [outline], True, 255, thickness=2 * padding + 1)
-    crop[mask == 0] = np.uint8(np.median(crop))
-    return crop
-
-
-def _check_page(page: np.ndarray) -> None:
+def check_page(page: np.ndarray) -> None:
     if not isinstance(page, np.ndarray):
         raise ValueError(f"page must be a numpy array, got {type(page).__name__}")
     if page.dtype != np.uint8:

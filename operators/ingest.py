@@ -23,8 +23,9 @@ import pikepdf
 import pyarrow.fs as pafs
 from PIL import Image
 
-from pipeline.config import RasterizeConfig
-from pipeline.errors import (
+from operators.settings import RasterizeConfig
+from operators.storage import is_uri, resolve_filesystem
+from operators.errors import (
     CorruptFile,
     DocumentError,
     EmptyFile,
@@ -53,18 +54,8 @@ class DocumentPlan:
     repaired: bool = False  # poppler could not read it; render the copy pikepdf (qpdf) repairs
 
 
-def _is_uri(text: str) -> bool:
-    return "://" in text
-
-
-def _resolve(location: str) -> tuple[pafs.FileSystem, str]:
-    if _is_uri(location):
-        return pafs.FileSystem.from_uri(location)
-    return pafs.LocalFileSystem(), os.path.abspath(location)
-
-
 def _with_scheme(location: str, path: str) -> str:
-    return f"{location.split('://', 1)[0]}://{path}" if _is_uri(location) else path
+    return f"{location.split('://', 1)[0]}://{path}" if is_uri(location) else path
 
 
 def _supported(path: str) -> bool:
@@ -72,17 +63,17 @@ def _supported(path: str) -> bool:
 
 
 def _expand_one(item: str) -> list[str]:
-    if not _is_uri(item) and _GLOB_CHARS.search(item):
+    if not is_uri(item) and _GLOB_CHARS.search(item):
         matches = sorted(glob.glob(item, recursive=True))
         return [os.path.abspath(m) for m in matches if os.path.isfile(m) and _supported(m)]
-    filesystem, path = _resolve(item)
+    filesystem, path = resolve_filesystem(item)
     if _GLOB_CHARS.search(path):
         root = path[: _GLOB_CHARS.search(path).start()].rsplit("/", 1)[0] or "/"
         infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
         return sorted(_with_scheme(item, i.path) for i in infos
                       if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path) and _supported(i.path))
     info = filesystem.get_file_info(path)
-    if info.type == pafs.FileType.Directory and not _is_uri(item):
+    if info.type == pafs.FileType.Directory and not is_uri(item):
         # os.walk, unlike pyarrow, lists broken links: they become `unreadable` rows, not silence
         return sorted(os.path.join(root, name) for root, _, names in os.walk(path)
                       for name in names if _supported(name))
@@ -119,7 +110,7 @@ _CHUNK = 1 << 20
 
 def _chunks(source: str) -> Iterator[bytes]:
     """The file's bytes a megabyte at a time, so a huge scan never sits in memory whole."""
-    filesystem, path = _resolve(source)
+    filesystem, path = resolve_filesystem(source)
     try:
         with filesystem.open_input_stream(path) as stream:
             while chunk := stream.read(_CHUNK):
@@ -244,7 +235,7 @@ def triage_image(path: str, config: RasterizeConfig) -> int:
 @contextmanager
 def local_path(source: str) -> Iterator[str]:
     """A local path for poppler/Pillow: the file itself when local, else a temporary copy."""
-    if not _is_uri(source):
+    if not is_uri(source):
         yield source
         return
     with tempfile.NamedTemporaryFile(prefix="trocr-pipeline-", suffix=Path(source).suffix) as handle:

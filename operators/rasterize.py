@@ -15,9 +15,9 @@ from pdf2image.exceptions import PDFPageCountError, PDFPopplerTimeoutError, PDFS
 from PIL import Image
 
 from operators.ingest import DocumentKind, DocumentPlan, local_path, repaired_pdf
-from pipeline.config import RasterizeConfig
-from pipeline.errors import DocumentError, PageCountMismatch, PageTooLarge, RenderFailed, RenderTimeout
-from pipeline.records import PageWork
+from operators.settings import RasterizeConfig
+from operators.errors import DocumentError, PAGE_COUNT_MISMATCH, PageTooLarge, RenderFailed, RenderTimeout
+from operators.records import PageWork
 
 #: Scans often claim 72 dpi or nothing; outside this range the configured dpi is used instead.
 _PLAUSIBLE_DPI = (100, 1200)
@@ -91,7 +91,7 @@ def _render_pdf(task: PageRange, path: str, config: RasterizeConfig) -> list[Pag
     for offset, number in enumerate(range(task.first, task.last + 1)):
         work = _new_page(task, number, config.dpi)
         if offset >= len(images):
-            work.fail(PageCountMismatch.error_code,
+            work.fail(PAGE_COUNT_MISMATCH,
                       f"page {number} is declared but poppler rendered only {len(images)} of pages "
                       f"{task.first}-{task.last}")
         else:

@@ -1,9 +1,9 @@
 """Recognize: line crops to text with a TrOCR VisionEncoderDecoder model.
 
-Two Ray stages, so CPU work overlaps the model: :func:`prepare_crops` (a plain task) cuts and resizes
-each line crop exactly as the checkpoint's image processor would; :class:`TrOCRRecognizer` (an actor
-that loads the model once) normalizes, packs the crops of several pages by expected text length and
-decodes them.
+Two Ray stages, so CPU work overlaps the model: :func:`operators.crops.prepare_crops` (in the layout
+task) cuts and resizes each line crop exactly as the checkpoint's image processor would;
+:class:`TrOCRRecognizer` (an actor that loads the model once) normalizes, packs the crops of several
+pages by expected text length and decodes them.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from transformers import VisionEncoderDecoderModel
 
+from operators.crops import line_pieces
 from operators.decoding import DecodingEngine, hf_generate
-from operators.detect import crop_line
-from operators.words import cut_points, fit_rows_to_ink, ink_gaps
-from pipeline.config import RecognizeConfig
-from pipeline.errors import RecognitionFailed
-from pipeline.model import LinePreprocessor, TrOCRBundle, ink_columns, load_trocr
-from pipeline.records import PageWork
+from operators.errors import RECOGNITION_FAILED
+from operators.model import TrOCRBundle, ink_columns, load_trocr
+from operators.records import LinePiece, PageWork
+from operators.settings import RecognizeConfig
+from operators.words import ink_gaps
 
 
 Engine = Literal["fast", "hf"]
@@ -36,53 +36,6 @@ class LineReading:
     text: str
     confidence: float  # geometric mean of the chosen tokens' probabilities, 0..1
     truncated: bool  # no end-of-sequence within max_new_tokens
-
-
-@dataclass(frozen=True)
-class LinePiece:
-    """A model-size crop of a whole line, or of one part of a line too long for the model's input."""
-
-    pixels: np.ndarray
-    aspect: float  # width / height before resizing: the expected-length hint that groups pieces in batches
-
-
-def line_pieces(crop: np.ndarray, gaps: Sequence[tuple[int, int]], preprocessor: LinePreprocessor,
-                split_long_lines: bool) -> list[LinePiece]:
-    """The pieces the model reads for one line crop, left to right.
-
-    A keep-aspect model shrinks a line wider than its input to fit, and shrunken glyphs are misread,
-    so such a line is cut at word gaps (``gaps``: its :func:`ink_gaps` in crop x coordinates) into
-    pieces that fit; :func:`join_readings` puts their texts back together. Stretching models (the
-    official 384 x 384 checkpoints) were trained on whole lines and always get the whole line.
-    """
-    height, width = crop.shape[:2]
-    cuts = []
-    if split_long_lines and preprocessor.keep_aspect:
-        input_height, input_width = preprocessor.input_size
-        cuts = cut_points(gaps, width, height, input_width / input_height)
-    bounds = [0, *cuts, width]
-    return [LinePiece(preprocessor.resize(crop[:, start:end]), (end - start) / max(1, height))
-            for start, end in zip(bounds, bounds[1:])]
-
-
-def prepare_crops(work: PageWork, preprocessor: LinePreprocessor, padding: int, split_long_lines: bool) -> PageWork:
-    """Cut each detected line from the page, measure its word gaps, fit it to its ink's rows and
-    resize it (or its pieces, see :func:`line_pieces`) to model input; drop the page image.
-
-    A line whose box has no area holds no pixels and so no text: it is dropped here rather than
-    handed to the model.
-    """
-    if work.status == "ok" and work.image is not None:
-        work.lines = [line for line in work.lines if line.bbox[2] > line.bbox[0] and line.bbox[3] > line.bbox[1]]
-        work.line_pieces = []
-        for line in work.lines:
-            crop = crop_line(work.image, line, padding)
-            left = max(0, line.bbox[0] - padding)
-            line.gaps = ink_gaps(crop, (left, max(0, line.bbox[1] - padding)))
-            crop_gaps = [(x0 - left, x1 - left) for x0, x1 in line.gaps]
-            work.line_pieces.append(line_pieces(fit_rows_to_ink(crop), crop_gaps, preprocessor, split_long_lines))
-    work.image = None
-    return work
 
 
 def join_readings(readings: Sequence[LineReading | None]) -> LineReading | None:
@@ -103,6 +56,16 @@ def read_lines(bundle: TrOCRBundle, pieces: Sequence[Sequence[LinePiece]], num_b
     readings = decode_lines(bundle, [piece.pixels for piece in flat], num_beams, max_new_tokens, line_batch_size,
                             [piece.aspect for piece in flat], engine)
     return [join_readings(part) for part in _regroup(readings, [len(line) for line in pieces])]
+
+
+def read_line_images(bundle: TrOCRBundle, images: Sequence[np.ndarray], batch_size: int, num_beams: int,
+                     max_new_tokens: int) -> list[str]:
+    """Text of whole line images (training validation, ``eval --lines``), read exactly as the job reads
+    a detected line (long lines in pieces)."""
+    pieces = [line_pieces(image, ink_gaps(image, (0, 0)), bundle.preprocessor, split_long_lines=True)
+              for image in images]
+    readings = read_lines(bundle, pieces, num_beams, max_new_tokens, batch_size)
+    return [reading.text for reading in readings]
 
 
 def _regroup(items: Sequence, counts: Sequence[int]) -> list[list]:
@@ -247,7 +210,7 @@ class TrOCRRecognizer:
         except RuntimeError as exc:  # not memory: record it on the pages instead of losing them
             for work in pages:
                 if work.status == "ok":
-                    work.fail(RecognitionFailed.error_code, f"recognition failed: {exc}")
+                    work.fail(RECOGNITION_FAILED, f"recognition failed: {exc}")
             return pages
         readings = [join_readings(part) for part in _regroup(piece_readings, counts)]
         unread: dict[int, list[int]] = {}
@@ -259,7 +222,7 @@ class TrOCRRecognizer:
         for work in pages:
             if id(work) in unread:
                 orders = unread[id(work)]
-                work.fail(RecognitionFailed.error_code,
+                work.fail(RECOGNITION_FAILED,
                           f"{len(orders)} of {len(work.lines)} lines did not fit in memory even one at a time "
                           f"(line order {', '.join(map(str, orders))}); the other lines were read")
         return pages

@@ -52,7 +52,7 @@ class Word:
     bbox_norm: BBox  # 0-1000 of the page width / height, as LayoutLM processors expect
 
     def to_row(self) -> dict:
-        """The Arrow row of :data:`pipeline.records.WORD_TYPE`."""
+        """The Arrow row of :data:`operators.records.WORD_TYPE`."""
         return {"text": self.text, "bbox": list(self.bbox), "bbox_norm": list(self.bbox_norm)}
 
 

@@ -8,11 +8,13 @@ counts as written once its ``documents`` row is published; a ``pages`` part whos
 twin is missing (a run killed between the two renames) is removed at the next start, and the rerun
 processes those documents again. ALTO / PAGE / hOCR / text exports, when asked for, go to
 ``exports/`` before the documents row is published, under names that a rerun overwrites.
+
+Reading order was fixed by detection; here each page's lines are joined into its text, split into
+words at the ink gaps measured in the layout stage, and mapped onto a row of ``PAGES_SCHEMA``.
 """
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -21,9 +23,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from operators.export import write_exports
-from operators.reassemble import page_row
-from pipeline.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, PageWork
+from operators.formats.export import write_exports
+from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
+from operators.storage import resolve_filesystem
+from operators.words import split_words
 
 PAGES_DIR = "pages"
 DOCUMENTS_DIR = "documents"
@@ -31,10 +34,49 @@ STAGING_DIR = "_staging"
 EXPORTS_DIR = "exports"
 
 
-def _filesystem(output: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in output:
-        return pafs.FileSystem.from_uri(output)
-    return pafs.LocalFileSystem(), os.path.abspath(output)
+def page_text(lines: list[LineRecord]) -> str:
+    """Page text: line texts in reading order, a blank line between blocks."""
+    parts: list[str] = []
+    previous_block = None
+    for line in sorted(lines, key=lambda item: item.order):
+        if previous_block is not None and line.block != previous_block:
+            parts.append("")
+        parts.append(line.text)
+        previous_block = line.block
+    return "\n".join(parts)
+
+
+def page_row(work: PageWork) -> dict:
+    """The Arrow row (matching PAGES_SCHEMA) of a finished page."""
+    lines = sorted(work.lines, key=lambda item: item.order)
+    page_size = (work.width, work.height)
+    return {
+        "doc_id": work.doc_id,
+        "source": work.source,
+        "page": work.page,
+        "width": work.width,
+        "height": work.height,
+        "dpi": work.dpi,
+        "text": page_text(lines),
+        "lines": [
+            {
+                "text": line.text,
+                "confidence": line.confidence,
+                "bbox": list(line.bbox),
+                "polygon": [list(point) for point in line.polygon],
+                "baseline": [list(point) for point in line.baseline],
+                "block": line.block,
+                "order": line.order,
+                "truncated": line.truncated,
+                "words": [word.to_row() for word in split_words(line.text, line.bbox, line.gaps, page_size)],
+            }
+            for line in lines
+        ],
+        "status": work.status,
+        "error_code": work.error_code,
+        "error_message": work.error_message,
+    }
+
 
 
 def _list_parts(filesystem: pafs.FileSystem, folder: str) -> dict[str, str]:
@@ -45,7 +87,7 @@ def _list_parts(filesystem: pafs.FileSystem, folder: str) -> dict[str, str]:
 
 def recover_output(output: str) -> set[str]:
     """Clean what a killed run left behind and return the doc_ids already published."""
-    filesystem, root = _filesystem(output)
+    filesystem, root = resolve_filesystem(output)
     filesystem.create_dir(root, recursive=True)
     filesystem.delete_dir_contents(f"{root}/{STAGING_DIR}", missing_dir_ok=True)
     documents = _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}")
@@ -87,7 +129,7 @@ class ParquetSink:
     """Collects page results as they stream in and publishes complete documents."""
 
     def __init__(self, output: str, rows_per_file: int, exports: Sequence[str] = ()):
-        self.filesystem, self.root = _filesystem(output)
+        self.filesystem, self.root = resolve_filesystem(output)
         self.rows_per_file = rows_per_file
         self.exports = tuple(exports)
         self.run_id = uuid.uuid4().hex[:12]

@@ -1,6 +1,6 @@
 """``trocr-pipeline`` command line: run, detect, show, synth, train, eval, inspect.
 
-Every :class:`~pipeline.errors.PipelineError` becomes its exit code and a one-line message; a job
+Every :class:`~operators.errors.PipelineError` becomes its exit code and a one-line message; a job
 whose documents partly failed exits with ``documents_failed`` after writing everything it could.
 """
 
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import load_config
-from pipeline.errors import ExitCode, PipelineError
+from operators.errors import ExitCode, PipelineError
 
 log = logging.getLogger("trocr_pipeline")
 
@@ -74,7 +74,7 @@ def _show_command(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.evaluate import add_eval_arguments, eval_command
     from pipeline.inspect import add_inspect_arguments, inspect_command
-    from pipeline.train import add_train_arguments, train_command
+    from pipeline.train.cli import add_train_arguments, train_command
 
     parser = argparse.ArgumentParser(prog="trocr-pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")

@@ -1,7 +1,7 @@
 """``trocr-pipeline eval``: CER and WER (jiwer) of a model on line images or on whole pages with ground truth.
 
 ``--lines``: folders of line images with ``.gt.txt``, read by the pipeline's own recognizer code
-(:func:`operators.recognize.read_lines`). ``--pages``: PAGE or ALTO files, whose images go through the
+(:func:`operators.recognize.read_line_images`). ``--pages``: PAGE or ALTO files, whose images go through the
 whole job (detection, reading order, recognition) and whose page text is compared with the ground
 truth's lines in file order. Either way the figures are the pipeline's figures. Scores are
 corpus-level (total edits / total reference characters or words) per source and overall.
@@ -20,10 +20,12 @@ from pathlib import Path
 
 import jiwer
 
-from pipeline.config import DEFAULT_MODEL
-from pipeline.errors import ConfigError, ExitCode
-from pipeline.model import TrOCRBundle, load_trocr
-from pipeline.train import LabeledLine, page_xml_files, read_line_folder, read_page_xml
+from operators.settings import DEFAULT_MODEL
+from operators.errors import ConfigError, ExitCode
+from operators.formats.read import page_image, page_xml_files, read_page_xml
+from operators.model import load_trocr
+from operators.recognize import read_line_images
+from pipeline.train.data import LabeledLine, read_line_folder
 
 NORMALIZATIONS = ("case", "whitespace", "punctuation")
 
@@ -86,26 +88,13 @@ def read_eval_lines(folders: Sequence[Path]) -> list[LabeledLine]:
     return lines
 
 
-def recognize(bundle: TrOCRBundle, lines: Sequence[LabeledLine], batch_size: int, num_beams: int,
-              max_new_tokens: int) -> list[str]:
-    """Predicted text per line, read exactly as the pipeline's recognizer reads it (long lines in pieces)."""
-    from operators.recognize import line_pieces, read_lines
-    from operators.words import ink_gaps
-
-    pieces = []
-    for line in lines:
-        crop = line.load_gray()
-        pieces.append(line_pieces(crop, ink_gaps(crop, (0, 0)), bundle.preprocessor, split_long_lines=True))
-    readings = read_lines(bundle, pieces, num_beams, max_new_tokens, batch_size)
-    return [reading.text for reading in readings]
-
-
 def read_page_truth(paths: Sequence[Path]) -> list[PageTruth]:
     pages = []
     for path in paths:
         for xml_path in page_xml_files(Path(path)):
-            image, lines = read_page_xml(xml_path)
-            pages.append(PageTruth(xml_path, image, str(path), "\n".join(text for _, text in lines if text)))
+            page = read_page_xml(xml_path)
+            pages.append(PageTruth(xml_path, page_image(xml_path, page.image_name), str(path),
+                                   "\n".join(line.text for line in page.lines if line.text)))
     return pages
 
 
@@ -197,7 +186,8 @@ def evaluate(model: str, folders: Sequence[Path], normalize_options: Sequence[st
     normalize = make_normalizer(normalize_options)
     lines = read_eval_lines(folders)
     bundle = load_trocr(model, device=device, precision=precision)
-    results = score_lines(lines, recognize(bundle, lines, batch_size, num_beams, max_new_tokens), normalize)
+    predictions = read_line_images(bundle, [line.load_gray() for line in lines], batch_size, num_beams, max_new_tokens)
+    results = score_lines(lines, predictions, normalize)
     return scores_by_source(results, normalize), results
 
 

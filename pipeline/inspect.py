@@ -1,6 +1,6 @@
 """``trocr-pipeline inspect``: PNG overlays of the detected lines, for a person to check layout by eye.
 
-The stages run in this process, one page at a time, exactly as the job calls them (no Ray): triage,
+The stages of :mod:`pipeline.stages` run in this process, one page at a time, as the job runs them (no Ray): triage,
 rasterize, detect and, with ``--recognize``, crop + decode. Each page becomes one PNG: the page with
 every line polygon coloured by block and labelled ``order`` / ``b<block>``; with recognized text, a
 panel on the right shows each line's text where the line sits on the page. Documents and pages that
@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from operators.detect import detect_lines
+from operators.errors import RECOGNITION_FAILED, ConfigError, ExitCode
 from operators.ingest import DocumentPlan, expand_inputs, triage
-from operators.recognize import prepare_crops, read_lines
+from operators.model import TrOCRBundle, load_trocr
 from operators.rasterize import page_ranges, rasterize
+from operators.recognize import read_lines
+from operators.records import LineRecord, PageWork
 from pipeline.config import JobConfig, load_config
-from pipeline.errors import ConfigError, DetectionFailed, ExitCode, RecognitionFailed
-from pipeline.model import TrOCRBundle, load_trocr
-from pipeline.records import LineRecord, PageWork
+from pipeline.stages import cut_crops, detect_page
 
 #: Longest side of an overlay in pixels: a whole page stays legible on screen and the PNG small.
 OVERLAY_MAX_SIDE = 1600
@@ -97,17 +97,13 @@ def _first_pages(plan: DocumentPlan, max_pages: int | None) -> DocumentPlan:
 
 
 def _inspect_page(work: PageWork, output: Path, config: JobConfig, bundle: TrOCRBundle | None) -> PageOutcome:
-    if work.status == "ok":
-        try:
-            work.lines = detect_lines(work.image, work.dpi, config.detect)
-        except (ValueError, RuntimeError) as exc:
-            work.fail(DetectionFailed.error_code, f"line detection failed: {exc}")
+    work = detect_page(work, config.detect)
     if work.status != "ok":
         return PageOutcome(work.source, work.page, [], None, f"{work.error_code}: {work.error_message}")
     try:
         texts = _recognize(work, config, bundle) if bundle is not None else None
     except RuntimeError as exc:  # out of memory, a model bug: the page fails, the others go on
-        reason = f"{RecognitionFailed.error_code}: recognition failed: {exc}"
+        reason = f"{RECOGNITION_FAILED}: recognition failed: {exc}"
         return PageOutcome(work.source, work.page, [], None, reason)
     path = output / f"{Path(work.source).stem}-{work.doc_id[:8]}-p{work.page:04d}.png"
     draw_overlay(work.image, work.lines, texts).save(path, compress_level=1)  # fast; overlays are throwaway
@@ -115,9 +111,9 @@ def _inspect_page(work: PageWork, output: Path, config: JobConfig, bundle: TrOCR
 
 
 def _recognize(work: PageWork, config: JobConfig, bundle: TrOCRBundle) -> list[str]:
-    image = work.image  # prepare_crops drops it from the PageWork, the overlay still needs it
+    image = work.image  # cut_crops drops it from the PageWork, the overlay still needs it
     recognize = config.recognize
-    prepare_crops(work, bundle.preprocessor, config.detect.crop_padding_px, recognize.split_long_lines)
+    cut_crops(work, config, bundle.preprocessor)
     work.image = image
     readings = read_lines(bundle, work.line_pieces, recognize.num_beams, recognize.max_new_tokens,
                           recognize.line_batch_size, recognize.engine)

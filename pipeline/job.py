@@ -1,7 +1,7 @@
 """Job assembly: the stages wired into one streaming Ray Data job.
 
-Each stage is a plain function over :class:`PageWork` (testable without Ray); this module only
-adapts them to Ray rows. A row carries one pickled ``PageWork``, so a page's image and lines travel
+Each stage is a plain function over :class:`PageWork` (testable without Ray, chained in
+:mod:`pipeline.stages`); this module only adapts them to Ray rows. A row carries one pickled ``PageWork``, so a page's image and lines travel
 together through every stage with no shuffle, and the driver only ever sees text.
 """
 
@@ -17,15 +17,14 @@ from typing import Any, Iterator, Literal
 
 import ray
 
-from operators.detect import detect_lines
 from operators.ingest import DocumentPlan, expand_inputs, triage
+from operators.model import LinePreprocessor, load_line_preprocessor
 from operators.rasterize import PageRange, page_ranges, rasterize
-from operators.recognize import TrOCRRecognizer, prepare_crops
+from operators.recognize import TrOCRRecognizer
+from operators.records import DocumentRecord, PageWork
 from operators.write import ParquetSink, WriteSummary, recover_output
 from pipeline.config import JobConfig
-from pipeline.errors import DetectionFailed
-from pipeline.model import LinePreprocessor, load_line_preprocessor
-from pipeline.records import DocumentRecord, PageWork
+from pipeline.stages import layout_page
 
 Mode = Literal["recognize", "detect"]
 
@@ -87,17 +86,7 @@ def _rasterize_row(row: dict[str, Any], config: JobConfig) -> list[dict[str, byt
 
 
 def _layout_row(row: dict[str, Any], config: JobConfig, preprocessor: LinePreprocessor | None) -> dict[str, bytes]:
-    """Detect lines, then (recognize mode) cut model-ready crops; the page image stops here."""
-    work = _unpack(row)
-    if work.status == "ok":
-        try:
-            work.lines = detect_lines(work.image, work.dpi, config.detect)
-        except (ValueError, RuntimeError) as exc:  # a detector bug must not lose the page
-            work.fail(DetectionFailed.error_code, f"line detection failed: {exc}")
-    if preprocessor is not None:
-        work = prepare_crops(work, preprocessor, config.detect.crop_padding_px, config.recognize.split_long_lines)
-    work.image = None
-    return _pack(work)
+    return _pack(layout_page(_unpack(row), config, preprocessor))
 
 
 class _RecognizeBatch:
@@ -117,12 +106,6 @@ def _triage_all(sources: list[str], config: JobConfig) -> list[DocumentPlan]:
     return ray.get([remote_triage.remote(source, config.rasterize) for source in sources])
 
 
-def _recognizer_pool(concurrency: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
-    if isinstance(concurrency, tuple):
-        return ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1])
-    return ray.data.ActorPoolStrategy(size=concurrency)
-
-
 def _page_dataset(ranges: list[PageRange], config: JobConfig,
                   preprocessor: LinePreprocessor | None) -> ray.data.Dataset:
     """Rasterize -> layout (CPU tasks) -> recognize (actor pool; skipped without a preprocessor)."""
@@ -140,7 +123,7 @@ def _page_dataset(ranges: list[PageRange], config: JobConfig,
         _RecognizeBatch,
         fn_constructor_kwargs={"config": config},
         batch_size=recognize.pages_per_batch,
-        compute=_recognizer_pool(recognize.concurrency),
+        concurrency=recognize.concurrency,
         num_gpus=recognize.num_gpus,
         num_cpus=recognize.num_cpus,
         accelerator_type=recognize.accelerator_type,

@@ -46,7 +46,7 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from pipeline.model import build_tiny_random_trocr
+    from helpers import build_tiny_random_trocr
 
     return build_tiny_random_trocr(tmp_path_factory.mktemp("models") / "tiny-vit-roberta")
 

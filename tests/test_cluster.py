@@ -283,7 +283,7 @@ def test_job_submit_runs_the_cli_and_reports_in_the_job_logs(ray_head, job_input
 
 
 def test_job_submit_fails_the_job_with_the_cli_exit_code(ray_head, job_inputs, tmp_path):
-    from pipeline.errors import ExitCode
+    from operators.errors import ExitCode
 
     missing_model = tmp_path / "no-such-model"
     submit = ray_head.job("submit", "--submission-id", "ocr-bad-model", "--working-dir", ".",

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import JobConfig, load_config
-from pipeline.errors import ConfigError, ExitCode
+from operators.errors import ConfigError, ExitCode
 
 ROOT = Path(__file__).resolve().parent.parent
 

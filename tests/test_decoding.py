@@ -25,9 +25,10 @@ from transformers import (
 
 from operators.decoding import DecodingEngine, encode_lines, hf_generate
 from operators.recognize import decode_lines
-from pipeline.config import RecognizeConfig
-from pipeline.errors import ModelLoadError
-from pipeline.model import TrOCRBundle, build_tiny_random_trocr, ink_columns, load_trocr
+from helpers import build_tiny_random_trocr
+from operators.errors import ModelLoadError
+from operators.model import TrOCRBundle, ink_columns, load_trocr
+from operators.settings import RecognizeConfig
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 #: Very different lengths (1 to 20+ tokens), so lines leave the running batch at different steps.

@@ -14,9 +14,10 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from conftest import box_iou
-from operators.detect import crop_line, detect_lines
-from pipeline.config import DetectConfig
-from pipeline.records import LineRecord
+from operators.crops import crop_line
+from operators.detect import detect_lines
+from operators.settings import DetectConfig
+from operators.records import LineRecord
 from pipeline.synth.docs import load_ground_truth, write_document_set
 
 DPI = 150

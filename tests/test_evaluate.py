@@ -11,7 +11,7 @@ from xml.sax.saxutils import escape
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.errors import ConfigError, ExitCode
+from operators.errors import ConfigError, ExitCode
 from pipeline.evaluate import (
     LineResult,
     add_eval_arguments,
@@ -21,7 +21,7 @@ from pipeline.evaluate import (
     make_normalizer,
     scores_by_source,
 )
-from pipeline.model import build_tiny_random_trocr
+from helpers import build_tiny_random_trocr
 from pipeline.synth.docs import load_ground_truth, write_document_set
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"

@@ -12,9 +12,9 @@ import pyarrow.fs as pafs
 import pytest
 from lxml import etree
 
-from operators.export import ALTO_NS, PAGE_NS, XHTML_NS, export_stem, write_exports
-from operators.reassemble import page_row
-from pipeline.records import LineRecord, PageWork
+from operators.formats.export import ALTO_NS, PAGE_NS, XHTML_NS, export_stem, write_exports
+from operators.write import page_row
+from operators.records import LineRecord, PageWork
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
 SIZE = (1240, 1754)

@@ -15,8 +15,8 @@ from PIL import Image
 
 from conftest import write_pdf
 from operators.ingest import expand_inputs, sniff_kind, triage
-from pipeline.config import RasterizeConfig
-from pipeline.errors import NoInputError, UnsupportedFormat
+from operators.settings import RasterizeConfig
+from operators.errors import NoInputError, UnsupportedFormat
 
 CONFIG = RasterizeConfig(dpi=150)
 
@@ -117,7 +117,7 @@ def test_unreadable_file_permissions(tmp_path, good_pdf):
     repo = Path(__file__).resolve().parent.parent
     if subprocess.run([*as_nobody, "import operators.ingest"], cwd=repo, capture_output=True).returncode != 0:
         pytest.skip("user nobody cannot run this checkout's Python (a private checkout folder)")
-    probe = ("import sys; from operators.ingest import triage; from pipeline.config import RasterizeConfig; "
+    probe = ("import sys; from operators.ingest import triage; from operators.settings import RasterizeConfig; "
              "plan = triage(sys.argv[1], RasterizeConfig()); print(plan.error.error_code, plan.error)")
     result = subprocess.run([*as_nobody, probe, str(path)], capture_output=True, text=True, timeout=120, cwd=repo)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -10,9 +10,9 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.errors import ExitCode
+from operators.errors import ExitCode
 from pipeline.inspect import OVERLAY_MAX_SIDE, draw_overlay, inspect_documents
-from pipeline.records import LineRecord
+from operators.records import LineRecord
 from pipeline.synth.docs import load_ground_truth
 
 DPI_OVERRIDE = "rasterize.dpi=150"  # the synthetic documents are drawn at 150 dpi

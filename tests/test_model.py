@@ -11,16 +11,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.errors import ModelLoadError
-from pipeline.model import (
-    KEEP_ASPECT_KEY,
-    LinePreprocessor,
-    build_tiny_random_trocr,
-    build_trocr,
-    load_trocr,
-    save_trocr,
-)
-from pipeline.tokenizer import train_tokenizer
+from operators.errors import ModelLoadError
+from helpers import build_tiny_random_trocr
+from operators.model import KEEP_ASPECT_KEY, LinePreprocessor, load_trocr
+from pipeline.train.model import build_trocr, save_trocr
+from pipeline.train.tokenizer import train_tokenizer
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 KINDS = [("roberta", "vit"), ("xlm-roberta", "deit")]

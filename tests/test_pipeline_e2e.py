@@ -13,10 +13,11 @@ import pyarrow.dataset as ds
 import pytest
 
 from conftest import box_iou
-from pipeline.config import DEFAULT_MODEL, load_config
-from pipeline.errors import ExitCode
+from operators.settings import DEFAULT_MODEL
+from pipeline.config import load_config
+from operators.errors import ExitCode
 from pipeline.job import run_job
-from pipeline.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA
+from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA
 from pipeline.synth.docs import load_ground_truth
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 from conftest import write_pdf
 from operators.ingest import DocumentPlan
 from operators.rasterize import PageRange, page_ranges, rasterize, to_gray8
-from pipeline.config import RasterizeConfig
+from operators.settings import RasterizeConfig
 
 
 def _plan(pages: int, error=None) -> DocumentPlan:

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from operators.detect import crop_line
-from operators.recognize import LineReading, decode_lines, join_readings, prepare_crops, read_lines
+from helpers import build_tiny_random_trocr
+from operators.crops import crop_line, prepare_crops
+from operators.model import load_line_preprocessor, load_trocr
+from operators.recognize import LineReading, decode_lines, join_readings, read_lines
 from operators.words import fit_rows_to_ink
-from pipeline.model import build_tiny_random_trocr, load_line_preprocessor, load_trocr
-from pipeline.records import LineRecord, PageWork
+from operators.records import LineRecord, PageWork
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 
@@ -91,7 +92,7 @@ OOM_PROBE = textwrap.dedent("""
     import os, resource, sys
     import numpy as np, torch
     from operators.recognize import TrOCRRecognizer
-    from pipeline.config import RecognizeConfig
+    from operators.settings import RecognizeConfig
 
     torch.set_num_threads(1)
     recognizer = TrOCRRecognizer(RecognizeConfig(model=sys.argv[1], line_batch_size=2048, max_new_tokens=4,

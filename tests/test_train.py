@@ -13,21 +13,13 @@ import torch
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.errors import ConfigError
-from pipeline.model import build_tiny_random_trocr, load_trocr
-from pipeline.train import (
-    CHECKPOINT_PREFIX,
-    TRAINER_STATE,
-    LabelCollator,
-    TrainConfig,
-    cut_polygon,
-    latest_checkpoint,
-    learning_rate_factor,
-    load_train_config,
-    read_line_folder,
-    read_page_lines,
-    train,
-)
+from operators.errors import ConfigError
+from helpers import build_tiny_random_trocr
+from operators.crops import cut_polygon
+from operators.model import load_trocr
+from pipeline.train.config import TrainConfig, load_train_config
+from pipeline.train.data import LabelCollator, read_line_folder, read_page_lines
+from pipeline.train.loop import CHECKPOINT_PREFIX, TRAINER_STATE, latest_checkpoint, learning_rate_factor, train
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 TEXTS = ["hello world", "quick fox", "lazy dog 42", "OCR lines"]

@@ -1,7 +1,7 @@
 """Word boxes from ink gaps, checked on lines rendered with real Debian fonts.
 
 Each line is drawn word by word so that every word's true box is known (``font.getbbox`` at the
-place it was drawn); the line crop is cut with the detector's own :func:`crop_line`. Word boxes
+place it was drawn); the line crop is cut with the pipeline's own :func:`crop_line`. Word boxes
 span their line's height by design (only columns survive the layout stage), so the truth box of a
 word is its drawn horizontal extent over the line's vertical extent.
 """
@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from operators.detect import crop_line
+from operators.crops import crop_line
 from operators.words import (
     INK_MARGIN,
     MIN_INK_MARGIN_PX,
@@ -25,8 +25,8 @@ from operators.words import (
     normalize_bbox,
     split_words,
 )
-from pipeline.records import WORD_TYPE
-from pipeline.records import LineRecord
+from operators.records import WORD_TYPE
+from operators.records import LineRecord
 
 FONTS = {
     "sans": "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",

@@ -6,7 +6,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from operators.write import DOCUMENTS_DIR, PAGES_DIR, ParquetSink, recover_output
-from pipeline.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
+from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
 
 
 def _document(doc_id: str, pages: int, status="ok", error_code=None) -> DocumentRecord:

@@ -1,6 +1,6 @@
 """Export: a finished document's pages as ALTO 4.4, PAGE XML 2019-07-15, hOCR 1.2 and plain text.
 
-The input is exactly what the Parquet output holds (``pages`` rows as :func:`operators.reassemble.
+The input is exactly what the Parquet output holds (``pages`` rows as :func:`operators.write.
 page_row` makes them, and the ``documents`` row), so exports can be written as documents complete
 or later from the Parquet files. ALTO and PAGE describe one image each and get one file per page;
 hOCR and text hold a whole document. File names start with the source's name and the doc_id's
@@ -14,7 +14,6 @@ word's confidence is its line's.
 
 from __future__ import annotations
 
-import os
 import re
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -22,6 +21,8 @@ from typing import Callable, Iterator, Sequence
 
 import pyarrow.fs as pafs
 from lxml import etree
+
+from operators.storage import resolve_filesystem
 
 SOFTWARE = "trocr-pipeline"
 FORMATS = ("alto", "page", "hocr", "txt")
@@ -59,7 +60,7 @@ def write_exports(pages: Sequence[dict], document: dict, formats: Sequence[str],
         raise ValueError(f"pages of documents {sorted(stray)} given with document {document['doc_id']}")
     if not pages:
         return []
-    filesystem, root = _resolve(out_dir, filesystem)
+    filesystem, root = (filesystem, out_dir.rstrip("/")) if filesystem is not None else resolve_filesystem(out_dir)
     filesystem.create_dir(root, recursive=True)
     ordered = sorted(pages, key=lambda row: row["page"])
     stem = export_stem(document)
@@ -78,14 +79,6 @@ def export_stem(document: dict) -> str:
     name = document["source"].replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
     base = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
     return f"{base}-{document['doc_id'][:8]}"
-
-
-def _resolve(out_dir: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
-    if filesystem is not None:
-        return filesystem, out_dir.rstrip("/")
-    if "://" in out_dir:
-        return pafs.FileSystem.from_uri(out_dir)
-    return pafs.LocalFileSystem(), os.path.abspath(out_dir)
 
 
 # --- shared geometry and text ---------------------------------------------------------------

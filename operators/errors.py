@@ -1,7 +1,8 @@
-"""One exception hierarchy for the whole pipeline.
+"""One exception hierarchy for the whole pipeline (OCRmyPDF style: each error carries its exit code).
 
 Every error carries the process exit code the CLI returns for it and, for errors that belong to a
 single document or page, the stable ``error_code`` written to the ``documents`` / ``pages`` tables.
+Page failures that are recorded on the page rather than raised use the plain codes at the end.
 The set of error codes is documented in the README; add new ones there too.
 """
 
@@ -103,38 +104,7 @@ class RenderFailed(DocumentError):
     error_code = "render_failed"
 
 
-class PageCountMismatch(DocumentError):
-    """Fewer pages rendered than the file declares."""
-
-    error_code = "page_count_mismatch"
-
-
-class DetectionFailed(DocumentError):
-    """Line detection failed on a page."""
-
-    error_code = "detection_failed"
-
-
-class RecognitionFailed(DocumentError):
-    """The model failed on this page's lines even after splitting the batch."""
-
-    error_code = "recognition_failed"
-
-
-#: error_code -> meaning, as documented in the README.
-ERROR_CODES: dict[str, str] = {
-    cls.error_code: (cls.__doc__ or cls.__name__).strip().splitlines()[0]
-    for cls in (
-        UnreadableFile,
-        EmptyFile,
-        UnsupportedFormat,
-        CorruptFile,
-        EncryptedFile,
-        PageTooLarge,
-        RenderTimeout,
-        RenderFailed,
-        PageCountMismatch,
-        DetectionFailed,
-        RecognitionFailed,
-    )
-}
+#: Codes of page failures that are recorded on the page (``PageWork.fail``), never raised.
+PAGE_COUNT_MISMATCH = "page_count_mismatch"  # fewer pages rendered than the file declares
+DETECTION_FAILED = "detection_failed"  # line detection failed on a page
+RECOGNITION_FAILED = "recognition_failed"  # the model failed on this page's lines even after splitting the batch

@@ -1,4 +1,4 @@
-"""TrOCR model layer: load a checkpoint, build a fresh one, and turn line crops into encoder input.
+"""The recognizer's model side: resolve and load a checkpoint, and turn line crops into encoder input.
 
 Line crops are resized on CPU workers (``LinePreprocessor.resize``, pure PIL/numpy) and only stacked,
 rescaled and normalised on the recognizer's device (``LinePreprocessor.to_pixel_values``), so the
@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,20 +20,13 @@ from PIL import Image
 from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
-    DeiTConfig,
-    DeiTImageProcessorPil,
     PreTrainedTokenizerBase,
-    TrOCRConfig,
     TrOCRProcessor,
-    VisionEncoderDecoderConfig,
     VisionEncoderDecoderModel,
-    ViTConfig,
-    ViTImageProcessorPil,
 )
 
 from operators.decoding import ink_width_step
-from pipeline.errors import ModelLoadError
-from pipeline.tokenizer import TokenizerKind, train_tokenizer
+from operators.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +38,6 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "sentencepiece.bpe.model")
-
-EncoderKind = Literal["vit", "deit"]
 
 
 @dataclass(frozen=True)
@@ -178,23 +169,35 @@ def load_trocr(name_or_path: str, device: str = "auto", precision: str = "fp32")
     """Load a TrOCR checkpoint (hub id or local folder) in eval mode with generation ids and cache set."""
     torch_device = resolve_device(device)
     dtype = resolve_dtype(precision, torch_device)
-    local = Path(name_or_path).expanduser()
-    if local.exists():
-        _check_local_folder(local)
-    source = str(local) if local.exists() else name_or_path
+    source = resolve_checkpoint(name_or_path)
     try:
         model = VisionEncoderDecoderModel.from_pretrained(source, dtype=dtype)
         image_processor = AutoImageProcessor.from_pretrained(source, backend="pil")
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # any failure to read the checkpoint is a model error, reported at start-up
-        where = "folder" if local.exists() else "hub id (no such local folder either)"
+        where = "folder" if Path(source).is_dir() else "hub id"
         raise ModelLoadError(f"cannot load TrOCR model from {where} {name_or_path!r}: {exc}") from exc
     preprocessor = LinePreprocessor.from_image_processor(image_processor)
-    _set_generation_ids(model, tokenizer, name_or_path)
+    set_generation_ids(model, tokenizer, name_or_path)
     model.to(torch_device).eval()
     processor = TrOCRProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return TrOCRBundle(model, processor, tokenizer, preprocessor, torch_device, dtype,
                        ink_width_step(model, preprocessor.keep_aspect))
+
+
+def resolve_checkpoint(name_or_path: str) -> str:
+    """Where to load ``name_or_path`` from: a local folder (checked complete first), else a hub id.
+
+    A name that looks like a path (starts with / . ~, or has more than one /) and is no folder is an
+    error here, rather than a confusing hub lookup.
+    """
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        _check_local_folder(local)
+        return str(local)
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
+        raise ModelLoadError(f"model folder {name_or_path} does not exist (and it is no hub id)")
+    return name_or_path
 
 
 def resolve_device(device: str) -> torch.device:
@@ -219,109 +222,6 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return PRECISIONS[precision]
 
 
-def build_trocr(
-    tokenizer: PreTrainedTokenizerBase,
-    input_size: tuple[int, int],
-    patch_size: tuple[int, int],
-    encoder: EncoderKind = "vit",
-    hidden_size: int = 256,
-    encoder_layers: int = 4,
-    encoder_heads: int = 4,
-    decoder_layers: int = 3,
-    decoder_heads: int = 4,
-    max_target_tokens: int = 128,
-    keep_aspect: bool = True,
-    seed: int = 0,
-) -> tuple[VisionEncoderDecoderModel, TrOCRProcessor]:
-    """A randomly initialised TrOCR (ViT or DeiT encoder, TrOCR decoder) and its processor, ready to train."""
-    if input_size[0] % patch_size[0] or input_size[1] % patch_size[1]:
-        raise ValueError(f"input size {input_size} is not a multiple of patch size {patch_size}")
-    encoder_class = {"vit": ViTConfig, "deit": DeiTConfig}[encoder]
-    encoder_config = encoder_class(
-        image_size=list(input_size),
-        patch_size=list(patch_size),
-        hidden_size=hidden_size,
-        num_hidden_layers=encoder_layers,
-        num_attention_heads=encoder_heads,
-        intermediate_size=4 * hidden_size,
-    )
-    decoder_config = TrOCRConfig(
-        vocab_size=len(tokenizer),
-        d_model=hidden_size,
-        decoder_layers=decoder_layers,
-        decoder_attention_heads=decoder_heads,
-        decoder_ffn_dim=4 * hidden_size,
-        max_position_embeddings=max_target_tokens + 2,
-        activation_function="gelu",
-        dropout=0.0,  # training data is streamed and never repeats: nothing to regularise against
-        use_learned_position_embeddings=True,
-        layernorm_embedding=True,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.bos_token_id,
-    )
-    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder_config, decoder_config)
-    config.decoder_start_token_id = tokenizer.bos_token_id
-    config.pad_token_id = tokenizer.pad_token_id
-    config.eos_token_id = tokenizer.eos_token_id
-    torch.manual_seed(seed)
-    model = VisionEncoderDecoderModel(config=config)
-    _set_generation_ids(model, tokenizer, "new model")
-    model.generation_config.max_new_tokens = max_target_tokens
-    processor = TrOCRProcessor(image_processor=_new_image_processor(encoder, input_size, keep_aspect), tokenizer=tokenizer)
-    return model, processor
-
-
-def build_tiny_random_trocr(out_dir: Path, tokenizer_kind: TokenizerKind = "roberta", encoder: EncoderKind = "vit", seed: int = 0,
-                            keep_aspect: bool = False) -> Path:
-    """Save a tiny untrained TrOCR (32x128 input, stretched like the official processors unless
-    ``keep_aspect``) for tests; no download."""
-    tokenizer = train_tokenizer(TINY_CORPUS, tokenizer_kind, vocab_size=300)
-    model, processor = build_trocr(
-        tokenizer,
-        input_size=(32, 128),
-        patch_size=(16, 16),
-        encoder=encoder,
-        hidden_size=32,
-        encoder_layers=1,
-        encoder_heads=2,
-        decoder_layers=1,
-        decoder_heads=2,
-        max_target_tokens=32,
-        keep_aspect=keep_aspect,
-        seed=seed,
-    )
-    return save_trocr(model, processor, Path(out_dir))
-
-
-def save_trocr(model: VisionEncoderDecoderModel, processor: TrOCRProcessor, out_dir: Path) -> Path:
-    """Write model (safetensors), image processor and tokenizer where load_trocr finds them."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
-
-
-TINY_CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Pack my box with five dozen liquor jugs!",
-    "Sphinx of black quartz, judge my vow: 0123456789",
-    "How vexingly quick daft zebras jump (again) - 42% & $7.50",
-]
-
-
-def _new_image_processor(encoder: EncoderKind, input_size: tuple[int, int], keep_aspect: bool) -> Any:
-    """Processor settings of the official TrOCR checkpoints (mean/std 0.5), at our input size."""
-    size = {"height": input_size[0], "width": input_size[1]}
-    common = {"size": size, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
-    if keep_aspect:
-        common[KEEP_ASPECT_KEY] = True
-    if encoder == "deit":
-        return DeiTImageProcessorPil(crop_size=size, do_center_crop=True, resample=Image.Resampling.BICUBIC, **common)
-    return ViTImageProcessorPil(resample=Image.Resampling.BILINEAR, **common)
-
-
 def _check_local_folder(folder: Path) -> None:
     """Name every missing piece of a local checkpoint before transformers gives a vaguer error."""
     if not folder.is_dir():
@@ -339,7 +239,7 @@ def _check_local_folder(folder: Path) -> None:
         raise ModelLoadError(f"model folder {folder} is incomplete, missing: {', '.join(missing)}")
 
 
-def _set_generation_ids(model: VisionEncoderDecoderModel, tokenizer: PreTrainedTokenizerBase, source: str) -> None:
+def set_generation_ids(model: VisionEncoderDecoderModel, tokenizer: PreTrainedTokenizerBase, source: str) -> None:
     """Fill decoder start / pad / eos ids from the configs or the tokenizer, and turn the KV cache on."""
     generation = model.generation_config
     decoder = model.config.decoder
@@ -393,12 +293,7 @@ def _to_pil(crop: np.ndarray) -> Image.Image:
 def load_line_preprocessor(name_or_path: str) -> LinePreprocessor:
     """The checkpoint's preprocessing alone: the job driver checks the model with it at start-up
     (fail fast, before any document is read) and hands it to the CPU crop stage."""
-    local = Path(name_or_path).expanduser()
-    if local.exists():
-        _check_local_folder(local)
-    elif name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
-        raise ModelLoadError(f"model folder {name_or_path} does not exist (and it is no hub id)")
-    source = str(local) if local.exists() else name_or_path
+    source = resolve_checkpoint(name_or_path)
     try:
         image_processor = AutoImageProcessor.from_pretrained(source, backend="pil")
     except Exception as exc:

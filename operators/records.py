@@ -7,13 +7,10 @@ and its lines travel together with no shuffle; only the final text records becom
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-
-if TYPE_CHECKING:
-    from operators.recognize import LinePiece
 
 Status = Literal["ok", "failed"]
 BBox = tuple[int, int, int, int]
@@ -32,6 +29,14 @@ class LineRecord:
     confidence: float | None = None  # geometric mean of token probabilities
     truncated: bool = False  # the decoder hit max_new_tokens before end-of-sequence
     gaps: list[tuple[int, int]] = field(default_factory=list)  # blank columns in the crop (page x), for words
+
+
+@dataclass(frozen=True)
+class LinePiece:
+    """A model-size crop of a whole line, or of one part of a line too long for the model's input."""
+
+    pixels: np.ndarray
+    aspect: float  # width / height before resizing: the expected-length hint that groups pieces in batches
 
 
 @dataclass

@@ -1,0 +1,184 @@
+"""Read PAGE and ALTO XML: every text line's outline, text, block and baseline, in document order.
+
+One reader for training data (``pipeline.train.data``), ``eval --pages`` and the line-detection
+benchmark, so they agree on what a ground-truth line is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from lxml import etree
+
+from operators.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class XmlLine:
+    """One TextLine of a PAGE or ALTO file."""
+
+    points: np.ndarray  # (N, 2) polygon in page pixels
+    text: str  # PAGE: TextEquiv index 0 (else the first); ALTO: the String CONTENTs joined by spaces
+    block: int  # index of the enclosing TextBlock / TextRegion in document order, -1 for none
+    baseline: np.ndarray | None = None  # (K, 2) polyline when the file has one
+
+
+@dataclass(frozen=True)
+class XmlPage:
+    image_name: str  # Page/@imageFilename or ALTO fileName, as written in the file
+    lines: list[XmlLine]
+
+
+def page_xml_files(path: Path) -> list[Path]:
+    """One PAGE/ALTO file, or every .xml file of a folder."""
+    files = sorted(path.glob("*.xml")) if path.is_dir() else [path]
+    if not path.exists() or not files:
+        raise ConfigError(f"page source {path}: no PAGE/ALTO .xml file found")
+    return files
+
+
+def read_page_xml(xml_path: Path) -> XmlPage:
+    """Every TextLine with an outline, in document order (the ground truth's reading order)."""
+    root = etree.parse(str(xml_path)).getroot()
+    kind = local_name(root)
+    if kind.lower() == "alto":
+        unit = list(root.iter("{*}MeasurementUnit"))
+        if unit and (unit[0].text or "").strip() != "pixel":
+            raise ConfigError(f"{xml_path}: ALTO MeasurementUnit {unit[0].text!r} is not supported, only pixel")
+        geometry, text_of, block_tags = alto_geometry, _alto_text, ("TextBlock",)
+        file_name = list(root.iter("{*}fileName"))
+        image_name = (file_name[0].text or "").strip() if file_name else ""
+    elif kind == "PcGts":
+        geometry, text_of, block_tags = page_geometry, _page_text, ("TextRegion",)
+        image_name = next(root.iter("{*}Page")).get("imageFilename", "")
+    else:
+        raise ConfigError(f"{xml_path}: root element {kind!r} is neither PAGE (PcGts) nor ALTO (alto)")
+    lines = list(root.iter("{*}TextLine"))
+    found = []
+    for line, block in zip(lines, block_indices(lines, block_tags)):
+        points = geometry(line)
+        if points is not None:
+            found.append(XmlLine(points, text_of(line), block, baseline_of(line)))
+    return XmlPage(image_name, found)
+
+
+def page_image(xml_path: Path, image_name: str) -> Path:
+    """The page image a PAGE/ALTO file names, looked for beside it and one folder up."""
+    folder = xml_path.parent
+    candidates = [folder / image_name, folder.parent / image_name, folder / Path(image_name).name]
+    image_path = next((path for path in candidates if image_name and path.is_file()), None)
+    if image_path is None:
+        raise ConfigError(f"{xml_path}: page image {image_name!r} not found next to it")
+    return image_path
+
+
+def _page_text(line) -> str:
+    equivs = [child for child in line if local_name(child) == "TextEquiv"]
+    if not equivs:
+        return ""
+    chosen = next((equiv for equiv in equivs if equiv.get("index") == "0"), equivs[0])
+    unicode = list(chosen.iter("{*}Unicode"))
+    return (unicode[0].text or "").strip() if unicode else ""
+
+
+def _alto_text(line) -> str:
+    return " ".join(string.get("CONTENT", "") for string in line.iter("{*}String")).strip()
+
+
+def local_name(element) -> str:
+    return etree.QName(element).localname
+
+
+def parse_points(text: str) -> np.ndarray:
+    """'x y x y ...' (ALTO) or 'x,y x,y ...' (PAGE) -> (N, 2) float array."""
+    numbers = [float(value) for value in text.replace(",", " ").split()]
+    return np.array(numbers[: len(numbers) // 2 * 2], dtype=np.float64).reshape(-1, 2)
+
+
+def box_points(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float64)
+
+
+def has_area(points: np.ndarray) -> bool:
+    if len(points) < 3:
+        return False
+    x, y = points[:, 0], points[:, 1]
+    return abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) > 1e-6
+
+
+def enclosing_block(line, block_tags: tuple[str, ...]):
+    parent = line.getparent()
+    while parent is not None and local_name(parent) not in block_tags:
+        parent = parent.getparent()
+    return parent
+
+
+def block_indices(lines: list, block_tags: tuple[str, ...]) -> list[int]:
+    """Index of each line's enclosing block, numbered in document order (-1 for none)."""
+    ids: dict[str, int] = {}
+    indices = []
+    for line in lines:
+        block = enclosing_block(line, block_tags)
+        key = None if block is None else block.getroottree().getpath(block)
+        indices.append(-1 if key is None else ids.setdefault(key, len(ids)))
+    return indices
+
+
+def alto_geometry(line) -> np.ndarray | None:
+    """Shape/Polygon points, else the HPOS/VPOS/WIDTH/HEIGHT box, else the polygon's box."""
+    points = np.zeros((0, 2))
+    for polygon in line.iter("{*}Polygon"):
+        points = parse_points(polygon.get("POINTS", ""))
+    if has_area(points):
+        return points
+    box = alto_box(line)
+    if box is not None:
+        return box
+    return box_points(*points.min(axis=0), *points.max(axis=0)) if len(points) else None
+
+
+def alto_box(element) -> np.ndarray | None:
+    """The HPOS/VPOS/WIDTH/HEIGHT box of an ALTO element; None when it has no complete one."""
+    try:
+        x, y = float(element.get("HPOS")), float(element.get("VPOS"))
+        return box_points(x, y, x + float(element.get("WIDTH")), y + float(element.get("HEIGHT")))
+    except (TypeError, ValueError):
+        return None
+
+
+def page_geometry(line) -> np.ndarray | None:
+    """TextLine/Coords@points (or PAGE 2010 Coords/Point); a degenerate outline becomes its box."""
+    coords = [child for child in line if local_name(child) == "Coords"]
+    if not coords:
+        return None
+    if coords[0].get("points"):
+        points = parse_points(coords[0].get("points"))
+    else:
+        points = np.array([[float(p.get("x")), float(p.get("y"))] for p in coords[0] if local_name(p) == "Point"])
+    if len(points) == 0:
+        return None
+    return points if has_area(points) else box_points(*points.min(axis=0), *points.max(axis=0))
+
+
+def baseline_of(line) -> np.ndarray | None:
+    """ALTO 4 TextLine@BASELINE as points, or PAGE TextLine/Baseline@points; None without two points
+    (ALTO 2/3 give a single height, which says nothing about where the line runs)."""
+    text = line.get("BASELINE")
+    if text is None:
+        text = next((child.get("points", "") for child in line if local_name(child) == "Baseline"), "")
+    points = parse_points(text)
+    return points if len(points) >= 2 and np.ptp(points[:, 0]) > 0 else None
+
+
+def block_geometry(block) -> np.ndarray | None:
+    """A TextRegion's Coords, or a TextBlock's own Shape/Polygon, else its HPOS/VPOS/WIDTH/HEIGHT box."""
+    if local_name(block) == "TextRegion":
+        return page_geometry(block)
+    for shape in (child for child in block if local_name(child) == "Shape"):
+        for polygon in (child for child in shape if local_name(child) == "Polygon"):
+            points = parse_points(polygon.get("POINTS", ""))
+            if has_area(points):
+                return points
+    return alto_box(block)

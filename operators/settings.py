@@ -1,0 +1,98 @@
+"""Each stage's settings: typed, frozen, unknown keys rejected.
+
+They live beside the stages that read them; ``pipeline.config`` composes them into the job's
+configuration and loads it from YAML and ``--set``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = PROJECT_ROOT / "models" / "trocr-pipeline-printed-small"
+
+
+class Frozen(BaseModel):
+    """Base of every settings class: immutable, and an unknown key is an error."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RasterizeConfig(Frozen):
+    dpi: int = Field(default=300, ge=50, le=1200)
+    pages_per_task: int = Field(default=8, ge=1, description="pages rendered per poppler call")
+    pdfinfo_timeout_s: float = Field(default=30.0, gt=0)
+    render_timeout_s: float = Field(default=120.0, gt=0, description="per page range")
+    max_page_pixels: int = Field(default=250_000_000, ge=1, description="checked before rendering")
+    num_cpus: float = Field(default=1.0, gt=0)
+
+
+class DetectConfig(Frozen):
+    """Classical line detection (operators.detect). Pixel values are at 300 dpi and scaled with
+    the page dpi; lengths without a unit are in line pitches, measured on each page."""
+
+    min_line_height_px: int = Field(default=8, ge=1, description="at 300 dpi; smaller ink is noise")
+    max_skew_deg: float = Field(default=5.0, ge=0, le=45)
+    sauvola_window_px: int = Field(default=75, ge=3, description="binarization window at 300 dpi")
+    sauvola_k: float = Field(default=0.2, gt=0, lt=1, description="higher drops fainter ink")
+    min_contrast: float = Field(default=0.5, ge=0, lt=1, description="share of typical ink contrast")
+    column_gap: float = Field(default=0.6, gt=0, description="min gutter between columns")
+    column_lines: float = Field(default=3.0, gt=0, description="min text height beside a gutter")
+    gutter_noise: float = Field(default=0.1, ge=0, lt=1, description="share of rows crossing a gutter")
+    wide_gap: float = Field(default=2.5, gt=0, description="gap that separates even single lines")
+    block_gap: float = Field(default=1.0, gt=0, description="min gap between stacked blocks")
+    smooth_width: float = Field(default=0.8, gt=0, description="density smoothing along the line")
+    smooth_height: float = Field(default=0.15, gt=0, description="density smoothing across lines")
+    core_threshold: float = Field(default=0.3, gt=0, lt=1, description="core density, share of its p95")
+    line_merge_gap: float = Field(default=1.5, ge=0, description="max word gap inside one line")
+    line_reach: float = Field(default=0.8, gt=0, description="max distance of a line's ink from its core")
+    min_line_ink: float = Field(default=0.03, ge=0, description="min ink area of a line, in pitch^2")
+    min_line_aspect: float = Field(default=2.0, ge=0, description="min width / height of a line")
+    min_line_thickness: float = Field(default=0.15, ge=0, lt=1,
+                                      description="min median ink height per column, share of the glyph height")
+    rule_column_share: float = Field(default=0.9, gt=0, le=1,
+                                     description="a rule has ink in at least this share of its columns ...")
+    rule_spread: float = Field(default=0.3, ge=0,
+                               description="... and its per-column ink varies less than this, in glyph heights")
+    polygon_padding: float = Field(default=0.15, ge=0, description="margin around a line's ink")
+    crop_padding_px: int = Field(default=4, ge=0, description="padding around each line crop")
+    num_cpus: float = Field(default=1.0, gt=0)
+    memory_mb: int = Field(default=1024, ge=64, description="Ray memory request of a layout task")
+
+
+class RecognizeConfig(Frozen):
+    """TrOCR recognition in an actor pool."""
+
+    model: str = Field(default=str(DEFAULT_MODEL), description="hub id or local folder")
+    engine: Literal["fast", "hf"] = Field(default="fast",
+                                          description="fast: this project's engine; hf: transformers generate")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    num_beams: int = Field(default=1, ge=1)
+    max_new_tokens: int = Field(default=128, ge=1)
+    line_batch_size: int = Field(default=32, ge=1, description="line crops per model call")
+    split_long_lines: bool = Field(default=True, description="cut lines wider than a keep-aspect model's input "
+                                                              "at word gaps instead of shrinking them to fit")
+    pages_per_batch: int = Field(default=4, ge=1, description="pages handed to an actor at once")
+    concurrency: int | tuple[int, int] = Field(default=1, description="actors, or (min, max) to autoscale")
+    num_gpus: float = Field(default=0.0, ge=0)
+    num_cpus: float = Field(default=1.0, gt=0)
+    accelerator_type: str | None = Field(default=None, description="e.g. V100: pin actors on mixed clusters")
+    torch_threads: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RecognizeConfig":
+        if self.device == "cpu" and self.precision != "fp32":
+            raise ValueError("precision fp16/bf16 needs device cuda (or auto on a GPU machine)")
+        if isinstance(self.concurrency, tuple) and not (1 <= self.concurrency[0] <= self.concurrency[1]):
+            raise ValueError("concurrency (min, max) needs 1 <= min <= max")
+        return self
+
+
+class OutputConfig(Frozen):
+    parquet_rows_per_file: int = Field(default=2000, ge=1)
+    exports: tuple[Literal["alto", "page", "hocr", "txt"], ...] = Field(
+        default=(), description="files beside the Parquet, in DIR/exports/")

@@ -1,0 +1,40 @@
+"""``trocr-pipeline train``: one process, or ``--workers N`` data-parallel Ray Train workers."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from pathlib import Path
+
+from operators.errors import ConfigError, ExitCode
+from pipeline.train.config import load_train_config
+from pipeline.train.distributed import train_with_ray
+from pipeline.train.loop import train
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", type=Path, required=True, help="training YAML (see configs/train-*.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in work_dir")
+    parser.add_argument("--workers", type=int, default=1, help="N > 1: data-parallel Ray Train with N CPU workers")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+
+def _interrupt_on_sigterm() -> None:
+    """A killed training run unwinds like Ctrl-C, so its DataLoader worker processes exit with it."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    config = load_train_config(args.config)
+    _interrupt_on_sigterm()
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    if args.workers > 1:
+        output = train_with_ray(config, args.workers, resume=args.resume)
+    else:
+        output = train(config, resume=args.resume, show_progress=not args.no_progress)
+    print(f"model saved to {output}")
+    return ExitCode.ok

@@ -1,0 +1,98 @@
+"""The training configuration: typed and frozen like the job's, read from one YAML file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from operators.errors import ConfigError
+from operators.settings import Frozen
+from pipeline.train.model import EncoderKind
+from pipeline.train.tokenizer import TokenizerKind
+
+
+class ModelSpec(Frozen):
+    """Architecture of a model built from scratch, and its tokenizer trained on the synthetic corpus."""
+
+    encoder: EncoderKind = "vit"
+    input_size: tuple[int, int] = Field(default=(32, 768), description="(height, width) of the encoder input")
+    patch_size: tuple[int, int] = (16, 8)
+    hidden_size: int = Field(default=256, ge=8)
+    encoder_layers: int = Field(default=4, ge=1)
+    encoder_heads: int = Field(default=4, ge=1)
+    decoder_layers: int = Field(default=3, ge=1)
+    decoder_heads: int = Field(default=4, ge=1)
+    max_target_tokens: int = Field(default=96, ge=4)
+    keep_aspect: bool = True
+    tokenizer_kind: TokenizerKind = "roberta"
+    vocab_size: int = Field(default=512, ge=300)
+    tokenizer_corpus_lines: int = Field(default=20000, ge=10, description="synthetic corpus lines to learn it from")
+    tokenizer_corpus_seed: int = 0
+
+
+class DataSource(Frozen):
+    """Labelled lines: a folder of image + .gt.txt, PAGE/ALTO pages, or streamed synthetic lines."""
+
+    kind: Literal["folder", "pages", "synth"]
+    path: Path | None = Field(default=None, description="folder or pages: where the files are")
+    font_kind: Literal["printed", "handwritten", "all"] = "printed"
+    seed: int = Field(default=0, description="synth: the line set; different seeds give disjoint sets")
+    count: int | None = Field(default=None, ge=1, description="synth: lines (validation needs it); None = endless")
+    augment: bool = Field(default=False, description="folder or pages: vary each real line every time it is drawn")
+    weight: float = Field(default=1.0, gt=0, description="share of training batches drawn from this source")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataSource":
+        if self.kind != "synth" and self.path is None:
+            raise ValueError(f"data source kind {self.kind!r} needs a path")
+        return self
+
+
+class TrainConfig(Frozen):
+    output_dir: Path = Field(description="best model so far, as a save_pretrained folder")
+    work_dir: Path = Field(description="checkpoints with optimizer state, for --resume")
+    base_model: str | None = Field(default=None, description="checkpoint to fine-tune (hub id or folder)")
+    model: ModelSpec | None = Field(default=None, description="or: build this model from scratch")
+    train_data: list[DataSource] = Field(min_length=1)
+    validation_data: list[DataSource] = []
+    steps: int = Field(ge=1, description="optimizer steps; the learning-rate schedule spans them")
+    stop_after_step: int | None = Field(default=None, ge=1,
+                                        description="end this run early, at this step, on the same schedule")
+    batch_size: int = Field(default=32, ge=1)
+    grad_accum_steps: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=5e-4, gt=0)
+    warmup_steps: int = Field(default=200, ge=0)
+    min_lr_ratio: float = Field(default=0.05, ge=0, le=1, description="cosine decay ends at lr * this")
+    weight_decay: float = Field(default=0.01, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "fp16", "bf16"] = Field(default="fp32", description="autocast on CUDA")
+    checkpoint_every: int = Field(default=500, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    validate_every: int = Field(default=500, ge=1)
+    validation_batch_size: int = Field(default=64, ge=1)
+    torch_threads: int | None = Field(default=None, ge=1)
+    loader_workers: int = Field(default=0, ge=0, description="DataLoader processes making training lines")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if (self.base_model is None) == (self.model is None):
+            raise ValueError("give exactly one of base_model (fine-tune) or model (build from scratch)")
+        if any(source.kind == "synth" and source.count is None for source in self.validation_data):
+            raise ValueError("synthetic validation data needs a count")
+        return self
+
+
+def load_train_config(path: Path) -> TrainConfig:
+    try:
+        tree = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read training config {path}: {exc}") from exc
+    try:
+        return TrainConfig.model_validate(tree or {})
+    except ValidationError as exc:
+        raise ConfigError(f"invalid training config {path}: {exc}") from exc

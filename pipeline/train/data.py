@@ -1,0 +1,196 @@
+"""Training data: labelled line images from folders, PAGE/ALTO pages and the synthetic line stream,
+and the collator that turns their texts into decoder labels."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from operators.crops import cut_polygon
+from operators.errors import ConfigError
+from operators.formats.read import page_image, page_xml_files, read_page_xml
+from operators.model import LinePreprocessor
+from operators.words import fit_rows_to_ink
+from pipeline.train.config import DataSource
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+GT_SUFFIX = ".gt.txt"
+#: Synthetic lines are rendered in chunks of this many; DataLoader workers take turns by chunk.
+SYNTH_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class LabeledLine:
+    """One line image and its transcription: a file on disk, or pixels already in memory."""
+
+    name: str
+    text: str
+    source: str
+    path: Path | None = None
+    pixels: np.ndarray | None = None
+
+    @classmethod
+    def in_memory(cls, image: np.ndarray, text: str, name: str, source: str) -> "LabeledLine":
+        return cls(name=name, text=text, source=source, pixels=image)
+
+    def load_gray(self) -> np.ndarray:
+        """uint8 HxW grayscale pixels (alpha and colour dropped); a file's rows fitted to its ink as the
+        pipeline fits the lines it reads (line crops cut with a margin carry a neighbour's descenders)."""
+        if self.pixels is not None:
+            return self.pixels
+        with Image.open(self.path) as image:
+            return fit_rows_to_ink(np.asarray(image.convert("L")))
+
+
+def read_line_folder(folder: Path) -> list[LabeledLine]:
+    """Every ``<stem>.gt.txt`` with an image ``<stem>[.more].png|jpg|tif`` beside it (e.g. UW3 ``x.bin.png``)."""
+    if not folder.is_dir():
+        raise ConfigError(f"line folder {folder} does not exist or is not a folder")
+    images_by_stem: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            parts = path.name.split(".")
+            for end in range(1, len(parts)):
+                images_by_stem.setdefault(".".join(parts[:end]), []).append(path)
+    lines = []
+    for gt in sorted(folder.glob(f"*{GT_SUFFIX}")):
+        candidates = images_by_stem.get(gt.name[: -len(GT_SUFFIX)])
+        if candidates:
+            image = min(candidates, key=lambda path: len(path.name))
+            text = gt.read_text(encoding="utf-8").strip()
+            lines.append(LabeledLine(name=image.name, text=text, source=str(folder), path=image))
+    return lines
+
+
+def read_page_lines(path: Path) -> list[LabeledLine]:
+    """Lines cut from PAGE or ALTO pages (one XML file, or every .xml in a folder) by their polygons.
+
+    Pixels outside a line's polygon (within its bounding box) are set to white, so neighbouring
+    lines' ascenders and descenders do not leak into the crop. Lines without text are skipped.
+    """
+    lines: list[LabeledLine] = []
+    for xml_path in page_xml_files(path):
+        page = read_page_xml(xml_path)
+        with Image.open(page_image(xml_path, page.image_name)) as image:
+            gray = np.asarray(image.convert("L"))
+        for number, line in enumerate(page.lines):
+            crop, text = cut_polygon(gray, line.points), line.text
+            if text and crop is not None:  # fitted as the pipeline fits the lines it reads
+                lines.append(LabeledLine.in_memory(fit_rows_to_ink(crop), text, f"{xml_path.stem}:{number}",
+                                                   str(xml_path)))
+    return lines
+
+
+def read_line_sources(sources: Sequence["DataSource"]) -> list[LabeledLine]:
+    """Labelled lines from folder and page sources (synthetic sources are streamed, not read here)."""
+    lines: list[LabeledLine] = []
+    for source in sources:
+        if source.kind == "folder":
+            lines += read_line_folder(source.path)
+        elif source.kind == "pages":
+            lines += read_page_lines(source.path)
+    return lines
+
+
+class TrainingLines(IterableDataset):
+    """Endless stream of (resized uint8 image, text) drawn from the sources by weight.
+
+    Synthetic lines continue at ``start_line`` (resume sees new lines); every DataLoader worker of
+    every Ray Train rank renders its own chunks, so no two of them repeat each other.
+    """
+
+    def __init__(self, sources: Sequence[DataSource], preprocessor: LinePreprocessor, seed: int, start_line: int,
+                 shard: tuple[int, int] = (0, 1)):
+        self.sources = list(sources)
+        self.preprocessor = preprocessor
+        self.seed = seed
+        self.start_line = start_line
+        self.shard = shard
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, str]]:
+        worker = get_worker_info()
+        loader_id, loaders = (worker.id, worker.num_workers) if worker else (0, 1)
+        rank, world = self.shard
+        worker_id, workers = rank * loaders + loader_id, world * loaders
+        streams = [_source_stream(source, self.seed, self.start_line, worker_id, workers) for source in self.sources]
+        weights = [source.weight for source in self.sources]
+        rng = random.Random(self.seed * 1000 + self.start_line + worker_id)
+        while True:
+            image, text = next(rng.choices(streams, weights)[0])
+            yield self.preprocessor.resize(image), text
+
+
+def _source_stream(source: DataSource, seed: int, start_line: int, worker_id: int, workers: int) -> Iterator[tuple[np.ndarray, str]]:
+    if source.kind == "synth":
+        return _synth_stream(source, start_line, worker_id, workers)
+    return _shuffled_forever(read_line_sources([source]), random.Random(seed + start_line + worker_id), source.augment)
+
+
+def _synth_stream(source: DataSource, start_line: int, worker_id: int, workers: int) -> Iterator[tuple[np.ndarray, str]]:
+    """Synthetic lines in chunks of SYNTH_CHUNK; worker i of n renders chunks i, i+n, ... (no repeats)."""
+    from pipeline.synth.lines import iter_lines
+
+    chunk = start_line // SYNTH_CHUNK + worker_id
+    while True:
+        begin = chunk * SYNTH_CHUNK
+        count = SYNTH_CHUNK if source.count is None else min(SYNTH_CHUNK, source.count - begin)
+        if count <= 0:
+            return
+        for image, text, _ in iter_lines(count, source.seed, source.font_kind, start_index=begin):
+            yield np.asarray(image), text
+        chunk += workers
+
+
+def _shuffled_forever(lines: list[LabeledLine], rng: random.Random, augment: bool) -> Iterator[tuple[np.ndarray, str]]:
+    if not lines:
+        raise ConfigError("a training data source has no labelled lines")
+    from pipeline.synth.degrade import augment_scan
+
+    pixel_rng = np.random.default_rng(rng.randrange(2**32))
+    while True:
+        for line in rng.sample(lines, len(lines)):
+            gray = line.load_gray()
+            yield (augment_scan(gray, pixel_rng) if augment else gray), line.text
+
+
+def validation_lines(sources: Sequence[DataSource]) -> list[LabeledLine]:
+    """Fixed validation set: files from folders/pages, synthetic lines rendered once."""
+    lines = read_line_sources([source for source in sources if source.kind != "synth"])
+    for source in sources:
+        if source.kind == "synth":
+            lines += [
+                LabeledLine.in_memory(image, text, f"synth-{source.seed}-{index}", f"synth:{source.font_kind}:{source.seed}")
+                for index, (image, text) in enumerate(_synth_stream(source, 0, 0, 1))
+            ]
+    return lines
+
+
+@dataclass(frozen=True)
+class Batch:
+    pixels: list[np.ndarray]
+    labels: torch.Tensor
+
+
+class LabelCollator:
+    """Tokenize texts into labels: padding -> -100, no leading <s> when the decoder starts with it."""
+
+    def __init__(self, tokenizer, decoder_start_token_id: int, max_target_tokens: int):
+        self.tokenizer = tokenizer
+        self.drop_bos = decoder_start_token_id == tokenizer.bos_token_id
+        self.max_length = max_target_tokens + (1 if self.drop_bos else 0)
+
+    def __call__(self, items: list[tuple[np.ndarray, str]]) -> Batch:
+        return Batch([pixels for pixels, _ in items], self.labels([text for _, text in items]))
+
+    def labels(self, texts: list[str]) -> torch.Tensor:
+        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        labels = encoded.input_ids.masked_fill(encoded.attention_mask == 0, -100)
+        return labels[:, 1:] if self.drop_bos else labels

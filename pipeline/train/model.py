@@ -1,0 +1,97 @@
+"""A new TrOCR to train from scratch: its architecture and processor, and how a trained one is saved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from transformers import (
+    DeiTConfig,
+    DeiTImageProcessorPil,
+    PreTrainedTokenizerBase,
+    TrOCRConfig,
+    TrOCRProcessor,
+    VisionEncoderDecoderConfig,
+    VisionEncoderDecoderModel,
+    ViTConfig,
+    ViTImageProcessorPil,
+)
+
+from operators.model import KEEP_ASPECT_KEY, set_generation_ids
+
+EncoderKind = Literal["vit", "deit"]
+
+
+def build_trocr(
+    tokenizer: PreTrainedTokenizerBase,
+    input_size: tuple[int, int],
+    patch_size: tuple[int, int],
+    encoder: EncoderKind = "vit",
+    hidden_size: int = 256,
+    encoder_layers: int = 4,
+    encoder_heads: int = 4,
+    decoder_layers: int = 3,
+    decoder_heads: int = 4,
+    max_target_tokens: int = 128,
+    keep_aspect: bool = True,
+    seed: int = 0,
+) -> tuple[VisionEncoderDecoderModel, TrOCRProcessor]:
+    """A randomly initialised TrOCR (ViT or DeiT encoder, TrOCR decoder) and its processor, ready to train."""
+    if input_size[0] % patch_size[0] or input_size[1] % patch_size[1]:
+        raise ValueError(f"input size {input_size} is not a multiple of patch size {patch_size}")
+    encoder_class = {"vit": ViTConfig, "deit": DeiTConfig}[encoder]
+    encoder_config = encoder_class(
+        image_size=list(input_size),
+        patch_size=list(patch_size),
+        hidden_size=hidden_size,
+        num_hidden_layers=encoder_layers,
+        num_attention_heads=encoder_heads,
+        intermediate_size=4 * hidden_size,
+    )
+    decoder_config = TrOCRConfig(
+        vocab_size=len(tokenizer),
+        d_model=hidden_size,
+        decoder_layers=decoder_layers,
+        decoder_attention_heads=decoder_heads,
+        decoder_ffn_dim=4 * hidden_size,
+        max_position_embeddings=max_target_tokens + 2,
+        activation_function="gelu",
+        dropout=0.0,  # training data is streamed and never repeats: nothing to regularise against
+        use_learned_position_embeddings=True,
+        layernorm_embedding=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.bos_token_id,
+    )
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder_config, decoder_config)
+    config.decoder_start_token_id = tokenizer.bos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    model = VisionEncoderDecoderModel(config=config)
+    set_generation_ids(model, tokenizer, "new model")
+    model.generation_config.max_new_tokens = max_target_tokens
+    processor = TrOCRProcessor(image_processor=_new_image_processor(encoder, input_size, keep_aspect), tokenizer=tokenizer)
+    return model, processor
+
+
+def save_trocr(model: VisionEncoderDecoderModel, processor: TrOCRProcessor, out_dir: Path) -> Path:
+    """Write model (safetensors), image processor and tokenizer where load_trocr finds them."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def _new_image_processor(encoder: EncoderKind, input_size: tuple[int, int], keep_aspect: bool) -> Any:
+    """Processor settings of the official TrOCR checkpoints (mean/std 0.5), at our input size."""
+    size = {"height": input_size[0], "width": input_size[1]}
+    common = {"size": size, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    if keep_aspect:
+        common[KEEP_ASPECT_KEY] = True
+    if encoder == "deit":
+        return DeiTImageProcessorPil(crop_size=size, do_center_crop=True, resample=Image.Resampling.BICUBIC, **common)
+    return ViTImageProcessorPil(resample=Image.Resampling.BILINEAR, **common)
