@@ -1,14 +1,22 @@
-"""Recognition speed: the fast decoding engine against transformers ``generate`` (project issue 4).
+"""Recognition speed: the fast decoding engine against transformers ``generate`` (issues 4 and 16).
 
-On the same synthetic line crops (real text rendered by ``pipeline.synth.lines.iter_lines``), in one
-process, decodes with (1) the naive loop of the HuggingFace TrOCR docs, one line per ``generate``
-call, (2) batched ``generate`` with the cache on, as ``decode_lines(engine="hf")`` runs it, and (3) this
-project's engine, ``decode_lines(engine="fast")``, with the same batches, and checks that all three
-return the same texts. Crops are resized once up front (the pipeline does that in a separate stage).
-It also times the encoder alone over the same batches: both ``generate`` and the engine must do that
-work, so HF batched time / encoder time is the ceiling of any decoder's speedup with this model.
+On the same line crops, in one process, decodes with (1) the naive loop of the HuggingFace TrOCR docs,
+one line per ``generate`` call, (2) batched ``generate`` with the cache on, as
+``decode_lines(engine="hf")`` runs it: the inputs a transformers user gives it, every line padded to
+the model's full input width, and (3) this project's engine, ``decode_lines(engine="fast")``, with the
+same batches, as the pipeline reads lines: a keep-aspect model's batch cut at its widest line, each
+line attending to its own ink only (``operators.decoding.encode_lines``). Crops are resized once up
+front (the pipeline does that in a separate stage). Identity: the engine given the same full-width
+inputs as ``generate`` must return the same texts as both HF runs. It also times the encoder alone at
+full width over the same batches: the work ``generate`` does before its first token.
 
-    .venv/bin/python bench/recognize.py
+Lines: synthetic (real text rendered by ``pipeline.synth.lines.iter_lines``), or with ``--real``
+labelled real lines (folders of ``<name>.jpg|png`` + ``<name>.gt.txt``, or a folder of such folders,
+e.g. ``../shared/data/train/val``), spread evenly over them; then ``cer_engine`` and ``cer_hf`` are
+the character error rates (jiwer) of (3) and (2) against the transcriptions.
+
+    .venv/bin/python bench/recognize.py --threads 1
+    .venv/bin/python bench/recognize.py --threads 1 --real ../shared/data/train/val --lines 256
     .venv/bin/python bench/recognize.py --model random-small --lines 8 --max-new-tokens 32
     python bench/recognize.py --model random-base --device cuda --precision fp16 --max-new-tokens 24 \
         --lines 512 --batch-size 128 --no-naive
@@ -26,11 +34,13 @@ for a descheduled thread, which distorts all three timings (``generate`` the mos
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import jiwer
 import numpy as np
 import torch
 from PIL import Image
@@ -48,6 +58,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from operators.recognize import LineReading, decode_lines, line_batches  # noqa: E402
+from operators.words import fit_rows_to_ink  # noqa: E402
 from operators.settings import DEFAULT_MODEL, RecognizeConfig  # noqa: E402
 from operators.model import LinePreprocessor, TrOCRBundle, load_trocr, resolve_device, resolve_dtype  # noqa: E402
 from pipeline.synth.corpus import CorpusSampler  # noqa: E402
@@ -109,14 +120,30 @@ def padded_tokenizer(kind: TokenizerKind, vocab_size: int):
     return tokenizer
 
 
-def line_crops(bundle: TrOCRBundle, count: int, seed: int) -> tuple[list[np.ndarray], list[float]]:
-    """Model-size crops of rendered synthetic lines, and their width/height (the pipeline's length hint)."""
-    resized, hints = [], []
-    for image, _text, _font in iter_lines(count, seed):
-        pixels = np.asarray(image)
-        resized.append(bundle.preprocessor.resize(pixels))
-        hints.append(pixels.shape[1] / pixels.shape[0])
-    return resized, hints
+def synthetic_lines(count: int, seed: int) -> list[tuple[np.ndarray, str]]:
+    return [(np.asarray(image), text) for image, text, _font in iter_lines(count, seed)]
+
+
+def real_lines(folder: Path, count: int) -> list[tuple[np.ndarray, str]]:
+    """``count`` labelled lines spread evenly over the folder (or its sub-folders), fitted to their ink
+    rows as the pipeline fits a detected line."""
+    texts = sorted(folder.glob("*.gt.txt")) or sorted(folder.glob("*/*.gt.txt"))
+    if not texts:
+        raise SystemExit(f"no <name>.gt.txt line transcriptions in {folder} or its sub-folders")
+    chosen = [texts[round(index * len(texts) / count)] for index in range(min(count, len(texts)))]
+    lines = []
+    for gt in chosen:
+        stem = gt.name.removesuffix(".gt.txt")
+        image = next(path for path in gt.parent.glob(f"{stem}.*") if not path.name.endswith(".txt"))
+        with Image.open(image) as opened:
+            lines.append((fit_rows_to_ink(np.asarray(opened.convert("L"))), gt.read_text(encoding="utf-8").strip()))
+    return lines
+
+
+def line_crops(bundle: TrOCRBundle, lines: list[tuple[np.ndarray, str]]) -> tuple[list[np.ndarray], list[float]]:
+    """Model-size crops of the lines, and their width/height (the pipeline's length hint)."""
+    return ([bundle.preprocessor.resize(pixels) for pixels, _ in lines],
+            [pixels.shape[1] / pixels.shape[0] for pixels, _ in lines])
 
 
 def naive_loop(bundle: TrOCRBundle, resized: list[np.ndarray], num_beams: int, max_new_tokens: int) -> list[str]:
@@ -171,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--seed", type=int, default=7, help="seed of the synthetic lines")
+    parser.add_argument("--real", type=Path, help="labelled real lines instead of synthetic ones (see above)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-naive", action="store_true",
                         help="skip the one-line-per-generate loop (minutes for many lines of a large model)")
@@ -185,14 +213,18 @@ def main(argv: list[str] | None = None) -> int:
         bundle = random_bundle(args.model, device, resolve_dtype(args.precision, device))
     else:
         bundle = load_trocr(args.model, device=args.device, precision=args.precision)
-    resized, hints = line_crops(bundle, args.lines, args.seed)
+    lines = real_lines(args.real, args.lines) if args.real else synthetic_lines(args.lines, args.seed)
+    args.lines = len(lines)
+    resized, hints = line_crops(bundle, lines)
     if args.max_new_tokens is None:
         args.max_new_tokens = bundle.model.generation_config.max_new_tokens or defaults.max_new_tokens
     print(f"model {args.model} | {args.lines} lines | batch {args.batch_size} | max_new_tokens {args.max_new_tokens} "
           f"| beams {args.num_beams} | {bundle.device} {args.precision} | torch threads {torch.get_num_threads()}")
 
-    def batched(engine: str) -> Callable[[], list[LineReading]]:
-        return lambda: decode_lines(bundle, resized, args.num_beams, args.max_new_tokens, args.batch_size, hints,
+    full_width = dataclasses.replace(bundle, width_step=None)  # the engine given generate()'s inputs
+
+    def batched(engine: str, model: TrOCRBundle = bundle) -> Callable[[], list[LineReading]]:
+        return lambda: decode_lines(model, resized, args.num_beams, args.max_new_tokens, args.batch_size, hints,
                                     engine=engine)
 
     warm = slice(0, min(2, len(resized)))  # first calls pay for allocator and kernel set-up
@@ -201,23 +233,27 @@ def main(argv: list[str] | None = None) -> int:
     hf, hf_s = timed(batched("hf"), bundle.device)
     fast, fast_s = timed(batched("fast"), bundle.device)
     _, floor_s = timed(lambda: encoder_floor(bundle, resized, hints, args.batch_size), bundle.device)
-    timings = [("HF batched generate", hf_s), ("fast engine", fast_s), ("encoder alone (both do it)", floor_s)]
+    same_inputs = batched("fast", full_width)()
+    timings = [("HF batched generate", hf_s), ("fast engine", fast_s), ("encoder alone, full width", floor_s)]
     if not args.no_naive:
         naive, naive_s = timed(lambda: naive_loop(bundle, resized, args.num_beams, args.max_new_tokens), bundle.device)
         timings.insert(0, ("naive loop (HF docs, 1 line/generate)", naive_s))
 
     for name, seconds in timings:
         print(f"{name:40s} {args.lines / seconds:8.2f} lines/s  ({seconds:.2f} s)")
-    same_as_hf = sum(a == b for a, b in zip(texts_of(fast), texts_of(hf)))
-    same_as_naive = args.lines if args.no_naive else sum(a == b for a, b in zip(texts_of(fast), naive))
+    same_as_hf = sum(a == b for a, b in zip(texts_of(same_inputs), texts_of(hf)))
+    same_as_naive = args.lines if args.no_naive else sum(a == b for a, b in zip(texts_of(same_inputs), naive))
     truncated = sum(reading.truncated for reading in fast)
-    print(f"identical texts: fast vs HF batched {same_as_hf}/{args.lines}"
+    print(f"identical texts on identical inputs: fast vs HF batched {same_as_hf}/{args.lines}"
           + ("" if args.no_naive else f", fast vs naive {same_as_naive}/{args.lines}")
           + f" | {truncated} lines hit max_new_tokens")
     for reading in fast[:3]:
         print(f"  e.g. {reading.text[:70]!r} (confidence {reading.confidence:.3f})")
-    print(f"ceiling of any decoder with this encoder: {hf_s / floor_s:.2f}x HF batched"
+    print(f"ceiling of any decoder with the full-width encoder: {hf_s / floor_s:.2f}x HF batched"
           + ("" if args.no_naive else f", {naive_s / floor_s:.2f}x naive"))
+    if args.real:
+        references = [text for _, text in lines]
+        print(f"cer_engine={jiwer.cer(references, texts_of(fast)):.4f} cer_hf={jiwer.cer(references, texts_of(hf)):.4f}")
     identical = same_as_hf == same_as_naive == args.lines
     naive_ratio = "" if args.no_naive else f" speedup_vs_naive={naive_s / fast_s:.2f}"
     print(f"speedup_vs_hf_batched={hf_s / fast_s:.2f}{naive_ratio} identical={str(identical).lower()}")

@@ -27,6 +27,7 @@ from transformers import (
 
 from operators.decoding import ink_width_step
 from operators.errors import ModelLoadError
+from operators.settings import BUNDLED_MODELS
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +187,15 @@ def load_trocr(name_or_path: str, device: str = "auto", precision: str = "fp32")
 
 
 def resolve_checkpoint(name_or_path: str) -> str:
-    """Where to load ``name_or_path`` from: a local folder (checked complete first), else a hub id.
+    """Where to load ``name_or_path`` from: a bundled model's short name (``printed``,
+    ``handwritten``), a local folder (checked complete first), else a hub id.
 
     A name that looks like a path (starts with / . ~, or has more than one /) and is no folder is an
     error here, rather than a confusing hub lookup.
     """
-    local = Path(name_or_path).expanduser()
+    if name_or_path in BUNDLED_MODELS and not BUNDLED_MODELS[name_or_path].is_dir():
+        raise ModelLoadError(f"the bundled model {name_or_path!r} is missing: {BUNDLED_MODELS[name_or_path]}")
+    local = BUNDLED_MODELS.get(name_or_path, Path(name_or_path).expanduser())
     if local.exists():
         _check_local_folder(local)
         return str(local)

@@ -12,7 +12,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = PROJECT_ROOT / "models" / "trocr-pipeline-printed-small"
+#: The bundled models by their short names (``recognize.model: printed``); they take precedence over
+#: a folder of the same name in the working directory.
+BUNDLED_MODELS = {
+    "printed": PROJECT_ROOT / "models" / "trocr-pipeline-printed-small",
+    "handwritten": PROJECT_ROOT / "models" / "trocr-pipeline-handwritten-small",
+}
+DEFAULT_MODEL = BUNDLED_MODELS["printed"]
 
 
 class Frozen(BaseModel):
@@ -66,7 +72,7 @@ class DetectConfig(Frozen):
 class RecognizeConfig(Frozen):
     """TrOCR recognition in an actor pool."""
 
-    model: str = Field(default=str(DEFAULT_MODEL), description="hub id or local folder")
+    model: str = Field(default="printed", description="a bundled model (printed, handwritten), a local folder or a hub id")
     engine: Literal["fast", "hf"] = Field(default="fast",
                                           description="fast: this project's engine; hf: transformers generate")
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import jiwer
 
-from operators.settings import DEFAULT_MODEL
 from operators.errors import ConfigError, ExitCode
 from operators.formats.read import page_image, page_xml_files, read_page_xml
 from operators.model import load_trocr
@@ -205,7 +204,7 @@ def evaluate_pages(model: str, paths: Sequence[Path], normalize_options: Sequenc
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", "-m", default=str(DEFAULT_MODEL), help="hub id or local folder")
+    parser.add_argument("--model", "-m", default="printed", help="bundled model (printed, handwritten), folder or hub id")
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--lines", nargs="+", type=Path, help="folders of line images with <name>.gt.txt ground truth")
     data.add_argument("--pages", nargs="+", type=Path,

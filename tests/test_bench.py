@@ -6,6 +6,7 @@ against the current code is. bench/linedet.py needs ../shared and is not run her
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -56,3 +57,15 @@ def test_train_sweep_runs_each_variant_and_tabulates_it(tmp_path, tiny_model):
     fast = yaml.safe_load((tmp_path / "sweep" / "fast" / "config.yaml").read_text())
     assert (fast["learning_rate"], fast["batch_size"]) == (1e-3, 2)
     assert (tmp_path / "sweep" / "fast" / "model" / "model.safetensors").is_file()
+
+
+def test_accuracy_bench_scores_page_cer_and_bag_of_words_after_one_normalisation():
+    spec = importlib.util.spec_from_file_location("accuracy_bench", PROJECT_ROOT / "bench" / "accuracy.py")
+    accuracy = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(accuracy)
+    assert accuracy.normalize("Die  Berliniſche\nMonat⸗ ſchrift^ ﬁne") == "Die Berlinische Monat- schrift fine"
+    # one column read in the other order: page CER counts it, the bag of words does not
+    cer, bow = accuracy.score(["alpha beta\ngamma delta"], ["gamma delta alpha beta"])
+    assert cer > 0.5 and bow == 0.0
+    cer, bow = accuracy.score(["one two three four"], ["one two three"])
+    assert round(cer, 3) == round(5 / 18, 3) and round(bow, 3) == round(1 - 6 / 7, 3)

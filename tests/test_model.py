@@ -13,7 +13,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from operators.errors import ModelLoadError
 from helpers import build_tiny_random_trocr
-from operators.model import KEEP_ASPECT_KEY, LinePreprocessor, load_trocr
+from operators.model import KEEP_ASPECT_KEY, LinePreprocessor, load_trocr, resolve_checkpoint
+from operators.settings import BUNDLED_MODELS, DEFAULT_MODEL, RecognizeConfig
 from pipeline.train.model import build_trocr, save_trocr
 from pipeline.train.tokenizer import train_tokenizer
 
@@ -203,3 +204,9 @@ def test_official_checkpoint_processor_configs_are_reproduced(tmp_path, legacy_c
     reference = processor(images=Image.fromarray(crop).convert("RGB"), return_tensors="pt").pixel_values
     assert preprocessor.input_size == (384, 384)
     assert torch.allclose(ours, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLED_MODELS))
+def test_short_names_resolve_to_the_bundled_models(name):
+    assert resolve_checkpoint(name) == str(BUNDLED_MODELS[name])
+    assert RecognizeConfig().model == "printed" and BUNDLED_MODELS["printed"] == DEFAULT_MODEL
