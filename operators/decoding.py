@@ -43,6 +43,7 @@ class DecodedLine:
     tokens: list[int]  # generated ids after the start token, through the first end-of-sequence id
     confidence: float  # geometric mean of the chosen tokens' probabilities, 0..1
     truncated: bool  # no end-of-sequence within max_new_tokens
+    logprobs: tuple[float, ...] = ()  # each token's log-probability, for word confidences
 
 
 def sequence_confidence(token_logprobs: torch.Tensor) -> float:
@@ -77,7 +78,8 @@ def _decoded_line(tokens: list[int], logprobs: torch.Tensor, eos_ids: list[int])
     """Cut a generated row after its first end-of-sequence id (what follows is padding)."""
     ends = [index for index, token in enumerate(tokens) if token in eos_ids]
     length = ends[0] + 1 if ends else len(tokens)
-    return DecodedLine(tokens[:length], sequence_confidence(logprobs[:length]), truncated=not ends)
+    return DecodedLine(tokens[:length], sequence_confidence(logprobs[:length]), truncated=not ends,
+                       logprobs=tuple(logprobs[:length].tolist()))
 
 
 def _as_list(ids: int | list[int]) -> list[int]:

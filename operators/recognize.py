@@ -8,13 +8,17 @@ pages by expected text length and decodes them.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
+import math
+import re
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np
 import torch
-from transformers import VisionEncoderDecoderModel
+from transformers import PreTrainedTokenizerBase, VisionEncoderDecoderModel
 
 from operators.crops import line_pieces
 from operators.decoding import DecodingEngine, hf_generate
@@ -36,16 +40,57 @@ class LineReading:
     text: str
     confidence: float  # geometric mean of the chosen tokens' probabilities, 0..1
     truncated: bool  # no end-of-sequence within max_new_tokens
+    word_confidences: tuple[float, ...] = ()  # one per word of text.split(), from the tokens that start it
 
 
 def join_readings(readings: Sequence[LineReading | None]) -> LineReading | None:
     """One line's reading from its pieces' readings: texts joined by a space (pieces are cut at word
-    gaps), the weakest piece's confidence; None when a piece has no reading."""
+    gaps), the weakest piece's confidence, the pieces' word confidences in order; None when a piece
+    has no reading."""
     if any(reading is None for reading in readings):
         return None
     return LineReading(text=" ".join(reading.text for reading in readings if reading.text),
                        confidence=min(reading.confidence for reading in readings),
-                       truncated=any(reading.truncated for reading in readings))
+                       truncated=any(reading.truncated for reading in readings),
+                       word_confidences=tuple(value for reading in readings for value in reading.word_confidences))
+
+
+def read_tokens(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[int], logprobs: Sequence[float],
+                line_confidence: float) -> tuple[str, tuple[float, ...]]:
+    """A decoded line's text and each word's confidence: the geometric mean of the probabilities of
+    the tokens whose first visible character lies in the word (a token that spans a space counts for
+    the word it starts, a bare space for the word after it). Characters are mapped to tokens by decoding growing prefixes, which stays
+    right for byte-level BPE pieces and tokenizer clean-up. A word that no token starts (a token
+    running through it from the word before) takes the token that covers its first character."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    ends = list(itertools.accumulate(
+        (min(len(text), len(tokenizer.decode(tokens[:count], skip_special_tokens=True)))
+         for count in range(1, len(tokens) + 1)), max))
+    spans = list(zip([0, *ends[:-1]], ends))
+    words = [match.span() for match in re.finditer(r"\S+", text)]
+    starts = [start for start, _ in words]
+    owned: list[list[float]] = [[] for _ in words]
+    for (start, end), logprob in zip(spans, logprobs):
+        segment = text[start:end]
+        if not segment:  # special tokens
+            continue
+        if segment.strip():
+            word = bisect.bisect_right(starts, start + len(segment) - len(segment.lstrip())) - 1
+        else:  # a bare space starts the next word
+            word = bisect.bisect_left(starts, end)
+        if word < len(words):
+            owned[word].append(logprob)
+    confidences = []
+    for (word_start, _), values in zip(words, owned):
+        if not values:
+            values = [logprob for (start, end), logprob in zip(spans, logprobs) if start <= word_start < end]
+        confidences.append(_geometric_mean(values) if values else line_confidence)
+    return text.strip(), tuple(confidences)
+
+
+def _geometric_mean(logprobs: Sequence[float]) -> float:
+    finite = [value for value in logprobs if math.isfinite(value)]
+    return math.exp(sum(finite) / len(finite)) if finite else 0.0
 
 
 def read_lines(bundle: TrOCRBundle, pieces: Sequence[Sequence[LinePiece]], num_beams: int, max_new_tokens: int,
@@ -89,10 +134,14 @@ def _decode_chunk(bundle: TrOCRBundle, resized: Sequence[np.ndarray], num_beams:
     else:
         decoded = hf_generate(bundle.model, pixel_values, num_beams, max_new_tokens)
     pad_id = bundle.model.generation_config.pad_token_id
-    return [LineReading(text=bundle.tokenizer.decode([t for t in line.tokens if t != pad_id],
-                                                     skip_special_tokens=True).strip(),
-                        confidence=line.confidence, truncated=line.truncated)
-            for line in decoded]
+    readings = []
+    for line in decoded:
+        kept = [(token, logprob) for token, logprob in zip(line.tokens, line.logprobs) if token != pad_id]
+        text, word_confidences = read_tokens(bundle.tokenizer, [token for token, _ in kept],
+                                             [logprob for _, logprob in kept], line.confidence)
+        readings.append(LineReading(text=text, confidence=line.confidence, truncated=line.truncated,
+                                    word_confidences=word_confidences))
+    return readings
 
 
 def decode_lines(bundle: TrOCRBundle, resized: Sequence[np.ndarray], num_beams: int, max_new_tokens: int,
@@ -134,6 +183,23 @@ def decode_limit(model: VisionEncoderDecoderModel) -> int | None:
     return None
 
 
+#: Decode limit of a decoder with sinusoidal positions when ``recognize.max_new_tokens`` is not set.
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+def resolve_max_new_tokens(requested: int | None, model: VisionEncoderDecoderModel) -> int:
+    """The decode limit: as configured, else what the model can produce. Only a configured limit
+    beyond the decoder's learned positions warns (and is cut to them): the default always fits."""
+    limit = decode_limit(model)
+    if requested is None:
+        return limit if limit is not None else DEFAULT_MAX_NEW_TOKENS
+    if limit is not None and requested > limit:
+        log.warning("recognize.max_new_tokens=%d is beyond the decoder's %d learned positions; lines longer "
+                    "than %d tokens are cut and flagged truncated", requested, limit, limit)
+        return limit
+    return requested
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA raises torch.OutOfMemoryError; the CPU allocator raises a plain RuntimeError."""
     return isinstance(exc, torch.OutOfMemoryError) or (
@@ -153,18 +219,14 @@ class TrOCRRecognizer:
             torch.set_num_threads(config.torch_threads)
         self.line_batch_size = config.line_batch_size
         self.bundle = load_trocr(config.model, device=config.device, precision=config.precision)
-        limit = decode_limit(self.bundle.model)
-        if limit is not None and config.max_new_tokens > limit:
-            log.warning("recognize.max_new_tokens=%d is beyond the decoder's %d learned positions; lines longer "
-                        "than %d tokens are cut and flagged truncated", config.max_new_tokens, limit, limit)
-            config = config.model_copy(update={"max_new_tokens": limit})
+        self.max_new_tokens = resolve_max_new_tokens(config.max_new_tokens, self.bundle.model)
         self.config = config
         if config.engine == "fast":
             DecodingEngine(self.bundle.model)  # refuses unsupported generation settings now, not mid-job
 
     def _decode(self, crops: list[np.ndarray], hints: list[float]) -> list[LineReading]:
         config = self.config
-        return decode_lines(self.bundle, crops, config.num_beams, config.max_new_tokens, self.line_batch_size,
+        return decode_lines(self.bundle, crops, config.num_beams, self.max_new_tokens, self.line_batch_size,
                             hints, config.engine)
 
     def _release_memory(self) -> None:
@@ -219,6 +281,7 @@ class TrOCRRecognizer:
                 unread.setdefault(id(work), []).append(line.order)
                 continue
             line.text, line.confidence, line.truncated = reading.text, reading.confidence, reading.truncated
+            line.word_confidences = list(reading.word_confidences)
         for work in pages:
             if id(work) in unread:
                 orders = unread[id(work)]

@@ -29,6 +29,7 @@ class LineRecord:
     confidence: float | None = None  # geometric mean of token probabilities
     truncated: bool = False  # the decoder hit max_new_tokens before end-of-sequence
     gaps: list[tuple[int, int]] = field(default_factory=list)  # blank columns in the crop (page x), for words
+    word_confidences: list[float] = field(default_factory=list)  # one per word of text.split(), once read
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ WORD_TYPE = pa.struct(
         pa.field("text", pa.string(), nullable=False),
         pa.field("bbox", pa.list_(pa.int32(), 4), nullable=False),
         pa.field("bbox_norm", pa.list_(pa.int32(), 4), nullable=False),  # 0-1000 of the page, as LayoutLM
+        pa.field("confidence", pa.float32()),  # from the word's tokens; null in `detect` output
     ]
 )
 

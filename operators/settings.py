@@ -78,7 +78,8 @@ class RecognizeConfig(Frozen):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     num_beams: int = Field(default=1, ge=1)
-    max_new_tokens: int = Field(default=128, ge=1)
+    max_new_tokens: int | None = Field(default=None, ge=1, description="decode limit; default: the decoder's "
+                                                                         "learned positions (128 for sinusoidal)")
     line_batch_size: int = Field(default=32, ge=1, description="line crops per model call")
     split_long_lines: bool = Field(default=True, description="cut lines wider than a keep-aspect model's input "
                                                               "at word gaps instead of shrinking them to fit")

@@ -50,10 +50,12 @@ class Word:
     text: str
     bbox: BBox  # page pixels
     bbox_norm: BBox  # 0-1000 of the page width / height, as LayoutLM processors expect
+    confidence: float | None = None  # from the word's tokens; None before recognition
 
     def to_row(self) -> dict:
         """The Arrow row of :data:`operators.records.WORD_TYPE`."""
-        return {"text": self.text, "bbox": list(self.bbox), "bbox_norm": list(self.bbox_norm)}
+        return {"text": self.text, "bbox": list(self.bbox), "bbox_norm": list(self.bbox_norm),
+                "confidence": self.confidence}
 
 
 def ink_gaps(crop: np.ndarray, origin: tuple[int, int]) -> list[Interval]:
@@ -128,7 +130,7 @@ def _cuts(gaps: Sequence[Interval], start: int, end: int, max_width: float, word
 
 
 def split_words(text: str, line_bbox: Sequence[int], gaps: Sequence[Interval],
-                page_size: tuple[int, int]) -> list[Word]:
+                page_size: tuple[int, int], confidences: Sequence[float] = ()) -> list[Word]:
     """The words of a line's text, each with a box inside ``line_bbox``, in x order, not overlapping.
 
     ``gaps`` are the line's :func:`ink_gaps`. Gaps reaching the line's ends are margins and trim the
@@ -138,7 +140,7 @@ def split_words(text: str, line_bbox: Sequence[int], gaps: Sequence[Interval],
     later word. When there are fewer gaps than word breaks, every gap is placed that way and the
     words between two placed breaks share their span in proportion to their character counts (all
     of the line when there is no gap at all). Every box spans the line's height. Returns [] when
-    the text has no words.
+    the text has no words. ``confidences``, one per word, are kept on the words (else None).
     """
     words = text.split()
     x0, y0, x1, y1 = _check_line(line_bbox, page_size)
@@ -147,7 +149,9 @@ def split_words(text: str, line_bbox: Sequence[int], gaps: Sequence[Interval],
     left, right, inner = _trim_margins(x0, x1, gaps)
     breaks = _place_breaks(words, left, right, inner)
     edges = [left, *[edge for cut in breaks for edge in cut], right]
-    return [_word(word, (edges[2 * i], y0, edges[2 * i + 1], y1), page_size) for i, word in enumerate(words)]
+    scores = list(confidences) if len(confidences) == len(words) else [None] * len(words)
+    return [_word(word, (edges[2 * i], y0, edges[2 * i + 1], y1), page_size, scores[i])
+            for i, word in enumerate(words)]
 
 
 def normalize_bbox(bbox: BBox, page_size: tuple[int, int]) -> BBox:
@@ -302,5 +306,5 @@ def _proportional_cuts(words: list[str], start: float, end: float) -> list[tuple
     return cuts
 
 
-def _word(text: str, bbox: BBox, page_size: tuple[int, int]) -> Word:
-    return Word(text, bbox, normalize_bbox(bbox, page_size))
+def _word(text: str, bbox: BBox, page_size: tuple[int, int], confidence: float | None = None) -> Word:
+    return Word(text, bbox, normalize_bbox(bbox, page_size), confidence)

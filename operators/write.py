@@ -68,7 +68,8 @@ def page_row(work: PageWork) -> dict:
                 "block": line.block,
                 "order": line.order,
                 "truncated": line.truncated,
-                "words": [word.to_row() for word in split_words(line.text, line.bbox, line.gaps, page_size)],
+                "words": [word.to_row() for word in split_words(line.text, line.bbox, line.gaps, page_size,
+                                                                   line.word_confidences)],
             }
             for line in lines
         ],

@@ -23,7 +23,7 @@ import jiwer
 from operators.errors import ConfigError, ExitCode
 from operators.formats.read import page_image, page_xml_files, read_page_xml
 from operators.model import load_trocr
-from operators.recognize import read_line_images
+from operators.recognize import read_line_images, resolve_max_new_tokens
 from pipeline.train.data import LabeledLine, read_line_folder
 
 NORMALIZATIONS = ("case", "whitespace", "punctuation")
@@ -179,26 +179,27 @@ def write_predictions(path: Path, results: Sequence[LineResult]) -> None:
 
 
 def evaluate(model: str, folders: Sequence[Path], normalize_options: Sequence[str] = (), batch_size: int = 32,
-             num_beams: int = 1, max_new_tokens: int = 128, device: str = "auto",
+             num_beams: int = 1, max_new_tokens: int | None = None, device: str = "auto",
              precision: str = "fp32") -> tuple[list[Score], list[LineResult]]:
     """Load ``model``, read every folder's lines, decode and score them."""
     normalize = make_normalizer(normalize_options)
     lines = read_eval_lines(folders)
     bundle = load_trocr(model, device=device, precision=precision)
-    predictions = read_line_images(bundle, [line.load_gray() for line in lines], batch_size, num_beams, max_new_tokens)
+    predictions = read_line_images(bundle, [line.load_gray() for line in lines], batch_size, num_beams,
+                                   resolve_max_new_tokens(max_new_tokens, bundle.model))
     results = score_lines(lines, predictions, normalize)
     return scores_by_source(results, normalize), results
 
 
 def evaluate_pages(model: str, paths: Sequence[Path], normalize_options: Sequence[str] = (), batch_size: int = 32,
-                   num_beams: int = 1, max_new_tokens: int = 128, device: str = "auto",
+                   num_beams: int = 1, max_new_tokens: int | None = None, device: str = "auto",
                    precision: str = "fp32") -> tuple[list[Score], list[LineResult]]:
     """Run the whole job on the PAGE/ALTO files' images and score each page's text."""
     normalize = make_normalizer(normalize_options)
     pages = read_page_truth(paths)
     overrides = [f"recognize.model={model}", f"recognize.line_batch_size={batch_size}", f"recognize.num_beams={num_beams}",
-                 f"recognize.max_new_tokens={max_new_tokens}", f"recognize.device={device}",
-                 f"recognize.precision={precision}"]
+                 f"recognize.max_new_tokens={'null' if max_new_tokens is None else max_new_tokens}",
+                 f"recognize.device={device}", f"recognize.precision={precision}"]
     results = score_pages(pages, recognize_pages(pages, overrides), normalize)
     return scores_by_source(results, normalize), results
 
@@ -214,13 +215,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worst", type=int, default=10, help="list the K lines with the highest CER")
     parser.add_argument("--batch-size", type=int, default=32, help="lines per model call")
     parser.add_argument("--num-beams", type=int, default=1)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, help="default: what the model can produce")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    if args.batch_size < 1 or args.num_beams < 1 or args.max_new_tokens < 1 or args.worst < 0:
+    if args.batch_size < 1 or args.num_beams < 1 or (args.max_new_tokens or 1) < 1 or args.worst < 0:
         raise ConfigError("--batch-size, --num-beams and --max-new-tokens must be >= 1, --worst >= 0")
     options = [option.strip() for option in args.normalize.split(",") if option.strip()]
     run = evaluate_pages if args.pages else evaluate

@@ -21,7 +21,7 @@ from operators.errors import RECOGNITION_FAILED, ConfigError, ExitCode
 from operators.ingest import DocumentPlan, expand_inputs, triage
 from operators.model import TrOCRBundle, load_trocr
 from operators.rasterize import page_ranges, rasterize
-from operators.recognize import read_lines
+from operators.recognize import read_lines, resolve_max_new_tokens
 from operators.records import LineRecord, PageWork
 from pipeline.config import JobConfig, load_config
 from pipeline.stages import cut_crops, detect_page
@@ -115,7 +115,8 @@ def _recognize(work: PageWork, config: JobConfig, bundle: TrOCRBundle) -> list[s
     recognize = config.recognize
     cut_crops(work, config, bundle.preprocessor)
     work.image = image
-    readings = read_lines(bundle, work.line_pieces, recognize.num_beams, recognize.max_new_tokens,
+    readings = read_lines(bundle, work.line_pieces, recognize.num_beams,
+                          resolve_max_new_tokens(recognize.max_new_tokens, bundle.model),
                           recognize.line_batch_size, recognize.engine)
     work.line_pieces = []
     return [reading.text for reading in readings]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -9,11 +10,12 @@ import textwrap
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
+from transformers import AutoTokenizer
 
 from helpers import build_tiny_random_trocr
 from operators.crops import crop_line, prepare_crops
 from operators.model import load_line_preprocessor, load_trocr
-from operators.recognize import LineReading, decode_lines, join_readings, read_lines
+from operators.recognize import LineReading, decode_lines, join_readings, read_lines, read_tokens
 from operators.words import fit_rows_to_ink
 from operators.records import LineRecord, PageWork
 
@@ -83,9 +85,29 @@ def test_a_line_wider_than_a_keep_aspect_input_is_read_in_pieces_that_fit(keep_a
 
 
 def test_joined_reading_has_a_space_per_cut_and_the_weakest_confidence():
-    parts = [LineReading("total", 0.9, False), LineReading("", 0.5, False), LineReading("$12", 0.7, True)]
-    assert join_readings(parts) == LineReading("total $12", 0.5, True)
+    parts = [LineReading("total", 0.9, False, (0.9,)), LineReading("", 0.5, False),
+             LineReading("$12 net", 0.7, True, (0.6, 0.8))]
+    assert join_readings(parts) == LineReading("total $12 net", 0.5, True, (0.9, 0.6, 0.8))
     assert join_readings([parts[0], None]) is None
+
+
+def test_each_word_scores_the_tokens_it_starts(tiny_model):
+    """Byte-level BPE marks a token that starts a word with 'Ġ': an oracle independent of read_tokens."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    text = "Sphinx of black quartz, judge 0123456789 (again)"
+    tokens = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    logprobs = [math.log(0.3 + 0.05 * (index % 10)) for index in range(len(tokens))]
+    expected: list[list[float]] = []
+    for index, piece in enumerate(tokenizer.convert_ids_to_tokens(tokens[:-1])):
+        if index == 0 or piece.startswith("Ġ"):
+            expected.append([])
+        expected[-1].append(logprobs[index])
+    assert len(expected) == len(text.split()) and any(len(word) > 1 for word in expected)
+
+    read, confidences = read_tokens(tokenizer, tokens, logprobs, line_confidence=0.5)
+    assert read == text
+    assert confidences == pytest.approx([math.exp(sum(word) / len(word)) for word in expected])
+    assert read_tokens(tokenizer, [tokenizer.eos_token_id], [-0.1], 0.5) == ("", ())
 
 
 OOM_PROBE = textwrap.dedent("""

@@ -279,10 +279,12 @@ def test_split_words_rejects_bad_geometry(line_bbox, page_size, gaps, message):
 
 
 def test_words_convert_to_the_arrow_word_type():
-    words = split_words("Dear Sir,", (0, 0, 100, 20), [(40, 52)], (200, 100))
+    words = split_words("Dear Sir,", (0, 0, 100, 20), [(40, 52)], (200, 100), confidences=[0.5, 0.25])
     rows = [word.to_row() for word in words]
     array = pa.array(rows, type=WORD_TYPE)
     assert array.to_pylist() == rows == [
-        {"text": "Dear", "bbox": [0, 0, 40, 20], "bbox_norm": [0, 0, 200, 200]},
-        {"text": "Sir,", "bbox": [52, 0, 100, 20], "bbox_norm": [260, 0, 500, 200]},
+        {"text": "Dear", "bbox": [0, 0, 40, 20], "bbox_norm": [0, 0, 200, 200], "confidence": 0.5},
+        {"text": "Sir,", "bbox": [52, 0, 100, 20], "bbox_norm": [260, 0, 500, 200], "confidence": 0.25},
     ]
+    assert [word.confidence for word in split_words("Dear Sir,", (0, 0, 100, 20), [(40, 52)], (200, 100))] == [
+        None, None]
