@@ -15,6 +15,7 @@ from pdf2image.exceptions import PDFPageCountError, PDFPopplerTimeoutError, PDFS
 from PIL import Image
 
 from operators.ingest import DocumentKind, DocumentPlan, local_path, repaired_pdf
+from operators.pages import selected_pages
 from operators.settings import RasterizeConfig
 from operators.errors import DocumentError, PAGE_COUNT_MISMATCH, PageTooLarge, RenderFailed, RenderTimeout
 from operators.records import PageWork
@@ -35,14 +36,20 @@ class PageRange:
     repaired: bool = False
 
 
-def page_ranges(plans: list[DocumentPlan], pages_per_task: int) -> list[PageRange]:
+def page_ranges(plans: list[DocumentPlan], pages_per_task: int, pages: str | None = None) -> list[PageRange]:
+    """Runs of consecutive selected pages (``rasterize.pages``; all when None), at most
+    ``pages_per_task`` long."""
     ranges = []
     for plan in plans:
         if plan.error is not None:
             continue
-        for first in range(1, plan.num_pages + 1, pages_per_task):
-            last = min(first + pages_per_task - 1, plan.num_pages)
-            ranges.append(PageRange(plan.doc_id, plan.source, plan.kind, first, last, plan.repaired))
+        run: list[int] = []
+        for number in selected_pages(pages, plan.num_pages) + [0]:  # 0 closes the last run
+            if run and (number != run[-1] + 1 or len(run) == pages_per_task):
+                ranges.append(PageRange(plan.doc_id, plan.source, plan.kind, run[0], run[-1], plan.repaired))
+                run = []
+            if number:
+                run.append(number)
     return ranges
 
 

@@ -56,6 +56,7 @@ class PageWork:
     status: Status = "ok"
     error_code: str | None = None
     error_message: str | None = None
+    seconds: float = 0.0  # stage time spent on this page (rasterize, layout, recognize)
 
     def fail(self, error_code: str, message: str) -> "PageWork":
         self.status = "failed"

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from operators.pages import parse_pages
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 #: The bundled models by their short names (``recognize.model: printed``); they take precedence over
 #: a folder of the same name in the working directory.
@@ -34,6 +36,13 @@ class RasterizeConfig(Frozen):
     render_timeout_s: float = Field(default=120.0, gt=0, description="per page range")
     max_page_pixels: int = Field(default=250_000_000, ge=1, description="checked before rendering")
     num_cpus: float = Field(default=1.0, gt=0)
+    pages: str | None = Field(default=None, description="1-based page ranges of every input, e.g. 1-3,7")
+
+    @model_validator(mode="after")
+    def _check_pages(self) -> "RasterizeConfig":
+        if self.pages is not None:
+            parse_pages(self.pages)
+        return self
 
 
 class DetectConfig(Frozen):
@@ -101,5 +110,6 @@ class RecognizeConfig(Frozen):
 
 class OutputConfig(Frozen):
     parquet_rows_per_file: int = Field(default=2000, ge=1)
-    exports: tuple[Literal["alto", "page", "hocr", "txt"], ...] = Field(
+    exports: tuple[Literal["alto", "page", "hocr", "txt", "pdf", "mets"], ...] = Field(
         default=(), description="files beside the Parquet, in DIR/exports/")
+    pdfa: bool = Field(default=False, description="searchable PDFs as PDF/A-2b")

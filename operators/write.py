@@ -16,7 +16,7 @@ words at the ink gaps measured in the layout stage, and mapped onto a row of ``P
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
@@ -95,8 +95,14 @@ def recover_output(output: str) -> set[str]:
     for name, path in _list_parts(filesystem, f"{root}/{PAGES_DIR}").items():
         if name not in documents:
             filesystem.delete_file(path)
+    return published_doc_ids(output)
+
+
+def published_doc_ids(output: str) -> set[str]:
+    """The doc_ids already published in ``output``, read without changing anything (``--dry-run``)."""
+    filesystem, root = resolve_filesystem(output)
     done: set[str] = set()
-    for path in documents.values():
+    for path in _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}").values():
         table = pq.read_table(path, columns=["doc_id"], filesystem=filesystem)
         done.update(table.column("doc_id").to_pylist())
     return done
@@ -114,7 +120,12 @@ class WriteSummary:
 @dataclass
 class _PendingDocument:
     record: DocumentRecord
+    expected: int  # pages to wait for: the selected ones (``rasterize.pages``), else all
     pages: dict[int, PageWork] = field(default_factory=dict)
+
+
+#: Called with each document as it is published, and its pages (progress, ``--log-json``).
+DocumentListener = Callable[[DocumentRecord, list[PageWork]], None]
 
 
 def _document_outcome(record: DocumentRecord, pages: list[PageWork]) -> DocumentRecord:
@@ -129,10 +140,13 @@ def _document_outcome(record: DocumentRecord, pages: list[PageWork]) -> Document
 class ParquetSink:
     """Collects page results as they stream in and publishes complete documents."""
 
-    def __init__(self, output: str, rows_per_file: int, exports: Sequence[str] = ()):
+    def __init__(self, output: str, rows_per_file: int, exports: Sequence[str] = (), pdfa: bool = False,
+                 listener: DocumentListener | None = None):
         self.filesystem, self.root = resolve_filesystem(output)
         self.rows_per_file = rows_per_file
         self.exports = tuple(exports)
+        self.pdfa = pdfa
+        self.listener = listener
         self.run_id = uuid.uuid4().hex[:12]
         self.summary = WriteSummary()
         self._pending: dict[tuple[str, str], _PendingDocument] = {}
@@ -142,19 +156,21 @@ class ParquetSink:
         for folder in (PAGES_DIR, DOCUMENTS_DIR, STAGING_DIR):
             self.filesystem.create_dir(f"{self.root}/{folder}", recursive=True)
 
-    def expect(self, record: DocumentRecord) -> None:
-        """Announce a document; one with no pages to wait for is complete at once."""
-        if record.num_pages == 0 or record.status == "failed":
+    def expect(self, record: DocumentRecord, pages: int | None = None) -> None:
+        """Announce a document and the number of its pages to wait for (default: all of them); one with
+        no pages to wait for is complete at once."""
+        expected = record.num_pages if pages is None else pages
+        if expected == 0 or record.status == "failed":
             self._complete(record, [])
         else:
-            self._pending[(record.doc_id, record.source)] = _PendingDocument(record)
+            self._pending[(record.doc_id, record.source)] = _PendingDocument(record, expected)
 
     def add_page(self, work: PageWork) -> None:
         pending = self._pending[(work.doc_id, work.source)]
         if work.page in pending.pages:
             raise RuntimeError(f"page {work.page} of {work.source} arrived twice")
         pending.pages[work.page] = work
-        if len(pending.pages) == pending.record.num_pages:
+        if len(pending.pages) == pending.expected:
             del self._pending[(work.doc_id, work.source)]
             self._complete(pending.record, [pending.pages[n] for n in sorted(pending.pages)])
 
@@ -162,7 +178,8 @@ class ParquetSink:
         outcome = _document_outcome(record, pages)
         rows = [page_row(page) for page in pages]
         if self.exports:  # before the documents row is published: a rerun rewrites them whole
-            write_exports(rows, asdict(outcome), self.exports, f"{self.root}/{EXPORTS_DIR}", self.filesystem)
+            write_exports(rows, asdict(outcome), self.exports, f"{self.root}/{EXPORTS_DIR}", self.filesystem,
+                          pdfa=self.pdfa)
         self._ready_documents.append(outcome)
         self._ready_pages.extend(rows)
         summary = self.summary
@@ -171,6 +188,8 @@ class ParquetSink:
         summary.pages += len(pages)
         summary.pages_failed += sum(page.status == "failed" for page in pages)
         summary.lines += sum(len(page.lines) for page in pages)
+        if self.listener is not None:
+            self.listener(outcome, pages)
         if len(self._ready_pages) >= self.rows_per_file or len(self._ready_documents) >= self.rows_per_file:
             self.flush()
 
@@ -192,7 +211,7 @@ class ParquetSink:
     def close(self) -> WriteSummary:
         """Flush; documents still waiting for pages mean pages were lost, which is a bug."""
         if self._pending:
-            missing = {source: record.record.num_pages - len(record.pages)
+            missing = {source: record.expected - len(record.pages)
                        for (_, source), record in self._pending.items()}
             raise RuntimeError(f"pages never arrived for {missing}")
         self.flush()

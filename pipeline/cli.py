@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from pipeline.config import load_config
@@ -24,17 +25,40 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set recognize.precision=fp16 (repeatable)")
     parser.add_argument("--export", metavar="FORMATS",
-                        help="also write alto,page,hocr,txt files to DIR/exports (same as output.exports)")
+                        help="also write alto,page,hocr,txt,pdf,mets files to DIR/exports (same as output.exports)")
+    parser.add_argument("--pdfa", action="store_true", help="searchable PDFs as PDF/A-2b (output.pdfa)")
+    parser.add_argument("--pages", metavar="RANGES",
+                        help="1-based pages of every input, e.g. 1-3,7 or 5- (same as rasterize.pages)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="triage only: list documents, page counts and problems; write nothing")
+    parser.add_argument("--log-json", type=Path, metavar="FILE",
+                        help="append one JSON object per finished document to FILE")
+    parser.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging, and Ray's own progress output and logs")
 
 
 def _job_command(args: argparse.Namespace, mode: str) -> int:
-    from pipeline.job import run_job
+    from pipeline.job import dry_run, run_job
+    from pipeline.progress import JobProgress, without_ray_core_logs
 
     overrides = list(args.overrides)
     if args.export:
         overrides.append(f"output.exports=[{args.export}]")
+    if args.pdfa:
+        overrides.append("output.pdfa=true")
+    if args.pages:
+        overrides.append(f"rasterize.pages='{args.pages}'")
     config = load_config(args.config, overrides)
-    summary = run_job(args.inputs, args.output, config, mode=mode)
+    if args.dry_run:
+        report = dry_run(args.inputs, args.output, config, mode=mode)
+        print(report.describe())
+        return ExitCode.documents_failed if report.failing else ExitCode.ok
+    progress = JobProgress(interactive=sys.stderr.isatty(), log_json=args.log_json)
+    with nullcontext() if args.verbose else without_ray_core_logs():
+        try:
+            summary = run_job(args.inputs, args.output, config, mode=mode, progress=progress, verbose=args.verbose)
+        finally:
+            progress.close()
     print(summary.describe())
     return ExitCode.documents_failed if summary.written.documents_failed else ExitCode.ok
 
@@ -77,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.train.cli import add_train_arguments, train_command
 
     parser = argparse.ArgumentParser(prog="trocr-pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging (also after the command)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="the whole job: ingest, rasterize, detect, recognize, write Parquet")
@@ -119,8 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # this project's messages from INFO; other libraries' (fontTools reports every font it subsets) only
+    # from WARNING, unless --verbose
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        for name in ("operators", "pipeline", log.name):
+            logging.getLogger(name).setLevel(logging.INFO)
     try:
         return int(args.handler(args))
     except PipelineError as error:

@@ -11,19 +11,24 @@ import logging
 import os
 import pickle
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
 import ray
+import transformers
+from ray.data import ActorPoolStrategy
 
 from operators.ingest import DocumentPlan, expand_inputs, triage
 from operators.model import LinePreprocessor, load_line_preprocessor
+from operators.pages import selected_pages
 from operators.rasterize import PageRange, page_ranges, rasterize
 from operators.recognize import TrOCRRecognizer
 from operators.records import DocumentRecord, PageWork
-from operators.write import ParquetSink, WriteSummary, recover_output
+from operators.write import ParquetSink, WriteSummary, published_doc_ids, recover_output
 from pipeline.config import JobConfig
+from pipeline.progress import JobProgress, quiet_ray_data
 from pipeline.stages import layout_page
 
 Mode = Literal["recognize", "detect"]
@@ -51,15 +56,15 @@ class JobSummary:
 
 
 @contextmanager
-def ray_session(config: JobConfig) -> Iterator[None]:
+def ray_session(config: JobConfig, verbose: bool = False) -> Iterator[None]:
     """Join the cluster (``ray job submit`` sets RAY_ADDRESS) or start a private local instance
     (never a stray ``ray start`` cluster found on the machine), and shut down only what this job
-    started."""
+    started. Ray's own warnings reach the console only when ``verbose``."""
     if ray.is_initialized():
         yield
         return
     options: dict[str, Any] = {"address": config.ray.address, "include_dashboard": False,
-                               "logging_level": logging.WARNING}
+                               "logging_level": logging.WARNING if verbose else logging.ERROR}
     if config.ray.address is None and not os.environ.get("RAY_ADDRESS"):
         options["address"] = "local"
         options["num_cpus"] = config.ray.num_cpus
@@ -80,24 +85,37 @@ def _unpack(row: dict[str, Any]) -> PageWork:
     return pickle.loads(row["work"])
 
 
+def _timed(pages: list[PageWork], started: float) -> list[PageWork]:
+    """Share the stage time since ``started`` among ``pages`` (``--log-json`` seconds per document)."""
+    share = (time.perf_counter() - started) / max(1, len(pages))
+    for work in pages:
+        work.seconds += share
+    return pages
+
+
 def _rasterize_row(row: dict[str, Any], config: JobConfig) -> list[dict[str, bytes]]:
     task: PageRange = pickle.loads(row["task"])
-    return [_pack(work) for work in rasterize(task, config.rasterize)]
+    started = time.perf_counter()
+    return [_pack(work) for work in _timed(rasterize(task, config.rasterize), started)]
 
 
 def _layout_row(row: dict[str, Any], config: JobConfig, preprocessor: LinePreprocessor | None) -> dict[str, bytes]:
-    return _pack(layout_page(_unpack(row), config, preprocessor))
+    started = time.perf_counter()
+    return _pack(_timed([layout_page(_unpack(row), config, preprocessor)], started)[0])
 
 
 class _RecognizeBatch:
     """Ray adapter around :class:`operators.recognize.TrOCRRecognizer` (model loaded once)."""
 
     def __init__(self, config: JobConfig):
+        transformers.utils.logging.disable_progress_bar()  # a bar in an actor reaches the driver as garbage
         self.recognizer = TrOCRRecognizer(config.recognize)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[bytes]]:
         pages = [pickle.loads(item) for item in batch["work"]]
-        return {"work": [pickle.dumps(work, protocol=5) for work in self.recognizer.recognize_pages(pages)]}
+        started = time.perf_counter()
+        done = _timed(self.recognizer.recognize_pages(pages), started)
+        return {"work": [pickle.dumps(work, protocol=5) for work in done]}
 
 
 def _triage_all(sources: list[str], config: JobConfig) -> list[DocumentPlan]:
@@ -119,40 +137,98 @@ def _page_dataset(ranges: list[PageRange], config: JobConfig,
     if preprocessor is None:
         return dataset
     recognize = config.recognize
+    pool = (ActorPoolStrategy(min_size=recognize.concurrency[0], max_size=recognize.concurrency[1])
+            if isinstance(recognize.concurrency, tuple) else ActorPoolStrategy(size=recognize.concurrency))
     return dataset.map_batches(
         _RecognizeBatch,
         fn_constructor_kwargs={"config": config},
         batch_size=recognize.pages_per_batch,
-        concurrency=recognize.concurrency,
+        compute=pool,
         num_gpus=recognize.num_gpus,
         num_cpus=recognize.num_cpus,
         accelerator_type=recognize.accelerator_type,
     )
 
 
-def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "recognize") -> JobSummary:
-    """Run the whole job; bad documents are recorded as failed rows, never raised."""
+def _document_record(plan: DocumentPlan) -> DocumentRecord:
+    error = plan.error
+    return DocumentRecord(
+        doc_id=plan.doc_id, source=plan.source, status="failed" if error else "ok",
+        error_code=error.error_code if error else None, error_message=str(error) if error else None,
+        num_pages=plan.num_pages, repaired=plan.repaired,
+    )
+
+
+def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "recognize",
+            progress: JobProgress | None = None, verbose: bool = False) -> JobSummary:
+    """Run the whole job; bad documents are recorded as failed rows, never raised. ``progress`` hears of
+    every finished page and document; Ray Data's own progress output shows only when ``verbose``."""
     started = time.monotonic()
     sources = expand_inputs(inputs)
     # the model is checked before any document is read: a bad model folder fails the job at once
     preprocessor = load_line_preprocessor(config.recognize.model) if mode == "recognize" else None
     done = recover_output(output)
-    sink = ParquetSink(output, config.output.parquet_rows_per_file, config.output.exports)
-    with ray_session(config):
+    sink = ParquetSink(output, config.output.parquet_rows_per_file, config.output.exports, config.output.pdfa,
+                       listener=progress.document_done if progress else None)
+    selection = config.rasterize.pages
+    with ray_session(config, verbose):
+        quiet_ray_data(verbose)
         plans = _triage_all(sources, config)
         fresh = [plan for plan in plans if plan.doc_id not in done]
+        if progress:
+            progress.start(len(fresh), sum(len(selected_pages(selection, plan.num_pages)) for plan in fresh))
         for plan in fresh:
-            error = plan.error
-            sink.expect(DocumentRecord(
-                doc_id=plan.doc_id, source=plan.source, status="failed" if error else "ok",
-                error_code=error.error_code if error else None, error_message=str(error) if error else None,
-                num_pages=plan.num_pages, repaired=plan.repaired,
-            ))
-        ranges = page_ranges(fresh, config.rasterize.pages_per_task)
+            sink.expect(_document_record(plan), len(selected_pages(selection, plan.num_pages)))
+        ranges = page_ranges(fresh, config.rasterize.pages_per_task, selection)
         if ranges:
             for batch in _page_dataset(ranges, config, preprocessor).iter_batches(batch_size=None):
                 for item in batch["work"]:
-                    sink.add_page(pickle.loads(item))
+                    work = pickle.loads(item)
+                    if progress:
+                        progress.page_done(work)
+                    sink.add_page(work)
     written = sink.close()
     return JobSummary(output=output, documents_skipped=len(plans) - len(fresh), written=written,
                       seconds=time.monotonic() - started)
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What a run would do: every document's triage, nothing rendered or written."""
+
+    plans: list[DocumentPlan]
+    done: set[str]  # doc_ids already in the output, which a run skips
+    pages: str | None  # rasterize.pages
+
+    def describe(self) -> str:
+        lines, todo_pages, todo_documents, failing = [], 0, 0, 0
+        for plan in self.plans:
+            selected = len(selected_pages(self.pages, plan.num_pages))
+            if plan.doc_id in self.done:
+                state = "done"
+            elif plan.error is not None:
+                state, failing = "failed", failing + 1
+            else:
+                state, todo_pages, todo_documents = "ok", todo_pages + selected, todo_documents + 1
+            reason = f" ({plan.error.error_code}: {plan.error})" if plan.error is not None else ""
+            lines.append(f"{state:6} {selected:4} pages  {plan.source}{reason}")
+        skipped = sum(plan.doc_id in self.done for plan in self.plans)
+        lines.append(f"documents: {len(self.plans)} found, {todo_documents} to process, {failing} failing triage, "
+                     f"{skipped} already done")
+        lines.append(f"work: {todo_pages} pages to rasterize, detect and recognize; nothing written (dry run)")
+        return "\n".join(lines)
+
+    @property
+    def failing(self) -> bool:
+        return any(plan.error is not None and plan.doc_id not in self.done for plan in self.plans)
+
+
+def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "recognize") -> DryRun:
+    """Triage every input (in threads: hashing and poppler release the GIL) and check the model, as
+    :func:`run_job` would before any work; starts no Ray and writes nothing."""
+    sources = expand_inputs(inputs)
+    if mode == "recognize":
+        load_line_preprocessor(config.recognize.model)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        plans = list(pool.map(lambda source: triage(source, config.rasterize), sources))
+    return DryRun(plans, published_doc_ids(output), config.rasterize.pages)

@@ -215,8 +215,8 @@ def test_document_without_pages_writes_nothing(tmp_path, document):
 
 
 def test_rejects_unknown_formats_and_pages_of_another_document(tmp_path, pages, document):
-    with pytest.raises(ValueError, match="unknown export formats \\['pdf'\\]"):
-        write_exports(pages, document, ["alto", "pdf"], str(tmp_path))
+    with pytest.raises(ValueError, match="unknown export formats \\['docx'\\]"):
+        write_exports(pages, document, ["alto", "docx"], str(tmp_path))
     with pytest.raises(ValueError, match="pages of documents"):
         write_exports(pages, {**document, "doc_id": "another"}, ["txt"], str(tmp_path))
 

@@ -1,20 +1,22 @@
-"""Export: a finished document's pages as ALTO 4.4, PAGE XML 2019-07-15, hOCR 1.2 and plain text.
+"""Export: a finished document's pages as ALTO 4.4, PAGE XML 2019-07-15, hOCR 1.2, plain text, a
+searchable PDF (:mod:`operators.formats.pdf`) and a METS package (:mod:`operators.formats.mets`).
 
 The input is exactly what the Parquet output holds (``pages`` rows as :func:`operators.write.
 page_row` makes them, and the ``documents`` row), so exports can be written as documents complete
 or later from the Parquet files. ALTO and PAGE describe one image each and get one file per page;
-hOCR and text hold a whole document. File names start with the source's name and the doc_id's
+hOCR, text, PDF and METS hold a whole document. File names start with the source's name and the doc_id's
 first 8 characters, so two sources with the same name never overwrite each other, and a rerun
 overwrites its own files.
 
 Word boxes are written where a line carries ``words``; otherwise ALTO gets one String per word
-without coordinates and PAGE and hOCR stop at the line. The recognizer scores whole lines, so a
-word's confidence is its line's.
+without coordinates and PAGE and hOCR stop at the line. A word's confidence comes from its own
+tokens (its line's where a row has none).
 """
 
 from __future__ import annotations
 
 import re
+from functools import partial
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from typing import Callable, Iterator, Sequence
@@ -22,10 +24,13 @@ from typing import Callable, Iterator, Sequence
 import pyarrow.fs as pafs
 from lxml import etree
 
+from operators.formats.geometry import straight_baseline
+from operators.formats.mets import IMAGE_GROUP, mets_document, page_images
+from operators.formats.pdf import searchable_pdf
 from operators.storage import resolve_filesystem
 
 SOFTWARE = "trocr-pipeline"
-FORMATS = ("alto", "page", "hocr", "txt")
+FORMATS = ("alto", "page", "hocr", "txt", "pdf", "mets")
 
 ALTO_NS = "http://www.loc.gov/standards/alto/ns-v4#"
 ALTO_SCHEMA = "http://www.loc.gov/alto/v4/alto-4-4.xsd"
@@ -46,11 +51,13 @@ Rendered = Iterator[tuple[str, bytes]]  # (file name, content)
 
 
 def write_exports(pages: Sequence[dict], document: dict, formats: Sequence[str], out_dir: str,
-                  filesystem: pafs.FileSystem | None = None) -> list[str]:
+                  filesystem: pafs.FileSystem | None = None, pdfa: bool = False) -> list[str]:
     """Write one document in each of ``formats`` under ``out_dir`` and return the paths written.
 
     ``out_dir`` is a local path or URI, or a path in ``filesystem`` when one is given. A document
-    without pages (it failed before rasterizing) has nothing to export and writes no file.
+    without pages (it failed before rasterizing) has nothing to export and writes no file. ``mets``
+    brings ``alto`` with it (a METS package points at each page's ALTO); ``pdfa`` makes the
+    searchable PDF a PDF/A-2b.
     """
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
@@ -64,9 +71,12 @@ def write_exports(pages: Sequence[dict], document: dict, formats: Sequence[str],
     filesystem.create_dir(root, recursive=True)
     ordered = sorted(pages, key=lambda row: row["page"])
     stem = export_stem(document)
+    if "mets" in formats and "alto" not in formats:
+        formats = ("alto", *formats)
+    renderers = {**RENDERERS, "pdf": partial(_pdf_files, pdfa=pdfa), "mets": partial(_mets_files, formats=formats)}
     written = []
     for export_format in dict.fromkeys(formats):
-        for name, content in RENDERERS[export_format](ordered, document, stem):
+        for name, content in renderers[export_format](ordered, document, stem):
             path = f"{root}/{name}"
             with filesystem.open_output_stream(path) as stream:
                 stream.write(content)
@@ -122,6 +132,11 @@ def _confidence(value: float | None) -> str | None:
     return None if value is None else f"{min(1.0, max(0.0, value)):.4f}"
 
 
+def _word_confidence(word: dict, line: dict) -> float | None:
+    """The word's own confidence; its line's in output written before words had one."""
+    return word["confidence"] if word.get("confidence") is not None else line["confidence"]
+
+
 def _a(tag: str) -> str:
     return f"{{{ALTO_NS}}}{tag}"
 
@@ -162,9 +177,13 @@ def _xml_bytes(root: etree._Element, doctype: str | None = None) -> bytes:
 # --- ALTO 4.4 -------------------------------------------------------------------------------
 
 
+def _page_file(stem: str, page: int, suffix: str) -> str:
+    return f"{stem}.p{page:04d}.{suffix}"
+
+
 def _alto_files(pages: Rows, document: dict, stem: str) -> Rendered:
     for page in pages:
-        yield f"{stem}.p{page['page']:04d}.alto.xml", _xml_bytes(alto_page(page))
+        yield _page_file(stem, page["page"], "alto.xml"), _xml_bytes(alto_page(page))
 
 
 def alto_page(page: dict) -> etree._Element:
@@ -218,17 +237,17 @@ def _alto_line(block: etree._Element, line: dict, line_id: str) -> None:
         _set(element, BASELINE=_points(line["baseline"]))
     shape = etree.SubElement(element, _a("Shape"))
     etree.SubElement(shape, _a("Polygon"), POINTS=_points(_outline(line)))
-    confidence = _confidence(line["confidence"])
     words = line.get("words")
-    strings = ([(word["text"], word["bbox"]) for word in words] if words
-               else [(text, None) for text in line["text"].split()] or [("", None)])
-    for index, (text, bbox) in enumerate(strings, start=1):
+    strings = ([(word["text"], word["bbox"], _word_confidence(word, line)) for word in words] if words
+               else [(text, None, line["confidence"]) for text in line["text"].split()]
+               or [("", None, line["confidence"])])
+    for index, (text, bbox, confidence) in enumerate(strings, start=1):
         if index > 1:
             etree.SubElement(element, _a("SP"))
         string = etree.SubElement(element, _a("String"), ID=f"{line_id}_w{index}", CONTENT=_xml_text(text))
         if bbox is not None:
             _alto_box(string, bbox)
-        _set(string, WC=confidence)
+        _set(string, WC=_confidence(confidence))
 
 
 # --- PAGE XML 2019-07-15 --------------------------------------------------------------------
@@ -236,7 +255,7 @@ def _alto_line(block: etree._Element, line: dict, line_id: str) -> None:
 
 def _page_files(pages: Rows, document: dict, stem: str) -> Rendered:
     for page in pages:
-        yield f"{stem}.p{page['page']:04d}.page.xml", _xml_bytes(page_xml(page))
+        yield _page_file(stem, page["page"], "page.xml"), _xml_bytes(page_xml(page))
 
 
 def page_xml(page: dict) -> etree._Element:
@@ -286,7 +305,7 @@ def _page_line(region: etree._Element, line: dict, line_id: str) -> None:
     for index, word in enumerate(line.get("words") or [], start=1):
         word_element = etree.SubElement(element, _p("Word"), id=f"{line_id}_w{index}")
         etree.SubElement(word_element, _p("Coords"), points=_points(_rectangle(word["bbox"])))
-        _text_equiv(word_element, word["text"], confidence)
+        _text_equiv(word_element, word["text"], _confidence(_word_confidence(word, line)))
     _text_equiv(element, line["text"], confidence)
 
 
@@ -348,8 +367,11 @@ def _hocr_line(paragraph: etree._Element, line: dict, line_id: str) -> None:
         element.text = _xml_text(line["text"])
         return
     for index, word in enumerate(words, start=1):
+        word_confidence = _word_confidence(word, line)
+        word_title = _hocr_bbox(word["bbox"]) + ("" if word_confidence is None
+                                                 else f"; x_wconf {_percent(word_confidence)}")
         span = etree.SubElement(element, _h("span"), {"class": "ocrx_word", "id": f"word_{line_id}_{index}",
-                                                     "title": _hocr_bbox(word["bbox"]) + confidence})
+                                                     "title": word_title})
         span.text = _xml_text(word["text"])
         span.tail = " " if index < len(words) else None
 
@@ -359,14 +381,8 @@ def _hocr_bbox(bbox: Sequence[int]) -> str:
 
 
 def _hocr_baseline(baseline: Sequence[Sequence[int]], bbox: Sequence[int]) -> str:
-    """hOCR's straight baseline through the polyline's ends: slope, and its height at the box's left
-    edge counted from the box's bottom (negative: above it)."""
-    if len(baseline) < 2:
-        return ""
-    (first_x, first_y), (last_x, last_y) = baseline[0], baseline[-1]
-    slope = (last_y - first_y) / (last_x - first_x) if last_x != first_x else 0.0
-    offset = first_y + slope * (bbox[0] - first_x) - bbox[3]
-    return f"; baseline {slope:.4f} {round(offset)}"
+    fitted = straight_baseline(baseline, bbox)
+    return "" if fitted is None else f"; baseline {fitted[0]:.4f} {round(fitted[1])}"
 
 
 def _percent(confidence: float) -> int:
@@ -380,6 +396,29 @@ def _percent(confidence: float) -> int:
 def _text_files(pages: Rows, document: dict, stem: str) -> Rendered:
     """Page texts in page order, each ending in a newline, separated by form feeds."""
     yield f"{stem}.txt", "\f".join(page["text"] + "\n" for page in pages).encode("utf-8")
+
+
+# --- searchable PDF and METS -------------------------------------------------------------------
+
+
+def _pdf_files(pages: Rows, document: dict, stem: str, pdfa: bool) -> Rendered:
+    yield f"{stem}.pdf", searchable_pdf(pages, document["source"], pdfa)
+
+
+def _mets_files(pages: Rows, document: dict, stem: str, formats: Sequence[str]) -> Rendered:
+    """The page images (PNG), then the METS pointing at them and at the ALTO and PAGE files."""
+    images = {}
+    for number, png in page_images(pages, document["source"]):
+        images[number] = _page_file(stem, number, "png")
+        yield images[number], png
+    numbers = [page["page"] for page in pages]
+    groups = {IMAGE_GROUP: ("image/png", images)}
+    for export_format, use, mimetype in (("alto", "OCR-D-OCR-ALTO", "application/alto+xml"),
+                                         ("page", "OCR-D-OCR-PAGE", "application/vnd.prima.page+xml")):
+        if export_format in formats:
+            groups[use] = (mimetype, {number: _page_file(stem, number, f"{export_format}.xml") for number in numbers})
+    yield f"{stem}.mets.xml", _xml_bytes(mets_document(document, numbers, groups,
+                                                       f"{SOFTWARE} {_software_version()}"))
 
 
 RENDERERS: dict[str, Callable[[Rows, dict, str], Rendered]] = {

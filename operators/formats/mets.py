@@ -1,0 +1,86 @@
+"""METS: one file per document tying each page's image to its ALTO and PAGE files, the way OCR-D
+workspaces do (file groups named ``OCR-D-*``, file ids ``<group>_<page>``, local files located with
+``LOCTYPE="OTHER" OTHERLOCTYPE="FILE"`` and paths relative to the METS file, a physical structMap of
+``page`` divs ``PHYS_<page>`` inside one ``physSequence``).
+
+The page images are the ones the job read, rendered again exactly as the rasterize stage renders
+them (same dpi, 8-bit gray) and written as lossless PNG, so ALTO and PAGE coordinates are pixels of
+those very images.
+"""
+
+from __future__ import annotations
+
+import io
+from datetime import datetime, timezone
+from typing import Iterator, Mapping, Sequence
+
+from lxml import etree
+from PIL import Image
+
+from operators.ingest import local_path, sniff_kind
+from operators.rasterize import PageRange, rasterize
+from operators.settings import RasterizeConfig
+
+METS_NS = "http://www.loc.gov/METS/"
+MODS_NS = "http://www.loc.gov/mods/v3"
+XLINK_NS = "http://www.w3.org/1999/xlink"
+XSI_NS = "http://www.w3.org/2001/XMLSchema-instance"
+METS_SCHEMA = "http://www.loc.gov/standards/mets/mets.xsd"
+IMAGE_GROUP = "OCR-D-IMG"
+
+
+def _m(tag: str) -> str:
+    return f"{{{METS_NS}}}{tag}"
+
+
+def page_images(pages: Sequence[dict], source: str) -> Iterator[tuple[int, bytes]]:
+    """(page number, PNG) of each page row that rendered, as the job's rasterize stage saw it."""
+    with local_path(source) as path, open(path, "rb") as handle:
+        kind = sniff_kind(handle.read(1024))
+    for row in pages:
+        if row["status"] != "ok" and not row["lines"]:
+            continue
+        task = PageRange(row["doc_id"], source, kind, row["page"], row["page"])
+        for work in rasterize(task, RasterizeConfig(dpi=row["dpi"])):
+            if work.image is not None:
+                buffer = io.BytesIO()
+                Image.fromarray(work.image).save(buffer, format="PNG", dpi=(work.dpi, work.dpi))
+                yield work.page, buffer.getvalue()
+
+
+def mets_document(document: dict, page_numbers: Sequence[int],
+                  groups: Mapping[str, tuple[str, Mapping[int, str]]], creator: str) -> etree._Element:
+    """The METS of one document. ``groups``: file group USE -> (MIME type, page -> path relative to
+    the METS file); every page gets a ``page`` div with a pointer to each of its files."""
+    root = etree.Element(_m("mets"), nsmap={"mets": METS_NS, "mods": MODS_NS, "xlink": XLINK_NS, "xsi": XSI_NS})
+    root.set(f"{{{XSI_NS}}}schemaLocation", f"{METS_NS} {METS_SCHEMA}")
+    header = etree.SubElement(root, _m("metsHdr"),
+                              CREATEDATE=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"))
+    agent = etree.SubElement(header, _m("agent"), TYPE="OTHER", OTHERTYPE="SOFTWARE", ROLE="CREATOR")
+    etree.SubElement(agent, _m("name")).text = creator
+    wrap = etree.SubElement(etree.SubElement(root, _m("dmdSec"), ID="DMDPHYS_0000"), _m("mdWrap"), MDTYPE="MODS")
+    mods = etree.SubElement(etree.SubElement(wrap, _m("xmlData")), f"{{{MODS_NS}}}mods")
+    etree.SubElement(mods, f"{{{MODS_NS}}}identifier", type="sha256").text = document["doc_id"]
+    location = etree.SubElement(mods, f"{{{MODS_NS}}}location")
+    etree.SubElement(location, f"{{{MODS_NS}}}url").text = document["source"]
+
+    file_section = etree.SubElement(root, _m("fileSec"))
+    for use, (mimetype, files) in groups.items():
+        group = etree.SubElement(file_section, _m("fileGrp"), USE=use)
+        for number, href in sorted(files.items()):
+            entry = etree.SubElement(group, _m("file"), ID=_file_id(use, number), MIMETYPE=mimetype)
+            etree.SubElement(entry, _m("FLocat"), {"LOCTYPE": "OTHER", "OTHERLOCTYPE": "FILE",
+                                                   f"{{{XLINK_NS}}}href": href})
+    sequence = etree.SubElement(etree.SubElement(root, _m("structMap"), TYPE="PHYSICAL"), _m("div"),
+                                TYPE="physSequence", ID="PHYS_0000", DMDID="DMDPHYS_0000")
+    for number in page_numbers:
+        page = etree.SubElement(sequence, _m("div"), TYPE="page", ID=f"PHYS_{number:04d}", ORDER=str(number),
+                                ORDERLABEL=str(number))
+        for use, (_, files) in groups.items():
+            if number in files:
+                etree.SubElement(page, _m("fptr"), FILEID=_file_id(use, number))
+    return root
+
+
+def _file_id(use: str, number: int) -> str:
+    return f"{use}_{number:04d}"

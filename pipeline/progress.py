@@ -1,0 +1,151 @@
+"""What a job shows while it runs: one live line on a terminal, a summary line every half minute in a
+log, ``--log-json`` records for schedulers, and Ray's own chatter kept out of the way.
+
+Ray Data prints its operator progress dumps every few seconds when stdout is not a terminal, and
+the driver's core worker writes C++ log lines straight to file descriptor 2 (for example an error
+line about actor restarts on every run with an actor pool). Both are hidden unless ``--verbose``;
+Ray keeps them in its session logs either way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterator
+
+import ray
+
+from operators.records import DocumentRecord, PageWork
+
+#: A Ray C++ log line: ``[2026-01-01 10:00:00,123 E 4242 4242] core_worker.cc:2465: ...``.
+RAY_CORE_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] \S+\.cc:\d+:")
+#: Seconds between two summary lines in a non-interactive run, and between two redraws of the live line.
+LOG_INTERVAL_S = 30.0
+REDRAW_INTERVAL_S = 0.5
+
+
+def quiet_ray_data(verbose: bool) -> None:
+    """Ray Data's progress bars and dumps, and its execution-plan lines, off unless ``verbose``; its
+    warnings stay on the console only when verbose, its errors always (the session log keeps all)."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = verbose
+    context.print_on_execution_start = verbose
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+@contextmanager
+def without_ray_core_logs() -> Iterator[None]:
+    """File descriptor 2 through a filter that drops Ray's C++ log lines (the core worker writes them
+    below Python, so no logging setting reaches them); every other line passes unchanged."""
+    sys.stderr.flush()
+    original = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as lines, os.fdopen(os.dup(original), "wb", buffering=0) as out:
+            for line in lines:
+                if not RAY_CORE_LOG_LINE.match(line):
+                    out.write(line)
+
+    thread = threading.Thread(target=forward, name="stderr-filter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(original, 2)  # closes the pipe's last write end: the thread reads to the end and stops
+        os.close(original)
+        thread.join(timeout=5)
+
+
+@dataclass
+class JobProgress:
+    """Counts pages and documents as they finish; see the module docstring for what it prints.
+
+    ``interactive``: redraw one line in place (a terminal) instead of printing a summary line every
+    ``interval_s``. ``log_json``: a file that gets one JSON object per finished document."""
+
+    stream: IO[str] = field(default_factory=lambda: sys.stderr)
+    interactive: bool = False
+    interval_s: float = LOG_INTERVAL_S
+    log_json: Path | None = None
+    documents: int = 0
+    pages: int = 0
+    documents_done: int = 0
+    documents_failed: int = 0
+    pages_done: int = 0
+    lines_done: int = 0
+    _started: float = field(default_factory=time.monotonic)
+    _shown: float = 0.0
+    _log: IO[str] | None = None
+
+    def start(self, documents: int, pages: int) -> None:
+        """The work ahead, known once triage is done; timing starts here."""
+        self.documents, self.pages = documents, pages
+        self._started = self._shown = time.monotonic()
+        if self.log_json is not None:
+            self._log = self.log_json.open("a", encoding="utf-8")
+
+    def page_done(self, work: PageWork) -> None:
+        self.pages_done += 1
+        self.lines_done += len(work.lines)
+        self._show()
+
+    def document_done(self, record: DocumentRecord, pages: list[PageWork]) -> None:
+        """The write stage's listener: one document and its pages, complete."""
+        self.documents_done += 1
+        self.documents_failed += record.status == "failed"
+        if self._log is not None:
+            entry = {"source": record.source, "doc_id": record.doc_id, "status": record.status,
+                     "pages": len(pages), "lines": sum(len(page.lines) for page in pages),
+                     "seconds": round(sum(page.seconds for page in pages), 3),
+                     "error": {"code": record.error_code, "message": record.error_message}
+                     if record.error_code else None}
+            self._log.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            self._log.flush()
+        self._show()
+
+    def close(self) -> None:
+        if self.interactive and self.documents:
+            self._show(force=True)
+            self.stream.write("\n")
+            self.stream.flush()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def status(self) -> str:
+        """``documents 3/5 (1 failed), pages 9/12, 14.2 lines/s, ETA 0:12``."""
+        elapsed = time.monotonic() - self._started
+        rate = self.lines_done / elapsed if elapsed > 0 else 0.0
+        if self.pages_done and self.pages > self.pages_done:
+            remaining = round(elapsed / self.pages_done * (self.pages - self.pages_done))
+            eta = f"{remaining // 60}:{remaining % 60:02d}"
+        else:
+            eta = "-" if self.pages_done < self.pages else "0:00"
+        failed = f" ({self.documents_failed} failed)" if self.documents_failed else ""
+        return (f"documents {self.documents_done}/{self.documents}{failed}, pages {self.pages_done}/{self.pages}, "
+                f"{rate:.1f} lines/s, ETA {eta}")
+
+    def _show(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._shown < (REDRAW_INTERVAL_S if self.interactive else self.interval_s):
+            return
+        self._shown = now
+        if self.interactive:
+            self.stream.write("\r\x1b[K" + self.status())
+        else:
+            self.stream.write(f"progress: {self.status()}\n")
+        self.stream.flush()

@@ -1,0 +1,212 @@
+"""What an archive takes home, through the real command line on a real local Ray: searchable PDFs
+(PDF/A-2b), METS packages, word confidences, ``--pages``, ``--dry-run``, ``--log-json`` and a quiet
+log. The bundled model reads the small 150-dpi pages, so the text layer carries real words."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jiwer
+import pikepdf
+import pyarrow.dataset as ds
+import pytest
+from lxml import etree
+
+from conftest import box_iou, text_page, write_pdf
+from pipeline.config import load_config
+from pipeline.job import run_job
+from pipeline.progress import JobProgress
+
+SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
+CLI = [sys.executable, "-m", "pipeline.cli"]
+DPI = "rasterize.dpi=150"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, page_images) -> Path:
+    """Five documents: a 3-page PDF, a PNG, a TIFF, a JPEG and a file that is no document."""
+    folder = tmp_path_factory.mktemp("archive-inputs")
+    write_pdf(folder / "letters.pdf", page_images)
+    text_page(["A note on a single sheet of paper.", "Signed and dated below."]).save(folder / "note.png", dpi=(150, 150))
+    text_page(["The receipt for the quick brown fox."]).save(folder / "receipt.tif", dpi=(150, 150))
+    text_page(["Pack my box with five dozen jugs."]).save(folder / "box.jpg", dpi=(150, 150), quality=95)
+    (folder / "broken.pdf").write_bytes(b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run(inputs, tmp_path_factory):
+    """One plain non-interactive run of the command line with every export."""
+    output = tmp_path_factory.mktemp("archive-out")
+    log = output.parent / f"{output.name}.jsonl"
+    result = subprocess.run(CLI + ["run", str(inputs), "--output", str(output), "--set", DPI,
+                                   "--export", "pdf,mets,page", "--pdfa", "--log-json", str(log)],
+                            capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    pages = ds.dataset(f"{output}/pages", format="parquet").to_table().to_pylist()
+    return result, output, log, pages
+
+
+def _exports(output: Path, source: str, suffix: str) -> Path:
+    [path] = (output / "exports").glob(f"{Path(source).stem}-*{suffix}")
+    return path
+
+
+def test_a_plain_run_prints_a_short_log_without_ray_chatter_or_warnings(run):
+    result, *_ = run
+    assert result.returncode == 4, result.stderr  # broken.pdf fails triage
+    lines = (result.stdout + result.stderr).splitlines()
+    assert 0 < len(lines) <= 40, lines
+    chatter = [line for line in lines if re.search(r"core_worker|logging_progress|streaming_executor|Running Dataset"
+                                                     r"|WARNING|warning|Loading weights", line)]
+    assert not chatter, chatter
+    assert "documents: 4 ok, 1 failed" in result.stdout
+
+
+def test_log_json_has_one_record_per_finished_document(run, inputs):
+    _, _, log, pages = run
+    records = {Path(entry["source"]).name: entry for entry in map(json.loads, log.read_text().splitlines())}
+    assert set(records) == {path.name for path in inputs.iterdir()}
+    assert records["broken.pdf"]["status"] == "failed" and records["broken.pdf"]["error"]["code"] == "corrupt_file"
+    letters = records["letters.pdf"]
+    assert (letters["status"], letters["pages"], letters["error"]) == ("ok", 3, None)
+    assert letters["lines"] == sum(len(page["lines"]) for page in pages if page["source"].endswith("letters.pdf"))
+    assert letters["seconds"] > 0
+
+
+def test_words_carry_their_own_confidence(run):
+    *_, pages = run
+    lines = [line for page in pages for line in page["lines"] if len(line["words"]) > 1]
+    assert lines
+    for line in lines:
+        confidences = [word["confidence"] for word in line["words"]]
+        assert all(0 < value <= 1 for value in confidences)
+    assert any(len({round(word["confidence"], 6) for word in line["words"]}) > 1 for line in lines)
+
+
+def _pdf_words(path: Path) -> list[list[tuple[str, list[float]]]]:
+    """Per page: (word, [x0, y0, x1, y1] in points from the top left) as pdftotext finds them."""
+    html = subprocess.run(["pdftotext", "-bbox", str(path), "-"], capture_output=True, check=True).stdout
+    root = etree.fromstring(html, etree.HTMLParser())
+    return [[(word.text or "", [float(word.get(key)) for key in ("xmin", "ymin", "xmax", "ymax")])
+             for word in page.iter("word")] for page in root.iter("page")]
+
+
+def test_searchable_pdfs_hold_the_recognized_words_on_their_boxes(run, inputs):
+    _, output, _, pages = run
+    for source in sorted({page["source"] for page in pages}):
+        rows = sorted((page for page in pages if page["source"] == source), key=lambda page: page["page"])
+        pdf_path = _exports(output, source, ".pdf")
+        found = _pdf_words(pdf_path)
+        assert len(found) == len(rows)
+        with pikepdf.open(pdf_path) as pdf:
+            sizes = [(float(page.mediabox[2]), float(page.mediabox[3])) for page in pdf.pages]
+        expected_words, found_words, placed, total = [], [], 0, 0
+        for row, words, (width_pt, height_pt) in zip(rows, found, sizes):
+            scale_x, scale_y = row["width"] / width_pt, row["height"] / height_pt
+            found_words += [text for text, _ in words]
+            for line in row["lines"]:
+                for word in line["words"]:
+                    expected_words.append(word["text"])
+                    boxes = [[box[0] * scale_x, box[1] * scale_y, box[2] * scale_x, box[3] * scale_y]
+                             for text, box in words if text == word["text"]]
+                    total += 1
+                    placed += any(box_iou(word["bbox"], box) >= 0.5 for box in boxes)
+        assert expected_words, source
+        assert jiwer.cer(" ".join(sorted(expected_words)), " ".join(sorted(found_words))) <= 0.02
+        assert placed >= 0.9 * total, (source, placed, total)
+
+
+def test_pdf_inputs_keep_their_image_streams_and_the_output_is_pdfa(run, inputs):
+    _, output, _, _ = run
+    def images(path):
+        with pikepdf.open(path) as pdf:
+            return [image.read_raw_bytes() for page in pdf.pages for image in page.images.values()]
+    original = images(inputs / "letters.pdf")
+    assert original and images(_exports(output, "letters.pdf", ".pdf")) == original
+    for pdf_path in (output / "exports").glob("*.pdf"):
+        with pikepdf.open(pdf_path) as pdf:
+            assert pdf.open_metadata().pdfa_status == "2B"
+            assert pdf.Root.OutputIntents[0].S == "/GTS_PDFA1"
+
+
+def test_mets_points_every_page_at_its_image_alto_and_page(run):
+    _, output, _, pages = run
+    mets_ns = {"mets": "http://www.loc.gov/METS/", "xlink": "http://www.w3.org/1999/xlink"}
+    for source in {page["source"] for page in pages}:
+        mets_path = _exports(output, source, ".mets.xml")
+        mets = etree.parse(str(mets_path))
+        files = {entry.get("ID"): entry.find("mets:FLocat", mets_ns).get(f"{{{mets_ns['xlink']}}}href")
+                 for entry in mets.iterfind(".//mets:file", mets_ns)}
+        divs = mets.findall(".//mets:structMap[@TYPE='PHYSICAL']//mets:div[@TYPE='page']", mets_ns)
+        assert len(divs) == sum(page["source"] == source for page in pages)
+        for div in divs:
+            hrefs = sorted(files[pointer.get("FILEID")] for pointer in div.iterfind("mets:fptr", mets_ns))
+            number = f"p{int(div.get('ORDER')):04d}"
+            assert [href.split(".", 1)[1] for href in hrefs] == [f"{number}.alto.xml", f"{number}.page.xml",
+                                                                 f"{number}.png"]
+            assert all((mets_path.parent / href).is_file() for href in hrefs)
+
+
+@pytest.mark.skipif(not SCHEMAS.is_dir(), reason=f"mets.xsd and xlink.xsd live in the dev data checkout {SCHEMAS}, "
+                                                  "which a plain clone lacks")
+def test_mets_files_are_valid_against_the_official_schema(run):
+    _, output, _, _ = run
+
+    class LocalXlink(etree.Resolver):
+        def resolve(self, url, public_id, context):
+            return self.resolve_filename(str(SCHEMAS / "xlink.xsd"), context) if "xlink" in url else None
+
+    parser = etree.XMLParser()
+    parser.resolvers.add(LocalXlink())
+    schema = etree.XMLSchema(etree.parse(str(SCHEMAS / "mets.xsd"), parser))
+    mets_files = list((output / "exports").glob("*.mets.xml"))
+    assert len(mets_files) == 4
+    for path in mets_files:
+        assert schema.validate(etree.parse(str(path))), (path.name, schema.error_log.last_error)
+
+
+def test_pages_selects_the_same_pages_of_every_input(ray_local, inputs, tmp_path):
+    config = load_config(None, [DPI, "rasterize.pages='2'", "output.exports=[alto]"])
+    summary = run_job([str(inputs / "letters.pdf"), str(inputs / "note.png")], str(tmp_path), config)
+    pages = ds.dataset(f"{tmp_path}/pages", format="parquet").to_table().to_pylist()
+    assert [(Path(page["source"]).name, page["page"]) for page in pages] == [("letters.pdf", 2)]
+    assert sorted(path.name.split(".", 1)[1] for path in (tmp_path / "exports").iterdir()) == ["p0002.alto.xml"]
+    documents = ds.dataset(f"{tmp_path}/documents", format="parquet").to_table().to_pylist()
+    assert {row["status"] for row in documents} == {"ok"} and summary.written.pages == 1
+
+
+def test_dry_run_lists_documents_and_writes_nothing(inputs, tmp_path):
+    output = tmp_path / "never"
+    result = subprocess.run(CLI + ["run", str(inputs), "--output", str(output), "--set", DPI, "--dry-run",
+                                   "--pages", "1-2"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 4, result.stderr  # broken.pdf would fail
+    assert not output.exists()
+    assert "documents: 5 found, 4 to process, 1 failing triage, 0 already done" in result.stdout
+    assert re.search(r"^ok\s+2 pages\s+\S+letters\.pdf$", result.stdout, re.MULTILINE)
+    assert re.search(r"^failed\s+0 pages\s+\S+broken\.pdf \(corrupt_file: ", result.stdout, re.MULTILINE)
+    assert "work: 5 pages" in result.stdout
+
+
+def test_progress_line_redraws_in_place_on_a_terminal_and_logs_lines_otherwise(tmp_path):
+    from io import StringIO
+
+    from operators.records import DocumentRecord, PageWork
+
+    work = PageWork("d", "a.pdf", 1, 150)
+    record = DocumentRecord("d", "a.pdf", "ok", None, None, 2)
+    for interactive in (True, False):
+        stream = StringIO()
+        progress = JobProgress(stream=stream, interactive=interactive, interval_s=0)
+        progress.start(documents=1, pages=2)
+        progress.page_done(work)
+        progress.page_done(work)
+        progress.document_done(record, [work, work])
+        progress.close()
+        text = stream.getvalue()
+        assert "documents 1/1, pages 2/2" in text and "ETA 0:00" in text
+        assert ("\r" in text) == interactive
+        assert text.count("\n") == (1 if interactive else 3)
