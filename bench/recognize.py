@@ -57,7 +57,7 @@ from transformers import (
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from operators.recognize import LineReading, decode_lines, line_batches  # noqa: E402
+from operators.recognize import LineReading, decode_lines, line_batches, resolve_max_new_tokens  # noqa: E402
 from operators.words import fit_rows_to_ink  # noqa: E402
 from operators.settings import DEFAULT_MODEL, RecognizeConfig  # noqa: E402
 from operators.model import LinePreprocessor, TrOCRBundle, load_trocr, resolve_device, resolve_dtype  # noqa: E402
@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     args.lines = len(lines)
     resized, hints = line_crops(bundle, lines)
     if args.max_new_tokens is None:
-        args.max_new_tokens = bundle.model.generation_config.max_new_tokens or defaults.max_new_tokens
+        args.max_new_tokens = bundle.model.generation_config.max_new_tokens or resolve_max_new_tokens(
+            defaults.max_new_tokens, bundle.model)
     print(f"model {args.model} | {args.lines} lines | batch {args.batch_size} | max_new_tokens {args.max_new_tokens} "
           f"| beams {args.num_beams} | {bundle.device} {args.precision} | torch threads {torch.get_num_threads()}")
 
