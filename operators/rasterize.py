@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from pdf2image import convert_from_path
 from pdf2image.exceptions import PDFPageCountError, PDFPopplerTimeoutError, PDFSyntaxError
-from PIL import Image
+from PIL import Image, ImageOps
 
 from operators.ingest import DocumentKind, DocumentPlan, local_path, repaired_pdf
 from operators.settings import RasterizeConfig
@@ -33,6 +33,7 @@ class PageRange:
     first: int
     last: int
     repaired: bool = False
+    rotations: tuple[int, ...] = ()  # /Rotate of pages first..last, as poppler applies it
 
 
 def page_ranges(plans: list[DocumentPlan], pages_per_task: int) -> list[PageRange]:
@@ -42,7 +43,8 @@ def page_ranges(plans: list[DocumentPlan], pages_per_task: int) -> list[PageRang
             continue
         for first in range(1, plan.num_pages + 1, pages_per_task):
             last = min(first + pages_per_task - 1, plan.num_pages)
-            ranges.append(PageRange(plan.doc_id, plan.source, plan.kind, first, last, plan.repaired))
+            ranges.append(PageRange(plan.doc_id, plan.source, plan.kind, first, last, plan.repaired,
+                                    plan.page_rotations[first - 1:last]))
     return ranges
 
 
@@ -97,20 +99,39 @@ def _render_pdf(task: PageRange, path: str, config: RasterizeConfig) -> list[Pag
         else:
             work.image = to_gray8(images[offset])
             work.height, work.width = work.image.shape
+            work.rotation = task.rotations[offset] if offset < len(task.rotations) else 0
         pages.append(work)
     return pages
 
 
+#: Degrees clockwise that ``ImageOps.exif_transpose`` turns an image, per EXIF orientation (2, 4, 5
+#: and 7 are also mirrored, which it undoes too).
+_EXIF_ROTATION = {3: 180, 4: 180, 5: 90, 6: 90, 7: 270, 8: 270}
+
+
+def _render_frame(image: Image.Image, work: PageWork, config: RasterizeConfig) -> None:
+    """Decode the current frame into ``work``, upright as its EXIF orientation says."""
+    if image.width * image.height > config.max_page_pixels:
+        raise PageTooLarge(f"page {work.page} has {image.width}x{image.height} px, over the limit")
+    work.dpi = _image_dpi(image, config.dpi)
+    work.rotation = _EXIF_ROTATION.get(image.getexif().get(0x0112, 1), 0)
+    work.image = to_gray8(ImageOps.exif_transpose(image) if work.rotation else image)
+    work.height, work.width = work.image.shape
+
+
 def _render_image(task: PageRange, path: str, config: RasterizeConfig) -> list[PageWork]:
+    """Each frame on its own: a damaged frame fails its page, the frames that decode are kept."""
     pages = []
     with Image.open(path) as image:
         for number in range(task.first, task.last + 1):
-            image.seek(number - 1)
-            work = _new_page(task, number, _image_dpi(image, config.dpi))
-            if image.width * image.height > config.max_page_pixels:
-                raise PageTooLarge(f"page {number} has {image.width}x{image.height} px, over the limit")
-            work.image = to_gray8(image)
-            work.height, work.width = work.image.shape
+            work = _new_page(task, number, config.dpi)
+            try:
+                image.seek(number - 1)
+                _render_frame(image, work, config)
+            except DocumentError as error:
+                work.fail(error.error_code, str(error))
+            except Exception as exc:  # noqa: BLE001 - decoders raise anything on damaged bytes
+                work.fail(RenderFailed.error_code, f"page {number} cannot be decoded: {type(exc).__name__}: {exc}")
             pages.append(work)
     return pages
 
@@ -127,6 +148,7 @@ def rasterize(task: PageRange, config: RasterizeConfig) -> list[PageWork]:
                 return _render_pdf(task, fixed, config)
     except DocumentError as error:
         reason = (error.error_code, str(error))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        reason = (RenderFailed.error_code, f"pages {task.first}-{task.last} cannot be decoded: {exc}")
+    except Exception as exc:  # noqa: BLE001 - one file must never end the job
+        reason = (RenderFailed.error_code,
+                  f"pages {task.first}-{task.last} cannot be decoded: {type(exc).__name__}: {exc}")
     return [_new_page(task, number, config.dpi).fail(*reason) for number in range(task.first, task.last + 1)]

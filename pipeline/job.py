@@ -17,12 +17,13 @@ from typing import Any, Iterator, Literal
 
 import ray
 
-from operators.ingest import DocumentPlan, expand_inputs, triage
+from operators.errors import InternalError
+from operators.ingest import DocumentPlan, find_inputs, mark_duplicates, source_id, triage
 from operators.model import LinePreprocessor, load_line_preprocessor
 from operators.rasterize import PageRange, page_ranges, rasterize
 from operators.recognize import TrOCRRecognizer
 from operators.records import DocumentRecord, PageWork
-from operators.write import ParquetSink, WriteSummary, recover_output
+from operators.write import ParquetSink, WriteSummary, output_lock, recover_output
 from pipeline.config import JobConfig
 from pipeline.stages import layout_page
 
@@ -35,6 +36,7 @@ class JobSummary:
     documents_skipped: int
     written: WriteSummary
     seconds: float
+    left_out: dict[str, int]  # files in folders and globs that are no documents, by suffix
 
     @property
     def pages_per_second(self) -> float:
@@ -42,9 +44,12 @@ class JobSummary:
 
     def describe(self) -> str:
         w = self.written
+        left_out = ", ".join(f"{count} {key}" for key, count in sorted(self.left_out.items())) or "none"
         return (
             f"output: {self.output}\n"
-            f"documents: {w.documents_ok} ok, {w.documents_failed} failed, {self.documents_skipped} already done\n"
+            f"documents: {w.documents_ok} ok, {w.documents_failed} failed, {w.documents_duplicate} duplicates, "
+            f"{self.documents_skipped} already done\n"
+            f"left out (no document): {left_out}\n"
             f"pages: {w.pages} ({w.pages_failed} failed), lines: {w.lines}\n"
             f"time: {self.seconds:.1f} s, {self.pages_per_second:.2f} pages/s"
         )
@@ -101,9 +106,19 @@ class _RecognizeBatch:
 
 
 def _triage_all(sources: list[str], config: JobConfig) -> list[DocumentPlan]:
-    """Triage every file in parallel as plain Ray tasks: cheap, and quicker to start than a dataset."""
+    """Triage every file in parallel as plain Ray tasks: cheap, and quicker to start than a dataset.
+    A task that dies (a decoder crashing its worker) fails its document, not the job."""
     remote_triage = ray.remote(num_cpus=config.rasterize.num_cpus)(triage)
-    return ray.get([remote_triage.remote(source, config.rasterize) for source in sources])
+    refs = [remote_triage.remote(source, config.rasterize) for source in sources]
+    plans = []
+    for source, ref in zip(sources, refs):
+        try:
+            plans.append(ray.get(ref))
+        except ray.exceptions.RayError as exc:
+            error = InternalError(f"triage crashed: {type(exc).__name__}: {exc}")
+            plans.append(DocumentPlan(doc_id=source_id(source), source=source, kind=None,
+                                      num_pages=0, error=error))
+    return plans
 
 
 def _page_dataset(ranges: list[PageRange], config: JobConfig,
@@ -133,26 +148,32 @@ def _page_dataset(ranges: list[PageRange], config: JobConfig,
 def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "recognize") -> JobSummary:
     """Run the whole job; bad documents are recorded as failed rows, never raised."""
     started = time.monotonic()
-    sources = expand_inputs(inputs)
+    found = find_inputs(inputs)
     # the model is checked before any document is read: a bad model folder fails the job at once
     preprocessor = load_line_preprocessor(config.recognize.model) if mode == "recognize" else None
-    done = recover_output(output)
-    sink = ParquetSink(output, config.output.parquet_rows_per_file, config.output.exports)
-    with ray_session(config):
-        plans = _triage_all(sources, config)
-        fresh = [plan for plan in plans if plan.doc_id not in done]
-        for plan in fresh:
-            error = plan.error
-            sink.expect(DocumentRecord(
-                doc_id=plan.doc_id, source=plan.source, status="failed" if error else "ok",
-                error_code=error.error_code if error else None, error_message=str(error) if error else None,
-                num_pages=plan.num_pages, repaired=plan.repaired,
-            ))
-        ranges = page_ranges(fresh, config.rasterize.pages_per_task)
-        if ranges:
-            for batch in _page_dataset(ranges, config, preprocessor).iter_batches(batch_size=None):
-                for item in batch["work"]:
-                    sink.add_page(pickle.loads(item))
-    written = sink.close()
+    with output_lock(output):
+        done = recover_output(output)
+        sink = ParquetSink(output, config.output.parquet_rows_per_file, config.output.exports)
+        with ray_session(config):
+            plans = _triage_all(found.sources, config)
+            fresh = mark_duplicates(plans, done)
+            for plan in fresh:
+                sink.expect(_document_record(plan))
+            ranges = page_ranges([plan for plan in fresh if plan.duplicate_of is None], config.rasterize.pages_per_task)
+            if ranges:
+                for batch in _page_dataset(ranges, config, preprocessor).iter_batches(batch_size=None):
+                    for item in batch["work"]:
+                        sink.add_page(pickle.loads(item))
+        written = sink.close()
     return JobSummary(output=output, documents_skipped=len(plans) - len(fresh), written=written,
-                      seconds=time.monotonic() - started)
+                      seconds=time.monotonic() - started, left_out=dict(found.left_out))
+
+
+def _document_record(plan: DocumentPlan) -> DocumentRecord:
+    error = plan.error
+    status = "duplicate" if plan.duplicate_of else "failed" if error else "ok"
+    return DocumentRecord(
+        doc_id=plan.doc_id, source=plan.source, status=status,
+        error_code=error.error_code if error else None, error_message=str(error) if error else None,
+        num_pages=plan.num_pages, repaired=plan.repaired, duplicate_of=plan.duplicate_of,
+    )
