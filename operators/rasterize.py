@@ -114,8 +114,9 @@ def _render_frame(image: Image.Image, work: PageWork, config: RasterizeConfig) -
     if image.width * image.height > config.max_page_pixels:
         raise PageTooLarge(f"page {work.page} has {image.width}x{image.height} px, over the limit")
     work.dpi = _image_dpi(image, config.dpi)
-    work.rotation = _EXIF_ROTATION.get(image.getexif().get(0x0112, 1), 0)
-    work.image = to_gray8(ImageOps.exif_transpose(image) if work.rotation else image)
+    orientation = image.getexif().get(0x0112, 1)
+    work.rotation = _EXIF_ROTATION.get(orientation, 0)
+    work.image = to_gray8(ImageOps.exif_transpose(image) if orientation != 1 else image)
     work.height, work.width = work.image.shape
 
 
