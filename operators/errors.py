@@ -18,6 +18,8 @@ class ExitCode(IntEnum):
     input_file = 3
     documents_failed = 4
     model_error = 5
+    output_locked = 6
+    write_failed = 7
     ctrl_c = 130
 
 
@@ -40,6 +42,26 @@ class ModelLoadError(PipelineError):
 
     exit_code = ExitCode.model_error
     error_code = "model_error"
+
+
+class OutputNotWritable(ConfigError):
+    """The output location cannot be created or written: found before any work."""
+
+    error_code = "output_not_writable"
+
+
+class OutputLocked(PipelineError):
+    """Another run holds the output folder's lock: two runs must never write one output."""
+
+    exit_code = ExitCode.output_locked
+    error_code = "output_locked"
+
+
+class WriteFailed(PipelineError):
+    """Writing the output failed mid-job (disk full, I/O error); what was published stays valid."""
+
+    exit_code = ExitCode.write_failed
+    error_code = "write_failed"
 
 
 class NoInputError(PipelineError):
@@ -102,6 +124,18 @@ class RenderFailed(DocumentError):
     """poppler or the image decoder failed on a page."""
 
     error_code = "render_failed"
+
+
+class NoPages(DocumentError):
+    """The file holds no page (a PDF whose page tree is empty)."""
+
+    error_code = "no_pages"
+
+
+class InternalError(DocumentError):
+    """An unforeseen error on this file (a library fault or a bug); the message names the exception."""
+
+    error_code = "internal_error"
 
 
 #: Codes of page failures that are recorded on the page (``PageWork.fail``), never raised.

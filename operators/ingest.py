@@ -14,10 +14,12 @@ import os
 import re
 import subprocess
 import tempfile
+from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterable, Iterator, Literal
+from urllib.parse import quote
 
 import pikepdf
 import pyarrow.fs as pafs
@@ -30,16 +32,22 @@ from operators.errors import (
     DocumentError,
     EmptyFile,
     EncryptedFile,
+    InternalError,
     NoInputError,
+    NoPages,
     PageTooLarge,
     RenderTimeout,
     UnreadableFile,
     UnsupportedFormat,
 )
 
-SUPPORTED_SUFFIXES = (".pdf", ".tif", ".tiff", ".png", ".jpg", ".jpeg")
-DocumentKind = Literal["pdf", "tiff", "png", "jpeg"]
+SUPPORTED_SUFFIXES = (".pdf", ".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2", ".j2k", ".jpx", ".jpf",
+                      ".bmp", ".webp", ".gif")
+DocumentKind = Literal["pdf", "tiff", "png", "jpeg", "jp2", "bmp", "webp", "gif"]
 _GLOB_CHARS = re.compile(r"[*?\[]")
+#: What operating systems leave in folders (macOS resource forks and folder settings, Windows
+#: thumbnail caches): never a document, whatever its suffix.
+_OS_JUNK = re.compile(r"^(\._.+|\.DS_Store|Thumbs\.db|desktop\.ini)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -52,57 +60,95 @@ class DocumentPlan:
     num_pages: int
     error: DocumentError | None = None
     repaired: bool = False  # poppler could not read it; render the copy pikepdf (qpdf) repairs
+    page_rotations: tuple[int, ...] = ()  # a PDF's /Rotate per page, which poppler applies when rendering
+    duplicate_of: str | None = None  # doc_id of the document with the same bytes that holds the pages
+
+
+@dataclass
+class FoundInputs:
+    """The documents the inputs name, and what was left out of folders and globs, counted by suffix."""
+
+    sources: list[str] = field(default_factory=list)
+    left_out: Counter = field(default_factory=Counter)
 
 
 def _with_scheme(location: str, path: str) -> str:
-    return f"{location.split('://', 1)[0]}://{path}" if is_uri(location) else path
+    """A path found in a URI's filesystem as a URI again, percent-encoded so that ``#``, ``%`` and
+    spaces in names survive the next parse."""
+    return f"{location.split('://', 1)[0]}://{quote(path)}" if is_uri(location) else path
 
 
-def _supported(path: str) -> bool:
-    return path.lower().endswith(SUPPORTED_SUFFIXES)
+def _left_out_as(name: str) -> str | None:
+    """None for a file to read as a document, else the key it is counted under in the summary."""
+    if _OS_JUNK.match(name):
+        return "._*" if name.startswith("._") else name
+    if name.lower().endswith(SUPPORTED_SUFFIXES):
+        return None
+    return os.path.splitext(name)[1].lower() or "(no suffix)"
 
 
-def _expand_one(item: str) -> list[str]:
-    if not is_uri(item) and _GLOB_CHARS.search(item):
-        matches = sorted(glob.glob(item, recursive=True))
-        return [os.path.abspath(m) for m in matches if os.path.isfile(m) and _supported(m)]
+def _sort_out(paths: Iterable[str], left_out: Counter) -> list[str]:
+    """The paths that are documents, sorted; the others counted in ``left_out``."""
+    kept = []
+    for path in paths:
+        key = _left_out_as(path.rsplit("/", 1)[-1])
+        if key is None:
+            kept.append(path)
+        else:
+            left_out[key] += 1
+    return sorted(kept)
+
+
+def _walk(folder: str) -> list[str]:
+    # os.walk, unlike pyarrow, lists broken links and link loops: they become `unreadable` rows, not silence
+    return [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
+
+
+def _expand_one(item: str, left_out: Counter) -> list[str]:
+    # an existing name is taken literally even when it holds glob characters ("scan [1].pdf")
+    if not is_uri(item) and not os.path.lexists(item) and _GLOB_CHARS.search(item):
+        matches = [os.path.abspath(m) for m in glob.glob(item, recursive=True)]
+        return _sort_out([path for match in matches for path in (_walk(match) if os.path.isdir(match) else [match])],
+                         left_out)
     filesystem, path = resolve_filesystem(item)
-    if _GLOB_CHARS.search(path):
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.NotFound and _GLOB_CHARS.search(path) and is_uri(item):
         root = path[: _GLOB_CHARS.search(path).start()].rsplit("/", 1)[0] or "/"
         infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
-        return sorted(_with_scheme(item, i.path) for i in infos
-                      if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path) and _supported(i.path))
-    info = filesystem.get_file_info(path)
+        return _sort_out([_with_scheme(item, i.path) for i in infos
+                          if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)], left_out)
     if info.type == pafs.FileType.Directory and not is_uri(item):
-        # os.walk, unlike pyarrow, lists broken links: they become `unreadable` rows, not silence
-        return sorted(os.path.join(root, name) for root, _, names in os.walk(path)
-                      for name in names if _supported(name))
+        return _sort_out(_walk(path), left_out)
     if info.type == pafs.FileType.Directory:
         infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
-        return sorted(_with_scheme(item, i.path) for i in infos
-                      if i.type == pafs.FileType.File and _supported(i.path))
-    if info.type == pafs.FileType.NotFound:
+        return _sort_out([_with_scheme(item, i.path) for i in infos if i.type == pafs.FileType.File], left_out)
+    if info.type == pafs.FileType.NotFound and not os.path.islink(path):
         return []
     # A file named explicitly is taken whatever its suffix: triage decides what it is.
     return [_with_scheme(item, path)]
 
 
-def expand_inputs(inputs: list[str]) -> list[str]:
+def find_inputs(inputs: list[str]) -> FoundInputs:
     """Files, folders (recursive) and globs, local or pyarrow-filesystem URIs, in a stable order.
 
     An input that matches nothing is an error naming it, so a typo never yields an empty job.
     """
-    sources: list[str] = []
+    found = FoundInputs()
     seen: set[str] = set()
     for item in inputs:
-        matched = _expand_one(item)
+        matched = _expand_one(item, found.left_out)
         if not matched:
-            raise NoInputError(f"input {item!r} matches no PDF, TIFF, PNG or JPEG file")
+            raise NoInputError(f"input {item!r} matches no document ({' '.join(SUPPORTED_SUFFIXES)})")
         for source in matched:
             if source not in seen:
                 seen.add(source)
-                sources.append(source)
-    return sources
+                found.sources.append(source)
+    return found
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """The sources of :func:`find_inputs`."""
+    return find_inputs(inputs).sources
 
 
 _CHUNK = 1 << 20
@@ -138,13 +184,26 @@ def sniff_kind(head: bytes) -> DocumentKind:
         return "png"
     if head.startswith(b"\xff\xd8\xff"):
         return "jpeg"
+    if head.startswith((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")):  # JP2/JPX box, raw codestream
+        return "jp2"
+    if head.startswith(b"BM") and head[14:18] in _BMP_HEADER_SIZES:
+        return "bmp"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "webp"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "gif"
     if b"%PDF-" in head[:1024]:
         return "pdf"
-    raise UnsupportedFormat("not a PDF, TIFF, PNG or JPEG file (checked the magic bytes)")
+    raise UnsupportedFormat("not a PDF, TIFF, PNG, JPEG, JPEG 2000, BMP, WebP or GIF file (checked the magic bytes)")
+
+
+#: The DIB header sizes a BMP can have: "BM" alone also starts ordinary text.
+_BMP_HEADER_SIZES = {size.to_bytes(4, "little") for size in (12, 16, 40, 52, 56, 64, 108, 124)}
 
 
 _PAGES = re.compile(r"^Pages:\s+(\d+)", re.MULTILINE)
 _PAGE_SIZE = re.compile(r"^Page\s+\d+ size:\s+([\d.]+) x ([\d.]+) pts", re.MULTILINE)
+_PAGE_ROTATION = re.compile(r"^Page\s+\d+ rot:\s+(\d+)", re.MULTILINE)
 
 
 def pdf_info(path: str, config: RasterizeConfig) -> dict[str, str | int | list]:
@@ -164,7 +223,8 @@ def pdf_info(path: str, config: RasterizeConfig) -> dict[str, str | int | list]:
     if pages is None:
         raise CorruptFile("pdfinfo reported no page count")
     sizes = [(float(w), float(h)) for w, h in _PAGE_SIZE.findall(stdout)]
-    return {"pages": int(pages.group(1)), "sizes": sizes}
+    rotations = [int(r) % 360 for r in _PAGE_ROTATION.findall(stdout)]
+    return {"pages": int(pages.group(1)), "sizes": sizes, "rotations": rotations}
 
 
 def _check_pixels(width: float, height: float, page: int, config: RasterizeConfig, dpi: int) -> None:
@@ -200,9 +260,12 @@ def repaired_pdf(path: str) -> Iterator[str]:
         yield handle.name
 
 
-def triage_pdf(path: str, config: RasterizeConfig) -> tuple[int, bool]:
-    """Page count and whether rendering needs the repaired copy; page sizes checked on the way."""
+def triage_pdf(path: str, config: RasterizeConfig) -> tuple[int, bool, tuple[int, ...]]:
+    """Page count, whether rendering needs the repaired copy, and each page's /Rotate; page sizes
+    checked on the way."""
     pages_in_tree = page_tree_count(path)
+    if pages_in_tree == 0:
+        raise NoPages("the PDF's page tree is empty: it holds no page")
     try:
         info, repaired = pdf_info(path, config), False
     except CorruptFile:
@@ -212,24 +275,36 @@ def triage_pdf(path: str, config: RasterizeConfig) -> tuple[int, bool]:
             info, repaired = pdf_info(fixed, config), True
     pages = pages_in_tree if pages_in_tree is not None else int(info["pages"])
     if pages < 1:
-        raise CorruptFile("the PDF has no pages")
+        raise NoPages("the PDF declares no page")
     for number, (w_pt, h_pt) in enumerate(info["sizes"], start=1):
         _check_pixels(w_pt / 72 * config.dpi, h_pt / 72 * config.dpi, number, config, config.dpi)
-    return pages, repaired
+    return pages, repaired, tuple(info["rotations"])
 
 
 def triage_image(path: str, config: RasterizeConfig) -> int:
+    """Frames (pages) of an image, each checked against the pixel limit. They are counted by seeking,
+    not with ``n_frames``, which raises on a damaged frame: here a frame whose header cannot be read
+    still counts (it fails as a page) and ends the count, and the frames before it are read."""
     try:
         with Image.open(path) as image:
-            frames = getattr(image, "n_frames", 1)
-            for index in range(frames):
-                image.seek(index)
-                _check_pixels(image.width, image.height, index + 1, config, config.dpi)
-            return frames
+            number = 0
+            while True:
+                try:
+                    image.seek(number)
+                except EOFError:
+                    return number
+                except Image.DecompressionBombError:
+                    raise
+                except Exception:  # noqa: BLE001 - any library error here means a damaged frame
+                    return number + 1
+                number += 1
+                _check_pixels(image.width, image.height, number, config, config.dpi)
     except Image.DecompressionBombError as exc:
         raise PageTooLarge(f"decompression bomb: {exc}") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise CorruptFile(f"the image cannot be decoded: {exc}") from exc
+    except DocumentError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, TypeError... on bad bytes
+        raise CorruptFile(f"the image cannot be decoded: {type(exc).__name__}: {exc}") from exc
 
 
 @contextmanager
@@ -245,9 +320,14 @@ def local_path(source: str) -> Iterator[str]:
         yield handle.name
 
 
+def source_id(source: str) -> str:
+    """The doc_id of a file whose bytes cannot be read: the sha256 of its path or URI."""
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
 def triage(source: str, config: RasterizeConfig) -> DocumentPlan:
-    """Never raises for a bad document: the error is recorded in the plan."""
-    doc_id = hashlib.sha256(source.encode()).hexdigest()  # replaced by the content hash once read
+    """Never raises for a bad document, whatever goes wrong: the error is recorded in the plan."""
+    doc_id = source_id(source)  # replaced by the content hash once read
     kind: DocumentKind | None = None
     try:
         doc_id, head, size = fingerprint(source)
@@ -256,9 +336,36 @@ def triage(source: str, config: RasterizeConfig) -> DocumentPlan:
         kind = sniff_kind(head)
         with local_path(source) as path:
             if kind == "pdf":
-                num_pages, repaired = triage_pdf(path, config)
+                num_pages, repaired, rotations = triage_pdf(path, config)
             else:
-                num_pages, repaired = triage_image(path, config), False
-        return DocumentPlan(doc_id=doc_id, source=source, kind=kind, num_pages=num_pages, repaired=repaired)
+                num_pages, repaired, rotations = triage_image(path, config), False, ()
+        return DocumentPlan(doc_id=doc_id, source=source, kind=kind, num_pages=num_pages, repaired=repaired,
+                            page_rotations=rotations)
     except DocumentError as error:
         return DocumentPlan(doc_id=doc_id, source=source, kind=kind, num_pages=0, error=error)
+    except Exception as exc:  # noqa: BLE001 - one file must never end the job
+        error = InternalError(f"triage failed unexpectedly: {type(exc).__name__}: {exc}")
+        return DocumentPlan(doc_id=doc_id, source=source, kind=kind, num_pages=0, error=error)
+
+
+def duplicate_id(doc_id: str, source: str) -> str:
+    """The doc_id of a second file with the same bytes: unique, and the same in every run."""
+    return hashlib.sha256(f"{doc_id}\n{source}".encode()).hexdigest()
+
+
+def mark_duplicates(plans: list[DocumentPlan], published: dict[str, str]) -> list[DocumentPlan]:
+    """Plans left to write, duplicates marked. ``published`` maps each doc_id already written to its
+    source. A file whose bytes were already seen, earlier in this run or written by an earlier run
+    under another source, becomes a duplicate (its own doc_id, no pages) of that document."""
+    first: dict[str, str] = {}  # content doc_id -> source holding the pages
+    for doc_id, source in published.items():
+        first.setdefault(doc_id, source)
+    fresh = []
+    for plan in plans:
+        owner = first.setdefault(plan.doc_id, plan.source)
+        if owner != plan.source:
+            plan = replace(plan, doc_id=duplicate_id(plan.doc_id, plan.source), duplicate_of=plan.doc_id,
+                           error=None)
+        if plan.doc_id not in published:
+            fresh.append(plan)
+    return fresh

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from pdf2image import convert_from_path
 from pdf2image.exceptions import PDFPageCountError, PDFPopplerTimeoutError, PDFSyntaxError
-from PIL import Image
+from PIL import Image, ImageOps
 
 from operators.ingest import DocumentKind, DocumentPlan, local_path, repaired_pdf
 from operators.pages import selected_pages
@@ -34,6 +34,7 @@ class PageRange:
     first: int
     last: int
     repaired: bool = False
+    rotations: tuple[int, ...] = ()  # /Rotate of pages first..last, as poppler applies it
 
 
 def page_ranges(plans: list[DocumentPlan], pages_per_task: int, pages: str | None = None) -> list[PageRange]:
@@ -46,7 +47,8 @@ def page_ranges(plans: list[DocumentPlan], pages_per_task: int, pages: str | Non
         run: list[int] = []
         for number in selected_pages(pages, plan.num_pages) + [0]:  # 0 closes the last run
             if run and (number != run[-1] + 1 or len(run) == pages_per_task):
-                ranges.append(PageRange(plan.doc_id, plan.source, plan.kind, run[0], run[-1], plan.repaired))
+                ranges.append(PageRange(plan.doc_id, plan.source, plan.kind, run[0], run[-1], plan.repaired,
+                                         plan.page_rotations[run[0] - 1:run[-1]]))
                 run = []
             if number:
                 run.append(number)
@@ -104,20 +106,40 @@ def _render_pdf(task: PageRange, path: str, config: RasterizeConfig) -> list[Pag
         else:
             work.image = to_gray8(images[offset])
             work.height, work.width = work.image.shape
+            work.rotation = task.rotations[offset] if offset < len(task.rotations) else 0
         pages.append(work)
     return pages
 
 
+#: Degrees clockwise that ``ImageOps.exif_transpose`` turns an image, per EXIF orientation (2, 4, 5
+#: and 7 are also mirrored, which it undoes too).
+_EXIF_ROTATION = {3: 180, 4: 180, 5: 90, 6: 90, 7: 270, 8: 270}
+
+
+def _render_frame(image: Image.Image, work: PageWork, config: RasterizeConfig) -> None:
+    """Decode the current frame into ``work``, upright as its EXIF orientation says."""
+    if image.width * image.height > config.max_page_pixels:
+        raise PageTooLarge(f"page {work.page} has {image.width}x{image.height} px, over the limit")
+    work.dpi = _image_dpi(image, config.dpi)
+    orientation = image.getexif().get(0x0112, 1)
+    work.rotation = _EXIF_ROTATION.get(orientation, 0)
+    work.image = to_gray8(ImageOps.exif_transpose(image) if orientation != 1 else image)
+    work.height, work.width = work.image.shape
+
+
 def _render_image(task: PageRange, path: str, config: RasterizeConfig) -> list[PageWork]:
+    """Each frame on its own: a damaged frame fails its page, the frames that decode are kept."""
     pages = []
     with Image.open(path) as image:
         for number in range(task.first, task.last + 1):
-            image.seek(number - 1)
-            work = _new_page(task, number, _image_dpi(image, config.dpi))
-            if image.width * image.height > config.max_page_pixels:
-                raise PageTooLarge(f"page {number} has {image.width}x{image.height} px, over the limit")
-            work.image = to_gray8(image)
-            work.height, work.width = work.image.shape
+            work = _new_page(task, number, config.dpi)
+            try:
+                image.seek(number - 1)
+                _render_frame(image, work, config)
+            except DocumentError as error:
+                work.fail(error.error_code, str(error))
+            except Exception as exc:  # noqa: BLE001 - decoders raise anything on damaged bytes
+                work.fail(RenderFailed.error_code, f"page {number} cannot be decoded: {type(exc).__name__}: {exc}")
             pages.append(work)
     return pages
 
@@ -134,6 +156,7 @@ def rasterize(task: PageRange, config: RasterizeConfig) -> list[PageWork]:
                 return _render_pdf(task, fixed, config)
     except DocumentError as error:
         reason = (error.error_code, str(error))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        reason = (RenderFailed.error_code, f"pages {task.first}-{task.last} cannot be decoded: {exc}")
+    except Exception as exc:  # noqa: BLE001 - one file must never end the job
+        reason = (RenderFailed.error_code,
+                  f"pages {task.first}-{task.last} cannot be decoded: {type(exc).__name__}: {exc}")
     return [_new_page(task, number, config.dpi).fail(*reason) for number in range(task.first, task.last + 1)]

@@ -269,7 +269,7 @@ class TrOCRRecognizer:
             work.line_pieces = []
         try:
             piece_readings = self.decode_with_backoff(crops, hints)
-        except RuntimeError as exc:  # not memory: record it on the pages instead of losing them
+        except Exception as exc:  # noqa: BLE001 - not memory: record it on the pages instead of losing them
             for work in pages:
                 if work.status == "ok":
                     work.fail(RECOGNITION_FAILED, f"recognition failed: {exc}")

@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-Status = Literal["ok", "failed"]
+Status = Literal["ok", "failed", "duplicate"]
 BBox = tuple[int, int, int, int]
 
 
@@ -50,7 +50,8 @@ class PageWork:
     dpi: int
     width: int = 0
     height: int = 0
-    image: np.ndarray | None = None  # 8-bit grayscale page, dropped once the crops are cut
+    rotation: int = 0  # degrees clockwise the stored page was turned to read upright: 0, 90, 180, 270
+    image: np.ndarray | None = None  # 8-bit grayscale page, upright, dropped once the crops are cut
     lines: list[LineRecord] = field(default_factory=list)
     line_pieces: list[list[LinePiece]] = field(default_factory=list)  # per line: what the model reads
     status: Status = "ok"
@@ -76,6 +77,7 @@ class DocumentRecord:
     error_message: str | None
     num_pages: int
     repaired: bool = False  # the file was damaged; qpdf rebuilt it and the pages it recovered were read
+    duplicate_of: str | None = None  # status "duplicate": the doc_id of the document with the same bytes
 
 
 WORD_TYPE = pa.struct(
@@ -109,6 +111,7 @@ PAGES_SCHEMA = pa.schema(
         pa.field("width", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
         pa.field("dpi", pa.int32(), nullable=False),
+        pa.field("rotation", pa.int32(), nullable=False),
         pa.field("text", pa.string(), nullable=False),
         pa.field("lines", pa.list_(LINE_TYPE), nullable=False),
         pa.field("status", pa.string(), nullable=False),
@@ -126,6 +129,7 @@ DOCUMENTS_SCHEMA = pa.schema(
         pa.field("error_message", pa.string()),
         pa.field("num_pages", pa.int32(), nullable=False),
         pa.field("repaired", pa.bool_(), nullable=False),
+        pa.field("duplicate_of", pa.string()),
     ]
 )
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+
+from operators.errors import ConfigError
 
 
 def is_uri(location: str) -> bool:
@@ -15,5 +18,9 @@ def resolve_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem of ``location`` and the path in it: a URI's own filesystem, else the local
     one with the path made absolute."""
     if is_uri(location):
-        return pafs.FileSystem.from_uri(location)
+        try:
+            return pafs.FileSystem.from_uri(location)
+        except pa.ArrowInvalid as exc:
+            raise ConfigError(f"{location!r} is not a valid URI ({exc}); in a URI, write a space as %20, "
+                              "# as %23 and % as %25") from exc
     return pafs.LocalFileSystem(), os.path.abspath(location)

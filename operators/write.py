@@ -9,29 +9,38 @@ twin is missing (a run killed between the two renames) is removed at the next st
 processes those documents again. ALTO / PAGE / hOCR / text exports, when asked for, go to
 ``exports/`` before the documents row is published, under names that a rerun overwrites.
 
+One run at a time: :func:`output_lock` holds ``DIR/.lock`` for the whole run, and a write that fails
+(disk full) stops the job with :class:`~operators.errors.WriteFailed`, everything published before
+it intact.
+
 Reading order was fixed by detection; here each page's lines are joined into its text, split into
 words at the ink gaps measured in the layout stage, and mapped onto a row of ``PAGES_SCHEMA``.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from operators.errors import OutputLocked, OutputNotWritable, WriteFailed
 from operators.formats.export import write_exports
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
-from operators.storage import resolve_filesystem
+from operators.storage import is_uri, resolve_filesystem
 from operators.words import split_words
 
 PAGES_DIR = "pages"
 DOCUMENTS_DIR = "documents"
 STAGING_DIR = "_staging"
 EXPORTS_DIR = "exports"
+LOCK_FILE = ".lock"
 
 
 def page_text(lines: list[LineRecord]) -> str:
@@ -57,6 +66,7 @@ def page_row(work: PageWork) -> dict:
         "width": work.width,
         "height": work.height,
         "dpi": work.dpi,
+        "rotation": work.rotation,
         "text": page_text(lines),
         "lines": [
             {
@@ -79,6 +89,48 @@ def page_row(work: PageWork) -> dict:
     }
 
 
+@contextmanager
+def writing(what: str) -> Iterator[None]:
+    """Turn a failed write into :class:`WriteFailed`, saying when the space ran out and where."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise WriteFailed(f"no space left on the device while writing {what}; documents published so far "
+                              "are kept: free space and run the job again to finish the rest") from exc
+        raise WriteFailed(f"cannot write {what}: {exc}") from exc
+
+
+@contextmanager
+def output_lock(output: str) -> Iterator[None]:
+    """Hold the output for one run, after checking it can be written at all.
+
+    A local output is locked with ``flock`` on ``DIR/.lock``: a second run on the same folder (a cron
+    job firing twice) stops at once with :class:`OutputLocked` instead of cleaning up or repeating the
+    first run's work. The kernel releases the lock when the run ends, even killed. Object stores have
+    no such lock: a URI output is only checked, and one job at a time per output is the caller's rule.
+    """
+    filesystem, root = resolve_filesystem(output)
+    probe = f"{root}/{STAGING_DIR}/.write-test-{uuid.uuid4().hex}"
+    try:
+        filesystem.create_dir(f"{root}/{STAGING_DIR}", recursive=True)
+        with filesystem.open_output_stream(probe):
+            pass
+        filesystem.delete_file(probe)
+        lock = None if is_uri(output) else open(f"{root}/{LOCK_FILE}", "a")  # noqa: SIM115 - held for the run
+    except OSError as exc:
+        raise OutputNotWritable(f"the output {output} cannot be written: {exc}") from exc
+    if lock is None:
+        yield
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise OutputLocked(f"another run is writing to {output} (it holds {root}/{LOCK_FILE}); "
+                               "this run stopped without touching the output") from exc
+        yield
+
 
 def _list_parts(filesystem: pafs.FileSystem, folder: str) -> dict[str, str]:
     selector = pafs.FileSelector(folder, allow_not_found=True)
@@ -86,8 +138,8 @@ def _list_parts(filesystem: pafs.FileSystem, folder: str) -> dict[str, str]:
             if info.type == pafs.FileType.File and info.base_name.endswith(".parquet")}
 
 
-def recover_output(output: str) -> set[str]:
-    """Clean what a killed run left behind and return the doc_ids already published."""
+def recover_output(output: str) -> dict[str, str]:
+    """Clean what a killed run left behind and return the documents already published (doc_id -> source)."""
     filesystem, root = resolve_filesystem(output)
     filesystem.create_dir(root, recursive=True)
     filesystem.delete_dir_contents(f"{root}/{STAGING_DIR}", missing_dir_ok=True)
@@ -98,13 +150,14 @@ def recover_output(output: str) -> set[str]:
     return published_doc_ids(output)
 
 
-def published_doc_ids(output: str) -> set[str]:
-    """The doc_ids already published in ``output``, read without changing anything (``--dry-run``)."""
+def published_doc_ids(output: str) -> dict[str, str]:
+    """The doc_ids already published in ``output`` and their sources, read without changing anything
+    (``--dry-run``)."""
     filesystem, root = resolve_filesystem(output)
-    done: set[str] = set()
+    done: dict[str, str] = {}
     for path in _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}").values():
-        table = pq.read_table(path, columns=["doc_id"], filesystem=filesystem)
-        done.update(table.column("doc_id").to_pylist())
+        table = pq.read_table(path, columns=["doc_id", "source"], filesystem=filesystem)
+        done.update(zip(table.column("doc_id").to_pylist(), table.column("source").to_pylist()))
     return done
 
 
@@ -112,6 +165,7 @@ def published_doc_ids(output: str) -> set[str]:
 class WriteSummary:
     documents_ok: int = 0
     documents_failed: int = 0
+    documents_duplicate: int = 0
     pages: int = 0
     pages_failed: int = 0
     lines: int = 0
@@ -160,7 +214,7 @@ class ParquetSink:
         """Announce a document and the number of its pages to wait for (default: all of them); one with
         no pages to wait for is complete at once."""
         expected = record.num_pages if pages is None else pages
-        if expected == 0 or record.status == "failed":
+        if expected == 0 or record.status != "ok":
             self._complete(record, [])
         else:
             self._pending[(record.doc_id, record.source)] = _PendingDocument(record, expected)
@@ -178,13 +232,15 @@ class ParquetSink:
         outcome = _document_outcome(record, pages)
         rows = [page_row(page) for page in pages]
         if self.exports:  # before the documents row is published: a rerun rewrites them whole
-            write_exports(rows, asdict(outcome), self.exports, f"{self.root}/{EXPORTS_DIR}", self.filesystem,
-                          pdfa=self.pdfa)
+            with writing(f"the exports of {record.source} in {self.root}/{EXPORTS_DIR}"):
+                write_exports(rows, asdict(outcome), self.exports, f"{self.root}/{EXPORTS_DIR}", self.filesystem,
+                              pdfa=self.pdfa)
         self._ready_documents.append(outcome)
         self._ready_pages.extend(rows)
         summary = self.summary
         summary.documents_ok += outcome.status == "ok"
         summary.documents_failed += outcome.status == "failed"
+        summary.documents_duplicate += outcome.status == "duplicate"
         summary.pages += len(pages)
         summary.pages_failed += sum(page.status == "failed" for page in pages)
         summary.lines += sum(len(page.lines) for page in pages)
@@ -195,8 +251,9 @@ class ParquetSink:
 
     def _publish(self, table: pa.Table, folder: str, name: str) -> None:
         staged = f"{self.root}/{STAGING_DIR}/{folder}-{name}"
-        pq.write_table(table, staged, filesystem=self.filesystem)
-        self.filesystem.move(staged, f"{self.root}/{folder}/{name}")
+        with writing(staged):
+            pq.write_table(table, staged, filesystem=self.filesystem)
+            self.filesystem.move(staged, f"{self.root}/{folder}/{name}")
 
     def flush(self) -> None:
         if not self._ready_documents:

@@ -20,13 +20,14 @@ import ray
 import transformers
 from ray.data import ActorPoolStrategy
 
-from operators.ingest import DocumentPlan, expand_inputs, triage
+from operators.errors import InternalError
+from operators.ingest import DocumentPlan, find_inputs, mark_duplicates, source_id, triage
 from operators.model import LinePreprocessor, load_line_preprocessor
 from operators.pages import selected_pages
 from operators.rasterize import PageRange, page_ranges, rasterize
 from operators.recognize import TrOCRRecognizer
 from operators.records import DocumentRecord, PageWork
-from operators.write import ParquetSink, WriteSummary, published_doc_ids, recover_output
+from operators.write import ParquetSink, WriteSummary, output_lock, published_doc_ids, recover_output
 from pipeline.config import JobConfig
 from pipeline.progress import JobProgress, quiet_ray_data
 from pipeline.stages import layout_page
@@ -40,6 +41,7 @@ class JobSummary:
     documents_skipped: int
     written: WriteSummary
     seconds: float
+    left_out: dict[str, int]  # files in folders and globs that are no documents, by suffix
 
     @property
     def pages_per_second(self) -> float:
@@ -47,9 +49,12 @@ class JobSummary:
 
     def describe(self) -> str:
         w = self.written
+        left_out = ", ".join(f"{count} {key}" for key, count in sorted(self.left_out.items())) or "none"
         return (
             f"output: {self.output}\n"
-            f"documents: {w.documents_ok} ok, {w.documents_failed} failed, {self.documents_skipped} already done\n"
+            f"documents: {w.documents_ok} ok, {w.documents_failed} failed, {w.documents_duplicate} duplicates, "
+            f"{self.documents_skipped} already done\n"
+            f"left out (no document): {left_out}\n"
             f"pages: {w.pages} ({w.pages_failed} failed), lines: {w.lines}\n"
             f"time: {self.seconds:.1f} s, {self.pages_per_second:.2f} pages/s"
         )
@@ -119,9 +124,19 @@ class _RecognizeBatch:
 
 
 def _triage_all(sources: list[str], config: JobConfig) -> list[DocumentPlan]:
-    """Triage every file in parallel as plain Ray tasks: cheap, and quicker to start than a dataset."""
+    """Triage every file in parallel as plain Ray tasks: cheap, and quicker to start than a dataset.
+    A task that dies (a decoder crashing its worker) fails its document, not the job."""
     remote_triage = ray.remote(num_cpus=config.rasterize.num_cpus)(triage)
-    return ray.get([remote_triage.remote(source, config.rasterize) for source in sources])
+    refs = [remote_triage.remote(source, config.rasterize) for source in sources]
+    plans = []
+    for source, ref in zip(sources, refs):
+        try:
+            plans.append(ray.get(ref))
+        except ray.exceptions.RayError as exc:
+            error = InternalError(f"triage crashed: {type(exc).__name__}: {exc}")
+            plans.append(DocumentPlan(doc_id=source_id(source), source=source, kind=None,
+                                      num_pages=0, error=error))
+    return plans
 
 
 def _page_dataset(ranges: list[PageRange], config: JobConfig,
@@ -150,46 +165,49 @@ def _page_dataset(ranges: list[PageRange], config: JobConfig,
     )
 
 
-def _document_record(plan: DocumentPlan) -> DocumentRecord:
-    error = plan.error
-    return DocumentRecord(
-        doc_id=plan.doc_id, source=plan.source, status="failed" if error else "ok",
-        error_code=error.error_code if error else None, error_message=str(error) if error else None,
-        num_pages=plan.num_pages, repaired=plan.repaired,
-    )
-
-
 def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "recognize",
             progress: JobProgress | None = None, verbose: bool = False) -> JobSummary:
     """Run the whole job; bad documents are recorded as failed rows, never raised. ``progress`` hears of
     every finished page and document; Ray Data's own progress output shows only when ``verbose``."""
     started = time.monotonic()
-    sources = expand_inputs(inputs)
+    found = find_inputs(inputs)
     # the model is checked before any document is read: a bad model folder fails the job at once
     preprocessor = load_line_preprocessor(config.recognize.model) if mode == "recognize" else None
-    done = recover_output(output)
-    sink = ParquetSink(output, config.output.parquet_rows_per_file, config.output.exports, config.output.pdfa,
-                       listener=progress.document_done if progress else None)
     selection = config.rasterize.pages
-    with ray_session(config, verbose):
-        quiet_ray_data(verbose)
-        plans = _triage_all(sources, config)
-        fresh = [plan for plan in plans if plan.doc_id not in done]
-        if progress:
-            progress.start(len(fresh), sum(len(selected_pages(selection, plan.num_pages)) for plan in fresh))
-        for plan in fresh:
-            sink.expect(_document_record(plan), len(selected_pages(selection, plan.num_pages)))
-        ranges = page_ranges(fresh, config.rasterize.pages_per_task, selection)
-        if ranges:
-            for batch in _page_dataset(ranges, config, preprocessor).iter_batches(batch_size=None):
-                for item in batch["work"]:
-                    work = pickle.loads(item)
-                    if progress:
-                        progress.page_done(work)
-                    sink.add_page(work)
-    written = sink.close()
+    with output_lock(output):
+        done = recover_output(output)
+        sink = ParquetSink(output, config.output.parquet_rows_per_file, config.output.exports, config.output.pdfa,
+                           listener=progress.document_done if progress else None)
+        with ray_session(config, verbose):
+            quiet_ray_data(verbose)
+            plans = _triage_all(found.sources, config)
+            fresh = mark_duplicates(plans, done)
+            readable = [plan for plan in fresh if plan.duplicate_of is None]
+            if progress:
+                progress.start(len(fresh), sum(len(selected_pages(selection, plan.num_pages)) for plan in readable))
+            for plan in fresh:
+                sink.expect(_document_record(plan), len(selected_pages(selection, plan.num_pages)))
+            ranges = page_ranges(readable, config.rasterize.pages_per_task, selection)
+            if ranges:
+                for batch in _page_dataset(ranges, config, preprocessor).iter_batches(batch_size=None):
+                    for item in batch["work"]:
+                        work = pickle.loads(item)
+                        if progress:
+                            progress.page_done(work)
+                        sink.add_page(work)
+        written = sink.close()
     return JobSummary(output=output, documents_skipped=len(plans) - len(fresh), written=written,
-                      seconds=time.monotonic() - started)
+                      seconds=time.monotonic() - started, left_out=dict(found.left_out))
+
+
+def _document_record(plan: DocumentPlan) -> DocumentRecord:
+    error = plan.error
+    status = "duplicate" if plan.duplicate_of else "failed" if error else "ok"
+    return DocumentRecord(
+        doc_id=plan.doc_id, source=plan.source, status=status,
+        error_code=error.error_code if error else None, error_message=str(error) if error else None,
+        num_pages=plan.num_pages, repaired=plan.repaired, duplicate_of=plan.duplicate_of,
+    )
 
 
 @dataclass(frozen=True)
@@ -197,7 +215,7 @@ class DryRun:
     """What a run would do: every document's triage, nothing rendered or written."""
 
     plans: list[DocumentPlan]
-    done: set[str]  # doc_ids already in the output, which a run skips
+    done: dict[str, str]  # doc_ids already in the output (and their sources), which a run skips
     pages: str | None  # rasterize.pages
 
     def describe(self) -> str:
@@ -226,7 +244,7 @@ class DryRun:
 def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "recognize") -> DryRun:
     """Triage every input (in threads: hashing and poppler release the GIL) and check the model, as
     :func:`run_job` would before any work; starts no Ray and writes nothing."""
-    sources = expand_inputs(inputs)
+    sources = find_inputs(inputs).sources
     if mode == "recognize":
         load_line_preprocessor(config.recognize.model)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:

@@ -21,14 +21,17 @@ def detect_page(work: PageWork, config: DetectConfig) -> PageWork:
     if work.status == "ok":
         try:
             work.lines = detect_lines(work.image, work.dpi, config)
-        except (ValueError, RuntimeError) as exc:
-            work.fail(DETECTION_FAILED, f"line detection failed: {exc}")
+        except Exception as exc:  # noqa: BLE001 - one page must never end the job
+            work.fail(DETECTION_FAILED, f"line detection failed: {type(exc).__name__}: {exc}")
     return work
 
 
 def cut_crops(work: PageWork, config: JobConfig, preprocessor: LinePreprocessor) -> PageWork:
     """Cut, fit and resize every detected line for the model (drops the page image)."""
-    return prepare_crops(work, preprocessor, config.detect.crop_padding_px, config.recognize.split_long_lines)
+    try:
+        return prepare_crops(work, preprocessor, config.detect.crop_padding_px, config.recognize.split_long_lines)
+    except Exception as exc:  # noqa: BLE001 - one page must never end the job
+        return work.fail(DETECTION_FAILED, f"cutting the line crops failed: {type(exc).__name__}: {exc}")
 
 
 def layout_page(work: PageWork, config: JobConfig, preprocessor: LinePreprocessor | None) -> PageWork:

@@ -278,7 +278,7 @@ def test_job_submit_runs_the_cli_and_reports_in_the_job_logs(ray_head, job_input
     assert "Job 'ocr-ok' succeeded" in ray_head.status("ocr-ok")
     logs = ray_head.job("logs", "ocr-ok").stdout
     pages = len(_expected_pages(job_documents))
-    assert "documents: 2 ok, 0 failed, 0 already done" in logs and f"pages: {pages} (0 failed)" in logs, logs[-3000:]
+    assert "documents: 2 ok, 0 failed, 0 duplicates, 0 already done" in logs and f"pages: {pages} (0 failed)" in logs, logs[-3000:]
     _assert_every_document_once(output, job_documents)
 
 

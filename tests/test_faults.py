@@ -1,5 +1,6 @@
 """Faults on a real local Ray instance: the driver killed with SIGKILL and rerun, a recognizer actor
-killed mid-batch. Either way every document and page ends up in the output exactly once."""
+killed mid-batch, two runs at once on one output, a disk that fills up, an output that cannot be
+written. Every document and page ends up in the output exactly once."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
+from operators.errors import ExitCode
+from pipeline.cli import main
 from pipeline.synth.docs import load_ground_truth, write_document_set
 
 RECOGNIZER_TITLE = "MapBatches(_RecognizeBatch)"
@@ -122,3 +125,64 @@ def test_recognizer_killed_mid_batch_loses_no_line(documents, tiny_model, tmp_pa
     pages = _check_exactly_once(output, documents)
     lines = [line for page in pages for line in page["lines"]]
     assert lines and all(line["text"] and line["confidence"] is not None for line in lines)
+
+
+def test_second_run_on_one_output_exits_at_once_and_nothing_is_doubled(documents, tiny_model, tmp_path, capsys):
+    """A cron job firing twice: the second run finds the lock, touches nothing and says why."""
+    output = tmp_path / "out"
+    first = _job(documents, output, tiny_model)
+    try:
+        _wait_for(lambda: (output / "documents").exists() or first.poll() is not None, 300,
+                  "the first run to hold the output")
+        second = main(["detect", str(documents[0].parent), "--output", str(output)])
+        assert first.poll() is None, "the first run must still be running for this test to mean anything"
+        log, _ = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert second == ExitCode.output_locked
+    assert f"another run is writing to {output}" in capsys.readouterr().err
+    assert first.returncode == 0, log[-3000:]
+    assert main(["detect", str(documents[0].parent), "--output", str(output)]) == ExitCode.ok
+    assert f"{len(documents)} already done" in capsys.readouterr().out
+    _check_exactly_once(output, documents)
+
+
+def test_output_that_cannot_be_written_fails_before_any_work(documents, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["detect", str(documents[0].parent), "--output", str(blocker / "out")]) == ExitCode.bad_args
+    assert f"the output {blocker / 'out'} cannot be written" in capsys.readouterr().err
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MiB tmpfs, as the job's output disk."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {result.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_disk_full_stops_with_a_clear_message_and_a_rerun_completes(documents, small_disk):
+    output = small_disk / "out"
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (2 * 1024 * 1024 - FREE_BYTES))  # leaves room for a few documents only
+    command = [sys.executable, "-m", "pipeline.cli", "detect", str(documents[0].parent), "--output", str(output),
+               "--set", "rasterize.dpi=100", "--set", "ray.num_cpus=2", "--set", "output.parquet_rows_per_file=1"]
+    full = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert full.returncode == ExitCode.write_failed, full.stderr[-3000:]
+    assert f"no space left on the device while writing {output}/_staging/" in full.stderr
+    published = ds.dataset(output / "documents", format="parquet").to_table()
+    assert 1 <= published.num_rows < len(documents), "the disk must fill mid-job for this test to mean anything"
+    filler.unlink()
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{published.num_rows} already done" in rerun.stdout
+    _check_exactly_once(output, documents)
+
+
+FREE_BYTES = 160 * 1024

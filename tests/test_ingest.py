@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from conftest import write_pdf
-from operators.ingest import expand_inputs, sniff_kind, triage
+from operators.ingest import expand_inputs, find_inputs, sniff_kind, triage
 from operators.settings import RasterizeConfig
-from operators.errors import NoInputError, UnsupportedFormat
+from operators.errors import ConfigError, NoInputError, UnsupportedFormat
 
 CONFIG = RasterizeConfig(dpi=150)
 
@@ -38,6 +38,22 @@ def test_expand_folder_glob_and_file(tmp_path, good_pdf, page_images):
     assert expand_inputs([str(tmp_path / "notes.txt"), str(tmp_path / "notes.txt")]) == [str(tmp_path / "notes.txt")]
 
 
+def test_folders_leave_out_os_junk_and_count_what_is_no_document(tmp_path, page_images):
+    (tmp_path / "scan.pdf").mkdir()  # a folder, whatever its name says
+    page_images[0].save(tmp_path / "scan.pdf" / "page.png")
+    for name in (".DS_Store", "Thumbs.db", "._page.png", "page.png.md5", "mets.xml", "README"):
+        (tmp_path / "scan.pdf" / name).write_bytes(b"junk")
+    found = find_inputs([str(tmp_path)])
+    assert found.sources == [str(tmp_path / "scan.pdf" / "page.png")]
+    assert found.left_out == {".DS_Store": 1, "Thumbs.db": 1, "._*": 1, ".md5": 1, ".xml": 1, "(no suffix)": 1}
+    assert find_inputs([str(tmp_path / "*.pdf")]).sources == found.sources
+
+
+def test_uri_with_a_raw_space_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match="%20"):
+        expand_inputs([f"file://{tmp_path}/a b.pdf"])
+
+
 def test_input_matching_nothing_is_an_error(tmp_path):
     with pytest.raises(NoInputError, match="missing"):
         expand_inputs([str(tmp_path / "missing")])
@@ -48,8 +64,13 @@ def test_sniff_kind_trusts_bytes_not_names():
     assert sniff_kind(b"\x89PNG\r\n\x1a\n....") == "png"
     assert sniff_kind(b"II*\x00") == "tiff"
     assert sniff_kind(b"\xff\xd8\xff\xe0") == "jpeg"
-    with pytest.raises(UnsupportedFormat):
-        sniff_kind(b"hello world")
+    assert sniff_kind(b"\x00\x00\x00\x0cjP  \r\n\x87\n") == sniff_kind(b"\xff\x4f\xff\x51") == "jp2"
+    assert sniff_kind(b"BM" + bytes(12) + b"\x28\x00\x00\x00") == "bmp"
+    assert sniff_kind(b"RIFF\x10\x00\x00\x00WEBPVP8L") == "webp"
+    assert sniff_kind(b"GIF89a") == "gif"
+    for text in (b"hello world", b"BMW annual report 1931, typed"):
+        with pytest.raises(UnsupportedFormat):
+            sniff_kind(text)
 
 
 def test_good_pdf(good_pdf):

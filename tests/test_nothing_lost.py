@@ -16,7 +16,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from conftest import text_page, write_pdf
-from corpus.build import EXPECTED, build_corpus
+from corpus.build import EXPECTED, LEFT_OUT, LONG_NAME, build_corpus
 from pipeline.config import load_config
 from pipeline.job import run_job
 
@@ -27,29 +27,51 @@ def corpus_run(ray_local, tmp_path_factory):
     expected = build_corpus(folder)
     output = tmp_path_factory.mktemp("corpus-out")
     config = load_config(None, ["rasterize.dpi=100", "rasterize.render_timeout_s=5", "rasterize.pages_per_task=2",
-                                "rasterize.max_page_pixels=250000000"])
+                                "rasterize.max_page_pixels=250000000", "output.exports=[alto]"])
     summary = run_job([str(folder)], str(output), config, mode="detect")
     documents = ds.dataset(f"{output}/documents", format="parquet").to_table().to_pylist()
     pages = ds.dataset(f"{output}/pages", format="parquet").to_table().to_pylist()
-    return expected, summary, documents, pages
+    return expected, summary, documents, pages, output
 
 
 def test_every_input_is_one_documents_row(corpus_run):
-    expected, _, documents, _ = corpus_run
+    expected, summary, documents, pages, _ = corpus_run
     names = Counter(os.path.basename(row["source"]) for row in documents)
     assert names == Counter(expected.keys())
+    assert summary.left_out == LEFT_OUT, "what is no document is counted, never skipped without a word"
+    assert len({row["doc_id"] for row in documents}) == len(documents), "doc_ids are unique"
+    assert len({(page["doc_id"], page["page"]) for page in pages}) == len(pages), "no page written twice"
+
+
+def test_same_bytes_under_two_names_is_a_duplicate_row_without_pages(corpus_run):
+    expected, summary, documents, pages, _ = corpus_run
+    rows = {os.path.basename(row["source"]): row for row in documents}
+    for name, want in expected.items():
+        if want.duplicate_of:
+            original = rows[want.duplicate_of]
+            assert rows[name]["duplicate_of"] == original["doc_id"] != rows[name]["doc_id"]
+            assert rows[name]["num_pages"] == original["num_pages"]
+            assert not [page for page in pages if page["doc_id"] == rows[name]["doc_id"]]
+    assert summary.written.documents_duplicate == sum(1 for want in expected.values() if want.duplicate_of)
+
+
+def test_long_names_are_exported_under_a_legal_name(corpus_run):
+    *_, output = corpus_run
+    (alto,) = [path for path in (output / "exports").iterdir() if path.name.startswith(LONG_NAME[:50])]
+    assert len(alto.name.encode()) <= 255 and alto.name.endswith(".p0001.alto.xml")
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_documented_outcome(corpus_run, name):
-    expected, _, documents, pages = corpus_run
+    expected, _, documents, pages, _ = corpus_run
     want = expected[name]
     (row,) = [r for r in documents if os.path.basename(r["source"]) == name]
     assert (row["status"], row["error_code"], row["repaired"]) == (want.status, want.error_code, want.repaired)
     if want.status == "failed":
         assert row["error_message"], "a failure always says why"
     mine = [p for p in pages if os.path.basename(p["source"]) == name]
-    assert sorted(p["page"] for p in mine) == list(range(1, row["num_pages"] + 1)), "each page exactly once"
+    pages_written = 0 if want.duplicate_of else row["num_pages"]
+    assert sorted(p["page"] for p in mine) == list(range(1, pages_written + 1)), "each page exactly once"
     statuses = Counter(p["status"] for p in mine)
     if want.pages_ok is not None:
         assert statuses["ok"] == want.pages_ok
@@ -57,17 +79,20 @@ def test_documented_outcome(corpus_run, name):
     for page in mine:
         if page["status"] == "failed":
             assert page["error_code"] and page["error_message"]
+        else:
+            assert page["rotation"] == want.rotation
+            assert want.lines is None or len(page["lines"]) == want.lines
 
 
 def test_good_images_in_every_mode_have_their_lines(corpus_run):
-    _, _, _, pages = corpus_run
+    pages = corpus_run[3]
     for name in ("cmyk.jpg", "gray16.png", "palette.png", "rgba.png", "bitonal.tif", "owner-password-only.pdf"):
         (page,) = [p for p in pages if os.path.basename(p["source"]) == name]
         assert len(page["lines"]) == 3, name
 
 
 def test_blank_page_is_ok_with_no_lines(corpus_run):
-    _, _, _, pages = corpus_run
+    pages = corpus_run[3]
     (page,) = [p for p in pages if os.path.basename(p["source"]) == "blank.pdf"]
     assert (page["status"], page["lines"], page["text"]) == ("ok", [], "")
 

@@ -6,13 +6,14 @@ import os
 import shutil
 import subprocess
 import sys
+from urllib.parse import quote
 
 import jiwer
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from conftest import box_iou
+from conftest import box_iou, text_page
 from operators.settings import DEFAULT_MODEL
 from pipeline.config import load_config
 from operators.errors import ExitCode
@@ -174,3 +175,34 @@ def test_shipped_model_reads_the_page_text(ray_local, synthetic_documents, tmp_p
     assert not pages
     cer = jiwer.cer(references, predictions)
     assert cer < 0.03, f"CER {cer:.2%}"
+
+
+def test_awkward_names_as_path_glob_and_file_uri(ray_local, tmp_path):
+    """Names with spaces, #, %, & and non-ASCII, given as a path, a glob and a percent-encoded file:// URI."""
+    folder = tmp_path / "Akten #7 – 50% & mehr"
+    folder.mkdir()
+    names = ["Brief an Müller & Co #2.png", "Rechnung 100% (東京).png", "Notiz [1].png"]
+    for index, name in enumerate(names):
+        text_page([f"Document {index} with an awkward name"], size=(600, 300)).save(folder / name, dpi=(150, 150))
+    inputs = [str(folder / names[0]), str(folder / "Rechnung*"), f"file://{quote(str(folder / names[2]))}"]
+    output = tmp_path / "out"
+    summary = run_job(inputs, str(output), load_config(None, ["rasterize.dpi=150"]), mode="detect")
+    assert summary.written.documents_ok == 3
+    sources = sorted(row["source"] for row in _read(str(output), "documents").to_pylist())
+    assert sources == sorted([str(folder / names[0]), str(folder / names[1]), inputs[2]])
+    assert all(len(page["lines"]) == 1 for page in _read(str(output), "pages").to_pylist())
+
+
+def test_same_bytes_seen_in_a_later_run_is_a_duplicate_of_the_published_document(ray_local, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    text_page(["The original letter"], size=(600, 300)).save(folder / "a.png", dpi=(150, 150))
+    output, config = str(tmp_path / "out"), load_config(None, ["rasterize.dpi=150"])
+    run_job([str(folder)], output, config, mode="detect")
+    shutil.copy(folder / "a.png", folder / "b.png")
+    again = run_job([str(folder)], output, config, mode="detect")
+    assert (again.documents_skipped, again.written.documents_duplicate, again.written.pages) == (1, 1, 0)
+    rows = {os.path.basename(row["source"]): row for row in _read(output, "documents").to_pylist()}
+    assert rows["b.png"]["status"] == "duplicate" and rows["b.png"]["duplicate_of"] == rows["a.png"]["doc_id"]
+    assert _read(output, "pages").num_rows == 1
+    assert run_job([str(folder)], output, config, mode="detect").documents_skipped == 2

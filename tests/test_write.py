@@ -82,6 +82,6 @@ def test_recover_removes_orphan_pages_and_reports_done_documents(tmp_path):
     orphan = tmp_path / PAGES_DIR / "part-killed-00000.parquet"
     orphan.write_bytes((tmp_path / PAGES_DIR).glob("*.parquet").__next__().read_bytes())
     (tmp_path / "_staging" / "pages-half-written.parquet").write_bytes(b"PAR1 garbage")
-    assert recover_output(str(tmp_path)) == {"a"}
+    assert recover_output(str(tmp_path)) == {"a": "a.pdf"}
     assert not orphan.exists()
     assert list((tmp_path / "_staging").iterdir()) == []

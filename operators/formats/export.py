@@ -85,10 +85,16 @@ def write_exports(pages: Sequence[dict], document: dict, formats: Sequence[str],
 
 
 def export_stem(document: dict) -> str:
-    """``<source file name without suffix>-<first 8 characters of doc_id>``."""
+    """``<source file name without suffix>-<first 8 characters of doc_id>``, the name cut to
+    ``STEM_BYTES`` so that a long source name plus the suffixes stays a legal file name (255 bytes)."""
     name = document["source"].replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
     base = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
+    base = base.encode()[:STEM_BYTES].decode("utf-8", "ignore")
     return f"{base}-{document['doc_id'][:8]}"
+
+
+#: Bytes of the source name kept in export names, leaving room for the doc_id and the suffixes.
+STEM_BYTES = 200
 
 
 # --- shared geometry and text ---------------------------------------------------------------

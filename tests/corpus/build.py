@@ -20,6 +20,18 @@ class Expected:
     pages_ok: int | None = None  # pages expected with status ok (None: not checked)
     pages_failed: int = 0
     repaired: bool = False
+    lines: int | None = None  # lines on each ok page (None: not checked)
+    rotation: int = 0  # rotation of each ok page, as recorded in the pages table
+    duplicate_of: str | None = None  # the file with the same bytes that holds the pages
+
+
+#: An awkward but legal file name: spaces, URI-special and shell-special characters, non-ASCII.
+AWKWARD_NAME = "Brief #3 – 100% & Co (Zürich, 東京).png"
+#: Over 200 characters, and over the 255 bytes a file name may have once an export suffix is added.
+LONG_NAME = "Protokoll der Sitzung vom 3. März 1921 " * 6 + "Ende.png"
+
+#: Files in the corpus folder that are not documents: counted by suffix in the run's summary.
+LEFT_OUT = {".DS_Store": 1, "Thumbs.db": 1, "._*": 1, ".md5": 1, ".xml": 1}
 
 
 #: file name -> expected outcome, as in README.md
@@ -42,15 +54,31 @@ EXPECTED: dict[str, Expected] = {
     "rgba.png": Expected("ok", pages_ok=1),
     "bitonal.tif": Expected("ok", pages_ok=1),
     "dangling.pdf": Expected("failed", "unreadable"),
+    "loop.pdf": Expected("failed", "unreadable"),
+    "scan.jp2": Expected("ok", pages_ok=1, lines=3),
+    "scan.bmp": Expected("ok", pages_ok=1, lines=3),
+    "scan.webp": Expected("ok", pages_ok=1, lines=3),
+    "scan.gif": Expected("ok", pages_ok=1, lines=3),
+    "truncated-frame.tif": Expected("failed", "render_failed", pages_ok=2, pages_failed=1, lines=3),
+    "empty-page-tree.pdf": Expected("failed", "no_pages"),
+    "tiny.png": Expected("ok", pages_ok=1, lines=0),
+    "strip.png": Expected("ok", pages_ok=1),
+    "bitonal-600dpi-letter.tif": Expected("ok", pages_ok=1, lines=3),
+    "exif-orientation-6.jpg": Expected("ok", pages_ok=1, lines=3, rotation=90),
+    "rotate-90.pdf": Expected("ok", pages_ok=1, lines=3, rotation=90),
+    "in-a-folder-named-pdf.png": Expected("ok", pages_ok=1, lines=3),
+    "copy-of-cmyk.jpg": Expected("duplicate", pages_ok=0, duplicate_of="cmyk.jpg"),
+    AWKWARD_NAME: Expected("ok", pages_ok=1, lines=3),
+    LONG_NAME: Expected("ok", pages_ok=1, lines=3),
 }
 
 
-def _text_image(lines: int = 3, size=(900, 600)) -> Image.Image:
+def _text_image(lines: int = 3, size=(900, 600), title: str = "Line") -> Image.Image:
     image = Image.new("L", size, 255)
     draw = ImageDraw.Draw(image)
     font = ImageFont.truetype(FONT, 30)
     for index in range(lines):
-        draw.text((60, 60 + 60 * index), f"Line {index + 1} of a damaged archive file", font=font, fill=0)
+        draw.text((60, 60 + 60 * index), f"{title} {index + 1} of a damaged archive file", font=font, fill=0)
     return image
 
 
@@ -123,5 +151,42 @@ def build_corpus(folder: Path) -> dict[str, Expected]:
     rgba.save(folder / "rgba.png", dpi=(100, 100))
     text.convert("1").save(folder / "bitonal.tif", compression="group4", dpi=(100, 100))
     (folder / "dangling.pdf").symlink_to(folder / "does-not-exist.pdf")
+    (folder / "loop.pdf").symlink_to(folder / "loop.pdf")
 
+    text.save(folder / "scan.jp2")
+    text.save(folder / "scan.bmp")
+    text.save(folder / "scan.webp", lossless=True)
+    text.save(folder / "scan.gif")
+    frames = folder / "_frames.tif"
+    text.save(frames, save_all=True, append_images=[text, text], compression="tiff_lzw", dpi=(100, 100))
+    cut = frames.read_bytes()
+    frames.unlink()
+    (folder / "truncated-frame.tif").write_bytes(cut[: len(cut) * 9 // 10])  # the last frame's directory is cut
+    pikepdf.new().save(folder / "empty-page-tree.pdf")
+    Image.new("L", (8, 8), 255).save(folder / "tiny.png")
+    strip = Image.new("L", (9000, 220), 255)
+    ImageDraw.Draw(strip).text((40, 60), "A long strip " * 40, font=ImageFont.truetype(FONT, 60), fill=0)
+    strip.save(folder / "strip.png", dpi=(300, 300))
+    letter = Image.new("1", (5100, 6600), 1)  # US letter at 600 dpi
+    letter.paste(text.resize((3600, 2400)).convert("1"), (600, 600))
+    letter.save(folder / "bitonal-600dpi-letter.tif", compression="group4", dpi=(600, 600))
+    sideways = text.rotate(90, expand=True)  # stored turned a quarter left; metadata says turn it right
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways.save(folder / "exif-orientation-6.jpg", dpi=(100, 100), exif=exif)
+    sideways.save(folder / "rotate-90.pdf", resolution=100)
+    with pikepdf.open(folder / "rotate-90.pdf", allow_overwriting_input=True) as pdf:
+        pdf.pages[0].Rotate = 90  # shown turned a quarter right, as a viewer (and poppler) does
+        pdf.save(folder / "rotate-90.pdf")
+    (folder / "folder.pdf").mkdir()
+    _text_image(title="Leaf").save(folder / "folder.pdf" / "in-a-folder-named-pdf.png", dpi=(100, 100))
+    (folder / "copy-of-cmyk.jpg").write_bytes((folder / "cmyk.jpg").read_bytes())
+    _text_image(title="Brief").save(folder / AWKWARD_NAME, dpi=(100, 100))
+    _text_image(title="Protokoll").save(folder / LONG_NAME, dpi=(100, 100))
+
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (folder / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (folder / "._scan.pdf").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+    (folder / "checksums.md5").write_text("d41d8cd98f00b204e9800998ecf8427e  empty.pdf\n")
+    (folder / "metadata.xml").write_text("<mets/>\n")
     return EXPECTED
