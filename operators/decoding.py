@@ -129,6 +129,10 @@ class _Cache:
         self.tensor[:, :, :, :, :filled] = kept
 
 
+#: Greedy decoding drops finished lines from the batch once this share of its rows has finished.
+COMPACT_SHARE = 0.25
+
+
 class DecodingEngine:
     """Greedy and beam-search decoding of a VisionEncoderDecoder TrOCR model (ViT/DeiT encoder)."""
 
@@ -245,28 +249,31 @@ class DecodingEngine:
 
     def _greedy(self, weights: list[_LayerWeights], cross: torch.Tensor, cross_bias: torch.Tensor | None,
                 positions: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Argmax per step; a line leaves the batch (and its cache rows) at its end-of-sequence token."""
+        """Argmax per step; finished lines leave the batch (and its cache rows) once a quarter of the rows
+        have finished (:data:`COMPACT_SHARE`): compacting copies the cache, so not on every line's end."""
         lines, device = cross.shape[2], cross.device
         out_tokens = torch.full((lines, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
         out_logprobs = torch.zeros((lines, max_new_tokens), dtype=torch.float32, device=device)
-        running = torch.arange(lines, device=device)  # input line of each running row
+        running = torch.arange(lines, device=device)  # input line of each row
+        live = torch.ones(lines, dtype=torch.bool, device=device)  # rows whose line has not ended
         tokens = torch.full((lines,), self.start_id, dtype=torch.long, device=device)
         cache = self._new_cache(lines, max_new_tokens, cross)
         eos = torch.tensor(self.eos_ids, device=device)
         for step in range(max_new_tokens):
             logits = self._step(weights, tokens, step, positions, cache, cross, cross_bias, beams=1)
             tokens = logits.argmax(dim=-1)
-            out_tokens[running, step] = tokens
-            out_logprobs[running, step] = logits.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
-            finished = torch.isin(tokens, eos)
-            if step + 1 == max_new_tokens or not finished.any():
-                continue
-            keep = (~finished).nonzero().squeeze(1)
-            if len(keep) == 0:
+            rows = live.nonzero().squeeze(1)
+            out_tokens[running[rows], step] = tokens[rows]
+            out_logprobs[running[rows], step] = logits[rows].log_softmax(dim=-1).gather(1, tokens[rows, None]).squeeze(1)
+            live &= ~torch.isin(tokens, eos)
+            remaining = int(live.sum())
+            if remaining == 0:
                 break
-            running, tokens, cross = running[keep], tokens[keep], cross[:, :, keep]
-            cross_bias = cross_bias[keep] if cross_bias is not None else None
-            cache.keep_rows(keep, step + 1)
+            if step + 1 < max_new_tokens and len(live) - remaining >= COMPACT_SHARE * len(live):
+                keep = live.nonzero().squeeze(1)
+                running, tokens, cross, live = running[keep], tokens[keep], cross[:, :, keep], live[keep]
+                cross_bias = cross_bias[keep] if cross_bias is not None else None
+                cache.keep_rows(keep, step + 1)
         return out_tokens, out_logprobs.cpu()
 
     def _beam_search(self, weights: list[_LayerWeights], cross: torch.Tensor, cross_bias: torch.Tensor | None,
