@@ -2,8 +2,8 @@
 
 On the same line crops, in one process, decodes with (1) the naive loop of the HuggingFace TrOCR docs,
 one line per ``generate`` call, (2) batched ``generate`` with the cache on, as
-``decode_lines(engine="hf")`` runs it: the inputs a transformers user gives it, every line padded to
-the model's full input width, and (3) this project's engine, ``decode_lines(engine="fast")``, with the
+a ``LineRecognizer`` with ``engine="hf"`` runs it: the inputs a transformers user gives it, every line padded
+to the model's full input width, and (3) this project's engine, ``LineRecognizer(engine="fast")``, with the
 same batches, as the pipeline reads lines: a keep-aspect model's batch cut at its widest line, each
 line attending to its own ink only (``operators.decoding.encode_lines``). Crops are resized once up
 front (the pipeline does that in a separate stage). Identity: the engine given the same full-width
@@ -57,7 +57,8 @@ from transformers import (
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from operators.recognize import LineReading, decode_lines, line_batches, resolve_max_new_tokens  # noqa: E402
+from operators.recognize import LineReading, LineRecognizer, line_batches, resolve_max_new_tokens  # noqa: E402
+from operators.records import LinePiece  # noqa: E402
 from operators.words import fit_rows_to_ink  # noqa: E402
 from operators.settings import DEFAULT_MODEL, RecognizeConfig  # noqa: E402
 from operators.model import LinePreprocessor, TrOCRBundle, load_trocr, resolve_device, resolve_dtype  # noqa: E402
@@ -158,7 +159,7 @@ def naive_loop(bundle: TrOCRBundle, resized: list[np.ndarray], num_beams: int, m
 
 
 def encoder_floor(bundle: TrOCRBundle, resized: list[np.ndarray], hints: list[float], batch_size: int) -> list:
-    """The encoder alone over the batches ``decode_lines`` forms: work that ``generate`` and the engine
+    """The encoder alone over the batches a ``LineRecognizer`` forms: work that ``generate`` and the engine
     both do, identically, before decoding a token. Its time bounds any decoder's speedup."""
     outputs = []
     with torch.inference_mode():
@@ -223,18 +224,17 @@ def main(argv: list[str] | None = None) -> int:
           f"| beams {args.num_beams} | {bundle.device} {args.precision} | torch threads {torch.get_num_threads()}")
 
     full_width = dataclasses.replace(bundle, width_step=None)  # the engine given generate()'s inputs
+    hf_reader, fast_reader, same_inputs_reader = (
+        LineRecognizer(model, engine, args.num_beams, args.max_new_tokens, args.batch_size)
+        for model, engine in ((bundle, "hf"), (bundle, "fast"), (full_width, "fast")))
+    pieces = [[LinePiece(pixels, hint)] for pixels, hint in zip(resized, hints)]
 
-    def batched(engine: str, model: TrOCRBundle = bundle) -> Callable[[], list[LineReading]]:
-        return lambda: decode_lines(model, resized, args.num_beams, args.max_new_tokens, args.batch_size, hints,
-                                    engine=engine)
-
-    warm = slice(0, min(2, len(resized)))  # first calls pay for allocator and kernel set-up
-    decode_lines(bundle, resized[warm], args.num_beams, 4, args.batch_size, engine="hf")
-    decode_lines(bundle, resized[warm], args.num_beams, 4, args.batch_size, engine="fast")
-    hf, hf_s = timed(batched("hf"), bundle.device)
-    fast, fast_s = timed(batched("fast"), bundle.device)
+    hf_reader(pieces[:2])  # first calls pay for allocator and kernel set-up
+    fast_reader(pieces[:2])
+    hf, hf_s = timed(lambda: hf_reader(pieces), bundle.device)
+    fast, fast_s = timed(lambda: fast_reader(pieces), bundle.device)
     _, floor_s = timed(lambda: encoder_floor(bundle, resized, hints, args.batch_size), bundle.device)
-    same_inputs = batched("fast", full_width)()
+    same_inputs = same_inputs_reader(pieces)
     timings = [("HF batched generate", hf_s), ("fast engine", fast_s), ("encoder alone, full width", floor_s)]
     if not args.no_naive:
         naive, naive_s = timed(lambda: naive_loop(bundle, resized, args.num_beams, args.max_new_tokens), bundle.device)

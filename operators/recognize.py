@@ -2,8 +2,9 @@
 
 Two Ray stages, so CPU work overlaps the model: :func:`operators.crops.prepare_crops` (in the layout
 task) cuts and resizes each line crop exactly as the checkpoint's image processor would;
-:class:`TrOCRRecognizer` (an actor that loads the model once) normalizes, packs the crops of several
-pages by expected text length and decodes them.
+:class:`TrOCRRecognizer` (an actor that loads the model once) reads the crops of several pages with
+one :class:`LineRecognizer`, the predictor that normalizes, packs them by expected text length,
+decodes and post-processes them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, VisionEncoderDecoderModel
 
 from operators.crops import line_pieces
-from operators.decoding import DecodingEngine, hf_generate
+from operators.decoding import DecodedLine, DecodingEngine, hf_generate
 from operators.errors import RECOGNITION_FAILED
 from operators.model import TrOCRBundle, ink_columns, load_trocr
 from operators.records import LinePiece, PageWork
@@ -93,24 +94,75 @@ def _geometric_mean(logprobs: Sequence[float]) -> float:
     return math.exp(sum(finite) / len(finite)) if finite else 0.0
 
 
-def read_lines(bundle: TrOCRBundle, pieces: Sequence[Sequence[LinePiece]], num_beams: int, max_new_tokens: int,
-               line_batch_size: int, engine: Engine = "fast") -> list[LineReading]:
-    """One reading per line from its :func:`line_pieces` (one or more per line), all pieces decoded
-    together by :func:`decode_lines` so pieces of many lines share batches."""
-    flat = [piece for line in pieces for piece in line]
-    readings = decode_lines(bundle, [piece.pixels for piece in flat], num_beams, max_new_tokens, line_batch_size,
-                            [piece.aspect for piece in flat], engine)
-    return [join_readings(part) for part in _regroup(readings, [len(line) for line in pieces])]
+class LineRecognizer:
+    """The recognition predictor, in docTR's style: line pieces in, readings out.
 
+    Holds what reading needs, built once from one checkpoint: the pre-processor (``bundle.preprocessor``:
+    model-size crops to pixel values, on the model's device and dtype), the model, the decoding engine
+    (``fast``: :class:`operators.decoding.DecodingEngine`, its weights merged once, so build a new
+    recognizer after training the model further; ``hf``: transformers ``generate``, the same texts in
+    fp32) and the post-processor (token ids to text, confidence, truncation and word confidences).
+    """
 
-def read_line_images(bundle: TrOCRBundle, images: Sequence[np.ndarray], batch_size: int, num_beams: int,
-                     max_new_tokens: int) -> list[str]:
-    """Text of whole line images (training validation, ``eval --lines``), read exactly as the job reads
-    a detected line (long lines in pieces)."""
-    pieces = [line_pieces(image, ink_gaps(image, (0, 0)), bundle.preprocessor, split_long_lines=True)
-              for image in images]
-    readings = read_lines(bundle, pieces, num_beams, max_new_tokens, batch_size)
-    return [reading.text for reading in readings]
+    def __init__(self, bundle: TrOCRBundle, engine: Engine, num_beams: int, max_new_tokens: int, line_batch_size: int):
+        self.bundle = bundle
+        self.engine = DecodingEngine(bundle.model) if engine == "fast" else None  # refuses unsupported settings now
+        self.num_beams = num_beams
+        self.max_new_tokens = max_new_tokens
+        self.line_batch_size = line_batch_size
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, device: str = "auto", precision: str = "fp32", engine: Engine = "fast",
+                        num_beams: int = 1, max_new_tokens: int | None = None,
+                        line_batch_size: int = 32) -> "LineRecognizer":
+        """Load a bundled short name, local folder or hub id through the one resolver; an unset
+        ``max_new_tokens`` is the model's decode limit (:func:`resolve_max_new_tokens`)."""
+        bundle = load_trocr(name_or_path, device, precision)
+        return cls(bundle, engine, num_beams, resolve_max_new_tokens(max_new_tokens, bundle.model), line_batch_size)
+
+    @classmethod
+    def from_config(cls, config: RecognizeConfig) -> "LineRecognizer":
+        return cls.from_pretrained(config.model, config.device, config.precision, config.engine, config.num_beams,
+                                   config.max_new_tokens, config.line_batch_size)
+
+    def __call__(self, lines: Sequence[Sequence[LinePiece]]) -> list[LineReading]:
+        """One reading per line from its :func:`line_pieces`; the pieces of all lines are decoded
+        together, in batches of similar expected length (their aspects), so short lines do not wait
+        on long ones."""
+        pieces = [piece for line in lines for piece in line]
+        readings: list[LineReading | None] = [None] * len(pieces)
+        for chunk in line_batches(len(pieces), self.line_batch_size, [piece.aspect for piece in pieces]):
+            for index, reading in zip(chunk, self._decode_batch([pieces[i].pixels for i in chunk])):
+                readings[index] = reading
+        return [join_readings(part) for part in _regroup(readings, [len(line) for line in lines])]
+
+    def read_images(self, images: Sequence[np.ndarray]) -> list[LineReading]:
+        """Whole line images (training validation, ``eval --lines``), read exactly as the job reads a
+        detected line (long lines in pieces)."""
+        return self([line_pieces(image, ink_gaps(image, (0, 0)), self.bundle.preprocessor, split_long_lines=True)
+                     for image in images])
+
+    def _decode_batch(self, resized: Sequence[np.ndarray]) -> list[LineReading]:
+        # the fast engine reads each line over its own ink, the batch cut at its widest line (encode_lines);
+        # generate() gets what a transformers user gives it
+        bundle = self.bundle
+        width_step = bundle.width_step if self.engine is not None else None
+        pixel_values = bundle.preprocessor.to_pixel_values(resized, bundle.device, bundle.dtype, width_step)
+        if self.engine is not None:
+            widths = [ink_columns(pixels) for pixels in resized] if width_step else None
+            decoded = self.engine.decode(pixel_values, self.num_beams, self.max_new_tokens, widths)
+        else:
+            decoded = hf_generate(bundle.model, pixel_values, self.num_beams, self.max_new_tokens)
+        return [self._read(line) for line in decoded]
+
+    def _read(self, line: DecodedLine) -> LineReading:
+        """The post-processor: a decoded line's tokens, less padding, to its reading."""
+        pad_id = self.bundle.model.generation_config.pad_token_id
+        kept = [(token, logprob) for token, logprob in zip(line.tokens, line.logprobs) if token != pad_id]
+        text, word_confidences = read_tokens(self.bundle.tokenizer, [token for token, _ in kept],
+                                             [logprob for _, logprob in kept], line.confidence)
+        return LineReading(text=text, confidence=line.confidence, truncated=line.truncated,
+                           word_confidences=word_confidences)
 
 
 def _regroup(items: Sequence, counts: Sequence[int]) -> list[list]:
@@ -122,56 +174,12 @@ def _regroup(items: Sequence, counts: Sequence[int]) -> list[list]:
     return groups
 
 
-def _decode_chunk(bundle: TrOCRBundle, resized: Sequence[np.ndarray], num_beams: int, max_new_tokens: int,
-                  engine: DecodingEngine | None) -> list[LineReading]:
-    # the fast engine reads each line over its own ink, the batch cut at its widest line (encode_lines);
-    # generate() gets what a transformers user gives it
-    width_step = bundle.width_step if engine is not None else None
-    pixel_values = bundle.preprocessor.to_pixel_values(resized, bundle.device, bundle.dtype, width_step)
-    if engine is not None:
-        widths = [ink_columns(pixels) for pixels in resized] if width_step else None
-        decoded = engine.decode(pixel_values, num_beams, max_new_tokens, widths)
-    else:
-        decoded = hf_generate(bundle.model, pixel_values, num_beams, max_new_tokens)
-    pad_id = bundle.model.generation_config.pad_token_id
-    readings = []
-    for line in decoded:
-        kept = [(token, logprob) for token, logprob in zip(line.tokens, line.logprobs) if token != pad_id]
-        text, word_confidences = read_tokens(bundle.tokenizer, [token for token, _ in kept],
-                                             [logprob for _, logprob in kept], line.confidence)
-        readings.append(LineReading(text=text, confidence=line.confidence, truncated=line.truncated,
-                                    word_confidences=word_confidences))
-    return readings
-
-
-def decode_lines(bundle: TrOCRBundle, resized: Sequence[np.ndarray], num_beams: int, max_new_tokens: int,
-                 line_batch_size: int, length_hints: Sequence[float] | None = None,
-                 engine: Engine = "fast") -> list[LineReading]:
-    """Decode model-size crops in batches of similar expected length; results in input order.
-
-    ``engine``: "fast" is :class:`operators.decoding.DecodingEngine`, "hf" is transformers ``generate``;
-    in fp32 both give the same texts.
-
-    ``length_hints`` (e.g. the crops' width/height before resizing) group lines that will decode to
-    a similar number of tokens, so short lines do not wait on long ones.
-    """
-    if len(resized) == 0:
-        return []
-    fast_engine = DecodingEngine(bundle.model) if engine == "fast" else None  # weights merged once per call
-    readings: list[LineReading | None] = [None] * len(resized)
-    for chunk in line_batches(len(resized), line_batch_size, length_hints):
-        for index, reading in zip(chunk, _decode_chunk(bundle, [resized[i] for i in chunk], num_beams,
-                                                       max_new_tokens, fast_engine)):
-            readings[index] = reading
-    return readings
-
-
-def line_batches(count: int, line_batch_size: int, length_hints: Sequence[float] | None) -> list[np.ndarray]:
-    """Indices of ``count`` crops in the batches :func:`decode_lines` decodes: consecutive runs of
-    ``line_batch_size`` in order of their length hints (input order without hints)."""
-    if length_hints is not None and len(length_hints) != count:
+def line_batches(count: int, line_batch_size: int, length_hints: Sequence[float]) -> list[np.ndarray]:
+    """Indices of ``count`` crops in the batches a :class:`LineRecognizer` decodes: consecutive runs of
+    ``line_batch_size`` in order of their length hints (equal hints keep input order)."""
+    if len(length_hints) != count:
         raise ValueError(f"{len(length_hints)} length hints for {count} crops")
-    order = np.argsort(length_hints, kind="stable") if length_hints is not None else np.arange(count)
+    order = np.argsort(length_hints, kind="stable")
     return [order[start:start + line_batch_size] for start in range(0, count, line_batch_size)]
 
 
@@ -207,7 +215,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 class TrOCRRecognizer:
-    """Ray Data actor: loads the model once, then fills in the text of whole pages per call.
+    """Ray Data actor: loads a :class:`LineRecognizer` once, then fills in the text of whole pages per call.
 
     Out of memory in a batch halves the line batch size (and keeps it halved for this actor) and
     retries; a line that does not fit even alone fails its page with ``recognition_failed``, the
@@ -217,40 +225,31 @@ class TrOCRRecognizer:
     def __init__(self, config: RecognizeConfig):
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
-        self.line_batch_size = config.line_batch_size
-        self.bundle = load_trocr(config.model, device=config.device, precision=config.precision)
-        self.max_new_tokens = resolve_max_new_tokens(config.max_new_tokens, self.bundle.model)
-        self.config = config
-        if config.engine == "fast":
-            DecodingEngine(self.bundle.model)  # refuses unsupported generation settings now, not mid-job
-
-    def _decode(self, crops: list[np.ndarray], hints: list[float]) -> list[LineReading]:
-        config = self.config
-        return decode_lines(self.bundle, crops, config.num_beams, self.max_new_tokens, self.line_batch_size,
-                            hints, config.engine)
+        self.recognizer = LineRecognizer.from_config(config)
 
     def _release_memory(self) -> None:
-        if self.bundle.device.type == "cuda":
+        if self.recognizer.bundle.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def decode_with_backoff(self, crops: list[np.ndarray], hints: list[float]) -> list[LineReading | None]:
+    def decode_with_backoff(self, lines: list[list[LinePiece]]) -> list[LineReading | None]:
         """Readings in input order; None for a line that does not fit in memory even alone."""
+        recognizer = self.recognizer
         while True:
             try:
-                return self._decode(crops, hints)
+                return recognizer(lines)
             except RuntimeError as exc:
                 if not is_out_of_memory(exc):
                     raise
                 self._release_memory()
-                if self.line_batch_size == 1:
+                if recognizer.line_batch_size == 1:
                     break
-                self.line_batch_size = max(1, self.line_batch_size // 2)
-                log.warning("out of memory decoding %d lines; line batch size now %d", len(crops),
-                            self.line_batch_size)
+                recognizer.line_batch_size = max(1, recognizer.line_batch_size // 2)
+                log.warning("out of memory decoding %d lines; line batch size now %d", len(lines),
+                            recognizer.line_batch_size)
         readings: list[LineReading | None] = []
-        for crop, hint in zip(crops, hints):
+        for line in lines:
             try:
-                readings.extend(self._decode([crop], [hint]))
+                readings.extend(recognizer([line]))
             except RuntimeError as exc:
                 if not is_out_of_memory(exc):
                     raise
@@ -259,22 +258,19 @@ class TrOCRRecognizer:
         return readings
 
     def recognize_pages(self, pages: list[PageWork]) -> list[PageWork]:
-        crops, hints, owners, counts = [], [], [], []
+        lines, owners = [], []
         for work in pages:
             for line, pieces in zip(work.lines, work.line_pieces):
-                crops += [piece.pixels for piece in pieces]
-                hints += [piece.aspect for piece in pieces]
-                counts.append(len(pieces))
+                lines.append(pieces)
                 owners.append((work, line))
             work.line_pieces = []
         try:
-            piece_readings = self.decode_with_backoff(crops, hints)
+            readings = self.decode_with_backoff(lines)
         except Exception as exc:  # noqa: BLE001 - not memory: record it on the pages instead of losing them
             for work in pages:
                 if work.status == "ok":
                     work.fail(RECOGNITION_FAILED, f"recognition failed: {exc}")
             return pages
-        readings = [join_readings(part) for part in _regroup(piece_readings, counts)]
         unread: dict[int, list[int]] = {}
         for (work, line), reading in zip(owners, readings):
             if reading is None:

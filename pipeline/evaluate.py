@@ -1,7 +1,7 @@
 """``trocr-pipeline eval``: CER and WER (jiwer) of a model on line images or on whole pages with ground truth.
 
 ``--lines``: folders of line images with ``.gt.txt``, read by the pipeline's own recognizer code
-(:func:`operators.recognize.read_line_images`). ``--pages``: PAGE or ALTO files, whose images go through the
+(:meth:`operators.recognize.LineRecognizer.read_images`). ``--pages``: PAGE or ALTO files, whose images go through the
 whole job (detection, reading order, recognition) and whose page text is compared with the ground
 truth's lines in file order. Either way the figures are the pipeline's figures. Scores are
 corpus-level (total edits / total reference characters or words) per source and overall.
@@ -22,8 +22,7 @@ import jiwer
 
 from operators.errors import ConfigError, ExitCode
 from operators.formats.read import page_image, page_xml_files, read_page_xml
-from operators.model import load_trocr
-from operators.recognize import read_line_images, resolve_max_new_tokens
+from operators.recognize import LineRecognizer
 from pipeline.train.data import LabeledLine, read_line_folder
 
 NORMALIZATIONS = ("case", "whitespace", "punctuation")
@@ -184,9 +183,9 @@ def evaluate(model: str, folders: Sequence[Path], normalize_options: Sequence[st
     """Load ``model``, read every folder's lines, decode and score them."""
     normalize = make_normalizer(normalize_options)
     lines = read_eval_lines(folders)
-    bundle = load_trocr(model, device=device, precision=precision)
-    predictions = read_line_images(bundle, [line.load_gray() for line in lines], batch_size, num_beams,
-                                   resolve_max_new_tokens(max_new_tokens, bundle.model))
+    recognizer = LineRecognizer.from_pretrained(model, device, precision, num_beams=num_beams,
+                                                max_new_tokens=max_new_tokens, line_batch_size=batch_size)
+    predictions = [reading.text for reading in recognizer.read_images([line.load_gray() for line in lines])]
     results = score_lines(lines, predictions, normalize)
     return scores_by_source(results, normalize), results
 

@@ -19,9 +19,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from operators.errors import RECOGNITION_FAILED, ConfigError, ExitCode
 from operators.ingest import DocumentPlan, expand_inputs, triage
-from operators.model import TrOCRBundle, load_trocr
 from operators.rasterize import page_ranges, rasterize
-from operators.recognize import read_lines, resolve_max_new_tokens
+from operators.recognize import LineRecognizer
 from operators.records import LineRecord, PageWork
 from pipeline.config import JobConfig, load_config
 from pipeline.stages import cut_crops, detect_page
@@ -79,14 +78,13 @@ def inspect_documents(sources: list[str], output: Path, config: JobConfig, recog
                       max_pages: int | None = None) -> list[PageOutcome]:
     """Overlay every page of ``sources`` (the first ``max_pages`` of each) into ``output``."""
     output.mkdir(parents=True, exist_ok=True)
-    recognizer = config.recognize
-    bundle = load_trocr(recognizer.model, recognizer.device, recognizer.precision) if recognize else None
+    recognizer = LineRecognizer.from_config(config.recognize) if recognize else None
     plans = [triage(source, config.rasterize) for source in sources]
     outcomes = [PageOutcome(plan.source, None, [], None, f"{plan.error.error_code}: {plan.error}")
                 for plan in plans if plan.error is not None]
     for task in page_ranges([_first_pages(plan, max_pages) for plan in plans], config.rasterize.pages_per_task):
         for work in rasterize(task, config.rasterize):
-            outcomes.append(_inspect_page(work, output, config, bundle))
+            outcomes.append(_inspect_page(work, output, config, recognizer))
     return outcomes
 
 
@@ -96,12 +94,12 @@ def _first_pages(plan: DocumentPlan, max_pages: int | None) -> DocumentPlan:
     return dataclasses.replace(plan, num_pages=min(plan.num_pages, max_pages))
 
 
-def _inspect_page(work: PageWork, output: Path, config: JobConfig, bundle: TrOCRBundle | None) -> PageOutcome:
+def _inspect_page(work: PageWork, output: Path, config: JobConfig, recognizer: LineRecognizer | None) -> PageOutcome:
     work = detect_page(work, config.detect)
     if work.status != "ok":
         return PageOutcome(work.source, work.page, [], None, f"{work.error_code}: {work.error_message}")
     try:
-        texts = _recognize(work, config, bundle) if bundle is not None else None
+        texts = _recognize(work, config, recognizer) if recognizer is not None else None
     except RuntimeError as exc:  # out of memory, a model bug: the page fails, the others go on
         reason = f"{RECOGNITION_FAILED}: recognition failed: {exc}"
         return PageOutcome(work.source, work.page, [], None, reason)
@@ -110,14 +108,11 @@ def _inspect_page(work: PageWork, output: Path, config: JobConfig, bundle: TrOCR
     return PageOutcome(work.source, work.page, work.lines, path)
 
 
-def _recognize(work: PageWork, config: JobConfig, bundle: TrOCRBundle) -> list[str]:
+def _recognize(work: PageWork, config: JobConfig, recognizer: LineRecognizer) -> list[str]:
     image = work.image  # cut_crops drops it from the PageWork, the overlay still needs it
-    recognize = config.recognize
-    cut_crops(work, config, bundle.preprocessor)
+    cut_crops(work, config, recognizer.bundle.preprocessor)
     work.image = image
-    readings = read_lines(bundle, work.line_pieces, recognize.num_beams,
-                          resolve_max_new_tokens(recognize.max_new_tokens, bundle.model),
-                          recognize.line_batch_size, recognize.engine)
+    readings = recognizer(work.line_pieces)
     work.line_pieces = []
     return [reading.text for reading in readings]
 

@@ -24,7 +24,8 @@ from transformers import (
 )
 
 from operators.decoding import DecodingEngine, encode_lines, hf_generate
-from operators.recognize import decode_lines
+from operators.recognize import LineReading, LineRecognizer
+from operators.records import LinePiece
 from helpers import build_tiny_random_trocr
 from operators.errors import ModelLoadError
 from operators.model import TrOCRBundle, ink_columns, load_trocr
@@ -43,6 +44,13 @@ def render_line(text: str, height: int = 32) -> np.ndarray:
     image = Image.new("L", (int(font.getlength(text)) + 16, height), 255)
     ImageDraw.Draw(image).text((8, height * 0.15), text, font=font, fill=0)
     return np.asarray(image)
+
+
+def decode_lines(bundle: TrOCRBundle, resized: list[np.ndarray], num_beams: int, max_new_tokens: int,
+                 line_batch_size: int, engine: str = "fast") -> list[LineReading]:
+    """Model-size crops read as whole lines, in input order, by the pipeline's recognizer."""
+    recognizer = LineRecognizer(bundle, engine, num_beams, max_new_tokens, line_batch_size)
+    return recognizer([[LinePiece(pixels, 1.0)] for pixels in resized])
 
 
 def pixel_values(bundle: TrOCRBundle, texts: list[str]) -> torch.Tensor:

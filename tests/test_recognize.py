@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from helpers import build_tiny_random_trocr
 from operators.crops import crop_line, prepare_crops
 from operators.model import load_line_preprocessor, load_trocr
-from operators.recognize import LineReading, decode_lines, join_readings, read_lines, read_tokens
+from operators.recognize import LineReading, LineRecognizer, join_readings, read_tokens
 from operators.words import fit_rows_to_ink
 from operators.records import LineRecord, PageWork
 
@@ -78,8 +78,9 @@ def test_a_line_wider_than_a_keep_aspect_input_is_read_in_pieces_that_fit(keep_a
                           preprocessor, padding=4, split_long_lines=False)
     assert [len(pieces) for pieces in whole.line_pieces] == [1, 1]
 
-    readings = read_lines(keep_aspect_model, work.line_pieces, num_beams=1, max_new_tokens=6, line_batch_size=3)
-    each = decode_lines(keep_aspect_model, [piece.pixels for piece in long], 1, 6, line_batch_size=3)
+    recognizer = LineRecognizer(keep_aspect_model, "fast", num_beams=1, max_new_tokens=6, line_batch_size=3)
+    readings = recognizer(work.line_pieces)
+    each = recognizer([[piece] for piece in long])
     assert len(readings) == 2
     assert readings[1] == join_readings(each)  # the pieces, decoded with the short line, regroup to this line
 
@@ -114,20 +115,20 @@ OOM_PROBE = textwrap.dedent("""
     import os, resource, sys
     import numpy as np, torch
     from operators.recognize import TrOCRRecognizer
+    from operators.records import LinePiece
     from operators.settings import RecognizeConfig
 
     torch.set_num_threads(1)
     recognizer = TrOCRRecognizer(RecognizeConfig(model=sys.argv[1], line_batch_size=2048, max_new_tokens=4,
                                                  device="cpu"))
     rng = np.random.default_rng(0)
-    crops = [rng.integers(0, 256, (32, 128, 3), dtype=np.uint8) for _ in range(2048)]
-    hints = [1.0] * len(crops)
-    reference = [r.text for r in recognizer._decode(crops[:16], hints[:16])]
+    lines = [[LinePiece(rng.integers(0, 256, (32, 128, 3), dtype=np.uint8), 1.0)] for _ in range(2048)]
+    reference = [r.text for r in recognizer.recognizer(lines[:16])]
     # a real allocation limit: 150 MB above what the process maps now, far below what 2048 lines need
     mapped = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     resource.setrlimit(resource.RLIMIT_AS, (mapped + 150 * 2**20, resource.getrlimit(resource.RLIMIT_AS)[1]))
-    readings = recognizer.decode_with_backoff(crops, hints)
-    print("batch", recognizer.line_batch_size)
+    readings = recognizer.decode_with_backoff(lines)
+    print("batch", recognizer.recognizer.line_batch_size)
     print("unread", sum(r is None for r in readings), "of", len(readings))
     print("same", [r.text for r in readings[:16]] == reference)
 """)

@@ -28,7 +28,7 @@ from transformers.models.vision_encoder_decoder.modeling_vision_encoder_decoder 
 
 from operators.decoding import encode_lines, ink_width_step
 from operators.model import LinePreprocessor, TrOCRBundle, ink_columns, load_trocr, resolve_device, resolve_dtype
-from operators.recognize import read_line_images
+from operators.recognize import LineRecognizer
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import Batch, LabelCollator, LabeledLine, TrainingLines, validation_lines
 from pipeline.train.model import build_trocr, save_trocr
@@ -257,9 +257,10 @@ def train_step(run: TrainingRun, batches: Iterator[Batch]) -> float:
 def validate(run: TrainingRun, lines: Sequence[LabeledLine]) -> float:
     """Greedy-read the validation lines as the pipeline and ``eval`` read them and return the CER."""
     run.model.eval()
-    predictions = read_line_images(run.bundle(), [line.load_gray() for line in lines],
-                                   run.config.validation_batch_size, num_beams=1,
-                                   max_new_tokens=run.model.generation_config.max_new_tokens or 128)
+    recognizer = LineRecognizer(run.bundle(), "fast", num_beams=1,  # built now: its engine takes the weights as they are
+                                max_new_tokens=run.model.generation_config.max_new_tokens or 128,
+                                line_batch_size=run.config.validation_batch_size)
+    predictions = [reading.text for reading in recognizer.read_images([line.load_gray() for line in lines])]
     run.model.train()
     return character_error_rate([line.text for line in lines], predictions)
 
