@@ -4,12 +4,13 @@ Why not ``generate``: per step it pays for generic machinery (cache objects, mas
 processors, stopping criteria), expands the encoder output once per beam, and keeps finished lines in
 the batch until the longest one ends. This engine runs the encoder once per line, projects each
 line's cross-attention keys/values once (its beams share them), writes self-attention keys/values into
-one preallocated cache, and drops lines from the running batch as soon as they are finished.
+one preallocated cache, and drops finished lines from the running batch (greedy: a quarter at a time).
+A keep-aspect line is read over its own ink only (:func:`encode_lines`).
 
 It repeats the arithmetic of ``TrOCRDecoder`` (post-norm layers, scaled queries, learned or sinusoidal
 positions) and the bookkeeping of ``GenerationMixin._beam_search`` op for op, so in fp32 it returns the
-texts ``generate`` returns. Weights are read from the model at every call (the fused q/k/v copies are
-made per call), so an engine cannot go stale while the model trains, and building one is cheap.
+texts ``generate`` returns. The fused q/k/v weights are merged once, when the engine is built: an
+engine sees the weights as they were then, so one that reads a model in training is built anew.
 """
 
 from __future__ import annotations
