@@ -14,6 +14,7 @@ from pdf2image import convert_from_path
 from pdf2image.exceptions import PDFPageCountError, PDFPopplerTimeoutError, PDFSyntaxError
 from PIL import Image, ImageOps
 
+from operators.orientation import detect_orientation, turn
 from operators.ingest import DocumentKind, DocumentPlan, local_path, repaired_pdf
 from operators.pages import selected_pages
 from operators.settings import RasterizeConfig
@@ -144,16 +145,37 @@ def _render_image(task: PageRange, path: str, config: RasterizeConfig) -> list[P
     return pages
 
 
+def _upright(pages: list[PageWork], config: RasterizeConfig) -> list[PageWork]:
+    """Turn each rendered page that is still sideways or upside down after EXIF and /Rotate (only
+    when the detector is sure), adding the turn to ``rotation``."""
+    if config.detect_orientation:
+        for work in pages:
+            if work.status == "ok" and work.image is not None:
+                try:
+                    found = detect_orientation(work.image)
+                except Exception:  # noqa: BLE001 - a detector bug leaves the page as it was, never fails it
+                    continue
+                if found.rotation:
+                    work.image = turn(work.image, found.rotation)
+                    work.height, work.width = work.image.shape
+                    work.rotation = (work.rotation + found.rotation) % 360
+    return pages
+
+
+def _render(task: PageRange, path: str, config: RasterizeConfig) -> list[PageWork]:
+    if task.kind != "pdf":
+        return _render_image(task, path, config)
+    if not task.repaired:
+        return _render_pdf(task, path, config)
+    with repaired_pdf(path) as fixed:
+        return _render_pdf(task, fixed, config)
+
+
 def rasterize(task: PageRange, config: RasterizeConfig) -> list[PageWork]:
-    """Render one page range; a failure fails every page of the range with the reason."""
+    """Render one page range upright; a failure fails every page of the range with the reason."""
     try:
         with local_path(task.source) as path:
-            if task.kind != "pdf":
-                return _render_image(task, path, config)
-            if not task.repaired:
-                return _render_pdf(task, path, config)
-            with repaired_pdf(path) as fixed:
-                return _render_pdf(task, fixed, config)
+            return _upright(_render(task, path, config), config)
     except DocumentError as error:
         reason = (error.error_code, str(error))
     except Exception as exc:  # noqa: BLE001 - one file must never end the job

@@ -37,6 +37,8 @@ class RasterizeConfig(Frozen):
     max_page_pixels: int = Field(default=250_000_000, ge=1, description="checked before rendering")
     num_cpus: float = Field(default=1.0, gt=0)
     pages: str | None = Field(default=None, description="1-based page ranges of every input, e.g. 1-3,7")
+    detect_orientation: bool = Field(default=True, description="turn pages found sideways or upside down "
+                                                               "(after EXIF and /Rotate) upright")
 
     @model_validator(mode="after")
     def _check_pages(self) -> "RasterizeConfig":

@@ -37,7 +37,8 @@ def searchable_pdf(pages: Sequence[dict], source: str, pdfa: bool = False) -> by
         Fpdf2MultiPageRenderer([(row["page"], ocr_page(row), row["dpi"]) for row in ordered],
                                MultiFontManager()).render(text_path)
         with _scanned_pages(path, [row["page"] for row in ordered]) as out, pikepdf.open(text_path) as text:
-            for page, text_page in zip(out.pages, text.pages):
+            for row, page, text_page in zip(ordered, out.pages, text.pages):
+                page.Rotate = row["rotation"]  # EXIF or /Rotate, plus what orientation detection turned
                 page.add_overlay(out.copy_foreign(text_page.as_form_xobject()), pikepdf.Rectangle(page.cropbox))
             out.docinfo[pikepdf.Name.Creator] = "trocr-pipeline"
             buffer = io.BytesIO()
