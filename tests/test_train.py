@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -75,6 +76,8 @@ def test_fine_tuning_lowers_the_loss_and_saves_a_loadable_model(tmp_path, base_m
     bundle = load_trocr(str(output), device="cpu")
     assert bundle.preprocessor.input_size == (32, 128)
     assert latest_checkpoint(tmp_path / "work").name == f"{CHECKPOINT_PREFIX}20"
+    saved = json.loads((output / "tokenizer.json").read_text())  # no training-time truncation for its users
+    assert saved["truncation"] is None and saved["padding"] is None
 
 
 def test_two_ray_train_workers_train_one_model_through_the_cli(tmp_path, base_model, line_folder):

@@ -82,6 +82,10 @@ def save_trocr(model: VisionEncoderDecoderModel, processor: TrOCRProcessor, out_
     """Write model (safetensors), image processor and tokenizer where load_trocr finds them."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
+    backend = getattr(processor.tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # the training labels' truncation and padding are no part of the checkpoint
+        backend.no_truncation()
+        backend.no_padding()
     processor.save_pretrained(out_dir)
     return out_dir
 
