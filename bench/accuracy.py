@@ -183,7 +183,7 @@ def validation_rows(folder: Path, printed_model: str, handwritten_model: str) ->
                           (handwritten_model, [s for s in sources if any(m in s.name for m in HANDWRITTEN_SOURCES)])):
         if not chosen:
             continue
-        scores, _ = evaluate(model, chosen, max_new_tokens=96)
+        scores, _ = evaluate(model, chosen)  # the decode limit the job uses: what the model can produce
         for result in scores:
             rows.append(f"| {Path(result.source).name} | {model} | {result.lines} | {result.cer:.2%} |")
     return rows

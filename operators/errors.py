@@ -91,7 +91,7 @@ class EmptyFile(DocumentError):
 
 
 class UnsupportedFormat(DocumentError):
-    """The bytes are not a PDF, TIFF, PNG or JPEG, whatever the file name says."""
+    """The bytes are not a PDF, TIFF, PNG, JPEG, JPEG 2000, BMP, WebP or GIF, whatever the file name says."""
 
     error_code = "unsupported_format"
 
@@ -142,3 +142,4 @@ class InternalError(DocumentError):
 PAGE_COUNT_MISMATCH = "page_count_mismatch"  # fewer pages rendered than the file declares
 DETECTION_FAILED = "detection_failed"  # line detection failed on a page
 RECOGNITION_FAILED = "recognition_failed"  # the model failed on this page's lines even after splitting the batch
+EXPORT_FAILED = "export_failed"  # the document's export files could not be made (its tables are written)

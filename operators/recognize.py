@@ -100,8 +100,9 @@ class LineRecognizer:
     Holds what reading needs, built once from one checkpoint: the pre-processor (``bundle.preprocessor``:
     model-size crops to pixel values, on the model's device and dtype), the model, the decoding engine
     (``fast``: :class:`operators.decoding.DecodingEngine`, its weights merged once, so build a new
-    recognizer after training the model further; ``hf``: transformers ``generate``, the same texts in
-    fp32) and the post-processor (token ids to text, confidence, truncation and word confidences).
+    recognizer after training the model further, and for keep-aspect models each line read over its own
+    ink; ``hf``: transformers ``generate`` on full-width input, which the engine given the same input
+    matches in fp32) and the post-processor (token ids to text, confidence, truncation and word confidences).
     """
 
     def __init__(self, bundle: TrOCRBundle, engine: Engine, num_beams: int, max_new_tokens: int, line_batch_size: int):

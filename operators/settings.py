@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from operators.pages import parse_pages
 
@@ -20,7 +20,8 @@ BUNDLED_MODELS = {
     "printed": PROJECT_ROOT / "models" / "trocr-pipeline-printed-small",
     "handwritten": PROJECT_ROOT / "models" / "trocr-pipeline-handwritten-small",
 }
-DEFAULT_MODEL = BUNDLED_MODELS["printed"]
+DEFAULT_MODEL_NAME = "printed"
+DEFAULT_MODEL = BUNDLED_MODELS[DEFAULT_MODEL_NAME]
 
 
 class Frozen(BaseModel):
@@ -39,6 +40,12 @@ class RasterizeConfig(Frozen):
     pages: str | None = Field(default=None, description="1-based page ranges of every input, e.g. 1-3,7")
     detect_orientation: bool = Field(default=True, description="turn pages found sideways or upside down "
                                                                "(after EXIF and /Rotate) upright")
+
+    @field_validator("pages", mode="before")
+    @classmethod
+    def _pages_as_text(cls, value: object) -> object:
+        """``--set rasterize.pages=2`` and ``pages: 7`` in YAML arrive as numbers."""
+        return str(value) if isinstance(value, int) else value
 
     @model_validator(mode="after")
     def _check_pages(self) -> "RasterizeConfig":
@@ -83,7 +90,7 @@ class DetectConfig(Frozen):
 class RecognizeConfig(Frozen):
     """TrOCR recognition in an actor pool."""
 
-    model: str = Field(default="printed", description="a bundled model (printed, handwritten), a local folder or a hub id")
+    model: str = Field(default=DEFAULT_MODEL_NAME, description="a bundled model (printed, handwritten), a local folder or a hub id")
     engine: Literal["fast", "hf"] = Field(default="fast",
                                           description="fast: this project's engine; hf: transformers generate")
     device: Literal["auto", "cpu", "cuda"] = "auto"

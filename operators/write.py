@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from operators.errors import OutputLocked, OutputNotWritable, WriteFailed
+from operators.errors import EXPORT_FAILED, OutputLocked, OutputNotWritable, WriteFailed
 from operators.formats.export import write_exports
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
 from operators.storage import is_uri, resolve_filesystem
@@ -232,9 +232,7 @@ class ParquetSink:
         outcome = _document_outcome(record, pages)
         rows = [page_row(page) for page in pages]
         if self.exports:  # before the documents row is published: a rerun rewrites them whole
-            with writing(f"the exports of {record.source} in {self.root}/{EXPORTS_DIR}"):
-                write_exports(rows, asdict(outcome), self.exports, f"{self.root}/{EXPORTS_DIR}", self.filesystem,
-                              pdfa=self.pdfa)
+            outcome = self._export(outcome, rows)
         self._ready_documents.append(outcome)
         self._ready_pages.extend(rows)
         summary = self.summary
@@ -248,6 +246,23 @@ class ParquetSink:
             self.listener(outcome, pages)
         if len(self._ready_pages) >= self.rows_per_file or len(self._ready_documents) >= self.rows_per_file:
             self.flush()
+
+    def _export(self, outcome: DocumentRecord, rows: list[dict]) -> DocumentRecord:
+        """Write the document's export files. Running out of space stops the job (:func:`writing`); any
+        other failure (a file a PDF library cannot embed, say) fails this document alone, with its text
+        kept in the tables."""
+        try:
+            with writing(f"the exports of {outcome.source} in {self.root}/{EXPORTS_DIR}"):
+                write_exports(rows, asdict(outcome), self.exports, f"{self.root}/{EXPORTS_DIR}", self.filesystem,
+                              pdfa=self.pdfa)
+        except WriteFailed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one document's exports never end the job
+            reason = f"exports not written: {type(exc).__name__}: {exc}"
+            if outcome.status == "failed":  # its own failure stays its code
+                return replace(outcome, error_message=f"{outcome.error_message}; {reason}")
+            return replace(outcome, status="failed", error_code=EXPORT_FAILED, error_message=reason)
+        return outcome
 
     def _publish(self, table: pa.Table, folder: str, name: str) -> None:
         staged = f"{self.root}/{STAGING_DIR}/{folder}-{name}"

@@ -23,6 +23,7 @@ import jiwer
 from operators.errors import ConfigError, ExitCode
 from operators.formats.read import page_image, page_xml_files, read_page_xml
 from operators.recognize import LineRecognizer
+from operators.settings import DEFAULT_MODEL_NAME
 from pipeline.train.data import LabeledLine, read_line_folder
 
 NORMALIZATIONS = ("case", "whitespace", "punctuation")
@@ -204,7 +205,7 @@ def evaluate_pages(model: str, paths: Sequence[Path], normalize_options: Sequenc
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", "-m", default="printed", help="bundled model (printed, handwritten), folder or hub id")
+    parser.add_argument("--model", "-m", default=DEFAULT_MODEL_NAME, help="bundled model (printed, handwritten), folder or hub id")
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--lines", nargs="+", type=Path, help="folders of line images with <name>.gt.txt ground truth")
     data.add_argument("--pages", nargs="+", type=Path,

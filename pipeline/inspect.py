@@ -112,6 +112,8 @@ def _recognize(work: PageWork, config: JobConfig, recognizer: LineRecognizer) ->
     image = work.image  # cut_crops drops it from the PageWork, the overlay still needs it
     cut_crops(work, config, recognizer.bundle.preprocessor)
     work.image = image
+    if work.status != "ok":  # cut_crops records its failure on the page instead of raising
+        raise RuntimeError(f"{work.error_code}: {work.error_message}")
     readings = recognizer(work.line_pieces)
     work.line_pieces = []
     return [reading.text for reading in readings]

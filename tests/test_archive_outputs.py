@@ -170,7 +170,7 @@ def test_mets_files_are_valid_against_the_official_schema(run):
 
 
 def test_pages_selects_the_same_pages_of_every_input(ray_local, inputs, tmp_path):
-    config = load_config(None, [DPI, "rasterize.pages='2'", "output.exports=[alto]"])
+    config = load_config(None, [DPI, "rasterize.pages=2", "output.exports=[alto]"])
     summary = run_job([str(inputs / "letters.pdf"), str(inputs / "note.png")], str(tmp_path), config)
     pages = ds.dataset(f"{tmp_path}/pages", format="parquet").to_table().to_pylist()
     assert [(Path(page["source"]).name, page["page"]) for page in pages] == [("letters.pdf", 2)]

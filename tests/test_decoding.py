@@ -226,7 +226,7 @@ def test_encoder_at_ink_width_equals_full_width_with_the_other_patches_masked(tm
         encode_lines(model, images[..., :40], [40, 40, 40])
 
 
-def test_batches_are_cut_at_their_widest_line_and_read_the_same(tmp_path, one_thread):
+def test_batches_are_cut_at_their_widest_line_rounded_up_to_a_patch(tmp_path, one_thread):
     """The fast engine reads a keep-aspect batch at its widest line's width, rounded up to a patch."""
     bundle = load_trocr(str(build_tiny_random_trocr(tmp_path / "wide", keep_aspect=True)), device="cpu")
     assert bundle.width_step == 16

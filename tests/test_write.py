@@ -85,3 +85,20 @@ def test_recover_removes_orphan_pages_and_reports_done_documents(tmp_path):
     assert recover_output(str(tmp_path)) == {"a": "a.pdf"}
     assert not orphan.exists()
     assert list((tmp_path / "_staging").iterdir()) == []
+
+
+def test_exports_that_fail_fail_their_document_not_the_job(tmp_path, monkeypatch):
+    """A source no PDF library can read (here: a text file under a .pdf name) gets no searchable PDF; its
+    document is failed with export_failed, its pages are still written, and the next document is fine."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.pdf").write_text("not a pdf")
+    sink = ParquetSink(str(tmp_path / "out"), rows_per_file=100, exports=("pdf",))
+    sink.expect(_document("a", 1))
+    sink.add_page(_page("a", 1))
+    sink.expect(_document("b", 0, status="failed", error_code="corrupt_file"))
+    summary = sink.close()
+    rows = {row["doc_id"]: row for row in _read(tmp_path / "out", DOCUMENTS_DIR).to_pylist()}
+    assert rows["a"]["status"] == "failed" and rows["a"]["error_code"] == "export_failed"
+    assert "exports not written" in rows["a"]["error_message"] and rows["b"]["error_code"] == "corrupt_file"
+    assert _read(tmp_path / "out", PAGES_DIR).column("doc_id").to_pylist() == ["a"]
+    assert summary.documents_failed == 2
