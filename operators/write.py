@@ -23,7 +23,7 @@ import errno
 import fcntl
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
@@ -103,32 +103,34 @@ def writing(what: str) -> Iterator[None]:
 
 @contextmanager
 def output_lock(output: str) -> Iterator[None]:
-    """Hold the output for one run, after checking it can be written at all.
+    """Hold the output for one run, then check it can be written at all.
 
     A local output is locked with ``flock`` on ``DIR/.lock``: a second run on the same folder (a cron
-    job firing twice) stops at once with :class:`OutputLocked` instead of cleaning up or repeating the
-    first run's work. The kernel releases the lock when the run ends, even killed. Object stores have
-    no such lock: a URI output is only checked, and one job at a time per output is the caller's rule.
+    job firing twice) stops at once with :class:`OutputLocked`, before it writes anything, instead of
+    cleaning up or repeating the first run's work. The kernel releases the lock when the run ends, even
+    killed. Object stores have no such lock: a URI output is only checked, and one job at a time per
+    output is the caller's rule.
     """
     filesystem, root = resolve_filesystem(output)
-    probe = f"{root}/{STAGING_DIR}/.write-test-{uuid.uuid4().hex}"
     try:
         filesystem.create_dir(f"{root}/{STAGING_DIR}", recursive=True)
-        with filesystem.open_output_stream(probe):
-            pass
-        filesystem.delete_file(probe)
         lock = None if is_uri(output) else open(f"{root}/{LOCK_FILE}", "a")  # noqa: SIM115 - held for the run
     except OSError as exc:
         raise OutputNotWritable(f"the output {output} cannot be written: {exc}") from exc
-    if lock is None:
-        yield
-        return
-    with lock:
+    with lock if lock is not None else nullcontext():
+        if lock is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise OutputLocked(f"another run is writing to {output} (it holds {root}/{LOCK_FILE}); "
+                                   "this run stopped without touching the output") from exc
+        probe = f"{root}/{STAGING_DIR}/.write-test-{uuid.uuid4().hex}"
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise OutputLocked(f"another run is writing to {output} (it holds {root}/{LOCK_FILE}); "
-                               "this run stopped without touching the output") from exc
+            with filesystem.open_output_stream(probe):
+                pass
+            filesystem.delete_file(probe)
+        except OSError as exc:
+            raise OutputNotWritable(f"the output {output} cannot be written: {exc}") from exc
         yield
 
 
