@@ -69,14 +69,6 @@ def normalize(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).translate(MARKUP).split())
 
 
-def cer(reference: str, hypothesis: str) -> tuple[int, int]:
-    """(edits, reference characters) of one normalised pair."""
-    if not reference:
-        return len(hypothesis), 0
-    output = jiwer.process_characters(reference, hypothesis)
-    return output.substitutions + output.deletions + output.insertions, len(reference)
-
-
 def bag_of_words(reference: str, hypothesis: str) -> tuple[int, int, int]:
     """(matched words, reference words, output words) of the two word multisets."""
     ref, hyp = Counter(reference.split()), Counter(hypothesis.split())
@@ -137,16 +129,14 @@ def read_with_pipeline(pages: list[Page], printed_model: str, handwritten_model:
 
 
 def score(references: list[str], hypotheses: list[str]) -> tuple[float, float]:
-    """Corpus page CER and bag-of-words error of normalised pairs."""
-    edits = chars = matched = ref_words = hyp_words = 0
+    """Corpus page CER (jiwer: total edits / reference characters) and bag-of-words error, normalised."""
+    references, hypotheses = [normalize(text) for text in references], [normalize(text) for text in hypotheses]
+    matched = ref_words = hyp_words = 0
     for reference, hypothesis in zip(references, hypotheses, strict=True):
-        reference, hypothesis = normalize(reference), normalize(hypothesis)
-        page_edits, page_chars = cer(reference, hypothesis)
         page_matched, page_ref, page_hyp = bag_of_words(reference, hypothesis)
-        edits, chars, matched, ref_words, hyp_words = (edits + page_edits, chars + page_chars, matched + page_matched,
-                                                       ref_words + page_ref, hyp_words + page_hyp)
+        matched, ref_words, hyp_words = matched + page_matched, ref_words + page_ref, hyp_words + page_hyp
     bow = 1 - 2 * matched / (ref_words + hyp_words) if ref_words + hyp_words else 0.0
-    return edits / max(chars, 1), bow
+    return float(jiwer.cer(references, hypotheses)), bow
 
 
 def page_table(pages: list[Page], ours: list[str], theirs: list[str]) -> list[str]:

@@ -59,9 +59,9 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 from operators.recognize import LineReading, LineRecognizer, line_batches, resolve_max_new_tokens  # noqa: E402
 from operators.records import LinePiece  # noqa: E402
-from operators.words import fit_rows_to_ink  # noqa: E402
 from operators.settings import DEFAULT_MODEL, RecognizeConfig  # noqa: E402
 from operators.model import LinePreprocessor, TrOCRBundle, load_trocr, resolve_device, resolve_dtype  # noqa: E402
+from pipeline.evaluate import read_eval_lines  # noqa: E402
 from pipeline.synth.corpus import CorpusSampler  # noqa: E402
 from pipeline.synth.lines import iter_lines  # noqa: E402
 from pipeline.train.tokenizer import TokenizerKind, train_tokenizer  # noqa: E402
@@ -126,19 +126,12 @@ def synthetic_lines(count: int, seed: int) -> list[tuple[np.ndarray, str]]:
 
 
 def real_lines(folder: Path, count: int) -> list[tuple[np.ndarray, str]]:
-    """``count`` labelled lines spread evenly over the folder (or its sub-folders), fitted to their ink
-    rows as the pipeline fits a detected line."""
-    texts = sorted(folder.glob("*.gt.txt")) or sorted(folder.glob("*/*.gt.txt"))
-    if not texts:
-        raise SystemExit(f"no <name>.gt.txt line transcriptions in {folder} or its sub-folders")
-    chosen = [texts[round(index * len(texts) / count)] for index in range(min(count, len(texts)))]
-    lines = []
-    for gt in chosen:
-        stem = gt.name.removesuffix(".gt.txt")
-        image = next(path for path in gt.parent.glob(f"{stem}.*") if not path.name.endswith(".txt"))
-        with Image.open(image) as opened:
-            lines.append((fit_rows_to_ink(np.asarray(opened.convert("L"))), gt.read_text(encoding="utf-8").strip()))
-    return lines
+    """``count`` labelled lines spread evenly over the folder (or its sub-folders), read as ``eval --lines``
+    reads them (rows fitted to the ink, as the pipeline fits a detected line)."""
+    folders = sorted(path for path in folder.iterdir() if path.is_dir()) or [folder]
+    labelled = read_eval_lines(folders)
+    chosen = [labelled[round(index * len(labelled) / count)] for index in range(min(count, len(labelled)))]
+    return [(line.load_gray(), line.text) for line in chosen]
 
 
 def line_crops(bundle: TrOCRBundle, lines: list[tuple[np.ndarray, str]]) -> tuple[list[np.ndarray], list[float]]:
