@@ -60,7 +60,8 @@ sys.path.insert(0, str(PROJECT_ROOT))
 from operators.recognize import LineReading, LineRecognizer, line_batches, resolve_max_new_tokens  # noqa: E402
 from operators.records import LinePiece  # noqa: E402
 from operators.settings import DEFAULT_MODEL, RecognizeConfig  # noqa: E402
-from operators.model import LinePreprocessor, TrOCRBundle, load_trocr, resolve_device, resolve_dtype  # noqa: E402
+from operators.model import TrOCRBundle, load_trocr, resolve_device, resolve_dtype  # noqa: E402
+from operators.preprocess import LinePreprocessor  # noqa: E402
 from pipeline.evaluate import read_eval_lines  # noqa: E402
 from pipeline.synth.corpus import CorpusSampler  # noqa: E402
 from pipeline.synth.lines import iter_lines  # noqa: E402
@@ -190,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: the model's generation config, else the pipeline default")
     parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"],
+                        help="int8: int8 encoder linear layers (CPU), for all three readers")
     parser.add_argument("--seed", type=int, default=7, help="seed of the synthetic lines")
     parser.add_argument("--real", type=Path, help="labelled real lines instead of synthetic ones (see above)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from operators.detect import check_page
-from operators.model import LinePreprocessor
+from operators.preprocess import LinePreprocessor
 from operators.records import LinePiece, LineRecord, PageWork
 from operators.words import cut_points, fit_rows_to_ink, ink_gaps
 

@@ -24,7 +24,8 @@ from transformers import PreTrainedTokenizerBase, VisionEncoderDecoderModel
 from operators.crops import line_pieces
 from operators.decoding import DecodedLine, DecodingEngine, hf_generate
 from operators.errors import RECOGNITION_FAILED
-from operators.model import TrOCRBundle, ink_columns, load_trocr
+from operators.model import TrOCRBundle, load_trocr
+from operators.preprocess import ink_columns
 from operators.records import LinePiece, PageWork
 from operators.settings import RecognizeConfig
 from operators.words import ink_gaps

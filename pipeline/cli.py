@@ -7,8 +7,10 @@ whose documents partly failed exits with ``documents_failed`` after writing ever
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -95,11 +97,19 @@ def _show_command(args: argparse.Namespace) -> int:
     return ExitCode.ok
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from pipeline.evaluate import add_eval_arguments, eval_command
-    from pipeline.inspect import add_inspect_arguments, inspect_command
-    from pipeline.train.cli import add_train_arguments, train_command
+#: Commands whose modules load torch and transformers (seconds): name -> (module, its argument adder,
+#: its handler, help). Only the command being run imports its module, so ``run`` starts without them.
+MODEL_COMMANDS = {
+    "train": ("pipeline.train.cli", "add_train_arguments", "train_command", "fine-tune or train a TrOCR model"),
+    "eval": ("pipeline.evaluate", "add_eval_arguments", "eval_command",
+             "CER/WER of a model on line images with ground truth"),
+    "inspect": ("pipeline.inspect", "add_inspect_arguments", "inspect_command",
+                "PNG overlays of the detected lines (and their text) per page"),
+}
 
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The full parser for the command named in ``argv``; the other model commands are listed by name."""
     parser = argparse.ArgumentParser(prog="trocr-pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging (also after the command)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -127,22 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--lines", type=int, default=8, help="lines per page to print")
     show.set_defaults(handler=_show_command)
 
-    train = commands.add_parser("train", help="fine-tune or train a TrOCR model")
-    add_train_arguments(train)
-    train.set_defaults(handler=train_command)
-
-    evaluate = commands.add_parser("eval", help="CER/WER of a model on line images with ground truth")
-    add_eval_arguments(evaluate)
-    evaluate.set_defaults(handler=eval_command)
-
-    inspect = commands.add_parser("inspect", help="PNG overlays of the detected lines (and their text) per page")
-    add_inspect_arguments(inspect)
-    inspect.set_defaults(handler=inspect_command)
+    named = next((argument for argument in argv if not argument.startswith("-")), None)
+    for name, (module_name, add_arguments, handler, help_text) in MODEL_COMMANDS.items():
+        command = commands.add_parser(name, help=help_text)
+        if name == named:
+            module = importlib.import_module(module_name)
+            getattr(module, add_arguments)(command)
+            command.set_defaults(handler=getattr(module, handler))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     # this project's messages from INFO; other libraries' (fontTools reports every font it subsets) only
     # from WARNING, unless --verbose
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,

@@ -17,15 +17,13 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
 import ray
-import transformers
 from ray.data import ActorPoolStrategy
 
 from operators.errors import InternalError
 from operators.ingest import DocumentPlan, find_inputs, mark_duplicates, source_id, triage
-from operators.model import LinePreprocessor, load_line_preprocessor
 from operators.pages import selected_pages
+from operators.preprocess import LinePreprocessor
 from operators.rasterize import PageRange, page_ranges, rasterize
-from operators.recognize import TrOCRRecognizer
 from operators.records import DocumentRecord, PageWork
 from operators.write import ParquetSink, WriteSummary, output_lock, published_doc_ids, recover_output
 from pipeline.config import JobConfig
@@ -110,9 +108,16 @@ def _layout_row(row: dict[str, Any], config: JobConfig, preprocessor: LinePrepro
 
 
 class _RecognizeBatch:
-    """Ray adapter around :class:`operators.recognize.TrOCRRecognizer` (model loaded once)."""
+    """Ray adapter around :class:`operators.recognize.TrOCRRecognizer` (model loaded once).
+
+    torch and transformers are imported here, in the actor, and nowhere else in this module: the
+    CPU workers that run the other stages import this module and start on pages at once instead
+    of spending seconds loading them."""
 
     def __init__(self, config: JobConfig):
+        import transformers
+        from operators.recognize import TrOCRRecognizer
+
         transformers.utils.logging.disable_progress_bar()  # a bar in an actor reaches the driver as garbage
         self.recognizer = TrOCRRecognizer(config.recognize)
 
@@ -143,12 +148,16 @@ def _page_dataset(ranges: list[PageRange], config: JobConfig,
                   preprocessor: LinePreprocessor | None) -> ray.data.Dataset:
     """Rasterize -> layout (CPU tasks) -> recognize (actor pool; skipped without a preprocessor)."""
     dataset = ray.data.from_items([{"task": pickle.dumps(r)} for r in ranges], override_num_blocks=len(ranges))
-    dataset = dataset.flat_map(_rasterize_row, fn_kwargs={"config": config}, num_cpus=config.rasterize.num_cpus)
-    # The memory request sizes layout tasks to a page image; being different from the actor's
+    # The memory request sizes the CPU tasks to a page image; being different from the actor's
     # resources it also stops Ray from fusing layout into the recognizer actor, which would
-    # serialize CPU work with the model instead of overlapping them.
+    # serialize CPU work with the model instead of overlapping them. Rasterize and layout ask for
+    # the same resources, so Ray runs them as one task per page range: a page goes on to layout
+    # in the process that rendered it, without a round of scheduling in between.
+    page_memory = config.detect.memory_mb * 1024 * 1024
+    dataset = dataset.flat_map(_rasterize_row, fn_kwargs={"config": config}, num_cpus=config.rasterize.num_cpus,
+                               memory=page_memory)
     dataset = dataset.map(_layout_row, fn_kwargs={"config": config, "preprocessor": preprocessor},
-                          num_cpus=config.detect.num_cpus, memory=config.detect.memory_mb * 1024 * 1024)
+                          num_cpus=config.detect.num_cpus, memory=page_memory)
     if preprocessor is None:
         return dataset
     recognize = config.recognize
@@ -171,14 +180,16 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     every finished page and document; Ray Data's own progress output shows only when ``verbose``."""
     started = time.monotonic()
     found = find_inputs(inputs)
-    # the model is checked before any document is read: a bad model folder fails the job at once
-    preprocessor = load_line_preprocessor(config.recognize.model) if mode == "recognize" else None
     selection = config.rasterize.pages
-    with output_lock(output):
-        done = recover_output(output)
-        sink = ParquetSink(output, config.output.parquet_rows_per_file, config.output.exports, config.output.pdfa,
-                           listener=progress.document_done if progress else None)
+    with ThreadPoolExecutor(max_workers=1) as background, output_lock(output):
+        # the model is checked while Ray starts (loading transformers takes seconds; Ray's start is
+        # mostly waiting), and before anything is read or written: a bad model fails the job there
+        checked_model = background.submit(_line_preprocessor, config, mode)
         with ray_session(config, verbose):
+            preprocessor = checked_model.result()
+            done = recover_output(output)
+            sink = ParquetSink(output, config.output.parquet_rows_per_file, config.output.exports, config.output.pdfa,
+                               listener=progress.document_done if progress else None)
             quiet_ray_data(verbose)
             plans = _triage_all(found.sources, config)
             fresh = mark_duplicates(plans, done)
@@ -198,6 +209,16 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
         written = sink.close()
     return JobSummary(output=output, documents_skipped=len(plans) - len(fresh), written=written,
                       seconds=time.monotonic() - started, left_out=dict(found.left_out))
+
+
+def _line_preprocessor(config: JobConfig, mode: Mode) -> LinePreprocessor | None:
+    """The checkpoint's line preprocessing (recognize mode), which also checks the model. Imported
+    here: the driver loads transformers only when it needs them, and in parallel with Ray's start."""
+    if mode != "recognize":
+        return None
+    from operators.model import load_line_preprocessor
+
+    return load_line_preprocessor(config.recognize.model)
 
 
 def _document_record(plan: DocumentPlan) -> DocumentRecord:
@@ -245,8 +266,7 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     """Triage every input (in threads: hashing and poppler release the GIL) and check the model, as
     :func:`run_job` would before any work; starts no Ray and writes nothing."""
     sources = find_inputs(inputs).sources
-    if mode == "recognize":
-        load_line_preprocessor(config.recognize.model)
+    _line_preprocessor(config, mode)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         plans = list(pool.map(lambda source: triage(source, config.rasterize), sources))
     return DryRun(plans, published_doc_ids(output), config.rasterize.pages)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from operators.crops import prepare_crops
 from operators.detect import detect_lines
 from operators.errors import DETECTION_FAILED
-from operators.model import LinePreprocessor
+from operators.preprocess import LinePreprocessor
 from operators.records import PageWork
 from operators.settings import DetectConfig
 from pipeline.config import JobConfig

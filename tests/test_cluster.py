@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import suppress
 from dataclasses import dataclass
@@ -56,7 +57,8 @@ def _cli_arguments(command: list[str]) -> list[str]:
 def _parse_entrypoint(command: list[str]):
     from pipeline.cli import build_parser
 
-    return build_parser().parse_args(_cli_arguments(command))
+    arguments = _cli_arguments(command)
+    return build_parser(arguments).parse_args(arguments)
 
 
 def _repo_config(path: Path | None) -> Path | None:
@@ -302,7 +304,7 @@ def run_on_simulated_gpu_cluster(spec: dict) -> dict:
     per recognizer actor, then where the GPU-requesting actors lived (Ray's state API)."""
     import ray
     from ray.cluster_utils import Cluster
-    from ray.util.state import list_actors
+    from ray.util.state import list_actors, list_workers
 
     from pipeline.config import load_config
     from pipeline.job import run_job
@@ -314,10 +316,37 @@ def run_on_simulated_gpu_cluster(spec: dict) -> dict:
         gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:V100": 1}).node_id
                      for _ in range(spec["gpu_nodes"])]
         ray.init(address=cluster.address, logging_level="WARNING")
-        summary = run_job(spec["inputs"], spec["output"], load_config(None, spec["overrides"]))
+        # An actor that the finished job stops while it is still starting is listed afterwards with
+        # no node, so where each one lives is also read while the job runs.
+        nodes: dict[str, str] = {}
+        job_done = threading.Event()
+
+        def note_actor_nodes() -> None:
+            for actor in list_actors(detail=True, limit=1000):
+                if actor.required_resources.get("GPU") and actor.node_id:
+                    nodes.setdefault(actor.actor_id, actor.node_id)
+
+        def watch() -> None:
+            while not job_done.wait(0.5):
+                note_actor_nodes()
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            summary = run_job(spec["inputs"], spec["output"], load_config(None, spec["overrides"]))
+        finally:
+            job_done.set()
+            watcher.join()
+        note_actor_nodes()
         actors = [actor for actor in list_actors(detail=True, limit=1000) if actor.required_resources.get("GPU")]
+        worker_nodes = {worker.pid: worker.node_id for worker in list_workers(detail=True, limit=10000)}
+        for actor in actors:  # one stopped before the watcher saw it: the node of the process it ran in
+            pid = ((actor.death_cause or {}).get("actor_died_error_context") or {}).get("pid")
+            if actor.actor_id not in nodes and pid in worker_nodes:
+                nodes[actor.actor_id] = worker_nodes[pid]
         return {"head_node": cluster.head_node.node_id, "gpu_nodes": gpu_nodes,
-                "actor_nodes": [actor.node_id for actor in actors], "documents_ok": summary.written.documents_ok}
+                "actor_nodes": [nodes.get(actor.actor_id) for actor in actors],
+                "documents_ok": summary.written.documents_ok}
     finally:
         ray.shutdown()
         cluster.shutdown()

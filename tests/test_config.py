@@ -51,6 +51,11 @@ def test_half_precision_on_cpu_is_refused():
         load_config(ROOT / "configs" / "local.yaml", ["recognize.device=cpu", "recognize.precision=fp16"])
 
 
+def test_int8_on_a_gpu_is_refused():
+    with pytest.raises(ConfigError, match="int8 is for the CPU"):
+        load_config(ROOT / "configs" / "local.yaml", ["recognize.device=cuda", "recognize.precision=int8"])
+
+
 def test_set_needs_key_value():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(ROOT / "configs" / "local.yaml", ["rasterize.dpi"])

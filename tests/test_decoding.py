@@ -10,12 +10,15 @@ distributions and end-of-sequence tokens at very different steps.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 from transformers import (
     DeiTConfig,
     TrOCRConfig,
@@ -28,7 +31,8 @@ from operators.recognize import LineReading, LineRecognizer
 from operators.records import LinePiece
 from helpers import build_tiny_random_trocr
 from operators.errors import ModelLoadError
-from operators.model import TrOCRBundle, ink_columns, load_trocr
+from operators.model import TrOCRBundle, load_trocr, quantize_encoder
+from operators.preprocess import ink_columns
 from operators.settings import RecognizeConfig
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
@@ -238,3 +242,18 @@ def test_batches_are_cut_at_their_widest_line_rounded_up_to_a_patch(tmp_path, on
     assert torch.equal(cut, full[..., :cut.shape[-1]])
     stretched = load_trocr(str(build_tiny_random_trocr(tmp_path / "stretched")), device="cpu")
     assert stretched.width_step is None
+
+
+def test_int8_encoder_reads_as_generate_on_the_same_model(trained):
+    """precision int8 quantizes the encoder's linear layers only: the engine still equals generate on
+    that model, and the fine-tuned lines still read back."""
+    quantized = dataclasses.replace(trained, model=copy.deepcopy(trained.model))
+    quantize_encoder(quantized.model)
+    encoder_linears = [module for module in quantized.model.encoder.modules() if isinstance(module, DynamicLinear)]
+    assert encoder_linears and not any(isinstance(module, DynamicLinear) for module in quantized.model.decoder.modules())
+    inputs = pixel_values(quantized, TEXTS)
+    fast = DecodingEngine(quantized.model).decode(inputs, num_beams=1, max_new_tokens=32)
+    assert_same_lines(fast, hf_generate(quantized.model, inputs, num_beams=1, max_new_tokens=32))
+    readings = decode_lines(quantized, [quantized.preprocessor.resize(render_line(t)) for t in TEXTS], num_beams=1,
+                            max_new_tokens=32, line_batch_size=len(TEXTS))
+    assert [reading.text for reading in readings] == TEXTS

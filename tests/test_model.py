@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from operators.errors import ModelLoadError
 from helpers import build_tiny_random_trocr
-from operators.model import KEEP_ASPECT_KEY, LinePreprocessor, load_trocr, resolve_checkpoint
+from operators.model import load_trocr, resolve_checkpoint, resolve_dtype
+from operators.preprocess import KEEP_ASPECT_KEY, LinePreprocessor
 from operators.settings import BUNDLED_MODELS, DEFAULT_MODEL, RecognizeConfig
 from pipeline.train.model import build_trocr, save_trocr
 from pipeline.train.tokenizer import train_tokenizer
@@ -164,6 +166,15 @@ def test_corrupt_weights_are_a_model_load_error(tiny_checkpoint, tmp_path):
 def test_half_precision_on_cpu_is_refused(tiny_checkpoint):
     with pytest.raises(ModelLoadError, match="CUDA"):
         load_trocr(str(tiny_checkpoint), device="cpu", precision="fp16")
+
+
+def test_int8_loads_an_int8_encoder_on_the_cpu_only(tiny_checkpoint):
+    bundle = load_trocr(str(tiny_checkpoint), device="cpu", precision="int8")
+    assert bundle.dtype == torch.float32
+    assert any(isinstance(module, DynamicLinear) for module in bundle.model.encoder.modules())
+    assert not any(isinstance(module, torch.nn.Linear) for module in bundle.model.encoder.modules())
+    with pytest.raises(ModelLoadError, match="int8 is for the CPU"):
+        resolve_dtype("int8", torch.device("cuda"))
 
 
 def test_center_crop_processor_is_reproduced():

@@ -16,7 +16,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from operators.crops import cut_polygon
 from operators.errors import ConfigError
 from operators.formats.read import page_image, page_xml_files, read_page_xml
-from operators.model import LinePreprocessor
+from operators.preprocess import LinePreprocessor
 from operators.words import fit_rows_to_ink
 from pipeline.train.config import DataSource
 

@@ -27,7 +27,8 @@ from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 from transformers.models.vision_encoder_decoder.modeling_vision_encoder_decoder import shift_tokens_right
 
 from operators.decoding import encode_lines, ink_width_step
-from operators.model import LinePreprocessor, TrOCRBundle, ink_columns, load_trocr, resolve_device, resolve_dtype
+from operators.model import TrOCRBundle, load_trocr, resolve_device, resolve_dtype
+from operators.preprocess import LinePreprocessor, ink_columns
 from operators.recognize import LineRecognizer
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import Batch, LabelCollator, LabeledLine, TrainingLines, validation_lines

@@ -19,7 +19,8 @@ from transformers import (
     ViTImageProcessorPil,
 )
 
-from operators.model import KEEP_ASPECT_KEY, set_generation_ids
+from operators.model import set_generation_ids
+from operators.preprocess import KEEP_ASPECT_KEY
 
 EncoderKind = Literal["vit", "deit"]
 
