@@ -235,25 +235,35 @@ def _document_record(plan: DocumentPlan) -> DocumentRecord:
 class DryRun:
     """What a run would do: every document's triage, nothing rendered or written."""
 
-    plans: list[DocumentPlan]
+    plans: list[DocumentPlan]  # duplicates marked as a run marks them
     done: dict[str, str]  # doc_ids already in the output (and their sources), which a run skips
     pages: str | None  # rasterize.pages
 
+    @property
+    def owners(self) -> dict[str, str]:
+        """Source of each document's pages, by doc_id: this run's first copy, or the output's."""
+        first = {plan.doc_id: plan.source for plan in reversed(self.plans) if plan.duplicate_of is None}
+        return {**first, **self.done}
+
     def describe(self) -> str:
-        lines, todo_pages, todo_documents, failing = [], 0, 0, 0
+        lines, todo_pages, todo_documents, failing, duplicates = [], 0, 0, 0, 0
         for plan in self.plans:
             selected = len(selected_pages(self.pages, plan.num_pages))
             if plan.doc_id in self.done:
                 state = "done"
+            elif plan.duplicate_of is not None:
+                state, selected, duplicates = "duplicate", 0, duplicates + 1
             elif plan.error is not None:
                 state, failing = "failed", failing + 1
             else:
                 state, todo_pages, todo_documents = "ok", todo_pages + selected, todo_documents + 1
             reason = f" ({plan.error.error_code}: {plan.error})" if plan.error is not None else ""
-            lines.append(f"{state:6} {selected:4} pages  {plan.source}{reason}")
+            if state == "duplicate":
+                reason = f" (same bytes as {self.owners.get(plan.duplicate_of, plan.duplicate_of)})"
+            lines.append(f"{state:9} {selected:4} pages  {plan.source}{reason}")
         skipped = sum(plan.doc_id in self.done for plan in self.plans)
         lines.append(f"documents: {len(self.plans)} found, {todo_documents} to process, {failing} failing triage, "
-                     f"{skipped} already done")
+                     f"{duplicates} duplicates, {skipped} already done")
         lines.append(f"work: {todo_pages} pages to rasterize, detect and recognize; nothing written (dry run)")
         return "\n".join(lines)
 
@@ -269,4 +279,6 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     _line_preprocessor(config, mode)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         plans = list(pool.map(lambda source: triage(source, config.rasterize), sources))
-    return DryRun(plans, published_doc_ids(output), config.rasterize.pages)
+    done = published_doc_ids(output)
+    marked = {plan.source: plan for plan in mark_duplicates(plans, done)}  # all but the ones already done
+    return DryRun([marked.get(plan.source, plan) for plan in plans], done, config.rasterize.pages)

@@ -23,6 +23,7 @@ from typing import IO, Iterator
 
 import ray
 
+from operators.errors import ConfigError
 from operators.records import DocumentRecord, PageWork
 
 #: A Ray C++ log line: ``[2026-01-01 10:00:00,123 E 4242 4242] core_worker.cc:2465: ...``.
@@ -91,12 +92,18 @@ class JobProgress:
     _shown: float = 0.0
     _log: IO[str] | None = None
 
+    def __post_init__(self) -> None:
+        # opened before the job starts, so a path that cannot be written fails at once
+        if self.log_json is not None:
+            try:
+                self._log = self.log_json.open("a", encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"cannot write the --log-json file {self.log_json}: {exc.strerror}") from exc
+
     def start(self, documents: int, pages: int) -> None:
         """The work ahead, known once triage is done; timing starts here."""
         self.documents, self.pages = documents, pages
         self._started = self._shown = time.monotonic()
-        if self.log_json is not None:
-            self._log = self.log_json.open("a", encoding="utf-8")
 
     def page_done(self, work: PageWork) -> None:
         self.pages_done += 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from lxml import etree
 
 from conftest import box_iou, text_page, write_pdf
+from operators.errors import ExitCode
 from pipeline.config import load_config
 from pipeline.job import run_job
 from pipeline.progress import JobProgress
@@ -180,15 +182,29 @@ def test_pages_selects_the_same_pages_of_every_input(ray_local, inputs, tmp_path
 
 
 def test_dry_run_lists_documents_and_writes_nothing(inputs, tmp_path):
+    folder = Path(shutil.copytree(inputs, tmp_path / "inputs"))
+    shutil.copy(folder / "letters.pdf", folder / "letters2.pdf")  # a run would write it as a duplicate
     output = tmp_path / "never"
-    result = subprocess.run(CLI + ["run", str(inputs), "--output", str(output), "--set", DPI, "--dry-run",
+    result = subprocess.run(CLI + ["run", str(folder), "--output", str(output), "--set", DPI, "--dry-run",
                                    "--pages", "1-2"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 4, result.stderr  # broken.pdf would fail
     assert not output.exists()
-    assert "documents: 5 found, 4 to process, 1 failing triage, 0 already done" in result.stdout
-    assert re.search(r"^ok\s+2 pages\s+\S+letters\.pdf$", result.stdout, re.MULTILINE)
+    assert "documents: 6 found, 4 to process, 1 failing triage, 1 duplicates, 0 already done" in result.stdout
+    assert re.search(r"^ok\s+2 pages\s+\S+/letters\.pdf$", result.stdout, re.MULTILINE)
+    assert re.search(r"^duplicate\s+0 pages\s+\S+/letters2\.pdf \(same bytes as \S+/letters\.pdf\)$",
+                     result.stdout, re.MULTILINE)
     assert re.search(r"^failed\s+0 pages\s+\S+broken\.pdf \(corrupt_file: ", result.stdout, re.MULTILINE)
     assert "work: 5 pages" in result.stdout
+
+
+def test_a_log_json_path_that_cannot_be_written_fails_before_any_work(inputs, tmp_path):
+    output = tmp_path / "never"
+    result = subprocess.run(CLI + ["run", str(inputs), "--output", str(output), "--log-json",
+                                   str(tmp_path / "no-such-folder" / "log.jsonl")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == ExitCode.bad_args, result.stderr
+    assert "cannot write the --log-json file" in result.stderr and "no-such-folder" in result.stderr
+    assert not output.exists()
 
 
 def test_progress_line_redraws_in_place_on_a_terminal_and_logs_lines_otherwise(tmp_path):
