@@ -180,7 +180,8 @@ class _PendingDocument:
     pages: dict[int, PageWork] = field(default_factory=dict)
 
 
-#: Called with each document as it is published, and its pages (progress, ``--log-json``).
+#: Called with a document and its pages: when it is complete (progress), or once its row is
+#: published (``--log-json``: a record there means the document is in the output).
 DocumentListener = Callable[[DocumentRecord, list[PageWork]], None]
 
 
@@ -197,17 +198,19 @@ class ParquetSink:
     """Collects page results as they stream in and publishes complete documents."""
 
     def __init__(self, output: str, rows_per_file: int, exports: Sequence[str] = (), pdfa: bool = False,
-                 listener: DocumentListener | None = None):
+                 listener: DocumentListener | None = None, on_published: DocumentListener | None = None):
         self.filesystem, self.root = resolve_filesystem(output)
         self.rows_per_file = rows_per_file
         self.exports = tuple(exports)
         self.pdfa = pdfa
         self.listener = listener
+        self.on_published = on_published
         self.run_id = uuid.uuid4().hex[:12]
         self.summary = WriteSummary()
         self._pending: dict[tuple[str, str], _PendingDocument] = {}
         self._ready_documents: list[DocumentRecord] = []
         self._ready_pages: list[dict] = []
+        self._unpublished: list[tuple[DocumentRecord, list[PageWork]]] = []  # for on_published
         self._parts = 0
         for folder in (PAGES_DIR, DOCUMENTS_DIR, STAGING_DIR):
             self.filesystem.create_dir(f"{self.root}/{folder}", recursive=True)
@@ -246,6 +249,8 @@ class ParquetSink:
         summary.lines += sum(len(page.lines) for page in pages)
         if self.listener is not None:
             self.listener(outcome, pages)
+        if self.on_published is not None:
+            self._unpublished.append((outcome, pages))
         if len(self._ready_pages) >= self.rows_per_file or len(self._ready_documents) >= self.rows_per_file:
             self.flush()
 
@@ -281,6 +286,9 @@ class ParquetSink:
         documents = [asdict(record) for record in self._ready_documents]
         self._publish(pa.Table.from_pylist(documents, schema=DOCUMENTS_SCHEMA), DOCUMENTS_DIR, name)
         self._ready_documents, self._ready_pages = [], []
+        published, self._unpublished = self._unpublished, []
+        for record, pages in published:
+            self.on_published(record, pages)
 
     def close(self) -> WriteSummary:
         """Flush; documents still waiting for pages mean pages were lost, which is a bug."""

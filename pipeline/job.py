@@ -189,7 +189,8 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             preprocessor = checked_model.result()
             done = recover_output(output)
             sink = ParquetSink(output, config.output.parquet_rows_per_file, config.output.exports, config.output.pdfa,
-                               listener=progress.document_done if progress else None)
+                               listener=progress.document_done if progress else None,
+                               on_published=progress.document_published if progress else None)
             quiet_ray_data(verbose)
             plans = _triage_all(found.sources, config)
             fresh = mark_duplicates(plans, done)

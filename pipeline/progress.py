@@ -114,6 +114,11 @@ class JobProgress:
         """The write stage's listener: one document and its pages, complete."""
         self.documents_done += 1
         self.documents_failed += record.status == "failed"
+        self._show()
+
+    def document_published(self, record: DocumentRecord, pages: list[PageWork]) -> None:
+        """The write stage's listener once a document's row is in the output: its ``--log-json`` record
+        (so a run killed before publishing, and run again, logs the document once)."""
         if self._log is not None:
             entry = {"source": record.source, "doc_id": record.doc_id, "status": record.status,
                      "pages": len(pages), "lines": sum(len(page.lines) for page in pages),
@@ -122,7 +127,6 @@ class JobProgress:
                      if record.error_code else None}
             self._log.write(json.dumps(entry, ensure_ascii=False) + "\n")
             self._log.flush()
-        self._show()
 
     def close(self) -> None:
         if self.interactive and self.documents:

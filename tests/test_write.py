@@ -102,3 +102,18 @@ def test_exports_that_fail_fail_their_document_not_the_job(tmp_path, monkeypatch
     assert "exports not written" in rows["a"]["error_message"] and rows["b"]["error_code"] == "corrupt_file"
     assert _read(tmp_path / "out", PAGES_DIR).column("doc_id").to_pylist() == ["a"]
     assert summary.documents_failed == 2
+
+
+def test_published_documents_are_announced_only_once_their_rows_are_written(tmp_path):
+    """``--log-json`` hears of a document when its row is in the output, not when it is complete: a run
+    killed in between and run again would otherwise log it twice."""
+    completed, published = [], []
+    sink = ParquetSink(str(tmp_path), rows_per_file=100, listener=lambda record, pages: completed.append(record.doc_id),
+                       on_published=lambda record, pages: published.append((record.doc_id, len(pages))))
+    sink.expect(_document("a", 1))
+    sink.add_page(_page("a", 1))
+    assert completed == ["a"] and published == []
+    assert not (tmp_path / DOCUMENTS_DIR).exists() or not list((tmp_path / DOCUMENTS_DIR).iterdir())
+    sink.close()
+    assert published == [("a", 1)]
+    assert _read(tmp_path, DOCUMENTS_DIR).column("doc_id").to_pylist() == ["a"]
