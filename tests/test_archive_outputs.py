@@ -12,10 +12,12 @@ import sys
 from pathlib import Path
 
 import jiwer
+import numpy as np
 import pikepdf
 import pyarrow.dataset as ds
 import pytest
 from lxml import etree
+from PIL import Image
 
 from conftest import box_iou, text_page, write_pdf
 from operators.errors import ExitCode
@@ -151,6 +153,23 @@ def test_mets_points_every_page_at_its_image_alto_and_page(run):
             assert [href.split(".", 1)[1] for href in hrefs] == [f"{number}.alto.xml", f"{number}.page.xml",
                                                                  f"{number}.png"]
             assert all((mets_path.parent / href).is_file() for href in hrefs)
+
+
+@pytest.mark.parametrize("detect_orientation", [False, True])
+def test_mets_page_images_are_the_pages_as_the_job_read_them(ray_local, tmp_path, detect_orientation):
+    """An upside-down scan: METS's page image is turned exactly when the job turned the page, whatever
+    the job's orientation setting (the coordinates of its ALTO and PAGE are pixels of that image)."""
+    upright = text_page([f"Line {number} of a letter that was scanned upside down, with Tall Capitals."
+                         for number in range(12)])
+    upright.rotate(180).save(tmp_path / "turned.png", dpi=(150, 150))
+    config = load_config(None, [DPI, f"rasterize.detect_orientation={str(detect_orientation).lower()}",
+                                "output.exports=[mets]"])
+    run_job([str(tmp_path / "turned.png")], str(tmp_path / "out"), config)
+    [page] = ds.dataset(f"{tmp_path}/out/pages", format="parquet").to_table().to_pylist()
+    assert page["rotation"] == (180 if detect_orientation else 0)
+    [image] = (tmp_path / "out" / "exports").glob("turned-*.png")
+    expected = upright if detect_orientation else upright.rotate(180)
+    assert np.array_equal(np.asarray(Image.open(image).convert("L")), np.asarray(expected))
 
 
 @pytest.mark.skipif(not SCHEMAS.is_dir(), reason=f"mets.xsd and xlink.xsd live in the dev data checkout {SCHEMAS}, "

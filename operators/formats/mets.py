@@ -4,8 +4,9 @@ workspaces do (file groups named ``OCR-D-*``, file ids ``<group>_<page>``, local
 ``page`` divs ``PHYS_<page>`` inside one ``physSequence``).
 
 The page images are the ones the job read, rendered again exactly as the rasterize stage renders
-them (same dpi, 8-bit gray) and written as lossless PNG, so ALTO and PAGE coordinates are pixels of
-those very images.
+them (same dpi, 8-bit gray), turned as the job turned them (the page row's ``rotation``; orientation
+is not detected again, so the job's own settings and findings hold) and written as lossless PNG, so
+ALTO and PAGE coordinates are pixels of those very images.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from lxml import etree
 from PIL import Image
 
 from operators.ingest import local_path, sniff_kind
+from operators.orientation import turn
 from operators.rasterize import PageRange, rasterize
 from operators.settings import RasterizeConfig
 
@@ -41,10 +43,12 @@ def page_images(pages: Sequence[dict], source: str) -> Iterator[tuple[int, bytes
         if row["status"] != "ok" and not row["lines"]:
             continue
         task = PageRange(row["doc_id"], source, kind, row["page"], row["page"])
-        for work in rasterize(task, RasterizeConfig(dpi=row["dpi"])):
+        for work in rasterize(task, RasterizeConfig(dpi=row["dpi"], detect_orientation=False)):
             if work.image is not None:
+                # work.rotation: what the file says (EXIF, /Rotate); the row's rotation adds what the job found
+                image = turn(work.image, (row["rotation"] - work.rotation) % 360)
                 buffer = io.BytesIO()
-                Image.fromarray(work.image).save(buffer, format="PNG", dpi=(work.dpi, work.dpi))
+                Image.fromarray(image).save(buffer, format="PNG", dpi=(work.dpi, work.dpi))
                 yield work.page, buffer.getvalue()
 
 
