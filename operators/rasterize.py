@@ -112,9 +112,11 @@ def _render_pdf(task: PageRange, path: str, config: RasterizeConfig) -> list[Pag
     return pages
 
 
-#: Degrees clockwise that ``ImageOps.exif_transpose`` turns an image, per EXIF orientation (2, 4, 5
-#: and 7 are also mirrored, which it undoes too).
-_EXIF_ROTATION = {3: 180, 4: 180, 5: 90, 6: 90, 7: 270, 8: 270}
+#: Degrees clockwise that ``ImageOps.exif_transpose`` turns an image, per EXIF orientation (the
+#: orientations in ``MIRRORED_EXIF`` are also mirrored, which it undoes too).
+EXIF_ROTATION = {3: 180, 4: 180, 5: 90, 6: 90, 7: 270, 8: 270}
+MIRRORED_EXIF = frozenset({2, 4, 5, 7})
+EXIF_ORIENTATION_TAG = 0x0112
 
 
 def _render_frame(image: Image.Image, work: PageWork, config: RasterizeConfig) -> None:
@@ -122,8 +124,8 @@ def _render_frame(image: Image.Image, work: PageWork, config: RasterizeConfig) -
     if image.width * image.height > config.max_page_pixels:
         raise PageTooLarge(f"page {work.page} has {image.width}x{image.height} px, over the limit")
     work.dpi = _image_dpi(image, config.dpi)
-    orientation = image.getexif().get(0x0112, 1)
-    work.rotation = _EXIF_ROTATION.get(orientation, 0)
+    orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    work.rotation = EXIF_ROTATION.get(orientation, 0)
     work.image = to_gray8(ImageOps.exif_transpose(image) if orientation != 1 else image)
     work.height, work.width = work.image.shape
 

@@ -22,9 +22,11 @@ import pikepdf.pdfa
 from ocrmypdf.font import MultiFontManager
 from ocrmypdf.fpdf_renderer import Fpdf2MultiPageRenderer
 from ocrmypdf.models.ocr_element import Baseline, BoundingBox, OcrClass, OcrElement
+from PIL import Image, ImageOps, ImageSequence
 
 from operators.formats.geometry import straight_baseline
 from operators.ingest import local_path, sniff_kind
+from operators.rasterize import EXIF_ORIENTATION_TAG, EXIF_ROTATION, MIRRORED_EXIF
 
 PDFA_FLAVOUR = "2b"
 
@@ -36,9 +38,10 @@ def searchable_pdf(pages: Sequence[dict], source: str, pdfa: bool = False) -> by
         text_path = Path(folder) / "text.pdf"
         Fpdf2MultiPageRenderer([(row["page"], ocr_page(row), row["dpi"]) for row in ordered],
                                MultiFontManager()).render(text_path)
-        with _scanned_pages(path, [row["page"] for row in ordered]) as out, pikepdf.open(text_path) as text:
-            for row, page, text_page in zip(ordered, out.pages, text.pages):
-                page.Rotate = row["rotation"]  # EXIF or /Rotate, plus what orientation detection turned
+        with _scanned_pages(path, [row["page"] for row in ordered]) as (out, turned), pikepdf.open(text_path) as text:
+            for row, page, already, text_page in zip(ordered, out.pages, turned, text.pages):
+                # EXIF or /Rotate, plus what orientation detection turned, less what the pixels already have
+                page.Rotate = (row["rotation"] - already) % 360
                 page.add_overlay(out.copy_foreign(text_page.as_form_xobject()), pikepdf.Rectangle(page.cropbox))
             out.docinfo[pikepdf.Name.Creator] = "trocr-pipeline"
             buffer = io.BytesIO()
@@ -50,16 +53,40 @@ def searchable_pdf(pages: Sequence[dict], source: str, pdfa: bool = False) -> by
 
 
 @contextmanager
-def _scanned_pages(path: str, numbers: list[int]) -> Iterator[pikepdf.Pdf]:
+def _scanned_pages(path: str, numbers: list[int]) -> Iterator[tuple[pikepdf.Pdf, list[int]]]:
     """A new PDF holding the given 1-based pages of the original: its own pages for a PDF (qpdf
-    repairs a damaged one as it opens it), img2pdf pages for an image."""
+    repairs a damaged one as it opens it), img2pdf pages for an image; and per page, the degrees its
+    pixels are already turned from the file's own (see :func:`_image_pages`)."""
     with open(path, "rb") as handle:
         kind = sniff_kind(handle.read(1024))
-    original = path if kind == "pdf" else io.BytesIO(img2pdf.convert(path, rotation=img2pdf.Rotation.ifvalid))
+    if kind == "pdf":
+        original, turned = path, [0] * len(numbers)
+    else:
+        pdf, turns = _image_pages(path)
+        original, turned = io.BytesIO(pdf), [turns[number - 1] for number in numbers]
     with pikepdf.open(original) as source, pikepdf.new() as out:
         for number in numbers:
             out.pages.append(source.pages[number - 1])
-        yield out
+        yield out, turned
+
+
+def _image_pages(path: str) -> tuple[bytes, list[int]]:
+    """An image file as img2pdf pages, and per page the degrees its pixels are turned.
+
+    img2pdf embeds the file's own streams (JPEG as is). A mirrored EXIF orientation cannot be a page's
+    /Rotate, so a file with one has its frames embedded as the job read them instead (mirror and turn
+    undone, lossless PNG), and their pixels are then turned by the EXIF turn."""
+    with Image.open(path) as image:
+        orientations = [frame.getexif().get(EXIF_ORIENTATION_TAG, 1) for frame in ImageSequence.Iterator(image)]
+        if not MIRRORED_EXIF.intersection(orientations):
+            return img2pdf.convert(path, rotation=img2pdf.Rotation.ifvalid), [0] * len(orientations)
+        frames = []
+        for frame in ImageSequence.Iterator(image):
+            buffer = io.BytesIO()
+            resolution = {"dpi": frame.info["dpi"]} if "dpi" in frame.info else {}  # else img2pdf's default, as above
+            ImageOps.exif_transpose(frame).save(buffer, format="PNG", **resolution)
+            frames.append(buffer.getvalue())
+    return img2pdf.convert(frames), [EXIF_ROTATION.get(orientation, 0) for orientation in orientations]
 
 
 def ocr_page(row: dict) -> OcrElement:
