@@ -69,7 +69,7 @@ def _synth_command(args: argparse.Namespace) -> int:
     if args.what == "docs":
         from pipeline.synth.docs import write_document_set
 
-        paths = write_document_set(Path(args.output), args.count, args.seed, dpi=args.dpi)
+        paths = write_document_set(Path(args.output), args.count, args.seed, dpi=args.dpi, font_kind=args.font_kind)
         print(f"wrote {len(paths)} documents with ground truth to {args.output}")
     else:
         from pipeline.synth.lines import write_line_set
@@ -128,7 +128,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     synth.add_argument("--count", "-n", type=int, default=4)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--dpi", type=int, default=150, help="docs only")
-    synth.add_argument("--font-kind", choices=["printed", "handwritten", "all"], default="printed", help="lines only")
+    synth.add_argument("--font-kind", choices=["printed", "handwritten", "all", "heldout"], default="printed",
+                       help="heldout: printed fonts no model is trained on, for measuring (bench/heldout_fonts.py)")
     synth.set_defaults(handler=_synth_command)
 
     show = commands.add_parser("show", help="print the documents and the start of each page's text of an output")

@@ -19,7 +19,7 @@ from pipeline.config import load_config
 from operators.errors import ExitCode
 from pipeline.job import run_job
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA
-from pipeline.synth.docs import load_ground_truth
+from pipeline.synth.docs import load_ground_truth, page_texts
 
 
 def _read(output: str, table: str):
@@ -168,10 +168,9 @@ def test_shipped_model_reads_the_page_text(ray_local, synthetic_documents, tmp_p
     pages = {(os.path.basename(row["source"]), row["page"]): row["text"] for row in _read(output, "pages").to_pylist()}
     references, predictions = [], []
     for path in synthetic_documents:
-        for truth_page in load_ground_truth(path)["pages"]:
-            lines = sorted(truth_page["lines"], key=lambda line: (line["block"], line["order"]))
-            references.append("\n".join(line["text"] for line in lines))
-            predictions.append(pages.pop((path.name, truth_page["page"])))
+        for number, text in page_texts(load_ground_truth(path)).items():
+            references.append(text)
+            predictions.append(pages.pop((path.name, number)))
     assert not pages
     cer = jiwer.cer(references, predictions)
     assert cer < 0.03, f"CER {cer:.2%}"

@@ -26,6 +26,18 @@ def test_font_discovery_finds_printed_and_handwritten_faces():
 def test_font_discovery_names_the_debian_packages_when_nothing_is_installed(tmp_path):
     with pytest.raises(FontsNotFound, match="fonts-dkg-handwriting"):
         discover_fonts("handwritten", root=tmp_path)
+    with pytest.raises(FontsNotFound, match="fonts-urw-base35"):
+        discover_fonts("heldout", root=tmp_path)
+
+
+def test_training_sources_cannot_draw_the_heldout_fonts():
+    """The held-out families measure fonts a model never saw: no training data source may use them."""
+    from pydantic import ValidationError
+
+    from pipeline.train.config import DataSource
+
+    with pytest.raises(ValidationError, match="font_kind"):
+        DataSource(kind="synth", font_kind="heldout")
     with pytest.raises(ValueError, match="font kind"):
         discover_fonts("gothic")
 

@@ -270,6 +270,13 @@ def ground_truth_path(document: Path) -> Path:
     return Path(document).with_suffix(".gt.json")
 
 
+def page_texts(ground_truth: dict) -> dict[int, str]:
+    """Each page's text in reading order (block by block, lines in order), by page number."""
+    return {page["page"]: "\n".join(line["text"] for line in sorted(page["lines"], key=lambda line: (line["block"],
+                                                                                                    line["order"])))
+            for page in ground_truth["pages"]}
+
+
 def load_ground_truth(path: Path) -> dict:
     """The ground truth written beside a synthetic document (``NAME.pdf`` -> ``NAME.gt.json``)."""
     gt_path = ground_truth_path(path)

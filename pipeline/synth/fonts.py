@@ -17,7 +17,7 @@ from PIL import ImageFont
 from pipeline.synth.corpus import CHARSET
 
 FONT_ROOT = Path("/usr/share/fonts")
-FONT_KINDS = ("printed", "handwritten", "all")
+FONT_KINDS = ("printed", "handwritten", "all", "heldout")  # all: printed and handwritten
 
 #: family name (as stored in the font) -> Debian package that installs it.
 PRINTED_FAMILIES: dict[str, str] = {
@@ -41,6 +41,17 @@ PRINTED_FAMILIES: dict[str, str] = {
     "Open Sans": "fonts-open-sans",
     "Open Sans Condensed": "fonts-open-sans",
     "Lato": "fonts-lato",
+}
+#: Printed families that no model is trained on, for measuring how a model reads fonts it never saw
+#: (``bench/heldout_fonts.py``); designs unlike the printed families above (no Times, Helvetica or
+#: Courier clone). Only the font kind "heldout" uses them.
+HELDOUT_FAMILIES: dict[str, str] = {
+    "C059": "fonts-urw-base35",  # Century Schoolbook
+    "P052": "fonts-urw-base35",  # Palatino
+    "URW Bookman": "fonts-urw-base35",
+    "URW Gothic": "fonts-urw-base35",  # Avant Garde
+    "Linux Libertine O": "fonts-linuxlibertine",
+    "Linux Biolinum O": "fonts-linuxlibertine",
 }
 HANDWRITTEN_FAMILIES: dict[str, str] = {
     "DkgHandwriting": "fonts-dkg-handwriting",
@@ -116,6 +127,8 @@ def _kind_of(family: str) -> str | None:
         return "printed"
     if family in HANDWRITTEN_FAMILIES:
         return "handwritten"
+    if family in HELDOUT_FAMILIES:
+        return "heldout"
     return None
 
 
@@ -142,16 +155,17 @@ def _all_faces(root: Path) -> tuple[FontFace, ...]:
 
 
 def _packages(kind: str) -> list[str]:
-    families = {"printed": PRINTED_FAMILIES, "handwritten": HANDWRITTEN_FAMILIES}
-    wanted = families.values() if kind == "all" else [families[kind]]
+    families = {"printed": PRINTED_FAMILIES, "handwritten": HANDWRITTEN_FAMILIES, "heldout": HELDOUT_FAMILIES}
+    wanted = [PRINTED_FAMILIES, HANDWRITTEN_FAMILIES] if kind == "all" else [families[kind]]
     return sorted({package for table in wanted for package in table.values()})
 
 
 def discover_fonts(kind: str = "printed", root: Path = FONT_ROOT) -> tuple[FontFace, ...]:
-    """Usable faces of ``kind`` ("printed", "handwritten" or "all"), sorted by path for determinism."""
+    """Usable faces of ``kind`` ("printed", "handwritten", "all" of those two, or "heldout"), sorted by
+    path for determinism."""
     if kind not in FONT_KINDS:
         raise ValueError(f"font kind must be one of {FONT_KINDS}, got {kind!r}")
-    faces = tuple(f for f in _all_faces(Path(root)) if kind == "all" or f.kind == kind)
+    faces = tuple(f for f in _all_faces(Path(root)) if f.kind == kind or (kind == "all" and f.kind != "heldout"))
     if not faces:
         raise FontsNotFound(
             f"no {kind} fonts found under {root}; install the Debian packages: "
