@@ -67,10 +67,10 @@ def tesseract_page_texts(documents: list[Path], dpi: int, work: Path) -> dict[tu
     return texts
 
 
-def page_cer(documents: list[Path], texts: dict[tuple[str, int], str]) -> float:
+def page_cer(truths: dict[Path, dict], texts: dict[tuple[str, int], str]) -> float:
     references, hypotheses = [], []
-    for document in documents:
-        for number, reference in page_texts(load_ground_truth(document)).items():
+    for document, truth in truths.items():
+        for number, reference in page_texts(truth).items():
             references.append(reference)
             hypotheses.append(texts.get((document.name, number), ""))
     return float(jiwer.cer(references, hypotheses))
@@ -90,11 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         for font_kind in ("heldout", "printed"):
             documents = write_document_set(work / font_kind, args.documents, args.seed, dpi=args.dpi,
                                            font_kind=font_kind)
-            ours = page_cer(documents, job_page_texts(documents, work / f"{font_kind}-out", args.overrides))
+            truths = {document: load_ground_truth(document) for document in documents}
+            ours = page_cer(truths, job_page_texts(documents, work / f"{font_kind}-out", args.overrides))
             (work / f"{font_kind}-tesseract").mkdir()
-            theirs = page_cer(documents, tesseract_page_texts(documents, args.dpi, work / f"{font_kind}-tesseract"))
-            pages = sum(len(load_ground_truth(document)["pages"]) for document in documents)
-            fonts = sorted({load_ground_truth(document)["font"] for document in documents})
+            theirs = page_cer(truths, tesseract_page_texts(documents, args.dpi, work / f"{font_kind}-tesseract"))
+            pages = sum(len(truth["pages"]) for truth in truths.values())
+            fonts = sorted({truth["font"] for truth in truths.values()})
             print(f"{font_kind:8s} fonts: {len(documents)} documents, {pages} pages, faces {', '.join(fonts)}")
             results.append((font_kind, ours, theirs))
         for font_kind, ours, theirs in results:

@@ -170,5 +170,3 @@ def _to_pil(crop: np.ndarray) -> Image.Image:
     if image.width == 0 or image.height == 0:
         raise ValueError(f"line crop is empty: shape {crop.shape}")
     return image
-
-

@@ -240,13 +240,10 @@ class DryRun:
     done: dict[str, str]  # doc_ids already in the output (and their sources), which a run skips
     pages: str | None  # rasterize.pages
 
-    @property
-    def owners(self) -> dict[str, str]:
-        """Source of each document's pages, by doc_id: this run's first copy, or the output's."""
-        first = {plan.doc_id: plan.source for plan in reversed(self.plans) if plan.duplicate_of is None}
-        return {**first, **self.done}
-
     def describe(self) -> str:
+        # where each duplicate's pages come from: the output's copy, else this run's first one
+        owners = {**{plan.doc_id: plan.source for plan in reversed(self.plans) if plan.duplicate_of is None},
+                  **self.done}
         lines, todo_pages, todo_documents, failing, duplicates = [], 0, 0, 0, 0
         for plan in self.plans:
             selected = len(selected_pages(self.pages, plan.num_pages))
@@ -260,7 +257,7 @@ class DryRun:
                 state, todo_pages, todo_documents = "ok", todo_pages + selected, todo_documents + 1
             reason = f" ({plan.error.error_code}: {plan.error})" if plan.error is not None else ""
             if state == "duplicate":
-                reason = f" (same bytes as {self.owners.get(plan.duplicate_of, plan.duplicate_of)})"
+                reason = f" (same bytes as {owners.get(plan.duplicate_of, plan.duplicate_of)})"
             lines.append(f"{state:9} {selected:4} pages  {plan.source}{reason}")
         skipped = sum(plan.doc_id in self.done for plan in self.plans)
         lines.append(f"documents: {len(self.plans)} found, {todo_documents} to process, {failing} failing triage, "

@@ -272,9 +272,10 @@ def ground_truth_path(document: Path) -> Path:
 
 def page_texts(ground_truth: dict) -> dict[int, str]:
     """Each page's text in reading order (block by block, lines in order), by page number."""
-    return {page["page"]: "\n".join(line["text"] for line in sorted(page["lines"], key=lambda line: (line["block"],
-                                                                                                    line["order"])))
-            for page in ground_truth["pages"]}
+    def in_order(page: dict) -> list[dict]:
+        return sorted(page["lines"], key=lambda line: (line["block"], line["order"]))
+
+    return {page["page"]: "\n".join(line["text"] for line in in_order(page)) for page in ground_truth["pages"]}
 
 
 def load_ground_truth(path: Path) -> dict:
