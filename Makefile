@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DEBIAN_PACKAGES := poppler-utils fonts-dejavu-core fonts-liberation fonts-freefont-ttf fonts-courier-prime \
 	fonts-gnutypewriter fonts-ebgaramond fonts-crosextra-caladea fonts-crosextra-carlito fonts-open-sans \
 	fonts-lato fonts-dkg-handwriting fonts-femkeklaver fonts-humor-sans fonts-dancingscript fonts-kristi \
-	fonts-comic-neue
+	fonts-comic-neue fonts-blankenburg fonts-junicode
 DEMO := out/demo
 
 .PHONY: setup demo test clean .system-packages

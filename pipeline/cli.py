@@ -128,7 +128,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     synth.add_argument("--count", "-n", type=int, default=4)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--dpi", type=int, default=150, help="docs only")
-    synth.add_argument("--font-kind", choices=["printed", "handwritten", "all", "heldout"], default="printed",
+    synth.add_argument("--font-kind", choices=["printed", "handwritten", "historical", "all", "heldout"], default="printed",
                        help="heldout: printed fonts no model is trained on, for measuring (bench/heldout_fonts.py)")
     synth.set_defaults(handler=_synth_command)
 

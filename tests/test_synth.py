@@ -23,11 +23,25 @@ def test_font_discovery_finds_printed_and_handwritten_faces():
     assert all(f.covers(REQUIRED_CHARS) for f in every)
 
 
+def test_historical_font_kind_has_blackletter_and_early_modern_faces_in_few_styles():
+    """A training mix gives the historical faces their own share; "all" stays printed and handwritten,
+    and Junicode's many widths and weights are left out so that the one blackletter face is not drowned."""
+    historical = discover_fonts("historical")
+    assert {face.family for face in historical} == {"Blankenburg_UNZ1A", "Junicode Two Beta"}
+    assert {face.kind for face in historical} == {"historical"} and len(historical) <= 4
+    assert not set(historical) & set(discover_fonts("all"))
+    assert all(face.covers(REQUIRED_CHARS) for face in historical)
+    fonts = {font for _, _, font in iter_lines(24, seed=3, font_kind="historical")}
+    assert "Blankenburg_UNZ1A" in fonts and fonts <= {face.name for face in historical}
+
+
 def test_font_discovery_names_the_debian_packages_when_nothing_is_installed(tmp_path):
     with pytest.raises(FontsNotFound, match="fonts-dkg-handwriting"):
         discover_fonts("handwritten", root=tmp_path)
     with pytest.raises(FontsNotFound, match="fonts-urw-base35"):
         discover_fonts("heldout", root=tmp_path)
+    with pytest.raises(FontsNotFound, match="fonts-blankenburg fonts-junicode"):
+        discover_fonts("historical", root=tmp_path)
 
 
 def test_training_sources_cannot_draw_the_heldout_fonts():

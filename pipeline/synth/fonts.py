@@ -17,7 +17,7 @@ from PIL import ImageFont
 from pipeline.synth.corpus import CHARSET
 
 FONT_ROOT = Path("/usr/share/fonts")
-FONT_KINDS = ("printed", "handwritten", "all", "heldout")  # all: printed and handwritten
+FONT_KINDS = ("printed", "handwritten", "historical", "all", "heldout")  # all: printed and handwritten
 
 #: family name (as stored in the font) -> Debian package that installs it.
 PRINTED_FAMILIES: dict[str, str] = {
@@ -53,6 +53,15 @@ HELDOUT_FAMILIES: dict[str, str] = {
     "Linux Libertine O": "fonts-linuxlibertine",
     "Linux Biolinum O": "fonts-linuxlibertine",
 }
+#: Blackletter and early-modern faces for the historical print of archives (issue 12), a font kind of
+#: their own so that a training mix sets their share and the printed kind's lines stay as they were.
+HISTORICAL_FAMILIES: dict[str, str] = {
+    "Blankenburg_UNZ1A": "fonts-blankenburg",  # blackletter
+    "Junicode Two Beta": "fonts-junicode",  # early-modern Antiqua, after 17th-century type
+}
+#: Styles kept of the historical families: Junicode ships ~40 widths and weights, which would drown the
+#: single blackletter face in a uniform pick.
+HISTORICAL_STYLES = frozenset({"Regular", "Italic", "Bold"})
 HANDWRITTEN_FAMILIES: dict[str, str] = {
     "DkgHandwriting": "fonts-dkg-handwriting",
     "femkeklaver": "fonts-femkeklaver",
@@ -129,6 +138,8 @@ def _kind_of(family: str) -> str | None:
         return "handwritten"
     if family in HELDOUT_FAMILIES:
         return "heldout"
+    if family in HISTORICAL_FAMILIES:
+        return "historical"
     return None
 
 
@@ -140,6 +151,8 @@ def _face(path: Path) -> FontFace | None:
     family, style = font.getname()
     kind = _kind_of(family or "")
     if kind is None or any(word in (style or "").lower().replace(" ", "") for word in TOO_THIN_STYLES):
+        return None
+    if kind == "historical" and style not in HISTORICAL_STYLES:
         return None
     missing = _unusable_chars(font, family)
     if not missing.isdisjoint(REQUIRED_CHARS):
@@ -155,17 +168,19 @@ def _all_faces(root: Path) -> tuple[FontFace, ...]:
 
 
 def _packages(kind: str) -> list[str]:
-    families = {"printed": PRINTED_FAMILIES, "handwritten": HANDWRITTEN_FAMILIES, "heldout": HELDOUT_FAMILIES}
+    families = {"printed": PRINTED_FAMILIES, "handwritten": HANDWRITTEN_FAMILIES, "historical": HISTORICAL_FAMILIES,
+                "heldout": HELDOUT_FAMILIES}
     wanted = [PRINTED_FAMILIES, HANDWRITTEN_FAMILIES] if kind == "all" else [families[kind]]
     return sorted({package for table in wanted for package in table.values()})
 
 
 def discover_fonts(kind: str = "printed", root: Path = FONT_ROOT) -> tuple[FontFace, ...]:
-    """Usable faces of ``kind`` ("printed", "handwritten", "all" of those two, or "heldout"), sorted by
-    path for determinism."""
+    """Usable faces of ``kind`` ("printed", "handwritten", "historical", "all" of the first two, or
+    "heldout"), sorted by path for determinism."""
     if kind not in FONT_KINDS:
         raise ValueError(f"font kind must be one of {FONT_KINDS}, got {kind!r}")
-    faces = tuple(f for f in _all_faces(Path(root)) if f.kind == kind or (kind == "all" and f.kind != "heldout"))
+    faces = tuple(face for face in _all_faces(Path(root))
+                  if face.kind == kind or (kind == "all" and face.kind in ("printed", "handwritten")))
     if not faces:
         raise FontsNotFound(
             f"no {kind} fonts found under {root}; install the Debian packages: "

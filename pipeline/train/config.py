@@ -38,7 +38,7 @@ class DataSource(Frozen):
 
     kind: Literal["folder", "pages", "synth"]
     path: Path | None = Field(default=None, description="folder or pages: where the files are")
-    font_kind: Literal["printed", "handwritten", "all"] = "printed"
+    font_kind: Literal["printed", "handwritten", "historical", "all"] = "printed"
     seed: int = Field(default=0, description="synth: the line set; different seeds give disjoint sets")
     count: int | None = Field(default=None, ge=1, description="synth: lines (validation needs it); None = endless")
     augment: bool = Field(default=False, description="folder or pages: vary each real line every time it is drawn")
