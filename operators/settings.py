@@ -63,7 +63,7 @@ class DetectConfig(Frozen):
     sauvola_window_px: int = Field(default=75, ge=3, description="binarization window at 300 dpi")
     sauvola_k: float = Field(default=0.2, gt=0, lt=1, description="higher drops fainter ink")
     min_contrast: float = Field(default=0.5, ge=0, lt=1, description="share of typical ink contrast")
-    column_gap: float = Field(default=0.6, gt=0, description="min gutter between columns")
+    column_gap: float = Field(default=0.5, gt=0, description="min gutter between columns")
     column_lines: float = Field(default=3.0, gt=0, description="min text height beside a gutter")
     gutter_noise: float = Field(default=0.1, ge=0, lt=1, description="share of rows crossing a gutter")
     wide_gap: float = Field(default=2.5, gt=0, description="gap that separates even single lines")

@@ -264,6 +264,23 @@ def test_letter_spaced_title_lines_stay_whole_above_two_columns():
     assert [line.bbox[0] < 640 for line in body_lines] == [True] * rows + [False] * rows
 
 
+def test_columns_with_a_narrow_gutter_are_read_one_after_the_other():
+    """Magazine columns set close: a gutter of about half a line pitch, the first column's longest
+    lines ending just before the second column starts. Each line stays in its column."""
+    page = Image.new("L", (1275, 1650), 235)
+    draw = ImageDraw.Draw(page)
+    body, rows, pitch = ImageFont.truetype(FONT, 26), 12, 36
+    texts = [" ".join((WORDS[index % 5:] + WORDS)[:5]) for index in range(rows)]
+    for index, text in enumerate(texts):
+        draw.text((120, 300 + index * pitch), text, font=body, fill=25, anchor="ls")
+    second = 120 + max(int(draw.textlength(text, font=body)) for text in texts) + 19
+    for index, text in enumerate(texts):
+        draw.text((second, 300 + index * pitch), text, font=body, fill=25, anchor="ls")
+    lines = detect_lines(np.array(page), DPI, CONFIG)
+    assert len(lines) == 2 * rows
+    assert [line.bbox[2] < second for line in lines] == [True] * rows + [False] * rows
+
+
 def test_a_mark_beside_two_lines_does_not_join_them():
     """A marginal word set close to the column, level with the gap between two lines, overlaps
     the rows of both: it may join one of them, but the two lines stay apart."""
