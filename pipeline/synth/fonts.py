@@ -131,16 +131,16 @@ def _unusable_chars(font: ImageFont.FreeTypeFont, family: str) -> frozenset[str]
     return unusable
 
 
+#: The families of each font kind but "all", which is the kinds of ``ALL_KINDS`` together.
+FAMILIES_BY_KIND: dict[str, dict[str, str]] = {
+    "printed": PRINTED_FAMILIES, "handwritten": HANDWRITTEN_FAMILIES, "historical": HISTORICAL_FAMILIES,
+    "heldout": HELDOUT_FAMILIES,
+}
+ALL_KINDS = ("printed", "handwritten")
+
+
 def _kind_of(family: str) -> str | None:
-    if family in PRINTED_FAMILIES:
-        return "printed"
-    if family in HANDWRITTEN_FAMILIES:
-        return "handwritten"
-    if family in HELDOUT_FAMILIES:
-        return "heldout"
-    if family in HISTORICAL_FAMILIES:
-        return "historical"
-    return None
+    return next((kind for kind, families in FAMILIES_BY_KIND.items() if family in families), None)
 
 
 def _face(path: Path) -> FontFace | None:
@@ -168,10 +168,8 @@ def _all_faces(root: Path) -> tuple[FontFace, ...]:
 
 
 def _packages(kind: str) -> list[str]:
-    families = {"printed": PRINTED_FAMILIES, "handwritten": HANDWRITTEN_FAMILIES, "historical": HISTORICAL_FAMILIES,
-                "heldout": HELDOUT_FAMILIES}
-    wanted = [PRINTED_FAMILIES, HANDWRITTEN_FAMILIES] if kind == "all" else [families[kind]]
-    return sorted({package for table in wanted for package in table.values()})
+    wanted = ALL_KINDS if kind == "all" else (kind,)
+    return sorted({package for name in wanted for package in FAMILIES_BY_KIND[name].values()})
 
 
 def discover_fonts(kind: str = "printed", root: Path = FONT_ROOT) -> tuple[FontFace, ...]:
@@ -179,8 +177,8 @@ def discover_fonts(kind: str = "printed", root: Path = FONT_ROOT) -> tuple[FontF
     "heldout"), sorted by path for determinism."""
     if kind not in FONT_KINDS:
         raise ValueError(f"font kind must be one of {FONT_KINDS}, got {kind!r}")
-    faces = tuple(face for face in _all_faces(Path(root))
-                  if face.kind == kind or (kind == "all" and face.kind in ("printed", "handwritten")))
+    wanted = ALL_KINDS if kind == "all" else (kind,)
+    faces = tuple(face for face in _all_faces(Path(root)) if face.kind in wanted)
     if not faces:
         raise FontsNotFound(
             f"no {kind} fonts found under {root}; install the Debian packages: "
