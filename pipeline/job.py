@@ -19,7 +19,7 @@ from typing import Any, Iterator, Literal
 import ray
 from ray.data import ActorPoolStrategy
 
-from operators.errors import InternalError
+from operators.errors import ConfigError, InternalError
 from operators.ingest import DocumentPlan, find_inputs, mark_duplicates, source_id, triage
 from operators.pages import selected_pages
 from operators.preprocess import LinePreprocessor
@@ -58,6 +58,25 @@ class JobSummary:
         )
 
 
+def _runs_locally(config: JobConfig) -> bool:
+    """No cluster named by the config or by ``ray job submit`` (RAY_ADDRESS): one machine's CPUs."""
+    return config.ray.address is None and not os.environ.get("RAY_ADDRESS")
+
+
+def _check_cpus_left_for_pages(config: JobConfig) -> None:
+    """Refuse a local recognizer pool that holds every CPU: rasterize and layout would never get
+    one, and Ray Data would wait for them until its no-progress timeout instead of failing."""
+    recognize = config.recognize
+    actors = recognize.concurrency[0] if isinstance(recognize.concurrency, tuple) else recognize.concurrency
+    page_cpus = max(config.rasterize.num_cpus, config.detect.num_cpus)
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    if actors * recognize.num_cpus + page_cpus > cpus:
+        raise ConfigError(
+            f"recognize.concurrency={actors} actors x recognize.num_cpus={recognize.num_cpus:g} leave less than "
+            f"{page_cpus:g} of the local Ray instance's {cpus:g} CPUs for rasterize and layout: "
+            f"lower recognize.concurrency or recognize.num_cpus, or raise ray.num_cpus")
+
+
 @contextmanager
 def ray_session(config: JobConfig, verbose: bool = False) -> Iterator[None]:
     """Join the cluster (``ray job submit`` sets RAY_ADDRESS) or start a private local instance
@@ -68,7 +87,7 @@ def ray_session(config: JobConfig, verbose: bool = False) -> Iterator[None]:
         return
     options: dict[str, Any] = {"address": config.ray.address, "include_dashboard": False,
                                "logging_level": logging.WARNING if verbose else logging.ERROR}
-    if config.ray.address is None and not os.environ.get("RAY_ADDRESS"):
+    if _runs_locally(config):
         options["address"] = "local"
         options["num_cpus"] = config.ray.num_cpus
         if config.ray.object_store_memory_mb:
@@ -187,6 +206,8 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
         checked_model = background.submit(_line_preprocessor, config, mode)
         with ray_session(config, verbose):
             preprocessor = checked_model.result()
+            if preprocessor is not None and _runs_locally(config):
+                _check_cpus_left_for_pages(config)
             done = recover_output(output)
             sink = ParquetSink(output, config.output.parquet_rows_per_file, config.output.exports, config.output.pdfa,
                                listener=progress.document_done if progress else None,

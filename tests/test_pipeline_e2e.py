@@ -16,7 +16,7 @@ import pytest
 from conftest import box_iou, text_page
 from operators.settings import DEFAULT_MODEL
 from pipeline.config import load_config
-from operators.errors import ExitCode
+from operators.errors import ConfigError, ExitCode
 from pipeline.job import run_job
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA
 from pipeline.synth.docs import load_ground_truth, page_texts
@@ -118,6 +118,15 @@ def test_recognition_fills_text_and_confidence(ray_local, input_folder, tiny_mod
             assert all(0 <= value <= 1000 for value in word["bbox_norm"])
     for page in pages:  # page text is the line texts in reading order (blank lines between blocks)
         assert [t for t in page["text"].split("\n") if t] == [line["text"] for line in page["lines"] if line["text"]]
+
+
+def test_a_recognizer_pool_holding_every_local_cpu_is_refused_before_any_page(ray_local, input_folder,
+                                                                              tiny_model, tmp_path):
+    # two one-CPU actors on the fixture's two CPUs: layout would never run and Ray Data would stall
+    config = load_config(None, [f"recognize.model={tiny_model}", "recognize.concurrency=2"])
+    with pytest.raises(ConfigError, match="recognize.concurrency=2 .* 2 CPUs"):
+        run_job([str(input_folder)], str(tmp_path / "out"), config)
+    assert not (tmp_path / "out" / "pages").exists()
 
 
 def test_cli_run_reports_failed_documents_in_exit_code(input_folder, tiny_model, tmp_path):
