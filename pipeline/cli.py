@@ -74,7 +74,8 @@ def _synth_command(args: argparse.Namespace) -> int:
     else:
         from pipeline.synth.lines import write_line_set
 
-        folder = write_line_set(Path(args.output), args.count, args.seed, font_kind=args.font_kind)
+        folder = write_line_set(Path(args.output), args.count, args.seed, font_kind=args.font_kind,
+                                languages=args.languages.split(","))
         print(f"wrote {args.count} line images with ground truth to {folder}")
     return ExitCode.ok
 
@@ -130,6 +131,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     synth.add_argument("--dpi", type=int, default=150, help="docs only")
     synth.add_argument("--font-kind", choices=["printed", "handwritten", "historical", "all", "heldout"], default="printed",
                        help="heldout: printed fonts no model is trained on, for measuring (bench/heldout_fonts.py)")
+    synth.add_argument("--languages", default="en", help="lines only: comma-separated, some of en,fr,de,it,es,la")
     synth.set_defaults(handler=_synth_command)
 
     show = commands.add_parser("show", help="print the documents and the start of each page's text of an output")

@@ -66,7 +66,7 @@ def test_uppercase_only_face_reports_upper_case_ground_truth():
     humor = [f for f in discover_fonts("handwritten") if f.uppercase_only]
     assert humor, "Humor Sans (fonts-humor-sans) should be installed and flagged upper-case only"
     assert humor[0].shown("Fax 12b") == "FAX 12B"
-    assert not humor[0].covers("café")  # É is outside CHARSET, so accented text never goes to it
+    assert not humor[0].covers("café")  # it has no É, so accented text never goes to it
 
 
 # --- corpus ----------------------------------------------------------------------------------
@@ -77,6 +77,25 @@ def test_corpus_is_deterministic_and_stays_inside_charset():
     assert _lines(CorpusSampler(4), 50) != first[:50]
     assert all(set(line) <= set(CHARSET) for line in first)
     assert all(line == line.strip() and "  " not in line for line in first)
+
+
+def test_corpus_in_other_languages_brings_their_words_letters_and_quotation_marks():
+    english = _lines(CorpusSampler(3), 100)
+    assert _lines(CorpusSampler(3, ("en",)), 100) == english  # the default stream is unchanged
+    def reseeded(sampler: CorpusSampler) -> list[str]:  # as synthetic lines are drawn: a seed each
+        return [sampler.reseed(seed) or sampler.line() for seed in range(600)]
+
+    mixed = reseeded(CorpusSampler(3, ("fr", "de", "it", "es", "la")))
+    assert reseeded(CorpusSampler(3, ("fr", "de", "it", "es", "la"))) == mixed
+    assert all(set(line) <= set(CHARSET) for line in mixed)
+    text = " ".join(mixed)
+    for letters in ("ß", "äöü", "éèàçê", "ñá", "«»", "„"):  # German, French, Spanish; their quotes
+        assert any(letter in text for letter in letters), letters
+    assert not any(mark in " ".join(english) for mark in "«»„ß")
+    latin = " ".join(_lines(CorpusSampler(5, ("la",)), 200)).lower()
+    assert "dolor" in latin or "voluptatem" in latin
+    with pytest.raises(ValueError, match="languages"):
+        CorpusSampler(1, ("en", "xx"))
 
 
 def test_corpus_lines_spread_from_one_word_to_full_width():

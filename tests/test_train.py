@@ -162,6 +162,10 @@ def test_config_needs_exactly_one_model_source(tmp_path):
     path.write_text(yaml.safe_dump({**config, "base_model": "x", "bogus": 1}))
     with pytest.raises(ConfigError, match="bogus"):
         load_train_config(path)
+    path.write_text(yaml.safe_dump({**config, "base_model": "x",
+                                    "train_data": [{"kind": "synth", "languages": ["fr", "klingon"]}]}))
+    with pytest.raises(ConfigError, match="train_data.0.languages"):
+        load_train_config(path)
 
 
 def test_line_folder_pairs_images_with_ground_truth(line_folder):

@@ -1,4 +1,6 @@
-"""Realistic English line text for synthetic training data and documents.
+"""Realistic line text for synthetic training data and documents: English by default, or a mix of
+the Latin-script languages archives hold (French, German, Italian, Spanish, Latin), each with its
+own words, names, addresses and quotation marks.
 
 :data:`CHARSET` is the single definition of the characters synthetic text may contain; the
 recognition tokenizer is trained on it, so every generated string is checked against it.
@@ -8,11 +10,23 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
+from typing import Literal
 
 from faker import Faker
+from faker.providers.lorem import la as latin_lorem
 
-#: Printable ASCII, a few common Latin-1 letters, pound and euro, typographic quotes and dashes.
-CHARSET = "".join(chr(c) for c in range(0x20, 0x7F)) + "éèàüöäçñ£€“”‘’–—"
+#: Printable ASCII, pound and euro, typographic quotes and dashes, and the letters and marks of the
+#: languages in :data:`LANGUAGES`.
+CHARSET = ("".join(chr(c) for c in range(0x20, 0x7F)) + "éèàüöäçñ£€“”‘’–—"
+           + "áâêëíîïóôúùûìòœæÿÄÖÜÉÈÀÂÊÎÔÇÑßŒ«»„§°")
+
+#: Languages of synthetic text and their Faker locales. Latin is Faker's lorem ipsum word list
+#: beside English names and places, as in Latin prints of any country.
+LANGUAGES = {"en": "en_US", "fr": "fr_FR", "de": "de_DE", "it": "it_IT", "es": "es_ES", "la": "en_US"}
+Language = Literal["en", "fr", "de", "it", "es", "la"]
+#: Quotation marks each language's printers use (opening, closing), besides straight quotes.
+QUOTES = {"en": ("“", "”"), "fr": ("« ", " »"), "de": ("„", "“"), "it": ("«", "»"), "es": ("«", "»"), "la": ("“", "”")}
 
 #: Loanwords and names that bring the accented letters into otherwise English text.
 ACCENTED_WORDS = (
@@ -60,13 +74,25 @@ def cut_at_word(text: str, max_chars: int) -> str:
 class CorpusSampler:
     """Deterministic source of line and paragraph text; the same seed gives the same strings."""
 
-    def __init__(self, seed: int) -> None:
-        self._faker = Faker("en_US")
+    def __init__(self, seed: int, languages: Sequence[Language] = ("en",)) -> None:
+        unknown = sorted(set(languages) - set(LANGUAGES))
+        if not languages or unknown:
+            raise ValueError(f"languages must be some of {sorted(LANGUAGES)}, got {list(languages)}")
+        self._languages = tuple(languages)
+        self._fakers = {language: Faker(LANGUAGES[language]) for language in self._languages}
+        if "la" in self._fakers:
+            self._fakers["la"].add_provider(latin_lorem.Provider)
+        self._language = self._languages[0]
+        self._faker = self._fakers[self._language]
         self.reseed(seed)
 
     def reseed(self, seed: int) -> None:
-        """Restart the stream, so line ``i`` of a set can be drawn without drawing lines ``0..i-1``."""
+        """Restart the stream, so line ``i`` of a set can be drawn without drawing lines ``0..i-1``.
+        With several languages, the seed also picks the language of what follows."""
         self._rng = random.Random(seed)
+        if len(self._languages) > 1:
+            self._language = self._rng.choice(self._languages)
+            self._faker = self._fakers[self._language]
         self._faker.seed_instance(seed)
 
     def line(self, max_chars: int = 70) -> str:
@@ -191,8 +217,8 @@ class CorpusSampler:
     def _add_quote(self, words: list[str]) -> list[str]:
         start = self._rng.randrange(len(words))
         end = min(len(words), start + self._rng.randint(1, 4))
-        mark = self._rng.choice(('"', '"', "'"))
-        return words[:start] + [mark + " ".join(words[start:end]) + mark] + words[end:]
+        opening, closing = self._rng.choice((('"', '"'), ('"', '"'), ("'", "'"), QUOTES[self._language]))
+        return words[:start] + [opening + " ".join(words[start:end]) + closing] + words[end:]
 
     def _add_number(self, words: list[str]) -> list[str]:
         year, page = self._rng.randint(1850, 2024), self._rng.randint(1, 400)
@@ -211,6 +237,8 @@ class CorpusSampler:
         return words[:at] + [symbol] + words[at:]
 
     def _add_accented_word(self, words: list[str]) -> list[str]:
+        if self._language != "en":  # the language's own words carry its accents
+            return words
         at = self._position(words)
         return words[:at] + [self._rng.choice(ACCENTED_WORDS)] + words[at:]
 

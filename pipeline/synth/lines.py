@@ -6,13 +6,13 @@ Line ``i`` of a set depends only on ``(seed, i)``: a set written in several chun
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.synth.corpus import CorpusSampler
+from pipeline.synth.corpus import CorpusSampler, Language
 from pipeline.synth.degrade import scanned_line
 from pipeline.synth.fonts import FontFace, discover_fonts, load_font
 
@@ -63,13 +63,13 @@ def synth_line(corpus: CorpusSampler, faces: tuple[FontFace, ...], seed: int) ->
     return Image.fromarray(pixels), text, face
 
 
-def iter_lines(count: int, seed: int, font_kind: str = "printed",
-               start_index: int = 0) -> Iterator[tuple[Image.Image, str, str]]:
+def iter_lines(count: int, seed: int, font_kind: str = "printed", start_index: int = 0,
+               languages: Sequence[Language] = ("en",)) -> Iterator[tuple[Image.Image, str, str]]:
     """Stream ``count`` (grey image, text, font name) triples without touching the disk."""
     if count < 0 or start_index < 0:
         raise ValueError(f"count and start_index must be >= 0, got {count} and {start_index}")
     faces = discover_fonts(font_kind)
-    corpus = CorpusSampler(seed)
+    corpus = CorpusSampler(seed, languages)
     for index in range(start_index, start_index + count):
         image, text, face = synth_line(corpus, faces, derive_seed(seed, index))
         yield image, text, face.name
@@ -80,7 +80,7 @@ def _manifest_row(*fields: str) -> str:
 
 
 def write_line_set(output_dir: Path, count: int, seed: int, font_kind: str = "printed",
-                   start_index: int = 0) -> Path:
+                   start_index: int = 0, languages: Sequence[Language] = ("en",)) -> Path:
     """Write ``line_NNNNNN.png`` + ``.gt.txt`` pairs and ``manifest.tsv``; return the folder.
 
     ``start_index`` 0 starts a fresh manifest; a later chunk (``start_index`` > 0) appends to it.
@@ -94,7 +94,7 @@ def write_line_set(output_dir: Path, count: int, seed: int, font_kind: str = "pr
     with manifest.open("w" if fresh else "a", encoding="utf-8") as rows:
         if fresh:
             rows.write(_manifest_row(*MANIFEST_HEADER))
-        lines = iter_lines(count, seed, font_kind, start_index)
+        lines = iter_lines(count, seed, font_kind, start_index, languages)
         for index, (image, text, font_name) in enumerate(lines, start=start_index):
             stem = f"line_{index:06d}"
             image.save(output_dir / f"{stem}.png")

@@ -10,6 +10,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from operators.errors import ConfigError
 from operators.settings import Frozen
+from pipeline.synth.corpus import Language
 from pipeline.train.model import EncoderKind
 from pipeline.train.tokenizer import TokenizerKind
 
@@ -39,6 +40,8 @@ class DataSource(Frozen):
     kind: Literal["folder", "pages", "synth"]
     path: Path | None = Field(default=None, description="folder or pages: where the files are")
     font_kind: Literal["printed", "handwritten", "historical", "all"] = "printed"
+    languages: tuple[Language, ...] = Field(default=("en",), min_length=1,
+                                            description="synth: languages of the text, each line in one of them")
     seed: int = Field(default=0, description="synth: the line set; different seeds give disjoint sets")
     count: int | None = Field(default=None, ge=1, description="synth: lines (validation needs it); None = endless")
     augment: bool = Field(default=False, description="folder or pages: vary each real line every time it is drawn")
