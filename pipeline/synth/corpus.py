@@ -25,8 +25,9 @@ CHARSET = ("".join(chr(c) for c in range(0x20, 0x7F)) + "éèàüöäçñ£€�
 #: beside English names and places, as in Latin prints of any country.
 LANGUAGES = {"en": "en_US", "fr": "fr_FR", "de": "de_DE", "it": "it_IT", "es": "es_ES", "la": "en_US"}
 Language = Literal["en", "fr", "de", "it", "es", "la"]
-#: Quotation marks each language's printers use (opening, closing), besides straight quotes.
-QUOTES = {"en": ("“", "”"), "fr": ("« ", " »"), "de": ("„", "“"), "it": ("«", "»"), "es": ("«", "»"), "la": ("“", "”")}
+#: Quotation marks the printers of other languages use (opening, closing), besides straight quotes;
+#: English gets curly ones from :meth:`CorpusSampler._typographic`.
+QUOTES = {"fr": ("« ", " »"), "de": ("„", "“"), "it": ("«", "»"), "es": ("«", "»"), "la": ("“", "”")}
 
 #: Loanwords and names that bring the accented letters into otherwise English text.
 ACCENTED_WORDS = (
@@ -217,7 +218,8 @@ class CorpusSampler:
     def _add_quote(self, words: list[str]) -> list[str]:
         start = self._rng.randrange(len(words))
         end = min(len(words), start + self._rng.randint(1, 4))
-        opening, closing = self._rng.choice((('"', '"'), ('"', '"'), ("'", "'"), QUOTES[self._language]))
+        marks = (('"', '"'), ('"', '"'), ("'", "'")) + ((QUOTES[self._language],) if self._language in QUOTES else ())
+        opening, closing = self._rng.choice(marks)
         return words[:start] + [opening + " ".join(words[start:end]) + closing] + words[end:]
 
     def _add_number(self, words: list[str]) -> list[str]:
