@@ -15,7 +15,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from pipeline.config import load_config
-from operators.errors import ExitCode, PipelineError
+from operators.errors import ConfigError, ExitCode, PipelineError
 
 log = logging.getLogger("trocr_pipeline")
 
@@ -69,13 +69,20 @@ def _synth_command(args: argparse.Namespace) -> int:
     if args.what == "docs":
         from pipeline.synth.docs import write_document_set
 
+        if args.languages is not None:
+            raise ConfigError("--languages is for synth lines: synthetic documents are English")
+
         paths = write_document_set(Path(args.output), args.count, args.seed, dpi=args.dpi, font_kind=args.font_kind)
         print(f"wrote {len(paths)} documents with ground truth to {args.output}")
     else:
+        from pipeline.synth.corpus import check_languages
         from pipeline.synth.lines import write_line_set
 
-        folder = write_line_set(Path(args.output), args.count, args.seed, font_kind=args.font_kind,
-                                languages=args.languages.split(","))
+        try:
+            languages = check_languages([part.strip() for part in (args.languages or "en").split(",")])
+        except ValueError as exc:
+            raise ConfigError(f"--languages: {exc}") from exc
+        folder = write_line_set(Path(args.output), args.count, args.seed, font_kind=args.font_kind, languages=languages)
         print(f"wrote {args.count} line images with ground truth to {folder}")
     return ExitCode.ok
 
@@ -131,7 +138,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     synth.add_argument("--dpi", type=int, default=150, help="docs only")
     synth.add_argument("--font-kind", choices=["printed", "handwritten", "historical", "all", "heldout"], default="printed",
                        help="heldout: printed fonts no model is trained on, for measuring (bench/heldout_fonts.py)")
-    synth.add_argument("--languages", default="en", help="lines only: comma-separated, some of en,fr,de,it,es,la")
+    synth.add_argument("--languages", help="lines only: comma-separated, some of en,fr,de,it,es,la (default en); "
+                                           "each line is in one of them, picked by its seed")
     synth.set_defaults(handler=_synth_command)
 
     show = commands.add_parser("show", help="print the documents and the start of each page's text of an output")

@@ -63,18 +63,26 @@ def _runs_locally(config: JobConfig) -> bool:
     return config.ray.address is None and not os.environ.get("RAY_ADDRESS")
 
 
-def _check_cpus_left_for_pages(config: JobConfig) -> None:
-    """Refuse a local recognizer pool that holds every CPU: rasterize and layout would never get
-    one, and Ray Data would wait for them until its no-progress timeout instead of failing."""
+def check_cpus_left_for_pages(config: JobConfig, cpus: float, mode: Mode = "recognize") -> None:
+    """Refuse a local recognizer pool that holds every one of ``cpus``: rasterize and layout would never
+    get a CPU, and Ray Data would wait for them until its no-progress timeout instead of failing.
+    Clusters are left alone (an autoscaler may add the CPUs)."""
+    if mode != "recognize" or not _runs_locally(config):
+        return
     recognize = config.recognize
-    actors = recognize.concurrency[0] if isinstance(recognize.concurrency, tuple) else recognize.concurrency
+    actors = _min_actors(recognize.concurrency)
+    held = actors * recognize.num_cpus
     page_cpus = max(config.rasterize.num_cpus, config.detect.num_cpus)
-    cpus = ray.cluster_resources().get("CPU", 0.0)
-    if actors * recognize.num_cpus + page_cpus > cpus:
+    if held + page_cpus > cpus:
         raise ConfigError(
-            f"recognize.concurrency={actors} actors x recognize.num_cpus={recognize.num_cpus:g} leave less than "
-            f"{page_cpus:g} of the local Ray instance's {cpus:g} CPUs for rasterize and layout: "
-            f"lower recognize.concurrency or recognize.num_cpus, or raise ray.num_cpus")
+            f"the recognizer pool ({actors} actor(s) at least, recognize.concurrency={recognize.concurrency}, "
+            f"x recognize.num_cpus={recognize.num_cpus:g}) holds {held:g} of the local Ray instance's {cpus:g} "
+            f"CPUs, and rasterize and layout need {page_cpus:g} more: lower recognize.concurrency or "
+            f"recognize.num_cpus (e.g. --set recognize.num_cpus=0.5), or give Ray more CPUs (ray.num_cpus)")
+
+
+def _min_actors(concurrency: int | tuple[int, int]) -> int:
+    return concurrency[0] if isinstance(concurrency, tuple) else concurrency
 
 
 @contextmanager
@@ -206,8 +214,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
         checked_model = background.submit(_line_preprocessor, config, mode)
         with ray_session(config, verbose):
             preprocessor = checked_model.result()
-            if preprocessor is not None and _runs_locally(config):
-                _check_cpus_left_for_pages(config)
+            check_cpus_left_for_pages(config, ray.cluster_resources().get("CPU", 0.0), mode)
             done = recover_output(output)
             sink = ParquetSink(output, config.output.parquet_rows_per_file, config.output.exports, config.output.pdfa,
                                listener=progress.document_done if progress else None,
@@ -295,6 +302,7 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     """Triage every input (in threads: hashing and poppler release the GIL) and check the model, as
     :func:`run_job` would before any work; starts no Ray and writes nothing."""
     sources = find_inputs(inputs).sources
+    check_cpus_left_for_pages(config, config.ray.num_cpus or len(os.sched_getaffinity(0)), mode)
     _line_preprocessor(config, mode)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         plans = list(pool.map(lambda source: triage(source, config.rasterize), sources))

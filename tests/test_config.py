@@ -59,3 +59,24 @@ def test_int8_on_a_gpu_is_refused():
 def test_set_needs_key_value():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(ROOT / "configs" / "local.yaml", ["rasterize.dpi"])
+
+
+@pytest.mark.parametrize("overrides, cpus, refused", [
+    (["recognize.concurrency=2"], 2, True),  # both CPUs held by actors: layout would never run
+    (["recognize.concurrency=[2,4]"], 2, True),  # an autoscaling pool starts at its minimum
+    (["recognize.concurrency=[1,4]"], 2, False),
+    (["recognize.concurrency=2", "recognize.num_cpus=0.5"], 2, False),
+    (["recognize.concurrency=2"], 3, False),
+    ([], 1, True),
+    (["recognize.concurrency=2", "ray.address=auto"], 2, False),  # a cluster may scale up
+])
+def test_a_local_recognizer_pool_must_leave_a_cpu_for_pages(overrides, cpus, refused):
+    from pipeline.job import check_cpus_left_for_pages
+
+    config = load_config(None, overrides)
+    if refused:
+        with pytest.raises(ConfigError, match="rasterize and layout need 1 more"):
+            check_cpus_left_for_pages(config, cpus)
+    else:
+        check_cpus_left_for_pages(config, cpus)
+    check_cpus_left_for_pages(config, cpus, mode="detect")  # no recognizer, nothing to refuse

@@ -7,7 +7,8 @@ import pytest
 from pdf2image import convert_from_path
 from PIL import Image, ImageSequence
 
-from pipeline.synth.corpus import CHARSET, CorpusSampler, cut_at_word
+from operators.errors import ExitCode
+from pipeline.synth.corpus import CHARSET, ENGLISH_CHARSET, LANGUAGES, CorpusSampler, cut_at_word
 from pipeline.synth.docs import load_ground_truth, write_document_set
 from pipeline.synth.fonts import REQUIRED_CHARS, FontsNotFound, discover_fonts, load_font, missing_chars
 from pipeline.synth.lines import MANIFEST_HEADER, iter_lines, write_line_set
@@ -80,22 +81,42 @@ def test_corpus_is_deterministic_and_stays_inside_charset():
 
 
 def test_corpus_in_other_languages_brings_their_words_letters_and_quotation_marks():
-    english = _lines(CorpusSampler(3), 100)
-    assert _lines(CorpusSampler(3, ("en",)), 100) == english  # the default stream is unchanged
-    def reseeded(sampler: CorpusSampler) -> list[str]:  # as synthetic lines are drawn: a seed each
-        return [sampler.reseed(seed) or sampler.line() for seed in range(600)]
-
-    mixed = reseeded(CorpusSampler(3, ("fr", "de", "it", "es", "la")))
-    assert reseeded(CorpusSampler(3, ("fr", "de", "it", "es", "la"))) == mixed
+    # English, the default, stays inside ENGLISH_CHARSET: documents set their line pitch by it
+    english = _reseeded_lines(CorpusSampler(3), 600)
+    assert all(set(line) <= set(ENGLISH_CHARSET) for line in english)
+    mixed = _reseeded_lines(CorpusSampler(3, ("fr", "de", "it", "es", "la")), 600)
+    assert _reseeded_lines(CorpusSampler(3, ("fr", "de", "it", "es", "la")), 600) == mixed
     assert all(set(line) <= set(CHARSET) for line in mixed)
     text = " ".join(mixed)
     for letters in ("ß", "äöü", "éèàçê", "ñá", "«»", "„"):  # German, French, Spanish; their quotes
         assert any(letter in text for letter in letters), letters
-    assert not any(mark in " ".join(english) for mark in "«»„ß")
     latin = " ".join(_lines(CorpusSampler(5, ("la",)), 200)).lower()
     assert "dolor" in latin or "voluptatem" in latin
-    with pytest.raises(ValueError, match="languages"):
+    with pytest.raises(ValueError, match="unknown: xx"):
         CorpusSampler(1, ("en", "xx"))
+    with pytest.raises(ValueError, match="each once"):
+        CorpusSampler(1, ("fr", "fr"))
+
+
+@pytest.mark.parametrize("language", list(LANGUAGES))
+def test_what_faker_gives_each_language_is_inside_charset(language):
+    # the sampler silently drops characters outside CHARSET: a missing letter would cut words
+    faker = CorpusSampler(0, (language,))._faker
+    texts = []
+    for seed in range(100):
+        faker.seed_instance(seed)
+        texts += [faker.sentence(nb_words=12), faker.name(), faker.address(), faker.company(), faker.catch_phrase()]
+    assert {c for text in texts for c in text if not c.isspace()} <= set(CHARSET)
+
+
+def test_charset_holds_the_capital_of_each_letter():
+    assert all(c.upper() in CHARSET for c in CHARSET if len(c.upper()) == 1)
+
+
+@pytest.mark.parametrize("kind", ["printed", "handwritten", "historical"])
+def test_every_font_kind_renders_lines_in_all_languages(kind):
+    lines = list(iter_lines(60, seed=9, font_kind=kind, languages=tuple(LANGUAGES)))
+    assert any(set(text) - set(ENGLISH_CHARSET) for _, text, _ in lines)
 
 
 def test_corpus_lines_spread_from_one_word_to_full_width():
@@ -121,6 +142,15 @@ def test_cut_at_word_keeps_whole_words():
 
 def _lines(sampler: CorpusSampler, count: int) -> list[str]:
     return [sampler.line() for _ in range(count)]
+
+
+def _reseeded_lines(sampler: CorpusSampler, count: int) -> list[str]:
+    """Lines as synthetic line sets draw them: the sampler reseeded for each (which picks its language)."""
+    lines = []
+    for seed in range(count):
+        sampler.reseed(seed)
+        lines.append(sampler.line())
+    return lines
 
 
 # --- lines -----------------------------------------------------------------------------------
@@ -270,3 +300,14 @@ def test_document_set_rejects_bad_arguments_and_writes_nothing_for_zero(tmp_path
     assert write_document_set(tmp_path / "none", count=0, seed=1) == []
     with pytest.raises(FileNotFoundError, match="gt.json"):
         load_ground_truth(tmp_path / "missing.pdf")
+
+
+def test_synth_command_refuses_unknown_languages_before_touching_an_existing_set(tmp_path, capsys):
+    from pipeline.cli import main
+
+    assert main(["synth", "lines", "--output", str(tmp_path), "--count", "2", "--languages", "fr, de"]) == ExitCode.ok
+    manifest = (tmp_path / "manifest.tsv").read_text(encoding="utf-8")
+    assert main(["synth", "lines", "--output", str(tmp_path), "--count", "2", "--languages", "fr,xx"]) == ExitCode.bad_args
+    assert main(["synth", "docs", "--output", str(tmp_path / "docs"), "--languages", "fr"]) == ExitCode.bad_args
+    assert "unknown: xx" in capsys.readouterr().err
+    assert (tmp_path / "manifest.tsv").read_text(encoding="utf-8") == manifest

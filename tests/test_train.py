@@ -18,8 +18,8 @@ from operators.errors import ConfigError
 from helpers import build_tiny_random_trocr
 from operators.crops import cut_polygon
 from operators.model import load_trocr
-from pipeline.train.config import TrainConfig, load_train_config
-from pipeline.train.data import LabelCollator, read_line_folder, read_page_lines
+from pipeline.train.config import DataSource, TrainConfig, load_train_config
+from pipeline.train.data import LabelCollator, read_line_folder, read_page_lines, validation_lines
 from pipeline.train.loop import CHECKPOINT_PREFIX, TRAINER_STATE, latest_checkpoint, learning_rate_factor, train
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
@@ -166,6 +166,14 @@ def test_config_needs_exactly_one_model_source(tmp_path):
                                     "train_data": [{"kind": "synth", "languages": ["fr", "klingon"]}]}))
     with pytest.raises(ConfigError, match="train_data.0.languages"):
         load_train_config(path)
+
+
+def test_synthetic_source_draws_its_lines_in_its_languages():
+    source = DataSource(kind="synth", languages=("de",), seed=2, count=40)
+    german = [line.text for line in validation_lines([source])]
+    english = [line.text for line in validation_lines([source.model_copy(update={"languages": ("en",)})])]
+    assert len(german) == 40 and german != english
+    assert any(set(text) & set("äöüßÄÖÜ„") for text in german)
 
 
 def test_line_folder_pairs_images_with_ground_truth(line_folder):

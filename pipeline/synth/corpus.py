@@ -1,9 +1,11 @@
 """Realistic line text for synthetic training data and documents: English by default, or a mix of
-the Latin-script languages archives hold (French, German, Italian, Spanish, Latin), each with its
-own words, names, addresses and quotation marks.
+the Latin-script languages archives hold (French, German, Italian, Spanish, Latin), each line in
+one of them with its own words, names, addresses and quotation marks (dates, form labels and
+page references stay English in every language).
 
-:data:`CHARSET` is the single definition of the characters synthetic text may contain; the
-recognition tokenizer is trained on it, so every generated string is checked against it.
+:data:`CHARSET` is the single definition of the characters synthetic text may contain: every
+generated string is checked against it, fonts are judged by it, and a from-scratch Unigram
+tokenizer keeps a piece for each of its characters.
 """
 
 from __future__ import annotations
@@ -16,17 +18,19 @@ from typing import Literal
 from faker import Faker
 from faker.providers.lorem import la as latin_lorem
 
-#: Printable ASCII, pound and euro, typographic quotes and dashes, and the letters and marks of the
-#: languages in :data:`LANGUAGES`.
-CHARSET = ("".join(chr(c) for c in range(0x20, 0x7F)) + "éèàüöäçñ£€“”‘’–—"
-           + "áâêëíîïóôúùûìòœæÿÄÖÜÉÈÀÂÊÎÔÇÑßŒ«»„§°")
+#: Printable ASCII, a few common Latin-1 letters, pound and euro, typographic quotes and dashes:
+#: all that English text (the default, and every synthetic document) may contain.
+ENGLISH_CHARSET = "".join(chr(c) for c in range(0x20, 0x7F)) + "éèàüöäçñ£€“”‘’–—"
+#: English and the letters and marks of the other languages in :data:`LANGUAGES`, capitals included.
+CHARSET = ENGLISH_CHARSET + "áâêëíîïóôúùûìòœæÿÁÂÊËÍÎÏÓÔÚÙÛÌÒŒÆŸÄÖÜÉÈÀÇÑß«»„§°¿¡"
 
-#: Languages of synthetic text and their Faker locales. Latin is Faker's lorem ipsum word list
-#: beside English names and places, as in Latin prints of any country.
-LANGUAGES = {"en": "en_US", "fr": "fr_FR", "de": "de_DE", "it": "it_IT", "es": "es_ES", "la": "en_US"}
 Language = Literal["en", "fr", "de", "it", "es", "la"]
-#: Quotation marks the printers of other languages use (opening, closing), besides straight quotes;
-#: English gets curly ones from :meth:`CorpusSampler._typographic`.
+#: Faker locale of each language. Latin is Faker's lorem ipsum word list beside English names and
+#: places, as in Latin prints of any country.
+LANGUAGES: dict[Language, str] = {"en": "en_US", "fr": "fr_FR", "de": "de_DE", "it": "it_IT", "es": "es_ES",
+                                  "la": "en_US"}
+#: Quotation marks the printers of the other languages use (opening, closing), besides straight
+#: quotes; English gets curly ones from :meth:`CorpusSampler._typographic` (as may any language).
 QUOTES = {"fr": ("« ", " »"), "de": ("„", "“"), "it": ("«", "»"), "es": ("«", "»"), "la": ("“", "”")}
 
 #: Loanwords and names that bring the accented letters into otherwise English text.
@@ -63,6 +67,15 @@ def _collapse_spaces(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def check_languages(languages: Sequence[str]) -> tuple[Language, ...]:
+    """``languages`` as a tuple, if they are some of :data:`LANGUAGES`, each once; else ValueError."""
+    unknown = sorted(set(languages) - set(LANGUAGES))
+    if not languages or unknown or len(set(languages)) != len(languages):
+        raise ValueError(f"languages must be some of {', '.join(LANGUAGES)}, each once; got {', '.join(languages)}"
+                         + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    return tuple(languages)
+
+
 def cut_at_word(text: str, max_chars: int) -> str:
     """The longest prefix of whole words that fits ``max_chars`` (a single long word is cut)."""
     if len(text) <= max_chars:
@@ -76,10 +89,7 @@ class CorpusSampler:
     """Deterministic source of line and paragraph text; the same seed gives the same strings."""
 
     def __init__(self, seed: int, languages: Sequence[Language] = ("en",)) -> None:
-        unknown = sorted(set(languages) - set(LANGUAGES))
-        if not languages or unknown:
-            raise ValueError(f"languages must be some of {sorted(LANGUAGES)}, got {list(languages)}")
-        self._languages = tuple(languages)
+        self._languages = check_languages(languages)
         self._fakers = {language: Faker(LANGUAGES[language]) for language in self._languages}
         if "la" in self._fakers:
             self._fakers["la"].add_provider(latin_lorem.Provider)

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFont
 
-from pipeline.synth.corpus import CHARSET, CorpusSampler
+from pipeline.synth.corpus import ENGLISH_CHARSET, CorpusSampler
 from pipeline.synth.degrade import add_noise, blur, ink_on_paper, warp_to_fit
 from pipeline.synth.fonts import FontFace, discover_fonts, load_font
 from pipeline.synth.lines import derive_seed, render_mask
@@ -80,8 +80,9 @@ def pt_to_px(points: float, dpi: int) -> int:
 
 
 def ink_extent(font: ImageFont.FreeTypeFont) -> int:
-    """Height from the highest to the lowest ink any CHARSET glyph reaches: the least collision-free pitch."""
-    _, top, _, bottom = font.getbbox(CHARSET)
+    """Height from the highest to the lowest ink any glyph of English text reaches (documents are
+    English): the least collision-free pitch."""
+    _, top, _, bottom = font.getbbox(ENGLISH_CHARSET)
     return bottom - top
 
 

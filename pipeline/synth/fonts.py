@@ -126,8 +126,8 @@ def missing_chars(font: ImageFont.FreeTypeFont, chars: str) -> frozenset[str]:
 
 def _unusable_chars(font: ImageFont.FreeTypeFont, family: str) -> frozenset[str]:
     unusable = missing_chars(font, CHARSET) | frozenset(MISLEADING_GLYPHS.get(family, ""))
-    if family in UPPERCASE_ONLY_FAMILIES:  # its upper-cased text must stay inside CHARSET
-        unusable |= frozenset(c for c in CHARSET if c.upper() not in CHARSET)
+    if family in UPPERCASE_ONLY_FAMILIES:  # its upper-cased text must stay inside CHARSET and the face
+        unusable |= frozenset(c for c in CHARSET if c.upper() not in CHARSET or c.upper() in unusable)
     return unusable
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.synth.corpus import CorpusSampler, Language
+from pipeline.synth.corpus import CorpusSampler, Language, check_languages
 from pipeline.synth.degrade import scanned_line
 from pipeline.synth.fonts import FontFace, discover_fonts, load_font
 
@@ -86,6 +86,7 @@ def write_line_set(output_dir: Path, count: int, seed: int, font_kind: str = "pr
     ``start_index`` 0 starts a fresh manifest; a later chunk (``start_index`` > 0) appends to it.
     CHARSET has no tab or newline, so the manifest needs no quoting.
     """
+    languages = check_languages(languages)  # before the manifest is opened (and truncated)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest = output_dir / "manifest.tsv"

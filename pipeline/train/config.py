@@ -10,7 +10,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from operators.errors import ConfigError
 from operators.settings import Frozen
-from pipeline.synth.corpus import Language
+from pipeline.synth.corpus import Language, check_languages
 from pipeline.train.model import EncoderKind
 from pipeline.train.tokenizer import TokenizerKind
 
@@ -51,6 +51,7 @@ class DataSource(Frozen):
     def _check(self) -> "DataSource":
         if self.kind != "synth" and self.path is None:
             raise ValueError(f"data source kind {self.kind!r} needs a path")
+        check_languages(self.languages)
         return self
 
 

@@ -144,7 +144,8 @@ def _synth_stream(source: DataSource, start_line: int, worker_id: int, workers: 
         count = SYNTH_CHUNK if source.count is None else min(SYNTH_CHUNK, source.count - begin)
         if count <= 0:
             return
-        for image, text, _ in iter_lines(count, source.seed, source.font_kind, begin, source.languages):
+        for image, text, _ in iter_lines(count, source.seed, source.font_kind, start_index=begin,
+                                            languages=source.languages):
             yield np.asarray(image), text
         chunk += workers
 

@@ -14,6 +14,8 @@ from typing import Literal
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, RobertaTokenizer, XLMRobertaTokenizer
 
+from pipeline.synth.corpus import CHARSET
+
 TokenizerKind = Literal["roberta", "xlm-roberta"]
 
 #: Special tokens in the id order of the official vocabularies (XLMRobertaTokenizer hard-codes unk_id=3).
@@ -53,8 +55,9 @@ def _train_unigram(texts: list[str], vocab_size: int) -> XLMRobertaTokenizer:
     unigram.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
     )
-    trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, unk_token="<unk>", show_progress=False
+    trainer = trainers.UnigramTrainer(  # every CHARSET character a piece, though the texts lack some
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, unk_token="<unk>", show_progress=False,
+        initial_alphabet=sorted(set(CHARSET) - {" "}),
     )
     unigram.train_from_iterator(texts, trainer=trainer)
     pieces = [(piece, score) for piece, score in json.loads(unigram.to_str())["model"]["vocab"]]
