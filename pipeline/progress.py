@@ -54,8 +54,10 @@ def without_ray_core_logs() -> Iterator[None]:
     os.dup2(write_end, 2)
     os.close(write_end)
 
+    console = os.dup(original)  # here, not in the thread: a quick exit closes ``original`` before it runs
+
     def forward() -> None:
-        with os.fdopen(read_end, "rb") as lines, os.fdopen(os.dup(original), "wb", buffering=0) as out:
+        with os.fdopen(read_end, "rb") as lines, os.fdopen(console, "wb", buffering=0) as out:
             for line in lines:
                 if not RAY_CORE_LOG_LINE.match(line):
                     out.write(line)

@@ -266,3 +266,24 @@ def test_progress_line_redraws_in_place_on_a_terminal_and_logs_lines_otherwise(t
         assert "documents 1/1, pages 2/2" in text and "ETA 0:00" in text
         assert ("\r" in text) == interactive
         assert text.count("\n") == (1 if interactive else 3)
+
+
+def test_stderr_filter_drops_ray_core_lines_keeps_the_rest_and_survives_an_immediate_exit(capfd):
+    import os
+    import threading
+
+    from pipeline.progress import without_ray_core_logs
+
+    failures = []
+    previous, threading.excepthook = threading.excepthook, failures.append
+    try:
+        for _ in range(50):  # a run that exits at once (its output locked) leaves the filter at once
+            with without_ray_core_logs():
+                pass
+        with without_ray_core_logs():
+            os.write(2, b"[2026-01-01 10:00:00,123 E 4242 4242] core_worker.cc:2465: noise\nkept line\n")
+    finally:
+        threading.excepthook = previous
+    assert not failures
+    err = capfd.readouterr().err
+    assert "kept line" in err and "core_worker" not in err
