@@ -95,6 +95,20 @@ def test_two_ray_train_workers_train_one_model_through_the_cli(tmp_path, base_mo
     assert load_trocr(str(tmp_path / "model"), device="cpu").preprocessor.input_size == (32, 128)
 
 
+def test_cli_prints_each_validation_on_its_own_line_above_the_step_bar(tmp_path, base_model, line_folder):
+    config = fine_tune_config(tmp_path, base_model, line_folder, steps=4).model_dump(mode="json")
+    config.update(checkpoint_every=2, validate_every=2)
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--config", str(tmp_path / "train.yaml")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stderr.replace("\r", "\n").splitlines()
+    validations = [line for line in lines if "validation CER" in line]
+    assert len(validations) == 2 and all(line.startswith(("20", "step")) for line in validations), validations
+    assert any(line.startswith("train: 100%") for line in lines)
+    assert not any("Writing model shards" in line for line in lines)
+
+
 def test_stop_after_step_ends_early_on_the_schedule_of_all_steps(tmp_path, base_model, line_folder):
     config = fine_tune_config(tmp_path, base_model, line_folder, steps=12).model_copy(update={"stop_after_step": 4})
     metrics: list[dict] = []

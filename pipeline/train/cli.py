@@ -35,6 +35,9 @@ def train_command(args: argparse.Namespace) -> int:
     if args.workers > 1:
         output = train_with_ray(config, args.workers, resume=args.resume)
     else:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # a bar per saved checkpoint would break up the step bar
         output = train(config, resume=args.resume, show_progress=not args.no_progress)
     print(f"model saved to {output}")
     return ExitCode.ok

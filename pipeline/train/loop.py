@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 from transformers.models.vision_encoder_decoder.modeling_vision_encoder_decoder import shift_tokens_right
 
@@ -284,25 +285,26 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
     progress = tqdm(total=last_step, initial=state.step, disable=not (show_progress and run.is_main), desc="train", unit="step")
     recent_losses: list[float] = []
     started = time.monotonic()
-    while state.step < last_step:
-        loss = train_step(run, batches)
-        recent_losses = (recent_losses + [loss])[-50:]
-        state.step += 1
-        progress.update(1)
-        progress.set_postfix(loss=f"{np.mean(recent_losses):.3f}", lr=f"{run.schedule.get_last_lr()[0]:.2e}")
-        at_end = state.step == last_step
-        metrics = {"step": state.step, "loss": loss, "world_size": run.shard[1]}
-        if held_out and (state.step % config.validate_every == 0 or at_end):
-            metrics["validation_cer"] = cer = validate(run, held_out)
-            log.info("step %d: loss %.4f, validation CER %.4f (best before %.4f), %.0f s",
-                     state.step, np.mean(recent_losses), cer, state.best_cer, time.monotonic() - started)
-            if cer < state.best_cer:
-                state.best_cer = cer
-                save_trocr(run.model, run.processor, config.output_dir)
-        if run.is_main and (state.step % config.checkpoint_every == 0 or at_end):
-            save_checkpoint(run, state)
-        if report:
-            report(metrics)
+    with logging_redirect_tqdm():  # validation lines go above the bar instead of onto it
+        while state.step < last_step:
+            loss = train_step(run, batches)
+            recent_losses = (recent_losses + [loss])[-50:]
+            state.step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{np.mean(recent_losses):.3f}", lr=f"{run.schedule.get_last_lr()[0]:.2e}")
+            at_end = state.step == last_step
+            metrics = {"step": state.step, "loss": loss, "world_size": run.shard[1]}
+            if held_out and (state.step % config.validate_every == 0 or at_end):
+                metrics["validation_cer"] = cer = validate(run, held_out)
+                log.info("step %d: loss %.4f, validation CER %.4f (best before %.4f), %.0f s",
+                         state.step, np.mean(recent_losses), cer, state.best_cer, time.monotonic() - started)
+                if cer < state.best_cer:
+                    state.best_cer = cer
+                    save_trocr(run.model, run.processor, config.output_dir)
+            if run.is_main and (state.step % config.checkpoint_every == 0 or at_end):
+                save_checkpoint(run, state)
+            if report:
+                report(metrics)
     progress.close()
     if run.is_main and not config.validation_data:
         save_trocr(run.model, run.processor, config.output_dir)
