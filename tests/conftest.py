@@ -68,3 +68,19 @@ def box_iou(a, b) -> float:
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union else 0.0
 
+
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+
+
+def official_schema(name: str) -> "etree.XMLSchema":
+    """An official export schema from tests/schemas, its xlink import resolved to the local copy
+    (ALTO imports it by URL, and tests have no network)."""
+    from lxml import etree
+
+    class LocalXlink(etree.Resolver):
+        def resolve(self, url, public_id, context):
+            return self.resolve_filename(str(SCHEMAS / "xlink.xsd"), context) if "xlink" in url else None
+
+    parser = etree.XMLParser()
+    parser.resolvers.add(LocalXlink())
+    return etree.XMLSchema(etree.parse(str(SCHEMAS / name), parser))

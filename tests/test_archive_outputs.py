@@ -19,13 +19,12 @@ import pytest
 from lxml import etree
 from PIL import Image
 
-from conftest import box_iou, text_page, write_pdf
+from conftest import box_iou, official_schema, text_page, write_pdf
 from operators.errors import ExitCode
 from pipeline.config import load_config
 from pipeline.job import run_job
 from pipeline.progress import JobProgress
 
-SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
 CLI = [sys.executable, "-m", "pipeline.cli"]
 DPI = "rasterize.dpi=150"
 
@@ -193,18 +192,9 @@ def test_mets_page_images_are_the_pages_as_the_job_read_them(ray_local, tmp_path
     assert np.array_equal(np.asarray(Image.open(image).convert("L")), np.asarray(expected))
 
 
-@pytest.mark.skipif(not SCHEMAS.is_dir(), reason=f"mets.xsd and xlink.xsd live in the dev data checkout {SCHEMAS}, "
-                                                  "which a plain clone lacks")
 def test_mets_files_are_valid_against_the_official_schema(run):
     _, output, _, _ = run
-
-    class LocalXlink(etree.Resolver):
-        def resolve(self, url, public_id, context):
-            return self.resolve_filename(str(SCHEMAS / "xlink.xsd"), context) if "xlink" in url else None
-
-    parser = etree.XMLParser()
-    parser.resolvers.add(LocalXlink())
-    schema = etree.XMLSchema(etree.parse(str(SCHEMAS / "mets.xsd"), parser))
+    schema = official_schema("mets.xsd")
     mets_files = list((output / "exports").glob("*.mets.xml"))
     assert len(mets_files) == 4
     for path in mets_files:

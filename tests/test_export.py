@@ -12,11 +12,11 @@ import pyarrow.fs as pafs
 import pytest
 from lxml import etree
 
+from conftest import official_schema
 from operators.formats.export import ALTO_NS, PAGE_NS, XHTML_NS, export_stem, write_exports
 from operators.write import page_row
 from operators.records import LineRecord, PageWork
 
-SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
 SIZE = (1240, 1754)
 DOC_ID = "0123456789abcdef"
 SOURCE = "scans/Box 3/letter.final.pdf"
@@ -24,15 +24,6 @@ TRICKY = 'Fish & Chips <cheap> "fresh"'
 ALTO = {"a": ALTO_NS}
 PAGE = {"p": PAGE_NS}
 XHTML = {"h": XHTML_NS}
-XLINK_STUB = b"""<xsd:schema xmlns:xsd="http://www.w3.org/2001/XMLSchema"
-    targetNamespace="http://www.w3.org/1999/xlink" attributeFormDefault="qualified">
-  <xsd:attributeGroup name="simpleLink">
-    <xsd:attribute name="type" type="xsd:string"/><xsd:attribute name="href" type="xsd:anyURI"/>
-    <xsd:attribute name="role" type="xsd:string"/><xsd:attribute name="arcrole" type="xsd:string"/>
-    <xsd:attribute name="title" type="xsd:string"/><xsd:attribute name="show" type="xsd:string"/>
-    <xsd:attribute name="actuate" type="xsd:string"/>
-  </xsd:attributeGroup>
-</xsd:schema>"""
 
 
 def _line(block: int, order: int, x0: int, y0: int, text: str, confidence: float | None) -> LineRecord:
@@ -221,19 +212,8 @@ def test_rejects_unknown_formats_and_pages_of_another_document(tmp_path, pages, 
         write_exports(pages, {**document, "doc_id": "another"}, ["txt"], str(tmp_path))
 
 
-@pytest.mark.skipif(not SCHEMAS.is_dir(), reason=f"official XSDs live in the dev data checkout {SCHEMAS}, "
-                                                  "which a plain clone lacks")
 def test_alto_and_page_files_are_valid_against_the_official_schemas(exported):
-    class XlinkStub(etree.Resolver):
-        """ALTO imports the xlink schema by URL; there is no network, and only xlink:href uses it."""
-
-        def resolve(self, url, public_id, context):
-            return self.resolve_string(XLINK_STUB, context) if "xlink" in url else None
-
-    parser = etree.XMLParser()
-    parser.resolvers.add(XlinkStub())
-    alto = etree.XMLSchema(etree.parse(str(SCHEMAS / "alto-4-4.xsd"), parser))
-    page = etree.XMLSchema(etree.parse(str(SCHEMAS / "pagecontent-2019-07-15.xsd")))
+    alto, page = official_schema("alto-4-4.xsd"), official_schema("pagecontent-2019-07-15.xsd")
     for name, path in exported.items():
         schema = alto if name.endswith(".alto.xml") else page if name.endswith(".page.xml") else None
         if schema is not None:
