@@ -70,7 +70,7 @@ def check_cpus_left_for_pages(config: JobConfig, cpus: float, mode: Mode = "reco
     if mode != "recognize" or not _runs_locally(config):
         return
     recognize = config.recognize
-    actors = _min_actors(recognize.concurrency)
+    actors = recognize.concurrency[0] if isinstance(recognize.concurrency, tuple) else recognize.concurrency
     held = actors * recognize.num_cpus
     page_cpus = max(config.rasterize.num_cpus, config.detect.num_cpus)
     if held + page_cpus > cpus:
@@ -79,10 +79,6 @@ def check_cpus_left_for_pages(config: JobConfig, cpus: float, mode: Mode = "reco
             f"x recognize.num_cpus={recognize.num_cpus:g}) holds {held:g} of the local Ray instance's {cpus:g} "
             f"CPUs, and rasterize and layout need {page_cpus:g} more: lower recognize.concurrency or "
             f"recognize.num_cpus (e.g. --set recognize.num_cpus=0.5), or give Ray more CPUs (ray.num_cpus)")
-
-
-def _min_actors(concurrency: int | tuple[int, int]) -> int:
-    return concurrency[0] if isinstance(concurrency, tuple) else concurrency
 
 
 @contextmanager
