@@ -57,10 +57,17 @@ from transformers import (
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
+from operators.decoding import encoder_autocast  # noqa: E402
 from operators.recognize import LineReading, LineRecognizer, line_batches, resolve_max_new_tokens  # noqa: E402
 from operators.records import LinePiece  # noqa: E402
 from operators.settings import DEFAULT_MODEL, RecognizeConfig  # noqa: E402
-from operators.model import TrOCRBundle, load_trocr, resolve_device, resolve_dtype  # noqa: E402
+from operators.model import (  # noqa: E402
+    TrOCRBundle,
+    load_trocr,
+    resolve_device,
+    resolve_dtype,
+    resolve_encoder_dtype,
+)
 from operators.preprocess import LinePreprocessor  # noqa: E402
 from pipeline.evaluate import read_eval_lines  # noqa: E402
 from pipeline.synth.corpus import CorpusSampler  # noqa: E402
@@ -87,9 +94,10 @@ RANDOM_ARCHITECTURES = {
 TOKENIZER_CORPUS_LINES = 2000
 
 
-def random_bundle(name: str, device: torch.device, dtype: torch.dtype) -> TrOCRBundle:
+def random_bundle(name: str, device: torch.device, precision: str) -> TrOCRBundle:
     """A random-weight model with an official TrOCR architecture, and a tokenizer of its vocabulary size."""
     encoder_config, decoder_settings, tokenizer_kind = RANDOM_ARCHITECTURES[name]
+    dtype = resolve_dtype(precision, device)
     tokenizer = padded_tokenizer(tokenizer_kind, decoder_settings["vocab_size"])
     decoder_config = TrOCRConfig(
         **decoder_settings, max_position_embeddings=512, layernorm_embedding=True,
@@ -111,7 +119,8 @@ def random_bundle(name: str, device: torch.device, dtype: torch.dtype) -> TrOCRB
                                            image_mean=[0.5] * 3, image_std=[0.5] * 3)
     processor = TrOCRProcessor(image_processor=image_processor, tokenizer=tokenizer)
     preprocessor = LinePreprocessor.from_image_processor(image_processor)
-    return TrOCRBundle(model, processor, tokenizer, preprocessor, device, dtype)
+    return TrOCRBundle(model, processor, tokenizer, preprocessor, device, dtype,
+                       encoder_dtype=resolve_encoder_dtype(precision, device))
 
 
 def padded_tokenizer(kind: TokenizerKind, vocab_size: int):
@@ -160,7 +169,8 @@ def encoder_floor(bundle: TrOCRBundle, resized: list[np.ndarray], hints: list[fl
         for chunk in line_batches(len(resized), batch_size, hints):
             batch = [resized[index] for index in chunk]
             pixel_values = bundle.preprocessor.to_pixel_values(batch, bundle.device, bundle.dtype)
-            outputs.append(bundle.model.encoder(pixel_values=pixel_values).last_hidden_state)
+            with encoder_autocast(bundle.encoder_dtype, bundle.device):
+                outputs.append(bundle.model.encoder(pixel_values=pixel_values).last_hidden_state)
     return outputs
 
 
@@ -206,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.model in RANDOM_ARCHITECTURES:
         device = resolve_device(args.device)
-        bundle = random_bundle(args.model, device, resolve_dtype(args.precision, device))
+        bundle = random_bundle(args.model, device, args.precision)
     else:
         bundle = load_trocr(args.model, device=args.device, precision=args.precision)
     lines = real_lines(args.real, args.lines) if args.real else synthetic_lines(args.lines, args.seed)

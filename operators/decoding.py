@@ -15,6 +15,7 @@ engine sees the weights as they were then, so one that reads a model in training
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, VisionEncoderDecoderModel
 from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.trocr.modeling_trocr import TrOCRSinusoidalPositionalEmbedding
 
 from operators.errors import ModelLoadError
@@ -54,11 +56,18 @@ def sequence_confidence(token_logprobs: torch.Tensor) -> float:
 
 
 def hf_generate(model: VisionEncoderDecoderModel, pixel_values: torch.Tensor, num_beams: int,
-                max_new_tokens: int) -> list[DecodedLine]:
-    """The same lines decoded by transformers ``generate`` (engine "hf"): the reference this engine must equal."""
+                max_new_tokens: int, encoder_dtype: torch.dtype | None = None) -> list[DecodedLine]:
+    """The same lines decoded by transformers ``generate`` (engine "hf"): the reference this engine must equal.
+    ``encoder_dtype``: the encoder runs under autocast to it (see :func:`encoder_autocast`)."""
     with torch.inference_mode():
+        encoded = {}
+        if encoder_dtype is not None:
+            with encoder_autocast(encoder_dtype, pixel_values.device):
+                memory = model.encoder(pixel_values=pixel_values).last_hidden_state
+            encoded["encoder_outputs"] = BaseModelOutput(last_hidden_state=memory.to(pixel_values.dtype))
         output = model.generate(
             pixel_values=pixel_values,
+            **encoded,
             num_beams=num_beams,
             max_new_tokens=max_new_tokens,
             do_sample=False,
@@ -73,6 +82,11 @@ def hf_generate(model: VisionEncoderDecoderModel, pixel_values: torch.Tensor, nu
     eos_ids = _as_list(model.generation_config.eos_token_id)
     return [_decoded_line(tokens, logprobs, eos_ids)
             for tokens, logprobs in zip(generated.tolist(), token_logprobs.float().cpu())]
+
+
+def encoder_autocast(dtype: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` for the encoder's forward pass (bf16 on the CPU, ``operators.model``); None: none."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def _decoded_line(tokens: list[int], logprobs: torch.Tensor, eos_ids: list[int]) -> DecodedLine:
@@ -137,10 +151,12 @@ COMPACT_SHARE = 0.25
 class DecodingEngine:
     """Greedy and beam-search decoding of a VisionEncoderDecoder TrOCR model (ViT/DeiT encoder)."""
 
-    def __init__(self, model: VisionEncoderDecoderModel):
+    def __init__(self, model: VisionEncoderDecoderModel, encoder_dtype: torch.dtype | None = None):
+        """``encoder_dtype``: the encoder runs under autocast to it (see :func:`encoder_autocast`)."""
         decoder = model.decoder.model.decoder
         config = model.config.decoder
         self.model = model
+        self.encoder_dtype = encoder_dtype
         self.decoder = decoder
         self.heads = config.decoder_attention_heads
         self.hidden = config.hidden_size
@@ -188,7 +204,9 @@ class DecodingEngine:
                            line_widths: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Encoder once, then every layer's cross-attention keys/values: (layers, 2, lines, heads, src, head_dim),
         and with ``line_widths`` the additive cross-attention mask of each line's own patches (lines, 1, 1, src)."""
-        memory, own_patches = encode_lines(self.model.encoder, pixel_values, line_widths)
+        with encoder_autocast(self.encoder_dtype, pixel_values.device):
+            memory, own_patches = encode_lines(self.model.encoder, pixel_values, line_widths)
+        memory = memory.to(pixel_values.dtype)
         projection = getattr(self.model, "enc_to_dec_proj", None)  # exists exactly when the forward pass uses it
         if projection is not None:
             memory = projection(memory)

@@ -108,7 +108,8 @@ class LineRecognizer:
 
     def __init__(self, bundle: TrOCRBundle, engine: Engine, num_beams: int, max_new_tokens: int, line_batch_size: int):
         self.bundle = bundle
-        self.engine = DecodingEngine(bundle.model) if engine == "fast" else None  # refuses unsupported settings now
+        # the engine refuses unsupported generation settings now, at start-up
+        self.engine = DecodingEngine(bundle.model, bundle.encoder_dtype) if engine == "fast" else None
         self.num_beams = num_beams
         self.max_new_tokens = max_new_tokens
         self.line_batch_size = line_batch_size
@@ -154,7 +155,7 @@ class LineRecognizer:
             widths = [ink_columns(pixels) for pixels in resized] if width_step else None
             decoded = self.engine.decode(pixel_values, self.num_beams, self.max_new_tokens, widths)
         else:
-            decoded = hf_generate(bundle.model, pixel_values, self.num_beams, self.max_new_tokens)
+            decoded = hf_generate(bundle.model, pixel_values, self.num_beams, self.max_new_tokens, bundle.encoder_dtype)
         return [self._read(line) for line in decoded]
 
     def _read(self, line: DecodedLine) -> LineReading:

@@ -95,7 +95,8 @@ class RecognizeConfig(Frozen):
                                           description="fast: this project's engine; hf: transformers generate")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "fp16", "bf16", "int8"] = Field(
-        default="fp32", description="fp16/bf16 on a GPU; int8: int8 encoder linear layers, on the CPU")
+        default="fp32", description="fp16/bf16 on a GPU; on the CPU, bf16: a bf16 encoder (needs AVX512-BF16 or "
+                                    "AMX), int8: int8 encoder linear layers")
     num_beams: int = Field(default=1, ge=1)
     max_new_tokens: int | None = Field(default=None, ge=1, description="decode limit; default: the decoder's "
                                                                          "learned positions (128 for sinusoidal)")
@@ -111,8 +112,8 @@ class RecognizeConfig(Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> "RecognizeConfig":
-        if self.device == "cpu" and self.precision in ("fp16", "bf16"):
-            raise ValueError("precision fp16/bf16 needs device cuda (or auto on a GPU machine)")
+        if self.device == "cpu" and self.precision == "fp16":
+            raise ValueError("precision fp16 needs device cuda (or auto on a GPU machine)")
         if self.device == "cuda" and self.precision == "int8":
             raise ValueError("precision int8 is for the CPU; use fp16 on a GPU")
         if isinstance(self.concurrency, tuple) and not (1 <= self.concurrency[0] <= self.concurrency[1]):

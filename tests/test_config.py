@@ -51,6 +51,12 @@ def test_half_precision_on_cpu_is_refused():
         load_config(ROOT / "configs" / "local.yaml", ["recognize.device=cpu", "recognize.precision=fp16"])
 
 
+def test_bf16_on_the_cpu_is_left_to_the_recognizer_to_check():
+    """Whether a CPU has native bf16 is known where the recognizer runs, not where the config is read."""
+    config = load_config(ROOT / "configs" / "local.yaml", ["recognize.device=cpu", "recognize.precision=bf16"])
+    assert config.recognize.precision == "bf16"
+
+
 def test_int8_on_a_gpu_is_refused():
     with pytest.raises(ConfigError, match="int8 is for the CPU"):
         load_config(ROOT / "configs" / "local.yaml", ["recognize.device=cuda", "recognize.precision=int8"])

@@ -244,6 +244,21 @@ def test_batches_are_cut_at_their_widest_line_rounded_up_to_a_patch(tmp_path, on
     assert stretched.width_step is None
 
 
+def test_cpu_bf16_encoder_reads_as_generate_given_the_same_encoding(trained):
+    """precision bf16 on the CPU runs the encoder under bf16 autocast and the decoder in fp32 (emulated
+    where the CPU lacks native bf16, so this runs on any CPU): the engine equals generate handed the
+    same bf16 encoding, the encoding is a different one from fp32's, and the lines still read back."""
+    inputs = pixel_values(trained, TEXTS)
+    fast = DecodingEngine(trained.model, torch.bfloat16).decode(inputs, num_beams=1, max_new_tokens=32)
+    assert_same_lines(fast, hf_generate(trained.model, inputs, 1, 32, encoder_dtype=torch.bfloat16))
+    at_fp32 = DecodingEngine(trained.model).decode(inputs, num_beams=1, max_new_tokens=32)
+    assert [line.confidence for line in fast] != [line.confidence for line in at_fp32]
+    bf16 = dataclasses.replace(trained, encoder_dtype=torch.bfloat16)
+    readings = decode_lines(bf16, [bf16.preprocessor.resize(render_line(t)) for t in TEXTS], num_beams=1,
+                            max_new_tokens=32, line_batch_size=len(TEXTS))
+    assert [reading.text for reading in readings] == TEXTS
+
+
 def test_int8_encoder_reads_as_generate_on_the_same_model(trained):
     """precision int8 quantizes the encoder's linear layers only: the engine still equals generate on
     that model, and the fine-tuned lines still read back."""

@@ -14,7 +14,7 @@ import torch
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
-from operators.errors import ConfigError
+from operators.errors import ConfigError, ModelLoadError
 from helpers import build_tiny_random_trocr
 from operators.crops import cut_polygon
 from operators.model import load_trocr
@@ -122,6 +122,14 @@ def test_stop_after_step_ends_early_on_the_schedule_of_all_steps(tmp_path, base_
     metrics.clear()
     train(config.model_copy(update={"stop_after_step": None}), resume=True, show_progress=False, report=metrics.append)
     assert [row["step"] for row in metrics] == list(range(5, 13))
+
+
+def test_half_precision_training_on_the_cpu_is_refused(tmp_path, base_model, line_folder):
+    config = fine_tune_config(tmp_path, base_model, line_folder, steps=2).model_copy(
+        update={"precision": "bf16", "device": "cpu"})
+    with pytest.raises(ModelLoadError, match="CUDA autocast"):
+        train(config)
+    assert not (tmp_path / "model").exists()
 
 
 def test_resume_continues_from_the_newest_checkpoint(tmp_path, base_model, line_folder):
