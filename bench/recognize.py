@@ -57,7 +57,7 @@ from transformers import (
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from operators.decoding import encoder_autocast  # noqa: E402
+from operators.decoding import encoder_autocast, generate_encoder_outputs  # noqa: E402
 from operators.recognize import LineReading, LineRecognizer, line_batches, resolve_max_new_tokens  # noqa: E402
 from operators.records import LinePiece  # noqa: E402
 from operators.settings import DEFAULT_MODEL, RecognizeConfig  # noqa: E402
@@ -156,7 +156,9 @@ def naive_loop(bundle: TrOCRBundle, resized: list[np.ndarray], num_beams: int, m
     with torch.inference_mode():
         for pixels in resized:
             pixel_values = bundle.preprocessor.to_pixel_values([pixels], bundle.device, bundle.dtype)
-            generated_ids = bundle.model.generate(pixel_values, num_beams=num_beams, max_new_tokens=max_new_tokens)
+            generated_ids = bundle.model.generate(
+                pixel_values, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                **generate_encoder_outputs(bundle.model, pixel_values, bundle.encoder_dtype))  # CPU bf16
             texts.append(bundle.tokenizer.batch_decode(generated_ids, skip_special_tokens=True)[0].strip())
     return texts
 

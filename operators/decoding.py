@@ -60,14 +60,9 @@ def hf_generate(model: VisionEncoderDecoderModel, pixel_values: torch.Tensor, nu
     """The same lines decoded by transformers ``generate`` (engine "hf"): the reference this engine must equal.
     ``encoder_dtype``: the encoder runs under autocast to it (see :func:`encoder_autocast`)."""
     with torch.inference_mode():
-        encoded = {}
-        if encoder_dtype is not None:
-            with encoder_autocast(encoder_dtype, pixel_values.device):
-                memory = model.encoder(pixel_values=pixel_values).last_hidden_state
-            encoded["encoder_outputs"] = BaseModelOutput(last_hidden_state=memory.to(pixel_values.dtype))
         output = model.generate(
             pixel_values=pixel_values,
-            **encoded,
+            **generate_encoder_outputs(model, pixel_values, encoder_dtype),
             num_beams=num_beams,
             max_new_tokens=max_new_tokens,
             do_sample=False,
@@ -87,6 +82,17 @@ def hf_generate(model: VisionEncoderDecoderModel, pixel_values: torch.Tensor, nu
 def encoder_autocast(dtype: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast to ``dtype`` for the encoder's forward pass (bf16 on the CPU, ``operators.model``); None: none."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def generate_encoder_outputs(model: VisionEncoderDecoderModel, pixel_values: torch.Tensor,
+                             encoder_dtype: torch.dtype | None) -> dict[str, BaseModelOutput]:
+    """``generate`` keyword arguments that hand it the encoder's output computed under ``encoder_dtype``
+    autocast (``generate`` would run the encoder itself without it); none without one."""
+    if encoder_dtype is None:
+        return {}
+    with encoder_autocast(encoder_dtype, pixel_values.device):
+        memory = model.encoder(pixel_values=pixel_values).last_hidden_state
+    return {"encoder_outputs": BaseModelOutput(last_hidden_state=memory.to(pixel_values.dtype))}
 
 
 def _decoded_line(tokens: list[int], logprobs: torch.Tensor, eos_ids: list[int]) -> DecodedLine:

@@ -30,8 +30,8 @@ from operators.settings import BUNDLED_MODELS
 
 log = logging.getLogger(__name__)
 
-#: Precision name -> dtype of the model's float tensors (on CUDA). int8 is fp32 with int8 encoder linears
-#: (:func:`quantize_encoder`); bf16 on the CPU keeps fp32 weights and runs the encoder in bf16 (:func:`resolve_encoder_dtype`).
+#: Precision name -> dtype of the model's float tensors. int8 is fp32 with int8 encoder linears
+#: (:func:`quantize_encoder`); bf16 on the CPU: see :func:`resolve_encoder_dtype`.
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
@@ -132,11 +132,9 @@ def resolve_encoder_dtype(precision: str, device: torch.device) -> torch.dtype |
 
     Why the encoder only: on a CPU with bf16 matrix units the encoder's GEMMs (every patch of every
     line) run about twice as fast in bf16; the decoder's have too few rows to gain and stay fp32.
-    Autocast keeps layer norms and softmax in fp32. The cost (bench/RESULTS.md): the bundled printed
-    model reads its validation lines 0.2 points worse (7.22% against 7.02% CER) for about 1.15x faster
-    reading, so it is opt-in. Unlike int8 it takes no scale from the batch, but its rounding still
-    varies a little with the batch's width: a few lines in a hundred read alone come out slightly
-    differently than batched (none do in fp32)."""
+    Only the matrix products and attention run in bf16; the residual stream, and so the layer norms,
+    stay fp32. It is opt-in because it reads real lines a little worse (bench/RESULTS.md), and its
+    rounding varies a little with the batch's width (fp32 reads a line the same in any batch)."""
     if precision != "bf16" or device.type != "cpu":
         return None
     if not cpu_has_native_bf16():
@@ -155,7 +153,7 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "fp16" and device.type != "cuda":
         raise ModelLoadError(f"precision fp16 needs a CUDA device, got {device}")
     if precision == "bf16" and device.type != "cuda":
-        return PRECISIONS["fp32"]  # the weights; the encoder runs in bf16 (resolve_encoder_dtype)
+        return PRECISIONS["fp32"]
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise ModelLoadError(f"precision bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16")
     return PRECISIONS[precision]

@@ -14,7 +14,7 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from operators.errors import ModelLoadError
 from helpers import build_tiny_random_trocr
-from operators.model import cpu_has_native_bf16, load_trocr, resolve_checkpoint, resolve_dtype
+from operators.model import load_trocr, resolve_checkpoint, resolve_dtype
 from operators.preprocess import KEEP_ASPECT_KEY, LinePreprocessor
 from operators.settings import BUNDLED_MODELS, DEFAULT_MODEL, RecognizeConfig
 from pipeline.train.model import build_trocr, save_trocr
@@ -168,10 +168,13 @@ def test_half_precision_on_cpu_is_refused(tiny_checkpoint):
         load_trocr(str(tiny_checkpoint), device="cpu", precision="fp16")
 
 
-def test_cpu_bf16_is_a_bf16_encoder_where_the_cpu_has_native_bf16(tiny_checkpoint):
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_bf16_is_a_bf16_encoder_where_the_cpu_has_native_bf16(tiny_checkpoint, monkeypatch, native):
     """bf16 on the CPU keeps fp32 weights and gives the encoder bf16 autocast; a CPU without native bf16
-    (where it would be slower than fp32) refuses it."""
-    if cpu_has_native_bf16():
+    (where it would be slower than fp32) refuses it. Both branches run on any CPU (the probe is set
+    here; bf16 autocast itself works everywhere, emulated where it is not native)."""
+    monkeypatch.setattr("operators.model.cpu_has_native_bf16", lambda: native)
+    if native:
         bundle = load_trocr(str(tiny_checkpoint), device="cpu", precision="bf16")
         assert (bundle.dtype, bundle.encoder_dtype) == (torch.float32, torch.bfloat16)
         assert {parameter.dtype for parameter in bundle.model.parameters()} == {torch.float32}

@@ -28,7 +28,7 @@ from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 from transformers.models.vision_encoder_decoder.modeling_vision_encoder_decoder import shift_tokens_right
 
 from operators.decoding import encode_lines, ink_width_step
-from operators.errors import ModelLoadError
+from operators.errors import ConfigError
 from operators.model import TrOCRBundle, load_trocr, resolve_device, resolve_dtype
 from operators.preprocess import LinePreprocessor, ink_columns
 from operators.recognize import LineRecognizer
@@ -189,7 +189,7 @@ def start_run(config: TrainConfig, resume: bool, shard: tuple[int, int] = (0, 1)
     """Build (or reload) model and optimizer; with ``resume`` continue from the newest checkpoint."""
     device = resolve_device(config.device)
     if config.precision != "fp32" and device.type != "cuda":
-        raise ModelLoadError(f"training precision {config.precision} is CUDA autocast; use fp32 on {device}")
+        raise ConfigError(f"training precision {config.precision} is CUDA autocast; use fp32 on {device}")
     autocast_dtype = resolve_dtype(config.precision, device)
     checkpoint = latest_checkpoint(config.work_dir) if resume else None
     if resume and checkpoint is None:
