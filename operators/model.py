@@ -23,19 +23,16 @@ from transformers import (
     VisionEncoderDecoderModel,
 )
 
+from operators.checkpoint import resolve_checkpoint
 from operators.decoding import ink_width_step
 from operators.errors import ModelLoadError
 from operators.preprocess import LinePreprocessor
-from operators.settings import BUNDLED_MODELS
 
 log = logging.getLogger(__name__)
 
 #: Precision name -> dtype of the model's float tensors. int8 is fp32 with int8 encoder linears
 #: (:func:`quantize_encoder`); bf16 on the CPU: see :func:`resolve_encoder_dtype`.
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "sentencepiece.bpe.model")
 
 
 @dataclass(frozen=True)
@@ -91,24 +88,6 @@ def quantize_encoder(model: VisionEncoderDecoderModel) -> None:
         torch.ao.quantization.quantize_dynamic(model.encoder, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
-def resolve_checkpoint(name_or_path: str) -> str:
-    """Where to load ``name_or_path`` from: a bundled model's short name (``printed``,
-    ``handwritten``), a local folder (checked complete first), else a hub id.
-
-    A name that looks like a path (starts with / . ~, or has more than one /) and is no folder is an
-    error here, rather than a confusing hub lookup.
-    """
-    if name_or_path in BUNDLED_MODELS and not BUNDLED_MODELS[name_or_path].is_dir():
-        raise ModelLoadError(f"the bundled model {name_or_path!r} is missing: {BUNDLED_MODELS[name_or_path]}")
-    local = BUNDLED_MODELS.get(name_or_path, Path(name_or_path).expanduser())
-    if local.exists():
-        _check_local_folder(local)
-        return str(local)
-    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
-        raise ModelLoadError(f"model folder {name_or_path} does not exist (and it is no hub id)")
-    return name_or_path
-
-
 def resolve_device(device: str) -> torch.device:
     """"auto" -> cuda when available, else cpu; an explicit cuda without a GPU is an error."""
     if device == "auto":
@@ -157,23 +136,6 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise ModelLoadError(f"precision bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16")
     return PRECISIONS[precision]
-
-
-def _check_local_folder(folder: Path) -> None:
-    """Name every missing piece of a local checkpoint before transformers gives a vaguer error."""
-    if not folder.is_dir():
-        raise ModelLoadError(f"model path {folder} is a file, expected a checkpoint folder")
-    missing = []
-    if not (folder / "config.json").is_file():
-        missing.append("config.json")
-    if not any((folder / name).is_file() for name in WEIGHT_FILES):
-        missing.append("weights (model.safetensors or pytorch_model.bin)")
-    if not any((folder / name).is_file() for name in PROCESSOR_FILES):
-        missing.append("image processor (preprocessor_config.json or processor_config.json)")
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        missing.append("tokenizer (tokenizer.json, vocab.json or sentencepiece.bpe.model)")
-    if missing:
-        raise ModelLoadError(f"model folder {folder} is incomplete, missing: {', '.join(missing)}")
 
 
 def set_generation_ids(model: VisionEncoderDecoderModel, tokenizer: PreTrainedTokenizerBase, source: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from typing import Any, Iterator, Literal
 import ray
 from ray.data import ActorPoolStrategy
 
+from operators.checkpoint import resolve_checkpoint
 from operators.errors import ConfigError, InternalError
 from operators.ingest import DocumentPlan, find_inputs, mark_duplicates, source_id, triage
 from operators.pages import selected_pages
@@ -31,6 +33,8 @@ from pipeline.progress import JobProgress, quiet_ray_data
 from pipeline.stages import layout_page
 
 Mode = Literal["recognize", "detect"]
+#: Seconds a stopped iteration's threads get to leave their Ray calls before Ray shuts down.
+DATASET_THREADS_GRACE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -204,9 +208,11 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     started = time.monotonic()
     found = find_inputs(inputs)
     selection = config.rasterize.pages
+    if mode == "recognize":
+        resolve_checkpoint(config.recognize.model)  # a wrong model path fails here, before Ray starts
     with ThreadPoolExecutor(max_workers=1) as background, output_lock(output):
-        # the model is checked while Ray starts (loading transformers takes seconds; Ray's start is
-        # mostly waiting), and before anything is read or written: a bad model fails the job there
+        # the model is loaded and checked while Ray starts (loading transformers takes seconds; Ray's
+        # start is mostly waiting), and before anything is read or written: a bad model fails there
         checked_model = background.submit(_line_preprocessor, config, mode)
         with ray_session(config, verbose):
             preprocessor = checked_model.result()
@@ -225,15 +231,35 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                 sink.expect(_document_record(plan), len(selected_pages(selection, plan.num_pages)))
             ranges = page_ranges(readable, config.rasterize.pages_per_task, selection)
             if ranges:
-                for batch in _page_dataset(ranges, config, preprocessor).iter_batches(batch_size=None):
-                    for item in batch["work"]:
-                        work = pickle.loads(item)
-                        if progress:
-                            progress.page_done(work)
-                        sink.add_page(work)
+                with _batches_of(_page_dataset(ranges, config, preprocessor)) as batches:
+                    for batch in batches:
+                        for item in batch["work"]:
+                            work = pickle.loads(item)
+                            if progress:
+                                progress.page_done(work)
+                            sink.add_page(work)
         written = sink.close()
     return JobSummary(output=output, documents_skipped=len(plans) - len(fresh), written=written,
                       seconds=time.monotonic() - started, left_out=dict(found.left_out))
+
+
+@contextmanager
+def _batches_of(dataset: ray.data.Dataset) -> Iterator[Iterator[dict[str, Any]]]:
+    """The dataset's batches, streamed. When the driver stops reading early (a write failed), the
+    iteration is closed and the threads Ray Data started for it get a few seconds to leave their Ray
+    calls before Ray shuts down: Ray does not join them (see its ``make_async_gen``; its block
+    prefetcher is never stopped on an early exit and only parks), and one still inside a Ray call
+    during ``ray.shutdown()`` can end the driver with exit status 1 before the job's error is printed.
+    A run that reads to the end has no such threads left and does not wait."""
+    before = set(threading.enumerate())
+    batches = iter(dataset.iter_batches(batch_size=None))
+    try:
+        yield batches
+    finally:
+        batches.close()
+        deadline = time.monotonic() + DATASET_THREADS_GRACE_S
+        for thread in set(threading.enumerate()) - before:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _line_preprocessor(config: JobConfig, mode: Mode) -> LinePreprocessor | None:

@@ -26,8 +26,9 @@ import ray
 from operators.errors import ConfigError
 from operators.records import DocumentRecord, PageWork
 
-#: A Ray C++ log line: ``[2026-01-01 10:00:00,123 E 4242 4242] core_worker.cc:2465: ...``.
-RAY_CORE_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] \S+\.cc:\d+:")
+#: A Ray C++ log line below fatal: ``[2026-01-01 10:00:00,123 E 4242 4242] core_worker.cc:2465: ...``.
+#: A fatal line (``F``) passes: Ray ends the process right after it, and it is the only word of why.
+RAY_CORE_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWE] \d+ \d+\] \S+\.cc:\d+:")
 #: Seconds between two summary lines in a non-interactive run, and between two redraws of the live line.
 LOG_INTERVAL_S = 30.0
 REDRAW_INTERVAL_S = 0.5

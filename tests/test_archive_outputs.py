@@ -258,7 +258,7 @@ def test_progress_line_redraws_in_place_on_a_terminal_and_logs_lines_otherwise(t
         assert text.count("\n") == (1 if interactive else 3)
 
 
-def test_stderr_filter_drops_ray_core_lines_keeps_the_rest_and_survives_an_immediate_exit(capfd):
+def test_stderr_filter_drops_ray_core_lines_below_fatal_keeps_the_rest_and_survives_an_immediate_exit(capfd):
     import os
     import threading
 
@@ -271,9 +271,11 @@ def test_stderr_filter_drops_ray_core_lines_keeps_the_rest_and_survives_an_immed
             with without_ray_core_logs():
                 pass
         with without_ray_core_logs():
-            os.write(2, b"[2026-01-01 10:00:00,123 E 4242 4242] core_worker.cc:2465: noise\nkept line\n")
+            os.write(2, b"[2026-01-01 10:00:00,123 E 4242 4242] core_worker.cc:2465: noise\nkept line\n"
+                        b"[2026-01-01 10:00:00,124 F 4242 4242] core_worker.cc:99: Check failed: why it ends\n")
     finally:
         threading.excepthook = previous
     assert not failures
     err = capfd.readouterr().err
-    assert "kept line" in err and "core_worker" not in err
+    assert "kept line" in err and "noise" not in err
+    assert "Check failed: why it ends" in err, "a fatal line is the only word of why Ray ended the process"

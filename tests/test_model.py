@@ -14,7 +14,8 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from operators.errors import ModelLoadError
 from helpers import build_tiny_random_trocr
-from operators.model import load_trocr, resolve_checkpoint, resolve_dtype
+from operators.checkpoint import resolve_checkpoint
+from operators.model import load_trocr, resolve_dtype
 from operators.preprocess import KEEP_ASPECT_KEY, LinePreprocessor
 from operators.settings import BUNDLED_MODELS, DEFAULT_MODEL, RecognizeConfig
 from pipeline.train.model import build_trocr, save_trocr

@@ -98,7 +98,7 @@ def test_blank_page_is_ok_with_no_lines(corpus_run):
 
 
 def test_thousand_page_pdf_streams_through_in_bounded_memory(tmp_path):
-    """1,000 pages rendered 25 at a time: every page comes out once, the driver stays small."""
+    """1,000 pages rendered 50 at a time: every page comes out once, the driver stays small."""
     single = write_pdf(tmp_path / "one.pdf", [text_page(["A page of the thousand-page register",
                                                          "with a second line of text"],
                                                         size=(620, 877), font_px=14)], dpi=75)
@@ -117,7 +117,7 @@ def test_thousand_page_pdf_streams_through_in_bounded_memory(tmp_path):
     )
     result = subprocess.run(
         [sys.executable, "-c", measured, "detect", str(register), "--output", str(output),
-         "--set", "rasterize.dpi=75", "--set", "rasterize.pages_per_task=25", "--set", "ray.num_cpus=2"],
+         "--set", "rasterize.dpi=50", "--set", "rasterize.pages_per_task=50", "--set", "ray.num_cpus=2"],
         capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     pages = ds.dataset(f"{output}/pages", format="parquet").to_table(columns=["page", "status", "lines"])

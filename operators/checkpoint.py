@@ -1,0 +1,49 @@
+"""Where a model is loaded from, checked without loading anything: the driver calls this before it
+starts Ray, so a mistyped model path fails in a second instead of after Ray's start-up. Imports no
+torch or transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from operators.errors import ModelLoadError
+from operators.settings import BUNDLED_MODELS
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "sentencepiece.bpe.model")
+
+
+def resolve_checkpoint(name_or_path: str) -> str:
+    """Where to load ``name_or_path`` from: a bundled model's short name (``printed``,
+    ``handwritten``), a local folder (checked complete first), else a hub id.
+
+    A name that looks like a path (starts with / . ~, or has more than one /) and is no folder is an
+    error here, rather than a confusing hub lookup.
+    """
+    if name_or_path in BUNDLED_MODELS and not BUNDLED_MODELS[name_or_path].is_dir():
+        raise ModelLoadError(f"the bundled model {name_or_path!r} is missing: {BUNDLED_MODELS[name_or_path]}")
+    local = BUNDLED_MODELS.get(name_or_path, Path(name_or_path).expanduser())
+    if local.exists():
+        _check_local_folder(local)
+        return str(local)
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
+        raise ModelLoadError(f"model folder {name_or_path} does not exist (and it is no hub id)")
+    return name_or_path
+
+
+def _check_local_folder(folder: Path) -> None:
+    """Name every missing piece of a local checkpoint before transformers gives a vaguer error."""
+    if not folder.is_dir():
+        raise ModelLoadError(f"model path {folder} is a file, expected a checkpoint folder")
+    missing = []
+    if not (folder / "config.json").is_file():
+        missing.append("config.json")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        missing.append("weights (model.safetensors or pytorch_model.bin)")
+    if not any((folder / name).is_file() for name in PROCESSOR_FILES):
+        missing.append("image processor (preprocessor_config.json or processor_config.json)")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        missing.append("tokenizer (tokenizer.json, vocab.json or sentencepiece.bpe.model)")
+    if missing:
+        raise ModelLoadError(f"model folder {folder} is incomplete, missing: {', '.join(missing)}")
