@@ -65,8 +65,7 @@ from operators.model import (  # noqa: E402
     TrOCRBundle,
     load_trocr,
     resolve_device,
-    resolve_dtype,
-    resolve_encoder_dtype,
+    resolve_precision,
 )
 from operators.preprocess import LinePreprocessor  # noqa: E402
 from pipeline.evaluate import read_eval_lines  # noqa: E402
@@ -97,7 +96,7 @@ TOKENIZER_CORPUS_LINES = 2000
 def random_bundle(name: str, device: torch.device, precision: str) -> TrOCRBundle:
     """A random-weight model with an official TrOCR architecture, and a tokenizer of its vocabulary size."""
     encoder_config, decoder_settings, tokenizer_kind = RANDOM_ARCHITECTURES[name]
-    dtype = resolve_dtype(precision, device)
+    dtype, encoder_dtype = resolve_precision(precision, device)
     tokenizer = padded_tokenizer(tokenizer_kind, decoder_settings["vocab_size"])
     decoder_config = TrOCRConfig(
         **decoder_settings, max_position_embeddings=512, layernorm_embedding=True,
@@ -119,8 +118,7 @@ def random_bundle(name: str, device: torch.device, precision: str) -> TrOCRBundl
                                            image_mean=[0.5] * 3, image_std=[0.5] * 3)
     processor = TrOCRProcessor(image_processor=image_processor, tokenizer=tokenizer)
     preprocessor = LinePreprocessor.from_image_processor(image_processor)
-    return TrOCRBundle(model, processor, tokenizer, preprocessor, device, dtype,
-                       encoder_dtype=resolve_encoder_dtype(precision, device))
+    return TrOCRBundle(model, processor, tokenizer, preprocessor, device, dtype, encoder_dtype=encoder_dtype)
 
 
 def padded_tokenizer(kind: TokenizerKind, vocab_size: int):

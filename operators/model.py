@@ -52,7 +52,7 @@ class TrOCRBundle:
 def load_trocr(name_or_path: str, device: str = "auto", precision: str = "fp32") -> TrOCRBundle:
     """Load a TrOCR checkpoint (hub id or local folder) in eval mode with generation ids and cache set."""
     torch_device = resolve_device(device)
-    dtype, encoder_dtype = resolve_dtype(precision, torch_device), resolve_encoder_dtype(precision, torch_device)
+    dtype, encoder_dtype = resolve_precision(precision, torch_device)
     source = resolve_checkpoint(name_or_path)
     try:
         model = VisionEncoderDecoderModel.from_pretrained(source, dtype=dtype)
@@ -97,6 +97,12 @@ def resolve_device(device: str) -> torch.device:
     if device != "cpu" and not device.startswith("cuda"):
         raise ModelLoadError(f"unknown device {device!r}; expected auto, cpu or cuda")
     return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """What ``precision`` means on ``device``: the weights' dtype and the encoder's autocast dtype (see
+    the two functions below). Every precision a device cannot run is refused here."""
+    return resolve_dtype(precision, device), resolve_encoder_dtype(precision, device)
 
 
 def cpu_has_native_bf16() -> bool:

@@ -7,6 +7,7 @@ together through every stage with no shuffle, and the driver only ever sees text
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import pickle
@@ -15,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Generator, Iterator, Literal
 
 import ray
 from ray.data import ActorPoolStrategy
@@ -31,6 +32,8 @@ from operators.write import ParquetSink, WriteSummary, output_lock, published_do
 from pipeline.config import JobConfig
 from pipeline.progress import JobProgress, quiet_ray_data
 from pipeline.stages import layout_page
+
+log = logging.getLogger(__name__)
 
 Mode = Literal["recognize", "detect"]
 #: Seconds a stopped iteration's threads get to leave their Ray calls before Ray shuts down.
@@ -104,6 +107,7 @@ def ray_session(config: JobConfig, verbose: bool = False) -> Iterator[None]:
     try:
         yield
     finally:
+        gc.collect()  # object refs in cycles are released here, not on another thread during the shutdown
         ray.shutdown()
 
 
@@ -246,29 +250,43 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
 @contextmanager
 def _batches_of(dataset: ray.data.Dataset) -> Iterator[Iterator[dict[str, Any]]]:
     """The dataset's batches, streamed. When the driver stops reading early (a write failed), the
-    iteration is closed and the threads Ray Data started for it get a few seconds to leave their Ray
-    calls before Ray shuts down: Ray does not join them (see its ``make_async_gen``; its block
-    prefetcher is never stopped on an early exit and only parks), and one still inside a Ray call
-    during ``ray.shutdown()`` can end the driver with exit status 1 before the job's error is printed.
-    A run that reads to the end has no such threads left and does not wait."""
+    iteration is closed and the threads Ray Data started for it get a moment to leave their Ray calls
+    before Ray shuts down: Ray joins neither its ``iter_threaded`` block fetchers nor its prefetcher
+    (never stopped on an early exit; it parks), and a thread inside a Ray call during
+    ``ray.shutdown()`` makes Ray end the driver with exit status 1 before the job's error is printed."""
     before = set(threading.enumerate())
-    batches = iter(dataset.iter_batches(batch_size=None))
+    batches: Generator[dict[str, Any], None, None] = iter(dataset.iter_batches(batch_size=None))
     try:
         yield batches
-    finally:
+    except BaseException:
+        _stop_early(batches, before)
+        raise
+
+
+def _stop_early(batches: Generator[dict[str, Any], None, None], before: set[threading.Thread]) -> None:
+    """Close the iteration and wait for its threads; nothing here may hide the error that stopped it."""
+    try:
         batches.close()
-        deadline = time.monotonic() + DATASET_THREADS_GRACE_S
-        for thread in set(threading.enumerate()) - before:
+    except Exception:  # noqa: BLE001 - the error that stopped the job is the one to report
+        log.debug("closing the dataset iteration failed", exc_info=True)
+    deadline = time.monotonic() + DATASET_THREADS_GRACE_S
+    for thread in set(threading.enumerate()) - before:
+        try:
             thread.join(max(0.0, deadline - time.monotonic()))
+        except (RuntimeError, AssertionError):  # not started yet, or a foreign thread Python cannot join
+            continue
 
 
 def _line_preprocessor(config: JobConfig, mode: Mode) -> LinePreprocessor | None:
-    """The checkpoint's line preprocessing (recognize mode), which also checks the model. Imported
-    here: the driver loads transformers only when it needs them, and in parallel with Ray's start."""
+    """The checkpoint's line preprocessing (recognize mode), which also checks the model, and on a local
+    run the precision on this machine's device (its recognizers would refuse it only once started).
+    Imported here: the driver loads transformers only when it needs them, in parallel with Ray's start."""
     if mode != "recognize":
         return None
-    from operators.model import load_line_preprocessor
+    from operators.model import load_line_preprocessor, resolve_device, resolve_precision
 
+    if _runs_locally(config):
+        resolve_precision(config.recognize.precision, resolve_device(config.recognize.device))
     return load_line_preprocessor(config.recognize.model)
 
 

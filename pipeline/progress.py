@@ -3,8 +3,8 @@ log, ``--log-json`` records for schedulers, and Ray's own chatter kept out of th
 
 Ray Data prints its operator progress dumps every few seconds when stdout is not a terminal, and
 the driver's core worker writes C++ log lines straight to file descriptor 2 (for example an error
-line about actor restarts on every run with an actor pool). Both are hidden unless ``--verbose``;
-Ray keeps them in its session logs either way.
+line about actor restarts on every run with an actor pool; :mod:`pipeline.stderr_filter`). Both are
+hidden unless ``--verbose``; Ray keeps them in its session logs either way.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
+import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,10 +24,10 @@ import ray
 
 from operators.errors import ConfigError
 from operators.records import DocumentRecord, PageWork
+from pipeline import stderr_filter
 
-#: A Ray C++ log line below fatal: ``[2026-01-01 10:00:00,123 E 4242 4242] core_worker.cc:2465: ...``.
-#: A fatal line (``F``) passes: Ray ends the process right after it, and it is the only word of why.
-RAY_CORE_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWE] \d+ \d+\] \S+\.cc:\d+:")
+STDERR_FILTER = stderr_filter.__file__
+
 #: Seconds between two summary lines in a non-interactive run, and between two redraws of the live line.
 LOG_INTERVAL_S = 30.0
 REDRAW_INTERVAL_S = 0.5
@@ -47,31 +46,28 @@ def quiet_ray_data(verbose: bool) -> None:
 
 @contextmanager
 def without_ray_core_logs() -> Iterator[None]:
-    """File descriptor 2 through a filter that drops Ray's C++ log lines (the core worker writes them
-    below Python, so no logging setting reaches them); every other line passes unchanged."""
+    """File descriptor 2 through :mod:`pipeline.stderr_filter`, a child process that drops Ray's C++
+    log lines (the core worker writes them below Python, so no logging setting reaches them) and
+    passes every other byte unchanged."""
     sys.stderr.flush()
     original = os.dup(2)
     read_end, write_end = os.pipe()
+    try:
+        stderr_filter = subprocess.Popen([sys.executable, "-I", "-S", STDERR_FILTER], stdin=read_end, stdout=original)
+    finally:
+        os.close(read_end)
     os.dup2(write_end, 2)
     os.close(write_end)
-
-    console = os.dup(original)  # here, not in the thread: a quick exit closes ``original`` before it runs
-
-    def forward() -> None:
-        with os.fdopen(read_end, "rb") as lines, os.fdopen(console, "wb", buffering=0) as out:
-            for line in lines:
-                if not RAY_CORE_LOG_LINE.match(line):
-                    out.write(line)
-
-    thread = threading.Thread(target=forward, name="stderr-filter", daemon=True)
-    thread.start()
     try:
         yield
     finally:
         sys.stderr.flush()
-        os.dup2(original, 2)  # closes the pipe's last write end: the thread reads to the end and stops
+        os.dup2(original, 2)  # closes the pipe's last write end: the filter reads to the end and stops
         os.close(original)
-        thread.join(timeout=5)
+        try:
+            stderr_filter.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # a process started meanwhile still holds the pipe: it ends with it
+            pass
 
 
 @dataclass

@@ -33,7 +33,7 @@ def _job(documents: list[Path], output: Path, model: Path) -> subprocess.Popen:
     line per model call so each actor call lasts long enough to be caught (and killed) inside."""
     command = [sys.executable, "-m", "pipeline.cli", "run", str(documents[0].parent), "--output", str(output),
                "--set", "rasterize.dpi=100", "--set", f"recognize.model={model}", "--set", "ray.num_cpus=2",
-               "--set", "recognize.max_new_tokens=32", "--set", "output.parquet_rows_per_file=1",
+               "--set", "recognize.max_new_tokens=16", "--set", "output.parquet_rows_per_file=1",
                "--set", "recognize.pages_per_batch=1", "--set", "recognize.line_batch_size=1"]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

@@ -16,7 +16,7 @@ import pytest
 from conftest import box_iou, text_page
 from operators.settings import DEFAULT_MODEL
 from pipeline.config import load_config
-from operators.errors import ConfigError, ExitCode
+from operators.errors import ConfigError, ExitCode, ModelLoadError
 from pipeline.job import run_job
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA
 from pipeline.synth.docs import load_ground_truth, page_texts
@@ -152,6 +152,19 @@ def test_cli_bad_model_fails_fast_with_clear_message(input_folder, tmp_path):
     )
     assert result.returncode == ExitCode.model_error
     assert "no-such-model" in result.stderr
+    assert not (tmp_path / "out" / "pages").exists()
+
+
+def test_a_precision_this_machine_cannot_run_fails_before_any_page_is_read(ray_local, synthetic_documents, tmp_path):
+    """fp16 with ``device: auto`` passes the config (a GPU machine runs it); on a local run without
+    CUDA the driver refuses it at start-up, instead of each recognizer actor once the pages are read."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine runs fp16")
+    config = load_config(None, ["recognize.precision=fp16"])
+    with pytest.raises(ModelLoadError, match="precision fp16 needs a CUDA device"):
+        run_job([str(synthetic_documents[0])], str(tmp_path / "out"), config)
     assert not (tmp_path / "out" / "pages").exists()
 
 
