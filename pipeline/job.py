@@ -279,14 +279,15 @@ def _stop_early(batches: Generator[dict[str, Any], None, None], before: set[thre
 
 def _line_preprocessor(config: JobConfig, mode: Mode) -> LinePreprocessor | None:
     """The checkpoint's line preprocessing (recognize mode), which also checks the model, and on a local
-    run the precision on this machine's device (its recognizers would refuse it only once started).
-    Imported here: the driver loads transformers only when it needs them, in parallel with Ray's start."""
+    run without a GPU the precision on this CPU (its recognizers would refuse it only once started; on
+    a GPU the actors check it, so the driver never opens a CUDA context). Imported here: the driver
+    loads transformers only when it needs them, in parallel with Ray's start."""
     if mode != "recognize":
         return None
     from operators.model import load_line_preprocessor, resolve_device, resolve_precision
 
-    if _runs_locally(config):
-        resolve_precision(config.recognize.precision, resolve_device(config.recognize.device))
+    if _runs_locally(config) and (device := resolve_device(config.recognize.device)).type == "cpu":
+        resolve_precision(config.recognize.precision, device)
     return load_line_preprocessor(config.recognize.model)
 
 

@@ -48,12 +48,22 @@ def quiet_ray_data(verbose: bool) -> None:
 def without_ray_core_logs() -> Iterator[None]:
     """File descriptor 2 through :mod:`pipeline.stderr_filter`, a child process that drops Ray's C++
     log lines (the core worker writes them below Python, so no logging setting reaches them) and
-    passes every other byte unchanged."""
+    passes every other byte unchanged. Not with RAY_LOG_TO_STDERR=1: Ray's own processes would then
+    hold the pipe, and whoever set it wants Ray's lines."""
+    if os.environ.get("RAY_LOG_TO_STDERR") == "1":
+        yield
+        return
     sys.stderr.flush()
     original = os.dup(2)
     read_end, write_end = os.pipe()
     try:
-        stderr_filter = subprocess.Popen([sys.executable, "-I", "-S", STDERR_FILTER], stdin=read_end, stdout=original)
+        # a session of its own: a terminal's Ctrl-C goes to the job, which still has things to say
+        stderr_filter = subprocess.Popen([sys.executable, "-I", "-S", STDERR_FILTER], stdin=read_end, stdout=original,
+                                         start_new_session=True)
+    except OSError:
+        os.close(original)
+        os.close(write_end)
+        raise
     finally:
         os.close(read_end)
     os.dup2(write_end, 2)

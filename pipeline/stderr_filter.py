@@ -13,40 +13,63 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import sys
 
-#: A Ray C++ log line: ``[2026-01-01 10:00:00,123 E 4242 4242] core_worker.cc:2465: ...``.
-RAY_CORE_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] \S+\.cc:\d+:")
-#: Ray lines that always pass: a fatal line, or one saying that Ray ends the process now. They are
-#: the only word of why a run ended with exit status 1 and nothing else.
-RAY_EXIT_NOTICE = re.compile(rb"^\[[^\]]* F \d+ \d+\]|process will exit|not initialized yet or already")
+#: A Ray C++ log line, its level in group 1: ``[2026-01-01 10:00:00,123 E 4242 4242] core_worker.cc:2465: ...``.
+#: Searched anywhere in a line: on a terminal it can follow a progress line redrawn in place.
+RAY_CORE_LOG_LINE = re.compile(rb"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ([DIWEF]) \d+ \d+\] \S+\.cc:\d+:")
+#: What Ray says when it ends the process right after (a fatal line passes too): the only word of
+#: why a run ended with exit status 1 and nothing else.
+RAY_EXIT_NOTICE = re.compile(rb"process will exit|not initialized yet or already")
 
 
-def kept(line: bytes) -> bool:
-    return not RAY_CORE_LOG_LINE.match(line) or bool(RAY_EXIT_NOTICE.search(line))
+def without_ray_lines(line: bytes) -> bytes:
+    """The line, or what comes before a Ray log line in it (nothing if it is one), unless Ray says
+    there that it ends the process."""
+    found = RAY_CORE_LOG_LINE.search(line)
+    if found is None or found.group(1) == b"F" or RAY_EXIT_NOTICE.search(line, found.end()):
+        return line
+    return line[:found.start()]
+
+
+def _judged(line: bytes) -> bytes:
+    """A whole line as it goes out: with its newline, or only what came before a Ray line in it."""
+    kept = without_ray_lines(line)
+    return line + b"\n" if kept is line else kept
 
 
 def forward(source: int, console: int) -> None:
     """Copy ``source`` to ``console`` until end of file, without Ray's log lines. Whole lines are
-    judged; an unfinished line that cannot be a Ray log line goes out at once (a progress line
-    redrawn in place with a carriage return never ends with a newline)."""
+    judged; of an unfinished line, what comes before any ``[`` goes out at once (a progress line
+    redrawn in place with a carriage return never ends with a newline). If the console cannot be
+    written any more, the rest is read and dropped, so the job never writes into a dead pipe."""
     pending = b""
     while chunk := os.read(source, 1 << 16):
         *lines, pending = (pending + chunk).split(b"\n")
-        out = b"".join(line + b"\n" for line in lines if kept(line))
-        if pending and not pending.startswith(b"["):
-            out, pending = out + pending, b""
-        _write_all(console, out)
-    if kept(pending):
-        _write_all(console, pending)
+        out = b"".join(_judged(line) for line in lines)
+        cut = pending.find(b"[")
+        out, pending = (out + pending, b"") if cut < 0 else (out + pending[:cut], pending[cut:])
+        console = _write_all(console, out)
+    _write_all(console, without_ray_lines(pending))
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    while data:
-        data = data[os.write(fd, data):]
+def _write_all(console: int, data: bytes) -> int:
+    """``console``, or -1 once it cannot be written (closed, broken pipe): the rest is dropped."""
+    while data and console >= 0:
+        try:
+            data = data[os.write(console, data):]
+        except BlockingIOError:
+            select.select([], [console], [])
+        except OSError:
+            return -1
+    return console
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the job's to handle; this carries its last words
+    # Ctrl-C and `ray job stop` are the job's to handle; this process ends when the job's end of the
+    # pipe closes, after carrying its last words
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     forward(sys.stdin.fileno(), sys.stdout.fileno())

@@ -168,6 +168,21 @@ def test_a_precision_this_machine_cannot_run_fails_before_any_page_is_read(ray_l
     assert not (tmp_path / "out" / "pages").exists()
 
 
+def test_a_job_stopped_mid_stream_reports_its_own_error_and_leaves_no_fetching_thread(ray_local):
+    """What a write failure does to the job's stream: the error that stopped it comes out, and Ray
+    Data's block fetchers are gone before Ray could be shut down (see pipeline.job._batches_of)."""
+    import threading
+
+    from pipeline.job import _batches_of
+
+    dataset = ray_local.data.range(2000, override_num_blocks=40).map_batches(lambda batch: batch)
+    with pytest.raises(OSError, match="No space left"):
+        with _batches_of(dataset) as batches:
+            next(batches)
+            raise OSError(28, "No space left on device")
+    assert not [thread.name for thread in threading.enumerate() if thread.name == "iter_threaded"]
+
+
 def test_filesystem_uris_for_inputs_and_output(ray_local, synthetic_documents, tmp_path):
     """Inputs and output given as pyarrow filesystem URIs (file:// here; s3:// and gs:// take the same path)."""
     source = synthetic_documents[0]
