@@ -123,25 +123,29 @@ def test_searchable_pdfs_hold_the_recognized_words_on_their_boxes(run, inputs):
         assert placed >= 0.9 * total, (source, placed, total)
 
 
-@pytest.mark.parametrize("orientation", [6, 5])
-def test_a_photo_with_an_exif_orientation_shows_upright_under_its_text_layer(ray_local, tmp_path, orientation):
-    """A camera JPEG stored sideways (EXIF 6) or sideways and mirrored (EXIF 5, which a PDF page cannot
-    express as /Rotate): the searchable PDF shows the page as the job read it, and its words."""
+def test_photos_with_an_exif_orientation_show_upright_under_their_text_layer(ray_local, tmp_path):
+    """Camera JPEGs stored sideways (EXIF 6) or sideways and mirrored (EXIF 5, which a PDF page cannot
+    express as /Rotate): the searchable PDF shows each page as the job read it, and its words."""
     upright = text_page([f"Line {number} of a page photographed with a phone." for number in range(8)])
-    stored = upright.transpose(Image.Transpose.ROTATE_90 if orientation == 6 else Image.Transpose.TRANSPOSE)
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    stored.save(tmp_path / "photo.jpg", dpi=(150, 150), quality=95, exif=exif.tobytes())
+    inputs = tmp_path / "photos"
+    inputs.mkdir()
+    for orientation, turn in ((6, Image.Transpose.ROTATE_90), (5, Image.Transpose.TRANSPOSE)):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        upright.transpose(turn).save(inputs / f"photo{orientation}.jpg", dpi=(150, 150), quality=95,
+                                     exif=exif.tobytes())
     config = load_config(None, [DPI, "rasterize.detect_orientation=false", "output.exports=[pdf]"])
-    run_job([str(tmp_path / "photo.jpg")], str(tmp_path / "out"), config)
-    [pdf_path] = (tmp_path / "out" / "exports").glob("photo-*.pdf")
-    subprocess.run(["pdftoppm", "-r", "150", "-gray", "-png", "-singlefile", str(pdf_path), str(tmp_path / "shown")],
-                   check=True)
-    shown = np.asarray(Image.open(tmp_path / "shown.png").convert("L"), dtype=np.float32)
-    assert shown.shape == np.asarray(upright).shape
-    assert np.abs(shown - np.asarray(upright, dtype=np.float32)).mean() < 3
-    [words] = _pdf_words(pdf_path)
-    assert "phone." in [text for text, _ in words]
+    run_job([str(inputs)], str(tmp_path / "out"), config)
+    for orientation in (6, 5):
+        [pdf_path] = (tmp_path / "out" / "exports").glob(f"photo{orientation}-*.pdf")
+        shown_png = tmp_path / f"shown{orientation}"
+        subprocess.run(["pdftoppm", "-r", "150", "-gray", "-png", "-singlefile", str(pdf_path), str(shown_png)],
+                       check=True)
+        shown = np.asarray(Image.open(f"{shown_png}.png").convert("L"), dtype=np.float32)
+        assert shown.shape == np.asarray(upright).shape, orientation
+        assert np.abs(shown - np.asarray(upright, dtype=np.float32)).mean() < 3, orientation
+        [words] = _pdf_words(pdf_path)
+        assert "phone." in [text for text, _ in words], orientation
 
 
 def test_pdf_inputs_keep_their_image_streams_and_the_output_is_pdfa(run, inputs):

@@ -129,17 +129,16 @@ def test_a_recognizer_pool_holding_every_local_cpu_is_refused_before_any_page(ra
     assert not (tmp_path / "out" / "pages").exists()
 
 
-def test_cli_run_reports_failed_documents_in_exit_code(input_folder, tiny_model, tmp_path):
+def test_cli_run_reports_failed_documents_in_exit_code(ray_local, input_folder, tiny_model, tmp_path, capsys):
+    """The command line's run, in this process on the session's Ray instance (the job joins it)."""
+    from pipeline.cli import main
+
     output = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "run", str(input_folder / "corrupt.pdf"),
-         str(next(input_folder.glob("*.tif*"))), "--output", str(output),
-         "--set", "rasterize.dpi=150", "--set", f"recognize.model={tiny_model}",
-         "--set", "recognize.max_new_tokens=4", "--set", "ray.num_cpus=2", "--export", "alto,page,hocr,txt"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == ExitCode.documents_failed, result.stderr[-3000:]
-    assert "documents: 1 ok, 1 failed" in result.stdout
+    code = main(["run", str(input_folder / "corrupt.pdf"), str(next(input_folder.glob("*.tif*"))),
+                 "--output", str(output), "--set", "rasterize.dpi=150", "--set", f"recognize.model={tiny_model}",
+                 "--set", "recognize.max_new_tokens=4", "--export", "alto,page,hocr,txt"])
+    assert code == ExitCode.documents_failed
+    assert "documents: 1 ok, 1 failed" in capsys.readouterr().out
     exported = sorted(path.name.split(".", 1)[1].split(".", 1)[-1] for path in (output / "exports").iterdir())
     assert {"alto.xml", "page.xml", "hocr", "txt"} <= set(exported), exported
 
