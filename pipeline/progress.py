@@ -58,8 +58,8 @@ def without_ray_core_logs() -> Iterator[None]:
     read_end, write_end = os.pipe()
     try:
         # a session of its own: a terminal's Ctrl-C goes to the job, which still has things to say
-        stderr_filter = subprocess.Popen([sys.executable, "-I", "-S", STDERR_FILTER], stdin=read_end, stdout=original,
-                                         start_new_session=True)
+        filter_process = subprocess.Popen([sys.executable, "-I", "-S", STDERR_FILTER], stdin=read_end,
+                                          stdout=original, start_new_session=True)
     except OSError:
         os.close(original)
         os.close(write_end)
@@ -75,7 +75,7 @@ def without_ray_core_logs() -> Iterator[None]:
         os.dup2(original, 2)  # closes the pipe's last write end: the filter reads to the end and stops
         os.close(original)
         try:
-            stderr_filter.wait(timeout=5)
+            filter_process.wait(timeout=5)
         except subprocess.TimeoutExpired:  # a process started meanwhile still holds the pipe: it ends with it
             pass
 

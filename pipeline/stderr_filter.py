@@ -25,19 +25,19 @@ RAY_CORE_LOG_LINE = re.compile(rb"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ([DIWEF])
 RAY_EXIT_NOTICE = re.compile(rb"process will exit|not initialized yet or already")
 
 
-def without_ray_lines(line: bytes) -> bytes:
-    """The line, or what comes before a Ray log line in it (nothing if it is one), unless Ray says
-    there that it ends the process."""
+def ray_line_start(line: bytes) -> int | None:
+    """Where a Ray log line to drop starts in ``line`` (0: the whole line is one), or None: none to
+    drop, or Ray says there that it ends the process."""
     found = RAY_CORE_LOG_LINE.search(line)
     if found is None or found.group(1) == b"F" or RAY_EXIT_NOTICE.search(line, found.end()):
-        return line
-    return line[:found.start()]
+        return None
+    return found.start()
 
 
 def _judged(line: bytes) -> bytes:
     """A whole line as it goes out: with its newline, or only what came before a Ray line in it."""
-    kept = without_ray_lines(line)
-    return line + b"\n" if kept is line else kept
+    cut = ray_line_start(line)
+    return line + b"\n" if cut is None else line[:cut]
 
 
 def forward(source: int, console: int) -> None:
@@ -52,7 +52,8 @@ def forward(source: int, console: int) -> None:
         cut = pending.find(b"[")
         out, pending = (out + pending, b"") if cut < 0 else (out + pending[:cut], pending[cut:])
         console = _write_all(console, out)
-    _write_all(console, without_ray_lines(pending))
+    cut = ray_line_start(pending)
+    _write_all(console, pending if cut is None else pending[:cut])
 
 
 def _write_all(console: int, data: bytes) -> int:
