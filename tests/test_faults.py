@@ -1,6 +1,6 @@
-"""Faults on a real local Ray instance: the driver killed with SIGKILL and rerun, a recognizer actor
-killed mid-batch, two runs at once on one output, a disk that fills up, an output that cannot be
-written. Every document and page ends up in the output exactly once."""
+"""Faults on a real local Ray instance: the driver killed with SIGKILL and rerun, a second run on one
+output while the rerun holds it, a recognizer actor killed mid-batch, a disk that fills up, an output
+that cannot be written. Every document and page ends up in the output exactly once."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from operators.errors import ExitCode
+from operators.write import LOCK_FILE
 from pipeline.cli import main
 from pipeline.synth.docs import load_ground_truth, write_document_set
 
@@ -63,7 +64,20 @@ def _check_exactly_once(output: Path, documents: list[Path]) -> list[dict]:
     return pages
 
 
-def test_driver_killed_then_rerun_writes_every_document_once(documents, tiny_model, tmp_path):
+def _lock_held(output: Path) -> bool:
+    """Whether a process holds the output's run lock (``operators.write.output_lock``). Read from
+    /proc/locks: taking the lock to test it could make the run itself find it taken."""
+    try:
+        inode = (output / LOCK_FILE).stat().st_ino
+    except FileNotFoundError:
+        return False
+    held = [line.split() for line in Path("/proc/locks").read_text().splitlines() if "->" not in line]
+    return any(fields[1] == "FLOCK" and fields[5].endswith(f":{inode}") for fields in held)
+
+
+def test_driver_killed_then_rerun_writes_every_document_once_and_a_run_beside_it_stops_at_once(documents, tiny_model, tmp_path, capsys):
+    """Also a cron job firing twice: a run started while the rerun holds the output stops at once,
+    touches nothing and says why."""
     output = tmp_path / "out"
     job = _job(documents, output, tiny_model)
     try:
@@ -77,7 +91,16 @@ def test_driver_killed_then_rerun_writes_every_document_once(documents, tiny_mod
     assert 1 <= killed_at < len(documents), "the kill must land mid-job for this test to mean anything"
 
     rerun = _job(documents, output, tiny_model)
-    log, _ = rerun.communicate(timeout=600)
+    try:
+        _wait_for(lambda: _lock_held(output) or rerun.poll() is not None, 300, "the rerun to hold the output")
+        second = main(["detect", str(documents[0].parent), "--output", str(output)])
+        assert rerun.poll() is None, "the rerun must still be running for the second run to mean anything"
+        log, _ = rerun.communicate(timeout=600)
+    finally:
+        if rerun.poll() is None:
+            os.killpg(rerun.pid, signal.SIGKILL)
+    assert second == ExitCode.output_locked
+    assert f"another run is writing to {output}" in capsys.readouterr().err
     assert rerun.returncode == 0, log[-3000:]
     assert f"{killed_at} already done" in log
     _check_exactly_once(output, documents)
@@ -125,27 +148,6 @@ def test_recognizer_killed_mid_batch_loses_no_line(documents, tiny_model, tmp_pa
     pages = _check_exactly_once(output, documents)
     lines = [line for page in pages for line in page["lines"]]
     assert lines and all(line["text"] and line["confidence"] is not None for line in lines)
-
-
-def test_second_run_on_one_output_exits_at_once_and_nothing_is_doubled(documents, tiny_model, tmp_path, capsys):
-    """A cron job firing twice: the second run finds the lock, touches nothing and says why."""
-    output = tmp_path / "out"
-    first = _job(documents, output, tiny_model)
-    try:
-        _wait_for(lambda: (output / "documents").exists() or first.poll() is not None, 300,
-                  "the first run to hold the output")
-        second = main(["detect", str(documents[0].parent), "--output", str(output)])
-        assert first.poll() is None, "the first run must still be running for this test to mean anything"
-        log, _ = first.communicate(timeout=600)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-    assert second == ExitCode.output_locked
-    assert f"another run is writing to {output}" in capsys.readouterr().err
-    assert first.returncode == 0, log[-3000:]
-    assert main(["detect", str(documents[0].parent), "--output", str(output)]) == ExitCode.ok
-    assert f"{len(documents)} already done" in capsys.readouterr().out
-    _check_exactly_once(output, documents)
 
 
 def test_output_that_cannot_be_written_fails_before_any_work(documents, tmp_path, capsys):
