@@ -6,9 +6,10 @@
    so other load on the machine does not inflate them), the figures to size a cluster's CPUs per
    GPU with, and wall seconds (on a GPU, the recognize row's wall time is the GPU's cost).
 2. End to end: ``run_job`` on a private local Ray instance with the process pinned to 1 core,
-   then to 2 cores (Ray's workers inherit the affinity), for pages/s including Ray's start-up.
+   then to 2 cores (``--cores``; Ray's workers inherit the affinity), for pages/s including Ray's
+   start-up, and each count's speed-up over the first.
 
-    .venv/bin/python bench/scaling.py [--documents 4] [--dpi 300] [--model PATH] [--device cuda]
+    .venv/bin/python bench/scaling.py [--documents 4] [--dpi 300] [--model PATH] [--device cuda] [--cores 1 2]
 
 The model is ``models/trocr-pipeline-printed-small`` when it is there, else a tiny random TrOCR
 built on the fly; the table says which (a random model never stops early, so its recognize cost is
@@ -147,13 +148,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="cuda: fp16 with one GPU per recognizer actor, as configs/cluster-v100.yaml")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--cores", type=int, nargs="+", default=[1, 2], help="core counts to run the whole job on")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if len(os.sched_getaffinity(0)) < 2:
-        print("needs at least 2 cores to compare 1 and 2", file=sys.stderr)
+    available = sorted(os.sched_getaffinity(0))
+    if max(args.cores) > len(available) or min(args.cores) < 1:
+        print(f"--cores {' '.join(map(str, args.cores))}: this process may use 1 to {len(available)} cores",
+              file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="scaling-") as scratch:
         workdir = Path(scratch)
@@ -170,11 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model: {model_name}; {args.documents} documents, {costs.pages} pages, {costs.lines} lines "
               f"at {args.dpi} dpi; max_new_tokens {args.max_new_tokens}; load average {os.getloadavg()[0]:.1f}")
         print(f"\nstage costs, one thread in-process:\n{stage_table(costs)}")
-        first, second = sorted(os.sched_getaffinity(0))[:2]
-        one = run_on_cores(documents, config, workdir / "one-core", {first})
-        two = run_on_cores(documents, config, workdir / "two-cores", {first, second})
         print("\nwhole job (run_job, local Ray, start-up included):")
-        print(f"1 core : {one:.3f} pages/s\n2 cores: {two:.3f} pages/s ({two / one:.2f}x)")
+        speeds: list[float] = []
+        for count in args.cores:
+            speeds.append(run_on_cores(documents, config, workdir / f"{count}-cores", set(available[:count])))
+            over_first = f" ({speeds[-1] / speeds[0]:.2f}x)" if len(speeds) > 1 else ""
+            print(f"{count} core{'s' if count > 1 else ' '}: {speeds[-1]:.3f} pages/s{over_first}")
     return 0
 
 
