@@ -452,7 +452,7 @@ def ink_width_step(model: VisionEncoderDecoderModel, keep_aspect: bool) -> int |
     config = model.config.encoder
     if not keep_aspect or config.model_type not in ("vit", "deit"):
         return None
-    return as_pair(config.patch_size)[1]
+    return _pair(config.patch_size)[1]
 
 
 def encode_lines(encoder: torch.nn.Module, pixel_values: torch.Tensor,
@@ -469,10 +469,10 @@ def encode_lines(encoder: torch.nn.Module, pixel_values: torch.Tensor,
     without widths, at full width, it is the encoder's own forward pass.
     """
     config = encoder.config
-    height, width = as_pair(config.image_size)
+    height, width = _pair(config.image_size)
     if line_widths is None and pixel_values.shape[-2:] == (height, width):
         return encoder(pixel_values=pixel_values).last_hidden_state, None
-    patch_height, patch_width = as_pair(config.patch_size)
+    patch_height, patch_width = _pair(config.patch_size)
     if pixel_values.shape[-2] != height or pixel_values.shape[-1] % patch_width or pixel_values.shape[-1] > width:
         raise ValueError(f"line images of {tuple(pixel_values.shape[-2:])} px do not fit a {height}x{width} encoder "
                          f"cut at multiples of {patch_width} px")
@@ -496,8 +496,7 @@ def encode_lines(encoder: torch.nn.Module, pixel_values: torch.Tensor,
     return encoder.layernorm(hidden), keep
 
 
-def as_pair(value: int | Sequence[int]) -> tuple[int, int]:
-    """A ViT size setting (one int, or height and width) as (height, width)."""
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 

@@ -46,11 +46,11 @@ class LinePreprocessor:
             raise ModelLoadError(f"{name}: do_resize is off, so line crops would keep their own sizes; unsupported")
         if getattr(image_processor, "do_pad", False):
             raise ModelLoadError(f"{name}: do_pad is not supported")
-        resize_size = fixed_height_width(image_processor.size, name, "size")
+        resize_size = _height_width(image_processor.size, name, "size")
         input_size = resize_size
         keep_aspect = bool(getattr(image_processor, KEEP_ASPECT_KEY, False))
         if getattr(image_processor, "do_center_crop", False):
-            input_size = fixed_height_width(image_processor.crop_size, name, "crop_size")
+            input_size = _height_width(image_processor.crop_size, name, "crop_size")
             if input_size[0] > resize_size[0] or input_size[1] > resize_size[1]:
                 raise ModelLoadError(f"{name}: crop_size {input_size} larger than size {resize_size} is not supported")
             if keep_aspect and input_size != resize_size:
@@ -140,9 +140,7 @@ def ink_columns(resized: np.ndarray) -> int:
     return int(columns[-1]) + 1 if columns.size else 0
 
 
-def fixed_height_width(size: Any, name: str, key: str) -> tuple[int, int]:
-    """An image processor's size setting (a dict or transformers' SizeDict) as (height, width); ModelLoadError
-    unless both are fixed."""
+def _height_width(size: Any, name: str, key: str) -> tuple[int, int]:
     height, width = _get(size, "height"), _get(size, "width")
     if not height or not width:
         raise ModelLoadError(f"{name}: {key}={size!r} is not a fixed height/width; unsupported")

@@ -20,10 +20,6 @@ from operators.crops import cut_polygon
 from operators.model import load_trocr
 from pipeline.train.config import DataSource, TrainConfig, load_train_config
 from pipeline.train.data import LabelCollator, read_line_folder, read_page_lines, validation_lines
-from operators.preprocess import LinePreprocessor
-from operators.recognize import LineRecognizer
-from operators.records import LinePiece
-from pipeline.train.model import enlarge_input
 from pipeline.train.loop import CHECKPOINT_PREFIX, TRAINER_STATE, latest_checkpoint, learning_rate_factor, train
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
@@ -164,29 +160,6 @@ def test_from_scratch_builds_tokenizer_and_model_from_the_spec(tmp_path):
     assert bundle.model.config.encoder.num_hidden_layers == 1
 
 
-def test_an_enlarged_input_starts_by_reading_an_enlarged_line_as_the_base_read_the_line(base_model):
-    base = load_trocr(str(base_model), device="cpu")
-    enlarged, processor = enlarge_input(base.model, base.processor, 2)
-    assert enlarged.config.encoder.patch_size == [32, 32]
-    assert LinePreprocessor.from_image_processor(processor.image_processor).input_size == (64, 256)
-    pixel_values = torch.rand(2, 3, 32, 128) * 2 - 1
-    twice = pixel_values.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
-    decoder_input_ids = torch.tensor([[base.model.config.decoder_start_token_id, 5, 9]] * 2)
-    with torch.no_grad():
-        expected = base.model(pixel_values=pixel_values, decoder_input_ids=decoder_input_ids).logits
-        got = enlarged(pixel_values=twice, decoder_input_ids=decoder_input_ids).logits
-    assert torch.allclose(got, expected, atol=1e-5)
-
-
-def test_input_scale_fine_tunes_and_saves_the_enlarged_model(tmp_path, base_model, line_folder):
-    config = fine_tune_config(tmp_path, base_model, line_folder, steps=2).model_copy(update={"input_scale": 2})
-    bundle = load_trocr(str(train(config, show_progress=False)), device="cpu")
-    assert bundle.preprocessor.input_size == (64, 256)
-    pieces = [[LinePiece(bundle.preprocessor.resize(np.asarray(render(text))), 3.0)] for text in TEXTS[:2]]
-    readings = LineRecognizer(bundle, "fast", num_beams=1, max_new_tokens=4, line_batch_size=2)(pieces)
-    assert pieces[0][0].pixels.shape[0] == 64 and len(readings) == 2
-
-
 def test_labels_pad_with_minus_100_and_drop_the_start_token(base_model):
     tokenizer = load_trocr(str(base_model), device="cpu").tokenizer
     labels = LabelCollator(tokenizer, tokenizer.bos_token_id, max_target_tokens=16).labels(["a", "longer text"])
@@ -207,9 +180,6 @@ def test_config_needs_exactly_one_model_source(tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError, match="exactly one of base_model"):
-        load_train_config(path)
-    path.write_text(yaml.safe_dump({**config, "model": {}, "input_scale": 2}))
-    with pytest.raises(ConfigError, match="input_scale enlarges base_model"):
         load_train_config(path)
     path.write_text(yaml.safe_dump({**config, "base_model": "x", "bogus": 1}))
     with pytest.raises(ConfigError, match="bogus"):

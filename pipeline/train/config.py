@@ -60,8 +60,6 @@ class TrainConfig(Frozen):
     work_dir: Path = Field(description="checkpoints with optimizer state, for --resume")
     base_model: str | None = Field(default=None, description="checkpoint to fine-tune (hub id or folder)")
     model: ModelSpec | None = Field(default=None, description="or: build this model from scratch")
-    input_scale: int = Field(default=1, ge=1, le=4, description="fine-tune: read lines this many times taller and "
-                             "wider than base_model, through as much larger patches (pipeline.train.model.enlarge_input)")
     train_data: list[DataSource] = Field(min_length=1)
     validation_data: list[DataSource] = []
     steps: int = Field(ge=1, description="optimizer steps; the learning-rate schedule spans them")
@@ -88,8 +86,6 @@ class TrainConfig(Frozen):
     def _check(self) -> "TrainConfig":
         if (self.base_model is None) == (self.model is None):
             raise ValueError("give exactly one of base_model (fine-tune) or model (build from scratch)")
-        if self.input_scale != 1 and self.base_model is None:
-            raise ValueError("input_scale enlarges base_model's input; a model built from scratch sets input_size")
         if any(source.kind == "synth" and source.count is None for source in self.validation_data):
             raise ValueError("synthetic validation data needs a count")
         return self

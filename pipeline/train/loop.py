@@ -34,7 +34,7 @@ from operators.preprocess import LinePreprocessor, ink_columns
 from operators.recognize import LineRecognizer
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import Batch, LabelCollator, LabeledLine, TrainingLines, validation_lines
-from pipeline.train.model import build_trocr, enlarge_input, save_trocr
+from pipeline.train.model import build_trocr, save_trocr
 from pipeline.train.tokenizer import train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -46,13 +46,10 @@ WIDTH_POOL_BATCHES = 8
 
 
 def build_or_load(config: TrainConfig) -> tuple[VisionEncoderDecoderModel, TrOCRProcessor]:
-    """Fine-tune: load base_model (its input enlarged by input_scale). From scratch: train the tokenizer on the
-    synthetic corpus, build the model."""
+    """Fine-tune: load base_model. From scratch: train the tokenizer on the synthetic corpus, build the model."""
     if config.base_model is not None:
         bundle = load_trocr(config.base_model, device="cpu")
-        if config.input_scale == 1:
-            return bundle.model, bundle.processor
-        return enlarge_input(bundle.model, bundle.processor, config.input_scale)
+        return bundle.model, bundle.processor
     spec = config.model
     from pipeline.synth.corpus import CorpusSampler
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,9 +19,8 @@ from transformers import (
     ViTImageProcessorPil,
 )
 
-from operators.decoding import as_pair
 from operators.model import set_generation_ids
-from operators.preprocess import KEEP_ASPECT_KEY, fixed_height_width
+from operators.preprocess import KEEP_ASPECT_KEY
 
 EncoderKind = Literal["vit", "deit"]
 
@@ -79,39 +77,6 @@ def build_trocr(
     model.generation_config.max_new_tokens = max_target_tokens
     processor = TrOCRProcessor(image_processor=_new_image_processor(encoder, input_size, keep_aspect), tokenizer=tokenizer)
     return model, processor
-
-
-def enlarge_input(model: VisionEncoderDecoderModel, processor: TrOCRProcessor,
-                  factor: int) -> tuple[VisionEncoderDecoderModel, TrOCRProcessor]:
-    """The same model reading line images ``factor`` times taller and wider, through patches ``factor``
-    times taller and wider: the same tokens, so nearly the same encoder cost.
-
-    Why: a 32-px line leaves a typewriter's e and o a few pixels apart, and the real training lines are
-    64 px high. Each new patch weight is the old one spread over factor x factor pixels, so the enlarged
-    model starts out reading an image as the old one read it at 1/factor the size; fine-tuning then
-    learns the finer detail instead of starting from scratch. ViT and DeiT encoders only.
-    """
-    if factor < 1:
-        raise ValueError(f"the input can only be enlarged by a factor >= 1, got {factor}")
-    config = copy.deepcopy(model.config)
-    encoder = config.encoder
-    if encoder.model_type not in ("vit", "deit"):
-        raise ValueError(f"enlarging the input needs a ViT or DeiT encoder, this one is {encoder.model_type}")
-    encoder.image_size = [side * factor for side in as_pair(encoder.image_size)]
-    encoder.patch_size = [side * factor for side in as_pair(encoder.patch_size)]
-    enlarged = VisionEncoderDecoderModel(config=config)
-    weights = model.state_dict()
-    patch = "encoder.embeddings.patch_embeddings.projection.weight"
-    weights[patch] = weights[patch].repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3) / factor ** 2
-    enlarged.load_state_dict(weights)
-    enlarged.generation_config = copy.deepcopy(model.generation_config)
-    image_processor = copy.deepcopy(processor.image_processor)
-    for name in ("size", "crop_size"):  # a dict or transformers' SizeDict; only fixed sizes are supported
-        size = getattr(image_processor, name, None)
-        if size is not None:
-            height, width = fixed_height_width(size, type(image_processor).__name__, name)
-            setattr(image_processor, name, type(size)(height=height * factor, width=width * factor))
-    return enlarged.train(model.training), TrOCRProcessor(image_processor=image_processor, tokenizer=processor.tokenizer)
 
 
 def save_trocr(model: VisionEncoderDecoderModel, processor: TrOCRProcessor, out_dir: Path) -> Path:
