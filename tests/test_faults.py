@@ -75,7 +75,8 @@ def _lock_held(output: Path) -> bool:
     return any(fields[1] == "FLOCK" and fields[5].endswith(f":{inode}") for fields in held)
 
 
-def test_driver_killed_then_rerun_writes_every_document_once_and_a_run_beside_it_stops_at_once(documents, tiny_model, tmp_path, capsys):
+def test_driver_killed_then_rerun_writes_every_document_once_and_a_run_beside_it_stops_at_once(
+        documents, tiny_model, tmp_path, capsys):
     """Also a cron job firing twice: a run started while the rerun holds the output stops at once,
     touches nothing and says why."""
     output = tmp_path / "out"
