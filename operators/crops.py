@@ -74,8 +74,7 @@ def line_pieces(crop: np.ndarray, gaps: Sequence[tuple[int, int]], preprocessor:
     height, width = crop.shape[:2]
     cuts = []
     if split_long_lines and preprocessor.keep_aspect:
-        input_height, input_width = preprocessor.input_size
-        cuts = cut_points(gaps, width, height, input_width / input_height)
+        cuts = cut_points(gaps, width, height, preprocessor.max_aspect)
     bounds = [0, *cuts, width]
     return [LinePiece(preprocessor.resize(crop[:, start:end]), (end - start) / max(1, height))
             for start, end in zip(bounds, bounds[1:])]

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 #: Extra preprocessor_config.json key: resize keeping the aspect ratio and pad right with white.
 #: transformers ignores it (its own processor stretches); LinePreprocessor reads it. Absent = stretch.
 KEEP_ASPECT_KEY = "trocr_pipeline_keep_aspect"
+#: Extra key for keep-aspect models: lines are stretched this much wider than their aspect before they
+#: are fitted, so a glyph spans more encoder patches. Absent = 1.0 (no stretch).
+WIDTH_SCALE_KEY = "trocr_pipeline_width_scale"
 BACKGROUND = 255
 
 
@@ -37,6 +40,12 @@ class LinePreprocessor:
     rescale_factor: float | None
     image_mean: tuple[float, float, float] | None
     image_std: tuple[float, float, float] | None
+    width_scale: float = 1.0
+
+    @property
+    def max_aspect(self) -> float:
+        """The widest line (width / height) that fits the input without being shrunk."""
+        return self.input_size[1] / (self.input_size[0] * self.width_scale)
 
     @classmethod
     def from_image_processor(cls, image_processor: Any) -> "LinePreprocessor":
@@ -55,6 +64,11 @@ class LinePreprocessor:
                 raise ModelLoadError(f"{name}: crop_size {input_size} larger than size {resize_size} is not supported")
             if keep_aspect and input_size != resize_size:
                 raise ModelLoadError(f"{name}: {KEEP_ASPECT_KEY} cannot be combined with a centre crop")
+        width_scale = float(getattr(image_processor, WIDTH_SCALE_KEY, 1.0))
+        if not width_scale > 0:
+            raise ModelLoadError(f"{name}: {WIDTH_SCALE_KEY} must be positive, got {width_scale}")
+        if width_scale != 1.0 and not keep_aspect:
+            raise ModelLoadError(f"{name}: {WIDTH_SCALE_KEY} needs {KEEP_ASPECT_KEY}")
         do_normalize = bool(getattr(image_processor, "do_normalize", False))
         return cls(
             input_size=input_size,
@@ -64,6 +78,7 @@ class LinePreprocessor:
             rescale_factor=float(image_processor.rescale_factor) if image_processor.do_rescale else None,
             image_mean=_per_channel(image_processor.image_mean) if do_normalize else None,
             image_std=_per_channel(image_processor.image_std) if do_normalize else None,
+            width_scale=width_scale,
         )
 
     def resize(self, crop: np.ndarray) -> np.ndarray:
@@ -117,10 +132,12 @@ class LinePreprocessor:
         return values.to(dtype).contiguous()
 
     def _fit_on_background(self, image: Image.Image) -> Image.Image:
-        """Scale to fit inside input_size keeping the aspect ratio; left-aligned, vertically centred, white around."""
+        """Scale to fit inside input_size keeping the aspect ratio (times ``width_scale``); left-aligned,
+        vertically centred, white around."""
         height, width = self.input_size
-        scale = min(height / image.height, width / image.width)
-        new_width = max(1, min(width, round(image.width * scale)))
+        stretched_width = image.width * self.width_scale
+        scale = min(height / image.height, width / stretched_width)
+        new_width = max(1, min(width, round(stretched_width * scale)))
         new_height = max(1, min(height, round(image.height * scale)))
         canvas = Image.new(image.mode, (width, height), (BACKGROUND,) * len(image.getbands()))
         canvas.paste(image.resize((new_width, new_height), resample=self.resample), (0, (height - new_height) // 2))

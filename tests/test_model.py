@@ -16,7 +16,7 @@ from operators.errors import ModelLoadError
 from helpers import build_tiny_random_trocr
 from operators.checkpoint import resolve_checkpoint
 from operators.model import load_trocr, resolve_dtype
-from operators.preprocess import KEEP_ASPECT_KEY, LinePreprocessor
+from operators.preprocess import KEEP_ASPECT_KEY, WIDTH_SCALE_KEY, LinePreprocessor, ink_columns
 from operators.settings import BUNDLED_MODELS, DEFAULT_MODEL, RecognizeConfig
 from pipeline.train.model import build_trocr, save_trocr
 from pipeline.train.tokenizer import train_tokenizer
@@ -138,6 +138,36 @@ def test_keep_aspect_shrinks_long_lines_to_fit_and_centres_them(wide_checkpoint)
 def test_keep_aspect_key_is_saved_in_the_processor_config(wide_checkpoint):
     saved = json.loads((wide_checkpoint / "processor_config.json").read_text())
     assert saved["image_processor"][KEEP_ASPECT_KEY] is True
+
+
+def with_width_scale(checkpoint: Path, folder: Path, width_scale: float) -> Path:
+    """A copy of the checkpoint whose processor config sets WIDTH_SCALE_KEY."""
+    shutil.copytree(checkpoint, folder)
+    config_path = folder / "processor_config.json"
+    config = json.loads(config_path.read_text())
+    config["image_processor"][WIDTH_SCALE_KEY] = width_scale
+    config_path.write_text(json.dumps(config))
+    return folder
+
+
+def test_width_scale_stretches_lines_and_cuts_long_ones_sooner(wide_checkpoint, tmp_path):
+    plain = load_trocr(str(wide_checkpoint), device="cpu").preprocessor
+    stretched = load_trocr(str(with_width_scale(wide_checkpoint, tmp_path / "x2", 2.0)), device="cpu").preprocessor
+    assert plain.width_scale == 1.0 and stretched.width_scale == 2.0
+    assert (plain.max_aspect, stretched.max_aspect) == (8.0, 4.0)
+    line = render_line("short", height=48)  # about 40 px of ink at 24 px high
+    plain_ink, stretched_ink = ink_columns(plain.resize(line)), ink_columns(stretched.resize(line))
+    assert 30 < plain_ink < 60 and abs(stretched_ink - 2 * plain_ink) <= 2
+    long_line = render_line("a line far wider than the input", height=48)
+    assert stretched.resize(long_line).shape == (24, 192) and ink_columns(stretched.resize(long_line)) > 150
+
+
+@pytest.mark.parametrize("width_scale, message", [(2.0, "needs trocr_pipeline_keep_aspect"), (0.0, "must be positive")])
+def test_a_width_scale_the_preprocessor_cannot_apply_is_a_model_load_error(tiny_checkpoint, wide_checkpoint, tmp_path,
+                                                                           width_scale, message):
+    base = tiny_checkpoint if width_scale > 0 else wide_checkpoint  # the tiny one stretches to its input
+    with pytest.raises(ModelLoadError, match=message):
+        load_trocr(str(with_width_scale(base, tmp_path / "bad", width_scale)), device="cpu")
 
 
 def test_stretch_is_default_when_key_absent(tiny_checkpoint):

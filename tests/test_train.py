@@ -14,10 +14,11 @@ import torch
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
-from operators.errors import ConfigError
+from operators.errors import ConfigError, ModelLoadError
 from helpers import build_tiny_random_trocr
 from operators.crops import cut_polygon
 from operators.model import load_trocr
+from operators.preprocess import WIDTH_SCALE_KEY
 from pipeline.train.config import DataSource, TrainConfig, load_train_config
 from pipeline.train.data import LabelCollator, read_line_folder, read_page_lines, validation_lines
 from pipeline.train.loop import CHECKPOINT_PREFIX, TRAINER_STATE, latest_checkpoint, learning_rate_factor, train
@@ -139,6 +140,17 @@ def test_resume_continues_from_the_newest_checkpoint(tmp_path, base_model, line_
           report=metrics.append)
     assert [row["step"] for row in metrics] == [11, 12]
     assert latest_checkpoint(tmp_path / "work").name == f"{CHECKPOINT_PREFIX}12"
+
+
+def test_width_scale_is_trained_with_and_saved_for_the_pipeline(tmp_path, base_model, line_folder):
+    base = build_tiny_random_trocr(tmp_path / "base", keep_aspect=True)
+    config = fine_tune_config(tmp_path, base, line_folder, steps=2).model_copy(update={"width_scale": 1.5})
+    output = train(config, show_progress=False)
+    assert json.loads((output / "processor_config.json").read_text())["image_processor"][WIDTH_SCALE_KEY] == 1.5
+    assert load_trocr(str(output), device="cpu").preprocessor.width_scale == 1.5
+    stretching = fine_tune_config(tmp_path / "stretching", base_model, line_folder, steps=2)
+    with pytest.raises(ModelLoadError, match="needs trocr_pipeline_keep_aspect"):
+        train(stretching.model_copy(update={"width_scale": 1.5}), show_progress=False)
 
 
 def test_from_scratch_builds_tokenizer_and_model_from_the_spec(tmp_path):

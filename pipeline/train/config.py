@@ -60,6 +60,9 @@ class TrainConfig(Frozen):
     work_dir: Path = Field(description="checkpoints with optimizer state, for --resume")
     base_model: str | None = Field(default=None, description="checkpoint to fine-tune (hub id or folder)")
     model: ModelSpec | None = Field(default=None, description="or: build this model from scratch")
+    width_scale: float | None = Field(default=None, gt=0, description=(
+        "keep-aspect models: stretch every line this much wider before fitting it to the input, saved "
+        "with the model so that the pipeline reads lines as it was trained on them; None keeps the base's"))
     train_data: list[DataSource] = Field(min_length=1)
     validation_data: list[DataSource] = []
     steps: int = Field(ge=1, description="optimizer steps; the learning-rate schedule spans them")

@@ -30,7 +30,7 @@ from transformers.models.vision_encoder_decoder.modeling_vision_encoder_decoder 
 from operators.decoding import encode_lines, ink_width_step
 from operators.errors import ConfigError
 from operators.model import TrOCRBundle, load_trocr, resolve_device, resolve_dtype
-from operators.preprocess import LinePreprocessor, ink_columns
+from operators.preprocess import WIDTH_SCALE_KEY, LinePreprocessor, ink_columns
 from operators.recognize import LineRecognizer
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import Batch, LabelCollator, LabeledLine, TrainingLines, validation_lines
@@ -199,6 +199,8 @@ def start_run(config: TrainConfig, resume: bool, shard: tuple[int, int] = (0, 1)
         model, processor = bundle.model, bundle.processor
     else:
         model, processor = build_or_load(config)
+        if config.width_scale is not None:
+            setattr(processor.image_processor, WIDTH_SCALE_KEY, config.width_scale)
     model.to(device).train()
     forward_model = wrap(InkWidthForward(model)) if wrap else InkWidthForward(model)
     optimizer, schedule = make_optimizer(model, config)
