@@ -158,16 +158,18 @@ def test_width_scale_stretches_lines_and_cuts_long_ones_sooner(wide_checkpoint, 
     line = render_line("short", height=48)  # about 40 px of ink at 24 px high
     plain_ink, stretched_ink = ink_columns(plain.resize(line)), ink_columns(stretched.resize(line))
     assert 30 < plain_ink < 60 and abs(stretched_ink - 2 * plain_ink) <= 2
-    long_line = render_line("a line far wider than the input", height=48)
-    assert stretched.resize(long_line).shape == (24, 192) and ink_columns(stretched.resize(long_line)) > 150
+    long_line = stretched.resize(render_line("a line far wider than the input", height=48))
+    assert long_line.shape == (24, 192) and ink_columns(long_line) > 150
 
 
-@pytest.mark.parametrize("width_scale, message", [(2.0, "needs trocr_pipeline_keep_aspect"), (0.0, "must be positive")])
-def test_a_width_scale_the_preprocessor_cannot_apply_is_a_model_load_error(tiny_checkpoint, wide_checkpoint, tmp_path,
-                                                                           width_scale, message):
-    base = tiny_checkpoint if width_scale > 0 else wide_checkpoint  # the tiny one stretches to its input
-    with pytest.raises(ModelLoadError, match=message):
-        load_trocr(str(with_width_scale(base, tmp_path / "bad", width_scale)), device="cpu")
+def test_a_width_scale_on_a_model_that_stretches_lines_to_its_input_is_a_model_load_error(tiny_checkpoint, tmp_path):
+    with pytest.raises(ModelLoadError, match="needs trocr_pipeline_keep_aspect"):
+        load_trocr(str(with_width_scale(tiny_checkpoint, tmp_path / "bad", 2.0)), device="cpu")
+
+
+def test_a_width_scale_that_is_not_positive_is_a_model_load_error(wide_checkpoint, tmp_path):
+    with pytest.raises(ModelLoadError, match="must be positive"):
+        load_trocr(str(with_width_scale(wide_checkpoint, tmp_path / "bad", 0.0)), device="cpu")
 
 
 def test_stretch_is_default_when_key_absent(tiny_checkpoint):
