@@ -10,9 +10,18 @@ import importlib.util
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
+import torch
 import yaml
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import TrOCRProcessor
+
+from operators.model import load_trocr
+from operators.preprocess import LinePreprocessor
+from pipeline.train.data import read_line_folder
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,3 +79,32 @@ def test_accuracy_bench_scores_page_cer_and_bag_of_words_after_one_normalisation
     assert cer > 0.5 and bow == 0.0
     cer, bow = accuracy.score(["one two three four"], ["one two three"])
     assert round(cer, 3) == round(5 / 18, 3) and round(bow, 3) == round(1 - 6 / 7, 3)
+
+
+def test_gpu_pack_sends_lines_at_the_model_height_and_brings_the_model_back(tmp_path, tiny_model):
+    for split, count in (("lines", 3), ("val", 2)):
+        run_bench("-c", "import sys; from pipeline.cli import main; sys.exit(main())",
+                  "synth", "lines", "--output", str(tmp_path / "data" / split / "demo"), "--count", str(count), "--seed", "5")
+    config = {"base_model": str(tiny_model), "output_dir": "unused", "work_dir": "unused", "steps": 1,
+              "train_data": [{"kind": "folder", "path": "../shared/data/train/lines/demo"}],
+              "validation_data": [{"kind": "folder", "path": "../shared/data/train/val/demo"}]}
+    (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(config))
+    run_bench("bench/gpu_pack.py", "pack", "--config", str(tmp_path / "gpu.yaml"), "--data", str(tmp_path / "data"),
+              "--base", str(tiny_model), "--out", str(tmp_path / "pack"))
+    with tarfile.open(tmp_path / "pack" / "lines.tgz") as archive:
+        archive.extractall(tmp_path / "sent", filter="data")
+    sent = read_line_folder(tmp_path / "sent" / "lines" / "demo")
+    originals = read_line_folder(tmp_path / "data" / "lines" / "demo")
+    height = LinePreprocessor.from_image_processor(TrOCRProcessor.from_pretrained(tiny_model).image_processor).input_size[0]
+    assert [line.text for line in sent] == [line.text for line in originals]
+    assert {Image.open(line.path).height for line in sent} == {height}
+    assert len(read_line_folder(tmp_path / "sent" / "val" / "demo")) == 2
+
+    run_bench("bench/gpu_pack.py", "restore", str(tmp_path / "pack" / "base"), str(tmp_path / "base"))
+    run_bench("bench/gpu_pack.py", "ship", str(tmp_path / "base"), str(tmp_path / "shipped"))
+    assert all(part.stat().st_size <= 12 * 1024 * 1024 for part in (tmp_path / "shipped").iterdir())
+    run_bench("bench/gpu_pack.py", "restore", str(tmp_path / "shipped"), str(tmp_path / "back"))
+    load_trocr(str(tmp_path / "back"), device="cpu")
+    before, after = load_file(tiny_model / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(torch.allclose(before[name], after[name], rtol=1e-3, atol=1e-4) for name in before)

@@ -1,0 +1,161 @@
+"""What a lent GPU machine needs for a training run, packed small enough to travel, and the model back.
+
+The `device` tool sends the working tree (at most 64 MiB) and returns files of at most 16 MB. So:
+
+- ``pack``: the real training and validation lines of the sources a training config names, with rows
+  fitted to the ink at their stored size and then scaled to the base model's input height (the height
+  the pipeline reads them at; JPEG); the synthetic-text fonts cut down to the characters the generator
+  uses (fontTools, which fpdf2 installs); the base model with fp16 weights. The lines keep their folder names (in one
+  tar), so the config's ``../shared/data/train/...`` paths resolve once ``bench/gpu_session.sh`` puts
+  them there.
+- ``restore``: a packed fp16 model as the fp32 checkpoint training starts from (or the pipeline reads).
+- ``ship``: a trained model with fp16 weights, as a tar cut into parts that fit the return limit;
+  ``restore`` joins them again.
+
+    .venv/bin/python bench/gpu_pack.py pack --config configs/train-printed-small-gpu.yaml \\
+        --data ../shared/data/train --base out/printed-small-real5 --out .gpu
+    .venv/bin/python bench/gpu_pack.py restore <returned parts> out/printed-small-gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import TrOCRProcessor
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT))
+
+from operators.preprocess import LinePreprocessor  # noqa: E402
+from pipeline.synth.corpus import CHARSET  # noqa: E402
+from pipeline.synth.fonts import discover_fonts  # noqa: E402
+from pipeline.train.config import load_train_config  # noqa: E402
+from pipeline.train.data import GT_SUFFIX, read_line_folder  # noqa: E402
+
+WEIGHTS = "model.safetensors"
+HALF_WEIGHTS = "model.fp16.safetensors"
+SHIPPED = "model.tar"
+#: One file, not thousands: the device tool counts the space files take on disk.
+LINES_TAR = "lines.tgz"
+PART_BYTES = 12 * 1024 * 1024
+JPEG_QUALITY = 70
+
+
+def pack_lines(source: Path, target: Path, height: int) -> int:
+    """A line folder's labelled lines, rows fitted to the ink (as training reads them), scaled to ``height``."""
+    target.mkdir(parents=True, exist_ok=True)
+    lines = read_line_folder(source)
+    for line in lines:
+        gray = line.load_gray()
+        scale = height / gray.shape[0]
+        small = Image.fromarray(gray).resize((max(1, round(gray.shape[1] * scale)), height), Image.Resampling.LANCZOS)
+        small.save(target / f"{line.path.stem}.jpg", quality=JPEG_QUALITY, optimize=True)
+        (target / f"{line.path.stem}{GT_SUFFIX}").write_text(line.text + "\n", encoding="utf-8")
+    return len(lines)
+
+
+def pack_fonts(font_kind: str, target: Path) -> int:
+    """The generator's fonts of a kind, subset to CHARSET, as a tar of their /usr/share/fonts paths."""
+    paths = sorted({face.path for face in discover_fonts(font_kind)})
+    with tempfile.TemporaryDirectory() as scratch, tarfile.open(target, "w:gz") as archive:
+        for path in paths:
+            small = Path(scratch) / path.name
+            subprocess.run([sys.executable, "-m", "fontTools.subset", str(path), f"--text={CHARSET}",
+                            f"--output-file={small}", "--layout-features=*", "--name-IDs=*", "--notdef-outline"],
+                           check=True)
+            archive.add(small, arcname=str(path).lstrip("/"))
+    return len(paths)
+
+
+def half_weights(model: Path, target: Path) -> None:
+    """The checkpoint folder with fp16 weights (configs and tokenizer as they are)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in model.iterdir():
+        if path.is_file() and path.name != WEIGHTS and path.name != "README.md":
+            shutil.copyfile(path, target / path.name)
+    tensors = {name: tensor.half() if tensor.is_floating_point() else tensor
+               for name, tensor in load_file(model / WEIGHTS).items()}
+    save_file(tensors, target / HALF_WEIGHTS, metadata={"format": "pt"})
+
+
+def restore(packed: Path, target: Path) -> None:
+    """A packed model (a folder with fp16 weights, or the parts ``ship`` cut) as an fp32 checkpoint folder."""
+    with tempfile.TemporaryDirectory() as scratch:
+        parts = sorted(packed.glob(f"{SHIPPED}.part*"), key=lambda path: int(path.name.rsplit("part", 1)[1]))
+        if parts:
+            joined = Path(scratch) / SHIPPED
+            with joined.open("wb") as out:
+                for part in parts:
+                    out.write(part.read_bytes())
+            with tarfile.open(joined) as archive:
+                archive.extractall(scratch, filter="data")
+            packed = Path(scratch) / "model"
+        target.mkdir(parents=True, exist_ok=True)
+        tensors = {name: tensor.float() if tensor.is_floating_point() else tensor
+                   for name, tensor in load_file(packed / HALF_WEIGHTS).items()}
+        save_file(tensors, target / WEIGHTS, metadata={"format": "pt"})
+        for path in packed.iterdir():
+            if path.is_file() and path.name != HALF_WEIGHTS:
+                shutil.copyfile(path, target / path.name)
+
+
+def ship(model: Path, target: Path) -> None:
+    """A trained checkpoint with fp16 weights, as one tar cut into parts of at most PART_BYTES."""
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        half_weights(model, Path(scratch) / "model")
+        whole = Path(scratch) / SHIPPED
+        with tarfile.open(whole, "w") as archive:
+            archive.add(Path(scratch) / "model", arcname="model")
+        data = whole.read_bytes()
+    for index, start in enumerate(range(0, len(data), PART_BYTES)):
+        (target / f"{SHIPPED}.part{index}").write_bytes(data[start:start + PART_BYTES])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    pack = commands.add_parser("pack")
+    pack.add_argument("--config", type=Path, required=True, help="training config whose line folders to pack")
+    pack.add_argument("--data", type=Path, required=True, help="../shared/data/train")
+    pack.add_argument("--base", type=Path, required=True, help="the model training starts from")
+    pack.add_argument("--out", type=Path, required=True)
+    for name in ("restore", "ship"):
+        command = commands.add_parser(name)
+        command.add_argument("source", type=Path)
+        command.add_argument("target", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "restore":
+        restore(args.source, args.target)
+    elif args.command == "ship":
+        ship(args.source, args.target)
+    else:
+        config = load_train_config(args.config)
+        height = LinePreprocessor.from_image_processor(TrOCRProcessor.from_pretrained(args.base).image_processor).input_size[0]
+        args.out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as scratch, tarfile.open(args.out / LINES_TAR, "w:gz") as archive:
+            for source in config.train_data + config.validation_data:
+                if source.kind == "folder":
+                    split = source.path.parent.name  # lines or val
+                    count = pack_lines(args.data / split / source.path.name, Path(scratch) / split / source.path.name,
+                                       height)
+                    print(f"{split}/{source.path.name}: {count} lines")
+            for split in sorted(Path(scratch).iterdir()):
+                archive.add(split, arcname=split.name)
+        for font_kind in sorted({source.font_kind for source in config.train_data if source.kind == "synth"}):
+            print(f"fonts {font_kind}: {pack_fonts(font_kind, args.out / f'fonts-{font_kind}.tgz')}")
+        half_weights(args.base, args.out / "base")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
