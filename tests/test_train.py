@@ -270,3 +270,15 @@ def test_cut_polygon_whitens_outside_and_rejects_degenerate_shapes():
 def test_missing_line_folder_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         read_line_folder(tmp_path / "nope")
+
+
+def test_shipped_training_configs_rebuild_each_bundled_model_from_scratch():
+    # the model cards give these files as the commands that rebuild the bundled models, stage by stage
+    root = Path(__file__).resolve().parent.parent
+    configs = {path.name: load_train_config(path) for path in sorted((root / "configs").glob("train-*.yaml"))}
+    outputs = [str(config.output_dir) for config in configs.values()]
+    assert len(outputs) == len(set(outputs)), "two configs write the same folder"
+    for name, config in configs.items():
+        assert config.base_model is None or config.base_model in outputs, f"{name}: nothing builds {config.base_model}"
+    bundled = sorted(f"models/{folder.name}" for folder in (root / "models").iterdir() if folder.is_dir())
+    assert sorted(output for output in outputs if output.startswith("models/")) == bundled
