@@ -8,8 +8,8 @@ order, recognize) on all pages of a category at once, with the bundled model for
 with the page's language pack (``Fraktur`` for Fraktur), two processes at a time, one thread each.
 
 Two figures per page and category, both after the same normalisation of reference and output
-(:func:`normalize`: Unicode NFKC, long s as s, line-end hyphen signs as '-', transcription markup
-dropped, whitespace runs as one space):
+(:func:`normalize`: Unicode NFKC, long s as s, line-end hyphen signs as '-', ’ as ', transcription
+markup dropped, whitespace runs as one space):
 
 - page CER in reading order: edits / reference characters over the page's whole text;
 - bag-of-words error: 1 - F1 of the two word multisets (order-independent, so a column read in
@@ -51,8 +51,12 @@ TEXT_ONLY_CATEGORIES = {"phototest": "printed_modern_rendered", "eurotext": "pri
 TEXT_ONLY_DEFAULT_CATEGORY = "printed_modern_scan"
 TEXT_ONLY_LANGUAGES = {"eurotext": "en/fr/de/it/es"}
 TESSERACT_LANGUAGES = {"en": "eng", "fr": "fra", "de": "deu", "it": "ita", "es": "spa", "la": "lat", "co": "ita"}
-#: Transcription markup of the ground truth sources, not text on the page (see shared/data/README.md).
-MARKUP = str.maketrans({"ſ": "s", "¬": "-", "⸗": "-", "^": None, "⟦": None, "⟧": None, "$": None})
+#: Transcription markup of the ground truth sources, not text on the page (see shared/data/README.md):
+#: Tapuscorpus marks underlining with ``_`` and struck-out text with ``~~~`` (UNLV's ``~`` is a character
+#: it could not read). Sources write the apostrophe as ``'`` or ``’`` by their own convention (the
+#: training lines mostly ``’``), so both are scored as ``'``.
+MARKUP = str.maketrans({"ſ": "s", "¬": "-", "⸗": "-", "^": None, "⟦": None, "⟧": None, "$": None, "_": None,
+                        "~": None, "’": "'"})
 #: Source folders whose validation lines are handwriting (read with the handwritten model).
 HANDWRITTEN_SOURCES = ("_hw_",)
 

@@ -5,9 +5,9 @@ The `device` tool sends the working tree (at most 64 MiB) and returns files of a
 - ``pack``: the real training and validation lines of the sources a training config names, with rows
   fitted to the ink at their stored size and then scaled to the base model's input height (the height
   the pipeline reads them at; JPEG); the synthetic-text fonts cut down to the characters the generator
-  uses (fontTools, which fpdf2 installs); the base model with fp16 weights. The lines keep their folder names (in one
-  tar), so the config's ``../shared/data/train/...`` paths resolve once ``bench/gpu_session.sh`` puts
-  them there.
+  uses (fontTools, which fpdf2 installs); the base model with fp16 weights. The lines keep their
+  folder names (in one tar), so the config's ``../shared/data/train/...`` paths resolve once
+  ``bench/gpu_session.sh`` puts them there.
 - ``restore``: a packed fp16 model as the fp32 checkpoint training starts from (or the pipeline reads).
 - ``ship``: a trained model with fp16 weights, as a tar cut into parts that fit the return limit;
   ``restore`` joins them again.

@@ -74,6 +74,7 @@ def test_accuracy_bench_scores_page_cer_and_bag_of_words_after_one_normalisation
     accuracy = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(accuracy)
     assert accuracy.normalize("Die  Berliniſche\nMonat⸗ ſchrift^ ﬁne") == "Die Berlinische Monat- schrift fine"
+    assert accuracy.normalize("_Chez l’ami ~~~ d'Arthur") == "Chez l'ami d'Arthur"
     # one column read in the other order: page CER counts it, the bag of words does not
     cer, bow = accuracy.score(["alpha beta\ngamma delta"], ["gamma delta alpha beta"])
     assert cer > 0.5 and bow == 0.0
