@@ -21,21 +21,20 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
 import torch
+from fontTools import subset
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import TrOCRProcessor
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from operators.preprocess import LinePreprocessor  # noqa: E402
+from operators.model import load_line_preprocessor  # noqa: E402
 from pipeline.synth.corpus import CHARSET  # noqa: E402
 from pipeline.synth.fonts import discover_fonts  # noqa: E402
 from pipeline.train.config import load_train_config  # noqa: E402
@@ -66,12 +65,15 @@ def pack_lines(source: Path, target: Path, height: int) -> int:
 def pack_fonts(font_kind: str, target: Path) -> int:
     """The generator's fonts of a kind, subset to CHARSET, as a tar of their /usr/share/fonts paths."""
     paths = sorted({face.path for face in discover_fonts(font_kind)})
+    options = subset.Options(layout_features=["*"], name_IDs=["*"], notdef_outline=True)
     with tempfile.TemporaryDirectory() as scratch, tarfile.open(target, "w:gz") as archive:
         for path in paths:
+            font = subset.load_font(str(path), options)
+            subsetter = subset.Subsetter(options)
+            subsetter.populate(text=CHARSET)
+            subsetter.subset(font)
             small = Path(scratch) / path.name
-            subprocess.run([sys.executable, "-m", "fontTools.subset", str(path), f"--text={CHARSET}",
-                            f"--output-file={small}", "--layout-features=*", "--name-IDs=*", "--notdef-outline"],
-                           check=True)
+            subset.save_font(font, str(small), options)
             archive.add(small, arcname=str(path).lstrip("/"))
     return len(paths)
 
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         ship(args.source, args.target)
     else:
         config = load_train_config(args.config)
-        height = LinePreprocessor.from_image_processor(TrOCRProcessor.from_pretrained(args.base).image_processor).input_size[0]
+        height = load_line_preprocessor(str(args.base)).input_size[0]
         args.out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as scratch, tarfile.open(args.out / LINES_TAR, "w:gz") as archive:
             for source in config.train_data + config.validation_data:

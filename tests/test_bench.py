@@ -17,10 +17,8 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import TrOCRProcessor
 
-from operators.model import load_trocr
-from operators.preprocess import LinePreprocessor
+from operators.model import load_line_preprocessor, load_trocr
 from pipeline.train.data import read_line_folder
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -96,7 +94,7 @@ def test_gpu_pack_sends_lines_at_the_model_height_and_brings_the_model_back(tmp_
         archive.extractall(tmp_path / "sent", filter="data")
     sent = read_line_folder(tmp_path / "sent" / "lines" / "demo")
     originals = read_line_folder(tmp_path / "data" / "lines" / "demo")
-    height = LinePreprocessor.from_image_processor(TrOCRProcessor.from_pretrained(tiny_model).image_processor).input_size[0]
+    height = load_line_preprocessor(str(tiny_model)).input_size[0]
     assert [line.text for line in sent] == [line.text for line in originals]
     assert {Image.open(line.path).height for line in sent} == {height}
     assert len(read_line_folder(tmp_path / "sent" / "val" / "demo")) == 2
