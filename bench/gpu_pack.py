@@ -2,19 +2,20 @@
 
 The `device` tool sends the working tree (at most 64 MiB) and returns files of at most 16 MB. So:
 
-- ``pack``: the real training and validation lines of the sources a training config names, with rows
-  fitted to the ink at their stored size and then scaled to the base model's input height (the height
+- ``pack``: the real training and validation lines of the sources the training configs name, with rows
+  fitted to the ink at their stored size and then scaled to the base models' input height (the height
   the pipeline reads them at; JPEG); the synthetic-text fonts cut down to the characters the generator
-  uses (fontTools, which fpdf2 installs); the base model with fp16 weights. The lines keep their
+  uses (fontTools, which fpdf2 installs); each config's base model with fp16 weights, in
+  ``base/<its folder name>``. The lines keep their
   folder names (in one tar), so the config's ``../shared/data/train/...`` paths resolve once
   ``bench/gpu_session.sh`` puts them there.
 - ``restore``: a packed fp16 model as the fp32 checkpoint training starts from (or the pipeline reads).
 - ``ship``: a trained model with fp16 weights, as a tar cut into parts that fit the return limit;
   ``restore`` joins them again.
 
-    .venv/bin/python bench/gpu_pack.py pack --config configs/train-printed-small-gpu.yaml \\
-        --data ../shared/data/train --base out/printed-small-real5 --out .gpu
-    .venv/bin/python bench/gpu_pack.py restore <returned parts> out/printed-small-gpu
+    .venv/bin/python bench/gpu_pack.py pack --config configs/train-printed-small-gpu2.yaml \\
+        [--config ...] --data ../shared/data/train --out .gpu
+    .venv/bin/python bench/gpu_pack.py restore <returned parts> models/trocr-pipeline-printed-small
 """
 
 from __future__ import annotations
@@ -123,14 +124,41 @@ def ship(model: Path, target: Path) -> None:
         (target / f"{SHIPPED}.part{index}").write_bytes(data[start:start + PART_BYTES])
 
 
+def pack(configs: list[Path], data: Path, out: Path) -> None:
+    """Everything the training configs need: their line folders, synthetic fonts and bases (by folder name)."""
+    configs = [load_train_config(path) for path in configs]
+    bases = {Path(config.base_model) for config in configs}
+    heights = {load_line_preprocessor(str(base)).input_size[0] for base in bases}
+    if len(heights) != 1:
+        raise SystemExit(f"the bases read lines at different heights {sorted(heights)}: pack them one at a time")
+    if len({base.name for base in bases}) != len(bases):
+        raise SystemExit(f"two bases share a folder name, which names them on the GPU machine: {sorted(map(str, bases))}")
+    height = heights.pop()
+    out.mkdir(parents=True, exist_ok=True)
+    folders = dict.fromkeys(source.path for config in configs for source in config.train_data + config.validation_data
+                            if source.kind == "folder")
+    with tempfile.TemporaryDirectory() as scratch, tarfile.open(out / LINES_TAR, "w:gz") as archive:
+        for folder in folders:
+            split = folder.parent.name  # lines or val
+            count = pack_lines(data / split / folder.name, Path(scratch) / split / folder.name, height)
+            print(f"{split}/{folder.name}: {count} lines")
+        for split in sorted(Path(scratch).iterdir()):
+            archive.add(split, arcname=split.name)
+    for font_kind in sorted({source.font_kind for config in configs for source in config.train_data
+                             if source.kind == "synth"}):
+        print(f"fonts {font_kind}: {pack_fonts(font_kind, out / f'fonts-{font_kind}.tgz')}")
+    for base in bases:
+        half_weights(base, out / "base" / base.name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    pack = commands.add_parser("pack")
-    pack.add_argument("--config", type=Path, required=True, help="training config whose line folders to pack")
-    pack.add_argument("--data", type=Path, required=True, help="../shared/data/train")
-    pack.add_argument("--base", type=Path, required=True, help="the model training starts from")
-    pack.add_argument("--out", type=Path, required=True)
+    pack_command = commands.add_parser("pack")
+    pack_command.add_argument("--config", type=Path, action="append", required=True,
+                              help="training config whose lines, fonts and base to pack (repeatable)")
+    pack_command.add_argument("--data", type=Path, required=True, help="../shared/data/train")
+    pack_command.add_argument("--out", type=Path, required=True)
     for name in ("restore", "ship"):
         command = commands.add_parser(name)
         command.add_argument("source", type=Path)
@@ -141,21 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "ship":
         ship(args.source, args.target)
     else:
-        config = load_train_config(args.config)
-        height = load_line_preprocessor(str(args.base)).input_size[0]
-        args.out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as scratch, tarfile.open(args.out / LINES_TAR, "w:gz") as archive:
-            for source in config.train_data + config.validation_data:
-                if source.kind == "folder":
-                    split = source.path.parent.name  # lines or val
-                    count = pack_lines(args.data / split / source.path.name, Path(scratch) / split / source.path.name,
-                                       height)
-                    print(f"{split}/{source.path.name}: {count} lines")
-            for split in sorted(Path(scratch).iterdir()):
-                archive.add(split, arcname=split.name)
-        for font_kind in sorted({source.font_kind for source in config.train_data if source.kind == "synth"}):
-            print(f"fonts {font_kind}: {pack_fonts(font_kind, args.out / f'fonts-{font_kind}.tgz')}")
-        half_weights(args.base, args.out / "base")
+        pack(args.config, args.data, args.out)
     return 0
 
 
