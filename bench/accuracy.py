@@ -8,8 +8,8 @@ order, recognize) on all pages of a category at once, with the bundled model for
 with the page's language pack (``Fraktur`` for Fraktur), two processes at a time, one thread each.
 
 Two figures per page and category, both after the same normalisation of reference and output
-(:func:`normalize`: Unicode NFKC, long s as s, line-end hyphen signs as '-', ’ as ', transcription
-markup dropped, whitespace runs as one space):
+(:func:`normalize`: Unicode NFKC, long s as s, old umlauts (a small e above) as umlauts, line-end hyphen
+signs as '-', ’ as ', transcription markup dropped, whitespace runs as one space):
 
 - page CER in reading order: edits / reference characters over the page's whole text;
 - bag-of-words error: 1 - F1 of the two word multisets (order-independent, so a column read in
@@ -54,9 +54,10 @@ TESSERACT_LANGUAGES = {"en": "eng", "fr": "fra", "de": "deu", "it": "ita", "es":
 #: Transcription markup of the ground truth sources, not text on the page (see shared/data/README.md):
 #: Tapuscorpus marks underlining with ``_`` and struck-out text with ``~~~`` (UNLV's ``~`` is a character
 #: it could not read). Sources write the apostrophe as ``'`` or ``’`` by their own convention (the
-#: training lines mostly ``’``), so both are scored as ``'``.
+#: training lines mostly ``’``), so both are scored as ``'``. Old umlauts, a small e above the vowel (U+0364,
+#: OCR-D's Fraktur ground truth), are scored as the umlaut (a diaeresis, composed after), as long s as s.
 MARKUP = str.maketrans({"ſ": "s", "¬": "-", "⸗": "-", "^": None, "⟦": None, "⟧": None, "$": None, "_": None,
-                        "~": None, "’": "'"})
+                        "~": None, "’": "'", "\u0364": "\u0308"})
 #: Source folders whose validation lines are handwriting (read with the handwritten model).
 HANDWRITTEN_SOURCES = ("_hw_",)
 
@@ -70,7 +71,7 @@ class Page:
 
 def normalize(text: str) -> str:
     """What is scored: NFKC (superscript letters, ligatures), transcription markup dropped, spaces collapsed."""
-    return " ".join(unicodedata.normalize("NFKC", text).translate(MARKUP).split())
+    return " ".join(unicodedata.normalize("NFC", unicodedata.normalize("NFKC", text).translate(MARKUP)).split())
 
 
 def bag_of_words(reference: str, hypothesis: str) -> tuple[int, int, int]:
@@ -121,13 +122,14 @@ def read_with_tesseract(pages: list[Page]) -> list[str]:
         return list(pool.map(one, pages))
 
 
-def read_with_pipeline(pages: list[Page], printed_model: str, handwritten_model: str) -> list[str]:
-    """The whole job over the pages, one run per model."""
+def read_with_pipeline(pages: list[Page], printed_model: str, handwritten_model: str,
+                       overrides: list[str] = ()) -> list[str]:
+    """The whole job over the pages, one run per model (default config plus ``overrides``)."""
     texts: dict[int, str] = {}
     for model, chosen in ((printed_model, [i for i, p in enumerate(pages) if p.category != HANDWRITTEN]),
                           (handwritten_model, [i for i, p in enumerate(pages) if p.category == HANDWRITTEN])):
         if chosen:
-            read = recognize_pages([pages[i].truth for i in chosen], [f"recognize.model={model}"])
+            read = recognize_pages([pages[i].truth for i in chosen], [*overrides, f"recognize.model={model}"])
             texts.update(zip(chosen, read))
     return [texts[i] for i in range(len(pages))]
 
@@ -190,12 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--printed-model", default="printed", help="recognize.model for print and typewriting")
     parser.add_argument("--handwritten-model", default="handwritten", help="recognize.model for handwriting")
     parser.add_argument("--category", action="append", help="only these manifest categories (repeatable)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for our job, e.g. recognize.num_beams=4 (repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     pages = [page for page in read_pages(args.pages) if not args.category or page.category in args.category]
     theirs = read_with_tesseract(pages)
-    ours = read_with_pipeline(pages, args.printed_model, args.handwritten_model)
+    ours = read_with_pipeline(pages, args.printed_model, args.handwritten_model, args.overrides)
     print("\n".join(page_table(pages, ours, theirs)))
     print()
     print("\n".join(per_page_rows(pages, ours, theirs)))
