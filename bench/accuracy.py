@@ -70,7 +70,8 @@ class Page:
 
 
 def normalize(text: str) -> str:
-    """What is scored: NFKC (superscript letters, ligatures), transcription markup dropped, spaces collapsed."""
+    """What is scored: NFKC (superscript letters, ligatures), long s as s, old umlauts composed as umlauts,
+    ’ as ', transcription markup dropped, spaces collapsed (see ``MARKUP``)."""
     return " ".join(unicodedata.normalize("NFC", unicodedata.normalize("NFKC", text).translate(MARKUP)).split())
 
 
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--handwritten-model", default="handwritten", help="recognize.model for handwriting")
     parser.add_argument("--category", action="append", help="only these manifest categories (repeatable)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for our job, e.g. recognize.num_beams=4 (repeatable)")
+                        help="config override for our job on the pages (not --val), e.g. recognize.num_beams=4 (repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 

@@ -125,9 +125,16 @@ def ship(model: Path, target: Path) -> None:
 
 
 def pack(configs: list[Path], data: Path, out: Path) -> None:
-    """Everything the training configs need: their line folders, synthetic fonts and bases (by folder name)."""
+    """Everything the training configs need: their line folders, synthetic fonts and bases (by folder name;
+    not a base that one of the configs trains first)."""
     configs = [load_train_config(path) for path in configs]
-    bases = {Path(config.base_model) for config in configs}
+    if any(config.base_model is None for config in configs):
+        raise SystemExit("every config must fine-tune a local base_model: a model built from scratch is not packed")
+    produced = {Path(config.output_dir) for config in configs}
+    bases = {Path(config.base_model) for config in configs} - produced  # a base trained in the same call is not sent
+    missing = sorted(str(base) for base in bases if not base.is_dir())
+    if missing:
+        raise SystemExit(f"base models not found here: {missing}")
     heights = {load_line_preprocessor(str(base)).input_size[0] for base in bases}
     if len(heights) != 1:
         raise SystemExit(f"the bases read lines at different heights {sorted(heights)}: pack them one at a time")

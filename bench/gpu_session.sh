@@ -8,8 +8,10 @@
 # and models/ left out of the tree that travels (the tool's 64 MiB limit).
 #   bash bench/gpu_session.sh smoke CONFIG       # GPU recognition benchmarks (issue 16) and 150 training steps, timed
 #   bash bench/gpu_session.sh train CONFIG...    # each config in turn, each model back in $OUT/<its folder name>
-# STEPS=N overrides the configs' steps (size a run from the smoke run's seconds per step), TRAIN_SECONDS caps
-# each. Tried on the CPU first with DEVICE=cpu PYTHON=.venv/bin/python (fp32, a few lines and steps).
+# STEPS=N overrides the configs' steps (size a run from the smoke run's seconds per step); TRAIN_SECONDS caps
+# each config's training (the best model so far is kept), so their sum must fit the tool's call. A config
+# whose base is an earlier config's output trains from that output. Exits 1 if a training fails (not on
+# its time cap). Tried on the CPU first with DEVICE=cpu PYTHON=.venv/bin/python (fp32, a few lines and steps).
 set -uo pipefail
 mode=${1:?smoke or train}
 shift
@@ -30,12 +32,16 @@ else
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 $python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-setting() { sed -n "s/^$1: *\([^ #]*\).*/\1/p" "$2"; }
+setting() { sed -n "s/^$1:[[:space:]]*[\"']\{0,1\}\([^ \"'#]*\).*/\1/p" "$2"; }
+trained=" "
 
 for source in "$@"; do
     name=$(basename "$source" .yaml)
     base=$(setting base_model "$source")
-    $python bench/gpu_pack.py restore ".gpu/base/$(basename "$base")" "$base" || exit 1
+    case "$trained" in
+        *" $base "*) echo "$name starts from $base, trained above" ;;
+        *) $python bench/gpu_pack.py restore ".gpu/base/$(basename "$base")" "$base" || exit 1 ;;
+    esac
     config=/tmp/$name.yaml
     sed -e "s/^device: .*/device: $device/" "$source" > "$config"
     [ "$device" = cuda ] || sed -i -e 's/^precision: .*/precision: fp32/' -e 's/^loader_workers: .*/loader_workers: 1/' \
@@ -55,7 +61,15 @@ for source in "$@"; do
     model=$(setting output_dir "$config")
     start=$(date +%s)
     timeout "${TRAIN_SECONDS:-480}" $python -m pipeline.cli train --config "$config" --no-progress 2>&1 | grep -v Warning
-    echo "training $name ($mode): $(( $(date +%s) - start )) s for $(grep '^steps:' "$config")"
-    $python bench/gpu_pack.py ship "$model" "$out/$(basename "$model")" && ls -la "$out/$(basename "$model")"
-    [ "$mode" = smoke ] && break
+    status=${PIPESTATUS[0]}
+    echo "training $name ($mode): $(( $(date +%s) - start )) s for $(grep '^steps:' "$config"), exit $status"
+    if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then
+        echo "training $name failed: nothing shipped, later configs not run"
+        exit 1
+    fi
+    $python bench/gpu_pack.py ship "$model" "$out/$(basename "$model")" && ls -la "$out/$(basename "$model")" || exit 1
+    trained="$trained$model "
+    if [ "$mode" = smoke ]; then
+        break
+    fi
 done

@@ -89,8 +89,11 @@ def test_gpu_pack_sends_lines_at_the_model_height_and_brings_the_model_back(tmp_
               "train_data": [{"kind": "folder", "path": "../shared/data/train/lines/demo"}],
               "validation_data": [{"kind": "folder", "path": "../shared/data/train/val/demo"}]}
     (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(config))
-    run_bench("bench/gpu_pack.py", "pack", "--config", str(tmp_path / "gpu.yaml"), "--data", str(tmp_path / "data"),
-              "--out", str(tmp_path / "pack"))
+    # a second config fine-tunes the first one's output: that base is trained there, not sent
+    (tmp_path / "next.yaml").write_text(yaml.safe_dump({**config, "base_model": "unused", "output_dir": "unused2"}))
+    run_bench("bench/gpu_pack.py", "pack", "--config", str(tmp_path / "gpu.yaml"), "--config", str(tmp_path / "next.yaml"),
+              "--data", str(tmp_path / "data"), "--out", str(tmp_path / "pack"))
+    assert [path.name for path in (tmp_path / "pack" / "base").iterdir()] == [tiny_model.name]
     with tarfile.open(tmp_path / "pack" / "lines.tgz") as archive:
         archive.extractall(tmp_path / "sent", filter="data")
     sent = read_line_folder(tmp_path / "sent" / "lines" / "demo")
