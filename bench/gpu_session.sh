@@ -32,7 +32,7 @@ else
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 $python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-setting() { sed -n "s/^$1:[[:space:]]*[\"']\{0,1\}\([^ \"'#]*\).*/\1/p" "$2"; }
+setting() { $python -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[2]))[sys.argv[1]])" "$1" "$2"; }
 trained=" "
 
 for source in "$@"; do
