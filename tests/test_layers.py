@@ -73,10 +73,11 @@ def test_no_import_cycles_between_modules():
 def test_the_job_and_its_cpu_stages_start_without_torch():
     """The CPU workers import the job module to run rasterize and layout, and the driver imports the
     command line: neither may load torch or transformers (seconds per process before the first page).
-    Only the recognizer actor and the model check load them."""
+    Only the recognizer actor and the model check load them. Nor OCRmyPDF (most of a second): only the
+    driver's sink loads it, for a PDF export."""
     script = ("import sys; import pipeline.job, pipeline.stages, pipeline.cli; "
               "pipeline.cli.build_parser(['run', 'in', '--output', 'out']); "
-              "print(sorted(name for name in ('torch', 'transformers') if name in sys.modules))")
+              "print(sorted(name for name in ('torch', 'transformers', 'ocrmypdf') if name in sys.modules))")
     result = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -26,7 +26,6 @@ from lxml import etree
 
 from operators.formats.geometry import straight_baseline
 from operators.formats.mets import IMAGE_GROUP, mets_document, page_images
-from operators.formats.pdf import searchable_pdf
 from operators.storage import resolve_filesystem
 
 SOFTWARE = "trocr-pipeline"
@@ -408,6 +407,8 @@ def _text_files(pages: Rows, document: dict, stem: str) -> Rendered:
 
 
 def _pdf_files(pages: Rows, document: dict, stem: str, pdfa: bool) -> Rendered:
+    from operators.formats.pdf import searchable_pdf  # OCRmyPDF and pikepdf.pdfa: only for PDF exports
+
     yield f"{stem}.pdf", searchable_pdf(pages, document["source"], pdfa)
 
 
