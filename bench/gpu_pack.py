@@ -35,7 +35,6 @@ from safetensors.torch import load_file, save_file
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from operators.model import load_line_preprocessor  # noqa: E402
 from pipeline.synth.corpus import CHARSET  # noqa: E402
 from pipeline.synth.fonts import discover_fonts  # noqa: E402
 from pipeline.train.config import load_train_config  # noqa: E402
@@ -127,6 +126,8 @@ def ship(model: Path, target: Path) -> None:
 def pack(configs: list[Path], data: Path, out: Path) -> None:
     """Everything the training configs need: their line folders, synthetic fonts and bases (by folder name;
     not a base that one of the configs trains first)."""
+    from operators.model import load_line_preprocessor  # transformers: seconds that ship and restore do not need
+
     configs = [load_train_config(path) for path in configs]
     if any(config.base_model is None for config in configs):
         raise SystemExit("every config must fine-tune a local base_model: a model built from scratch is not packed")

@@ -71,7 +71,8 @@ from operators.preprocess import LinePreprocessor  # noqa: E402
 from pipeline.evaluate import read_eval_lines  # noqa: E402
 from pipeline.synth.corpus import CorpusSampler  # noqa: E402
 from pipeline.synth.lines import iter_lines  # noqa: E402
-from pipeline.train.tokenizer import TokenizerKind, train_tokenizer  # noqa: E402
+from pipeline.train.config import TokenizerKind  # noqa: E402
+from pipeline.train.tokenizer import train_tokenizer  # noqa: E402
 
 #: (encoder config, decoder config, tokenizer kind) of the official checkpoints, weights left random.
 RANDOM_ARCHITECTURES = {

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.train.model import EncoderKind, build_trocr, save_trocr
-from pipeline.train.tokenizer import TokenizerKind, train_tokenizer
+from pipeline.train.config import EncoderKind, TokenizerKind
+from pipeline.train.model import build_trocr, save_trocr
+from pipeline.train.tokenizer import train_tokenizer
 
 
 def build_tiny_random_trocr(out_dir: Path, tokenizer_kind: TokenizerKind = "roberta", encoder: EncoderKind = "vit", seed: int = 0,

@@ -196,17 +196,17 @@ def test_filesystem_uris_for_inputs_and_output(ray_local, synthetic_documents, t
 
 def test_shipped_model_reads_the_page_text(ray_local, synthetic_documents, tmp_path):
     """The default configuration, bundled model included, on pages it never saw: the text in reading
-    order matches the documents' ground truth (CER over all pages, jiwer)."""
+    order matches the documents' ground truth (CER over the first page of each document, jiwer: one-
+    and two-column pages, from PDF and TIFF; all 9 pages would double the test's time)."""
     assert DEFAULT_MODEL.is_dir(), "the bundled model is part of the repository"
     output = str(tmp_path / "out")
-    summary = run_job([str(path) for path in synthetic_documents], output, load_config(None, []))
+    summary = run_job([str(path) for path in synthetic_documents], output, load_config(None, ["rasterize.pages=1"]))
     assert summary.written.documents_ok == len(synthetic_documents)
     pages = {(os.path.basename(row["source"]), row["page"]): row["text"] for row in _read(output, "pages").to_pylist()}
     references, predictions = [], []
     for path in synthetic_documents:
-        for number, text in page_texts(load_ground_truth(path)).items():
-            references.append(text)
-            predictions.append(pages.pop((path.name, number)))
+        references.append(page_texts(load_ground_truth(path))[1])
+        predictions.append(pages.pop((path.name, 1)))
     assert not pages
     cer = jiwer.cer(references, predictions)
     assert cer < 0.03, f"CER {cer:.2%}"

@@ -11,8 +11,11 @@ from pydantic import Field, ValidationError, model_validator
 from operators.errors import ConfigError
 from operators.settings import Frozen
 from pipeline.synth.corpus import Language, check_languages
-from pipeline.train.model import EncoderKind
-from pipeline.train.tokenizer import TokenizerKind
+
+#: Defined here, not beside the code that builds them: reading a training config (``bench/gpu_pack.py``)
+#: then never loads transformers.
+EncoderKind = Literal["vit", "deit"]
+TokenizerKind = Literal["roberta", "xlm-roberta"]
 
 
 class ModelSpec(Frozen):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from PIL import Image
@@ -21,8 +21,7 @@ from transformers import (
 
 from operators.model import set_generation_ids
 from operators.preprocess import KEEP_ASPECT_KEY
-
-EncoderKind = Literal["vit", "deit"]
+from pipeline.train.config import EncoderKind
 
 
 def build_trocr(

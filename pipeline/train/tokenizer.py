@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from typing import Literal
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, RobertaTokenizer, XLMRobertaTokenizer
 
 from pipeline.synth.corpus import CHARSET
-
-TokenizerKind = Literal["roberta", "xlm-roberta"]
+from pipeline.train.config import TokenizerKind
 
 #: Special tokens in the id order of the official vocabularies (XLMRobertaTokenizer hard-codes unk_id=3).
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
