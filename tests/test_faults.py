@@ -29,13 +29,13 @@ def documents(tmp_path_factory) -> list[Path]:
     return write_document_set(folder, count=8, seed=23, dpi=100, formats=("pdf", "tiff"), pages_per_document=(1, 2))
 
 
-def _job(documents: list[Path], output: Path, model: Path) -> subprocess.Popen:
-    """The CLI job in its own process group; one page per actor call so results stream in steadily, one
-    line per model call so each actor call lasts long enough to be caught (and killed) inside."""
+def _job(documents: list[Path], output: Path, model: Path, line_batch_size: int = 1) -> subprocess.Popen:
+    """The CLI job in its own process group; one page per actor call so results stream in steadily, and by
+    default one line per model call so each actor call lasts long enough to be caught (and killed) inside."""
     command = [sys.executable, "-m", "pipeline.cli", "run", str(documents[0].parent), "--output", str(output),
                "--set", "rasterize.dpi=100", "--set", f"recognize.model={model}", "--set", "ray.num_cpus=2",
                "--set", "recognize.max_new_tokens=16", "--set", "output.parquet_rows_per_file=1",
-               "--set", "recognize.pages_per_batch=1", "--set", "recognize.line_batch_size=1"]
+               "--set", "recognize.pages_per_batch=1", "--set", f"recognize.line_batch_size={line_batch_size}"]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -91,7 +91,7 @@ def test_driver_killed_then_rerun_writes_every_document_once_and_a_run_beside_it
     killed_at = _published(output)
     assert 1 <= killed_at < len(documents), "the kill must land mid-job for this test to mean anything"
 
-    rerun = _job(documents, output, tiny_model)
+    rerun = _job(documents, output, tiny_model, line_batch_size=64)  # nothing in it is killed
     try:
         _wait_for(lambda: _lock_held(output) or rerun.poll() is not None, 300, "the rerun to hold the output")
         second = main(["detect", str(documents[0].parent), "--output", str(output)])
