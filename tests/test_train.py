@@ -19,9 +19,10 @@ from helpers import build_tiny_random_trocr
 from operators.crops import cut_polygon
 from operators.model import load_trocr
 from operators.preprocess import WIDTH_SCALE_KEY
-from pipeline.train.config import DataSource, TrainConfig, load_train_config
+from pipeline.train.config import DataSource, LayerSelection, TrainConfig, load_train_config
 from pipeline.train.data import LabelCollator, read_line_folder, read_page_lines, validation_lines
 from pipeline.train.loop import CHECKPOINT_PREFIX, TRAINER_STATE, latest_checkpoint, learning_rate_factor, train
+from pipeline.train.model import build_trocr, save_trocr, shrink_trocr
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 TEXTS = ["hello world", "quick fox", "lazy dog 42", "OCR lines"]
@@ -153,6 +154,34 @@ def test_width_scale_is_trained_with_and_saved_for_the_pipeline(tmp_path, base_m
         train(stretching.model_copy(update={"width_scale": 1.5}), show_progress=False)
 
 
+def test_base_layers_make_a_smaller_model_of_the_chosen_layers(tmp_path, line_folder):
+    tokenizer = load_trocr(str(build_tiny_random_trocr(tmp_path / "tiny")), device="cpu").tokenizer
+    model, processor = build_trocr(tokenizer, input_size=(32, 128), patch_size=(16, 16), hidden_size=32, encoder_layers=3,
+                                   encoder_heads=2, decoder_layers=2, decoder_heads=2, max_target_tokens=8)
+    student = shrink_trocr(model, encoder_layers=(2, 0), decoder_layers=(1,))
+    assert (student.config.encoder.num_hidden_layers, student.config.decoder.decoder_layers) == (2, 1)
+    pairs = [(student.encoder.layers[0], model.encoder.layers[2]), (student.encoder.layers[1], model.encoder.layers[0]),
+             (student.decoder.model.decoder.layers[0], model.decoder.model.decoder.layers[1]),
+             (student.decoder.output_projection, model.decoder.output_projection)]
+    for kept, original in pairs:
+        assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), original.state_dict().values(), strict=True))
+    # the kept decoder layer caches as layer 0 of 1: greedy decoding reads the same with and without the cache
+    pixels = torch.randn(2, 3, 32, 128)
+    with torch.no_grad():
+        cached = student.generate(pixel_values=pixels, max_new_tokens=6, min_new_tokens=6, use_cache=True)
+        uncached = student.generate(pixel_values=pixels, max_new_tokens=6, min_new_tokens=6, use_cache=False)
+    assert torch.equal(cached, uncached)
+    for encoder_layers, decoder_layers in (((0, 0), (0,)), ((3,), (0,)), ((0,), (-1,))):
+        with pytest.raises(ConfigError, match="distinct layer indices"):
+            shrink_trocr(model, encoder_layers, decoder_layers)
+    # through training: the fine-tuned student is saved with its smaller architecture and loads back
+    base = save_trocr(model, processor, tmp_path / "base")
+    config = fine_tune_config(tmp_path, base, line_folder, steps=2).model_copy(
+        update={"base_layers": LayerSelection(encoder=(0, 2), decoder=(1,))})
+    trained = load_trocr(str(train(config, show_progress=False)), device="cpu").model
+    assert (trained.config.encoder.num_hidden_layers, trained.config.decoder.decoder_layers) == (2, 1)
+
+
 def test_from_scratch_builds_tokenizer_and_model_from_the_spec(tmp_path):
     config = TrainConfig(
         output_dir=tmp_path / "model",
@@ -192,6 +221,9 @@ def test_config_needs_exactly_one_model_source(tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError, match="exactly one of base_model"):
+        load_train_config(path)
+    path.write_text(yaml.safe_dump({**config, "model": {}, "base_layers": {"encoder": [0], "decoder": [0]}}))
+    with pytest.raises(ConfigError, match="base_layers selects layers of base_model"):
         load_train_config(path)
     path.write_text(yaml.safe_dump({**config, "base_model": "x", "bogus": 1}))
     with pytest.raises(ConfigError, match="bogus"):

@@ -37,6 +37,15 @@ class ModelSpec(Frozen):
     tokenizer_corpus_seed: int = 0
 
 
+class LayerSelection(Frozen):
+    """Layers of the base model, by index and in order, that make a smaller model to fine-tune: fewer
+    layers cost less per line, and a student started from the base's own layers learns far faster than
+    one started from random weights."""
+
+    encoder: tuple[int, ...] = Field(min_length=1)
+    decoder: tuple[int, ...] = Field(min_length=1)
+
+
 class DataSource(Frozen):
     """Labelled lines: a folder of image + .gt.txt, PAGE/ALTO pages, or streamed synthetic lines."""
 
@@ -63,6 +72,8 @@ class TrainConfig(Frozen):
     work_dir: Path = Field(description="checkpoints with optimizer state, for --resume")
     base_model: str | None = Field(default=None, description="checkpoint to fine-tune (hub id or folder)")
     model: ModelSpec | None = Field(default=None, description="or: build this model from scratch")
+    base_layers: LayerSelection | None = Field(default=None, description=(
+        "fine-tune a smaller model made of these encoder and decoder layers of base_model; None keeps them all"))
     width_scale: float | None = Field(default=None, gt=0, description=(
         "keep-aspect models: stretch every line this much wider before fitting it to the input, saved "
         "with the model so that the pipeline reads lines as it was trained on them; None keeps the base's"))
@@ -92,6 +103,8 @@ class TrainConfig(Frozen):
     def _check(self) -> "TrainConfig":
         if (self.base_model is None) == (self.model is None):
             raise ValueError("give exactly one of base_model (fine-tune) or model (build from scratch)")
+        if self.base_layers is not None and self.base_model is None:
+            raise ValueError("base_layers selects layers of base_model: give base_model")
         if any(source.kind == "synth" and source.count is None for source in self.validation_data):
             raise ValueError("synthetic validation data needs a count")
         return self

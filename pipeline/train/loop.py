@@ -34,7 +34,7 @@ from operators.preprocess import WIDTH_SCALE_KEY, LinePreprocessor, ink_columns
 from operators.recognize import LineRecognizer
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import Batch, LabelCollator, LabeledLine, TrainingLines, validation_lines
-from pipeline.train.model import build_trocr, save_trocr
+from pipeline.train.model import build_trocr, save_trocr, shrink_trocr
 from pipeline.train.tokenizer import train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,13 @@ WIDTH_POOL_BATCHES = 8
 
 
 def build_or_load(config: TrainConfig) -> tuple[VisionEncoderDecoderModel, TrOCRProcessor]:
-    """Fine-tune: load base_model. From scratch: train the tokenizer on the synthetic corpus, build the model."""
+    """Fine-tune: load base_model (only its ``base_layers``, if given). From scratch: train the tokenizer on
+    the synthetic corpus, build the model."""
     if config.base_model is not None:
         bundle = load_trocr(config.base_model, device="cpu")
-        return bundle.model, bundle.processor
+        if config.base_layers is None:
+            return bundle.model, bundle.processor
+        return shrink_trocr(bundle.model, config.base_layers.encoder, config.base_layers.decoder), bundle.processor
     spec = config.model
     from pipeline.synth.corpus import CorpusSampler
 

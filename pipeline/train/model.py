@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +22,13 @@ from transformers import (
     ViTImageProcessorPil,
 )
 
+from operators.errors import ConfigError
 from operators.model import set_generation_ids
 from operators.preprocess import KEEP_ASPECT_KEY
 from pipeline.train.config import EncoderKind
+
+#: The start of a parameter name inside a module list: ``encoder.layers.3.`` in ``encoder.layers.3.mlp.fc1.weight``.
+LAYER_PREFIX = re.compile(r"(?P<stack>.+?)\.\d+\.")
 
 
 def build_trocr(
@@ -76,6 +83,45 @@ def build_trocr(
     model.generation_config.max_new_tokens = max_target_tokens
     processor = TrOCRProcessor(image_processor=_new_image_processor(encoder, input_size, keep_aspect), tokenizer=tokenizer)
     return model, processor
+
+
+def shrink_trocr(model: VisionEncoderDecoderModel, encoder_layers: Sequence[int],
+                 decoder_layers: Sequence[int]) -> VisionEncoderDecoderModel:
+    """A copy of ``model`` made of the given encoder and decoder layers, in that order, with everything
+    around them (embeddings, norms, output projection, generation settings) unchanged. Built from the
+    config rather than by cutting the module lists, so that each layer's cache index is its new place."""
+    for name, chosen, count in (("encoder", encoder_layers, model.config.encoder.num_hidden_layers),
+                                ("decoder", decoder_layers, model.config.decoder.decoder_layers)):
+        if len(set(chosen)) != len(chosen) or not all(0 <= index < count for index in chosen):
+            raise ConfigError(f"base_layers.{name} must be distinct layer indices below {count}, got {list(chosen)}")
+    config = copy.deepcopy(model.config)
+    config.encoder.num_hidden_layers = len(encoder_layers)
+    config.decoder.decoder_layers = len(decoder_layers)
+    stacks = {side: _layer_stack(model, side) for side in ("encoder", "decoder")}
+    renumbered = {f"{stacks[side]}.{old}.": f"{stacks[side]}.{new}."
+                  for side, chosen in (("encoder", encoder_layers), ("decoder", decoder_layers))
+                  for new, old in enumerate(chosen)}
+    state = {}
+    for key, value in model.state_dict().items():
+        layer = LAYER_PREFIX.match(key)
+        if layer is None or layer["stack"] not in stacks.values():
+            state[key] = value
+        elif layer[0] in renumbered:  # a layer not chosen is left out
+            state[renumbered[layer[0]] + key[layer.end():]] = value
+    student = VisionEncoderDecoderModel(config=config)
+    student.load_state_dict(state, strict=True)
+    student.generation_config = copy.deepcopy(model.generation_config)
+    return student
+
+
+def _layer_stack(model: VisionEncoderDecoderModel, side: str) -> str:
+    """The parameter name prefix of the encoder's or the decoder's layer list (``encoder.layers``,
+    ``decoder.model.decoder.layers`` in transformers 5), found rather than assumed: transformers 4 kept ViT's
+    under ``encoder.encoder.layer``."""
+    stacks = [name for name, module in getattr(model, side).named_modules() if isinstance(module, torch.nn.ModuleList)]
+    if len(stacks) != 1:
+        raise ConfigError(f"base_layers: the {side} has {len(stacks)} layer lists ({stacks}), expected one")
+    return f"{side}.{stacks[0]}"
 
 
 def save_trocr(model: VisionEncoderDecoderModel, processor: TrOCRProcessor, out_dir: Path) -> Path:
