@@ -15,7 +15,7 @@ import yaml
 from PIL import Image, ImageDraw, ImageFont
 
 from operators.errors import ConfigError, ModelLoadError
-from helpers import build_tiny_random_trocr
+from helpers import TINY_CORPUS, build_tiny_random_trocr
 from operators.crops import cut_polygon
 from operators.model import load_trocr
 from operators.preprocess import WIDTH_SCALE_KEY
@@ -23,6 +23,7 @@ from pipeline.train.config import DataSource, LayerSelection, TrainConfig, load_
 from pipeline.train.data import LabelCollator, read_line_folder, read_page_lines, validation_lines
 from pipeline.train.loop import CHECKPOINT_PREFIX, TRAINER_STATE, latest_checkpoint, learning_rate_factor, train
 from pipeline.train.model import build_trocr, save_trocr, shrink_trocr
+from pipeline.train.tokenizer import train_tokenizer
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 TEXTS = ["hello world", "quick fox", "lazy dog 42", "OCR lines"]
@@ -155,7 +156,7 @@ def test_width_scale_is_trained_with_and_saved_for_the_pipeline(tmp_path, base_m
 
 
 def test_base_layers_make_a_smaller_model_of_the_chosen_layers(tmp_path, line_folder):
-    tokenizer = load_trocr(str(build_tiny_random_trocr(tmp_path / "tiny")), device="cpu").tokenizer
+    tokenizer = train_tokenizer(TINY_CORPUS, "roberta", vocab_size=300)
     model, processor = build_trocr(tokenizer, input_size=(32, 128), patch_size=(16, 16), hidden_size=32, encoder_layers=3,
                                    encoder_heads=2, decoder_layers=2, decoder_heads=2, max_target_tokens=8)
     student = shrink_trocr(model, encoder_layers=(2, 0), decoder_layers=(1,))
