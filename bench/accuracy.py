@@ -17,9 +17,12 @@ signs as '-', ’ as ', transcription markup dropped, whitespace runs as one spa
 
 Categories are corpus-level (total edits / total characters; summed word matches). With
 ``--val``, the line CER per source of the validation lines (``train/val``) with the model each
-source's category gets.
+source's category gets. With ``--languages`` our job gets each page's languages as Tesseract gets
+its language packs (``recognize.languages``, word frequencies in beam search), one job per model and
+set of languages.
 
     .venv/bin/python bench/accuracy.py --pages ../shared/data/pages --val ../shared/data/train/val
+    .venv/bin/python bench/accuracy.py --pages ../shared/data/pages --set recognize.num_beams=4 --languages
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import jiwer
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
+from pipeline.config import load_config  # noqa: E402
 from pipeline.evaluate import PageTruth, read_page_truth, recognize_pages  # noqa: E402
 
 DEFAULT_PAGES = PROJECT_ROOT.parent / "shared" / "data" / "pages"
@@ -51,6 +55,9 @@ TEXT_ONLY_CATEGORIES = {"phototest": "printed_modern_rendered", "eurotext": "pri
 TEXT_ONLY_DEFAULT_CATEGORY = "printed_modern_scan"
 TEXT_ONLY_LANGUAGES = {"eurotext": "en/fr/de/it/es"}
 TESSERACT_LANGUAGES = {"en": "eng", "fr": "fra", "de": "deu", "it": "ita", "es": "spa", "la": "lat", "co": "ita"}
+#: The page languages' word lists for our job with ``--languages`` (recognize.languages): wordfreq has no
+#: Latin, and Corsican pages get Italian, as Tesseract's do.
+WORD_LIST_LANGUAGES = {"en": "en", "fr": "fr", "de": "de", "it": "it", "es": "es", "co": "it"}
 #: Transcription markup of the ground truth sources, not text on the page (see shared/data/README.md):
 #: Tapuscorpus marks underlining with ``_`` and struck-out text with ``~~~`` (UNLV's ``~`` is a character
 #: it could not read). Sources write the apostrophe as ``'`` or ``’`` by their own convention (the
@@ -124,14 +131,21 @@ def read_with_tesseract(pages: list[Page]) -> list[str]:
 
 
 def read_with_pipeline(pages: list[Page], printed_model: str, handwritten_model: str,
-                       overrides: list[str] = ()) -> list[str]:
-    """The whole job over the pages, one run per model (default config plus ``overrides``)."""
+                       overrides: list[str] = (), languages: bool = False) -> list[str]:
+    """The whole job over the pages, one run per model (default config plus ``overrides``); with
+    ``languages``, one run per model and set of page languages, given as ``recognize.languages``."""
+    groups: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+    for index, page in enumerate(pages):
+        model = handwritten_model if page.category == HANDWRITTEN else printed_model
+        word_lists = tuple(dict.fromkeys(WORD_LIST_LANGUAGES[code] for code in page.languages
+                                         if code in WORD_LIST_LANGUAGES)) if languages else ()
+        groups.setdefault((model, word_lists), []).append(index)
     texts: dict[int, str] = {}
-    for model, chosen in ((printed_model, [i for i, p in enumerate(pages) if p.category != HANDWRITTEN]),
-                          (handwritten_model, [i for i, p in enumerate(pages) if p.category == HANDWRITTEN])):
-        if chosen:
-            read = recognize_pages([pages[i].truth for i in chosen], [*overrides, f"recognize.model={model}"])
-            texts.update(zip(chosen, read))
+    for (model, word_lists), chosen in groups.items():
+        settings = [*overrides, f"recognize.model={model}"]
+        if word_lists:
+            settings.append(f"recognize.languages=[{','.join(word_lists)}]")
+        texts.update(zip(chosen, recognize_pages([pages[i].truth for i in chosen], settings)))
     return [texts[i] for i in range(len(pages))]
 
 
@@ -195,12 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--category", action="append", help="only these manifest categories (repeatable)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for our job on the pages (not --val), e.g. recognize.num_beams=4 (repeatable)")
+    parser.add_argument("--languages", action="store_true",
+                        help="give our job each page's languages as Tesseract gets its language packs "
+                             "(recognize.languages; with --set recognize.num_beams=4)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.languages:  # refused now rather than after Tesseract's pass: languages need beams
+        load_config(None, [*args.overrides, "recognize.languages=[en]"])
 
     pages = [page for page in read_pages(args.pages) if not args.category or page.category in args.category]
     theirs = read_with_tesseract(pages)
-    ours = read_with_pipeline(pages, args.printed_model, args.handwritten_model, args.overrides)
+    ours = read_with_pipeline(pages, args.printed_model, args.handwritten_model, args.overrides, args.languages)
     print("\n".join(page_table(pages, ours, theirs)))
     print()
     print("\n".join(per_page_rows(pages, ours, theirs)))

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, VisionEncoderDecoderModel
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, VisionEncoderDecoderModel
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.trocr.modeling_trocr import TrOCRSinusoidalPositionalEmbedding
@@ -56,9 +56,12 @@ def sequence_confidence(token_logprobs: torch.Tensor) -> float:
 
 
 def hf_generate(model: VisionEncoderDecoderModel, pixel_values: torch.Tensor, num_beams: int,
-                max_new_tokens: int, encoder_dtype: torch.dtype | None = None) -> list[DecodedLine]:
+                max_new_tokens: int, encoder_dtype: torch.dtype | None = None,
+                logits_processor: LogitsProcessor | None = None) -> list[DecodedLine]:
     """The same lines decoded by transformers ``generate`` (engine "hf"): the reference this engine must equal.
-    ``encoder_dtype``: the encoder runs under autocast to it (see :func:`encoder_autocast`)."""
+    ``encoder_dtype``: the encoder runs under autocast to it (see :func:`encoder_autocast`).
+    ``logits_processor``: an extra one; ``generate`` records the scores after it, so unlike the engine's its
+    confidences include what the processor added."""
     with torch.inference_mode():
         output = model.generate(
             pixel_values=pixel_values,
@@ -69,6 +72,7 @@ def hf_generate(model: VisionEncoderDecoderModel, pixel_values: torch.Tensor, nu
             use_cache=True,
             output_scores=True,
             return_dict_in_generate=True,
+            logits_processor=LogitsProcessorList([logits_processor] if logits_processor is not None else []),
         )
         token_logprobs = model.compute_transition_scores(
             output.sequences, output.scores, getattr(output, "beam_indices", None), normalize_logits=num_beams == 1
@@ -180,14 +184,20 @@ class DecodingEngine:
             self.weights = self._layer_weights()
 
     def decode(self, pixel_values: torch.Tensor, num_beams: int, max_new_tokens: int,
-               line_widths: Sequence[int] | None = None) -> list[DecodedLine]:
+               line_widths: Sequence[int] | None = None,
+               logits_processor: LogitsProcessor | None = None) -> list[DecodedLine]:
         """(N, 3, H, W) encoder input -> N decoded lines, in input order; greedy when ``num_beams`` is 1.
 
-        ``line_widths``: see :func:`encode_lines`."""
+        ``line_widths``: see :func:`encode_lines`. ``logits_processor``: applied to each beam step's
+        log-probabilities as ``generate`` applies it (e.g. :class:`operators.lexicon.WordFrequencyBias`), and
+        it must return a new tensor: its scores rank the beams, while the tokens' log-probabilities (the
+        confidences) stay the model's."""
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must be (lines, 3, height, width), got {tuple(pixel_values.shape)}")
         if num_beams < 1 or max_new_tokens < 1:
             raise ValueError(f"num_beams and max_new_tokens must be >= 1, got {num_beams} and {max_new_tokens}")
+        if logits_processor is not None and num_beams == 1:
+            raise ValueError("a logits processor ranks beams here: it needs num_beams >= 2")
         if len(pixel_values) == 0:
             return []
         max_new_tokens = min(max_new_tokens, self.max_positions)
@@ -198,7 +208,8 @@ class DecodingEngine:
             if num_beams == 1:
                 tokens, logprobs = self._greedy(weights, cross, cross_bias, positions, max_new_tokens)
             else:
-                tokens, logprobs = self._beam_search(weights, cross, cross_bias, positions, num_beams, max_new_tokens)
+                tokens, logprobs = self._beam_search(weights, cross, cross_bias, positions, num_beams, max_new_tokens,
+                                                     logits_processor)
         return [_decoded_line(row, row_logprobs, self.eos_ids) for row, row_logprobs in zip(tokens.tolist(), logprobs)]
 
     # -- model pieces --------------------------------------------------------------------------------
@@ -302,7 +313,8 @@ class DecodingEngine:
         return out_tokens, out_logprobs.cpu()
 
     def _beam_search(self, weights: list[_LayerWeights], cross: torch.Tensor, cross_bias: torch.Tensor | None,
-                     positions: torch.Tensor, beams: int, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     positions: torch.Tensor, beams: int, max_new_tokens: int,
+                     logits_processor: LogitsProcessor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """HF beam search per line (same scores, length penalty, early stopping, tie-breaks); a line leaves
         the batch once ``generate`` could no longer change its best finished hypothesis."""
         lines, device = cross.shape[2], cross.device
@@ -315,7 +327,10 @@ class DecodingEngine:
         eos = torch.tensor(self.eos_ids, device=device)
         for step in range(max_new_tokens):
             logits = self._step(weights, tokens, step, positions, cache, cross, cross_bias, beams)
-            parents = search.advance(logits.log_softmax(dim=-1), step, eos, rules)
+            log_probs = logits.log_softmax(dim=-1)
+            scores = (log_probs if logits_processor is None
+                      else logits_processor(search.sequences(self.start_id, step), log_probs))
+            parents = search.advance(scores, log_probs, step, eos, rules)
             done = search.done(rules) if step + 1 < max_new_tokens else torch.ones_like(search.running)
             finished_lines = done.nonzero().squeeze(1)
             out_tokens[search.running[finished_lines]] = search.finished_tokens[finished_lines, 0]
@@ -361,7 +376,7 @@ class _BeamState:
     running: torch.Tensor  # (lines,) input line index
     running_tokens: torch.Tensor  # (lines, beams, max_new_tokens)
     running_logprobs: torch.Tensor  # (lines, beams, max_new_tokens) chosen-token log-probabilities
-    running_scores: torch.Tensor  # (lines, beams) summed log-probabilities
+    running_scores: torch.Tensor  # (lines, beams) summed log-probabilities, after any logits processor
     finished_tokens: torch.Tensor
     finished_logprobs: torch.Tensor
     finished_scores: torch.Tensor  # (lines, beams) length-penalised, NEG_LARGE when empty
@@ -383,13 +398,22 @@ class _BeamState:
             improvable=torch.ones((lines, 1), dtype=torch.bool, device=device),
         )
 
-    def advance(self, log_probs: torch.Tensor, step: int, eos: torch.Tensor, rules: _BeamRules) -> torch.Tensor:
-        """Extend every line by one token (HF ``_beam_search`` steps c-g); returns the cache row of each new
+    def sequences(self, start_id: int, step: int) -> torch.Tensor:
+        """(lines x beams, step + 1): each live beam's tokens so far, the start token first (``generate``'s
+        ``input_ids`` for a logits processor)."""
+        lines, beams = self.running_scores.shape
+        start = torch.full((lines, beams, 1), start_id, dtype=torch.long, device=self.running_tokens.device)
+        return torch.cat((start, self.running_tokens[:, :, :step]), dim=2).view(lines * beams, step + 1)
+
+    def advance(self, scores: torch.Tensor, log_probs: torch.Tensor, step: int, eos: torch.Tensor,
+                rules: _BeamRules) -> torch.Tensor:
+        """Extend every line by one token (HF ``_beam_search`` steps c-g), ranked by ``scores`` (the
+        log-probabilities after any logits processor) and recording ``log_probs``; returns the cache row of each new
         live beam's parent, (lines, beams)."""
         lines, beams = self.running_scores.shape
         vocab = log_probs.shape[-1]
         flat_log_probs = log_probs.view(lines, beams * vocab)
-        accumulated = (log_probs.view(lines, beams, vocab) + self.running_scores[:, :, None]).view(lines, -1)
+        accumulated = (scores.view(lines, beams, vocab) + self.running_scores[:, :, None]).view(lines, -1)
         top_scores, top_indices = torch.topk(accumulated, k=rules.candidates)
         top_parents = top_indices // vocab
         top_ids = top_indices % vocab

@@ -106,10 +106,18 @@ class LineRecognizer:
     matches in fp32) and the post-processor (token ids to text, confidence, truncation and word confidences).
     """
 
-    def __init__(self, bundle: TrOCRBundle, engine: Engine, num_beams: int, max_new_tokens: int, line_batch_size: int):
+    def __init__(self, bundle: TrOCRBundle, engine: Engine, num_beams: int, max_new_tokens: int, line_batch_size: int,
+                 languages: Sequence[str] = ()):
         self.bundle = bundle
         # the engine refuses unsupported generation settings now, at start-up
         self.engine = DecodingEngine(bundle.model, bundle.encoder_dtype) if engine == "fast" else None
+        self.word_scores = None
+        if languages:
+            if num_beams == 1:
+                raise ValueError("languages rank the beams of a beam search: they need num_beams >= 2")
+            from operators.lexicon import WordFrequencyBias  # here: wordfreq's import is paid only when used
+
+            self.word_scores = WordFrequencyBias(bundle.tokenizer, languages, bundle.model.config.decoder.vocab_size)
         self.num_beams = num_beams
         self.max_new_tokens = max_new_tokens
         self.line_batch_size = line_batch_size
@@ -117,16 +125,17 @@ class LineRecognizer:
     @classmethod
     def from_pretrained(cls, name_or_path: str, device: str = "auto", precision: str = "fp32", engine: Engine = "fast",
                         num_beams: int = 1, max_new_tokens: int | None = None,
-                        line_batch_size: int = 32) -> "LineRecognizer":
+                        line_batch_size: int = 32, languages: Sequence[str] = ()) -> "LineRecognizer":
         """Load a bundled short name, local folder or hub id through the one resolver; an unset
         ``max_new_tokens`` is the model's decode limit (:func:`resolve_max_new_tokens`)."""
         bundle = load_trocr(name_or_path, device, precision)
-        return cls(bundle, engine, num_beams, resolve_max_new_tokens(max_new_tokens, bundle.model), line_batch_size)
+        return cls(bundle, engine, num_beams, resolve_max_new_tokens(max_new_tokens, bundle.model), line_batch_size,
+                   languages)
 
     @classmethod
     def from_config(cls, config: RecognizeConfig) -> "LineRecognizer":
         return cls.from_pretrained(config.model, config.device, config.precision, config.engine, config.num_beams,
-                                   config.max_new_tokens, config.line_batch_size)
+                                   config.max_new_tokens, config.line_batch_size, config.languages)
 
     def __call__(self, lines: Sequence[Sequence[LinePiece]]) -> list[LineReading]:
         """One reading per line from its :func:`line_pieces`; the pieces of all lines are decoded
@@ -153,9 +162,10 @@ class LineRecognizer:
         pixel_values = bundle.preprocessor.to_pixel_values(resized, bundle.device, bundle.dtype, width_step)
         if self.engine is not None:
             widths = [ink_columns(pixels) for pixels in resized] if width_step else None
-            decoded = self.engine.decode(pixel_values, self.num_beams, self.max_new_tokens, widths)
+            decoded = self.engine.decode(pixel_values, self.num_beams, self.max_new_tokens, widths, self.word_scores)
         else:
-            decoded = hf_generate(bundle.model, pixel_values, self.num_beams, self.max_new_tokens, bundle.encoder_dtype)
+            decoded = hf_generate(bundle.model, pixel_values, self.num_beams, self.max_new_tokens, bundle.encoder_dtype,
+                                  self.word_scores)
         return [self._read(line) for line in decoded]
 
     def _read(self, line: DecodedLine) -> LineReading:

@@ -24,6 +24,23 @@ DEFAULT_MODEL_NAME = "printed"
 DEFAULT_MODEL = BUNDLED_MODELS[DEFAULT_MODEL_NAME]
 
 
+def check_languages(languages: tuple[str, ...]) -> None:
+    """Refuse a language that wordfreq has no word list for (its codes: en, fr, de, it, es, nl, pt, ...)."""
+    if not languages:
+        return
+    import wordfreq  # here, not at the top: every page worker imports the settings, few need word lists
+
+    available = wordfreq.available_languages()
+    unknown = [language for language in languages if language not in available]
+    if unknown:
+        raise ValueError(f"no word list for language(s) {', '.join(unknown)}; available: {', '.join(sorted(available))}")
+    for language in languages:
+        try:
+            wordfreq.zipf_frequency("a", language)
+        except Exception as exc:  # wordfreq's lists for ja, zh and ko need tokenizer packages
+            raise ValueError(f"the word list for {language} cannot be read here: {exc}") from exc
+
+
 class Frozen(BaseModel):
     """Base of every settings class: immutable, and an unknown key is an error."""
 
@@ -98,6 +115,9 @@ class RecognizeConfig(Frozen):
         default="fp32", description="fp16/bf16 on a GPU; on the CPU, bf16: a bf16 encoder (needs AVX512-BF16 or "
                                     "AMX), int8: int8 encoder linear layers")
     num_beams: int = Field(default=1, ge=1)
+    languages: tuple[str, ...] = Field(
+        default=(), description="the pages' languages (wordfreq codes: en, fr, de, it, es, ...): beam search "
+                                "favours their common words at word ends (operators.lexicon); needs num_beams >= 2")
     max_new_tokens: int | None = Field(default=None, ge=1, description="decode limit; default: the decoder's "
                                                                          "learned positions (128 for sinusoidal)")
     line_batch_size: int = Field(default=32, ge=1, description="line crops per model call")
@@ -116,6 +136,9 @@ class RecognizeConfig(Frozen):
             raise ValueError("precision fp16 needs device cuda (or auto on a GPU machine)")
         if self.device == "cuda" and self.precision == "int8":
             raise ValueError("precision int8 is for the CPU; use fp16 on a GPU")
+        check_languages(self.languages)
+        if self.languages and self.num_beams == 1:
+            raise ValueError("languages rank the beams of a beam search: set num_beams (4 is a good start) as well")
         if isinstance(self.concurrency, tuple) and not (1 <= self.concurrency[0] <= self.concurrency[1]):
             raise ValueError("concurrency (min, max) needs 1 <= min <= max")
         return self

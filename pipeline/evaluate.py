@@ -180,12 +180,13 @@ def write_predictions(path: Path, results: Sequence[LineResult]) -> None:
 
 def evaluate(model: str, folders: Sequence[Path], normalize_options: Sequence[str] = (), batch_size: int = 32,
              num_beams: int = 1, max_new_tokens: int | None = None, device: str = "auto",
-             precision: str = "fp32") -> tuple[list[Score], list[LineResult]]:
+             precision: str = "fp32", languages: Sequence[str] = ()) -> tuple[list[Score], list[LineResult]]:
     """Load ``model``, read every folder's lines, decode and score them."""
     normalize = make_normalizer(normalize_options)
     lines = read_eval_lines(folders)
     recognizer = LineRecognizer.from_pretrained(model, device, precision, num_beams=num_beams,
-                                                max_new_tokens=max_new_tokens, line_batch_size=batch_size)
+                                                max_new_tokens=max_new_tokens, line_batch_size=batch_size,
+                                                languages=languages)
     predictions = [reading.text for reading in recognizer.read_images([line.load_gray() for line in lines])]
     results = score_lines(lines, predictions, normalize)
     return scores_by_source(results, normalize), results
@@ -193,13 +194,14 @@ def evaluate(model: str, folders: Sequence[Path], normalize_options: Sequence[st
 
 def evaluate_pages(model: str, paths: Sequence[Path], normalize_options: Sequence[str] = (), batch_size: int = 32,
                    num_beams: int = 1, max_new_tokens: int | None = None, device: str = "auto",
-                   precision: str = "fp32") -> tuple[list[Score], list[LineResult]]:
+                   precision: str = "fp32", languages: Sequence[str] = ()) -> tuple[list[Score], list[LineResult]]:
     """Run the whole job on the PAGE/ALTO files' images and score each page's text."""
     normalize = make_normalizer(normalize_options)
     pages = read_page_truth(paths)
     overrides = [f"recognize.model={model}", f"recognize.line_batch_size={batch_size}", f"recognize.num_beams={num_beams}",
                  f"recognize.max_new_tokens={'null' if max_new_tokens is None else max_new_tokens}",
-                 f"recognize.device={device}", f"recognize.precision={precision}"]
+                 f"recognize.device={device}", f"recognize.precision={precision}",
+                 f"recognize.languages=[{','.join(languages)}]"]
     results = score_pages(pages, recognize_pages(pages, overrides), normalize)
     return scores_by_source(results, normalize), results
 
@@ -215,6 +217,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worst", type=int, default=10, help="list the K lines with the highest CER")
     parser.add_argument("--batch-size", type=int, default=32, help="lines per model call")
     parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--languages", default="", help="comma list, e.g. fr or en,de: recognize.languages "
+                                                        "(word frequencies in beam search; needs --num-beams 2 or more)")
     parser.add_argument("--max-new-tokens", type=int, help="default: what the model can produce")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
@@ -225,8 +229,13 @@ def eval_command(args: argparse.Namespace) -> int:
         raise ConfigError("--batch-size, --num-beams and --max-new-tokens must be >= 1, --worst >= 0")
     options = [option.strip() for option in args.normalize.split(",") if option.strip()]
     run = evaluate_pages if args.pages else evaluate
+    languages = tuple(language.strip() for language in args.languages.split(",") if language.strip())
+    if languages:  # the job's own check (languages need beams, and word lists), before any model is loaded
+        from pipeline.config import load_config
+
+        load_config(None, [f"recognize.num_beams={args.num_beams}", f"recognize.languages=[{','.join(languages)}]"])
     scores, results = run(args.model, args.pages or args.lines, options, args.batch_size, args.num_beams,
-                          args.max_new_tokens, args.device, args.precision)
+                          args.max_new_tokens, args.device, args.precision, languages)
     print(format_report(scores, results, args.worst, "pages" if args.pages else "lines"))
     if args.predictions:
         write_predictions(args.predictions, results)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import wordfreq
 from PIL import Image, ImageDraw, ImageFont
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 from transformers import (
@@ -27,9 +28,11 @@ from transformers import (
 )
 
 from operators.decoding import DecodingEngine, encode_lines, hf_generate
+from operators.lexicon import COMMON_ZIPF, UNKNOWN_WORD_ZIPF, WordFrequencyBias, token_texts
 from operators.recognize import LineReading, LineRecognizer
 from operators.records import LinePiece
-from helpers import build_tiny_random_trocr
+from helpers import TINY_CORPUS, build_tiny_random_trocr
+from pipeline.train.tokenizer import train_tokenizer
 from operators.errors import ModelLoadError
 from operators.model import TrOCRBundle, load_trocr, quantize_encoder
 from operators.preprocess import ink_columns
@@ -138,6 +141,72 @@ def test_truncation_flag_and_text_match_generate(trained, num_beams):
     reference = decode_lines(trained, resized, num_beams, max_new_tokens=6, line_batch_size=4, engine="hf")
     assert [(r.text, r.truncated) for r in fast] == [(r.text, r.truncated) for r in reference]
     assert any(reading.truncated for reading in fast) and not all(reading.truncated for reading in fast)
+
+
+def test_word_frequency_bias_is_applied_as_generate_applies_it(trained):
+    """The word scores rewrite the line with a word English lacks ("vexingly", read by this tiny model that
+    knows six lines: the test's premise); the engine's beams rank as ``generate``'s with the same logits
+    processor, and the engine's confidences stay the model's own, also on a line whose rare words the
+    scores charged ("Sphinx", "quartz") but did not change."""
+    inputs = pixel_values(trained, TEXTS)
+    word_scores = WordFrequencyBias(trained.tokenizer, ["en"], trained.model.config.decoder.vocab_size, weight=1.0)
+    plain = DecodingEngine(trained.model).decode(inputs, num_beams=4, max_new_tokens=32)
+    scored = DecodingEngine(trained.model).decode(inputs, num_beams=4, max_new_tokens=32, logits_processor=word_scores)
+    reference = hf_generate(trained.model, inputs, num_beams=4, max_new_tokens=32, logits_processor=word_scores)
+    assert [line.tokens for line in scored] == [line.tokens for line in reference]
+    changed = [i for i, (ours, before) in enumerate(zip(scored, plain)) if ours.tokens != before.tokens]
+    assert TEXTS.index("How vexingly quick daft zebras jump") in changed and len(changed) < len(TEXTS)
+    sphinx = TEXTS.index("Sphinx of black quartz, judge my vow")
+    assert sphinx not in changed
+    assert scored[sphinx].confidence == pytest.approx(plain[sphinx].confidence, abs=CONFIDENCE_TOLERANCE)
+    assert reference[sphinx].confidence < plain[sphinx].confidence - 0.01  # generate's include the scores
+    with pytest.raises(ValueError, match="num_beams >= 2"):
+        DecodingEngine(trained.model).decode(inputs, num_beams=1, max_new_tokens=32, logits_processor=word_scores)
+
+
+@pytest.mark.parametrize("tokenizer_kind", ["roberta", "xlm-roberta"])
+def test_word_frequency_bias_scores_the_word_a_token_would_end(tokenizer_kind):
+    """Every token that can end a word (space, punctuation, digit, end of line; byte-level BPE and
+    sentencepiece alike) gets the score of the word before it: nothing for a common word, less the rarer it
+    is, least for none; zero after no word and for a hyphen; a token that continues a word gets nothing."""
+    tokenizer = train_tokenizer(TINY_CORPUS, tokenizer_kind, vocab_size=300)
+    vocab = len(tokenizer)
+    word_scores = WordFrequencyBias(tokenizer, ["en"], vocab, weight=1.0)
+    texts = token_texts(tokenizer, vocab)
+    space, comma, hyphen, letter = (texts.index(text) for text in (" ", ",", "-", "a"))
+    start = tokenizer.bos_token_id
+    prefixes = ["The black", "The quartz", "The qvzkx", "In 1905"]
+    rows = [[start, *tokenizer(text, add_special_tokens=False).input_ids] for text in prefixes]
+    length = max(map(len, rows))
+    rows = [[start] * (length - len(row)) + row for row in rows]  # the start token ends no word
+    scores = word_scores(torch.tensor(rows), torch.zeros((len(rows), vocab)))
+    ends = torch.tensor(word_scores.ends_word)
+    assert ends[space] and ends[comma] and ends[tokenizer.eos_token_id] and not ends[letter]
+    assert (scores[:, ~ends] == 0).all() and (scores[:, hyphen] == 0).all()
+    common, rare, nonsense, number = scores[:, comma].tolist()
+    assert wordfreq.zipf_frequency("black", "en") > COMMON_ZIPF and common == 0.0
+    assert rare == pytest.approx(wordfreq.zipf_frequency("quartz", "en") - COMMON_ZIPF) and rare < -0.5
+    assert nonsense == UNKNOWN_WORD_ZIPF - COMMON_ZIPF and number == 0.0
+    assert (scores[1, ends & (word_scores.end_mask > 0)] == rare).all()
+    # letters on both sides of a sign the vocabulary spells in bytes are two words; a hyphen breaks a word
+    spelled = tuple(tokenizer("quartz\u2019qvzkx", add_special_tokens=False).input_ids)
+    assert word_scores.word_score(spelled) == pytest.approx(rare + nonsense)
+    if tokenizer_kind == "roberta":  # byte-level: spells any sign, here glued to the word in one piece
+        assert word_scores.word_score(tuple(tokenizer("qvzkx\u2e17", add_special_tokens=False).input_ids)) == 0.0
+    with pytest.raises(ValueError, match="no word list for language"):
+        WordFrequencyBias(tokenizer, ["xx"], vocab)
+
+
+def test_languages_reach_the_recognizer_and_need_beams(tiny_model: Path):
+    config = RecognizeConfig(model=str(tiny_model), device="cpu", num_beams=2, languages=("en", "fr"))
+    assert LineRecognizer.from_config(config).word_scores.languages == ("en", "fr")
+    assert LineRecognizer.from_config(RecognizeConfig(model=str(tiny_model), device="cpu")).word_scores is None
+    with pytest.raises(ValueError, match="set num_beams"):
+        RecognizeConfig(languages=("en",))
+    with pytest.raises(ValueError, match="need num_beams >= 2"):
+        LineRecognizer.from_pretrained(str(tiny_model), "cpu", engine="hf", languages=("en",))
+    with pytest.raises(ValueError, match="no word list for language"):
+        RecognizeConfig(num_beams=4, languages=("en", "klingon"))
 
 
 def peaked(model: VisionEncoderDecoderModel) -> VisionEncoderDecoderModel:

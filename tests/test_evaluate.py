@@ -66,6 +66,17 @@ def test_eval_command_reports_each_folder_and_writes_predictions(tmp_path, tiny_
     assert rows[0]["image"].endswith("first/l0.png")
 
 
+def test_eval_languages_read_with_word_scores_and_need_beams(tmp_path, tiny_model, capsys):
+    lines = write_lines(tmp_path / "lines", ["alpha beta"])
+    common = ["--model", str(tiny_model), "--lines", str(lines), "--device", "cpu", "--max-new-tokens", "8"]
+    assert eval_command(parse([*common, "--num-beams", "2", "--languages", "en, fr"])) == ExitCode.ok
+    assert "overall" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="set num_beams"):
+        eval_command(parse([*common, "--languages", "en"]))
+    with pytest.raises(ConfigError, match="no word list for language"):
+        eval_command(parse([*common, "--num-beams", "2", "--languages", "tlh"]))
+
+
 def test_folder_without_labelled_lines_is_an_error(tmp_path, tiny_model):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no labelled lines"):
