@@ -3,14 +3,15 @@
 A TrOCR decoder knows only the words of its training lines. On faded typescript it reads "bo" for
 "be" and "funoral" for "funeral": the image leaves both letters open and the decoder picks the wrong
 one. With a few beams the right reading is usually among the candidates, so every token that can end
-a word (one that starts with a space, punctuation or a digit, and the end of the line) has the score
-of the word it ends added: nothing for a common word of the page's languages (`wordfreq`_), a penalty
-that grows as the word gets rarer, and the largest for a word no language has. This is shallow fusion
-with a unigram word model. It is never a bonus, so a beam gains nothing by adding words (though two
-unknown words read as one pay once); and it only ranks the beams.
+a word (one that starts with a space or with punctuation, and the end of the line) has the score of
+the word it ends added: nothing for a common word of the page's languages (`wordfreq`_, which also
+splits elisions and compounds: ``l'opinion``, ``well-known``), a penalty that grows as the word gets
+rarer, and the largest for a word no language has. This is shallow fusion with a unigram word model.
+It is never a bonus, so a beam gains nothing by adding words (though two unknown words read as one pay
+once); and it only ranks the beams.
 
 The constants were chosen on the printed validation lines (``../shared/data/train/val``, 542 lines,
-4 beams, each line with its own languages): 5.77% CER without, 5.13% with (typescripts: 6.1% -> 5.0%
+4 beams, each line with its own languages): 5.77% CER without, 5.17% with (typescripts: 6.1% -> 5.0%
 German, 2.7% -> 2.2% English), for about 10% more reading time. Weight 0.7 read them at 5.65%: a
 heavier weight turns rare words into common ones.
 
@@ -20,7 +21,6 @@ heavier weight turns rare words into common ones.
 from __future__ import annotations
 
 import functools
-import re
 import unicodedata
 from collections.abc import Sequence
 
@@ -31,19 +31,31 @@ from transformers import LogitsProcessor, PreTrainedTokenizerBase
 from operators.settings import check_languages
 
 #: Zipf frequency (log10 of uses per billion words) from which a word costs nothing
-#: (``the``: 7.7, ``be``: 6.8, ``funeral``: 4.5, ``bo``: 4.0).
+#: (``the``: 7.7, ``be``: 6.8, ``funeral``: 4.4, ``bo``: 4.0).
 COMMON_ZIPF = 5.0
 #: The Zipf frequency a word that none of the languages has is scored as.
 UNKNOWN_WORD_ZIPF = -1.0
 #: Nats per Zipf unit: ``bo`` costs 0.5 nats more than ``be``, an unknown word 3 nats.
 DEFAULT_WEIGHT = 0.5
-#: Distinct words whose scores a recognizer keeps (a page has a few hundred).
+#: Word scores a recognizer keeps: every beam's words and partial words, over all its pages.
 WORDS_CACHED = 1 << 16
-#: Signs that break a word at the end of a line: the part before them is no word, so it costs nothing.
+#: Signs inside a word (``couldn't``, ``well-known``, ``2nd``) besides letters, digits and marks.
+APOSTROPHES = "'\u2019"
 HYPHENS = "-\u00ad\u2010\u2e17\u00ac"
 #: A byte-level BPE piece of a multi-byte character decodes to this on its own.
 PARTIAL_CHARACTER = "\ufffd"
-LETTERS = re.compile(r"[^\W\d_]+")
+
+
+def inside_word(char: str) -> bool:
+    return (char.isalnum() or char == PARTIAL_CHARACTER or char in APOSTROPHES or char in HYPHENS
+            or unicodedata.category(char).startswith("M"))
+
+
+def lookup_form(text: str) -> str:
+    """A decoded word as wordfreq looks it up: old umlauts (a small e above) as umlauts, composed (NFKC),
+    ’ as ', and without the signs around it (quotes, a leading dash, trailing punctuation)."""
+    text = unicodedata.normalize("NFKC", text.replace("\u0364", "\u0308")).replace("\u2019", "'")
+    return text.strip("".join(char for char in set(text) if not char.isalnum()))
 
 
 class WordFrequencyBias(LogitsProcessor):
@@ -59,15 +71,11 @@ class WordFrequencyBias(LogitsProcessor):
         self.languages = tuple(languages)
         self.weight = weight
         texts = token_texts(tokenizer, vocab_size)
-        # a piece of a multi-byte character continues the word it is in (its letters are sorted out when
-        # the word is scored); one after a space starts a word
-        self.ends_word = [not text or not (text[0].isalpha() or text[0] == PARTIAL_CHARACTER) for text in texts]
-        self.starts_word = [ends and any(char.isalpha() or char == PARTIAL_CHARACTER for char in text)
-                            for ends, text in zip(self.ends_word, texts)]
-        if not any(self.starts_word):
-            raise ValueError(f"{type(tokenizer).__name__}: no token starts a word, so words cannot be told apart")
-        self.end_mask = torch.tensor([ends and not text.lstrip().startswith(tuple(HYPHENS))
-                                      for ends, text in zip(self.ends_word, texts)], dtype=torch.float32)
+        self.ends_word = [not text or not inside_word(text[0]) for text in texts]
+        self.starts_word = [ends and any(map(inside_word, text)) for ends, text in zip(self.ends_word, texts)]
+        if not any(text[:1].isspace() for text in texts):
+            raise ValueError(f"{type(tokenizer).__name__}: no token starts with a space, so words cannot be told apart")
+        self.end_mask = torch.tensor(self.ends_word, dtype=torch.float32)
         self.word_score = functools.lru_cache(maxsize=WORDS_CACHED)(self._word_score)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -91,16 +99,13 @@ class WordFrequencyBias(LogitsProcessor):
 
     def _word_score(self, word_tokens: tuple[int, ...]) -> float:
         """The score (nats, at most 0) for ending the word these tokens spell (``word_score`` is this,
-        cached): the sum over its runs of letters (``l’opinion``: ``l`` and ``opinion``; combining marks
-        dropped), 0 for none and for a word broken by a hyphen."""
-        text = self.tokenizer.decode(list(word_tokens), skip_special_tokens=True).strip()
-        if text.endswith(tuple(HYPHENS)):
+        cached); 0 for no letters, and for a word broken by a hyphen at the end of a line."""
+        text = self.tokenizer.decode(list(word_tokens), skip_special_tokens=True,
+                                     clean_up_tokenization_spaces=False).strip()
+        word = lookup_form(text)
+        if text.endswith(tuple(HYPHENS)) or not any(char.isalpha() for char in word):
             return 0.0
-        text = "".join(char for char in text if unicodedata.category(char) != "Mn")
-        return sum(self._letters_score(letters) for letters in LETTERS.findall(text))
-
-    def _letters_score(self, letters: str) -> float:
-        zipf = max(wordfreq.zipf_frequency(letters, language) for language in self.languages)
+        zipf = max(wordfreq.zipf_frequency(word, language) for language in self.languages)
         return self.weight * (min(zipf if zipf > 0 else UNKNOWN_WORD_ZIPF, COMMON_ZIPF) - COMMON_ZIPF)
 
 
@@ -110,5 +115,6 @@ def token_texts(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> list[str
     read as empty."""
     anchor = tokenizer("a", add_special_tokens=False).input_ids[:1]
     prefix = tokenizer.decode(anchor)
-    texts = tokenizer.batch_decode([[*anchor, token] for token in range(vocab_size)], skip_special_tokens=True)
+    texts = tokenizer.batch_decode([[*anchor, token] for token in range(vocab_size)], skip_special_tokens=True,
+                                   clean_up_tokenization_spaces=False)
     return [text[len(prefix):] if text.startswith(prefix) else text for text in texts]

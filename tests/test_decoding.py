@@ -166,35 +166,51 @@ def test_word_frequency_bias_is_applied_as_generate_applies_it(trained):
 
 @pytest.mark.parametrize("tokenizer_kind", ["roberta", "xlm-roberta"])
 def test_word_frequency_bias_scores_the_word_a_token_would_end(tokenizer_kind):
-    """Every token that can end a word (space, punctuation, digit, end of line; byte-level BPE and
-    sentencepiece alike) gets the score of the word before it: nothing for a common word, less the rarer it
-    is, least for none; zero after no word and for a hyphen; a token that continues a word gets nothing."""
+    """Every token that can end a word (space, punctuation, end of line; byte-level BPE and sentencepiece
+    alike) gets the score of the word before it: nothing for a common word, less the rarer it is, least for
+    none; zero after no word; a token inside a word (letter, digit, apostrophe, hyphen) gets nothing."""
     tokenizer = train_tokenizer(TINY_CORPUS, tokenizer_kind, vocab_size=300)
     vocab = len(tokenizer)
     word_scores = WordFrequencyBias(tokenizer, ["en"], vocab, weight=1.0)
     texts = token_texts(tokenizer, vocab)
-    space, comma, hyphen, letter = (texts.index(text) for text in (" ", ",", "-", "a"))
+    space, comma, hyphen, letter, digit = (texts.index(text) for text in (" ", ",", "-", "a", "7"))
     start = tokenizer.bos_token_id
-    prefixes = ["The black", "The quartz", "The qvzkx", "In 1905"]
+    prefixes = ["The black", "The quartz", "The qvzkx", "In 1905", "The qvzkx - a"]
     rows = [[start, *tokenizer(text, add_special_tokens=False).input_ids] for text in prefixes]
     length = max(map(len, rows))
     rows = [[start] * (length - len(row)) + row for row in rows]  # the start token ends no word
     scores = word_scores(torch.tensor(rows), torch.zeros((len(rows), vocab)))
     ends = torch.tensor(word_scores.ends_word)
-    assert ends[space] and ends[comma] and ends[tokenizer.eos_token_id] and not ends[letter]
-    assert (scores[:, ~ends] == 0).all() and (scores[:, hyphen] == 0).all()
-    common, rare, nonsense, number = scores[:, comma].tolist()
+    assert ends[space] and ends[comma] and ends[tokenizer.eos_token_id]
+    assert not ends[letter] and not ends[digit] and not ends[hyphen]
+    assert (scores[:, ~ends] == 0).all()
+    common, rare, nonsense, number, after_dash = scores[:, comma].tolist()
     assert wordfreq.zipf_frequency("black", "en") > COMMON_ZIPF and common == 0.0
     assert rare == pytest.approx(wordfreq.zipf_frequency("quartz", "en") - COMMON_ZIPF) and rare < -0.5
-    assert nonsense == UNKNOWN_WORD_ZIPF - COMMON_ZIPF and number == 0.0
-    assert (scores[1, ends & (word_scores.end_mask > 0)] == rare).all()
-    # letters on both sides of a sign the vocabulary spells in bytes are two words; a hyphen breaks a word
-    spelled = tuple(tokenizer("quartz\u2019qvzkx", add_special_tokens=False).input_ids)
-    assert word_scores.word_score(spelled) == pytest.approx(rare + nonsense)
-    if tokenizer_kind == "roberta":  # byte-level: spells any sign, here glued to the word in one piece
-        assert word_scores.word_score(tuple(tokenizer("qvzkx\u2e17", add_special_tokens=False).input_ids)) == 0.0
+    assert nonsense == UNKNOWN_WORD_ZIPF - COMMON_ZIPF and number == 0.0 and after_dash == 0.0
+    assert (scores[1, ends] == rare).all()
+
+    def score(text: str) -> float:
+        return word_scores.word_score(tuple(tokenizer(text, add_special_tokens=False).input_ids))
+
+    assert score(" qvzkx - ") == 0.0 and score(" qvzkx") == nonsense  # a spaced dash ends the word before it
+    assert score(" qvzkx-black") == nonsense and score(" black-quartz") < 0  # compounds: wordfreq's parts
+    assert score(" qvzkx-") == 0.0  # broken at the end of a line: its end is on the next
+    assert score(" couldn't") == 0.0 and wordfreq.zipf_frequency("couldn", "en") < COMMON_ZIPF
+    assert score(' "black",') == 0.0
     with pytest.raises(ValueError, match="no word list for language"):
         WordFrequencyBias(tokenizer, ["xx"], vocab)
+
+
+def test_word_frequency_bias_reads_old_umlauts_and_curly_apostrophes():
+    tokenizer = train_tokenizer(TINY_CORPUS, "roberta", vocab_size=300)  # byte-level: spells any character
+    word_scores = WordFrequencyBias(tokenizer, ["de", "fr"], len(tokenizer), weight=1.0)
+
+    def score(text: str) -> float:
+        return word_scores.word_score(tuple(tokenizer(text, add_special_tokens=False).input_ids))
+
+    assert score(" fu\u0364r") == score(" f\u00fcr") == 0.0 and score(" fur") < 0
+    assert score(" l\u2019homme") == score(" l'homme") == 0.0
 
 
 def test_languages_reach_the_recognizer_and_need_beams(tiny_model: Path):
@@ -207,6 +223,8 @@ def test_languages_reach_the_recognizer_and_need_beams(tiny_model: Path):
         LineRecognizer.from_pretrained(str(tiny_model), "cpu", engine="hf", languages=("en",))
     with pytest.raises(ValueError, match="no word list for language"):
         RecognizeConfig(num_beams=4, languages=("en", "klingon"))
+    with pytest.raises(ValueError, match="no word list for language"):
+        RecognizeConfig(num_beams=4, languages=("zh",))
 
 
 def peaked(model: VisionEncoderDecoderModel) -> VisionEncoderDecoderModel:

@@ -16,6 +16,7 @@ from pipeline.evaluate import (
     LineResult,
     add_eval_arguments,
     eval_command,
+    evaluate,
     format_report,
     line_cer,
     make_normalizer,
@@ -75,6 +76,9 @@ def test_eval_languages_read_with_word_scores_and_need_beams(tmp_path, tiny_mode
         eval_command(parse([*common, "--languages", "en"]))
     with pytest.raises(ConfigError, match="no word list for language"):
         eval_command(parse([*common, "--num-beams", "2", "--languages", "tlh"]))
+    # past the command's own check, the evaluation hands the languages on to the recognizer it builds
+    with pytest.raises(ValueError, match="no word list for language"):
+        evaluate(str(tiny_model), [lines], num_beams=2, device="cpu", languages=("tlh",))
 
 
 def test_folder_without_labelled_lines_is_an_error(tmp_path, tiny_model):
