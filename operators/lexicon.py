@@ -47,6 +47,7 @@ PARTIAL_CHARACTER = "\ufffd"
 
 
 def inside_word(char: str) -> bool:
+    """Whether a token that starts with this character continues the word before it."""
     return (char.isalnum() or char == PARTIAL_CHARACTER or char in APOSTROPHES or char in HYPHENS
             or unicodedata.category(char).startswith("M"))
 
