@@ -25,6 +25,14 @@ from pipeline.train.data import read_line_folder
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+def bench_module(name: str):
+    """``bench/<name>.py`` imported as a module, to call its functions in this process."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", PROJECT_ROOT / "bench" / f"{name}.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_bench(*argv: str, timeout: int = 600) -> str:
     done = subprocess.run([sys.executable, *argv], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout,
                           env={"PATH": "/usr/bin:/bin", "RAY_ADDRESS": ""})
@@ -32,12 +40,11 @@ def run_bench(*argv: str, timeout: int = 600) -> str:
     return done.stdout
 
 
-def test_recognize_bench_ends_with_its_ratio_line():
-    # two lines still batch; the random trocr-small encoder is slow at 384 px, so both cores read
-    out = run_bench("bench/recognize.py", "--model", "random-small", "--lines", "2", "--max-new-tokens", "4",
-                    "--threads", "2")
+def test_recognize_bench_ends_with_its_ratio_line(tiny_model, capsys):
+    recognize = bench_module("recognize")  # in this process
+    assert recognize.main(["--model", str(tiny_model), "--lines", "4", "--max-new-tokens", "4"]) == 0
     assert re.fullmatch(r"speedup_vs_hf_batched=\d+\.\d\d speedup_vs_naive=\d+\.\d\d identical=true",
-                        out.strip().splitlines()[-1])
+                        capsys.readouterr().out.strip().splitlines()[-1])
 
 
 def test_scaling_bench_reports_stage_costs_and_the_whole_job_per_core_count(tiny_model):
@@ -69,9 +76,7 @@ def test_train_sweep_runs_each_variant_and_tabulates_it(tmp_path, tiny_model):
 
 
 def test_accuracy_bench_scores_page_cer_and_bag_of_words_after_one_normalisation():
-    spec = importlib.util.spec_from_file_location("accuracy_bench", PROJECT_ROOT / "bench" / "accuracy.py")
-    accuracy = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(accuracy)
+    accuracy = bench_module("accuracy")
     assert accuracy.normalize("Die  Berliniſche\nMonat⸗ ſchrift^ ﬁne") == "Die Berlinische Monat- schrift fine"
     assert accuracy.normalize("_Chez l’ami ~~~ d'Arthur") == "Chez l'ami d'Arthur"
     assert accuracy.normalize("Aufkla\u0364rung Unmu\u0364ndigkeit") == accuracy.normalize("Aufklärung Unmündigkeit")
@@ -92,8 +97,9 @@ def test_gpu_pack_sends_lines_at_the_model_height_and_brings_the_model_back(tmp_
     (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(config))
     # a second config fine-tunes the first one's output: that base is trained there, not sent
     (tmp_path / "next.yaml").write_text(yaml.safe_dump({**config, "base_model": "unused", "output_dir": "unused2"}))
-    run_bench("bench/gpu_pack.py", "pack", "--config", str(tmp_path / "gpu.yaml"), "--config", str(tmp_path / "next.yaml"),
-              "--data", str(tmp_path / "data"), "--out", str(tmp_path / "pack"))
+    gpu_pack = bench_module("gpu_pack")  # its commands, in this process
+    assert gpu_pack.main(["pack", "--config", str(tmp_path / "gpu.yaml"), "--config", str(tmp_path / "next.yaml"),
+                          "--data", str(tmp_path / "data"), "--out", str(tmp_path / "pack")]) == 0
     assert [path.name for path in (tmp_path / "pack" / "base").iterdir()] == [tiny_model.name]
     with tarfile.open(tmp_path / "pack" / "lines.tgz") as archive:
         archive.extractall(tmp_path / "sent", filter="data")
@@ -104,10 +110,10 @@ def test_gpu_pack_sends_lines_at_the_model_height_and_brings_the_model_back(tmp_
     assert {Image.open(line.path).height for line in sent} == {height}
     assert len(read_line_folder(tmp_path / "sent" / "val" / "demo")) == 2
 
-    run_bench("bench/gpu_pack.py", "restore", str(tmp_path / "pack" / "base" / tiny_model.name), str(tmp_path / "base"))
-    run_bench("bench/gpu_pack.py", "ship", str(tmp_path / "base"), str(tmp_path / "shipped"))
+    assert gpu_pack.main(["restore", str(tmp_path / "pack" / "base" / tiny_model.name), str(tmp_path / "base")]) == 0
+    assert gpu_pack.main(["ship", str(tmp_path / "base"), str(tmp_path / "shipped")]) == 0
     assert all(part.stat().st_size <= 12 * 1024 * 1024 for part in (tmp_path / "shipped").iterdir())
-    run_bench("bench/gpu_pack.py", "restore", str(tmp_path / "shipped"), str(tmp_path / "back"))
+    assert gpu_pack.main(["restore", str(tmp_path / "shipped"), str(tmp_path / "back")]) == 0
     load_trocr(str(tmp_path / "back"), device="cpu")
     before, after = load_file(tiny_model / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
     assert before.keys() == after.keys()

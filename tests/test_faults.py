@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,15 +30,20 @@ def documents(tmp_path_factory) -> list[Path]:
     return write_document_set(folder, count=8, seed=23, dpi=100, formats=("pdf", "tiff"), pages_per_document=(1, 2))
 
 
+def _job_arguments(documents: list[Path], output: Path, model: Path, line_batch_size: int = 1) -> list[str]:
+    """The CLI job: one page per actor call so results stream in steadily, and by default one line per
+    model call so each actor call lasts long enough to be caught (and killed) inside."""
+    return ["run", str(documents[0].parent), "--output", str(output),
+            "--set", "rasterize.dpi=100", "--set", f"recognize.model={model}", "--set", "ray.num_cpus=2",
+            "--set", "recognize.max_new_tokens=16", "--set", "output.parquet_rows_per_file=1",
+            "--set", "recognize.pages_per_batch=1", "--set", f"recognize.line_batch_size={line_batch_size}"]
+
+
 def _job(documents: list[Path], output: Path, model: Path, line_batch_size: int = 1) -> subprocess.Popen:
-    """The CLI job in its own process group; one page per actor call so results stream in steadily, and by
-    default one line per model call so each actor call lasts long enough to be caught (and killed) inside."""
-    command = [sys.executable, "-m", "pipeline.cli", "run", str(documents[0].parent), "--output", str(output),
-               "--set", "rasterize.dpi=100", "--set", f"recognize.model={model}", "--set", "ray.num_cpus=2",
-               "--set", "recognize.max_new_tokens=16", "--set", "output.parquet_rows_per_file=1",
-               "--set", "recognize.pages_per_batch=1", "--set", f"recognize.line_batch_size={line_batch_size}"]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    """The CLI job in its own process group, with the Ray instance it starts."""
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli",
+                             *_job_arguments(documents, output, model, line_batch_size)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def _published(output: Path) -> int:
@@ -107,8 +113,9 @@ def test_driver_killed_then_rerun_writes_every_document_once_and_a_run_beside_it
     _check_exactly_once(output, documents)
 
 
-def _busy_recognizers(job_pid: int) -> list[int]:
-    """Recognizer actors of this job (descendants of its driver) that are inside a call right now."""
+def _busy_recognizers(root: int) -> list[int]:
+    """Recognizer actors under process ``root`` (the driver that started their Ray instance) that are
+    inside a call right now."""
     parents, titles = {}, {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -122,7 +129,7 @@ def _busy_recognizers(job_pid: int) -> list[int]:
 
     def descends(pid: int) -> bool:
         while pid > 1:
-            if pid == job_pid:
+            if pid == root:
                 return True
             pid = parents.get(pid, 0)
         return False
@@ -131,20 +138,30 @@ def _busy_recognizers(job_pid: int) -> list[int]:
             if title.startswith(f"ray::MapWorker({RECOGNIZER_TITLE}).submit") and descends(pid)]
 
 
-def test_recognizer_killed_mid_batch_loses_no_line(documents, tiny_model, tmp_path):
+def test_recognizer_killed_mid_batch_loses_no_line(ray_local, documents, tiny_model, tmp_path, capsys):
+    """The command line, in this process on the session's Ray instance; a thread kills the recognizer
+    actors that are inside a call once there are any."""
     output = tmp_path / "out"
-    job = _job(documents, output, tiny_model)
+    killed: list[int] = []
+    job_done = threading.Event()
+
+    def kill_busy_recognizers() -> None:
+        while not job_done.wait(0.2):
+            if victims := _busy_recognizers(os.getpid()):
+                for pid in victims:
+                    os.kill(pid, signal.SIGKILL)
+                killed.extend(victims)
+                return
+
+    killer = threading.Thread(target=kill_busy_recognizers, daemon=True)
+    killer.start()
     try:
-        _wait_for(lambda: _busy_recognizers(job.pid) or job.poll() is not None, 300, "a busy recognizer actor")
-        victims = _busy_recognizers(job.pid)
-        assert victims and job.poll() is None, "the job ended before the actor could be killed"
-        for pid in victims:
-            os.kill(pid, signal.SIGKILL)
-        log, _ = job.communicate(timeout=600)
+        code = main(_job_arguments(documents, output, tiny_model))
     finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-    assert job.returncode == 0, log[-3000:]
+        job_done.set()
+        killer.join()
+    assert killed, "the job ended before a recognizer actor could be killed"
+    assert code == 0, capsys.readouterr().err[-3000:]
     assert _published(output) == len(documents)
     pages = _check_exactly_once(output, documents)
     lines = [line for page in pages for line in page["lines"]]
@@ -170,21 +187,20 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
-def test_disk_full_stops_with_a_clear_message_and_a_rerun_completes(documents, small_disk):
+def test_disk_full_stops_with_a_clear_message_and_a_rerun_completes(ray_local, documents, small_disk, capsys):
+    """The command line, in this process on the session's Ray instance (the job joins it)."""
     output = small_disk / "out"
     filler = small_disk / "filler"
     filler.write_bytes(b"\0" * (2 * 1024 * 1024 - FREE_BYTES))  # leaves room for a few documents only
-    command = [sys.executable, "-m", "pipeline.cli", "detect", str(documents[0].parent), "--output", str(output),
-               "--set", "rasterize.dpi=100", "--set", "ray.num_cpus=2", "--set", "output.parquet_rows_per_file=1"]
-    full = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert full.returncode == ExitCode.write_failed, full.stderr[-3000:]
-    assert f"no space left on the device while writing {output}/_staging/" in full.stderr
+    command = ["detect", str(documents[0].parent), "--output", str(output), "--set", "rasterize.dpi=100",
+               "--set", "output.parquet_rows_per_file=1"]
+    assert main(command) == ExitCode.write_failed
+    assert f"no space left on the device while writing {output}/_staging/" in capsys.readouterr().err
     published = ds.dataset(output / "documents", format="parquet").to_table()
     assert 1 <= published.num_rows < len(documents), "the disk must fill mid-job for this test to mean anything"
     filler.unlink()
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"{published.num_rows} already done" in rerun.stdout
+    assert main(command) == 0
+    assert f"{published.num_rows} already done" in capsys.readouterr().out
     _check_exactly_once(output, documents)
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from helpers import TINY_CORPUS, build_tiny_random_trocr
 from operators.crops import cut_polygon
 from operators.model import load_trocr
 from operators.preprocess import WIDTH_SCALE_KEY
+from pipeline.cli import main
 from pipeline.train.config import DataSource, LayerSelection, TrainConfig, load_train_config
 from pipeline.train.data import LabelCollator, read_line_folder, read_page_lines, validation_lines
 from pipeline.train.loop import CHECKPOINT_PREFIX, TRAINER_STATE, latest_checkpoint, learning_rate_factor, train
@@ -83,17 +84,20 @@ def test_fine_tuning_lowers_the_loss_and_saves_a_loadable_model(tmp_path, base_m
     assert saved["truncation"] is None and saved["padding"] is None
 
 
-def test_two_ray_train_workers_train_one_model_through_the_cli(tmp_path, base_model, line_folder):
-    """``train --workers 2``: Ray Train's TorchTrainer, DDP over gloo on two CPU workers, its own local Ray."""
+def test_two_ray_train_workers_train_one_model_through_the_cli(ray_local, tmp_path, base_model, line_folder, capfd):
+    """``train --workers 2``, in this process on the session's Ray instance: Ray Train's TorchTrainer, DDP
+    over gloo on two CPU workers."""
     config = fine_tune_config(tmp_path, base_model, line_folder, steps=4).model_dump(mode="json")
     config.update(checkpoint_every=2, validate_every=2)
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
-    done = subprocess.run([sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main())",
-                           "train", "--config", str(tmp_path / "train.yaml"), "--workers", "2", "--no-progress"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": ""})
-    assert done.returncode == 0, done.stderr[-3000:]
-    # Ray Train logs each rank's reports: the last step ran data-parallel on two workers
-    assert "'step': 4" in done.stderr and "'world_size': 2" in done.stderr, done.stderr[-3000:]
+    assert main(["train", "--config", str(tmp_path / "train.yaml"), "--workers", "2", "--no-progress"]) == 0
+    # Ray Train logs each rank's reports (they reach this process a moment after the run): the last step
+    # ran data-parallel on two workers
+    logged, deadline = "", time.monotonic() + 30
+    while not ("'step': 4" in logged and "'world_size': 2" in logged) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        logged += capfd.readouterr().err
+    assert "'step': 4" in logged and "'world_size': 2" in logged, logged[-3000:]
     assert latest_checkpoint(tmp_path / "work").name == f"{CHECKPOINT_PREFIX}4"
     assert load_trocr(str(tmp_path / "model"), device="cpu").preprocessor.input_size == (32, 128)
 
