@@ -6,10 +6,12 @@
    so other load on the machine does not inflate them), the figures to size a cluster's CPUs per
    GPU with, and wall seconds (on a GPU, the recognize row's wall time is the GPU's cost).
 2. End to end: ``run_job`` on a private local Ray instance with the process pinned to 1 core,
-   then to 2 cores (``--cores``; Ray's workers inherit the affinity), for pages/s including Ray's
+   then to 2 cores (``--cores``; Ray's workers inherit the affinity, and Ray gets as many CPUs as
+   cores, at least 2: one for the recognizer, one for the page stage), for pages/s including Ray's
    start-up, and each count's speed-up over the first.
 
     .venv/bin/python bench/scaling.py [--documents 4] [--dpi 300] [--model PATH] [--device cuda] [--cores 1 2]
+        [--set recognize.concurrency=3 ...]
 
 The model is ``models/trocr-pipeline-printed-small`` when it is there, else a tiny random TrOCR
 built on the fly; the table says which (a random model never stops early, so its recognize cost is
@@ -149,6 +151,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--cores", type=int, nargs="+", default=[1, 2], help="core counts to run the whole job on")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override (repeatable), e.g. recognize.concurrency=3 for more recognizer actors")
     return parser.parse_args(argv)
 
 
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         gpu = ["recognize.precision=fp16", "recognize.num_gpus=1"] if args.device == "cuda" else []
         overrides = [f"rasterize.dpi={args.dpi}", f"recognize.model={model}", f"recognize.device={args.device}",
                      f"recognize.max_new_tokens={args.max_new_tokens}", "recognize.torch_threads=1",
-                     "ray.num_cpus=2", *gpu]
+                     *gpu, *args.overrides]
         config = load_config(None, overrides)
         torch.set_num_threads(1)
         costs = measure_stages(documents, config, workdir / "stages")
@@ -177,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\nwhole job (run_job, local Ray, start-up included):")
         speeds: list[float] = []
         for count in args.cores:
-            speeds.append(run_on_cores(documents, config, workdir / f"{count}-cores", set(available[:count])))
+            on_cores = load_config(None, [*overrides, f"ray.num_cpus={max(2, count)}"])
+            speeds.append(run_on_cores(documents, on_cores, workdir / f"{count}-cores", set(available[:count])))
             over_first = f" ({speeds[-1] / speeds[0]:.2f}x)" if len(speeds) > 1 else ""
             print(f"{count} core{'s' if count > 1 else ' '}: {speeds[-1]:.3f} pages/s{over_first}")
     return 0

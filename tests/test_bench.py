@@ -50,7 +50,7 @@ def test_recognize_bench_ends_with_its_ratio_line(tiny_model, capsys):
 def test_scaling_bench_reports_stage_costs_and_the_whole_job_per_core_count(tiny_model):
     # one core count: a second would repeat the same whole job (Ray's start-up included) on other cores
     out = run_bench("bench/scaling.py", "--documents", "1", "--dpi", "100", "--model", str(tiny_model),
-                    "--max-new-tokens", "4", "--cores", "2")
+                    "--max-new-tokens", "4", "--cores", "2", "--set", "recognize.line_batch_size=8")
     stages = re.findall(r"^(\w+)\s+\d+\.\d{3}\s+\d+\.\d{3}\s+[\d.]+%$", out, flags=re.MULTILINE)
     assert stages == ["triage", "rasterize", "layout", "crop", "recognize", "write", "total"]
     whole_job = re.findall(r"^\d+ cores? ?: .*$", out, flags=re.MULTILINE)
