@@ -21,6 +21,7 @@ from PIL import Image
 
 from conftest import box_iou, official_schema, text_page, write_pdf
 from operators.errors import ExitCode
+from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.job import run_job
 from pipeline.progress import JobProgress
@@ -215,20 +216,20 @@ def test_pages_selects_the_same_pages_of_every_input(ray_local, inputs, tmp_path
     assert {row["status"] for row in documents} == {"ok"} and summary.written.pages == 1
 
 
-def test_dry_run_lists_documents_and_writes_nothing(inputs, tmp_path):
+def test_dry_run_lists_documents_and_writes_nothing(inputs, tmp_path, capsys):
     folder = Path(shutil.copytree(inputs, tmp_path / "inputs"))
     shutil.copy(folder / "letters.pdf", folder / "letters2.pdf")  # a run would write it as a duplicate
     output = tmp_path / "never"
-    result = subprocess.run(CLI + ["run", str(folder), "--output", str(output), "--set", DPI, "--dry-run",
-                                   "--pages", "1-2"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 4, result.stderr  # broken.pdf would fail
+    code = main(["run", str(folder), "--output", str(output), "--set", DPI, "--dry-run", "--pages", "1-2"])
+    result = capsys.readouterr()
+    assert code == 4, result.err  # broken.pdf would fail
     assert not output.exists()
-    assert "documents: 6 found, 4 to process, 1 failing triage, 1 duplicates, 0 already done" in result.stdout
-    assert re.search(r"^ok\s+2 pages\s+\S+/letters\.pdf$", result.stdout, re.MULTILINE)
+    assert "documents: 6 found, 4 to process, 1 failing triage, 1 duplicates, 0 already done" in result.out
+    assert re.search(r"^ok\s+2 pages\s+\S+/letters\.pdf$", result.out, re.MULTILINE)
     assert re.search(r"^duplicate\s+0 pages\s+\S+/letters2\.pdf \(same bytes as \S+/letters\.pdf\)$",
-                     result.stdout, re.MULTILINE)
-    assert re.search(r"^failed\s+0 pages\s+\S+broken\.pdf \(corrupt_file: ", result.stdout, re.MULTILINE)
-    assert "work: 5 pages" in result.stdout
+                     result.out, re.MULTILINE)
+    assert re.search(r"^failed\s+0 pages\s+\S+broken\.pdf \(corrupt_file: ", result.out, re.MULTILINE)
+    assert "work: 5 pages" in result.out
 
 
 def test_a_log_json_path_that_cannot_be_written_fails_before_any_work(inputs, tmp_path):
