@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 from operators.errors import ConfigError, ExitCode
+from pipeline.progress import without_ray_core_logs
 from pipeline.train.config import load_train_config
 from pipeline.train.distributed import train_with_ray
 from pipeline.train.loop import train
@@ -33,7 +34,8 @@ def train_command(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     if args.workers > 1:
-        output = train_with_ray(config, args.workers, resume=args.resume)
+        with without_ray_core_logs():
+            output = train_with_ray(config, args.workers, resume=args.resume)
     else:
         import transformers
 

@@ -109,6 +109,14 @@ class TrainConfig(Frozen):
             raise ValueError("synthetic validation data needs a count")
         return self
 
+    @property
+    def last_step(self) -> int:
+        """The step this run ends at: ``stop_after_step`` when set (the schedule stays that of ``steps``)."""
+        return min(self.steps, self.stop_after_step or self.steps)
+
+    def is_validation_step(self, step: int) -> bool:
+        return step % self.validate_every == 0 or step == self.last_step
+
 
 def load_train_config(path: Path) -> TrainConfig:
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from operators.model import resolve_device
@@ -13,22 +14,28 @@ def train_with_ray(config: TrainConfig, workers: int, resume: bool = False) -> P
     """Data-parallel training on ``workers`` Ray Train workers (DDP over gloo on CPU, NCCL on GPU).
 
     Starts a private local Ray instance unless the caller already connected to one, so training
-    never attaches by accident to another Ray cluster found on the machine.
+    never attaches by accident to another Ray cluster found on the machine. The console gets the
+    rank-0 worker's validation lines and Ray Train's warnings, not its per-step reports; a private
+    instance logs only errors from Ray's own actors (without a dashboard, Ray Train's placement-group
+    cleaner cannot reach the state API and would warn about it every second).
     """
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    import ray.train
     from ray.train.torch import TorchTrainer
 
     config = absolute_paths(config)
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address="local", num_cpus=workers + 1, include_dashboard=False)
+        ray.init(address="local", num_cpus=workers + 1, include_dashboard=False, logging_level=logging.ERROR,
+                 logging_config=ray.LoggingConfig(log_level="ERROR"))
     try:
         trainer = TorchTrainer(
             _ray_worker_loop,
             train_loop_config={"config": config.model_dump(mode="json"), "resume": resume},
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=resolve_device(config.device).type == "cuda"),
-            run_config=RunConfig(name="trocr-train", storage_path=str(config.work_dir / "ray")),
+            scaling_config=ray.train.ScalingConfig(num_workers=workers,
+                                                   use_gpu=resolve_device(config.device).type == "cuda"),
+            run_config=ray.train.RunConfig(name="trocr-train", storage_path=str(config.work_dir / "ray"),
+                                           logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         )
         trainer.fit()
     finally:
@@ -40,16 +47,30 @@ def train_with_ray(config: TrainConfig, workers: int, resume: bool = False) -> P
 def _ray_worker_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
+    import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # a bar per checkpoint reaches the console as garbage
+    # Ray Train sets the workers' root logger to INFO, and logs every ray.train.report() there; this
+    # project's own lines (rank 0's validations) stay at INFO
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("pipeline").setLevel(logging.INFO)
     context = ray.train.get_context()
+    config = TrainConfig.model_validate(loop_config["config"])
+
+    def report(metrics: dict) -> None:
+        # each ray.train.report waits for the controller to collect the last one (it polls every 2 s),
+        # so every rank reports on the validation steps only
+        if config.is_validation_step(metrics["step"]):
+            ray.train.report(metrics)
+
     train(
-        TrainConfig.model_validate(loop_config["config"]),
+        config,
         resume=loop_config["resume"],
         show_progress=False,
         shard=(context.get_world_rank(), context.get_world_size()),
         # find_unused_parameters: the ViT pooler is part of the checkpoint but not of the loss
         wrap=lambda model: ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}),
-        report=ray.train.report,
+        report=report,
     )
 
 

@@ -289,7 +289,7 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
     run, state = start_run(config, resume, shard, wrap)
     held_out = validation_lines(config.validation_data) if run.is_main else []
     batches = training_batches(run, state)
-    last_step = min(config.steps, config.stop_after_step or config.steps)
+    last_step = config.last_step
     progress = tqdm(total=last_step, initial=state.step, disable=not (show_progress and run.is_main), desc="train", unit="step")
     recent_losses: list[float] = []
     started = time.monotonic()
@@ -302,10 +302,11 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
             progress.set_postfix(loss=f"{np.mean(recent_losses):.3f}", lr=f"{run.schedule.get_last_lr()[0]:.2e}")
             at_end = state.step == last_step
             metrics = {"step": state.step, "loss": loss, "world_size": run.shard[1]}
-            if held_out and (state.step % config.validate_every == 0 or at_end):
+            if held_out and config.is_validation_step(state.step):
                 metrics["validation_cer"] = cer = validate(run, held_out)
-                log.info("step %d: loss %.4f, validation CER %.4f (best before %.4f), %.0f s",
-                         state.step, np.mean(recent_losses), cer, state.best_cer, time.monotonic() - started)
+                log.info("step %d: loss %.4f, validation CER %.4f (best before %.4f), %.0f s%s",
+                         state.step, np.mean(recent_losses), cer, state.best_cer, time.monotonic() - started,
+                         f", {run.shard[1]} workers" if run.shard[1] > 1 else "")
                 if cer < state.best_cer:
                     state.best_cer = cer
                     save_trocr(run.model, run.processor, config.output_dir)
