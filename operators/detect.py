@@ -296,7 +296,10 @@ def _find_blocks(ink: np.ndarray, letter_size: np.ndarray, pitch: float, config:
     or a gap of ``wide_gap`` pitches. Both widths grow with the size of the letters on either side
     of the gap (relative to the page's typical glyph height), so the letter and word gaps of a
     large, letter-spaced heading are not taken for gutters. Otherwise the widest horizontal gap of
-    ``block_gap`` pitches splits the region top/bottom; a region with neither is a block.
+    ``block_gap`` pitches splits the region top/bottom. Then a narrower gutter, ``narrow_gutter``
+    pitches, with ``narrow_gutter_lines`` pitches of text on both sides (marginal notes set close to
+    the column: word gaps do not line up down that many lines), then a gutter that a few marks cross
+    (:func:`_soft_gutter`); a region with none of these is a block.
     """
     blocks: list[Rect] = []
     pending = [_trim(ink, (0, 0, ink.shape[1], ink.shape[0]))]
@@ -336,14 +339,14 @@ def _split(ink: np.ndarray, letter_size: np.ndarray, rect: Rect, pitch: float,
     region = ink[y0:y1, x0:x1]
     sizes = letter_size[y0:y1, x0:x1]
     tall = config.column_lines * pitch
-    column_gaps = []
+    column_gaps, narrow_gutters = [], []
     for start, end in _gaps(region.sum(axis=0)):
         unit = pitch * _gap_scale(sizes[:, start - 1], sizes[:, end])
-        if end - start >= config.wide_gap * unit or (
-            end - start >= config.column_gap * unit
-            and min(_ink_height(region[:, :start]), _ink_height(region[:, end:])) >= tall
-        ):
+        beside = min(_ink_height(region[:, :start]), _ink_height(region[:, end:]))
+        if end - start >= config.wide_gap * unit or (end - start >= config.column_gap * unit and beside >= tall):
             column_gaps.append((start, end))
+        elif end - start >= config.narrow_gutter * unit and beside >= config.narrow_gutter_lines * pitch:
+            narrow_gutters.append((start, end))
     if column_gaps:
         start, end = max(column_gaps, key=lambda gap: gap[1] - gap[0])
         return [(x0, y0, x0 + start, y1), (x0 + end, y0, x1, y1)]
@@ -351,6 +354,9 @@ def _split(ink: np.ndarray, letter_size: np.ndarray, rect: Rect, pitch: float,
     if row_gaps:
         start, end = max(row_gaps, key=lambda gap: gap[1] - gap[0])
         return [(x0, y0, x1, y0 + start), (x0, y0 + end, x1, y1)]
+    if narrow_gutters:  # after the row cuts: a heading's word gap can line up with the gutter below it
+        start, end = max(narrow_gutters, key=lambda gap: gap[1] - gap[0])
+        return [(x0, y0, x0 + start, y1), (x0 + end, y0, x1, y1)]
     cut = _soft_gutter(region, pitch * _gap_scale(sizes), config)
     if cut is not None:
         return [(x0, y0, x0 + cut, y1), (x0 + cut, y0, x1, y1)]

@@ -78,6 +78,8 @@ class DetectConfig(Frozen):
     min_contrast: float = Field(default=0.5, ge=0, lt=1, description="share of typical ink contrast")
     column_gap: float = Field(default=0.5, gt=0, description="min gutter between columns")
     column_lines: float = Field(default=3.0, gt=0, description="min text height beside a gutter")
+    narrow_gutter: float = Field(default=0.2, gt=0, description="min gutter beside tall text (marginal notes)")
+    narrow_gutter_lines: float = Field(default=10.0, gt=0, description="min text height beside a narrow gutter")
     gutter_noise: float = Field(default=0.1, ge=0, lt=1, description="share of rows crossing a gutter")
     wide_gap: float = Field(default=2.5, gt=0, description="gap that separates even single lines")
     block_gap: float = Field(default=1.0, gt=0, description="min gap between stacked blocks")

@@ -281,6 +281,26 @@ def test_columns_with_a_narrow_gutter_are_read_one_after_the_other():
     assert [line.bbox[2] < second for line in lines] == [True] * rows + [False] * rows
 
 
+def test_marginal_notes_set_close_to_the_column_are_lines_of_their_own():
+    """Early-modern glosses: smaller type on a pitch of their own, set a quarter of a line pitch left of
+    the column. No gap that narrow is a gutter by itself, but one that runs down ten and more lines of
+    text on both sides is: the notes and the column lines are not joined into one line."""
+    page = Image.new("L", (1275, 1650), 235)
+    draw = ImageDraw.Draw(page)
+    body, note, rows, pitch, column_left = ImageFont.truetype(FONT, 26), ImageFont.truetype(FONT, 18), 14, 36, 360
+    for index in range(rows):
+        draw.text((column_left, 300 + index * pitch), " ".join((WORDS[index % 5:] + WORDS)[:5]), font=body, fill=25,
+                  anchor="ls")
+    notes = 18
+    for index in range(notes):  # right-aligned against the column, as a left page's glosses are
+        draw.text((column_left - 10, 340 + index * 25), " ".join(WORDS[index % 4:][:2]), font=note, fill=25,
+                  anchor="rs")
+    lines = detect_lines(np.array(page), DPI, CONFIG)
+    in_column = [line for line in lines if line.bbox[0] > column_left - 10]
+    assert len(in_column) == rows and all(line.bbox[2] < column_left for line in lines if line not in in_column)
+    assert len(lines) == rows + notes
+
+
 def test_a_mark_beside_two_lines_does_not_join_them():
     """A marginal word set close to the column, level with the gap between two lines, overlaps
     the rows of both: it may join one of them, but the two lines stay apart."""
