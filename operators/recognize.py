@@ -28,6 +28,7 @@ from operators.model import TrOCRBundle, load_trocr
 from operators.preprocess import ink_columns
 from operators.records import LinePiece, PageWork
 from operators.settings import RecognizeConfig
+from operators.text import standard_text
 from operators.words import ink_gaps
 
 
@@ -87,7 +88,8 @@ def read_tokens(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[int], logpr
         if not values:
             values = [logprob for (start, end), logprob in zip(spans, logprobs) if start <= word_start < end]
         confidences.append(_geometric_mean(values) if values else line_confidence)
-    return text.strip(), tuple(confidences)
+    # after the word spans: a MUFI character becomes two characters of the same word
+    return standard_text(text.strip()), tuple(confidences)
 
 
 def _geometric_mean(logprobs: Sequence[float]) -> float:

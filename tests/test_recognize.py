@@ -111,6 +111,16 @@ def test_each_word_scores_the_tokens_it_starts(tiny_model):
     assert read_tokens(tokenizer, [tokenizer.eos_token_id], [-0.1], 0.5) == ("", ())
 
 
+def test_mufi_characters_a_model_learned_are_written_in_standard_unicode(tiny_model):
+    """OCR-D's Fraktur ground truth writes a few vowels with a small e above as MUFI private-use
+    characters; a model trained on them writes them, and the text that leaves the recognizer has the
+    vowel and U+0364 instead, word for word."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokens = tokenizer("Aufkl\ue42crung h\ue644her \ue72bber", add_special_tokens=False).input_ids
+    read, confidences = read_tokens(tokenizer, tokens, [-0.2] * len(tokens), line_confidence=0.5)
+    assert read == "Aufkla\u0364rung ho\u0364her u\u0364ber" and len(confidences) == 3
+
+
 OOM_PROBE = textwrap.dedent("""
     import os, resource, sys
     import numpy as np, torch

@@ -257,6 +257,12 @@ def test_line_folder_pairs_images_with_ground_truth(line_folder):
     assert lines[0].load_gray().dtype == np.uint8 and lines[0].load_gray().ndim == 2
 
 
+def test_training_lines_teach_standard_unicode_for_mufi_characters(tmp_path):
+    render("Thaler").save(tmp_path / "dta.png")
+    (tmp_path / "dta.gt.txt").write_text("Th\ue42cler \ue72bber\n", encoding="utf-8")
+    assert [line.text for line in read_line_folder(tmp_path)] == ["Tha\u0364ler u\u0364ber"]
+
+
 def page_image(tmp_path: Path) -> Path:
     image = Image.new("L", (400, 100), 255)
     image.paste(render("first line"), (10, 5))

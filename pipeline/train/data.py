@@ -17,6 +17,7 @@ from operators.crops import cut_polygon
 from operators.errors import ConfigError
 from operators.formats.read import page_image, page_xml_files, read_page_xml
 from operators.preprocess import LinePreprocessor
+from operators.text import standard_text
 from operators.words import fit_rows_to_ink
 from pipeline.train.config import DataSource
 
@@ -40,6 +41,9 @@ class LabeledLine:
     @classmethod
     def in_memory(cls, image: np.ndarray, text: str, name: str, source: str) -> "LabeledLine":
         return cls(name=name, text=text, source=source, pixels=image)
+
+    def __post_init__(self):
+        object.__setattr__(self, "text", standard_text(self.text))  # what the model is taught to write
 
     def load_gray(self) -> np.ndarray:
         """uint8 HxW grayscale pixels (alpha and colour dropped); a file's rows fitted to its ink as the
