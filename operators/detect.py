@@ -297,9 +297,9 @@ def _find_blocks(ink: np.ndarray, letter_size: np.ndarray, pitch: float, config:
     of the gap (relative to the page's typical glyph height), so the letter and word gaps of a
     large, letter-spaced heading are not taken for gutters. Otherwise the widest horizontal gap of
     ``block_gap`` pitches splits the region top/bottom. Then a narrower gutter, ``narrow_gutter``
-    pitches, with ``narrow_gutter_lines`` pitches of text on both sides (marginal notes set close to
-    the column: word gaps do not line up down that many lines), then a gutter that a few marks cross
-    (:func:`_soft_gutter`); a region with none of these is a block.
+    pitches, with ``narrow_gutter_lines`` pitches of text on both sides and smaller type on the narrower
+    (marginal notes set close to the column: word gaps do not line up down that many lines), then a
+    gutter that a few marks cross (:func:`_soft_gutter`); a region with none of these is a block.
     """
     blocks: list[Rect] = []
     pending = [_trim(ink, (0, 0, ink.shape[1], ink.shape[0]))]
@@ -345,7 +345,8 @@ def _split(ink: np.ndarray, letter_size: np.ndarray, rect: Rect, pitch: float,
         beside = min(_ink_height(region[:, :start]), _ink_height(region[:, end:]))
         if end - start >= config.wide_gap * unit or (end - start >= config.column_gap * unit and beside >= tall):
             column_gaps.append((start, end))
-        elif end - start >= config.narrow_gutter * unit and beside >= config.narrow_gutter_lines * pitch:
+        elif (end - start >= config.narrow_gutter * unit and beside >= config.narrow_gutter_lines * pitch
+              and _glosses_beside(sizes[:, :start], sizes[:, end:], config.narrow_gutter_type)):
             narrow_gutters.append((start, end))
     if column_gaps:
         start, end = max(column_gaps, key=lambda gap: gap[1] - gap[0])
@@ -366,7 +367,20 @@ def _split(ink: np.ndarray, letter_size: np.ndarray, rect: Rect, pitch: float,
 def _gap_scale(*sides: np.ndarray) -> float:
     """How many times the page's typical glyph height the letters of a region are (at least 1):
     the smallest of the median letter heights of its ``sides`` (letter-size maps)."""
-    return max(1.0, min(float(np.median(side[side > 0])) for side in sides))
+    return max(1.0, min(_letter_height(side) for side in sides))
+
+
+def _letter_height(sizes: np.ndarray) -> float:
+    """Median letter height of a letter-size map's ink, in typical glyph heights."""
+    return float(np.median(sizes[sizes > 0]))
+
+
+def _glosses_beside(left: np.ndarray, right: np.ndarray, share: float) -> bool:
+    """Whether the narrower side's letters are at most ``share`` of the wider side's high (letter-size
+    maps): marginal notes are set smaller than the column they gloss, the numbers of a list with a
+    hanging indent are not smaller than its text."""
+    narrow, wide = sorted((left, right), key=lambda side: side.shape[1])
+    return _letter_height(narrow) <= share * _letter_height(wide)
 
 
 def _soft_gutter(region: np.ndarray, pitch: float, config: DetectConfig) -> int | None:

@@ -80,6 +80,8 @@ class DetectConfig(Frozen):
     column_lines: float = Field(default=3.0, gt=0, description="min text height beside a gutter")
     narrow_gutter: float = Field(default=0.2, gt=0, description="min gutter beside tall text (marginal notes)")
     narrow_gutter_lines: float = Field(default=10.0, gt=0, description="min text height beside a narrow gutter")
+    narrow_gutter_type: float = Field(default=0.85, gt=0, le=1,
+                                      description="... with letters on one side at most this share of the other's")
     gutter_noise: float = Field(default=0.1, ge=0, lt=1, description="share of rows crossing a gutter")
     wide_gap: float = Field(default=2.5, gt=0, description="gap that separates even single lines")
     block_gap: float = Field(default=1.0, gt=0, description="min gap between stacked blocks")

@@ -301,6 +301,21 @@ def test_marginal_notes_set_close_to_the_column_are_lines_of_their_own():
     assert len(lines) == rows + notes
 
 
+def test_a_numbered_list_keeps_its_numbers_in_their_lines():
+    """A long list set with a hanging indent: the same narrow gap runs down beside the numbers, but
+    they are in the type of the text they number, so each stays in its line."""
+    page = Image.new("L", (1275, 1650), 235)
+    draw = ImageDraw.Draw(page)
+    body, rows, pitch = ImageFont.truetype(FONT, 26), 14, 36
+    indent = 120 + int(draw.textlength(f"{rows}.", font=body)) + 9
+    for index in range(rows):
+        draw.text((120, 300 + index * pitch), f"{index + 1}.", font=body, fill=25, anchor="ls")
+        draw.text((indent, 300 + index * pitch), " ".join((WORDS[index % 5:] + WORDS)[:4]), font=body, fill=25,
+                  anchor="ls")
+    lines = detect_lines(np.array(page), DPI, CONFIG)
+    assert len(lines) == rows and all(line.bbox[0] < 125 for line in lines)
+
+
 def test_a_mark_beside_two_lines_does_not_join_them():
     """A marginal word set close to the column, level with the gap between two lines, overlaps
     the rows of both: it may join one of them, but the two lines stay apart."""
