@@ -115,6 +115,7 @@ class TrainConfig(Frozen):
         return min(self.steps, self.stop_after_step or self.steps)
 
     def is_validation_step(self, step: int) -> bool:
+        """Rank 0 validates on these steps, and under Ray Train every rank reports its metrics."""
         return step % self.validate_every == 0 or step == self.last_step
 
 
