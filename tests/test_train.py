@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -18,12 +19,13 @@ from PIL import Image, ImageDraw, ImageFont
 from operators.errors import ConfigError, ModelLoadError
 from helpers import TINY_CORPUS, build_tiny_random_trocr
 from operators.crops import cut_polygon
-from operators.model import load_trocr
+from operators.model import cpu_has_native_bf16, load_trocr
 from operators.preprocess import WIDTH_SCALE_KEY
 from pipeline.cli import main
 from pipeline.train.config import DataSource, LayerSelection, TrainConfig, load_train_config
 from pipeline.train.data import LabelCollator, read_line_folder, read_page_lines, validation_lines
-from pipeline.train.loop import CHECKPOINT_PREFIX, TRAINER_STATE, latest_checkpoint, learning_rate_factor, train
+from pipeline.train.loop import (CHECKPOINT_PREFIX, TRAINER_STATE, latest_checkpoint, learning_rate_factor, start_run,
+                                 train)
 from pipeline.train.model import build_trocr, save_trocr, shrink_trocr
 from pipeline.train.tokenizer import train_tokenizer
 
@@ -134,12 +136,29 @@ def test_stop_after_step_ends_early_on_the_schedule_of_all_steps(tmp_path, base_
     assert [row["step"] for row in metrics] == list(range(5, 13))
 
 
-def test_half_precision_training_on_the_cpu_is_refused(tmp_path, base_model, line_folder):
+def test_fp16_training_on_the_cpu_is_refused(tmp_path, base_model, line_folder):
     config = fine_tune_config(tmp_path, base_model, line_folder, steps=2).model_copy(
-        update={"precision": "bf16", "device": "cpu"})
-    with pytest.raises(ConfigError, match="CUDA autocast"):
+        update={"precision": "fp16", "device": "cpu"})
+    with pytest.raises(ConfigError, match="fp16 is CUDA autocast"):
         train(config)
     assert not (tmp_path / "model").exists()
+
+
+def test_bf16_training_on_the_cpu_runs_in_bf16_where_the_cpu_has_it_and_is_refused_elsewhere(
+        tmp_path, base_model, line_folder):
+    config = fine_tune_config(tmp_path, base_model, line_folder, steps=2).model_copy(
+        update={"precision": "bf16", "device": "cpu"})
+    if not cpu_has_native_bf16():
+        with pytest.raises(ConfigError, match="native bf16"):
+            train(config)
+        assert not (tmp_path / "model").exists()
+        return
+    run, _ = start_run(config, resume=False)
+    assert run.autocast_dtype == torch.bfloat16
+    metrics: list[dict] = []
+    train(config, show_progress=False, report=metrics.append)
+    assert [row["step"] for row in metrics] == [1, 2] and all(math.isfinite(row["loss"]) for row in metrics)
+    assert load_trocr(str(tmp_path / "model")).model.dtype == torch.float32  # weights stay fp32
 
 
 def test_resume_continues_from_the_newest_checkpoint(tmp_path, base_model, line_folder):

@@ -90,7 +90,8 @@ class TrainConfig(Frozen):
     weight_decay: float = Field(default=0.01, ge=0)
     max_grad_norm: float = Field(default=1.0, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "fp16", "bf16"] = Field(default="fp32", description="autocast on CUDA")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        default="fp32", description="autocast: fp16 on CUDA; bf16 on CUDA or a CPU with native bf16 (AMX, AVX512-BF16)")
     checkpoint_every: int = Field(default=500, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     validate_every: int = Field(default=500, ge=1)

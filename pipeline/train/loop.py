@@ -29,7 +29,7 @@ from transformers.models.vision_encoder_decoder.modeling_vision_encoder_decoder 
 
 from operators.decoding import encode_lines, ink_width_step
 from operators.errors import ConfigError
-from operators.model import TrOCRBundle, load_trocr, resolve_device, resolve_dtype
+from operators.model import TrOCRBundle, cpu_has_native_bf16, load_trocr, resolve_device, resolve_dtype
 from operators.preprocess import WIDTH_SCALE_KEY, LinePreprocessor, ink_columns
 from operators.recognize import LineRecognizer
 from pipeline.train.config import TrainConfig
@@ -187,13 +187,23 @@ class InkWidthForward(torch.nn.Module):
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
+def training_autocast_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype of training steps (fp32: none). On a CPU only bf16, and only where the CPU multiplies
+    bf16 in hardware (AMX, AVX512-BF16): a step there takes about 0.6 of its fp32 time (bench/RESULTS.md);
+    elsewhere bf16 would be emulated, slower than fp32."""
+    if device.type == "cuda" or precision == "fp32":
+        return resolve_dtype(precision, device)
+    if precision == "bf16" and cpu_has_native_bf16():
+        return torch.bfloat16
+    raise ConfigError(f"training precision {precision} on {device}: fp16 is CUDA autocast, and bf16 on a CPU needs "
+                      "native bf16 (AMX or AVX512-BF16), which this CPU has not; use fp32")
+
+
 def start_run(config: TrainConfig, resume: bool, shard: tuple[int, int] = (0, 1),
               wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> tuple[TrainingRun, TrainerState]:
     """Build (or reload) model and optimizer; with ``resume`` continue from the newest checkpoint."""
     device = resolve_device(config.device)
-    if config.precision != "fp32" and device.type != "cuda":
-        raise ConfigError(f"training precision {config.precision} is CUDA autocast; use fp32 on {device}")
-    autocast_dtype = resolve_dtype(config.precision, device)
+    autocast_dtype = training_autocast_dtype(config.precision, device)
     checkpoint = latest_checkpoint(config.work_dir) if resume else None
     if resume and checkpoint is None:
         log.warning("--resume: no checkpoint in %s, starting from scratch", config.work_dir)
