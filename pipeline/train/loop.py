@@ -193,10 +193,12 @@ def training_autocast_dtype(precision: str, device: torch.device) -> torch.dtype
     elsewhere bf16 would be emulated, slower than fp32."""
     if device.type == "cuda" or precision == "fp32":
         return resolve_dtype(precision, device)
-    if precision == "bf16" and cpu_has_native_bf16():
-        return torch.bfloat16
-    raise ConfigError(f"training precision {precision} on {device}: fp16 is CUDA autocast, and bf16 on a CPU needs "
-                      "native bf16 (AMX or AVX512-BF16), which this CPU has not; use fp32")
+    if precision == "fp16":
+        raise ConfigError(f"training precision fp16 is CUDA autocast; use fp32 (or bf16 on a CPU with AMX) on {device}")
+    if not cpu_has_native_bf16():
+        raise ConfigError("training precision bf16 on a CPU needs native bf16 (AMX or AVX512-BF16), which this CPU "
+                          "lacks; use fp32")
+    return torch.bfloat16
 
 
 def start_run(config: TrainConfig, resume: bool, shard: tuple[int, int] = (0, 1),
