@@ -46,6 +46,7 @@ import torch
 from PIL import Image
 from transformers import (
     DeiTConfig,
+    LogitsProcessorList,
     TrOCRConfig,
     TrOCRProcessor,
     VisionEncoderDecoderConfig,
@@ -61,6 +62,7 @@ from operators.decoding import encoder_autocast, generate_encoder_outputs  # noq
 from operators.recognize import LineReading, LineRecognizer, line_batches, resolve_max_new_tokens  # noqa: E402
 from operators.records import LinePiece  # noqa: E402
 from operators.settings import DEFAULT_MODEL, RecognizeConfig  # noqa: E402
+from operators.utf8 import Utf8Guard  # noqa: E402
 from operators.model import (  # noqa: E402
     TrOCRBundle,
     load_trocr,
@@ -150,13 +152,17 @@ def line_crops(bundle: TrOCRBundle, lines: list[tuple[np.ndarray, str]]) -> tupl
 
 
 def naive_loop(bundle: TrOCRBundle, resized: list[np.ndarray], num_beams: int, max_new_tokens: int) -> list[str]:
-    """The HuggingFace TrOCR docs' recipe: one ``generate`` and one ``batch_decode`` per line."""
+    """The HuggingFace TrOCR docs' recipe: one ``generate`` and one ``batch_decode`` per line; with the
+    whole-character rule both other readers decode under (``operators.utf8``), so that the texts compare."""
     texts = []
+    guard = Utf8Guard.for_tokenizer(bundle.tokenizer, bundle.model.config.decoder.vocab_size,
+                                    bundle.model.generation_config.eos_token_id)
     with torch.inference_mode():
         for pixels in resized:
             pixel_values = bundle.preprocessor.to_pixel_values([pixels], bundle.device, bundle.dtype)
             generated_ids = bundle.model.generate(
                 pixel_values, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                logits_processor=LogitsProcessorList([guard] if guard is not None else []),
                 **generate_encoder_outputs(bundle.model, pixel_values, bundle.encoder_dtype))  # CPU bf16
             texts.append(bundle.tokenizer.batch_decode(generated_ids, skip_special_tokens=True)[0].strip())
     return texts

@@ -29,6 +29,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.trocr.modeling_trocr import TrOCRSinusoidalPositionalEmbedding
 
 from operators.errors import ModelLoadError
+from operators.utf8 import Utf8Guard
 
 #: Generation settings that make ``generate`` add logits processors this engine does not implement.
 UNSUPPORTED_GENERATION_SETTINGS = (
@@ -57,11 +58,13 @@ def sequence_confidence(token_logprobs: torch.Tensor) -> float:
 
 def hf_generate(model: VisionEncoderDecoderModel, pixel_values: torch.Tensor, num_beams: int,
                 max_new_tokens: int, encoder_dtype: torch.dtype | None = None,
-                logits_processor: LogitsProcessor | None = None) -> list[DecodedLine]:
+                logits_processor: LogitsProcessor | None = None,
+                utf8_guard: Utf8Guard | None = None) -> list[DecodedLine]:
     """The same lines decoded by transformers ``generate`` (engine "hf"): the reference this engine must equal.
     ``encoder_dtype``: the encoder runs under autocast to it (see :func:`encoder_autocast`).
     ``logits_processor``: an extra one; ``generate`` records the scores after it, so unlike the engine's its
-    confidences include what the processor added."""
+    confidences include what the processor added. ``utf8_guard``: applied first, as the engine applies it."""
+    processors = [processor for processor in (utf8_guard, logits_processor) if processor is not None]
     with torch.inference_mode():
         output = model.generate(
             pixel_values=pixel_values,
@@ -72,7 +75,7 @@ def hf_generate(model: VisionEncoderDecoderModel, pixel_values: torch.Tensor, nu
             use_cache=True,
             output_scores=True,
             return_dict_in_generate=True,
-            logits_processor=LogitsProcessorList([logits_processor] if logits_processor is not None else []),
+            logits_processor=LogitsProcessorList(processors),
         )
         token_logprobs = model.compute_transition_scores(
             output.sequences, output.scores, getattr(output, "beam_indices", None), normalize_logits=num_beams == 1
@@ -184,14 +187,16 @@ class DecodingEngine:
             self.weights = self._layer_weights()
 
     def decode(self, pixel_values: torch.Tensor, num_beams: int, max_new_tokens: int,
-               line_widths: Sequence[int] | None = None,
-               logits_processor: LogitsProcessor | None = None) -> list[DecodedLine]:
+               line_widths: Sequence[int] | None = None, logits_processor: LogitsProcessor | None = None,
+               utf8_guard: Utf8Guard | None = None) -> list[DecodedLine]:
         """(N, 3, H, W) encoder input -> N decoded lines, in input order; greedy when ``num_beams`` is 1.
 
         ``line_widths``: see :func:`encode_lines`. ``logits_processor``: applied to each beam step's
         log-probabilities as ``generate`` applies it (e.g. :class:`operators.lexicon.WordFrequencyBias`), and
         it must return a new tensor: its scores rank the beams, while the tokens' log-probabilities (the
-        confidences) stay the model's."""
+        confidences) stay the model's. ``utf8_guard``: keeps byte-level tokens to whole characters
+        (:mod:`operators.utf8`), applied before ``logits_processor`` and, in greedy search, before the
+        confidences, as ``generate`` applies it."""
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must be (lines, 3, height, width), got {tuple(pixel_values.shape)}")
         if num_beams < 1 or max_new_tokens < 1:
@@ -206,10 +211,10 @@ class DecodingEngine:
             cross, cross_bias = self._cross_keys_values(pixel_values, weights, line_widths)
             positions = self._position_table(max_new_tokens, cross.dtype, cross.device)
             if num_beams == 1:
-                tokens, logprobs = self._greedy(weights, cross, cross_bias, positions, max_new_tokens)
+                tokens, logprobs = self._greedy(weights, cross, cross_bias, positions, max_new_tokens, utf8_guard)
             else:
                 tokens, logprobs = self._beam_search(weights, cross, cross_bias, positions, num_beams, max_new_tokens,
-                                                     logits_processor)
+                                                     logits_processor, utf8_guard)
         return [_decoded_line(row, row_logprobs, self.eos_ids) for row, row_logprobs in zip(tokens.tolist(), logprobs)]
 
     # -- model pieces --------------------------------------------------------------------------------
@@ -284,7 +289,8 @@ class DecodingEngine:
     # -- search ----------------------------------------------------------------------------------------
 
     def _greedy(self, weights: list[_LayerWeights], cross: torch.Tensor, cross_bias: torch.Tensor | None,
-                positions: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+                positions: torch.Tensor, max_new_tokens: int,
+                utf8_guard: Utf8Guard | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Argmax per step; finished lines leave the batch (and its cache rows) once a quarter of the rows
         have finished (:data:`COMPACT_SHARE`): compacting copies the cache, so not on every line's end."""
         lines, device = cross.shape[2], cross.device
@@ -295,13 +301,18 @@ class DecodingEngine:
         tokens = torch.full((lines,), self.start_id, dtype=torch.long, device=device)
         cache = self._new_cache(lines, max_new_tokens, cross)
         eos = torch.tensor(self.eos_ids, device=device)
+        utf8_states = utf8_guard.start(lines, device) if utf8_guard is not None else None
         for step in range(max_new_tokens):
             logits = self._step(weights, tokens, step, positions, cache, cross, cross_bias, beams=1)
+            if utf8_guard is not None:
+                logits = utf8_guard.mask(utf8_states, logits)
             tokens = logits.argmax(dim=-1)
             rows = live.nonzero().squeeze(1)
             out_tokens[running[rows], step] = tokens[rows]
             out_logprobs[running[rows], step] = logits[rows].log_softmax(dim=-1).gather(1, tokens[rows, None]).squeeze(1)
             live &= ~torch.isin(tokens, eos)
+            if utf8_guard is not None:
+                utf8_states = utf8_guard.advance(utf8_states, tokens)
             remaining = int(live.sum())
             if remaining == 0:
                 break
@@ -309,12 +320,14 @@ class DecodingEngine:
                 keep = live.nonzero().squeeze(1)
                 running, tokens, cross, live = running[keep], tokens[keep], cross[:, :, keep], live[keep]
                 cross_bias = cross_bias[keep] if cross_bias is not None else None
+                utf8_states = utf8_states[keep] if utf8_states is not None else None
                 cache.keep_rows(keep, step + 1)
         return out_tokens, out_logprobs.cpu()
 
     def _beam_search(self, weights: list[_LayerWeights], cross: torch.Tensor, cross_bias: torch.Tensor | None,
                      positions: torch.Tensor, beams: int, max_new_tokens: int,
-                     logits_processor: LogitsProcessor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                     logits_processor: LogitsProcessor | None,
+                     utf8_guard: Utf8Guard | None) -> tuple[torch.Tensor, torch.Tensor]:
         """HF beam search per line (same scores, length penalty, early stopping, tie-breaks); a line leaves
         the batch once ``generate`` could no longer change its best finished hypothesis."""
         lines, device = cross.shape[2], cross.device
@@ -325,13 +338,18 @@ class DecodingEngine:
         tokens = torch.full((lines * beams,), self.start_id, dtype=torch.long, device=device)
         cache = self._new_cache(lines * beams, max_new_tokens, cross)
         eos = torch.tensor(self.eos_ids, device=device)
+        utf8_states = utf8_guard.start(lines * beams, device) if utf8_guard is not None else None  # per beam
         for step in range(max_new_tokens):
             logits = self._step(weights, tokens, step, positions, cache, cross, cross_bias, beams)
             log_probs = logits.log_softmax(dim=-1)
-            scores = (log_probs if logits_processor is None
-                      else logits_processor(search.sequences(self.start_id, step), log_probs))
+            scores = log_probs if utf8_guard is None else utf8_guard.mask(utf8_states, log_probs)
+            if logits_processor is not None:
+                scores = logits_processor(search.sequences(self.start_id, step), scores)
             parents = search.advance(scores, log_probs, step, eos, rules)
-            done = search.done(rules) if step + 1 < max_new_tokens else torch.ones_like(search.running)
+            if utf8_guard is not None:  # (lines, beams): each new beam's parent state and its token
+                utf8_states = utf8_guard.advance(utf8_states[parents], search.running_tokens[:, :, step])
+            last = step + 1 == max_new_tokens
+            done = torch.ones_like(search.running, dtype=torch.bool) if last else search.done(rules)
             finished_lines = done.nonzero().squeeze(1)
             out_tokens[search.running[finished_lines]] = search.finished_tokens[finished_lines, 0]
             out_logprobs[search.running[finished_lines]] = search.finished_logprobs[finished_lines, 0]
@@ -341,6 +359,8 @@ class DecodingEngine:
             if len(keep) != len(search.running):
                 search, cross = search.select(keep), cross[:, :, keep]
                 cross_bias = cross_bias[keep] if cross_bias is not None else None
+            if utf8_states is not None:
+                utf8_states = utf8_states[keep].reshape(-1)
             cache.keep_rows(parents[keep].reshape(-1), step + 1)
             tokens = search.running_tokens[:, :, step].reshape(-1)
         return out_tokens, out_logprobs.cpu()

@@ -29,6 +29,7 @@ from operators.preprocess import ink_columns
 from operators.records import LinePiece, PageWork
 from operators.settings import RecognizeConfig
 from operators.text import standard_text
+from operators.utf8 import Utf8Guard
 from operators.words import ink_gaps
 
 
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class LineReading:
     text: str
-    confidence: float  # geometric mean of the chosen tokens' probabilities, 0..1
+    confidence: float  # geometric mean of the chosen tokens' probabilities, 0..1; a line read in pieces: its lowest
     truncated: bool  # no end-of-sequence within max_new_tokens
     word_confidences: tuple[float, ...] = ()  # one per word of text.split(), from the tokens that start it
 
@@ -62,7 +63,8 @@ def read_tokens(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[int], logpr
                 line_confidence: float) -> tuple[str, tuple[float, ...]]:
     """A decoded line's text and each word's confidence: the geometric mean of the probabilities of
     the tokens whose first visible character lies in the word (a token that spans a space counts for
-    the word it starts, a bare space for the word after it). Characters are mapped to tokens by decoding growing prefixes, which stays
+    the word it starts, a bare space for the word after it, a byte that completes a character for the word
+    of the token before). Characters are mapped to tokens by decoding growing prefixes, which stays
     right for byte-level BPE pieces and tokenizer clean-up. A word that no token starts (a token
     running through it from the word before) takes the token that covers its first character."""
     text = tokenizer.decode(tokens, skip_special_tokens=True)
@@ -73,9 +75,14 @@ def read_tokens(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[int], logpr
     words = [match.span() for match in re.finditer(r"\S+", text)]
     starts = [start for start, _ in words]
     owned: list[list[float]] = [[] for _ in words]
-    for (start, end), logprob in zip(spans, logprobs):
+    special = set(tokenizer.all_special_ids)
+    word = None
+    for token, (start, end), logprob in zip(tokens, spans, logprobs):
         segment = text[start:end]
-        if not segment:  # special tokens
+        if not segment:
+            # a special token; or a byte that completes the character the token before began (its U+FFFD)
+            if token not in special and word is not None and word < len(words):
+                owned[word].append(logprob)
             continue
         if segment.strip():
             word = bisect.bisect_right(starts, start + len(segment) - len(segment.lstrip())) - 1
@@ -113,6 +120,8 @@ class LineRecognizer:
         self.bundle = bundle
         # the engine refuses unsupported generation settings now, at start-up
         self.engine = DecodingEngine(bundle.model, bundle.encoder_dtype) if engine == "fast" else None
+        self.utf8_guard = Utf8Guard.for_tokenizer(bundle.tokenizer, bundle.model.config.decoder.vocab_size,
+                                                  bundle.model.generation_config.eos_token_id)
         self.word_scores = None
         if languages:
             if num_beams == 1:
@@ -164,10 +173,11 @@ class LineRecognizer:
         pixel_values = bundle.preprocessor.to_pixel_values(resized, bundle.device, bundle.dtype, width_step)
         if self.engine is not None:
             widths = [ink_columns(pixels) for pixels in resized] if width_step else None
-            decoded = self.engine.decode(pixel_values, self.num_beams, self.max_new_tokens, widths, self.word_scores)
+            decoded = self.engine.decode(pixel_values, self.num_beams, self.max_new_tokens, widths, self.word_scores,
+                                         self.utf8_guard)
         else:
             decoded = hf_generate(bundle.model, pixel_values, self.num_beams, self.max_new_tokens, bundle.encoder_dtype,
-                                  self.word_scores)
+                                  self.word_scores, self.utf8_guard)
         return [self._read(line) for line in decoded]
 
     def _read(self, line: DecodedLine) -> LineReading:

@@ -26,7 +26,7 @@ class LineRecord:
     block: int  # block (column / region) index in reading order
     order: int  # 0-based position of the line in the page's reading order
     text: str = ""
-    confidence: float | None = None  # geometric mean of token probabilities
+    confidence: float | None = None  # geometric mean of token probabilities; a line read in pieces: its lowest
     truncated: bool = False  # the decoder hit max_new_tokens before end-of-sequence
     gaps: list[tuple[int, int]] = field(default_factory=list)  # blank columns in the crop (page x), for words
     word_confidences: list[float] = field(default_factory=list)  # one per word of text.split(), once read

@@ -44,10 +44,13 @@ LOCK_FILE = ".lock"
 
 
 def page_text(lines: list[LineRecord]) -> str:
-    """Page text: line texts in reading order, a blank line between blocks."""
+    """Page text: line texts in reading order, a blank line between blocks. Lines without text (detection
+    only, or nothing read) are left out, so a blank line always means a new block."""
     parts: list[str] = []
     previous_block = None
     for line in sorted(lines, key=lambda item: item.order):
+        if not line.text:
+            continue
         if previous_block is not None and line.block != previous_block:
             parts.append("")
         parts.append(line.text)

@@ -215,8 +215,9 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     if mode == "recognize":
         resolve_checkpoint(config.recognize.model)  # a wrong model path fails here, before Ray starts
     with ThreadPoolExecutor(max_workers=1) as background, output_lock(output):
-        # the model is loaded and checked while Ray starts (loading transformers takes seconds; Ray's
-        # start is mostly waiting), and before anything is read or written: a bad model fails there
+        # the model's preprocessor is loaded and checked while Ray starts (loading transformers takes seconds;
+        # Ray's start is mostly waiting), and before anything is read or written: a model that cannot be found
+        # or has no usable image processor fails there; its weights load once, in the recognizer actors
         checked_model = background.submit(_line_preprocessor, config, mode)
         with ray_session(config, verbose):
             preprocessor = checked_model.result()

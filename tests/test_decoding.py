@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,7 @@ from operators.errors import ModelLoadError
 from operators.model import TrOCRBundle, load_trocr, quantize_encoder
 from operators.preprocess import ink_columns
 from operators.settings import RecognizeConfig
+from operators.utf8 import ACCEPT, BROKEN, Utf8Guard, byte_level_token_bytes, token_transitions
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 #: Very different lengths (1 to 20+ tokens), so lines leave the running batch at different steps.
@@ -243,6 +246,69 @@ def test_random_models_of_both_kinds(tmp_path, one_thread, tokenizer_kind, encod
     inputs = pixel_values(bundle, TEXTS[:4])
     fast = DecodingEngine(model).decode(inputs, num_beams, max_new_tokens=12)
     assert_same_lines(fast, hf_generate(model, inputs, num_beams, max_new_tokens=12))
+
+
+def test_utf8_automaton_accepts_exactly_the_byte_strings_python_decodes():
+    """Random byte strings, weighted to lead and continuation bytes: the automaton is between characters
+    exactly where Python decodes the bytes so far, and broken exactly where no continuation bytes would
+    make them decode."""
+    rng = np.random.default_rng(0)
+    bytes_pool = np.concatenate([np.arange(256), np.arange(0x80, 0xC0), [0xC3, 0xE0, 0xED, 0xF0, 0xF4] * 20])
+    tails = [bytes(tail) for length in range(4) for tail in itertools.product((0x80, 0x90, 0xA0, 0xBF), repeat=length)]
+    for _ in range(3000):
+        data = bytes(rng.choice(bytes_pool, size=rng.integers(1, 7)).astype(np.uint8))
+        states = token_transitions([data[:end] for end in range(1, len(data) + 1)])[ACCEPT]
+        for end, state in enumerate(states, start=1):
+            assert (state == ACCEPT) == _decodes(data[:end]), data[:end]
+            assert (state != BROKEN) == any(_decodes(data[:end] + tail) for tail in tails), data[:end]
+
+
+def _decodes(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_utf8_guard_keeps_lines_to_whole_characters_as_generate_does(trained, num_beams):
+    """A model that often prefers the first byte of a two-byte character to the letter it reads breaks
+    characters (the premise); with the guard no line does, nor ends inside a character, and the engine
+    chooses and scores as ``generate`` given the same guard."""
+    model = copy.deepcopy(trained.model)
+    vocab = model.config.decoder.vocab_size
+    token_bytes = byte_level_token_bytes(trained.tokenizer, vocab)
+    inputs = pixel_values(trained, TEXTS)
+    read = DecodingEngine(model).decode(inputs, num_beams, max_new_tokens=32)
+    common = Counter(token for line in read for token in line.tokens if token_bytes[token]).most_common(3)
+    lead_byte = token_bytes.index(b"\xc3")  # the first byte of "à", "é", "ü"
+    with torch.no_grad():  # the lead byte outscores, wherever they lead, the model's three commonest tokens
+        projection = model.decoder.output_projection.weight
+        projection[lead_byte] = 2 * sum(projection[token] for token, _ in common)
+    guard = Utf8Guard.for_tokenizer(trained.tokenizer, vocab, model.generation_config.eos_token_id)
+
+    def whole_characters(line) -> bool:
+        return _decodes(b"".join(token_bytes[token] for token in line.tokens))
+
+    unguarded = DecodingEngine(model).decode(inputs, num_beams, max_new_tokens=32)
+    assert sum(not whole_characters(line) for line in unguarded) >= 3
+    guarded = DecodingEngine(model).decode(inputs, num_beams, max_new_tokens=32, utf8_guard=guard)
+    assert_same_lines(guarded, hf_generate(model, inputs, num_beams, max_new_tokens=32, utf8_guard=guard))
+    assert all(whole_characters(line) for line in guarded if not line.truncated)
+    assert sum(not line.truncated for line in guarded) >= 3
+    assert any(token_bytes[token].startswith(b"\xc3") for line in guarded for token in line.tokens)
+    resized = [trained.preprocessor.resize(render_line(text)) for text in TEXTS]
+    readings = decode_lines(dataclasses.replace(trained, model=model), resized, num_beams, 32, len(TEXTS))
+    assert not any("\ufffd" in reading.text for reading in readings if not reading.truncated)
+
+
+def test_utf8_guard_only_for_byte_level_tokenizers(tmp_path):
+    """Sentencepiece pieces are whole characters: no guard. The bundled models' byte-level BPE gets one."""
+    sentencepiece = load_trocr(str(build_tiny_random_trocr(tmp_path / "spm", "xlm-roberta")), device="cpu")
+    assert LineRecognizer(sentencepiece, "fast", 1, 8, 4).utf8_guard is None
+    byte_level = load_trocr(str(build_tiny_random_trocr(tmp_path / "bpe", "roberta")), device="cpu")
+    assert LineRecognizer(byte_level, "fast", 1, 8, 4).utf8_guard is not None
 
 
 def test_sinusoidal_positions_scaled_embeddings_and_projected_encoder(one_thread):

@@ -116,6 +116,7 @@ def test_recognition_fills_text_and_confidence(ray_local, input_folder, tiny_mod
             wx0, wy0, wx1, wy1 = word["bbox"]
             assert x0 <= wx0 < wx1 <= x1 and y0 <= wy0 < wy1 <= y1
             assert all(0 <= value <= 1000 for value in word["bbox_norm"])
+            assert 0 <= word["confidence"] <= 1  # from the word's own tokens
     for page in pages:  # page text is the line texts in reading order (blank lines between blocks)
         assert [t for t in page["text"].split("\n") if t] == [line["text"] for line in page["lines"] if line["text"]]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow.dataset as ds
 import pytest
 
-from operators.write import DOCUMENTS_DIR, PAGES_DIR, ParquetSink, recover_output
+from operators.write import DOCUMENTS_DIR, PAGES_DIR, ParquetSink, page_text, recover_output
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
 
 
@@ -117,3 +117,14 @@ def test_published_documents_are_announced_only_once_their_rows_are_written(tmp_
     sink.close()
     assert published == [("a", 1)]
     assert _read(tmp_path, DOCUMENTS_DIR).column("doc_id").to_pylist() == ["a"]
+
+
+def test_page_text_leaves_out_lines_without_text_and_marks_blocks_with_one_blank_line():
+    def line(order: int, block: int, text: str) -> LineRecord:
+        return LineRecord(bbox=(0, 10 * order, 50, 10 * order + 8), polygon=[], baseline=[], block=block, order=order,
+                          text=text)
+
+    lines = [line(3, 1, ""), line(0, 0, "first"), line(2, 1, ""), line(4, 1, "third"), line(1, 0, "second"),
+             line(5, 2, "")]
+    assert page_text(lines) == "first\nsecond\n\nthird"
+    assert page_text([line(0, 0, ""), line(1, 1, "")]) == ""
