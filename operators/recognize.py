@@ -294,7 +294,7 @@ class TrOCRRecognizer:
         except Exception as exc:  # noqa: BLE001 - not memory: record it on the pages instead of losing them
             for work in pages:
                 if work.status == "ok":
-                    work.fail(RECOGNITION_FAILED, f"recognition failed: {exc}")
+                    work.fail(RECOGNITION_FAILED, f"recognition failed: {type(exc).__name__}: {exc}")
             return pages
         unread: dict[int, list[int]] = {}
         for (work, line), reading in zip(owners, readings):

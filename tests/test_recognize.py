@@ -15,9 +15,11 @@ from transformers import AutoTokenizer
 from helpers import build_tiny_random_trocr
 from operators.crops import crop_line, prepare_crops
 from operators.model import load_line_preprocessor, load_trocr
-from operators.recognize import LineReading, LineRecognizer, join_readings, read_tokens
+from operators.errors import RECOGNITION_FAILED
+from operators.recognize import LineReading, LineRecognizer, TrOCRRecognizer, join_readings, read_tokens
 from operators.words import fit_rows_to_ink
-from operators.records import LineRecord, PageWork
+from operators.records import LinePiece, LineRecord, PageWork
+from operators.settings import RecognizeConfig
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 
@@ -160,3 +162,31 @@ def test_out_of_memory_halves_the_batch_and_loses_no_line(tiny_model):
     assert lines["unread"] == "0 of 2048"
     assert lines["same"] == "True"
     assert "out of memory decoding 2048 lines" in result.stderr
+
+
+def test_a_batch_that_fails_for_another_reason_than_memory_fails_its_pages_not_the_job(tiny_model):
+    """Any other error (here a crop of the wrong size, as another checkpoint's preprocessor would cut it) is
+    recorded on each page of the call that was still ok, with its type and reason, so the job writes them as
+    failed and goes on; a page that had failed before keeps its own error. Nothing is left behind."""
+    recognizer = TrOCRRecognizer(RecognizeConfig(model=str(tiny_model), device="cpu", max_new_tokens=4))
+    height, width = recognizer.recognizer.bundle.preprocessor.input_size
+
+    def page(doc_id: str, pixels: np.ndarray) -> PageWork:
+        line = LineRecord(bbox=(0, 0, width, height), polygon=[], baseline=[], block=0, order=0)
+        return PageWork(doc_id, f"{doc_id}.png", 1, 300, width, height, lines=[line],
+                        line_pieces=[[LinePiece(pixels, width / height)]])
+
+    fitting = page("fits", np.full((height, width), 255, np.uint8))
+    wrong_size = page("wrong", np.full((height // 2, width // 2), 255, np.uint8))
+    earlier = page("earlier", np.full((height, width), 255, np.uint8)).fail("detection_failed", "no page")
+    assert recognizer.recognize_pages([fitting]) == [fitting] and fitting.status == "ok"
+
+    fitting = page("fits", np.full((height, width), 255, np.uint8))
+    pages = recognizer.recognize_pages([fitting, wrong_size, earlier])
+    assert pages == [fitting, wrong_size, earlier]
+    assert [work.status for work in pages] == ["failed"] * 3
+    for work in (fitting, wrong_size):
+        assert work.error_code == RECOGNITION_FAILED
+        assert work.error_message.startswith("recognition failed: ValueError: resized line 1 is uint8")
+    assert (earlier.error_code, earlier.error_message) == ("detection_failed", "no page")
+    assert all(work.line_pieces == [] for work in pages)

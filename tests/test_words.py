@@ -23,6 +23,7 @@ from operators.words import (
     fit_rows_to_ink,
     ink_gaps,
     normalize_bbox,
+    paint_out_neighbour_ink,
     split_words,
 )
 from operators.records import WORD_TYPE
@@ -212,6 +213,29 @@ def test_a_crop_is_fitted_to_its_ink_rows_with_a_small_margin(font):
         starts = [start for start in range(38 - margin, 43 - margin)
                   if np.array_equal(fitted, crop[start:start + len(fitted)])]
         assert starts, "not a slice of the crop's rows around its ink"  # anti-aliased edges may count or not
+
+
+def test_ink_reaching_in_from_the_lines_above_and_below_is_painted_out():
+    """A loose crop of a tightly set line holds the descenders of the line above (touching its top edge) and
+    the capitals of the line below (its bottom edge): fitted, it is the crop of the line alone, its own umlaut
+    dots and descender kept; and a crop without foreign ink is returned as it is."""
+    font = ImageFont.truetype(FONTS["sans"], 36)
+
+    def page(lines: list[tuple[int, int, str]]) -> np.ndarray:
+        image = Image.new("L", (1000, 300), 255)
+        for x, y, text in lines:
+            ImageDraw.Draw(image).text((x, y), text, font=font, fill=15)
+        return np.asarray(image)
+
+    line = (20, 110, "Über die Brücke, 1987 (gezählt)")
+    alone = page([line])
+    crowded = page([(650, 72, "quay gaps jig"), line, (20, 146, "HELD BY TOM")])
+    rows = np.flatnonzero((alone < 128).any(axis=1))
+    top, bottom = rows[0] - 6, rows[-1] + 7  # a detector's loose crop
+    crop_alone, crop_crowded = alone[top:bottom], crowded[top:bottom]
+    assert (crop_crowded[0] < 128).any() and (crop_crowded[-1] < 128).any()  # the premise: both edges touched
+    assert paint_out_neighbour_ink(crop_alone) is crop_alone
+    assert np.array_equal(fit_rows_to_ink(crop_crowded), fit_rows_to_ink(crop_alone))
 
 
 def test_blank_crops_are_not_fitted():
