@@ -37,6 +37,9 @@ LAYOUT_SCALE = 1000
 #: A blank run at least this many crop heights wide is taken for a space between words: a line too
 #: long for the model is cut at such runs.
 WORD_GAP_HEIGHTS = 0.25
+#: A blank run at least this many crop heights wide is a tab or column stop (a catalogue's "Rheinfelden
+#: (aquarelle).      80"): a line too long for the model is cut there first.
+TAB_GAP_HEIGHTS = 1.0
 #: Margin left above and below a line's ink by :func:`fit_rows_to_ink`, in ink heights, and its least.
 INK_MARGIN = 0.1
 MIN_INK_MARGIN_PX = 2
@@ -110,28 +113,32 @@ def cut_points(gaps: Sequence[Interval], width: int, height: int, max_aspect: fl
 
     Why: a keep-aspect model shrinks a longer line to fit its input, and shrunken glyphs are misread.
     ``gaps`` are the crop's :func:`ink_gaps` in crop x coordinates. Each cut is the middle of the
-    word gap nearest the middle of the span still too long, so the pieces come out about equal; a
-    word gap is a run :data:`WORD_GAP_HEIGHTS` wide, or (tightly set type) half as wide as the
-    span's widest run. Returns [] when the crop fits, and leaves a span whole when it has no blank
-    run inside.
+    tab stop (a run :data:`TAB_GAP_HEIGHTS` wide) nearest the middle of the span still too long, or
+    where it has none, of the word gap nearest its middle, so the pieces come out about equal; a word
+    gap is a run :data:`WORD_GAP_HEIGHTS` wide, or (tightly set type) half as wide as the span's widest
+    run. A piece that begins or ends in a wide blank run reads worse than the same words without it.
+    Returns [] when the crop fits, and leaves a span whole when it has no blank run inside.
     """
     if max_aspect <= 0:
         raise ValueError(f"max_aspect must be positive, got {max_aspect}")
-    return _cuts(gaps, 0, width, max_aspect * height, WORD_GAP_HEIGHTS * height)
+    return _cuts(gaps, 0, width, max_aspect * height, WORD_GAP_HEIGHTS * height, TAB_GAP_HEIGHTS * height)
 
 
-def _cuts(gaps: Sequence[Interval], start: int, end: int, max_width: float, word_gap: float) -> list[int]:
+def _cuts(gaps: Sequence[Interval], start: int, end: int, max_width: float, word_gap: float,
+          tab_gap: float) -> list[int]:
     if end - start <= max_width:
         return []
     inside = [gap for gap in gaps if gap[0] > start and gap[1] < end]
     if not inside:
         return []
     widest = max(x1 - x0 for x0, x1 in inside)
-    candidates = [gap for gap in inside if gap[1] - gap[0] >= min(word_gap, widest / 2)]
+    least = tab_gap if widest >= tab_gap else min(word_gap, widest / 2)
+    candidates = [gap for gap in inside if gap[1] - gap[0] >= least]
     middle = (start + end) / 2
     x0, x1 = min(candidates, key=lambda gap: (abs((gap[0] + gap[1]) / 2 - middle), gap[0]))
     cut = (x0 + x1) // 2
-    return _cuts(gaps, start, cut, max_width, word_gap) + [cut] + _cuts(gaps, cut, end, max_width, word_gap)
+    return (_cuts(gaps, start, cut, max_width, word_gap, tab_gap) + [cut]
+            + _cuts(gaps, cut, end, max_width, word_gap, tab_gap))
 
 
 def split_words(text: str, line_bbox: Sequence[int], gaps: Sequence[Interval],

@@ -166,6 +166,10 @@ def test_cuts_prefer_word_gaps_and_leave_fitting_or_gapless_spans_whole():
     assert cut_points([(490, 492), (300, 310)], width=1000, height=20, max_aspect=40) == [305]
     # the 695 px right part still exceeds 600: cut again, at a letter gap when that is all there is
     assert cut_points([(490, 492), (300, 310)], width=1000, height=20, max_aspect=30) == [305, 491]
+    # a tab stop (a run at least a line height wide) wins over a word gap nearer the middle: "74 Rheinfelden
+    # (aquarelle).      80" is cut before "80", not before "(aquarelle)."
+    assert cut_points([(480, 490), (700, 940)], width=1000, height=20, max_aspect=45) == [820]
+    assert cut_points([(480, 490), (700, 715)], width=1000, height=20, max_aspect=45) == [485]
     with pytest.raises(ValueError, match="max_aspect"):
         cut_points([], width=10, height=10, max_aspect=0)
 
