@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, VisionEncoderDecoderModel
+from transformers import AutoConfig, GenerationConfig, LogitsProcessor, LogitsProcessorList, VisionEncoderDecoderModel
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.trocr.modeling_trocr import TrOCRSinusoidalPositionalEmbedding
 
+from operators.checkpoint import resolve_checkpoint
 from operators.errors import ModelLoadError
 from operators.utf8 import Utf8Guard
 
@@ -594,6 +595,21 @@ def _required_id(generation: dict[str, Any], name: str) -> int | list[int]:
     if generation.get(name) is None:
         raise ModelLoadError(f"generation config has no {name}; the fast engine needs it")
     return generation[name]
+
+
+def check_generation_settings(name_or_path: str) -> None:
+    """Refuse, from the checkpoint's configuration files alone (no weights loaded), generation settings this
+    engine does not implement: the job's driver checks them at start-up, so a job fails before Ray reads a
+    page, with one clear error, instead of in every recognizer actor it starts."""
+    source = resolve_checkpoint(name_or_path)
+    try:
+        generation = GenerationConfig.from_pretrained(source)
+    except OSError:  # no generation_config.json: the model's own config holds its generation settings
+        try:
+            generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(source))
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read the configuration of TrOCR model {name_or_path!r}: {exc}") from exc
+    _effective_generation_settings(generation)
 
 
 def _effective_generation_settings(generation: GenerationConfig) -> dict[str, Any]:

@@ -215,9 +215,10 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     if mode == "recognize":
         resolve_checkpoint(config.recognize.model)  # a wrong model path fails here, before Ray starts
     with ThreadPoolExecutor(max_workers=1) as background, output_lock(output):
-        # the model's preprocessor is loaded and checked while Ray starts (loading transformers takes seconds;
-        # Ray's start is mostly waiting), and before anything is read or written: a model that cannot be found
-        # or has no usable image processor fails there; its weights load once, in the recognizer actors
+        # the model's preprocessor and generation settings are loaded and checked while Ray starts (loading
+        # transformers takes seconds; Ray's start is mostly waiting), and before anything is read or written: a
+        # model that cannot be found, has no usable image processor or sets what the fast engine does not
+        # implement fails there; its weights load once, in the recognizer actors
         checked_model = background.submit(_line_preprocessor, config, mode)
         with ray_session(config, verbose):
             preprocessor = checked_model.result()
@@ -279,17 +280,22 @@ def _stop_early(batches: Generator[dict[str, Any], None, None], before: set[thre
 
 
 def _line_preprocessor(config: JobConfig, mode: Mode) -> LinePreprocessor | None:
-    """The checkpoint's line preprocessing (recognize mode), which also checks the model, and on a local
+    """The checkpoint's line preprocessing (recognize mode), which also checks the model (and for the fast
+    engine its generation settings, :func:`operators.decoding.check_generation_settings`), and on a local
     run without a GPU the precision on this CPU (its recognizers would refuse it only once started; on
     a GPU the actors check it, so the driver never opens a CUDA context). Imported here: the driver
     loads transformers only when it needs them, in parallel with Ray's start."""
     if mode != "recognize":
         return None
+    from operators.decoding import check_generation_settings
     from operators.model import load_line_preprocessor, resolve_device, resolve_precision
 
     if _runs_locally(config) and (device := resolve_device(config.recognize.device)).type == "cpu":
         resolve_precision(config.recognize.precision, device)
-    return load_line_preprocessor(config.recognize.model)
+    preprocessor = load_line_preprocessor(config.recognize.model)
+    if config.recognize.engine == "fast":
+        check_generation_settings(config.recognize.model)
+    return preprocessor
 
 
 def _document_record(plan: DocumentPlan) -> DocumentRecord:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from urllib.parse import quote
 
 import jiwer
@@ -16,6 +18,7 @@ import pytest
 from conftest import box_iou, text_page
 from operators.settings import DEFAULT_MODEL
 from pipeline.config import load_config
+from operators.decoding import check_generation_settings
 from operators.errors import ConfigError, ExitCode, ModelLoadError
 from pipeline.job import run_job
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA
@@ -166,6 +169,21 @@ def test_a_precision_this_machine_cannot_run_fails_before_any_page_is_read(ray_l
     with pytest.raises(ModelLoadError, match="precision fp16 needs a CUDA device"):
         run_job([str(synthetic_documents[0])], str(tmp_path / "out"), config)
     assert not (tmp_path / "out" / "pages").exists()
+
+
+def test_generation_settings_the_fast_engine_lacks_fail_the_job_before_any_page_is_read(ray_local, input_folder,
+                                                                                       tiny_model, tmp_path):
+    """A checkpoint whose generation config sets what the fast engine does not implement is refused by the
+    driver with the engine's own error and exit code (before, each recognizer actor failed once Ray had
+    started it, and the job ended in Ray's traceback)."""
+    model = Path(shutil.copytree(tiny_model, tmp_path / "ngram-model"))
+    generation = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**generation, "no_repeat_ngram_size": 3}))
+    config = load_config(None, [f"recognize.model={model}"])
+    with pytest.raises(ModelLoadError, match="no_repeat_ngram_size.*use recognize.engine=hf"):
+        run_job([str(input_folder)], str(tmp_path / "out"), config)
+    assert not (tmp_path / "out" / "pages").exists()
+    check_generation_settings(str(tiny_model))  # the unchanged checkpoint passes
 
 
 def test_a_job_stopped_mid_stream_reports_its_own_error_and_leaves_no_fetching_thread(ray_local):
