@@ -1,7 +1,9 @@
 """Cut + resize line crops: the CPU half of recognition, run in the layout task beside detection.
 
 Training (:func:`cut_polygon`) and inference (:func:`prepare_crops`) cut and mask a line with the
-same :func:`crop_line`, and both fit the crop to its ink rows, so the model trains on what it reads.
+same :func:`crop_line`, and both fit the crop to its ink rows, so the model trains on what it reads
+(inference's crop is padded, so the ink of the lines above and below is painted out first:
+:func:`operators.words.fit_loose_crop`; a polygon crop for training is blank outside its polygon).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 from operators.detect import check_page
 from operators.preprocess import LinePreprocessor
 from operators.records import LinePiece, LineRecord, PageWork
-from operators.words import cut_points, fit_rows_to_ink, ink_gaps
+from operators.words import cut_points, fit_loose_crop, ink_gaps
 
 WHITE = 255
 
@@ -81,7 +83,8 @@ def line_pieces(crop: np.ndarray, gaps: Sequence[tuple[int, int]], preprocessor:
 
 
 def prepare_crops(work: PageWork, preprocessor: LinePreprocessor, padding: int, split_long_lines: bool) -> PageWork:
-    """Cut each detected line from the page, measure its word gaps, fit it to its ink's rows and
+    """Cut each detected line from the page, measure its word gaps, fit it to its ink's rows (its
+    neighbours' ink painted out: :func:`operators.words.fit_loose_crop`) and
     resize it (or its pieces, see :func:`line_pieces`) to model input; drop the page image.
 
     A line whose box has no area holds no pixels and so no text: it is dropped here rather than
@@ -95,6 +98,6 @@ def prepare_crops(work: PageWork, preprocessor: LinePreprocessor, padding: int, 
             left = max(0, line.bbox[0] - padding)
             line.gaps = ink_gaps(crop, (left, max(0, line.bbox[1] - padding)))
             crop_gaps = [(x0 - left, x1 - left) for x0, x1 in line.gaps]
-            work.line_pieces.append(line_pieces(fit_rows_to_ink(crop), crop_gaps, preprocessor, split_long_lines))
+            work.line_pieces.append(line_pieces(fit_loose_crop(crop), crop_gaps, preprocessor, split_long_lines))
     work.image = None
     return work

@@ -89,17 +89,24 @@ def ink_gaps(crop: np.ndarray, origin: tuple[int, int]) -> list[Interval]:
     return sorted(runs, key=lambda run: (run[0] - run[1], run[0]))
 
 
+def fit_loose_crop(crop: np.ndarray) -> np.ndarray:
+    """A line crop cut with a margin around the line (a detected line's padded crop, a dataset's line
+    image) as the model reads it: the ink of its neighbouring lines painted out
+    (:func:`paint_out_neighbour_ink`), then fitted to its ink rows (:func:`fit_rows_to_ink`). A crop cut
+    tight along the line's polygon, outside it blank, takes :func:`fit_rows_to_ink` alone: its own accents
+    and dots may touch its edges."""
+    return fit_rows_to_ink(paint_out_neighbour_ink(crop))
+
+
 def fit_rows_to_ink(crop: np.ndarray) -> np.ndarray:
-    """The crop, with the ink of neighbouring lines painted out (:func:`paint_out_neighbour_ink`), less
-    the rows above and below its ink beyond a margin of ``INK_MARGIN`` ink heights (at least
-    ``MIN_INK_MARGIN_PX``); unchanged when it holds no ink.
+    """The crop less the rows above and below its ink beyond a margin of ``INK_MARGIN`` ink heights
+    (at least ``MIN_INK_MARGIN_PX``); unchanged when it holds no ink.
 
     Recognizers are trained on tight line crops (TrOCR on SROIE and IAM boxes, the bundled model on
     rendered lines with 2-10 px around 24-48 px text); a detected line's crop carries the polygon's
     padding and the crop padding on top, which shrinks the text in the model's input.
     """
     _check_crop(crop)
-    crop = paint_out_neighbour_ink(crop)
     ink = _ink_pixels(crop)
     if ink is None:
         return crop
@@ -188,8 +195,10 @@ def paint_out_neighbour_ink(crop: np.ndarray) -> np.ndarray:
     body (a descender of the line above), or touches its bottom edge and starts below it (capitals and
     ascenders of the line below). Such ink is not this line's text, and fitted to, it shrinks the text in
     the model's input (on a 1993 magazine scan, "fortress walls" read as "fortress wals"); the line's own
-    accents and dots do not reach the edge. Returns ``crop`` itself when there is none.
+    accents and dots do not reach the edge of a crop cut with a margin. Returns ``crop`` itself when there
+    is none.
     """
+    _check_crop(crop)
     ink = _ink_pixels(crop)
     if ink is None:
         return crop

@@ -17,7 +17,7 @@ from operators.crops import crop_line, prepare_crops
 from operators.model import load_line_preprocessor, load_trocr
 from operators.errors import RECOGNITION_FAILED
 from operators.recognize import LineReading, LineRecognizer, TrOCRRecognizer, join_readings, read_tokens
-from operators.words import fit_rows_to_ink
+from operators.words import fit_loose_crop
 from operators.records import LinePiece, LineRecord, PageWork
 from operators.settings import RecognizeConfig
 
@@ -73,7 +73,7 @@ def test_a_line_wider_than_a_keep_aspect_input_is_read_in_pieces_that_fit(keep_a
     short, long = work.line_pieces
     assert len(short) == 1 and len(long) >= 4
     assert all(piece.aspect <= 4.0 for piece in long)
-    fitted = fit_rows_to_ink(crop_line(page, work.lines[1], 4))  # the pieces tile the whole crop, fitted to the ink
+    fitted = fit_loose_crop(crop_line(page, work.lines[1], 4))  # the pieces tile the whole crop, fitted to the ink
     assert fitted.shape[0] < work.lines[1].bbox[3] - work.lines[1].bbox[1] + 8
     assert sum(piece.aspect for piece in long) == pytest.approx(fitted.shape[1] / fitted.shape[0])
     whole = prepare_crops(PageWork("d", "s", 1, 300, page.shape[1], page.shape[0], image=page, lines=lines),

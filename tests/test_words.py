@@ -20,6 +20,7 @@ from operators.words import (
     WORK_HEIGHT,
     Word,
     cut_points,
+    fit_loose_crop,
     fit_rows_to_ink,
     ink_gaps,
     normalize_bbox,
@@ -221,8 +222,8 @@ def test_a_crop_is_fitted_to_its_ink_rows_with_a_small_margin(font):
 
 def test_ink_reaching_in_from_the_lines_above_and_below_is_painted_out():
     """A loose crop of a tightly set line holds the descenders of the line above (touching its top edge) and
-    the capitals of the line below (its bottom edge): fitted, it is the crop of the line alone, its own umlaut
-    dots and descender kept; and a crop without foreign ink is returned as it is."""
+    the capitals of the line below (its bottom edge): fitted as a loose crop, it is the crop of the line alone,
+    its own umlaut dots and descenders kept; and a crop without foreign ink is returned as it is."""
     font = ImageFont.truetype(FONTS["sans"], 36)
 
     def page(lines: list[tuple[int, int, str]]) -> np.ndarray:
@@ -239,7 +240,12 @@ def test_ink_reaching_in_from_the_lines_above_and_below_is_painted_out():
     crop_alone, crop_crowded = alone[top:bottom], crowded[top:bottom]
     assert (crop_crowded[0] < 128).any() and (crop_crowded[-1] < 128).any()  # the premise: both edges touched
     assert paint_out_neighbour_ink(crop_alone) is crop_alone
-    assert np.array_equal(fit_rows_to_ink(crop_crowded), fit_rows_to_ink(crop_alone))
+    assert np.array_equal(fit_loose_crop(crop_crowded), fit_rows_to_ink(crop_alone))
+    # a crop cut tight along the ink: the dots of "Ü" touch its top edge and would be painted out, so such
+    # crops (training lines cut along their polygons) are fitted only, every dot kept
+    tight = alone[rows[0]:rows[-1] + 1]
+    assert not np.array_equal(paint_out_neighbour_ink(tight), tight)
+    assert np.array_equal(fit_rows_to_ink(tight), tight)
 
 
 def test_blank_crops_are_not_fitted():

@@ -18,7 +18,7 @@ from operators.errors import ConfigError
 from operators.formats.read import page_image, page_xml_files, read_page_xml
 from operators.preprocess import LinePreprocessor
 from operators.text import standard_text
-from operators.words import fit_rows_to_ink
+from operators.words import fit_loose_crop, fit_rows_to_ink
 from pipeline.train.config import DataSource
 
 
@@ -46,12 +46,12 @@ class LabeledLine:
         object.__setattr__(self, "text", standard_text(self.text))  # what the model is taught to write
 
     def load_gray(self) -> np.ndarray:
-        """uint8 HxW grayscale pixels (alpha and colour dropped); a file's rows fitted to its ink as the
-        pipeline fits the lines it reads (line crops cut with a margin carry a neighbour's descenders)."""
+        """uint8 HxW grayscale pixels (alpha and colour dropped); a file's line as the pipeline reads the
+        lines it cuts (line images cut with a margin carry a neighbour's descenders): :func:`fit_loose_crop`."""
         if self.pixels is not None:
             return self.pixels
         with Image.open(self.path) as image:
-            return fit_rows_to_ink(np.asarray(image.convert("L")))
+            return fit_loose_crop(np.asarray(image.convert("L")))
 
 
 def read_line_folder(folder: Path) -> list[LabeledLine]:
