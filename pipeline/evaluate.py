@@ -76,11 +76,11 @@ def make_normalizer(options: Sequence[str]) -> Callable[[str], str]:
     return normalize
 
 
-def read_eval_lines(folders: Sequence[Path]) -> list[LabeledLine]:
+def read_eval_lines(folders: Sequence[Path], paint_out_neighbours: bool = False) -> list[LabeledLine]:
     """All labelled lines of the folders; a folder without any is an error, not a silent zero."""
     lines = []
     for folder in folders:
-        found = read_line_folder(Path(folder))
+        found = read_line_folder(Path(folder), paint_out_neighbours)
         if not found:
             raise ConfigError(f"no labelled lines in {folder}: expected <name>.png|jpg|tif beside <name>.gt.txt")
         lines += found
@@ -180,10 +180,12 @@ def write_predictions(path: Path, results: Sequence[LineResult]) -> None:
 
 def evaluate(model: str, folders: Sequence[Path], normalize_options: Sequence[str] = (), batch_size: int = 32,
              num_beams: int = 1, max_new_tokens: int | None = None, device: str = "auto",
-             precision: str = "fp32", languages: Sequence[str] = ()) -> tuple[list[Score], list[LineResult]]:
-    """Load ``model``, read every folder's lines, decode and score them."""
+             precision: str = "fp32", languages: Sequence[str] = (),
+             paint_out_neighbours: bool = False) -> tuple[list[Score], list[LineResult]]:
+    """Load ``model``, read every folder's lines, decode and score them (``paint_out_neighbours``: see
+    :meth:`pipeline.train.data.LabeledLine.load_gray`)."""
     normalize = make_normalizer(normalize_options)
-    lines = read_eval_lines(folders)
+    lines = read_eval_lines(folders, paint_out_neighbours)
     recognizer = LineRecognizer.from_pretrained(model, device, precision, num_beams=num_beams,
                                                 max_new_tokens=max_new_tokens, line_batch_size=batch_size,
                                                 languages=languages)
@@ -222,6 +224,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, help="default: what the model can produce")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument("--paint-out-neighbours", action="store_true",
+                        help="--lines whose images are cut with a margin: paint out the ink of the lines above and "
+                             "below first, as the job does for the lines it cuts (not for images cut tight)")
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -234,8 +239,11 @@ def eval_command(args: argparse.Namespace) -> int:
         from pipeline.config import load_config
 
         load_config(None, [f"recognize.num_beams={args.num_beams}", f"recognize.languages=[{','.join(languages)}]"])
+    if args.paint_out_neighbours and args.pages:
+        raise ConfigError("--paint-out-neighbours is for --lines: the job paints out the lines it cuts itself")
+    lines_only = {"paint_out_neighbours": True} if args.paint_out_neighbours else {}
     scores, results = run(args.model, args.pages or args.lines, options, args.batch_size, args.num_beams,
-                          args.max_new_tokens, args.device, args.precision, languages)
+                          args.max_new_tokens, args.device, args.precision, languages, **lines_only)
     print(format_report(scores, results, args.worst, "pages" if args.pages else "lines"))
     if args.predictions:
         write_predictions(args.predictions, results)

@@ -23,7 +23,8 @@ from operators.model import cpu_has_native_bf16, load_trocr
 from operators.preprocess import WIDTH_SCALE_KEY
 from pipeline.cli import main
 from pipeline.train.config import DataSource, LayerSelection, TrainConfig, load_train_config
-from pipeline.train.data import LabelCollator, read_line_folder, read_page_lines, validation_lines
+from operators.words import fit_loose_crop, fit_rows_to_ink
+from pipeline.train.data import LabelCollator, read_line_folder, read_line_sources, read_page_lines, validation_lines
 from pipeline.train.loop import (CHECKPOINT_PREFIX, TRAINER_STATE, latest_checkpoint, learning_rate_factor, start_run,
                                  train)
 from pipeline.train.model import build_trocr, save_trocr, shrink_trocr
@@ -274,6 +275,22 @@ def test_line_folder_pairs_images_with_ground_truth(line_folder):
     assert [line.text for line in lines] == TEXTS
     assert lines[0].name == "line_000.bin.png"
     assert lines[0].load_gray().dtype == np.uint8 and lines[0].load_gray().ndim == 2
+
+
+def test_a_line_folder_cut_with_a_margin_has_its_neighbours_ink_painted_out_only_when_it_says_so(tmp_path):
+    """The line's text, then below it, touching the bottom edge, the top of the next line's capitals (what a
+    crop cut with a margin holds); a tight folder's image is only fitted, as its own accents may touch its edge."""
+    text = np.asarray(render("first line", height=44))
+    image = np.full((70, text.shape[1]), 255, np.uint8)
+    image[:44] = text
+    image[60:, 10:16] = 0  # a capital's stem from the line below, cut by the bottom edge
+    Image.fromarray(image).save(tmp_path / "loose.png")
+    (tmp_path / "loose.gt.txt").write_text("first line\n", encoding="utf-8")
+    [tight] = read_line_folder(tmp_path)
+    [loose] = read_line_sources([DataSource(kind="folder", path=tmp_path, paint_out_neighbours=True)])
+    assert np.array_equal(tight.load_gray(), fit_rows_to_ink(image))
+    assert np.array_equal(loose.load_gray(), fit_loose_crop(image))
+    assert (tight.load_gray()[-3:] < 128).any() and len(loose.load_gray()) < len(tight.load_gray())
 
 
 def test_training_lines_teach_standard_unicode_for_mufi_characters(tmp_path):

@@ -57,6 +57,9 @@ class DataSource(Frozen):
     seed: int = Field(default=0, description="synth: the line set; different seeds give disjoint sets")
     count: int | None = Field(default=None, ge=1, description="synth: lines (validation needs it); None = endless")
     augment: bool = Field(default=False, description="folder or pages: vary each real line every time it is drawn")
+    paint_out_neighbours: bool = Field(default=False, description=(
+        "folder: its images are cut with a margin and hold ink of the lines above and below, which is painted "
+        "out as the pipeline does for the lines it cuts (not for images cut tight: their own accents touch the edge)"))
     weight: float = Field(default=1.0, gt=0, description="share of training batches drawn from this source")
 
     @model_validator(mode="after")

@@ -37,6 +37,7 @@ class LabeledLine:
     source: str
     path: Path | None = None
     pixels: np.ndarray | None = None
+    paint_out_neighbours: bool = False  # a file cut with a margin: see load_gray
 
     @classmethod
     def in_memory(cls, image: np.ndarray, text: str, name: str, source: str) -> "LabeledLine":
@@ -46,16 +47,20 @@ class LabeledLine:
         object.__setattr__(self, "text", standard_text(self.text))  # what the model is taught to write
 
     def load_gray(self) -> np.ndarray:
-        """uint8 HxW grayscale pixels (alpha and colour dropped); a file's line as the pipeline reads the
-        lines it cuts (line images cut with a margin carry a neighbour's descenders): :func:`fit_loose_crop`."""
+        """uint8 HxW grayscale pixels (alpha and colour dropped); a file's rows fitted to its ink as the
+        pipeline fits the lines it reads, with ``paint_out_neighbours`` after the ink of the lines above and
+        below is painted out (:func:`fit_loose_crop`: for images cut with a margin, which carry a neighbour's
+        descenders; an image cut tight may have its own accents on its edge, and is only fitted)."""
         if self.pixels is not None:
             return self.pixels
+        fit = fit_loose_crop if self.paint_out_neighbours else fit_rows_to_ink
         with Image.open(self.path) as image:
-            return fit_loose_crop(np.asarray(image.convert("L")))
+            return fit(np.asarray(image.convert("L")))
 
 
-def read_line_folder(folder: Path) -> list[LabeledLine]:
-    """Every ``<stem>.gt.txt`` with an image ``<stem>[.more].png|jpg|tif`` beside it (e.g. UW3 ``x.bin.png``)."""
+def read_line_folder(folder: Path, paint_out_neighbours: bool = False) -> list[LabeledLine]:
+    """Every ``<stem>.gt.txt`` with an image ``<stem>[.more].png|jpg|tif`` beside it (e.g. UW3 ``x.bin.png``);
+    ``paint_out_neighbours``: see :meth:`LabeledLine.load_gray`."""
     if not folder.is_dir():
         raise ConfigError(f"line folder {folder} does not exist or is not a folder")
     images_by_stem: dict[str, list[Path]] = {}
@@ -70,7 +75,8 @@ def read_line_folder(folder: Path) -> list[LabeledLine]:
         if candidates:
             image = min(candidates, key=lambda path: len(path.name))
             text = gt.read_text(encoding="utf-8").strip()
-            lines.append(LabeledLine(name=image.name, text=text, source=str(folder), path=image))
+            lines.append(LabeledLine(name=image.name, text=text, source=str(folder), path=image,
+                                     paint_out_neighbours=paint_out_neighbours))
     return lines
 
 
@@ -98,7 +104,7 @@ def read_line_sources(sources: Sequence["DataSource"]) -> list[LabeledLine]:
     lines: list[LabeledLine] = []
     for source in sources:
         if source.kind == "folder":
-            lines += read_line_folder(source.path)
+            lines += read_line_folder(source.path, source.paint_out_neighbours)
         elif source.kind == "pages":
             lines += read_page_lines(source.path)
     return lines
