@@ -1,4 +1,5 @@
-"""Whole characters from a byte-level decoder: no U+FFFD in the text.
+"""Whole characters from a byte-level decoder: no U+FFFD in the text (but for a line cut off by
+``max_new_tokens``, which may end inside one).
 
 A byte-level BPE vocabulary (RoBERTa's, the microsoft/trocr-base checkpoints', ours) holds single
 bytes, so a decoder can choose the first byte of a two-byte character and then a letter. The tokenizer
@@ -68,8 +69,10 @@ def token_transitions(token_bytes: Sequence[bytes]) -> np.ndarray:
 
 
 def byte_level_token_bytes(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> list[bytes] | None:
-    """Each token id's bytes for a byte-level BPE tokenizer (special tokens and ids the tokenizer lacks: none);
-    None for other tokenizers (sentencepiece pieces are whole characters)."""
+    """Each token id's bytes for a byte-level BPE tokenizer (special tokens and ids the tokenizer lacks: none),
+    as its ByteLevel decoder writes them: a piece whose characters are all byte symbols is those bytes, any
+    other (an added token such as "Straße") its text in UTF-8. None for other tokenizers (sentencepiece pieces
+    are whole characters)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not isinstance(backend.decoder, ByteLevel):
         return None
@@ -79,10 +82,10 @@ def byte_level_token_bytes(tokenizer: PreTrainedTokenizerBase, vocab_size: int) 
     for token_id, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(vocab_size)))):
         if piece is None or (token_id in added and added[token_id].special):
             token_bytes.append(b"")
-        elif token_id in added:  # an added token is text, not byte symbols
-            token_bytes.append(piece.encode("utf-8"))
-        else:
+        elif all(char in byte_of for char in piece):
             token_bytes.append(bytes(byte_of[char] for char in piece))
+        else:
+            token_bytes.append(piece.encode("utf-8"))
     return token_bytes
 
 
@@ -97,8 +100,9 @@ class Utf8Guard(LogitsProcessor):
         eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
         transitions = token_transitions(token_bytes)
         allowed = transitions != BROKEN
-        allowed[ACCEPT + 1:, [token for token, data in enumerate(token_bytes) if not data]] = False
-        allowed[ACCEPT, eos_ids] = True
+        # inside a character: no token without bytes, and no end of the line (whatever bytes its token has)
+        ends = {token for token in eos_ids if 0 <= token < len(token_bytes)}
+        allowed[ACCEPT + 1:, [token for token, data in enumerate(token_bytes) if not data or token in ends]] = False
         if not allowed[:BROKEN].any(axis=1).all():
             raise ValueError("a byte-level vocabulary without a token for every UTF-8 continuation")
         self.next_state = torch.from_numpy(transitions)

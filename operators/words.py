@@ -121,10 +121,11 @@ def cut_points(gaps: Sequence[Interval], width: int, height: int, max_aspect: fl
     Why: a keep-aspect model shrinks a longer line to fit its input, and shrunken glyphs are misread.
     ``gaps`` are the crop's :func:`ink_gaps` in crop x coordinates. Each cut is the middle of the
     tab stop (a run :data:`TAB_GAP_HEIGHTS` wide) nearest the middle of the span still too long, or
-    where it has none, of the word gap nearest its middle, so the pieces come out about equal; a word
-    gap is a run :data:`WORD_GAP_HEIGHTS` wide, or (tightly set type) half as wide as the span's widest
-    run. A piece that begins or ends in a wide blank run reads worse than the same words without it.
-    Returns [] when the crop fits, and leaves a span whole when it has no blank run inside.
+    where it has none, of the word gap nearest its middle, so that the pieces come out about equal; a
+    word gap is a run :data:`WORD_GAP_HEIGHTS` wide, or (tightly set type) half as wide as the span's
+    widest run. Tab stops first, because a piece that keeps a wide blank run between its words reads
+    worse (a catalogue's "(aquarelle).      80"). Returns [] when the crop fits, and leaves a span whole
+    when it has no blank run inside.
     """
     if max_aspect <= 0:
         raise ValueError(f"max_aspect must be positive, got {max_aspect}")

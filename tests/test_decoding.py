@@ -425,3 +425,28 @@ def test_int8_encoder_reads_as_generate_on_the_same_model(trained):
     readings = decode_lines(quantized, [quantized.preprocessor.resize(render_line(t)) for t in TEXTS], num_beams=1,
                             max_new_tokens=32, line_batch_size=len(TEXTS))
     assert [reading.text for reading in readings] == TEXTS
+
+
+def test_utf8_guard_reads_token_bytes_as_the_byte_level_decoder_writes_them(tmp_path):
+    """As the tokenizer's ByteLevel decoder: a piece whose characters are all byte symbols is those bytes (an
+    added "Straße" is Latin-1 bytes there, which it decodes to U+FFFD, so the guard never lets it be chosen),
+    any other its UTF-8 ("€uro"); special tokens and ids past the tokenizer have none. The end of the line is
+    allowed only between characters."""
+    bundle = load_trocr(str(build_tiny_random_trocr(tmp_path / "bpe", "roberta")), device="cpu")
+    tokenizer = bundle.tokenizer
+    tokenizer.add_tokens(["Straße", "€uro"])
+    straße, euro = tokenizer.convert_tokens_to_ids(["Straße", "€uro"])
+    vocab = len(tokenizer)
+    token_bytes = byte_level_token_bytes(tokenizer, vocab + 2)
+    for token in (straße, euro):
+        assert token_bytes[token].decode("utf-8", errors="replace") == tokenizer.decode([token])
+    assert token_bytes[euro] == "€uro".encode() and token_bytes[straße] == "Straße".encode("latin-1")
+    assert token_bytes[tokenizer.eos_token_id] == b"" and token_bytes[vocab:] == [b"", b""]
+    lead, trail = token_bytes.index(b"\xc3"), token_bytes.index(b"\xa9")
+    assert tokenizer.decode([lead, trail]) == "é"
+    guard = Utf8Guard(token_bytes, [tokenizer.eos_token_id, vocab + 5])  # an id past the vocabulary is ignored
+    states = guard.advance(guard.start(2, torch.device("cpu")), torch.tensor([lead, euro]))
+    masked = guard.mask(states, torch.zeros((2, vocab + 2)))
+    assert masked[0, tokenizer.eos_token_id] == -torch.inf and masked[1, tokenizer.eos_token_id] == 0
+    assert masked[0, trail] == 0 and masked[0, euro] == -torch.inf and masked[1, euro] == 0
+    assert masked[:, straße].tolist() == [-torch.inf, -torch.inf]
