@@ -95,7 +95,12 @@ def fit_loose_crop(crop: np.ndarray) -> np.ndarray:
     (:func:`paint_out_neighbour_ink`), then fitted to its ink rows (:func:`fit_rows_to_ink`). A crop cut
     tight along the line's polygon, outside it blank, takes :func:`fit_rows_to_ink` alone: its own accents
     and dots may touch its edges."""
-    return fit_rows_to_ink(paint_out_neighbour_ink(crop))
+    _check_crop(crop)
+    ink = _ink_pixels(crop)
+    painted = _without_neighbour_ink(crop, ink)
+    if painted is not None:  # the ink changed: measured again
+        crop, ink = painted, _ink_pixels(painted)
+    return _fit_rows(crop, ink)
 
 
 def fit_rows_to_ink(crop: np.ndarray) -> np.ndarray:
@@ -107,7 +112,10 @@ def fit_rows_to_ink(crop: np.ndarray) -> np.ndarray:
     padding and the crop padding on top, which shrinks the text in the model's input.
     """
     _check_crop(crop)
-    ink = _ink_pixels(crop)
+    return _fit_rows(crop, _ink_pixels(crop))
+
+
+def _fit_rows(crop: np.ndarray, ink: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
     if ink is None:
         return crop
     top, bottom = int(ink[0].min()), int(ink[0].max())
@@ -200,9 +208,14 @@ def paint_out_neighbour_ink(crop: np.ndarray) -> np.ndarray:
     is none.
     """
     _check_crop(crop)
-    ink = _ink_pixels(crop)
+    painted = _without_neighbour_ink(crop, _ink_pixels(crop))
+    return crop if painted is None else painted
+
+
+def _without_neighbour_ink(crop: np.ndarray, ink: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray | None:
+    """:func:`paint_out_neighbour_ink` given the crop's ink; None when there is nothing to paint."""
     if ink is None:
-        return crop
+        return None
     dark = np.zeros(crop.shape, np.uint8)
     dark[ink] = 1
     body_top, body_bottom = _body_rows(dark.sum(axis=1))
@@ -211,7 +224,7 @@ def paint_out_neighbour_ink(crop: np.ndarray) -> np.ndarray:
     foreign = ((top == 0) & (bottom < body_top)) | ((bottom == crop.shape[0] - 1) & (top > body_bottom))
     foreign[0] = False  # the background
     if not foreign.any():
-        return crop
+        return None
     # grown by a pixel, for the anti-aliased edge; 8-connected, so no ink of the line's own lies within it
     painted = cv2.dilate(foreign[labels].astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     out = crop.copy()
@@ -222,10 +235,8 @@ def paint_out_neighbour_ink(crop: np.ndarray) -> np.ndarray:
 def _body_rows(row_ink: np.ndarray) -> tuple[int, int]:
     """First and last row of the longest run of rows with at least ``BODY_ROW_SHARE`` of the inkiest row's
     ink: the line's x-height band, not the bottom of the line above that a loose crop also holds."""
-    full = np.concatenate(([False], row_ink >= BODY_ROW_SHARE * row_ink.max(), [False]))
-    edges = np.flatnonzero(full[1:] != full[:-1]).reshape(-1, 2)  # [start, end) of each run
-    start, end = max(edges, key=lambda run: run[1] - run[0])
-    return int(start), int(end) - 1
+    start, end = max(_runs(row_ink >= BODY_ROW_SHARE * row_ink.max()), key=lambda run: run[1] - run[0])
+    return start, end - 1
 
 
 def _ink_pixels(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:

@@ -10,6 +10,7 @@ corpus-level (total edits / total reference characters or words) per source and 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import tempfile
@@ -233,7 +234,6 @@ def eval_command(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.num_beams < 1 or (args.max_new_tokens or 1) < 1 or args.worst < 0:
         raise ConfigError("--batch-size, --num-beams and --max-new-tokens must be >= 1, --worst >= 0")
     options = [option.strip() for option in args.normalize.split(",") if option.strip()]
-    run = evaluate_pages if args.pages else evaluate
     languages = tuple(language.strip() for language in args.languages.split(",") if language.strip())
     if languages:  # the job's own check (languages need beams, and word lists), before any model is loaded
         from pipeline.config import load_config
@@ -241,9 +241,9 @@ def eval_command(args: argparse.Namespace) -> int:
         load_config(None, [f"recognize.num_beams={args.num_beams}", f"recognize.languages=[{','.join(languages)}]"])
     if args.paint_out_neighbours and args.pages:
         raise ConfigError("--paint-out-neighbours is for --lines: the job paints out the lines it cuts itself")
-    lines_only = {"paint_out_neighbours": True} if args.paint_out_neighbours else {}
+    run = evaluate_pages if args.pages else functools.partial(evaluate, paint_out_neighbours=args.paint_out_neighbours)
     scores, results = run(args.model, args.pages or args.lines, options, args.batch_size, args.num_beams,
-                          args.max_new_tokens, args.device, args.precision, languages, **lines_only)
+                          args.max_new_tokens, args.device, args.precision, languages)
     print(format_report(scores, results, args.worst, "pages" if args.pages else "lines"))
     if args.predictions:
         write_predictions(args.predictions, results)
