@@ -234,8 +234,9 @@ def resolve_max_new_tokens(requested: int | None, model: VisionEncoderDecoderMod
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA raises torch.OutOfMemoryError; the CPU allocator raises a plain RuntimeError."""
-    return isinstance(exc, torch.OutOfMemoryError) or (
+    """CUDA raises torch.OutOfMemoryError; torch's CPU allocator a plain RuntimeError; numpy (stacking a
+    batch's crops) a MemoryError."""
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
         isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
@@ -262,7 +263,7 @@ class TrOCRRecognizer:
         while True:
             try:
                 return recognizer(lines)
-            except RuntimeError as exc:
+            except (RuntimeError, MemoryError) as exc:
                 if not is_out_of_memory(exc):
                     raise
                 self._release_memory()
@@ -275,7 +276,7 @@ class TrOCRRecognizer:
         for line in lines:
             try:
                 readings.extend(recognizer([line]))
-            except RuntimeError as exc:
+            except (RuntimeError, MemoryError) as exc:
                 if not is_out_of_memory(exc):
                     raise
                 self._release_memory()

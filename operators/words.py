@@ -127,13 +127,18 @@ def cut_points(gaps: Sequence[Interval], width: int, height: int, max_aspect: fl
     """Columns at which to cut a line crop wider than ``max_aspect``:1 so that every piece fits.
 
     Why: a keep-aspect model shrinks a longer line to fit its input, and shrunken glyphs are misread.
-    ``gaps`` are the crop's :func:`ink_gaps` in crop x coordinates. Each cut is the middle of the
-    tab stop (a run :data:`TAB_GAP_HEIGHTS` wide) nearest the middle of the span still too long, or
-    where it has none, of the word gap nearest its middle, so that the pieces come out about equal; a
-    word gap is a run :data:`WORD_GAP_HEIGHTS` wide, or (tightly set type) half as wide as the span's
-    widest run. Tab stops first, because a piece that keeps a wide blank run between its words reads
-    worse (a catalogue's "(aquarelle).      80"). Returns [] when the crop fits, and leaves a span whole
-    when it has no blank run inside.
+    ``gaps`` are the crop's :func:`ink_gaps` in crop x coordinates. Each cut is the middle of a blank run
+    in the span still too long, chosen in this order:
+
+    - the tab stop (a run :data:`TAB_GAP_HEIGHTS` wide) nearest the span's middle: a piece that keeps a wide
+      blank run between its words reads worse (a catalogue's "(aquarelle).      80");
+    - else the word gap (a run :data:`WORD_GAP_HEIGHTS` wide) nearest the middle;
+    - else (tightly set type) the widest run near the middle (where both pieces fit, or in the span's middle
+      half): the pieces are read apart and joined by a space, so a cut between two letters splits a word,
+      and a typewriter's letter gaps are nearly as wide as its tight word gaps;
+    - else the run nearest the middle among those at least half as wide as the span's widest.
+
+    Returns [] when the crop fits, and leaves a span whole when it has no blank run inside.
     """
     if max_aspect <= 0:
         raise ValueError(f"max_aspect must be positive, got {max_aspect}")
@@ -142,16 +147,30 @@ def cut_points(gaps: Sequence[Interval], width: int, height: int, max_aspect: fl
 
 def _cuts(gaps: Sequence[Interval], start: int, end: int, max_width: float, word_gap: float,
           tab_gap: float) -> list[int]:
-    if end - start <= max_width:
+    span = end - start
+    if span <= max_width:
         return []
     inside = [gap for gap in gaps if gap[0] > start and gap[1] < end]
     if not inside:
         return []
-    widest = max(x1 - x0 for x0, x1 in inside)
-    least = tab_gap if widest >= tab_gap else min(word_gap, widest / 2)
-    candidates = [gap for gap in inside if gap[1] - gap[0] >= least]
     middle = (start + end) / 2
-    x0, x1 = min(candidates, key=lambda gap: (abs((gap[0] + gap[1]) / 2 - middle), gap[0]))
+
+    def off_middle(gap: Interval) -> float:
+        return abs((gap[0] + gap[1]) / 2 - middle)
+
+    def nearest(candidates: list[Interval]) -> Interval:
+        return min(candidates, key=lambda gap: (off_middle(gap), gap[0]))
+
+    tabs = [gap for gap in inside if gap[1] - gap[0] >= tab_gap]
+    words = [gap for gap in inside if gap[1] - gap[0] >= word_gap]
+    near = [gap for gap in inside if off_middle(gap) <= max(max_width - span / 2, span / 4)]
+    if tabs or words:
+        x0, x1 = nearest(tabs or words)
+    elif near:
+        x0, x1 = min(near, key=lambda gap: (gap[0] - gap[1], off_middle(gap), gap[0]))
+    else:
+        least = max(x1 - x0 for x0, x1 in inside) / 2
+        x0, x1 = nearest([gap for gap in inside if gap[1] - gap[0] >= least])
     cut = (x0 + x1) // 2
     return (_cuts(gaps, start, cut, max_width, word_gap, tab_gap) + [cut]
             + _cuts(gaps, cut, end, max_width, word_gap, tab_gap))

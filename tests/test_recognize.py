@@ -138,14 +138,15 @@ OOM_PROBE = textwrap.dedent("""
     from operators.settings import RecognizeConfig
 
     torch.set_num_threads(1)
-    recognizer = TrOCRRecognizer(RecognizeConfig(model=sys.argv[1], line_batch_size=2048, max_new_tokens=4,
+    count, headroom = int(sys.argv[2]), int(sys.argv[3])
+    recognizer = TrOCRRecognizer(RecognizeConfig(model=sys.argv[1], line_batch_size=count, max_new_tokens=4,
                                                  device="cpu"))
     rng = np.random.default_rng(0)
-    lines = [[LinePiece(rng.integers(0, 256, (32, 128, 3), dtype=np.uint8), 1.0)] for _ in range(2048)]
+    lines = [[LinePiece(rng.integers(0, 256, (32, 128, 3), dtype=np.uint8), 1.0)] for _ in range(count)]
     reference = [r.text for r in recognizer.recognizer(lines[:16])]
-    # a real allocation limit: 150 MB above what the process maps now, far below what 2048 lines need
+    # a real allocation limit, some MB above what the process maps now, far below what all lines at once need
     mapped = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    resource.setrlimit(resource.RLIMIT_AS, (mapped + 150 * 2**20, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + headroom * 2**20, resource.getrlimit(resource.RLIMIT_AS)[1]))
     readings = recognizer.decode_with_backoff(lines)
     print("batch", recognizer.recognizer.line_batch_size)
     print("unread", sum(r is None for r in readings), "of", len(readings))
@@ -153,15 +154,19 @@ OOM_PROBE = textwrap.dedent("""
 """)
 
 
-def test_out_of_memory_halves_the_batch_and_loses_no_line(tiny_model):
-    result = subprocess.run([sys.executable, "-c", OOM_PROBE, str(tiny_model)], capture_output=True, text=True,
-                            timeout=300)
+@pytest.mark.parametrize("count, headroom_mb", [
+    (2048, 150),  # torch's allocator fails first (a RuntimeError)
+    (8192, 60),  # numpy fails first, stacking the batch's 96 MB of crops (a MemoryError)
+])
+def test_out_of_memory_halves_the_batch_and_loses_no_line(tiny_model, count, headroom_mb):
+    result = subprocess.run([sys.executable, "-c", OOM_PROBE, str(tiny_model), str(count), str(headroom_mb)],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
-    assert int(lines["batch"]) < 2048, "the limit must have forced at least one back-off"
-    assert lines["unread"] == "0 of 2048"
+    assert int(lines["batch"]) < count, "the limit must have forced at least one back-off"
+    assert lines["unread"] == f"0 of {count}"
     assert lines["same"] == "True"
-    assert "out of memory decoding 2048 lines" in result.stderr
+    assert f"out of memory decoding {count} lines" in result.stderr
 
 
 def test_a_batch_that_fails_for_another_reason_than_memory_fails_its_pages_not_the_job(tiny_model):

@@ -171,6 +171,9 @@ def test_cuts_prefer_word_gaps_and_leave_fitting_or_gapless_spans_whole():
     # (aquarelle).      80" is cut before "80", not before "(aquarelle)."
     assert cut_points([(480, 490), (700, 940)], width=1000, height=20, max_aspect=45) == [820]
     assert cut_points([(480, 490), (700, 715)], width=1000, height=20, max_aspect=45) == [485]
+    # no word gap (16 px at height 64): the widest run near the middle, not a letter gap nearer it that is merely
+    # half as wide as the line's widest run (typewriting: "Mes|ser" read as "Mes ser")
+    assert cut_points([(996, 1004), (900, 912), (1800, 1814)], width=2000, height=64, max_aspect=20) == [906]
     with pytest.raises(ValueError, match="max_aspect"):
         cut_points([], width=10, height=10, max_aspect=0)
 
