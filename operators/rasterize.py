@@ -89,6 +89,7 @@ def _render_pdf(task: PageRange, path: str, config: RasterizeConfig) -> list[Pag
             first_page=task.first,
             last_page=task.last,
             grayscale=True,
+            use_cropbox=True,  # the page as a viewer shows it, and where the searchable PDF lays its text
             timeout=config.render_timeout_s,
         )
     except PDFPopplerTimeoutError as exc:

@@ -28,7 +28,7 @@ from operators.model import TrOCRBundle, load_trocr
 from operators.preprocess import ink_columns
 from operators.records import LinePiece, PageWork
 from operators.settings import RecognizeConfig
-from operators.text import standard_text
+from operators.text import printable_text, standard_text
 from operators.utf8 import Utf8Guard
 from operators.words import ink_gaps
 
@@ -66,8 +66,9 @@ def read_tokens(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[int], logpr
     the word it starts, a bare space for the word after it, a byte that completes a character for the word
     of the token before). Characters are mapped to tokens by decoding growing prefixes, which stays
     right for byte-level BPE pieces and tokenizer clean-up. A word that no token starts (a token
-    running through it from the word before) takes the token that covers its first character."""
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    running through it from the word before) takes the token that covers its first character. Control
+    characters are spaces (:func:`operators.text.printable_text`): they part words, as they do in the exports."""
+    text = printable_text(tokenizer.decode(tokens, skip_special_tokens=True))
     ends = list(itertools.accumulate(
         (min(len(text), len(tokenizer.decode(tokens[:count], skip_special_tokens=True)))
          for count in range(1, len(tokens) + 1)), max))

@@ -21,6 +21,11 @@ from PIL import Image
 
 from conftest import box_iou, official_schema, text_page, write_pdf
 from operators.errors import ExitCode
+from operators.formats.pdf import searchable_pdf
+from operators.rasterize import PageRange, rasterize
+from operators.records import LineRecord
+from operators.settings import RasterizeConfig
+from operators.write import page_row
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.job import run_job
@@ -122,6 +127,31 @@ def test_searchable_pdfs_hold_the_recognized_words_on_their_boxes(run, inputs):
         assert expected_words, source
         assert jiwer.cer(" ".join(sorted(expected_words)), " ".join(sorted(found_words))) <= 0.02
         assert placed >= 0.9 * total, (source, placed, total)
+
+
+def test_a_cropped_pdf_page_is_read_and_overlaid_as_a_viewer_shows_it(tmp_path, page_images):
+    """A PDF page whose CropBox is smaller than its MediaBox (a scan cropped in a PDF editor): the job reads
+    what a viewer shows, and the text layer's words land on the pixels they were read from."""
+    image = np.asarray(page_images[0].convert("L"))
+    with pikepdf.open(write_pdf(tmp_path / "full.pdf", page_images[:1], dpi=150)) as pdf:
+        _, _, width, height = (float(value) for value in pdf.pages[0].mediabox)
+        pdf.pages[0].CropBox = [72, 72, width - 72, height - 36]  # 1 inch off the left, right and bottom, 0.5 off the top
+        pdf.save(tmp_path / "cropped.pdf")
+    source = str(tmp_path / "cropped.pdf")
+    [work] = rasterize(PageRange("0123456789abcdef", source, "pdf", 1, 1),
+                       RasterizeConfig(dpi=150, detect_orientation=False))
+    shown = image[75:-150, 150:-150]
+    assert work.image.shape == shown.shape
+    assert np.abs(work.image.astype(np.float32) - shown).mean() < 3
+
+    box = (200, 100, 500, 140)
+    work.lines = [LineRecord(bbox=box, polygon=[], baseline=[], block=0, order=0, text="Cropped")]
+    (tmp_path / "out.pdf").write_bytes(searchable_pdf([page_row(work)], source))
+    html = subprocess.run(["pdftotext", "-cropbox", "-bbox", str(tmp_path / "out.pdf"), "-"], capture_output=True,
+                          check=True).stdout
+    [word] = etree.fromstring(html, etree.HTMLParser()).iter("word")
+    found = [float(word.get(key)) * 150 / 72 for key in ("xmin", "ymin", "xmax", "ymax")]
+    assert word.text == "Cropped" and box_iou(found, box) >= 0.8, found
 
 
 def test_photos_with_an_exif_orientation_show_upright_under_their_text_layer(ray_local, tmp_path):

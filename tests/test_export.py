@@ -7,6 +7,7 @@ the dev data checkout ``../shared/schemas`` sits next to the repository.
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pyarrow.fs as pafs
 import pytest
@@ -14,6 +15,7 @@ from lxml import etree
 
 from conftest import official_schema
 from operators.formats.export import ALTO_NS, PAGE_NS, XHTML_NS, export_stem, write_exports
+from operators.formats.mets import IMAGE_GROUP, mets_document
 from operators.write import page_row
 from operators.records import LineRecord, PageWork
 
@@ -218,3 +220,14 @@ def test_alto_and_page_files_are_valid_against_the_official_schemas(exported):
         schema = alto if name.endswith(".alto.xml") else page if name.endswith(".page.xml") else None
         if schema is not None:
             assert schema.validate(etree.parse(str(path))), (name, schema.error_log.last_error)
+
+
+def test_mets_points_at_its_files_with_uri_references():
+    """Export names come from source names, which may hold characters a URI reserves: the METS writes each
+    file's name percent-encoded, so it is valid and resolves to the file (not to "Brief " before a "#")."""
+    name = "Brief #2 (100%) [Kopie] é-01234567.p0001.png"
+    mets = mets_document({"doc_id": DOC_ID, "source": SOURCE}, [1], {IMAGE_GROUP: ("image/png", {1: name})}, "test")
+    [href] = [entry.get("{http://www.w3.org/1999/xlink}href") for entry in mets.iter("{*}FLocat")]
+    assert unquote(urlsplit(href).path) == name
+    schema = official_schema("mets.xsd")
+    assert schema.validate(etree.ElementTree(mets)), schema.error_log.last_error

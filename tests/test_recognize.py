@@ -120,6 +120,16 @@ def test_each_word_scores_the_tokens_it_starts(tiny_model):
     assert read_tokens(tokenizer, [tokenizer.eos_token_id], [-0.1], 0.5) == ("", ())
 
 
+def test_control_characters_a_model_writes_are_spaces_between_words(tiny_model):
+    """A byte-level vocabulary holds every byte: a form feed (the text export's page separator), NUL (no PDF font
+    has a glyph) or ESC (XML cannot hold it) leaves the recognizer as a space, and words and their confidences
+    are counted on that text, so every export splits the line into the same words."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokens = tokenizer("Invoice\x0c2024 total\x1b42 due\x00 \u2028now\x85", add_special_tokens=False).input_ids
+    read, confidences = read_tokens(tokenizer, tokens, [-0.2] * len(tokens), line_confidence=0.5)
+    assert read == "Invoice 2024 total 42 due   now" and len(confidences) == len(read.split()) == 6
+
+
 def test_mufi_characters_a_model_learned_are_written_in_standard_unicode(tiny_model):
     """OCR-D's Fraktur ground truth writes a few vowels with a small e above as MUFI private-use
     characters; a model trained on them writes them, and the text that leaves the recognizer has the

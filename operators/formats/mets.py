@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 from datetime import datetime, timezone
 from typing import Iterator, Mapping, Sequence
+from urllib.parse import quote
 
 from lxml import etree
 from PIL import Image
@@ -55,7 +56,7 @@ def page_images(pages: Sequence[dict], source: str) -> Iterator[tuple[int, bytes
 def mets_document(document: dict, page_numbers: Sequence[int],
                   groups: Mapping[str, tuple[str, Mapping[int, str]]], creator: str) -> etree._Element:
     """The METS of one document. ``groups``: file group USE -> (MIME type, page -> path relative to
-    the METS file); every page gets a ``page`` div with a pointer to each of its files."""
+    the METS file, written percent-encoded); every page gets a ``page`` div with a pointer to each of its files."""
     root = etree.Element(_m("mets"), nsmap={"mets": METS_NS, "mods": MODS_NS, "xlink": XLINK_NS, "xsi": XSI_NS})
     root.set(f"{{{XSI_NS}}}schemaLocation", f"{METS_NS} {METS_SCHEMA}")
     header = etree.SubElement(root, _m("metsHdr"),
@@ -73,8 +74,9 @@ def mets_document(document: dict, page_numbers: Sequence[int],
         group = etree.SubElement(file_section, _m("fileGrp"), USE=use)
         for number, href in sorted(files.items()):
             entry = etree.SubElement(group, _m("file"), ID=_file_id(use, number), MIMETYPE=mimetype)
+            # a URI reference: a source named "Brief #2 (100%).png" gives file names that are not one as they are
             etree.SubElement(entry, _m("FLocat"), {"LOCTYPE": "OTHER", "OTHERLOCTYPE": "FILE",
-                                                   f"{{{XLINK_NS}}}href": href})
+                                                   f"{{{XLINK_NS}}}href": quote(href)})
     sequence = etree.SubElement(etree.SubElement(root, _m("structMap"), TYPE="PHYSICAL"), _m("div"),
                                 TYPE="physSequence", ID="PHYS_0000", DMDID="DMDPHYS_0000")
     for number in page_numbers:
