@@ -12,13 +12,14 @@ import glob
 import hashlib
 import os
 import re
+import stat
 import subprocess
 import tempfile
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Callable, Iterable, Iterator, Literal
 from urllib.parse import quote
 
 import pikepdf
@@ -87,11 +88,18 @@ def _left_out_as(name: str) -> str | None:
     return os.path.splitext(name)[1].lower() or "(no suffix)"
 
 
-def _sort_out(paths: Iterable[str], left_out: Counter) -> list[str]:
-    """The paths that are documents, sorted; the others counted in ``left_out``."""
+#: The ``left_out`` key of files under the job's own output folder.
+IN_THE_OUTPUT = "in the output folder"
+
+
+def _sort_out(paths: Iterable[str], left_out: Counter, output: str | None) -> list[str]:
+    """The paths that are documents, sorted; the others counted in ``left_out``: by suffix, or as
+    :data:`IN_THE_OUTPUT` when under the job's ``output`` (an output folder inside an input folder: a second
+    run would read the first run's searchable PDFs and page images as new documents)."""
     kept = []
+    inside = _inside_test(output)
     for path in paths:
-        key = _left_out_as(path.rsplit("/", 1)[-1])
+        key = IN_THE_OUTPUT if inside(path) else _left_out_as(path.rsplit("/", 1)[-1])
         if key is None:
             kept.append(path)
         else:
@@ -104,39 +112,53 @@ def _walk(folder: str) -> list[str]:
     return [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
 
 
-def _expand_one(item: str, left_out: Counter) -> list[str]:
+def _inside_test(folder: str | None) -> Callable[[str], bool]:
+    """Whether a path lies under ``folder`` (never, for None); a local folder as given or with its links
+    resolved, and the paths as listed (no call per file: archives list millions)."""
+    if folder is None:
+        return lambda path: False
+    if is_uri(folder):
+        prefix = folder.rstrip("/") + "/"
+        return lambda path: path.startswith(prefix)
+    prefixes = tuple({os.path.join(os.path.abspath(folder), ""), os.path.join(os.path.realpath(folder), "")})
+    return lambda path: not is_uri(path) and os.path.abspath(path).startswith(prefixes)
+
+
+def _expand_one(item: str, left_out: Counter, output: str | None) -> list[str]:
     # an existing name is taken literally even when it holds glob characters ("scan [1].pdf")
     if not is_uri(item) and not os.path.lexists(item) and _GLOB_CHARS.search(item):
         matches = [os.path.abspath(m) for m in glob.glob(item, recursive=True)]
         return _sort_out([path for match in matches for path in (_walk(match) if os.path.isdir(match) else [match])],
-                         left_out)
+                         left_out, output)
     filesystem, path = resolve_filesystem(item)
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.NotFound and _GLOB_CHARS.search(path) and is_uri(item):
         root = path[: _GLOB_CHARS.search(path).start()].rsplit("/", 1)[0] or "/"
         infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
         return _sort_out([_with_scheme(item, i.path) for i in infos
-                          if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)], left_out)
+                          if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)], left_out, output)
     if info.type == pafs.FileType.Directory and not is_uri(item):
-        return _sort_out(_walk(path), left_out)
+        return _sort_out(_walk(path), left_out, output)
     if info.type == pafs.FileType.Directory:
         infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
-        return _sort_out([_with_scheme(item, i.path) for i in infos if i.type == pafs.FileType.File], left_out)
+        return _sort_out([_with_scheme(item, i.path) for i in infos if i.type == pafs.FileType.File], left_out,
+                         output)
     if info.type == pafs.FileType.NotFound and not os.path.islink(path):
         return []
     # A file named explicitly is taken whatever its suffix: triage decides what it is.
     return [_with_scheme(item, path)]
 
 
-def find_inputs(inputs: list[str]) -> FoundInputs:
+def find_inputs(inputs: list[str], output: str | None = None) -> FoundInputs:
     """Files, folders (recursive) and globs, local or pyarrow-filesystem URIs, in a stable order.
 
-    An input that matches nothing is an error naming it, so a typo never yields an empty job.
+    An input that matches nothing is an error naming it, so a typo never yields an empty job. Folders and
+    globs leave out what lies under ``output`` (see :func:`_sort_out`).
     """
     found = FoundInputs()
     seen: set[str] = set()
     for item in inputs:
-        matched = _expand_one(item, found.left_out)
+        matched = _expand_one(item, found.left_out, output)
         if not matched:
             raise NoInputError(f"input {item!r} matches no document ({' '.join(SUPPORTED_SUFFIXES)})")
         for source in matched:
@@ -178,7 +200,7 @@ def fingerprint(source: str) -> tuple[str, bytes, int]:
 
 def sniff_kind(head: bytes) -> DocumentKind:
     """The real format from magic bytes; the file name is not trusted."""
-    if head.startswith((b"II*\x00", b"MM\x00*")):
+    if head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):  # TIFF, BigTIFF
         return "tiff"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
@@ -202,12 +224,14 @@ _BMP_HEADER_SIZES = {size.to_bytes(4, "little") for size in (12, 16, 40, 52, 56,
 
 
 _PAGES = re.compile(r"^Pages:\s+(\d+)", re.MULTILINE)
-_PAGE_SIZE = re.compile(r"^Page\s+\d+ size:\s+([\d.]+) x ([\d.]+) pts", re.MULTILINE)
+#: pdfinfo prints sizes with printf's %g: a page a million points wide is "1e+06"
+_PAGE_SIZE = re.compile(r"^Page\s+(\d+) size:\s+([\d.eE+-]+) x ([\d.eE+-]+) pts", re.MULTILINE)
 _PAGE_ROTATION = re.compile(r"^Page\s+\d+ rot:\s+(\d+)", re.MULTILINE)
 
 
 def pdf_info(path: str, config: RasterizeConfig) -> dict[str, str | int | list]:
-    """Page count, encryption and page sizes from ``pdfinfo``, killed after the configured timeout."""
+    """Page count, encryption, page sizes ((page, width, height) in points) and rotations from ``pdfinfo``,
+    killed after the configured timeout."""
     command = ["pdfinfo", "-f", "1", "-l", "-1", path]
     try:
         result = subprocess.run(command, capture_output=True, timeout=config.pdfinfo_timeout_s, check=False)
@@ -222,7 +246,7 @@ def pdf_info(path: str, config: RasterizeConfig) -> dict[str, str | int | list]:
     pages = _PAGES.search(stdout)
     if pages is None:
         raise CorruptFile("pdfinfo reported no page count")
-    sizes = [(float(w), float(h)) for w, h in _PAGE_SIZE.findall(stdout)]
+    sizes = [(int(page), float(w), float(h)) for page, w, h in _PAGE_SIZE.findall(stdout)]
     rotations = [int(r) % 360 for r in _PAGE_ROTATION.findall(stdout)]
     return {"pages": int(pages.group(1)), "sizes": sizes, "rotations": rotations}
 
@@ -276,7 +300,7 @@ def triage_pdf(path: str, config: RasterizeConfig) -> tuple[int, bool, tuple[int
     pages = pages_in_tree if pages_in_tree is not None else int(info["pages"])
     if pages < 1:
         raise NoPages("the PDF declares no page")
-    for number, (w_pt, h_pt) in enumerate(info["sizes"], start=1):
+    for number, w_pt, h_pt in info["sizes"]:
         _check_pixels(w_pt / 72 * config.dpi, h_pt / 72 * config.dpi, number, config, config.dpi)
     return pages, repaired, tuple(info["rotations"])
 
@@ -322,14 +346,36 @@ def local_path(source: str) -> Iterator[str]:
 
 def source_id(source: str) -> str:
     """The doc_id of a file whose bytes cannot be read: the sha256 of its path or URI."""
-    return hashlib.sha256(source.encode()).hexdigest()
+    return hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def recorded_source(source: str) -> str:
+    """The source as rows and exports record it: a local name that is not UTF-8 (a Linux file name may hold
+    any bytes; Python lists them as lone surrogates) with those bytes written ``\\xNN``, as Arrow strings,
+    XML and the console need UTF-8."""
+    return source.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _check_regular_file(path: str) -> None:
+    """Refuse what is not a regular file before reading it: a FIFO would block the read forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise UnreadableFile(f"cannot read {path}: {exc}") from exc
+    if not stat.S_ISREG(mode):
+        raise UnreadableFile(f"{path} is not a regular file (a FIFO, socket or device), so it is not read")
 
 
 def triage(source: str, config: RasterizeConfig) -> DocumentPlan:
     """Never raises for a bad document, whatever goes wrong: the error is recorded in the plan."""
     doc_id = source_id(source)  # replaced by the content hash once read
     kind: DocumentKind | None = None
+    recorded = recorded_source(source)
     try:
+        if recorded != source:
+            raise UnreadableFile(f"the file name is not UTF-8 ({recorded}): rename the file to have it read")
+        if not is_uri(source):
+            _check_regular_file(source)
         doc_id, head, size = fingerprint(source)
         if size == 0:
             raise EmptyFile("the file is empty (0 bytes)")
@@ -342,10 +388,10 @@ def triage(source: str, config: RasterizeConfig) -> DocumentPlan:
         return DocumentPlan(doc_id=doc_id, source=source, kind=kind, num_pages=num_pages, repaired=repaired,
                             page_rotations=rotations)
     except DocumentError as error:
-        return DocumentPlan(doc_id=doc_id, source=source, kind=kind, num_pages=0, error=error)
+        return DocumentPlan(doc_id=doc_id, source=recorded, kind=kind, num_pages=0, error=error)
     except Exception as exc:  # noqa: BLE001 - one file must never end the job
         error = InternalError(f"triage failed unexpectedly: {type(exc).__name__}: {exc}")
-        return DocumentPlan(doc_id=doc_id, source=source, kind=kind, num_pages=0, error=error)
+        return DocumentPlan(doc_id=doc_id, source=recorded, kind=kind, num_pages=0, error=error)
 
 
 def duplicate_id(doc_id: str, source: str) -> str:
@@ -356,16 +402,18 @@ def duplicate_id(doc_id: str, source: str) -> str:
 def mark_duplicates(plans: list[DocumentPlan], published: dict[str, str]) -> list[DocumentPlan]:
     """Plans left to write, duplicates marked. ``published`` maps each doc_id already written to its
     source. A file whose bytes were already seen, earlier in this run or written by an earlier run
-    under another source, becomes a duplicate (its own doc_id, no pages) of that document."""
+    under another source, becomes a duplicate (its own doc_id, no pages) of that document; or, when its
+    bytes fail triage (two empty files), a failed document of its own with that error."""
     first: dict[str, str] = {}  # content doc_id -> source holding the pages
     for doc_id, source in published.items():
         first.setdefault(doc_id, source)
     fresh = []
     for plan in plans:
         owner = first.setdefault(plan.doc_id, plan.source)
-        if owner != plan.source:
-            plan = replace(plan, doc_id=duplicate_id(plan.doc_id, plan.source), duplicate_of=plan.doc_id,
-                           error=None)
+        if owner != plan.source and plan.error is None:
+            plan = replace(plan, doc_id=duplicate_id(plan.doc_id, plan.source), duplicate_of=plan.doc_id)
+        elif owner != plan.source:  # a copy of a file that cannot be read fails as that file does, on its own row
+            plan = replace(plan, doc_id=duplicate_id(plan.doc_id, plan.source))
         if plan.doc_id not in published:
             fresh.append(plan)
     return fresh

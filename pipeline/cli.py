@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -49,7 +50,7 @@ def _job_command(args: argparse.Namespace, mode: str) -> int:
     if args.pdfa:
         overrides.append("output.pdfa=true")
     if args.pages:
-        overrides.append(f"rasterize.pages='{args.pages}'")
+        overrides.append(f"rasterize.pages={json.dumps(args.pages)}")  # a YAML string, whatever it holds
     config = load_config(args.config, overrides)
     if args.dry_run:
         report = dry_run(args.inputs, args.output, config, mode=mode)

@@ -85,7 +85,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Jo
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {getattr(exc, 'problem', None) or exc}") from exc
+        _set_dotted(tree, key.strip(), value)
     try:
         return JobConfig.model_validate(tree)
     except ValidationError as exc:

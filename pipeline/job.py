@@ -23,7 +23,7 @@ from ray.data import ActorPoolStrategy
 
 from operators.checkpoint import resolve_checkpoint
 from operators.errors import ConfigError, InternalError
-from operators.ingest import DocumentPlan, find_inputs, mark_duplicates, source_id, triage
+from operators.ingest import DocumentPlan, find_inputs, mark_duplicates, recorded_source, source_id, triage
 from operators.pages import selected_pages
 from operators.preprocess import LinePreprocessor
 from operators.rasterize import PageRange, page_ranges, rasterize
@@ -170,7 +170,7 @@ def _triage_all(sources: list[str], config: JobConfig) -> list[DocumentPlan]:
             plans.append(ray.get(ref))
         except ray.exceptions.RayError as exc:
             error = InternalError(f"triage crashed: {type(exc).__name__}: {exc}")
-            plans.append(DocumentPlan(doc_id=source_id(source), source=source, kind=None,
+            plans.append(DocumentPlan(doc_id=source_id(source), source=recorded_source(source), kind=None,
                                       num_pages=0, error=error))
     return plans
 
@@ -210,7 +210,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     """Run the whole job; bad documents are recorded as failed rows, never raised. ``progress`` hears of
     every finished page and document; Ray Data's own progress output shows only when ``verbose``."""
     started = time.monotonic()
-    found = find_inputs(inputs)
+    found = find_inputs(inputs, output)
     selection = config.rasterize.pages
     if mode == "recognize":
         resolve_checkpoint(config.recognize.model)  # a wrong model path fails here, before Ray starts
@@ -349,7 +349,7 @@ class DryRun:
 def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "recognize") -> DryRun:
     """Triage every input (in threads: hashing and poppler release the GIL) and check the model, as
     :func:`run_job` would before any work; starts no Ray and writes nothing."""
-    sources = find_inputs(inputs).sources
+    sources = find_inputs(inputs, output).sources
     check_cpus_left_for_pages(config, config.ray.num_cpus or len(os.sched_getaffinity(0)), mode)
     _line_preprocessor(config, mode)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:

@@ -65,6 +65,16 @@ def test_int8_on_a_gpu_is_refused():
 def test_set_needs_key_value():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(ROOT / "configs" / "local.yaml", ["rasterize.dpi"])
+    with pytest.raises(ConfigError, match="not valid YAML: expected the node content"):
+        load_config(ROOT / "configs" / "local.yaml", ["rasterize.pages=["])
+
+
+def test_pages_takes_any_text_and_names_what_is_wrong_with_it(tmp_path, capsys):
+    """``--pages`` is given to the config as a string whatever it holds (a quote once broke its YAML)."""
+    from pipeline.cli import main
+
+    assert main(["run", str(tmp_path), "--output", str(tmp_path / "out"), "--dry-run", "--pages", "1'"]) == 2
+    assert 'page selection "1\'": "1\'" is not N, N-M or N-' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("overrides, cpus, refused", [

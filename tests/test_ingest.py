@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pikepdf
@@ -49,6 +50,21 @@ def test_folders_leave_out_os_junk_and_count_what_is_no_document(tmp_path, page_
     assert find_inputs([str(tmp_path / "*.pdf")]).sources == found.sources
 
 
+def test_an_output_folder_inside_an_input_folder_is_not_read_again(tmp_path, page_images):
+    """A second run would otherwise read the first run's searchable PDFs and page images as new documents."""
+    page_images[0].save(tmp_path / "scan.png")
+    (tmp_path / "out" / "exports").mkdir(parents=True)
+    page_images[0].save(tmp_path / "out" / "exports" / "scan-01234567.p0001.png")
+    write_pdf(tmp_path / "out" / "exports" / "scan-01234567.pdf", page_images[:1])
+    (tmp_path / "out" / "pages").mkdir()
+    (tmp_path / "out" / "pages" / "part-0.parquet").write_bytes(b"PAR1")
+    for output in (tmp_path / "out", os.path.relpath(tmp_path / "out"), f"{tmp_path}/./out/"):
+        found = find_inputs([str(tmp_path), str(tmp_path / "*.png")], str(output))
+        assert found.sources == [str(tmp_path / "scan.png")]
+        assert found.left_out == {"in the output folder": 3}
+    assert len(find_inputs([str(tmp_path)]).sources) == 3  # no output given: every document
+
+
 def test_uri_with_a_raw_space_is_refused_with_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="%20"):
         expand_inputs([f"file://{tmp_path}/a b.pdf"])
@@ -62,7 +78,7 @@ def test_input_matching_nothing_is_an_error(tmp_path):
 def test_sniff_kind_trusts_bytes_not_names():
     assert sniff_kind(b"%PDF-1.7\n") == "pdf"
     assert sniff_kind(b"\x89PNG\r\n\x1a\n....") == "png"
-    assert sniff_kind(b"II*\x00") == "tiff"
+    assert sniff_kind(b"II*\x00") == sniff_kind(b"MM\x00*") == sniff_kind(b"II+\x00") == "tiff"  # BigTIFF too
     assert sniff_kind(b"\xff\xd8\xff\xe0") == "jpeg"
     assert sniff_kind(b"\x00\x00\x00\x0cjP  \r\n\x87\n") == sniff_kind(b"\xff\x4f\xff\x51") == "jp2"
     assert sniff_kind(b"BM" + bytes(12) + b"\x28\x00\x00\x00") == "bmp"
@@ -121,6 +137,28 @@ def test_broken_files_fail_with_a_reason(tmp_path, good_pdf, name, error_code):
     assert plan.error.error_code == error_code
     assert str(plan.error)
     assert plan.num_pages == 0
+
+
+def test_a_file_name_that_is_not_utf8_fails_that_file_with_a_printable_name(tmp_path, page_images):
+    """Linux names may hold any bytes (Python lists them as lone surrogates), while Arrow strings, XML and the
+    console need UTF-8: the file fails triage, recorded under its name with the bytes escaped."""
+    path = os.path.join(os.fsencode(tmp_path), b"caf\xe9.png")
+    page_images[0].save(path)
+    plan = triage(os.fsdecode(path), CONFIG)
+    assert plan.error.error_code == "unreadable" and plan.source == f"{tmp_path}/caf\\xe9.png"
+    assert "is not UTF-8" in str(plan.error) and plan.source.encode("utf-8")
+
+
+def test_a_fifo_is_refused_before_it_is_read(tmp_path):
+    """Reading a FIFO no one writes to would block the job forever."""
+    os.mkfifo(tmp_path / "pipe.pdf")
+    plans = []  # in a thread: were the FIFO read, the test would fail instead of hanging the suite
+    reader = threading.Thread(target=lambda: plans.append(triage(str(tmp_path / "pipe.pdf"), CONFIG)), daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    assert not reader.is_alive(), "triage blocked reading a FIFO"
+    [plan] = plans
+    assert plan.error.error_code == "unreadable" and "not a regular file" in str(plan.error)
 
 
 def test_file_gone_before_triage_is_unreadable(tmp_path):
@@ -185,6 +223,12 @@ def test_page_too_large_is_checked_before_rendering(good_pdf, tmp_path):
     small_limit = RasterizeConfig(dpi=300, max_page_pixels=1_000_000)
     plan = triage(str(good_pdf), small_limit)
     assert plan.error.error_code == "page_too_large"
+    wide = tmp_path / "wide.pdf"  # pdfinfo writes its width as "1e+06"; only page 2 is too large
+    with pikepdf.open(good_pdf) as pdf:
+        pdf.pages[1].MediaBox = [0, 0, 1_000_000, 30]
+        pdf.save(wide)
+    plan = triage(str(wide), RasterizeConfig(dpi=300))
+    assert plan.error.error_code == "page_too_large" and str(plan.error).startswith("page 2 would be 4166667x125 px")
     image = tmp_path / "huge.png"
     Image.new("1", (5000, 5000), 1).save(image)
     assert triage(str(image), small_limit).error.error_code == "page_too_large"

@@ -68,6 +68,7 @@ EXPECTED: dict[str, Expected] = {
     "rotate-90.pdf": Expected("ok", pages_ok=1, lines=3, rotation=90),
     "in-a-folder-named-pdf.png": Expected("ok", pages_ok=1, lines=3),
     "copy-of-cmyk.jpg": Expected("duplicate", pages_ok=0, duplicate_of="cmyk.jpg"),
+    "also-empty.png": Expected("failed", "empty_file"),
     AWKWARD_NAME: Expected("ok", pages_ok=1, lines=3),
     LONG_NAME: Expected("ok", pages_ok=1, lines=3),
 }
@@ -181,6 +182,7 @@ def build_corpus(folder: Path) -> dict[str, Expected]:
     (folder / "folder.pdf").mkdir()
     _text_image(title="Leaf").save(folder / "folder.pdf" / "in-a-folder-named-pdf.png", dpi=(100, 100))
     (folder / "copy-of-cmyk.jpg").write_bytes((folder / "cmyk.jpg").read_bytes())
+    (folder / "also-empty.png").write_bytes(b"")
     _text_image(title="Brief").save(folder / AWKWARD_NAME, dpi=(100, 100))
     _text_image(title="Protokoll").save(folder / LONG_NAME, dpi=(100, 100))
 
