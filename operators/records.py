@@ -78,6 +78,7 @@ class DocumentRecord:
     num_pages: int
     repaired: bool = False  # the file was damaged; qpdf rebuilt it and the pages it recovered were read
     duplicate_of: str | None = None  # status "duplicate": the doc_id of the document with the same bytes
+    pages_selected: str | None = None  # the run's rasterize.pages (--pages); None: every page
 
 
 WORD_TYPE = pa.struct(
@@ -130,6 +131,7 @@ DOCUMENTS_SCHEMA = pa.schema(
         pa.field("num_pages", pa.int32(), nullable=False),
         pa.field("repaired", pa.bool_(), nullable=False),
         pa.field("duplicate_of", pa.string()),
+        pa.field("pages_selected", pa.string()),
     ]
 )
 

@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -158,11 +159,23 @@ def recover_output(output: str) -> dict[str, str]:
 def published_doc_ids(output: str) -> dict[str, str]:
     """The doc_ids already published in ``output`` and their sources, read without changing anything
     (``--dry-run``)."""
+    return _published(output, "source")
+
+
+def published_page_selections(output: str) -> dict[str, str | None]:
+    """The doc_ids already published in ``output`` and the page selection each was read with (None: all)."""
+    return _published(output, "pages_selected")
+
+
+def _published(output: str, column: str) -> dict[str, Any]:
+    """doc_id -> ``column`` of every published documents row; None where a part predates the column."""
     filesystem, root = resolve_filesystem(output)
-    done: dict[str, str] = {}
+    done: dict[str, Any] = {}
     for path in _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}").values():
-        table = pq.read_table(path, columns=["doc_id", "source"], filesystem=filesystem)
-        done.update(zip(table.column("doc_id").to_pylist(), table.column("source").to_pylist()))
+        present = column in pq.read_schema(path, filesystem=filesystem).names
+        table = pq.read_table(path, columns=["doc_id", column] if present else ["doc_id"], filesystem=filesystem)
+        values = table.column(column).to_pylist() if present else [None] * len(table)
+        done.update(zip(table.column("doc_id").to_pylist(), values))
     return done
 
 

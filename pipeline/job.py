@@ -28,7 +28,14 @@ from operators.pages import selected_pages
 from operators.preprocess import LinePreprocessor
 from operators.rasterize import PageRange, page_ranges, rasterize
 from operators.records import DocumentRecord, PageWork
-from operators.write import ParquetSink, WriteSummary, output_lock, published_doc_ids, recover_output
+from operators.write import (
+    ParquetSink,
+    WriteSummary,
+    output_lock,
+    published_doc_ids,
+    published_page_selections,
+    recover_output,
+)
 from pipeline.config import JobConfig
 from pipeline.progress import JobProgress, quiet_ray_data
 from pipeline.stages import layout_page
@@ -229,12 +236,13 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                                on_published=progress.document_published if progress else None)
             quiet_ray_data(verbose)
             plans = _triage_all(found.sources, config)
+            check_page_selection(plans, output, selection)
             fresh = mark_duplicates(plans, done)
             readable = [plan for plan in fresh if plan.duplicate_of is None]
             if progress:
                 progress.start(len(fresh), sum(len(selected_pages(selection, plan.num_pages)) for plan in readable))
             for plan in fresh:
-                sink.expect(_document_record(plan), len(selected_pages(selection, plan.num_pages)))
+                sink.expect(_document_record(plan, selection), len(selected_pages(selection, plan.num_pages)))
             ranges = page_ranges(readable, config.rasterize.pages_per_task, selection)
             if ranges:
                 with _batches_of(_page_dataset(ranges, config, preprocessor)) as batches:
@@ -298,14 +306,30 @@ def _line_preprocessor(config: JobConfig, mode: Mode) -> LinePreprocessor | None
     return preprocessor
 
 
-def _document_record(plan: DocumentPlan) -> DocumentRecord:
+def _document_record(plan: DocumentPlan, selection: str | None) -> DocumentRecord:
     error = plan.error
     status = "duplicate" if plan.duplicate_of else "failed" if error else "ok"
     return DocumentRecord(
         doc_id=plan.doc_id, source=plan.source, status=status,
         error_code=error.error_code if error else None, error_message=str(error) if error else None,
-        num_pages=plan.num_pages, repaired=plan.repaired, duplicate_of=plan.duplicate_of,
+        num_pages=plan.num_pages, repaired=plan.repaired, duplicate_of=plan.duplicate_of, pages_selected=selection,
     )
+
+
+def check_page_selection(plans: list[DocumentPlan], output: str, selection: str | None) -> None:
+    """Refuse a run that would skip documents the output holds under another page selection (``--pages``):
+    a run skips what is already written, so the pages the earlier run left out would never be read."""
+    earlier = published_page_selections(output)
+    other = [plan for plan in plans if plan.doc_id in earlier and earlier[plan.doc_id] != selection]
+    if other:
+        def described(pages: str | None) -> str:
+            return "every page" if pages is None else f"pages {pages}"
+
+        raise ConfigError(
+            f"{len(other)} of these documents are in {output} read with {described(earlier[other[0].doc_id])} "
+            f"({other[0].source}), and this run selects {described(selection)}: a run skips documents already "
+            f"written, so their other pages would never be read; run with the same --pages, or write to another "
+            f"output")
 
 
 @dataclass(frozen=True)
@@ -354,6 +378,7 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     _line_preprocessor(config, mode)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         plans = list(pool.map(lambda source: triage(source, config.rasterize), sources))
+    check_page_selection(plans, output, config.rasterize.pages)
     done = published_doc_ids(output)
     marked = {plan.source: plan for plan in mark_duplicates(plans, done)}  # all but the ones already done
     return DryRun([marked.get(plan.source, plan) for plan in plans], done, config.rasterize.pages)

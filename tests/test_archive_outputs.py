@@ -20,7 +20,7 @@ from lxml import etree
 from PIL import Image
 
 from conftest import box_iou, official_schema, text_page, write_pdf
-from operators.errors import ExitCode
+from operators.errors import ConfigError, ExitCode
 from operators.formats.pdf import searchable_pdf
 from operators.rasterize import PageRange, rasterize
 from operators.records import LineRecord
@@ -28,7 +28,7 @@ from operators.settings import RasterizeConfig
 from operators.write import page_row
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.job import run_job
+from pipeline.job import dry_run, run_job
 from pipeline.progress import JobProgress
 
 CLI = [sys.executable, "-m", "pipeline.cli"]
@@ -244,6 +244,15 @@ def test_pages_selects_the_same_pages_of_every_input(ray_local, inputs, tmp_path
     assert sorted(path.name.split(".", 1)[1] for path in (tmp_path / "exports").iterdir()) == ["p0002.alto.xml"]
     documents = ds.dataset(f"{tmp_path}/documents", format="parquet").to_table().to_pylist()
     assert {row["status"] for row in documents} == {"ok"} and summary.written.pages == 1
+    assert [row["pages_selected"] for row in documents] == ["2", "2"]
+    # a later run over the same output with other pages would skip both documents as done, so note.png's only
+    # page and letters.pdf's others would never be read: it is refused, dry or not, before anything is written
+    for selection in (None, "1-3"):
+        again = load_config(None, [DPI, f"rasterize.pages={selection or 'null'}"])
+        for attempt in (dry_run, run_job):
+            with pytest.raises(ConfigError, match=f"2 of these documents are in {tmp_path} read with pages 2 "):
+                attempt([str(inputs / "letters.pdf"), str(inputs / "note.png")], str(tmp_path), again)
+    assert run_job([str(inputs / "note.png")], str(tmp_path), config).documents_skipped == 1
 
 
 def test_dry_run_lists_documents_and_writes_nothing(inputs, tmp_path, capsys):
