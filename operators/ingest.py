@@ -108,8 +108,21 @@ def _sort_out(paths: Iterable[str], left_out: Counter, output: str | None) -> li
 
 
 def _walk(folder: str) -> list[str]:
-    # os.walk, unlike pyarrow, lists broken links and link loops: they become `unreadable` rows, not silence
-    return [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
+    """Every file under ``folder``, into linked folders too, each folder once (a link to a folder above it
+    would loop). os.walk, unlike pyarrow, lists broken links and link loops: they become `unreadable` rows,
+    not silence."""
+    paths, seen = [], set()
+    for root, folders, names in os.walk(folder, followlinks=True):
+        try:
+            status = os.stat(root)
+        except OSError:
+            continue
+        if (status.st_dev, status.st_ino) in seen:
+            folders.clear()
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        paths.extend(os.path.join(root, name) for name in names)
+    return paths
 
 
 def _inside_test(folder: str | None) -> Callable[[str], bool]:
@@ -127,7 +140,13 @@ def _inside_test(folder: str | None) -> Callable[[str], bool]:
 def _expand_one(item: str, left_out: Counter, output: str | None) -> list[str]:
     # an existing name is taken literally even when it holds glob characters ("scan [1].pdf")
     if not is_uri(item) and not os.path.lexists(item) and _GLOB_CHARS.search(item):
-        matches = [os.path.abspath(m) for m in glob.glob(item, recursive=True)]
+        # a recursive glob follows linked folders, round a loop too: each file once, by its shortest path
+        shortest: dict[str, str] = {}
+        for match in map(os.path.abspath, glob.glob(item, recursive=True)):
+            real = os.path.realpath(match)
+            if len(match) < len(shortest.get(real, match + "-")):
+                shortest[real] = match
+        matches = list(shortest.values())
         return _sort_out([path for match in matches for path in (_walk(match) if os.path.isdir(match) else [match])],
                          left_out, output)
     filesystem, path = resolve_filesystem(item)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from pdf2image import convert_from_path
 from pdf2image.exceptions import PDFPageCountError, PDFPopplerTimeoutError, PDFSyntaxError
@@ -70,11 +71,25 @@ def to_gray8(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("L"), dtype=np.uint8)
 
 
-def _image_dpi(image: Image.Image, fallback: int) -> int:
+def _image_dpi(image: Image.Image, fallback: int) -> tuple[int, int]:
+    """The frame's horizontal and vertical resolution, or the configured dpi for both where the finer one is
+    not plausible (the coarser may be half of it: a fax's 98 lines per inch)."""
     dpi = image.info.get("dpi")
-    if dpi and _PLAUSIBLE_DPI[0] <= round(float(dpi[0])) <= _PLAUSIBLE_DPI[1]:
-        return round(float(dpi[0]))
-    return fallback
+    if dpi and _PLAUSIBLE_DPI[0] <= round(float(max(dpi[:2]))) <= _PLAUSIBLE_DPI[1] and min(dpi[:2]) * 2.5 >= max(dpi[:2]):
+        return round(float(dpi[0])), round(float(dpi[1]))
+    return fallback, fallback
+
+
+def _square_pixels(gray: np.ndarray, dpi_x: int, dpi_y: int) -> np.ndarray:
+    """An image of non-square pixels (a fax at 204 x 98 dpi is squashed to half height) stretched along its
+    coarser axis to the finer one's resolution: lines and glyphs keep their shape, and the page keeps its
+    size in inches (which the searchable PDF's page, from the file's own resolutions, has)."""
+    if dpi_x == dpi_y:
+        return gray
+    dpi = max(dpi_x, dpi_y)
+    height, width = gray.shape
+    size = (round(width * dpi / dpi_x), round(height * dpi / dpi_y))
+    return cv2.resize(gray, size, interpolation=cv2.INTER_CUBIC)
 
 
 def _new_page(task: PageRange, number: int, dpi: int) -> PageWork:
@@ -124,10 +139,13 @@ def _render_frame(image: Image.Image, work: PageWork, config: RasterizeConfig) -
     """Decode the current frame into ``work``, upright as its EXIF orientation says."""
     if image.width * image.height > config.max_page_pixels:
         raise PageTooLarge(f"page {work.page} has {image.width}x{image.height} px, over the limit")
-    work.dpi = _image_dpi(image, config.dpi)
+    dpi_x, dpi_y = _image_dpi(image, config.dpi)
     orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
     work.rotation = EXIF_ROTATION.get(orientation, 0)
-    work.image = to_gray8(ImageOps.exif_transpose(image) if orientation != 1 else image)
+    if work.rotation in (90, 270):
+        dpi_x, dpi_y = dpi_y, dpi_x
+    work.dpi = max(dpi_x, dpi_y)
+    work.image = _square_pixels(to_gray8(ImageOps.exif_transpose(image) if orientation != 1 else image), dpi_x, dpi_y)
     work.height, work.width = work.image.shape
 
 

@@ -144,14 +144,33 @@ def test_a_cropped_pdf_page_is_read_and_overlaid_as_a_viewer_shows_it(tmp_path, 
     assert work.image.shape == shown.shape
     assert np.abs(work.image.astype(np.float32) - shown).mean() < 3
 
+    _assert_text_layer_on_the_pixels(work, source, tmp_path)
+
+
+def test_a_fax_of_non_square_pixels_is_read_with_square_ones(tmp_path):
+    """A fax at 204 x 98 dpi holds its page squashed to half height: the job reads it stretched back to
+    204 dpi both ways, and the searchable PDF (its page from the file's own resolutions) lays the words on it."""
+    page = text_page(["A fax from the registry, sent at normal resolution."]).convert("L")
+    fax = page.resize((page.width, round(page.height * 98 / 204)), Image.Resampling.BOX)
+    fax.convert("1").save(tmp_path / "fax.tif", dpi=(204, 98), compression="group4")
+    [work] = rasterize(PageRange("0123456789abcdef", str(tmp_path / "fax.tif"), "tiff", 1, 1),
+                       RasterizeConfig(dpi=300, detect_orientation=False))
+    assert (work.dpi, work.width, work.height) == (204, page.width, round(fax.height * 204 / 98))
+    back = np.asarray(page.resize((work.width, work.height)), dtype=np.float32)
+    assert np.abs(work.image.astype(np.float32) - back).mean() < 12
+    _assert_text_layer_on_the_pixels(work, str(tmp_path / "fax.tif"), tmp_path)
+
+
+def _assert_text_layer_on_the_pixels(work, source: str, folder: Path) -> None:
+    """A word at a pixel box of the page as the job read it is where pdftotext finds it in the searchable PDF."""
     box = (200, 100, 500, 140)
-    work.lines = [LineRecord(bbox=box, polygon=[], baseline=[], block=0, order=0, text="Cropped")]
-    (tmp_path / "out.pdf").write_bytes(searchable_pdf([page_row(work)], source))
-    html = subprocess.run(["pdftotext", "-cropbox", "-bbox", str(tmp_path / "out.pdf"), "-"], capture_output=True,
+    work.lines = [LineRecord(bbox=box, polygon=[], baseline=[], block=0, order=0, text="Placed")]
+    (folder / "out.pdf").write_bytes(searchable_pdf([page_row(work)], source))
+    html = subprocess.run(["pdftotext", "-cropbox", "-bbox", str(folder / "out.pdf"), "-"], capture_output=True,
                           check=True).stdout
     [word] = etree.fromstring(html, etree.HTMLParser()).iter("word")
-    found = [float(word.get(key)) * 150 / 72 for key in ("xmin", "ymin", "xmax", "ymax")]
-    assert word.text == "Cropped" and box_iou(found, box) >= 0.8, found
+    found = [float(word.get(key)) * work.dpi / 72 for key in ("xmin", "ymin", "xmax", "ymax")]
+    assert word.text == "Placed" and box_iou(found, box) >= 0.8, found
 
 
 def test_photos_with_an_exif_orientation_show_upright_under_their_text_layer(ray_local, tmp_path):

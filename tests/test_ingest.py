@@ -50,6 +50,18 @@ def test_folders_leave_out_os_junk_and_count_what_is_no_document(tmp_path, page_
     assert find_inputs([str(tmp_path / "*.pdf")]).sources == found.sources
 
 
+def test_linked_folders_are_searched_and_a_link_loop_lists_each_file_once(tmp_path, page_images):
+    (tmp_path / "elsewhere").mkdir()
+    page_images[0].save(tmp_path / "elsewhere" / "linked.png")
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    page_images[0].save(tmp_path / "in" / "sub" / "own.png")
+    (tmp_path / "in" / "link").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "in" / "sub" / "up").symlink_to("..")  # a loop
+    expected = [str(tmp_path / "in" / "link" / "linked.png"), str(tmp_path / "in" / "sub" / "own.png")]
+    assert find_inputs([str(tmp_path / "in")]).sources == expected
+    assert find_inputs([str(tmp_path / "in" / "**" / "*.png")]).sources == expected
+
+
 def test_an_output_folder_inside_an_input_folder_is_not_read_again(tmp_path, page_images):
     """A second run would otherwise read the first run's searchable PDFs and page images as new documents."""
     page_images[0].save(tmp_path / "scan.png")
