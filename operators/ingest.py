@@ -8,6 +8,7 @@ bad file fails here with a precise error instead of deep inside rendering.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import glob
 import hashlib
 import os
@@ -19,7 +20,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal
+from typing import Callable, Iterable, Iterator, Literal, Sequence
 from urllib.parse import quote
 
 import pikepdf
@@ -88,30 +89,30 @@ def _left_out_as(name: str) -> str | None:
     return os.path.splitext(name)[1].lower() or "(no suffix)"
 
 
-#: The ``left_out`` key of files under the job's own output folder.
+#: The ``left_out`` key of files in the job's own output folders.
 IN_THE_OUTPUT = "in the output folder"
 
 
-def _sort_out(paths: Iterable[str], left_out: Counter, output: str | None) -> list[str]:
+def _sort_out(paths: Iterable[str], left_out: Counter, output_folders: Sequence[str]) -> list[str]:
     """The paths that are documents, sorted; the others counted in ``left_out``: by suffix, or as
-    :data:`IN_THE_OUTPUT` when under the job's ``output`` (an output folder inside an input folder: a second
-    run would read the first run's searchable PDFs and page images as new documents)."""
+    :data:`IN_THE_OUTPUT` when in one of the job's ``output_folders`` (an output inside an input folder: a
+    second run would read the first run's searchable PDFs and page images as new documents)."""
     kept = []
-    inside = _inside_test(output)
+    inside = _inside_test(output_folders)
     for path in paths:
         key = IN_THE_OUTPUT if inside(path) else _left_out_as(path.rsplit("/", 1)[-1])
         if key is None:
             kept.append(path)
         else:
-            left_out[key] += 1
+            left_out[recorded_source(key)] += 1  # a suffix may hold bytes that are not UTF-8
     return sorted(kept)
 
 
-def _walk(folder: str) -> list[str]:
-    """Every file under ``folder``, into linked folders too, each folder once (a link to a folder above it
-    would loop). os.walk, unlike pyarrow, lists broken links and link loops: they become `unreadable` rows,
-    not silence."""
-    paths, seen = [], set()
+def _walk(folder: str, seen: set[tuple[int, int]]) -> list[str]:
+    """Every file under ``folder``, into linked folders too, each folder once across the calls that share
+    ``seen`` (a link to a folder above it would loop), a real folder before a link to it. os.walk, unlike
+    pyarrow, lists broken links and link loops: they become `unreadable` rows, not silence."""
+    paths = []
     for root, folders, names in os.walk(folder, followlinks=True):
         try:
             status = os.stat(root)
@@ -121,63 +122,69 @@ def _walk(folder: str) -> list[str]:
             folders.clear()
             continue
         seen.add((status.st_dev, status.st_ino))
+        folders.sort(key=lambda name: os.path.islink(os.path.join(root, name)))
         paths.extend(os.path.join(root, name) for name in names)
     return paths
 
 
-def _inside_test(folder: str | None) -> Callable[[str], bool]:
-    """Whether a path lies under ``folder`` (never, for None); a local folder as given or with its links
-    resolved, and the paths as listed (no call per file: archives list millions)."""
-    if folder is None:
-        return lambda path: False
-    if is_uri(folder):
-        prefix = folder.rstrip("/") + "/"
-        return lambda path: path.startswith(prefix)
-    prefixes = tuple({os.path.join(os.path.abspath(folder), ""), os.path.join(os.path.realpath(folder), "")})
-    return lambda path: not is_uri(path) and os.path.abspath(path).startswith(prefixes)
+def _inside_test(folders: Sequence[str]) -> Callable[[str], bool]:
+    """Whether a path lies under one of ``folders``: a local folder as given or with its links resolved, and
+    the paths as listed (no call per file: archives list millions)."""
+    uris = tuple(folder.rstrip("/") + "/" for folder in folders if is_uri(folder))
+    local = tuple({os.path.join(resolve(folder), "") for folder in folders if not is_uri(folder)
+                   for resolve in (os.path.abspath, os.path.realpath)})
+    return lambda path: path.startswith(uris) if is_uri(path) else os.path.abspath(path).startswith(local)
 
 
-def _expand_one(item: str, left_out: Counter, output: str | None) -> list[str]:
+@functools.lru_cache(maxsize=4096)
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
+
+
+def _expand_one(item: str, left_out: Counter, output_folders: Sequence[str]) -> list[str]:
     # an existing name is taken literally even when it holds glob characters ("scan [1].pdf")
     if not is_uri(item) and not os.path.lexists(item) and _GLOB_CHARS.search(item):
         # a recursive glob follows linked folders, round a loop too: each file once, by its shortest path
-        shortest: dict[str, str] = {}
+        shortest: dict[tuple[str, str], str] = {}
         for match in map(os.path.abspath, glob.glob(item, recursive=True)):
-            real = os.path.realpath(match)
-            if len(match) < len(shortest.get(real, match + "-")):
-                shortest[real] = match
-        matches = list(shortest.values())
-        return _sort_out([path for match in matches for path in (_walk(match) if os.path.isdir(match) else [match])],
-                         left_out, output)
+            parent, name = os.path.split(match)
+            key = (_real_folder(parent), name)
+            if len(match) < len(shortest.get(key, match + "-")):
+                shortest[key] = match
+        seen: set[tuple[int, int]] = set()
+        return _sort_out([path for match in sorted(shortest.values())
+                          for path in (_walk(match, seen) if os.path.isdir(match) else [match])],
+                         left_out, output_folders)
     filesystem, path = resolve_filesystem(item)
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.NotFound and _GLOB_CHARS.search(path) and is_uri(item):
         root = path[: _GLOB_CHARS.search(path).start()].rsplit("/", 1)[0] or "/"
         infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
         return _sort_out([_with_scheme(item, i.path) for i in infos
-                          if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)], left_out, output)
+                          if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)], left_out,
+                         output_folders)
     if info.type == pafs.FileType.Directory and not is_uri(item):
-        return _sort_out(_walk(path), left_out, output)
+        return _sort_out(_walk(path, set()), left_out, output_folders)
     if info.type == pafs.FileType.Directory:
         infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
         return _sort_out([_with_scheme(item, i.path) for i in infos if i.type == pafs.FileType.File], left_out,
-                         output)
+                         output_folders)
     if info.type == pafs.FileType.NotFound and not os.path.islink(path):
         return []
     # A file named explicitly is taken whatever its suffix: triage decides what it is.
     return [_with_scheme(item, path)]
 
 
-def find_inputs(inputs: list[str], output: str | None = None) -> FoundInputs:
+def find_inputs(inputs: list[str], output_folders: Sequence[str] = ()) -> FoundInputs:
     """Files, folders (recursive) and globs, local or pyarrow-filesystem URIs, in a stable order.
 
     An input that matches nothing is an error naming it, so a typo never yields an empty job. Folders and
-    globs leave out what lies under ``output`` (see :func:`_sort_out`).
+    globs leave out what lies in the job's ``output_folders`` (see :func:`_sort_out`).
     """
     found = FoundInputs()
     seen: set[str] = set()
     for item in inputs:
-        matched = _expand_one(item, found.left_out, output)
+        matched = _expand_one(item, found.left_out, output_folders)
         if not matched:
             raise NoInputError(f"input {item!r} matches no document ({' '.join(SUPPORTED_SUFFIXES)})")
         for source in matched:

@@ -8,6 +8,7 @@ that was planned comes out as exactly one :class:`PageWork`, rendered or failed 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -135,16 +136,21 @@ MIRRORED_EXIF = frozenset({2, 4, 5, 7})
 EXIF_ORIENTATION_TAG = 0x0112
 
 
+def upright_resolution(resolution: Sequence[float], orientation: int) -> tuple[float, float]:
+    """A frame's (x, y) resolution once ``ImageOps.exif_transpose`` has undone its EXIF orientation."""
+    x, y = resolution[:2]
+    return (y, x) if EXIF_ROTATION.get(orientation, 0) in (90, 270) else (x, y)
+
+
 def _render_frame(image: Image.Image, work: PageWork, config: RasterizeConfig) -> None:
-    """Decode the current frame into ``work``, upright as its EXIF orientation says."""
-    if image.width * image.height > config.max_page_pixels:
-        raise PageTooLarge(f"page {work.page} has {image.width}x{image.height} px, over the limit")
-    dpi_x, dpi_y = _image_dpi(image, config.dpi)
+    """Decode the current frame into ``work``, upright as its EXIF orientation says, in square pixels."""
     orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
     work.rotation = EXIF_ROTATION.get(orientation, 0)
-    if work.rotation in (90, 270):
-        dpi_x, dpi_y = dpi_y, dpi_x
+    dpi_x, dpi_y = upright_resolution(_image_dpi(image, config.dpi), orientation)
     work.dpi = max(dpi_x, dpi_y)
+    if image.width * image.height * work.dpi ** 2 / (dpi_x * dpi_y) > config.max_page_pixels:
+        raise PageTooLarge(f"page {work.page} has {image.width}x{image.height} px at {dpi_x}x{dpi_y} dpi, "
+                           "over the limit once its pixels are square")
     work.image = _square_pixels(to_gray8(ImageOps.exif_transpose(image) if orientation != 1 else image), dpi_x, dpi_y)
     work.height, work.width = work.image.shape
 

@@ -144,6 +144,11 @@ def _list_parts(filesystem: pafs.FileSystem, folder: str) -> dict[str, str]:
             if info.type == pafs.FileType.File and info.base_name.endswith(".parquet")}
 
 
+def output_folders(output: str) -> list[str]:
+    """The folders a job writes in ``output``: a job never reads them as its input."""
+    return [f"{output.rstrip('/')}/{folder}" for folder in (PAGES_DIR, DOCUMENTS_DIR, STAGING_DIR, EXPORTS_DIR)]
+
+
 def recover_output(output: str) -> dict[str, str]:
     """Clean what a killed run left behind and return the documents already published (doc_id -> source)."""
     filesystem, root = resolve_filesystem(output)

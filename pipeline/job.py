@@ -31,6 +31,7 @@ from operators.records import DocumentRecord, PageWork
 from operators.write import (
     ParquetSink,
     WriteSummary,
+    output_folders,
     output_lock,
     published_doc_ids,
     published_page_selections,
@@ -217,7 +218,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     """Run the whole job; bad documents are recorded as failed rows, never raised. ``progress`` hears of
     every finished page and document; Ray Data's own progress output shows only when ``verbose``."""
     started = time.monotonic()
-    found = find_inputs(inputs, output)
+    found = find_inputs(inputs, output_folders(output))
     selection = config.rasterize.pages
     if mode == "recognize":
         resolve_checkpoint(config.recognize.model)  # a wrong model path fails here, before Ray starts
@@ -317,10 +318,13 @@ def _document_record(plan: DocumentPlan, selection: str | None) -> DocumentRecor
 
 
 def check_page_selection(plans: list[DocumentPlan], output: str, selection: str | None) -> None:
-    """Refuse a run that would skip documents the output holds under another page selection (``--pages``):
-    a run skips what is already written, so the pages the earlier run left out would never be read."""
+    """Refuse a run that would skip documents the output holds read with other pages (``--pages``): a run
+    skips what is already written, so the pages the earlier run left out would never be read. Selections are
+    compared by the pages they pick from each document ("1-" and none, "1-3" and "1,2,3" are the same); rows
+    written before the selection was recorded count as every page."""
     earlier = published_page_selections(output)
-    other = [plan for plan in plans if plan.doc_id in earlier and earlier[plan.doc_id] != selection]
+    other = [plan for plan in plans if plan.doc_id in earlier
+             and selected_pages(earlier[plan.doc_id], plan.num_pages) != selected_pages(selection, plan.num_pages)]
     if other:
         def described(pages: str | None) -> str:
             return "every page" if pages is None else f"pages {pages}"
@@ -373,7 +377,7 @@ class DryRun:
 def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "recognize") -> DryRun:
     """Triage every input (in threads: hashing and poppler release the GIL) and check the model, as
     :func:`run_job` would before any work; starts no Ray and writes nothing."""
-    sources = find_inputs(inputs, output).sources
+    sources = find_inputs(inputs, output_folders(output)).sources
     check_cpus_left_for_pages(config, config.ray.num_cpus or len(os.sched_getaffinity(0)), mode)
     _line_preprocessor(config, mode)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:

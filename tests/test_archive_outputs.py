@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import unquote
 
 import jiwer
 import numpy as np
@@ -147,18 +148,27 @@ def test_a_cropped_pdf_page_is_read_and_overlaid_as_a_viewer_shows_it(tmp_path, 
     _assert_text_layer_on_the_pixels(work, source, tmp_path)
 
 
-def test_a_fax_of_non_square_pixels_is_read_with_square_ones(tmp_path):
+@pytest.mark.parametrize("orientation", [1, 6, 5])  # upright; stored turned (EXIF 6); turned and mirrored (5)
+def test_a_fax_of_non_square_pixels_is_read_with_square_ones(tmp_path, orientation):
     """A fax at 204 x 98 dpi holds its page squashed to half height: the job reads it stretched back to
-    204 dpi both ways, and the searchable PDF (its page from the file's own resolutions) lays the words on it."""
+    204 dpi both ways, and the searchable PDF (its page from the file's own resolutions) lays the words on it.
+    Stored turned a quarter, its x and y resolutions are swapped."""
     page = text_page(["A fax from the registry, sent at normal resolution."]).convert("L")
     fax = page.resize((page.width, round(page.height * 98 / 204)), Image.Resampling.BOX)
-    fax.convert("1").save(tmp_path / "fax.tif", dpi=(204, 98), compression="group4")
-    [work] = rasterize(PageRange("0123456789abcdef", str(tmp_path / "fax.tif"), "tiff", 1, 1),
+    if orientation == 1:
+        source, kind = tmp_path / "fax.tif", "tiff"
+        fax.convert("1").save(source, dpi=(204, 98), compression="group4")
+    else:
+        source, kind, exif = tmp_path / "fax.png", "png", Image.Exif()
+        exif[0x0112] = orientation
+        stored = fax.transpose(Image.Transpose.ROTATE_90 if orientation == 6 else Image.Transpose.TRANSPOSE)
+        stored.save(source, dpi=(98, 204), exif=exif.tobytes())
+    [work] = rasterize(PageRange("0123456789abcdef", str(source), kind, 1, 1),
                        RasterizeConfig(dpi=300, detect_orientation=False))
     assert (work.dpi, work.width, work.height) == (204, page.width, round(fax.height * 204 / 98))
     back = np.asarray(page.resize((work.width, work.height)), dtype=np.float32)
     assert np.abs(work.image.astype(np.float32) - back).mean() < 12
-    _assert_text_layer_on_the_pixels(work, str(tmp_path / "fax.tif"), tmp_path)
+    _assert_text_layer_on_the_pixels(work, str(source), tmp_path)
 
 
 def _assert_text_layer_on_the_pixels(work, source: str, folder: Path) -> None:
@@ -226,7 +236,7 @@ def test_mets_points_every_page_at_its_image_alto_and_page(run):
             number = f"p{int(div.get('ORDER')):04d}"
             assert [href.split(".", 1)[1] for href in hrefs] == [f"{number}.alto.xml", f"{number}.page.xml",
                                                                  f"{number}.png"]
-            assert all((mets_path.parent / href).is_file() for href in hrefs)
+            assert all((mets_path.parent / unquote(href)).is_file() for href in hrefs)
 
 
 @pytest.mark.parametrize("detect_orientation", [False, True])
@@ -272,6 +282,9 @@ def test_pages_selects_the_same_pages_of_every_input(ray_local, inputs, tmp_path
             with pytest.raises(ConfigError, match=f"2 of these documents are in {tmp_path} read with pages 2 "):
                 attempt([str(inputs / "letters.pdf"), str(inputs / "note.png")], str(tmp_path), again)
     assert run_job([str(inputs / "note.png")], str(tmp_path), config).documents_skipped == 1
+    # selections are compared by the pages they pick: "2-2" picks the same pages as "2" from both documents
+    same = load_config(None, [DPI, "rasterize.pages=2-2"])
+    assert dry_run([str(inputs / "letters.pdf"), str(inputs / "note.png")], str(tmp_path), same).done
 
 
 def test_dry_run_lists_documents_and_writes_nothing(inputs, tmp_path, capsys):

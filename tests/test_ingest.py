@@ -17,6 +17,7 @@ from PIL import Image
 from conftest import write_pdf
 from operators.ingest import expand_inputs, find_inputs, sniff_kind, triage
 from operators.settings import RasterizeConfig
+from operators.write import output_folders
 from operators.errors import ConfigError, NoInputError, UnsupportedFormat
 
 CONFIG = RasterizeConfig(dpi=150)
@@ -57,9 +58,11 @@ def test_linked_folders_are_searched_and_a_link_loop_lists_each_file_once(tmp_pa
     page_images[0].save(tmp_path / "in" / "sub" / "own.png")
     (tmp_path / "in" / "link").symlink_to(tmp_path / "elsewhere")
     (tmp_path / "in" / "sub" / "up").symlink_to("..")  # a loop
-    expected = [str(tmp_path / "in" / "link" / "linked.png"), str(tmp_path / "in" / "sub" / "own.png")]
-    assert find_inputs([str(tmp_path / "in")]).sources == expected
-    assert find_inputs([str(tmp_path / "in" / "**" / "*.png")]).sources == expected
+    (tmp_path / "in" / "sub" / "alias.png").symlink_to("own.png")  # a link to a file is a name of its own
+    expected = [str(tmp_path / "in" / "link" / "linked.png"), str(tmp_path / "in" / "sub" / "alias.png"),
+                str(tmp_path / "in" / "sub" / "own.png")]
+    for inputs in ([tmp_path / "in"], [tmp_path / "in" / "**" / "*.png"], [tmp_path / "in" / "*"]):
+        assert find_inputs([str(path) for path in inputs]).sources == expected, inputs
 
 
 def test_an_output_folder_inside_an_input_folder_is_not_read_again(tmp_path, page_images):
@@ -71,10 +74,16 @@ def test_an_output_folder_inside_an_input_folder_is_not_read_again(tmp_path, pag
     (tmp_path / "out" / "pages").mkdir()
     (tmp_path / "out" / "pages" / "part-0.parquet").write_bytes(b"PAR1")
     for output in (tmp_path / "out", os.path.relpath(tmp_path / "out"), f"{tmp_path}/./out/"):
-        found = find_inputs([str(tmp_path), str(tmp_path / "*.png")], str(output))
+        found = find_inputs([str(tmp_path), str(tmp_path / "*.png")], output_folders(str(output)))
         assert found.sources == [str(tmp_path / "scan.png")]
         assert found.left_out == {"in the output folder": 3}
     assert len(find_inputs([str(tmp_path)]).sources) == 3  # no output given: every document
+    # an input inside the output (scans kept beside the results, or one folder for both) is read
+    (tmp_path / "out" / "scans").mkdir()
+    page_images[0].save(tmp_path / "out" / "scans" / "letter.png")
+    for output in (tmp_path, tmp_path / "out"):
+        found = find_inputs([str(tmp_path / "out" / "scans")], output_folders(str(output)))
+        assert found.sources == [str(tmp_path / "out" / "scans" / "letter.png")]
 
 
 def test_uri_with_a_raw_space_is_refused_with_the_fix(tmp_path):

@@ -26,7 +26,7 @@ from PIL import Image, ImageOps, ImageSequence
 
 from operators.formats.geometry import straight_baseline
 from operators.ingest import local_path, sniff_kind
-from operators.rasterize import EXIF_ORIENTATION_TAG, EXIF_ROTATION, MIRRORED_EXIF
+from operators.rasterize import EXIF_ORIENTATION_TAG, EXIF_ROTATION, MIRRORED_EXIF, upright_resolution
 
 PDFA_FLAVOUR = "2b"
 
@@ -81,9 +81,10 @@ def _image_pages(path: str) -> tuple[bytes, list[int]]:
         if not MIRRORED_EXIF.intersection(orientations):
             return img2pdf.convert(path, rotation=img2pdf.Rotation.ifvalid), [0] * len(orientations)
         frames = []
-        for frame in ImageSequence.Iterator(image):
+        for frame, orientation in zip(ImageSequence.Iterator(image), orientations):
             buffer = io.BytesIO()
-            resolution = {"dpi": frame.info["dpi"]} if "dpi" in frame.info else {}  # else img2pdf's default, as above
+            # turned a quarter, a frame's x and y resolutions swap; without any, img2pdf's default, as above
+            resolution = {"dpi": upright_resolution(frame.info["dpi"], orientation)} if "dpi" in frame.info else {}
             ImageOps.exif_transpose(frame).save(buffer, format="PNG", **resolution)
             frames.append(buffer.getvalue())
     return img2pdf.convert(frames), [EXIF_ROTATION.get(orientation, 0) for orientation in orientations]
