@@ -9,6 +9,7 @@ line's height.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -178,7 +179,8 @@ def _cuts(gaps: Sequence[Interval], start: int, end: int, max_width: float, word
 
 def split_words(text: str, line_bbox: Sequence[int], gaps: Sequence[Interval],
                 page_size: tuple[int, int], confidences: Sequence[float] = ()) -> list[Word]:
-    """The words of a line's text, each with a box inside ``line_bbox``, in x order, not overlapping.
+    """The words of a line's text in its order, each with a box inside ``line_bbox``, not overlapping: left
+    to right, or right to left for a line whose first strong character is right-to-left (Hebrew, Arabic).
 
     ``gaps`` are the line's :func:`ink_gaps`. Gaps reaching the line's ends are margins and trim the
     first and last word. Of the others, one is placed at each word break, in x order: the widest
@@ -194,11 +196,25 @@ def split_words(text: str, line_bbox: Sequence[int], gaps: Sequence[Interval],
     if not words:
         return []
     left, right, inner = _trim_margins(x0, x1, gaps)
-    breaks = _place_breaks(words, left, right, inner)
+    in_x_order = words[::-1] if _right_to_left(text) else words
+    breaks = _place_breaks(in_x_order, left, right, inner)
     edges = [left, *[edge for cut in breaks for edge in cut], right]
+    boxes = [(edges[2 * i], y0, edges[2 * i + 1], y1) for i in range(len(words))]
+    if in_x_order is not words:
+        boxes.reverse()
     scores = list(confidences) if len(confidences) == len(words) else [None] * len(words)
-    return [_word(word, (edges[2 * i], y0, edges[2 * i + 1], y1), page_size, scores[i])
-            for i, word in enumerate(words)]
+    return [_word(word, box, page_size, score) for word, box, score in zip(words, boxes, scores)]
+
+
+def _right_to_left(text: str) -> bool:
+    """Whether the text's first strong character (Unicode bidi class L, R or AL) is right-to-left."""
+    for character in text:
+        direction = unicodedata.bidirectional(character)
+        if direction in ("R", "AL"):
+            return True
+        if direction == "L":
+            return False
+    return False
 
 
 def normalize_bbox(bbox: BBox, page_size: tuple[int, int]) -> BBox:

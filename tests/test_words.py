@@ -276,6 +276,16 @@ def test_margins_trim_the_line_ends():
     assert [word.bbox[::2] for word in words] == [(14, 50), (58, 104)]
 
 
+def test_a_right_to_left_line_gets_its_boxes_from_the_right():
+    """Hebrew and Arabic are written from the right: the text's first word stands rightmost (digits and Latin
+    words inside keep the line's direction)."""
+    words = split_words("שלום עולם 1905", (0, 0, 300, 10), [(90, 110), (190, 210)], (400, 10), (0.9, 0.8, 0.7))
+    assert [(word.text, word.bbox[::2], word.confidence) for word in words] == [
+        ("שלום", (210, 300), 0.9), ("עולם", (110, 190), 0.8), ("1905", (0, 90), 0.7)]
+    assert [word.bbox[::2] for word in split_words("1905 is left", (0, 0, 300, 10), [(90, 110), (190, 210)],
+                                                   (400, 10))] == [(0, 90), (110, 190), (210, 300)]
+
+
 def test_single_word_and_empty_text():
     assert split_words("   ", (0, 0, 50, 10), [(20, 30)], (100, 100)) == []
     assert split_words("", (0, 0, 50, 10), [], (100, 100)) == []
