@@ -102,7 +102,7 @@ def read_pages(folder: Path) -> list[Page]:
                     continue
                 image, text = folder / row["file"], folder / row["ground_truth"]
                 stem = image.stem
-                truth = PageTruth(text, image, str(image.parent), text.read_text(encoding="utf-8"))
+                truth = PageTruth(text, image, str(image.parent), text.read_text(encoding="utf-8-sig"))
                 pages.append(Page(truth, TEXT_ONLY_CATEGORIES.get(stem, TEXT_ONLY_DEFAULT_CATEGORY),
                                   tuple(TEXT_ONLY_LANGUAGES.get(stem, "en").split("/"))))
     return pages

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 #: MUFI private-use characters that some ground truth (OCR-D's DTA transcriptions among the training
 #: lines) writes for vowels with a small e above, which Unicode spells as the vowel and U+0364; a model
 #: trained on them may write them, and archives' fonts and search indexes do not know them.
@@ -9,8 +11,9 @@ MUFI_TO_UNICODE = str.maketrans({"\ue42c": "a\u0364", "\ue644": "o\u0364", "\ue7
 
 
 def standard_text(text: str) -> str:
-    """``text`` with the MUFI characters of :data:`MUFI_TO_UNICODE` in standard Unicode."""
-    return text.translate(MUFI_TO_UNICODE)
+    """``text`` in Unicode NFC (ground truth may spell "é" as "e" and a combining accent, and a model taught
+    so writes it so), with the MUFI characters of :data:`MUFI_TO_UNICODE` in standard Unicode."""
+    return unicodedata.normalize("NFC", text.translate(MUFI_TO_UNICODE))
 
 
 #: Characters that no export can carry, each written as one space: C0 and C1 controls (XML 1.0 forbids most,

@@ -27,7 +27,7 @@ from operators.recognize import LineRecognizer
 from operators.settings import DEFAULT_MODEL_NAME
 from pipeline.train.data import LabeledLine, read_line_folder
 
-NORMALIZATIONS = ("case", "whitespace", "punctuation")
+NORMALIZATIONS = ("case", "punctuation")
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class LineResult:
 
 @dataclass(frozen=True)
 class PageTruth:
-    """A PAGE/ALTO file's image and its text: the lines in file order, one per row."""
+    """A PAGE/ALTO file's image and its text: the lines in reading order, one per row."""
 
     xml: Path
     image: Path
@@ -60,19 +60,21 @@ class Score:
 
 
 def make_normalizer(options: Sequence[str]) -> Callable[[str], str]:
-    """Text normaliser applied to both reference and prediction before scoring."""
+    """Text normaliser applied to both reference and prediction before scoring: always Unicode NFC (a "é" is a
+    "é" however it is encoded) and whitespace runs as one space (line breaks and the blank line between a page's
+    blocks are layout, and jiwer's words are split at spaces only); ``options`` add case folding and dropping
+    punctuation."""
     unknown = set(options) - set(NORMALIZATIONS)
     if unknown:
         raise ConfigError(f"unknown --normalize option(s) {sorted(unknown)}; choose from {', '.join(NORMALIZATIONS)}")
 
     def normalize(text: str) -> str:
+        text = unicodedata.normalize("NFC", text)
         if "case" in options:
             text = text.casefold()
         if "punctuation" in options:
             text = "".join(char for char in text if not unicodedata.category(char).startswith("P"))
-        if "whitespace" in options or "punctuation" in options:
-            text = " ".join(text.split())
-        return text
+        return " ".join(text.split())
 
     return normalize
 

@@ -14,12 +14,14 @@ from PIL import Image, ImageDraw, ImageFont
 from operators.errors import ConfigError, ExitCode
 from pipeline.evaluate import (
     LineResult,
+    PageTruth,
     add_eval_arguments,
     eval_command,
     evaluate,
     format_report,
     line_cer,
     make_normalizer,
+    score_pages,
     scores_by_source,
 )
 from helpers import build_tiny_random_trocr
@@ -109,11 +111,20 @@ def test_lines_with_empty_reference_are_left_out_of_corpus_scores():
 
 def test_normalizations():
     assert make_normalizer(["case"])("Hello World") == "hello world"
-    assert make_normalizer(["whitespace"])("  a   b ") == "a b"
     assert make_normalizer(["punctuation"])("Hello, world!  (x)") == "Hello world x"
-    assert make_normalizer([])(" A, b ") == " A, b "
+    # always: NFC, and whitespace (a page's line breaks and the blank line between its blocks) as one space
+    assert make_normalizer([])(" A,\n\nb  cafe\u0301 ") == "A, b caf\u00e9"
     with pytest.raises(ConfigError, match="unknown --normalize"):
-        make_normalizer(["accents"])
+        make_normalizer(["whitespace"])
+
+
+def test_a_perfect_reading_of_a_page_of_two_blocks_scores_zero():
+    """The job's page text puts a blank line between blocks; the ground truth's lines are joined by one."""
+    normalize = make_normalizer([])
+    results = score_pages([PageTruth(Path("p.xml"), Path("p.png"), "A", "first line\nsecond line\nnew block")],
+                          ["first line\nsecond line\n\nnew block"], normalize)
+    score = scores_by_source(results, normalize)[-1]
+    assert (score.cer, score.wer) == (0.0, 0.0)
 
 
 def test_line_cer_handles_empty_reference():

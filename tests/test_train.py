@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import subprocess
@@ -277,6 +278,24 @@ def test_line_folder_pairs_images_with_ground_truth(line_folder):
     assert lines[0].load_gray().dtype == np.uint8 and lines[0].load_gray().ndim == 2
 
 
+def test_line_folders_name_what_cannot_be_read_and_what_is_missing(tmp_path, caplog):
+    """A source without a labelled line is refused before a run trains or validates on nothing (a run with an
+    empty validation set once saved no model at all); a damaged image is named when it is read; a transcription
+    without an image is left out with a warning."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "orphan.gt.txt").write_text("no image\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"folder source {tmp_path / 'empty'} holds no labelled line"), \
+            caplog.at_level(logging.WARNING, logger="pipeline.train.data"):
+        validation_lines([DataSource(kind="folder", path=tmp_path / "empty")])
+    assert "1 transcriptions have no image beside them" in caplog.text and "orphan.gt.txt" in caplog.text
+    render("cut short").save(tmp_path / "damaged.png")
+    (tmp_path / "damaged.png").write_bytes((tmp_path / "damaged.png").read_bytes()[:200])
+    (tmp_path / "damaged.gt.txt").write_text("cut short\n", encoding="utf-8")
+    [line] = read_line_folder(tmp_path)
+    with pytest.raises(ConfigError, match=f"line image {tmp_path / 'damaged.png'} cannot be read: OSError"):
+        line.load_gray()
+
+
 def test_a_line_folder_cut_with_a_margin_has_its_neighbours_ink_painted_out_only_when_it_says_so(tmp_path):
     """The line's text, then below it, touching the bottom edge, the top of the next line's capitals (what a
     crop cut with a margin holds); a tight folder's image is only fitted, as its own accents may touch its edge."""
@@ -296,7 +315,9 @@ def test_a_line_folder_cut_with_a_margin_has_its_neighbours_ink_painted_out_only
 def test_training_lines_teach_standard_unicode_for_mufi_characters(tmp_path):
     render("Thaler").save(tmp_path / "dta.png")
     (tmp_path / "dta.gt.txt").write_text("Th\ue42cler \ue72bber\n", encoding="utf-8")
-    assert [line.text for line in read_line_folder(tmp_path)] == ["Tha\u0364ler u\u0364ber"]
+    render("ete").save(tmp_path / "nfd.png")  # a byte order mark and decomposed accents: "été" as the model writes it
+    (tmp_path / "nfd.gt.txt").write_text("\ufeffe\u0301te\u0301\r\n", encoding="utf-8")
+    assert [line.text for line in read_line_folder(tmp_path)] == ["Tha\u0364ler u\u0364ber", "\u00e9t\u00e9"]
 
 
 def page_image(tmp_path: Path) -> Path:
@@ -314,13 +335,24 @@ def test_page_xml_lines_are_cut_from_their_polygons(tmp_path):
 <PcGts xmlns="http://schema.primaresearch.org/PAGE/gts/pagecontent/2019-07-15">
   <Page imageFilename="page.png" imageWidth="400" imageHeight="100"><TextRegion id="r1">
     <TextLine id="l1"><Coords points="5,3 200,3 200,40 5,40"/>
-      <TextEquiv index="1"><Unicode>wrong</Unicode></TextEquiv>
-      <TextEquiv index="0"><Unicode>first line</Unicode></TextEquiv></TextLine>
-    <TextLine id="l2"><Coords points="5,52 220,52 220,90 5,90"/><TextEquiv><Unicode>second line</Unicode></TextEquiv></TextLine>
+      <TextEquiv index="2"><Unicode>wrong</Unicode></TextEquiv>
+      <TextEquiv index="1"><Unicode>first line</Unicode></TextEquiv></TextLine>
     <TextLine id="l3"><Coords points="5,92 20,92 20,99 5,99"/><TextEquiv><Unicode></Unicode></TextEquiv></TextLine>
-  </TextRegion></Page></PcGts>""")
+  </TextRegion><TextRegion id="r2">
+    <TextLine id="l2"><Coords points="5,52 220,52 220,90 5,90"/>
+      <Word id="w1"><Coords points="5,52 90,52 90,90 5,90"/><TextEquiv><Unicode>second</Unicode></TextEquiv></Word>
+      <Word id="w2"><Coords points="100,52 220,52 220,90 100,90"/>
+        <Glyph id="g1"><Coords points="100,52 110,52 110,90"/><TextEquiv><Unicode>li</Unicode></TextEquiv></Glyph>
+        <Glyph id="g2"><Coords points="110,52 120,52 120,90"/><TextEquiv><Unicode>ne</Unicode></TextEquiv></Glyph>
+      </Word></TextLine>
+  </TextRegion>
+  <ReadingOrder><OrderedGroup id="ro"><RegionRefIndexed index="1" regionRef="r1"/>
+    <RegionRefIndexed index="0" regionRef="r2"/></OrderedGroup></ReadingOrder></Page></PcGts>""")
+    # the lowest index is PAGE's main text; a line's text may be given by its words (or their glyphs) only;
+    # regions come in the ReadingOrder's order, not the file's
     lines = read_page_lines(tmp_path)
-    assert [line.text for line in lines] == ["first line", "second line"]
+    assert [line.text for line in lines] == ["second line", "first line"]
+    lines.reverse()
     first = lines[0].load_gray()
     assert first.shape[1] == 196 and first.shape[0] < 38  # the polygon's width, its rows fitted to the ink
     assert (first < 128).any(axis=1)[[2, -3]].all()
@@ -333,11 +365,14 @@ def test_alto_lines_use_polygon_or_box_and_join_strings(tmp_path):
   <Description><MeasurementUnit>pixel</MeasurementUnit>
     <sourceImageInformation><fileName>page.png</fileName></sourceImageInformation></Description>
   <Layout><Page><PrintSpace><TextBlock>
-    <TextLine HPOS="5" VPOS="3" WIDTH="195" HEIGHT="37"><String CONTENT="first"/><SP/><String CONTENT="line"/></TextLine>
-    <TextLine><Shape><Polygon POINTS="5 52 220 52 220 90 5 90"/></Shape><String CONTENT="second line"/></TextLine>
+    <TextLine HPOS="5" VPOS="3" WIDTH="195" HEIGHT="37"><String CONTENT="first"/><SP/><String CONTENT="li"/>
+      <HYP CONTENT="-"/></TextLine>
+    <TextLine><Shape><Polygon POINTS="5 52 220 52 220 90 5 90"/></Shape><String CONTENT="second line">
+      <Shape><Polygon POINTS="150 52 220 52 220 90 150 90"/></Shape></String></TextLine>
   </TextBlock></PrintSpace></Page></Layout></alto>""")
+    # a line-end hyphen is text; a line's outline is its own Shape, not its last word's
     lines = read_page_lines(tmp_path / "page.xml")
-    assert [line.text for line in lines] == ["first line", "second line"]
+    assert [line.text for line in lines] == ["first li-", "second line"]
     second = lines[1].load_gray()
     assert second.shape[1] == 216 and second.shape[0] < 39
 

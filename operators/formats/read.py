@@ -20,7 +20,7 @@ class XmlLine:
     """One TextLine of a PAGE or ALTO file."""
 
     points: np.ndarray  # (N, 2) polygon in page pixels
-    text: str  # PAGE: TextEquiv index 0 (else the first); ALTO: the String CONTENTs joined by spaces
+    text: str  # PAGE: the line's TextEquiv of lowest index, else its Words' (or Glyphs'); ALTO: Strings and HYP
     block: int  # index of the enclosing TextBlock / TextRegion in document order, -1 for none
     baseline: np.ndarray | None = None  # (K, 2) polyline when the file has one
 
@@ -56,12 +56,43 @@ def read_page_xml(xml_path: Path) -> XmlPage:
     else:
         raise ConfigError(f"{xml_path}: root element {kind!r} is neither PAGE (PcGts) nor ALTO (alto)")
     lines = list(root.iter("{*}TextLine"))
+    if kind == "PcGts":
+        lines = _in_reading_order(root, lines)
     found = []
     for line, block in zip(lines, block_indices(lines, block_tags)):
         points = geometry(line)
         if points is not None:
             found.append(XmlLine(points, text_of(line), block, baseline_of(line)))
     return XmlPage(image_name, found)
+
+
+def _in_reading_order(root, lines: list) -> list:
+    """PAGE lines ordered by their region's place in the file's ReadingOrder (groups by @index, nested groups
+    in place); regions it leaves out follow, in document order. Without one: document order."""
+    order = next(root.iter("{*}ReadingOrder"), None)
+    if order is None:
+        return lines
+    place = {region: rank for rank, region in enumerate(_region_refs(order))}
+
+    def region_rank(line) -> int:
+        region = enclosing_block(line, ("TextRegion",))
+        while region is not None and region.get("id") not in place:
+            region = enclosing_block(region, ("TextRegion",))
+        return len(place) if region is None else place[region.get("id")]
+
+    return sorted(lines, key=region_rank)
+
+
+def _region_refs(group) -> list[str]:
+    """The region ids of a ReadingOrder group, its members sorted by @index where they have one."""
+    members = sorted((child for child in group if child.get("regionRef") or local_name(child).endswith("Group")
+                      or local_name(child) == "ReadingOrder"), key=lambda child: _index(child.get("index")))
+    refs = []
+    for member in members:
+        if member.get("regionRef"):
+            refs.append(member.get("regionRef"))
+        refs.extend(_region_refs(member))
+    return refs
 
 
 def page_image(xml_path: Path, image_name: str) -> Path:
@@ -74,17 +105,36 @@ def page_image(xml_path: Path, image_name: str) -> Path:
     return image_path
 
 
-def _page_text(line) -> str:
-    equivs = [child for child in line if local_name(child) == "TextEquiv"]
-    if not equivs:
+def _page_text(element, parts: tuple[str, ...] = ("Word", "Glyph")) -> str:
+    """The element's own TextEquiv of lowest index (PAGE's main text; the first where none has an index);
+    without one, its Words' texts joined by spaces (a Word's: its Glyphs' joined)."""
+    equivs = [child for child in element if local_name(child) == "TextEquiv"]
+    if equivs:
+        chosen = min(equivs, key=lambda equiv: _index(equiv.get("index")))
+        unicode = [child for child in chosen if local_name(child) == "Unicode"]
+        return (unicode[0].text or "").strip() if unicode else ""
+    if not parts:
         return ""
-    chosen = next((equiv for equiv in equivs if equiv.get("index") == "0"), equivs[0])
-    unicode = list(chosen.iter("{*}Unicode"))
-    return (unicode[0].text or "").strip() if unicode else ""
+    inner = [_page_text(child, parts[1:]) for child in element if local_name(child) == parts[0]]
+    return (" " if parts[0] == "Word" else "").join(text for text in inner if text)
+
+
+def _index(value: str | None) -> float:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return float("inf")
 
 
 def _alto_text(line) -> str:
-    return " ".join(string.get("CONTENT", "") for string in line.iter("{*}String")).strip()
+    """The Strings' CONTENT joined by spaces, a line-end hyphen (HYP) kept on the word it ends."""
+    words: list[str] = []
+    for element in line.iter("{*}String", "{*}HYP"):
+        if local_name(element) == "HYP" and words:
+            words[-1] += element.get("CONTENT", "")
+        else:
+            words.append(element.get("CONTENT", ""))
+    return " ".join(words).strip()
 
 
 def local_name(element) -> str:
@@ -127,16 +177,23 @@ def block_indices(lines: list, block_tags: tuple[str, ...]) -> list[int]:
 
 
 def alto_geometry(line) -> np.ndarray | None:
-    """Shape/Polygon points, else the HPOS/VPOS/WIDTH/HEIGHT box, else the polygon's box."""
-    points = np.zeros((0, 2))
-    for polygon in line.iter("{*}Polygon"):
-        points = parse_points(polygon.get("POINTS", ""))
+    """The line's own Shape/Polygon points (not its words'), else its HPOS/VPOS/WIDTH/HEIGHT box, else the
+    polygon's box."""
+    points = _alto_polygon(line)
     if has_area(points):
         return points
     box = alto_box(line)
     if box is not None:
         return box
     return box_points(*points.min(axis=0), *points.max(axis=0)) if len(points) else None
+
+
+def _alto_polygon(element) -> np.ndarray:
+    """The points of an ALTO element's own Shape/Polygon (its children's shapes are theirs); (0, 2) without."""
+    for shape in (child for child in element if local_name(child) == "Shape"):
+        for polygon in (child for child in shape if local_name(child) == "Polygon"):
+            return parse_points(polygon.get("POINTS", ""))
+    return np.zeros((0, 2))
 
 
 def alto_box(element) -> np.ndarray | None:
@@ -176,9 +233,5 @@ def block_geometry(block) -> np.ndarray | None:
     """A TextRegion's Coords, or a TextBlock's own Shape/Polygon, else its HPOS/VPOS/WIDTH/HEIGHT box."""
     if local_name(block) == "TextRegion":
         return page_geometry(block)
-    for shape in (child for child in block if local_name(child) == "Shape"):
-        for polygon in (child for child in shape if local_name(child) == "Polygon"):
-            points = parse_points(polygon.get("POINTS", ""))
-            if has_area(points):
-                return points
-    return alto_box(block)
+    points = _alto_polygon(block)
+    return points if has_area(points) else alto_box(block)

@@ -3,6 +3,7 @@ and the collator that turns their texts into decoder labels."""
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from operators.text import standard_text
 from operators.words import fit_loose_crop, fit_rows_to_ink
 from pipeline.train.config import DataSource
 
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 GT_SUFFIX = ".gt.txt"
@@ -54,8 +57,12 @@ class LabeledLine:
         if self.pixels is not None:
             return self.pixels
         fit = fit_loose_crop if self.paint_out_neighbours else fit_rows_to_ink
-        with Image.open(self.path) as image:
-            return fit(np.asarray(image.convert("L")))
+        try:
+            with Image.open(self.path) as image:
+                pixels = np.asarray(image.convert("L"))
+        except (OSError, SyntaxError, ValueError) as exc:  # what Pillow raises on a damaged file
+            raise ConfigError(f"line image {self.path} cannot be read: {type(exc).__name__}: {exc}") from exc
+        return fit(pixels)
 
 
 def read_line_folder(folder: Path, paint_out_neighbours: bool = False) -> list[LabeledLine]:
@@ -69,14 +76,19 @@ def read_line_folder(folder: Path, paint_out_neighbours: bool = False) -> list[L
             parts = path.name.split(".")
             for end in range(1, len(parts)):
                 images_by_stem.setdefault(".".join(parts[:end]), []).append(path)
-    lines = []
+    lines, without_image = [], []
     for gt in sorted(folder.glob(f"*{GT_SUFFIX}")):
         candidates = images_by_stem.get(gt.name[: -len(GT_SUFFIX)])
-        if candidates:
+        if not candidates:
+            without_image.append(gt.name)
+        else:
             image = min(candidates, key=lambda path: len(path.name))
-            text = gt.read_text(encoding="utf-8").strip()
+            text = gt.read_text(encoding="utf-8-sig").strip()  # a byte order mark is no part of the text
             lines.append(LabeledLine(name=image.name, text=text, source=str(folder), path=image,
                                      paint_out_neighbours=paint_out_neighbours))
+    if without_image:
+        log.warning("%s: %d transcriptions have no image beside them and are left out (e.g. %s)", folder,
+                    len(without_image), without_image[0])
     return lines
 
 
@@ -100,13 +112,18 @@ def read_page_lines(path: Path) -> list[LabeledLine]:
 
 
 def read_line_sources(sources: Sequence["DataSource"]) -> list[LabeledLine]:
-    """Labelled lines from folder and page sources (synthetic sources are streamed, not read here)."""
+    """Labelled lines from folder and page sources (synthetic sources are streamed, not read here); a source
+    without any is an error, not a run that trains or validates on nothing."""
     lines: list[LabeledLine] = []
     for source in sources:
-        if source.kind == "folder":
-            lines += read_line_folder(source.path, source.paint_out_neighbours)
-        elif source.kind == "pages":
-            lines += read_page_lines(source.path)
+        if source.kind == "synth":
+            continue
+        found = (read_line_folder(source.path, source.paint_out_neighbours) if source.kind == "folder"
+                 else read_page_lines(source.path))
+        if not found:
+            raise ConfigError(f"{source.kind} source {source.path} holds no labelled line (a folder: <name>.png|jpg|tif "
+                              f"beside <name>.gt.txt; pages: PAGE/ALTO lines with text and an outline)")
+        lines += found
     return lines
 
 
@@ -161,8 +178,6 @@ def _synth_stream(source: DataSource, start_line: int, worker_id: int, workers: 
 
 
 def _shuffled_forever(lines: list[LabeledLine], rng: random.Random, augment: bool) -> Iterator[tuple[np.ndarray, str]]:
-    if not lines:
-        raise ConfigError("a training data source has no labelled lines")
     from pipeline.synth.degrade import augment_scan
 
     pixel_rng = np.random.default_rng(rng.randrange(2**32))

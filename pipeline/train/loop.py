@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -126,11 +127,13 @@ def save_checkpoint(run: "TrainingRun", state: TrainerState) -> Path:
     """Model + processor + optimizer/scheduler/state; the trainer state file is written last (= complete)."""
     folder = run.config.work_dir / f"{CHECKPOINT_PREFIX}{state.step}"
     save_trocr(run.model, run.processor, folder)
+    partial = folder / f"{TRAINER_STATE}.partial"  # renamed once whole: a run killed while saving leaves no state
     torch.save(
         {"step": state.step, "best_cer": state.best_cer, "optimizer": run.optimizer.state_dict(),
          "schedule": run.schedule.state_dict(), "grad_scaler": run.grad_scaler.state_dict()},
-        folder / TRAINER_STATE,
+        partial,
     )
+    os.replace(partial, folder / TRAINER_STATE)
     for old in _checkpoints(run.config.work_dir)[: -run.config.keep_checkpoints]:
         shutil.rmtree(old)
     return folder
