@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -28,14 +29,17 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from operators.errors import EXPORT_FAILED, OutputLocked, OutputNotWritable, WriteFailed
 from operators.formats.export import write_exports
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
-from operators.storage import is_uri, resolve_filesystem
+from operators.storage import resolve_filesystem
 from operators.words import split_words
+
+log = logging.getLogger(__name__)
 
 PAGES_DIR = "pages"
 DOCUMENTS_DIR = "documents"
@@ -112,13 +116,14 @@ def output_lock(output: str) -> Iterator[None]:
     A local output is locked with ``flock`` on ``DIR/.lock``: a second run on the same folder (a cron
     job firing twice) stops at once with :class:`OutputLocked`, before it writes anything, instead of
     cleaning up or repeating the first run's work. The kernel releases the lock when the run ends, even
-    killed. Object stores have no such lock: a URI output is only checked, and one job at a time per
-    output is the caller's rule.
+    killed. Object stores have no such lock: an object-store output is only checked, and one job at a time
+    per output is the caller's rule.
     """
     filesystem, root = resolve_filesystem(output)
     try:
         filesystem.create_dir(f"{root}/{STAGING_DIR}", recursive=True)
-        lock = None if is_uri(output) else open(f"{root}/{LOCK_FILE}", "a")  # noqa: SIM115 - held for the run
+        local = isinstance(filesystem, pafs.LocalFileSystem)  # a file:// URI too
+        lock = open(f"{root}/{LOCK_FILE}", "a") if local else None  # noqa: SIM115 - held for the run
     except OSError as exc:
         raise OutputNotWritable(f"the output {output} cannot be written: {exc}") from exc
     with lock if lock is not None else nullcontext():
@@ -150,15 +155,62 @@ def output_folders(output: str) -> list[str]:
 
 
 def recover_output(output: str) -> dict[str, str]:
-    """Clean what a killed run left behind and return the documents already published (doc_id -> source)."""
+    """Clean what a killed run left behind and return the documents already published (doc_id -> source).
+
+    Parts are published in pairs, pages first: a pages part without its documents twin is a killed run's,
+    and is removed. A documents part without its pages twin (removed by hand, lost) is removed too, so that
+    its documents are read again instead of standing as done without their pages. A part that is no
+    Parquet file stops the run, named: whether to redo its documents is the owner's call."""
     filesystem, root = resolve_filesystem(output)
     filesystem.create_dir(root, recursive=True)
     filesystem.delete_dir_contents(f"{root}/{STAGING_DIR}", missing_dir_ok=True)
     documents = _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}")
-    for name, path in _list_parts(filesystem, f"{root}/{PAGES_DIR}").items():
+    pages = _list_parts(filesystem, f"{root}/{PAGES_DIR}")
+    for name, path in pages.items():
         if name not in documents:
             filesystem.delete_file(path)
+        else:
+            _check_part(filesystem, path)
+    for name, path in documents.items():
+        if name not in pages:
+            log.warning("%s has lost its pages twin %s/%s/%s: its documents will be read again", path, root, PAGES_DIR,
+                        name)
+            filesystem.delete_file(path)
     return published_doc_ids(output)
+
+
+def retire_failed_documents(output: str, reading_now: dict[str, set[str]]) -> set[str]:
+    """Remove the published failed documents whose source this run reads as other bytes (``reading_now``:
+    source -> the doc_ids this run may give it), and their pages: a file fixed after it failed (or whose
+    triage crashed, recorded under its path) keeps one row, the new one. Pages parts are rewritten before
+    their documents twins, so a run killed in between leaves the failed row standing, and the next run
+    retires it again. Returns their doc_ids."""
+    filesystem, root = resolve_filesystem(output)
+    retired: set[str] = set()
+    for name, path in _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}").items():
+        rows = pq.read_table(path, columns=["doc_id", "source", "status"], filesystem=filesystem).to_pylist()
+        stale = {row["doc_id"] for row in rows if row["status"] == "failed"
+                 and row["doc_id"] not in reading_now.get(row["source"], {row["doc_id"]})}
+        if stale:
+            for folder in (PAGES_DIR, DOCUMENTS_DIR):
+                part = f"{root}/{folder}/{name}"
+                table = pq.read_table(part, filesystem=filesystem)
+                kept = table.filter(pc.invert(pc.is_in(table["doc_id"], pa.array(sorted(stale)))))
+                staged = f"{root}/{STAGING_DIR}/{folder}-{name}"
+                with writing(part):
+                    pq.write_table(kept, staged, filesystem=filesystem)
+                    filesystem.move(staged, part)
+            retired |= stale
+    return retired
+
+
+def _check_part(filesystem: pafs.FileSystem, path: str) -> None:
+    try:
+        pq.read_metadata(path, filesystem=filesystem)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise OutputNotWritable(f"the output part {path} is not a Parquet file ({exc}); remove it and its twin of "
+                                f"the same name in {PAGES_DIR}/ or {DOCUMENTS_DIR}/ to have its documents read again"
+                                ) from exc
 
 
 def published_doc_ids(output: str) -> dict[str, str]:
@@ -177,6 +229,7 @@ def _published(output: str, column: str) -> dict[str, Any]:
     filesystem, root = resolve_filesystem(output)
     done: dict[str, Any] = {}
     for path in _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}").values():
+        _check_part(filesystem, path)
         present = column in pq.read_schema(path, filesystem=filesystem).names
         table = pq.read_table(path, columns=["doc_id", column] if present else ["doc_id"], filesystem=filesystem)
         values = table.column(column).to_pylist() if present else [None] * len(table)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pyarrow.dataset as ds
 import pytest
 
-from operators.write import DOCUMENTS_DIR, PAGES_DIR, ParquetSink, page_text, recover_output
+from operators.errors import OutputLocked, OutputNotWritable
+from operators.write import DOCUMENTS_DIR, PAGES_DIR, ParquetSink, output_lock, page_text, recover_output
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
 
 
@@ -85,6 +86,27 @@ def test_recover_removes_orphan_pages_and_reports_done_documents(tmp_path):
     assert recover_output(str(tmp_path)) == {"a": "a.pdf"}
     assert not orphan.exists()
     assert list((tmp_path / "_staging").iterdir()) == []
+
+
+def test_recover_redoes_documents_whose_pages_part_is_lost_and_names_a_damaged_part(tmp_path):
+    sink = ParquetSink(str(tmp_path), rows_per_file=1)
+    for doc_id in ("a", "b"):
+        sink.expect(_document(doc_id, 1))
+        sink.add_page(_page(doc_id, 1))
+    sink.close()
+    first, second = sorted((tmp_path / PAGES_DIR).glob("*.parquet"))
+    first.unlink()  # its documents part alone would stand for a document done, without its page
+    done = recover_output(str(tmp_path))
+    assert len(done) == 1 and len(list((tmp_path / DOCUMENTS_DIR).glob("*.parquet"))) == 1
+    second.write_bytes(b"not parquet")
+    with pytest.raises(OutputNotWritable, match=f"the output part {second} is not a Parquet file"):
+        recover_output(str(tmp_path))
+
+
+def test_a_file_uri_output_is_locked_as_its_folder_is(tmp_path):
+    with output_lock(str(tmp_path)):
+        with pytest.raises(OutputLocked, match="another run is writing"), output_lock(f"file://{tmp_path}"):
+            pass
 
 
 def test_exports_that_fail_fail_their_document_not_the_job(tmp_path, monkeypatch):
