@@ -400,8 +400,9 @@ def triage(source: str, config: RasterizeConfig) -> DocumentPlan:
     try:
         if recorded != source:
             raise UnreadableFile(f"the file name is not UTF-8 ({recorded}): rename the file to have it read")
-        if not is_uri(source):
-            _check_regular_file(source)
+        filesystem, path = resolve_filesystem(source)
+        if isinstance(filesystem, pafs.LocalFileSystem):  # a file:// URI too
+            _check_regular_file(path)
         doc_id, head, size = fingerprint(source)
         if size == 0:
             raise EmptyFile("the file is empty (0 bytes)")

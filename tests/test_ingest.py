@@ -173,13 +173,14 @@ def test_a_file_name_that_is_not_utf8_fails_that_file_with_a_printable_name(tmp_
 def test_a_fifo_is_refused_before_it_is_read(tmp_path):
     """Reading a FIFO no one writes to would block the job forever."""
     os.mkfifo(tmp_path / "pipe.pdf")
-    plans = []  # in a thread: were the FIFO read, the test would fail instead of hanging the suite
-    reader = threading.Thread(target=lambda: plans.append(triage(str(tmp_path / "pipe.pdf"), CONFIG)), daemon=True)
-    reader.start()
-    reader.join(timeout=30)
-    assert not reader.is_alive(), "triage blocked reading a FIFO"
-    [plan] = plans
-    assert plan.error.error_code == "unreadable" and "not a regular file" in str(plan.error)
+    for source in (str(tmp_path / "pipe.pdf"), f"file://{tmp_path}/pipe.pdf"):
+        plans = []  # in a thread: were the FIFO read, the test would fail instead of hanging the suite
+        reader = threading.Thread(target=lambda: plans.append(triage(source, CONFIG)), daemon=True)
+        reader.start()
+        reader.join(timeout=30)
+        assert not reader.is_alive(), f"triage blocked reading a FIFO as {source}"
+        [plan] = plans
+        assert plan.error.error_code == "unreadable" and "not a regular file" in str(plan.error)
 
 
 def test_file_gone_before_triage_is_unreadable(tmp_path):
