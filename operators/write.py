@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -179,35 +178,10 @@ def recover_output(output: str) -> dict[str, str]:
     return published_doc_ids(output)
 
 
-def retire_failed_documents(output: str, reading_now: dict[str, set[str]]) -> set[str]:
-    """Remove the published failed documents whose source this run reads as other bytes (``reading_now``:
-    source -> the doc_ids this run may give it), and their pages: a file fixed after it failed (or whose
-    triage crashed, recorded under its path) keeps one row, the new one. Pages parts are rewritten before
-    their documents twins, so a run killed in between leaves the failed row standing, and the next run
-    retires it again. Returns their doc_ids."""
-    filesystem, root = resolve_filesystem(output)
-    retired: set[str] = set()
-    for name, path in _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}").items():
-        rows = pq.read_table(path, columns=["doc_id", "source", "status"], filesystem=filesystem).to_pylist()
-        stale = {row["doc_id"] for row in rows if row["status"] == "failed"
-                 and row["doc_id"] not in reading_now.get(row["source"], {row["doc_id"]})}
-        if stale:
-            for folder in (PAGES_DIR, DOCUMENTS_DIR):
-                part = f"{root}/{folder}/{name}"
-                table = pq.read_table(part, filesystem=filesystem)
-                kept = table.filter(pc.invert(pc.is_in(table["doc_id"], pa.array(sorted(stale)))))
-                staged = f"{root}/{STAGING_DIR}/{folder}-{name}"
-                with writing(part):
-                    pq.write_table(kept, staged, filesystem=filesystem)
-                    filesystem.move(staged, part)
-            retired |= stale
-    return retired
-
-
 def _check_part(filesystem: pafs.FileSystem, path: str) -> None:
     try:
         pq.read_metadata(path, filesystem=filesystem)
-    except (pa.ArrowInvalid, OSError) as exc:
+    except pa.ArrowInvalid as exc:  # not an OSError (a storage hiccup), which says nothing of the part
         raise OutputNotWritable(f"the output part {path} is not a Parquet file ({exc}); remove it and its twin of "
                                 f"the same name in {PAGES_DIR}/ or {DOCUMENTS_DIR}/ to have its documents read again"
                                 ) from exc
@@ -225,10 +199,14 @@ def published_page_selections(output: str) -> dict[str, str | None]:
 
 
 def _published(output: str, column: str) -> dict[str, Any]:
-    """doc_id -> ``column`` of every published documents row; None where a part predates the column."""
+    """doc_id -> ``column`` of every published documents row (in a part with its pages twin: see
+    :func:`recover_output`); None where a part predates the column."""
     filesystem, root = resolve_filesystem(output)
     done: dict[str, Any] = {}
-    for path in _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}").values():
+    pages = _list_parts(filesystem, f"{root}/{PAGES_DIR}")
+    for name, path in _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}").items():
+        if name not in pages:
+            continue
         _check_part(filesystem, path)
         present = column in pq.read_schema(path, filesystem=filesystem).names
         table = pq.read_table(path, columns=["doc_id", column] if present else ["doc_id"], filesystem=filesystem)

@@ -23,15 +23,7 @@ from ray.data import ActorPoolStrategy
 
 from operators.checkpoint import resolve_checkpoint
 from operators.errors import ConfigError, InternalError
-from operators.ingest import (
-    DocumentPlan,
-    duplicate_id,
-    find_inputs,
-    mark_duplicates,
-    recorded_source,
-    source_id,
-    triage,
-)
+from operators.ingest import DocumentPlan, find_inputs, mark_duplicates, recorded_source, source_id, triage
 from operators.pages import selected_pages
 from operators.preprocess import LinePreprocessor
 from operators.rasterize import PageRange, page_ranges, rasterize
@@ -44,7 +36,6 @@ from operators.write import (
     published_doc_ids,
     published_page_selections,
     recover_output,
-    retire_failed_documents,
 )
 from pipeline.config import JobConfig
 from pipeline.progress import JobProgress, quiet_ray_data
@@ -247,9 +238,6 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             quiet_ray_data(verbose)
             plans = _triage_all(found.sources, config)
             check_page_selection(plans, output, selection)
-            ids_now = {plan.source: {plan.doc_id, duplicate_id(plan.doc_id, plan.source)} for plan in plans}
-            for doc_id in retire_failed_documents(output, ids_now):  # a fixed file's failed row gives way
-                del done[doc_id]
             fresh = mark_duplicates(plans, done)
             readable = [plan for plan in fresh if plan.duplicate_of is None]
             if progress:

@@ -247,28 +247,6 @@ def test_awkward_names_as_path_glob_and_file_uri(ray_local, tmp_path):
     assert all(len(page["lines"]) == 1 for page in _read(str(output), "pages").to_pylist())
 
 
-def test_a_file_fixed_after_it_failed_keeps_one_row_the_new_one(ray_local, tmp_path):
-    """A scan still being copied when the job read it (cut short: corrupt) is read again once whole; its failed
-    row gives way, so the source keeps one row. One that still fails, and its failing copy, stay as they were."""
-    folder = tmp_path / "in"
-    folder.mkdir()
-    text_page(["A letter copied in two goes"], size=(600, 300)).save(tmp_path / "whole.png", dpi=(150, 150))
-    whole = (tmp_path / "whole.png").read_bytes()
-    (folder / "scan.png").write_bytes(whole[:300])
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    (folder / "broken-copy.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    output, config = str(tmp_path / "out"), load_config(None, ["rasterize.dpi=150"])
-    run_job([str(folder)], output, config, mode="detect")
-    assert _read(output, "documents").num_rows == 3
-    (folder / "scan.png").write_bytes(whole)
-    again = run_job([str(folder)], output, config, mode="detect")
-    assert (again.documents_skipped, again.written.documents_ok, again.written.pages) == (2, 1, 1)
-    rows = _read(output, "documents").to_pylist()
-    assert sorted((os.path.basename(row["source"]), row["status"]) for row in rows) == [
-        ("broken-copy.png", "failed"), ("broken.png", "failed"), ("scan.png", "ok")]
-    assert run_job([str(folder)], output, config, mode="detect").documents_skipped == 3
-
-
 def test_same_bytes_seen_in_a_later_run_is_a_duplicate_of_the_published_document(ray_local, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()

@@ -6,7 +6,15 @@ import pyarrow.dataset as ds
 import pytest
 
 from operators.errors import OutputLocked, OutputNotWritable
-from operators.write import DOCUMENTS_DIR, PAGES_DIR, ParquetSink, output_lock, page_text, recover_output
+from operators.write import (
+    DOCUMENTS_DIR,
+    PAGES_DIR,
+    ParquetSink,
+    output_lock,
+    page_text,
+    published_doc_ids,
+    recover_output,
+)
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
 
 
@@ -96,6 +104,7 @@ def test_recover_redoes_documents_whose_pages_part_is_lost_and_names_a_damaged_p
     sink.close()
     first, second = sorted((tmp_path / PAGES_DIR).glob("*.parquet"))
     first.unlink()  # its documents part alone would stand for a document done, without its page
+    assert len(published_doc_ids(str(tmp_path))) == 1  # what a dry run reads, before a run removes it
     done = recover_output(str(tmp_path))
     assert len(done) == 1 and len(list((tmp_path / DOCUMENTS_DIR).glob("*.parquet"))) == 1
     second.write_bytes(b"not parquet")
