@@ -8,7 +8,6 @@ bad file fails here with a precise error instead of deep inside rendering.
 from __future__ import annotations
 
 import fnmatch
-import functools
 import glob
 import hashlib
 import os
@@ -136,21 +135,16 @@ def _inside_test(folders: Sequence[str]) -> Callable[[str], bool]:
     return lambda path: path.startswith(uris) if is_uri(path) else os.path.abspath(path).startswith(local)
 
 
-@functools.lru_cache(maxsize=4096)
-def _real_folder(folder: str) -> str:
-    return os.path.realpath(folder)
-
-
 def _expand_one(item: str, left_out: Counter, output_folders: Sequence[str]) -> list[str]:
     # an existing name is taken literally even when it holds glob characters ("scan [1].pdf")
     if not is_uri(item) and not os.path.lexists(item) and _GLOB_CHARS.search(item):
         # a recursive glob follows linked folders, round a loop too: each file once, by its shortest path
         shortest: dict[tuple[str, str], str] = {}
-        for match in map(os.path.abspath, glob.glob(item, recursive=True)):
+        real_folders: dict[str, str] = {}
+        for match in sorted(map(os.path.abspath, glob.glob(item, recursive=True)), key=len):
             parent, name = os.path.split(match)
-            key = (_real_folder(parent), name)
-            if len(match) < len(shortest.get(key, match + "-")):
-                shortest[key] = match
+            real = real_folders.setdefault(parent, os.path.realpath(parent))
+            shortest.setdefault((real, name), match)
         seen: set[tuple[int, int]] = set()
         return _sort_out([path for match in sorted(shortest.values())
                           for path in (_walk(match, seen) if os.path.isdir(match) else [match])],

@@ -76,8 +76,11 @@ def _image_dpi(image: Image.Image, fallback: int) -> tuple[int, int]:
     """The frame's horizontal and vertical resolution, or the configured dpi for both where the finer one is
     not plausible (the coarser may be half of it: a fax's 98 lines per inch)."""
     dpi = image.info.get("dpi")
-    if dpi and _PLAUSIBLE_DPI[0] <= round(float(max(dpi[:2]))) <= _PLAUSIBLE_DPI[1] and min(dpi[:2]) * 2.5 >= max(dpi[:2]):
-        return round(float(dpi[0])), round(float(dpi[1]))
+    if not dpi:
+        return fallback, fallback
+    x, y = round(float(dpi[0])), round(float(dpi[1]))
+    if _PLAUSIBLE_DPI[0] <= max(x, y) <= _PLAUSIBLE_DPI[1] and 2.5 * min(x, y) >= max(x, y):
+        return x, y
     return fallback, fallback
 
 

@@ -163,11 +163,10 @@ def _cuts(gaps: Sequence[Interval], start: int, end: int, max_width: float, word
         return min(candidates, key=lambda gap: (off_middle(gap), gap[0]))
 
     tabs = [gap for gap in inside if gap[1] - gap[0] >= tab_gap]
-    words = [gap for gap in inside if gap[1] - gap[0] >= word_gap]
-    near = [gap for gap in inside if off_middle(gap) <= max(max_width - span / 2, span / 4)]
-    if tabs or words:
-        x0, x1 = nearest(tabs or words)
-    elif near:
+    wide = tabs or [gap for gap in inside if gap[1] - gap[0] >= word_gap]
+    if wide:
+        x0, x1 = nearest(wide)
+    elif near := [gap for gap in inside if off_middle(gap) <= max(max_width - span / 2, span / 4)]:
         x0, x1 = min(near, key=lambda gap: (gap[0] - gap[1], off_middle(gap), gap[0]))
     else:
         least = max(x1 - x0 for x0, x1 in inside) / 2

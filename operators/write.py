@@ -169,7 +169,7 @@ def recover_output(output: str) -> dict[str, str]:
         if name not in documents:
             filesystem.delete_file(path)
         else:
-            _check_part(filesystem, path)
+            _open_part(filesystem, path)
     for name, path in documents.items():
         if name not in pages:
             log.warning("%s has lost its pages twin %s/%s/%s: its documents will be read again", path, root, PAGES_DIR,
@@ -178,10 +178,12 @@ def recover_output(output: str) -> dict[str, str]:
     return published_doc_ids(output)
 
 
-def _check_part(filesystem: pafs.FileSystem, path: str) -> None:
+def _open_part(filesystem: pafs.FileSystem, path: str) -> pq.ParquetFile:
+    """A published part, its footer read; one that is no Parquet file stops the run, named (an OSError, a
+    storage hiccup, says nothing of the part and is raised as it is)."""
     try:
-        pq.read_metadata(path, filesystem=filesystem)
-    except pa.ArrowInvalid as exc:  # not an OSError (a storage hiccup), which says nothing of the part
+        return pq.ParquetFile(filesystem.open_input_file(path))
+    except pa.ArrowInvalid as exc:
         raise OutputNotWritable(f"the output part {path} is not a Parquet file ({exc}); remove it and its twin of "
                                 f"the same name in {PAGES_DIR}/ or {DOCUMENTS_DIR}/ to have its documents read again"
                                 ) from exc
@@ -207,9 +209,9 @@ def _published(output: str, column: str) -> dict[str, Any]:
     for name, path in _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}").items():
         if name not in pages:
             continue
-        _check_part(filesystem, path)
-        present = column in pq.read_schema(path, filesystem=filesystem).names
-        table = pq.read_table(path, columns=["doc_id", column] if present else ["doc_id"], filesystem=filesystem)
+        part = _open_part(filesystem, path)
+        present = column in part.schema_arrow.names
+        table = part.read(columns=["doc_id", column] if present else ["doc_id"])
         values = table.column(column).to_pylist() if present else [None] * len(table)
         done.update(zip(table.column("doc_id").to_pylist(), values))
     return done

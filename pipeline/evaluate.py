@@ -25,7 +25,8 @@ from operators.errors import ConfigError, ExitCode
 from operators.formats.read import page_image, page_xml_files, read_page_xml
 from operators.recognize import LineRecognizer
 from operators.settings import DEFAULT_MODEL_NAME
-from pipeline.train.data import LabeledLine, read_line_folder
+from pipeline.train.config import DataSource
+from pipeline.train.data import LabeledLine, read_line_sources
 
 NORMALIZATIONS = ("case", "punctuation")
 
@@ -81,13 +82,8 @@ def make_normalizer(options: Sequence[str]) -> Callable[[str], str]:
 
 def read_eval_lines(folders: Sequence[Path], paint_out_neighbours: bool = False) -> list[LabeledLine]:
     """All labelled lines of the folders; a folder without any is an error, not a silent zero."""
-    lines = []
-    for folder in folders:
-        found = read_line_folder(Path(folder), paint_out_neighbours)
-        if not found:
-            raise ConfigError(f"no labelled lines in {folder}: expected <name>.png|jpg|tif beside <name>.gt.txt")
-        lines += found
-    return lines
+    return read_line_sources([DataSource(kind="folder", path=Path(folder), paint_out_neighbours=paint_out_neighbours)
+                              for folder in folders])
 
 
 def read_page_truth(paths: Sequence[Path]) -> list[PageTruth]:

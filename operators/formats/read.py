@@ -85,8 +85,8 @@ def _in_reading_order(root, lines: list) -> list:
 
 def _region_refs(group) -> list[str]:
     """The region ids of a ReadingOrder group, its members sorted by @index where they have one."""
-    members = sorted((child for child in group if child.get("regionRef") or local_name(child).endswith("Group")
-                      or local_name(child) == "ReadingOrder"), key=lambda child: _index(child.get("index")))
+    members = sorted((child for child in group if child.get("regionRef") or local_name(child).endswith("Group")),
+                     key=lambda child: _index(child.get("index")))
     refs = []
     for member in members:
         if member.get("regionRef"):

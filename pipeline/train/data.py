@@ -121,7 +121,7 @@ def read_line_sources(sources: Sequence["DataSource"]) -> list[LabeledLine]:
         found = (read_line_folder(source.path, source.paint_out_neighbours) if source.kind == "folder"
                  else read_page_lines(source.path))
         if not found:
-            raise ConfigError(f"{source.kind} source {source.path} holds no labelled line (a folder: <name>.png|jpg|tif "
+            raise ConfigError(f"{source.kind} source {source.path} holds no labelled lines (a folder: <name>.png|jpg|tif "
                               f"beside <name>.gt.txt; pages: PAGE/ALTO lines with text and an outline)")
         lines += found
     return lines
