@@ -8,7 +8,6 @@ bad file fails here with a precise error instead of deep inside rendering.
 from __future__ import annotations
 
 import fnmatch
-import glob
 import hashlib
 import os
 import re
@@ -126,6 +125,59 @@ def _walk(folder: str, seen: set[tuple[int, int]]) -> list[str]:
     return paths
 
 
+def _glob(pattern: str) -> Iterator[str]:
+    """``glob.glob(pattern, recursive=True)``, but a ``**`` never follows a link back into a folder it came
+    through: Python's glob goes round such a loop until the path is too long, and with two loops that takes
+    exponential time (the job never starts). Linked folders are still searched, as :func:`_walk` searches
+    them; names starting with a dot match only a pattern part that does."""
+    parts = pattern.split(os.sep)
+    if os.path.isabs(pattern):
+        return _glob_in(os.sep, parts[1:], frozenset())
+    return (os.path.relpath(path) for path in _glob_in(os.curdir, parts, frozenset()))
+
+
+def _glob_in(folder: str, parts: list[str], above: frozenset[tuple[int, int]]) -> Iterator[str]:
+    if not parts:
+        yield folder
+        return
+    part, rest = parts[0], parts[1:]
+    if not _GLOB_CHARS.search(part):
+        path = os.path.join(folder, part)
+        if (os.path.isdir(path) if rest else os.path.lexists(path)):
+            yield from _glob_in(path, rest, above)
+        return
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return
+    if part == "**":
+        yield from _glob_in(folder, rest, above)
+        try:
+            status = os.stat(folder)
+        except OSError:
+            return
+        inside = above | {(status.st_dev, status.st_ino)}
+        for name in names:
+            if name.startswith("."):
+                continue
+            path = os.path.join(folder, name)
+            try:
+                status = os.stat(path)
+            except OSError:  # a broken link: a name to report as unreadable, like a file
+                status = None
+            if status is None or not stat.S_ISDIR(status.st_mode):
+                if not rest:  # a last "**" matches files too
+                    yield path
+            elif (status.st_dev, status.st_ino) not in inside:  # else a link round a loop
+                yield from _glob_in(path, parts, inside)
+        return
+    for name in fnmatch.filter(names, part):
+        path = os.path.join(folder, name)
+        if (name.startswith(".") and not part.startswith(".")) or (rest and not os.path.isdir(path)):
+            continue
+        yield from _glob_in(path, rest, above)
+
+
 def _inside_test(folders: Sequence[str]) -> Callable[[str], bool]:
     """Whether a path lies under one of ``folders``: a local folder as given or with its links resolved, and
     the paths as listed (no call per file: archives list millions)."""
@@ -138,10 +190,10 @@ def _inside_test(folders: Sequence[str]) -> Callable[[str], bool]:
 def _expand_one(item: str, left_out: Counter, output_folders: Sequence[str]) -> list[str]:
     # an existing name is taken literally even when it holds glob characters ("scan [1].pdf")
     if not is_uri(item) and not os.path.lexists(item) and _GLOB_CHARS.search(item):
-        # a recursive glob follows linked folders, round a loop too: each file once, by its shortest path
+        # linked folders are searched: each file once, by its shortest path
         shortest: dict[tuple[str, str], str] = {}
         real_folders: dict[str, str] = {}
-        for match in sorted(map(os.path.abspath, glob.glob(item, recursive=True)), key=len):
+        for match in sorted(map(os.path.abspath, _glob(item)), key=len):
             parent, name = os.path.split(match)
             real = real_folders.setdefault(parent, os.path.realpath(parent))
             shortest.setdefault((real, name), match)

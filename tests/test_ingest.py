@@ -65,6 +65,20 @@ def test_linked_folders_are_searched_and_a_link_loop_lists_each_file_once(tmp_pa
         assert find_inputs([str(path) for path in inputs]).sources == expected, inputs
 
 
+def test_a_recursive_glob_through_two_link_loops_ends(tmp_path, page_images):
+    """Python's glob goes round each loop until the path is too long: with two loops, 2^40 paths."""
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    page_images[0].save(tmp_path / "in" / "sub" / "own.png")
+    (tmp_path / "in" / "sub" / "up").symlink_to("..")
+    (tmp_path / "in" / "sub" / "self").symlink_to(".")
+    found = []
+    search = threading.Thread(target=lambda: found.append(find_inputs([str(tmp_path / "in" / "**" / "*.png")])),
+                              daemon=True)
+    search.start()
+    search.join(timeout=30)
+    assert found and found[0].sources == [str(tmp_path / "in" / "sub" / "own.png")]
+
+
 def test_an_output_folder_inside_an_input_folder_is_not_read_again(tmp_path, page_images):
     """A second run would otherwise read the first run's searchable PDFs and page images as new documents."""
     page_images[0].save(tmp_path / "scan.png")
