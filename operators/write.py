@@ -7,7 +7,8 @@ pairs of part files with the same name, ``pages/part-R-N.parquet`` then
 counts as written once its ``documents`` row is published; a ``pages`` part whose ``documents``
 twin is missing (a run killed between the two renames) is removed at the next start, and the rerun
 processes those documents again. ALTO / PAGE / hOCR / text exports, when asked for, go to
-``exports/`` before the documents row is published, under names that a rerun overwrites.
+``exports/`` before the documents row is published, under names that a rerun overwrites; what an
+unfinished run exported of a document and the rerun does not write again is removed.
 
 One run at a time: :func:`output_lock` holds ``DIR/.lock`` for the whole run, and a write that fails
 (disk full) stops the job with :class:`~operators.errors.WriteFailed`, everything published before
@@ -33,7 +34,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from operators.errors import EXPORT_FAILED, OutputLocked, OutputNotWritable, WriteFailed
-from operators.formats.export import write_exports
+from operators.formats.export import remove_other_exports, write_exports
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
 from operators.storage import resolve_filesystem
 from operators.words import split_words
@@ -268,6 +269,7 @@ class ParquetSink:
         self._parts = 0
         for folder in (PAGES_DIR, DOCUMENTS_DIR, STAGING_DIR):
             self.filesystem.create_dir(f"{self.root}/{folder}", recursive=True)
+        self._exports_found = self.filesystem.get_file_info(f"{self.root}/{EXPORTS_DIR}").type != pafs.FileType.NotFound
 
     def expect(self, record: DocumentRecord, pages: int | None = None) -> None:
         """Announce a document and the number of its pages to wait for (default: all of them); one with
@@ -292,6 +294,9 @@ class ParquetSink:
         rows = [page_row(page) for page in pages]
         if self.exports:  # before the documents row is published: a rerun rewrites them whole
             outcome = self._export(outcome, rows)
+        elif rows and self._exports_found:  # an unfinished earlier run's exports of it, which this run does not write
+            with writing(f"the exports of {outcome.source} in {self.root}/{EXPORTS_DIR}"):
+                remove_other_exports(asdict(outcome), (), f"{self.root}/{EXPORTS_DIR}", self.filesystem)
         self._ready_documents.append(outcome)
         self._ready_pages.extend(rows)
         summary = self.summary

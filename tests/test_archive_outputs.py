@@ -16,12 +16,14 @@ import jiwer
 import numpy as np
 import pikepdf
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pytest
 from lxml import etree
 from PIL import Image
 
 from conftest import box_iou, official_schema, text_page, write_pdf
 from operators.errors import ConfigError, ExitCode
+from operators.formats.export import remove_other_exports
 from operators.formats.pdf import searchable_pdf
 from operators.rasterize import PageRange, rasterize
 from operators.records import LineRecord
@@ -263,6 +265,18 @@ def test_mets_files_are_valid_against_the_official_schema(run):
     assert len(mets_files) == 4
     for path in mets_files:
         assert schema.validate(etree.parse(str(path))), (path.name, schema.error_log.last_error)
+
+
+def test_every_file_an_export_writes_is_one_a_rerun_would_replace(run, tmp_path):
+    """The names :func:`remove_other_exports` looks for cover every file of every format (PDF, METS with its
+    page images and ALTO, PAGE): none is left behind for a rerun to mistake for its own."""
+    _, output, _, _ = run
+    exports = shutil.copytree(output / "exports", tmp_path / "exports")
+    documents = ds.dataset(f"{output}/documents", format="parquet").to_table().to_pylist()
+    assert len(list(exports.iterdir())) > 10
+    for document in documents:
+        remove_other_exports(document, (), str(exports), pafs.LocalFileSystem())
+    assert list(exports.iterdir()) == []
 
 
 def test_pages_selects_the_same_pages_of_every_input(ray_local, inputs, tmp_path):

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pyarrow.dataset as ds
 import pytest
 
 from operators.errors import OutputLocked, OutputNotWritable
+from operators.formats.export import write_exports
 from operators.write import (
     DOCUMENTS_DIR,
+    EXPORTS_DIR,
     PAGES_DIR,
     ParquetSink,
     output_lock,
+    page_row,
     page_text,
     published_doc_ids,
     recover_output,
@@ -133,6 +138,25 @@ def test_exports_that_fail_fail_their_document_not_the_job(tmp_path, monkeypatch
     assert "exports not written" in rows["a"]["error_message"] and rows["b"]["error_code"] == "corrupt_file"
     assert _read(tmp_path / "out", PAGES_DIR).column("doc_id").to_pylist() == ["a"]
     assert summary.documents_failed == 2
+
+
+@pytest.mark.parametrize("exports", [("txt",), ()])
+def test_a_rerun_removes_what_an_unfinished_run_exported_of_a_document_it_writes_again(tmp_path, exports):
+    """A killed run exported document "a" (both pages, four formats) and never published it; the rerun reads
+    page 1 only, with other formats or none: only what the rerun writes may lie in exports/, since the rest
+    could be another model's reading or pages the tables do not hold."""
+    exports_dir = tmp_path / EXPORTS_DIR
+    killed = write_exports([page_row(_page("a", 1)), page_row(_page("a", 2))], asdict(_document("a", 2)),
+                           ["alto", "page", "hocr", "txt"], str(exports_dir))
+    (exports_dir / "b-pdf.txt").write_text("another document's file, left alone")
+    sink = ParquetSink(str(tmp_path), rows_per_file=100, exports=exports)
+    sink.expect(_document("a", 2), pages=1)
+    sink.add_page(_page("a", 1, texts=("rerun",)))
+    sink.close()
+    assert len(killed) == 6
+    assert sorted(path.name for path in exports_dir.iterdir()) == ["a-a.txt"] * bool(exports) + ["b-pdf.txt"]
+    if exports:
+        assert (exports_dir / "a-a.txt").read_text() == "rerun\n"
 
 
 def test_published_documents_are_announced_only_once_their_rows_are_written(tmp_path):

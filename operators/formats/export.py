@@ -80,7 +80,22 @@ def write_exports(pages: Sequence[dict], document: dict, formats: Sequence[str],
             with filesystem.open_output_stream(path) as stream:
                 stream.write(content)
             written.append(path)
+    remove_other_exports(document, written, root, filesystem)
     return written
+
+
+def remove_other_exports(document: dict, kept: Sequence[str], root: str, filesystem: pafs.FileSystem) -> None:
+    """Delete the export files of ``document`` in ``root`` other than ``kept``: what an unfinished earlier
+    attempt at it wrote (a killed run, then a rerun with other formats or pages) would otherwise lie beside
+    this run's files as if they were its own. Only this document's own names are looked at, one call."""
+    stem = export_stem(document)
+    names = [f"{stem}.{suffix}" for suffix in DOCUMENT_SUFFIXES] + [
+        _page_file(stem, page, suffix) for page in range(1, document["num_pages"] + 1) for suffix in PAGE_SUFFIXES]
+    kept = set(kept)
+    paths = [path for path in (f"{root}/{name}" for name in names) if path not in kept]
+    for info in filesystem.get_file_info(paths):
+        if info.type == pafs.FileType.File:
+            filesystem.delete_file(info.path)
 
 
 def export_stem(document: dict) -> str:
@@ -94,6 +109,10 @@ def export_stem(document: dict) -> str:
 
 #: Bytes of the source name kept in export names, leaving room for the doc_id and the suffixes.
 STEM_BYTES = 200
+#: What follows the stem in the names of a document's files (:func:`_text_files`, :func:`_hocr_files`,
+#: :func:`_pdf_files`, :func:`_mets_files`) and of its pages' files (:func:`_page_file`).
+DOCUMENT_SUFFIXES = ("hocr", "txt", "pdf", "mets.xml")
+PAGE_SUFFIXES = ("alto.xml", "page.xml", "png")
 
 
 # --- shared geometry and text ---------------------------------------------------------------
