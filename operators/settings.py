@@ -149,3 +149,5 @@ class OutputConfig(Frozen):
     exports: tuple[Literal["alto", "page", "hocr", "txt", "pdf", "mets"], ...] = Field(
         default=(), description="files beside the Parquet, in DIR/exports/")
     pdfa: bool = Field(default=False, description="searchable PDFs as PDF/A-2b")
+    retry_failed: bool = Field(default=False, description="read again the documents the output holds as failed, "
+                                                          "when this run's inputs hold their sources")

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -216,6 +217,54 @@ def _published(output: str, column: str) -> dict[str, Any]:
         values = table.column(column).to_pylist() if present else [None] * len(table)
         done.update(zip(table.column("doc_id").to_pylist(), values))
     return done
+
+
+def failed_to_retry(output: str, sources: set[str]) -> set[str]:
+    """The doc_ids ``--retry-failed`` takes out of ``output`` so that this run reads them again: the published
+    ``failed`` documents whose source is among ``sources`` (this run's), whatever bytes it holds now, and the
+    duplicates that point at them. A failed document with a duplicate this run does not read stays, so that
+    no row is left pointing at nothing. Reads only (``--dry-run`` too)."""
+    filesystem, root = resolve_filesystem(output)
+    rows = []
+    pages = _list_parts(filesystem, f"{root}/{PAGES_DIR}")
+    for name, path in _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}").items():
+        if name in pages:
+            rows += _open_part(filesystem, path).read(columns=["doc_id", "source", "status", "duplicate_of"]).to_pylist()
+    failed = {row["doc_id"] for row in rows if row["status"] == "failed" and row["source"] in sources}
+    dependents = [row for row in rows if row["duplicate_of"] in failed]
+    failed -= {row["duplicate_of"] for row in dependents if row["source"] not in sources}
+    return failed | {row["doc_id"] for row in dependents if row["duplicate_of"] in failed}
+
+
+def retire_documents(output: str, doc_ids: set[str]) -> None:
+    """Take ``doc_ids`` (:func:`failed_to_retry`) out of the published parts that hold them, each part rewritten
+    under its own name and renamed over itself, so that every other document stays published throughout. The
+    pages part goes first: a run killed between the two renames leaves the documents row and a later
+    ``--retry-failed`` run finishes the job, and never a page whose document is read again beside it. A part
+    left empty is removed, documents first (a pages part without its twin is removed at the next start)."""
+    if not doc_ids:
+        return
+    filesystem, root = resolve_filesystem(output)
+    retired = pa.array(sorted(doc_ids))
+    pages = _list_parts(filesystem, f"{root}/{PAGES_DIR}")
+    for name, path in _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}").items():
+        if name not in pages:
+            continue
+        documents = _open_part(filesystem, path).read()
+        kept_documents = documents.filter(pc.invert(pc.is_in(documents.column("doc_id"), retired)))
+        if len(kept_documents) == len(documents):
+            continue
+        with writing(f"{root}/{DOCUMENTS_DIR}/{name}"):
+            if len(kept_documents) == 0:
+                filesystem.delete_file(path)
+                filesystem.delete_file(pages[name])
+                continue
+            page_rows = _open_part(filesystem, pages[name]).read()
+            for table, final in ((page_rows.filter(pc.invert(pc.is_in(page_rows.column("doc_id"), retired))), pages[name]),
+                                 (kept_documents, path)):
+                staged = f"{root}/{STAGING_DIR}/retired-{final.rsplit('/', 2)[-2]}-{name}"
+                pq.write_table(table, staged, filesystem=filesystem)
+                filesystem.move(staged, final)
 
 
 @dataclass

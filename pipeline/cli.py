@@ -32,6 +32,9 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pdfa", action="store_true", help="searchable PDFs as PDF/A-2b (output.pdfa)")
     parser.add_argument("--pages", metavar="RANGES",
                         help="1-based pages of every input, e.g. 1-3,7 or 5- (same as rasterize.pages)")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="read again the documents the output holds as failed, from these inputs "
+                             "(output.retry_failed)")
     parser.add_argument("--dry-run", action="store_true",
                         help="triage only: list documents, page counts and problems; write nothing")
     parser.add_argument("--log-json", type=Path, metavar="FILE",
@@ -49,6 +52,8 @@ def _job_command(args: argparse.Namespace, mode: str) -> int:
         overrides.append(f"output.exports=[{args.export}]")
     if args.pdfa:
         overrides.append("output.pdfa=true")
+    if args.retry_failed:
+        overrides.append("output.retry_failed=true")
     if args.pages:
         overrides.append(f"rasterize.pages={json.dumps(args.pages)}")  # a YAML string, whatever it holds
     config = load_config(args.config, overrides)

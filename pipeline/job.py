@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Generator, Iterator, Literal
+from typing import Any, Collection, Generator, Iterator, Literal
 
 import ray
 from ray.data import ActorPoolStrategy
@@ -31,11 +31,13 @@ from operators.records import DocumentRecord, PageWork
 from operators.write import (
     ParquetSink,
     WriteSummary,
+    failed_to_retry,
     output_folders,
     output_lock,
     published_doc_ids,
     published_page_selections,
     recover_output,
+    retire_documents,
 )
 from pipeline.config import JobConfig
 from pipeline.progress import JobProgress, quiet_ray_data
@@ -55,6 +57,7 @@ class JobSummary:
     written: WriteSummary
     seconds: float
     left_out: dict[str, int]  # files in folders and globs that are no documents, by suffix
+    retried: int = 0  # documents the output held as failed, taken out and read again (--retry-failed)
 
     @property
     def pages_per_second(self) -> float:
@@ -66,7 +69,8 @@ class JobSummary:
         return (
             f"output: {self.output}\n"
             f"documents: {w.documents_ok} ok, {w.documents_failed} failed, {w.documents_duplicate} duplicates, "
-            f"{self.documents_skipped} already done\n"
+            f"{self.documents_skipped} already done"
+            f"{f' ({self.retried} failed before, read again)' if self.retried else ''}\n"
             f"left out (no document): {left_out}\n"
             f"pages: {w.pages} ({w.pages_failed} failed), lines: {w.lines}\n"
             f"time: {self.seconds:.1f} s, {self.pages_per_second:.2f} pages/s"
@@ -237,7 +241,10 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                                on_published=progress.document_published if progress else None)
             quiet_ray_data(verbose)
             plans = _triage_all(found.sources, config)
-            check_page_selection(plans, output, selection)
+            retried = _failed_to_retry(plans, output, config)
+            check_page_selection(plans, output, selection, retried)
+            retire_documents(output, retried)
+            done = {doc_id: source for doc_id, source in done.items() if doc_id not in retried}
             fresh = mark_duplicates(plans, done)
             readable = [plan for plan in fresh if plan.duplicate_of is None]
             if progress:
@@ -255,7 +262,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                             sink.add_page(work)
         written = sink.close()
     return JobSummary(output=output, documents_skipped=len(plans) - len(fresh), written=written,
-                      seconds=time.monotonic() - started, left_out=dict(found.left_out))
+                      seconds=time.monotonic() - started, left_out=dict(found.left_out), retried=len(retried))
 
 
 @contextmanager
@@ -317,13 +324,21 @@ def _document_record(plan: DocumentPlan, selection: str | None) -> DocumentRecor
     )
 
 
-def check_page_selection(plans: list[DocumentPlan], output: str, selection: str | None) -> None:
+def _failed_to_retry(plans: list[DocumentPlan], output: str, config: JobConfig) -> set[str]:
+    """``--retry-failed``: the failed documents of this run's sources (:func:`operators.write.failed_to_retry`)."""
+    if not config.output.retry_failed:
+        return set()
+    return failed_to_retry(output, {recorded_source(plan.source) for plan in plans})
+
+
+def check_page_selection(plans: list[DocumentPlan], output: str, selection: str | None,
+                         retried: Collection[str] = ()) -> None:
     """Refuse a run that would skip documents the output holds read with other pages (``--pages``): a run
     skips what is already written, so the pages the earlier run left out would never be read. Selections are
     compared by the pages they pick from each document ("1-" and none, "1-3" and "1,2,3" are the same); rows
-    written before the selection was recorded count as every page."""
+    written before the selection was recorded count as every page. Documents ``retried`` are read again."""
     earlier = published_page_selections(output)
-    other = [plan for plan in plans if plan.doc_id in earlier
+    other = [plan for plan in plans if plan.doc_id in earlier and plan.doc_id not in retried
              and selected_pages(earlier[plan.doc_id], plan.num_pages) != selected_pages(selection, plan.num_pages)]
     if other:
         def described(pages: str | None) -> str:
@@ -382,7 +397,8 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     _line_preprocessor(config, mode)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         plans = list(pool.map(lambda source: triage(source, config.rasterize), sources))
-    check_page_selection(plans, output, config.rasterize.pages)
-    done = published_doc_ids(output)
+    retried = _failed_to_retry(plans, output, config)
+    check_page_selection(plans, output, config.rasterize.pages, retried)
+    done = {doc_id: source for doc_id, source in published_doc_ids(output).items() if doc_id not in retried}
     marked = {plan.source: plan for plan in mark_duplicates(plans, done)}  # all but the ones already done
     return DryRun([marked.get(plan.source, plan) for plan in plans], done, config.rasterize.pages)

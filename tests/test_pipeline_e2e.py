@@ -20,7 +20,7 @@ from operators.settings import DEFAULT_MODEL
 from pipeline.config import load_config
 from operators.decoding import check_generation_settings
 from operators.errors import ConfigError, ExitCode, ModelLoadError
-from pipeline.job import run_job
+from pipeline.job import dry_run, run_job
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA
 from pipeline.synth.docs import load_ground_truth, page_texts
 
@@ -260,6 +260,31 @@ def test_same_bytes_seen_in_a_later_run_is_a_duplicate_of_the_published_document
     assert rows["b.png"]["status"] == "duplicate" and rows["b.png"]["duplicate_of"] == rows["a.png"]["doc_id"]
     assert _read(output, "pages").num_rows == 1
     assert run_job([str(folder)], output, config, mode="detect").documents_skipped == 2
+
+
+def test_retry_failed_reads_a_repaired_file_again_in_place_of_its_failed_row(ray_local, tmp_path):
+    """With --retry-failed a failed document's row is replaced by the new outcome of its source (without it,
+    a repaired file is a second row beside the failed one), the dry run says so first, and the good document
+    in the same part stays untouched."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    text_page(["The original letter"], size=(600, 300)).save(folder / "a.png", dpi=(150, 150))
+    (folder / "b.png").write_bytes(b"not an image yet")
+    output = str(tmp_path / "out")
+    plain, retry = (load_config(None, ["rasterize.dpi=150", *extra]) for extra in ([], ["output.retry_failed=true"]))
+    assert run_job([str(folder)], output, plain, mode="detect").written.documents_failed == 1
+    same = run_job([str(folder)], output, retry, mode="detect")  # the same bytes: tried and failed again, once
+    assert (same.retried, same.written.documents_failed, _read(output, "documents").num_rows) == (1, 1, 2)
+    (failed_id,) = [row["doc_id"] for row in _read(output, "documents").to_pylist() if row["status"] == "failed"]
+    text_page(["The repaired letter"], size=(600, 300)).save(folder / "b.png", dpi=(150, 150))
+    assert failed_id in dry_run([str(folder)], output, plain, mode="detect").done
+    assert failed_id not in dry_run([str(folder)], output, retry, mode="detect").done
+    again = run_job([str(folder)], output, retry, mode="detect")
+    assert (again.retried, again.documents_skipped, again.written.documents_ok, again.written.pages) == (1, 1, 1, 1)
+    rows = {os.path.basename(row["source"]): row["status"] for row in _read(output, "documents").to_pylist()}
+    assert rows == {"a.png": "ok", "b.png": "ok"} and _read(output, "documents").num_rows == 2
+    assert sorted(os.path.basename(source) for source in _read(output, "pages").column("source").to_pylist()) == [
+        "a.png", "b.png"]
 
 
 def test_bundled_handwritten_model_reads_a_synthetic_handwritten_page(ray_local, tmp_path):

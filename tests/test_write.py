@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pyarrow.dataset as ds
 import pytest
@@ -14,11 +14,13 @@ from operators.write import (
     EXPORTS_DIR,
     PAGES_DIR,
     ParquetSink,
+    failed_to_retry,
     output_lock,
     page_row,
     page_text,
     published_doc_ids,
     recover_output,
+    retire_documents,
 )
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
 
@@ -157,6 +159,32 @@ def test_a_rerun_removes_what_an_unfinished_run_exported_of_a_document_it_writes
     assert sorted(path.name for path in exports_dir.iterdir()) == ["a-a.txt"] * bool(exports) + ["b-pdf.txt"]
     if exports:
         assert (exports_dir / "a-a.txt").read_text() == "rerun\n"
+
+
+def test_retrying_failed_documents_takes_out_their_rows_and_pages_and_keeps_every_other_document(tmp_path):
+    """--retry-failed: the failed documents of the run's sources, and the duplicates pointing at them, leave
+    the published parts; the documents beside them in the same parts stay, rows and pages."""
+    sink = ParquetSink(str(tmp_path), rows_per_file=4)
+    sink.expect(_document("a", 1))
+    sink.add_page(_page("a", 1))
+    sink.expect(_document("f", 0, status="failed", error_code="corrupt_file"))
+    sink.expect(replace(_document("d", 0, status="duplicate"), duplicate_of="f"))
+    sink.expect(_document("g", 2))  # a page failed: a failed document with a good page
+    sink.add_page(_page("g", 1))
+    sink.add_page(_page("g", 2).fail("render_failed", "cut off"))
+    sink.expect(_document("h", 0, status="failed", error_code="render_timeout"))  # alone in the second part
+    sink.close()
+    everything = {"a.pdf", "f.pdf", "d.pdf", "g.pdf", "h.pdf"}
+    assert failed_to_retry(str(tmp_path), {"f.pdf", "g.pdf"}) == {"g"}  # d.pdf, not read, would point at nothing
+    assert failed_to_retry(str(tmp_path), {"a.pdf"}) == set()
+    retried = failed_to_retry(str(tmp_path), everything)
+    assert retried == {"f", "d", "g", "h"}
+    retire_documents(str(tmp_path), retried)
+    assert len(list((tmp_path / DOCUMENTS_DIR).iterdir())) == len(list((tmp_path / PAGES_DIR).iterdir())) == 1
+    assert recover_output(str(tmp_path)) == {"a": "a.pdf"}
+    assert [(row["doc_id"], row["page"]) for row in _read(tmp_path, PAGES_DIR).to_pylist()] == [("a", 1)]
+    assert _read(tmp_path, DOCUMENTS_DIR).schema.equals(DOCUMENTS_SCHEMA)
+    assert failed_to_retry(str(tmp_path), everything) == set()
 
 
 def test_published_documents_are_announced_only_once_their_rows_are_written(tmp_path):
