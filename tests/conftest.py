@@ -5,6 +5,7 @@ Nothing here needs the network, a GPU or ../shared: every input is built by the 
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,15 @@ def official_schema(name: str) -> "etree.XMLSchema":
     parser = etree.XMLParser()
     parser.resolvers.add(LocalXlink())
     return etree.XMLSchema(etree.parse(str(SCHEMAS / name), parser))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MiB tmpfs, as the output disk."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {result.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)

@@ -175,18 +175,6 @@ def test_output_that_cannot_be_written_fails_before_any_work(documents, tmp_path
     assert f"the output {blocker / 'out'} cannot be written" in capsys.readouterr().err
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 2 MiB tmpfs, as the job's output disk."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {result.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
 def test_disk_full_stops_with_a_clear_message_and_a_rerun_completes(ray_local, documents, small_disk, capsys):
     """The command line, in this process on the session's Ray instance (the job joins it)."""
     output = small_disk / "out"

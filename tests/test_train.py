@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import torch
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
-from operators.errors import ConfigError, ModelLoadError
+from operators.errors import ConfigError, ModelLoadError, OutputNotWritable, WriteFailed
 from helpers import TINY_CORPUS, build_tiny_random_trocr
 from operators.crops import cut_polygon
 from operators.model import cpu_has_native_bf16, load_trocr
@@ -26,7 +27,7 @@ from pipeline.cli import main
 from pipeline.train.config import DataSource, LayerSelection, TrainConfig, load_train_config
 from operators.words import fit_loose_crop, fit_rows_to_ink
 from pipeline.train.data import LabelCollator, read_line_folder, read_line_sources, read_page_lines, validation_lines
-from pipeline.train.loop import (CHECKPOINT_PREFIX, TRAINER_STATE, latest_checkpoint, learning_rate_factor, start_run,
+from pipeline.train.loop import (BEST_STATE, CHECKPOINT_PREFIX, TRAINER_STATE, character_error_rate, latest_checkpoint, learning_rate_factor, start_run,
                                  train)
 from pipeline.train.model import build_trocr, save_trocr, shrink_trocr
 from pipeline.train.tokenizer import train_tokenizer
@@ -291,9 +292,21 @@ def test_line_folders_name_what_cannot_be_read_and_what_is_missing(tmp_path, cap
     render("cut short").save(tmp_path / "damaged.png")
     (tmp_path / "damaged.png").write_bytes((tmp_path / "damaged.png").read_bytes()[:200])
     (tmp_path / "damaged.gt.txt").write_text("cut short\n", encoding="utf-8")
-    [line] = read_line_folder(tmp_path)
+    render("blank").save(tmp_path / "blank.png")
+    (tmp_path / "blank.gt.txt").write_text(" \n", encoding="utf-8")  # taught to write nothing, scored as all wrong
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.data"):
+        [line] = read_line_folder(tmp_path)
+    assert "1 transcriptions are empty" in caplog.text and "blank.gt.txt" in caplog.text
     with pytest.raises(ConfigError, match=f"line image {tmp_path / 'damaged.png'} cannot be read: OSError"):
         line.load_gray()
+    Image.new("L", (14000, 13000), 255).save(tmp_path / "huge.png")  # over Pillow's decompression-bomb limit
+    (tmp_path / "huge.gt.txt").write_text("huge\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"line image {tmp_path / 'huge.png'} cannot be read: DecompressionBomb"):
+        [line for line in read_line_folder(tmp_path) if line.name == "huge.png"][0].load_gray()
+    (tmp_path / "latin1.gt.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    render("cafe").save(tmp_path / "latin1.png")
+    with pytest.raises(ConfigError, match=f"transcription {tmp_path / 'latin1.gt.txt'} is not UTF-8"):
+        read_line_folder(tmp_path)
 
 
 def test_a_line_folder_cut_with_a_margin_has_its_neighbours_ink_painted_out_only_when_it_says_so(tmp_path):
@@ -399,3 +412,73 @@ def test_shipped_training_configs_rebuild_each_bundled_model_from_scratch():
         assert config.base_model is None or config.base_model in outputs, f"{name}: nothing builds {config.base_model}"
     bundled = sorted(f"models/{folder.name}" for folder in (root / "models").iterdir() if folder.is_dir())
     assert sorted(output for output in outputs if output.startswith("models/")) == bundled
+
+
+def test_validation_cer_is_scored_as_eval_scores_it():
+    """Training's validation CER after eval's normalisation: a double space or a decomposed accent in the ground
+    truth is no error of the model's (they had put 1-12 points between the two figures for the same model)."""
+    assert character_error_rate(["a  b", "e\u0301t\u00e9"], ["a b", "\u00e9te\u0301"]) == 0.0
+    assert character_error_rate(["ab"], ["a"]) == 0.5
+
+
+def test_a_work_dir_belongs_to_one_run(tmp_path, base_model, line_folder, caplog):
+    """A run without --resume in a work_dir with checkpoints had rotated its own checkpoints away by step number,
+    so that --resume later continued the other run; a resume under other data or optimizer settings had mixed
+    the two silently; a backup named checkpoint-N.bak had crashed the run."""
+    config = fine_tune_config(tmp_path, base_model, line_folder, steps=10)
+    train(config, show_progress=False)
+    (tmp_path / "work" / f"{CHECKPOINT_PREFIX}10.bak").mkdir()
+    with pytest.raises(ConfigError, match=f"holds the checkpoints of an earlier run \\(the newest: {CHECKPOINT_PREFIX}10\\)"):
+        train(config, show_progress=False)
+    with pytest.raises(ConfigError, match="saved with other learning_rate, train_data than this config gives"):
+        train(config.model_copy(update={"learning_rate": 1e-4, "train_data": config.validation_data * 2}),
+              resume=True, show_progress=False)
+    # a better model saved after the newest checkpoint (step 10's is its own here) is replaced only by a better one
+    (tmp_path / "work" / BEST_STATE).write_text(json.dumps({"step": 15, "validation_cer": 0.0001}))
+    _, state = start_run(config.model_copy(update={"steps": 20}), resume=True)
+    assert (state.step, state.best_cer) == (10, 0.0001)
+
+
+def test_storage_that_cannot_take_a_checkpoint_stops_training_with_one_line(tmp_path, base_model, line_folder,
+                                                                            small_disk):
+    """A full disk had ended the run in a torch traceback naming no file, a read-only one only at the first
+    checkpoint, hundreds of steps in."""
+    config = fine_tune_config(small_disk, base_model, line_folder, steps=2).model_copy(
+        update={"output_dir": tmp_path / "model", "checkpoint_every": 1})
+    (small_disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 64 * 1024))
+    with pytest.raises(WriteFailed, match=f"cannot write {small_disk / 'work' / CHECKPOINT_PREFIX}1: no space left"):
+        train(config, show_progress=False)
+    (small_disk / "filler").unlink()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(OutputNotWritable, match=f"training cannot write to {small_disk / 'work'}"):
+        train(config, show_progress=False)
+
+
+def test_loader_workers_end_with_a_training_process_killed_outright(tmp_path, base_model, line_folder):
+    """SIGKILL (the out-of-memory killer) gives no chance to unwind: a loader worker had been left blocked on the
+    dead process's pipe for good, holding its memory."""
+    config = fine_tune_config(tmp_path, base_model, line_folder, steps=100_000).model_dump(mode="json")
+    config.update(loader_workers=1, checkpoint_every=100_000, validate_every=100_000)
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    training = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "--config", str(tmp_path / "train.yaml"),
+                                 "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children_file = Path(f"/proc/{training.pid}/task/{training.pid}/children")
+    deadline = time.monotonic() + 120
+    while not children_file.read_text().split() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers = children_file.read_text().split()
+    assert workers, "the loader worker never started"
+    time.sleep(2)  # the worker is making batches
+    training.kill()
+    training.wait()
+
+    def alive(pid: str) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 20
+    while any(map(alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(map(alive, workers))

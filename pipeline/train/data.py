@@ -60,7 +60,7 @@ class LabeledLine:
         try:
             with Image.open(self.path) as image:
                 pixels = np.asarray(image.convert("L"))
-        except (OSError, SyntaxError, ValueError) as exc:  # what Pillow raises on a damaged file
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # damaged, or absurdly large
             raise ConfigError(f"line image {self.path} cannot be read: {type(exc).__name__}: {exc}") from exc
         return fit(pixels)
 
@@ -76,20 +76,31 @@ def read_line_folder(folder: Path, paint_out_neighbours: bool = False) -> list[L
             parts = path.name.split(".")
             for end in range(1, len(parts)):
                 images_by_stem.setdefault(".".join(parts[:end]), []).append(path)
-    lines, without_image = [], []
+    lines, without_image, without_text = [], [], []
     for gt in sorted(folder.glob(f"*{GT_SUFFIX}")):
         candidates = images_by_stem.get(gt.name[: -len(GT_SUFFIX)])
         if not candidates:
             without_image.append(gt.name)
+        elif not (text := _transcription(gt)):  # as lines without text on PAGE/ALTO pages: nothing to learn or score
+            without_text.append(gt.name)
         else:
             image = min(candidates, key=lambda path: len(path.name))
-            text = gt.read_text(encoding="utf-8-sig").strip()  # a byte order mark is no part of the text
             lines.append(LabeledLine(name=image.name, text=text, source=str(folder), path=image,
                                      paint_out_neighbours=paint_out_neighbours))
-    if without_image:
-        log.warning("%s: %d transcriptions have no image beside them and are left out (e.g. %s)", folder,
-                    len(without_image), without_image[0])
+    for left_out, reason in ((without_image, "have no image beside them"), (without_text, "are empty")):
+        if left_out:
+            log.warning("%s: %d transcriptions %s and are left out (e.g. %s)", folder, len(left_out), reason,
+                        left_out[0])
     return lines
+
+
+def _transcription(gt: Path) -> str:
+    """The text of a ``.gt.txt``, a byte order mark and surrounding whitespace dropped."""
+    try:
+        return gt.read_text(encoding="utf-8-sig").strip()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"transcription {gt} is not UTF-8 ({exc.reason} at byte {exc.start}): save it as UTF-8"
+                          ) from exc
 
 
 def read_page_lines(path: Path) -> list[LabeledLine]:

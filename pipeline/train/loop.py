@@ -9,19 +9,27 @@ Checkpoints with optimizer state go to ``work_dir`` and ``--resume`` continues f
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import json
 import logging
 import math
 import random
 import os
+import re
 import shutil
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import jiwer
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -29,10 +37,11 @@ from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 from transformers.models.vision_encoder_decoder.modeling_vision_encoder_decoder import shift_tokens_right
 
 from operators.decoding import encode_lines, ink_width_step
-from operators.errors import ConfigError
+from operators.errors import ConfigError, OutputNotWritable, WriteFailed
 from operators.model import TrOCRBundle, cpu_has_native_bf16, load_trocr, resolve_device, resolve_dtype
 from operators.preprocess import WIDTH_SCALE_KEY, LinePreprocessor, ink_columns
 from operators.recognize import LineRecognizer
+from pipeline.evaluate import make_normalizer
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import Batch, LabelCollator, LabeledLine, TrainingLines, validation_lines
 from pipeline.train.model import build_trocr, save_trocr, shrink_trocr
@@ -41,7 +50,16 @@ from pipeline.train.tokenizer import train_tokenizer
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
+_CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
 TRAINER_STATE = "trainer_state.pt"
+#: In work_dir: the validation CER of the model in output_dir, so that a resumed run, which restarts from a
+#: checkpoint older than that model, replaces it only with a better one.
+BEST_STATE = "best.json"
+#: What a resumed run may change: how long it runs, and how it saves, validates and uses the machine. The other
+#: settings decide what is learnt (data, model, optimizer), so a checkpoint continues only the run that made it.
+CHANGEABLE_ON_RESUME = frozenset({"output_dir", "work_dir", "steps", "stop_after_step", "checkpoint_every",
+                                  "keep_checkpoints", "validate_every", "validation_batch_size", "torch_threads",
+                                  "loader_workers", "device", "precision"})
 #: Training lines are drawn this many batches at a time and batched by ink width within the draw.
 WIDTH_POOL_BATCHES = 8
 
@@ -100,10 +118,12 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> tuple[torch.o
 
 
 def character_error_rate(references: Sequence[str], predictions: Sequence[str]) -> float:
-    """Corpus CER (total edits / total reference characters), jiwer."""
+    """Corpus CER (total edits / total reference characters), jiwer, after ``eval``'s normalisation (NFC,
+    whitespace runs as one space), so that training's validation CER is the figure ``eval`` gives."""
     if not references:
         raise ValueError("no reference lines to compute a CER on")
-    return float(jiwer.cer(list(references), list(predictions)))
+    normalize = make_normalizer(())
+    return float(jiwer.cer([normalize(text) for text in references], [normalize(text) for text in predictions]))
 
 
 @dataclass
@@ -113,8 +133,10 @@ class TrainerState:
 
 
 def _checkpoints(work_dir: Path) -> list[Path]:
-    """Checkpoint folders in step order."""
-    return sorted(work_dir.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda path: int(path.name.removeprefix(CHECKPOINT_PREFIX)))
+    """Checkpoint folders in step order (``checkpoint-N``; a copy named otherwise, ``checkpoint-30.bak``, is not one)."""
+    steps = {path: int(match[1]) for path in work_dir.glob(f"{CHECKPOINT_PREFIX}*")
+             if (match := _CHECKPOINT_NAME.fullmatch(path.name)) and path.is_dir()}
+    return sorted(steps, key=steps.get)
 
 
 def latest_checkpoint(work_dir: Path) -> Path | None:
@@ -123,20 +145,70 @@ def latest_checkpoint(work_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def _settings(config: TrainConfig) -> dict:
+    """The settings a checkpoint belongs to (all but :data:`CHANGEABLE_ON_RESUME`)."""
+    return config.model_dump(mode="json", exclude=set(CHANGEABLE_ON_RESUME))
+
+
+@contextmanager
+def _saving(what: Path) -> Iterator[None]:
+    """A failed save (disk full, a folder made read-only) as one line and exit code 7, naming what was saved;
+    torch's writer reports a full disk as a RuntimeError, safetensors as its own error."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "iostream error" in str(exc)
+                or "No space left" in str(exc))
+        raise WriteFailed(f"cannot write {what}: {'no space left on the device' if full else exc}; the checkpoints "
+                          "saved before it are kept: free space and continue with --resume") from exc
+
+
 def save_checkpoint(run: "TrainingRun", state: TrainerState) -> Path:
     """Model + processor + optimizer/scheduler/state; the trainer state file is written last (= complete)."""
     folder = run.config.work_dir / f"{CHECKPOINT_PREFIX}{state.step}"
-    save_trocr(run.model, run.processor, folder)
-    partial = folder / f"{TRAINER_STATE}.partial"  # renamed once whole: a run killed while saving leaves no state
-    torch.save(
-        {"step": state.step, "best_cer": state.best_cer, "optimizer": run.optimizer.state_dict(),
-         "schedule": run.schedule.state_dict(), "grad_scaler": run.grad_scaler.state_dict()},
-        partial,
-    )
-    os.replace(partial, folder / TRAINER_STATE)
+    with _saving(folder):
+        save_trocr(run.model, run.processor, folder)
+        partial = folder / f"{TRAINER_STATE}.partial"  # renamed once whole: a run killed while saving leaves no state
+        torch.save(
+            {"step": state.step, "best_cer": state.best_cer, "optimizer": run.optimizer.state_dict(),
+             "schedule": run.schedule.state_dict(), "grad_scaler": run.grad_scaler.state_dict(),
+             "settings": _settings(run.config)},
+            partial,
+        )
+        os.replace(partial, folder / TRAINER_STATE)
     for old in _checkpoints(run.config.work_dir)[: -run.config.keep_checkpoints]:
         shutil.rmtree(old)
     return folder
+
+
+def save_best(run: "TrainingRun", state: TrainerState) -> None:
+    """The model to output_dir, then its CER to work_dir (:data:`BEST_STATE`)."""
+    config = run.config
+    with _saving(config.output_dir):
+        save_trocr(run.model, run.processor, config.output_dir)
+        partial = config.work_dir / f"{BEST_STATE}.partial"
+        partial.write_text(json.dumps({"step": state.step, "validation_cer": state.best_cer}))
+        os.replace(partial, config.work_dir / BEST_STATE)
+
+
+def _best_saved(work_dir: Path) -> float:
+    """The validation CER of the model in output_dir, as :func:`save_best` recorded it."""
+    try:
+        return float(json.loads((work_dir / BEST_STATE).read_text())["validation_cer"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return float("inf")
+
+
+def _check_writable(config: TrainConfig) -> None:
+    """Fail at the start, not at the first checkpoint hundreds of steps in, when a folder cannot be written."""
+    for folder in (config.work_dir, config.output_dir):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise OutputNotWritable(f"training cannot write to {folder}: {exc}") from exc
 
 
 @dataclass
@@ -209,9 +281,16 @@ def start_run(config: TrainConfig, resume: bool, shard: tuple[int, int] = (0, 1)
     """Build (or reload) model and optimizer; with ``resume`` continue from the newest checkpoint."""
     device = resolve_device(config.device)
     autocast_dtype = training_autocast_dtype(config.precision, device)
-    checkpoint = latest_checkpoint(config.work_dir) if resume else None
+    if shard[0] == 0:
+        _check_writable(config)
+    checkpoint = latest_checkpoint(config.work_dir)
+    if checkpoint is not None and not resume:
+        raise ConfigError(f"{config.work_dir} holds the checkpoints of an earlier run (the newest: {checkpoint.name}): "
+                          f"add --resume to continue it, or remove them or set another work_dir to start again")
     if resume and checkpoint is None:
         log.warning("--resume: no checkpoint in %s, starting from scratch", config.work_dir)
+    if checkpoint is None and shard[0] == 0:
+        (config.work_dir / BEST_STATE).unlink(missing_ok=True)  # an earlier run's, killed before its first checkpoint
     if checkpoint is not None:
         bundle = load_trocr(str(checkpoint), device="cpu")
         model, processor = bundle.model, bundle.processor
@@ -226,15 +305,29 @@ def start_run(config: TrainConfig, resume: bool, shard: tuple[int, int] = (0, 1)
     state = TrainerState()
     if checkpoint is not None:
         saved = torch.load(checkpoint / TRAINER_STATE, map_location=device, weights_only=False)
+        _check_same_settings(saved.get("settings"), config, checkpoint)
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         grad_scaler.load_state_dict(saved["grad_scaler"])
-        state = TrainerState(step=saved["step"], best_cer=saved["best_cer"])
+        state = TrainerState(step=saved["step"], best_cer=min(saved["best_cer"], _best_saved(config.work_dir)))
         log.info("resumed from %s at step %d", checkpoint, state.step)
     preprocessor = LinePreprocessor.from_image_processor(processor.image_processor)
     run = TrainingRun(config, model, processor, optimizer, schedule, device, autocast_dtype, forward_model, preprocessor,
                       grad_scaler, shard)
     return run, state
+
+
+def _check_same_settings(saved: dict | None, config: TrainConfig, checkpoint: Path) -> None:
+    """Refuse to resume a checkpoint under other data, model or optimizer settings (checkpoints written before
+    the settings were saved with them are taken as they are)."""
+    if saved is None:
+        return
+    now = _settings(config)
+    changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
+    if changed:
+        raise ConfigError(f"--resume: {checkpoint} was saved with other {', '.join(changed)} than this config gives; "
+                          f"only {', '.join(sorted(CHANGEABLE_ON_RESUME))} may change on resume (set them back, or "
+                          f"start a new run in another work_dir)")
 
 
 def training_batches(run: TrainingRun, state: TrainerState) -> Iterator[Batch]:
@@ -244,8 +337,19 @@ def training_batches(run: TrainingRun, state: TrainerState) -> Iterator[Batch]:
     collator = LabelCollator(run.processor.tokenizer, run.model.config.decoder_start_token_id,
                              run.model.generation_config.max_new_tokens or 128)
     pools = DataLoader(dataset, batch_size=config.batch_size * WIDTH_POOL_BATCHES, collate_fn=list,
-                       num_workers=config.loader_workers)
+                       num_workers=config.loader_workers, worker_init_fn=_end_with_the_training_process)
     return _width_sorted_batches(pools, collator, config.batch_size, random.Random(config.seed + lines_seen))
+
+
+#: prctl(2) option: the signal a process gets when the thread that made it ends.
+_PR_SET_PDEATHSIG = 1
+
+
+def _end_with_the_training_process(worker_id: int) -> None:
+    """A DataLoader worker ends when the training process dies, even by SIGKILL (the out-of-memory killer):
+    otherwise it blocks forever writing a batch to the pipe nobody reads, holding its memory (Linux only)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _width_sorted_batches(pools: Iterable[list[tuple[np.ndarray, str]]], collator: "LabelCollator", batch_size: int,
@@ -324,12 +428,13 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
                          f", {run.shard[1]} workers" if run.shard[1] > 1 else "")
                 if cer < state.best_cer:
                     state.best_cer = cer
-                    save_trocr(run.model, run.processor, config.output_dir)
+                    save_best(run, state)
             if run.is_main and (state.step % config.checkpoint_every == 0 or at_end):
                 save_checkpoint(run, state)
             if report:
                 report(metrics)
     progress.close()
     if run.is_main and not config.validation_data:
-        save_trocr(run.model, run.processor, config.output_dir)
+        with _saving(config.output_dir):
+            save_trocr(run.model, run.processor, config.output_dir)
     return config.output_dir

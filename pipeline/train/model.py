@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -125,14 +127,20 @@ def _layer_stack(model: VisionEncoderDecoderModel, side: str) -> str:
 
 
 def save_trocr(model: VisionEncoderDecoderModel, processor: TrOCRProcessor, out_dir: Path) -> Path:
-    """Write model (safetensors), image processor and tokenizer where load_trocr finds them."""
+    """Write model (safetensors), image processor and tokenizer where load_trocr finds them. Each file is written
+    beside the folder first and renamed into it whole, so a run killed while saving its best model leaves every
+    file of the folder complete (transformers rewrites ``config.json`` in place, and a kill there had left it
+    empty: no model at all)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
     backend = getattr(processor.tokenizer, "backend_tokenizer", None)
     if backend is not None:  # the training labels' truncation and padding are no part of the checkpoint
         backend.no_truncation()
         backend.no_padding()
-    processor.save_pretrained(out_dir)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}-", dir=out_dir.parent) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        for path in sorted(Path(staging).iterdir()):
+            os.replace(path, out_dir / path.name)
     return out_dir
 
 
