@@ -133,7 +133,9 @@ def _glob(pattern: str) -> Iterator[str]:
     parts = pattern.split(os.sep)
     if os.path.isabs(pattern):
         return _glob_in(os.sep, parts[1:], frozenset())
-    return (os.path.relpath(path) for path in _glob_in(os.curdir, parts, frozenset()))
+    # a relative "**" matches the current folder too, which glob leaves out (it would be walked whole)
+    return (os.path.relpath(path) for path in _glob_in(os.curdir, parts, frozenset())
+            if os.path.normpath(path) != os.curdir)
 
 
 def _glob_in(folder: str, parts: list[str], above: frozenset[tuple[int, int]]) -> Iterator[str]:
@@ -146,14 +148,10 @@ def _glob_in(folder: str, parts: list[str], above: frozenset[tuple[int, int]]) -
         if (os.path.isdir(path) if rest else os.path.lexists(path)):
             yield from _glob_in(path, rest, above)
         return
-    try:
-        names = sorted(os.listdir(folder))
-    except OSError:
-        return
     if part == "**":
-        yield from _glob_in(folder, rest, above)
+        yield from _glob_in(folder, rest, above)  # before listing: a folder that may be entered, not listed
         try:
-            status = os.stat(folder)
+            names, status = sorted(os.listdir(folder)), os.stat(folder)
         except OSError:
             return
         inside = above | {(status.st_dev, status.st_ino)}
@@ -170,6 +168,10 @@ def _glob_in(folder: str, parts: list[str], above: frozenset[tuple[int, int]]) -
                     yield path
             elif (status.st_dev, status.st_ino) not in inside:  # else a link round a loop
                 yield from _glob_in(path, parts, inside)
+        return
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
         return
     for name in fnmatch.filter(names, part):
         path = os.path.join(folder, name)

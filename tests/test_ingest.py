@@ -79,6 +79,17 @@ def test_a_recursive_glob_through_two_link_loops_ends(tmp_path, page_images):
     assert found and found[0].sources == [str(tmp_path / "in" / "sub" / "own.png")]
 
 
+def test_a_relative_recursive_glob_leaves_hidden_folders_out_as_glob_does(tmp_path, page_images, monkeypatch):
+    """A bare "**" had matched the current folder itself, which was then walked whole, hidden thumbnails too."""
+    (tmp_path / "box1").mkdir()
+    (tmp_path / ".thumbs").mkdir()
+    page_images[0].save(tmp_path / "box1" / "p1.png")
+    page_images[1].copy().save(tmp_path / ".thumbs" / "p1.png")  # a save leaves its encoder settings on the image
+    monkeypatch.chdir(tmp_path)
+    for pattern in ("**", "**/", "**/*.png"):
+        assert [os.path.basename(os.path.dirname(path)) for path in find_inputs([pattern]).sources] == ["box1"], pattern
+
+
 def test_an_output_folder_inside_an_input_folder_is_not_read_again(tmp_path, page_images):
     """A second run would otherwise read the first run's searchable PDFs and page images as new documents."""
     page_images[0].save(tmp_path / "scan.png")
