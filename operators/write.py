@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +37,7 @@ import pyarrow.parquet as pq
 
 from operators.errors import EXPORT_FAILED, OutputLocked, OutputNotWritable, WriteFailed
 from operators.formats.export import remove_other_exports, write_exports
+from operators.ingest import duplicate_id
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
 from operators.storage import resolve_filesystem
 from operators.words import split_words
@@ -45,6 +47,8 @@ log = logging.getLogger(__name__)
 PAGES_DIR = "pages"
 DOCUMENTS_DIR = "documents"
 STAGING_DIR = "_staging"
+#: In DIR while ``--retry-failed`` takes documents out: the doc_ids, so that a killed run's retirement is finished.
+RETIRING = "_retiring.json"
 EXPORTS_DIR = "exports"
 LOCK_FILE = ".lock"
 
@@ -165,6 +169,8 @@ def recover_output(output: str) -> dict[str, str]:
     filesystem, root = resolve_filesystem(output)
     filesystem.create_dir(root, recursive=True)
     filesystem.delete_dir_contents(f"{root}/{STAGING_DIR}", missing_dir_ok=True)
+    if _pending_retirement(filesystem, root):  # a --retry-failed run killed while taking documents out
+        _retire(filesystem, root)
     documents = _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}")
     pages = _list_parts(filesystem, f"{root}/{PAGES_DIR}")
     for name, path in pages.items():
@@ -203,68 +209,115 @@ def published_page_selections(output: str) -> dict[str, str | None]:
 
 
 def _published(output: str, column: str) -> dict[str, Any]:
-    """doc_id -> ``column`` of every published documents row (in a part with its pages twin: see
-    :func:`recover_output`); None where a part predates the column."""
+    """doc_id -> ``column`` of every published documents row (see :func:`_published_rows`)."""
+    return {row["doc_id"]: row[column] for row in _published_rows(output, ("doc_id", column))}
+
+
+def _published_rows(output: str, columns: Sequence[str]) -> list[dict[str, Any]]:
+    """``columns`` of every published documents row: in a part with its pages twin (see :func:`recover_output`),
+    and not written down to be retired (:func:`retire_documents`); None where a part predates a column."""
     filesystem, root = resolve_filesystem(output)
-    done: dict[str, Any] = {}
+    retiring = set().union(*_pending_retirement(filesystem, root))
+    rows: list[dict[str, Any]] = []
     pages = _list_parts(filesystem, f"{root}/{PAGES_DIR}")
     for name, path in _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}").items():
         if name not in pages:
             continue
         part = _open_part(filesystem, path)
-        present = column in part.schema_arrow.names
-        table = part.read(columns=["doc_id", column] if present else ["doc_id"])
-        values = table.column(column).to_pylist() if present else [None] * len(table)
-        done.update(zip(table.column("doc_id").to_pylist(), values))
-    return done
+        present = [column for column in columns if column in part.schema_arrow.names]
+        rows += [{column: row.get(column) for column in columns} for row in part.read(columns=present).to_pylist()
+                 if row["doc_id"] not in retiring]
+    return rows
 
 
-def failed_to_retry(output: str, sources: set[str]) -> set[str]:
-    """The doc_ids ``--retry-failed`` takes out of ``output`` so that this run reads them again: the published
-    ``failed`` documents whose source is among ``sources`` (this run's), whatever bytes it holds now, and the
-    duplicates that point at them. A failed document with a duplicate this run does not read stays, so that
-    no row is left pointing at nothing. Reads only (``--dry-run`` too)."""
-    filesystem, root = resolve_filesystem(output)
-    rows = []
-    pages = _list_parts(filesystem, f"{root}/{PAGES_DIR}")
-    for name, path in _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}").items():
-        if name in pages:
-            rows += _open_part(filesystem, path).read(columns=["doc_id", "source", "status", "duplicate_of"]).to_pylist()
-    failed = {row["doc_id"] for row in rows if row["status"] == "failed" and row["source"] in sources}
-    dependents = [row for row in rows if row["duplicate_of"] in failed]
-    failed -= {row["duplicate_of"] for row in dependents if row["source"] not in sources}
-    return failed | {row["doc_id"] for row in dependents if row["duplicate_of"] in failed}
+@dataclass(frozen=True)
+class Retirement:
+    """The published documents ``--retry-failed`` takes out so that the run reads them again, in the order they
+    go: the rows that rest on another (duplicates, failed copies) before the documents they rest on, so that a
+    kill in between never leaves a row pointing at nothing."""
+
+    dependents: frozenset[str] = frozenset()
+    failed: frozenset[str] = frozenset()
+
+    @property
+    def doc_ids(self) -> frozenset[str]:
+        return self.dependents | self.failed
 
 
-def retire_documents(output: str, doc_ids: set[str]) -> None:
-    """Take ``doc_ids`` (:func:`failed_to_retry`) out of the published parts that hold them, each part rewritten
-    under its own name and renamed over itself, so that every other document stays published throughout. The
-    pages part goes first: a run killed between the two renames leaves the documents row and a later
-    ``--retry-failed`` run finishes the job, and never a page whose document is read again beside it. A part
-    left empty is removed, documents first (a pages part without its twin is removed at the next start)."""
-    if not doc_ids:
+def failed_to_retry(output: str, sources: set[str]) -> Retirement:
+    """What ``--retry-failed`` takes out of ``output``: the published ``failed`` documents whose source is among
+    ``sources`` (this run's), whatever bytes it holds now, with the rows resting on them (duplicates, and failed
+    copies, whose doc_id is made from theirs: :func:`operators.ingest.duplicate_id`). A failed document with such
+    a row that this run does not read stays, so that no row is left pointing at nothing. Reads only (the dry run
+    too)."""
+    rows = _published_rows(output, ("doc_id", "source", "status", "duplicate_of"))
+    candidates = {row["doc_id"] for row in rows if row["status"] == "failed" and row["source"] in sources}
+    failed_rows = [row for row in rows if row["status"] == "failed"]
+    resting: dict[str, list[dict]] = {doc_id: [] for doc_id in candidates}
+    for row in rows:
+        if row["duplicate_of"] in resting:
+            resting[row["duplicate_of"]].append(row)
+    for doc_id in candidates:
+        resting[doc_id] += [row for row in failed_rows if row["doc_id"] == duplicate_id(doc_id, row["source"])]
+    owners = {doc_id for doc_id, rows_on in resting.items() if all(row["source"] in sources for row in rows_on)}
+    dependents = frozenset(row["doc_id"] for doc_id in owners for row in resting[doc_id])
+    return Retirement(dependents=dependents, failed=frozenset(owners - dependents))
+
+
+def retire_documents(output: str, retirement: Retirement) -> None:
+    """Take the documents of ``retirement`` out of ``output``: their export files, then their rows. It is written
+    down first (:data:`RETIRING`), and a run killed part way is finished by the next start
+    (:func:`recover_output`), whatever that run reads."""
+    if not retirement.doc_ids:
         return
     filesystem, root = resolve_filesystem(output)
-    retired = pa.array(sorted(doc_ids))
-    pages = _list_parts(filesystem, f"{root}/{PAGES_DIR}")
-    for name, path in _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}").items():
-        if name not in pages:
-            continue
-        documents = _open_part(filesystem, path).read()
-        kept_documents = documents.filter(pc.invert(pc.is_in(documents.column("doc_id"), retired)))
-        if len(kept_documents) == len(documents):
-            continue
-        with writing(f"{root}/{DOCUMENTS_DIR}/{name}"):
-            if len(kept_documents) == 0:
-                filesystem.delete_file(path)
-                filesystem.delete_file(pages[name])
+    partial = f"{root}/{STAGING_DIR}/{RETIRING}"
+    with writing(f"{root}/{RETIRING}"):
+        with filesystem.open_output_stream(partial) as stream:
+            stream.write(json.dumps([sorted(retirement.dependents), sorted(retirement.failed)]).encode())
+        filesystem.move(partial, f"{root}/{RETIRING}")
+    _retire(filesystem, root)
+
+
+def _pending_retirement(filesystem: pafs.FileSystem, root: str) -> list[set[str]]:
+    """The waves of doc_ids a run wrote down to retire and may not have finished (:func:`retire_documents`)."""
+    try:
+        with filesystem.open_input_stream(f"{root}/{RETIRING}") as stream:
+            return [set(wave) for wave in json.loads(stream.read())]
+    except FileNotFoundError:
+        return []
+
+
+def _retire(filesystem: pafs.FileSystem, root: str) -> None:
+    """Each wave out of every part that holds it: the documents' export files, then each part rewritten under its
+    own name and renamed over itself, pages part first (every other document stays published throughout); a part
+    left empty is removed, documents first. Every step can be done again, so a kill anywhere is finished by
+    running this again."""
+    for wave in _pending_retirement(filesystem, root):
+        retired = pa.array(sorted(wave), pa.string())
+        pages = _list_parts(filesystem, f"{root}/{PAGES_DIR}")
+        for name, path in _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}").items():
+            if name not in pages:
                 continue
-            page_rows = _open_part(filesystem, pages[name]).read()
-            for table, final in ((page_rows.filter(pc.invert(pc.is_in(page_rows.column("doc_id"), retired))), pages[name]),
-                                 (kept_documents, path)):
-                staged = f"{root}/{STAGING_DIR}/retired-{final.rsplit('/', 2)[-2]}-{name}"
-                pq.write_table(table, staged, filesystem=filesystem)
-                filesystem.move(staged, final)
+            documents = _open_part(filesystem, path).read()
+            leaving = pc.is_in(documents.column("doc_id"), retired)
+            if not pc.any(leaving).as_py():
+                continue
+            with writing(f"{root}/{DOCUMENTS_DIR}/{name}"):
+                for document in documents.filter(leaving).to_pylist():
+                    remove_other_exports(document, (), f"{root}/{EXPORTS_DIR}", filesystem)
+                staying = documents.filter(pc.invert(leaving))
+                if len(staying) == 0:
+                    filesystem.delete_file(path)
+                    filesystem.delete_file(pages[name])
+                    continue
+                page_rows = _open_part(filesystem, pages[name]).read()
+                for table, final in ((page_rows.filter(pc.invert(pc.is_in(page_rows.column("doc_id"), retired))),
+                                      pages[name]), (staying, path)):
+                    staged = f"{root}/{STAGING_DIR}/retired-{final.rsplit('/', 2)[-2]}-{name}"
+                    pq.write_table(table, staged, filesystem=filesystem)
+                    filesystem.move(staged, final)
+    filesystem.delete_file(f"{root}/{RETIRING}")
 
 
 @dataclass

@@ -30,6 +30,7 @@ from operators.rasterize import PageRange, page_ranges, rasterize
 from operators.records import DocumentRecord, PageWork
 from operators.write import (
     ParquetSink,
+    Retirement,
     WriteSummary,
     failed_to_retry,
     output_folders,
@@ -57,7 +58,7 @@ class JobSummary:
     written: WriteSummary
     seconds: float
     left_out: dict[str, int]  # files in folders and globs that are no documents, by suffix
-    retried: int = 0  # documents the output held as failed, taken out and read again (--retry-failed)
+    retried: int = 0  # documents the output held, taken out and read again (--retry-failed)
 
     @property
     def pages_per_second(self) -> float:
@@ -70,7 +71,7 @@ class JobSummary:
             f"output: {self.output}\n"
             f"documents: {w.documents_ok} ok, {w.documents_failed} failed, {w.documents_duplicate} duplicates, "
             f"{self.documents_skipped} already done"
-            f"{f' ({self.retried} failed before, read again)' if self.retried else ''}\n"
+            f"{f' ({self.retried} read again: --retry-failed)' if self.retried else ''}\n"
             f"left out (no document): {left_out}\n"
             f"pages: {w.pages} ({w.pages_failed} failed), lines: {w.lines}\n"
             f"time: {self.seconds:.1f} s, {self.pages_per_second:.2f} pages/s"
@@ -241,10 +242,10 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                                on_published=progress.document_published if progress else None)
             quiet_ray_data(verbose)
             plans = _triage_all(found.sources, config)
-            retried = _failed_to_retry(plans, output, config)
-            check_page_selection(plans, output, selection, retried)
-            retire_documents(output, retried)
-            done = {doc_id: source for doc_id, source in done.items() if doc_id not in retried}
+            retirement = _failed_to_retry(plans, output, config)
+            check_page_selection(plans, output, selection, retirement.doc_ids)
+            retire_documents(output, retirement)
+            done = {doc_id: source for doc_id, source in done.items() if doc_id not in retirement.doc_ids}
             fresh = mark_duplicates(plans, done)
             readable = [plan for plan in fresh if plan.duplicate_of is None]
             if progress:
@@ -262,7 +263,8 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                             sink.add_page(work)
         written = sink.close()
     return JobSummary(output=output, documents_skipped=len(plans) - len(fresh), written=written,
-                      seconds=time.monotonic() - started, left_out=dict(found.left_out), retried=len(retried))
+                      seconds=time.monotonic() - started, left_out=dict(found.left_out),
+                      retried=len(retirement.doc_ids))
 
 
 @contextmanager
@@ -324,10 +326,10 @@ def _document_record(plan: DocumentPlan, selection: str | None) -> DocumentRecor
     )
 
 
-def _failed_to_retry(plans: list[DocumentPlan], output: str, config: JobConfig) -> set[str]:
+def _failed_to_retry(plans: list[DocumentPlan], output: str, config: JobConfig) -> Retirement:
     """``--retry-failed``: the failed documents of this run's sources (:func:`operators.write.failed_to_retry`)."""
     if not config.output.retry_failed:
-        return set()
+        return Retirement()
     return failed_to_retry(output, {recorded_source(plan.source) for plan in plans})
 
 
@@ -397,8 +399,8 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     _line_preprocessor(config, mode)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         plans = list(pool.map(lambda source: triage(source, config.rasterize), sources))
-    retried = _failed_to_retry(plans, output, config)
-    check_page_selection(plans, output, config.rasterize.pages, retried)
-    done = {doc_id: source for doc_id, source in published_doc_ids(output).items() if doc_id not in retried}
+    retired = _failed_to_retry(plans, output, config).doc_ids
+    check_page_selection(plans, output, config.rasterize.pages, retired)
+    done = {doc_id: source for doc_id, source in published_doc_ids(output).items() if doc_id not in retired}
     marked = {plan.source: plan for plan in mark_duplicates(plans, done)}  # all but the ones already done
     return DryRun([marked.get(plan.source, plan) for plan in plans], done, config.rasterize.pages)

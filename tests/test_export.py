@@ -77,14 +77,14 @@ def exported(tmp_path, pages, document) -> dict[str, Path]:
 
 
 def _parse(exported: dict[str, Path], suffix: str) -> etree._ElementTree:
-    return etree.parse(str(exported[f"letter.final-01234567{suffix}"]))
+    return etree.parse(str(exported[f"letter.final-0123456789abcdef{suffix}"]))
 
 
 def test_one_file_per_page_for_alto_and_page_one_per_document_for_hocr_and_text(exported):
-    stem = "letter.final-01234567"
+    stem = "letter.final-0123456789abcdef"
     expected = {f"{stem}.p{n:04d}.{kind}.xml" for n in range(1, 5) for kind in ("alto", "page")}
     assert set(exported) == expected | {f"{stem}.hocr", f"{stem}.txt"}
-    assert export_stem({"doc_id": "ffee" * 4, "source": "s3://bucket/in/scan"}) == "scan-ffeeffee"
+    assert export_stem({"doc_id": "ffee" * 8, "source": "s3://bucket/in/scan"}) == "scan-ffeeffeeffeeffee"
 
 
 def test_alto_page_holds_blocks_in_reading_order_with_polygons_words_and_confidences(exported, pages):
@@ -158,7 +158,7 @@ def test_hocr_holds_every_page_with_areas_lines_words_boxes_and_confidences(expo
 
 
 def test_text_export_separates_pages_with_form_feeds(exported, pages):
-    text = exported["letter.final-01234567.txt"].read_text(encoding="utf-8")
+    text = exported["letter.final-0123456789abcdef.txt"].read_text(encoding="utf-8")
     by_number = {row["page"]: row["text"] for row in pages}
     assert text.split("\f") == [by_number[n] + "\n" for n in (1, 2, 3, 4)]
     assert TRICKY in text
@@ -198,8 +198,8 @@ def test_text_xml_cannot_hold_is_dropped_not_fatal(tmp_path, document):
 def test_writes_through_a_given_filesystem(tmp_path, pages, document):
     filesystem = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
     paths = write_exports(pages, document, ["txt", "txt"], "exports", filesystem)
-    assert paths == ["exports/letter.final-01234567.txt"]
-    assert (tmp_path / "exports" / "letter.final-01234567.txt").is_file()
+    assert paths == ["exports/letter.final-0123456789abcdef.txt"]
+    assert (tmp_path / "exports" / "letter.final-0123456789abcdef.txt").is_file()
 
 
 def test_document_without_pages_writes_nothing(tmp_path, document):

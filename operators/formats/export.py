@@ -5,7 +5,7 @@ The input is exactly what the Parquet output holds (``pages`` rows as :func:`ope
 page_row` makes them, and the ``documents`` row), so exports can be written as documents complete
 or later from the Parquet files. ALTO and PAGE describe one image each and get one file per page;
 hOCR, text, PDF and METS hold a whole document. File names start with the source's name and the doc_id's
-first 8 characters, so two sources with the same name never overwrite each other, and a rerun
+first 16 characters, so two sources with the same name never overwrite each other, and a rerun
 overwrites its own files.
 
 Word boxes are written where a line carries ``words``; otherwise ALTO gets one String per word
@@ -99,12 +99,14 @@ def remove_other_exports(document: dict, kept: Sequence[str], root: str, filesys
 
 
 def export_stem(document: dict) -> str:
-    """``<source file name without suffix>-<first 8 characters of doc_id>``, the name cut to
-    ``STEM_BYTES`` so that a long source name plus the suffixes stays a legal file name (255 bytes)."""
+    """``<source file name without suffix>-<first 16 characters of doc_id>``, the name cut to
+    ``STEM_BYTES`` so that a long source name plus the suffixes stays a legal file name (255 bytes). Sixteen hex
+    digits, as archives name a file ``0001.tif`` in every box: with eight, two of 100,000 such files were likely
+    to share a name and overwrite each other's exports."""
     name = document["source"].replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
     base = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
     base = base.encode()[:STEM_BYTES].decode("utf-8", "ignore")
-    return f"{base}-{document['doc_id'][:8]}"
+    return f"{base}-{document['doc_id'][:16]}"
 
 
 #: Bytes of the source name kept in export names, leaving room for the doc_id and the suffixes.
