@@ -24,6 +24,8 @@ import errno
 import fcntl
 import json
 import logging
+import os
+import re
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -148,10 +150,51 @@ def output_lock(output: str) -> Iterator[None]:
         yield
 
 
+#: The names this tool gives its part files (:meth:`ParquetSink.flush`) and what it stages under ``_staging/``.
+_PART_NAME = re.compile(r"part-[0-9a-f]{12}-\d{5,}\.parquet")
+_STAGED_NAME = re.compile(rf"((retired-)?({PAGES_DIR}|{DOCUMENTS_DIR})-{_PART_NAME.pattern}|{re.escape(RETIRING)})")
+
+
 def _list_parts(filesystem: pafs.FileSystem, folder: str) -> dict[str, str]:
     selector = pafs.FileSelector(folder, allow_not_found=True)
     return {info.base_name: info.path for info in filesystem.get_file_info(selector)
-            if info.type == pafs.FileType.File and info.base_name.endswith(".parquet")}
+            if info.type == pafs.FileType.File and _PART_NAME.fullmatch(info.base_name)}
+
+
+def check_output_is_ours(output: str) -> None:
+    """Refuse an output whose ``pages/`` or ``documents/`` hold Parquet files this tool did not write: a reader of
+    the folder would take them for rows, and a run would remove them as parts without a twin."""
+    filesystem, root = resolve_filesystem(output)
+    for folder in (PAGES_DIR, DOCUMENTS_DIR):
+        selector = pafs.FileSelector(f"{root}/{folder}", allow_not_found=True)
+        foreign = sorted(info.base_name for info in filesystem.get_file_info(selector)
+                         if info.base_name.endswith(".parquet") and not _PART_NAME.fullmatch(info.base_name))
+        if foreign:
+            raise OutputNotWritable(
+                f"{root}/{folder} holds {len(foreign)} Parquet file(s) trocr-pipeline did not write ({foreign[0]}): "
+                f"move them out of {output}, or write to another output")
+
+
+def check_output_writable(output: str) -> None:
+    """What :func:`output_lock` finds by writing, found without writing (the dry run): a local output that is a
+    file, or that lies in a folder this user or a read-only mount cannot write to. Object stores are not checked."""
+    filesystem, root = resolve_filesystem(output)
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        return
+    existing = root
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputNotWritable(f"the output {output} cannot be written: {existing} is "
+                                f"{'a read-only folder' if os.path.isdir(existing) else 'not a folder'}")
+
+
+def _clear_staging(filesystem: pafs.FileSystem, root: str) -> None:
+    """Remove what a run staged and did not publish; anything else in ``_staging/`` is left alone."""
+    selector = pafs.FileSelector(f"{root}/{STAGING_DIR}", allow_not_found=True)
+    for info in filesystem.get_file_info(selector):
+        if info.type == pafs.FileType.File and _STAGED_NAME.fullmatch(info.base_name):
+            filesystem.delete_file(info.path)
 
 
 def output_folders(output: str) -> list[str]:
@@ -166,9 +209,10 @@ def recover_output(output: str) -> dict[str, str]:
     and is removed. A documents part without its pages twin (removed by hand, lost) is removed too, so that
     its documents are read again instead of standing as done without their pages. A part that is no
     Parquet file stops the run, named: whether to redo its documents is the owner's call."""
+    check_output_is_ours(output)
     filesystem, root = resolve_filesystem(output)
     filesystem.create_dir(root, recursive=True)
-    filesystem.delete_dir_contents(f"{root}/{STAGING_DIR}", missing_dir_ok=True)
+    _clear_staging(filesystem, root)
     if _pending_retirement(filesystem, root):  # a --retry-failed run killed while taking documents out
         _retire(filesystem, root)
     documents = _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}")
@@ -458,6 +502,6 @@ class ParquetSink:
                        for (_, source), record in self._pending.items()}
             raise RuntimeError(f"pages never arrived for {missing}")
         self.flush()
-        self.filesystem.delete_dir_contents(f"{self.root}/{STAGING_DIR}", missing_dir_ok=True)
+        _clear_staging(self.filesystem, self.root)
         return self.summary
 

@@ -32,6 +32,8 @@ from operators.write import (
     ParquetSink,
     Retirement,
     WriteSummary,
+    check_output_is_ours,
+    check_output_writable,
     failed_to_retry,
     output_folders,
     output_lock,
@@ -395,6 +397,8 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     """Triage every input (in threads: hashing and poppler release the GIL) and check the model, as
     :func:`run_job` would before any work; starts no Ray and writes nothing."""
     sources = find_inputs(inputs, output_folders(output)).sources
+    check_output_writable(output)
+    check_output_is_ours(output)
     check_cpus_left_for_pages(config, config.ray.num_cpus or len(os.sched_getaffinity(0)), mode)
     _line_preprocessor(config, mode)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:

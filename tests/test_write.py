@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, replace
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -18,7 +19,10 @@ from operators.write import (
     EXPORTS_DIR,
     PAGES_DIR,
     RETIRING,
+    STAGING_DIR,
     ParquetSink,
+    check_output_is_ours,
+    check_output_writable,
     failed_to_retry,
     output_lock,
     page_row,
@@ -100,9 +104,9 @@ def test_recover_removes_orphan_pages_and_reports_done_documents(tmp_path):
     sink.add_page(_page("a", 1))
     sink.close()
     # a run killed between publishing a pages part and its documents twin
-    orphan = tmp_path / PAGES_DIR / "part-killed-00000.parquet"
+    orphan = tmp_path / PAGES_DIR / "part-00000000dead-00000.parquet"
     orphan.write_bytes((tmp_path / PAGES_DIR).glob("*.parquet").__next__().read_bytes())
-    (tmp_path / "_staging" / "pages-half-written.parquet").write_bytes(b"PAR1 garbage")
+    (tmp_path / "_staging" / "pages-part-00000000dead-00001.parquet").write_bytes(b"PAR1 garbage")
     assert recover_output(str(tmp_path)) == {"a": "a.pdf"}
     assert not orphan.exists()
     assert list((tmp_path / "_staging").iterdir()) == []
@@ -230,6 +234,35 @@ def test_a_retirement_cut_short_is_finished_at_the_next_start_and_counts_as_done
     assert not (tmp_path / RETIRING).exists()
     assert [row["doc_id"] for row in _read(tmp_path, DOCUMENTS_DIR).to_pylist()] == ["a"]
     assert [path.name for path in (tmp_path / EXPORTS_DIR).iterdir()] == ["a-a.txt"]
+
+
+def test_an_output_holding_files_of_others_is_refused_and_their_files_stay(tmp_path):
+    """A run had deleted another tool's Parquet files in pages/ and documents/ (as parts without a twin) and
+    everything under _staging/, with exit 0."""
+    sink = ParquetSink(str(tmp_path), rows_per_file=100)
+    sink.expect(_document("a", 1))
+    sink.add_page(_page("a", 1))
+    sink.close()
+    (tmp_path / STAGING_DIR / "batch1").mkdir()
+    (tmp_path / STAGING_DIR / "batch1" / "scan-0001.tif").write_bytes(b"keep")
+    (tmp_path / STAGING_DIR / "pages-part-0123456789ab-00000.parquet").write_bytes(b"a killed run's")
+    assert recover_output(str(tmp_path)) == {"a": "a.pdf"}
+    assert [path.name for path in (tmp_path / STAGING_DIR).iterdir()] == ["batch1"]
+    pq.write_table(pa.table({"x": [1]}), tmp_path / PAGES_DIR / "page_scores_2023.parquet")
+    for check in (recover_output, check_output_is_ours):
+        with pytest.raises(OutputNotWritable, match="pages holds 1 Parquet file\\(s\\) trocr-pipeline did not write "
+                                                     "\\(page_scores_2023.parquet\\)"):
+            check(str(tmp_path))
+    assert len(list((tmp_path / PAGES_DIR).iterdir())) == 2
+
+
+def test_the_dry_run_finds_an_output_that_cannot_be_written_without_writing(tmp_path):
+    (tmp_path / "report.pdf").write_bytes(b"a file")
+    for output in (tmp_path / "report.pdf", tmp_path / "report.pdf" / "out"):
+        with pytest.raises(OutputNotWritable, match="report.pdf is not a folder"):
+            check_output_writable(str(output))
+    check_output_writable(str(tmp_path / "new" / "out"))
+    assert not (tmp_path / "new").exists()
 
 
 def test_published_documents_are_announced_only_once_their_rows_are_written(tmp_path):
