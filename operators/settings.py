@@ -146,6 +146,8 @@ class RecognizeConfig(Frozen):
 
 class OutputConfig(Frozen):
     parquet_rows_per_file: int = Field(default=2000, ge=1)
+    publish_every_s: float = Field(default=60.0, gt=0, description=(
+        "publish finished documents at least this often, so that a run stopped or killed keeps them"))
     exports: tuple[Literal["alto", "page", "hocr", "txt", "pdf", "mets"], ...] = Field(
         default=(), description="files beside the Parquet, in DIR/exports/")
     pdfa: bool = Field(default=False, description="searchable PDFs as PDF/A-2b")

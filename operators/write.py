@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -399,9 +400,12 @@ class ParquetSink:
     """Collects page results as they stream in and publishes complete documents."""
 
     def __init__(self, output: str, rows_per_file: int, exports: Sequence[str] = (), pdfa: bool = False,
-                 listener: DocumentListener | None = None, on_published: DocumentListener | None = None):
+                 listener: DocumentListener | None = None, on_published: DocumentListener | None = None,
+                 publish_every_s: float = float("inf")):
         self.filesystem, self.root = resolve_filesystem(output)
         self.rows_per_file = rows_per_file
+        self.publish_every_s = publish_every_s  # a run stopped then keeps what it finished up to that long ago
+        self._last_published = time.monotonic()
         self.exports = tuple(exports)
         self.pdfa = pdfa
         self.listener = listener
@@ -456,7 +460,8 @@ class ParquetSink:
             self.listener(outcome, pages)
         if self.on_published is not None:
             self._unpublished.append((outcome, pages))
-        if len(self._ready_pages) >= self.rows_per_file or len(self._ready_documents) >= self.rows_per_file:
+        if (len(self._ready_pages) >= self.rows_per_file or len(self._ready_documents) >= self.rows_per_file
+                or time.monotonic() - self._last_published >= self.publish_every_s):
             self.flush()
 
     def _export(self, outcome: DocumentRecord, rows: list[dict]) -> DocumentRecord:
@@ -483,6 +488,8 @@ class ParquetSink:
             self.filesystem.move(staged, f"{self.root}/{folder}/{name}")
 
     def flush(self) -> None:
+        """Publish the complete documents held so far (also what a stopped run does before it ends)."""
+        self._last_published = time.monotonic()
         if not self._ready_documents:
             return
         name = f"part-{self.run_id}-{self._parts:05d}.parquet"

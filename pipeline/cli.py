@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -164,6 +165,15 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (``kill``, systemd, ``ray job stop``) stops a command as Ctrl-C does: a job publishes what it
+    finished, training's DataLoader workers exit with it, and the console gets one line and exit code 130."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
@@ -174,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         for name in ("operators", "pipeline", log.name):
             logging.getLogger(name).setLevel(logging.INFO)
+    _interrupt_on_sigterm()
     try:
         return int(args.handler(args))
     except PipelineError as error:

@@ -11,6 +11,7 @@ import gc
 import logging
 import os
 import pickle
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -118,8 +119,11 @@ def ray_session(config: JobConfig, verbose: bool = False) -> Iterator[None]:
         options["num_cpus"] = config.ray.num_cpus
         if config.ray.object_store_memory_mb:
             options["object_store_memory"] = config.ray.object_store_memory_mb * 1024 * 1024
-    ray.init(**options)
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
+        ray.init(**options)  # inside: a Ctrl-C while Ray starts still shuts down the processes it started
+        if callable(sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)  # Ray's own handler would abort the driver with a stack dump
         yield
     finally:
         gc.collect()  # object refs in cycles are released here, not on another thread during the shutdown
@@ -241,7 +245,8 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             done = recover_output(output)
             sink = ParquetSink(output, config.output.parquet_rows_per_file, config.output.exports, config.output.pdfa,
                                listener=progress.document_done if progress else None,
-                               on_published=progress.document_published if progress else None)
+                               on_published=progress.document_published if progress else None,
+                               publish_every_s=config.output.publish_every_s)
             quiet_ray_data(verbose)
             plans = _triage_all(found.sources, config)
             retirement = _failed_to_retry(plans, output, config)
@@ -255,14 +260,18 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             for plan in fresh:
                 sink.expect(_document_record(plan, selection), len(selected_pages(selection, plan.num_pages)))
             ranges = page_ranges(readable, config.rasterize.pages_per_task, selection)
-            if ranges:
-                with _batches_of(_page_dataset(ranges, config, preprocessor)) as batches:
-                    for batch in batches:
-                        for item in batch["work"]:
-                            work = pickle.loads(item)
-                            if progress:
-                                progress.page_done(work)
-                            sink.add_page(work)
+            try:
+                if ranges:
+                    with _batches_of(_page_dataset(ranges, config, preprocessor)) as batches:
+                        for batch in batches:
+                            for item in batch["work"]:
+                                work = pickle.loads(item)
+                                if progress:
+                                    progress.page_done(work)
+                                sink.add_page(work)
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is finished is kept
+                sink.flush()
+                raise
         written = sink.close()
     return JobSummary(output=output, documents_skipped=len(plans) - len(fresh), written=written,
                       seconds=time.monotonic() - started, left_out=dict(found.left_out),

@@ -4,6 +4,7 @@ that cannot be written. Every document and page ends up in the output exactly on
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -110,6 +111,30 @@ def test_driver_killed_then_rerun_writes_every_document_once_and_a_run_beside_it
     assert f"another run is writing to {output}" in capsys.readouterr().err
     assert rerun.returncode == 0, log[-3000:]
     assert f"{killed_at} already done" in log
+    _check_exactly_once(output, documents)
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_keeping_what_it_finished(documents, tiny_model, tmp_path):
+    """`kill`, systemd or `ray job stop`: Ray's handler had aborted the driver with a C++ stack dump (exit 134),
+    and documents finished since the last 2,000-row part were redone. Now finished documents are published at
+    least every publish_every_s and at the signal, and the console gets one line."""
+    output = tmp_path / "out"
+    arguments = [*_job_arguments(documents, output, tiny_model), "--set", "output.parquet_rows_per_file=2000",
+                 "--set", "output.publish_every_s=0.5"]
+    job = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *arguments], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait_for(lambda: _published(output) >= 1 or job.poll() is not None, 300, "the first published document")
+        os.kill(job.pid, signal.SIGTERM)
+        log, _ = job.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == ExitCode.ctrl_c, log[-3000:]
+    assert "trocr-pipeline: interrupted" in log and "SIGTERM received" not in log, log[-3000:]
+    kept = len(ds.dataset(output / "documents", format="parquet").to_table())
+    assert 1 <= kept < len(documents), "the signal must land mid-job for this test to mean anything"
+    assert main(arguments) == 0
     _check_exactly_once(output, documents)
 
 

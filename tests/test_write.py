@@ -265,6 +265,14 @@ def test_the_dry_run_finds_an_output_that_cannot_be_written_without_writing(tmp_
     assert not (tmp_path / "new").exists()
 
 
+def test_finished_documents_are_published_at_least_every_publish_every_s(tmp_path):
+    sink = ParquetSink(str(tmp_path), rows_per_file=100, publish_every_s=0.0)
+    for doc_id in ("a", "b"):
+        sink.expect(_document(doc_id, 1))
+        sink.add_page(_page(doc_id, 1))
+        assert doc_id in published_doc_ids(str(tmp_path))  # not held back for 100 rows
+
+
 def test_published_documents_are_announced_only_once_their_rows_are_written(tmp_path):
     """``--log-json`` hears of a document when its row is in the output, not when it is complete: a run
     killed in between and run again would otherwise log it twice."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
 from pathlib import Path
 
 from operators.errors import ConfigError, ExitCode
@@ -20,17 +19,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
 
-def _interrupt_on_sigterm() -> None:
-    """A killed training run unwinds like Ctrl-C, so its DataLoader worker processes exit with it."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupt)
-
-
 def train_command(args: argparse.Namespace) -> int:
     config = load_train_config(args.config)
-    _interrupt_on_sigterm()
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     if args.workers > 1:
