@@ -23,6 +23,9 @@ RAY_CORE_LOG_LINE = re.compile(rb"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ([DIWEF])
 #: What Ray says when it ends the process right after (a fatal line passes too): the only word of
 #: why a run ended with exit status 1 and nothing else.
 RAY_EXIT_NOTICE = re.compile(rb"process will exit|not initialized yet or already")
+#: Where a Ray log line may be starting in an unfinished line: a ``[`` before a digit or at the end so far, not the
+#: ``[`` of a terminal control sequence (the progress line's ``\x1b[K``), which would hold the line back.
+MAYBE_RAY_LINE = re.compile(rb"(?<!\x1b)\[(?=\d|$)")
 
 
 def ray_line_start(line: bytes) -> int | None:
@@ -42,15 +45,15 @@ def _judged(line: bytes) -> bytes:
 
 def forward(source: int, console: int) -> None:
     """Copy ``source`` to ``console`` until end of file, without Ray's log lines. Whole lines are
-    judged; of an unfinished line, what comes before any ``[`` goes out at once (a progress line
+    judged; of an unfinished line, what comes before a possible Ray line goes out at once (a progress line
     redrawn in place with a carriage return never ends with a newline). If the console cannot be
     written any more, the rest is read and dropped, so the job never writes into a dead pipe."""
     pending = b""
     while chunk := os.read(source, 1 << 16):
         *lines, pending = (pending + chunk).split(b"\n")
         out = b"".join(_judged(line) for line in lines)
-        cut = pending.find(b"[")
-        out, pending = (out + pending, b"") if cut < 0 else (out + pending[:cut], pending[cut:])
+        maybe = MAYBE_RAY_LINE.search(pending)
+        out, pending = (out + pending, b"") if maybe is None else (out + pending[:maybe.start()], pending[maybe.start():])
         console = _write_all(console, out)
     cut = ray_line_start(pending)
     _write_all(console, pending if cut is None else pending[:cut])

@@ -362,7 +362,7 @@ def test_stderr_filter_drops_ray_core_lines_and_passes_the_rest_at_once(capfd):
         os.write(2, b"[2026-01-01 10:00:00,123 E 4242 4242] core_worker.cc:2465: noise\nkept line\n\n"
                     b"[2026-01-01 10:00:00,124 F 4242 4242] logging.cc:99: Check failed: fatal\n"
                     b"\rdocuments 1/2 [2026-01-01 10:00:00,126 W 4242 4242] core_worker.cc:1: glued noise\n"
-                    b"\rdocuments 2/2 redrawn in place")
+                    b"\r\x1b[Kdocuments 2/2 redrawn in place [after 2 s]")  # as JobProgress draws it on a terminal
         deadline = time.monotonic() + 10
         while "redrawn in place" not in shown and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -370,7 +370,7 @@ def test_stderr_filter_drops_ray_core_lines_and_passes_the_rest_at_once(capfd):
         assert "redrawn in place" in shown, "a live progress line must show before its newline, if ever, comes"
     shown += capfd.readouterr().err
     assert "kept line\n\n" in shown and "noise" not in shown
-    assert "Check failed: fatal" in shown and "\rdocuments 1/2 \rdocuments 2/2" in shown
+    assert "Check failed: fatal" in shown and "\rdocuments 1/2 \r\x1b[Kdocuments 2/2" in shown
 
 
 def test_rays_last_words_reach_the_console_when_it_ends_the_driver():
