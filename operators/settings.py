@@ -141,14 +141,20 @@ class RecognizeConfig(Frozen):
             raise ValueError("languages rank the beams of a beam search: set num_beams (4 is a good start) as well")
         if isinstance(self.concurrency, tuple) and not (1 <= self.concurrency[0] <= self.concurrency[1]):
             raise ValueError("concurrency (min, max) needs 1 <= min <= max")
+        if isinstance(self.concurrency, int) and self.concurrency < 1:
+            raise ValueError("concurrency needs at least 1 actor")
         return self
+
+
+#: The files a job can write beside its Parquet output (``output.exports``, ``--export``).
+EXPORT_FORMATS = ("alto", "page", "hocr", "txt", "pdf", "mets")
 
 
 class OutputConfig(Frozen):
     parquet_rows_per_file: int = Field(default=2000, ge=1)
     publish_every_s: float = Field(default=60.0, gt=0, description=(
         "publish finished documents at least this often, so that a run stopped or killed keeps them"))
-    exports: tuple[Literal["alto", "page", "hocr", "txt", "pdf", "mets"], ...] = Field(
+    exports: tuple[Literal[EXPORT_FORMATS], ...] = Field(
         default=(), description="files beside the Parquet, in DIR/exports/")
     pdfa: bool = Field(default=False, description="searchable PDFs as PDF/A-2b")
     retry_failed: bool = Field(default=False, description="read again the documents the output holds as failed, "

@@ -7,7 +7,7 @@ import os
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from operators.errors import ConfigError
+from operators.errors import ConfigError, OutputNotWritable
 
 
 def is_uri(location: str) -> bool:
@@ -24,3 +24,11 @@ def resolve_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
             raise ConfigError(f"{location!r} is not a valid URI ({exc}); in a URI, write a space as %20, "
                               "# as %23 and % as %25") from exc
     return pafs.LocalFileSystem(), os.path.abspath(location)
+
+
+def make_local_folder(path: str | os.PathLike) -> None:
+    """Create a local output folder, or say in one line why it cannot be (a file in the way, a read-only disk)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise OutputNotWritable(f"the output {path} cannot be written: {exc}") from exc

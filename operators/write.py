@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from operators.errors import EXPORT_FAILED, OutputLocked, OutputNotWritable, WriteFailed
+from operators.errors import EXPORT_FAILED, ConfigError, OutputLocked, OutputNotWritable, WriteFailed
 from operators.formats.export import remove_other_exports, write_exports
 from operators.ingest import duplicate_id
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
@@ -273,6 +273,21 @@ def _published_rows(output: str, columns: Sequence[str]) -> list[dict[str, Any]]
         rows += [{column: row.get(column) for column in columns} for row in part.read(columns=present).to_pylist()
                  if row["doc_id"] not in retiring]
     return rows
+
+
+def read_published(output: str, page_columns: Sequence[str]) -> tuple[list[dict], list[dict]]:
+    """The documents rows and the ``page_columns`` of the pages rows ``output`` holds as published: parts with
+    their twin, less a retirement under way (what a reader should take as the output, :func:`_published_rows`)."""
+    filesystem, root = resolve_filesystem(output)
+    if filesystem.get_file_info(f"{root}/{DOCUMENTS_DIR}").type != pafs.FileType.Directory:
+        raise ConfigError(f"{output} holds no trocr-pipeline output (no {DOCUMENTS_DIR}/ folder)")
+    documents = _published_rows(output, DOCUMENTS_SCHEMA.names)
+    published = {row["doc_id"] for row in documents}
+    pages = _list_parts(filesystem, f"{root}/{PAGES_DIR}")
+    page_rows = [row for name in _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}") if name in pages
+                 for row in _open_part(filesystem, pages[name]).read(columns=["doc_id", *page_columns]).to_pylist()
+                 if row["doc_id"] in published]
+    return documents, page_rows
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from pipeline.config import load_config
 from operators.errors import ConfigError, ExitCode, PipelineError
+from operators.settings import EXPORT_FORMATS
+from operators.storage import make_local_folder
 
 log = logging.getLogger("trocr_pipeline")
 
@@ -50,7 +52,10 @@ def _job_command(args: argparse.Namespace, mode: str) -> int:
 
     overrides = list(args.overrides)
     if args.export:
-        overrides.append(f"output.exports=[{args.export}]")
+        formats = [name.strip() for name in args.export.split(",") if name.strip()]
+        if unknown := [name for name in formats if name not in EXPORT_FORMATS]:
+            raise ConfigError(f"--export: unknown format(s) {', '.join(unknown)}; choose from {','.join(EXPORT_FORMATS)}")
+        overrides.append(f"output.exports={json.dumps(formats)}")
     if args.pdfa:
         overrides.append("output.pdfa=true")
     if args.retry_failed:
@@ -72,7 +77,20 @@ def _job_command(args: argparse.Namespace, mode: str) -> int:
     return ExitCode.documents_failed if summary.written.documents_failed else ExitCode.ok
 
 
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def _not_negative(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}")
+    return int(text)
+
+
 def _synth_command(args: argparse.Namespace) -> int:
+    make_local_folder(args.output)
     if args.what == "docs":
         from pipeline.synth.docs import write_document_set
 
@@ -95,19 +113,17 @@ def _synth_command(args: argparse.Namespace) -> int:
 
 
 def _show_command(args: argparse.Namespace) -> int:
-    import pyarrow.dataset as ds
+    from operators.write import read_published
 
-    documents = ds.dataset(f"{args.output}/documents", format="parquet").to_table().to_pylist()
-    pages = ds.dataset(f"{args.output}/pages", format="parquet").to_table(
-        columns=["source", "page", "status", "text", "lines"]).to_pylist()
+    documents, pages = read_published(args.output, ["source", "page", "status", "text", "lines"])
     for document in sorted(documents, key=lambda row: row["source"]):
-        reason = f" ({document['error_code']}: {document['error_message']})" if document["status"] != "ok" else ""
-        print(f"{document['status']:6} {document['num_pages']:3} pages  {document['source']}{reason}")
+        reason = (f" ({document['error_code']}: {document['error_message']})" if document["status"] == "failed"
+                  else " (same bytes as another document)" if document["status"] == "duplicate" else "")
+        print(f"{document['status']:9} {document['num_pages']:4} pages  {document['source']}{reason}")
     for page in sorted(pages, key=lambda row: (row["source"], row["page"]))[: args.pages]:
         confidences = [line["confidence"] for line in page["lines"] if line["confidence"] is not None]
-        mean = sum(confidences) / len(confidences) if confidences else float("nan")
-        print(f"\n--- {Path(page['source']).name} page {page['page']}: {len(page['lines'])} lines, "
-              f"mean confidence {mean:.2f}")
+        mean = f"mean confidence {sum(confidences) / len(confidences):.2f}" if confidences else "not recognized"
+        print(f"\n--- {Path(page['source']).name} page {page['page']}: {len(page['lines'])} lines, {mean}")
         print("\n".join(page["text"].splitlines()[: args.lines]))
     return ExitCode.ok
 
@@ -140,7 +156,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     synth = commands.add_parser("synth", help="synthetic scanned documents or text lines with ground truth")
     synth.add_argument("what", choices=["docs", "lines"])
     synth.add_argument("--output", "-o", required=True)
-    synth.add_argument("--count", "-n", type=int, default=4)
+    synth.add_argument("--count", "-n", type=_at_least_one, default=4)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--dpi", type=int, default=150, help="docs only")
     synth.add_argument("--font-kind", choices=["printed", "handwritten", "historical", "all", "heldout"], default="printed",
@@ -151,8 +167,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     show = commands.add_parser("show", help="print the documents and the start of each page's text of an output")
     show.add_argument("output")
-    show.add_argument("--pages", type=int, default=3, help="pages to print")
-    show.add_argument("--lines", type=int, default=8, help="lines per page to print")
+    show.add_argument("--pages", type=_not_negative, default=3, help="pages to print")
+    show.add_argument("--lines", type=_not_negative, default=8, help="lines per page to print")
     show.set_defaults(handler=_show_command)
 
     named = next((argument for argument in argv if not argument.startswith("-")), None)

@@ -30,7 +30,7 @@ class RayConfig(Frozen):
 
     address: str | None = None
     num_cpus: int | None = Field(default=None, ge=1, description="local instance only")
-    object_store_memory_mb: int | None = Field(default=None, ge=64, description="local instance only")
+    object_store_memory_mb: int | None = Field(default=None, ge=75, description="local instance only (Ray's least: 75)")
 
 
 class JobConfig(Frozen):
@@ -52,14 +52,16 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _describe(error: ValidationError) -> str:
+def _describe(error: ValidationError, overridden: set[str]) -> str:
+    """Each error with its key, marked ``(--set)`` where the value came from an override."""
     lines = []
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        given = " (--set)" if any(key == name or key.startswith(f"{name}.") for name in overridden) else ""
         if item["type"] == "extra_forbidden":
-            lines.append(f"unknown key {key!r}")
+            lines.append(f"unknown key {key!r}{given}")
         else:
-            lines.append(f"{key}: {item['msg']}")
+            lines.append(f"{key}{given}: {item['msg']}")
     return "; ".join(lines)
 
 
@@ -74,7 +76,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Jo
     if source is not None:
         try:
             loaded = yaml.safe_load(source.read_text())
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read config {source}: {exc}") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"config {source} is not valid YAML: {exc}") from exc
@@ -94,4 +96,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Jo
         return JobConfig.model_validate(tree)
     except ValidationError as exc:
         where = f" in {source}" if source else ""
-        raise ConfigError(f"invalid configuration{where}: {_describe(exc)}") from exc
+        overridden = {item.partition("=")[0].strip() for item in overrides}
+        raise ConfigError(f"invalid configuration{where}{' with --set' if overrides else ''}: "
+                          f"{_describe(exc, overridden)}") from exc

@@ -22,6 +22,7 @@ from operators.ingest import DocumentPlan, expand_inputs, triage
 from operators.rasterize import page_ranges, rasterize
 from operators.recognize import LineRecognizer
 from operators.records import LineRecord, PageWork
+from operators.storage import make_local_folder
 from pipeline.config import JobConfig, load_config
 from pipeline.stages import cut_crops, detect_page
 
@@ -77,7 +78,7 @@ def inspect_command(args: argparse.Namespace) -> int:
 def inspect_documents(sources: list[str], output: Path, config: JobConfig, recognize: bool = False,
                       max_pages: int | None = None) -> list[PageOutcome]:
     """Overlay every page of ``sources`` (the first ``max_pages`` of each) into ``output``."""
-    output.mkdir(parents=True, exist_ok=True)
+    make_local_folder(output)
     recognizer = LineRecognizer.from_config(config.recognize) if recognize else None
     plans = [triage(source, config.rasterize) for source in sources]
     outcomes = [PageOutcome(plan.source, None, [], None, f"{plan.error.error_code}: {plan.error}")

@@ -104,6 +104,15 @@ def check_cpus_left_for_pages(config: JobConfig, cpus: float, mode: Mode = "reco
             f"recognize.num_cpus (e.g. --set recognize.num_cpus=0.5), or give Ray more CPUs (ray.num_cpus)")
 
 
+def check_gpus_for_recognizers(config: JobConfig, gpus: float, mode: Mode = "recognize") -> None:
+    """Refuse a local recognizer pool that asks for GPUs the local Ray instance lacks: Ray would wait for them for
+    ever, logging that no node fits. Clusters are left alone (an autoscaler may add GPU nodes)."""
+    wanted = config.recognize.num_gpus
+    if mode == "recognize" and _runs_locally(config) and wanted > gpus:
+        raise ConfigError(f"recognize.num_gpus={wanted:g}, but the local Ray instance has {gpus:g} GPU(s): "
+                          f"set recognize.num_gpus=0 to read on the CPU, or run on a machine or cluster with GPUs")
+
+
 @contextmanager
 def ray_session(config: JobConfig, verbose: bool = False) -> Iterator[None]:
     """Join the cluster (``ray job submit`` sets RAY_ADDRESS) or start a private local instance
@@ -242,6 +251,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
         with ray_session(config, verbose):
             preprocessor = checked_model.result()
             check_cpus_left_for_pages(config, ray.cluster_resources().get("CPU", 0.0), mode)
+            check_gpus_for_recognizers(config, ray.cluster_resources().get("GPU", 0.0), mode)
             done = recover_output(output)
             sink = ParquetSink(output, config.output.parquet_rows_per_file, config.output.exports, config.output.pdfa,
                                listener=progress.document_done if progress else None,

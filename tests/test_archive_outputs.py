@@ -279,6 +279,21 @@ def test_every_file_an_export_writes_is_one_a_rerun_would_replace(run, tmp_path)
     assert list(exports.iterdir()) == []
 
 
+def test_show_prints_what_is_published_and_refuses_a_folder_without_output(run, tmp_path, capsys):
+    """`show` had printed a traceback for a folder without output, and the pages of a killed run's unpublished
+    part."""
+    _, output, _, _ = run
+    copy = shutil.copytree(output, tmp_path / "copy")
+    [part] = (copy / "pages").iterdir()
+    shutil.copy(part, copy / "pages" / part.name.replace(part.name[5:17], "00000000dead"))  # a killed run's, unpublished
+    assert main(["show", str(copy), "--pages", "99", "--lines", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert "failed       0 pages" in shown and "broken.pdf (corrupt_file:" in shown
+    assert shown.count("\n--- ") == len(ds.dataset(output / "pages", format="parquet").to_table())
+    assert main(["show", str(tmp_path / "nothing")]) == ExitCode.bad_args
+    assert "holds no trocr-pipeline output" in capsys.readouterr().err
+
+
 def test_pages_selects_the_same_pages_of_every_input(ray_local, inputs, tmp_path):
     config = load_config(None, [DPI, "rasterize.pages=2", "output.exports=[alto]"])
     summary = run_job([str(inputs / "letters.pdf"), str(inputs / "note.png")], str(tmp_path), config)

@@ -96,3 +96,42 @@ def test_a_local_recognizer_pool_must_leave_a_cpu_for_pages(overrides, cpus, ref
     else:
         check_cpus_left_for_pages(config, cpus)
     check_cpus_left_for_pages(config, cpus, mode="detect")  # no recognizer, nothing to refuse
+
+
+def test_a_local_recognizer_pool_cannot_ask_for_gpus_the_machine_lacks():
+    """It had waited for ever, logging every 35 s that no node fits."""
+    from pipeline.job import check_gpus_for_recognizers
+
+    with pytest.raises(ConfigError, match="recognize.num_gpus=1, but the local Ray instance has 0 GPU"):
+        check_gpus_for_recognizers(load_config(None, ["recognize.num_gpus=1"]), 0.0)
+    check_gpus_for_recognizers(load_config(None, ["recognize.num_gpus=1"]), 1.0)
+    check_gpus_for_recognizers(load_config(None, ["recognize.num_gpus=1", "ray.address=auto"]), 0.0)  # a cluster
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["recognize.concurrency=0"], "concurrency needs at least 1 actor"),
+    (["ray.object_store_memory_mb=64"], "ray.object_store_memory_mb \\(--set\\): Input should be greater than or "
+                                        "equal to 75"),
+    (["recognize.foo=1"], "unknown key 'recognize.foo' \\(--set\\)"),
+])
+def test_values_ray_would_refuse_later_are_refused_first_and_set_values_are_marked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_mistyped_command_lines_get_one_line_and_exit_code_2(tmp_path, capsys):
+    from pipeline.cli import main
+
+    (tmp_path / "a.pdf").write_bytes(b"%PDF-1.4")
+    (tmp_path / "latin1.yaml").write_bytes("# caf\xe9\n".encode("latin-1"))
+    cases = [
+        (["run", str(tmp_path / "a.pdf"), "--output", str(tmp_path / "out"), "--export", "alto,foo", "--dry-run"],
+         "--export: unknown format(s) foo; choose from alto,page,hocr,txt,pdf,mets"),
+        (["run", str(tmp_path / "a.pdf"), "--output", str(tmp_path / "out"), "-c", str(tmp_path / "latin1.yaml"),
+          "--dry-run"], f"cannot read config {tmp_path / 'latin1.yaml'}"),
+        (["synth", "docs", "--output", str(tmp_path / "a.pdf" / "docs")], f"the output {tmp_path / 'a.pdf' / 'docs'} "
+                                                                          "cannot be written"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv

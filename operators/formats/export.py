@@ -25,11 +25,11 @@ import pyarrow.fs as pafs
 from lxml import etree
 
 from operators.formats.geometry import straight_baseline
+from operators.settings import EXPORT_FORMATS
 from operators.formats.mets import IMAGE_GROUP, mets_document, page_images
 from operators.storage import resolve_filesystem
 
 SOFTWARE = "trocr-pipeline"
-FORMATS = ("alto", "page", "hocr", "txt", "pdf", "mets")
 
 ALTO_NS = "http://www.loc.gov/standards/alto/ns-v4#"
 ALTO_SCHEMA = "http://www.loc.gov/alto/v4/alto-4-4.xsd"
@@ -58,9 +58,9 @@ def write_exports(pages: Sequence[dict], document: dict, formats: Sequence[str],
     brings ``alto`` with it (a METS package points at each page's ALTO); ``pdfa`` makes the
     searchable PDF a PDF/A-2b.
     """
-    unknown = sorted(set(formats) - set(FORMATS))
+    unknown = sorted(set(formats) - set(EXPORT_FORMATS))
     if unknown:
-        raise ValueError(f"unknown export formats {unknown}; choose from {list(FORMATS)}")
+        raise ValueError(f"unknown export formats {unknown}; choose from {list(EXPORT_FORMATS)}")
     stray = {row["doc_id"] for row in pages} - {document["doc_id"]}
     if stray:
         raise ValueError(f"pages of documents {sorted(stray)} given with document {document['doc_id']}")

@@ -126,7 +126,7 @@ class TrainConfig(Frozen):
 def load_train_config(path: Path) -> TrainConfig:
     try:
         tree = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read training config {path}: {exc}") from exc
     try:
         return TrainConfig.model_validate(tree or {})
