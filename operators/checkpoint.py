@@ -4,11 +4,14 @@ torch or transformers."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from operators.errors import ModelLoadError
 from operators.settings import BUNDLED_MODELS
 
+#: ``model_type`` of a TrOCR checkpoint's config.json (transformers' VisionEncoderDecoderConfig).
+TROCR_MODEL_TYPE = "vision-encoder-decoder"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "sentencepiece.bpe.model")
@@ -47,3 +50,10 @@ def _check_local_folder(folder: Path) -> None:
         missing.append("tokenizer (tokenizer.json, vocab.json or sentencepiece.bpe.model)")
     if missing:
         raise ModelLoadError(f"model folder {folder} is incomplete, missing: {', '.join(missing)}")
+    try:
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"model folder {folder}: its config.json cannot be read ({exc})") from exc
+    if model_type != TROCR_MODEL_TYPE:
+        raise ModelLoadError(f"model folder {folder} holds a {model_type!r} model, not a TrOCR one "
+                             f"(model_type {TROCR_MODEL_TYPE!r} in config.json)")

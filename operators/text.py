@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Callable, Sequence
+
+from operators.errors import ConfigError
 
 #: MUFI private-use characters that some ground truth (OCR-D's DTA transcriptions among the training
 #: lines) writes for vowels with a small e above, which Unicode spells as the vowel and U+0364; a model
@@ -27,3 +30,27 @@ CONTROLS_AS_SPACES = str.maketrans(dict.fromkeys([*range(0x20), *range(0x7F, 0xA
 def printable_text(text: str) -> str:
     """``text`` with the characters of :data:`CONTROLS_AS_SPACES` as spaces (the same length)."""
     return text.translate(CONTROLS_AS_SPACES)
+
+
+#: What scoring may be told to ignore besides its fixed normalisation (``eval --normalize``).
+NORMALIZATIONS = ("case", "punctuation")
+
+
+def make_normalizer(options: Sequence[str]) -> Callable[[str], str]:
+    """Text normaliser applied to both reference and prediction before scoring: always Unicode NFC (a "é" is a
+    "é" however it is encoded) and whitespace runs as one space (line breaks and the blank line between a page's
+    blocks are layout, and jiwer's words are split at spaces only); ``options`` add case folding and dropping
+    punctuation."""
+    unknown = set(options) - set(NORMALIZATIONS)
+    if unknown:
+        raise ConfigError(f"unknown --normalize option(s) {sorted(unknown)}; choose from {', '.join(NORMALIZATIONS)}")
+
+    def normalize(text: str) -> str:
+        text = unicodedata.normalize("NFC", text)
+        if "case" in options:
+            text = text.casefold()
+        if "punctuation" in options:
+            text = "".join(char for char in text if not unicodedata.category(char).startswith("P"))
+        return " ".join(text.split())
+
+    return normalize

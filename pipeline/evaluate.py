@@ -14,7 +14,6 @@ import functools
 import json
 import logging
 import tempfile
-import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,10 +24,9 @@ from operators.errors import ConfigError, ExitCode
 from operators.formats.read import page_image, page_xml_files, read_page_xml
 from operators.recognize import LineRecognizer
 from operators.settings import DEFAULT_MODEL_NAME
+from operators.text import NORMALIZATIONS, make_normalizer
 from pipeline.train.config import DataSource
 from pipeline.train.data import LabeledLine, read_line_sources
-
-NORMALIZATIONS = ("case", "punctuation")
 
 log = logging.getLogger(__name__)
 
@@ -58,26 +56,6 @@ class Score:
     lines: int  # scored items: lines, or pages with --pages
     cer: float
     wer: float
-
-
-def make_normalizer(options: Sequence[str]) -> Callable[[str], str]:
-    """Text normaliser applied to both reference and prediction before scoring: always Unicode NFC (a "é" is a
-    "é" however it is encoded) and whitespace runs as one space (line breaks and the blank line between a page's
-    blocks are layout, and jiwer's words are split at spaces only); ``options`` add case folding and dropping
-    punctuation."""
-    unknown = set(options) - set(NORMALIZATIONS)
-    if unknown:
-        raise ConfigError(f"unknown --normalize option(s) {sorted(unknown)}; choose from {', '.join(NORMALIZATIONS)}")
-
-    def normalize(text: str) -> str:
-        text = unicodedata.normalize("NFC", text)
-        if "case" in options:
-            text = text.casefold()
-        if "punctuation" in options:
-            text = "".join(char for char in text if not unicodedata.category(char).startswith("P"))
-        return " ".join(text.split())
-
-    return normalize
 
 
 def read_eval_lines(folders: Sequence[Path], paint_out_neighbours: bool = False) -> list[LabeledLine]:

@@ -264,6 +264,10 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             retire_documents(output, retirement)
             done = {doc_id: source for doc_id, source in done.items() if doc_id not in retirement.doc_ids}
             fresh = mark_duplicates(plans, done)
+            if config.output.exports and len(fresh) < len(plans):
+                log.warning("%d documents are already in %s and are not exported again: exports are written when a "
+                            "document is read (write to a new output to export them all)", len(plans) - len(fresh),
+                            output)
             readable = [plan for plan in fresh if plan.duplicate_of is None]
             if progress:
                 progress.start(len(fresh), sum(len(selected_pages(selection, plan.num_pages)) for plan in readable))

@@ -17,9 +17,10 @@ import select
 import signal
 import sys
 
-#: A Ray C++ log line, its level in group 1: ``[2026-01-01 10:00:00,123 E 4242 4242] core_worker.cc:2465: ...``.
+#: A Ray C++ log line, its level in group 1: ``[2026-01-01 10:00:00,123 E 4242 4242] core_worker.cc:2465: ...``
+#: (or from a header: ``rpc_client.h:153``).
 #: Searched anywhere in a line: on a terminal it can follow a progress line redrawn in place.
-RAY_CORE_LOG_LINE = re.compile(rb"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ([DIWEF]) \d+ \d+\] \S+\.cc:\d+:")
+RAY_CORE_LOG_LINE = re.compile(rb"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ([DIWEF]) \d+ \d+\] \S+\.(?:cc|h):\d+:")
 #: What Ray says when it ends the process right after (a fatal line passes too): the only word of
 #: why a run ended with exit status 1 and nothing else.
 RAY_EXIT_NOTICE = re.compile(rb"process will exit|not initialized yet or already")

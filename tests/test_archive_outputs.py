@@ -375,6 +375,7 @@ def test_stderr_filter_drops_ray_core_lines_and_passes_the_rest_at_once(capfd):
     shown = ""
     with without_ray_core_logs():
         os.write(2, b"[2026-01-01 10:00:00,123 E 4242 4242] core_worker.cc:2465: noise\nkept line\n\n"
+                    b"[2026-01-01 10:00:00,123 W 4242 4242] rpc_client.h:153: header noise\n"
                     b"[2026-01-01 10:00:00,124 F 4242 4242] logging.cc:99: Check failed: fatal\n"
                     b"\rdocuments 1/2 [2026-01-01 10:00:00,126 W 4242 4242] core_worker.cc:1: glued noise\n"
                     b"\r\x1b[Kdocuments 2/2 redrawn in place [after 2 s]")  # as JobProgress draws it on a terminal

@@ -20,11 +20,11 @@ from pipeline.evaluate import (
     evaluate,
     format_report,
     line_cer,
-    make_normalizer,
     score_pages,
     scores_by_source,
 )
 from helpers import build_tiny_random_trocr
+from operators.text import make_normalizer
 from pipeline.synth.docs import load_ground_truth, write_document_set
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"

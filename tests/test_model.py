@@ -189,6 +189,18 @@ def test_incomplete_folder_names_what_is_missing(tiny_checkpoint, tmp_path):
         load_trocr(str(broken), device="cpu")
 
 
+def test_a_folder_of_another_model_or_a_damaged_config_is_named_before_loading(tiny_checkpoint, tmp_path):
+    """A BERT folder had crashed the recognizer actors with an AttributeError after Ray started (the dry run
+    passed it), and a config.json emptied by a kill had been blamed on the image processor."""
+    other = Path(shutil.copytree(tiny_checkpoint, tmp_path / "bert"))
+    (other / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
+    with pytest.raises(ModelLoadError, match="holds a 'bert' model, not a TrOCR one"):
+        resolve_checkpoint(str(other))
+    (other / "config.json").write_text("")
+    with pytest.raises(ModelLoadError, match="its config.json cannot be read"):
+        load_trocr(str(other), device="cpu")
+
+
 def test_corrupt_weights_are_a_model_load_error(tiny_checkpoint, tmp_path):
     broken = Path(shutil.copytree(tiny_checkpoint, tmp_path / "corrupt"))
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")

@@ -41,7 +41,7 @@ from operators.errors import ConfigError, OutputNotWritable, WriteFailed
 from operators.model import TrOCRBundle, cpu_has_native_bf16, load_trocr, resolve_device, resolve_dtype
 from operators.preprocess import WIDTH_SCALE_KEY, LinePreprocessor, ink_columns
 from operators.recognize import LineRecognizer
-from pipeline.evaluate import make_normalizer
+from operators.text import make_normalizer
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import Batch, LabelCollator, LabeledLine, TrainingLines, validation_lines
 from pipeline.train.model import build_trocr, save_trocr, shrink_trocr
