@@ -153,7 +153,8 @@ def output_lock(output: str) -> Iterator[None]:
 
 #: The names this tool gives its part files (:meth:`ParquetSink.flush`) and what it stages under ``_staging/``.
 _PART_NAME = re.compile(r"part-[0-9a-f]{12}-\d{5,}\.parquet")
-_STAGED_NAME = re.compile(rf"((retired-)?({PAGES_DIR}|{DOCUMENTS_DIR})-{_PART_NAME.pattern}|{re.escape(RETIRING)})")
+_STAGED_NAME = re.compile(
+    rf"((retired-)?({PAGES_DIR}|{DOCUMENTS_DIR})-{_PART_NAME.pattern}|{re.escape(RETIRING)}|\.write-test-[0-9a-f]{{32}})")
 
 
 def _list_parts(filesystem: pafs.FileSystem, folder: str) -> dict[str, str]:
