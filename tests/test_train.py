@@ -482,3 +482,15 @@ def test_loader_workers_end_with_a_training_process_killed_outright(tmp_path, ba
     while any(map(alive, workers)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(map(alive, workers))
+
+
+def test_a_resumed_run_continues_the_synthetic_lines_where_the_last_run_stopped():
+    """It had started again at the beginning of a 256-line chunk: up to a chunk of lines trained on twice."""
+    from pipeline.synth.lines import iter_lines
+    from pipeline.train.data import _synth_stream
+
+    source = DataSource(kind="synth", seed=5)
+    _, text = next(_synth_stream(source, 260, worker_id=0, workers=1))
+    assert text == next(iter_lines(1, 5, start_index=260))[1]
+    _, text = next(_synth_stream(source, 260, worker_id=1, workers=2))  # the next worker's chunk, whole
+    assert text == next(iter_lines(1, 5, start_index=512))[1]

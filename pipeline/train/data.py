@@ -141,8 +141,10 @@ def read_line_sources(sources: Sequence["DataSource"]) -> list[LabeledLine]:
 class TrainingLines(IterableDataset):
     """Endless stream of (resized uint8 image, text) drawn from the sources by weight.
 
-    Synthetic lines continue at ``start_line`` (resume sees new lines); every DataLoader worker of
-    every Ray Train rank renders its own chunks, so no two of them repeat each other.
+    Synthetic lines continue at ``start_line``, the lines all sources gave before a resume, so a resumed run never
+    repeats them (it skips some instead); every DataLoader worker of every Ray Train rank renders its own chunks, so
+    no two of them repeat each other. Real lines are shuffled again from the resumed step's seed: a resumed run goes
+    on with the same schedule but other batches than an uninterrupted one would have drawn.
     """
 
     def __init__(self, sources: Sequence[DataSource], preprocessor: LinePreprocessor, seed: int, start_line: int,
@@ -178,8 +180,9 @@ def _synth_stream(source: DataSource, start_line: int, worker_id: int, workers: 
 
     chunk = start_line // SYNTH_CHUNK + worker_id
     while True:
-        begin = chunk * SYNTH_CHUNK
-        count = SYNTH_CHUNK if source.count is None else min(SYNTH_CHUNK, source.count - begin)
+        begin = max(chunk * SYNTH_CHUNK, start_line)  # a resumed run's first chunk from where the last run stopped
+        end = (chunk + 1) * SYNTH_CHUNK if source.count is None else min((chunk + 1) * SYNTH_CHUNK, source.count)
+        count = end - begin
         if count <= 0:
             return
         for image, text, _ in iter_lines(count, source.seed, source.font_kind, start_index=begin,
