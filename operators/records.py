@@ -79,6 +79,7 @@ class DocumentRecord:
     repaired: bool = False  # the file was damaged; qpdf rebuilt it and the pages it recovered were read
     duplicate_of: str | None = None  # status "duplicate": the doc_id of the document with the same bytes
     pages_selected: str | None = None  # the run's rasterize.pages (--pages); None: every page
+    mode: str | None = None  # what the run did: "recognize" (run) or "detect" (layout only, no text)
 
 
 WORD_TYPE = pa.struct(
@@ -132,6 +133,7 @@ DOCUMENTS_SCHEMA = pa.schema(
         pa.field("repaired", pa.bool_(), nullable=False),
         pa.field("duplicate_of", pa.string()),
         pa.field("pages_selected", pa.string()),
+        pa.field("mode", pa.string()),
     ]
 )
 

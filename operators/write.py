@@ -254,6 +254,11 @@ def published_page_selections(output: str) -> dict[str, str | None]:
     return _published(output, "pages_selected")
 
 
+def published_modes(output: str) -> dict[str, str | None]:
+    """The doc_ids already published in ``output`` and the mode each was read in (None: not recorded)."""
+    return _published(output, "mode")
+
+
 def _published(output: str, column: str) -> dict[str, Any]:
     """doc_id -> ``column`` of every published documents row (see :func:`_published_rows`)."""
     return {row["doc_id"]: row[column] for row in _published_rows(output, ("doc_id", column))}

@@ -39,6 +39,7 @@ from operators.write import (
     output_folders,
     output_lock,
     published_doc_ids,
+    published_modes,
     published_page_selections,
     recover_output,
     retire_documents,
@@ -261,6 +262,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             plans = _triage_all(found.sources, config)
             retirement = _failed_to_retry(plans, output, config)
             check_page_selection(plans, output, selection, retirement.doc_ids)
+            check_mode(plans, output, mode, retirement.doc_ids)
             retire_documents(output, retirement)
             done = {doc_id: source for doc_id, source in done.items() if doc_id not in retirement.doc_ids}
             fresh = mark_duplicates(plans, done)
@@ -272,7 +274,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             if progress:
                 progress.start(len(fresh), sum(len(selected_pages(selection, plan.num_pages)) for plan in readable))
             for plan in fresh:
-                sink.expect(_document_record(plan, selection), len(selected_pages(selection, plan.num_pages)))
+                sink.expect(_document_record(plan, selection, mode), len(selected_pages(selection, plan.num_pages)))
             ranges = page_ranges(readable, config.rasterize.pages_per_task, selection)
             try:
                 if ranges:
@@ -341,13 +343,14 @@ def _line_preprocessor(config: JobConfig, mode: Mode) -> LinePreprocessor | None
     return preprocessor
 
 
-def _document_record(plan: DocumentPlan, selection: str | None) -> DocumentRecord:
+def _document_record(plan: DocumentPlan, selection: str | None, mode: Mode) -> DocumentRecord:
     error = plan.error
     status = "duplicate" if plan.duplicate_of else "failed" if error else "ok"
     return DocumentRecord(
         doc_id=plan.doc_id, source=plan.source, status=status,
         error_code=error.error_code if error else None, error_message=str(error) if error else None,
         num_pages=plan.num_pages, repaired=plan.repaired, duplicate_of=plan.duplicate_of, pages_selected=selection,
+        mode=mode,
     )
 
 
@@ -356,6 +359,20 @@ def _failed_to_retry(plans: list[DocumentPlan], output: str, config: JobConfig) 
     if not config.output.retry_failed:
         return Retirement()
     return failed_to_retry(output, {recorded_source(plan.source) for plan in plans})
+
+
+def check_mode(plans: list[DocumentPlan], output: str, mode: Mode, retried: Collection[str] = ()) -> None:
+    """Refuse a run that would skip documents the output holds read in the other mode: a ``run`` into a ``detect``
+    output would leave their lines without text for good, and a ``detect`` into a ``run`` output would say done
+    of work it does not do. Rows written before the mode was recorded are not checked."""
+    earlier = published_modes(output)
+    other = [plan for plan in plans if plan.doc_id not in retried and earlier.get(plan.doc_id) not in (None, mode)]
+    if other:
+        command = {"recognize": "run", "detect": "detect"}
+        raise ConfigError(
+            f"{len(other)} of these documents are in {output} from `trocr-pipeline "
+            f"{command[earlier[other[0].doc_id]]}` ({other[0].source}), and this is `trocr-pipeline {command[mode]}`: "
+            f"a run skips documents already written, so they would never be read this way; write to another output")
 
 
 def check_page_selection(plans: list[DocumentPlan], output: str, selection: str | None,
@@ -428,6 +445,7 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
         plans = list(pool.map(lambda source: triage(source, config.rasterize), sources))
     retired = _failed_to_retry(plans, output, config).doc_ids
     check_page_selection(plans, output, config.rasterize.pages, retired)
+    check_mode(plans, output, mode, retired)
     done = {doc_id: source for doc_id, source in published_doc_ids(output).items() if doc_id not in retired}
     marked = {plan.source: plan for plan in mark_duplicates(plans, done)}  # all but the ones already done
     return DryRun([marked.get(plan.source, plan) for plan in plans], done, config.rasterize.pages)

@@ -262,6 +262,18 @@ def test_same_bytes_seen_in_a_later_run_is_a_duplicate_of_the_published_document
     assert run_job([str(folder)], output, config, mode="detect").documents_skipped == 2
 
 
+def test_a_run_into_a_detect_output_is_refused_instead_of_leaving_its_lines_without_text(ray_local, tmp_path):
+    """It had skipped every document as done, exit 0, and `show` then printed pages that were never read."""
+    text_page(["A letter read for its layout only"], size=(600, 300)).save(tmp_path / "a.png", dpi=(150, 150))
+    output, config = str(tmp_path / "out"), load_config(None, ["rasterize.dpi=150"])
+    run_job([str(tmp_path / "a.png")], output, config, mode="detect")
+    assert _read(output, "documents").column("mode").to_pylist() == ["detect"]
+    for attempt in (dry_run, run_job):
+        with pytest.raises(ConfigError, match="1 of these documents are in .* from `trocr-pipeline detect`"):
+            attempt([str(tmp_path / "a.png")], output, config, mode="recognize")
+    assert run_job([str(tmp_path / "a.png")], output, config, mode="detect").documents_skipped == 1
+
+
 def test_retry_failed_reads_a_repaired_file_again_in_place_of_its_failed_row(ray_local, tmp_path):
     """With --retry-failed a failed document's row is replaced by the new outcome of its source (without it,
     a repaired file is a second row beside the failed one), the dry run says so first, and the good document
