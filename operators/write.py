@@ -515,10 +515,13 @@ class ParquetSink:
             return
         name = f"part-{self.run_id}-{self._parts:05d}.parquet"
         self._parts += 1
-        self._publish(pa.Table.from_pylist(self._ready_pages, schema=PAGES_SCHEMA), PAGES_DIR, name)
-        documents = [asdict(record) for record in self._ready_documents]
-        self._publish(pa.Table.from_pylist(documents, schema=DOCUMENTS_SCHEMA), DOCUMENTS_DIR, name)
+        # taken off the sink first: a flush interrupted half way (Ctrl-C, SIGTERM) and flushed again must not
+        # publish them twice; unpublished, they are read again by the next run
+        documents, pages = self._ready_documents, self._ready_pages
         self._ready_documents, self._ready_pages = [], []
+        self._publish(pa.Table.from_pylist(pages, schema=PAGES_SCHEMA), PAGES_DIR, name)
+        self._publish(pa.Table.from_pylist([asdict(record) for record in documents], schema=DOCUMENTS_SCHEMA),
+                      DOCUMENTS_DIR, name)
         published, self._unpublished = self._unpublished, []
         for record, pages in published:
             self.on_published(record, pages)

@@ -131,7 +131,12 @@ def ray_session(config: JobConfig, verbose: bool = False) -> Iterator[None]:
             options["object_store_memory"] = config.ray.object_store_memory_mb * 1024 * 1024
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
-        ray.init(**options)  # inside: a Ctrl-C while Ray starts still shuts down the processes it started
+        try:
+            ray.init(**options)  # inside: a Ctrl-C while Ray starts still shuts down the processes it started
+        except SystemExit as exc:  # what Ray's own SIGTERM handler does while Ray starts
+            if exc.code != signal.SIGTERM:
+                raise
+            raise KeyboardInterrupt(f"signal {signal.SIGTERM}") from exc
         if callable(sigterm) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)  # Ray's own handler would abort the driver with a stack dump
         yield

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -29,7 +30,7 @@ from operators.words import fit_loose_crop, fit_rows_to_ink
 from pipeline.train.data import LabelCollator, read_line_folder, read_line_sources, read_page_lines, validation_lines
 from pipeline.train.loop import (BEST_STATE, CHECKPOINT_PREFIX, TRAINER_STATE, character_error_rate, latest_checkpoint, learning_rate_factor, start_run,
                                  train)
-from pipeline.train.model import build_trocr, save_trocr, shrink_trocr
+from pipeline.train.model import SAVING_PREFIX, build_trocr, save_trocr, shrink_trocr
 from pipeline.train.tokenizer import train_tokenizer
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
@@ -494,3 +495,30 @@ def test_a_resumed_run_continues_the_synthetic_lines_where_the_last_run_stopped(
     assert text == next(iter_lines(1, 5, start_index=260))[1]
     _, text = next(_synth_stream(source, 260, worker_id=1, workers=2))  # the next worker's chunk, whole
     assert text == next(iter_lines(1, 5, start_index=512))[1]
+
+
+def test_a_model_is_saved_onto_a_mount_point_and_a_killed_save_leaves_nothing_behind(tmp_path, base_model,
+                                                                                   line_folder, small_disk):
+    """Staged beside the folder, the files had crossed a mount point (output_dir a volume of its own: exit 7)."""
+    (small_disk / f"{SAVING_PREFIX}killed").mkdir()  # what a save killed half way leaves
+    config = fine_tune_config(tmp_path, base_model, line_folder, steps=2).model_copy(update={"output_dir": small_disk})
+    train(config, show_progress=False)
+    assert load_trocr(str(small_disk), device="cpu") and not list(small_disk.glob(f"{SAVING_PREFIX}*"))
+
+
+def test_a_resume_reads_the_same_folders_however_they_are_written(tmp_path, base_model, line_folder, monkeypatch):
+    """A relative data path run from another folder, or another base_model (a resume reads the checkpoint's
+    model), had been refused as other settings."""
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    relative = Path(os.path.relpath(line_folder))
+    config = fine_tune_config(tmp_path, base_model, relative, steps=10)
+    train(config, show_progress=False)
+    monkeypatch.chdir(tmp_path)
+    moved = config.model_copy(update={
+        "steps": 12, "base_model": str(tmp_path / "elsewhere"),
+        "train_data": [DataSource(kind="folder", path=Path(os.path.relpath(line_folder)))],
+        "validation_data": [DataSource(kind="folder", path=Path(os.path.relpath(line_folder)))]})
+    metrics: list[dict] = []
+    train(moved, resume=True, show_progress=False, report=metrics.append)
+    assert [row["step"] for row in metrics] == [11, 12]

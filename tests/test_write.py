@@ -11,7 +11,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from operators.errors import OutputLocked, OutputNotWritable
+from operators.errors import OutputLocked, OutputNotWritable, WriteFailed
 from operators.formats.export import write_exports
 from operators.ingest import duplicate_id
 from operators.write import (
@@ -263,6 +263,24 @@ def test_the_dry_run_finds_an_output_that_cannot_be_written_without_writing(tmp_
             check_output_writable(str(output))
     check_output_writable(str(tmp_path / "new" / "out"))
     assert not (tmp_path / "new").exists()
+
+
+def test_a_flush_cut_short_and_flushed_again_publishes_nothing_twice(tmp_path):
+    """Ctrl-C or SIGTERM inside a flush, then the flush at the interrupt: the same documents had been published as
+    a second part (here the documents rename fails after the pages part is in place)."""
+    sink = ParquetSink(str(tmp_path), rows_per_file=100)
+    sink.expect(_document("a", 1))
+    sink.add_page(_page("a", 1))
+    (tmp_path / DOCUMENTS_DIR).rmdir()
+    (tmp_path / DOCUMENTS_DIR).write_text("in the way")
+    with pytest.raises(WriteFailed):
+        sink.flush()
+    (tmp_path / DOCUMENTS_DIR).unlink()
+    (tmp_path / DOCUMENTS_DIR).mkdir()
+    sink.flush()
+    assert list((tmp_path / DOCUMENTS_DIR).iterdir()) == [] and len(list((tmp_path / PAGES_DIR).iterdir())) == 1
+    assert recover_output(str(tmp_path)) == {}  # "a" is read again by the next run, once
+    assert list((tmp_path / PAGES_DIR).iterdir()) == []
 
 
 def test_finished_documents_are_published_at_least_every_publish_every_s(tmp_path):

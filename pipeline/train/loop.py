@@ -60,6 +60,8 @@ BEST_STATE = "best.json"
 CHANGEABLE_ON_RESUME = frozenset({"output_dir", "work_dir", "steps", "stop_after_step", "checkpoint_every",
                                   "keep_checkpoints", "validate_every", "validation_batch_size", "torch_threads",
                                   "loader_workers", "device", "precision"})
+#: What a resumed run does not read: the model comes from the checkpoint.
+UNREAD_ON_RESUME = frozenset({"base_model", "model", "base_layers"})
 #: Training lines are drawn this many batches at a time and batched by ink width within the draw.
 WIDTH_POOL_BATCHES = 8
 
@@ -146,8 +148,14 @@ def latest_checkpoint(work_dir: Path) -> Path | None:
 
 
 def _settings(config: TrainConfig) -> dict:
-    """The settings a checkpoint belongs to (all but :data:`CHANGEABLE_ON_RESUME`)."""
-    return config.model_dump(mode="json", exclude=set(CHANGEABLE_ON_RESUME))
+    """The settings a checkpoint belongs to (all but :data:`CHANGEABLE_ON_RESUME` and what a resume does not read),
+    data folders as absolute paths, so that a relative path run from another folder is the same folder."""
+    settings = config.model_dump(mode="json", exclude=set(CHANGEABLE_ON_RESUME | UNREAD_ON_RESUME))
+    for key in ("train_data", "validation_data"):
+        for source in settings[key]:
+            if source.get("path") is not None:
+                source["path"] = os.path.abspath(source["path"])
+    return settings
 
 
 @contextmanager
@@ -159,8 +167,10 @@ def _saving(what: Path) -> Iterator[None]:
     except (OSError, RuntimeError, SafetensorError) as exc:
         full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "iostream error" in str(exc)
                 or "No space left" in str(exc))
-        raise WriteFailed(f"cannot write {what}: {'no space left on the device' if full else exc}; the checkpoints "
-                          "saved before it are kept: free space and continue with --resume") from exc
+        if full:
+            raise WriteFailed(f"cannot write {what}: no space left on the device; the checkpoints saved before it "
+                              "are kept: free space and continue with --resume") from exc
+        raise WriteFailed(f"cannot write {what}: {exc}") from exc
 
 
 def save_checkpoint(run: "TrainingRun", state: TrainerState) -> Path:
@@ -308,7 +318,8 @@ def start_run(config: TrainConfig, resume: bool, shard: tuple[int, int] = (0, 1)
         _check_same_settings(saved.get("settings"), config, checkpoint)
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
-        grad_scaler.load_state_dict(saved["grad_scaler"])
+        if saved["grad_scaler"]:  # empty from a run without fp16 loss scaling (resumed in fp16 on a GPU)
+            grad_scaler.load_state_dict(saved["grad_scaler"])
         state = TrainerState(step=saved["step"], best_cer=min(saved["best_cer"], _best_saved(config.work_dir)))
         log.info("resumed from %s at step %d", checkpoint, state.step)
     preprocessor = LinePreprocessor.from_image_processor(processor.image_processor)
@@ -326,8 +337,8 @@ def _check_same_settings(saved: dict | None, config: TrainConfig, checkpoint: Pa
     changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
     if changed:
         raise ConfigError(f"--resume: {checkpoint} was saved with other {', '.join(changed)} than this config gives; "
-                          f"only {', '.join(sorted(CHANGEABLE_ON_RESUME))} may change on resume (set them back, or "
-                          f"start a new run in another work_dir)")
+                          f"only {', '.join(sorted(CHANGEABLE_ON_RESUME))} may change on resume (set them back, link a "
+                          f"moved data folder at its old path, or start a new run in another work_dir)")
 
 
 def training_batches(run: TrainingRun, state: TrainerState) -> Iterator[Batch]:

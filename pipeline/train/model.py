@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -126,17 +127,24 @@ def _layer_stack(model: VisionEncoderDecoderModel, side: str) -> str:
     return f"{side}.{stacks[0]}"
 
 
+#: The folder a model is written to inside its folder before its files are renamed into place.
+SAVING_PREFIX = ".saving-"
+
+
 def save_trocr(model: VisionEncoderDecoderModel, processor: TrOCRProcessor, out_dir: Path) -> Path:
     """Write model (safetensors), image processor and tokenizer where load_trocr finds them. Each file is written
-    beside the folder first and renamed into it whole, so a run killed while saving its best model leaves every
-    file of the folder complete (transformers rewrites ``config.json`` in place, and a kill there had left it
-    empty: no model at all)."""
+    into a staging folder inside first and renamed into place whole, so a run killed while saving its best model
+    leaves every file of the folder complete (transformers rewrites ``config.json`` in place, and a kill there had
+    left it empty: no model at all)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.glob(f"{SAVING_PREFIX}*"):  # a save killed before it ended
+        shutil.rmtree(leftover, ignore_errors=True)
     backend = getattr(processor.tokenizer, "backend_tokenizer", None)
     if backend is not None:  # the training labels' truncation and padding are no part of the checkpoint
         backend.no_truncation()
         backend.no_padding()
-    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}-", dir=out_dir.parent) as staging:
+    # inside the folder: the same filesystem (a rename across a mount point fails), and no write beside it
+    with tempfile.TemporaryDirectory(prefix=SAVING_PREFIX, dir=out_dir) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         for path in sorted(Path(staging).iterdir()):
