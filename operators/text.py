@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Callable, Sequence
 
@@ -25,6 +26,15 @@ def standard_text(text: str) -> str:
 #: can write them; one for one, so that positions in the text stay where they were.
 CONTROLS_AS_SPACES = str.maketrans(dict.fromkeys([*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, 0xFFFE, 0xFFFF],
                                                  " "))
+
+
+#: Characters XML 1.0 cannot hold (C0 controls but tab, newline and carriage return; U+FFFE, U+FFFF).
+NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def xml_text(text: str) -> str:
+    """``text`` without what XML 1.0 cannot hold: a file name or a reading must not make a document unwritable."""
+    return NOT_XML.sub("", text)
 
 
 def printable_text(text: str) -> str:

@@ -10,6 +10,7 @@ line's height.
 from __future__ import annotations
 
 import unicodedata
+from itertools import groupby
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -179,7 +180,8 @@ def _cuts(gaps: Sequence[Interval], start: int, end: int, max_width: float, word
 def split_words(text: str, line_bbox: Sequence[int], gaps: Sequence[Interval],
                 page_size: tuple[int, int], confidences: Sequence[float] = ()) -> list[Word]:
     """The words of a line's text in its order, each with a box inside ``line_bbox``, not overlapping: left
-    to right, or right to left for a line whose first strong character is right-to-left (Hebrew, Arabic).
+    to right, or right to left for a line whose first strong character is right-to-left (Hebrew, Arabic), with
+    runs of left-to-right words in it left to right (:func:`_visual_order`).
 
     ``gaps`` are the line's :func:`ink_gaps`. Gaps reaching the line's ends are margins and trim the
     first and last word. Of the others, one is placed at each word break, in x order: the widest
@@ -195,14 +197,39 @@ def split_words(text: str, line_bbox: Sequence[int], gaps: Sequence[Interval],
     if not words:
         return []
     left, right, inner = _trim_margins(x0, x1, gaps)
-    in_x_order = words[::-1] if _right_to_left(text) else words
-    breaks = _place_breaks(in_x_order, left, right, inner)
+    x_order = _visual_order(words) if _right_to_left(text) else list(range(len(words)))
+    breaks = _place_breaks([words[index] for index in x_order], left, right, inner)
     edges = [left, *[edge for cut in breaks for edge in cut], right]
-    boxes = [(edges[2 * i], y0, edges[2 * i + 1], y1) for i in range(len(words))]
-    if in_x_order is not words:
-        boxes.reverse()
+    boxes: list[BBox] = [(0, 0, 0, 0)] * len(words)
+    for position, index in enumerate(x_order):
+        boxes[index] = (edges[2 * position], y0, edges[2 * position + 1], y1)
     scores = list(confidences) if len(confidences) == len(words) else [None] * len(words)
     return [_word(word, box, page_size, score) for word, box, score in zip(words, boxes, scores)]
+
+
+def _visual_order(words: Sequence[str]) -> list[int]:
+    """The indices of a right-to-left line's words from left to right: the line reversed, except that a run of
+    left-to-right words (a name or title in Latin letters, with the neutral words between them) keeps its own
+    order, as the Unicode bidi algorithm lays it out."""
+    strong = [_strong_direction(word) for word in words]
+    resolved = []
+    for index, direction in enumerate(strong):
+        before = next((d for d in reversed(strong[:index]) if d), None)
+        after = next((d for d in strong[index + 1:] if d), None)
+        resolved.append(direction or ("L" if before == after == "L" else "R"))
+    runs = [list(group) for _, group in groupby(range(len(words)), key=resolved.__getitem__)]
+    return [index for run in reversed(runs) for index in (run if resolved[run[0]] == "L" else reversed(run))]
+
+
+def _strong_direction(text: str) -> str | None:
+    """"R" or "L" for the text's first strong character (bidi class R or AL, or L), None when it has none."""
+    for character in text:
+        direction = unicodedata.bidirectional(character)
+        if direction in ("R", "AL"):
+            return "R"
+        if direction == "L":
+            return "L"
+    return None
 
 
 def _right_to_left(text: str) -> bool:

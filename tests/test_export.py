@@ -231,3 +231,13 @@ def test_mets_points_at_its_files_with_uri_references():
     assert unquote(urlsplit(href).path) == name
     schema = official_schema("mets.xsd")
     assert schema.validate(etree.ElementTree(mets)), schema.error_log.last_error
+
+
+def test_a_source_name_with_a_control_character_still_gets_its_mets():
+    """Linux file names may hold any byte but / and NUL: a name with an escape character had made the METS
+    unwritable (lxml refuses what XML 1.0 cannot hold), and the document failed with export_failed."""
+    mets = mets_document({"doc_id": DOC_ID, "source": "/scans/scan\x1b.png"}, [1],
+                         {IMAGE_GROUP: ("image/png", {1: "scan\x1b-01234567.p0001.png"})}, "test")
+    assert [url.text for url in mets.iter("{*}url")] == ["/scans/scan.png"]
+    schema = official_schema("mets.xsd")
+    assert schema.validate(etree.ElementTree(mets)), schema.error_log.last_error

@@ -278,13 +278,21 @@ def test_margins_trim_the_line_ends():
 
 def test_a_right_to_left_line_gets_its_boxes_from_the_right():
     """Hebrew and Arabic are written from the right: the text's first word stands rightmost (digits and Latin
-    words inside keep the line's direction)."""
+    words alone inside keep the line's direction)."""
     words = split_words("שלום עולם 1905", (0, 0, 300, 10), [(90, 110), (190, 210)], (400, 10), (0.9, 0.8, 0.7))
     assert [(word.text, word.bbox[::2], word.confidence) for word in words] == [
         ("שלום", (210, 300), 0.9), ("עולם", (110, 190), 0.8), ("1905", (0, 90), 0.7)]
     assert [word.bbox[::2] for word in split_words("1905 is left", (0, 0, 300, 10), [(90, 110), (190, 210)],
                                                    (400, 10))] == [(0, 90), (110, 190), (210, 300)]
 
+
+
+def test_latin_words_in_a_right_to_left_line_keep_their_own_order():
+    """A title in Latin letters inside Hebrew is laid out left to right, as a run: "Genesis Exodus" had got each
+    other's boxes (all words reversed), in every export and the PDF text layer."""
+    words = split_words("ספר Genesis Exodus פרק", (100, 0, 478, 10), [(154, 166), (292, 304), (412, 424)], (600, 10))
+    assert [(word.text, word.bbox[0], word.bbox[2]) for word in words] == [
+        ("ספר", 424, 478), ("Genesis", 166, 292), ("Exodus", 304, 412), ("פרק", 100, 154)]
 
 def test_single_word_and_empty_text():
     assert split_words("   ", (0, 0, 50, 10), [(20, 30)], (100, 100)) == []

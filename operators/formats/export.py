@@ -15,7 +15,6 @@ tokens (its line's where a row has none).
 
 from __future__ import annotations
 
-import re
 from functools import partial
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -26,6 +25,7 @@ from lxml import etree
 
 from operators.formats.geometry import straight_baseline
 from operators.settings import EXPORT_FORMATS
+from operators.text import xml_text
 from operators.formats.mets import IMAGE_GROUP, mets_document, page_images
 from operators.storage import resolve_filesystem
 
@@ -40,10 +40,6 @@ XSI_NS = "http://www.w3.org/2001/XMLSchema-instance"
 XHTML_DOCTYPE = ('<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Strict//EN" '
                  '"http://www.w3.org/TR/xhtml1/DTD/xhtml1-strict.dtd">')
 HOCR_CAPABILITIES = "ocr_page ocr_carea ocr_par ocr_line ocrx_word"
-
-#: Characters XML 1.0 cannot hold; recognized text never should contain them, but one must not
-#: make a whole document unwritable.
-_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 Rows = list[dict]
 Rendered = Iterator[tuple[str, bytes]]  # (file name, content)
@@ -150,10 +146,6 @@ def _points(points: list[tuple[int, int]]) -> str:
     return " ".join(f"{max(0, int(x))},{max(0, int(y))}" for x, y in points)
 
 
-def _xml_text(text: str) -> str:
-    return _NOT_XML.sub("", text)
-
-
 def _confidence(value: float | None) -> str | None:
     return None if value is None else f"{min(1.0, max(0.0, value)):.4f}"
 
@@ -242,7 +234,7 @@ def _alto_description(root: etree._Element, source: str) -> None:
     description = etree.SubElement(root, _a("Description"))
     etree.SubElement(description, _a("MeasurementUnit")).text = "pixel"
     image = etree.SubElement(description, _a("sourceImageInformation"))
-    etree.SubElement(image, _a("fileName")).text = _xml_text(source)
+    etree.SubElement(image, _a("fileName")).text = xml_text(source)
     processing = etree.SubElement(description, _a("Processing"), ID="processing")
     etree.SubElement(processing, _a("processingCategory")).text = "contentGeneration"
     etree.SubElement(processing, _a("processingStepDescription")).text = (
@@ -270,7 +262,7 @@ def _alto_line(block: etree._Element, line: dict, line_id: str) -> None:
     for index, (text, bbox, confidence) in enumerate(strings, start=1):
         if index > 1:
             etree.SubElement(element, _a("SP"))
-        string = etree.SubElement(element, _a("String"), ID=f"{line_id}_w{index}", CONTENT=_xml_text(text))
+        string = etree.SubElement(element, _a("String"), ID=f"{line_id}_w{index}", CONTENT=xml_text(text))
         if bbox is not None:
             _alto_box(string, bbox)
         _set(string, WC=_confidence(confidence))
@@ -290,7 +282,7 @@ def page_xml(page: dict) -> etree._Element:
     root.set(f"{{{XSI_NS}}}schemaLocation", f"{PAGE_NS} {PAGE_SCHEMA}")
     _page_metadata(root, _failure(page))
     number = page["page"]
-    element = etree.SubElement(root, _p("Page"), imageFilename=_xml_text(page["source"]),
+    element = etree.SubElement(root, _p("Page"), imageFilename=xml_text(page["source"]),
                                imageWidth=str(page["width"]), imageHeight=str(page["height"]))
     if page["dpi"]:
         _set(element, imageXResolution=page["dpi"], imageYResolution=page["dpi"], imageResolutionUnit="PPI")
@@ -319,7 +311,7 @@ def _page_metadata(root: etree._Element, failure: str | None) -> None:
     etree.SubElement(metadata, _p("Created")).text = stamp
     etree.SubElement(metadata, _p("LastChange")).text = stamp
     if failure:
-        etree.SubElement(metadata, _p("Comments")).text = _xml_text(failure)
+        etree.SubElement(metadata, _p("Comments")).text = xml_text(failure)
 
 
 def _page_line(region: etree._Element, line: dict, line_id: str) -> None:
@@ -337,7 +329,7 @@ def _page_line(region: etree._Element, line: dict, line_id: str) -> None:
 
 def _text_equiv(parent: etree._Element, text: str, confidence: str | None) -> None:
     equiv = _set(etree.SubElement(parent, _p("TextEquiv")), conf=confidence)
-    etree.SubElement(equiv, _p("Unicode")).text = _xml_text(text)
+    etree.SubElement(equiv, _p("Unicode")).text = xml_text(text)
 
 
 # --- hOCR 1.2 -------------------------------------------------------------------------------
@@ -351,7 +343,7 @@ def hocr_document(pages: Rows, document: dict) -> etree._Element:
     """All pages of a document as one hOCR 1.2 XHTML file: page, content area, paragraph, line, word."""
     root = etree.Element(_h("html"), nsmap={None: XHTML_NS})
     head = etree.SubElement(root, _h("head"))
-    etree.SubElement(head, _h("title")).text = _xml_text(document["source"])
+    etree.SubElement(head, _h("title")).text = xml_text(document["source"])
     etree.SubElement(head, _h("meta"), {"http-equiv": "Content-Type", "content": "text/html; charset=utf-8"})
     etree.SubElement(head, _h("meta"), name="ocr-system", content=f"{SOFTWARE} {_software_version()}")
     etree.SubElement(head, _h("meta"), name="ocr-capabilities", content=HOCR_CAPABILITIES)
@@ -367,7 +359,7 @@ def hocr_document(pages: Rows, document: dict) -> etree._Element:
 
 def _hocr_page(body: etree._Element, page: dict) -> None:
     number = page["page"]
-    source = _xml_text(page["source"]).replace('"', "%22")
+    source = xml_text(page["source"]).replace('"', "%22")
     title = f'image "{source}"; bbox 0 0 {page["width"]} {page["height"]}; ppageno {number - 1}'
     if page["dpi"]:
         title += f"; scan_res {page['dpi']} {page['dpi']}"
@@ -390,7 +382,7 @@ def _hocr_line(paragraph: etree._Element, line: dict, line_id: str) -> None:
     element = etree.SubElement(paragraph, _h("span"), {"class": "ocr_line", "id": f"line_{line_id}", "title": title})
     words = line.get("words")
     if not words:
-        element.text = _xml_text(line["text"])
+        element.text = xml_text(line["text"])
         return
     for index, word in enumerate(words, start=1):
         word_confidence = _word_confidence(word, line)
@@ -398,7 +390,7 @@ def _hocr_line(paragraph: etree._Element, line: dict, line_id: str) -> None:
                                                  else f"; x_wconf {_percent(word_confidence)}")
         span = etree.SubElement(element, _h("span"), {"class": "ocrx_word", "id": f"word_{line_id}_{index}",
                                                      "title": word_title})
-        span.text = _xml_text(word["text"])
+        span.text = xml_text(word["text"])
         span.tail = " " if index < len(words) else None
 
 

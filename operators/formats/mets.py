@@ -23,6 +23,7 @@ from operators.ingest import local_path, sniff_kind
 from operators.orientation import turn
 from operators.rasterize import PageRange, rasterize
 from operators.settings import RasterizeConfig
+from operators.text import xml_text
 
 METS_NS = "http://www.loc.gov/METS/"
 MODS_NS = "http://www.loc.gov/mods/v3"
@@ -67,7 +68,7 @@ def mets_document(document: dict, page_numbers: Sequence[int],
     mods = etree.SubElement(etree.SubElement(wrap, _m("xmlData")), f"{{{MODS_NS}}}mods")
     etree.SubElement(mods, f"{{{MODS_NS}}}identifier", type="sha256").text = document["doc_id"]
     location = etree.SubElement(mods, f"{{{MODS_NS}}}location")
-    etree.SubElement(location, f"{{{MODS_NS}}}url").text = document["source"]
+    etree.SubElement(location, f"{{{MODS_NS}}}url").text = xml_text(document["source"])
 
     file_section = etree.SubElement(root, _m("fileSec"))
     for use, (mimetype, files) in groups.items():
