@@ -150,6 +150,33 @@ def test_a_cropped_pdf_page_is_read_and_overlaid_as_a_viewer_shows_it(tmp_path, 
     _assert_text_layer_on_the_pixels(work, source, tmp_path)
 
 
+def test_a_tiff_with_a_frame_that_cannot_be_decoded_gets_a_searchable_pdf_of_the_others(tmp_path):
+    """The job fails the damaged frame's page and reads the others; img2pdf decodes every frame, so the document
+    had got no PDF at all (export_failed)."""
+    frames = [text_page([f"The text of page {number}."]).convert("L") for number in (1, 2, 3)]
+    source = tmp_path / "bundle.tif"
+    frames[0].save(source, save_all=True, append_images=frames[1:], dpi=(150, 150), compression="tiff_lzw")
+    data = bytearray(source.read_bytes())
+    with Image.open(source) as image:
+        image.seek(1)
+        for offset, count in zip(image.tag_v2[273], image.tag_v2[279]):  # the second frame's strips
+            data[offset:offset + count] = b"\xff" * count
+    source.write_bytes(bytes(data))
+    works = rasterize(PageRange("0123456789abcdef", str(source), "tiff", 1, 3),
+                      RasterizeConfig(dpi=150, detect_orientation=False))
+    assert [work.status for work in works] == ["ok", "failed", "ok"]
+    for work in works:
+        work.lines = [LineRecord(bbox=(100, 100, 900, 160), polygon=[(100, 100), (900, 100), (900, 160), (100, 160)],
+                                 baseline=[(100, 150), (900, 150)], block=0, order=0, confidence=0.9,
+                                 text=f"page{work.page}")] if work.status == "ok" else []
+    pdf = tmp_path / "bundle.pdf"
+    pdf.write_bytes(searchable_pdf([page_row(work) for work in works], str(source)))
+    with pikepdf.open(pdf) as opened:
+        assert len(opened.pages) == 3
+    text = subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
+    assert "page1" in text and "page3" in text
+
+
 @pytest.mark.parametrize("orientation", [1, 6, 5])  # upright; stored turned (EXIF 6); turned and mirrored (5)
 def test_a_fax_of_non_square_pixels_is_read_with_square_ones(tmp_path, orientation):
     """A fax at 204 x 98 dpi holds its page squashed to half height: the job reads it stretched back to

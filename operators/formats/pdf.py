@@ -74,18 +74,28 @@ def _image_pages(path: str) -> tuple[bytes, list[int]]:
     """An image file as img2pdf pages, and per page the degrees its pixels are turned.
 
     img2pdf embeds the file's own streams (JPEG as is). A mirrored EXIF orientation cannot be a page's
-    /Rotate, so a file with one has its frames embedded as the job read them instead (mirror and turn
-    undone, lossless PNG), and their pixels are then turned by the EXIF turn."""
+    /Rotate, and img2pdf decodes every frame of a file, so a file with such an orientation, or with a frame that
+    cannot be decoded (the job failed that page and read the others), has its frames embedded as the job read
+    them instead (mirror and turn undone, lossless PNG; a frame that cannot be decoded as a blank page of its
+    size), and their pixels are then turned by the EXIF turn."""
     with Image.open(path) as image:
         orientations = [frame.getexif().get(EXIF_ORIENTATION_TAG, 1) for frame in ImageSequence.Iterator(image)]
         if not MIRRORED_EXIF.intersection(orientations):
-            return img2pdf.convert(path, rotation=img2pdf.Rotation.ifvalid), [0] * len(orientations)
+            try:
+                return img2pdf.convert(path, rotation=img2pdf.Rotation.ifvalid), [0] * len(orientations)
+            except (OSError, ValueError, img2pdf.ImageOpenError):
+                pass  # a frame that cannot be decoded: frame by frame, below
         frames = []
         for frame, orientation in zip(ImageSequence.Iterator(image), orientations):
             buffer = io.BytesIO()
             # turned a quarter, a frame's x and y resolutions swap; without any, img2pdf's default, as above
             resolution = {"dpi": upright_resolution(frame.info["dpi"], orientation)} if "dpi" in frame.info else {}
-            ImageOps.exif_transpose(frame).save(buffer, format="PNG", **resolution)
+            try:
+                upright = ImageOps.exif_transpose(frame)
+            except (OSError, ValueError):
+                width, height = upright_resolution(frame.size, orientation)  # sizes swap as resolutions do
+                upright = Image.new("L", (int(width), int(height)), 255)
+            upright.save(buffer, format="PNG", **resolution)
             frames.append(buffer.getvalue())
     return img2pdf.convert(frames), [EXIF_ROTATION.get(orientation, 0) for orientation in orientations]
 
