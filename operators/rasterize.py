@@ -7,6 +7,7 @@ that was planned comes out as exactly one :class:`PageWork`, rendered or failed 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -59,12 +60,27 @@ def page_ranges(plans: list[DocumentPlan], pages_per_task: int, pages: str | Non
 
 
 def to_gray8(image: Image.Image) -> np.ndarray:
-    """Any Pillow mode (1-bit, palette, alpha, CMYK, 16-bit, float) to an 8-bit gray array."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    """Any Pillow mode (1-bit, palette, alpha, CMYK, CIELab, 16-bit, float) to an 8-bit gray array.
+
+    Integer samples of more than 8 bits are scaled from the bit depth they fill (16, or 12 and 10 from cameras
+    and some scanners), not stretched from darkest to lightest: a blank page's paper noise would become
+    full-contrast speckle, read as lines. A TIFF that says 0 is white (min-is-white) is inverted, which Pillow
+    does for 8-bit samples only. Float samples are stretched from their range."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        full = 2 ** max(8, int(values.max()).bit_length()) - 1
+        gray = (np.clip(values, 0, full) * (255.0 / full)).round().astype(np.uint8)
+        min_is_white = getattr(image, "tag_v2", {}).get(TIFF_PHOTOMETRIC) == 0
+        return 255 - gray if min_is_white else gray
+    if image.mode == "F":
         values = np.asarray(image, dtype=np.float64)
         low, high = float(values.min()), float(values.max())
         scaled = (values - low) * (255.0 / (high - low)) if high > low else np.full_like(values, 255.0)
         return scaled.round().astype(np.uint8)
+    if image.mode == "LAB":
+        return np.asarray(image.getchannel("L"), dtype=np.uint8)
+    if image.mode == "La":  # gray with premultiplied alpha, as GIMP writes TIFF
+        image = image.convert("LA")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -74,9 +90,9 @@ def to_gray8(image: Image.Image) -> np.ndarray:
 
 def _image_dpi(image: Image.Image, fallback: int) -> tuple[int, int]:
     """The frame's horizontal and vertical resolution, or the configured dpi for both where the finer one is
-    not plausible (the coarser may be half of it: a fax's 98 lines per inch)."""
+    not plausible (the coarser may be half of it: a fax's 98 lines per inch) or not a number (a TIFF's 0/0)."""
     dpi = image.info.get("dpi")
-    if not dpi:
+    if not dpi or not all(math.isfinite(float(value)) for value in dpi[:2]):
         return fallback, fallback
     x, y = round(float(dpi[0])), round(float(dpi[1]))
     if _PLAUSIBLE_DPI[0] <= max(x, y) <= _PLAUSIBLE_DPI[1] and 2.5 * min(x, y) >= max(x, y):
@@ -137,6 +153,8 @@ def _render_pdf(task: PageRange, path: str, config: RasterizeConfig) -> list[Pag
 EXIF_ROTATION = {3: 180, 4: 180, 5: 90, 6: 90, 7: 270, 8: 270}
 MIRRORED_EXIF = frozenset({2, 4, 5, 7})
 EXIF_ORIENTATION_TAG = 0x0112
+#: TIFF PhotometricInterpretation: 0 means min-is-white.
+TIFF_PHOTOMETRIC = 262
 
 
 def upright_resolution(resolution: Sequence[float], orientation: int) -> tuple[float, float]:

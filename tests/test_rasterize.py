@@ -73,6 +73,33 @@ def test_every_image_mode_becomes_8bit_gray(mode):
     assert gray[2, 60] > 200, "transparent areas become paper"
 
 
+def test_deep_samples_are_scaled_from_their_bit_depth_and_a_min_is_white_tiff_is_inverted(tmp_path):
+    """A blank page scanned at 16 bits had its paper noise stretched to full contrast (729 made-up lines); a
+    16-bit min-is-white TIFF came out white text on black; CIELab and premultiplied-alpha gray failed."""
+    noise = np.random.default_rng(0).normal(58000, 120, (64, 64)).clip(0, 65535).astype(np.uint16)
+    assert np.ptp(to_gray8(Image.fromarray(noise))) <= 3
+    twelve_bit = np.full((8, 8), 4000, np.uint16)
+    twelve_bit[2:4] = 100
+    assert to_gray8(Image.fromarray(twelve_bit))[0, 0] > 240 and to_gray8(Image.fromarray(twelve_bit))[2, 0] < 10
+    page = np.full((16, 16), 1000, np.uint16)  # min-is-white: low values are paper
+    page[4:8] = 60000
+    Image.fromarray(page).save(tmp_path / "miw.tif", tiffinfo={262: 0})
+    with Image.open(tmp_path / "miw.tif") as image:
+        gray = to_gray8(image)
+    assert gray[0, 0] > 240 and gray[5, 0] < 30
+    assert to_gray8(Image.new("LAB", (4, 4), (200, 128, 128)))[0, 0] == 200
+    assert to_gray8(Image.new("La", (4, 4), (0, 0)))[0, 0] == 255  # fully transparent: paper
+
+
+def test_a_tiff_without_a_usable_resolution_is_read_at_the_configured_dpi(tmp_path, page_images):
+    """A resolution of 0/0 had failed the page (NaN)."""
+    from PIL.TiffImagePlugin import IFDRational
+
+    page_images[0].copy().save(tmp_path / "zero.tif", tiffinfo={282: IFDRational(0, 0), 283: IFDRational(0, 0), 296: 2})
+    [page] = rasterize(PageRange("id", str(tmp_path / "zero.tif"), "tiff", 1, 1), RasterizeConfig(dpi=200))
+    assert (page.status, page.dpi) == ("ok", 200)
+
+
 def test_multipage_tiff_pages_and_dpi(tmp_path, page_images):
     path = tmp_path / "scan.tif"
     page_images[0].save(path, save_all=True, append_images=page_images[1:], dpi=(200, 200))
