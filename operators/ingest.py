@@ -45,6 +45,8 @@ SUPPORTED_SUFFIXES = (".pdf", ".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2", 
                       ".bmp", ".webp", ".gif")
 DocumentKind = Literal["pdf", "tiff", "png", "jpeg", "jp2", "bmp", "webp", "gif"]
 _GLOB_CHARS = re.compile(r"[*?\[]")
+#: Pillow's own limit on an image's pixels, which :func:`allow_pixels` raises to the configured one.
+DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 #: What operating systems leave in folders (macOS resource forks and folder settings, Windows
 #: thumbnail caches): never a document, whatever its suffix.
 _OS_JUNK = re.compile(r"^(\._.+|\.DS_Store|Thumbs\.db|desktop\.ini)$", re.IGNORECASE)
@@ -321,7 +323,8 @@ def pdf_info(path: str, config: RasterizeConfig) -> dict[str, str | int | list]:
     if pages is None:
         raise CorruptFile("pdfinfo reported no page count")
     sizes = [(int(page), float(w), float(h)) for page, w, h in _PAGE_SIZE.findall(stdout)]
-    rotations = [int(r) % 360 for r in _PAGE_ROTATION.findall(stdout)]
+    # poppler renders a /Rotate that is no multiple of 90 (the PDF spec allows no other) as 0
+    rotations = [int(r) % 360 if int(r) % 90 == 0 else 0 for r in _PAGE_ROTATION.findall(stdout)]
     return {"pages": int(pages.group(1)), "sizes": sizes, "rotations": rotations}
 
 
@@ -379,10 +382,18 @@ def triage_pdf(path: str, config: RasterizeConfig) -> tuple[int, bool, tuple[int
     return pages, repaired, tuple(info["rotations"])
 
 
+def allow_pixels(config: RasterizeConfig) -> None:
+    """Let Pillow open images up to twice ``max_page_pixels`` without a word (it warns over its own limit, 89 Mpx,
+    and refuses twice that as a decompression bomb): the page-size check is :func:`_check_pixels`, the same for
+    images and PDFs, and it runs before any pixel is decoded."""
+    Image.MAX_IMAGE_PIXELS = max(2 * config.max_page_pixels, DEFAULT_MAX_IMAGE_PIXELS)
+
+
 def triage_image(path: str, config: RasterizeConfig) -> int:
     """Frames (pages) of an image, each checked against the pixel limit. They are counted by seeking,
     not with ``n_frames``, which raises on a damaged frame: here a frame whose header cannot be read
     still counts (it fails as a page) and ends the count, and the frames before it are read."""
+    allow_pixels(config)
     try:
         with Image.open(path) as image:
             number = 0

@@ -18,7 +18,7 @@ from pdf2image.exceptions import PDFPageCountError, PDFPopplerTimeoutError, PDFS
 from PIL import Image, ImageOps
 
 from operators.orientation import detect_orientation, turn
-from operators.ingest import DocumentKind, DocumentPlan, local_path, repaired_pdf
+from operators.ingest import DocumentKind, DocumentPlan, allow_pixels, local_path, repaired_pdf
 from operators.pages import selected_pages
 from operators.settings import RasterizeConfig
 from operators.errors import DocumentError, PAGE_COUNT_MISMATCH, PageTooLarge, RenderFailed, RenderTimeout
@@ -179,6 +179,7 @@ def _render_frame(image: Image.Image, work: PageWork, config: RasterizeConfig) -
 def _render_image(task: PageRange, path: str, config: RasterizeConfig) -> list[PageWork]:
     """Each frame on its own: a damaged frame fails its page, the frames that decode are kept."""
     pages = []
+    allow_pixels(config)
     with Image.open(path) as image:
         for number in range(task.first, task.last + 1):
             work = _new_page(task, number, config.dpi)

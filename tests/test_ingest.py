@@ -90,6 +90,25 @@ def test_a_relative_recursive_glob_leaves_hidden_folders_out_as_glob_does(tmp_pa
         assert [os.path.basename(os.path.dirname(path)) for path in find_inputs([pattern]).sources] == ["box1"], pattern
 
 
+def test_an_image_under_the_page_pixel_limit_is_not_refused_as_a_decompression_bomb(tmp_path):
+    """Pillow refuses images over twice its own 89 Mpx; a 182 Mpx scan had failed under the 250 Mpx limit, and
+    raising rasterize.max_page_pixels had changed nothing."""
+    Image.new("1", (14000, 13000), 1).save(tmp_path / "map.png", dpi=(400, 400))
+    plan = triage(str(tmp_path / "map.png"), RasterizeConfig())
+    assert (plan.error, plan.num_pages) == (None, 1)
+    refused = triage(str(tmp_path / "map.png"), RasterizeConfig(max_page_pixels=100_000_000))
+    assert refused.error is not None and refused.error.error_code == "page_too_large"
+
+
+def test_a_rotate_that_is_no_quarter_turn_counts_as_none(tmp_path, good_pdf):
+    """poppler renders /Rotate 45 unrotated; the row had said 45, and the searchable PDF would copy it."""
+    with pikepdf.open(good_pdf) as pdf:
+        pdf.pages[0].Rotate = 45
+        pdf.pages[1].Rotate = 450
+        pdf.save(tmp_path / "odd.pdf")
+    assert triage(str(tmp_path / "odd.pdf"), RasterizeConfig()).page_rotations == (0, 90, 0)
+
+
 def test_an_output_folder_inside_an_input_folder_is_not_read_again(tmp_path, page_images):
     """A second run would otherwise read the first run's searchable PDFs and page images as new documents."""
     page_images[0].save(tmp_path / "scan.png")
