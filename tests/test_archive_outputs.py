@@ -177,6 +177,29 @@ def test_a_tiff_with_a_frame_that_cannot_be_decoded_gets_a_searchable_pdf_of_the
     assert "page1" in text and "page3" in text
 
 
+@pytest.mark.parametrize("name", ["master.tif", "frames.png"])
+def test_images_img2pdf_cannot_embed_get_a_searchable_pdf_of_every_page(tmp_path, name):
+    """A 16-bit master TIFF ("PIL is unable to preserve more than 8 bits per sample") and an animated PNG (img2pdf
+    made one page of three) had failed with export_failed."""
+    pages = [text_page([f"Sheet {number} of the set."]).convert("L") for number in (1, 2, 3)]
+    source = tmp_path / name
+    if name == "master.tif":
+        pages = pages[:1]
+        Image.fromarray(np.asarray(pages[0], np.uint16) * 257).save(source, dpi=(150, 150))
+    else:
+        pages[0].save(source, save_all=True, append_images=pages[1:], dpi=(150, 150))
+    works = rasterize(PageRange("0123456789abcdef", str(source), "tiff" if name.endswith("tif") else "png", 1,
+                                len(pages)), RasterizeConfig(dpi=150, detect_orientation=False))
+    for work in works:
+        work.lines = [LineRecord(bbox=(100, 100, 900, 160), polygon=[(100, 100), (900, 100), (900, 160), (100, 160)],
+                                 baseline=[(100, 150), (900, 150)], block=0, order=0, confidence=0.9,
+                                 text=f"sheet{work.page}")]
+    pdf = tmp_path / "out.pdf"
+    pdf.write_bytes(searchable_pdf([page_row(work) for work in works], str(source)))
+    text = subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
+    assert text.split() == [f"sheet{number}" for number in range(1, len(pages) + 1)]
+
+
 @pytest.mark.parametrize("orientation", [1, 6, 5])  # upright; stored turned (EXIF 6); turned and mirrored (5)
 def test_a_fax_of_non_square_pixels_is_read_with_square_ones(tmp_path, orientation):
     """A fax at 204 x 98 dpi holds its page squashed to half height: the job reads it stretched back to

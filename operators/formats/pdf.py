@@ -26,7 +26,7 @@ from PIL import Image, ImageOps, ImageSequence
 
 from operators.formats.geometry import straight_baseline
 from operators.ingest import local_path, sniff_kind
-from operators.rasterize import EXIF_ORIENTATION_TAG, EXIF_ROTATION, MIRRORED_EXIF, upright_resolution
+from operators.rasterize import EXIF_ORIENTATION_TAG, EXIF_ROTATION, MIRRORED_EXIF, to_gray8, upright_resolution
 
 PDFA_FLAVOUR = "2b"
 
@@ -73,31 +73,49 @@ def _scanned_pages(path: str, numbers: list[int]) -> Iterator[tuple[pikepdf.Pdf,
 def _image_pages(path: str) -> tuple[bytes, list[int]]:
     """An image file as img2pdf pages, and per page the degrees its pixels are turned.
 
-    img2pdf embeds the file's own streams (JPEG as is). A mirrored EXIF orientation cannot be a page's
-    /Rotate, and img2pdf decodes every frame of a file, so a file with such an orientation, or with a frame that
-    cannot be decoded (the job failed that page and read the others), has its frames embedded as the job read
-    them instead (mirror and turn undone, lossless PNG; a frame that cannot be decoded as a blank page of its
-    size), and their pixels are then turned by the EXIF turn."""
+    img2pdf embeds the file's own streams (JPEG as is). Where it cannot, the frames are embedded as the job read
+    them instead (mirror and turn undone, lossless PNG), and their pixels are then turned by the EXIF turn: a
+    mirrored EXIF orientation (no page's /Rotate can mirror), a frame that cannot be decoded (the job failed its
+    page and read the others; here a blank page of its size), and what img2pdf refuses or gets wrong (16-bit
+    samples, alpha, a raw JPEG 2000 codestream, the frames of an animated PNG)."""
     with Image.open(path) as image:
         orientations = [frame.getexif().get(EXIF_ORIENTATION_TAG, 1) for frame in ImageSequence.Iterator(image)]
         if not MIRRORED_EXIF.intersection(orientations):
             try:
-                return img2pdf.convert(path, rotation=img2pdf.Rotation.ifvalid), [0] * len(orientations)
-            except (OSError, ValueError, img2pdf.ImageOpenError):
-                pass  # a frame that cannot be decoded: frame by frame, below
+                pdf = img2pdf.convert(path, rotation=img2pdf.Rotation.ifvalid)
+                if _page_count(pdf) == len(orientations):
+                    return pdf, [0] * len(orientations)
+            except Exception:  # noqa: BLE001 - whatever img2pdf cannot embed is embedded frame by frame, below
+                pass
         frames = []
         for frame, orientation in zip(ImageSequence.Iterator(image), orientations):
             buffer = io.BytesIO()
             # turned a quarter, a frame's x and y resolutions swap; without any, img2pdf's default, as above
             resolution = {"dpi": upright_resolution(frame.info["dpi"], orientation)} if "dpi" in frame.info else {}
             try:
-                upright = ImageOps.exif_transpose(frame)
+                upright = _embeddable(ImageOps.exif_transpose(frame))
             except (OSError, ValueError):
                 width, height = upright_resolution(frame.size, orientation)  # sizes swap as resolutions do
                 upright = Image.new("L", (int(width), int(height)), 255)
             upright.save(buffer, format="PNG", **resolution)
             frames.append(buffer.getvalue())
     return img2pdf.convert(frames), [EXIF_ROTATION.get(orientation, 0) for orientation in orientations]
+
+
+def _page_count(pdf: bytes) -> int:
+    with pikepdf.open(io.BytesIO(pdf)) as opened:
+        return len(opened.pages)
+
+
+def _embeddable(frame: Image.Image) -> Image.Image:
+    """A frame in a mode img2pdf embeds from a PNG: 1-bit, gray, palette or RGB at 8 bits, no alpha (over white
+    paper, as the job reads it); deeper gray and other modes as the job's own 8-bit gray."""
+    if frame.mode in ("1", "L", "RGB") or (frame.mode == "P" and "transparency" not in frame.info):
+        return frame
+    if frame.mode in ("RGBA", "LA", "PA", "P", "CMYK", "YCbCr", "HSV"):
+        rgba = frame.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return Image.fromarray(to_gray8(frame))
 
 
 def ocr_page(row: dict) -> OcrElement:
