@@ -31,6 +31,10 @@ GT_SUFFIX = ".gt.txt"
 SYNTH_CHUNK = 256
 
 
+#: The most pixels a line image may have: a long line at 600 dpi is about 20,000 x 300 px (6 Mpx).
+MAX_LINE_PIXELS = 16_000_000
+
+
 @dataclass(frozen=True)
 class LabeledLine:
     """One line image and its transcription: a file on disk, or pixels already in memory."""
@@ -59,8 +63,11 @@ class LabeledLine:
         fit = fit_loose_crop if self.paint_out_neighbours else fit_rows_to_ink
         try:
             with Image.open(self.path) as image:
+                if image.width * image.height > MAX_LINE_PIXELS:
+                    raise ConfigError(f"line image {self.path} is {image.width} x {image.height} px, too large for "
+                                      f"a line (at most {MAX_LINE_PIXELS:,} px): is it a page?")
                 pixels = np.asarray(image.convert("L"))
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # damaged, or absurdly large
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # what Pillow raises on a damaged file
             raise ConfigError(f"line image {self.path} cannot be read: {type(exc).__name__}: {exc}") from exc
         return fit(pixels)
 
