@@ -27,7 +27,6 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-import torch
 from fontTools import subset
 from PIL import Image
 from safetensors.torch import load_file, save_file
