@@ -63,6 +63,7 @@ class DocumentPlan:
     error: DocumentError | None = None
     repaired: bool = False  # poppler could not read it; render the copy pikepdf (qpdf) repairs
     page_rotations: tuple[int, ...] = ()  # a PDF's /Rotate per page, which poppler applies when rendering
+    oversized_pages: tuple[tuple[int, str], ...] = ()  # (page, why) of pages over rasterize.max_page_pixels
     duplicate_of: str | None = None  # doc_id of the document with the same bytes that holds the pages
 
 
@@ -337,6 +338,21 @@ def _check_pixels(width: float, height: float, page: int, config: RasterizeConfi
         )
 
 
+def _oversized(sizes: Iterable[tuple[int, float, float]], pages: int, config: RasterizeConfig,
+               dpi: int) -> tuple[tuple[int, str], ...]:
+    """(page, why) of the pages (number, width px, height px) over the pixel limit. A foldout in a book fails
+    its own page, not the book; a document whose every page is too large fails as a whole."""
+    oversized = []
+    for number, width, height in sizes:
+        try:
+            _check_pixels(width, height, number, config, dpi)
+        except PageTooLarge as error:
+            oversized.append((number, str(error)))
+    if oversized and len(oversized) >= pages:
+        raise PageTooLarge(oversized[0][1])
+    return tuple(oversized)
+
+
 def page_tree_count(path: str) -> int | None:
     """Pages in the PDF's page tree as qpdf walks it (the declared /Count can lie); None if qpdf
     cannot open the file either."""
@@ -361,9 +377,9 @@ def repaired_pdf(path: str) -> Iterator[str]:
         yield handle.name
 
 
-def triage_pdf(path: str, config: RasterizeConfig) -> tuple[int, bool, tuple[int, ...]]:
-    """Page count, whether rendering needs the repaired copy, and each page's /Rotate; page sizes
-    checked on the way."""
+def triage_pdf(path: str, config: RasterizeConfig) -> tuple[int, bool, tuple[int, ...], tuple[tuple[int, str], ...]]:
+    """Page count, whether rendering needs the repaired copy, each page's /Rotate, and the pages too large to
+    render (:func:`_oversized`)."""
     pages_in_tree = page_tree_count(path)
     if pages_in_tree == 0:
         raise NoPages("the PDF's page tree is empty: it holds no page")
@@ -377,9 +393,8 @@ def triage_pdf(path: str, config: RasterizeConfig) -> tuple[int, bool, tuple[int
     pages = pages_in_tree if pages_in_tree is not None else int(info["pages"])
     if pages < 1:
         raise NoPages("the PDF declares no page")
-    for number, w_pt, h_pt in info["sizes"]:
-        _check_pixels(w_pt / 72 * config.dpi, h_pt / 72 * config.dpi, number, config, config.dpi)
-    return pages, repaired, tuple(info["rotations"])
+    sizes = [(number, w_pt / 72 * config.dpi, h_pt / 72 * config.dpi) for number, w_pt, h_pt in info["sizes"]]
+    return pages, repaired, tuple(info["rotations"]), _oversized(sizes, pages, config, config.dpi)
 
 
 def allow_pixels(config: RasterizeConfig) -> None:
@@ -389,11 +404,12 @@ def allow_pixels(config: RasterizeConfig) -> None:
     Image.MAX_IMAGE_PIXELS = max(2 * config.max_page_pixels, DEFAULT_MAX_IMAGE_PIXELS)
 
 
-def triage_image(path: str, config: RasterizeConfig) -> int:
-    """Frames (pages) of an image, each checked against the pixel limit. They are counted by seeking,
-    not with ``n_frames``, which raises on a damaged frame: here a frame whose header cannot be read
+def triage_image(path: str, config: RasterizeConfig) -> tuple[int, tuple[tuple[int, str], ...]]:
+    """Frames (pages) of an image, and those too large to render (:func:`_oversized`). They are counted by
+    seeking, not with ``n_frames``, which raises on a damaged frame: here a frame whose header cannot be read
     still counts (it fails as a page) and ends the count, and the frames before it are read."""
     allow_pixels(config)
+    sizes: list[tuple[int, float, float]] = []
     try:
         with Image.open(path) as image:
             number = 0
@@ -401,13 +417,13 @@ def triage_image(path: str, config: RasterizeConfig) -> int:
                 try:
                     image.seek(number)
                 except EOFError:
-                    return number
+                    return number, _oversized(sizes, number, config, config.dpi)
                 except Image.DecompressionBombError:
                     raise
                 except Exception:  # noqa: BLE001 - any library error here means a damaged frame
-                    return number + 1
+                    return number + 1, _oversized(sizes, number + 1, config, config.dpi)
                 number += 1
-                _check_pixels(image.width, image.height, number, config, config.dpi)
+                sizes.append((number, image.width, image.height))
     except Image.DecompressionBombError as exc:
         raise PageTooLarge(f"decompression bomb: {exc}") from exc
     except DocumentError:
@@ -468,11 +484,11 @@ def triage(source: str, config: RasterizeConfig) -> DocumentPlan:
         kind = sniff_kind(head)
         with local_path(source) as path:
             if kind == "pdf":
-                num_pages, repaired, rotations = triage_pdf(path, config)
+                num_pages, repaired, rotations, oversized = triage_pdf(path, config)
             else:
-                num_pages, repaired, rotations = triage_image(path, config), False, ()
+                (num_pages, oversized), repaired, rotations = triage_image(path, config), False, ()
         return DocumentPlan(doc_id=doc_id, source=source, kind=kind, num_pages=num_pages, repaired=repaired,
-                            page_rotations=rotations)
+                            page_rotations=rotations, oversized_pages=oversized)
     except DocumentError as error:
         return DocumentPlan(doc_id=doc_id, source=recorded, kind=kind, num_pages=0, error=error)
     except Exception as exc:  # noqa: BLE001 - one file must never end the job

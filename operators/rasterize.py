@@ -39,22 +39,27 @@ class PageRange:
     last: int
     repaired: bool = False
     rotations: tuple[int, ...] = ()  # /Rotate of pages first..last, as poppler applies it
+    oversized: str | None = None  # a page over the pixel limit (first == last): why it is failed, not rendered
 
 
 def page_ranges(plans: list[DocumentPlan], pages_per_task: int, pages: str | None = None) -> list[PageRange]:
     """Runs of consecutive selected pages (``rasterize.pages``; all when None), at most
-    ``pages_per_task`` long."""
+    ``pages_per_task`` long; a page over the pixel limit is a range of its own, failed without rendering."""
     ranges = []
     for plan in plans:
         if plan.error is not None:
             continue
+        oversized = dict(plan.oversized_pages)
         run: list[int] = []
         for number in selected_pages(pages, plan.num_pages) + [0]:  # 0 closes the last run
-            if run and (number != run[-1] + 1 or len(run) == pages_per_task):
+            if run and (number != run[-1] + 1 or len(run) == pages_per_task or number in oversized):
                 ranges.append(PageRange(plan.doc_id, plan.source, plan.kind, run[0], run[-1], plan.repaired,
                                          plan.page_rotations[run[0] - 1:run[-1]]))
                 run = []
-            if number:
+            if number in oversized:
+                ranges.append(PageRange(plan.doc_id, plan.source, plan.kind, number, number, plan.repaired,
+                                         plan.page_rotations[number - 1:number], oversized[number]))
+            elif number:
                 run.append(number)
     return ranges
 
@@ -222,6 +227,8 @@ def _render(task: PageRange, path: str, config: RasterizeConfig) -> list[PageWor
 
 def rasterize(task: PageRange, config: RasterizeConfig) -> list[PageWork]:
     """Render one page range upright; a failure fails every page of the range with the reason."""
+    if task.oversized is not None:
+        return [_new_page(task, task.first, config.dpi).fail(PageTooLarge.error_code, task.oversized)]
     try:
         with local_path(task.source) as path:
             return _upright(_render(task, path, config), config)

@@ -16,6 +16,7 @@ from PIL import Image
 
 from conftest import write_pdf
 from operators.ingest import expand_inputs, find_inputs, sniff_kind, triage
+from operators.rasterize import page_ranges, rasterize
 from operators.settings import RasterizeConfig
 from operators.write import output_folders
 from operators.errors import ConfigError, NoInputError, UnsupportedFormat
@@ -293,8 +294,17 @@ def test_page_too_large_is_checked_before_rendering(good_pdf, tmp_path):
     with pikepdf.open(good_pdf) as pdf:
         pdf.pages[1].MediaBox = [0, 0, 1_000_000, 30]
         pdf.save(wide)
-    plan = triage(str(wide), RasterizeConfig(dpi=300))
-    assert plan.error.error_code == "page_too_large" and str(plan.error).startswith("page 2 would be 4166667x125 px")
+    plan = triage(str(wide), RasterizeConfig(dpi=300))  # a foldout: its own page fails, not the book
+    assert plan.error is None and plan.num_pages == 3
+    [(page, why)] = plan.oversized_pages
+    assert page == 2 and why.startswith("page 2 would be 4166667x125 px")
+    works = [work for task in page_ranges([plan], 8) for work in rasterize(task, RasterizeConfig(dpi=100))]
+    assert [(work.page, work.status, work.error_code) for work in works] == [
+        (1, "ok", None), (2, "failed", "page_too_large"), (3, "ok", None)]
     image = tmp_path / "huge.png"
     Image.new("1", (5000, 5000), 1).save(image)
     assert triage(str(image), small_limit).error.error_code == "page_too_large"
+    bundle = tmp_path / "bundle.tif"  # the same for an image's frames
+    Image.new("L", (500, 500), 255).save(bundle, save_all=True, append_images=[Image.new("L", (2000, 2000), 255)])
+    plan = triage(str(bundle), small_limit)
+    assert (plan.error, plan.num_pages, [page for page, _ in plan.oversized_pages]) == (None, 2, [2])
