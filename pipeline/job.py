@@ -424,6 +424,8 @@ class DryRun:
             else:
                 state, todo_pages, todo_documents = "ok", todo_pages + selected, todo_documents + 1
             reason = f" ({plan.error.error_code}: {plan.error})" if plan.error is not None else ""
+            if plan.oversized_pages and state == "ok":
+                reason = f" ({len(plan.oversized_pages)} page(s) will fail, page_too_large: {plan.oversized_pages[0][1]})"
             if state == "duplicate":
                 reason = f" (same bytes as {owners.get(plan.duplicate_of, plan.duplicate_of)})"
             lines.append(f"{state:9} {selected:4} pages  {plan.source}{reason}")

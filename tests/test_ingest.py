@@ -17,6 +17,7 @@ from PIL import Image
 from conftest import write_pdf
 from operators.ingest import expand_inputs, find_inputs, sniff_kind, triage
 from operators.rasterize import page_ranges, rasterize
+from pipeline.job import DryRun
 from operators.settings import RasterizeConfig
 from operators.write import output_folders
 from operators.errors import ConfigError, NoInputError, UnsupportedFormat
@@ -301,6 +302,7 @@ def test_page_too_large_is_checked_before_rendering(good_pdf, tmp_path):
     works = [work for task in page_ranges([plan], 8) for work in rasterize(task, RasterizeConfig(dpi=100))]
     assert [(work.page, work.status, work.error_code) for work in works] == [
         (1, "ok", None), (2, "failed", "page_too_large"), (3, "ok", None)]
+    assert "1 page(s) will fail, page_too_large: page 2 would be" in DryRun([plan], {}, None).describe()
     image = tmp_path / "huge.png"
     Image.new("1", (5000, 5000), 1).save(image)
     assert triage(str(image), small_limit).error.error_code == "page_too_large"
