@@ -197,7 +197,7 @@ def split_words(text: str, line_bbox: Sequence[int], gaps: Sequence[Interval],
     if not words:
         return []
     left, right, inner = _trim_margins(x0, x1, gaps)
-    x_order = _visual_order(words) if _right_to_left(text) else list(range(len(words)))
+    x_order = _visual_order(words) if _strong_direction(text) == "R" else list(range(len(words)))
     breaks = _place_breaks([words[index] for index in x_order], left, right, inner)
     edges = [left, *[edge for cut in breaks for edge in cut], right]
     boxes: list[BBox] = [(0, 0, 0, 0)] * len(words)
@@ -230,17 +230,6 @@ def _strong_direction(text: str) -> str | None:
         if direction == "L":
             return "L"
     return None
-
-
-def _right_to_left(text: str) -> bool:
-    """Whether the text's first strong character (Unicode bidi class L, R or AL) is right-to-left."""
-    for character in text:
-        direction = unicodedata.bidirectional(character)
-        if direction in ("R", "AL"):
-            return True
-        if direction == "L":
-            return False
-    return False
 
 
 def normalize_bbox(bbox: BBox, page_size: tuple[int, int]) -> BBox:
