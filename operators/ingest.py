@@ -329,28 +329,23 @@ def pdf_info(path: str, config: RasterizeConfig) -> dict[str, str | int | list]:
     return {"pages": int(pages.group(1)), "sizes": sizes, "rotations": rotations}
 
 
-def _check_pixels(width: float, height: float, page: int, config: RasterizeConfig, dpi: int) -> None:
-    pixels = width * height
-    if pixels > config.max_page_pixels:
-        raise PageTooLarge(
-            f"page {page} would be {width:.0f}x{height:.0f} px at {dpi} dpi, over the limit of "
-            f"{config.max_page_pixels} pixels (rasterize.max_page_pixels)"
-        )
+def _too_large(width: float, height: float, page: int, config: RasterizeConfig, dpi: int) -> str | None:
+    """Why a page of ``width`` x ``height`` px is over the pixel limit, or None."""
+    if width * height <= config.max_page_pixels:
+        return None
+    return (f"page {page} would be {width:.0f}x{height:.0f} px at {dpi} dpi, over the limit of "
+            f"{config.max_page_pixels} pixels (rasterize.max_page_pixels)")
 
 
 def _oversized(sizes: Iterable[tuple[int, float, float]], pages: int, config: RasterizeConfig,
                dpi: int) -> tuple[tuple[int, str], ...]:
     """(page, why) of the pages (number, width px, height px) over the pixel limit. A foldout in a book fails
     its own page, not the book; a document whose every page is too large fails as a whole."""
-    oversized = []
-    for number, width, height in sizes:
-        try:
-            _check_pixels(width, height, number, config, dpi)
-        except PageTooLarge as error:
-            oversized.append((number, str(error)))
+    oversized = tuple((number, why) for number, width, height in sizes
+                      if (why := _too_large(width, height, number, config, dpi)) is not None)
     if oversized and len(oversized) >= pages:
         raise PageTooLarge(oversized[0][1])
-    return tuple(oversized)
+    return oversized
 
 
 def page_tree_count(path: str) -> int | None:
@@ -399,7 +394,7 @@ def triage_pdf(path: str, config: RasterizeConfig) -> tuple[int, bool, tuple[int
 
 def allow_pixels(config: RasterizeConfig) -> None:
     """Let Pillow open images up to twice ``max_page_pixels`` without a word (it warns over its own limit, 89 Mpx,
-    and refuses twice that as a decompression bomb): the page-size check is :func:`_check_pixels`, the same for
+    and refuses twice that as a decompression bomb): the page-size check is :func:`_too_large`, the same for
     images and PDFs, and it runs before any pixel is decoded."""
     Image.MAX_IMAGE_PIXELS = max(2 * config.max_page_pixels, DEFAULT_MAX_IMAGE_PIXELS)
 

@@ -249,14 +249,11 @@ def published_doc_ids(output: str) -> dict[str, str]:
     return _published(output, "source")
 
 
-def published_page_selections(output: str) -> dict[str, str | None]:
-    """The doc_ids already published in ``output`` and the page selection each was read with (None: all)."""
-    return _published(output, "pages_selected")
-
-
-def published_modes(output: str) -> dict[str, str | None]:
-    """The doc_ids already published in ``output`` and the mode each was read in (None: not recorded)."""
-    return _published(output, "mode")
+def published_readings(output: str) -> dict[str, tuple[str | None, str | None]]:
+    """The doc_ids already published in ``output`` and how each was read: its page selection (None: every page)
+    and its mode (None: not recorded)."""
+    return {row["doc_id"]: (row["pages_selected"], row["mode"])
+            for row in _published_rows(output, ("doc_id", "pages_selected", "mode"))}
 
 
 def _published(output: str, column: str) -> dict[str, Any]:

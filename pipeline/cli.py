@@ -12,7 +12,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -77,16 +77,14 @@ def _job_command(args: argparse.Namespace, mode: str) -> int:
     return ExitCode.documents_failed if summary.written.documents_failed else ExitCode.ok
 
 
-def _at_least_one(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return int(text)
+def _whole_number(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``least``."""
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < least:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {least}, got {text!r}")
+        return int(text)
 
-
-def _not_negative(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}")
-    return int(text)
+    return parse
 
 
 def _synth_command(args: argparse.Namespace) -> int:
@@ -156,7 +154,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     synth = commands.add_parser("synth", help="synthetic scanned documents or text lines with ground truth")
     synth.add_argument("what", choices=["docs", "lines"])
     synth.add_argument("--output", "-o", required=True)
-    synth.add_argument("--count", "-n", type=_at_least_one, default=4)
+    synth.add_argument("--count", "-n", type=_whole_number(1), default=4)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--dpi", type=int, default=150, help="docs only")
     synth.add_argument("--font-kind", choices=["printed", "handwritten", "historical", "all", "heldout"], default="printed",
@@ -167,8 +165,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     show = commands.add_parser("show", help="print the documents and the start of each page's text of an output")
     show.add_argument("output")
-    show.add_argument("--pages", type=_not_negative, default=3, help="pages to print")
-    show.add_argument("--lines", type=_not_negative, default=8, help="lines per page to print")
+    show.add_argument("--pages", type=_whole_number(0), default=3, help="pages to print")
+    show.add_argument("--lines", type=_whole_number(0), default=8, help="lines per page to print")
     show.set_defaults(handler=_show_command)
 
     named = next((argument for argument in argv if not argument.startswith("-")), None)

@@ -39,8 +39,7 @@ from operators.write import (
     output_folders,
     output_lock,
     published_doc_ids,
-    published_modes,
-    published_page_selections,
+    published_readings,
     recover_output,
     retire_documents,
 )
@@ -265,9 +264,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                                publish_every_s=config.output.publish_every_s)
             quiet_ray_data(verbose)
             plans = _triage_all(found.sources, config)
-            retirement = _failed_to_retry(plans, output, config)
-            check_page_selection(plans, output, selection, retirement.doc_ids)
-            check_mode(plans, output, mode, retirement.doc_ids)
+            retirement = _check_against_output(plans, output, config, mode)
             retire_documents(output, retirement)
             done = {doc_id: source for doc_id, source in done.items() if doc_id not in retirement.doc_ids}
             fresh = mark_duplicates(plans, done)
@@ -359,45 +356,48 @@ def _document_record(plan: DocumentPlan, selection: str | None, mode: Mode) -> D
     )
 
 
-def _failed_to_retry(plans: list[DocumentPlan], output: str, config: JobConfig) -> Retirement:
-    """``--retry-failed``: the failed documents of this run's sources (:func:`operators.write.failed_to_retry`)."""
-    if not config.output.retry_failed:
-        return Retirement()
-    return failed_to_retry(output, {recorded_source(plan.source) for plan in plans})
+def _check_against_output(plans: list[DocumentPlan], output: str, config: JobConfig, mode: Mode) -> Retirement:
+    """What ``--retry-failed`` takes out of the output (:func:`operators.write.failed_to_retry`), once the run is
+    known not to skip documents read otherwise (:func:`check_earlier_readings`); the run and the dry run alike."""
+    retirement = (failed_to_retry(output, {recorded_source(plan.source) for plan in plans})
+                  if config.output.retry_failed else Retirement())
+    check_earlier_readings(plans, output, config.rasterize.pages, mode, retirement.doc_ids)
+    return retirement
 
 
-def check_mode(plans: list[DocumentPlan], output: str, mode: Mode, retried: Collection[str] = ()) -> None:
-    """Refuse a run that would skip documents the output holds read in the other mode: a ``run`` into a ``detect``
-    output would leave their lines without text for good, and a ``detect`` into a ``run`` output would say done
-    of work it does not do. Rows written before the mode was recorded are not checked."""
-    earlier = published_modes(output)
-    other = [plan for plan in plans if plan.doc_id not in retried and earlier.get(plan.doc_id) not in (None, mode)]
-    if other:
-        command = {"recognize": "run", "detect": "detect"}
-        raise ConfigError(
-            f"{len(other)} of these documents are in {output} from `trocr-pipeline "
-            f"{command[earlier[other[0].doc_id]]}` ({other[0].source}), and this is `trocr-pipeline {command[mode]}`: "
-            f"a run skips documents already written, so they would never be read this way; write to another output")
+def check_earlier_readings(plans: list[DocumentPlan], output: str, selection: str | None, mode: Mode,
+                           retried: Collection[str] = ()) -> None:
+    """Refuse a run that would skip documents the output holds read otherwise: a run skips what is already
+    written, so what the earlier run left undone would never be done.
 
+    - With other pages (``--pages``). Selections are compared by the pages they pick from each document ("1-" and
+      none, "1-3" and "1,2,3" are the same); rows written before the selection was recorded count as every page.
+    - In the other mode: a ``run`` into a ``detect`` output would leave their lines without text for good, and a
+      ``detect`` into a ``run`` output would say done of work it does not do. Rows written before the mode was
+      recorded are not checked.
 
-def check_page_selection(plans: list[DocumentPlan], output: str, selection: str | None,
-                         retried: Collection[str] = ()) -> None:
-    """Refuse a run that would skip documents the output holds read with other pages (``--pages``): a run
-    skips what is already written, so the pages the earlier run left out would never be read. Selections are
-    compared by the pages they pick from each document ("1-" and none, "1-3" and "1,2,3" are the same); rows
-    written before the selection was recorded count as every page. Documents ``retried`` are read again."""
-    earlier = published_page_selections(output)
-    other = [plan for plan in plans if plan.doc_id in earlier and plan.doc_id not in retried
-             and selected_pages(earlier[plan.doc_id], plan.num_pages) != selected_pages(selection, plan.num_pages)]
-    if other:
+    Documents ``retried`` are read again."""
+    earlier = published_readings(output)
+    again = [plan for plan in plans if plan.doc_id in earlier and plan.doc_id not in retried]
+    other_pages = [plan for plan in again if selected_pages(earlier[plan.doc_id][0], plan.num_pages)
+                   != selected_pages(selection, plan.num_pages)]
+    if other_pages:
         def described(pages: str | None) -> str:
             return "every page" if pages is None else f"pages {pages}"
 
         raise ConfigError(
-            f"{len(other)} of these documents are in {output} read with {described(earlier[other[0].doc_id])} "
-            f"({other[0].source}), and this run selects {described(selection)}: a run skips documents already "
-            f"written, so their other pages would never be read; run with the same --pages, or write to another "
-            f"output")
+            f"{len(other_pages)} of these documents are in {output} read with "
+            f"{described(earlier[other_pages[0].doc_id][0])} ({other_pages[0].source}), and this run selects "
+            f"{described(selection)}: a run skips documents already written, so their other pages would never be "
+            f"read; run with the same --pages, or write to another output")
+    other_mode = [plan for plan in again if earlier[plan.doc_id][1] not in (None, mode)]
+    if other_mode:
+        command = {"recognize": "run", "detect": "detect"}
+        raise ConfigError(
+            f"{len(other_mode)} of these documents are in {output} from `trocr-pipeline "
+            f"{command[earlier[other_mode[0].doc_id][1]]}` ({other_mode[0].source}), and this is `trocr-pipeline "
+            f"{command[mode]}`: a run skips documents already written, so they would never be read this way; write "
+            f"to another output")
 
 
 @dataclass(frozen=True)
@@ -450,9 +450,7 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     _line_preprocessor(config, mode)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         plans = list(pool.map(lambda source: triage(source, config.rasterize), sources))
-    retired = _failed_to_retry(plans, output, config).doc_ids
-    check_page_selection(plans, output, config.rasterize.pages, retired)
-    check_mode(plans, output, mode, retired)
+    retired = _check_against_output(plans, output, config, mode).doc_ids
     done = {doc_id: source for doc_id, source in published_doc_ids(output).items() if doc_id not in retired}
     marked = {plan.source: plan for plan in mark_duplicates(plans, done)}  # all but the ones already done
     return DryRun([marked.get(plan.source, plan) for plan in plans], done, config.rasterize.pages)
