@@ -126,6 +126,13 @@ class RenderFailed(DocumentError):
     error_code = "render_failed"
 
 
+class SourceChanged(DocumentError):
+    """The file changed (its size or modification time) after triage: its pages would not be the bytes its
+    doc_id names."""
+
+    error_code = "source_changed"
+
+
 class NoPages(DocumentError):
     """The file holds no page (a PDF whose page tree is empty)."""
 

@@ -37,6 +37,7 @@ from operators.errors import (
     NoPages,
     PageTooLarge,
     RenderTimeout,
+    SourceChanged,
     UnreadableFile,
     UnsupportedFormat,
 )
@@ -65,6 +66,7 @@ class DocumentPlan:
     page_rotations: tuple[int, ...] = ()  # a PDF's /Rotate per page, which poppler applies when rendering
     oversized_pages: tuple[tuple[int, str], ...] = ()  # (page, why) of pages over rasterize.max_page_pixels
     duplicate_of: str | None = None  # doc_id of the document with the same bytes that holds the pages
+    stamp: tuple[int, int] | None = None  # the file's size and modification time (ns) when its doc_id was taken
 
 
 @dataclass
@@ -264,6 +266,28 @@ def _chunks(source: str) -> Iterator[bytes]:
         raise UnreadableFile(f"cannot read {source}: {exc}") from exc
 
 
+def source_stamp(source: str) -> tuple[int, int] | None:
+    """The file's size and modification time (ns), what says cheaply that its bytes changed; None when it is
+    gone."""
+    filesystem, path = resolve_filesystem(source)
+    try:
+        info = filesystem.get_file_info(path)
+    except OSError as exc:
+        raise UnreadableFile(f"cannot read {source}: {exc}") from exc
+    return None if info.type == pafs.FileType.NotFound else (info.size, info.mtime_ns or 0)
+
+
+def check_unchanged(source: str, stamp: tuple[int, int]) -> None:
+    """Raise :class:`SourceChanged` when the file is no longer the one ``stamp`` was taken of: written to,
+    replaced or deleted while the job read it (a scanner's hot folder, a sync tool)."""
+    now = source_stamp(source)
+    if now is None:
+        raise SourceChanged(f"{source} was deleted or moved while the job read it")
+    if now != stamp:
+        raise SourceChanged(f"the file was written to or replaced while the job read it (it had {stamp[0]} bytes, "
+                            f"now {now[0]}): run again with --retry-failed to read it as it is now")
+
+
 def fingerprint(source: str) -> tuple[str, bytes, int]:
     """sha256 of the file's bytes (the doc_id), its first 1 KiB for sniffing, and its size."""
     digest, head, size = hashlib.sha256(), b"", 0
@@ -399,32 +423,64 @@ def allow_pixels(config: RasterizeConfig) -> None:
     Image.MAX_IMAGE_PIXELS = max(2 * config.max_page_pixels, DEFAULT_MAX_IMAGE_PIXELS)
 
 
+#: TIFF NewSubfileType (tag 254) bits of a frame that is no page: a reduced-resolution copy (a preview or
+#: thumbnail some scanners write after each page) and a transparency mask.
+NEW_SUBFILE_TYPE = 254
+_NOT_A_PAGE = 0b101
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame of an image file that is a page: its index among the file's frames and its size in pixels (None
+    when its header cannot be read: the page fails when rendered, and the frames after it are not reached)."""
+
+    index: int
+    size: tuple[int, int] | None
+
+
+def page_frames(image: Image.Image, pages: int | None = None) -> list[Frame]:
+    """The frames of an open image that are its pages, the first ``pages`` of them (all when None).
+
+    Not pages: a TIFF frame marked as a reduced-resolution copy or a mask, and every picture of a multi-picture
+    JPEG (MPO: what cameras write) after the first, which is a preview or another view of the same shot. A file
+    whose every frame is marked so is read frame by frame. Frames are counted by seeking, not with ``n_frames``,
+    which raises on a damaged frame: here a frame whose header cannot be read counts as a page and ends the
+    count, and the frames before it are read."""
+    if image.format == "MPO":
+        return [Frame(0, image.size)]
+    found: list[Frame] = []
+    marked: list[Frame] = []
+    index = 0
+    while pages is None or len(found) < pages:
+        try:
+            image.seek(index)
+        except EOFError:
+            break
+        except Image.DecompressionBombError:
+            raise
+        except Exception:  # noqa: BLE001 - any library error here means a damaged frame
+            found.append(Frame(index, None))
+            break
+        subfile = getattr(image, "tag_v2", {}).get(NEW_SUBFILE_TYPE, 0)
+        (marked if isinstance(subfile, int) and subfile & _NOT_A_PAGE else found).append(Frame(index, image.size))
+        index += 1
+    return found or marked
+
+
 def triage_image(path: str, config: RasterizeConfig) -> tuple[int, tuple[tuple[int, str], ...]]:
-    """Frames (pages) of an image, and those too large to render (:func:`_oversized`). They are counted by
-    seeking, not with ``n_frames``, which raises on a damaged frame: here a frame whose header cannot be read
-    still counts (it fails as a page) and ends the count, and the frames before it are read."""
+    """Pages of an image (:func:`page_frames`), and those too large to render (:func:`_oversized`)."""
     allow_pixels(config)
-    sizes: list[tuple[int, float, float]] = []
     try:
         with Image.open(path) as image:
-            number = 0
-            while True:
-                try:
-                    image.seek(number)
-                except EOFError:
-                    return number, _oversized(sizes, number, config, config.dpi)
-                except Image.DecompressionBombError:
-                    raise
-                except Exception:  # noqa: BLE001 - any library error here means a damaged frame
-                    return number + 1, _oversized(sizes, number + 1, config, config.dpi)
-                number += 1
-                sizes.append((number, image.width, image.height))
+            frames = page_frames(image)
     except Image.DecompressionBombError as exc:
         raise PageTooLarge(f"decompression bomb: {exc}") from exc
     except DocumentError:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, TypeError... on bad bytes
         raise CorruptFile(f"the image cannot be decoded: {type(exc).__name__}: {exc}") from exc
+    sizes = [(number, *frame.size) for number, frame in enumerate(frames, 1) if frame.size is not None]
+    return len(frames), _oversized(sizes, len(frames), config, config.dpi)
 
 
 @contextmanager
@@ -473,6 +529,9 @@ def triage(source: str, config: RasterizeConfig) -> DocumentPlan:
         filesystem, path = resolve_filesystem(source)
         if isinstance(filesystem, pafs.LocalFileSystem):  # a file:// URI too
             _check_regular_file(path)
+        stamp = source_stamp(source)
+        if stamp is None:
+            raise UnreadableFile(f"cannot read {source}: there is no such file")
         doc_id, head, size = fingerprint(source)
         if size == 0:
             raise EmptyFile("the file is empty (0 bytes)")
@@ -482,8 +541,9 @@ def triage(source: str, config: RasterizeConfig) -> DocumentPlan:
                 num_pages, repaired, rotations, oversized = triage_pdf(path, config)
             else:
                 (num_pages, oversized), repaired, rotations = triage_image(path, config), False, ()
+        check_unchanged(source, stamp)
         return DocumentPlan(doc_id=doc_id, source=source, kind=kind, num_pages=num_pages, repaired=repaired,
-                            page_rotations=rotations, oversized_pages=oversized)
+                            page_rotations=rotations, oversized_pages=oversized, stamp=stamp)
     except DocumentError as error:
         return DocumentPlan(doc_id=doc_id, source=recorded, kind=kind, num_pages=0, error=error)
     except Exception as exc:  # noqa: BLE001 - one file must never end the job

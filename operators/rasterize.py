@@ -18,10 +18,12 @@ from pdf2image.exceptions import PDFPageCountError, PDFPopplerTimeoutError, PDFS
 from PIL import Image, ImageOps
 
 from operators.orientation import detect_orientation, turn
-from operators.ingest import DocumentKind, DocumentPlan, allow_pixels, local_path, repaired_pdf
+from operators.ingest import (DocumentKind, DocumentPlan, allow_pixels, check_unchanged, local_path, page_frames,
+                              repaired_pdf)
 from operators.pages import selected_pages
 from operators.settings import RasterizeConfig
-from operators.errors import DocumentError, PAGE_COUNT_MISMATCH, PageTooLarge, RenderFailed, RenderTimeout
+from operators.errors import (DocumentError, PAGE_COUNT_MISMATCH, PageTooLarge, RenderFailed, RenderTimeout,
+                              SourceChanged)
 from operators.records import PageWork
 
 #: Scans often claim 72 dpi or nothing; outside this range the configured dpi is used instead.
@@ -40,6 +42,7 @@ class PageRange:
     repaired: bool = False
     rotations: tuple[int, ...] = ()  # /Rotate of pages first..last, as poppler applies it
     oversized: str | None = None  # a page over the pixel limit (first == last): why it is failed, not rendered
+    stamp: tuple[int, int] | None = None  # the file's size and modification time at triage (None: not checked)
 
 
 def page_ranges(plans: list[DocumentPlan], pages_per_task: int, pages: str | None = None) -> list[PageRange]:
@@ -54,11 +57,11 @@ def page_ranges(plans: list[DocumentPlan], pages_per_task: int, pages: str | Non
         for number in selected_pages(pages, plan.num_pages) + [0]:  # 0 closes the last run
             if run and (number != run[-1] + 1 or len(run) == pages_per_task or number in oversized):
                 ranges.append(PageRange(plan.doc_id, plan.source, plan.kind, run[0], run[-1], plan.repaired,
-                                         plan.page_rotations[run[0] - 1:run[-1]]))
+                                         plan.page_rotations[run[0] - 1:run[-1]], stamp=plan.stamp))
                 run = []
             if number in oversized:
                 ranges.append(PageRange(plan.doc_id, plan.source, plan.kind, number, number, plan.repaired,
-                                         plan.page_rotations[number - 1:number], oversized[number]))
+                                         plan.page_rotations[number - 1:number], oversized[number], plan.stamp))
             elif number:
                 run.append(number)
     return ranges
@@ -186,10 +189,13 @@ def _render_image(task: PageRange, path: str, config: RasterizeConfig) -> list[P
     pages = []
     allow_pixels(config)
     with Image.open(path) as image:
+        frames = page_frames(image, task.last)
         for number in range(task.first, task.last + 1):
             work = _new_page(task, number, config.dpi)
             try:
-                image.seek(number - 1)
+                if number > len(frames):
+                    raise SourceChanged(f"page {number} is no longer in the file: it was changed after triage")
+                image.seek(frames[number - 1].index)
                 _render_frame(image, work, config)
             except DocumentError as error:
                 work.fail(error.error_code, str(error))
@@ -230,8 +236,13 @@ def rasterize(task: PageRange, config: RasterizeConfig) -> list[PageWork]:
     if task.oversized is not None:
         return [_new_page(task, task.first, config.dpi).fail(PageTooLarge.error_code, task.oversized)]
     try:
+        if task.stamp is not None:
+            check_unchanged(task.source, task.stamp)
         with local_path(task.source) as path:
-            return _upright(_render(task, path, config), config)
+            pages = _render(task, path, config)
+        if task.stamp is not None:
+            check_unchanged(task.source, task.stamp)
+        return _upright(pages, config)
     except DocumentError as error:
         reason = (error.error_code, str(error))
     except Exception as exc:  # noqa: BLE001 - one file must never end the job

@@ -25,6 +25,7 @@ from conftest import box_iou, official_schema, text_page, write_pdf
 from operators.errors import ConfigError, ExitCode
 from operators.formats.export import remove_other_exports
 from operators.formats.pdf import searchable_pdf
+from operators.ingest import NEW_SUBFILE_TYPE, triage
 from operators.rasterize import PageRange, rasterize
 from operators.records import LineRecord
 from operators.settings import RasterizeConfig
@@ -150,6 +151,18 @@ def test_a_cropped_pdf_page_is_read_and_overlaid_as_a_viewer_shows_it(tmp_path, 
     _assert_text_layer_on_the_pixels(work, source, tmp_path)
 
 
+def _labelled_pdf(works: list, source: Path, label: str) -> tuple[Path, str]:
+    """The searchable PDF of ``works`` (beside ``source``) with one line on each page that rendered, reading
+    ``{label}{page}``, and its text as pdftotext reads it."""
+    for work in works:
+        work.lines = [LineRecord(bbox=(100, 100, 900, 160), polygon=[(100, 100), (900, 100), (900, 160), (100, 160)],
+                                 baseline=[(100, 150), (900, 150)], block=0, order=0, confidence=0.9,
+                                 text=f"{label}{work.page}")] if work.status == "ok" else []
+    pdf = source.with_suffix(".out.pdf")
+    pdf.write_bytes(searchable_pdf([page_row(work) for work in works], str(source)))
+    return pdf, subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
+
+
 def test_a_tiff_with_a_frame_that_cannot_be_decoded_gets_a_searchable_pdf_of_the_others(tmp_path):
     """The job fails the damaged frame's page and reads the others; img2pdf decodes every frame, so the document
     had got no PDF at all (export_failed)."""
@@ -165,16 +178,35 @@ def test_a_tiff_with_a_frame_that_cannot_be_decoded_gets_a_searchable_pdf_of_the
     works = rasterize(PageRange("0123456789abcdef", str(source), "tiff", 1, 3),
                       RasterizeConfig(dpi=150, detect_orientation=False))
     assert [work.status for work in works] == ["ok", "failed", "ok"]
-    for work in works:
-        work.lines = [LineRecord(bbox=(100, 100, 900, 160), polygon=[(100, 100), (900, 100), (900, 160), (100, 160)],
-                                 baseline=[(100, 150), (900, 150)], block=0, order=0, confidence=0.9,
-                                 text=f"page{work.page}")] if work.status == "ok" else []
-    pdf = tmp_path / "bundle.pdf"
-    pdf.write_bytes(searchable_pdf([page_row(work) for work in works], str(source)))
+    pdf, text = _labelled_pdf(works, source, "page")
     with pikepdf.open(pdf) as opened:
         assert len(opened.pages) == 3
-    text = subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
     assert "page1" in text and "page3" in text
+
+
+@pytest.mark.parametrize("name", ["previews.tif", "camera.jpg"])
+def test_the_previews_in_an_image_file_are_no_pages(tmp_path, name):
+    """A scanner's TIFF with a reduced-resolution preview after each page (NewSubfileType 1) and a camera's JPEG
+    with a preview picture (MPO) had each preview read as one more page, its text a second time and worse."""
+    pages = [text_page([f"Sheet {number} of the set."]).convert("L") for number in (1, 2)]
+    previews = [page.resize((page.width // 4, page.height // 4)) for page in pages]
+    source = tmp_path / name
+    if name == "previews.tif":
+        for preview in previews:
+            preview.encoderinfo = {"tiffinfo": {NEW_SUBFILE_TYPE: 1}}
+        pages[0].save(source, save_all=True, append_images=[previews[0], pages[1], previews[1]], dpi=(150, 150))
+    else:
+        pages = pages[:1]
+        pages[0].save(source, format="MPO", save_all=True, append_images=previews[:1], dpi=(150, 150))
+    plan = triage(str(source), RasterizeConfig(dpi=150))
+    assert (plan.kind, plan.num_pages) == ("tiff" if name.endswith("tif") else "jpeg", len(pages))
+    works = rasterize(PageRange(plan.doc_id, str(source), plan.kind, 1, plan.num_pages),
+                      RasterizeConfig(dpi=150, detect_orientation=False))
+    assert [(work.status, work.width, work.height) for work in works] == [("ok", *page.size) for page in pages]
+    pdf, text = _labelled_pdf(works, source, "sheet")
+    with pikepdf.open(pdf) as opened:
+        assert [round(float(page.mediabox[2])) for page in opened.pages] == [page.width * 72 // 150 for page in pages]
+    assert text.split() == [f"sheet{number}" for number in range(1, len(pages) + 1)]
 
 
 @pytest.mark.parametrize("name", ["master.tif", "frames.png"])
@@ -190,13 +222,7 @@ def test_images_img2pdf_cannot_embed_get_a_searchable_pdf_of_every_page(tmp_path
         pages[0].save(source, save_all=True, append_images=pages[1:], dpi=(150, 150))
     works = rasterize(PageRange("0123456789abcdef", str(source), "tiff" if name.endswith("tif") else "png", 1,
                                 len(pages)), RasterizeConfig(dpi=150, detect_orientation=False))
-    for work in works:
-        work.lines = [LineRecord(bbox=(100, 100, 900, 160), polygon=[(100, 100), (900, 100), (900, 160), (100, 160)],
-                                 baseline=[(100, 150), (900, 150)], block=0, order=0, confidence=0.9,
-                                 text=f"sheet{work.page}")]
-    pdf = tmp_path / "out.pdf"
-    pdf.write_bytes(searchable_pdf([page_row(work) for work in works], str(source)))
-    text = subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
+    _, text = _labelled_pdf(works, source, "sheet")
     assert text.split() == [f"sheet{number}" for number in range(1, len(pages) + 1)]
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import write_pdf
-from operators.ingest import DocumentPlan
+from operators.ingest import DocumentPlan, triage
 from operators.rasterize import PageRange, page_ranges, rasterize, to_gray8
 from operators.settings import RasterizeConfig
 
@@ -112,3 +114,19 @@ def test_implausible_image_dpi_falls_back_to_config(tmp_path, page_images):
     page_images[0].save(path, dpi=(72, 72))
     (work,) = rasterize(PageRange("id", str(path), "png", 1, 1), RasterizeConfig(dpi=300))
     assert work.dpi == 300
+
+
+def test_a_file_changed_or_deleted_after_triage_fails_as_changed(tmp_path, page_images):
+    """A scanner writing into a hot folder replaces a file between triage and rendering: its pages had been read
+    from the new bytes under the old bytes' doc_id, or failed as damaged (render_failed) where pages were gone."""
+    path = tmp_path / "scan.tif"
+    page_images[0].copy().save(path, save_all=True, append_images=[image.copy() for image in page_images[1:]])
+    config = RasterizeConfig(dpi=150, detect_orientation=False)
+    plan = triage(str(path), config)
+    [task] = page_ranges([plan], pages_per_task=8)
+    page_images[1].copy().save(path)
+    assert [(work.status, work.error_code) for work in rasterize(task, config)] == [("failed", "source_changed")] * 3
+    assert [work.status for work in rasterize(replace(task, stamp=None), config)] == ["ok"] + ["failed"] * 2
+    assert "no longer in the file" in rasterize(replace(task, stamp=None), config)[2].error_message
+    path.unlink()
+    assert "deleted" in rasterize(task, config)[0].error_message

@@ -25,7 +25,7 @@ from ocrmypdf.models.ocr_element import Baseline, BoundingBox, OcrClass, OcrElem
 from PIL import Image, ImageOps, ImageSequence
 
 from operators.formats.geometry import straight_baseline
-from operators.ingest import local_path, sniff_kind
+from operators.ingest import local_path, page_frames, sniff_kind
 from operators.rasterize import EXIF_ORIENTATION_TAG, EXIF_ROTATION, MIRRORED_EXIF, to_gray8, upright_resolution
 
 PDFA_FLAVOUR = "2b"
@@ -55,23 +55,27 @@ def searchable_pdf(pages: Sequence[dict], source: str, pdfa: bool = False) -> by
 @contextmanager
 def _scanned_pages(path: str, numbers: list[int]) -> Iterator[tuple[pikepdf.Pdf, list[int]]]:
     """A new PDF holding the given 1-based pages of the original: its own pages for a PDF (qpdf
-    repairs a damaged one as it opens it), img2pdf pages for an image; and per page, the degrees its
-    pixels are already turned from the file's own (see :func:`_image_pages`)."""
+    repairs a damaged one as it opens it), img2pdf pages of the frames that are pages for an image
+    (:func:`page_frames`); and per page, the degrees its pixels are already turned from the file's own
+    (see :func:`_image_pages`)."""
     with open(path, "rb") as handle:
         kind = sniff_kind(handle.read(1024))
     if kind == "pdf":
-        original, turned = path, [0] * len(numbers)
+        original, indexes, turned = path, [number - 1 for number in numbers], [0] * len(numbers)
     else:
+        with Image.open(path) as image:
+            frames = page_frames(image)
+        indexes = [frames[number - 1].index for number in numbers]
         pdf, turns = _image_pages(path)
-        original, turned = io.BytesIO(pdf), [turns[number - 1] for number in numbers]
+        original, turned = io.BytesIO(pdf), [turns[index] for index in indexes]
     with pikepdf.open(original) as source, pikepdf.new() as out:
-        for number in numbers:
-            out.pages.append(source.pages[number - 1])
+        for index in indexes:
+            out.pages.append(source.pages[index])
         yield out, turned
 
 
 def _image_pages(path: str) -> tuple[bytes, list[int]]:
-    """An image file as img2pdf pages, and per page the degrees its pixels are turned.
+    """An image file as img2pdf pages, one per frame, and per frame the degrees its pixels are turned.
 
     img2pdf embeds the file's own streams (JPEG as is). Where it cannot, the frames are embedded as the job read
     them instead (mirror and turn undone, lossless PNG), and their pixels are then turned by the EXIF turn: a
