@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Collection, Generator, Iterator, Literal
+from typing import Any, Callable, Collection, Generator, Iterator, Literal
 
 import ray
 from ray.data import ActorPoolStrategy
@@ -192,9 +192,11 @@ class _RecognizeBatch:
         return {"work": [pickle.dumps(work, protocol=5) for work in done]}
 
 
-def _triage_all(sources: list[str], config: JobConfig) -> list[DocumentPlan]:
+def _triage_all(sources: list[str], config: JobConfig,
+                on_triaged: Callable[[], None] | None = None) -> list[DocumentPlan]:
     """Triage every file in parallel as plain Ray tasks: cheap, and quicker to start than a dataset.
-    A task that dies (a decoder crashing its worker) fails its document, not the job."""
+    A task that dies (a decoder crashing its worker) fails its document, not the job. ``on_triaged`` hears of
+    each file, in the inputs' order."""
     remote_triage = ray.remote(num_cpus=config.rasterize.num_cpus)(triage)
     refs = [remote_triage.remote(source, config.rasterize) for source in sources]
     plans = []
@@ -205,6 +207,8 @@ def _triage_all(sources: list[str], config: JobConfig) -> list[DocumentPlan]:
             error = InternalError(f"triage crashed: {type(exc).__name__}: {exc}")
             plans.append(DocumentPlan(doc_id=source_id(source), source=recorded_source(source), kind=None,
                                       num_pages=0, error=error))
+        if on_triaged:
+            on_triaged()
     return plans
 
 
@@ -243,6 +247,8 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     """Run the whole job; bad documents are recorded as failed rows, never raised. ``progress`` hears of
     every finished page and document; Ray Data's own progress output shows only when ``verbose``."""
     started = time.monotonic()
+    if progress:
+        progress.begin()
     found = find_inputs(inputs, output_folders(output))
     selection = config.rasterize.pages
     if mode == "recognize":
@@ -263,7 +269,9 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                                on_published=progress.document_published if progress else None,
                                publish_every_s=config.output.publish_every_s)
             quiet_ray_data(verbose)
-            plans = _triage_all(found.sources, config)
+            if progress:
+                progress.triage_started(len(found.sources))
+            plans = _triage_all(found.sources, config, progress.file_triaged if progress else None)
             retirement = _check_against_output(plans, output, config, mode)
             retire_documents(output, retirement)
             done = {doc_id: source for doc_id, source in done.items() if doc_id not in retirement.doc_ids}

@@ -1,5 +1,6 @@
 """What a job shows while it runs: one live line on a terminal, a summary line every half minute in a
-log, ``--log-json`` records for schedulers, and Ray's own chatter kept out of the way.
+log (also while nothing finishes: Ray starting, triage hashing a large archive, a long first batch),
+``--log-json`` records for schedulers, and Ray's own chatter kept out of the way.
 
 Ray Data prints its operator progress dumps every few seconds when stdout is not a terminal, and
 the driver's core worker writes C++ log lines straight to file descriptor 2 (for example an error
@@ -14,6 +15,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -80,9 +82,18 @@ def without_ray_core_logs() -> Iterator[None]:
             pass
 
 
+def _clock(seconds: float) -> str:
+    """``0:07``, ``12:30``, ``1:02:03``."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 @dataclass
 class JobProgress:
-    """Counts pages and documents as they finish; see the module docstring for what it prints.
+    """Counts files triaged, then pages and documents as they finish; see the module docstring for what it
+    prints. From :meth:`begin` to :meth:`close` a thread shows the status at least every interval, so a job
+    that is busy but finishes nothing still says so, with the time it has run.
 
     ``interactive``: redraw one line in place (a terminal) instead of printing a summary line every
     ``interval_s``. ``log_json``: a file that gets one JSON object per finished document."""
@@ -91,15 +102,23 @@ class JobProgress:
     interactive: bool = False
     interval_s: float = LOG_INTERVAL_S
     log_json: Path | None = None
+    files: int = 0
+    files_triaged: int = 0
     documents: int = 0
     pages: int = 0
     documents_done: int = 0
     documents_failed: int = 0
     pages_done: int = 0
     lines_done: int = 0
+    _phase: str = "starting"
+    _began: float = field(default_factory=time.monotonic)
     _started: float = field(default_factory=time.monotonic)
     _shown: float = 0.0
+    _drawn: bool = False
     _log: IO[str] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _closing: threading.Event = field(default_factory=threading.Event)
+    _heartbeat: threading.Thread | None = None
 
     def __post_init__(self) -> None:
         # opened before the job starts, so a path that cannot be written fails at once
@@ -109,10 +128,23 @@ class JobProgress:
             except OSError as exc:
                 raise ConfigError(f"cannot write the --log-json file {self.log_json}: {exc.strerror}") from exc
 
+    def begin(self) -> None:
+        """The job has begun (Ray and the model are starting): the heartbeat starts."""
+        self._began = self._shown = time.monotonic()
+        self._heartbeat = threading.Thread(target=self._beat, name="progress-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def triage_started(self, files: int) -> None:
+        self._phase, self.files = "triage", files
+
+    def file_triaged(self) -> None:
+        self.files_triaged += 1
+        self._show()
+
     def start(self, documents: int, pages: int) -> None:
-        """The work ahead, known once triage is done; timing starts here."""
-        self.documents, self.pages = documents, pages
-        self._started = self._shown = time.monotonic()
+        """The work ahead, known once triage is done; rates and the ETA count from here."""
+        self._phase, self.documents, self.pages = "reading", documents, pages
+        self._started = time.monotonic()
 
     def page_done(self, work: PageWork) -> None:
         self.pages_done += 1
@@ -138,7 +170,10 @@ class JobProgress:
             self._log.flush()
 
     def close(self) -> None:
-        if self.interactive and self.documents:
+        self._closing.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        if self.interactive and (self.documents or self._drawn):
             self._show(force=True)
             self.stream.write("\n")
             self.stream.flush()
@@ -147,25 +182,39 @@ class JobProgress:
             self._log = None
 
     def status(self) -> str:
-        """``documents 3/5 (1 failed), pages 9/12, 14.2 lines/s, ETA 0:12``."""
-        elapsed = time.monotonic() - self._started
-        rate = self.lines_done / elapsed if elapsed > 0 else 0.0
+        """``documents 3/5 (1 failed), pages 9/12, 14.2 lines/s, 1:40 elapsed, ETA 0:12``; before that,
+        ``triage: files 120/4000, 0:52 elapsed`` or ``starting (Ray, the model), 0:04 elapsed``."""
+        now = time.monotonic()
+        elapsed = f"{_clock(now - self._began)} elapsed"
+        if self._phase == "starting":
+            return f"starting (Ray, the model), {elapsed}"
+        if self._phase == "triage":
+            return f"triage: files {self.files_triaged}/{self.files}, {elapsed}"
+        reading = now - self._started
+        rate = self.lines_done / reading if reading > 0 else 0.0
         if self.pages_done and self.pages > self.pages_done:
-            remaining = round(elapsed / self.pages_done * (self.pages - self.pages_done))
-            eta = f"{remaining // 60}:{remaining % 60:02d}"
+            eta = _clock(reading / self.pages_done * (self.pages - self.pages_done))
         else:
             eta = "-" if self.pages_done < self.pages else "0:00"
         failed = f" ({self.documents_failed} failed)" if self.documents_failed else ""
         return (f"documents {self.documents_done}/{self.documents}{failed}, pages {self.pages_done}/{self.pages}, "
-                f"{rate:.1f} lines/s, ETA {eta}")
+                f"{rate:.1f} lines/s, {elapsed}, ETA {eta}")
+
+    def _period(self) -> float:
+        return REDRAW_INTERVAL_S if self.interactive else self.interval_s
+
+    def _beat(self) -> None:
+        while not self._closing.wait(max(self._period(), REDRAW_INTERVAL_S)):
+            self._show()
 
     def _show(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._shown < (REDRAW_INTERVAL_S if self.interactive else self.interval_s):
-            return
-        self._shown = now
-        if self.interactive:
-            self.stream.write("\r\x1b[K" + self.status())
-        else:
-            self.stream.write(f"progress: {self.status()}\n")
-        self.stream.flush()
+        with self._lock:
+            now = time.monotonic()
+            if not force and now - self._shown < self._period():
+                return
+            self._shown, self._drawn = now, True
+            if self.interactive:
+                self.stream.write("\r\x1b[K" + self.status())
+            else:
+                self.stream.write(f"progress: {self.status()}\n")
+            self.stream.flush()

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -437,6 +438,23 @@ def test_progress_line_redraws_in_place_on_a_terminal_and_logs_lines_otherwise(t
         assert "documents 1/1, pages 2/2" in text and "ETA 0:00" in text
         assert ("\r" in text) == interactive
         assert text.count("\n") == (1 if interactive else 3)
+
+
+def test_progress_says_the_job_is_alive_while_nothing_finishes():
+    """A log had no line until the first page finished: none while Ray started, while triage hashed a large
+    archive, or while a long first batch ran; a terminal's line stood still."""
+    from io import StringIO
+
+    stream = StringIO()
+    progress = JobProgress(stream=stream, interval_s=0.5)
+    progress.begin()
+    time.sleep(1.2)
+    progress.triage_started(files=3)
+    time.sleep(1.2)
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("progress: starting (Ray, the model), 0:0")
+    assert lines[-1].startswith("progress: triage: files 0/3, 0:0")
 
 
 def test_stderr_filter_drops_ray_core_lines_and_passes_the_rest_at_once(capfd):
