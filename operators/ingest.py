@@ -399,6 +399,13 @@ def repaired_pdf(path: str) -> Iterator[str]:
 def triage_pdf(path: str, config: RasterizeConfig) -> tuple[int, bool, tuple[int, ...], tuple[tuple[int, str], ...]]:
     """Page count, whether rendering needs the repaired copy, each page's /Rotate, and the pages too large to
     render (:func:`_oversized`)."""
+    pages, repaired, rotations, sizes = pdf_pages(path, config)
+    return pages, repaired, rotations, _oversized(sizes, pages, config, config.dpi)
+
+
+def pdf_pages(path: str, config: RasterizeConfig) -> tuple[int, bool, tuple[int, ...], list[tuple[int, float, float]]]:
+    """Page count, whether rendering needs the repaired copy, each page's /Rotate, and each page's size in
+    pixels at ``config.dpi``."""
     pages_in_tree = page_tree_count(path)
     if pages_in_tree == 0:
         raise NoPages("the PDF's page tree is empty: it holds no page")
@@ -413,7 +420,7 @@ def triage_pdf(path: str, config: RasterizeConfig) -> tuple[int, bool, tuple[int
     if pages < 1:
         raise NoPages("the PDF declares no page")
     sizes = [(number, w_pt / 72 * config.dpi, h_pt / 72 * config.dpi) for number, w_pt, h_pt in info["sizes"]]
-    return pages, repaired, tuple(info["rotations"]), _oversized(sizes, pages, config, config.dpi)
+    return pages, repaired, tuple(info["rotations"]), sizes
 
 
 def allow_pixels(config: RasterizeConfig) -> None:

@@ -335,6 +335,24 @@ def test_mets_page_images_are_the_pages_as_the_job_read_them(ray_local, tmp_path
     assert np.array_equal(np.asarray(Image.open(image).convert("L")), np.asarray(expected))
 
 
+@pytest.mark.parametrize("rotate", [90, 180])
+def test_mets_page_images_of_pdf_pages_with_a_rotate_are_the_pages_a_viewer_shows(ray_local, tmp_path, rotate):
+    """A PDF page stored turned, with a /Rotate that shows it upright: its METS image had been turned a second
+    time (sideways, or upside down), so ALTO's and PAGE's boxes fell beside the ink."""
+    upright = text_page([f"Line {number} of a register page stored on its side." for number in range(8)])
+    source = write_pdf(tmp_path / "turned.pdf", [upright.rotate(rotate, expand=True)], dpi=150)
+    with pikepdf.open(source, allow_overwriting_input=True) as pdf:
+        pdf.pages[0].Rotate = rotate
+        pdf.save(source)
+    run_job([str(source)], str(tmp_path / "out"), load_config(None, [DPI, "output.exports=[mets]"]))
+    [page] = ds.dataset(f"{tmp_path}/out/pages", format="parquet").to_table().to_pylist()
+    assert page["rotation"] == rotate
+    [work] = rasterize(PageRange("id", str(source), "pdf", 1, 1, rotations=(rotate,)),
+                       RasterizeConfig(dpi=150, detect_orientation=False))
+    [image] = (tmp_path / "out" / "exports").glob("turned-*.png")
+    assert np.array_equal(np.asarray(Image.open(image).convert("L")), work.image)
+
+
 def test_mets_files_are_valid_against_the_official_schema(run):
     _, output, _, _ = run
     schema = official_schema("mets.xsd")

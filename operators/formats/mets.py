@@ -19,7 +19,7 @@ from urllib.parse import quote
 from lxml import etree
 from PIL import Image
 
-from operators.ingest import local_path, sniff_kind
+from operators.ingest import local_path, pdf_pages, sniff_kind
 from operators.orientation import turn
 from operators.rasterize import PageRange, rasterize
 from operators.settings import RasterizeConfig
@@ -38,20 +38,24 @@ def _m(tag: str) -> str:
 
 
 def page_images(pages: Sequence[dict], source: str) -> Iterator[tuple[int, bytes]]:
-    """(page number, PNG) of each page row that rendered, as the job's rasterize stage saw it."""
-    with local_path(source) as path, open(path, "rb") as handle:
-        kind = sniff_kind(handle.read(1024))
-    for row in pages:
-        if row["status"] != "ok" and not row["lines"]:
-            continue
-        task = PageRange(row["doc_id"], source, kind, row["page"], row["page"])
-        for work in rasterize(task, RasterizeConfig(dpi=row["dpi"], detect_orientation=False)):
-            if work.image is not None:
-                # work.rotation: what the file says (EXIF, /Rotate); the row's rotation adds what the job found
-                image = turn(work.image, (row["rotation"] - work.rotation) % 360)
-                buffer = io.BytesIO()
-                Image.fromarray(image).save(buffer, format="PNG", dpi=(work.dpi, work.dpi))
-                yield work.page, buffer.getvalue()
+    """(page number, PNG) of each page row that rendered, as the job's rasterize stage saw it: a PDF's page
+    with its /Rotate, from the repaired copy where the job needed one."""
+    with local_path(source) as path:
+        with open(path, "rb") as handle:
+            kind = sniff_kind(handle.read(1024))
+        repaired, rotations = pdf_pages(path, RasterizeConfig())[1:3] if kind == "pdf" else (False, ())
+        for row in pages:
+            if row["status"] != "ok" and not row["lines"]:
+                continue
+            task = PageRange(row["doc_id"], path, kind, row["page"], row["page"], repaired,
+                             rotations[row["page"] - 1:row["page"]])
+            for work in rasterize(task, RasterizeConfig(dpi=row["dpi"], detect_orientation=False)):
+                if work.image is not None:
+                    # work.rotation: what the file says (EXIF, /Rotate); the row's rotation adds what the job found
+                    image = turn(work.image, (row["rotation"] - work.rotation) % 360)
+                    buffer = io.BytesIO()
+                    Image.fromarray(image).save(buffer, format="PNG", dpi=(work.dpi, work.dpi))
+                    yield work.page, buffer.getvalue()
 
 
 def mets_document(document: dict, page_numbers: Sequence[int],
