@@ -247,11 +247,6 @@ def find_inputs(inputs: list[str], output_folders: Sequence[str] = ()) -> FoundI
     return found
 
 
-def expand_inputs(inputs: list[str]) -> list[str]:
-    """The sources of :func:`find_inputs`."""
-    return find_inputs(inputs).sources
-
-
 _CHUNK = 1 << 20
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from operators.errors import RECOGNITION_FAILED, ConfigError, ExitCode
-from operators.ingest import DocumentPlan, expand_inputs, triage
+from operators.ingest import DocumentPlan, find_inputs, triage
 from operators.rasterize import page_ranges, rasterize
 from operators.recognize import LineRecognizer
 from operators.records import LineRecord, PageWork
@@ -67,7 +67,8 @@ def inspect_command(args: argparse.Namespace) -> int:
     if args.pages is not None and args.pages < 1:
         raise ConfigError(f"--pages must be >= 1, got {args.pages}")
     config = load_config(args.config, args.overrides)
-    outcomes = inspect_documents(expand_inputs(args.inputs), args.output, config, args.recognize, args.pages)
+    sources = find_inputs(args.inputs, [str(args.output)]).sources  # never its own overlays of an earlier run
+    outcomes = inspect_documents(sources, args.output, config, args.recognize, args.pages)
     for outcome in outcomes:
         print(outcome.describe())
     failed = sum(outcome.error is not None for outcome in outcomes)

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import write_pdf
-from operators.ingest import expand_inputs, find_inputs, sniff_kind, triage
+from operators.ingest import find_inputs, sniff_kind, triage
 from operators.rasterize import page_ranges, rasterize
 from pipeline.job import DryRun
 from operators.settings import RasterizeConfig
@@ -35,11 +35,12 @@ def test_expand_folder_glob_and_file(tmp_path, good_pdf, page_images):
     shutil.copy(good_pdf, tmp_path / "a.pdf")
     page_images[0].save(tmp_path / "sub" / "b.PNG")
     (tmp_path / "notes.txt").write_text("not a document")
-    from_folder = expand_inputs([str(tmp_path)])
+    from_folder = find_inputs([str(tmp_path)]).sources
     assert [os.path.basename(p) for p in from_folder] == ["a.pdf", "b.PNG"]
-    assert expand_inputs([str(tmp_path / "**" / "*.PNG")]) == [str(tmp_path / "sub" / "b.PNG")]
+    assert find_inputs([str(tmp_path / "**" / "*.PNG")]).sources == [str(tmp_path / "sub" / "b.PNG")]
     # an explicit file is taken whatever its suffix, and duplicates collapse
-    assert expand_inputs([str(tmp_path / "notes.txt"), str(tmp_path / "notes.txt")]) == [str(tmp_path / "notes.txt")]
+    notes = str(tmp_path / "notes.txt")
+    assert find_inputs([notes, notes]).sources == [notes]
 
 
 def test_folders_leave_out_os_junk_and_count_what_is_no_document(tmp_path, page_images):
@@ -134,12 +135,12 @@ def test_an_output_folder_inside_an_input_folder_is_not_read_again(tmp_path, pag
 
 def test_uri_with_a_raw_space_is_refused_with_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="%20"):
-        expand_inputs([f"file://{tmp_path}/a b.pdf"])
+        find_inputs([f"file://{tmp_path}/a b.pdf"]).sources
 
 
 def test_input_matching_nothing_is_an_error(tmp_path):
     with pytest.raises(NoInputError, match="missing"):
-        expand_inputs([str(tmp_path / "missing")])
+        find_inputs([str(tmp_path / "missing")]).sources
 
 
 def test_sniff_kind_trusts_bytes_not_names():

@@ -60,6 +60,16 @@ def test_cli_writes_one_overlay_per_page_and_reports_the_failed_document(input_f
             assert _coloured(overlay.convert("RGB")).any(), f"{path.name} shows no line"
 
 
+def test_overlays_in_an_input_folder_are_not_inspected_again(documents, tmp_path, capsys):
+    """With --output inside the input folder, a second inspect had read the first one's overlays as pages."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    (folder / documents[0].name).symlink_to(documents[0])
+    for _ in range(2):
+        main(["inspect", str(folder), "--output", str(folder / "overlays"), "--set", DPI_OVERRIDE, "--pages", "1"])
+    assert capsys.readouterr().out.splitlines()[-1] == f"1 overlays written to {folder / 'overlays'}, 0 failed"
+
+
 def test_pages_option_limits_each_document(documents, tmp_path):
     config = load_config(None, [DPI_OVERRIDE])
     outcomes = inspect_documents([str(path) for path in documents], tmp_path, config, max_pages=1)
