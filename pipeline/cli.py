@@ -113,7 +113,10 @@ def _synth_command(args: argparse.Namespace) -> int:
 def _show_command(args: argparse.Namespace) -> int:
     from operators.write import read_published
 
-    documents, pages = read_published(args.output, ["source", "page", "status", "text", "lines"])
+    documents, pages = read_published(args.output, ["source", "page", "status", "error_code", "error_message",
+                                                     "text", "lines"])
+    if not documents:
+        print(f"{args.output} holds no document yet")
     for document in sorted(documents, key=lambda row: row["source"]):
         reason = (f" ({document['error_code']}: {document['error_message']})" if document["status"] == "failed"
                   else " (same bytes as another document)" if document["status"] == "duplicate" else "")
@@ -121,6 +124,8 @@ def _show_command(args: argparse.Namespace) -> int:
     for page in sorted(pages, key=lambda row: (row["source"], row["page"]))[: args.pages]:
         confidences = [line["confidence"] for line in page["lines"] if line["confidence"] is not None]
         mean = f"mean confidence {sum(confidences) / len(confidences):.2f}" if confidences else "not recognized"
+        if page["status"] == "failed":
+            mean += f", failed ({page['error_code']}: {page['error_message']})"
         print(f"\n--- {Path(page['source']).name} page {page['page']}: {len(page['lines'])} lines, {mean}")
         print("\n".join(page["text"].splitlines()[: args.lines]))
     return ExitCode.ok
@@ -163,9 +168,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                                            "each line is in one of them, picked by its seed")
     synth.set_defaults(handler=_synth_command)
 
-    show = commands.add_parser("show", help="print the documents and the start of each page's text of an output")
+    show = commands.add_parser("show", help="print the documents of an output and the start of its first pages' text")
     show.add_argument("output")
-    show.add_argument("--pages", type=_whole_number(0), default=3, help="pages to print")
+    show.add_argument("--pages", type=_whole_number(0), default=3,
+                      help="pages to print in all, the first by source and page number")
     show.add_argument("--lines", type=_whole_number(0), default=8, help="lines per page to print")
     show.set_defaults(handler=_show_command)
 

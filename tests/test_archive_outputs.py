@@ -387,6 +387,10 @@ def test_show_prints_what_is_published_and_refuses_a_folder_without_output(run, 
     assert shown.count("\n--- ") == len(ds.dataset(output / "pages", format="parquet").to_table())
     assert main(["show", str(tmp_path / "nothing")]) == ExitCode.bad_args
     assert "holds no trocr-pipeline output" in capsys.readouterr().err
+    for folder in ("pages", "documents"):  # a run stopped before it published anything
+        (tmp_path / "empty" / folder).mkdir(parents=True)
+    assert main(["show", str(tmp_path / "empty")]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'empty'} holds no document yet\n"
 
 
 def test_pages_selects_the_same_pages_of_every_input(ray_local, inputs, tmp_path):
