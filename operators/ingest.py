@@ -433,11 +433,13 @@ _NOT_A_PAGE = 0b101
 
 @dataclass(frozen=True)
 class Frame:
-    """One frame of an image file that is a page: its index among the file's frames and its size in pixels (None
-    when its header cannot be read: the page fails when rendered, and the frames after it are not reached)."""
+    """One frame of an image file that is a page: its index among the file's frames and its size in pixels, or
+    why its header cannot be read (the page fails, the frames after it are not reached, and the open image is
+    not to be seeked to it again: Pillow then hands out the frame before it)."""
 
     index: int
     size: tuple[int, int] | None
+    damage: str | None = None
 
 
 def page_frames(image: Image.Image, pages: int | None = None) -> list[Frame]:
@@ -460,8 +462,8 @@ def page_frames(image: Image.Image, pages: int | None = None) -> list[Frame]:
             break
         except Image.DecompressionBombError:
             raise
-        except Exception:  # noqa: BLE001 - any library error here means a damaged frame
-            found.append(Frame(index, None))
+        except Exception as exc:  # noqa: BLE001 - any library error here means a damaged frame
+            found.append(Frame(index, None, f"{type(exc).__name__}: {exc}"))
             break
         subfile = getattr(image, "tag_v2", {}).get(NEW_SUBFILE_TYPE, 0)
         (marked if isinstance(subfile, int) and subfile & _NOT_A_PAGE else found).append(Frame(index, image.size))

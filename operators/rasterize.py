@@ -195,6 +195,8 @@ def _render_image(task: PageRange, path: str, config: RasterizeConfig) -> list[P
             try:
                 if number > len(frames):
                     raise SourceChanged(f"page {number} is no longer in the file: it was changed after triage")
+                if frames[number - 1].damage is not None:
+                    raise RenderFailed(f"page {number} cannot be decoded: {frames[number - 1].damage}")
                 image.seek(frames[number - 1].index)
                 _render_frame(image, work, config)
             except DocumentError as error:
