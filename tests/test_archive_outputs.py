@@ -353,6 +353,38 @@ def test_mets_page_images_of_pdf_pages_with_a_rotate_are_the_pages_a_viewer_show
     assert np.array_equal(np.asarray(Image.open(image).convert("L")), work.image)
 
 
+def test_page_words_and_baselines_lie_within_their_lines_as_ocrd_validates_them(run):
+    """OCR-D's PAGE validator (ocrd_validators.page_validator: a parent simplified by 1 px, its children within it
+    to 1.5 px; a line's text the words' joined by spaces) had found nearly every Word outside its TextLine: a line's
+    polygon follows its ink, lower than the box around its words where no letter rises."""
+    from shapely.geometry import LineString, Polygon
+
+    _, output, _, _ = run
+    ns = {"p": "http://schema.primaresearch.org/PAGE/gts/pagecontent/2019-07-15"}
+
+    def points(element):
+        return [tuple(map(int, point.split(","))) for point in element.get("points").split()]
+
+    def area(element):
+        return Polygon(points(element.find("p:Coords", ns))).simplify(1.0)
+
+    files = sorted((output / "exports").glob("*.page.xml"))
+    words = 0
+    for path in files:
+        for region in etree.parse(path).iterfind(".//p:TextRegion", ns):
+            for line in region.iterfind("p:TextLine", ns):
+                outline = area(line)
+                assert outline.is_valid and outline.within(area(region).buffer(1.5))
+                baseline = line.find("p:Baseline", ns)
+                assert baseline is None or LineString(points(baseline)).within(outline.buffer(1.5))
+                for word in line.iterfind("p:Word", ns):
+                    words += 1
+                    assert area(word).within(outline.buffer(1.5)), (path.name, word.get("id"))
+                assert line.findtext("p:TextEquiv/p:Unicode", namespaces=ns) == " ".join(
+                    word.findtext("p:TextEquiv/p:Unicode", namespaces=ns) for word in line.iterfind("p:Word", ns))
+    assert files and words > 20
+
+
 def test_mets_files_are_valid_against_the_official_schema(run):
     _, output, _, _ = run
     schema = official_schema("mets.xsd")

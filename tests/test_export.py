@@ -132,8 +132,9 @@ def test_page_xml_holds_regions_in_reading_order_with_words_and_confidences(expo
     assert [line.find("p:TextEquiv", PAGE).get("conf") for line in lines] == ["0.9375", None, "0.8000"]
     words = lines[0].findall("p:Word", PAGE)
     assert [word.findtext("p:TextEquiv/p:Unicode", namespaces=PAGE) for word in words] == TRICKY.split()
-    x0, y0, x1, y1 = pages[1]["lines"][0]["words"][2]["bbox"]
-    assert words[2].find("p:Coords", PAGE).get("points") == f"{x0},{y0} {x1},{y0} {x1},{y1} {x0},{y1}"
+    assert pages[1]["lines"][0]["words"][2]["bbox"] == [225, 200, 314, 240]
+    # its pixels (x1, y1 exclusive) cut to the line's polygon, whose top edge slopes from 202 to 200 there
+    assert words[2].find("p:Coords", PAGE).get("points") == "225,239 313,239 313,200 225,201"
     assert regions[0].findtext("p:TextEquiv/p:Unicode", namespaces=PAGE) == (
         f"{TRICKY}\nsecond line of the left column")
 

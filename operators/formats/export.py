@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Sequence
 import pyarrow.fs as pafs
 from lxml import etree
 
-from operators.formats.geometry import straight_baseline
+from operators.formats.geometry import box_within, line_outline, polyline_within, straight_baseline
 from operators.settings import EXPORT_FORMATS
 from operators.text import xml_text
 from operators.formats.mets import IMAGE_GROUP, mets_document, page_images
@@ -315,14 +315,19 @@ def _page_metadata(root: etree._Element, failure: str | None) -> None:
 
 
 def _page_line(region: etree._Element, line: dict, line_id: str) -> None:
+    """A TextLine whose Baseline and Words lie within its polygon, as PAGE consumers check: cut to it."""
     element = etree.SubElement(region, _p("TextLine"), id=line_id)
-    etree.SubElement(element, _p("Coords"), points=_points(_outline(line)))
-    if len(line["baseline"]) >= 2:
-        etree.SubElement(element, _p("Baseline"), points=_points(line["baseline"]))
+    polygon = _outline(line)
+    etree.SubElement(element, _p("Coords"), points=_points(polygon))
+    outline = line_outline(polygon)
+    baseline = polyline_within(line["baseline"], outline)
+    if baseline:
+        etree.SubElement(element, _p("Baseline"), points=_points(baseline))
     confidence = _confidence(line["confidence"])
     for index, word in enumerate(line.get("words") or [], start=1):
         word_element = etree.SubElement(element, _p("Word"), id=f"{line_id}_w{index}")
-        etree.SubElement(word_element, _p("Coords"), points=_points(_rectangle(word["bbox"])))
+        points = box_within(word["bbox"], outline) or _rectangle(word["bbox"])
+        etree.SubElement(word_element, _p("Coords"), points=_points(points))
         _text_equiv(word_element, word["text"], _confidence(_word_confidence(word, line)))
     _text_equiv(element, line["text"], confidence)
 
