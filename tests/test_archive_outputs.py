@@ -26,6 +26,7 @@ from conftest import box_iou, official_schema, text_page, write_pdf
 from operators.errors import ConfigError, ExitCode
 from operators.formats.export import remove_other_exports
 from operators.formats.pdf import searchable_pdf
+from operators.formats.read import page_image
 from operators.ingest import NEW_SUBFILE_TYPE, triage
 from operators.rasterize import PageRange, rasterize
 from operators.records import LineRecord
@@ -316,6 +317,11 @@ def test_mets_points_every_page_at_its_image_alto_and_page(run):
             assert [href.split(".", 1)[1] for href in hrefs] == [f"{number}.alto.xml", f"{number}.page.xml",
                                                                  f"{number}.png"]
             assert all((mets_path.parent / unquote(href)).is_file() for href in hrefs)
+            # ALTO and PAGE name that image, as OCR-D requires, and the reader of `eval --pages` finds it
+            alto, page_xml, image = (mets_path.parent / unquote(href) for href in hrefs)
+            assert etree.parse(str(page_xml)).find("{*}Page").get("imageFilename") == hrefs[2]
+            assert etree.parse(str(alto)).findtext(".//{*}sourceImageInformation/{*}fileName") == hrefs[2]
+            assert page_image(page_xml, hrefs[2]) == image
 
 
 @pytest.mark.parametrize("detect_orientation", [False, True])

@@ -19,6 +19,7 @@ from functools import partial
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from typing import Callable, Iterator, Sequence
+from urllib.parse import quote
 
 import pyarrow.fs as pafs
 from lxml import etree
@@ -26,7 +27,7 @@ from lxml import etree
 from operators.formats.geometry import box_within, line_outline, polyline_within, straight_baseline
 from operators.settings import EXPORT_FORMATS
 from operators.text import xml_text
-from operators.formats.mets import IMAGE_GROUP, mets_document, page_images
+from operators.formats.mets import IMAGE_GROUP, has_page_image, mets_document, page_images
 from operators.storage import resolve_filesystem
 
 SOFTWARE = "trocr-pipeline"
@@ -68,7 +69,9 @@ def write_exports(pages: Sequence[dict], document: dict, formats: Sequence[str],
     stem = export_stem(document)
     if "mets" in formats and "alto" not in formats:
         formats = ("alto", *formats)
-    renderers = {**RENDERERS, "pdf": partial(_pdf_files, pdfa=pdfa), "mets": partial(_mets_files, formats=formats)}
+    images = "mets" in formats  # ALTO and PAGE then name the METS package's page images
+    renderers = {**RENDERERS, "alto": partial(_alto_files, images=images), "page": partial(_page_files, images=images),
+                 "pdf": partial(_pdf_files, pdfa=pdfa), "mets": partial(_mets_files, formats=formats)}
     written = []
     for export_format in dict.fromkeys(formats):
         for name, content in renderers[export_format](ordered, document, stem):
@@ -199,16 +202,22 @@ def _page_file(stem: str, page: int, suffix: str) -> str:
     return f"{stem}.p{page:04d}.{suffix}"
 
 
-def _alto_files(pages: Rows, document: dict, stem: str) -> Rendered:
+def _image_name(page: dict, stem: str, images: bool) -> str:
+    """The image ALTO and PAGE name: with a METS package, its image of the page (OCR-D: the image their
+    coordinates are pixels of, referenced in the METS, written as its href there), else the source file."""
+    return quote(_page_file(stem, page["page"], "png")) if images and has_page_image(page) else page["source"]
+
+
+def _alto_files(pages: Rows, document: dict, stem: str, images: bool) -> Rendered:
     for page in pages:
-        yield _page_file(stem, page["page"], "alto.xml"), _xml_bytes(alto_page(page))
+        yield _page_file(stem, page["page"], "alto.xml"), _xml_bytes(alto_page(page, _image_name(page, stem, images)))
 
 
-def alto_page(page: dict) -> etree._Element:
+def alto_page(page: dict, image: str) -> etree._Element:
     """One page as an ALTO 4.4 document: blocks in reading order, line polygons, word Strings."""
     root = etree.Element(_a("alto"), nsmap={None: ALTO_NS, "xsi": XSI_NS})
     root.set(f"{{{XSI_NS}}}schemaLocation", f"{ALTO_NS} {ALTO_SCHEMA}")
-    _alto_description(root, page["source"])
+    _alto_description(root, image)
     number = page["page"]
     blocks = _blocks(page)
     if blocks:
@@ -229,12 +238,12 @@ def alto_page(page: dict) -> etree._Element:
     return root
 
 
-def _alto_description(root: etree._Element, source: str) -> None:
-    """Pixel units, the source file, and the processing step (referenced by each Page)."""
+def _alto_description(root: etree._Element, image: str) -> None:
+    """Pixel units, the page's image, and the processing step (referenced by each Page)."""
     description = etree.SubElement(root, _a("Description"))
     etree.SubElement(description, _a("MeasurementUnit")).text = "pixel"
-    image = etree.SubElement(description, _a("sourceImageInformation"))
-    etree.SubElement(image, _a("fileName")).text = xml_text(source)
+    image_information = etree.SubElement(description, _a("sourceImageInformation"))
+    etree.SubElement(image_information, _a("fileName")).text = xml_text(image)
     processing = etree.SubElement(description, _a("Processing"), ID="processing")
     etree.SubElement(processing, _a("processingCategory")).text = "contentGeneration"
     etree.SubElement(processing, _a("processingStepDescription")).text = (
@@ -271,18 +280,18 @@ def _alto_line(block: etree._Element, line: dict, line_id: str) -> None:
 # --- PAGE XML 2019-07-15 --------------------------------------------------------------------
 
 
-def _page_files(pages: Rows, document: dict, stem: str) -> Rendered:
+def _page_files(pages: Rows, document: dict, stem: str, images: bool) -> Rendered:
     for page in pages:
-        yield _page_file(stem, page["page"], "page.xml"), _xml_bytes(page_xml(page))
+        yield _page_file(stem, page["page"], "page.xml"), _xml_bytes(page_xml(page, _image_name(page, stem, images)))
 
 
-def page_xml(page: dict) -> etree._Element:
+def page_xml(page: dict, image: str) -> etree._Element:
     """One page as a PAGE XML document: regions in a reading order, line polygons, Words, TextEquivs."""
     root = etree.Element(_p("PcGts"), nsmap={None: PAGE_NS, "xsi": XSI_NS})
     root.set(f"{{{XSI_NS}}}schemaLocation", f"{PAGE_NS} {PAGE_SCHEMA}")
     _page_metadata(root, _failure(page))
     number = page["page"]
-    element = etree.SubElement(root, _p("Page"), imageFilename=xml_text(page["source"]),
+    element = etree.SubElement(root, _p("Page"), imageFilename=xml_text(image),
                                imageWidth=str(page["width"]), imageHeight=str(page["height"]))
     if page["dpi"]:
         _set(element, imageXResolution=page["dpi"], imageYResolution=page["dpi"], imageResolutionUnit="PPI")
@@ -447,8 +456,6 @@ def _mets_files(pages: Rows, document: dict, stem: str, formats: Sequence[str]) 
 
 
 RENDERERS: dict[str, Callable[[Rows, dict, str], Rendered]] = {
-    "alto": _alto_files,
-    "page": _page_files,
     "hocr": _hocr_files,
     "txt": _text_files,
 }

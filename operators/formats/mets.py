@@ -37,6 +37,12 @@ def _m(tag: str) -> str:
     return f"{{{METS_NS}}}{tag}"
 
 
+def has_page_image(row: dict) -> bool:
+    """Whether a page row gets an image in the METS package: one that rendered (a page that failed later still
+    has its lines' boxes on it)."""
+    return row["status"] == "ok" or bool(row["lines"])
+
+
 def page_images(pages: Sequence[dict], source: str) -> Iterator[tuple[int, bytes]]:
     """(page number, PNG) of each page row that rendered, as the job's rasterize stage saw it: a PDF's page
     with its /Rotate, from the repaired copy where the job needed one."""
@@ -44,9 +50,7 @@ def page_images(pages: Sequence[dict], source: str) -> Iterator[tuple[int, bytes
         with open(path, "rb") as handle:
             kind = sniff_kind(handle.read(1024))
         repaired, rotations = pdf_pages(path, RasterizeConfig())[1:3] if kind == "pdf" else (False, ())
-        for row in pages:
-            if row["status"] != "ok" and not row["lines"]:
-                continue
+        for row in filter(has_page_image, pages):
             task = PageRange(row["doc_id"], path, kind, row["page"], row["page"], repaired,
                              rotations[row["page"] - 1:row["page"]])
             for work in rasterize(task, RasterizeConfig(dpi=row["dpi"], detect_orientation=False)):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 from lxml import etree
@@ -96,9 +97,11 @@ def _region_refs(group) -> list[str]:
 
 
 def page_image(xml_path: Path, image_name: str) -> Path:
-    """The page image a PAGE/ALTO file names, looked for beside it and one folder up."""
+    """The page image a PAGE/ALTO file names (a path, or a relative URL as in an OCR-D workspace), looked for
+    beside it and one folder up."""
     folder = xml_path.parent
-    candidates = [folder / image_name, folder.parent / image_name, folder / Path(image_name).name]
+    candidates = [folder / image_name, folder.parent / image_name, folder / Path(image_name).name,
+                  folder / unquote(image_name)]
     image_path = next((path for path in candidates if image_name and path.is_file()), None)
     if image_path is None:
         raise ConfigError(f"{xml_path}: page image {image_name!r} not found next to it")
