@@ -47,9 +47,10 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _job_command(args: argparse.Namespace, mode: str) -> int:
-    from pipeline.job import dry_run, run_job
+    from pipeline.job import check_paths_outlive_the_job, dry_run, run_job
     from pipeline.progress import JobProgress, without_ray_core_logs
 
+    check_paths_outlive_the_job([args.output, args.log_json])
     overrides = list(args.overrides)
     if args.export:
         formats = [name.strip() for name in args.export.split(",") if name.strip()]

@@ -8,22 +8,26 @@ together through every stage with no shuffle, and the driver only ever sees text
 from __future__ import annotations
 
 import gc
+import json
 import logging
+import math
 import os
 import pickle
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Generator, Iterator, Literal
+from typing import Any, Callable, Collection, Generator, Iterator, Literal, Sequence
 
 import ray
 from ray.data import ActorPoolStrategy
 
 from operators.checkpoint import resolve_checkpoint
 from operators.errors import ConfigError, InternalError
+from operators.storage import is_uri
 from operators.ingest import DocumentPlan, find_inputs, mark_duplicates, recorded_source, source_id, triage
 from operators.pages import selected_pages
 from operators.preprocess import LinePreprocessor
@@ -52,6 +56,10 @@ log = logging.getLogger(__name__)
 Mode = Literal["recognize", "detect"]
 #: Seconds a stopped iteration's threads get to leave their Ray calls before Ray shuts down.
 DATASET_THREADS_GRACE_S = 2.0
+#: Seconds to wait for a cluster's head to answer before saying it cannot be reached.
+CLUSTER_CONNECT_TIMEOUT_S = 10.0
+#: What Ray's job supervisor gives a submitted job's driver: its runtime environment (working dir) as JSON.
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,28 @@ def check_cpus_left_for_pages(config: JobConfig, cpus: float, mode: Mode = "reco
             f"recognize.num_cpus (e.g. --set recognize.num_cpus=0.5), or give Ray more CPUs (ray.num_cpus)")
 
 
+def _recognizers_did_not_start(config: JobConfig) -> ConfigError:
+    recognize = config.recognize
+    return ConfigError(
+        f"no recognizer actor started within recognize.start_timeout_s={recognize.start_timeout_s:g} s: no node of "
+        f"the cluster gives one what it asks for (num_gpus={recognize.num_gpus:g}, num_cpus={recognize.num_cpus:g}, "
+        f"accelerator_type={recognize.accelerator_type}) and no node was added (`ray status` and the autoscaler's "
+        "log say why); ask for less (e.g. --set recognize.accelerator_type=null), or add such nodes")
+
+
+def check_paths_outlive_the_job(paths: Sequence[str | os.PathLike | None]) -> None:
+    """Refuse relative local paths in a job submitted with a working dir (``ray job submit --working-dir``): the
+    driver runs in Ray's copy of that folder, which Ray deletes, and a resubmitted job gets a new one."""
+    job = json.loads(os.environ.get(RAY_JOB_CONFIG_ENV) or "{}")
+    if not (job.get("runtime_env") or {}).get("working_dir"):
+        return
+    for path in (str(path) for path in paths if path):
+        if not is_uri(path) and not os.path.isabs(path):
+            raise ConfigError(f"{path!r} is relative: in a job submitted with --working-dir it would be written into "
+                              "Ray's copy of that folder, which Ray deletes; give an absolute path on storage every "
+                              "node shares, or a URI (s3://...)")
+
+
 def check_gpus_for_recognizers(config: JobConfig, gpus: float, mode: Mode = "recognize") -> None:
     """Refuse a local recognizer pool that asks for GPUs the local Ray instance lacks: Ray would wait for them for
     ever, logging that no node fits. Clusters are left alone (an autoscaler may add GPU nodes)."""
@@ -111,6 +141,23 @@ def check_gpus_for_recognizers(config: JobConfig, gpus: float, mode: Mode = "rec
     if mode == "recognize" and _runs_locally(config) and wanted > gpus:
         raise ConfigError(f"recognize.num_gpus={wanted:g}, but the local Ray instance has {gpus:g} GPU(s): "
                           f"set recognize.num_gpus=0 to read on the CPU, or run on a machine or cluster with GPUs")
+
+
+def _check_cluster_address(address: str) -> None:
+    """Say in one line what ``ray.init`` would hang on (an address nothing answers at) or print a traceback for (a
+    dashboard's http:// address, which the ``ray job`` commands take, in RAY_ADDRESS)."""
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(f"the Ray address {address} is a dashboard's, which `ray job` commands take: a job joins "
+                          "a cluster at its head's host:port (`ray job submit` sets RAY_ADDRESS so), or runs "
+                          "locally with no address set")
+    host, _, port = address.rpartition(":")
+    if address == "auto" or address.startswith("ray://") or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=CLUSTER_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(f"cannot reach the Ray cluster at {address} ({exc}): is it running, and is this its "
+                          "head's host:port?") from exc
 
 
 @contextmanager
@@ -128,6 +175,8 @@ def ray_session(config: JobConfig, verbose: bool = False) -> Iterator[None]:
         options["num_cpus"] = config.ray.num_cpus
         if config.ray.object_store_memory_mb:
             options["object_store_memory"] = config.ray.object_store_memory_mb * 1024 * 1024
+    else:
+        _check_cluster_address(os.environ.get("RAY_ADDRESS") or config.ray.address)
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
         try:
@@ -269,6 +318,8 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                                on_published=progress.document_published if progress else None,
                                publish_every_s=config.output.publish_every_s)
             quiet_ray_data(verbose)
+            if not _runs_locally(config):  # fail, not wait for ever, where no node fits a recognizer actor
+                ray.data.DataContext.get_current().wait_for_min_actors_s = math.ceil(config.recognize.start_timeout_s)
             if progress:
                 progress.triage_started(len(found.sources))
             plans = _triage_all(found.sources, config, progress.file_triaged if progress else None)
@@ -289,15 +340,18 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             try:
                 if ranges:
                     with _batches_of(_page_dataset(ranges, config, preprocessor)) as batches:
-                        for batch in batches:
-                            for item in batch["work"]:
-                                work = pickle.loads(item)
-                                if progress:
-                                    progress.page_done(work)
-                                sink.add_page(work)
-            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is finished is kept
-                sink.flush()
-                raise
+                        try:
+                            for batch in batches:
+                                for item in batch["work"]:
+                                    work = pickle.loads(item)
+                                    if progress:
+                                        progress.page_done(work)
+                                    sink.add_page(work)
+                        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is finished is kept, published
+                            sink.flush()  # first: `ray job stop` kills the driver a few seconds after its SIGTERM
+                            raise
+            except ray.exceptions.GetTimeoutError as exc:  # DataContext.wait_for_min_actors_s, set for clusters
+                raise _recognizers_did_not_start(config) from exc
         written = sink.close()
     return JobSummary(output=output, documents_skipped=len(plans) - len(fresh), written=written,
                       seconds=time.monotonic() - started, left_out=dict(found.left_out),

@@ -130,6 +130,15 @@ def test_rayjob_manifest_has_the_v1_fields():
     (container,) = workers["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["image"] == head["template"]["spec"]["containers"][0]["image"]
+    # the autoscaler adds worker pods only for what it knows they offer: each recognizer actor's every resource
+    from ray.autoscaler._private.kuberay.autoscaling_config import _node_type_from_group_spec
+
+    from pipeline.config import load_config
+
+    offered = _node_type_from_group_spec(workers, is_head=False)["resources"]
+    recognize = load_config(REPO / "configs" / "cluster-v100.yaml").recognize
+    assert offered["GPU"] >= recognize.num_gpus and offered["CPU"] >= recognize.num_cpus
+    assert offered.get(f"accelerator_type:{recognize.accelerator_type}", 0) > 0
 
 
 def test_documented_entrypoints_parse_with_the_cli():
@@ -282,6 +291,46 @@ def test_job_submit_runs_the_cli_and_reports_in_the_job_logs(ray_head, job_input
     pages = len(_expected_pages(job_documents))
     assert "documents: 2 ok, 0 failed, 0 duplicates, 0 already done" in logs and f"pages: {pages} (0 failed)" in logs, logs[-3000:]
     _assert_every_document_once(output, job_documents)
+
+
+def test_a_recognizer_no_node_fits_fails_the_job_instead_of_waiting_for_ever(ray_head, job_inputs, tiny_model,
+                                                                              tmp_path):
+    """The V100 config on a cluster without V100s had stayed RUNNING, silent, with Ray's autoscaler repeating that
+    no node type fits: on a cluster the GPU check is left to Ray, as an autoscaler may add the nodes."""
+    from operators.errors import ExitCode
+
+    overrides = [override for override in CPU_OVERRIDES if not override.startswith(("recognize.num_gpus",
+                                                                                      "recognize.accelerator_type"))]
+    submit = ray_head.job("submit", "--submission-id", "ocr-no-gpu", "--working-dir", ".",
+                          "--runtime-env", "docker/runtime-env.yaml", "--",
+                          "python", "-m", "pipeline.cli", "run", str(job_inputs), "--output", str(tmp_path / "ocr"),
+                          "--config", "configs/cluster-v100.yaml", "--set", f"recognize.model={tiny_model}",
+                          "--set", "recognize.start_timeout_s=10",
+                          *[arg for override in overrides for arg in ("--set", override)], timeout=300)
+    assert submit.returncode != 0
+    assert f"failed with exit code {int(ExitCode.bad_args)}" in ray_head.status("ocr-no-gpu")
+    assert ("no recognizer actor started within recognize.start_timeout_s=10 s" in
+            ray_head.job("logs", "ocr-no-gpu").stdout)
+
+
+@pytest.mark.parametrize("address, said", [("127.0.0.1:{port}", "cannot reach the Ray cluster at 127.0.0.1:"),
+                                           ("http://127.0.0.1:{port}", "is a dashboard's")])
+def test_a_ray_address_nothing_answers_at_is_said_in_one_line(job_inputs, tmp_path, address, said):
+    """An address nothing answers at had hung the job in ray.init, silent, for good; a dashboard's URL (what the
+    `ray job` commands take) had ended it with a traceback."""
+    env = {**os.environ, "RAY_ADDRESS": address.format(port=_free_port())}
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "detect", str(job_inputs), "--output",
+                             str(tmp_path / "ocr")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_relative_output_in_a_job_with_a_working_dir_is_refused(ray_head, job_inputs):
+    """`--output ocr-out` had landed in Ray's copy of the working dir, which Ray deletes, with the job SUCCEEDED."""
+    submit = ray_head.job("submit", "--submission-id", "ocr-relative", "--working-dir", ".",
+                          "--runtime-env", "docker/runtime-env.yaml", "--",
+                          "python", "-m", "pipeline.cli", "run", str(job_inputs), "--output", "ocr-out", timeout=180)
+    assert submit.returncode != 0
+    assert "'ocr-out' is relative" in ray_head.job("logs", "ocr-relative").stdout
 
 
 def test_job_submit_fails_the_job_with_the_cli_exit_code(ray_head, job_inputs, tmp_path):
