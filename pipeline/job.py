@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
 import os
 import pickle
 import signal
@@ -112,13 +111,35 @@ def check_cpus_left_for_pages(config: JobConfig, cpus: float, mode: Mode = "reco
             f"recognize.num_cpus (e.g. --set recognize.num_cpus=0.5), or give Ray more CPUs (ray.num_cpus)")
 
 
-def _recognizers_did_not_start(config: JobConfig) -> ConfigError:
-    recognize = config.recognize
-    return ConfigError(
-        f"no recognizer actor started within recognize.start_timeout_s={recognize.start_timeout_s:g} s: no node of "
-        f"the cluster gives one what it asks for (num_gpus={recognize.num_gpus:g}, num_cpus={recognize.num_cpus:g}, "
-        f"accelerator_type={recognize.accelerator_type}) and no node was added (`ray status` and the autoscaler's "
-        "log say why); ask for less (e.g. --set recognize.accelerator_type=null), or add such nodes")
+class _NodeProbe:
+    def ready(self) -> bool:
+        return True
+
+
+class _RecognizerNodeProbe:
+    """An empty actor that asks for what one recognizer actor asks for: on a cluster the job fails, after
+    ``recognize.start_timeout_s``, where no node gives it that and none is added, instead of Ray Data waiting for
+    ever. One actor is enough: the pool runs with the actors that fit."""
+
+    def __init__(self, config: JobConfig):
+        recognize = self.recognize = config.recognize
+        self.deadline = time.monotonic() + recognize.start_timeout_s
+        self.actor = ray.remote(num_cpus=recognize.num_cpus, num_gpus=recognize.num_gpus,
+                                accelerator_type=recognize.accelerator_type)(_NodeProbe).remote()
+
+    def wait(self) -> None:
+        recognize = self.recognize
+        try:
+            ray.get(self.actor.ready.remote(), timeout=max(0.0, self.deadline - time.monotonic()))
+        except ray.exceptions.GetTimeoutError as exc:
+            raise ConfigError(
+                f"no node of the cluster took a recognizer actor within recognize.start_timeout_s="
+                f"{recognize.start_timeout_s:g} s: none gives what one asks for (num_gpus={recognize.num_gpus:g}, "
+                f"num_cpus={recognize.num_cpus:g}, accelerator_type={recognize.accelerator_type}) and none was added "
+                "(`ray status` and the autoscaler's log say why); ask for less (e.g. --set "
+                "recognize.accelerator_type=null), or add such nodes") from exc
+        finally:
+            ray.kill(self.actor)
 
 
 def check_paths_outlive_the_job(paths: Sequence[str | os.PathLike | None]) -> None:
@@ -143,7 +164,12 @@ def check_gpus_for_recognizers(config: JobConfig, gpus: float, mode: Mode = "rec
                           f"set recognize.num_gpus=0 to read on the CPU, or run on a machine or cluster with GPUs")
 
 
-def _check_cluster_address(address: str) -> None:
+def cluster_address(config: JobConfig) -> str | None:
+    """The address ``ray.init`` joins: ``ray.address``, or RAY_ADDRESS in place of none or ``auto``."""
+    return os.environ.get("RAY_ADDRESS") or None if config.ray.address in (None, "auto") else config.ray.address
+
+
+def check_cluster_address(address: str) -> None:
     """Say in one line what ``ray.init`` would hang on (an address nothing answers at) or print a traceback for (a
     dashboard's http:// address, which the ``ray job`` commands take, in RAY_ADDRESS)."""
     if address.startswith(("http://", "https://")):
@@ -153,8 +179,8 @@ def _check_cluster_address(address: str) -> None:
     host, _, port = address.rpartition(":")
     if address == "auto" or address.startswith("ray://") or not port.isdigit():
         return
-    try:
-        socket.create_connection((host, int(port)), timeout=CLUSTER_CONNECT_TIMEOUT_S).close()
+    try:  # an IPv6 host is written in brackets, [::1]:6379
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CLUSTER_CONNECT_TIMEOUT_S).close()
     except OSError as exc:
         raise ConfigError(f"cannot reach the Ray cluster at {address} ({exc}): is it running, and is this its "
                           "head's host:port?") from exc
@@ -175,8 +201,8 @@ def ray_session(config: JobConfig, verbose: bool = False) -> Iterator[None]:
         options["num_cpus"] = config.ray.num_cpus
         if config.ray.object_store_memory_mb:
             options["object_store_memory"] = config.ray.object_store_memory_mb * 1024 * 1024
-    else:
-        _check_cluster_address(os.environ.get("RAY_ADDRESS") or config.ray.address)
+    elif address := cluster_address(config):
+        check_cluster_address(address)
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
         try:
@@ -318,8 +344,8 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                                on_published=progress.document_published if progress else None,
                                publish_every_s=config.output.publish_every_s)
             quiet_ray_data(verbose)
-            if not _runs_locally(config):  # fail, not wait for ever, where no node fits a recognizer actor
-                ray.data.DataContext.get_current().wait_for_min_actors_s = math.ceil(config.recognize.start_timeout_s)
+            # on a cluster, a node for the recognizers is sought (the autoscaler may add one) while triage runs
+            probe = _RecognizerNodeProbe(config) if mode == "recognize" and not _runs_locally(config) else None
             if progress:
                 progress.triage_started(len(found.sources))
             plans = _triage_all(found.sources, config, progress.file_triaged if progress else None)
@@ -337,21 +363,20 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             for plan in fresh:
                 sink.expect(_document_record(plan, selection, mode), len(selected_pages(selection, plan.num_pages)))
             ranges = page_ranges(readable, config.rasterize.pages_per_task, selection)
-            try:
-                if ranges:
-                    with _batches_of(_page_dataset(ranges, config, preprocessor)) as batches:
-                        try:
-                            for batch in batches:
-                                for item in batch["work"]:
-                                    work = pickle.loads(item)
-                                    if progress:
-                                        progress.page_done(work)
-                                    sink.add_page(work)
-                        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is finished is kept, published
-                            sink.flush()  # first: `ray job stop` kills the driver a few seconds after its SIGTERM
-                            raise
-            except ray.exceptions.GetTimeoutError as exc:  # DataContext.wait_for_min_actors_s, set for clusters
-                raise _recognizers_did_not_start(config) from exc
+            if ranges:
+                if probe:
+                    probe.wait()
+                with _batches_of(_page_dataset(ranges, config, preprocessor)) as batches:
+                    try:
+                        for batch in batches:
+                            for item in batch["work"]:
+                                work = pickle.loads(item)
+                                if progress:
+                                    progress.page_done(work)
+                                sink.add_page(work)
+                    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is finished is kept, published
+                        sink.flush()  # first: `ray job stop` kills the driver a few seconds after its SIGTERM
+                        raise
         written = sink.close()
     return JobSummary(output=output, documents_skipped=len(plans) - len(fresh), written=written,
                       seconds=time.monotonic() - started, left_out=dict(found.left_out),

@@ -309,11 +309,28 @@ def test_a_recognizer_no_node_fits_fails_the_job_instead_of_waiting_for_ever(ray
                           *[arg for override in overrides for arg in ("--set", override)], timeout=300)
     assert submit.returncode != 0
     assert f"failed with exit code {int(ExitCode.bad_args)}" in ray_head.status("ocr-no-gpu")
-    assert ("no recognizer actor started within recognize.start_timeout_s=10 s" in
+    assert ("no node of the cluster took a recognizer actor within recognize.start_timeout_s=10 s" in
             ray_head.job("logs", "ocr-no-gpu").stdout)
 
 
+def test_a_pool_larger_than_the_cluster_runs_with_the_actors_that_fit(ray_head, job_inputs, job_documents,
+                                                                      tiny_model, tmp_path):
+    """Two recognizer actors of 1.5 CPUs on a head of 2: one fits, and the job reads with it (Ray Data's wait for
+    the pool's whole size had failed such a job after recognize.start_timeout_s)."""
+    output = tmp_path / "ocr"
+    overrides = [*CPU_OVERRIDES, "recognize.concurrency=2", "recognize.num_cpus=1.5", "rasterize.num_cpus=0.5",
+                 "detect.num_cpus=0.5", "recognize.start_timeout_s=20"]
+    submit = ray_head.job("submit", "--submission-id", "ocr-pool", "--working-dir", ".",
+                          "--runtime-env", "docker/runtime-env.yaml", "--",
+                          "python", "-m", "pipeline.cli", "run", str(job_inputs), "--output", str(output),
+                          "--config", "configs/cluster-v100.yaml", "--set", f"recognize.model={tiny_model}",
+                          *[arg for override in overrides for arg in ("--set", override)], timeout=300)
+    assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
+    _assert_every_document_once(output, job_documents)
+
+
 @pytest.mark.parametrize("address, said", [("127.0.0.1:{port}", "cannot reach the Ray cluster at 127.0.0.1:"),
+                                           ("[::1]:{port}", "cannot reach the Ray cluster at [::1]:"),
                                            ("http://127.0.0.1:{port}", "is a dashboard's")])
 def test_a_ray_address_nothing_answers_at_is_said_in_one_line(job_inputs, tmp_path, address, said):
     """An address nothing answers at had hung the job in ray.init, silent, for good; a dashboard's URL (what the
@@ -322,6 +339,25 @@ def test_a_ray_address_nothing_answers_at_is_said_in_one_line(job_inputs, tmp_pa
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "detect", str(job_inputs), "--output",
                              str(tmp_path / "ocr")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_the_address_check_takes_the_address_ray_joins(monkeypatch):
+    """A dashboard URL left in RAY_ADDRESS (for the `ray job` commands) had been refused though ray.address named
+    the cluster, which Ray joins; and a head answering at [::1] had been refused as an unknown host."""
+    from pipeline.config import load_config
+    from pipeline.job import check_cluster_address, cluster_address
+
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    assert cluster_address(load_config(None, ["ray.address=10.0.0.5:6379"])) == "10.0.0.5:6379"
+    assert cluster_address(load_config(None, ["ray.address=auto"])) == "http://127.0.0.1:8265"
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert cluster_address(load_config(None, ["ray.address=auto"])) is None
+    try:
+        head = socket.create_server(("::1", 0), family=socket.AF_INET6)  # something answering there
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    with head:
+        check_cluster_address(f"[::1]:{head.getsockname()[1]}")
 
 
 def test_a_relative_output_in_a_job_with_a_working_dir_is_refused(ray_head, job_inputs):
