@@ -128,9 +128,9 @@ class RecognizeConfig(Frozen):
     num_gpus: float = Field(default=0.0, ge=0)
     num_cpus: float = Field(default=1.0, gt=0)
     accelerator_type: str | None = Field(default=None, description="e.g. V100: pin actors on mixed clusters")
-    start_timeout_s: float = Field(default=1800, gt=0, description="on a cluster: how long the first recognizer "
-                                   "actors may take to start (nodes to be added, the model to load) before the job "
-                                   "fails instead of waiting for ever for a node that fits them")
+    start_timeout_s: float = Field(default=1800, gt=0, description="on a cluster: how long a node that takes a "
+                                   "recognizer actor may take to be found or added before the job fails, instead of "
+                                   "waiting for ever")
     torch_threads: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
