@@ -426,9 +426,12 @@ def allow_pixels(config: RasterizeConfig) -> None:
 
 
 #: TIFF NewSubfileType (tag 254) bits of a frame that is no page: a reduced-resolution copy (a preview or
-#: thumbnail some scanners write after each page) and a transparency mask.
+#: thumbnail some scanners write after each page) and a transparency mask; and the old SubfileType (tag 255)
+#: value of a reduced-resolution copy.
 NEW_SUBFILE_TYPE = 254
 _NOT_A_PAGE = 0b101
+SUBFILE_TYPE = 255
+_REDUCED_RESOLUTION = 2
 
 
 @dataclass(frozen=True)
@@ -454,6 +457,7 @@ def page_frames(image: Image.Image, pages: int | None = None) -> list[Frame]:
         return [Frame(0, image.size)]
     found: list[Frame] = []
     marked: list[Frame] = []
+    damaged: list[Frame] = []
     index = 0
     while pages is None or len(found) < pages:
         try:
@@ -463,12 +467,17 @@ def page_frames(image: Image.Image, pages: int | None = None) -> list[Frame]:
         except Image.DecompressionBombError:
             raise
         except Exception as exc:  # noqa: BLE001 - any library error here means a damaged frame
-            found.append(Frame(index, None, f"{type(exc).__name__}: {exc}"))
+            damaged.append(Frame(index, None, f"{type(exc).__name__}: {exc}"))
             break
-        subfile = getattr(image, "tag_v2", {}).get(NEW_SUBFILE_TYPE, 0)
-        (marked if isinstance(subfile, int) and subfile & _NOT_A_PAGE else found).append(Frame(index, image.size))
+        (marked if _is_no_page(image) else found).append(Frame(index, image.size))
         index += 1
-    return found or marked
+    return (found or marked) + damaged
+
+
+def _is_no_page(image: Image.Image) -> bool:
+    tags = getattr(image, "tag_v2", {})
+    subfile = tags.get(NEW_SUBFILE_TYPE, 0)
+    return (isinstance(subfile, int) and bool(subfile & _NOT_A_PAGE)) or tags.get(SUBFILE_TYPE) == _REDUCED_RESOLUTION
 
 
 def triage_image(path: str, config: RasterizeConfig) -> tuple[int, tuple[tuple[int, str], ...]]:

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import write_pdf
-from operators.ingest import find_inputs, sniff_kind, triage
+from operators.ingest import NEW_SUBFILE_TYPE, SUBFILE_TYPE, find_inputs, page_frames, sniff_kind, triage
 from operators.rasterize import page_ranges, rasterize
 from pipeline.job import DryRun
 from operators.settings import RasterizeConfig
@@ -311,3 +311,20 @@ def test_page_too_large_is_checked_before_rendering(good_pdf, tmp_path):
     Image.new("L", (500, 500), 255).save(bundle, save_all=True, append_images=[Image.new("L", (2000, 2000), 255)])
     plan = triage(str(bundle), small_limit)
     assert (plan.error, plan.num_pages, [page for page, _ in plan.oversized_pages]) == (None, 2, [2])
+
+
+def test_previews_marked_the_old_way_are_no_pages_and_a_file_of_only_marked_frames_keeps_them_all(tmp_path):
+    """A preview marked with the old SubfileType (255 = 2) had been read as a page; a file whose every frame is
+    marked as a preview, cut inside its last frame, had kept only that damaged frame."""
+    page, preview = Image.new("L", (800, 600), 255), Image.new("L", (200, 150), 255)
+    preview.encoderinfo = {"tiffinfo": {SUBFILE_TYPE: 2}}
+    page.save(tmp_path / "old.tif", save_all=True, append_images=[preview])
+    assert triage(str(tmp_path / "old.tif"), CONFIG).num_pages == 1
+    frames = [Image.new("L", (800, 600), shade) for shade in (200, 220, 240)]
+    frames[0].save(tmp_path / "marked.tif", save_all=True, append_images=frames[1:], compression="tiff_lzw",
+                   tiffinfo={NEW_SUBFILE_TYPE: 1})
+    data = (tmp_path / "marked.tif").read_bytes()
+    (tmp_path / "marked.tif").write_bytes(data[: len(data) * 9 // 10])  # the last frame's directory is cut
+    with Image.open(tmp_path / "marked.tif") as image:
+        assert [(frame.index, frame.damage is None) for frame in page_frames(image)] == [(0, True), (1, True),
+                                                                                         (2, False)]
