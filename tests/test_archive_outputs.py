@@ -211,6 +211,32 @@ def test_the_previews_in_an_image_file_are_no_pages(tmp_path, name):
     assert text.split() == [f"sheet{number}" for number in range(1, len(pages) + 1)]
 
 
+@pytest.mark.parametrize("name", ["preview-cut.jpg", "header-cut.tif"])
+def test_a_searchable_pdf_of_an_image_with_a_frame_that_is_cut_off(tmp_path, name):
+    """img2pdf decodes every frame: a camera's JPEG whose preview picture was cut off (what editors that keep
+    only the primary picture leave) and a TIFF whose last frame's header is cut had got no searchable PDF
+    (export_failed), though the job read their pages."""
+    pages = [text_page([f"Sheet {number} of the set."]).convert("L") for number in (1, 2, 3)]
+    source = tmp_path / name
+    if name == "preview-cut.jpg":
+        pages = pages[:1]
+        pages[0].save(source, format="MPO", save_all=True, append_images=[pages[0].resize((310, 438))])
+        with Image.open(source) as image:
+            primary = image.mpinfo[0xB002][0]["Size"]
+        source.write_bytes(source.read_bytes()[:primary + 200])
+    else:
+        pages[0].save(source, save_all=True, append_images=pages[1:], dpi=(150, 150), compression="tiff_lzw")
+        source.write_bytes(source.read_bytes()[: source.stat().st_size * 9 // 10])
+    plan = triage(str(source), RasterizeConfig(dpi=150))
+    works = rasterize(PageRange(plan.doc_id, str(source), plan.kind, 1, plan.num_pages),
+                      RasterizeConfig(dpi=150, detect_orientation=False))
+    assert [work.status for work in works] == ["ok"] * len(pages) if name.endswith("jpg") else ["ok", "ok", "failed"]
+    pdf, text = _labelled_pdf(works, source, "sheet")
+    with pikepdf.open(pdf) as opened:
+        assert len(opened.pages) == len(works)
+    assert text.split() == [f"sheet{work.page}" for work in works if work.status == "ok"]
+
+
 @pytest.mark.parametrize("name", ["master.tif", "frames.png"])
 def test_images_img2pdf_cannot_embed_get_a_searchable_pdf_of_every_page(tmp_path, name):
     """A 16-bit master TIFF ("PIL is unable to preserve more than 8 bits per sample") and an animated PNG (img2pdf

@@ -22,7 +22,7 @@ import pikepdf.pdfa
 from ocrmypdf.font import MultiFontManager
 from ocrmypdf.fpdf_renderer import Fpdf2MultiPageRenderer
 from ocrmypdf.models.ocr_element import Baseline, BoundingBox, OcrClass, OcrElement
-from PIL import Image, ImageOps, ImageSequence
+from PIL import Image, ImageOps
 
 from operators.formats.geometry import straight_baseline
 from operators.ingest import local_path, page_frames, sniff_kind
@@ -55,55 +55,63 @@ def searchable_pdf(pages: Sequence[dict], source: str, pdfa: bool = False) -> by
 @contextmanager
 def _scanned_pages(path: str, numbers: list[int]) -> Iterator[tuple[pikepdf.Pdf, list[int]]]:
     """A new PDF holding the given 1-based pages of the original: its own pages for a PDF (qpdf
-    repairs a damaged one as it opens it), img2pdf pages of the frames that are pages for an image
-    (:func:`page_frames`); and per page, the degrees its pixels are already turned from the file's own
-    (see :func:`_image_pages`)."""
+    repairs a damaged one as it opens it), :func:`_image_pages` for an image; and per page, the degrees its
+    pixels are already turned from the file's own."""
     with open(path, "rb") as handle:
         kind = sniff_kind(handle.read(1024))
     if kind == "pdf":
         original, indexes, turned = path, [number - 1 for number in numbers], [0] * len(numbers)
     else:
-        with Image.open(path) as image:
-            frames = page_frames(image)
-        indexes = [frames[number - 1].index for number in numbers]
-        pdf, turns = _image_pages(path)
-        original, turned = io.BytesIO(pdf), [turns[index] for index in indexes]
+        pdf, page_indexes, turns = _image_pages(path)
+        original = io.BytesIO(pdf)
+        indexes, turned = [page_indexes[number - 1] for number in numbers], [turns[number - 1] for number in numbers]
     with pikepdf.open(original) as source, pikepdf.new() as out:
         for index in indexes:
             out.pages.append(source.pages[index])
         yield out, turned
 
 
-def _image_pages(path: str) -> tuple[bytes, list[int]]:
-    """An image file as img2pdf pages, one per frame, and per frame the degrees its pixels are turned.
+def _image_pages(path: str) -> tuple[bytes, list[int], list[int]]:
+    """An image file's pages (:func:`page_frames`) in a PDF: its bytes, the PDF page of each page, and the degrees
+    each page's pixels are turned.
 
-    img2pdf embeds the file's own streams (JPEG as is). Where it cannot, the frames are embedded as the job read
-    them instead (mirror and turn undone, lossless PNG), and their pixels are then turned by the EXIF turn: a
-    mirrored EXIF orientation (no page's /Rotate can mirror), a frame that cannot be decoded (the job failed its
-    page and read the others; here a blank page of its size), and what img2pdf refuses or gets wrong (16-bit
-    samples, alpha, a raw JPEG 2000 codestream, the frames of an animated PNG)."""
+    img2pdf embeds the file's own streams (JPEG as is), a PDF page for each frame, previews too. Where it cannot,
+    the pages alone are embedded as the job read them instead (mirror and turn undone, lossless PNG), and their
+    pixels are then turned by the EXIF turn: a mirrored EXIF orientation (no page's /Rotate can mirror), a frame
+    that cannot be decoded (the job failed its page and read the others; here a blank page of its size, or of
+    the page before where even its header is damaged), and what img2pdf refuses or gets wrong (16-bit samples,
+    alpha, a raw JPEG 2000 codestream, the frames of an animated PNG, a camera's JPEG whose preview is cut off)."""
     with Image.open(path) as image:
-        orientations = [frame.getexif().get(EXIF_ORIENTATION_TAG, 1) for frame in ImageSequence.Iterator(image)]
-        if not MIRRORED_EXIF.intersection(orientations):
+        frames = page_frames(image)
+        orientations = [1 if frame.damage else _exif_orientation(image, frame.index) for frame in frames]
+        if not any(frame.damage for frame in frames) and not MIRRORED_EXIF.intersection(orientations):
             try:
                 pdf = img2pdf.convert(path, rotation=img2pdf.Rotation.ifvalid)
-                if _page_count(pdf) == len(orientations):
-                    return pdf, [0] * len(orientations)
-            except Exception:  # noqa: BLE001 - whatever img2pdf cannot embed is embedded frame by frame, below
+                if _page_count(pdf) == image.n_frames:
+                    return pdf, [frame.index for frame in frames], [0] * len(frames)
+            except Exception:  # noqa: BLE001 - whatever img2pdf cannot embed is embedded page by page, below
                 pass
-        frames = []
-        for frame, orientation in zip(ImageSequence.Iterator(image), orientations):
-            buffer = io.BytesIO()
-            # turned a quarter, a frame's x and y resolutions swap; without any, img2pdf's default, as above
-            resolution = {"dpi": upright_resolution(frame.info["dpi"], orientation)} if "dpi" in frame.info else {}
+        pages, size = [], (1000, 1000)
+        for frame, orientation in zip(frames, orientations):
+            buffer, resolution = io.BytesIO(), {}
             try:
-                upright = _embeddable(ImageOps.exif_transpose(frame))
-            except (OSError, ValueError):
-                width, height = upright_resolution(frame.size, orientation)  # sizes swap as resolutions do
-                upright = Image.new("L", (int(width), int(height)), 255)
+                if frame.damage:
+                    raise ValueError(frame.damage)
+                image.seek(frame.index)
+                size = upright_resolution(image.size, orientation)  # sizes swap as resolutions do
+                if "dpi" in image.info:  # turned a quarter, x and y resolutions swap; without any, img2pdf's default
+                    resolution = {"dpi": upright_resolution(image.info["dpi"], orientation)}
+                upright = _embeddable(ImageOps.exif_transpose(image))
+            except (OSError, ValueError, SyntaxError):
+                upright = Image.new("L", (int(size[0]), int(size[1])), 255)
             upright.save(buffer, format="PNG", **resolution)
-            frames.append(buffer.getvalue())
-    return img2pdf.convert(frames), [EXIF_ROTATION.get(orientation, 0) for orientation in orientations]
+            pages.append(buffer.getvalue())
+    return img2pdf.convert(pages), list(range(len(pages))), [EXIF_ROTATION.get(value, 0) for value in orientations]
+
+
+def _exif_orientation(image: Image.Image, index: int) -> int:
+    image.seek(index)
+    return image.getexif().get(EXIF_ORIENTATION_TAG, 1)
 
 
 def _page_count(pdf: bytes) -> int:
