@@ -14,6 +14,7 @@ import re
 import stat
 import subprocess
 import tempfile
+import warnings
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -418,6 +419,15 @@ def pdf_pages(path: str, config: RasterizeConfig) -> tuple[int, bool, tuple[int,
     return pages, repaired, tuple(info["rotations"]), sizes
 
 
+@contextmanager
+def quiet_decoders() -> Iterator[None]:
+    """Pillow's warnings about damaged metadata ("Corrupt EXIF data") off: from a Ray task they reach the console
+    without a word of which file, and what damage stops a page is recorded on it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        yield
+
+
 def allow_pixels(config: RasterizeConfig) -> None:
     """Let Pillow open images up to twice ``max_page_pixels`` without a word (it warns over its own limit, 89 Mpx,
     and refuses twice that as a decompression bomb): the page-size check is :func:`_too_large`, the same for
@@ -549,7 +559,7 @@ def triage(source: str, config: RasterizeConfig) -> DocumentPlan:
         if size == 0:
             raise EmptyFile("the file is empty (0 bytes)")
         kind = sniff_kind(head)
-        with local_path(source) as path:
+        with local_path(source) as path, quiet_decoders():
             if kind == "pdf":
                 num_pages, repaired, rotations, oversized = triage_pdf(path, config)
             else:

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from operators.orientation import detect_orientation, turn
 from operators.ingest import (DocumentKind, DocumentPlan, allow_pixels, check_unchanged, local_path, page_frames,
-                              repaired_pdf)
+                              quiet_decoders, repaired_pdf)
 from operators.pages import selected_pages
 from operators.settings import RasterizeConfig
 from operators.errors import (DocumentError, PAGE_COUNT_MISMATCH, PageTooLarge, RenderFailed, RenderTimeout,
@@ -240,7 +240,7 @@ def rasterize(task: PageRange, config: RasterizeConfig) -> list[PageWork]:
     try:
         if task.stamp is not None:
             check_unchanged(task.source, task.stamp)
-        with local_path(task.source) as path:
+        with local_path(task.source) as path, quiet_decoders():
             pages = _render(task, path, config)
         if task.stamp is not None:
             check_unchanged(task.source, task.stamp)

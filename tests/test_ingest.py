@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import pikepdf
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import write_pdf
+from operators.rasterize import page_ranges, rasterize
 from operators.ingest import NEW_SUBFILE_TYPE, SUBFILE_TYPE, find_inputs, page_frames, sniff_kind, triage
 from operators.rasterize import page_ranges, rasterize
 from pipeline.job import DryRun
@@ -328,3 +330,18 @@ def test_previews_marked_the_old_way_are_no_pages_and_a_file_of_only_marked_fram
     with Image.open(tmp_path / "marked.tif") as image:
         assert [(frame.index, frame.damage is None) for frame in page_frames(image)] == [(0, True), (1, True),
                                                                                          (2, False)]
+
+
+def test_pillows_warnings_about_damaged_metadata_stay_off_the_console(tmp_path):
+    """From a Ray task, "UserWarning: Corrupt EXIF data" reached the console, without the file's name, and broke
+    the live progress line; the damage that stops a page is recorded on the page."""
+    frames = [Image.new("L", (800, 600), shade) for shade in (200, 220, 240)]
+    frames[0].save(tmp_path / "cut.tif", save_all=True, append_images=frames[1:], compression="tiff_lzw")
+    data = (tmp_path / "cut.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[: len(data) * 9 // 10])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = triage(str(tmp_path / "cut.tif"), CONFIG)
+        [task] = page_ranges([plan], pages_per_task=8)
+        assert [work.status for work in rasterize(task, CONFIG)] == ["ok", "ok", "failed"]
+    assert not [str(warning.message) for warning in caught if "/PIL/" in warning.filename]
