@@ -16,7 +16,6 @@ import pytest
 from PIL import Image
 
 from conftest import write_pdf
-from operators.rasterize import page_ranges, rasterize
 from operators.ingest import NEW_SUBFILE_TYPE, SUBFILE_TYPE, find_inputs, page_frames, sniff_kind, triage
 from operators.rasterize import page_ranges, rasterize
 from pipeline.job import DryRun
