@@ -129,8 +129,13 @@ class JobProgress:
                 raise ConfigError(f"cannot write the --log-json file {self.log_json}: {exc.strerror}") from exc
 
     def begin(self) -> None:
-        """The job has begun (Ray and the model are starting): the heartbeat starts."""
+        """The job has begun (Ray and the model are starting): the heartbeat starts, and on a terminal each log
+        record written to the same stream clears the live line first (the heartbeat draws it again below)."""
         self._began = self._shown = time.monotonic()
+        if self.interactive:
+            for handler in logging.getLogger().handlers:
+                if getattr(handler, "stream", None) is self.stream:
+                    handler.addFilter(self._clear_live_line)
         self._heartbeat = threading.Thread(target=self._beat, name="progress-heartbeat", daemon=True)
         self._heartbeat.start()
 
@@ -173,6 +178,8 @@ class JobProgress:
         self._closing.set()
         if self._heartbeat is not None:
             self._heartbeat.join()
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(self._clear_live_line)
         if self.interactive and (self.documents or self._drawn):
             self._show(force=True)
             self.stream.write("\n")
@@ -199,6 +206,15 @@ class JobProgress:
         failed = f" ({self.documents_failed} failed)" if self.documents_failed else ""
         return (f"documents {self.documents_done}/{self.documents}{failed}, pages {self.pages_done}/{self.pages}, "
                 f"{rate:.1f} lines/s, {elapsed}, ETA {eta}")
+
+    def _clear_live_line(self, record: logging.LogRecord) -> bool:
+        """A logging filter that lets every record through, on a line of its own."""
+        with self._lock:
+            if self._drawn:
+                self.stream.write("\r\x1b[K")
+                self.stream.flush()
+                self._shown = 0.0  # drawn again at the next beat
+        return True
 
     def _period(self) -> float:
         return REDRAW_INTERVAL_S if self.interactive else self.interval_s

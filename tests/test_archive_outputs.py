@@ -543,6 +543,29 @@ def test_progress_says_the_job_is_alive_while_nothing_finishes():
     assert lines[-1].startswith("progress: triage: files 0/3, 0:0")
 
 
+def test_a_log_record_on_a_terminal_starts_on_a_line_of_its_own():
+    """The live line drawn while Ray started or triage ran had run into the next log record ("0:03 elapsed2026-12-06
+    ... WARNING ...")."""
+    import logging
+    from io import StringIO
+
+    stream = StringIO()
+    handler = logging.StreamHandler(stream)
+    logging.getLogger().addHandler(handler)
+    try:
+        progress = JobProgress(stream=stream, interactive=True)
+        progress.begin()
+        time.sleep(0.8)
+        logging.getLogger("pipeline.job").warning("a record")
+        time.sleep(0.8)
+        progress.close()
+    finally:
+        logging.getLogger().removeHandler(handler)
+    text = stream.getvalue()
+    assert "elapsed\r\x1b[Ka record\n\r\x1b[Kstarting" in text, repr(text)
+    assert not handler.filters
+
+
 def test_stderr_filter_drops_ray_core_lines_and_passes_the_rest_at_once(capfd):
     import os
     import time
