@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from operators.errors import RECOGNITION_FAILED, ConfigError, ExitCode
+from operators.errors import RECOGNITION_FAILED, ConfigError, ExitCode, NoInputError
 from operators.ingest import DocumentPlan, find_inputs, triage
 from operators.rasterize import page_ranges, rasterize
 from operators.recognize import LineRecognizer
@@ -67,13 +68,33 @@ def inspect_command(args: argparse.Namespace) -> int:
     if args.pages is not None and args.pages < 1:
         raise ConfigError(f"--pages must be >= 1, got {args.pages}")
     config = load_config(args.config, args.overrides)
-    sources = find_inputs(args.inputs, [str(args.output)]).sources  # never its own overlays of an earlier run
+    # never its own overlays of an earlier run: its output folder is left out of the inputs, or where that holds an
+    # input (the input folder itself), the overlays in it
+    output = args.output.resolve()
+    holds_input = any(output == path or output in path.parents for path in map(Path.resolve, map(Path, args.inputs)))
+    found = find_inputs(args.inputs, [] if holds_input else [str(args.output)])
+    sources = [source for source in found.sources if not _is_overlay(source, args.output)]
+    if not sources:
+        raise NoInputError(f"the inputs hold only overlays that inspect wrote to {args.output}")
     outcomes = inspect_documents(sources, args.output, config, args.recognize, args.pages)
     for outcome in outcomes:
         print(outcome.describe())
     failed = sum(outcome.error is not None for outcome in outcomes)
     print(f"{len(outcomes) - failed} overlays written to {args.output}, {failed} failed")
     return ExitCode.documents_failed if failed else ExitCode.ok
+
+
+def _overlay_name(work: PageWork) -> str:
+    return f"{Path(work.source).stem}-{work.doc_id[:8]}-p{work.page:04d}.png"
+
+
+#: What :func:`_overlay_name` gives.
+OVERLAY_NAME = re.compile(r".+-[0-9a-f]{8}-p[0-9]{4}\.png")
+
+
+def _is_overlay(source: str, output: Path) -> bool:
+    path = Path(source)
+    return path.parent.resolve() == output.resolve() and OVERLAY_NAME.fullmatch(path.name) is not None
 
 
 def inspect_documents(sources: list[str], output: Path, config: JobConfig, recognize: bool = False,
@@ -105,7 +126,7 @@ def _inspect_page(work: PageWork, output: Path, config: JobConfig, recognizer: L
     except RuntimeError as exc:  # out of memory, a model bug: the page fails, the others go on
         reason = f"{RECOGNITION_FAILED}: recognition failed: {exc}"
         return PageOutcome(work.source, work.page, [], None, reason)
-    path = output / f"{Path(work.source).stem}-{work.doc_id[:8]}-p{work.page:04d}.png"
+    path = output / _overlay_name(work)
     draw_overlay(work.image, work.lines, texts).save(path, compress_level=1)  # fast; overlays are throwaway
     return PageOutcome(work.source, work.page, work.lines, path)
 

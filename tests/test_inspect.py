@@ -61,13 +61,17 @@ def test_cli_writes_one_overlay_per_page_and_reports_the_failed_document(input_f
 
 
 def test_overlays_in_an_input_folder_are_not_inspected_again(documents, tmp_path, capsys):
-    """With --output inside the input folder, a second inspect had read the first one's overlays as pages."""
+    """With --output inside the input folder, a second inspect had read the first one's overlays as pages; with
+    --output the input folder itself, the fix had found no input at all."""
     folder = tmp_path / "scans"
     folder.mkdir()
     (folder / documents[0].name).symlink_to(documents[0])
-    for _ in range(2):
-        main(["inspect", str(folder), "--output", str(folder / "overlays"), "--set", DPI_OVERRIDE, "--pages", "1"])
-    assert capsys.readouterr().out.splitlines()[-1] == f"1 overlays written to {folder / 'overlays'}, 0 failed"
+    same = tmp_path / "same"
+    same.mkdir()
+    (same / documents[0].name).symlink_to(documents[0])
+    for inputs, output in ((folder, folder / "overlays"), (folder, folder / "overlays"), (same, same), (same, same)):
+        main(["inspect", str(inputs), "--output", str(output), "--set", DPI_OVERRIDE, "--pages", "1"])
+        assert capsys.readouterr().out.splitlines()[-1] == f"1 overlays written to {output}, 0 failed"
 
 
 def test_pages_option_limits_each_document(documents, tmp_path):
