@@ -16,6 +16,7 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,6 +56,9 @@ log = logging.getLogger(__name__)
 Mode = Literal["recognize", "detect"]
 #: Seconds a stopped iteration's threads get to leave their Ray calls before Ray shuts down.
 DATASET_THREADS_GRACE_S = 2.0
+#: Triage tasks in flight at once: this many per CPU of the cluster, and at least the minimum.
+TRIAGE_WINDOW_PER_CPU = 4
+TRIAGE_WINDOW_MIN = 16
 #: Seconds to wait for a cluster's head to answer before saying it cannot be reached.
 CLUSTER_CONNECT_TIMEOUT_S = 10.0
 #: What Ray's job supervisor gives a submitted job's driver: its runtime environment (working dir) as JSON.
@@ -273,9 +277,14 @@ def _triage_all(sources: list[str], config: JobConfig,
     A task that dies (a decoder crashing its worker) fails its document, not the job. ``on_triaged`` hears of
     each file, in the inputs' order."""
     remote_triage = ray.remote(num_cpus=config.rasterize.num_cpus)(triage)
-    refs = [remote_triage.remote(source, config.rasterize) for source in sources]
+    # a window of tasks in flight, not one per file at once: the driver held ~9 KB per file of a large archive
+    window = max(TRIAGE_WINDOW_MIN, TRIAGE_WINDOW_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
+    refs: deque[ray.ObjectRef] = deque()
     plans = []
-    for source, ref in zip(sources, refs):
+    for index, source in enumerate(sources):
+        while len(refs) < window and index + len(refs) < len(sources):
+            refs.append(remote_triage.remote(sources[index + len(refs)], config.rasterize))
+        ref = refs.popleft()
         try:
             plans.append(ray.get(ref))
         except ray.exceptions.RayError as exc:
