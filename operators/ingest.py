@@ -71,6 +71,16 @@ class DocumentPlan:
     stamp: tuple[int, int] | None = None  # the file's size and modification time (ns) when its doc_id was taken
 
 
+@dataclass(frozen=True)
+class KnownDocument:
+    """A source's document as the output holds it: what a rerun takes without reading the file again while its
+    size and modification time are those it had (as rsync trusts them)."""
+
+    doc_id: str
+    num_pages: int
+    stamp: tuple[int, int]
+
+
 @dataclass
 class FoundInputs:
     """The documents the inputs name, and what was left out of folders and globs, counted by suffix."""
@@ -588,8 +598,10 @@ def _check_regular_file(path: str) -> None:
         raise UnreadableFile(f"{path} is not a regular file (a FIFO, socket or device), so it is not read")
 
 
-def triage(source: str, config: RasterizeConfig) -> DocumentPlan:
-    """Never raises for a bad document, whatever goes wrong: the error is recorded in the plan."""
+def triage(source: str, config: RasterizeConfig, known: KnownDocument | None = None) -> DocumentPlan:
+    """Never raises for a bad document, whatever goes wrong: the error is recorded in the plan. A ``known``
+    document whose file is unchanged is taken as it is, unread (a rerun over a growing archive had hashed every
+    file again)."""
     doc_id = source_id(source)  # replaced by the content hash once read
     kind: DocumentKind | None = None
     recorded = recorded_source(source)
@@ -602,6 +614,8 @@ def triage(source: str, config: RasterizeConfig) -> DocumentPlan:
         stamp = source_stamp(source)
         if stamp is None:
             raise UnreadableFile(f"cannot read {source}: there is no such file")
+        if known is not None and known.stamp == stamp:
+            return DocumentPlan(doc_id=known.doc_id, source=source, kind=None, num_pages=known.num_pages, stamp=stamp)
         with local_path(source) as path, quiet_decoders():  # a URI's bytes are fetched once, for all that follows
             doc_id, head, size = fingerprint(path)
             if size == 0:

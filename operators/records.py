@@ -80,6 +80,8 @@ class DocumentRecord:
     duplicate_of: str | None = None  # status "duplicate": the doc_id of the document with the same bytes
     pages_selected: str | None = None  # the run's rasterize.pages (--pages); None: every page
     mode: str | None = None  # what the run did: "recognize" (run) or "detect" (layout only, no text)
+    source_size: int | None = None  # the file's size and modification time when it was read: a rerun that finds
+    source_mtime_ns: int | None = None  # them unchanged takes the document as done without reading it again
 
 
 WORD_TYPE = pa.struct(
@@ -134,6 +136,8 @@ DOCUMENTS_SCHEMA = pa.schema(
         pa.field("duplicate_of", pa.string()),
         pa.field("pages_selected", pa.string()),
         pa.field("mode", pa.string()),
+        pa.field("source_size", pa.int64()),
+        pa.field("source_mtime_ns", pa.int64()),
     ]
 )
 

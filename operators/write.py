@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from operators.errors import EXPORT_FAILED, ConfigError, OutputLocked, OutputNotWritable, WriteFailed
 from operators.formats.export import remove_other_exports, write_exports
-from operators.ingest import duplicate_id
+from operators.ingest import KnownDocument, duplicate_id
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
 from operators.storage import resolve_filesystem
 from operators.words import split_words
@@ -276,6 +276,15 @@ def _published_rows(output: str, columns: Sequence[str]) -> list[dict[str, Any]]
         rows += [{column: row.get(column) for column in columns} for row in part.read(columns=present).to_pylist()
                  if row["doc_id"] not in retiring]
     return rows
+
+
+def published_sources(output: str) -> dict[str, KnownDocument]:
+    """The documents read whole and well (status ok) by source, with the size and modification time their files
+    had (rows written before those were recorded are left out): what a rerun need not read again."""
+    columns = ("doc_id", "source", "status", "num_pages", "source_size", "source_mtime_ns")
+    return {row["source"]: KnownDocument(row["doc_id"], row["num_pages"], (row["source_size"], row["source_mtime_ns"]))
+            for row in _published_rows(output, columns)
+            if row["status"] == "ok" and row["source_size"] is not None and row["source_mtime_ns"] is not None}
 
 
 def read_published(output: str, page_columns: Sequence[str]) -> tuple[list[dict], list[dict]]:

@@ -28,7 +28,8 @@ from ray.data import ActorPoolStrategy
 from operators.checkpoint import resolve_checkpoint
 from operators.errors import ConfigError, InternalError
 from operators.storage import is_uri
-from operators.ingest import DocumentPlan, find_inputs, mark_duplicates, recorded_source, source_id, triage
+from operators.ingest import (DocumentPlan, KnownDocument, find_inputs, mark_duplicates, recorded_source, source_id,
+                              triage)
 from operators.pages import selected_pages
 from operators.preprocess import LinePreprocessor
 from operators.rasterize import PageRange, page_ranges, rasterize
@@ -43,6 +44,7 @@ from operators.write import (
     output_folders,
     output_lock,
     published_doc_ids,
+    published_sources,
     published_readings,
     recover_output,
     retire_documents,
@@ -271,11 +273,11 @@ class _RecognizeBatch:
         return {"work": [pickle.dumps(work, protocol=5) for work in done]}
 
 
-def _triage_all(sources: list[str], config: JobConfig,
+def _triage_all(sources: list[str], config: JobConfig, known: dict[str, KnownDocument],
                 on_triaged: Callable[[], None] | None = None) -> list[DocumentPlan]:
-    """Triage every file in parallel as plain Ray tasks: cheap, and quicker to start than a dataset.
-    A task that dies (a decoder crashing its worker) fails its document, not the job. ``on_triaged`` hears of
-    each file, in the inputs' order."""
+    """Triage every file in parallel as plain Ray tasks: cheap, and quicker to start than a dataset; the ``known``
+    documents of unchanged files unread. A task that dies (a decoder crashing its worker) fails its document, not
+    the job. ``on_triaged`` hears of each file, in the inputs' order."""
     remote_triage = ray.remote(num_cpus=config.rasterize.num_cpus)(triage)
     # a window of tasks in flight, not one per file at once: the driver held ~9 KB per file of a large archive
     window = max(TRIAGE_WINDOW_MIN, TRIAGE_WINDOW_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
@@ -283,7 +285,8 @@ def _triage_all(sources: list[str], config: JobConfig,
     plans = []
     for index, source in enumerate(sources):
         while len(refs) < window and index + len(refs) < len(sources):
-            refs.append(remote_triage.remote(sources[index + len(refs)], config.rasterize))
+            ahead = sources[index + len(refs)]
+            refs.append(remote_triage.remote(ahead, config.rasterize, known.get(ahead)))
         ref = refs.popleft()
         try:
             plans.append(ray.get(ref))
@@ -357,7 +360,8 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             probe = _RecognizerNodeProbe(config) if mode == "recognize" and not _runs_locally(config) else None
             if progress:
                 progress.triage_started(len(found.sources))
-            plans = _triage_all(found.sources, config, progress.file_triaged if progress else None)
+            plans = _triage_all(found.sources, config, published_sources(output),
+                                progress.file_triaged if progress else None)
             retirement = _check_against_output(plans, output, config, mode)
             retire_documents(output, retirement)
             done = {doc_id: source for doc_id, source in done.items() if doc_id not in retirement.doc_ids}
@@ -448,7 +452,8 @@ def _document_record(plan: DocumentPlan, selection: str | None, mode: Mode) -> D
         doc_id=plan.doc_id, source=plan.source, status=status,
         error_code=error.error_code if error else None, error_message=str(error) if error else None,
         num_pages=plan.num_pages, repaired=plan.repaired, duplicate_of=plan.duplicate_of, pages_selected=selection,
-        mode=mode,
+        mode=mode, source_size=plan.stamp[0] if plan.stamp else None,
+        source_mtime_ns=plan.stamp[1] if plan.stamp else None,
     )
 
 
@@ -545,7 +550,8 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     check_cpus_left_for_pages(config, config.ray.num_cpus or len(os.sched_getaffinity(0)), mode)
     _line_preprocessor(config, mode)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        plans = list(pool.map(lambda source: triage(source, config.rasterize), sources))
+        known = published_sources(output)
+        plans = list(pool.map(lambda source: triage(source, config.rasterize, known.get(source)), sources))
     retired = _check_against_output(plans, output, config, mode).doc_ids
     done = {doc_id: source for doc_id, source in published_doc_ids(output).items() if doc_id not in retired}
     marked = {plan.source: plan for plan in mark_duplicates(plans, done)}  # all but the ones already done

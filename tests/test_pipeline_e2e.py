@@ -98,6 +98,11 @@ def test_rerun_skips_documents_already_written(ray_local, detect_output, input_f
     assert again.documents_skipped == first.written.documents_ok + first.written.documents_failed
     assert again.written.pages == 0
     assert _read(output, "pages").num_rows == before
+    ok = [row for row in _read(output, "documents").to_pylist() if row["status"] == "ok"]
+    assert ok
+    for row in ok:  # what lets the next rerun skip them unread
+        assert (row["source_size"], row["source_mtime_ns"]) == (os.stat(row["source"]).st_size,
+                                                                os.stat(row["source"]).st_mtime_ns)
 
 
 def test_recognition_fills_text_and_confidence(ray_local, input_folder, tiny_model, tmp_path):
