@@ -25,7 +25,7 @@ from ocrmypdf.models.ocr_element import Baseline, BoundingBox, OcrClass, OcrElem
 from PIL import Image, ImageOps
 
 from operators.formats.geometry import straight_baseline
-from operators.ingest import local_path, page_frames, sniff_kind
+from operators.ingest import local_path, page_frames, quiet_decoders, sniff_kind
 from operators.rasterize import EXIF_ORIENTATION_TAG, EXIF_ROTATION, MIRRORED_EXIF, to_gray8, upright_resolution
 
 PDFA_FLAVOUR = "2b"
@@ -81,7 +81,7 @@ def _image_pages(path: str) -> tuple[bytes, list[int], list[int]]:
     that cannot be decoded (the job failed its page and read the others; here a blank page of its size, or of
     the page before where even its header is damaged), and what img2pdf refuses or gets wrong (16-bit samples,
     alpha, a raw JPEG 2000 codestream, the frames of an animated PNG, a camera's JPEG whose preview is cut off)."""
-    with Image.open(path) as image:
+    with Image.open(path) as image, quiet_decoders():
         frames = page_frames(image)
         orientations = [1 if frame.damage else _exif_orientation(image, frame.index) for frame in frames]
         if not any(frame.damage for frame in frames) and not MIRRORED_EXIF.intersection(orientations):
