@@ -14,7 +14,6 @@ import re
 import stat
 import subprocess
 import tempfile
-import time
 import warnings
 from collections import Counter
 from contextlib import contextmanager
@@ -517,63 +516,17 @@ def triage_image(path: str, config: RasterizeConfig) -> tuple[int, tuple[tuple[i
     return len(frames), _oversized(sizes, len(frames), config, config.dpi)
 
 
-#: This machine's copies of documents read from URIs (:func:`local_path`), and the bytes they may take together.
-INPUT_CACHE = Path(tempfile.gettempdir()) / "trocr-pipeline-inputs"
-INPUT_CACHE_BYTES = 8 << 30
-
-
 @contextmanager
 def local_path(source: str) -> Iterator[str]:
-    """A local path for poppler/Pillow: the file itself when local, else this machine's copy of it, downloaded
-    once for triage and every page range of the document read on this machine (a copy per range had fetched a
-    book of 800 pages a hundred times), named by the source, its size and its modification time. The oldest
-    copies go when :data:`INPUT_CACHE` holds more than :data:`INPUT_CACHE_BYTES`."""
+    """A local path for poppler/Pillow: the file itself when local, else a temporary copy."""
     if not is_uri(source):
         yield source
         return
-    stamp = source_stamp(source)
-    if stamp is None:
-        raise UnreadableFile(f"cannot read {source}: there is no such file")
-    key = hashlib.sha256(f"{source}\n{stamp}".encode("utf-8", "surrogateescape")).hexdigest()
-    copy = INPUT_CACHE / f"{key}{Path(source).suffix}"
-    try:
-        os.utime(copy)  # the oldest go first
-    except FileNotFoundError:
-        INPUT_CACHE.mkdir(exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=INPUT_CACHE, prefix=PARTIAL_COPY, delete=False) as handle:
-            try:
-                for chunk in _chunks(source):
-                    handle.write(chunk)
-            except BaseException:
-                os.unlink(handle.name)
-                raise
-        os.replace(handle.name, copy)
-        _evict_copies(keep=copy)
-    yield str(copy)
-
-
-#: The name a copy has while it is downloaded; one a killed worker left is removed after a day.
-PARTIAL_COPY = ".part-"
-
-
-def _evict_copies(keep: Path) -> None:
-    copies = []
-    for entry in INPUT_CACHE.iterdir():
-        try:
-            info = entry.stat()
-        except FileNotFoundError:  # evicted by another worker meanwhile
-            continue
-        if not entry.name.startswith(PARTIAL_COPY):
-            copies.append((info.st_mtime, info.st_size, entry))
-        elif time.time() - info.st_mtime > 86400:
-            entry.unlink(missing_ok=True)
-    held = sum(size for _, size, _ in copies)
-    for _, size, entry in sorted(copies):
-        if held <= INPUT_CACHE_BYTES:
-            break
-        if entry != keep:
-            entry.unlink(missing_ok=True)
-            held -= size
+    with tempfile.NamedTemporaryFile(prefix="trocr-pipeline-", suffix=Path(source).suffix) as handle:
+        for chunk in _chunks(source):
+            handle.write(chunk)
+        handle.flush()
+        yield handle.name
 
 
 def source_id(source: str) -> str:
@@ -616,11 +569,11 @@ def triage(source: str, config: RasterizeConfig, known: KnownDocument | None = N
             raise UnreadableFile(f"cannot read {source}: there is no such file")
         if known is not None and known.stamp == stamp:
             return DocumentPlan(doc_id=known.doc_id, source=source, kind=None, num_pages=known.num_pages, stamp=stamp)
-        with local_path(source) as path, quiet_decoders():  # a URI's bytes are fetched once, for all that follows
-            doc_id, head, size = fingerprint(path)
-            if size == 0:
-                raise EmptyFile("the file is empty (0 bytes)")
-            kind = sniff_kind(head)
+        doc_id, head, size = fingerprint(source)
+        if size == 0:
+            raise EmptyFile("the file is empty (0 bytes)")
+        kind = sniff_kind(head)
+        with local_path(source) as path, quiet_decoders():
             if kind == "pdf":
                 num_pages, repaired, rotations, oversized = triage_pdf(path, config)
             else:

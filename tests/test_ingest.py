@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from conftest import write_pdf
-from operators.ingest import (INPUT_CACHE, NEW_SUBFILE_TYPE, SUBFILE_TYPE, KnownDocument, find_inputs, page_frames,
-                              sniff_kind, triage)
+from operators.ingest import (NEW_SUBFILE_TYPE, SUBFILE_TYPE, KnownDocument, find_inputs, page_frames, sniff_kind,
+                              triage)
 from operators.rasterize import page_ranges, rasterize
 from pipeline.job import DryRun
 from operators.settings import RasterizeConfig
@@ -345,24 +345,6 @@ def test_pillows_warnings_about_damaged_metadata_stay_off_the_console(tmp_path):
         [task] = page_ranges([plan], pages_per_task=8)
         assert [work.status for work in rasterize(task, CONFIG)] == ["ok", "ok", "failed"]
     assert not [str(warning.message) for warning in caught if "/PIL/" in warning.filename]
-
-
-def test_a_document_read_from_a_uri_is_fetched_once_for_triage_and_all_its_page_ranges(tmp_path, good_pdf):
-    """Each page range had fetched its own copy of the whole file: a book of 800 pages on S3, a hundred times."""
-    source = shutil.copy(good_pdf, tmp_path / "book.pdf")
-    uri = f"file://{source}"
-    plan = triage(uri, CONFIG)
-    [copy] = [path for path in INPUT_CACHE.iterdir() if path.name.endswith(".pdf") and
-              path.stat().st_size == source.stat().st_size and path.read_bytes() == source.read_bytes()]
-    fetched = copy.stat().st_ino
-    try:
-        ranges = page_ranges([plan], pages_per_task=1)
-        assert len(ranges) == plan.num_pages > 1
-        for task in ranges:
-            assert {work.status for work in rasterize(task, CONFIG)} == {"ok"}
-            assert copy.stat().st_ino == fetched
-    finally:
-        copy.unlink()
 
 
 def test_a_file_unchanged_since_its_document_was_written_is_not_read_again(tmp_path, good_pdf):
