@@ -122,30 +122,24 @@ class _NodeProbe:
         return True
 
 
-class _RecognizerNodeProbe:
-    """An empty actor that asks for what one recognizer actor asks for: on a cluster the job fails, after
-    ``recognize.start_timeout_s``, where no node gives it that and none is added, instead of Ray Data waiting for
-    ever. One actor is enough: the pool runs with the actors that fit."""
-
-    def __init__(self, config: JobConfig):
-        recognize = self.recognize = config.recognize
-        self.deadline = time.monotonic() + recognize.start_timeout_s
-        self.actor = ray.remote(num_cpus=recognize.num_cpus, num_gpus=recognize.num_gpus,
-                                accelerator_type=recognize.accelerator_type)(_NodeProbe).remote()
-
-    def wait(self) -> None:
-        recognize = self.recognize
-        try:
-            ray.get(self.actor.ready.remote(), timeout=max(0.0, self.deadline - time.monotonic()))
-        except ray.exceptions.GetTimeoutError as exc:
-            raise ConfigError(
-                f"no node of the cluster took a recognizer actor within recognize.start_timeout_s="
-                f"{recognize.start_timeout_s:g} s: none gives what one asks for (num_gpus={recognize.num_gpus:g}, "
-                f"num_cpus={recognize.num_cpus:g}, accelerator_type={recognize.accelerator_type}) and none was added "
-                "(`ray status` and the autoscaler's log say why); ask for less (e.g. --set "
-                "recognize.accelerator_type=null), or add such nodes") from exc
-        finally:
-            ray.kill(self.actor)
+def _wait_for_a_recognizer_node(config: JobConfig) -> None:
+    """On a cluster, wait for a node to take one recognizer actor, shown by an empty actor that asks for what one
+    asks for: the job fails after ``recognize.start_timeout_s`` where none does and none is added, instead of Ray
+    Data waiting for ever. One is enough: the pool runs with the actors that fit."""
+    recognize = config.recognize
+    probe = ray.remote(num_cpus=recognize.num_cpus, num_gpus=recognize.num_gpus,
+                       accelerator_type=recognize.accelerator_type)(_NodeProbe).remote()
+    try:
+        ray.get(probe.ready.remote(), timeout=recognize.start_timeout_s)
+    except ray.exceptions.GetTimeoutError as exc:
+        raise ConfigError(
+            f"no node of the cluster took a recognizer actor within recognize.start_timeout_s="
+            f"{recognize.start_timeout_s:g} s: none gives what one asks for (num_gpus={recognize.num_gpus:g}, "
+            f"num_cpus={recognize.num_cpus:g}, accelerator_type={recognize.accelerator_type}) and none was added "
+            "(`ray status` and the autoscaler's log say why); ask for less (e.g. --set "
+            "recognize.accelerator_type=null), or add such nodes") from exc
+    finally:
+        ray.kill(probe)
 
 
 def check_paths_outlive_the_job(paths: Sequence[str | os.PathLike | None]) -> None:
@@ -356,8 +350,6 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                                on_published=progress.document_published if progress else None,
                                publish_every_s=config.output.publish_every_s)
             quiet_ray_data(verbose)
-            # on a cluster, a node for the recognizers is sought (the autoscaler may add one) while triage runs
-            probe = _RecognizerNodeProbe(config) if mode == "recognize" and not _runs_locally(config) else None
             if progress:
                 progress.triage_started(len(found.sources))
             plans = _triage_all(found.sources, config, published_sources(output),
@@ -377,8 +369,8 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                 sink.expect(_document_record(plan, selection, mode), len(selected_pages(selection, plan.num_pages)))
             ranges = page_ranges(readable, config.rasterize.pages_per_task, selection)
             if ranges:
-                if probe:
-                    probe.wait()
+                if mode == "recognize" and not _runs_locally(config):
+                    _wait_for_a_recognizer_node(config)
                 with _batches_of(_page_dataset(ranges, config, preprocessor)) as batches:
                     try:
                         for batch in batches:
