@@ -429,13 +429,12 @@ def pdf_pages(path: str, config: RasterizeConfig) -> tuple[int, bool, tuple[int,
     return pages, repaired, tuple(info["rotations"]), sizes
 
 
-@contextmanager
-def quiet_decoders() -> Iterator[None]:
-    """Pillow's warnings about damaged metadata ("Corrupt EXIF data") off: from a Ray task they reach the console
-    without a word of which file, and what damage stops a page is recorded on it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-        yield
+def quiet_decoders() -> None:
+    """Pillow's warnings about damaged metadata ("Corrupt EXIF data") off in this process: from a Ray task they
+    reach the console without a word of which file, and what damage stops a page is recorded on it. A filter for
+    the process, set again (not duplicated) by each caller: ``warnings.catch_warnings`` is not safe in threads,
+    which the dry run triages in."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 
 def allow_pixels(config: RasterizeConfig) -> None:
@@ -573,7 +572,8 @@ def triage(source: str, config: RasterizeConfig, known: KnownDocument | None = N
         if size == 0:
             raise EmptyFile("the file is empty (0 bytes)")
         kind = sniff_kind(head)
-        with local_path(source) as path, quiet_decoders():
+        quiet_decoders()
+        with local_path(source) as path:
             if kind == "pdf":
                 num_pages, repaired, rotations, oversized = triage_pdf(path, config)
             else:

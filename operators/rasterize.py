@@ -240,7 +240,8 @@ def rasterize(task: PageRange, config: RasterizeConfig) -> list[PageWork]:
     try:
         if task.stamp is not None:
             check_unchanged(task.source, task.stamp)
-        with local_path(task.source) as path, quiet_decoders():
+        quiet_decoders()
+        with local_path(task.source) as path:
             pages = _render(task, path, config)
         if task.stamp is not None:
             check_unchanged(task.source, task.stamp)

@@ -81,7 +81,8 @@ def _image_pages(path: str) -> tuple[bytes, list[int], list[int]]:
     that cannot be decoded (the job failed its page and read the others; here a blank page of its size, or of
     the page before where even its header is damaged), and what img2pdf refuses or gets wrong (16-bit samples,
     alpha, a raw JPEG 2000 codestream, the frames of an animated PNG, a camera's JPEG whose preview is cut off)."""
-    with Image.open(path) as image, quiet_decoders():
+    quiet_decoders()
+    with Image.open(path) as image:
         frames = page_frames(image)
         orientations = [1 if frame.damage else _exif_orientation(image, frame.index) for frame in frames]
         if not any(frame.damage for frame in frames) and not MIRRORED_EXIF.intersection(orientations):
