@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from operators.errors import RECOGNITION_FAILED, ConfigError, ExitCode, NoInputError
 from operators.ingest import DocumentPlan, find_inputs, triage
@@ -88,13 +88,21 @@ def _overlay_name(work: PageWork) -> str:
     return f"{Path(work.source).stem}-{work.doc_id[:8]}-p{work.page:04d}.png"
 
 
-#: What :func:`_overlay_name` gives.
+#: What :func:`_overlay_name` gives, and the PNG text chunk every overlay carries (a scan may be named alike:
+#: ``letter-20240105-p0001.png``).
 OVERLAY_NAME = re.compile(r".+-[0-9a-f]{8}-p[0-9]{4}\.png")
+OVERLAY_MARK = "trocr-pipeline-inspect"
 
 
 def _is_overlay(source: str, output: Path) -> bool:
     path = Path(source)
-    return path.parent.resolve() == output.resolve() and OVERLAY_NAME.fullmatch(path.name) is not None
+    if path.parent.resolve() != output.resolve() or OVERLAY_NAME.fullmatch(path.name) is None:
+        return False
+    try:
+        with Image.open(path) as image:
+            return OVERLAY_MARK in image.info
+    except OSError:
+        return False
 
 
 def inspect_documents(sources: list[str], output: Path, config: JobConfig, recognize: bool = False,
@@ -127,7 +135,9 @@ def _inspect_page(work: PageWork, output: Path, config: JobConfig, recognizer: L
         reason = f"{RECOGNITION_FAILED}: recognition failed: {exc}"
         return PageOutcome(work.source, work.page, [], None, reason)
     path = output / _overlay_name(work)
-    draw_overlay(work.image, work.lines, texts).save(path, compress_level=1)  # fast; overlays are throwaway
+    mark = PngImagePlugin.PngInfo()
+    mark.add_text(OVERLAY_MARK, work.source)
+    draw_overlay(work.image, work.lines, texts).save(path, compress_level=1, pnginfo=mark)  # fast; throwaway
     return PageOutcome(work.source, work.page, work.lines, path)
 
 
