@@ -166,7 +166,9 @@ def check_gpus_for_recognizers(config: JobConfig, gpus: float, mode: Mode = "rec
 
 def cluster_address(config: JobConfig) -> str | None:
     """The address ``ray.init`` joins: ``ray.address``, or RAY_ADDRESS in place of none or ``auto``."""
-    return os.environ.get("RAY_ADDRESS") or None if config.ray.address in (None, "auto") else config.ray.address
+    if config.ray.address in (None, "auto"):
+        return os.environ.get("RAY_ADDRESS") or None
+    return config.ray.address
 
 
 def check_cluster_address(address: str) -> None:
