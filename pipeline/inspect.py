@@ -68,12 +68,8 @@ def inspect_command(args: argparse.Namespace) -> int:
     if args.pages is not None and args.pages < 1:
         raise ConfigError(f"--pages must be >= 1, got {args.pages}")
     config = load_config(args.config, args.overrides)
-    # never its own overlays of an earlier run: its output folder is left out of the inputs, or where that holds an
-    # input (the input folder itself), the overlays in it
-    output = args.output.resolve()
-    holds_input = any(output == path or output in path.parents for path in map(Path.resolve, map(Path, args.inputs)))
-    found = find_inputs(args.inputs, [] if holds_input else [str(args.output)])
-    sources = [source for source in found.sources if not _is_overlay(source, args.output)]
+    # never its own overlays of an earlier run, wherever the output lies (in an input folder, or the folder itself)
+    sources = [source for source in find_inputs(args.inputs).sources if not _is_overlay(source, args.output)]
     if not sources:
         raise NoInputError(f"the inputs hold only overlays that inspect wrote to {args.output}")
     outcomes = inspect_documents(sources, args.output, config, args.recognize, args.pages)

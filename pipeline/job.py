@@ -543,8 +543,8 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     check_output_is_ours(output)
     check_cpus_left_for_pages(config, config.ray.num_cpus or len(os.sched_getaffinity(0)), mode)
     _line_preprocessor(config, mode)
+    known = published_sources(output)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        known = published_sources(output)
         plans = list(pool.map(lambda source: triage(source, config.rasterize, known.get(source)), sources))
     retired = _check_against_output(plans, output, config, mode).doc_ids
     done = {doc_id: source for doc_id, source in published_doc_ids(output).items() if doc_id not in retired}
