@@ -36,16 +36,14 @@ from operators.rasterize import PageRange, page_ranges, rasterize
 from operators.records import DocumentRecord, PageWork
 from operators.write import (
     ParquetSink,
+    PublishedDocuments,
     Retirement,
     WriteSummary,
     check_output_is_ours,
     check_output_writable,
-    failed_to_retry,
     output_folders,
     output_lock,
-    published_doc_ids,
-    published_sources,
-    published_readings,
+    published_documents,
     recover_output,
     retire_documents,
 )
@@ -346,7 +344,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             preprocessor = checked_model.result()
             check_cpus_left_for_pages(config, ray.cluster_resources().get("CPU", 0.0), mode)
             check_gpus_for_recognizers(config, ray.cluster_resources().get("GPU", 0.0), mode)
-            done = recover_output(output)
+            published = recover_output(output)
             sink = ParquetSink(output, config.output.parquet_rows_per_file, config.output.exports, config.output.pdfa,
                                listener=progress.document_done if progress else None,
                                on_published=progress.document_published if progress else None,
@@ -354,11 +352,11 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             quiet_ray_data(verbose)
             if progress:
                 progress.triage_started(len(found.sources))
-            plans = _triage_all(found.sources, config, published_sources(output),
-                                progress.file_triaged if progress else None)
-            retirement = _check_against_output(plans, output, config, mode)
+            plans = _triage_all(found.sources, config, published.known(), progress.file_triaged if progress else None)
+            retirement = _check_against_output(plans, published, output, config, mode)
             retire_documents(output, retirement)
-            done = {doc_id: source for doc_id, source in done.items() if doc_id not in retirement.doc_ids}
+            done = {doc_id: source for doc_id, source in published.sources().items()
+                    if doc_id not in retirement.doc_ids}
             fresh = mark_duplicates(plans, done)
             if config.output.exports and len(fresh) < len(plans):
                 log.warning("%d documents are already in %s and are not exported again: exports are written when a "
@@ -451,17 +449,19 @@ def _document_record(plan: DocumentPlan, selection: str | None, mode: Mode) -> D
     )
 
 
-def _check_against_output(plans: list[DocumentPlan], output: str, config: JobConfig, mode: Mode) -> Retirement:
-    """What ``--retry-failed`` takes out of the output (:func:`operators.write.failed_to_retry`), once the run is
-    known not to skip documents read otherwise (:func:`check_earlier_readings`); the run and the dry run alike."""
-    retirement = (failed_to_retry(output, {recorded_source(plan.source) for plan in plans})
+def _check_against_output(plans: list[DocumentPlan], published: PublishedDocuments, output: str, config: JobConfig,
+                          mode: Mode) -> Retirement:
+    """What ``--retry-failed`` takes out of the output (:meth:`operators.write.PublishedDocuments.failed_to_retry`),
+    once the run is known not to skip documents read otherwise (:func:`check_earlier_readings`); the run and the dry
+    run alike."""
+    retirement = (published.failed_to_retry({recorded_source(plan.source): plan.doc_id for plan in plans})
                   if config.output.retry_failed else Retirement())
-    check_earlier_readings(plans, output, config.rasterize.pages, mode, retirement.doc_ids)
+    check_earlier_readings(plans, published, output, config.rasterize.pages, mode, retirement.doc_ids)
     return retirement
 
 
-def check_earlier_readings(plans: list[DocumentPlan], output: str, selection: str | None, mode: Mode,
-                           retried: Collection[str] = ()) -> None:
+def check_earlier_readings(plans: list[DocumentPlan], published: PublishedDocuments, output: str,
+                           selection: str | None, mode: Mode, retried: Collection[str] = ()) -> None:
     """Refuse a run that would skip documents the output holds read otherwise: a run skips what is already
     written, so what the earlier run left undone would never be done.
 
@@ -472,7 +472,7 @@ def check_earlier_readings(plans: list[DocumentPlan], output: str, selection: st
       recorded are not checked.
 
     Documents ``retried`` are read again."""
-    earlier = published_readings(output)
+    earlier = published.readings()
     again = [plan for plan in plans if plan.doc_id in earlier and plan.doc_id not in retried]
     other_pages = [plan for plan in again if selected_pages(earlier[plan.doc_id][0], plan.num_pages)
                    != selected_pages(selection, plan.num_pages)]
@@ -543,10 +543,11 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     check_output_is_ours(output)
     check_cpus_left_for_pages(config, config.ray.num_cpus or len(os.sched_getaffinity(0)), mode)
     _line_preprocessor(config, mode)
-    known = published_sources(output)
+    published = published_documents(output)
+    known = published.known()
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         plans = list(pool.map(lambda source: triage(source, config.rasterize, known.get(source)), sources))
-    retired = _check_against_output(plans, output, config, mode).doc_ids
-    done = {doc_id: source for doc_id, source in published_doc_ids(output).items() if doc_id not in retired}
+    retired = _check_against_output(plans, published, output, config, mode).doc_ids
+    done = {doc_id: source for doc_id, source in published.sources().items() if doc_id not in retired}
     marked = {plan.source: plan for plan in mark_duplicates(plans, done)}  # all but the ones already done
     return DryRun([marked.get(plan.source, plan) for plan in plans], done, config.rasterize.pages)

@@ -23,11 +23,10 @@ from operators.write import (
     ParquetSink,
     check_output_is_ours,
     check_output_writable,
-    failed_to_retry,
     output_lock,
     page_row,
     page_text,
-    published_doc_ids,
+    published_documents,
     recover_output,
     retire_documents,
 )
@@ -107,7 +106,7 @@ def test_recover_removes_orphan_pages_and_reports_done_documents(tmp_path):
     orphan = tmp_path / PAGES_DIR / "part-00000000dead-00000.parquet"
     orphan.write_bytes((tmp_path / PAGES_DIR).glob("*.parquet").__next__().read_bytes())
     (tmp_path / "_staging" / "pages-part-00000000dead-00001.parquet").write_bytes(b"PAR1 garbage")
-    assert recover_output(str(tmp_path)) == {"a": "a.pdf"}
+    assert recover_output(str(tmp_path)).sources() == {"a": "a.pdf"}
     assert not orphan.exists()
     assert list((tmp_path / "_staging").iterdir()) == []
 
@@ -120,8 +119,8 @@ def test_recover_redoes_documents_whose_pages_part_is_lost_and_names_a_damaged_p
     sink.close()
     first, second = sorted((tmp_path / PAGES_DIR).glob("*.parquet"))
     first.unlink()  # its documents part alone would stand for a document done, without its page
-    assert len(published_doc_ids(str(tmp_path))) == 1  # what a dry run reads, before a run removes it
-    done = recover_output(str(tmp_path))
+    assert len(published_documents(str(tmp_path)).sources()) == 1  # what a dry run reads, before a run removes it
+    done = recover_output(str(tmp_path)).sources()
     assert len(done) == 1 and len(list((tmp_path / DOCUMENTS_DIR).glob("*.parquet"))) == 1
     second.write_bytes(b"not parquet")
     with pytest.raises(OutputNotWritable, match=f"the output part {second} is not a Parquet file"):
@@ -183,17 +182,18 @@ def test_retrying_failed_documents_takes_out_their_rows_and_pages_and_keeps_ever
     sink.add_page(_page("g", 2).fail("render_failed", "cut off"))
     sink.expect(_document("h", 0, status="failed", error_code="render_timeout"))  # alone in the second part
     sink.close()
-    everything = {"a.pdf", "f.pdf", "d.pdf", "g.pdf", "h.pdf"}
-    assert failed_to_retry(str(tmp_path), {"f.pdf", "g.pdf"}).doc_ids == {"g"}  # d.pdf, unread, would point at nothing
-    assert failed_to_retry(str(tmp_path), {"a.pdf"}).doc_ids == set()
-    retirement = failed_to_retry(str(tmp_path), everything)
+    everything = {f"{doc_id}.pdf": doc_id for doc_id in "afdgh"}  # each source with the doc_id of its bytes
+    published = published_documents(str(tmp_path))
+    assert published.failed_to_retry({"f.pdf": "f", "g.pdf": "g"}).doc_ids == {"g"}  # d.pdf, unread, would point at nothing
+    assert published.failed_to_retry({"a.pdf": "a"}).doc_ids == set()
+    retirement = published.failed_to_retry(everything)
     assert (retirement.dependents, retirement.failed) == ({"d"}, {"f", "g", "h"})
     retire_documents(str(tmp_path), retirement)
     assert len(list((tmp_path / DOCUMENTS_DIR).iterdir())) == len(list((tmp_path / PAGES_DIR).iterdir())) == 1
-    assert recover_output(str(tmp_path)) == {"a": "a.pdf"}
+    assert recover_output(str(tmp_path)).sources() == {"a": "a.pdf"}
     assert [(row["doc_id"], row["page"]) for row in _read(tmp_path, PAGES_DIR).to_pylist()] == [("a", 1)]
     assert _read(tmp_path, DOCUMENTS_DIR).schema.equals(DOCUMENTS_SCHEMA)
-    assert failed_to_retry(str(tmp_path), everything).doc_ids == set()
+    assert published_documents(str(tmp_path)).failed_to_retry(everything).doc_ids == set()
 
 
 def test_a_failed_copy_rests_on_its_original_and_old_parts_without_the_newer_columns_are_read(tmp_path):
@@ -207,8 +207,9 @@ def test_a_failed_copy_rests_on_its_original_and_old_parts_without_the_newer_col
     sink.close()
     [part] = (tmp_path / DOCUMENTS_DIR).iterdir()
     pq.write_table(pq.read_table(part).drop_columns(["duplicate_of", "pages_selected"]), part)
-    assert failed_to_retry(str(tmp_path), {"x.pdf"}).doc_ids == set()
-    retirement = failed_to_retry(str(tmp_path), {"x.pdf", "y.pdf"})
+    published = published_documents(str(tmp_path))
+    assert published.failed_to_retry({"x.pdf": "x"}).doc_ids == set()  # y.pdf, not read, found by its error
+    retirement = published.failed_to_retry({"x.pdf": "x", "y.pdf": "x"})  # y.pdf read: found by its bytes' doc_id
     assert (retirement.dependents, retirement.failed) == ({copy_id}, {"x"})
 
 
@@ -229,8 +230,8 @@ def test_a_retirement_cut_short_is_finished_at_the_next_start_and_counts_as_done
     [pages_part] = (tmp_path / PAGES_DIR).iterdir()
     pages = pq.read_table(pages_part)
     pq.write_table(pages.filter(pc.equal(pages.column("doc_id"), "a")), pages_part)
-    assert published_doc_ids(str(tmp_path)) == {"a": "a.pdf"}  # the dry run's view: g is being taken out
-    assert recover_output(str(tmp_path)) == {"a": "a.pdf"}
+    assert published_documents(str(tmp_path)).sources() == {"a": "a.pdf"}  # the dry run's view: g is being taken out
+    assert recover_output(str(tmp_path)).sources() == {"a": "a.pdf"}
     assert not (tmp_path / RETIRING).exists()
     assert [row["doc_id"] for row in _read(tmp_path, DOCUMENTS_DIR).to_pylist()] == ["a"]
     assert [path.name for path in (tmp_path / EXPORTS_DIR).iterdir()] == ["a-a.txt"]
@@ -246,7 +247,7 @@ def test_an_output_holding_files_of_others_is_refused_and_their_files_stay(tmp_p
     (tmp_path / STAGING_DIR / "batch1").mkdir()
     (tmp_path / STAGING_DIR / "batch1" / "scan-0001.tif").write_bytes(b"keep")
     (tmp_path / STAGING_DIR / "pages-part-0123456789ab-00000.parquet").write_bytes(b"a killed run's")
-    assert recover_output(str(tmp_path)) == {"a": "a.pdf"}
+    assert recover_output(str(tmp_path)).sources() == {"a": "a.pdf"}
     assert [path.name for path in (tmp_path / STAGING_DIR).iterdir()] == ["batch1"]
     pq.write_table(pa.table({"x": [1]}), tmp_path / PAGES_DIR / "page_scores_2023.parquet")
     for check in (recover_output, check_output_is_ours):
@@ -279,7 +280,7 @@ def test_a_flush_cut_short_and_flushed_again_publishes_nothing_twice(tmp_path):
     (tmp_path / DOCUMENTS_DIR).mkdir()
     sink.flush()
     assert list((tmp_path / DOCUMENTS_DIR).iterdir()) == [] and len(list((tmp_path / PAGES_DIR).iterdir())) == 1
-    assert recover_output(str(tmp_path)) == {}  # "a" is read again by the next run, once
+    assert recover_output(str(tmp_path)).sources() == {}  # "a" is read again by the next run, once
     assert list((tmp_path / PAGES_DIR).iterdir()) == []
 
 
@@ -288,7 +289,7 @@ def test_finished_documents_are_published_at_least_every_publish_every_s(tmp_pat
     for doc_id in ("a", "b"):
         sink.expect(_document(doc_id, 1))
         sink.add_page(_page(doc_id, 1))
-        assert doc_id in published_doc_ids(str(tmp_path))  # not held back for 100 rows
+        assert doc_id in published_documents(str(tmp_path)).sources()  # not held back for 100 rows
 
 
 def test_published_documents_are_announced_only_once_their_rows_are_written(tmp_path):
