@@ -4,6 +4,7 @@ log. The bundled model reads the small 150-dpi pages, so the text layer carries 
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -25,6 +26,7 @@ from PIL import Image
 from conftest import box_iou, official_schema, text_page, write_pdf
 from operators.errors import ConfigError, ExitCode
 from operators.formats.export import remove_other_exports
+from operators.formats.mets import page_images
 from operators.formats.pdf import searchable_pdf
 from operators.formats.read import page_image
 from operators.ingest import NEW_SUBFILE_TYPE, triage
@@ -383,6 +385,18 @@ def test_mets_page_images_of_pdf_pages_with_a_rotate_are_the_pages_a_viewer_show
                        RasterizeConfig(dpi=150, detect_orientation=False))
     [image] = (tmp_path / "out" / "exports").glob("turned-*.png")
     assert np.array_equal(np.asarray(Image.open(image).convert("L")), work.image)
+
+
+def test_a_page_over_the_default_pixel_limit_read_under_a_higher_one_gets_its_mets_image(tmp_path):
+    """A 251-Mpx page read with ``rasterize.max_page_pixels`` raised: its METS image was missing (rendered again
+    under the default limit), while its ALTO and PAGE named it."""
+    Image.new("1", (16200, 15500), 1).save(tmp_path / "map.tif", compression="group4", dpi=(300, 300))
+    row = {"doc_id": "id", "page": 1, "status": "ok", "lines": [], "dpi": 300, "rotation": 0, "width": 16200,
+           "height": 15500}
+    assert 16200 * 15500 > RasterizeConfig().max_page_pixels
+    [(number, png)] = page_images([row], str(tmp_path / "map.tif"))
+    with Image.open(io.BytesIO(png)) as image:
+        assert (number, image.size) == (1, (16200, 15500))
 
 
 def test_page_words_and_baselines_lie_within_their_lines_as_ocrd_validates_them(run):
