@@ -464,6 +464,15 @@ class Frame:
     damage: str | None = None
 
 
+@contextmanager
+def open_image(path: str) -> Iterator[Image.Image]:
+    """An image opened from a file object, not its path: Pillow memory-maps an uncompressed single-strip frame
+    opened by path with the size it reports, which for a TIFF whose orientation turns it a quarter (5-8) is the
+    upright one, so the page came out garbled (Pillow 13)."""
+    with open(path, "rb") as handle, Image.open(handle) as image:
+        yield image
+
+
 def page_frames(image: Image.Image, pages: int | None = None) -> list[Frame]:
     """The frames of an open image that are its pages, the first ``pages`` of them (all when None).
 
@@ -503,7 +512,7 @@ def triage_image(path: str, config: RasterizeConfig) -> tuple[int, tuple[tuple[i
     """Pages of an image (:func:`page_frames`), and those too large to render (:func:`_oversized`)."""
     allow_pixels(config)
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             frames = page_frames(image)
     except Image.DecompressionBombError as exc:
         raise PageTooLarge(f"decompression bomb: {exc}") from exc

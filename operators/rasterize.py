@@ -18,8 +18,8 @@ from pdf2image.exceptions import PDFPageCountError, PDFPopplerTimeoutError, PDFS
 from PIL import Image, ImageOps
 
 from operators.orientation import detect_orientation, turn
-from operators.ingest import (DocumentKind, DocumentPlan, allow_pixels, check_unchanged, local_path, page_frames,
-                              quiet_decoders, repaired_pdf)
+from operators.ingest import (DocumentKind, DocumentPlan, allow_pixels, check_unchanged, local_path, open_image,
+                              page_frames, quiet_decoders, repaired_pdf)
 from operators.pages import selected_pages
 from operators.settings import RasterizeConfig
 from operators.errors import (DocumentError, PAGE_COUNT_MISMATCH, PageTooLarge, RenderFailed, RenderTimeout,
@@ -188,7 +188,7 @@ def _render_image(task: PageRange, path: str, config: RasterizeConfig) -> list[P
     """Each frame on its own: a damaged frame fails its page, the frames that decode are kept."""
     pages = []
     allow_pixels(config)
-    with Image.open(path) as image:
+    with open_image(path) as image:
         frames = page_frames(image, task.last)
         for number in range(task.first, task.last + 1):
             work = _new_page(task, number, config.dpi)

@@ -21,7 +21,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pytest
 from lxml import etree
-from PIL import Image
+from PIL import Image, TiffImagePlugin
 
 from conftest import box_iou, official_schema, text_page, write_pdf
 from operators.errors import ConfigError, ExitCode
@@ -291,29 +291,40 @@ def _assert_text_layer_on_the_pixels(work, source: str, folder: Path) -> None:
     assert word.text == "Placed" and box_iou(found, box) >= 0.8, found
 
 
-def test_photos_with_an_exif_orientation_show_upright_under_their_text_layer(ray_local, tmp_path):
+def test_pages_stored_turned_show_upright_under_their_text_layer(ray_local, tmp_path):
     """Camera JPEGs stored sideways (EXIF 6) or sideways and mirrored (EXIF 5, which a PDF page cannot
-    express as /Rotate): the searchable PDF shows each page as the job read it, and its words."""
+    express as /Rotate), and scanner TIFFs stored sideways with the TIFF orientation tag: the searchable PDF
+    shows each page as the job read it, and its words. Pillow turns a TIFF as it decodes it: an uncompressed one
+    had been read garbled, and img2pdf had turned both TIFFs a second time (a Group 4 one broken too)."""
     upright = text_page([f"Line {number} of a page photographed with a phone." for number in range(8)])
+    binary = upright.point(lambda value: 255 * (value > 127)).convert("1")
     inputs = tmp_path / "photos"
     inputs.mkdir()
+    expected = {}
     for orientation, turn in ((6, Image.Transpose.ROTATE_90), (5, Image.Transpose.TRANSPOSE)):
         exif = Image.Exif()
         exif[0x0112] = orientation
         upright.transpose(turn).save(inputs / f"photo{orientation}.jpg", dpi=(150, 150), quality=95,
                                      exif=exif.tobytes())
+        expected[f"photo{orientation}"] = upright
+    tiff_tag = TiffImagePlugin.ImageFileDirectory_v2()
+    tiff_tag[0x0112] = 6
+    for name, page, compression in (("scan-raw", upright, "raw"), ("scan-g4", binary, "group4")):
+        page.transpose(Image.Transpose.ROTATE_90).save(inputs / f"{name}.tif", dpi=(150, 150), tiffinfo=tiff_tag,
+                                                        compression=compression)
+        expected[name] = page
     config = load_config(None, [DPI, "rasterize.detect_orientation=false", "output.exports=[pdf]"])
     run_job([str(inputs)], str(tmp_path / "out"), config)
-    for orientation in (6, 5):
-        [pdf_path] = (tmp_path / "out" / "exports").glob(f"photo{orientation}-*.pdf")
-        shown_png = tmp_path / f"shown{orientation}"
+    for name, page in expected.items():
+        [pdf_path] = (tmp_path / "out" / "exports").glob(f"{name}-*.pdf")
+        shown_png = tmp_path / f"shown-{name}"
         subprocess.run(["pdftoppm", "-r", "150", "-gray", "-png", "-singlefile", str(pdf_path), str(shown_png)],
                        check=True)
         shown = np.asarray(Image.open(f"{shown_png}.png").convert("L"), dtype=np.float32)
-        assert shown.shape == np.asarray(upright).shape, orientation
-        assert np.abs(shown - np.asarray(upright, dtype=np.float32)).mean() < 3, orientation
+        assert shown.shape == np.asarray(upright).shape, name
+        assert np.abs(shown - np.asarray(page.convert("L"), dtype=np.float32)).mean() < 3, name
         [words] = _pdf_words(pdf_path)
-        assert "phone." in [text for text, _ in words], orientation
+        assert "phone." in [text for text, _ in words], name
 
 
 def test_pdf_inputs_keep_their_image_streams_and_the_output_is_pdfa(run, inputs):

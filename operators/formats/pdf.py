@@ -25,7 +25,7 @@ from ocrmypdf.models.ocr_element import Baseline, BoundingBox, OcrClass, OcrElem
 from PIL import Image, ImageOps
 
 from operators.formats.geometry import straight_baseline
-from operators.ingest import local_path, page_frames, quiet_decoders, sniff_kind
+from operators.ingest import local_path, open_image, page_frames, quiet_decoders, sniff_kind
 from operators.rasterize import EXIF_ORIENTATION_TAG, EXIF_ROTATION, MIRRORED_EXIF, to_gray8, upright_resolution
 
 PDFA_FLAVOUR = "2b"
@@ -80,12 +80,15 @@ def _image_pages(path: str) -> tuple[bytes, list[int], list[int]]:
     pixels are then turned by the EXIF turn: a mirrored EXIF orientation (no page's /Rotate can mirror), a frame
     that cannot be decoded (the job failed its page and read the others; here a blank page of its size, or of
     the page before where even its header is damaged), and what img2pdf refuses or gets wrong (16-bit samples,
-    alpha, a raw JPEG 2000 codestream, the frames of an animated PNG, a camera's JPEG whose preview is cut off)."""
+    alpha, a raw JPEG 2000 codestream, the frames of an animated PNG, a camera's JPEG whose preview is cut off, a
+    TIFF turned by its orientation tag, which Pillow turns as it decodes it and img2pdf turns again)."""
     quiet_decoders()
-    with Image.open(path) as image:
+    with open_image(path) as image:
         frames = page_frames(image)
         orientations = [1 if frame.damage else _exif_orientation(image, frame.index) for frame in frames]
-        if not any(frame.damage for frame in frames) and not MIRRORED_EXIF.intersection(orientations):
+        turned_tiff = image.format == "TIFF" and set(orientations) != {1}
+        if not any(frame.damage for frame in frames) and not MIRRORED_EXIF.intersection(orientations) \
+                and not turned_tiff:
             try:
                 pdf = img2pdf.convert(path, rotation=img2pdf.Rotation.ifvalid)
                 if _page_count(pdf) == image.n_frames:
@@ -99,7 +102,8 @@ def _image_pages(path: str) -> tuple[bytes, list[int], list[int]]:
                 if frame.damage:
                     raise ValueError(frame.damage)
                 image.seek(frame.index)
-                size = upright_resolution(image.size, orientation)  # sizes swap as resolutions do
+                # sizes swap as resolutions do, but Pillow gives a TIFF's size upright already
+                size = image.size if image.format == "TIFF" else upright_resolution(image.size, orientation)
                 if "dpi" in image.info:  # turned a quarter, x and y resolutions swap; without any, img2pdf's default
                     resolution = {"dpi": upright_resolution(image.info["dpi"], orientation)}
                 upright = _embeddable(ImageOps.exif_transpose(image))
