@@ -96,16 +96,17 @@ def to_gray8(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("L"), dtype=np.uint8)
 
 
-def _image_dpi(image: Image.Image, fallback: int) -> tuple[int, int]:
-    """The frame's horizontal and vertical resolution, or the configured dpi for both where the finer one is
-    not plausible (the coarser may be half of it: a fax's 98 lines per inch) or not a number (a TIFF's 0/0)."""
+def file_resolution(image: Image.Image) -> tuple[int, int] | None:
+    """The frame's horizontal and vertical resolution as its file gives it, or None where the finer one is not
+    plausible (the coarser may be half of it: a fax's 98 lines per inch) or not a number (a TIFF's 0/0): the
+    configured dpi is taken for both then."""
     dpi = image.info.get("dpi")
     if not dpi or not all(math.isfinite(float(value)) for value in dpi[:2]):
-        return fallback, fallback
+        return None
     x, y = round(float(dpi[0])), round(float(dpi[1]))
     if _PLAUSIBLE_DPI[0] <= max(x, y) <= _PLAUSIBLE_DPI[1] and 2.5 * min(x, y) >= max(x, y):
         return x, y
-    return fallback, fallback
+    return None
 
 
 def _square_pixels(gray: np.ndarray, dpi_x: int, dpi_y: int) -> np.ndarray:
@@ -175,7 +176,7 @@ def _render_frame(image: Image.Image, work: PageWork, config: RasterizeConfig) -
     """Decode the current frame into ``work``, upright as its EXIF orientation says, in square pixels."""
     orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
     work.rotation = EXIF_ROTATION.get(orientation, 0)
-    dpi_x, dpi_y = upright_resolution(_image_dpi(image, config.dpi), orientation)
+    dpi_x, dpi_y = upright_resolution(file_resolution(image) or (config.dpi, config.dpi), orientation)
     work.dpi = max(dpi_x, dpi_y)
     if image.width * image.height * work.dpi ** 2 / (dpi_x * dpi_y) > config.max_page_pixels:
         raise PageTooLarge(f"page {work.page} has {image.width}x{image.height} px at {dpi_x}x{dpi_y} dpi, "

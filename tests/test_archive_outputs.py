@@ -57,11 +57,11 @@ def inputs(tmp_path_factory, page_images) -> Path:
 
 @pytest.fixture(scope="module")
 def run(inputs, tmp_path_factory):
-    """One plain non-interactive run of the command line with every export."""
+    """One plain non-interactive run of the command line with every export but text."""
     output = tmp_path_factory.mktemp("archive-out")
     log = output.parent / f"{output.name}.jsonl"
     result = subprocess.run(CLI + ["run", str(inputs), "--output", str(output), "--set", DPI,
-                                   "--export", "pdf,mets,page", "--pdfa", "--log-json", str(log)],
+                                   "--export", "pdf,mets,page,hocr", "--pdfa", "--log-json", str(log)],
                             capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     pages = ds.dataset(f"{output}/pages", format="parquet").to_table().to_pylist()
     return result, output, log, pages
@@ -295,7 +295,8 @@ def test_pages_stored_turned_show_upright_under_their_text_layer(ray_local, tmp_
     """Camera JPEGs stored sideways (EXIF 6) or sideways and mirrored (EXIF 5, which a PDF page cannot
     express as /Rotate), and scanner TIFFs stored sideways with the TIFF orientation tag: the searchable PDF
     shows each page as the job read it, and its words. Pillow turns a TIFF as it decodes it: an uncompressed one
-    had been read garbled, and img2pdf had turned both TIFFs a second time (a Group 4 one broken too)."""
+    had been read garbled, and img2pdf had turned both TIFFs a second time (a Group 4 one broken too). A PNG
+    without a resolution had got img2pdf's 96 dpi page, not the dpi the job read it at."""
     upright = text_page([f"Line {number} of a page photographed with a phone." for number in range(8)])
     binary = upright.point(lambda value: 255 * (value > 127)).convert("1")
     inputs = tmp_path / "photos"
@@ -307,6 +308,8 @@ def test_pages_stored_turned_show_upright_under_their_text_layer(ray_local, tmp_
         upright.transpose(turn).save(inputs / f"photo{orientation}.jpg", dpi=(150, 150), quality=95,
                                      exif=exif.tobytes())
         expected[f"photo{orientation}"] = upright
+    upright.save(inputs / "nodpi.png")  # no resolution: read at the configured dpi, its PDF page sized so
+    expected["nodpi"] = upright
     tiff_tag = TiffImagePlugin.ImageFileDirectory_v2()
     tiff_tag[0x0112] = 6
     for name, page, compression in (("scan-raw", upright, "raw"), ("scan-g4", binary, "group4")):
@@ -325,6 +328,42 @@ def test_pages_stored_turned_show_upright_under_their_text_layer(ray_local, tmp_
         assert np.abs(shown - np.asarray(page.convert("L"), dtype=np.float32)).mean() < 3, name
         [words] = _pdf_words(pdf_path)
         assert "phone." in [text for text, _ in words], name
+    with pikepdf.open(next((tmp_path / "out" / "exports").glob("photo6-*.pdf"))) as pdf:
+        [image] = pdf.pages[0].images.values()  # the JPEG as it is (it had been decoded and stored again, 7x larger)
+        assert image.Filter == "/DCTDecode" and image.read_raw_bytes() == (inputs / "photo6.jpg").read_bytes()
+
+
+def test_a_pdf_keeps_its_outline_labels_metadata_and_encryption_and_text_is_not_laid_twice(ray_local, tmp_path):
+    """A born-digital cover page before a scanned one, with an outline, page labels, a title and an owner password:
+    the searchable PDF had been a new file of the pages alone, unencrypted, and the cover's text came out twice
+    (its own, and an invisible copy of the job's reading of it)."""
+    from fpdf import FPDF
+
+    cover = FPDF(unit="pt", format=(620, 877))
+    cover.add_page()
+    cover.set_font("helvetica", size=24)
+    cover.text(80, 200, "Annual report of the harbour office")
+    cover.add_page()
+    cover.image(text_page([f"Line {number} of a scanned page in the report." for number in range(8)]), x=0, y=0,
+                w=620, h=877)
+    source = tmp_path / "report.pdf"
+    cover.output(str(source))
+    with pikepdf.open(source, allow_overwriting_input=True) as pdf:
+        with pdf.open_outline() as outline:
+            outline.root.append(pikepdf.OutlineItem("Scanned pages", 1))
+        pdf.Root.PageLabels = pdf.make_indirect(pikepdf.Dictionary(Nums=[0, pikepdf.Dictionary(S=pikepdf.Name.r)]))
+        pdf.docinfo[pikepdf.Name.Title] = "Harbour office 1901"
+        pdf.save(source, encryption=pikepdf.Encryption(owner="secret", user="",
+                                                       allow=pikepdf.Permissions(extract=False)))
+    run_job([str(source)], str(tmp_path / "out"), load_config(None, [DPI, "output.exports=[pdf]"]))
+    [exported] = (tmp_path / "out" / "exports").glob("report-*.pdf")
+    with pikepdf.open(exported) as pdf:
+        assert pdf.is_encrypted and not pdf.allow.extract
+        assert [item.title for item in pdf.open_outline().root] == ["Scanned pages"]
+        assert pdf.Root.PageLabels.Nums[1].S == "/r" and pdf.docinfo.Title == "Harbour office 1901"
+    first, second = _pdf_words(exported)
+    assert [text for text, _ in first] == "Annual report of the harbour office".split()
+    assert "scanned" in [text for text, _ in second]
 
 
 def test_pdf_inputs_keep_their_image_streams_and_the_output_is_pdfa(run, inputs):
@@ -345,6 +384,7 @@ def test_mets_points_every_page_at_its_image_alto_and_page(run):
     mets_ns = {"mets": "http://www.loc.gov/METS/", "xlink": "http://www.w3.org/1999/xlink"}
     for source in {page["source"] for page in pages}:
         mets_path = _exports(output, source, ".mets.xml")
+        hocr = etree.parse(str(_exports(output, source, ".hocr")))
         mets = etree.parse(str(mets_path))
         files = {entry.get("ID"): entry.find("mets:FLocat", mets_ns).get(f"{{{mets_ns['xlink']}}}href")
                  for entry in mets.iterfind(".//mets:file", mets_ns)}
@@ -356,8 +396,11 @@ def test_mets_points_every_page_at_its_image_alto_and_page(run):
             assert [href.split(".", 1)[1] for href in hrefs] == [f"{number}.alto.xml", f"{number}.page.xml",
                                                                  f"{number}.png"]
             assert all((mets_path.parent / unquote(href)).is_file() for href in hrefs)
-            # ALTO and PAGE name that image, as OCR-D requires, and the reader of `eval --pages` finds it
+            # ALTO and PAGE name that image, as OCR-D requires, and the reader of `eval --pages` finds it; hOCR too
+            # (it had named the source: a PDF, or a photo stored sideways, not the pixels of its boxes)
             alto, page_xml, image = (mets_path.parent / unquote(href) for href in hrefs)
+            [hocr_page] = hocr.iterfind(f".//{{*}}div[@id='page_{div.get('ORDER')}']")
+            assert hocr_page.get("title").startswith(f'image "{hrefs[2]}";')
             assert etree.parse(str(page_xml)).find("{*}Page").get("imageFilename") == hrefs[2]
             assert etree.parse(str(alto)).findtext(".//{*}sourceImageInformation/{*}fileName") == hrefs[2]
             assert page_image(page_xml, hrefs[2]) == image

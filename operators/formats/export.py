@@ -18,7 +18,7 @@ from __future__ import annotations
 from functools import partial
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 from urllib.parse import quote
 
 import pyarrow.fs as pafs
@@ -69,8 +69,9 @@ def write_exports(pages: Sequence[dict], document: dict, formats: Sequence[str],
     stem = export_stem(document)
     if "mets" in formats and "alto" not in formats:
         formats = ("alto", *formats)
-    images = "mets" in formats  # ALTO and PAGE then name the METS package's page images
-    renderers = {**RENDERERS, "alto": partial(_alto_files, images=images), "page": partial(_page_files, images=images),
+    images = "mets" in formats  # ALTO, PAGE and hOCR then name the METS package's page images
+    renderers = {"txt": _text_files, "alto": partial(_alto_files, images=images),
+                 "page": partial(_page_files, images=images), "hocr": partial(_hocr_files, images=images),
                  "pdf": partial(_pdf_files, pdfa=pdfa), "mets": partial(_mets_files, formats=formats)}
     written = []
     for export_format in dict.fromkeys(formats):
@@ -203,7 +204,7 @@ def _page_file(stem: str, page: int, suffix: str) -> str:
 
 
 def _image_name(page: dict, stem: str, images: bool) -> str:
-    """The image ALTO and PAGE name: with a METS package, its image of the page (OCR-D: the image their
+    """The image ALTO, PAGE and hOCR name: with a METS package, its image of the page (OCR-D: the image their
     coordinates are pixels of, referenced in the METS, written as its href there), else the source file."""
     return quote(_page_file(stem, page["page"], "png")) if images and has_page_image(page) else page["source"]
 
@@ -349,12 +350,14 @@ def _text_equiv(parent: etree._Element, text: str, confidence: str | None) -> No
 # --- hOCR 1.2 -------------------------------------------------------------------------------
 
 
-def _hocr_files(pages: Rows, document: dict, stem: str) -> Rendered:
-    yield f"{stem}.hocr", _xml_bytes(hocr_document(pages, document), doctype=XHTML_DOCTYPE)
+def _hocr_files(pages: Rows, document: dict, stem: str, images: bool) -> Rendered:
+    names = {page["page"]: _image_name(page, stem, images) for page in pages}
+    yield f"{stem}.hocr", _xml_bytes(hocr_document(pages, document, names), doctype=XHTML_DOCTYPE)
 
 
-def hocr_document(pages: Rows, document: dict) -> etree._Element:
-    """All pages of a document as one hOCR 1.2 XHTML file: page, content area, paragraph, line, word."""
+def hocr_document(pages: Rows, document: dict, images: Mapping[int, str]) -> etree._Element:
+    """All pages of a document as one hOCR 1.2 XHTML file: page, content area, paragraph, line, word. ``images``:
+    page number -> the image each page's ``image`` property names."""
     root = etree.Element(_h("html"), nsmap={None: XHTML_NS})
     head = etree.SubElement(root, _h("head"))
     etree.SubElement(head, _h("title")).text = xml_text(document["source"])
@@ -364,17 +367,17 @@ def hocr_document(pages: Rows, document: dict) -> etree._Element:
     etree.SubElement(head, _h("meta"), name="ocr-number-of-pages", content=str(len(pages)))
     body = etree.SubElement(root, _h("body"))
     for page in pages:
-        _hocr_page(body, page)
+        _hocr_page(body, page, images[page["page"]])
     for element in body.iter():
         if len(element) == 0 and element.text is None:
             element.text = ""  # <div></div>, not <div/>, which HTML parsers read as an open tag
     return root
 
 
-def _hocr_page(body: etree._Element, page: dict) -> None:
+def _hocr_page(body: etree._Element, page: dict, image: str) -> None:
     number = page["page"]
-    source = xml_text(page["source"]).replace('"', "%22")
-    title = f'image "{source}"; bbox 0 0 {page["width"]} {page["height"]}; ppageno {number - 1}'
+    quoted = xml_text(image).replace('"', "%22")
+    title = f'image "{quoted}"; bbox 0 0 {page["width"]} {page["height"]}; ppageno {number - 1}'
     if page["dpi"]:
         title += f"; scan_res {page['dpi']} {page['dpi']}"
     element = etree.SubElement(body, _h("div"), {"class": "ocr_page", "id": f"page_{number}", "title": title})
@@ -455,7 +458,3 @@ def _mets_files(pages: Rows, document: dict, stem: str, formats: Sequence[str]) 
                                                        f"{SOFTWARE} {_software_version()}"))
 
 
-RENDERERS: dict[str, Callable[[Rows, dict, str], Rendered]] = {
-    "hocr": _hocr_files,
-    "txt": _text_files,
-}

@@ -11,10 +11,11 @@ output intent and XMP metadata and validates the bytes it wrote (veraPDF's rules
 from __future__ import annotations
 
 import io
+import logging
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import img2pdf
 import pikepdf
@@ -26,97 +27,134 @@ from PIL import Image, ImageOps
 
 from operators.formats.geometry import straight_baseline
 from operators.ingest import local_path, open_image, page_frames, quiet_decoders, sniff_kind
-from operators.rasterize import EXIF_ORIENTATION_TAG, EXIF_ROTATION, MIRRORED_EXIF, to_gray8, upright_resolution
+from operators.rasterize import (EXIF_ORIENTATION_TAG, EXIF_ROTATION, MIRRORED_EXIF, file_resolution, to_gray8,
+                                 upright_resolution)
 
 PDFA_FLAVOUR = "2b"
 
+log = logging.getLogger(__name__)
+
 
 def searchable_pdf(pages: Sequence[dict], source: str, pdfa: bool = False) -> bytes:
-    """The document's pages (the ``pages`` rows given, in page order) with their text layers."""
+    """The document's pages (the ``pages`` rows given, in page order) with their text layers. A PDF keeps what it
+    holds besides its pages (outlines, page labels, forms, metadata, and its encryption unless PDF/A is asked
+    for, which forbids it); a page that shows text already (born digital, or OCRed before) gets no second text
+    layer, as OCRmyPDF's ``--skip-text`` does, so that its text is not found twice."""
     ordered = sorted(pages, key=lambda row: row["page"])
     with local_path(source) as path, tempfile.TemporaryDirectory(prefix="trocr-pipeline-pdf-") as folder:
         text_path = Path(folder) / "text.pdf"
         Fpdf2MultiPageRenderer([(row["page"], ocr_page(row), row["dpi"]) for row in ordered],
                                MultiFontManager()).render(text_path)
-        with _scanned_pages(path, [row["page"] for row in ordered]) as (out, turned), pikepdf.open(text_path) as text:
+        with _scanned_pages(path, {row["page"]: row["dpi"] for row in ordered}) as (out, turned), \
+                pikepdf.open(text_path) as text:
+            with_text = []
             for row, page, already, text_page in zip(ordered, out.pages, turned, text.pages):
                 # EXIF or /Rotate, plus what orientation detection turned, less what the pixels already have
                 page.Rotate = (row["rotation"] - already) % 360
-                page.add_overlay(out.copy_foreign(text_page.as_form_xobject()), pikepdf.Rectangle(page.cropbox))
+                if _shows_text(page.obj):
+                    with_text.append(row["page"])
+                else:
+                    page.add_overlay(out.copy_foreign(text_page.as_form_xobject()), pikepdf.Rectangle(page.cropbox))
+            if with_text:
+                log.info("%s: %d page(s) show text already (page %d first): the searchable PDF adds no text layer "
+                         "to them", source, len(with_text), with_text[0])
             out.docinfo[pikepdf.Name.Creator] = "trocr-pipeline"
             buffer = io.BytesIO()
             if pdfa:
                 pikepdf.pdfa.save(out, buffer, PDFA_FLAVOUR)
             else:
-                out.save(buffer)
+                out.save(buffer, encryption=out.is_encrypted)
             return buffer.getvalue()
 
 
+#: Content stream operators that show text.
+_TEXT_SHOWING = "Tj TJ ' \""
+
+
+def _shows_text(content: pikepdf.Object, depth: int = 0) -> bool:
+    """Whether a page, or a form it draws (to a depth of 8: forms may draw each other in a loop), shows text."""
+    if pikepdf.parse_content_stream(content, _TEXT_SHOWING):
+        return True
+    forms = content.get("/Resources", {}).get("/XObject", {}) if depth < 8 else {}
+    return any(form.get("/Subtype") == "/Form" and _shows_text(form, depth + 1) for form in forms.values())
+
+
 @contextmanager
-def _scanned_pages(path: str, numbers: list[int]) -> Iterator[tuple[pikepdf.Pdf, list[int]]]:
-    """A new PDF holding the given 1-based pages of the original: its own pages for a PDF (qpdf
-    repairs a damaged one as it opens it), :func:`_image_pages` for an image; and per page, the degrees its
-    pixels are already turned from the file's own."""
+def _scanned_pages(path: str, dpis: Mapping[int, int]) -> Iterator[tuple[pikepdf.Pdf, list[int]]]:
+    """A PDF holding the given 1-based pages (page number -> the dpi the job read it at): a PDF input itself
+    (qpdf repairs a damaged one as it opens it) less the pages not asked for, :func:`_image_pages` for an image;
+    and per page, the degrees its pixels are already turned from the file's own."""
     with open(path, "rb") as handle:
         kind = sniff_kind(handle.read(1024))
     if kind == "pdf":
-        original, indexes, turned = path, [number - 1 for number in numbers], [0] * len(numbers)
-    else:
-        pdf, page_indexes, turns = _image_pages(path)
-        original = io.BytesIO(pdf)
-        indexes, turned = [page_indexes[number - 1] for number in numbers], [turns[number - 1] for number in numbers]
-    with pikepdf.open(original) as source, pikepdf.new() as out:
-        for index in indexes:
-            out.pages.append(source.pages[index])
-        yield out, turned
+        with pikepdf.open(path) as out:
+            for index in reversed(range(len(out.pages))):
+                if index + 1 not in dpis:
+                    del out.pages[index]
+            yield out, [0] * len(dpis)
+        return
+    pdf, page_indexes, turns = _image_pages(path, dpis)
+    with pikepdf.open(io.BytesIO(pdf)) as source, pikepdf.new() as out:
+        for number in dpis:
+            out.pages.append(source.pages[page_indexes[number - 1]])
+        yield out, [turns[number - 1] for number in dpis]
 
 
-def _image_pages(path: str) -> tuple[bytes, list[int], list[int]]:
+def _image_pages(path: str, dpis: Mapping[int, int]) -> tuple[bytes, list[int], list[int]]:
     """An image file's pages (:func:`page_frames`) in a PDF: its bytes, the PDF page of each page, and the degrees
-    each page's pixels are turned.
+    each page's pixels are turned. ``dpis``: the dpi the job read pages at (page number -> dpi), which a page
+    whose file gives no plausible resolution takes, so that the page's size agrees with the rows' boxes.
 
     img2pdf embeds the file's own streams (JPEG as is), a PDF page for each frame, previews too. Where it cannot,
     the pages alone are embedded as the job read them instead (mirror and turn undone, lossless PNG), and their
     pixels are then turned by the EXIF turn: a mirrored EXIF orientation (no page's /Rotate can mirror), a frame
     that cannot be decoded (the job failed its page and read the others; here a blank page of its size, or of
-    the page before where even its header is damaged), and what img2pdf refuses or gets wrong (16-bit samples,
-    alpha, a raw JPEG 2000 codestream, the frames of an animated PNG, a camera's JPEG whose preview is cut off, a
-    TIFF turned by its orientation tag, which Pillow turns as it decodes it and img2pdf turns again)."""
+    the page before where even its header is damaged), pages of which some give a plausible resolution and some
+    not, and what img2pdf refuses or gets wrong (16-bit samples, alpha, a raw JPEG 2000 codestream, the frames
+    of an animated PNG, a camera's JPEG whose preview is cut off, a TIFF turned by its orientation tag, which
+    Pillow turns as it decodes it and img2pdf turns again)."""
     quiet_decoders()
     with open_image(path) as image:
         frames = page_frames(image)
-        orientations = [1 if frame.damage else _exif_orientation(image, frame.index) for frame in frames]
-        turned_tiff = image.format == "TIFF" and set(orientations) != {1}
+        facts = [(1, None) if frame.damage else _orientation_and_resolution(image, frame.index) for frame in frames]
+        orientations = [orientation for orientation, _ in facts]
+        fallback = next((dpis[number] for number, (_, resolution) in enumerate(facts, 1)
+                         if resolution is None and number in dpis), None)
+        plausible = {resolution is not None for _, resolution in facts}
         if not any(frame.damage for frame in frames) and not MIRRORED_EXIF.intersection(orientations) \
-                and not turned_tiff:
+                and not (image.format == "TIFF" and set(orientations) != {1}) and plausible != {True, False}:
+            layout = img2pdf.default_layout_fun if plausible == {True} or fallback is None else \
+                img2pdf.get_fixed_dpi_layout_fun((fallback, fallback))
             try:
-                pdf = img2pdf.convert(path, rotation=img2pdf.Rotation.ifvalid)
-                if _page_count(pdf) == image.n_frames:
+                pdf = img2pdf.convert(path, rotation=img2pdf.Rotation.ifvalid, layout_fun=layout)
+                if _page_count(pdf) == getattr(image, "n_frames", 1):  # a JPEG has no n_frames
                     return pdf, [frame.index for frame in frames], [0] * len(frames)
             except Exception:  # noqa: BLE001 - whatever img2pdf cannot embed is embedded page by page, below
                 pass
         pages, size = [], (1000, 1000)
-        for frame, orientation in zip(frames, orientations):
-            buffer, resolution = io.BytesIO(), {}
+        for frame, (orientation, resolution) in zip(frames, facts):
+            buffer = io.BytesIO()
+            dpi = resolution or ((fallback, fallback) if fallback else None)
             try:
                 if frame.damage:
                     raise ValueError(frame.damage)
                 image.seek(frame.index)
                 # sizes swap as resolutions do, but Pillow gives a TIFF's size upright already
                 size = image.size if image.format == "TIFF" else upright_resolution(image.size, orientation)
-                if "dpi" in image.info:  # turned a quarter, x and y resolutions swap; without any, img2pdf's default
-                    resolution = {"dpi": upright_resolution(image.info["dpi"], orientation)}
                 upright = _embeddable(ImageOps.exif_transpose(image))
             except (OSError, ValueError, SyntaxError):
                 upright = Image.new("L", (int(size[0]), int(size[1])), 255)
-            upright.save(buffer, format="PNG", **resolution)
+            # without a resolution, img2pdf's default
+            upright.save(buffer, format="PNG", **({"dpi": upright_resolution(dpi, orientation)} if dpi else {}))
             pages.append(buffer.getvalue())
     return img2pdf.convert(pages), list(range(len(pages))), [EXIF_ROTATION.get(value, 0) for value in orientations]
 
 
-def _exif_orientation(image: Image.Image, index: int) -> int:
+def _orientation_and_resolution(image: Image.Image, index: int) -> tuple[int, tuple[int, int] | None]:
+    """A frame's EXIF orientation, and its resolution where the file gives a plausible one
+    (:func:`operators.rasterize.file_resolution`)."""
     image.seek(index)
-    return image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    return image.getexif().get(EXIF_ORIENTATION_TAG, 1), file_resolution(image)
 
 
 def _page_count(pdf: bytes) -> int:
