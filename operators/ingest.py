@@ -437,11 +437,11 @@ def quiet_decoders() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 
-def allow_pixels(config: RasterizeConfig) -> None:
+def allow_pixels(max_page_pixels: int) -> None:
     """Let Pillow open images up to twice ``max_page_pixels`` without a word (it warns over its own limit, 89 Mpx,
     and refuses twice that as a decompression bomb): the page-size check is :func:`_too_large`, the same for
     images and PDFs, and it runs before any pixel is decoded."""
-    Image.MAX_IMAGE_PIXELS = max(2 * config.max_page_pixels, DEFAULT_MAX_IMAGE_PIXELS)
+    Image.MAX_IMAGE_PIXELS = max(2 * max_page_pixels, DEFAULT_MAX_IMAGE_PIXELS)
 
 
 #: TIFF NewSubfileType (tag 254) bits of a frame that is no page: a reduced-resolution copy (a preview or
@@ -510,7 +510,7 @@ def _is_no_page(image: Image.Image) -> bool:
 
 def triage_image(path: str, config: RasterizeConfig) -> tuple[int, tuple[tuple[int, str], ...]]:
     """Pages of an image (:func:`page_frames`), and those too large to render (:func:`_oversized`)."""
-    allow_pixels(config)
+    allow_pixels(config.max_page_pixels)
     try:
         with open_image(path) as image:
             frames = page_frames(image)

@@ -188,7 +188,7 @@ def _render_frame(image: Image.Image, work: PageWork, config: RasterizeConfig) -
 def _render_image(task: PageRange, path: str, config: RasterizeConfig) -> list[PageWork]:
     """Each frame on its own: a damaged frame fails its page, the frames that decode are kept."""
     pages = []
-    allow_pixels(config)
+    allow_pixels(config.max_page_pixels)
     with open_image(path) as image:
         frames = page_frames(image, task.last)
         for number in range(task.first, task.last + 1):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from operators.errors import ConfigError, OutputNotWritable
+from operators.errors import ConfigError, OutputNotWritable, WriteFailed
 
 
 def is_uri(location: str) -> bool:
@@ -32,3 +35,15 @@ def make_local_folder(path: str | os.PathLike) -> None:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
         raise OutputNotWritable(f"the output {path} cannot be written: {exc}") from exc
+
+
+@contextmanager
+def writing(what: str) -> Iterator[None]:
+    """Turn a failed write into :class:`WriteFailed`, saying when the space ran out and where."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise WriteFailed(f"no space left on the device while writing {what}; documents published so far "
+                              "are kept: free space and run the job again to finish the rest") from exc
+        raise WriteFailed(f"cannot write {what}: {exc}") from exc

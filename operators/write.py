@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -38,11 +39,12 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from operators.errors import EXPORT_FAILED, ConfigError, OutputLocked, OutputNotWritable, WriteFailed
+from operators.errors import (EXPORT_FAILED, ConfigError, OutputLocked, OutputNotWritable, SourceChanged,
+                              WriteFailed)
 from operators.formats.export import remove_other_exports, write_exports
-from operators.ingest import KnownDocument, duplicate_id
+from operators.ingest import KnownDocument, check_unchanged, duplicate_id
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
-from operators.storage import resolve_filesystem
+from operators.storage import resolve_filesystem, writing
 from operators.words import split_words
 
 log = logging.getLogger(__name__)
@@ -103,18 +105,6 @@ def page_row(work: PageWork) -> dict:
         "error_code": work.error_code,
         "error_message": work.error_message,
     }
-
-
-@contextmanager
-def writing(what: str) -> Iterator[None]:
-    """Turn a failed write into :class:`WriteFailed`, saying when the space ran out and where."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise WriteFailed(f"no space left on the device while writing {what}; documents published so far "
-                              "are kept: free space and run the job again to finish the rest") from exc
-        raise WriteFailed(f"cannot write {what}: {exc}") from exc
 
 
 @contextmanager
@@ -407,6 +397,16 @@ def _retire(filesystem: pafs.FileSystem, root: str) -> None:
     filesystem.delete_file(f"{root}/{RETIRING}")
 
 
+def _export_failed(outcome: DocumentRecord, exc: Exception) -> DocumentRecord:
+    """The document failed for its exports, with their reason: a source changed since it was read as
+    ``source_changed``, anything else as ``export_failed``; a document failed before keeps its own code."""
+    reason = f"exports not written: {exc if isinstance(exc, SourceChanged) else f'{type(exc).__name__}: {exc}'}"
+    if outcome.status == "failed":
+        return replace(outcome, error_message=f"{outcome.error_message}; {reason}")
+    code = SourceChanged.error_code if isinstance(exc, SourceChanged) else EXPORT_FAILED
+    return replace(outcome, status="failed", error_code=code, error_message=reason)
+
+
 @dataclass
 class WriteSummary:
     documents_ok: int = 0
@@ -507,20 +507,34 @@ class ParquetSink:
             self.flush()
 
     def _export(self, outcome: DocumentRecord, rows: list[dict]) -> DocumentRecord:
-        """Write the document's export files. Running out of space stops the job (:func:`writing`); any
-        other failure (a file a PDF library cannot embed, say) fails this document alone, with its text
-        kept in the tables."""
+        """Write the document's export files. An output that cannot be written stops the job
+        (:func:`operators.storage.writing`), and so does the temporary folder running out of space while they are
+        made. A source changed since its pages were read (the searchable PDF and METS read it again) fails this
+        document as ``source_changed``, its exports removed; any other failure (a file a PDF library cannot
+        embed, say) fails it as ``export_failed``; either way its text stays in the tables."""
+        document, folder = asdict(outcome), f"{self.root}/{EXPORTS_DIR}"
+        stamp = (outcome.source_size, outcome.source_mtime_ns)
         try:
-            with writing(f"the exports of {outcome.source} in {self.root}/{EXPORTS_DIR}"):
-                write_exports(rows, asdict(outcome), self.exports, f"{self.root}/{EXPORTS_DIR}", self.filesystem,
-                              pdfa=self.pdfa)
+            try:
+                if rows and None not in stamp:
+                    check_unchanged(outcome.source, stamp)
+                write_exports(rows, document, self.exports, folder, self.filesystem, pdfa=self.pdfa)
+                if rows and None not in stamp:
+                    check_unchanged(outcome.source, stamp)
+            except SourceChanged:  # what was written may show the new file's pixels
+                with writing(f"the exports of {outcome.source} in {folder}"):
+                    remove_other_exports(document, (), folder, self.filesystem)
+                raise
         except WriteFailed:
             raise
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                return _export_failed(outcome, exc)
+            raise WriteFailed(f"no space left in the temporary folder {tempfile.gettempdir()} while making the exports "
+                              f"of {outcome.source}: free space there (or set TMPDIR to a larger folder) and run the "
+                              "job again to finish the rest") from exc
         except Exception as exc:  # noqa: BLE001 - one document's exports never end the job
-            reason = f"exports not written: {type(exc).__name__}: {exc}"
-            if outcome.status == "failed":  # its own failure stays its code
-                return replace(outcome, error_message=f"{outcome.error_message}; {reason}")
-            return replace(outcome, status="failed", error_code=EXPORT_FAILED, error_message=reason)
+            return _export_failed(outcome, exc)
         return outcome
 
     def _publish(self, table: pa.Table, folder: str, name: str) -> None:

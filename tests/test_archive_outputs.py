@@ -29,7 +29,7 @@ from operators.formats.export import remove_other_exports
 from operators.formats.mets import page_images
 from operators.formats.pdf import searchable_pdf
 from operators.formats.read import page_image
-from operators.ingest import NEW_SUBFILE_TYPE, triage
+from operators.ingest import DEFAULT_MAX_IMAGE_PIXELS, NEW_SUBFILE_TYPE, triage
 from operators.rasterize import PageRange, rasterize
 from operators.records import LineRecord
 from operators.settings import RasterizeConfig
@@ -451,6 +451,18 @@ def test_a_page_over_the_default_pixel_limit_read_under_a_higher_one_gets_its_me
     [(number, png)] = page_images([row], str(tmp_path / "map.tif"))
     with Image.open(io.BytesIO(png)) as image:
         assert (number, image.size) == (1, (16200, 15500))
+
+
+def test_a_page_pillow_takes_for_a_decompression_bomb_gets_its_searchable_pdf(tmp_path):
+    """A 182-Mpx page, under max_page_pixels, which the job read: its searchable PDF, made in the driver (where
+    Pillow's limit is its own), had failed the document as export_failed, a DecompressionBombError."""
+    Image.new("1", (13500, 13500), 1).save(tmp_path / "plan.tif", compression="group4", dpi=(300, 300))
+    row = {"doc_id": "id", "source": str(tmp_path / "plan.tif"), "page": 1, "status": "ok", "lines": [], "dpi": 300,
+           "rotation": 0, "width": 13500, "height": 13500}
+    Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS  # as in the driver: other tests here raise it
+    assert 13500 * 13500 > 2 * Image.MAX_IMAGE_PIXELS
+    with pikepdf.open(io.BytesIO(searchable_pdf([row], row["source"]))) as pdf:
+        assert [float(value) for value in pdf.pages[0].MediaBox] == [0, 0, 3240, 3240]
 
 
 def test_page_words_and_baselines_lie_within_their_lines_as_ocrd_validates_them(run):

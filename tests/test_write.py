@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from operators.errors import OutputLocked, OutputNotWritable, WriteFailed
 from operators.formats.export import write_exports
-from operators.ingest import duplicate_id
+from operators.ingest import duplicate_id, source_stamp
 from operators.write import (
     DOCUMENTS_DIR,
     EXPORTS_DIR,
@@ -316,3 +319,51 @@ def test_page_text_leaves_out_lines_without_text_and_marks_blocks_with_one_blank
              line(5, 2, "")]
     assert page_text(lines) == "first\nsecond\n\nthird"
     assert page_text([line(0, 0, ""), line(1, 1, "")]) == ""
+
+
+def _scanned_document(folder, name: str) -> tuple[DocumentRecord, PageWork]:
+    """A real one-page PNG and the records of its reading, with the size and modification time triage takes."""
+    source = folder / name
+    Image.new("L", (100, 100), 255).save(source, dpi=(100, 100))
+    stamp = source_stamp(str(source))
+    document = DocumentRecord(name, str(source), "ok", None, None, 1, source_size=stamp[0], source_mtime_ns=stamp[1])
+    page = replace(_page(name, 1), source=str(source), dpi=100)
+    return document, page
+
+
+@pytest.mark.parametrize("change", ["replaced", "deleted"])
+def test_a_source_changed_before_its_exports_fails_as_source_changed_and_the_job_goes_on(tmp_path, change):
+    """The searchable PDF and METS read the source again: a file replaced after its pages were read had got the
+    other file's pixels under the old doc_id's text, exit 0; a file deleted had stopped the whole job (exit 7),
+    blaming the output."""
+    (tmp_path / "in").mkdir()
+    sink = ParquetSink(str(tmp_path / "out"), rows_per_file=100, exports=("pdf", "mets"))
+    for name in ("a.png", "b.png"):
+        document, page = _scanned_document(tmp_path / "in", name)
+        if name == "a.png" and change == "replaced":
+            Image.new("L", (100, 30), 255).save(page.source)
+        elif name == "a.png":
+            Path(page.source).unlink()
+        sink.expect(document)
+        sink.add_page(page)
+    sink.close()
+    outcomes = {row["doc_id"]: row for row in _read(tmp_path / "out", DOCUMENTS_DIR).to_pylist()}
+    assert (outcomes["a.png"]["status"], outcomes["a.png"]["error_code"]) == ("failed", "source_changed")
+    assert outcomes["b.png"]["status"] == "ok"
+    assert {path.name.split("-")[0] for path in (tmp_path / "out" / EXPORTS_DIR).iterdir()} == {"b"}
+
+
+def test_the_temporary_folder_full_while_exports_are_made_stops_the_job_naming_it(tmp_path, small_disk):
+    """A full TMPDIR (the searchable PDF's text layer is made there) had stopped the job saying the output disk,
+    which had room, was full."""
+    (small_disk / "filler").write_bytes(b"\0" * (2 * 1024 * 1024))
+    document, page = _scanned_document(tmp_path, "a.png")
+    sink = ParquetSink(str(tmp_path / "out"), rows_per_file=100, exports=("pdf",))
+    sink.expect(document)
+    tempfile.tempdir = str(small_disk)
+    try:
+        with pytest.raises(WriteFailed, match=f"no space left in the temporary folder {small_disk} while making the "
+                                              "exports of"):
+            sink.add_page(page)
+    finally:
+        tempfile.tempdir = None

@@ -28,7 +28,7 @@ from operators.formats.geometry import box_within, line_outline, polyline_within
 from operators.settings import EXPORT_FORMATS
 from operators.text import xml_text
 from operators.formats.mets import IMAGE_GROUP, has_page_image, mets_document, page_images
-from operators.storage import resolve_filesystem
+from operators.storage import resolve_filesystem, writing
 
 SOFTWARE = "trocr-pipeline"
 
@@ -48,7 +48,8 @@ Rendered = Iterator[tuple[str, bytes]]  # (file name, content)
 
 def write_exports(pages: Sequence[dict], document: dict, formats: Sequence[str], out_dir: str,
                   filesystem: pafs.FileSystem | None = None, pdfa: bool = False) -> list[str]:
-    """Write one document in each of ``formats`` under ``out_dir`` and return the paths written.
+    """Write one document in each of ``formats`` under ``out_dir`` and return the paths written. What cannot be
+    written raises :class:`operators.errors.WriteFailed`; what cannot be made, the error it met.
 
     ``out_dir`` is a local path or URI, or a path in ``filesystem`` when one is given. A document
     without pages (it failed before rasterizing) has nothing to export and writes no file. ``mets``
@@ -64,7 +65,9 @@ def write_exports(pages: Sequence[dict], document: dict, formats: Sequence[str],
     if not pages:
         return []
     filesystem, root = (filesystem, out_dir.rstrip("/")) if filesystem is not None else resolve_filesystem(out_dir)
-    filesystem.create_dir(root, recursive=True)
+    what = f"the exports of {document['source']} in {root}"
+    with writing(what):
+        filesystem.create_dir(root, recursive=True)
     ordered = sorted(pages, key=lambda row: row["page"])
     stem = export_stem(document)
     if "mets" in formats and "alto" not in formats:
@@ -75,12 +78,13 @@ def write_exports(pages: Sequence[dict], document: dict, formats: Sequence[str],
                  "pdf": partial(_pdf_files, pdfa=pdfa), "mets": partial(_mets_files, formats=formats)}
     written = []
     for export_format in dict.fromkeys(formats):
-        for name, content in renderers[export_format](ordered, document, stem):
+        for name, content in renderers[export_format](ordered, document, stem):  # reads the source for pdf, mets
             path = f"{root}/{name}"
-            with filesystem.open_output_stream(path) as stream:
+            with writing(what), filesystem.open_output_stream(path) as stream:
                 stream.write(content)
             written.append(path)
-    remove_other_exports(document, written, root, filesystem)
+    with writing(what):
+        remove_other_exports(document, written, root, filesystem)
     return written
 
 

@@ -26,7 +26,7 @@ from ocrmypdf.models.ocr_element import Baseline, BoundingBox, OcrClass, OcrElem
 from PIL import Image, ImageOps
 
 from operators.formats.geometry import straight_baseline
-from operators.ingest import local_path, open_image, page_frames, quiet_decoders, sniff_kind
+from operators.ingest import allow_pixels, local_path, open_image, page_frames, quiet_decoders, sniff_kind
 from operators.rasterize import (EXIF_ORIENTATION_TAG, EXIF_ROTATION, MIRRORED_EXIF, file_resolution, to_gray8,
                                  upright_resolution)
 
@@ -45,8 +45,7 @@ def searchable_pdf(pages: Sequence[dict], source: str, pdfa: bool = False) -> by
         text_path = Path(folder) / "text.pdf"
         Fpdf2MultiPageRenderer([(row["page"], ocr_page(row), row["dpi"]) for row in ordered],
                                MultiFontManager()).render(text_path)
-        with _scanned_pages(path, {row["page"]: row["dpi"] for row in ordered}) as (out, turned), \
-                pikepdf.open(text_path) as text:
+        with _scanned_pages(path, ordered) as (out, turned), pikepdf.open(text_path) as text:
             with_text = []
             for row, page, already, text_page in zip(ordered, out.pages, turned, text.pages):
                 # EXIF or /Rotate, plus what orientation detection turned, less what the pixels already have
@@ -80,24 +79,27 @@ def _shows_text(content: pikepdf.Object, depth: int = 0) -> bool:
 
 
 @contextmanager
-def _scanned_pages(path: str, dpis: Mapping[int, int]) -> Iterator[tuple[pikepdf.Pdf, list[int]]]:
-    """A PDF holding the given 1-based pages (page number -> the dpi the job read it at): a PDF input itself
-    (qpdf repairs a damaged one as it opens it) less the pages not asked for, :func:`_image_pages` for an image;
-    and per page, the degrees its pixels are already turned from the file's own."""
+def _scanned_pages(path: str, rows: Sequence[dict]) -> Iterator[tuple[pikepdf.Pdf, list[int]]]:
+    """A PDF holding the pages of the ``pages`` rows given, in page order: a PDF input itself (qpdf repairs a
+    damaged one as it opens it) less the pages not asked for, :func:`_image_pages` for an image; and per page,
+    the degrees its pixels are already turned from the file's own."""
+    numbers = [row["page"] for row in rows]
     with open(path, "rb") as handle:
         kind = sniff_kind(handle.read(1024))
     if kind == "pdf":
         with pikepdf.open(path) as out:
             for index in reversed(range(len(out.pages))):
-                if index + 1 not in dpis:
+                if index + 1 not in numbers:
                     del out.pages[index]
-            yield out, [0] * len(dpis)
+            yield out, [0] * len(numbers)
         return
-    pdf, page_indexes, turns = _image_pages(path, dpis)
+    # the job read these pages, maybe under a max_page_pixels above the default: Pillow may open them
+    allow_pixels(max(row["width"] * row["height"] for row in rows))
+    pdf, page_indexes, turns = _image_pages(path, {row["page"]: row["dpi"] for row in rows})
     with pikepdf.open(io.BytesIO(pdf)) as source, pikepdf.new() as out:
-        for number in dpis:
+        for number in numbers:
             out.pages.append(source.pages[page_indexes[number - 1]])
-        yield out, [turns[number - 1] for number in dpis]
+        yield out, [turns[number - 1] for number in numbers]
 
 
 def _image_pages(path: str, dpis: Mapping[int, int]) -> tuple[bytes, list[int], list[int]]:
