@@ -119,7 +119,8 @@ def output_lock(output: str) -> Iterator[None]:
     """
     filesystem, root = resolve_filesystem(output)
     try:
-        filesystem.create_dir(f"{root}/{STAGING_DIR}", recursive=True)
+        for folder in (STAGING_DIR, PAGES_DIR, DOCUMENTS_DIR):
+            filesystem.create_dir(f"{root}/{folder}", recursive=True)
         local = isinstance(filesystem, pafs.LocalFileSystem)  # a file:// URI too
         lock = open(f"{root}/{LOCK_FILE}", "a") if local else None  # noqa: SIM115 - held for the run
     except OSError as exc:
@@ -131,13 +132,16 @@ def output_lock(output: str) -> Iterator[None]:
             except BlockingIOError as exc:
                 raise OutputLocked(f"another run is writing to {output} (it holds {root}/{LOCK_FILE}); "
                                    "this run stopped without touching the output") from exc
-        probe = f"{root}/{STAGING_DIR}/.write-test-{uuid.uuid4().hex}"
-        try:
-            with filesystem.open_output_stream(probe):
-                pass
-            filesystem.delete_file(probe)
-        except OSError as exc:
-            raise OutputNotWritable(f"the output {output} cannot be written: {exc}") from exc
+        # each folder a run writes in (one made read-only had been found after all the work)
+        exports = filesystem.get_file_info(f"{root}/{EXPORTS_DIR}").type != pafs.FileType.NotFound
+        for folder in (STAGING_DIR, PAGES_DIR, DOCUMENTS_DIR, *[EXPORTS_DIR] * exports):
+            probe = f"{root}/{folder}/.write-test-{uuid.uuid4().hex}"
+            try:
+                with filesystem.open_output_stream(probe):
+                    pass
+                filesystem.delete_file(probe)
+            except OSError as exc:
+                raise OutputNotWritable(f"the output {output} cannot be written: {exc}") from exc
         yield
 
 
@@ -459,8 +463,9 @@ class ParquetSink:
         self._ready_pages: list[dict] = []
         self._unpublished: list[tuple[DocumentRecord, list[PageWork]]] = []  # for on_published
         self._parts = 0
-        for folder in (PAGES_DIR, DOCUMENTS_DIR, STAGING_DIR):
-            self.filesystem.create_dir(f"{self.root}/{folder}", recursive=True)
+        with writing(output):
+            for folder in (PAGES_DIR, DOCUMENTS_DIR, STAGING_DIR):
+                self.filesystem.create_dir(f"{self.root}/{folder}", recursive=True)
         self._exports_found = self.filesystem.get_file_info(f"{self.root}/{EXPORTS_DIR}").type != pafs.FileType.NotFound
 
     def expect(self, record: DocumentRecord, pages: int | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -367,3 +368,20 @@ def test_the_temporary_folder_full_while_exports_are_made_stops_the_job_naming_i
             sink.add_page(page)
     finally:
         tempfile.tempdir = None
+
+
+@pytest.mark.parametrize("folder", [PAGES_DIR, EXPORTS_DIR])
+def test_a_read_only_folder_inside_the_output_is_found_before_any_work(tmp_path, folder):
+    """Only _staging/ had been tried: a read-only pages/ or exports/ (a mount, a permission) was found after all
+    the work, with exit 7. Here a real read-only tmpfs is mounted on the folder."""
+    mount = tmp_path / "out" / folder
+    mount.mkdir(parents=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {result.stderr.strip()}")
+    try:
+        with pytest.raises(OutputNotWritable, match=f"{mount}/.write-test-"), output_lock(str(tmp_path / "out")):
+            pass
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
