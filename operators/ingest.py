@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from operators.settings import RasterizeConfig
-from operators.storage import is_uri, resolve_filesystem
+from operators.storage import is_uri, recorded_source, resolve_filesystem
 from operators.errors import (
     CorruptFile,
     DocumentError,
@@ -107,12 +107,14 @@ def _left_out_as(name: str) -> str | None:
 IN_THE_OUTPUT = "in the output folder"
 
 
-def _sort_out(paths: Iterable[str], left_out: Counter, output_folders: Sequence[str]) -> list[str]:
-    """The paths that are documents, sorted; the others counted in ``left_out``: by suffix, or as
-    :data:`IN_THE_OUTPUT` when in one of the job's ``output_folders`` (an output inside an input folder: a
-    second run would read the first run's searchable PDFs and page images as new documents)."""
-    kept = []
+def _sort_out(paths: Iterable[str], left_out: Counter, output_folders: Sequence[str],
+              unlisted: Sequence[str] = ()) -> list[str]:
+    """The paths that are documents, with the folders that could not be listed (to be reported), sorted; the
+    others counted in ``left_out``: by suffix, or as :data:`IN_THE_OUTPUT` when in one of the job's
+    ``output_folders`` (an output inside an input folder: a second run would read the first run's searchable
+    PDFs and page images as new documents)."""
     inside = _inside_test(output_folders)
+    kept = [folder for folder in unlisted if not inside(folder)]
     for path in paths:
         key = IN_THE_OUTPUT if inside(path) else _left_out_as(path.rsplit("/", 1)[-1])
         if key is None:
@@ -122,12 +124,14 @@ def _sort_out(paths: Iterable[str], left_out: Counter, output_folders: Sequence[
     return sorted(kept)
 
 
-def _walk(folder: str, seen: set[tuple[int, int]]) -> list[str]:
+def _walk(folder: str, seen: set[tuple[int, int]]) -> tuple[list[str], list[str]]:
     """Every file under ``folder``, into linked folders too, each folder once across the calls that share
-    ``seen`` (a link to a folder above it would loop), a real folder before a link to it. os.walk, unlike
-    pyarrow, lists broken links and link loops: they become `unreadable` rows, not silence."""
-    paths = []
-    for root, folders, names in os.walk(folder, followlinks=True):
+    ``seen`` (a link to a folder above it would loop), a real folder before a link to it; and the folders that
+    cannot be listed (no permission). os.walk, unlike pyarrow, lists broken links and link loops: they, and
+    the folders not listed, become `unreadable` rows, not silence."""
+    paths: list[str] = []
+    unlisted: list[str] = []
+    for root, folders, names in os.walk(folder, followlinks=True, onerror=lambda exc: unlisted.append(exc.filename)):
         try:
             status = os.stat(root)
         except OSError:
@@ -138,7 +142,7 @@ def _walk(folder: str, seen: set[tuple[int, int]]) -> list[str]:
         seen.add((status.st_dev, status.st_ino))
         folders.sort(key=lambda name: os.path.islink(os.path.join(root, name)))
         paths.extend(os.path.join(root, name) for name in names)
-    return paths
+    return paths, unlisted
 
 
 def _glob(pattern: str) -> Iterator[str]:
@@ -168,7 +172,8 @@ def _glob_in(folder: str, parts: list[str], above: frozenset[tuple[int, int]]) -
         yield from _glob_in(folder, rest, above)  # before listing: a folder that may be entered, not listed
         try:
             names, status = sorted(os.listdir(folder)), os.stat(folder)
-        except OSError:
+        except OSError:  # reported as not listed (:func:`_walk`)
+            yield folder
             return
         inside = above | {(status.st_dev, status.st_ino)}
         for name in names:
@@ -187,7 +192,8 @@ def _glob_in(folder: str, parts: list[str], above: frozenset[tuple[int, int]]) -
         return
     try:
         names = sorted(os.listdir(folder))
-    except OSError:
+    except OSError:  # reported as not listed (:func:`_walk`)
+        yield folder
         return
     for name in fnmatch.filter(names, part):
         path = os.path.join(folder, name)
@@ -216,24 +222,28 @@ def _expand_one(item: str, left_out: Counter, output_folders: Sequence[str]) -> 
             real = real_folders.setdefault(parent, os.path.realpath(parent))
             shortest.setdefault((real, name), match)
         seen: set[tuple[int, int]] = set()
-        return _sort_out([path for match in sorted(shortest.values())
-                          for path in (_walk(match, seen) if os.path.isdir(match) else [match])],
-                         left_out, output_folders)
+        walked = [_walk(match, seen) if os.path.isdir(match) else ([match], []) for match in sorted(shortest.values())]
+        return _sort_out([path for paths, _ in walked for path in paths], left_out, output_folders,
+                         [folder for _, unlisted in walked for folder in unlisted])
+    if not is_uri(item):  # os, not pyarrow: a name that is not UTF-8 is found, to be reported by triage
+        path = os.path.abspath(item)
+        if os.path.isdir(path):
+            paths, unlisted = _walk(path, set())
+            return _sort_out(paths, left_out, output_folders, unlisted)
+        return [path] if os.path.lexists(path) else []  # a broken link too: reported by triage
     filesystem, path = resolve_filesystem(item)
     info = filesystem.get_file_info(path)
-    if info.type == pafs.FileType.NotFound and _GLOB_CHARS.search(path) and is_uri(item):
+    if info.type == pafs.FileType.NotFound and _GLOB_CHARS.search(path):
         root = path[: _GLOB_CHARS.search(path).start()].rsplit("/", 1)[0] or "/"
         infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
         return _sort_out([_with_scheme(item, i.path) for i in infos
                           if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)], left_out,
                          output_folders)
-    if info.type == pafs.FileType.Directory and not is_uri(item):
-        return _sort_out(_walk(path, set()), left_out, output_folders)
     if info.type == pafs.FileType.Directory:
         infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
         return _sort_out([_with_scheme(item, i.path) for i in infos if i.type == pafs.FileType.File], left_out,
                          output_folders)
-    if info.type == pafs.FileType.NotFound and not os.path.islink(path):
+    if info.type == pafs.FileType.NotFound:
         return []
     # A file named explicitly is taken whatever its suffix: triage decides what it is.
     return [_with_scheme(item, path)]
@@ -542,19 +552,17 @@ def source_id(source: str) -> str:
     return hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def recorded_source(source: str) -> str:
-    """The source as rows and exports record it: a local name that is not UTF-8 (a Linux file name may hold
-    any bytes; Python lists them as lone surrogates) with those bytes written ``\\xNN``, as Arrow strings,
-    XML and the console need UTF-8."""
-    return source.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def _check_regular_file(path: str) -> None:
     """Refuse what is not a regular file before reading it: a FIFO would block the read forever."""
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
         raise UnreadableFile(f"cannot read {path}: {exc}") from exc
+    if stat.S_ISDIR(mode):  # a folder that could not be listed (:func:`_walk`)
+        try:
+            os.listdir(path)
+        except OSError as exc:
+            raise UnreadableFile(f"cannot list the folder {path}, so the files in it are not read: {exc}") from exc
     if not stat.S_ISREG(mode):
         raise UnreadableFile(f"{path} is not a regular file (a FIFO, socket or device), so it is not read")
 

@@ -17,9 +17,18 @@ def is_uri(location: str) -> bool:
     return "://" in location
 
 
+def recorded_source(source: str) -> str:
+    """The source as rows and exports record it: a local name that is not UTF-8 (a Linux file name may hold
+    any bytes; Python lists them as lone surrogates) with those bytes written ``\\xNN``, as Arrow strings,
+    XML and the console need UTF-8."""
+    return source.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def resolve_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem of ``location`` and the path in it: a URI's own filesystem, else the local
-    one with the path made absolute."""
+    one with the path made absolute. A name that is not UTF-8 (Linux allows any bytes) pyarrow cannot take."""
+    if (recorded := recorded_source(location)) != location:
+        raise ConfigError(f"{recorded} is not a UTF-8 name, which this tool cannot write to or read from: rename it")
     if is_uri(location):
         try:
             return pafs.FileSystem.from_uri(location)

@@ -27,9 +27,8 @@ from ray.data import ActorPoolStrategy
 
 from operators.checkpoint import resolve_checkpoint
 from operators.errors import ConfigError, InternalError
-from operators.storage import is_uri
-from operators.ingest import (DocumentPlan, KnownDocument, find_inputs, mark_duplicates, recorded_source, source_id,
-                              triage)
+from operators.storage import is_uri, recorded_source
+from operators.ingest import DocumentPlan, KnownDocument, find_inputs, mark_duplicates, source_id, triage
 from operators.pages import selected_pages
 from operators.preprocess import LinePreprocessor
 from operators.rasterize import PageRange, page_ranges, rasterize

@@ -23,8 +23,10 @@ from pipeline.job import DryRun
 from operators.settings import RasterizeConfig
 from operators.write import output_folders
 from operators.errors import ConfigError, NoInputError, UnsupportedFormat
+from operators.storage import resolve_filesystem
 
 CONFIG = RasterizeConfig(dpi=150)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +219,39 @@ def test_a_file_name_that_is_not_utf8_fails_that_file_with_a_printable_name(tmp_
     plan = triage(os.fsdecode(path), CONFIG)
     assert plan.error.error_code == "unreadable" and plan.source == f"{tmp_path}/caf\\xe9.png"
     assert "is not UTF-8" in str(plan.error) and plan.source.encode("utf-8")
+    # named on the command line, as a file or in a folder so named: found (a traceback had ended the run)
+    folder = os.path.join(os.fsencode(tmp_path), b"bo\xeete")
+    os.mkdir(folder)
+    page_images[0].save(os.path.join(folder, b"page.png"))
+    assert find_inputs([os.fsdecode(path), os.fsdecode(folder)]).sources == [
+        os.fsdecode(path), os.fsdecode(os.path.join(folder, b"page.png"))]
+    with pytest.raises(ConfigError, match=f"{tmp_path}/bo\\\\xeete is not a UTF-8 name"):
+        resolve_filesystem(os.fsdecode(folder))  # an output so named: one line, exit 2
+
+
+def test_a_folder_that_cannot_be_listed_is_reported_not_skipped(tmp_path, page_images):
+    """A folder without read permission had been skipped in silence (no row, exit 0), and a glob through it or
+    an input folder so closed said it matched no document. Here the folder is listed without the permission
+    (root without its capability to override it, or any other user)."""
+    (tmp_path / "box1").mkdir()
+    (tmp_path / "box2").mkdir()
+    page_images[0].save(tmp_path / "box1" / "a.png")
+    page_images[0].save(tmp_path / "box2" / "b.png")
+    (tmp_path / "box2").chmod(0)
+    script = ("import sys; from operators.ingest import find_inputs, triage; from operators.settings import "
+              "RasterizeConfig; sources = find_inputs(sys.argv[1:]).sources; print(sources); "
+              "print([triage(s, RasterizeConfig()).error for s in sources])")
+    for inputs in ([str(tmp_path)], [f"{tmp_path}/*/*.png"], [str(tmp_path / "box2")]):
+        no_override = "-dac_override,-dac_read_search"
+        result = subprocess.run(["setpriv", f"--inh-caps={no_override}", f"--bounding-set={no_override}",
+                                 sys.executable, "-c", script, *inputs], capture_output=True, text=True, cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if result.returncode != 0 and "setpriv" in result.stderr:
+            pytest.skip(f"cannot drop capabilities here: {result.stderr.strip()}")
+        sources, errors = result.stdout.splitlines()
+        assert str(tmp_path / "box2") in sources, (inputs, result.stderr)
+        assert f"cannot list the folder {tmp_path / 'box2'}" in errors, inputs
+    (tmp_path / "box2").chmod(0o755)
 
 
 def test_a_fifo_is_refused_before_it_is_read(tmp_path):
