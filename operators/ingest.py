@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from operators.settings import RasterizeConfig
-from operators.storage import is_uri, recorded_source, resolve_filesystem
+from operators.storage import is_uri, recorded_source, resolve_filesystem, scratch_space_full
 from operators.errors import (
     CorruptFile,
     DocumentError,
@@ -601,6 +601,8 @@ def triage(source: str, config: RasterizeConfig, known: KnownDocument | None = N
     except DocumentError as error:
         return DocumentPlan(doc_id=doc_id, source=recorded, kind=kind, num_pages=0, error=error)
     except Exception as exc:  # noqa: BLE001 - one file must never end the job
+        if (full := scratch_space_full(exc, f"reading {recorded}")) is not None:
+            raise full from exc
         error = InternalError(f"triage failed unexpectedly: {type(exc).__name__}: {exc}")
         return DocumentPlan(doc_id=doc_id, source=recorded, kind=kind, num_pages=0, error=error)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -56,3 +57,13 @@ def writing(what: str) -> Iterator[None]:
             raise WriteFailed(f"no space left on the device while writing {what}; documents published so far "
                               "are kept: free space and run the job again to finish the rest") from exc
         raise WriteFailed(f"cannot write {what}: {exc}") from exc
+
+
+def scratch_space_full(exc: BaseException, doing: str) -> WriteFailed | None:
+    """The job's error for the temporary folder out of space (a repaired PDF, a searchable PDF's text layer, a
+    document from a URI are made there), which stops the job: it says nothing of the document at hand, and
+    recorded against it, it would never be read again. None for any other error."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return WriteFailed(f"no space left in the temporary folder {tempfile.gettempdir()} while {doing}: free space "
+                           "there (or set TMPDIR to a larger folder) and run the job again to finish the rest")
+    return None

@@ -20,13 +20,11 @@ words at the ink gaps measured in the layout stage, and mapped onto a row of ``P
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import logging
 import os
 import re
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -44,7 +42,7 @@ from operators.errors import (EXPORT_FAILED, ConfigError, OutputLocked, OutputNo
 from operators.formats.export import remove_other_exports, write_exports
 from operators.ingest import KnownDocument, check_unchanged, duplicate_id
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
-from operators.storage import resolve_filesystem, writing
+from operators.storage import resolve_filesystem, scratch_space_full, writing
 from operators.words import split_words
 
 log = logging.getLogger(__name__)
@@ -532,13 +530,9 @@ class ParquetSink:
                 raise
         except WriteFailed:
             raise
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                return _export_failed(outcome, exc)
-            raise WriteFailed(f"no space left in the temporary folder {tempfile.gettempdir()} while making the exports "
-                              f"of {outcome.source}: free space there (or set TMPDIR to a larger folder) and run the "
-                              "job again to finish the rest") from exc
         except Exception as exc:  # noqa: BLE001 - one document's exports never end the job
+            if (full := scratch_space_full(exc, f"making the exports of {outcome.source}")) is not None:
+                raise full from exc
             return _export_failed(outcome, exc)
         return outcome
 

@@ -26,7 +26,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from operators.checkpoint import resolve_checkpoint
-from operators.errors import ConfigError, InternalError
+from operators.errors import ConfigError, InternalError, WriteFailed
 from operators.storage import is_uri, recorded_source
 from operators.ingest import DocumentPlan, KnownDocument, find_inputs, mark_duplicates, source_id, triage
 from operators.pages import selected_pages
@@ -284,6 +284,8 @@ def _triage_all(sources: list[str], config: JobConfig, known: dict[str, KnownDoc
         try:
             plans.append(ray.get(ref))
         except ray.exceptions.RayError as exc:
+            if isinstance(getattr(exc, "cause", None), WriteFailed):  # the job's to stop, not this file's
+                raise exc.cause from None
             error = InternalError(f"triage crashed: {type(exc).__name__}: {exc}")
             plans.append(DocumentPlan(doc_id=source_id(source), source=recorded_source(source), kind=None,
                                       num_pages=0, error=error))

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -22,7 +23,7 @@ from operators.rasterize import page_ranges, rasterize
 from pipeline.job import DryRun
 from operators.settings import RasterizeConfig
 from operators.write import output_folders
-from operators.errors import ConfigError, NoInputError, UnsupportedFormat
+from operators.errors import ConfigError, NoInputError, UnsupportedFormat, WriteFailed
 from operators.storage import resolve_filesystem
 
 CONFIG = RasterizeConfig(dpi=150)
@@ -317,6 +318,20 @@ def test_broken_cross_reference_is_repaired(tmp_path, good_pdf):
     broken.write_bytes(data[: offset.start(1)] + b"9" * len(offset.group(1)) + data[offset.end(1):])
     plan = triage(str(broken), CONFIG)
     assert (plan.error, plan.repaired, plan.num_pages) == (None, True, 3)
+
+
+def test_a_full_temporary_folder_stops_the_job_instead_of_failing_the_file_for_good(tmp_path, good_pdf, small_disk):
+    """qpdf repairs a damaged PDF into the temporary folder: with it full, the PDF had been recorded as
+    internal_error, and never read again by a plain rerun."""
+    test_broken_cross_reference_is_repaired(tmp_path, good_pdf)
+    (small_disk / "filler").write_bytes(b"\0" * (2 * 1024 * 1024))
+    tempfile.tempdir = str(small_disk)
+    try:
+        with pytest.raises(WriteFailed, match=f"no space left in the temporary folder {small_disk} while reading "
+                                              f"{tmp_path / 'broken-xref.pdf'}"):
+            triage(str(tmp_path / "broken-xref.pdf"), CONFIG)
+    finally:
+        tempfile.tempdir = None
 
 
 def test_declared_page_count_is_not_trusted(tmp_path, good_pdf):
