@@ -26,6 +26,7 @@ import ray
 
 from operators.errors import ConfigError
 from operators.records import DocumentRecord, PageWork
+from operators.storage import writing
 from pipeline import stderr_filter
 
 STDERR_FILTER = stderr_filter.__file__
@@ -171,8 +172,9 @@ class JobProgress:
                      "seconds": round(sum(page.seconds for page in pages), 3),
                      "error": {"code": record.error_code, "message": record.error_message}
                      if record.error_code else None}
-            self._log.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            self._log.flush()
+            with writing(f"the --log-json file {self.log_json}"):
+                self._log.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                self._log.flush()
 
     def close(self) -> None:
         self._closing.set()
@@ -185,8 +187,11 @@ class JobProgress:
             self.stream.write("\n")
             self.stream.flush()
         if self._log is not None:
-            self._log.close()
-            self._log = None
+            log, self._log = self._log, None
+            try:
+                log.close()
+            except OSError:  # what it held could not be flushed: that write failed already, and said so
+                pass
 
     def status(self) -> str:
         """``documents 3/5 (1 failed), pages 9/12, 14.2 lines/s, 1:40 elapsed, ETA 0:12``; before that,

@@ -24,14 +24,14 @@ from lxml import etree
 from PIL import Image, TiffImagePlugin
 
 from conftest import box_iou, official_schema, text_page, write_pdf
-from operators.errors import ConfigError, ExitCode
+from operators.errors import ConfigError, ExitCode, WriteFailed
 from operators.formats.export import remove_other_exports
 from operators.formats.mets import page_images
 from operators.formats.pdf import searchable_pdf
 from operators.formats.read import page_image
 from operators.ingest import DEFAULT_MAX_IMAGE_PIXELS, NEW_SUBFILE_TYPE, triage
 from operators.rasterize import PageRange, rasterize
-from operators.records import LineRecord
+from operators.records import DocumentRecord, LineRecord
 from operators.settings import RasterizeConfig
 from operators.write import page_row
 from pipeline.cli import main
@@ -583,6 +583,17 @@ def test_a_log_json_path_that_cannot_be_written_fails_before_any_work(inputs, tm
     assert result.returncode == ExitCode.bad_args, result.stderr
     assert "cannot write the --log-json file" in result.stderr and "no-such-folder" in result.stderr
     assert not output.exists()
+
+
+def test_a_log_json_file_on_a_full_disk_stops_the_job_in_one_line(small_disk):
+    """A full disk under --log-json had given two chained tracebacks, exit 1 (closing the file flushed again)."""
+    (small_disk / "filler").write_bytes(b"\0" * (2 * 1024 * 1024 - 4096))
+    progress = JobProgress(stream=io.StringIO(), log_json=small_disk / "log.jsonl")
+    record = DocumentRecord("id", "a.pdf", "failed", "corrupt_file", "x" * 8192, 0)
+    with pytest.raises(WriteFailed, match=f"no space left on the device while writing the --log-json file "
+                                          f"{small_disk / 'log.jsonl'}"):
+        progress.document_published(record, [])
+    progress.close()
 
 
 def test_progress_line_redraws_in_place_on_a_terminal_and_logs_lines_otherwise(tmp_path):
