@@ -19,11 +19,12 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from operators.errors import RECOGNITION_FAILED, ConfigError, ExitCode, NoInputError
+from operators.formats.export import export_stem
 from operators.ingest import DocumentPlan, find_inputs, triage
 from operators.rasterize import page_ranges, rasterize
 from operators.recognize import LineRecognizer
 from operators.records import LineRecord, PageWork
-from operators.storage import make_local_folder
+from operators.storage import make_local_folder, writing
 from pipeline.config import JobConfig, load_config
 from pipeline.stages import cut_crops, detect_page
 
@@ -81,12 +82,13 @@ def inspect_command(args: argparse.Namespace) -> int:
 
 
 def _overlay_name(work: PageWork) -> str:
-    return f"{Path(work.source).stem}-{work.doc_id[:8]}-p{work.page:04d}.png"
+    """Named as the exports are (:func:`operators.formats.export.export_stem`: a long source name is cut)."""
+    return f"{export_stem({'source': work.source, 'doc_id': work.doc_id})}-p{work.page:04d}.png"
 
 
 #: What :func:`_overlay_name` gives, and the PNG text chunk every overlay carries (a scan may be named alike:
-#: ``letter-20240105-p0001.png``).
-OVERLAY_NAME = re.compile(r".+-[0-9a-f]{8}-p[0-9]{4}\.png")
+#: ``letter-2024010500000001-p0001.png``).
+OVERLAY_NAME = re.compile(r".+-[0-9a-f]{16}-p[0-9]{4}\.png")
 OVERLAY_MARK = "trocr-pipeline-inspect"
 
 
@@ -133,7 +135,8 @@ def _inspect_page(work: PageWork, output: Path, config: JobConfig, recognizer: L
     path = output / _overlay_name(work)
     mark = PngImagePlugin.PngInfo()
     mark.add_text(OVERLAY_MARK, work.source)
-    draw_overlay(work.image, work.lines, texts).save(path, compress_level=1, pnginfo=mark)  # fast; throwaway
+    with writing(str(path)):
+        draw_overlay(work.image, work.lines, texts).save(path, compress_level=1, pnginfo=mark)  # fast; throwaway
     return PageOutcome(work.source, work.page, work.lines, path)
 
 

@@ -69,11 +69,25 @@ def test_overlays_in_an_input_folder_are_not_inspected_again(documents, tmp_path
     same = tmp_path / "same"
     same.mkdir()
     (same / documents[0].name).symlink_to(documents[0])
-    Image.new("L", (400, 300), 255).save(same / "letter-20240105-p0001.png")  # a scan named like an overlay
+    Image.new("L", (400, 300), 255).save(same / "letter-2024010500000001-p0001.png")  # a scan named like an overlay
     for inputs, output in ((folder, folder / "overlays"), (folder, folder / "overlays"), (same, same), (same, same)):
         main(["inspect", str(inputs), "--output", str(output), "--set", DPI_OVERRIDE, "--pages", "1"])
         written = 1 + (inputs == same)  # the scan named like an overlay is read too
         assert capsys.readouterr().out.splitlines()[-1] == f"{written} overlays written to {output}, 0 failed"
+
+
+def test_a_long_source_name_gets_its_overlay_and_a_full_disk_stops_in_one_line(documents, tmp_path, small_disk,
+                                                                               capsys):
+    """A 251-byte source name (255 work) had given "File name too long", a traceback, and the files after it
+    were not inspected; a full output disk a raw ENOSPC traceback."""
+    long_name = tmp_path / ("x" * 247 + ".pdf")
+    long_name.symlink_to(documents[0])
+    command = ["inspect", str(long_name), "--set", DPI_OVERRIDE, "--pages", "1", "--output"]
+    assert main([*command, str(tmp_path / "overlays")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"1 overlays written to {tmp_path / 'overlays'}, 0 failed"
+    (small_disk / "filler").write_bytes(b"\0" * (2 * 1024 * 1024 - 8192))
+    assert main([*command, str(small_disk / "overlays")]) == ExitCode.write_failed
+    assert f"no space left on the device while writing {small_disk / 'overlays'}/x" in capsys.readouterr().err
 
 
 def test_pages_option_limits_each_document(documents, tmp_path):
