@@ -112,6 +112,7 @@ def _synth_command(args: argparse.Namespace) -> int:
 
 
 def _show_command(args: argparse.Namespace) -> int:
+    from operators.text import printable_text
     from operators.write import read_published
 
     documents, pages = read_published(args.output, ["source", "page", "status", "error_code", "error_message",
@@ -121,13 +122,15 @@ def _show_command(args: argparse.Namespace) -> int:
     for document in sorted(documents, key=lambda row: row["source"]):
         reason = (f" ({document['error_code']}: {document['error_message']})" if document["status"] == "failed"
                   else " (same bytes as another document)" if document["status"] == "duplicate" else "")
-        print(f"{document['status']:9} {document['num_pages']:4} pages  {document['source']}{reason}")
+        # a name may hold a newline (Linux allows it): one line per document all the same
+        print(printable_text(f"{document['status']:9} {document['num_pages']:4} pages  {document['source']}{reason}"))
     for page in sorted(pages, key=lambda row: (row["source"], row["page"]))[: args.pages]:
         confidences = [line["confidence"] for line in page["lines"] if line["confidence"] is not None]
         mean = f"mean confidence {sum(confidences) / len(confidences):.2f}" if confidences else "not recognized"
         if page["status"] == "failed":
             mean += f", failed ({page['error_code']}: {page['error_message']})"
-        print(f"\n--- {Path(page['source']).name} page {page['page']}: {len(page['lines'])} lines, {mean}")
+        print(f"\n--- {printable_text(Path(page['source']).name)} page {page['page']}: {len(page['lines'])} lines, "
+              f"{printable_text(mean)}")
         print("\n".join(page["text"].splitlines()[: args.lines]))
     return ExitCode.ok
 

@@ -33,7 +33,7 @@ from operators.ingest import DEFAULT_MAX_IMAGE_PIXELS, NEW_SUBFILE_TYPE, triage
 from operators.rasterize import PageRange, rasterize
 from operators.records import DocumentRecord, LineRecord
 from operators.settings import RasterizeConfig
-from operators.write import page_row
+from operators.write import ParquetSink, page_row
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.job import dry_run, run_job
@@ -535,6 +535,16 @@ def test_show_prints_what_is_published_and_refuses_a_folder_without_output(run, 
         (tmp_path / "empty" / folder).mkdir(parents=True)
     assert main(["show", str(tmp_path / "empty")]) == 0
     assert capsys.readouterr().out == f"{tmp_path / 'empty'} holds no document yet\n"
+
+
+def test_show_prints_one_line_per_document_whatever_its_name_holds(tmp_path, capsys):
+    """A source named with a newline (Linux allows it) had split its document's line in two."""
+    sink = ParquetSink(str(tmp_path), rows_per_file=100)
+    sink.expect(DocumentRecord("id", "box 1\nletter.pdf", "failed", "corrupt_file", "cannot read box 1\nletter.pdf", 0))
+    sink.close()
+    assert main(["show", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "failed       0 pages  box 1 letter.pdf (corrupt_file: cannot read box 1 letter.pdf)"]
 
 
 def test_pages_selects_the_same_pages_of_every_input(ray_local, inputs, tmp_path):
