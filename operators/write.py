@@ -117,8 +117,7 @@ def output_lock(output: str) -> Iterator[None]:
     """
     filesystem, root = resolve_filesystem(output)
     try:
-        for folder in (STAGING_DIR, PAGES_DIR, DOCUMENTS_DIR):
-            filesystem.create_dir(f"{root}/{folder}", recursive=True)
+        filesystem.create_dir(f"{root}/{STAGING_DIR}", recursive=True)
         local = isinstance(filesystem, pafs.LocalFileSystem)  # a file:// URI too
         lock = open(f"{root}/{LOCK_FILE}", "a") if local else None  # noqa: SIM115 - held for the run
     except OSError as exc:
@@ -130,9 +129,10 @@ def output_lock(output: str) -> Iterator[None]:
             except BlockingIOError as exc:
                 raise OutputLocked(f"another run is writing to {output} (it holds {root}/{LOCK_FILE}); "
                                    "this run stopped without touching the output") from exc
-        # each folder a run writes in (one made read-only had been found after all the work)
-        exports = filesystem.get_file_info(f"{root}/{EXPORTS_DIR}").type != pafs.FileType.NotFound
-        for folder in (STAGING_DIR, PAGES_DIR, DOCUMENTS_DIR, *[EXPORTS_DIR] * exports):
+        # each folder a run writes in that is there already (one made read-only had been found after all the work)
+        folders = [STAGING_DIR, *(folder for folder in (PAGES_DIR, DOCUMENTS_DIR, EXPORTS_DIR)
+                                  if filesystem.get_file_info(f"{root}/{folder}").type != pafs.FileType.NotFound)]
+        for folder in folders:
             probe = f"{root}/{folder}/.write-test-{uuid.uuid4().hex}"
             try:
                 with filesystem.open_output_stream(probe):
