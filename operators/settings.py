@@ -162,3 +162,9 @@ class OutputConfig(Frozen):
     pdfa: bool = Field(default=False, description="searchable PDFs as PDF/A-2b")
     retry_failed: bool = Field(default=False, description="read again the documents the output holds as failed, "
                                                           "when this run's inputs hold their sources")
+
+    @model_validator(mode="after")
+    def _check_pdfa(self) -> "OutputConfig":
+        if self.pdfa and "pdf" not in self.exports:
+            raise ValueError("pdfa makes the searchable PDF a PDF/A: export pdf as well (--export pdf)")
+        return self

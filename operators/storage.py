@@ -32,15 +32,24 @@ def resolve_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
         raise ConfigError(f"{recorded} is not a UTF-8 name, which this tool cannot write to or read from: rename it")
     if is_uri(location):
         try:
-            return pafs.FileSystem.from_uri(location)
+            filesystem, path = pafs.FileSystem.from_uri(location)
         except pa.ArrowInvalid as exc:
             raise ConfigError(f"{location!r} is not a valid URI ({exc}); in a URI, write a space as %20, "
                               "# as %23 and % as %25") from exc
+        except OSError as exc:  # an object store that cannot be reached (no network, no such bucket's region)
+            raise ConfigError(f"cannot reach {location}: {exc}") from exc
+        if not path.strip("/"):
+            raise ConfigError(f"{location!r} names no bucket or folder")
+        return filesystem, path
     return pafs.LocalFileSystem(), os.path.abspath(location)
 
 
-def make_local_folder(path: str | os.PathLike) -> None:
-    """Create a local output folder, or say in one line why it cannot be (a file in the way, a read-only disk)."""
+def make_local_folder(path: str) -> None:
+    """Create a local output folder (``inspect``, ``synth``), or say in one line why it cannot be: a URI or no name
+    (an ``s3://`` output had been written under ``./s3:/``, an empty one into the working folder), a file in the
+    way, a read-only disk."""
+    if is_uri(path) or not path.strip():
+        raise ConfigError(f"--output {path!r}: this command writes to a local folder; give its path")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:

@@ -263,6 +263,7 @@ def read_published(output: str, page_columns: Sequence[str]) -> tuple[list[dict]
     filesystem, root = resolve_filesystem(output)
     if filesystem.get_file_info(f"{root}/{DOCUMENTS_DIR}").type != pafs.FileType.Directory:
         raise ConfigError(f"{output} holds no trocr-pipeline output (no {DOCUMENTS_DIR}/ folder)")
+    check_output_is_ours(output)  # another tool's Parquet files there: not an output to read as this tool's
     documents = _published_rows(output, DOCUMENTS_SCHEMA.names)
     published = {row["doc_id"] for row in documents}
     pages = _list_parts(filesystem, f"{root}/{PAGES_DIR}")

@@ -50,10 +50,14 @@ def _job_command(args: argparse.Namespace, mode: str) -> int:
     from pipeline.job import check_paths_outlive_the_job, dry_run, run_job
     from pipeline.progress import JobProgress, without_ray_core_logs
 
+    if not args.output.strip():
+        raise ConfigError("--output is empty: give the output folder or URI")
     check_paths_outlive_the_job([args.output, args.log_json])
     overrides = list(args.overrides)
-    if args.export:
+    if args.export is not None:
         formats = [name.strip() for name in args.export.split(",") if name.strip()]
+        if not formats:
+            raise ConfigError(f"--export {args.export!r} names no format; choose from {','.join(EXPORT_FORMATS)}")
         if unknown := [name for name in formats if name not in EXPORT_FORMATS]:
             raise ConfigError(f"--export: unknown format(s) {', '.join(unknown)}; choose from {','.join(EXPORT_FORMATS)}")
         overrides.append(f"output.exports={json.dumps(formats)}")
@@ -61,7 +65,7 @@ def _job_command(args: argparse.Namespace, mode: str) -> int:
         overrides.append("output.pdfa=true")
     if args.retry_failed:
         overrides.append("output.retry_failed=true")
-    if args.pages:
+    if args.pages is not None:
         overrides.append(f"rasterize.pages={json.dumps(args.pages)}")  # a YAML string, whatever it holds
     config = load_config(args.config, overrides)
     if args.dry_run:
@@ -96,7 +100,11 @@ def _synth_command(args: argparse.Namespace) -> int:
         if args.languages is not None:
             raise ConfigError("--languages is for synth lines: synthetic documents are English")
 
-        paths = write_document_set(Path(args.output), args.count, args.seed, dpi=args.dpi, font_kind=args.font_kind)
+        try:
+            paths = write_document_set(Path(args.output), args.count, args.seed, dpi=args.dpi,
+                                       font_kind=args.font_kind)
+        except ValueError as exc:  # an argument out of its range (the dpi)
+            raise ConfigError(f"synth docs: {exc}") from exc
         print(f"wrote {len(paths)} documents with ground truth to {args.output}")
     else:
         from pipeline.synth.corpus import check_languages
@@ -164,7 +172,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     synth.add_argument("what", choices=["docs", "lines"])
     synth.add_argument("--output", "-o", required=True)
     synth.add_argument("--count", "-n", type=_whole_number(1), default=4)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=_whole_number(0), default=0)
     synth.add_argument("--dpi", type=int, default=150, help="docs only")
     synth.add_argument("--font-kind", choices=["printed", "handwritten", "historical", "all", "heldout"], default="printed",
                        help="heldout: printed fonts no model is trained on, for measuring (bench/heldout_fonts.py)")

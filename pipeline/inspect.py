@@ -57,7 +57,7 @@ class PageOutcome:
 
 def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="files, folders or globs; local paths or URIs")
-    parser.add_argument("--output", "-o", required=True, type=Path, help="folder for the PNG overlays")
+    parser.add_argument("--output", "-o", required=True, help="folder for the PNG overlays")
     parser.add_argument("--config", "-c", type=Path, help="YAML config (default: configs/local.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set detect.block_gap=1.5 (repeatable)")
@@ -69,15 +69,17 @@ def inspect_command(args: argparse.Namespace) -> int:
     if args.pages is not None and args.pages < 1:
         raise ConfigError(f"--pages must be >= 1, got {args.pages}")
     config = load_config(args.config, args.overrides)
+    make_local_folder(args.output)
+    output = Path(args.output)
     # never its own overlays of an earlier run, wherever the output lies (in an input folder, or the folder itself)
-    sources = [source for source in find_inputs(args.inputs).sources if not _is_overlay(source, args.output)]
+    sources = [source for source in find_inputs(args.inputs).sources if not _is_overlay(source, output)]
     if not sources:
-        raise NoInputError(f"the inputs hold only overlays that inspect wrote to {args.output}")
-    outcomes = inspect_documents(sources, args.output, config, args.recognize, args.pages)
+        raise NoInputError(f"the inputs hold only overlays that inspect wrote to {output}")
+    outcomes = inspect_documents(sources, output, config, args.recognize, args.pages)
     for outcome in outcomes:
         print(outcome.describe())
     failed = sum(outcome.error is not None for outcome in outcomes)
-    print(f"{len(outcomes) - failed} overlays written to {args.output}, {failed} failed")
+    print(f"{len(outcomes) - failed} overlays written to {output}, {failed} failed")
     return ExitCode.documents_failed if failed else ExitCode.ok
 
 
@@ -106,7 +108,7 @@ def _is_overlay(source: str, output: Path) -> bool:
 def inspect_documents(sources: list[str], output: Path, config: JobConfig, recognize: bool = False,
                       max_pages: int | None = None) -> list[PageOutcome]:
     """Overlay every page of ``sources`` (the first ``max_pages`` of each) into ``output``."""
-    make_local_folder(output)
+    make_local_folder(str(output))
     recognizer = LineRecognizer.from_config(config.recognize) if recognize else None
     plans = [triage(source, config.rasterize) for source in sources]
     outcomes = [PageOutcome(plan.source, None, [], None, f"{plan.error.error_code}: {plan.error}")

@@ -175,9 +175,12 @@ def check_cluster_address(address: str) -> None:
         raise ConfigError(f"the Ray address {address} is a dashboard's, which `ray job` commands take: a job joins "
                           "a cluster at its head's host:port (`ray job submit` sets RAY_ADDRESS so), or runs "
                           "locally with no address set")
-    host, _, port = address.rpartition(":")
-    if address == "auto" or address.startswith("ray://") or not port.isdigit():
+    if address == "auto":  # the cluster started on this machine; ray.init says when there is none
         return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"the Ray address {address!r} is not a head's host:port (10.0.0.5:6379), a Ray client's "
+                          "ray://host:port, or auto")
     try:  # an IPv6 host is written in brackets, [::1]:6379
         socket.create_connection((host.strip("[]"), int(port)), timeout=CLUSTER_CONNECT_TIMEOUT_S).close()
     except OSError as exc:
@@ -210,6 +213,8 @@ def ray_session(config: JobConfig, verbose: bool = False) -> Iterator[None]:
             if exc.code != signal.SIGTERM:
                 raise
             raise KeyboardInterrupt(f"signal {signal.SIGTERM}") from exc
+        except ConnectionError as exc:  # auto with no cluster here, a Ray client that does not answer
+            raise ConfigError(f"cannot join the Ray cluster at {options['address']}: {exc}") from exc
         if callable(sigterm) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)  # Ray's own handler would abort the driver with a stack dump
         yield

@@ -545,6 +545,10 @@ def test_show_prints_one_line_per_document_whatever_its_name_holds(tmp_path, cap
     assert main(["show", str(tmp_path)]) == 0
     assert capsys.readouterr().out.splitlines() == [
         "failed       0 pages  box 1 letter.pdf (corrupt_file: cannot read box 1 letter.pdf)"]
+    # another tool's Parquet file there: refused as a run refuses it (it had been shown as holding no document)
+    shutil.copy(next((tmp_path / "documents").iterdir()), tmp_path / "documents" / "scores.parquet")
+    assert main(["show", str(tmp_path)]) == ExitCode.bad_args
+    assert "holds 1 Parquet file(s) trocr-pipeline did not write (scores.parquet)" in capsys.readouterr().err
 
 
 def test_pages_selects_the_same_pages_of_every_input(ray_local, inputs, tmp_path):

@@ -31,6 +31,8 @@ import pyarrow.dataset as ds
 import pytest
 import yaml
 
+from operators.errors import ConfigError
+
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
 RAY_CLI = str(Path(sys.executable).with_name("ray"))
@@ -352,6 +354,13 @@ def test_the_address_check_takes_the_address_ray_joins(monkeypatch):
     assert cluster_address(load_config(None, ["ray.address=auto"])) == "http://127.0.0.1:8265"
     monkeypatch.delenv("RAY_ADDRESS")
     assert cluster_address(load_config(None, ["ray.address=auto"])) is None
+    # no port, and a Ray client address nothing answers at: one line each (Ray's tracebacks had been printed)
+    with pytest.raises(ConfigError, match="'bogus' is not a head's host:port"):
+        check_cluster_address("bogus")
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    with pytest.raises(ConfigError, match=f"cannot reach the Ray cluster at ray://127.0.0.1:{port}"):
+        check_cluster_address(f"ray://127.0.0.1:{port}")
     try:
         head = socket.create_server(("::1", 0), family=socket.AF_INET6)  # something answering there
     except OSError:

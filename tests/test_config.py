@@ -131,6 +131,20 @@ def test_mistyped_command_lines_get_one_line_and_exit_code_2(tmp_path, capsys):
           "--dry-run"], f"cannot read config {tmp_path / 'latin1.yaml'}"),
         (["synth", "docs", "--output", str(tmp_path / "a.pdf" / "docs")], f"the output {tmp_path / 'a.pdf' / 'docs'} "
                                                                           "cannot be written"),
+        # each had been taken (a URI written under ./s3:/, an empty output into the working folder, options that
+        # did nothing) or ended in a traceback
+        (["synth", "docs", "--output", "s3://bucket/synth"], "--output 's3://bucket/synth': this command writes to a "
+                                                             "local folder"),
+        (["inspect", str(tmp_path / "a.pdf"), "--output", "s3://bucket/i"], "this command writes to a local folder"),
+        (["synth", "docs", "--output", str(tmp_path / "s"), "--dpi", "0"], "synth docs: dpi must be in (50, 600)"),
+        (["run", str(tmp_path / "a.pdf"), "--output", "", "--dry-run"], "--output is empty"),
+        (["run", str(tmp_path / "a.pdf"), "--output", "s3://", "--dry-run"], "'s3://' names no bucket or folder"),
+        (["run", str(tmp_path / "a.pdf"), "--output", str(tmp_path / "out"), "--pdfa", "--dry-run"],
+         "pdfa makes the searchable PDF a PDF/A: export pdf as well"),
+        (["run", str(tmp_path / "a.pdf"), "--output", str(tmp_path / "out"), "--export", ",", "--dry-run"],
+         "--export ',' names no format"),
+        (["run", str(tmp_path / "a.pdf"), "--output", str(tmp_path / "out"), "--pages", "", "--dry-run"],
+         "page selection '': '' is not N, N-M or N-"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
