@@ -48,7 +48,7 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _job_command(args: argparse.Namespace, mode: str) -> int:
     from pipeline.job import check_paths_outlive_the_job, dry_run, run_job
-    from pipeline.progress import JobProgress, without_ray_core_logs
+    from pipeline.progress import JobProgress, check_log_json, without_ray_core_logs
 
     if not args.output.strip():
         raise ConfigError("--output is empty: give the output folder or URI")
@@ -69,6 +69,8 @@ def _job_command(args: argparse.Namespace, mode: str) -> int:
         overrides.append(f"rasterize.pages={json.dumps(args.pages)}")  # a YAML string, whatever it holds
     config = load_config(args.config, overrides)
     if args.dry_run:
+        if args.log_json is not None:
+            check_log_json(args.log_json)
         report = dry_run(args.inputs, args.output, config, mode=mode)
         print(report.describe())
         return ExitCode.documents_failed if report.failing else ExitCode.ok

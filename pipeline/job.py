@@ -549,6 +549,10 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     check_output_is_ours(output)
     check_cpus_left_for_pages(config, config.ray.num_cpus or len(os.sched_getaffinity(0)), mode)
     _line_preprocessor(config, mode)
+    if mode == "recognize":
+        import torch  # loaded already, with the model's preprocessor
+
+        check_gpus_for_recognizers(config, torch.cuda.device_count(), mode)
     published = published_documents(output)
     known = published.known()
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:

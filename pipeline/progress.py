@@ -90,6 +90,19 @@ def _clock(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def check_log_json(path: Path) -> None:
+    """What opening the ``--log-json`` file finds, found without writing (the dry run)."""
+    if path.is_dir():
+        why = "it is a folder"
+    elif not path.parent.is_dir():
+        why = f"there is no folder {path.parent}"
+    elif not os.access(path if path.exists() else path.parent, os.W_OK):
+        why = "permission denied"
+    else:
+        return
+    raise ConfigError(f"cannot write the --log-json file {path}: {why}")
+
+
 @dataclass
 class JobProgress:
     """Counts files triaged, then pages and documents as they finish; see the module docstring for what it

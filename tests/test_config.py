@@ -145,6 +145,11 @@ def test_mistyped_command_lines_get_one_line_and_exit_code_2(tmp_path, capsys):
          "--export ',' names no format"),
         (["run", str(tmp_path / "a.pdf"), "--output", str(tmp_path / "out"), "--pages", "", "--dry-run"],
          "page selection '': '' is not N, N-M or N-"),
+        # what a run refuses, the dry run refuses too (it had exited 0)
+        (["run", str(tmp_path / "a.pdf"), "--output", str(tmp_path / "out"), "--log-json", str(tmp_path / "no" / "x"),
+          "--dry-run"], f"cannot write the --log-json file {tmp_path / 'no' / 'x'}: there is no folder"),
+        (["run", str(tmp_path / "a.pdf"), "--output", str(tmp_path / "out"), "--set", "recognize.num_gpus=64",
+          "--dry-run"], "recognize.num_gpus=64, but the local Ray instance has"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
