@@ -15,8 +15,10 @@ import json
 import logging
 import tempfile
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
 import jiwer
 
@@ -24,6 +26,7 @@ from operators.errors import ConfigError, ExitCode
 from operators.formats.read import page_image, page_xml_files, read_page_xml
 from operators.recognize import LineRecognizer
 from operators.settings import DEFAULT_MODEL_NAME
+from operators.storage import writing
 from operators.text import NORMALIZATIONS, make_normalizer
 from pipeline.train.config import DataSource
 from pipeline.train.data import LabeledLine, read_line_sources
@@ -145,14 +148,22 @@ def format_report(scores: Sequence[Score], results: Sequence[LineResult], worst:
     return "\n".join(rows)
 
 
-def write_predictions(path: Path, results: Sequence[LineResult]) -> None:
+def open_predictions(path: Path) -> IO[str]:
+    """The ``--predictions`` file, opened before the evaluation (a path that cannot be written had been found
+    only after all of it, with a traceback)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.open("w", encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot write --predictions {path}: {exc.strerror or exc}") from exc
+
+
+def write_predictions(out: IO[str], results: Sequence[LineResult]) -> None:
     """JSONL, one {image, prediction, reference, cer} object per line."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as out:
-        for result in results:
-            row = {key: value for key, value in asdict(result).items() if key != "source"}
-            row["image"] = str(Path(result.source) / result.image)
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    for result in results:
+        row = {key: value for key, value in asdict(result).items() if key != "source"}
+        row["image"] = str(Path(result.source) / result.image)
+        out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def evaluate(model: str, folders: Sequence[Path], normalize_options: Sequence[str] = (), batch_size: int = 32,
@@ -218,10 +229,12 @@ def eval_command(args: argparse.Namespace) -> int:
     if args.paint_out_neighbours and args.pages:
         raise ConfigError("--paint-out-neighbours is for --lines: the job paints out the lines it cuts itself")
     run = evaluate_pages if args.pages else functools.partial(evaluate, paint_out_neighbours=args.paint_out_neighbours)
-    scores, results = run(args.model, args.pages or args.lines, options, args.batch_size, args.num_beams,
-                          args.max_new_tokens, args.device, args.precision, languages)
-    print(format_report(scores, results, args.worst, "pages" if args.pages else "lines"))
-    if args.predictions:
-        write_predictions(args.predictions, results)
-        print(f"\npredictions written to {args.predictions}")
+    with open_predictions(args.predictions) if args.predictions else nullcontext() as predictions:
+        scores, results = run(args.model, args.pages or args.lines, options, args.batch_size, args.num_beams,
+                              args.max_new_tokens, args.device, args.precision, languages)
+        print(format_report(scores, results, args.worst, "pages" if args.pages else "lines"))
+        if predictions is not None:
+            with writing(f"--predictions {args.predictions}"):
+                write_predictions(predictions, results)
+            print(f"\npredictions written to {args.predictions}")
     return ExitCode.ok

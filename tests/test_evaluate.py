@@ -67,6 +67,14 @@ def test_eval_command_reports_each_folder_and_writes_predictions(tmp_path, tiny_
     assert set(rows[0]) == {"image", "prediction", "reference", "cer"}
     assert {row["reference"] for row in rows} == {"alpha beta", "gamma", "delta"}
     assert rows[0]["image"].endswith("first/l0.png")
+    # a --predictions path that cannot be written is found before the model is loaded (a traceback after all the
+    # work, before); a file that is no PAGE or ALTO is named in one line (an lxml traceback)
+    (tmp_path / "a-file").write_text("in the way")
+    with pytest.raises(ConfigError, match=f"cannot write --predictions {tmp_path / 'a-file' / 'p.jsonl'}"):
+        eval_command(parse(["--model", str(tmp_path / "no-model"), "--lines", str(first), "--predictions",
+                            str(tmp_path / "a-file" / "p.jsonl")]))
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'a-file'} is no PAGE or ALTO file"):
+        eval_command(parse(["--model", str(tiny_model), "--pages", str(tmp_path / "a-file"), "--device", "cpu"]))
 
 
 def test_eval_languages_read_with_word_scores_and_need_beams(tmp_path, tiny_model, capsys):

@@ -42,7 +42,10 @@ def page_xml_files(path: Path) -> list[Path]:
 
 def read_page_xml(xml_path: Path) -> XmlPage:
     """Every TextLine with an outline, in document order (the ground truth's reading order)."""
-    root = etree.parse(str(xml_path)).getroot()
+    try:
+        root = etree.parse(str(xml_path)).getroot()
+    except (OSError, etree.XMLSyntaxError) as exc:
+        raise ConfigError(f"{xml_path} is no PAGE or ALTO file: {exc}") from exc
     kind = local_name(root)
     if kind.lower() == "alto":
         unit = list(root.iter("{*}MeasurementUnit"))
