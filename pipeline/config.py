@@ -6,6 +6,7 @@ submission time instead of being silently ignored.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +53,18 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _describe(error: ValidationError, overridden: set[str]) -> str:
-    """Each error with its key, marked ``(--set)`` where the value came from an override."""
+def describe_errors(error: ValidationError, overridden: Collection[str] = ()) -> str:
+    """Each error on one line with its key, marked ``(--set)`` where the value came from an override."""
     lines = []
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "<root>"
-        given = " (--set)" if any(key == name or key.startswith(f"{name}.") for name in overridden) else ""
+        # the override set this key, a section above it, or a key below it (recognize.model.x=3)
+        given = " (--set)" if any(key == name or key.startswith(f"{name}.") or name.startswith(f"{key}.")
+                                  for name in overridden) else ""
         if item["type"] == "extra_forbidden":
             lines.append(f"unknown key {key!r}{given}")
+        elif item["type"] in ("tuple_type", "list_type"):
+            lines.append(f"{key}{given}: {item['msg']} (write a list: [a, b])")
         else:
             lines.append(f"{key}{given}: {item['msg']}")
     return "; ".join(lines)
@@ -82,7 +87,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Jo
             raise ConfigError(f"config {source} is not valid YAML: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config {source} must be a mapping at the top level")
-        tree = loaded or {}
+        # a section whose keys are all commented out reads as null: it holds nothing
+        tree = {name: {} if section is None else section for name, section in (loaded or {}).items()}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -98,4 +104,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Jo
         where = f" in {source}" if source else ""
         overridden = {item.partition("=")[0].strip() for item in overrides}
         raise ConfigError(f"invalid configuration{where}{' with --set' if overrides else ''}: "
-                          f"{_describe(exc, overridden)}") from exc
+                          f"{describe_errors(exc, overridden)}") from exc

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,8 @@ def test_config_is_frozen():
     ("recognize.beams=4", "recognize.beams"),
     ("nonsense.key=1", "nonsense"),
     ("rasterize.dpi=10", "rasterize.dpi"),
+    ("recognize.model.x=3", re.escape("recognize.model (--set): Input should be a valid string")),
+    ("recognize.languages=fr", re.escape("recognize.languages (--set): Input should be a valid tuple (write a list")),
 ])
 def test_bad_keys_and_values_are_named(override, named):
     with pytest.raises(ConfigError, match=named) as info:
@@ -44,6 +47,18 @@ def test_unknown_key_in_yaml_file_is_rejected(tmp_path):
     path.write_text("detect:\n  colums: 2\n")
     with pytest.raises(ConfigError, match="unknown key 'detect.colums'"):
         load_config(path)
+    path.write_text("detect:\n  # columns: 2\n")  # a section with its keys commented out holds nothing
+    assert load_config(path) == JobConfig()
+
+
+def test_a_training_config_error_is_one_line_per_key(tmp_path):
+    """pydantic's own text had run over several lines with links to its documentation."""
+    from pipeline.train.config import load_train_config
+
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(ConfigError) as info:
+        load_train_config(tmp_path / "empty.yaml")
+    assert "\n" not in str(info.value) and "output_dir: Field required; work_dir: Field required" in str(info.value)
 
 
 def test_half_precision_on_cpu_is_refused():

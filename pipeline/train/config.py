@@ -10,6 +10,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from operators.errors import ConfigError
 from operators.settings import Frozen
+from pipeline.config import describe_errors
 from pipeline.synth.corpus import Language, check_languages
 
 #: Defined here, not beside the code that builds them: reading a training config (``bench/gpu_pack.py``)
@@ -131,4 +132,4 @@ def load_train_config(path: Path) -> TrainConfig:
     try:
         return TrainConfig.model_validate(tree or {})
     except ValidationError as exc:
-        raise ConfigError(f"invalid training config {path}: {exc}") from exc
+        raise ConfigError(f"invalid training config {path}: {describe_errors(exc)}") from exc
