@@ -508,6 +508,7 @@ class DryRun:
     plans: list[DocumentPlan]  # duplicates marked as a run marks them
     done: dict[str, str]  # doc_ids already in the output (and their sources), which a run skips
     pages: str | None  # rasterize.pages
+    mode: Mode = "recognize"
 
     def describe(self) -> str:
         # where each duplicate's pages come from: the output's copy, else this run's first one
@@ -533,7 +534,8 @@ class DryRun:
         skipped = sum(plan.doc_id in self.done for plan in self.plans)
         lines.append(f"documents: {len(self.plans)} found, {todo_documents} to process, {failing} failing triage, "
                      f"{duplicates} duplicates, {skipped} already done")
-        lines.append(f"work: {todo_pages} pages to rasterize, detect and recognize; nothing written (dry run)")
+        stages = "rasterize, detect and recognize" if self.mode == "recognize" else "rasterize and detect"
+        lines.append(f"work: {todo_pages} pages to {stages}; nothing written (dry run)")
         return "\n".join(lines)
 
     @property
@@ -560,4 +562,4 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     retired = _check_against_output(plans, published, output, config, mode).doc_ids
     done = {doc_id: source for doc_id, source in published.sources().items() if doc_id not in retired}
     marked = {plan.source: plan for plan in mark_duplicates(plans, done)}  # all but the ones already done
-    return DryRun([marked.get(plan.source, plan) for plan in plans], done, config.rasterize.pages)
+    return DryRun([marked.get(plan.source, plan) for plan in plans], done, config.rasterize.pages, mode)

@@ -586,7 +586,9 @@ def test_dry_run_lists_documents_and_writes_nothing(inputs, tmp_path, capsys):
     assert re.search(r"^duplicate\s+0 pages\s+\S+/letters2\.pdf \(same bytes as \S+/letters\.pdf\)$",
                      result.out, re.MULTILINE)
     assert re.search(r"^failed\s+0 pages\s+\S+broken\.pdf \(corrupt_file: ", result.out, re.MULTILINE)
-    assert "work: 5 pages" in result.out
+    assert "work: 5 pages to rasterize, detect and recognize;" in result.out
+    assert main(["detect", str(folder), "--output", str(output), "--set", DPI, "--dry-run", "--pages", "1-2"]) == 4
+    assert "work: 5 pages to rasterize and detect;" in capsys.readouterr().out  # no recognizing in detect
 
 
 def test_a_log_json_path_that_cannot_be_written_fails_before_any_work(inputs, tmp_path):
