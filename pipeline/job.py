@@ -72,6 +72,7 @@ class JobSummary:
     seconds: float
     left_out: dict[str, int]  # files in folders and globs that are no documents, by suffix
     retried: int = 0  # documents the output held, taken out and read again (--retry-failed)
+    unselected: int = 0  # documents with no page in --pages, not written
 
     @property
     def pages_per_second(self) -> float:
@@ -84,7 +85,8 @@ class JobSummary:
             f"output: {self.output}\n"
             f"documents: {w.documents_ok} ok, {w.documents_failed} failed, {w.documents_duplicate} duplicates, "
             f"{self.documents_skipped} already done"
-            f"{f' ({self.retried} read again: --retry-failed)' if self.retried else ''}\n"
+            f"{f' ({self.retried} read again: --retry-failed)' if self.retried else ''}"
+            f"{f', {self.unselected} without a page in --pages' if self.unselected else ''}\n"
             f"left out (no document): {left_out}\n"
             f"pages: {w.pages} ({w.pages_failed} failed), lines: {w.lines}\n"
             f"time: {self.seconds:.1f} s, {self.pages_per_second:.2f} pages/s"
@@ -363,11 +365,11 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             retire_documents(output, retirement)
             done = {doc_id: source for doc_id, source in published.sources().items()
                     if doc_id not in retirement.doc_ids}
-            fresh = mark_duplicates(plans, done)
-            if config.output.exports and len(fresh) < len(plans):
+            fresh, unselected = _with_selected_pages(mark_duplicates(plans, done), selection)
+            if config.output.exports and len(fresh) + unselected < len(plans):
                 log.warning("%d documents are already in %s and are not exported again: exports are written when a "
-                            "document is read (write to a new output to export them all)", len(plans) - len(fresh),
-                            output)
+                            "document is read (write to a new output to export them all)",
+                            len(plans) - len(fresh) - unselected, output)
             readable = [plan for plan in fresh if plan.duplicate_of is None]
             if progress:
                 progress.start(len(fresh), sum(len(selected_pages(selection, plan.num_pages)) for plan in readable))
@@ -389,9 +391,9 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                         sink.flush()  # first: `ray job stop` kills the driver a few seconds after its SIGTERM
                         raise
         written = sink.close()
-    return JobSummary(output=output, documents_skipped=len(plans) - len(fresh), written=written,
+    return JobSummary(output=output, documents_skipped=len(plans) - len(fresh) - unselected, written=written,
                       seconds=time.monotonic() - started, left_out=dict(found.left_out),
-                      retried=len(retirement.doc_ids))
+                      retried=len(retirement.doc_ids), unselected=unselected)
 
 
 @contextmanager
@@ -441,6 +443,22 @@ def _line_preprocessor(config: JobConfig, mode: Mode) -> LinePreprocessor | None
     if config.recognize.engine == "fast":
         check_generation_settings(config.recognize.model)
     return preprocessor
+
+
+def _with_selected_pages(plans: list[DocumentPlan], selection: str | None) -> tuple[list[DocumentPlan], int]:
+    """The plans to write, and how many are left out for having no page in ``selection`` (``--pages 5-`` over a
+    2-page letter), with their duplicates: written as done with 0 pages, they had kept a later run with other
+    pages from the output for good (:func:`check_earlier_readings`). Left unwritten, a later run reads them."""
+    if selection is None:
+        return plans, 0
+    empty = {plan.doc_id for plan in plans
+             if plan.error is None and plan.duplicate_of is None and not selected_pages(selection, plan.num_pages)}
+    kept = [plan for plan in plans if plan.doc_id not in empty and plan.duplicate_of not in empty]
+    if empty:
+        first = next(plan for plan in plans if plan.doc_id in empty)
+        log.warning("%d documents have no page in --pages %s (%s has %d), and are not written: a run with other pages "
+                    "can read them", len(empty), selection, first.source, first.num_pages)
+    return kept, len(plans) - len(kept)
 
 
 def _document_record(plan: DocumentPlan, selection: str | None, mode: Mode) -> DocumentRecord:

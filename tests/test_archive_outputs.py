@@ -559,18 +559,23 @@ def test_pages_selects_the_same_pages_of_every_input(ray_local, inputs, tmp_path
     assert sorted(path.name.split(".", 1)[1] for path in (tmp_path / "exports").iterdir()) == ["p0002.alto.xml"]
     documents = ds.dataset(f"{tmp_path}/documents", format="parquet").to_table().to_pylist()
     assert {row["status"] for row in documents} == {"ok"} and summary.written.pages == 1
-    assert [row["pages_selected"] for row in documents] == ["2", "2"]
-    # a later run over the same output with other pages would skip both documents as done, so note.png's only
-    # page and letters.pdf's others would never be read: it is refused, dry or not, before anything is written
+    # note.png has no page 2: not written (as done with 0 pages, it had kept a run with other pages out for good)
+    assert [(Path(row["source"]).name, row["pages_selected"]) for row in documents] == [("letters.pdf", "2")]
+    assert summary.unselected == 1 and "1 without a page in --pages" in summary.describe()
+    # a later run over the same output with other pages would skip letters.pdf as done, so its other pages would
+    # never be read: it is refused, dry or not, before anything is written
     for selection in (None, "1-3"):
         again = load_config(None, [DPI, f"rasterize.pages={selection or 'null'}"])
         for attempt in (dry_run, run_job):
-            with pytest.raises(ConfigError, match=f"2 of these documents are in {tmp_path} read with pages 2 "):
+            with pytest.raises(ConfigError, match=f"1 of these documents are in {tmp_path} read with pages 2 "):
                 attempt([str(inputs / "letters.pdf"), str(inputs / "note.png")], str(tmp_path), again)
-    assert run_job([str(inputs / "note.png")], str(tmp_path), config).documents_skipped == 1
-    # selections are compared by the pages they pick: "2-2" picks the same pages as "2" from both documents
+    assert run_job([str(inputs / "letters.pdf")], str(tmp_path), config).documents_skipped == 1
+    # selections are compared by the pages they pick: "2-2" picks the same pages as "2"
     same = load_config(None, [DPI, "rasterize.pages=2-2"])
     assert dry_run([str(inputs / "letters.pdf"), str(inputs / "note.png")], str(tmp_path), same).done
+    # and note.png is read by a run that selects its page
+    first = load_config(None, [DPI, "rasterize.pages=1"])
+    assert run_job([str(inputs / "note.png")], str(tmp_path), first).written.pages == 1
 
 
 def test_dry_run_lists_documents_and_writes_nothing(inputs, tmp_path, capsys):
