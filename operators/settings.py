@@ -6,6 +6,7 @@ configuration and loads it from YAML and ``--set``.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -13,12 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from operators.pages import parse_pages
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_REPOSITORY = Path(__file__).resolve().parent.parent
+#: Where the bundled models and configs are: the repository, run from a clone (an editable install, the Docker
+#: image), else the data files a wheel installs under ``<prefix>/share/trocr-pipeline`` (pyproject.toml).
+DATA_ROOT = _REPOSITORY if (_REPOSITORY / "models").is_dir() else Path(sys.prefix) / "share" / "trocr-pipeline"
 #: The bundled models by their short names (``recognize.model: printed``); they take precedence over
 #: a folder of the same name in the working directory.
 BUNDLED_MODELS = {
-    "printed": PROJECT_ROOT / "models" / "trocr-pipeline-printed-small",
-    "handwritten": PROJECT_ROOT / "models" / "trocr-pipeline-handwritten-small",
+    "printed": DATA_ROOT / "models" / "trocr-pipeline-printed-small",
+    "handwritten": DATA_ROOT / "models" / "trocr-pipeline-handwritten-small",
 }
 DEFAULT_MODEL_NAME = "printed"
 DEFAULT_MODEL = BUNDLED_MODELS[DEFAULT_MODEL_NAME]

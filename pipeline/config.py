@@ -15,7 +15,7 @@ from pydantic import Field, ValidationError
 
 from operators.errors import ConfigError
 from operators.settings import (
-    PROJECT_ROOT,
+    DATA_ROOT,
     DetectConfig,
     OutputConfig,
     RasterizeConfig,
@@ -23,7 +23,18 @@ from operators.settings import (
     Frozen,
 )
 
-DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "local.yaml"
+DEFAULT_CONFIG = DATA_ROOT / "configs" / "local.yaml"
+
+
+def config_file(path: str | Path) -> Path:
+    """A config file as given, else a bundled one by its name or its path in the repository: ``cluster-v100.yaml``
+    and ``configs/cluster-v100.yaml`` work from any folder, an installed wheel's too."""
+    given = Path(path)
+    if not given.exists():
+        for bundled in (DATA_ROOT / given, DATA_ROOT / "configs" / given):
+            if bundled.is_file():
+                return bundled
+    return given
 
 
 class RayConfig(Frozen):
@@ -77,7 +88,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Jo
     ``--set ray.address=null`` gives None.
     """
     tree: dict[str, Any] = {}
-    source = Path(path) if path is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    source = config_file(path) if path is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     if source is not None:
         try:
             loaded = yaml.safe_load(source.read_text())

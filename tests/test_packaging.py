@@ -1,0 +1,55 @@
+"""The package as ``pip install`` gives it, away from the repository: the wheel had held the code alone, so an
+installed copy could not find its bundled models (exit 5) nor its configs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import site
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_an_installed_wheel_finds_its_bundled_models_and_configs_outside_the_repository(tmp_path, synthetic_documents):
+    source = tmp_path / "source"  # a copy: a build writes its build/ and egg-info beside the sources
+    for folder in ("operators", "pipeline", "models", "configs"):
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*-random"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                            str(tmp_path / "wheel"), str(source)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    [wheel] = (tmp_path / "wheel").glob("*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    # the dependencies from this environment (a path line: its own .pth files, this repository's editable
+    # install among them, are not read), the package itself from the wheel
+    packages = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                                   capture_output=True, text=True, check=True).stdout.strip())
+    (packages / "dependencies.pth").write_text("\n".join([*site.getsitepackages(), sysconfig.get_path("purelib")]))
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed",
+                                "--prefix", str(venv), str(wheel)], capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    check = ("import operators, pipeline.config as c, operators.settings as s; "
+             "print(operators.__file__); print(s.BUNDLED_MODELS['handwritten']); print(c.DEFAULT_CONFIG); "
+             "print(c.load_config('cluster-v100.yaml').recognize.accelerator_type)")
+    found = subprocess.run([str(python), "-c", check], cwd=outside, env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert found.returncode == 0, found.stderr
+    module, model, config, accelerator = found.stdout.splitlines()
+    assert module.startswith(str(packages)) and not module.startswith(str(REPO))
+    assert (Path(model) / "model.safetensors").is_file() and Path(model).is_relative_to(venv)
+    assert Path(config).is_file() and Path(config).is_relative_to(venv) and accelerator == "V100"
+    # the bundled model loads: the dry run checks it (its processor and generation settings) before any work
+    dry = subprocess.run([str(python), "-m", "pipeline.cli", "run", str(synthetic_documents[0]), "--output",
+                          str(tmp_path / "out"), "--dry-run"], cwd=outside, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert dry.returncode == 0 and "1 to process" in dry.stdout, dry.stderr
