@@ -59,8 +59,10 @@ def load_trocr(name_or_path: str, device: str = "auto", precision: str = "fp32")
         image_processor = AutoImageProcessor.from_pretrained(source, backend="pil")
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # any failure to read the checkpoint is a model error, reported at start-up
-        where = "folder" if Path(source).is_dir() else "hub id"
-        raise ModelLoadError(f"cannot load TrOCR model from {where} {name_or_path!r}: {exc}") from exc
+        if Path(source).is_dir():
+            raise ModelLoadError(f"cannot load TrOCR model from folder {name_or_path!r}: {exc}") from exc
+        raise ModelLoadError(f"cannot load TrOCR model {name_or_path!r}: there is no such folder here, and as a hub "
+                             f"id: {exc}") from exc
     preprocessor = LinePreprocessor.from_image_processor(image_processor)
     set_generation_ids(model, tokenizer, name_or_path)
     model.to(torch_device).eval()
