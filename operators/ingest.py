@@ -563,6 +563,7 @@ def _check_regular_file(path: str) -> None:
             os.listdir(path)
         except OSError as exc:
             raise UnreadableFile(f"cannot list the folder {path}, so the files in it are not read: {exc}") from exc
+        raise UnreadableFile(f"the folder {path} could not be listed when the inputs were found: run again")
     if not stat.S_ISREG(mode):
         raise UnreadableFile(f"{path} is not a regular file (a FIFO, socket or device), so it is not read")
 

@@ -6,7 +6,7 @@ configuration and loads it from YAML and ``--set``.
 
 from __future__ import annotations
 
-import sys
+import importlib.metadata
 from pathlib import Path
 from typing import Literal
 
@@ -14,10 +14,23 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from operators.pages import parse_pages
 
-_REPOSITORY = Path(__file__).resolve().parent.parent
-#: Where the bundled models and configs are: the repository, run from a clone (an editable install, the Docker
-#: image), else the data files a wheel installs under ``<prefix>/share/trocr-pipeline`` (pyproject.toml).
-DATA_ROOT = _REPOSITORY if (_REPOSITORY / "models").is_dir() else Path(sys.prefix) / "share" / "trocr-pipeline"
+def _data_root() -> Path:
+    """Where the bundled models and configs are: the repository, run from a clone (an editable install, the Docker
+    image), else where the installed wheel put its data files (``<prefix>/share/trocr-pipeline``, pyproject.toml;
+    the prefix of ``pip install --user`` or ``--prefix`` too). Failing both, the repository, which the error for a
+    missing bundled model then names."""
+    repository = Path(__file__).resolve().parent.parent
+    if (repository / "models" / "trocr-pipeline-printed-small").is_dir():
+        return repository
+    try:
+        files = importlib.metadata.distribution("trocr-pipeline").files or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    marker = next((file for file in files if file.parts[-2:] == ("configs", "local.yaml")), None)
+    return Path(marker.locate()).resolve().parent.parent if marker is not None else repository
+
+
+DATA_ROOT = _data_root()
 #: The bundled models by their short names (``recognize.model: printed``); they take precedence over
 #: a folder of the same name in the working directory.
 BUNDLED_MODELS = {

@@ -69,8 +69,9 @@ def describe_errors(error: ValidationError, overridden: Collection[str] = ()) ->
     lines = []
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "<root>"
-        # the override set this key, a section above it, or a key below it (recognize.model.x=3)
-        given = " (--set)" if any(key == name or key.startswith(f"{name}.") or name.startswith(f"{key}.")
+        # the override set this key, a section above it, or a key below it (recognize.model.x=3; not a section's
+        # own check, which one override below it need not have failed)
+        given = " (--set)" if any(key == name or key.startswith(f"{name}.") or ("." in key and name.startswith(f"{key}."))
                                   for name in overridden) else ""
         if item["type"] == "extra_forbidden":
             lines.append(f"unknown key {key!r}{given}")

@@ -216,7 +216,7 @@ def ray_session(config: JobConfig, verbose: bool = False) -> Iterator[None]:
                 raise
             raise KeyboardInterrupt(f"signal {signal.SIGTERM}") from exc
         except ConnectionError as exc:  # auto with no cluster here, a Ray client that does not answer
-            raise ConfigError(f"cannot join the Ray cluster at {options['address']}: {exc}") from exc
+            raise ConfigError(f"cannot join the Ray cluster at {cluster_address(config) or 'auto'}: {exc}") from exc
         if callable(sigterm) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)  # Ray's own handler would abort the driver with a stack dump
         yield
@@ -532,7 +532,7 @@ class DryRun:
         # where each duplicate's pages come from: the output's copy, else this run's first one
         owners = {**{plan.doc_id: plan.source for plan in reversed(self.plans) if plan.duplicate_of is None},
                   **self.done}
-        lines, todo_pages, todo_documents, failing, duplicates = [], 0, 0, 0, 0
+        lines, todo_pages, todo_documents, failing, duplicates, unselected = [], 0, 0, 0, 0, 0
         for plan in self.plans:
             selected = len(selected_pages(self.pages, plan.num_pages))
             if plan.doc_id in self.done:
@@ -541,6 +541,8 @@ class DryRun:
                 state, selected, duplicates = "duplicate", 0, duplicates + 1
             elif plan.error is not None:
                 state, failing = "failed", failing + 1
+            elif not selected:  # not written (:func:`_with_selected_pages`)
+                state, unselected = "no pages", unselected + 1
             else:
                 state, todo_pages, todo_documents = "ok", todo_pages + selected, todo_documents + 1
             reason = f" ({plan.error.error_code}: {plan.error})" if plan.error is not None else ""
@@ -551,7 +553,8 @@ class DryRun:
             lines.append(f"{state:9} {selected:4} pages  {plan.source}{reason}")
         skipped = sum(plan.doc_id in self.done for plan in self.plans)
         lines.append(f"documents: {len(self.plans)} found, {todo_documents} to process, {failing} failing triage, "
-                     f"{duplicates} duplicates, {skipped} already done")
+                     f"{duplicates} duplicates, {skipped} already done"
+                     f"{f', {unselected} without a page in --pages' if unselected else ''}")
         stages = "rasterize, detect and recognize" if self.mode == "recognize" else "rasterize and detect"
         lines.append(f"work: {todo_pages} pages to {stages}; nothing written (dry run)")
         return "\n".join(lines)

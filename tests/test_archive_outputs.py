@@ -364,6 +364,29 @@ def test_a_pdf_keeps_its_outline_labels_metadata_and_encryption_and_text_is_not_
     first, second = _pdf_words(exported)
     assert [text for text, _ in first] == "Annual report of the harbour office".split()
     assert "scanned" in [text for text, _ in second]
+    # --pages: a PDF of the pages read, without the original's labels and outline, which name other pages
+    run_job([str(source)], str(tmp_path / "page2"), load_config(None, [DPI, "output.exports=[pdf]", "rasterize.pages=2"]))
+    with pikepdf.open(next((tmp_path / "page2" / "exports").glob("report-*.pdf"))) as pdf:
+        assert len(pdf.pages) == 1 and "/PageLabels" not in pdf.Root and not list(pdf.open_outline().root)
+
+
+def test_text_is_looked_for_in_each_form_once(tmp_path):
+    """Forms that share one resources dictionary (some producers write one for every page and form) draw each
+    other: the search for text on a page had taken every path through them, N**8 parses (hours at 8 forms)."""
+    from operators.formats.pdf import _shows_text
+
+    with pikepdf.new() as pdf:
+        pdf.add_blank_page()
+        shared = pdf.make_indirect(pikepdf.Dictionary(XObject=pikepdf.Dictionary()))
+        for index in range(8):
+            form = pdf.make_stream(b"0 0 m 10 10 l S", Type=pikepdf.Name.XObject, Subtype=pikepdf.Name.Form,
+                                   BBox=[0, 0, 10, 10], Resources=shared)
+            shared.XObject[f"/F{index}"] = form
+        pdf.pages[0].obj.Resources = shared
+        pdf.pages[0].obj.Contents = pdf.make_stream(b"/F0 Do")
+        assert not _shows_text(pdf.pages[0].obj)
+        shared.XObject.F7.write(b"BT /F1 12 Tf (a word) Tj ET")
+        assert _shows_text(pdf.pages[0].obj)
 
 
 def test_pdf_inputs_keep_their_image_streams_and_the_output_is_pdfa(run, inputs):
@@ -573,6 +596,7 @@ def test_pages_selects_the_same_pages_of_every_input(ray_local, inputs, tmp_path
     # selections are compared by the pages they pick: "2-2" picks the same pages as "2"
     same = load_config(None, [DPI, "rasterize.pages=2-2"])
     assert dry_run([str(inputs / "letters.pdf"), str(inputs / "note.png")], str(tmp_path), same).done
+    assert "no pages     0 pages" in dry_run([str(inputs / "note.png")], str(tmp_path), config).describe()
     # and note.png is read by a run that selects its page
     first = load_config(None, [DPI, "rasterize.pages=1"])
     assert run_job([str(inputs / "note.png")], str(tmp_path), first).written.pages == 1

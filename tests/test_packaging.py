@@ -27,14 +27,18 @@ def test_an_installed_wheel_finds_its_bundled_models_and_configs_outside_the_rep
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    # the dependencies from this environment (a path line: its own .pth files, this repository's editable
-    # install among them, are not read), the package itself from the wheel
-    packages = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                                   capture_output=True, text=True, check=True).stdout.strip())
-    (packages / "dependencies.pth").write_text("\n".join([*site.getsitepackages(), sysconfig.get_path("purelib")]))
+    # the package from the wheel, installed under a prefix of its own (as --user or --prefix do: not the venv's),
+    # and the dependencies from this environment (path lines: their .pth files, this repository's editable install
+    # among them, are not read)
+    prefix = tmp_path / "prefix"
     installed = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed",
-                                "--prefix", str(venv), str(wheel)], capture_output=True, text=True, timeout=300)
+                                "--prefix", str(prefix), str(wheel)], capture_output=True, text=True, timeout=300)
     assert installed.returncode == 0, installed.stderr
+    packages = prefix / Path(sysconfig.get_path("purelib")).relative_to(sysconfig.get_path("data"))
+    venv_packages = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                                        capture_output=True, text=True, check=True).stdout.strip())
+    (venv_packages / "paths.pth").write_text("\n".join([str(packages), *site.getsitepackages(),
+                                                         sysconfig.get_path("purelib")]))
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
@@ -46,8 +50,8 @@ def test_an_installed_wheel_finds_its_bundled_models_and_configs_outside_the_rep
     assert found.returncode == 0, found.stderr
     module, model, config, accelerator = found.stdout.splitlines()
     assert module.startswith(str(packages)) and not module.startswith(str(REPO))
-    assert (Path(model) / "model.safetensors").is_file() and Path(model).is_relative_to(venv)
-    assert Path(config).is_file() and Path(config).is_relative_to(venv) and accelerator == "V100"
+    assert (Path(model) / "model.safetensors").is_file() and Path(model).is_relative_to(prefix)
+    assert Path(config).is_file() and Path(config).is_relative_to(prefix) and accelerator == "V100"
     # the bundled model loads: the dry run checks it (its processor and generation settings) before any work
     dry = subprocess.run([str(python), "-m", "pipeline.cli", "run", str(synthetic_documents[0]), "--output",
                           str(tmp_path / "out"), "--dry-run"], cwd=outside, env=env, capture_output=True, text=True,

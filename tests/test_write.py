@@ -207,12 +207,12 @@ def test_a_failed_copy_rests_on_its_original_and_old_parts_without_the_newer_col
     sink = ParquetSink(str(tmp_path), rows_per_file=100)
     sink.expect(_document("x", 0, status="failed", error_code="corrupt_file"))
     copy_id = duplicate_id("x", "y.pdf")
-    sink.expect(DocumentRecord(copy_id, "y.pdf", "failed", "corrupt_file", "broken", 0))
+    sink.expect(DocumentRecord(copy_id, "y.pdf", "failed", "corrupt_file", "cannot read y.pdf", 0))  # its own words
     sink.close()
     [part] = (tmp_path / DOCUMENTS_DIR).iterdir()
     pq.write_table(pq.read_table(part).drop_columns(["duplicate_of", "pages_selected"]), part)
     published = published_documents(str(tmp_path))
-    assert published.failed_to_retry({"x.pdf": "x"}).doc_ids == set()  # y.pdf, not read, found by its error
+    assert published.failed_to_retry({"x.pdf": "x"}).doc_ids == set()  # y.pdf, not read, found all the same
     retirement = published.failed_to_retry({"x.pdf": "x", "y.pdf": "x"})  # y.pdf read: found by its bytes' doc_id
     assert (retirement.dependents, retirement.failed) == ({copy_id}, {"x"})
 

@@ -70,36 +70,45 @@ def searchable_pdf(pages: Sequence[dict], source: str, pdfa: bool = False) -> by
 _TEXT_SHOWING = "Tj TJ ' \""
 
 
-def _shows_text(content: pikepdf.Object, depth: int = 0) -> bool:
-    """Whether a page, or a form it draws (to a depth of 8: forms may draw each other in a loop), shows text."""
+def _shows_text(content: pikepdf.Object, seen: set[tuple[int, int]] | None = None) -> bool:
+    """Whether a page, or a form it draws, shows text; each form looked at once (forms may draw each other, in a
+    loop, or share one resources dictionary)."""
+    seen = set() if seen is None else seen
     if pikepdf.parse_content_stream(content, _TEXT_SHOWING):
         return True
-    forms = content.get("/Resources", {}).get("/XObject", {}) if depth < 8 else {}
-    return any(form.get("/Subtype") == "/Form" and _shows_text(form, depth + 1) for form in forms.values())
+    for form in content.get("/Resources", {}).get("/XObject", {}).values():
+        if form.get("/Subtype") == "/Form" and form.objgen not in seen:
+            seen.add(form.objgen)
+            if _shows_text(form, seen):
+                return True
+    return False
 
 
 @contextmanager
 def _scanned_pages(path: str, rows: Sequence[dict]) -> Iterator[tuple[pikepdf.Pdf, list[int]]]:
-    """A PDF holding the pages of the ``pages`` rows given, in page order: a PDF input itself (qpdf repairs a
-    damaged one as it opens it) less the pages not asked for, :func:`_image_pages` for an image; and per page,
-    the degrees its pixels are already turned from the file's own."""
+    """A PDF holding the pages of the ``pages`` rows given, in page order: a PDF input itself when they are all its
+    pages (qpdf repairs a damaged one as it opens it), else a new one of those pages (``--pages``: the original's
+    page labels and outline would name other pages), :func:`_image_pages` for an image; and per page, the degrees
+    its pixels are already turned from the file's own."""
     numbers = [row["page"] for row in rows]
     with open(path, "rb") as handle:
         kind = sniff_kind(handle.read(1024))
     if kind == "pdf":
-        with pikepdf.open(path) as out:
-            for index in reversed(range(len(out.pages))):
-                if index + 1 not in numbers:
-                    del out.pages[index]
-            yield out, [0] * len(numbers)
-        return
-    # the job read these pages, maybe under a max_page_pixels above the default: Pillow may open them
-    allow_pixels(max(row["width"] * row["height"] for row in rows))
-    pdf, page_indexes, turns = _image_pages(path, {row["page"]: row["dpi"] for row in rows})
-    with pikepdf.open(io.BytesIO(pdf)) as source, pikepdf.new() as out:
-        for number in numbers:
-            out.pages.append(source.pages[page_indexes[number - 1]])
-        yield out, [turns[number - 1] for number in numbers]
+        original, indexes, turns = path, [number - 1 for number in numbers], [0] * len(numbers)
+    else:
+        # the job read these pages, maybe under a max_page_pixels above the default: Pillow may open them
+        allow_pixels(max(row["width"] * row["height"] for row in rows))
+        pdf, page_indexes, all_turns = _image_pages(path, {row["page"]: row["dpi"] for row in rows})
+        original = io.BytesIO(pdf)
+        indexes, turns = [page_indexes[number - 1] for number in numbers], [all_turns[number - 1] for number in numbers]
+    with pikepdf.open(original) as source:
+        if kind == "pdf" and indexes == list(range(len(source.pages))):
+            yield source, turns
+            return
+        with pikepdf.new() as out:
+            for index in indexes:
+                out.pages.append(source.pages[index])
+            yield out, turns
 
 
 def _image_pages(path: str, dpis: Mapping[int, int]) -> tuple[bytes, list[int], list[int]]:
