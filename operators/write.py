@@ -37,8 +37,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from operators.errors import (EXPORT_FAILED, ConfigError, OutputLocked, OutputNotWritable, SourceChanged,
-                              WriteFailed)
+from operators.errors import (EXPORT_FAILED, ConfigError, DocumentError, OutputLocked, OutputNotWritable,
+                              SourceChanged, WriteFailed)
 from operators.formats.export import remove_other_exports, write_exports
 from operators.ingest import KnownDocument, check_unchanged, duplicate_id
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
@@ -512,26 +512,28 @@ class ParquetSink:
         """Write the document's export files. An output that cannot be written stops the job
         (:func:`operators.storage.writing`), and so does the temporary folder running out of space while they are
         made. A source changed since its pages were read (the searchable PDF and METS read it again) fails this
-        document as ``source_changed``, its exports removed; any other failure (a file a PDF library cannot
-        embed, say) fails it as ``export_failed``; either way its text stays in the tables."""
+        document as ``source_changed``, any other failure (a file a PDF library cannot embed, say) as
+        ``export_failed``; either way what it had exported is removed, and its text stays in the tables."""
         document, folder = asdict(outcome), f"{self.root}/{EXPORTS_DIR}"
-        stamp = (outcome.source_size, outcome.source_mtime_ns)
+        stamp = (outcome.source_size, outcome.source_mtime_ns) if rows else (None, None)
         try:
-            try:
-                if rows and None not in stamp:
-                    check_unchanged(outcome.source, stamp)
-                write_exports(rows, document, self.exports, folder, self.filesystem, pdfa=self.pdfa)
-                if rows and None not in stamp:
-                    check_unchanged(outcome.source, stamp)
-            except SourceChanged:  # what was written may show the new file's pixels
-                with writing(f"the exports of {outcome.source} in {folder}"):
-                    remove_other_exports(document, (), folder, self.filesystem)
-                raise
+            if None not in stamp:
+                check_unchanged(outcome.source, stamp)
+            write_exports(rows, document, self.exports, folder, self.filesystem, pdfa=self.pdfa)
+            if None not in stamp:
+                check_unchanged(outcome.source, stamp)
         except WriteFailed:
             raise
         except Exception as exc:  # noqa: BLE001 - one document's exports never end the job
             if (full := scratch_space_full(exc, f"making the exports of {outcome.source}")) is not None:
                 raise full from exc
+            if not isinstance(exc, SourceChanged) and None not in stamp:  # the file gone or replaced under a renderer
+                try:
+                    check_unchanged(outcome.source, stamp)
+                except DocumentError as found:
+                    exc = found if isinstance(found, SourceChanged) else exc
+            with writing(f"the exports of {outcome.source} in {folder}"):  # none half written, none of another file
+                remove_other_exports(document, (), folder, self.filesystem)
             return _export_failed(outcome, exc)
         return outcome
 

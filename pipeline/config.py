@@ -115,5 +115,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Jo
     except ValidationError as exc:
         where = f" in {source}" if source else ""
         overridden = {item.partition("=")[0].strip() for item in overrides}
-        raise ConfigError(f"invalid configuration{where}{' with --set' if overrides else ''}: "
+        raise ConfigError(f"invalid configuration{where}{' and the command line' if overrides else ''}: "
                           f"{describe_errors(exc, overridden)}") from exc

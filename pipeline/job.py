@@ -14,6 +14,7 @@ import os
 import pickle
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections import deque
@@ -26,7 +27,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from operators.checkpoint import resolve_checkpoint
-from operators.errors import ConfigError, InternalError, WriteFailed
+from operators.errors import ConfigError, InternalError, PipelineError, WriteFailed
 from operators.storage import is_uri, recorded_source
 from operators.ingest import DocumentPlan, KnownDocument, find_inputs, mark_duplicates, source_id, triage
 from operators.pages import selected_pages
@@ -217,6 +218,12 @@ def ray_session(config: JobConfig, verbose: bool = False) -> Iterator[None]:
             raise KeyboardInterrupt(f"signal {signal.SIGTERM}") from exc
         except ConnectionError as exc:  # auto with no cluster here, a Ray client that does not answer
             raise ConfigError(f"cannot join the Ray cluster at {cluster_address(config) or 'auto'}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception when its own processes do not start
+            if options["address"] != "local":
+                raise
+            where = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
+            raise PipelineError(f"Ray could not start on this machine ({exc}): it keeps its session files in {where} "
+                                "(RAY_TMPDIR, else the temporary folder): is there room?") from exc
         if callable(sigterm) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)  # Ray's own handler would abort the driver with a stack dump
         yield

@@ -142,11 +142,12 @@ def test_exports_that_fail_fail_their_document_not_the_job(tmp_path, monkeypatch
     document is failed with export_failed, its pages are still written, and the next document is fine."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a.pdf").write_text("not a pdf")
-    sink = ParquetSink(str(tmp_path / "out"), rows_per_file=100, exports=("pdf",))
+    sink = ParquetSink(str(tmp_path / "out"), rows_per_file=100, exports=("alto", "pdf"))
     sink.expect(_document("a", 1))
     sink.add_page(_page("a", 1))
     sink.expect(_document("b", 0, status="failed", error_code="corrupt_file"))
     summary = sink.close()
+    assert list((tmp_path / "out" / EXPORTS_DIR).iterdir()) == []  # its ALTO, written before, had stayed
     rows = {row["doc_id"]: row for row in _read(tmp_path / "out", DOCUMENTS_DIR).to_pylist()}
     assert rows["a"]["status"] == "failed" and rows["a"]["error_code"] == "export_failed"
     assert "exports not written" in rows["a"]["error_message"] and rows["b"]["error_code"] == "corrupt_file"
