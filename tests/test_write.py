@@ -193,6 +193,11 @@ def test_retrying_failed_documents_takes_out_their_rows_and_pages_and_keeps_ever
     assert published.failed_to_retry({"a.pdf": "a"}).doc_ids == set()
     retirement = published.failed_to_retry(everything)
     assert (retirement.dependents, retirement.failed) == ({"d"}, {"f", "g", "h"})
+    # a folder that could not be listed, whose files this run reads: its row goes (it had stayed for good)
+    folders = ParquetSink(str(tmp_path / "folders"), rows_per_file=4)
+    folders.expect(DocumentRecord("box", "/scans/box", "failed", "unreadable", "cannot list the folder", 0))
+    folders.close()
+    assert published_documents(str(tmp_path / "folders")).failed_to_retry({"/scans/box/a.pdf": "a"}).doc_ids == {"box"}
     retire_documents(str(tmp_path), retirement)
     assert len(list((tmp_path / DOCUMENTS_DIR).iterdir())) == len(list((tmp_path / PAGES_DIR).iterdir())) == 1
     assert recover_output(str(tmp_path)).sources() == {"a": "a.pdf"}
