@@ -25,6 +25,7 @@ from operators.settings import RasterizeConfig
 from operators.errors import (DocumentError, PAGE_COUNT_MISMATCH, PageTooLarge, RenderFailed, RenderTimeout,
                               SourceChanged)
 from operators.records import PageWork
+from operators.storage import scratch_space_full
 
 #: Scans often claim 72 dpi or nothing; outside this range the configured dpi is used instead.
 _PLAUSIBLE_DPI = (100, 1200)
@@ -235,7 +236,8 @@ def _render(task: PageRange, path: str, config: RasterizeConfig) -> list[PageWor
 
 
 def rasterize(task: PageRange, config: RasterizeConfig) -> list[PageWork]:
-    """Render one page range upright; a failure fails every page of the range with the reason."""
+    """Render one page range upright; a failure fails every page of the range with the reason (``write_failed``
+    when the temporary folder is full: the job stops on it, :func:`operators.storage.scratch_space_full`)."""
     if task.oversized is not None:
         return [_new_page(task, task.first, config.dpi).fail(PageTooLarge.error_code, task.oversized)]
     try:
@@ -252,4 +254,8 @@ def rasterize(task: PageRange, config: RasterizeConfig) -> list[PageWork]:
     except Exception as exc:  # noqa: BLE001 - one file must never end the job
         reason = (RenderFailed.error_code,
                   f"pages {task.first}-{task.last} cannot be decoded: {type(exc).__name__}: {exc}")
+        if (full := scratch_space_full(exc, f"reading {task.source}")) is not None:
+            # the job's to stop (a repaired PDF, a URI's copy are made there), not the pages': the driver stops
+            # it on this code, which Ray Data would not carry as an exception, and records nothing
+            reason = (full.error_code, str(full))
     return [_new_page(task, number, config.dpi).fail(*reason) for number in range(task.first, task.last + 1)]

@@ -391,12 +391,15 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                         for batch in batches:
                             for item in batch["work"]:
                                 work = pickle.loads(item)
+                                if work.error_code == WriteFailed.error_code:  # the job's to stop (:func:`rasterize`)
+                                    raise WriteFailed(work.error_message)
                                 if progress:
                                     progress.page_done(work)
                                 sink.add_page(work)
                     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is finished is kept, published
                         sink.flush()  # first: `ray job stop` kills the driver a few seconds after its SIGTERM
                         raise
+
         written = sink.close()
     return JobSummary(output=output, documents_skipped=len(plans) - len(fresh) - unselected, written=written,
                       seconds=time.monotonic() - started, left_out=dict(found.left_out),

@@ -19,7 +19,7 @@ from PIL import Image
 from conftest import write_pdf
 from operators.ingest import (NEW_SUBFILE_TYPE, SUBFILE_TYPE, KnownDocument, find_inputs, page_frames, sniff_kind,
                               triage)
-from operators.rasterize import page_ranges, rasterize
+from operators.rasterize import PageRange, page_ranges, rasterize
 from pipeline.job import DryRun
 from operators.settings import RasterizeConfig
 from operators.write import output_folders
@@ -322,14 +322,19 @@ def test_broken_cross_reference_is_repaired(tmp_path, good_pdf):
 
 def test_a_full_temporary_folder_stops_the_job_instead_of_failing_the_file_for_good(tmp_path, good_pdf, small_disk):
     """qpdf repairs a damaged PDF into the temporary folder: with it full, the PDF had been recorded as
-    internal_error, and never read again by a plain rerun."""
+    internal_error at triage, or its pages as render_failed, and never read again by a plain rerun. Triage raises;
+    rendering, inside Ray Data (which would not carry the exception), marks its pages write_failed, and the job
+    stops on that code."""
     test_broken_cross_reference_is_repaired(tmp_path, good_pdf)
+    source = str(tmp_path / "broken-xref.pdf")
     (small_disk / "filler").write_bytes(b"\0" * (2 * 1024 * 1024))
     tempfile.tempdir = str(small_disk)
+    full = f"no space left in the temporary folder {small_disk} while reading {source}"
     try:
-        with pytest.raises(WriteFailed, match=f"no space left in the temporary folder {small_disk} while reading "
-                                              f"{tmp_path / 'broken-xref.pdf'}"):
-            triage(str(tmp_path / "broken-xref.pdf"), CONFIG)
+        with pytest.raises(WriteFailed, match=full):
+            triage(source, CONFIG)
+        pages = rasterize(PageRange("id", source, "pdf", 1, 2, repaired=True), CONFIG)
+        assert {(page.error_code, page.error_message.split(":")[0]) for page in pages} == {("write_failed", full)}
     finally:
         tempfile.tempdir = None
 
