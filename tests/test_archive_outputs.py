@@ -370,6 +370,20 @@ def test_a_pdf_keeps_its_outline_labels_metadata_and_encryption_and_text_is_not_
         assert len(pdf.pages) == 1 and "/PageLabels" not in pdf.Root and not list(pdf.open_outline().root)
 
 
+def test_a_pdf_holding_what_pdfa_refuses_gets_a_pdfa_of_its_pages(tmp_path, page_images):
+    """A scanner's PDF with a script run on opening: kept whole, PDF/A validation refused it and the document
+    failed as export_failed (the pages alone, as before the whole document was kept, make a valid PDF/A)."""
+    source = write_pdf(tmp_path / "scan.pdf", page_images[:1])
+    with pikepdf.open(source, allow_overwriting_input=True) as pdf:
+        pdf.Root.OpenAction = pikepdf.Dictionary(S=pikepdf.Name.JavaScript, JS=pikepdf.String("app.alert(1)"))
+        pdf.save(source)
+    [work] = rasterize(PageRange("id", str(source), "pdf", 1, 1), RasterizeConfig(dpi=150))
+    with pikepdf.open(io.BytesIO(searchable_pdf([page_row(work)], str(source), pdfa=True))) as pdf:
+        assert pdf.open_metadata().pdfa_status == "2B" and "/OpenAction" not in pdf.Root and len(pdf.pages) == 1
+    with pikepdf.open(io.BytesIO(searchable_pdf([page_row(work)], str(source)))) as pdf:
+        assert "/OpenAction" in pdf.Root  # without PDF/A, the document as it was
+
+
 def test_text_is_looked_for_in_each_form_once(tmp_path):
     """Forms that share one resources dictionary (some producers write one for every page and form) draw each
     other: the search for text on a page had taken every path through them, N**8 parses (hours at 8 forms)."""

@@ -38,32 +38,46 @@ log = logging.getLogger(__name__)
 def searchable_pdf(pages: Sequence[dict], source: str, pdfa: bool = False) -> bytes:
     """The document's pages (the ``pages`` rows given, in page order) with their text layers. A PDF keeps what it
     holds besides its pages (outlines, page labels, forms, metadata, and its encryption unless PDF/A is asked
-    for, which forbids it); a page that shows text already (born digital, or OCRed before) gets no second text
-    layer, as OCRmyPDF's ``--skip-text`` does, so that its text is not found twice."""
+    for, which forbids it); where PDF/A refuses some of that (a script, a form, an attachment), the PDF/A holds
+    the pages alone. A page that shows text already (born digital, or OCRed before) gets no second text layer, as
+    OCRmyPDF's ``--skip-text`` does, so that its text is not found twice."""
     ordered = sorted(pages, key=lambda row: row["page"])
     with local_path(source) as path, tempfile.TemporaryDirectory(prefix="trocr-pipeline-pdf-") as folder:
         text_path = Path(folder) / "text.pdf"
         Fpdf2MultiPageRenderer([(row["page"], ocr_page(row), row["dpi"]) for row in ordered],
                                MultiFontManager()).render(text_path)
-        with _scanned_pages(path, ordered) as (out, turned), pikepdf.open(text_path) as text:
-            with_text = []
-            for row, page, already, text_page in zip(ordered, out.pages, turned, text.pages):
-                # EXIF or /Rotate, plus what orientation detection turned, less what the pixels already have
-                page.Rotate = (row["rotation"] - already) % 360
-                if _shows_text(page.obj):
-                    with_text.append(row["page"])
-                else:
-                    page.add_overlay(out.copy_foreign(text_page.as_form_xobject()), pikepdf.Rectangle(page.cropbox))
-            if with_text:
-                log.info("%s: %d page(s) show text already (page %d first): the searchable PDF adds no text layer "
-                         "to them", source, len(with_text), with_text[0])
-            out.docinfo[pikepdf.Name.Creator] = "trocr-pipeline"
-            buffer = io.BytesIO()
-            if pdfa:
-                pikepdf.pdfa.save(out, buffer, PDFA_FLAVOUR)
+        try:
+            return _with_text_layers(source, path, ordered, text_path, pdfa, whole=True)
+        except pikepdf.pdfa.PdfaError:
+            if not pdfa:
+                raise
+            log.info("%s: PDF/A refuses what the PDF holds besides its pages: the PDF/A holds the pages alone", source)
+            return _with_text_layers(source, path, ordered, text_path, pdfa, whole=False)
+
+
+def _with_text_layers(source: str, path: str, rows: Sequence[dict], text_path: Path, pdfa: bool,
+                      whole: bool) -> bytes:
+    """The PDF of :func:`searchable_pdf` (``source``, read from ``path``), the text layers of ``text_path`` laid
+    over the pages of :func:`_scanned_pages`."""
+    with _scanned_pages(path, rows, whole) as (out, turned), pikepdf.open(text_path) as text:
+        with_text = []
+        for row, page, already, text_page in zip(rows, out.pages, turned, text.pages):
+            # EXIF or /Rotate, plus what orientation detection turned, less what the pixels already have
+            page.Rotate = (row["rotation"] - already) % 360
+            if _shows_text(page.obj):
+                with_text.append(row["page"])
             else:
-                out.save(buffer, encryption=out.is_encrypted)
-            return buffer.getvalue()
+                page.add_overlay(out.copy_foreign(text_page.as_form_xobject()), pikepdf.Rectangle(page.cropbox))
+        if with_text:
+            log.info("%s: %d page(s) show text already (page %d first): the searchable PDF adds no text layer to "
+                     "them", source, len(with_text), with_text[0])
+        out.docinfo[pikepdf.Name.Creator] = "trocr-pipeline"
+        buffer = io.BytesIO()
+        if pdfa:
+            pikepdf.pdfa.save(out, buffer, PDFA_FLAVOUR)
+        else:
+            out.save(buffer, encryption=out.is_encrypted)
+        return buffer.getvalue()
 
 
 #: Content stream operators that show text.
@@ -85,11 +99,11 @@ def _shows_text(content: pikepdf.Object, seen: set[tuple[int, int]] | None = Non
 
 
 @contextmanager
-def _scanned_pages(path: str, rows: Sequence[dict]) -> Iterator[tuple[pikepdf.Pdf, list[int]]]:
+def _scanned_pages(path: str, rows: Sequence[dict], whole: bool = True) -> Iterator[tuple[pikepdf.Pdf, list[int]]]:
     """A PDF holding the pages of the ``pages`` rows given, in page order: a PDF input itself when they are all its
-    pages (qpdf repairs a damaged one as it opens it), else a new one of those pages (``--pages``: the original's
-    page labels and outline would name other pages), :func:`_image_pages` for an image; and per page, the degrees
-    its pixels are already turned from the file's own."""
+    pages and ``whole`` (qpdf repairs a damaged one as it opens it), else a new one of those pages (``--pages``:
+    the original's page labels and outline would name other pages), :func:`_image_pages` for an image; and per
+    page, the degrees its pixels are already turned from the file's own."""
     numbers = [row["page"] for row in rows]
     with open(path, "rb") as handle:
         kind = sniff_kind(handle.read(1024))
@@ -102,7 +116,7 @@ def _scanned_pages(path: str, rows: Sequence[dict]) -> Iterator[tuple[pikepdf.Pd
         original = io.BytesIO(pdf)
         indexes, turns = [page_indexes[number - 1] for number in numbers], [all_turns[number - 1] for number in numbers]
     with pikepdf.open(original) as source:
-        if kind == "pdf" and indexes == list(range(len(source.pages))):
+        if kind == "pdf" and whole and indexes == list(range(len(source.pages))):
             yield source, turns
             return
         with pikepdf.new() as out:
