@@ -373,10 +373,10 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             done = {doc_id: source for doc_id, source in published.sources().items()
                     if doc_id not in retirement.doc_ids}
             fresh, unselected = _with_selected_pages(mark_duplicates(plans, done), selection)
-            if config.output.exports and len(fresh) + unselected < len(plans):
+            skipped = len(plans) - len(fresh) - unselected  # already in the output
+            if config.output.exports and skipped:
                 log.warning("%d documents are already in %s and are not exported again: exports are written when a "
-                            "document is read (write to a new output to export them all)",
-                            len(plans) - len(fresh) - unselected, output)
+                            "document is read (write to a new output to export them all)", skipped, output)
             readable = [plan for plan in fresh if plan.duplicate_of is None]
             if progress:
                 progress.start(len(fresh), sum(len(selected_pages(selection, plan.num_pages)) for plan in readable))
@@ -399,9 +399,8 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is finished is kept, published
                         sink.flush()  # first: `ray job stop` kills the driver a few seconds after its SIGTERM
                         raise
-
         written = sink.close()
-    return JobSummary(output=output, documents_skipped=len(plans) - len(fresh) - unselected, written=written,
+    return JobSummary(output=output, documents_skipped=skipped, written=written,
                       seconds=time.monotonic() - started, left_out=dict(found.left_out),
                       retried=len(retirement.doc_ids), unselected=unselected)
 
@@ -455,14 +454,17 @@ def _line_preprocessor(config: JobConfig, mode: Mode) -> LinePreprocessor | None
     return preprocessor
 
 
+def _selects_no_page(plan: DocumentPlan, selection: str | None) -> bool:
+    """A readable document none of whose pages ``selection`` picks (``--pages 5-`` over a 2-page letter)."""
+    return (selection is not None and plan.error is None and plan.duplicate_of is None
+            and not selected_pages(selection, plan.num_pages))
+
+
 def _with_selected_pages(plans: list[DocumentPlan], selection: str | None) -> tuple[list[DocumentPlan], int]:
-    """The plans to write, and how many are left out for having no page in ``selection`` (``--pages 5-`` over a
-    2-page letter), with their duplicates: written as done with 0 pages, they had kept a later run with other
-    pages from the output for good (:func:`check_earlier_readings`). Left unwritten, a later run reads them."""
-    if selection is None:
-        return plans, 0
-    empty = {plan.doc_id for plan in plans
-             if plan.error is None and plan.duplicate_of is None and not selected_pages(selection, plan.num_pages)}
+    """The plans to write, and how many are left out for having no page in ``selection``
+    (:func:`_selects_no_page`), with their duplicates: written as done with 0 pages, they had kept a later run with
+    other pages from the output for good (:func:`check_earlier_readings`). Left unwritten, a later run reads them."""
+    empty = {plan.doc_id for plan in plans if _selects_no_page(plan, selection)}
     kept = [plan for plan in plans if plan.doc_id not in empty and plan.duplicate_of not in empty]
     if empty:
         first = next(plan for plan in plans if plan.doc_id in empty)
@@ -551,7 +553,7 @@ class DryRun:
                 state, selected, duplicates = "duplicate", 0, duplicates + 1
             elif plan.error is not None:
                 state, failing = "failed", failing + 1
-            elif not selected:  # not written (:func:`_with_selected_pages`)
+            elif _selects_no_page(plan, self.pages):  # not written (:func:`_with_selected_pages`)
                 state, unselected = "no pages", unselected + 1
             else:
                 state, todo_pages, todo_documents = "ok", todo_pages + selected, todo_documents + 1
