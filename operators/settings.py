@@ -10,7 +10,7 @@ import importlib.metadata
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from operators.pages import parse_pages
 
@@ -55,9 +55,18 @@ def check_languages(languages: tuple[str, ...]) -> None:
 
 
 class Frozen(BaseModel):
-    """Base of every settings class: immutable, and an unknown key is an error."""
+    """Base of every settings class: immutable, and an unknown key is an error. A number given for a text (a model
+    folder named ``2024``) is that text; a YAML truth value (``true``, ``yes``, ``on``) is no number."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _truth_values_only_for_switches(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
+            raise ValueError(f"got {str(value).lower()} (YAML reads true/false, yes/no and on/off as truth values), "
+                             "which is not a value of this key")
+        return value
 
 
 class RasterizeConfig(Frozen):

@@ -125,6 +125,8 @@ def _show_command(args: argparse.Namespace) -> int:
     from operators.text import printable_text
     from operators.write import read_published
 
+    if not args.output.strip():
+        raise ConfigError("show: the output name is empty: give the output folder or URI")
     documents, pages = read_published(args.output, ["source", "page", "status", "error_code", "error_message",
                                                      "text", "lines"])
     if not documents:

@@ -23,6 +23,14 @@ def test_overrides_are_parsed_as_yaml():
     assert config.ray.address is None
 
 
+def test_a_number_names_a_model_folder_and_a_truth_value_is_no_number():
+    assert load_config(ROOT / "configs" / "local.yaml", ["recognize.model=2024"]).recognize.model == "2024"
+    assert load_config(ROOT / "configs" / "local.yaml", ["recognize.split_long_lines=no"]).recognize.split_long_lines is False
+    for override in ("recognize.num_beams=true", "recognize.line_batch_size=yes", "rasterize.num_cpus=on"):
+        with pytest.raises(ConfigError, match=rf"{override.partition('=')[0]} \(--set\): .*truth value"):
+            load_config(ROOT / "configs" / "local.yaml", [override])
+
+
 def test_config_is_frozen():
     config = load_config(ROOT / "configs" / "local.yaml")
     with pytest.raises(Exception):
@@ -153,6 +161,7 @@ def test_mistyped_command_lines_get_one_line_and_exit_code_2(tmp_path, capsys):
         (["inspect", str(tmp_path / "a.pdf"), "--output", "s3://bucket/i"], "this command writes to a local folder"),
         (["synth", "docs", "--output", str(tmp_path / "s"), "--dpi", "0"], "synth docs: dpi must be in (50, 600)"),
         (["run", str(tmp_path / "a.pdf"), "--output", "", "--dry-run"], "--output is empty"),
+        (["show", ""], "show: the output name is empty"),
         (["run", str(tmp_path / "a.pdf"), "--output", "s3://", "--dry-run"], "'s3://' names no bucket or folder"),
         (["run", str(tmp_path / "a.pdf"), "--output", str(tmp_path / "out"), "--pdfa", "--dry-run"],
          "pdfa makes the searchable PDF a PDF/A: export pdf as well"),
