@@ -364,10 +364,15 @@ def test_a_pdf_keeps_its_outline_labels_metadata_and_encryption_and_text_is_not_
     first, second = _pdf_words(exported)
     assert [text for text, _ in first] == "Annual report of the harbour office".split()
     assert "scanned" in [text for text, _ in second]
-    # --pages: a PDF of the pages read, without the original's labels and outline, which name other pages
+    # --pages: a PDF of the pages read, without the original's labels and outline, which name other pages, and
+    # encrypted as the original (it had been saved unencrypted)
     run_job([str(source)], str(tmp_path / "page2"), load_config(None, [DPI, "output.exports=[pdf]", "rasterize.pages=2"]))
-    with pikepdf.open(next((tmp_path / "page2" / "exports").glob("report-*.pdf"))) as pdf:
+    [page2] = (tmp_path / "page2" / "exports").glob("report-*.pdf")
+    with pikepdf.open(page2) as pdf:
         assert len(pdf.pages) == 1 and "/PageLabels" not in pdf.Root and not list(pdf.open_outline().root)
+        assert pdf.is_encrypted and not pdf.allow.extract
+    [only] = _pdf_words(page2)
+    assert "scanned" in [text for text, _ in only]
 
 
 def test_a_pdf_holding_what_pdfa_refuses_gets_a_pdfa_of_its_pages(tmp_path, page_images):

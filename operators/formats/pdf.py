@@ -102,7 +102,8 @@ def _shows_text(content: pikepdf.Object, seen: set[tuple[int, int]] | None = Non
 def _scanned_pages(path: str, rows: Sequence[dict], whole: bool = True) -> Iterator[tuple[pikepdf.Pdf, list[int]]]:
     """A PDF holding the pages of the ``pages`` rows given, in page order: a PDF input itself when they are all its
     pages and ``whole`` (qpdf repairs a damaged one as it opens it), else a new one of those pages (``--pages``:
-    the original's page labels and outline would name other pages), :func:`_image_pages` for an image; and per
+    the original's page labels and outline would name other pages; an encrypted one keeps its encryption, and
+    loses its labels and outline), :func:`_image_pages` for an image; and per
     page, the degrees its pixels are already turned from the file's own."""
     numbers = [row["page"] for row in rows]
     with open(path, "rb") as handle:
@@ -116,7 +117,14 @@ def _scanned_pages(path: str, rows: Sequence[dict], whole: bool = True) -> Itera
         original = io.BytesIO(pdf)
         indexes, turns = [page_indexes[number - 1] for number in numbers], [all_turns[number - 1] for number in numbers]
     with pikepdf.open(original) as source:
-        if kind == "pdf" and whole and indexes == list(range(len(source.pages))):
+        every_page = indexes == list(range(len(source.pages)))
+        if kind == "pdf" and whole and (every_page or source.is_encrypted):
+            if not every_page:  # the pages read, under the owner's encryption, which a new PDF could not copy
+                for index in sorted(set(range(len(source.pages))) - set(indexes), reverse=True):
+                    del source.pages[index]
+                for names_other_pages in ("/PageLabels", "/Outlines"):
+                    if names_other_pages in source.Root:
+                        del source.Root[names_other_pages]
             yield source, turns
             return
         with pikepdf.new() as out:
