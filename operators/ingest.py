@@ -7,6 +7,7 @@ bad file fails here with a precise error instead of deep inside rendering.
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import hashlib
 import os
@@ -534,17 +535,105 @@ def triage_image(path: str, config: RasterizeConfig) -> tuple[int, tuple[tuple[i
     return len(frames), _oversized(sizes, len(frames), config, config.dpi)
 
 
+#: How much of the temporary folder a node's copies of URI inputs may take (least recently used out first).
+INPUT_COPIES_BYTES = 4 << 30
+
+
 @contextmanager
-def local_path(source: str) -> Iterator[str]:
-    """A local path for poppler/Pillow: the file itself when local, else a temporary copy."""
+def local_path(source: str, keep_bytes: int = INPUT_COPIES_BYTES) -> Iterator[str]:
+    """A local path for poppler/Pillow: the file itself when local, else this node's copy of it. Every page range
+    of a document and each of its exports reads the file: the copy is made once per node and version of the file
+    (its size and modification time), and held while in use, so that no other task takes it out."""
     if not is_uri(source):
         yield source
         return
-    with tempfile.NamedTemporaryFile(prefix="trocr-pipeline-", suffix=Path(source).suffix) as handle:
-        for chunk in _chunks(source):
-            handle.write(chunk)
-        handle.flush()
-        yield handle.name
+    folder = Path(tempfile.gettempdir()) / f"trocr-pipeline-inputs-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    if folder.is_symlink() or folder.stat().st_uid != os.getuid():  # another user's in a shared /tmp
+        raise UnreadableFile(f"cannot copy {source}: {folder} is not this user's folder")
+    stamp = source_stamp(source)
+    if stamp is None:
+        raise UnreadableFile(f"cannot read {source}: there is no such file")
+    key = hashlib.sha256(f"{source}\n{stamp}".encode("utf-8", "surrogateescape")).hexdigest()
+    copy, lock_path = folder / f"{key}{Path(source).suffix}", folder / f"{key}.lock"
+    while True:  # until a copy is held: a lock changes hands for a moment as it turns exclusive or shared
+        lock = _lock(lock_path, fcntl.LOCK_SH)  # readers share it; none may take the copy out meanwhile
+        try:
+            if not copy.exists():
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not copy.exists():
+                    _copy(source, stamp, copy)
+                    _keep_recent(folder, keep_bytes - copy.stat().st_size, keep=copy)
+                fcntl.flock(lock, fcntl.LOCK_SH)
+            if copy.exists() and _holds(lock, lock_path):
+                os.utime(copy)  # its last use, which decides what goes first
+                yield str(copy)
+                return
+        finally:
+            os.close(lock)
+
+
+def _copy(source: str, stamp: tuple[int, int], copy: Path) -> None:
+    """Copy ``source`` to ``copy`` whole or not at all; refused when it changed while copied."""
+    handle, partial = tempfile.mkstemp(dir=copy.parent, prefix=copy.stem, suffix=".part")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            for chunk in _chunks(source):
+                out.write(chunk)
+        check_unchanged(source, stamp)
+        os.replace(partial, copy)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+
+
+def _keep_recent(folder: Path, room: int, keep: Path) -> None:
+    """Take out the least recently used copies (and what killed copies left) until the rest fit in ``room``
+    bytes; a copy in use (its lock held) stays."""
+    files = []
+    for entry in folder.iterdir():
+        try:
+            if entry.suffix != ".lock" and entry != keep:
+                files.append((entry.stat(), entry))
+        except FileNotFoundError:  # taken out by another task meanwhile
+            pass
+    total = sum(status.st_size for status, _ in files)
+    for status, entry in sorted(files, key=lambda item: item[0].st_mtime):
+        if total <= room:
+            return
+        key = entry.name.split(".")[0][:64]
+        try:
+            lock = _lock(folder / f"{key}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue
+        try:
+            entry.unlink(missing_ok=True)
+            total -= status.st_size
+            (folder / f"{key}.lock").unlink()
+        finally:
+            os.close(lock)
+
+
+def _lock(path: Path, how: int) -> int:
+    """An open descriptor of the lock file ``path``, locked ``how``; one taken out while waiting is opened anew,
+    so that two tasks never hold locks on two files of one name."""
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, how)
+        except BaseException:
+            os.close(descriptor)
+            raise
+        if _holds(descriptor, path):
+            return descriptor
+        os.close(descriptor)
+
+
+def _holds(descriptor: int, path: Path) -> bool:
+    """Whether the open lock file is still the one named ``path`` (not taken out, nor made anew since)."""
+    try:
+        return os.fstat(descriptor).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def source_id(source: str) -> str:
@@ -586,12 +675,12 @@ def triage(source: str, config: RasterizeConfig, known: KnownDocument | None = N
             raise UnreadableFile(f"cannot read {source}: there is no such file")
         if known is not None and known.stamp == stamp:
             return DocumentPlan(doc_id=known.doc_id, source=source, kind=None, num_pages=known.num_pages, stamp=stamp)
-        doc_id, head, size = fingerprint(source)
-        if size == 0:
-            raise EmptyFile("the file is empty (0 bytes)")
-        kind = sniff_kind(head)
         quiet_decoders()
-        with local_path(source) as path:
+        with local_path(source) as path:  # a URI's bytes fetched once, for the hash and for the look inside
+            doc_id, head, size = fingerprint(path)
+            if size == 0:
+                raise EmptyFile("the file is empty (0 bytes)")
+            kind = sniff_kind(head)
             if kind == "pdf":
                 num_pages, repaired, rotations, oversized = triage_pdf(path, config)
             else:

@@ -418,3 +418,34 @@ def test_a_file_unchanged_since_its_document_was_written_is_not_read_again(tmp_p
     assert triage(str(source), CONFIG).doc_id != plan.doc_id
     os.utime(source, ns=(plan.stamp[1] + 10**9, plan.stamp[1] + 10**9))
     assert triage(str(source), CONFIG, known).doc_id != plan.doc_id
+
+
+def test_a_uri_input_is_copied_once_per_version_and_the_oldest_copies_make_room(tmp_path, good_pdf, page_images,
+                                                                                  monkeypatch):
+    """Each page range and export of a URI's document had downloaded the whole file again (a 400-page PDF from
+    object storage: 50 downloads at 8 pages a range)."""
+    from operators.ingest import local_path
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    source = tmp_path / "book.pdf"
+    shutil.copy(good_pdf, source)
+    uri = f"file://{source}"
+    with local_path(uri) as first:
+        copied = os.stat(first)
+        with local_path(uri) as again:  # a second reader at once, as page ranges of one document are
+            assert again == first
+    for number in (1, 2):  # each range renders from the one copy, untouched since it was made
+        [page] = rasterize(PageRange("id", uri, "pdf", number, number), CONFIG)
+        assert page.error_code is None
+    assert (os.stat(first).st_ino, os.stat(first).st_size) == (copied.st_ino, copied.st_size)
+    room = 2 * good_pdf.stat().st_size
+    write_pdf(source, page_images[:2])  # a new version of the file, a new copy
+    os.utime(source, ns=(copied.st_mtime_ns + 10**9,) * 2)
+    with local_path(uri, keep_bytes=room) as newer:
+        assert newer != first and Path(newer).read_bytes() == source.read_bytes()
+        shutil.copy(good_pdf, tmp_path / "other.pdf")
+        with local_path(f"file://{tmp_path / 'other.pdf'}", keep_bytes=room) as other:
+            assert not Path(first).exists()  # the least recently used copy made room
+            assert Path(newer).exists() and Path(other).exists()  # one in use stays, over the bound too
+    assert not list((tmp_path / "tmp").glob("*/*.part"))
