@@ -25,14 +25,23 @@ def recorded_source(source: str) -> str:
     return source.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+#: How long a ``gs://`` store is retried before the read or write fails (a URI's ``?retry_limit_seconds=`` wins).
+GCS_RETRY_LIMIT_S = 60
+
+
 def resolve_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem of ``location`` and the path in it: a URI's own filesystem, else the local
     one with the path made absolute. A name that is not UTF-8 (Linux allows any bytes) pyarrow cannot take."""
     if (recorded := recorded_source(location)) != location:
         raise ConfigError(f"{recorded} is not a UTF-8 name, which this tool cannot write to or read from: rename it")
     if is_uri(location):
+        scheme, _, rest = location.partition("://")
+        uri = location
+        if scheme in ("gs", "gcs") and "retry_limit_seconds=" not in rest.partition("?")[2]:
+            # Google's client retries an unreachable store for 15 minutes by default, deaf to a stop meanwhile
+            uri += f"{'&' if '?' in rest else '?'}retry_limit_seconds={GCS_RETRY_LIMIT_S}"
         try:
-            filesystem, path = pafs.FileSystem.from_uri(location)
+            filesystem, path = pafs.FileSystem.from_uri(uri)
         except pa.ArrowInvalid as exc:
             raise ConfigError(f"{location!r} is not a valid URI ({exc}); in a URI, write a space as %20, "
                               "# as %23 and % as %25") from exc

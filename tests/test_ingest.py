@@ -143,6 +143,18 @@ def test_uri_with_a_raw_space_is_refused_with_the_fix(tmp_path):
         find_inputs([f"file://{tmp_path}/a b.pdf"]).sources
 
 
+def test_a_gs_store_is_retried_for_a_minute_not_a_quarter_of_an_hour():
+    """Google's client retries an unreachable store for 15 minutes by default, and a stopped job waited it out."""
+    from datetime import timedelta
+
+    from operators.storage import GCS_RETRY_LIMIT_S
+
+    for uri, limit, path in (("gs://bucket/scans/a.pdf", GCS_RETRY_LIMIT_S, "bucket/scans/a.pdf"),
+                             ("gs://bucket/a.pdf?retry_limit_seconds=5", 5, "bucket/a.pdf")):
+        filesystem, found = resolve_filesystem(uri)
+        assert found == path and filesystem.__reduce__()[1][0]["retry_time_limit"] == timedelta(seconds=limit)
+
+
 def test_input_matching_nothing_is_an_error(tmp_path):
     with pytest.raises(NoInputError, match="missing"):
         find_inputs([str(tmp_path / "missing")]).sources
