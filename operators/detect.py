@@ -133,12 +133,19 @@ def _sheets(bright: np.ndarray, square: np.ndarray) -> np.ndarray:
     largest, widened by ``square`` to take in the ink on them.
 
     Scanner targets, rulers and banners lie on the scan as separate small pieces of paper; both
-    pages of an open book are large and both stay."""
+    pages of an open book are large and both stay, with all they enclose."""
     count, labels, stats, _ = cv2.connectedComponentsWithStats(bright.astype(np.uint8), connectivity=4)
     if count <= 1:
         return np.zeros(bright.shape, bool)
     areas = stats[1:, cv2.CC_STAT_AREA]
     pages = np.concatenate([[0], areas >= SHEET_SHARE * areas.max()]).astype(np.uint8)[labels]
+    # what a page encloses is the page's: the cells of a ruled table or form, each a small separate piece of
+    # bright paper, whose text had been left out with the scanner targets
+    count, others, stats, _ = cv2.connectedComponentsWithStats(1 - pages, connectivity=8)
+    left, top, widths, heights = (stats[1:, i] for i in range(4))
+    rows, cols = pages.shape
+    enclosed = (left > 0) & (top > 0) & (left + widths < cols) & (top + heights < rows)
+    pages |= np.concatenate([[False], enclosed]).astype(np.uint8)[others]
     return cv2.dilate(pages, square) > 0
 
 

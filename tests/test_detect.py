@@ -359,6 +359,24 @@ def test_text_on_a_card_beside_the_page_is_not_read():
     assert all(line.bbox[2] < 1000 for line in lines)
 
 
+def test_text_in_the_cells_of_a_ruled_table_is_read():
+    """A ledger or form: its rules cut the paper into cells, each a small separate piece of bright paper, which
+    had been left out as a card beside the page is, and the table's text with it."""
+    page = Image.new("L", (1275, 1650), 235)
+    draw = ImageDraw.Draw(page)
+    font, columns, rows = ImageFont.truetype(FONT, 26), (100, 450, 800, 1150), 6
+    for row in range(rows + 1):
+        draw.line([(100, 200 + row * 70), (1150, 200 + row * 70)], fill=25, width=2)
+    for x in columns:
+        draw.line([(x, 200), (x, 200 + rows * 70)], fill=25, width=2)
+    for row in range(rows):
+        for x in columns[:-1]:
+            draw.text((x + 20, 200 + row * 70 + 45), f"{WORDS[row]} {row + 1}", font=font, fill=25, anchor="ls")
+    lines = detect_lines(np.array(page), DPI, CONFIG)
+    assert len(lines) == rows * 3
+    assert sorted(line.bbox[0] // 350 for line in lines) == sorted([0, 1, 2] * rows)
+
+
 def _line(polygon: list[tuple[int, int]]) -> LineRecord:
     xs, ys = zip(*polygon)
     return LineRecord(bbox=(min(xs), min(ys), max(xs) + 1, max(ys) + 1), polygon=polygon,
