@@ -30,6 +30,10 @@ PAPER_SHARE = 0.6
 #: A separate piece of paper smaller than this share of the largest is no page (ruler, colour
 #: chart, library banner, a sliver of the facing page).
 SHEET_SHARE = 0.25
+#: The least autocorrelation of the row profiles (per strip with ink) at a line pitch: the weakest page of
+#: handwriting measured gives 0.13; a page of a single short line had taken a ripple at 0.07, four glyph heights
+#: away, for its pitch, and lost the line to the padding that pitch gave it.
+MIN_PITCH_CORRELATION = 0.1
 #: Window, in glyph heights, of the running mean removed from row profiles before the line
 #: pitch is measured: several lines long, so the line rhythm itself stays.
 TREND_GLYPHS = 6
@@ -224,7 +228,7 @@ def _line_pitch(ink: np.ndarray, glyph_height: float) -> float:
     rows = ink.shape[0]
     max_lag = max(4, min(rows // 3, 400))
     trend = np.ones(_odd(TREND_GLYPHS * glyph_height)) / _odd(TREND_GLYPHS * glyph_height)
-    correlation = np.zeros(max_lag)
+    correlation, strips = np.zeros(max_lag), 0
     for strip in np.array_split(ink, 4, axis=1):
         profile = strip.sum(axis=1).astype(np.float64)
         profile -= np.convolve(profile, trend, mode="same")
@@ -232,8 +236,10 @@ def _line_pitch(ink: np.ndarray, glyph_height: float) -> float:
         if energy > 0:
             full = np.correlate(profile, profile, "full")[rows - 1 : rows - 1 + max_lag]
             correlation += full / energy
+            strips += 1
     inner = correlation[1:-1]
-    peaks = np.flatnonzero((inner > correlation[:-2]) & (inner >= correlation[2:]) & (inner > 0)) + 1
+    periodic = inner >= MIN_PITCH_CORRELATION * max(strips, 1)  # a lone line's far ripples are no pitch
+    peaks = np.flatnonzero((inner > correlation[:-2]) & (inner >= correlation[2:]) & periodic) + 1
     below_zero = np.flatnonzero(correlation < 0)
     peaks = peaks[peaks > below_zero[0]] if below_zero.size else peaks[:0]
     if peaks.size:

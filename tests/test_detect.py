@@ -359,6 +359,16 @@ def test_text_on_a_card_beside_the_page_is_not_read():
     assert all(line.bbox[2] < 1000 for line in lines)
 
 
+@pytest.mark.parametrize("word", ["Hello", "No. 7", "Fol. 12"])
+def test_a_page_holding_one_short_word_has_its_line(word):
+    """A label, a folio number, a signature alone on a page: a ripple of the row profiles four glyph heights away
+    had been taken for the line pitch, and the padding that pitch gave the word made it too square for a line."""
+    page = Image.new("L", (2550, 3300), 255)
+    ImageDraw.Draw(page).text((1000, 1400), word, font=ImageFont.truetype(FONT, 52), fill=0)
+    [line] = detect_lines(np.array(page), 300, CONFIG)
+    assert 960 <= line.bbox[0] and line.bbox[3] <= 1480
+
+
 def test_text_in_the_cells_of_a_ruled_table_is_read():
     """A ledger or form: its rules cut the paper into cells, each a small separate piece of bright paper, which
     had been left out as a card beside the page is, and the table's text with it."""
