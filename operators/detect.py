@@ -677,7 +677,7 @@ def _running_median(values: np.ndarray, radius: int = 2) -> np.ndarray:
 
 
 def _reading_order(lines: list[_Line]) -> list[_Line]:
-    """Top to bottom; lines sharing a row (overlapping by half a line) left to right."""
+    """Top to bottom; lines sharing a row (overlapping by half a line, side by side) left to right."""
     ordered = sorted(lines, key=lambda line: (line.y_top + line.y_bottom) / 2)
     for i in range(1, len(ordered)):
         j = i
@@ -688,8 +688,13 @@ def _reading_order(lines: list[_Line]) -> list[_Line]:
 
 
 def _same_row(a: _Line, b: _Line) -> bool:
+    """Pieces of one row (cut at a wide gap) lie side by side; of two lines of handwriting, one above the other,
+    whose ascenders and descenders make them overlap by half a line, each spans much of the other's width."""
     overlap = min(a.y_bottom, b.y_bottom) - max(a.y_top, b.y_top)
-    return overlap >= 0.5 * min(a.y_bottom - a.y_top, b.y_bottom - b.y_top)
+    (a_left, a_right), (b_left, b_right) = ((line.polygon[:, 0].min(), line.polygon[:, 0].max()) for line in (a, b))
+    across = min(a_right, b_right) - max(a_left, b_left)
+    return (overlap >= 0.5 * min(a.y_bottom - a.y_top, b.y_bottom - b.y_top)
+            and across < 0.5 * min(a_right - a_left, b_right - b_left))
 
 
 def _record(polygon: np.ndarray, baseline: np.ndarray, block: int, order: int) -> LineRecord:

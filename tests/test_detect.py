@@ -359,6 +359,22 @@ def test_text_on_a_card_beside_the_page_is_not_read():
     assert all(line.bbox[2] < 1000 for line in lines)
 
 
+def test_lines_of_handwriting_overlapping_by_half_a_line_are_read_top_down():
+    """Ascenders, descenders and padding make two lines of handwriting, one above the other, overlap by half a
+    line: the lower one, starting a little further left, had been read first, as if they shared a row. Pieces of
+    one row, side by side, are still read left to right."""
+    from operators.detect import _Line, _reading_order
+
+    def line(left, right, top, bottom):
+        polygon = np.array([(left, top), (right, top), (right, bottom), (left, bottom)], float)
+        return _Line(polygon, polygon[2:][::-1], float(left), float(top), float(bottom))
+
+    upper, lower = line(173, 1056, 1733, 1854), line(169, 1791, 1781, 1896)
+    assert _reading_order([lower, upper]) == [upper, lower]
+    date, place = line(1200, 1700, 300, 360), line(200, 700, 305, 362)  # "London," ... "March 20, 1905."
+    assert _reading_order([date, place]) == [place, date]
+
+
 @pytest.mark.parametrize("word", ["Hello", "No. 7", "Fol. 12"])
 def test_a_page_holding_one_short_word_has_its_line(word):
     """A label, a folio number, a signature alone on a page: a ripple of the row profiles four glyph heights away
