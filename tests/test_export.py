@@ -137,6 +137,11 @@ def test_page_xml_holds_regions_in_reading_order_with_words_and_confidences(expo
     assert words[2].find("p:Coords", PAGE).get("points") == "225,239 313,239 313,200 225,201"
     assert regions[0].findtext("p:TextEquiv/p:Unicode", namespaces=PAGE) == (
         f"{TRICKY}\nsecond line of the left column")
+    # a region outlines its lines' pixels (boxes' x1, y1 exclusive): a corner had lain a pixel beyond them
+    left, top, right, bottom = (f(line["bbox"][i] for line in pages[1]["lines"][:2])
+                                for f, i in ((min, 0), (min, 1), (max, 2), (max, 3)))
+    assert regions[0].find("p:Coords", PAGE).get("points") == (
+        f"{left},{top} {right - 1},{top} {right - 1},{bottom - 1} {left},{bottom - 1}")
 
 
 def test_hocr_holds_every_page_with_areas_lines_words_boxes_and_confidences(exported, pages):

@@ -139,8 +139,10 @@ def _union(lines: list[dict]) -> tuple[int, int, int, int]:
 
 
 def _rectangle(bbox: Sequence[int]) -> list[tuple[int, int]]:
+    """The outline of a box's pixels (x1, y1 exclusive), as polygons give them: the box of a line at the page's
+    right edge had put a region's corner one pixel beyond the page."""
     x0, y0, x1, y1 = bbox
-    return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+    return [(x0, y0), (x1 - 1, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)]
 
 
 def _outline(line: dict) -> list[tuple[int, int]]:
