@@ -361,10 +361,13 @@ def _split(ink: np.ndarray, letter_size: np.ndarray, rect: Rect, pitch: float,
         elif (end - start >= config.narrow_gutter * unit and beside >= config.narrow_gutter_lines * pitch
               and _glosses_beside(sizes[:, :start], sizes[:, end:], config.narrow_gutter_type)):
             narrow_gutters.append((start, end))
+    row_gaps = [(s, e) for s, e in _gaps(region.sum(axis=1)) if e - s >= config.block_gap * pitch]
     if column_gaps:
         start, end = max(column_gaps, key=lambda gap: gap[1] - gap[0])
-        return [(x0, y0, x0 + start, y1), (x0 + end, y0, x1, y1)]
-    row_gaps = [(s, e) for s, e in _gaps(region.sum(axis=1)) if e - s >= config.block_gap * pitch]
+        # notes in a margin beside part of the text: the heading above and the footer below them go first and
+        # last, not after or before them
+        if not (row_gaps and _reaches_beyond(region[:, :start], region[:, end:], pitch)):
+            return [(x0, y0, x0 + start, y1), (x0 + end, y0, x1, y1)]
     if row_gaps:
         start, end = max(row_gaps, key=lambda gap: gap[1] - gap[0])
         return [(x0, y0, x1, y0 + start), (x0, y0 + end, x1, y1)]
@@ -375,6 +378,18 @@ def _split(ink: np.ndarray, letter_size: np.ndarray, rect: Rect, pitch: float,
     if cut is not None:
         return [(x0, y0, x0 + cut, y1), (x0 + cut, y0, x1, y1)]
     return None
+
+
+def _reaches_beyond(left: np.ndarray, right: np.ndarray, pitch: float) -> bool:
+    """Whether one side's ink reaches a line pitch above and below the other's."""
+    (left_top, left_bottom), (right_top, right_bottom) = (_ink_rows(side) for side in (left, right))
+    return ((left_top + pitch < right_top and right_bottom + pitch < left_bottom)
+            or (right_top + pitch < left_top and left_bottom + pitch < right_bottom))
+
+
+def _ink_rows(region: np.ndarray) -> tuple[int, int]:
+    rows = np.flatnonzero(region.any(axis=1))
+    return int(rows[0]), int(rows[-1])
 
 
 def _gap_scale(*sides: np.ndarray) -> float:

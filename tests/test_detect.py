@@ -301,6 +301,26 @@ def test_marginal_notes_set_close_to_the_column_are_lines_of_their_own():
     assert len(lines) == rows + notes
 
 
+def test_a_heading_and_a_footer_are_read_first_and_last_around_notes_in_both_margins():
+    """Notes beside some lines of the text, in the left and the right margin: the cut between margin and text
+    had been made first, across the whole page, so the left notes came before the heading and the right ones
+    after the footer."""
+    page = Image.new("L", (1275, 1650), 235)
+    draw = ImageDraw.Draw(page)
+    body, note = ImageFont.truetype(FONT, 26), ImageFont.truetype(FONT, 17)
+    draw.text((637, 110), "Annual Report", font=ImageFont.truetype(FONT, 40), fill=25, anchor="mm")
+    for index in range(12):
+        draw.text((260, 220 + index * 44), " ".join((WORDS[index % 5:] + WORDS)[:6]), font=body, fill=25)
+    for index, text in enumerate(["Left note", "on a few", "lines here"]):
+        draw.text((30, 352 + index * 26), text, font=note, fill=25)
+    for index, text in enumerate(["Right note", "one more"]):
+        draw.text((1120, 440 + index * 26), text, font=note, fill=25)
+    draw.text((637, 1560), "Page 17", font=body, fill=25, anchor="mm")
+    lines = detect_lines(np.array(page), DPI, CONFIG)
+    assert len(lines) == 1 + 12 + 3 + 2 + 1
+    assert lines[0].bbox[1] < 150 and lines[-1].bbox[1] > 1500
+
+
 def test_a_numbered_list_keeps_its_numbers_in_their_lines():
     """A long list set with a hanging indent: the same narrow gap runs down beside the numbers, but
     they are in the type of the text they number, so each stays in its line."""
