@@ -422,6 +422,26 @@ def test_validation_cer_is_scored_as_eval_scores_it():
     assert character_error_rate(["ab"], ["a"]) == 0.5
 
 
+def test_an_unfinished_checkpoint_never_takes_a_complete_ones_place_and_resume_needs_one(tmp_path, base_model,
+                                                                                          line_folder):
+    """A run killed while saving leaves an unfinished checkpoint: it had counted as one of keep_checkpoints, so
+    with 1 the next save removed every complete checkpoint; the next --resume then started over from the base
+    model with a warning, and its first validation replaced the best model in output_dir."""
+    config = fine_tune_config(tmp_path, base_model, line_folder, steps=10).model_copy(update={"keep_checkpoints": 1})
+    train(config, show_progress=False)
+    unfinished = tmp_path / "work" / f"{CHECKPOINT_PREFIX}20"
+    shutil.copytree(tmp_path / "work" / f"{CHECKPOINT_PREFIX}10", unfinished)
+    (unfinished / TRAINER_STATE).unlink()
+    train(config.model_copy(update={"steps": 12}), resume=True, show_progress=False)
+    assert sorted(path.name for path in (tmp_path / "work").glob(f"{CHECKPOINT_PREFIX}*")) == [f"{CHECKPOINT_PREFIX}12"]
+    assert latest_checkpoint(tmp_path / "work").name == f"{CHECKPOINT_PREFIX}12"
+    best = (tmp_path / "model" / "model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "work")
+    with pytest.raises(ConfigError, match="--resume: .* holds no complete checkpoint to continue from"):
+        train(config.model_copy(update={"steps": 14}), resume=True, show_progress=False)
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == best
+
+
 def test_a_work_dir_belongs_to_one_run(tmp_path, base_model, line_folder, caplog):
     """A run without --resume in a work_dir with checkpoints had rotated its own checkpoints away by step number,
     so that --resume later continued the other run; a resume under other data or optimizer settings had mixed

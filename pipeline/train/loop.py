@@ -186,7 +186,12 @@ def save_checkpoint(run: "TrainingRun", state: TrainerState) -> Path:
             partial,
         )
         os.replace(partial, folder / TRAINER_STATE)
-    for old in _checkpoints(run.config.work_dir)[: -run.config.keep_checkpoints]:
+    complete, unfinished = [], []
+    for checkpoint in _checkpoints(run.config.work_dir):
+        (complete if (checkpoint / TRAINER_STATE).is_file() else unfinished).append(checkpoint)
+    # only complete ones count as kept: an unfinished one (a run killed while saving it) had taken a place, and with
+    # keep_checkpoints 1 left no checkpoint to resume from; unfinished ones are an earlier run's and go too
+    for old in complete[: -run.config.keep_checkpoints] + unfinished:
         shutil.rmtree(old)
     return folder
 
@@ -297,8 +302,9 @@ def start_run(config: TrainConfig, resume: bool, shard: tuple[int, int] = (0, 1)
     if checkpoint is not None and not resume:
         raise ConfigError(f"{config.work_dir} holds the checkpoints of an earlier run (the newest: {checkpoint.name}): "
                           f"add --resume to continue it, or remove them or set another work_dir to start again")
-    if resume and checkpoint is None:
-        log.warning("--resume: no checkpoint in %s, starting from scratch", config.work_dir)
+    if resume and checkpoint is None:  # starting over would put a new run's first model over the best one
+        raise ConfigError(f"--resume: {config.work_dir} holds no complete checkpoint to continue from; to start a new "
+                          f"run, leave out --resume (its models replace those in {config.output_dir})")
     if checkpoint is None and shard[0] == 0:
         (config.work_dir / BEST_STATE).unlink(missing_ok=True)  # an earlier run's, killed before its first checkpoint
     if checkpoint is not None:
