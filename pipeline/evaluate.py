@@ -68,12 +68,16 @@ def read_eval_lines(folders: Sequence[Path], paint_out_neighbours: bool = False)
 
 
 def read_page_truth(paths: Sequence[Path]) -> list[PageTruth]:
+    """Each PAGE/ALTO file's image and text; a file with no line of text is refused, as an empty --lines folder is
+    (it had scored as nan% and exit 0)."""
     pages = []
     for path in paths:
         for xml_path in page_xml_files(Path(path)):
             page = read_page_xml(xml_path)
-            pages.append(PageTruth(xml_path, page_image(xml_path, page.image_name), str(path),
-                                   "\n".join(line.text for line in page.lines if line.text)))
+            text = "\n".join(line.text for line in page.lines if line.text)
+            if not text.strip():
+                raise ConfigError(f"page {xml_path} holds no line with text to score the job's reading against")
+            pages.append(PageTruth(xml_path, page_image(xml_path, page.image_name), str(path), text))
     return pages
 
 
@@ -159,10 +163,11 @@ def open_predictions(path: Path) -> IO[str]:
 
 
 def write_predictions(out: IO[str], results: Sequence[LineResult]) -> None:
-    """JSONL, one {image, prediction, reference, cer} object per line."""
+    """JSONL, one {image, prediction, reference, cer} object per line (per page with ``--pages``: its XML file)."""
     for result in results:
         row = {key: value for key, value in asdict(result).items() if key != "source"}
-        row["image"] = str(Path(result.source) / result.image)
+        source = Path(result.source)  # a folder, or a page's XML file given by itself
+        row["image"] = str(source / result.image if source.is_dir() else source)
         out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 

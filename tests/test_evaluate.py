@@ -182,3 +182,21 @@ def test_eval_pages_runs_the_whole_job_on_page_xml_images(tmp_path, capsys):
     assert row["image"] == str(folder / "scan.xml")
     assert len(row["reference"].splitlines()) == len(truth["lines"])
     assert row["cer"] < 0.05, row
+
+
+def test_a_page_file_given_by_itself_is_named_as_it_is_and_a_page_without_text_is_refused(tmp_path):
+    """--predictions had named a PAGE file given by itself ``page.xml/page.xml``; a page with no line of text had
+    scored as nan% with exit 0, where an empty --lines folder is an error."""
+    import io
+
+    from pipeline.evaluate import read_page_truth, write_predictions
+
+    Image.new("L", (200, 100), 255).save(tmp_path / "scan.png")
+    page = write_page_xml(tmp_path, "scan.png", (200, 100), [{"text": "a line", "bbox": (10, 10, 150, 40)}])
+    [truth] = read_page_truth([page])
+    out = io.StringIO()
+    write_predictions(out, score_pages([truth], ["a line"], make_normalizer([])))
+    assert json.loads(out.getvalue())["image"] == str(page)
+    write_page_xml(tmp_path, "scan.png", (200, 100), [{"text": " ", "bbox": (10, 10, 150, 40)}])
+    with pytest.raises(ConfigError, match=f"page {page} holds no line with text"):
+        read_page_truth([tmp_path])
