@@ -310,6 +310,51 @@ def test_line_folders_name_what_cannot_be_read_and_what_is_missing(tmp_path, cap
         read_line_folder(tmp_path)
 
 
+def test_training_names_bad_lines_before_its_first_step_and_trains_on_the_others(tmp_path, base_model, line_folder,
+                                                                                   caplog):
+    """A damaged image had stopped a run when the shuffle first drew it, or at the first validation, 500 steps of
+    CPU in; an image without a transcription, a label too long for the decoder and characters the tokenizer lacks
+    were taught or left out without a word; with loader workers, a source's error came as a worker's traceback."""
+    lines = shutil.copytree(line_folder, tmp_path / "lines")
+    render("cut short").save(lines / "damaged.png")
+    (lines / "damaged.png").write_bytes((lines / "damaged.png").read_bytes()[:200])
+    (lines / "damaged.gt.txt").write_text("cut short\n", encoding="utf-8")
+    render("no text").save(lines / "untranscribed.png")
+    render("long").save(lines / "long.png")
+    (lines / "long.gt.txt").write_text("a very long line " * 20 + "\n", encoding="utf-8")
+    config = fine_tune_config(tmp_path, base_model, lines, steps=2).model_copy(update={"loader_workers": 1})
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.data"):
+        train(config, show_progress=False)
+    assert "1 line images cannot be read and are left out" in caplog.text and "damaged.png" in caplog.text
+    assert "2 images have no .gt.txt beside them" in caplog.text  # the folder's unlabelled.png and this one
+    assert re.search(r"1 transcriptions are longer than a label's \d+ tokens and are taught cut short", caplog.text)
+    (lines / "latin1.gt.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    render("cafe").save(lines / "latin1.png")
+    shutil.rmtree(tmp_path / "work")
+    with pytest.raises(ConfigError) as refused:
+        train(config, show_progress=False)
+    assert str(refused.value).startswith(f"transcription {lines / 'latin1.gt.txt'} is not UTF-8")
+    assert "Traceback" not in str(refused.value)
+
+
+def test_characters_a_tokenizer_has_no_token_for_are_named(tmp_path, caplog):
+    """A word-piece tokenizer (XLM-R's, microsoft/trocr-small's) teaches a character it lacks as unknown."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from pipeline.train.data import check_training_lines
+
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    for index, text in enumerate(["hello world", "hello 漢字"]):
+        render("x").save(tmp_path / f"{index}.png")
+        (tmp_path / f"{index}.gt.txt").write_text(text, encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.data"):
+        check_training_lines([DataSource(kind="folder", path=tmp_path)], LabelCollator(tokenizer, 1, 8))
+    assert "1 transcriptions hold characters the tokenizer has no token for" in caplog.text and "漢字" in caplog.text
+
+
 def test_a_line_folder_cut_with_a_margin_has_its_neighbours_ink_painted_out_only_when_it_says_so(tmp_path):
     """The line's text, then below it, touching the bottom edge, the top of the next line's capitals (what a
     crop cut with a margin holds); a tight folder's image is only fitted, as its own accents may touch its edge."""

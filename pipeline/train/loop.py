@@ -43,7 +43,8 @@ from operators.preprocess import WIDTH_SCALE_KEY, LinePreprocessor, ink_columns
 from operators.recognize import LineRecognizer
 from operators.text import make_normalizer
 from pipeline.train.config import TrainConfig
-from pipeline.train.data import Batch, LabelCollator, LabeledLine, TrainingLines, validation_lines
+from pipeline.train.data import (Batch, LabelCollator, LabeledLine, TrainingLines, check_training_lines,
+                                 validation_lines)
 from pipeline.train.model import build_trocr, save_trocr, shrink_trocr
 from pipeline.train.tokenizer import train_tokenizer
 
@@ -351,11 +352,14 @@ def training_batches(run: TrainingRun, state: TrainerState) -> Iterator[Batch]:
     config = run.config
     lines_seen = state.step * config.batch_size * config.grad_accum_steps * run.shard[1]
     dataset = TrainingLines(config.train_data, run.preprocessor, config.seed, start_line=lines_seen, shard=run.shard)
-    collator = LabelCollator(run.processor.tokenizer, run.model.config.decoder_start_token_id,
-                             run.model.generation_config.max_new_tokens or 128)
     pools = DataLoader(dataset, batch_size=config.batch_size * WIDTH_POOL_BATCHES, collate_fn=list,
                        num_workers=config.loader_workers, worker_init_fn=_end_with_the_training_process)
-    return _width_sorted_batches(pools, collator, config.batch_size, random.Random(config.seed + lines_seen))
+    return _width_sorted_batches(pools, label_collator(run), config.batch_size, random.Random(config.seed + lines_seen))
+
+
+def label_collator(run: TrainingRun) -> LabelCollator:
+    return LabelCollator(run.processor.tokenizer, run.model.config.decoder_start_token_id,
+                         run.model.generation_config.max_new_tokens or 128)
 
 
 #: prctl(2) option: the signal a process gets when the thread that made it ends.
@@ -424,6 +428,8 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
     torch.manual_seed(config.seed)
     run, state = start_run(config, resume, shard, wrap)
     held_out = validation_lines(config.validation_data) if run.is_main else []
+    if run.is_main:
+        check_training_lines(config.train_data, label_collator(run))
     batches = training_batches(run, state)
     last_step = config.last_step
     progress = tqdm(total=last_step, initial=state.step, disable=not (show_progress and run.is_main), desc="train", unit="step")
