@@ -520,6 +520,18 @@ def test_storage_that_cannot_take_a_checkpoint_stops_training_with_one_line(tmp_
         train(config, show_progress=False)
 
 
+def test_a_disk_that_fills_while_the_trainer_state_is_written_is_named_full(tmp_path, base_model, line_folder,
+                                                                            small_disk):
+    """torch's writer reports a short write as "unexpected pos N vs M", which had been passed on as it was."""
+    config = fine_tune_config(small_disk, base_model, line_folder, steps=1).model_copy(
+        update={"output_dir": tmp_path / "model", "checkpoint_every": 1})
+    model_files = sum(path.stat().st_size for path in base_model.iterdir())
+    (small_disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - model_files - 160 * 1024))
+    with pytest.raises(WriteFailed, match=f"cannot write {small_disk / 'work' / CHECKPOINT_PREFIX}1: no space left"):
+        train(config, show_progress=False)
+    assert (small_disk / "work" / f"{CHECKPOINT_PREFIX}1" / "model.safetensors").is_file()  # the state failed
+
+
 def test_loader_workers_end_with_a_training_process_killed_outright(tmp_path, base_model, line_folder):
     """SIGKILL (the out-of-memory killer) gives no chance to unwind: a loader worker had been left blocked on the
     dead process's pipe for good, holding its memory."""

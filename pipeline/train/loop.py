@@ -162,12 +162,13 @@ def _settings(config: TrainConfig) -> dict:
 @contextmanager
 def _saving(what: Path) -> Iterator[None]:
     """A failed save (disk full, a folder made read-only) as one line and exit code 7, naming what was saved;
-    torch's writer reports a full disk as a RuntimeError, safetensors as its own error."""
+    torch's writer reports a full disk as a RuntimeError (a failed stream, or a short write: "unexpected pos"),
+    safetensors as its own error."""
     try:
         yield
     except (OSError, RuntimeError, SafetensorError) as exc:
-        full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "iostream error" in str(exc)
-                or "No space left" in str(exc))
+        full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+                or any(sign in str(exc) for sign in ("iostream error", "No space left", "unexpected pos")))
         if full:
             raise WriteFailed(f"cannot write {what}: no space left on the device; the checkpoints saved before it "
                               "are kept: free space and continue with --resume") from exc
