@@ -442,7 +442,9 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
             recent_losses = (recent_losses + [loss])[-50:]
             state.step += 1
             progress.update(1)
-            progress.set_postfix(loss=f"{np.mean(recent_losses):.3f}", lr=f"{run.schedule.get_last_lr()[0]:.2e}")
+            # redrawn at the bar's own pace: a redraw each step had filled a log file with a line per step
+            progress.set_postfix(loss=f"{np.mean(recent_losses):.3f}", lr=f"{run.schedule.get_last_lr()[0]:.2e}",
+                                 refresh=False)
             at_end = state.step == last_step
             metrics = {"step": state.step, "loss": loss, "world_size": run.shard[1]}
             if held_out and config.is_validation_step(state.step):
@@ -454,7 +456,9 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
                     state.best_cer = cer
                     save_best(run, state)
             if run.is_main and (state.step % config.checkpoint_every == 0 or at_end):
-                save_checkpoint(run, state)
+                # also where no bar is shown (--no-progress) and nothing is validated: what the run is doing
+                log.info("step %d: loss %.4f, checkpoint %s, %.0f s", state.step, np.mean(recent_losses),
+                         save_checkpoint(run, state).name, time.monotonic() - started)
             if report:
                 report(metrics)
     progress.close()
