@@ -547,7 +547,7 @@ def local_path(source: str, keep_bytes: int = INPUT_COPIES_BYTES) -> Iterator[st
     if not is_uri(source):
         yield source
         return
-    folder = Path(tempfile.gettempdir()) / f"trocr-pipeline-inputs-{os.getuid()}"
+    folder = _copies_folder()
     folder.mkdir(mode=0o700, exist_ok=True)
     if folder.is_symlink() or folder.stat().st_uid != os.getuid():  # another user's in a shared /tmp
         raise UnreadableFile(f"cannot copy {source}: {folder} is not this user's folder")
@@ -573,6 +573,23 @@ def local_path(source: str, keep_bytes: int = INPUT_COPIES_BYTES) -> Iterator[st
             os.close(lock)
 
 
+@contextmanager
+def input_copies(sources: Sequence[str]) -> Iterator[None]:
+    """Around a job: when it ends, this node's copies of URI inputs that no task holds are taken out, so that the
+    job leaves none in the temporary folder on a local run (a killed one leaves at most
+    :data:`INPUT_COPIES_BYTES`, which the next job's end takes out; on a cluster, each other node keeps that much
+    for the next job)."""
+    try:
+        yield
+    finally:
+        if any(is_uri(source) for source in sources) and _copies_folder().is_dir():
+            _keep_recent(_copies_folder(), 0)
+
+
+def _copies_folder() -> Path:
+    return Path(tempfile.gettempdir()) / f"trocr-pipeline-inputs-{os.getuid()}"
+
+
 def _copy(source: str, stamp: tuple[int, int], copy: Path) -> None:
     """Copy ``source`` to ``copy`` whole or not at all; refused when it changed while copied."""
     handle, partial = tempfile.mkstemp(dir=copy.parent, prefix=copy.stem, suffix=".part")
@@ -586,7 +603,7 @@ def _copy(source: str, stamp: tuple[int, int], copy: Path) -> None:
         Path(partial).unlink(missing_ok=True)
 
 
-def _keep_recent(folder: Path, room: int, keep: Path) -> None:
+def _keep_recent(folder: Path, room: int, keep: Path | None = None) -> None:
     """Take out the least recently used copies (and what killed copies left) until the rest fit in ``room``
     bytes; a copy in use (its lock held) stays."""
     files = []

@@ -29,7 +29,8 @@ from ray.data import ActorPoolStrategy
 from operators.checkpoint import resolve_checkpoint
 from operators.errors import ConfigError, InternalError, PipelineError, WriteFailed
 from operators.storage import is_uri, recorded_source
-from operators.ingest import DocumentPlan, KnownDocument, find_inputs, mark_duplicates, source_id, triage
+from operators.ingest import (DocumentPlan, KnownDocument, find_inputs, input_copies, mark_duplicates, source_id,
+                              triage)
 from operators.pages import selected_pages
 from operators.preprocess import LinePreprocessor
 from operators.rasterize import PageRange, page_ranges, rasterize
@@ -349,7 +350,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     selection = config.rasterize.pages
     if mode == "recognize":
         resolve_checkpoint(config.recognize.model)  # a wrong model path fails here, before Ray starts
-    with ThreadPoolExecutor(max_workers=1) as background, output_lock(output):
+    with ThreadPoolExecutor(max_workers=1) as background, output_lock(output), input_copies(found.sources):
         # the model's preprocessor and generation settings are loaded and checked while Ray starts (loading
         # transformers takes seconds; Ray's start is mostly waiting), and before anything is read or written: a
         # model that cannot be found, has no usable image processor or sets what the fast engine does not

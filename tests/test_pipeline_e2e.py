@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
@@ -216,6 +217,9 @@ def test_filesystem_uris_for_inputs_and_output(ray_local, synthetic_documents, t
     (document,) = _read(str(tmp_path / "out"), "documents").to_pylist()
     assert document["source"] == f"file://{source}"
     assert document["num_pages"] == len(load_ground_truth(source)["pages"])
+    # the copies the URI's pages were read from are taken out when the job ends, not left in the temporary folder
+    copies = Path(tempfile.gettempdir()) / f"trocr-pipeline-inputs-{os.getuid()}"
+    assert not [path for path in copies.glob("*") if path.suffix != ".lock"]
 
 
 def test_shipped_model_reads_the_page_text(ray_local, synthetic_documents, tmp_path):
