@@ -137,20 +137,27 @@ def _sheets(bright: np.ndarray, square: np.ndarray) -> np.ndarray:
     largest, widened by ``square`` to take in the ink on them.
 
     Scanner targets, rulers and banners lie on the scan as separate small pieces of paper; both
-    pages of an open book are large and both stay, with all they enclose."""
+    pages of an open book are large and both stay."""
     count, labels, stats, _ = cv2.connectedComponentsWithStats(bright.astype(np.uint8), connectivity=4)
     if count <= 1:
         return np.zeros(bright.shape, bool)
     areas = stats[1:, cv2.CC_STAT_AREA]
-    pages = np.concatenate([[0], areas >= SHEET_SHARE * areas.max()]).astype(np.uint8)[labels]
-    # what a page encloses is the page's: the cells of a ruled table or form, each a small separate piece of
-    # bright paper, whose text had been left out with the scanner targets
-    count, others, stats, _ = cv2.connectedComponentsWithStats(1 - pages, connectivity=8)
-    left, top, widths, heights = (stats[1:, i] for i in range(4))
-    rows, cols = pages.shape
-    enclosed = (left > 0) & (top > 0) & (left + widths < cols) & (top + heights < rows)
-    pages |= np.concatenate([[False], enclosed]).astype(np.uint8)[others]
-    return cv2.dilate(pages, square) > 0
+    large = np.concatenate([[False], areas >= SHEET_SHARE * areas.max()])
+    # a small piece that only thin lines part from a page is the page's paper: the rules of a table or form cut it
+    # into cells, whose text had been left out with the scanner targets; a piece beside dark areas wider than a
+    # rule (a card on the scanner bed, a book's fore-edge, the light parts of a picture) stays out
+    rule = cv2.getStructuringElement(cv2.MORPH_RECT, (_odd(square.shape[0] / 8),) * 2)
+    count_joined, joined = cv2.connectedComponents(cv2.morphologyEx(bright.astype(np.uint8), cv2.MORPH_CLOSE, rule),
+                                                   connectivity=4)
+    joined_to_page = np.zeros(count_joined, bool)
+    joined_to_page[joined[large[labels]]] = True
+    joined_to_page[0] = False
+    on_joined_page = np.bincount(labels.ravel(), weights=joined_to_page[joined].ravel(), minlength=count) > 0
+    wide_dark = cv2.morphologyEx((~bright).astype(np.uint8), cv2.MORPH_OPEN, rule)
+    beside_wide_dark = np.bincount(labels[cv2.dilate(wide_dark, rule) > 0], minlength=count) > 0
+    pages = large | (on_joined_page & ~beside_wide_dark)
+    pages[0] = False
+    return cv2.dilate(pages.astype(np.uint8)[labels], square) > 0
 
 
 def _clean(
