@@ -205,11 +205,24 @@ def _glob_in(folder: str, parts: list[str], above: frozenset[tuple[int, int]]) -
 
 def _inside_test(folders: Sequence[str]) -> Callable[[str], bool]:
     """Whether a path lies under one of ``folders``: a local folder as given or with its links resolved, and
-    the paths as listed (no call per file: archives list millions)."""
+    the paths as listed or with their folder's links resolved, once per folder (not per file: archives list
+    millions). An input reached through a link (a linked input folder, a link in it to the output) had read the
+    job's own exports as new documents."""
     uris = tuple(folder.rstrip("/") + "/" for folder in folders if is_uri(folder))
     local = tuple({os.path.join(resolve(folder), "") for folder in folders if not is_uri(folder)
                    for resolve in (os.path.abspath, os.path.realpath)})
-    return lambda path: path.startswith(uris) if is_uri(path) else os.path.abspath(path).startswith(local)
+    real_folders: dict[str, str] = {}
+
+    def inside(path: str) -> bool:
+        if is_uri(path):
+            return path.startswith(uris)
+        parent, name = os.path.split(os.path.abspath(path))
+        if parent not in real_folders:
+            real_folders[parent] = os.path.realpath(parent)
+        return (os.path.join(parent, name, "").startswith(local)
+                or os.path.join(real_folders[parent], name, "").startswith(local))
+
+    return inside
 
 
 def _expand_one(item: str, left_out: Counter, output_folders: Sequence[str]) -> list[str]:

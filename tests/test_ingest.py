@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from conftest import write_pdf
-from operators.ingest import (NEW_SUBFILE_TYPE, SUBFILE_TYPE, KnownDocument, find_inputs, page_frames, sniff_kind,
-                              triage)
+from operators.ingest import (IN_THE_OUTPUT, NEW_SUBFILE_TYPE, SUBFILE_TYPE, KnownDocument, find_inputs, page_frames,
+                              sniff_kind, triage)
 from operators.rasterize import PageRange, page_ranges, rasterize
 from pipeline.job import DryRun
 from operators.settings import RasterizeConfig
@@ -130,6 +130,17 @@ def test_an_output_folder_inside_an_input_folder_is_not_read_again(tmp_path, pag
         assert found.sources == [str(tmp_path / "scan.png")]
         assert found.left_out == {"in the output folder": 3}
     assert len(find_inputs([str(tmp_path)]).sources) == 3  # no output given: every document
+    # the input folder through a link, a glob through it, and a link in another input folder to the output: the
+    # exports had been read as new documents, and more of them written at every run
+    (tmp_path.parent / f"{tmp_path.name}-link").symlink_to(tmp_path)
+    (tmp_path.parent / f"{tmp_path.name}-other").mkdir()
+    (tmp_path.parent / f"{tmp_path.name}-other" / "results").symlink_to(tmp_path / "out")
+    page_images[0].save(tmp_path.parent / f"{tmp_path.name}-other" / "other.png")
+    for inputs, documents in (([f"{tmp_path}-link"], ["scan.png"]), ([f"{tmp_path}-link/**/*.p*"], ["scan.png"]),
+                              ([f"{tmp_path}-other"], ["other.png"])):
+        found = find_inputs(inputs, output_folders(str(tmp_path / "out")))
+        assert [Path(source).name for source in found.sources] == documents
+        assert found.left_out[IN_THE_OUTPUT] >= 2, inputs
     # an input inside the output (scans kept beside the results, or one folder for both) is read
     (tmp_path / "out" / "scans").mkdir()
     page_images[0].save(tmp_path / "out" / "scans" / "letter.png")
