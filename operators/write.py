@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from operators.errors import (EXPORT_FAILED, ConfigError, DocumentError, OutputLocked, OutputNotWritable,
                               SourceChanged, WriteFailed)
-from operators.formats.export import remove_other_exports, write_exports
+from operators.formats.export import STAGED_EXPORT_PREFIX, remove_other_exports, write_exports
 from operators.ingest import KnownDocument, check_unchanged, duplicate_id
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
 from operators.storage import resolve_filesystem, scratch_space_full, writing
@@ -53,6 +53,12 @@ DOCUMENTS_DIR = "documents"
 STAGING_DIR = "_staging"
 #: In DIR while ``--retry-failed`` takes documents out: the doc_ids, so that a killed run's retirement is finished.
 RETIRING = "_retiring.json"
+#: ``_staging/`` note of a document whose exports are being written and whose row is not published yet (what a
+#: rerun takes out when the row never came: a killed run, then the source changed or gone).
+EXPORTING = "exporting-{doc_id}.json"
+_EXPORTING_NAME = re.compile(r"exporting-[^/]+\.json")
+#: The name of the file that checks a folder of the output can be written (one run at a time holds the output).
+WRITE_PROBE = ".write-test"
 EXPORTS_DIR = "exports"
 LOCK_FILE = ".lock"
 
@@ -133,8 +139,8 @@ def output_lock(output: str) -> Iterator[None]:
         # each folder a run writes in that is there already (one made read-only had been found after all the work)
         folders = [STAGING_DIR, *(folder for folder in (PAGES_DIR, DOCUMENTS_DIR, EXPORTS_DIR)
                                   if filesystem.get_file_info(f"{root}/{folder}").type != pafs.FileType.NotFound)]
-        for folder in folders:
-            probe = f"{root}/{folder}/.write-test-{uuid.uuid4().hex}"
+        for folder in folders:  # one name: a run killed here leaves its probe for the next run to take out
+            probe = f"{root}/{folder}/{WRITE_PROBE}"
             try:
                 with filesystem.open_output_stream(probe):
                     pass
@@ -147,7 +153,8 @@ def output_lock(output: str) -> Iterator[None]:
 #: The names this tool gives its part files (:meth:`ParquetSink.flush`) and what it stages under ``_staging/``.
 _PART_NAME = re.compile(r"part-[0-9a-f]{12}-\d{5,}\.parquet")
 _STAGED_NAME = re.compile(
-    rf"((retired-)?({PAGES_DIR}|{DOCUMENTS_DIR})-{_PART_NAME.pattern}|{re.escape(RETIRING)}|\.write-test-[0-9a-f]{{32}})")
+    rf"((retired-)?({PAGES_DIR}|{DOCUMENTS_DIR})-{_PART_NAME.pattern}|{re.escape(RETIRING)}|{re.escape(WRITE_PROBE)}"
+    rf"|{STAGED_EXPORT_PREFIX}[0-9a-f]{{32}})")
 
 
 def _list_parts(filesystem: pafs.FileSystem, folder: str) -> dict[str, str]:
@@ -222,7 +229,24 @@ def recover_output(output: str) -> PublishedDocuments:
             log.warning("%s has lost its pages twin %s/%s/%s: its documents will be read again", path, root, PAGES_DIR,
                         name)
             filesystem.delete_file(path)
-    return published_documents(output)
+    published = published_documents(output)
+    _remove_unpublished_exports(filesystem, root, set(published.sources()))
+    return published
+
+
+def _remove_unpublished_exports(filesystem: pafs.FileSystem, root: str, published: set[str]) -> None:
+    """Take out the exports a killed run wrote for documents whose rows it never published (:data:`EXPORTING`): a
+    rerun writes them again under the same names, but not when the source has changed or gone meanwhile, and they
+    had stayed beside the new ones for good."""
+    selector = pafs.FileSelector(f"{root}/{STAGING_DIR}", allow_not_found=True)
+    for info in filesystem.get_file_info(selector):
+        if info.type != pafs.FileType.File or not _EXPORTING_NAME.fullmatch(info.base_name):
+            continue
+        with filesystem.open_input_stream(info.path) as stream:
+            document = json.loads(stream.read())
+        if document["doc_id"] not in published:
+            remove_other_exports(document, (), f"{root}/{EXPORTS_DIR}", filesystem)
+        filesystem.delete_file(info.path)
 
 
 def _open_part(filesystem: pafs.FileSystem, path: str) -> pq.ParquetFile:
@@ -464,6 +488,7 @@ class ParquetSink:
         self._ready_documents: list[DocumentRecord] = []
         self._ready_pages: list[dict] = []
         self._unpublished: list[tuple[DocumentRecord, list[PageWork]]] = []  # for on_published
+        self._exporting: set[str] = set()  # doc_ids with an EXPORTING note
         self._parts = 0
         with writing(output):
             for folder in (PAGES_DIR, DOCUMENTS_DIR, STAGING_DIR):
@@ -521,10 +546,16 @@ class ParquetSink:
         ``export_failed``; either way what it had exported is removed, and its text stays in the tables."""
         document, folder = asdict(outcome), f"{self.root}/{EXPORTS_DIR}"
         stamp = (outcome.source_size, outcome.source_mtime_ns) if rows else (None, None)
+        if rows:
+            with writing(f"{self.root}/{STAGING_DIR}"):
+                with self.filesystem.open_output_stream(self._exporting_note(outcome.doc_id)) as note:
+                    note.write(json.dumps({key: document[key] for key in ("doc_id", "source", "num_pages")}).encode())
+            self._exporting.add(outcome.doc_id)
         try:
             if None not in stamp:
                 check_unchanged(outcome.source, stamp)
-            write_exports(rows, document, self.exports, folder, self.filesystem, pdfa=self.pdfa)
+            write_exports(rows, document, self.exports, folder, self.filesystem, pdfa=self.pdfa,
+                          staging=f"{self.root}/{STAGING_DIR}")
             if None not in stamp:
                 check_unchanged(outcome.source, stamp)
         except WriteFailed:
@@ -542,6 +573,9 @@ class ParquetSink:
             return _export_failed(outcome, exc)
         return outcome
 
+    def _exporting_note(self, doc_id: str) -> str:
+        return f"{self.root}/{STAGING_DIR}/{EXPORTING.format(doc_id=doc_id)}"
+
     def _publish(self, table: pa.Table, folder: str, name: str) -> None:
         staged = f"{self.root}/{STAGING_DIR}/{folder}-{name}"
         with writing(staged):
@@ -551,18 +585,30 @@ class ParquetSink:
     def flush(self) -> None:
         """Publish the complete documents held so far (also what a stopped run does before it ends)."""
         self._last_published = time.monotonic()
-        if not self._ready_documents:
+        # a duplicate waits for the document it names: published first, it had pointed at nothing for as long as
+        # that one was read, and for good when the run was killed meanwhile
+        reading = {doc_id for doc_id, _ in self._pending}
+        held = {id(record) for record in self._ready_documents if record.duplicate_of in reading}
+        if len(held) == len(self._ready_documents):
             return
         name = f"part-{self.run_id}-{self._parts:05d}.parquet"
         self._parts += 1
         # taken off the sink first: a flush interrupted half way (Ctrl-C, SIGTERM) and flushed again must not
         # publish them twice; unpublished, they are read again by the next run
-        documents, pages = self._ready_documents, self._ready_pages
-        self._ready_documents, self._ready_pages = [], []
+        documents = [record for record in self._ready_documents if id(record) not in held]
+        pages = self._ready_pages
+        self._ready_documents = [record for record in self._ready_documents if id(record) in held]
+        self._ready_pages = []
         self._publish(pa.Table.from_pylist(pages, schema=PAGES_SCHEMA), PAGES_DIR, name)
         self._publish(pa.Table.from_pylist([asdict(record) for record in documents], schema=DOCUMENTS_SCHEMA),
                       DOCUMENTS_DIR, name)
-        published, self._unpublished = self._unpublished, []
+        with writing(f"{self.root}/{STAGING_DIR}"):
+            for record in documents:
+                if record.doc_id in self._exporting:
+                    self._exporting.discard(record.doc_id)
+                    self.filesystem.delete_file(self._exporting_note(record.doc_id))
+        published = [(record, pages) for record, pages in self._unpublished if id(record) not in held]
+        self._unpublished = [(record, pages) for record, pages in self._unpublished if id(record) in held]
         for record, pages in published:
             self.on_published(record, pages)
 

@@ -387,7 +387,59 @@ def test_a_read_only_folder_inside_the_output_is_found_before_any_work(tmp_path,
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {result.stderr.strip()}")
     try:
-        with pytest.raises(OutputNotWritable, match=f"{mount}/.write-test-"), output_lock(str(tmp_path / "out")):
+        with pytest.raises(OutputNotWritable, match=f"{mount}/.write-test"), output_lock(str(tmp_path / "out")):
             pass
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_exports_a_killed_run_wrote_for_a_document_it_never_published_are_taken_out(tmp_path):
+    """A run killed after writing a document's exports and before publishing its row: a rerun writes them again
+    under the same names, but when the source had changed or gone meanwhile they had stayed for good, an
+    indexer's second version of the document beside the new one."""
+    earlier = ParquetSink(str(tmp_path), rows_per_file=100, exports=("txt",))
+    earlier.expect(_document("b", 1))
+    earlier.add_page(_page("b", 1))
+    earlier.close()
+    killed = ParquetSink(str(tmp_path), rows_per_file=100, exports=("txt", "alto"))
+    killed.expect(_document("a", 1))
+    killed.add_page(_page("a", 1))  # exported, its row not yet published: then the run is killed
+    assert sorted(path.name for path in (tmp_path / EXPORTS_DIR).iterdir()) == [
+        "a-a.p0001.alto.xml", "a-a.txt", "b-b.txt"]
+    assert set(recover_output(str(tmp_path)).sources()) == {"b"}
+    assert sorted(path.name for path in (tmp_path / EXPORTS_DIR).iterdir()) == ["b-b.txt"]
+    assert list((tmp_path / STAGING_DIR).iterdir()) == []
+
+
+def test_a_duplicate_row_is_published_with_or_after_the_document_it_names(tmp_path):
+    """Published at once (a triage result), the duplicate's row had pointed at nothing for as long as its
+    document was read, and for good when the run was killed meanwhile."""
+    sink = ParquetSink(str(tmp_path), rows_per_file=100, publish_every_s=0)
+    sink.expect(_document("a", 1))
+    sink.expect(replace(_document("d", 0, status="duplicate"), duplicate_of="a"))
+    sink.flush()
+    assert not list((tmp_path / DOCUMENTS_DIR).iterdir())
+    sink.add_page(_page("a", 1))
+    assert sorted(_read(tmp_path, DOCUMENTS_DIR).column("doc_id").to_pylist()) == ["a", "d"]
+    assert sink.close().documents_duplicate == 1
+
+
+def test_an_export_is_never_seen_half_written_under_its_name(tmp_path, small_disk):
+    """Exports had been written in place: a reader could open one half written, and a run stopped by a full disk
+    (or killed) left it so."""
+    sink = ParquetSink(str(small_disk), rows_per_file=100, exports=("txt",))
+    sink.expect(_document("a", 1))
+    with pytest.raises(WriteFailed, match="no space left"):
+        sink.add_page(_page("a", 1, texts=("x" * 3_000_000,)))
+    assert not list((small_disk / EXPORTS_DIR).glob("a-*"))
+    recover_output(str(small_disk))
+    assert not [path.name for path in (small_disk / STAGING_DIR).iterdir()]
+
+
+def test_a_write_probe_a_killed_run_left_is_taken_out_by_the_next(tmp_path):
+    """Each probe had a name of its own, so one left in exports/ by a run killed while probing stayed for good."""
+    for folder in (EXPORTS_DIR, PAGES_DIR):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / ".write-test").write_bytes(b"")
+    with output_lock(str(tmp_path)):
+        assert not list((tmp_path / EXPORTS_DIR).iterdir()) and not list((tmp_path / PAGES_DIR).iterdir())

@@ -18,6 +18,7 @@ from __future__ import annotations
 from functools import partial
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
+import uuid
 from typing import Iterator, Mapping, Sequence
 from urllib.parse import quote
 
@@ -47,14 +48,17 @@ Rendered = Iterator[tuple[str, bytes]]  # (file name, content)
 
 
 def write_exports(pages: Sequence[dict], document: dict, formats: Sequence[str], out_dir: str,
-                  filesystem: pafs.FileSystem | None = None, pdfa: bool = False) -> list[str]:
+                  filesystem: pafs.FileSystem | None = None, pdfa: bool = False, staging: str | None = None
+                  ) -> list[str]:
     """Write one document in each of ``formats`` under ``out_dir`` and return the paths written. What cannot be
     written raises :class:`operators.errors.WriteFailed`; what cannot be made, the error it met.
 
     ``out_dir`` is a local path or URI, or a path in ``filesystem`` when one is given. A document
     without pages (it failed before rasterizing) has nothing to export and writes no file. ``mets``
     brings ``alto`` with it (a METS package points at each page's ALTO); ``pdfa`` makes the
-    searchable PDF a PDF/A-2b.
+    searchable PDF a PDF/A-2b. With a ``staging`` folder (on the same filesystem), each file is written there
+    and moved into place whole, so that a reader (an indexer) never opens one half written, nor is one left so
+    by a killed run.
     """
     unknown = sorted(set(formats) - set(EXPORT_FORMATS))
     if unknown:
@@ -80,8 +84,12 @@ def write_exports(pages: Sequence[dict], document: dict, formats: Sequence[str],
     for export_format in dict.fromkeys(formats):
         for name, content in renderers[export_format](ordered, document, stem):  # reads the source for pdf, mets
             path = f"{root}/{name}"
-            with writing(what), filesystem.open_output_stream(path) as stream:
-                stream.write(content)
+            target = f"{staging}/{STAGED_EXPORT_PREFIX}{uuid.uuid4().hex}" if staging is not None else path
+            with writing(what):
+                with filesystem.open_output_stream(target) as stream:
+                    stream.write(content)
+                if target != path:
+                    filesystem.move(target, path)
             written.append(path)
     with writing(what):
         remove_other_exports(document, written, root, filesystem)
@@ -112,6 +120,10 @@ def export_stem(document: dict) -> str:
     base = base.encode()[:STEM_BYTES].decode("utf-8", "ignore")
     return f"{base}-{document['doc_id'][:16]}"
 
+
+#: How an export file being written is named in the staging folder (a name of its own: the export's may be 255
+#: bytes long).
+STAGED_EXPORT_PREFIX = "export-"
 
 #: Bytes of the source name kept in export names, leaving room for the doc_id and the suffixes.
 STEM_BYTES = 200
