@@ -154,7 +154,7 @@ def output_lock(output: str) -> Iterator[None]:
 _PART_NAME = re.compile(r"part-[0-9a-f]{12}-\d{5,}\.parquet")
 _STAGED_NAME = re.compile(
     rf"((retired-)?({PAGES_DIR}|{DOCUMENTS_DIR})-{_PART_NAME.pattern}|{re.escape(RETIRING)}|{re.escape(WRITE_PROBE)}"
-    rf"|{STAGED_EXPORT_PREFIX}[0-9a-f]{{32}})")
+    rf"|{STAGED_EXPORT_PREFIX}[0-9a-f]{{32}}|exporting-[^/]+\.json\.part)")
 
 
 def _list_parts(filesystem: pafs.FileSystem, folder: str) -> dict[str, str]:
@@ -489,6 +489,8 @@ class ParquetSink:
         self._ready_pages: list[dict] = []
         self._unpublished: list[tuple[DocumentRecord, list[PageWork]]] = []  # for on_published
         self._exporting: set[str] = set()  # doc_ids with an EXPORTING note
+        self._reading: set[str] = set()  # doc_ids of the pending documents
+        self._held: dict[str, list[DocumentRecord]] = {}  # duplicates by the doc_id of the document they name
         self._parts = 0
         with writing(output):
             for folder in (PAGES_DIR, DOCUMENTS_DIR, STAGING_DIR):
@@ -503,6 +505,7 @@ class ParquetSink:
             self._complete(record, [])
         else:
             self._pending[(record.doc_id, record.source)] = _PendingDocument(record, expected)
+            self._reading.add(record.doc_id)
 
     def add_page(self, work: PageWork) -> None:
         pending = self._pending[(work.doc_id, work.source)]
@@ -511,6 +514,7 @@ class ParquetSink:
         pending.pages[work.page] = work
         if len(pending.pages) == pending.expected:
             del self._pending[(work.doc_id, work.source)]
+            self._reading.discard(work.doc_id)
             self._complete(pending.record, [pending.pages[n] for n in sorted(pending.pages)])
 
     def _complete(self, record: DocumentRecord, pages: list[PageWork]) -> None:
@@ -521,7 +525,12 @@ class ParquetSink:
         elif rows and self._exports_found:  # an unfinished earlier run's exports of it, which this run does not write
             with writing(f"the exports of {outcome.source} in {self.root}/{EXPORTS_DIR}"):
                 remove_other_exports(asdict(outcome), (), f"{self.root}/{EXPORTS_DIR}", self.filesystem)
-        self._ready_documents.append(outcome)
+        # a duplicate waits for the document it names: published first, it had pointed at nothing for as long as
+        # that one was read, and for good when the run was killed meanwhile
+        if outcome.duplicate_of in self._reading:
+            self._held.setdefault(outcome.duplicate_of, []).append(outcome)
+        else:
+            self._ready_documents += [outcome, *self._held.pop(outcome.doc_id, [])]
         self._ready_pages.extend(rows)
         summary = self.summary
         summary.documents_ok += outcome.status == "ok"
@@ -547,9 +556,11 @@ class ParquetSink:
         document, folder = asdict(outcome), f"{self.root}/{EXPORTS_DIR}"
         stamp = (outcome.source_size, outcome.source_mtime_ns) if rows else (None, None)
         if rows:
-            with writing(f"{self.root}/{STAGING_DIR}"):
-                with self.filesystem.open_output_stream(self._exporting_note(outcome.doc_id)) as note:
-                    note.write(json.dumps({key: document[key] for key in ("doc_id", "source", "num_pages")}).encode())
+            note = self._exporting_note(outcome.doc_id)
+            with writing(f"{self.root}/{STAGING_DIR}"):  # whole or not at all: a rerun reads it
+                with self.filesystem.open_output_stream(f"{note}.part") as stream:
+                    stream.write(json.dumps({key: document[key] for key in ("doc_id", "source", "num_pages")}).encode())
+                self.filesystem.move(f"{note}.part", note)
             self._exporting.add(outcome.doc_id)
         try:
             if None not in stamp:
@@ -585,20 +596,14 @@ class ParquetSink:
     def flush(self) -> None:
         """Publish the complete documents held so far (also what a stopped run does before it ends)."""
         self._last_published = time.monotonic()
-        # a duplicate waits for the document it names: published first, it had pointed at nothing for as long as
-        # that one was read, and for good when the run was killed meanwhile
-        reading = {doc_id for doc_id, _ in self._pending}
-        held = {id(record) for record in self._ready_documents if record.duplicate_of in reading}
-        if len(held) == len(self._ready_documents):
+        if not self._ready_documents:
             return
         name = f"part-{self.run_id}-{self._parts:05d}.parquet"
         self._parts += 1
         # taken off the sink first: a flush interrupted half way (Ctrl-C, SIGTERM) and flushed again must not
         # publish them twice; unpublished, they are read again by the next run
-        documents = [record for record in self._ready_documents if id(record) not in held]
-        pages = self._ready_pages
-        self._ready_documents = [record for record in self._ready_documents if id(record) in held]
-        self._ready_pages = []
+        documents, pages = self._ready_documents, self._ready_pages
+        self._ready_documents, self._ready_pages = [], []
         self._publish(pa.Table.from_pylist(pages, schema=PAGES_SCHEMA), PAGES_DIR, name)
         self._publish(pa.Table.from_pylist([asdict(record) for record in documents], schema=DOCUMENTS_SCHEMA),
                       DOCUMENTS_DIR, name)
@@ -607,9 +612,10 @@ class ParquetSink:
                 if record.doc_id in self._exporting:
                     self._exporting.discard(record.doc_id)
                     self.filesystem.delete_file(self._exporting_note(record.doc_id))
-        published = [(record, pages) for record, pages in self._unpublished if id(record) not in held]
-        self._unpublished = [(record, pages) for record, pages in self._unpublished if id(record) in held]
-        for record, pages in published:
+        published = {id(record) for record in documents}
+        done = [(record, pages) for record, pages in self._unpublished if id(record) in published]
+        self._unpublished = [(record, pages) for record, pages in self._unpublished if id(record) not in published]
+        for record, pages in done:
             self.on_published(record, pages)
 
     def close(self) -> WriteSummary:

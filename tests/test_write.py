@@ -422,6 +422,16 @@ def test_a_duplicate_row_is_published_with_or_after_the_document_it_names(tmp_pa
     sink.add_page(_page("a", 1))
     assert sorted(_read(tmp_path, DOCUMENTS_DIR).column("doc_id").to_pylist()) == ["a", "d"]
     assert sink.close().documents_duplicate == 1
+    # a collection delivered twice: duplicates waiting in numbers had made each later document a part of its own
+    sink = ParquetSink(str(tmp_path / "twice"), rows_per_file=100)
+    for number in range(150):
+        sink.expect(_document(f"a{number}", 1))
+    for number in range(150):
+        sink.expect(replace(_document(f"d{number}", 0, status="duplicate"), duplicate_of=f"a{number}"))
+    for number in range(150):
+        sink.add_page(_page(f"a{number}", 1))
+    sink.close()
+    assert len(list((tmp_path / "twice" / DOCUMENTS_DIR).iterdir())) == 3
 
 
 def test_an_export_is_never_seen_half_written_under_its_name(tmp_path, small_disk):
@@ -443,3 +453,21 @@ def test_a_write_probe_a_killed_run_left_is_taken_out_by_the_next(tmp_path):
         (tmp_path / folder / ".write-test").write_bytes(b"")
     with output_lock(str(tmp_path)):
         assert not list((tmp_path / EXPORTS_DIR).iterdir()) and not list((tmp_path / PAGES_DIR).iterdir())
+
+
+def test_a_disk_that_fills_as_a_document_s_exports_are_noted_leaves_an_output_the_next_run_recovers(small_disk):
+    """The note of a document's exports had been written in place: a full disk (or a kill) left it empty, and
+    every later run stopped at its start, reading it."""
+    sink = ParquetSink(str(small_disk), rows_per_file=100, exports=("txt",))
+    sink.expect(_document("a", 1))
+    with open(small_disk / "filler", "wb", buffering=0) as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 4096)
+        except OSError:  # full
+            pass
+    with pytest.raises(WriteFailed, match="no space left"):
+        sink.add_page(_page("a", 1))
+    (small_disk / "filler").unlink()
+    assert not recover_output(str(small_disk)).sources()
+    assert not list((small_disk / STAGING_DIR).iterdir())
