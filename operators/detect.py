@@ -373,7 +373,7 @@ def _split(ink: np.ndarray, letter_size: np.ndarray, rect: Rect, pitch: float,
         start, end = max(column_gaps, key=lambda gap: gap[1] - gap[0])
         # notes in a margin beside part of the text: the heading above and the footer below them go first and
         # last, not after or before them
-        if not (row_gaps and _reaches_beyond(region[:, :start], region[:, end:], pitch)):
+        if not (row_gaps and _margin_beside(region[:, :start], region[:, end:], pitch)):
             return [(x0, y0, x0 + start, y1), (x0 + end, y0, x1, y1)]
     if row_gaps:
         start, end = max(row_gaps, key=lambda gap: gap[1] - gap[0])
@@ -387,11 +387,13 @@ def _split(ink: np.ndarray, letter_size: np.ndarray, rect: Rect, pitch: float,
     return None
 
 
-def _reaches_beyond(left: np.ndarray, right: np.ndarray, pitch: float) -> bool:
-    """Whether one side's ink reaches a line pitch above and below the other's."""
-    (left_top, left_bottom), (right_top, right_bottom) = (_ink_rows(side) for side in (left, right))
-    return ((left_top + pitch < right_top and right_bottom + pitch < left_bottom)
-            or (right_top + pitch < left_top and left_bottom + pitch < right_bottom))
+def _margin_beside(left: np.ndarray, right: np.ndarray, pitch: float) -> bool:
+    """Whether one side is a margin beside the other: at most half as wide, and the other's ink reaches a line
+    pitch above and below it (a column of text that starts lower and ends higher is as wide as the other)."""
+    margin, text = sorted((left, right), key=lambda side: side.shape[1])
+    (margin_top, margin_bottom), (text_top, text_bottom) = _ink_rows(margin), _ink_rows(text)
+    return (margin.shape[1] <= 0.5 * text.shape[1] and text_top + pitch < margin_top
+            and margin_bottom + pitch < text_bottom)
 
 
 def _ink_rows(region: np.ndarray) -> tuple[int, int]:

@@ -321,6 +321,22 @@ def test_a_heading_and_a_footer_are_read_first_and_last_around_notes_in_both_mar
     assert lines[0].bbox[1] < 150 and lines[-1].bbox[1] > 1500
 
 
+def test_a_column_that_starts_lower_and_ends_higher_is_no_margin():
+    """The last page of an article: the right column starts lower and ends higher than the left, which has
+    paragraph breaks above and below it; as wide as the left, it is no margin, and each column is read whole."""
+    page = Image.new("L", (1275, 1650), 235)
+    draw = ImageDraw.Draw(page)
+    body, top = ImageFont.truetype(FONT, 22), 150
+    for index in range(30):
+        top += 60 if index in (4, 26) else 0
+        draw.text((80, top), " ".join((WORDS[index % 5:] + WORDS)[:5]), font=body, fill=25)
+        top += 40
+    for index in range(18):
+        draw.text((680, 430 + index * 40), " ".join((WORDS[(index + 2) % 5:] + WORDS)[:5]), font=body, fill=25)
+    lines = detect_lines(np.array(page), DPI, CONFIG)
+    assert "".join("L" if line.bbox[0] < 600 else "R" for line in lines) == "L" * 30 + "R" * 18
+
+
 def test_a_numbered_list_keeps_its_numbers_in_their_lines():
     """A long list set with a hanging indent: the same narrow gap runs down beside the numbers, but
     they are in the type of the text they number, so each stays in its line."""
