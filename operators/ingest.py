@@ -550,6 +550,8 @@ def triage_image(path: str, config: RasterizeConfig) -> tuple[int, tuple[tuple[i
 
 #: How much of the temporary folder a node's copies of URI inputs may take (least recently used out first).
 INPUT_COPIES_BYTES = 4 << 30
+#: The sizes of the copies this process made since it last looked the folder over.
+_copied_since_look: list[int] = []
 
 
 @contextmanager
@@ -568,7 +570,9 @@ def local_path(source: str, keep_bytes: int = INPUT_COPIES_BYTES) -> Iterator[st
     if stamp is None:
         raise UnreadableFile(f"cannot read {source}: there is no such file")
     key = hashlib.sha256(f"{source}\n{stamp}".encode("utf-8", "surrogateescape")).hexdigest()
-    copy, lock_path = folder / f"{key}{Path(source).suffix}", folder / f"{key}.lock"
+    # named apart from the source: a source named x.lock had been taken for its own lock file (the bytes decide
+    # what a file is, not its name)
+    copy, lock_path = folder / f"{key}.copy", folder / f"{key}.lock"
     while True:  # until a copy is held: a lock changes hands for a moment as it turns exclusive or shared
         lock = _lock(lock_path, fcntl.LOCK_SH)  # readers share it; none may take the copy out meanwhile
         try:
@@ -576,7 +580,12 @@ def local_path(source: str, keep_bytes: int = INPUT_COPIES_BYTES) -> Iterator[st
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 if not copy.exists():
                     _copy(source, stamp, copy)
-                    _keep_recent(folder, keep_bytes - copy.stat().st_size, keep=copy)
+                    _copied_since_look.append(copy.stat().st_size)
+                    # looked over after a share of the bound or some copies, not each: a folder of 25,000 copies
+                    # takes 0.2 s to look over
+                    if sum(_copied_since_look) >= keep_bytes // 8 or len(_copied_since_look) >= 64:
+                        _copied_since_look.clear()
+                        _keep_recent(folder, keep_bytes - copy.stat().st_size, keep=copy)
                 fcntl.flock(lock, fcntl.LOCK_SH)
             if copy.exists() and _holds(lock, lock_path):
                 os.utime(copy)  # its last use, which decides what goes first

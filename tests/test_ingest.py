@@ -472,3 +472,6 @@ def test_a_uri_input_is_copied_once_per_version_and_the_oldest_copies_make_room(
             assert not Path(first).exists()  # the least recently used copy made room
             assert Path(newer).exists() and Path(other).exists()  # one in use stays, over the bound too
     assert not list((tmp_path / "tmp").glob("*/*.part"))
+    shutil.copy(good_pdf, tmp_path / "scan.lock")  # the bytes decide what a file is: it had been read as its lock
+    with local_path(f"file://{tmp_path / 'scan.lock'}") as named_lock:
+        assert Path(named_lock).read_bytes() == good_pdf.read_bytes()
