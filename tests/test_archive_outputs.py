@@ -353,6 +353,8 @@ def test_a_pdf_keeps_its_outline_labels_metadata_and_encryption_and_text_is_not_
             outline.root.append(pikepdf.OutlineItem("Scanned pages", 1))
         pdf.Root.PageLabels = pdf.make_indirect(pikepdf.Dictionary(Nums=[0, pikepdf.Dictionary(S=pikepdf.Name.r)]))
         pdf.docinfo[pikepdf.Name.Title] = "Harbour office 1901"
+        pdf.Root.Names = pikepdf.Dictionary(Dests=pikepdf.Dictionary(Names=[
+            pikepdf.String("cover"), pikepdf.Array([pdf.pages[0].obj, pikepdf.Name.Fit])]))
         pdf.save(source, encryption=pikepdf.Encryption(owner="secret", user="",
                                                        allow=pikepdf.Permissions(extract=False)))
     run_job([str(source)], str(tmp_path / "out"), load_config(None, [DPI, "output.exports=[pdf]"]))
@@ -371,6 +373,9 @@ def test_a_pdf_keeps_its_outline_labels_metadata_and_encryption_and_text_is_not_
     with pikepdf.open(page2) as pdf:
         assert len(pdf.pages) == 1 and "/PageLabels" not in pdf.Root and not list(pdf.open_outline().root)
         assert pdf.is_encrypted and not pdf.allow.extract
+        # and the cover not read is not in it, by way of the named destination that points at it either
+        assert not [item for item in pdf.objects if isinstance(item, pikepdf.Stream)
+                    and b"harbour" in item.read_bytes()]
     [only] = _pdf_words(page2)
     assert "scanned" in [text for text, _ in only]
 

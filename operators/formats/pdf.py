@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import secrets
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,7 +60,7 @@ def _with_text_layers(source: str, path: str, rows: Sequence[dict], text_path: P
                       whole: bool) -> bytes:
     """The PDF of :func:`searchable_pdf` (``source``, read from ``path``), the text layers of ``text_path`` laid
     over the pages of :func:`_scanned_pages`."""
-    with _scanned_pages(path, rows, whole) as (out, turned), pikepdf.open(text_path) as text:
+    with _scanned_pages(path, rows, whole) as (out, turned, encryption), pikepdf.open(text_path) as text:
         with_text = []
         for row, page, already, text_page in zip(rows, out.pages, turned, text.pages):
             # EXIF or /Rotate, plus what orientation detection turned, less what the pixels already have
@@ -76,7 +77,7 @@ def _with_text_layers(source: str, path: str, rows: Sequence[dict], text_path: P
         if pdfa:
             pikepdf.pdfa.save(out, buffer, PDFA_FLAVOUR)
         else:
-            out.save(buffer, encryption=out.is_encrypted)
+            out.save(buffer, encryption=encryption)
         return buffer.getvalue()
 
 
@@ -99,12 +100,12 @@ def _shows_text(content: pikepdf.Object, seen: set[tuple[int, int]] | None = Non
 
 
 @contextmanager
-def _scanned_pages(path: str, rows: Sequence[dict], whole: bool = True) -> Iterator[tuple[pikepdf.Pdf, list[int]]]:
+def _scanned_pages(path: str, rows: Sequence[dict], whole: bool = True
+                   ) -> Iterator[tuple[pikepdf.Pdf, list[int], bool | pikepdf.Encryption]]:
     """A PDF holding the pages of the ``pages`` rows given, in page order: a PDF input itself when they are all its
     pages and ``whole`` (qpdf repairs a damaged one as it opens it), else a new one of those pages (``--pages``:
-    the original's page labels and outline would name other pages; an encrypted one keeps its encryption, and
-    loses its labels and outline), :func:`_image_pages` for an image; and per
-    page, the degrees its pixels are already turned from the file's own."""
+    the original's page labels and outline would name other pages), :func:`_image_pages` for an image; per
+    page, the degrees its pixels are already turned from the file's own; and the encryption to save it with."""
     numbers = [row["page"] for row in rows]
     with open(path, "rb") as handle:
         kind = sniff_kind(handle.read(1024))
@@ -117,20 +118,17 @@ def _scanned_pages(path: str, rows: Sequence[dict], whole: bool = True) -> Itera
         original = io.BytesIO(pdf)
         indexes, turns = [page_indexes[number - 1] for number in numbers], [all_turns[number - 1] for number in numbers]
     with pikepdf.open(original) as source:
-        every_page = indexes == list(range(len(source.pages)))
-        if kind == "pdf" and whole and (every_page or source.is_encrypted):
-            if not every_page:  # the pages read, under the owner's encryption, which a new PDF could not copy
-                for index in sorted(set(range(len(source.pages))) - set(indexes), reverse=True):
-                    del source.pages[index]
-                for names_other_pages in ("/PageLabels", "/Outlines"):
-                    if names_other_pages in source.Root:
-                        del source.Root[names_other_pages]
-            yield source, turns
+        if kind == "pdf" and whole and indexes == list(range(len(source.pages))):
+            yield source, turns, source.is_encrypted  # True: saved under its own encryption
             return
+        # its restrictions, under an owner password of its own (the original's cannot be read back): the pages
+        # read alone, as links, named destinations and form fields of the original would keep the others in it
+        encryption = pikepdf.Encryption(owner=secrets.token_urlsafe(24), allow=source.allow) \
+            if source.is_encrypted else False
         with pikepdf.new() as out:
             for index in indexes:
                 out.pages.append(source.pages[index])
-            yield out, turns
+            yield out, turns, encryption
 
 
 def _image_pages(path: str, dpis: Mapping[int, int]) -> tuple[bytes, list[int], list[int]]:
