@@ -142,21 +142,19 @@ def _sheets(bright: np.ndarray, square: np.ndarray) -> np.ndarray:
     if count <= 1:
         return np.zeros(bright.shape, bool)
     areas = stats[1:, cv2.CC_STAT_AREA]
-    large = np.concatenate([[False], areas >= SHEET_SHARE * areas.max()])
-    # a small piece that only thin lines part from a page is the page's paper: the rules of a table or form cut it
-    # into cells, whose text had been left out with the scanner targets; a piece beside dark areas wider than a
-    # rule (a card on the scanner bed, a book's fore-edge, the light parts of a picture) stays out
+    pages = np.concatenate([[False], areas >= SHEET_SHARE * areas.max()])
+    # a piece of the size of a few words that only thin lines part from what lies around it is the page's paper:
+    # the rules of a table or form cut it into cells, whose text had been left out with the scanner targets; a
+    # piece beside dark areas wider than a rule (a card on the scanner bed, a book's fore-edge, the light parts of
+    # a picture) stays out
     rule = cv2.getStructuringElement(cv2.MORPH_RECT, (_odd(square.shape[0] / 8),) * 2)
-    count_joined, joined = cv2.connectedComponents(cv2.morphologyEx(bright.astype(np.uint8), cv2.MORPH_CLOSE, rule),
-                                                   connectivity=4)
-    joined_to_page = np.zeros(count_joined, bool)
-    joined_to_page[joined[large[labels]]] = True
-    joined_to_page[0] = False
-    on_joined_page = np.bincount(labels.ravel(), weights=joined_to_page[joined].ravel(), minlength=count) > 0
-    wide_dark = cv2.morphologyEx((~bright).astype(np.uint8), cv2.MORPH_OPEN, rule)
-    beside_wide_dark = np.bincount(labels[cv2.dilate(wide_dark, rule) > 0], minlength=count) > 0
-    pages = large | (on_joined_page & ~beside_wide_dark)
-    pages[0] = False
+    reach = rule.shape[0] * 2
+    for label in np.flatnonzero(~pages[1:] & (areas >= square.size)) + 1:
+        left, top, width, height = stats[label, :4]
+        rows = slice(max(0, top - reach), top + height + reach)
+        cols = slice(max(0, left - reach), left + width + reach)
+        wide_dark = cv2.morphologyEx((~bright[rows, cols]).astype(np.uint8), cv2.MORPH_OPEN, rule)
+        pages[label] = not (cv2.dilate(wide_dark, rule).astype(bool) & (labels[rows, cols] == label)).any()
     return cv2.dilate(pages.astype(np.uint8)[labels], square) > 0
 
 
