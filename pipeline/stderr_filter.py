@@ -20,13 +20,16 @@ import sys
 #: A Ray C++ log line, its level in group 1: ``[2026-01-01 10:00:00,123 E 4242 4242] core_worker.cc:2465: ...``
 #: (or from a header: ``rpc_client.h:153``).
 #: Searched anywhere in a line: on a terminal it can follow a progress line redrawn in place.
-RAY_CORE_LOG_LINE = re.compile(rb"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ([DIWEF]) \d+ \d+\] \S+\.(?:cc|h):\d+:")
+#: As Ray forwards one from another process, it is named first, in colour on a terminal or in a log:
+#: ``\x1b[33m(raylet)\x1b[0m [2026-... E 3672 3686] (raylet) file_system_monitor.cc:116: ...``.
+RAY_CORE_LOG_LINE = re.compile(rb"(?:(?:\x1b\[[\d;]*m)?\([^)\n]*\)(?:\x1b\[0m)? )?"
+                               rb"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ([DIWEF]) \d+ \d+\] (?:\([^)\n]*\) )?\S+\.(?:cc|h):\d+:")
 #: What Ray says when it ends the process right after (a fatal line passes too): the only word of
 #: why a run ended with exit status 1 and nothing else.
 RAY_EXIT_NOTICE = re.compile(rb"process will exit|not initialized yet or already")
 #: Where a Ray log line may be starting in an unfinished line: a ``[`` before a digit or at the end so far, not the
 #: ``[`` of a terminal control sequence (the progress line's ``\x1b[K``), which would hold the line back.
-MAYBE_RAY_LINE = re.compile(rb"(?<!\x1b)\[(?=\d|$)")
+MAYBE_RAY_LINE = re.compile(rb"(?<!\x1b)\[(?=\d|$)|\x1b\[[\d;]*m\(|\x1b\[?[\d;]*$")
 
 
 def ray_line_start(line: bytes) -> int | None:

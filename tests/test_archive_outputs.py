@@ -741,6 +741,11 @@ def test_stderr_filter_drops_ray_core_lines_and_passes_the_rest_at_once(capfd):
                     b"[2026-01-01 10:00:00,123 W 4242 4242] rpc_client.h:153: header noise\n"
                     b"[2026-01-01 10:00:00,124 F 4242 4242] logging.cc:99: Check failed: fatal\n"
                     b"\rdocuments 1/2 [2026-01-01 10:00:00,126 W 4242 4242] core_worker.cc:1: glued noise\n"
+                    # as Ray forwards the raylet's lines, in colour or not (they had passed, one every 10 s on a
+                    # nearly full disk)
+                    b"\x1b[33m(raylet)\x1b[0m [2026-12-06 16:01:46,249 E 3672 3686] (raylet) file_system_monitor.cc:116:"
+                    b" forwarded noise\n(raylet) [2026-12-06 16:01:56,249 E 3672 3686] (raylet) file_system_monitor.cc:116:"
+                    b" plain forwarded noise\n"
                     b"\r\x1b[Kdocuments 2/2 redrawn in place [after 2 s]")  # as JobProgress draws it on a terminal
         deadline = time.monotonic() + 10
         while "redrawn in place" not in shown and time.monotonic() < deadline:
