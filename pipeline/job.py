@@ -87,7 +87,7 @@ class JobSummary:
             f"output: {self.output}\n"
             f"documents: {w.documents_ok} ok, {w.documents_failed} failed, {w.documents_duplicate} duplicates, "
             f"{self.documents_skipped} already done"
-            f"{f' ({self.retried} read again: --retry-failed)' if self.retried else ''}"
+            f"{f', {self.retried} failed ones read again (--retry-failed)' if self.retried else ''}"
             f"{f', {self.unselected} without a page in --pages' if self.unselected else ''}\n"
             f"left out (no document): {left_out}\n"
             f"pages: {w.pages} ({w.pages_failed} failed), lines: {w.lines}\n"

@@ -27,6 +27,7 @@ import ray
 from operators.errors import ConfigError
 from operators.records import DocumentRecord, PageWork
 from operators.storage import writing
+from operators.text import printable_text
 from pipeline import stderr_filter
 
 STDERR_FILTER = stderr_filter.__file__
@@ -34,6 +35,8 @@ STDERR_FILTER = stderr_filter.__file__
 #: Seconds between two summary lines in a non-interactive run, and between two redraws of the live line.
 LOG_INTERVAL_S = 30.0
 REDRAW_INTERVAL_S = 0.5
+#: How many failed documents are named on the console, each with its error, as they fail.
+NAMED_FAILURES = 10
 
 
 def quiet_ray_data(verbose: bool) -> None:
@@ -171,10 +174,23 @@ class JobProgress:
         self._show()
 
     def document_done(self, record: DocumentRecord, pages: list[PageWork]) -> None:
-        """The write stage's listener: one document and its pages, complete."""
+        """The write stage's listener: one document and its pages, complete. The first failed documents are named
+        with their error (the console had only counted them); the rest are in the output's tables."""
         self.documents_done += 1
-        self.documents_failed += record.status == "failed"
+        if record.status == "failed":
+            self.documents_failed += 1
+            if self.documents_failed <= NAMED_FAILURES:
+                self._say(printable_text(f"failed: {record.source} ({record.error_code}: {record.error_message})"))
+            if self.documents_failed == NAMED_FAILURES:
+                self._say("further failed documents are not named here: `trocr-pipeline show DIR` lists them all")
         self._show()
+
+    def _say(self, line: str) -> None:
+        """A line of its own, above the live line on a terminal (drawn again at the next beat)."""
+        with self._lock:
+            self.stream.write(("\r\x1b[K" if self.interactive and self._drawn else "") + line + "\n")
+            self.stream.flush()
+            self._shown = 0.0
 
     def document_published(self, record: DocumentRecord, pages: list[PageWork]) -> None:
         """The write stage's listener once a document's row is in the output: its ``--log-json`` record

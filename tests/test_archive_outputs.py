@@ -72,7 +72,7 @@ def _exports(output: Path, source: str, suffix: str) -> Path:
     return path
 
 
-def test_a_plain_run_prints_a_short_log_without_ray_chatter_or_warnings(run):
+def test_a_plain_run_prints_a_short_log_without_ray_chatter_or_warnings(run, inputs):
     result, *_ = run
     assert result.returncode == 4, result.stderr  # broken.pdf fails triage
     lines = (result.stdout + result.stderr).splitlines()
@@ -81,6 +81,10 @@ def test_a_plain_run_prints_a_short_log_without_ray_chatter_or_warnings(run):
                                                      r"|WARNING|warning|Loading weights", line)]
     assert not chatter, chatter
     assert "documents: 4 ok, 1 failed" in result.stdout
+    # the failed document named with its error (the console had only counted it)
+    assert [line for line in lines if line.startswith("failed: ")] == [
+        line for line in lines if line.startswith(f"failed: {inputs / 'broken.pdf'} (corrupt_file: ")]
+    assert len([line for line in lines if line.startswith("failed: ")]) == 1
 
 
 def test_log_json_has_one_record_per_finished_document(run, inputs):
