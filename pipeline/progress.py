@@ -198,7 +198,7 @@ class JobProgress:
         if self._log is not None:
             entry = {"source": record.source, "doc_id": record.doc_id, "status": record.status,
                      "pages": len(pages), "lines": sum(len(page.lines) for page in pages),
-                     "seconds": round(sum(page.seconds for page in pages), 3),
+                     "seconds": round(sum(page.seconds for page in pages), 3) + 0.0,  # a float without pages too
                      "error": {"code": record.error_code, "message": record.error_message}
                      if record.error_code else None}
             with writing(f"the --log-json file {self.log_json}"):

@@ -92,6 +92,7 @@ def test_log_json_has_one_record_per_finished_document(run, inputs):
     records = {Path(entry["source"]).name: entry for entry in map(json.loads, log.read_text().splitlines())}
     assert set(records) == {path.name for path in inputs.iterdir()}
     assert records["broken.pdf"]["status"] == "failed" and records["broken.pdf"]["error"]["code"] == "corrupt_file"
+    assert all(isinstance(record["seconds"], float) for record in records.values())  # had been 0, an int, without pages
     letters = records["letters.pdf"]
     assert (letters["status"], letters["pages"], letters["error"]) == ("ok", 3, None)
     assert letters["lines"] == sum(len(page["lines"]) for page in pages if page["source"].endswith("letters.pdf"))
