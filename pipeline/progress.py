@@ -130,6 +130,7 @@ class JobProgress:
     _phase: str = "starting"
     _began: float = field(default_factory=time.monotonic)
     _started: float = field(default_factory=time.monotonic)
+    _finished: float | None = None  # when the last page was done
     _shown: float = 0.0
     _drawn: bool = False
     _log: IO[str] | None = None
@@ -155,6 +156,7 @@ class JobProgress:
                     handler.addFilter(self._clear_live_line)
         self._heartbeat = threading.Thread(target=self._beat, name="progress-heartbeat", daemon=True)
         self._heartbeat.start()
+        self._show(force=True)  # a log's first line at once, not after the first interval
 
     def triage_started(self, files: int) -> None:
         self._phase, self.files = "triage", files
@@ -167,10 +169,13 @@ class JobProgress:
         """The work ahead, known once triage is done; rates and the ETA count from here."""
         self._phase, self.documents, self.pages = "reading", documents, pages
         self._started = time.monotonic()
+        self._show(force=True)  # the work ahead, in a log at once
 
     def page_done(self, work: PageWork) -> None:
         self.pages_done += 1
         self.lines_done += len(work.lines)
+        if self.pages_done == self.pages:  # the rate stands from here (it had kept falling while the job ended)
+            self._finished = time.monotonic()
         self._show()
 
     def document_done(self, record: DocumentRecord, pages: list[PageWork]) -> None:
@@ -231,7 +236,7 @@ class JobProgress:
             return f"starting (Ray, the model), {elapsed}"
         if self._phase == "triage":
             return f"triage: files {self.files_triaged}/{self.files}, {elapsed}"
-        reading = now - self._started
+        reading = (self._finished or now) - self._started
         rate = self.lines_done / reading if reading > 0 else 0.0
         if self.pages_done and self.pages > self.pages_done:
             eta = _clock(reading / self.pages_done * (self.pages - self.pages_done))

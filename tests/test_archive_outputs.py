@@ -688,7 +688,26 @@ def test_progress_line_redraws_in_place_on_a_terminal_and_logs_lines_otherwise(t
         text = stream.getvalue()
         assert "documents 1/1, pages 2/2" in text and "ETA 0:00" in text
         assert ("\r" in text) == interactive
-        assert text.count("\n") == (1 if interactive else 3)
+        assert text.count("\n") == (1 if interactive else 4)  # the work ahead at once, then each step
+        if not interactive:
+            assert text.startswith("progress: documents 0/1, pages 0/2")
+
+
+def test_the_rate_stands_once_the_last_page_is_done():
+    """The live line kept being drawn while the job ended (exports, publishing), its lines/s falling."""
+    from io import StringIO
+
+    from operators.records import LineRecord, PageWork
+
+    line = LineRecord(bbox=(0, 0, 10, 10), polygon=[(0, 0), (9, 0), (9, 9)], baseline=[(0, 8), (9, 8)], block=0,
+                      order=0)
+    progress = JobProgress(stream=StringIO())
+    progress.start(documents=1, pages=1)
+    time.sleep(0.2)
+    progress.page_done(PageWork("d", "a.pdf", 1, 150, lines=[line] * 10))
+    done = progress.status()
+    time.sleep(0.3)
+    assert progress.status().split(", ")[2] == done.split(", ")[2]  # "... lines/s"
 
 
 def test_progress_says_the_job_is_alive_while_nothing_finishes():
