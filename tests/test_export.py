@@ -194,6 +194,13 @@ def test_empty_page_has_no_lines_and_failed_page_no_text(exported):
     assert len(hocr.find(".//h:div[@id='page_3']", XHTML)) == 0
 
 
+def test_a_one_word_line_holds_its_word_alone_in_hocr(tmp_path, document):
+    """lxml's pretty printing had put whitespace around the word of a line that has only one ("P17")."""
+    [path] = write_exports([_row(1, [_line(0, 0, 100, 100, "P17", 0.9)])], document, ["hocr"], str(tmp_path))
+    line = etree.parse(path).find(".//h:span[@class='ocr_line']", XHTML)
+    assert "".join(line.itertext()) == "P17"
+
+
 def test_text_xml_cannot_hold_is_dropped_not_fatal(tmp_path, document):
     row = _row(1, [_line(0, 0, 100, 100, "bell\x07 and esc\x1bape", 0.7)])
     paths = write_exports([row], document, ["alto", "page", "hocr"], str(tmp_path))

@@ -426,7 +426,7 @@ def _hocr_line(paragraph: etree._Element, line: dict, line_id: str) -> None:
         span = etree.SubElement(element, _h("span"), {"class": "ocrx_word", "id": f"word_{line_id}_{index}",
                                                      "title": word_title})
         span.text = xml_text(word["text"])
-        span.tail = " " if index < len(words) else None
+        span.tail = " " if index < len(words) else ""  # not None: lxml would indent inside a one-word line
 
 
 def _hocr_bbox(bbox: Sequence[int]) -> str:
