@@ -78,14 +78,17 @@ def read_line_folder(folder: Path, paint_out_neighbours: bool = False) -> list[L
     if not folder.is_dir():
         raise ConfigError(f"line folder {folder} does not exist or is not a folder")
     images_by_stem: dict[str, list[Path]] = {}
+    untranscribed: set[Path] = set()  # until a transcription names it
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() in IMAGE_SUFFIXES:
+            untranscribed.add(path)
             parts = path.name.split(".")
             for end in range(1, len(parts)):
                 images_by_stem.setdefault(".".join(parts[:end]), []).append(path)
     lines, without_image, without_text = [], [], []
     for gt in sorted(folder.glob(f"*{GT_SUFFIX}")):
         candidates = images_by_stem.get(gt.name[: -len(GT_SUFFIX)])
+        untranscribed.difference_update(candidates or ())
         if not candidates:
             without_image.append(gt.name)
         elif not (text := _transcription(gt)):  # as lines without text on PAGE/ALTO pages: nothing to learn or score
@@ -94,12 +97,9 @@ def read_line_folder(folder: Path, paint_out_neighbours: bool = False) -> list[L
             image = min(candidates, key=lambda path: len(path.name))
             lines.append(LabeledLine(name=image.name, text=text, source=str(folder), path=image,
                                      paint_out_neighbours=paint_out_neighbours))
-    transcribed = {gt.name[: -len(GT_SUFFIX)] for gt in folder.glob(f"*{GT_SUFFIX}")}
-    untranscribed = sorted({path.name for stem, paths in images_by_stem.items() for path in paths}
-                           - {path.name for stem, paths in images_by_stem.items() if stem in transcribed for path in paths})
     for left_out, what in ((without_image, "transcriptions have no image beside them"),
                            (without_text, "transcriptions are empty"),
-                           (untranscribed, f"images have no {GT_SUFFIX} beside them")):
+                           (sorted(path.name for path in untranscribed), f"images have no {GT_SUFFIX} beside them")):
         if left_out:
             log.warning("%s: %d %s and are left out (e.g. %s)", folder, len(left_out), what, left_out[0])
     return lines
