@@ -154,7 +154,7 @@ def output_lock(output: str) -> Iterator[None]:
 _PART_NAME = re.compile(r"part-[0-9a-f]{12}-\d{5,}\.parquet")
 _STAGED_NAME = re.compile(
     rf"((retired-)?({PAGES_DIR}|{DOCUMENTS_DIR})-{_PART_NAME.pattern}|{re.escape(RETIRING)}|{re.escape(WRITE_PROBE)}"
-    rf"|{STAGED_EXPORT_PREFIX}[0-9a-f]{{32}}|exporting-[^/]+\.json\.part)")
+    rf"|{STAGED_EXPORT_PREFIX}[0-9a-f]{{32}}|{_EXPORTING_NAME.pattern}\.part)")
 
 
 def _list_parts(filesystem: pafs.FileSystem, folder: str) -> dict[str, str]:
@@ -530,7 +530,10 @@ class ParquetSink:
         if outcome.duplicate_of in self._reading:
             self._held.setdefault(outcome.duplicate_of, []).append(outcome)
         else:
-            self._ready_documents += [outcome, *self._held.pop(outcome.doc_id, [])]
+            released = self._held.pop(outcome.doc_id, [])
+            self._ready_documents += [outcome, *released]
+            if self.on_published is not None:
+                self._unpublished += [(outcome, pages), *((duplicate, []) for duplicate in released)]
         self._ready_pages.extend(rows)
         summary = self.summary
         summary.documents_ok += outcome.status == "ok"
@@ -541,8 +544,6 @@ class ParquetSink:
         summary.lines += sum(len(page.lines) for page in pages)
         if self.listener is not None:
             self.listener(outcome, pages)
-        if self.on_published is not None:
-            self._unpublished.append((outcome, pages))
         if (len(self._ready_pages) >= self.rows_per_file or len(self._ready_documents) >= self.rows_per_file
                 or time.monotonic() - self._last_published >= self.publish_every_s):
             self.flush()
@@ -612,10 +613,8 @@ class ParquetSink:
                 if record.doc_id in self._exporting:
                     self._exporting.discard(record.doc_id)
                     self.filesystem.delete_file(self._exporting_note(record.doc_id))
-        published = {id(record) for record in documents}
-        done = [(record, pages) for record, pages in self._unpublished if id(record) in published]
-        self._unpublished = [(record, pages) for record, pages in self._unpublished if id(record) not in published]
-        for record, pages in done:
+        published, self._unpublished = self._unpublished, []
+        for record, pages in published:
             self.on_published(record, pages)
 
     def close(self) -> WriteSummary:
