@@ -555,10 +555,12 @@ _copied_since_look: list[int] = []
 
 
 @contextmanager
-def local_path(source: str, keep_bytes: int = INPUT_COPIES_BYTES) -> Iterator[str]:
+def local_path(source: str, stamp: tuple[int, int] | None = None,
+               keep_bytes: int = INPUT_COPIES_BYTES) -> Iterator[str]:
     """A local path for poppler/Pillow: the file itself when local, else this node's copy of it. Every page range
     of a document and each of its exports reads the file: the copy is made once per node and version of the file
-    (its size and modification time), and held while in use, so that no other task takes it out."""
+    (its size and modification time: ``stamp`` when the caller has just taken it, else asked for), and held while
+    in use, so that no other task takes it out."""
     if not is_uri(source):
         yield source
         return
@@ -566,7 +568,7 @@ def local_path(source: str, keep_bytes: int = INPUT_COPIES_BYTES) -> Iterator[st
     folder.mkdir(mode=0o700, exist_ok=True)
     if folder.is_symlink() or folder.stat().st_uid != os.getuid():  # another user's in a shared /tmp
         raise UnreadableFile(f"cannot copy {source}: {folder} is not this user's folder")
-    stamp = source_stamp(source)
+    stamp = stamp or source_stamp(source)
     if stamp is None:
         raise UnreadableFile(f"cannot read {source}: there is no such file")
     key = hashlib.sha256(f"{source}\n{stamp}".encode("utf-8", "surrogateescape")).hexdigest()
@@ -715,7 +717,7 @@ def triage(source: str, config: RasterizeConfig, known: KnownDocument | None = N
         if known is not None and known.stamp == stamp:
             return DocumentPlan(doc_id=known.doc_id, source=source, kind=None, num_pages=known.num_pages, stamp=stamp)
         quiet_decoders()
-        with local_path(source) as path:  # a URI's bytes fetched once, for the hash and for the look inside
+        with local_path(source, stamp) as path:  # a URI's bytes fetched once, for the hash and for the look inside
             doc_id, head, size = fingerprint(path)
             if size == 0:
                 raise EmptyFile("the file is empty (0 bytes)")

@@ -244,7 +244,7 @@ def rasterize(task: PageRange, config: RasterizeConfig) -> list[PageWork]:
         if task.stamp is not None:
             check_unchanged(task.source, task.stamp)
         quiet_decoders()
-        with local_path(task.source) as path:
+        with local_path(task.source, task.stamp) as path:
             pages = _render(task, path, config)
         if task.stamp is not None:
             check_unchanged(task.source, task.stamp)
