@@ -7,6 +7,7 @@ whose documents partly failed exits with ``documents_failed`` after writing ever
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import json
 import logging
@@ -210,6 +211,14 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+def _no_colour_reset_at_exit() -> None:
+    """Ray's bundled colorama, set up when Ray starts, writes a colour reset (``\\x1b[0m``) to a terminal's
+    standard output at exit, a stray line after the summary; nothing here sets a colour."""
+    colorama = sys.modules.get("colorama.initialise")
+    if colorama is not None:
+        atexit.unregister(colorama.reset_all)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
@@ -229,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("trocr-pipeline: interrupted", file=sys.stderr)
         return int(ExitCode.ctrl_c)
+    finally:
+        _no_colour_reset_at_exit()
 
 
 if __name__ == "__main__":

@@ -750,6 +750,34 @@ def test_a_log_record_on_a_terminal_starts_on_a_line_of_its_own():
     assert not handler.filters
 
 
+def test_a_run_on_a_terminal_redraws_its_line_and_leaves_no_colour_reset_after_the_summary(inputs, tiny_model,
+                                                                                          tmp_path):
+    """Ray's bundled colorama, set up when Ray starts, had written ``\\x1b[0m`` to the terminal at exit, after the
+    summary."""
+    import os
+    import pty
+    import select
+
+    terminal, job_side = pty.openpty()
+    job = subprocess.Popen(CLI + ["run", str(inputs / "note.png"), "--output", str(tmp_path / "out"), "--set", DPI,
+                                  "--set", f"recognize.model={tiny_model}", "--set", "recognize.max_new_tokens=4"],
+                           stdin=job_side, stdout=job_side, stderr=job_side)
+    os.close(job_side)
+    shown, deadline = b"", time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if not select.select([terminal], [], [], 1)[0]:
+            continue
+        try:
+            shown += os.read(terminal, 65536)
+        except OSError:  # EIO: every process that had the terminal has closed it
+            break
+    os.close(terminal)
+    assert job.wait(timeout=60) == 0, shown.decode(errors="replace")
+    text = shown.decode()
+    assert "\r\x1b[Kdocuments 1/1, pages 1/1" in text and "pages: 1 (0 failed)" in text, text
+    assert "\x1b[0m" not in text, text[-300:]
+
+
 def test_stderr_filter_drops_ray_core_lines_and_passes_the_rest_at_once(capfd):
     import os
     import time
