@@ -37,6 +37,10 @@ MIN_PITCH_CORRELATION = 0.1
 #: Window, in glyph heights, of the running mean removed from row profiles before the line
 #: pitch is measured: several lines long, so the line rhythm itself stays.
 TREND_GLYPHS = 6
+#: A run of ink along one row at least this many glyph heights long is a rule (or part of one): no letter is.
+RULE_GLYPHS = 4
+#: A rule crosses a gutter where it covers at least this share of the gutter's width (it may be a pixel off).
+RULE_CROSSING_SHARE = 0.95
 
 Rect = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
 
@@ -79,17 +83,19 @@ def detect_lines(page: np.ndarray, dpi: int, config: DetectConfig) -> list[LineR
     small = cv2.resize(page, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else page
     ink, contrast = _binarize(small, _odd(config.sauvola_window_px * work_dpi / CONFIG_DPI), config.sauvola_k)
     min_height = max(2.0, config.min_line_height_px * work_dpi / CONFIG_DPI)
-    ink, glyph_height = _clean(ink, contrast, min_height, config.min_contrast)
+    text, glyph_height = _clean(ink, contrast, min_height, config.min_contrast)
     if glyph_height is None:
         return []
-    angle = _estimate_skew(ink, glyph_height, config.max_skew_deg)
-    upright, to_work = _rotate(ink, angle)
+    angle = _estimate_skew(text, glyph_height, config.max_skew_deg)
+    upright, to_work = _rotate(text, angle)
+    rules = _horizontal_rules(ink, glyph_height)
+    rules = rules if rules is None else _rotate(rules, angle)[0]
     pitch = _line_pitch(upright, glyph_height)
     frame = _Frame(scale=scale, to_work=to_work, page_shape=page.shape)
     records: list[LineRecord] = []
     block = 0
     letter_size = _letter_sizes(upright, glyph_height)
-    for rect in _find_blocks(upright, letter_size, pitch, config):
+    for rect in _find_blocks(upright, letter_size, rules, pitch, config):
         lines = _lines_in_block(upright, letter_size, rect, pitch, glyph_height, config)
         for line in lines:
             records.append(_record(frame.to_page(line.polygon), frame.to_page(line.baseline), block, len(records)))
@@ -188,6 +194,18 @@ def _clean(
     if not keep.any():
         return np.zeros_like(ink), None
     return np.concatenate([[False], keep])[labels].astype(np.uint8), size
+
+
+def _horizontal_rules(ink: np.ndarray, glyph_height: float) -> np.ndarray | None:
+    """The ink of the page's horizontal rules, each thickened by a row on either side so that a rule a pixel
+    off straight still crosses a gutter in one row; None when there is none. Rules are taken out of the text
+    before the blocks are found (:func:`_clean`), but a rule across a gutter tells what goes first there
+    (:func:`_split`); the grid of a ruled table is one component too large to be taken for a rule there."""
+    run = cv2.getStructuringElement(cv2.MORPH_RECT, (_odd(RULE_GLYPHS * glyph_height), 1))
+    rules = cv2.morphologyEx(ink, cv2.MORPH_OPEN, run)
+    if not rules.any():
+        return None
+    return cv2.dilate(rules, np.ones((3, 1), np.uint8))
 
 
 def _is_straight_stroke(labels: np.ndarray, label: int, stat: np.ndarray, size: float) -> bool:
@@ -306,14 +324,17 @@ def _letter_sizes(ink: np.ndarray, glyph_height: float) -> np.ndarray:
     return heights[labels]
 
 
-def _find_blocks(ink: np.ndarray, letter_size: np.ndarray, pitch: float, config: DetectConfig) -> list[Rect]:
+def _find_blocks(ink: np.ndarray, letter_size: np.ndarray, rules: np.ndarray | None, pitch: float,
+                 config: DetectConfig) -> list[Rect]:
     """Blocks in reading order by a recursive XY-cut.
 
     A vertical cut (column gutter) is tried first so that columns are read one after the other;
     it needs a gap of ``column_gap`` pitches with ``column_lines`` lines of text on both sides,
     or a gap of ``wide_gap`` pitches. Both widths grow with the size of the letters on either side
     of the gap (relative to the page's typical glyph height), so the letter and word gaps of a
-    large, letter-spaced heading are not taken for gutters. Otherwise the widest horizontal gap of
+    large, letter-spaced heading are not taken for gutters. A gap between rows that a rule crosses the gutter in
+    goes first, though (a ruled table is read row by row, a newspaper's stories above and below a rule across its
+    columns one after the other). Otherwise the widest horizontal gap of
     ``block_gap`` pitches splits the region top/bottom. Then a narrower gutter, ``narrow_gutter``
     pitches, with ``narrow_gutter_lines`` pitches of text on both sides and smaller type on the narrower
     (marginal notes set close to the column: word gaps do not line up down that many lines), then a
@@ -325,7 +346,7 @@ def _find_blocks(ink: np.ndarray, letter_size: np.ndarray, pitch: float, config:
         rect = pending.pop(0)
         if rect is None:
             continue
-        parts = _split(ink, letter_size, rect, pitch, config)
+        parts = _split(ink, letter_size, rules, rect, pitch, config)
         if parts is None:
             blocks.append(rect)
         else:
@@ -351,7 +372,7 @@ def _gaps(profile: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 
 
-def _split(ink: np.ndarray, letter_size: np.ndarray, rect: Rect, pitch: float,
+def _split(ink: np.ndarray, letter_size: np.ndarray, rules: np.ndarray | None, rect: Rect, pitch: float,
            config: DetectConfig) -> list[Rect] | None:
     x0, y0, x1, y1 = rect
     region = ink[y0:y1, x0:x1]
@@ -369,6 +390,10 @@ def _split(ink: np.ndarray, letter_size: np.ndarray, rect: Rect, pitch: float,
     row_gaps = [(s, e) for s, e in _gaps(region.sum(axis=1)) if e - s >= config.block_gap * pitch]
     if column_gaps:
         start, end = max(column_gaps, key=lambda gap: gap[1] - gap[0])
+        ruled = _ruled_row_gaps(region, rules, rect, (start, end))
+        if ruled:
+            top, bottom = max(ruled, key=lambda gap: gap[1] - gap[0])
+            return [(x0, y0, x1, y0 + top), (x0, y0 + bottom, x1, y1)]
         # notes in a margin beside part of the text: the heading above and the footer below them go first and
         # last, not after or before them
         if not (row_gaps and _margin_beside(region[:, :start], region[:, end:], pitch)):
@@ -383,6 +408,16 @@ def _split(ink: np.ndarray, letter_size: np.ndarray, rect: Rect, pitch: float,
     if cut is not None:
         return [(x0, y0, x0 + cut, y1), (x0 + cut, y0, x1, y1)]
     return None
+
+
+def _ruled_row_gaps(region: np.ndarray, rules: np.ndarray | None, rect: Rect,
+                    gutter: tuple[int, int]) -> list[tuple[int, int]]:
+    """The gaps between the region's rows of text (any height) that hold a rule across ``gutter``."""
+    if rules is None:
+        return []
+    x0, y0, x1, y1 = rect
+    crossing = rules[y0:y1, x0 + gutter[0]:x0 + gutter[1]].mean(axis=1) >= RULE_CROSSING_SHARE
+    return [(start, end) for start, end in _gaps(region.sum(axis=1)) if crossing[start:end].any()]
 
 
 def _margin_beside(left: np.ndarray, right: np.ndarray, pitch: float) -> bool:

@@ -421,9 +421,11 @@ def test_a_page_holding_one_short_word_has_its_line(word):
     assert 960 <= line.bbox[0] and line.bbox[3] <= 1480
 
 
-def test_text_in_the_cells_of_a_ruled_table_is_read():
+def test_text_in_the_cells_of_a_ruled_table_is_read_row_by_row():
     """A ledger or form: its rules cut the paper into cells, each a small separate piece of bright paper, which
-    had been left out as a card beside the page is, and the table's text with it."""
+    had been left out as a card beside the page is, and the table's text with it. Its rows are read one after the
+    other, each from left to right: the rules between them had been left out with the other rules, and the
+    table read column by column."""
     page = Image.new("L", (1275, 1650), 235)
     draw = ImageDraw.Draw(page)
     font, columns, rows = ImageFont.truetype(FONT, 26), (100, 450, 800, 1150), 6
@@ -435,8 +437,8 @@ def test_text_in_the_cells_of_a_ruled_table_is_read():
         for x in columns[:-1]:
             draw.text((x + 20, 200 + row * 70 + 45), f"{WORDS[row]} {row + 1}", font=font, fill=25, anchor="ls")
     lines = detect_lines(np.array(page), DPI, CONFIG)
-    assert len(lines) == rows * 3
-    assert sorted(line.bbox[0] // 350 for line in lines) == sorted([0, 1, 2] * rows)
+    assert [((line.bbox[1] - 200) // 70, line.bbox[0] // 350) for line in lines] == [
+        (row, column) for row in range(rows) for column in range(3)]
 
 
 def _line(polygon: list[tuple[int, int]]) -> LineRecord:
