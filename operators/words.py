@@ -34,6 +34,10 @@ SLANTS = (0.0, 0.1, -0.1, 0.2, -0.2, 0.3, 0.4, 0.5)
 #: Pixels of gap width a gap loses per pixel it lies away from where the character counts put
 #: its word break: a tie-breaker that keeps one wrong pick from shifting every later word.
 POSITION_WEIGHT = 0.05
+#: Words between two placed breaks get at least this share of the width their characters take on the line: where
+#: the text does not match the ink (a gap inside a letter, a word the model read twice), the break that would squeeze
+#: them to a few pixels is let go, and they share a wider span by character count.
+MIN_WORD_SHARE = 0.25
 #: LayoutLM boxes are given on a 0-1000 grid of the page.
 LAYOUT_SCALE = 1000
 #: A blank run at least this many crop heights wide is taken for a space between words: a line too
@@ -371,7 +375,28 @@ def _place_breaks(words: list[str], left: int, right: int, gaps: list[Interval])
     cuts: list[Interval | None] = [None] * len(expected)
     for gap, index in _match_gaps(sorted(gaps), expected, right - left):
         cuts[index] = gap
+    _let_go_squeezing_breaks(words, left, right, expected, cuts)
     return _fill_proportionally(words, left, right, cuts)
+
+
+def _let_go_squeezing_breaks(words: list[str], left: int, right: int, expected: list[float],
+                             cuts: list[Interval | None]) -> None:
+    """Unplace breaks (in ``cuts``) until the words between every two placed ones, and the line's ends, get
+    :data:`MIN_WORD_SHARE` of their width by character count; of the two around squeezed words, the one
+    further from where it was expected goes first."""
+    unit = (right - left) / (sum(len(word) for word in words) + len(words) - 1)
+    while True:
+        bounds = [-1, *[index for index, cut in enumerate(cuts) if cut is not None], len(cuts)]
+        for first, last in zip(bounds, bounds[1:]):
+            start = left if first < 0 else cuts[first][1]
+            end = right if last == len(cuts) else cuts[last][0]
+            units = sum(len(word) for word in words[first + 1:last + 1]) + last - first - 1
+            if end - start < MIN_WORD_SHARE * units * unit:
+                placed = [index for index in (first, last) if 0 <= index < len(cuts)]
+                cuts[max(placed, key=lambda index: abs(sum(cuts[index]) / 2 - expected[index]))] = None
+                break
+        else:
+            return
 
 
 def _match_gaps(gaps: list[Interval], expected: list[float], span: int) -> list[tuple[Interval, int]]:

@@ -271,6 +271,15 @@ def test_a_slightly_wider_gap_far_from_any_break_loses_to_one_in_place():
     assert [word.bbox[::2] for word in words] == [(0, 40), (50, 90), (99, 140)]
 
 
+def test_a_gap_that_would_squeeze_words_to_a_few_pixels_is_let_go():
+    """Where the text does not match the ink (gaps inside the first letters), every gap had been placed at a break,
+    and "hello" and "world" had got boxes 10 pixels wide on a line of 1,000."""
+    words = split_words("hello world foo", (0, 0, 1000, 10), [(10, 20), (30, 40)], (1000, 10))
+    assert [word.bbox[::2] for word in words] == [(0, 333), (400, 733), (800, 1000)]
+    words = split_words("hello world foo", (0, 0, 1000, 10), [(10, 20), (700, 760)], (1000, 10))
+    assert [word.bbox[::2] for word in words] == [(0, 318), (382, 700), (760, 1000)]
+
+
 def test_margins_trim_the_line_ends():
     words = split_words("one two", (10, 0, 110, 10), [(6, 14), (50, 58), (104, 114), (30, 31)], (200, 10))
     assert [word.bbox[::2] for word in words] == [(14, 50), (58, 104)]
