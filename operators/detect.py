@@ -41,6 +41,9 @@ TREND_GLYPHS = 6
 RULE_GLYPHS = 4
 #: A rule crosses a gutter where it covers at least this share of the gutter's width (it may be a pixel off).
 RULE_CROSSING_SHARE = 0.95
+#: The side of a gap at most this many pitches wide, whose every row of ink lies in a row of the other side's, holds
+#: labels of the other side's lines (a list's numbers, a ledger's item marks), not a column.
+LABEL_PITCHES = 2.0
 
 Rect = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
 
@@ -380,6 +383,8 @@ def _split(ink: np.ndarray, letter_size: np.ndarray, rules: np.ndarray | None, r
     tall = config.column_lines * pitch
     column_gaps, narrow_gutters = [], []
     for start, end in _gaps(region.sum(axis=0)):
+        if _labels_beside(region[:, :start], region[:, end:], end - start, pitch, config):
+            continue
         unit = pitch * _gap_scale(sizes[:, start - 1], sizes[:, end])
         beside = min(_ink_height(region[:, :start]), _ink_height(region[:, end:]))
         if end - start >= config.wide_gap * unit or (end - start >= config.column_gap * unit and beside >= tall):
@@ -405,9 +410,25 @@ def _split(ink: np.ndarray, letter_size: np.ndarray, rules: np.ndarray | None, r
         start, end = max(narrow_gutters, key=lambda gap: gap[1] - gap[0])
         return [(x0, y0, x0 + start, y1), (x0 + end, y0, x1, y1)]
     cut = _soft_gutter(region, pitch * _gap_scale(sizes), config)
-    if cut is not None:
+    if cut is not None and not _labels_beside(region[:, :cut], region[:, cut:], 0, pitch, config):
         return [(x0, y0, x0 + cut, y1), (x0 + cut, y0, x1, y1)]
     return None
+
+
+def _labels_beside(left: np.ndarray, right: np.ndarray, gap: int, pitch: float, config: DetectConfig) -> bool:
+    """Whether one side of a gap narrower than lines are joined across holds labels of the other's lines: at most
+    :data:`LABEL_PITCHES` wide, each of its rows of ink at most a pitch high and inside a row of the other's (with a
+    quarter pitch to spare). A list's numbers set a third of a pitch or more from their text had been cut off as a
+    column and lost, too narrow for lines of their own."""
+    if gap >= config.line_merge_gap * pitch:
+        return False
+    label, text = sorted((left, right), key=_ink_width)
+    if _ink_width(label) > LABEL_PITCHES * pitch:
+        return False
+    text_rows = _gaps(~text.any(axis=1))
+    spare = pitch / 4
+    return all(end - start <= pitch and any(top - spare <= start and end <= bottom + spare for top, bottom in text_rows)
+               for start, end in _gaps(~label.any(axis=1)))
 
 
 def _ruled_row_gaps(region: np.ndarray, rules: np.ndarray | None, rect: Rect,
@@ -479,6 +500,10 @@ def _soft_gutter(region: np.ndarray, pitch: float, config: DetectConfig) -> int 
         if supported and (best is None or touched[cut] < touched[best]):
             best = cut
     return best
+
+
+def _ink_width(region: np.ndarray) -> int:
+    return _ink_height(region.T)
 
 
 def _ink_height(region: np.ndarray) -> int:

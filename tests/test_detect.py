@@ -337,13 +337,15 @@ def test_a_column_that_starts_lower_and_ends_higher_is_no_margin():
     assert "".join("L" if line.bbox[0] < 600 else "R" for line in lines) == "L" * 30 + "R" * 18
 
 
-def test_a_numbered_list_keeps_its_numbers_in_their_lines():
+@pytest.mark.parametrize("gap", [9, 12, 24])
+def test_a_numbered_list_keeps_its_numbers_in_their_lines(gap):
     """A long list set with a hanging indent: the same narrow gap runs down beside the numbers, but
-    they are in the type of the text they number, so each stays in its line."""
+    they are in the type of the text they number, so each stays in its line. Set a third of a pitch or more from
+    their text, they had been cut off as a column, and then lost as too narrow for lines."""
     page = Image.new("L", (1275, 1650), 235)
     draw = ImageDraw.Draw(page)
     body, rows, pitch = ImageFont.truetype(FONT, 26), 14, 36
-    indent = 120 + int(draw.textlength(f"{rows}.", font=body)) + 9
+    indent = 120 + int(draw.textlength(f"{rows}.", font=body)) + gap
     for index in range(rows):
         draw.text((120, 300 + index * pitch), f"{index + 1}.", font=body, fill=25, anchor="ls")
         draw.text((indent, 300 + index * pitch), " ".join((WORDS[index % 5:] + WORDS)[:4]), font=body, fill=25,
