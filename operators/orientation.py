@@ -27,6 +27,11 @@ import numpy as np
 #: Pixels of the working copy (1000 x 1400 for a page): letters stay several pixels tall, the work
 #: stays tens of milliseconds, and a long strip is not shrunk to a sliver.
 WORK_PIXELS = 1_400_000
+#: Letters (median component side) larger than this in the working copy are measured again in a copy shrunk to
+#: bring them to ``LETTER_PX``: the threshold's window (25 pixels) then still spans a letter's strokes, and a strip
+#: still spans several letters. A small card of three lines in large type had been turned upside down.
+MAX_LETTER_PX = 24
+LETTER_PX = 14
 #: Strips per ink box side in which profiles are measured.
 STRIPS = 6
 #: Axis decision: log elongation ratio plus log profile peakiness ratio, at least this far from 0.
@@ -54,9 +59,9 @@ def turn(image: np.ndarray, rotation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, k=-(rotation // 90) % 4))
 
 
-def _ink(gray: np.ndarray) -> np.ndarray:
-    """A ``WORK_PIXELS`` binarized copy with only letter-sized components (no rules, pictures, specks)."""
-    scale = float(np.sqrt(WORK_PIXELS / gray.size))
+def _ink(gray: np.ndarray, pixels: float = WORK_PIXELS) -> np.ndarray:
+    """A binarized copy of about ``pixels`` with only letter-sized components (no rules, pictures, specks)."""
+    scale = float(np.sqrt(pixels / gray.size))
     small = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else gray
     ink = cv2.adaptiveThreshold(small, 1, cv2.ADAPTIVE_THRESH_MEAN_C, cv2.THRESH_BINARY_INV, 25, 15)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(ink, connectivity=8)
@@ -127,13 +132,23 @@ def _asymmetry(ink: np.ndarray) -> tuple[float, int]:
     return ((above - below) / total if total else 0.0), lines
 
 
+def _letter_size(ink: np.ndarray) -> float:
+    """The median larger side of the ink's components; 0 when there is no ink."""
+    count, _, stats, _ = cv2.connectedComponentsWithStats(ink, connectivity=8)
+    if count < 2:
+        return 0.0
+    return float(np.median(np.maximum(stats[1:, cv2.CC_STAT_WIDTH], stats[1:, cv2.CC_STAT_HEIGHT])))
+
+
 def detect_orientation(gray: np.ndarray) -> Orientation:
     """Which quarter turn clockwise makes ``gray`` (8-bit page) read upright; 0 when unsure."""
     ink = _ink(gray)
-    count, _, stats, _ = cv2.connectedComponentsWithStats(ink, connectivity=8)
-    if count < 2:
+    letter = _letter_size(ink)
+    if letter > MAX_LETTER_PX:
+        ink = _ink(gray, min(WORK_PIXELS, ink.size) * (LETTER_PX / letter) ** 2)
+        letter = _letter_size(ink)
+    if not letter:
         return Orientation(0, False, 0.0, 0.0, 0)
-    letter = float(np.median(np.maximum(stats[1:, cv2.CC_STAT_WIDTH], stats[1:, cv2.CC_STAT_HEIGHT])))
     reach = max(3, round(1.5 * letter))
     horizontal, vertical = _peakiness(ink), _peakiness(ink.T)
     peaks = float(np.log(horizontal / vertical)) if horizontal > 0 and vertical > 0 else 0.0

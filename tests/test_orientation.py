@@ -3,16 +3,22 @@ scanned sideways or upside down without metadata is read upright with its turn r
 
 from __future__ import annotations
 
+import io
+
+import img2pdf
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
-from PIL import Image
+from pdf2image import convert_from_bytes
+from PIL import Image, ImageDraw, ImageFont
 
 from conftest import text_page
 from operators.orientation import detect_orientation, turn
+from operators.rasterize import to_gray8
 from pipeline.config import load_config
 from pipeline.job import run_job
 
+FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf"
 TEXT = [
     "The quick brown fox jumps over the lazy dog,",
     "while the archivist keeps a ledger of every box",
@@ -43,6 +49,22 @@ def test_a_page_of_one_line_is_not_taken_for_a_column_of_letters(stored):
     """One line has no line gaps, so profiles alone call it sideways; merged words do not."""
     page = np.asarray(text_page(["The receipt for the quick brown fox."]), dtype=np.uint8)
     found = detect_orientation(turn(page, stored))
+    assert (found.rotation, found.confident) == ((360 - stored) % 360, True)
+
+
+@pytest.mark.parametrize("stored", [0, 90, 180, 270])
+def test_a_card_of_three_lines_in_large_type_is_turned_the_right_way(stored):
+    """A 5 x 4 inch card, its letters a fifth of an inch high, as poppler renders it from a PDF: the letters had
+    been measured at twice the binarization window, which left only their outlines, and the upright card was
+    turned upside down."""
+    page = Image.new("L", (1500, 1200), 255)
+    draw = ImageDraw.Draw(page)
+    for index, text in enumerate(["The quick brown fox jumps", "over the lazy dog today", "and then it rests a while"]):
+        draw.text((120, 150 + 180 * index), text, fill=0, font=ImageFont.truetype(FONT, 66))
+    png = io.BytesIO()
+    page.save(png, format="PNG", dpi=(300, 300))
+    rendered = to_gray8(convert_from_bytes(img2pdf.convert(png.getvalue()), dpi=300, grayscale=True)[0])
+    found = detect_orientation(turn(rendered, stored))
     assert (found.rotation, found.confident) == ((360 - stored) % 360, True)
 
 
