@@ -160,6 +160,36 @@ def test_a_cropped_pdf_page_is_read_and_overlaid_as_a_viewer_shows_it(tmp_path, 
     _assert_text_layer_on_the_pixels(work, source, tmp_path)
 
 
+def test_a_crop_box_reaching_beyond_the_media_box_overlays_what_a_viewer_shows(tmp_path, page_images):
+    """A viewer and poppler show the part of the CropBox inside the MediaBox: the text layer had been stretched
+    over the whole CropBox, its words a tenth too small and half an inch off."""
+    with pikepdf.open(write_pdf(tmp_path / "full.pdf", page_images[:1], dpi=150)) as pdf:
+        _, _, width, height = (float(value) for value in pdf.pages[0].mediabox)
+        pdf.pages[0].CropBox = [-36, -36, width, height]
+        pdf.save(tmp_path / "overcropped.pdf")
+    source = str(tmp_path / "overcropped.pdf")
+    [work] = rasterize(PageRange("0123456789abcdef", source, "pdf", 1, 1),
+                       RasterizeConfig(dpi=150, detect_orientation=False))
+    assert work.image.shape == np.asarray(page_images[0].convert("L")).shape
+    _assert_text_layer_on_the_pixels(work, source, tmp_path)
+
+
+def test_pages_sharing_one_resources_dictionary_each_get_their_text_layer(tmp_path, page_images):
+    """Many producers write one resources dictionary for every page: the first page's text layer, added to it,
+    had been taken for text that every later page shows already, and they got none."""
+    with pikepdf.open(write_pdf(tmp_path / "own.pdf", page_images[:2], dpi=150)) as pdf:
+        first, second = pdf.pages
+        shared = pdf.make_indirect(pikepdf.Dictionary(XObject=pikepdf.Dictionary(
+            image=first.obj.Resources.XObject.image, image2=second.obj.Resources.XObject.image)))
+        first.obj.Resources = second.obj.Resources = shared
+        second.obj.Contents = pdf.make_stream(second.obj.Contents.read_bytes().replace(b"/image", b"/image2"))
+        pdf.save(tmp_path / "shared.pdf")
+    works = rasterize(PageRange("0123456789abcdef", str(tmp_path / "shared.pdf"), "pdf", 1, 2),
+                      RasterizeConfig(dpi=150, detect_orientation=False))
+    _, text = _labelled_pdf(works, tmp_path / "shared.pdf", "Sheet")
+    assert text.split() == ["Sheet1", "Sheet2"], text
+
+
 def _labelled_pdf(works: list, source: Path, label: str) -> tuple[Path, str]:
     """The searchable PDF of ``works`` (beside ``source``) with one line on each page that rendered, reading
     ``{label}{page}``, and its text as pdftotext reads it."""

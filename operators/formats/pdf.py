@@ -61,14 +61,19 @@ def _with_text_layers(source: str, path: str, rows: Sequence[dict], text_path: P
     """The PDF of :func:`searchable_pdf` (``source``, read from ``path``), the text layers of ``text_path`` laid
     over the pages of :func:`_scanned_pages`."""
     with _scanned_pages(path, rows, whole) as (out, turned, encryption), pikepdf.open(text_path) as text:
+        # looked for before any text layer is added: pages that share one resources dictionary (many producers
+        # write one for all) would each find the layers of the pages before them there
+        shows_text = [_shows_text(page.obj) for page in out.pages]
         with_text = []
-        for row, page, already, text_page in zip(rows, out.pages, turned, text.pages):
+        for row, page, already, text_page, shown in zip(rows, out.pages, turned, text.pages, shows_text):
             # EXIF or /Rotate, plus what orientation detection turned, less what the pixels already have
             page.Rotate = (row["rotation"] - already) % 360
-            if _shows_text(page.obj):
+            if shown:
                 with_text.append(row["page"])
             else:
-                page.add_overlay(out.copy_foreign(text_page.as_form_xobject()), pikepdf.Rectangle(page.cropbox))
+                # what a viewer shows, and poppler rendered: the CropBox within the MediaBox
+                shown_box = pikepdf.Rectangle(page.cropbox) & pikepdf.Rectangle(page.mediabox)
+                page.add_overlay(out.copy_foreign(text_page.as_form_xobject()), shown_box)
         if with_text:
             log.info("%s: %d page(s) show text already (page %d first): the searchable PDF adds no text layer to "
                      "them", source, len(with_text), with_text[0])
