@@ -29,7 +29,7 @@ from operators.formats.export import remove_other_exports
 from operators.formats.mets import page_images
 from operators.formats.pdf import searchable_pdf
 from operators.formats.read import page_image
-from operators.ingest import DEFAULT_MAX_IMAGE_PIXELS, NEW_SUBFILE_TYPE, triage
+from operators.ingest import DEFAULT_MAX_IMAGE_PIXELS, NEW_SUBFILE_TYPE, sniff_kind, triage
 from operators.rasterize import PageRange, rasterize
 from operators.records import DocumentRecord, LineRecord
 from operators.settings import RasterizeConfig
@@ -190,7 +190,7 @@ def test_pages_sharing_one_resources_dictionary_each_get_their_text_layer(tmp_pa
     assert text.split() == ["Sheet1", "Sheet2"], text
 
 
-def _labelled_pdf(works: list, source: Path, label: str) -> tuple[Path, str]:
+def _labelled_pdf(works: list, source: Path, label: str, pdfa: bool = False) -> tuple[Path, str]:
     """The searchable PDF of ``works`` (beside ``source``) with one line on each page that rendered, reading
     ``{label}{page}``, and its text as pdftotext reads it."""
     for work in works:
@@ -198,7 +198,7 @@ def _labelled_pdf(works: list, source: Path, label: str) -> tuple[Path, str]:
                                  baseline=[(100, 150), (900, 150)], block=0, order=0, confidence=0.9,
                                  text=f"{label}{work.page}")] if work.status == "ok" else []
     pdf = source.with_suffix(".out.pdf")
-    pdf.write_bytes(searchable_pdf([page_row(work) for work in works], str(source)))
+    pdf.write_bytes(searchable_pdf([page_row(work) for work in works], str(source), pdfa=pdfa))
     return pdf, subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
 
 
@@ -427,6 +427,32 @@ def test_a_pdf_holding_what_pdfa_refuses_gets_a_pdfa_of_its_pages(tmp_path, page
         assert pdf.open_metadata().pdfa_status == "2B" and "/OpenAction" not in pdf.Root and len(pdf.pages) == 1
     with pikepdf.open(io.BytesIO(searchable_pdf([page_row(work)], str(source)))) as pdf:
         assert "/OpenAction" in pdf.Root  # without PDF/A, the document as it was
+
+
+def test_pdfa_of_pages_it_refuses_as_drawn_holds_them_as_rendered_with_their_text_layers(tmp_path, page_images):
+    """A PDF page that shows text in a font it does not embed (many producers' letterheads and stamps) and a CMYK
+    JPEG: PDF/A refuses both as they are, and the document had failed as export_failed, every other export of it
+    removed. Their pages are now held as the job rendered them, under their text layers. Without PDF/A, a PDF/A
+    source's claim is taken out of what is no longer checked to conform."""
+    source = write_pdf(tmp_path / "stamped.pdf", page_images[:1])
+    with pikepdf.open(source, allow_overwriting_input=True) as pdf:
+        page = pdf.pages[0]
+        page.obj.Resources.Font = pikepdf.Dictionary(F1=pikepdf.Dictionary(
+            Type=pikepdf.Name.Font, Subtype=pikepdf.Name.Type1, BaseFont=pikepdf.Name.Helvetica))
+        page.contents_add(pdf.make_stream(b"BT /F1 9 Tf 20 20 Td (Received 1905) Tj ET"))
+        pdf.save(source)
+    text_page(["A receipt printed in four inks."]).convert("CMYK").save(tmp_path / "cmyk.jpg", dpi=(150, 150))
+    for path in (source, tmp_path / "cmyk.jpg"):
+        works = rasterize(PageRange("id", str(path), sniff_kind(path.read_bytes()[:1024]), 1, 1),
+                          RasterizeConfig(dpi=150))
+        _, text = _labelled_pdf(works, path, "Read", pdfa=True)
+        with pikepdf.open(path.with_suffix(".out.pdf")) as pdf:
+            assert pdf.open_metadata().pdfa_status == "2B" and len(pdf.pages) == 1
+        assert text.split() == ["Read1"], text
+    pdfa = source.with_suffix(".out.pdf")
+    with pikepdf.open(io.BytesIO(searchable_pdf([page_row(works[0]) for works in [rasterize(
+            PageRange("id", str(pdfa), "pdf", 1, 1), RasterizeConfig(dpi=150))]], str(pdfa)))) as pdf:
+        assert pdf.open_metadata().pdfa_status == ""
 
 
 def test_text_is_looked_for_in_each_form_once(tmp_path):

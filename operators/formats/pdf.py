@@ -5,7 +5,8 @@ and stretched onto its box along the line's baseline), drawn from the ``pages`` 
 over the original page with pikepdf as a form XObject, so a PDF input keeps its page content and
 image streams byte for byte; an image input becomes a page through img2pdf, which embeds JPEG as
 is and other images losslessly. PDF/A-2b is written by ``pikepdf.pdfa``, which adds the sRGB
-output intent and XMP metadata and validates the bytes it wrote (veraPDF's rules).
+output intent and XMP metadata and validates the bytes it wrote (veraPDF's rules). Where it refuses the document
+as it is, the pages alone are tried, and then the pages as poppler renders them (:data:`FORMS`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import img2pdf
+import numpy as np
 import pikepdf
 import pikepdf.pdfa
 from ocrmypdf.font import MultiFontManager
 from ocrmypdf.fpdf_renderer import Fpdf2MultiPageRenderer
 from ocrmypdf.models.ocr_element import Baseline, BoundingBox, OcrClass, OcrElement
+from pdf2image import convert_from_path
 from PIL import Image, ImageOps
 
 from operators.formats.geometry import straight_baseline
@@ -32,6 +35,13 @@ from operators.rasterize import (EXIF_ORIENTATION_TAG, EXIF_ROTATION, MIRRORED_E
                                  upright_resolution)
 
 PDFA_FLAVOUR = "2b"
+#: What a searchable PDF is made of, tried in this order until PDF/A takes one: the document whole (a PDF input
+#: keeps its outline, labels, forms, metadata), its pages alone (PDF/A refuses scripts, forms, attachments), its
+#: pages as poppler renders them and an image's frames as the job read them (PDF/A refuses fonts that are not
+#: embedded, device colours without their profile: CMYK JPEGs, many producers' PDFs).
+FORMS = ("whole", "pages", "rendered")
+#: poppler is stopped after this long on one page (the job's default ``rasterize.render_timeout_s``).
+RENDER_TIMEOUT_S = 120
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +57,19 @@ def searchable_pdf(pages: Sequence[dict], source: str, pdfa: bool = False) -> by
         text_path = Path(folder) / "text.pdf"
         Fpdf2MultiPageRenderer([(row["page"], ocr_page(row), row["dpi"]) for row in ordered],
                                MultiFontManager()).render(text_path)
-        try:
-            return _with_text_layers(source, path, ordered, text_path, pdfa, whole=True)
-        except pikepdf.pdfa.PdfaError:
-            if not pdfa:
-                raise
-            log.info("%s: PDF/A refuses what the PDF holds besides its pages: the PDF/A holds the pages alone", source)
-            return _with_text_layers(source, path, ordered, text_path, pdfa, whole=False)
+        forms = FORMS if pdfa else FORMS[:1]
+        for form in forms[:-1]:
+            try:
+                return _with_text_layers(path, ordered, text_path, pdfa, form)
+            except pikepdf.pdfa.PdfaError as error:
+                log.info("%s: PDF/A refuses the document's %s form (%s): trying the next", source, form, error)
+        return _with_text_layers(path, ordered, text_path, pdfa, forms[-1])
 
 
-def _with_text_layers(source: str, path: str, rows: Sequence[dict], text_path: Path, pdfa: bool,
-                      whole: bool) -> bytes:
-    """The PDF of :func:`searchable_pdf` (``source``, read from ``path``), the text layers of ``text_path`` laid
-    over the pages of :func:`_scanned_pages`."""
-    with _scanned_pages(path, rows, whole) as (out, turned, encryption), pikepdf.open(text_path) as text:
+def _with_text_layers(path: str, rows: Sequence[dict], text_path: Path, pdfa: bool, form: str) -> bytes:
+    """The PDF of :func:`searchable_pdf` (its source read from ``path``), the text layers of ``text_path`` laid
+    over the pages of :func:`_scanned_pages` in ``form``."""
+    with _scanned_pages(path, rows, form) as (out, turned, encryption), pikepdf.open(text_path) as text:
         # looked for before any text layer is added: pages that share one resources dictionary (many producers
         # write one for all) would each find the layers of the pages before them there
         shows_text = [_shows_text(page.obj) for page in out.pages]
@@ -76,14 +85,26 @@ def _with_text_layers(source: str, path: str, rows: Sequence[dict], text_path: P
                 page.add_overlay(out.copy_foreign(text_page.as_form_xobject()), shown_box)
         if with_text:
             log.info("%s: %d page(s) show text already (page %d first): the searchable PDF adds no text layer to "
-                     "them", source, len(with_text), with_text[0])
+                     "them", rows[0]["source"], len(with_text), with_text[0])
         out.docinfo[pikepdf.Name.Creator] = "trocr-pipeline"
         buffer = io.BytesIO()
         if pdfa:
             pikepdf.pdfa.save(out, buffer, PDFA_FLAVOUR)
         else:
+            _without_pdfa_claim(out)
             out.save(buffer, encryption=encryption)
         return buffer.getvalue()
+
+
+def _without_pdfa_claim(pdf: pikepdf.Pdf) -> None:
+    """Take a PDF/A source's claim out of its metadata: with a text layer laid over its pages by ``save``, not
+    ``pikepdf.pdfa``, nothing checked that it still conforms (a layer's font lacks what PDF/A-1 asks of it)."""
+    if "/Metadata" not in pdf.Root:
+        return
+    with pdf.open_metadata(set_pikepdf_as_editor=False, update_docinfo=False) as metadata:
+        for key in ("pdfaid:part", "pdfaid:conformance", "pdfaid:amd"):
+            if key in metadata:
+                del metadata[key]
 
 
 #: Content stream operators that show text.
@@ -105,12 +126,14 @@ def _shows_text(content: pikepdf.Object, seen: set[tuple[int, int]] | None = Non
 
 
 @contextmanager
-def _scanned_pages(path: str, rows: Sequence[dict], whole: bool = True
+def _scanned_pages(path: str, rows: Sequence[dict], form: str = "whole"
                    ) -> Iterator[tuple[pikepdf.Pdf, list[int], bool | pikepdf.Encryption]]:
-    """A PDF holding the pages of the ``pages`` rows given, in page order: a PDF input itself when they are all its
-    pages and ``whole`` (qpdf repairs a damaged one as it opens it), else a new one of those pages (``--pages``:
-    the original's page labels and outline would name other pages), :func:`_image_pages` for an image; per
-    page, the degrees its pixels are already turned from the file's own; and the encryption to save it with."""
+    """A PDF holding the pages of the ``pages`` rows given, in page order, in ``form`` (:data:`FORMS`): a PDF input
+    itself when they are all its pages and the form is whole (qpdf repairs a damaged one as it opens it), else a
+    new one of those pages (``--pages``: the original's page labels and outline would name other pages), or of
+    their renderings (:func:`_rendered_pages`); :func:`_image_pages` for an image, its frames as the job read them
+    when rendered. Also, per page, the degrees its pixels are already turned from the file's own; and the
+    encryption to save it with."""
     numbers = [row["page"] for row in rows]
     with open(path, "rb") as handle:
         kind = sniff_kind(handle.read(1024))
@@ -119,11 +142,12 @@ def _scanned_pages(path: str, rows: Sequence[dict], whole: bool = True
     else:
         # the job read these pages, maybe under a max_page_pixels above the default: Pillow may open them
         allow_pixels(max(row["width"] * row["height"] for row in rows))
-        pdf, page_indexes, all_turns = _image_pages(path, {row["page"]: row["dpi"] for row in rows})
+        pdf, page_indexes, all_turns = _image_pages(path, {row["page"]: row["dpi"] for row in rows},
+                                                    as_read=form == "rendered")
         original = io.BytesIO(pdf)
         indexes, turns = [page_indexes[number - 1] for number in numbers], [all_turns[number - 1] for number in numbers]
     with pikepdf.open(original) as source:
-        if kind == "pdf" and whole and indexes == list(range(len(source.pages))):
+        if kind == "pdf" and form == "whole" and indexes == list(range(len(source.pages))):
             yield source, turns, source.is_encrypted  # True: saved under its own encryption
             return
         # its restrictions, under an owner password of its own (the original's cannot be read back): the pages
@@ -133,10 +157,38 @@ def _scanned_pages(path: str, rows: Sequence[dict], whole: bool = True
         with pikepdf.new() as out:
             for index in indexes:
                 out.pages.append(source.pages[index])
-            yield out, turns, encryption
+            if kind != "pdf" or form != "rendered":
+                yield out, turns, encryption
+                return
+            rendered, turns = _rendered_pages(out, [row["dpi"] for row in rows])
+        with pikepdf.open(io.BytesIO(rendered)) as images:
+            yield images, turns, encryption
 
 
-def _image_pages(path: str, dpis: Mapping[int, int]) -> tuple[bytes, list[int], list[int]]:
+def _rendered_pages(pdf: pikepdf.Pdf, dpis: Sequence[int]) -> tuple[bytes, list[int]]:
+    """The pages of ``pdf`` as poppler renders them at ``dpis`` (as the job did, but in colour), in a PDF of images,
+    and the degrees each is turned: its /Rotate, which poppler applies."""
+    pages = []
+    with tempfile.TemporaryDirectory(prefix="trocr-pipeline-render-") as folder:
+        pdf.save(Path(folder) / "pages.pdf")
+        for number, dpi in enumerate(dpis, 1):
+            [image] = convert_from_path(Path(folder) / "pages.pdf", dpi=dpi, first_page=number, last_page=number,
+                                        timeout=RENDER_TIMEOUT_S)
+            buffer = io.BytesIO()
+            _gray_if_gray(image).save(buffer, format="PNG", dpi=(dpi, dpi))
+            pages.append(buffer.getvalue())
+    # poppler renders a /Rotate that is no multiple of 90 as 0
+    turns = [rotate % 360 if rotate % 90 == 0 else 0 for rotate in (int(page.obj.get("/Rotate", 0)) for page in pdf.pages)]
+    return img2pdf.convert(pages), turns
+
+
+def _gray_if_gray(image: Image.Image) -> Image.Image:
+    """An RGB rendering of a page in gray, when it is all gray (a black-and-white scan): a third of the bytes."""
+    red, green, blue = (np.asarray(band) for band in image.split())
+    return image.convert("L") if np.array_equal(red, green) and np.array_equal(green, blue) else image
+
+
+def _image_pages(path: str, dpis: Mapping[int, int], as_read: bool = False) -> tuple[bytes, list[int], list[int]]:
     """An image file's pages (:func:`page_frames`) in a PDF: its bytes, the PDF page of each page, and the degrees
     each page's pixels are turned. ``dpis``: the dpi the job read pages at (page number -> dpi), which a page
     whose file gives no plausible resolution takes, so that the page's size agrees with the rows' boxes.
@@ -148,7 +200,8 @@ def _image_pages(path: str, dpis: Mapping[int, int]) -> tuple[bytes, list[int], 
     the page before where even its header is damaged), pages of which some give a plausible resolution and some
     not, and what img2pdf refuses or gets wrong (16-bit samples, alpha, a raw JPEG 2000 codestream, the frames
     of an animated PNG, a camera's JPEG whose preview is cut off, a TIFF turned by its orientation tag, which
-    Pillow turns as it decodes it and img2pdf turns again)."""
+    Pillow turns as it decodes it and img2pdf turns again), and where ``as_read`` asks for them (PDF/A refuses a CMYK
+    JPEG, which img2pdf embeds as it is)."""
     quiet_decoders()
     with open_image(path) as image:
         frames = page_frames(image)
@@ -157,7 +210,7 @@ def _image_pages(path: str, dpis: Mapping[int, int]) -> tuple[bytes, list[int], 
         fallback = next((dpis[number] for number, (_, resolution) in enumerate(facts, 1)
                          if resolution is None and number in dpis), None)
         plausible = {resolution is not None for _, resolution in facts}
-        if not any(frame.damage for frame in frames) and not MIRRORED_EXIF.intersection(orientations) \
+        if not as_read and not any(frame.damage for frame in frames) and not MIRRORED_EXIF.intersection(orientations) \
                 and not (image.format == "TIFF" and set(orientations) != {1}) and plausible != {True, False}:
             layout = img2pdf.default_layout_fun if plausible == {True} or fallback is None else \
                 img2pdf.get_fixed_dpi_layout_fun((fallback, fallback))
