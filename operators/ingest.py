@@ -373,6 +373,8 @@ def pdf_info(path: str, config: RasterizeConfig) -> dict[str, str | int | list]:
     if result.returncode != 0:
         if "password" in stderr.lower():
             raise EncryptedFile("the PDF is encrypted with a user password")
+        if "security handler" in stderr.lower():
+            raise EncryptedFile(f"the PDF is encrypted with a security handler poppler lacks: {stderr.splitlines()[-1]}")
         raise CorruptFile(f"pdfinfo could not read the PDF: {stderr.splitlines()[-1] if stderr else 'no detail'}")
     pages = _PAGES.search(stdout)
     if pages is None:
@@ -410,7 +412,9 @@ def page_tree_count(path: str) -> int | None:
             return len(pdf.pages)
     except pikepdf.PasswordError as exc:
         raise EncryptedFile("the PDF is encrypted with a user password") from exc
-    except pikepdf.PdfError:
+    except pikepdf.PdfError as exc:
+        if "encryption" in str(exc):  # a certificate's (/Adobe.PubSec) or another handler qpdf lacks
+            raise EncryptedFile(f"the PDF is encrypted in a way that cannot be read: {exc}") from exc
         return None
 
 
@@ -446,7 +450,9 @@ def pdf_pages(path: str, config: RasterizeConfig) -> tuple[int, bool, tuple[int,
             raise
         with repaired_pdf(path) as fixed:
             info, repaired = pdf_info(fixed, config), True
-    pages = pages_in_tree if pages_in_tree is not None else int(info["pages"])
+    # the larger count: the declared /Count can lie low (the tree's pages past it fail as page_count_mismatch), and
+    # qpdf leaves out of its tree a page it cannot parse, which poppler may render
+    pages = max(pages_in_tree or 0, int(info["pages"]))
     if pages < 1:
         raise NoPages("the PDF declares no page")
     sizes = [(number, w_pt / 72 * config.dpi, h_pt / 72 * config.dpi) for number, w_pt, h_pt in info["sizes"]]

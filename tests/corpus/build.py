@@ -43,6 +43,8 @@ EXPECTED: dict[str, Expected] = {
     "broken-xref.pdf": Expected("ok", pages_ok=3, repaired=True),
     "encrypted-user.pdf": Expected("failed", "encrypted"),
     "owner-password-only.pdf": Expected("ok", pages_ok=1),
+    "encrypted-certificate.pdf": Expected("failed", "encrypted"),
+    "page-qpdf-cannot-parse.pdf": Expected("ok", pages_ok=3, lines=3),
     "count-too-low.pdf": Expected("failed", "page_count_mismatch", pages_ok=2, pages_failed=1),
     "huge-page.pdf": Expected("failed", "page_too_large"),
     "bomb.png": Expected("failed", "page_too_large"),
@@ -129,7 +131,20 @@ def build_corpus(folder: Path) -> dict[str, Expected]:
     with pikepdf.open(source) as pdf:
         pdf.save(folder / "encrypted-user.pdf", encryption=pikepdf.Encryption(owner="o-secret", user="u-secret"))
         pdf.save(folder / "owner-password-only.pdf", encryption=pikepdf.Encryption(owner="o-secret", user=""))
+        pdf.save(folder / "_certificate.pdf", encryption=pikepdf.Encryption(owner="o-secret", user="", R=6))
     source.unlink()
+    # what a file encrypted for its recipients' certificates names as its security handler
+    certificate = (folder / "_certificate.pdf").read_bytes().replace(b"/Filter /Standard", b"/Filter /Adobe.PubSec")
+    (folder / "encrypted-certificate.pdf").write_bytes(certificate)
+    (folder / "_certificate.pdf").unlink()
+
+    with pikepdf.open(_pdf(folder / "_three.pdf", pages=3)) as pdf:
+        pdf.pages[1].obj.PieceInfo = 7
+        pdf.save(folder / "_unparsable.pdf", object_stream_mode=pikepdf.ObjectStreamMode.disable)
+    (folder / "_three.pdf").unlink()
+    unparsable = (folder / "_unparsable.pdf").read_bytes().replace(b"/PieceInfo 7", b"/PieceInfo 99999999999999999999")
+    (folder / "page-qpdf-cannot-parse.pdf").write_bytes(unparsable)
+    (folder / "_unparsable.pdf").unlink()
 
     (folder / "count-too-low.pdf").write_bytes(data.replace(b"/Count 3", b"/Count 2"))
 
