@@ -465,6 +465,8 @@ def quiet_decoders() -> None:
     the process, set again (not duplicated) by each caller: ``warnings.catch_warnings`` is not safe in threads,
     which the dry run triages in."""
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+    # an image over the page pixel limit fails as page_too_large, named; Pillow's warning names no file
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def allow_pixels(max_page_pixels: int) -> None:

@@ -191,11 +191,13 @@ class JobProgress:
         self._show()
 
     def _say(self, line: str) -> None:
-        """A line of its own, above the live line on a terminal (drawn again at the next beat)."""
+        """A line of its own, above the live line on a terminal (drawn again at the next beat); in a log, the next
+        ``progress:`` line still comes at its interval."""
         with self._lock:
             self.stream.write(("\r\x1b[K" if self.interactive and self._drawn else "") + line + "\n")
             self.stream.flush()
-            self._shown = 0.0
+            if self.interactive:
+                self._shown = 0.0
 
     def document_published(self, record: DocumentRecord, pages: list[PageWork]) -> None:
         """The write stage's listener once a document's row is in the output: its ``--log-json`` record

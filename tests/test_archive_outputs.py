@@ -749,6 +749,21 @@ def test_progress_line_redraws_in_place_on_a_terminal_and_logs_lines_otherwise(t
             assert text.startswith("progress: documents 0/1, pages 0/2")
 
 
+def test_failed_documents_named_in_a_log_bring_no_progress_line_of_their_own():
+    """In a log, each of the first failed documents named had been followed by a ``progress:`` line at once."""
+    from io import StringIO
+
+    stream = StringIO()
+    progress = JobProgress(stream=stream, interactive=False, interval_s=30)
+    progress.begin()
+    progress.start(documents=3, pages=3)
+    for name in "abc":
+        progress.document_done(DocumentRecord(name, f"{name}.pdf", "failed", "corrupt_file", "cut off", 0), [])
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["progress", "progress", "failed", "failed", "failed"], lines
+
+
 def test_the_rate_stands_once_the_last_page_is_done():
     """The live line kept being drawn while the job ended (exports, publishing), its lines/s falling."""
     from io import StringIO

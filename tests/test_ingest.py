@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -106,6 +107,17 @@ def test_an_image_under_the_page_pixel_limit_is_not_refused_as_a_decompression_b
     assert (plan.error, plan.num_pages) == (None, 1)
     refused = triage(str(tmp_path / "map.png"), RasterizeConfig(max_page_pixels=100_000_000))
     assert refused.error is not None and refused.error.error_code == "page_too_large"
+
+
+def test_an_image_over_the_page_pixel_limit_fails_without_a_warning_on_the_console(tmp_path):
+    """A BMP header declaring 900 Mpx fails as page_too_large, as it should, and Pillow's DecompressionBombWarning
+    had reached the console too, without a word of which file."""
+    header = struct.pack("<IiiHHIIiiII", 40, 30000, 30000, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    (tmp_path / "header.bmp").write_bytes(b"BM" + struct.pack("<IHHI", 70, 0, 0, 54) + header + b"\0" * 16)
+    with warnings.catch_warnings(record=True) as caught:
+        plan = triage(str(tmp_path / "header.bmp"), RasterizeConfig())
+    assert plan.error is not None and plan.error.error_code == "page_too_large"
+    assert not caught, [str(warning.message) for warning in caught]
 
 
 def test_a_rotate_that_is_no_quarter_turn_counts_as_none(tmp_path, good_pdf):
