@@ -712,6 +712,7 @@ def triage(source: str, config: RasterizeConfig, known: KnownDocument | None = N
     file again)."""
     doc_id = source_id(source)  # replaced by the content hash once read
     kind: DocumentKind | None = None
+    stamp: tuple[int, int] | None = None
     recorded = recorded_source(source)
     try:
         if recorded != source:
@@ -738,7 +739,9 @@ def triage(source: str, config: RasterizeConfig, known: KnownDocument | None = N
         return DocumentPlan(doc_id=doc_id, source=source, kind=kind, num_pages=num_pages, repaired=repaired,
                             page_rotations=rotations, oversized_pages=oversized, stamp=stamp)
     except DocumentError as error:
-        return DocumentPlan(doc_id=doc_id, source=recorded, kind=kind, num_pages=0, error=error)
+        # the size a copy of the file shares (:meth:`operators.write.PublishedDocuments.failed_to_retry`)
+        kept = None if isinstance(error, SourceChanged) else stamp
+        return DocumentPlan(doc_id=doc_id, source=recorded, kind=kind, num_pages=0, error=error, stamp=kept)
     except Exception as exc:  # noqa: BLE001 - one file must never end the job
         if (full := scratch_space_full(exc, f"reading {recorded}")) is not None:
             raise full from exc

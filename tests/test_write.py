@@ -17,7 +17,7 @@ from PIL import Image
 
 from operators.errors import OutputLocked, OutputNotWritable, WriteFailed
 from operators.formats.export import write_exports
-from operators.ingest import duplicate_id, source_stamp
+from operators.ingest import duplicate_id, source_stamp, triage
 from operators.write import (
     DOCUMENTS_DIR,
     EXPORTS_DIR,
@@ -34,6 +34,7 @@ from operators.write import (
     recover_output,
     retire_documents,
 )
+from operators.settings import RasterizeConfig
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
 
 
@@ -204,6 +205,28 @@ def test_retrying_failed_documents_takes_out_their_rows_and_pages_and_keeps_ever
     assert [(row["doc_id"], row["page"]) for row in _read(tmp_path, PAGES_DIR).to_pylist()] == [("a", 1)]
     assert _read(tmp_path, DOCUMENTS_DIR).schema.equals(DOCUMENTS_SCHEMA)
     assert published_documents(str(tmp_path)).failed_to_retry(everything).doc_ids == set()
+
+
+def test_a_failed_copy_outside_the_run_is_found_among_the_retried_documents_of_its_size(tmp_path):
+    """A copy has its original's bytes, so its row is tried only against retried documents of its size (5,000
+    failed rows outside a run, each tried against 5,000 retried, had taken 30 s); a row without a size, against
+    every one."""
+    sink = ParquetSink(str(tmp_path), rows_per_file=100)
+    for index in range(3):
+        sink.expect(replace(_document(f"x{index}", 0, status="failed", error_code="corrupt_file"),
+                            source_size=100 + index, source_mtime_ns=1))
+    sink.expect(DocumentRecord(duplicate_id("x1", "y.pdf"), "y.pdf", "failed", "corrupt_file", "broken", 0,
+                               source_size=101, source_mtime_ns=1))
+    sink.expect(DocumentRecord(duplicate_id("x2", "z.pdf"), "z.pdf", "failed", "corrupt_file", "broken", 0))
+    sink.close()
+    read_now = {f"x{index}.pdf": f"x{index}" for index in range(3)}
+    assert published_documents(str(tmp_path)).failed_to_retry(read_now).doc_ids == {"x0"}  # y.pdf, z.pdf rest
+
+
+def test_a_failed_document_records_the_size_its_copies_share(tmp_path):
+    (tmp_path / "broken.pdf").write_bytes(b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog")
+    plan = triage(str(tmp_path / "broken.pdf"), RasterizeConfig())
+    assert plan.error is not None and plan.stamp == source_stamp(str(tmp_path / "broken.pdf"))
 
 
 def test_a_failed_copy_rests_on_its_original_and_old_parts_without_the_newer_columns_are_read(tmp_path):
