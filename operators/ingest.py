@@ -19,6 +19,7 @@ import warnings
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal, Sequence
 from urllib.parse import quote
@@ -66,6 +67,7 @@ class DocumentPlan:
     error: DocumentError | None = None
     repaired: bool = False  # poppler could not read it; render the copy pikepdf (qpdf) repairs
     page_rotations: tuple[int, ...] = ()  # a PDF's /Rotate per page, which poppler applies when rendering
+    page_units: tuple[float, ...] = ()  # a PDF's /UserUnit per page (72nds of an inch), which poppler ignores
     oversized_pages: tuple[tuple[int, str], ...] = ()  # (page, why) of pages over rasterize.max_page_pixels
     duplicate_of: str | None = None  # doc_id of the document with the same bytes that holds the pages
     stamp: tuple[int, int] | None = None  # the file's size and modification time (ns) when its doc_id was taken
@@ -404,12 +406,19 @@ def _oversized(sizes: Iterable[tuple[int, float, float]], pages: int, config: Ra
     return oversized
 
 
-def page_tree_count(path: str) -> int | None:
-    """Pages in the PDF's page tree as qpdf walks it (the declared /Count can lie); None if qpdf
-    cannot open the file either."""
+def user_unit(page: pikepdf.Page) -> float:
+    """The page's /UserUnit (PDF 1.6: its unit is that many 72nds of an inch), 1 where it gives no positive number.
+    The page's own entry only: the spec does not let it be inherited from the page tree."""
+    unit = page.obj.get("/UserUnit")
+    return float(unit) if isinstance(unit, (int, Decimal)) and unit > 0 else 1.0
+
+
+def page_units(path: str) -> tuple[float, ...] | None:
+    """The /UserUnit (:func:`user_unit`) of each page in the PDF's page tree as qpdf walks it, so also the page
+    count (the declared /Count can lie); None if qpdf cannot open the file either."""
     try:
         with pikepdf.open(path) as pdf:
-            return len(pdf.pages)
+            return tuple(user_unit(page) for page in pdf.pages)
     except pikepdf.PasswordError as exc:
         raise EncryptedFile("the PDF is encrypted with a user password") from exc
     except pikepdf.PdfError as exc:
@@ -430,33 +439,39 @@ def repaired_pdf(path: str) -> Iterator[str]:
         yield handle.name
 
 
-def triage_pdf(path: str, config: RasterizeConfig) -> tuple[int, bool, tuple[int, ...], tuple[tuple[int, str], ...]]:
-    """Page count, whether rendering needs the repaired copy, each page's /Rotate, and the pages too large to
-    render (:func:`_oversized`)."""
-    pages, repaired, rotations, sizes = pdf_pages(path, config)
-    return pages, repaired, rotations, _oversized(sizes, pages, config, config.dpi)
+def triage_pdf(path: str, config: RasterizeConfig
+               ) -> tuple[int, bool, tuple[int, ...], tuple[float, ...], tuple[tuple[int, str], ...]]:
+    """Page count, whether rendering needs the repaired copy, each page's /Rotate and /UserUnit, and the pages
+    too large to render (:func:`_oversized`)."""
+    pages, repaired, rotations, units, sizes = pdf_pages(path, config)
+    return pages, repaired, rotations, units, _oversized(sizes, pages, config, config.dpi)
 
 
-def pdf_pages(path: str, config: RasterizeConfig) -> tuple[int, bool, tuple[int, ...], list[tuple[int, float, float]]]:
-    """Page count, whether rendering needs the repaired copy, each page's /Rotate, and each page's size in
-    pixels at ``config.dpi``."""
-    pages_in_tree = page_tree_count(path)
-    if pages_in_tree == 0:
+def pdf_pages(path: str, config: RasterizeConfig
+              ) -> tuple[int, bool, tuple[int, ...], tuple[float, ...], list[tuple[int, float, float]]]:
+    """Page count, whether rendering needs the repaired copy, each page's /Rotate and /UserUnit, and each page's
+    size in pixels at ``config.dpi`` per real inch (pdfinfo gives it in units, taking each for a point)."""
+    units = page_units(path)
+    if units == ():
         raise NoPages("the PDF's page tree is empty: it holds no page")
     try:
         info, repaired = pdf_info(path, config), False
     except CorruptFile:
-        if pages_in_tree is None:
+        if units is None:
             raise
         with repaired_pdf(path) as fixed:
             info, repaired = pdf_info(fixed, config), True
     # the larger count: the declared /Count can lie low (the tree's pages past it fail as page_count_mismatch), and
     # qpdf leaves out of its tree a page it cannot parse, which poppler may render
-    pages = max(pages_in_tree or 0, int(info["pages"]))
+    pages = max(len(units or ()), int(info["pages"]))
     if pages < 1:
         raise NoPages("the PDF declares no page")
-    sizes = [(number, w_pt / 72 * config.dpi, h_pt / 72 * config.dpi) for number, w_pt, h_pt in info["sizes"]]
-    return pages, repaired, tuple(info["rotations"]), sizes
+    units = units or ()
+    sizes = []
+    for number, width, height in info["sizes"]:
+        scale = (units[number - 1] if number <= len(units) else 1.0) * config.dpi / 72
+        sizes.append((number, width * scale, height * scale))
+    return pages, repaired, tuple(info["rotations"]), units, sizes
 
 
 def quiet_decoders() -> None:
@@ -732,12 +747,12 @@ def triage(source: str, config: RasterizeConfig, known: KnownDocument | None = N
                 raise EmptyFile("the file is empty (0 bytes)")
             kind = sniff_kind(head)
             if kind == "pdf":
-                num_pages, repaired, rotations, oversized = triage_pdf(path, config)
+                num_pages, repaired, rotations, units, oversized = triage_pdf(path, config)
             else:
-                (num_pages, oversized), repaired, rotations = triage_image(path, config), False, ()
+                (num_pages, oversized), repaired, rotations, units = triage_image(path, config), False, (), ()
         check_unchanged(source, stamp)
         return DocumentPlan(doc_id=doc_id, source=source, kind=kind, num_pages=num_pages, repaired=repaired,
-                            page_rotations=rotations, oversized_pages=oversized, stamp=stamp)
+                            page_rotations=rotations, page_units=units, oversized_pages=oversized, stamp=stamp)
     except DocumentError as error:
         # the size a copy of the file shares (:meth:`operators.write.PublishedDocuments.failed_to_retry`)
         kept = None if isinstance(error, SourceChanged) else stamp

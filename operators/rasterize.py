@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Sequence
 
 import cv2
@@ -42,6 +43,7 @@ class PageRange:
     last: int
     repaired: bool = False
     rotations: tuple[int, ...] = ()  # /Rotate of pages first..last, as poppler applies it
+    units: tuple[float, ...] = ()  # /UserUnit of pages first..last (1 where missing), which poppler ignores
     oversized: str | None = None  # a page over the pixel limit (first == last): why it is failed, not rendered
     stamp: tuple[int, int] | None = None  # the file's size and modification time at triage (None: not checked)
 
@@ -58,11 +60,13 @@ def page_ranges(plans: list[DocumentPlan], pages_per_task: int, pages: str | Non
         for number in selected_pages(pages, plan.num_pages) + [0]:  # 0 closes the last run
             if run and (number != run[-1] + 1 or len(run) == pages_per_task or number in oversized):
                 ranges.append(PageRange(plan.doc_id, plan.source, plan.kind, run[0], run[-1], plan.repaired,
-                                         plan.page_rotations[run[0] - 1:run[-1]], stamp=plan.stamp))
+                                         plan.page_rotations[run[0] - 1:run[-1]], plan.page_units[run[0] - 1:run[-1]],
+                                         stamp=plan.stamp))
                 run = []
             if number in oversized:
                 ranges.append(PageRange(plan.doc_id, plan.source, plan.kind, number, number, plan.repaired,
-                                         plan.page_rotations[number - 1:number], oversized[number], plan.stamp))
+                                         plan.page_rotations[number - 1:number], plan.page_units[number - 1:number],
+                                         oversized[number], plan.stamp))
             elif number:
                 run.append(number)
     return ranges
@@ -127,35 +131,45 @@ def _new_page(task: PageRange, number: int, dpi: int) -> PageWork:
 
 
 def _render_pdf(task: PageRange, path: str, config: RasterizeConfig) -> list[PageWork]:
+    """The pages at ``config.dpi`` per real inch, recorded as that dpi: poppler takes a unit for a point whatever
+    the page's /UserUnit, so each run of pages of one unit is rendered at ``config.dpi`` times it."""
+    numbered = range(task.first, task.last + 1)
+    rotations, units = dict(zip(numbered, task.rotations)), dict(zip(numbered, task.units))
+    pages = []
+    for unit, run in groupby(numbered, key=lambda number: units.get(number, 1.0)):
+        numbers = list(run)
+        images = _poppler_pages(path, numbers[0], numbers[-1], config.dpi * unit, config)
+        for offset, number in enumerate(numbers):
+            work = _new_page(task, number, config.dpi)
+            if offset >= len(images):
+                work.fail(PAGE_COUNT_MISMATCH,
+                          f"page {number} is declared but poppler rendered only {len(images)} of pages "
+                          f"{numbers[0]}-{numbers[-1]}")
+            else:
+                work.image = to_gray8(images[offset])
+                work.height, work.width = work.image.shape
+                work.rotation = rotations.get(number, 0)
+            pages.append(work)
+    return pages
+
+
+def _poppler_pages(path: str, first: int, last: int, dpi: float, config: RasterizeConfig) -> list[Image.Image]:
     try:
-        images = convert_from_path(
+        return convert_from_path(
             path,
-            dpi=config.dpi,
-            first_page=task.first,
-            last_page=task.last,
+            dpi=dpi,
+            first_page=first,
+            last_page=last,
             grayscale=True,
             use_cropbox=True,  # the page as a viewer shows it, and where the searchable PDF lays its text
             timeout=config.render_timeout_s,
         )
     except PDFPopplerTimeoutError as exc:
         raise RenderTimeout(
-            f"poppler took longer than {config.render_timeout_s:g} s on pages {task.first}-{task.last}; killed"
+            f"poppler took longer than {config.render_timeout_s:g} s on pages {first}-{last}; killed"
         ) from exc
     except (PDFPageCountError, PDFSyntaxError) as exc:
-        raise RenderFailed(f"poppler failed on pages {task.first}-{task.last}: {exc}") from exc
-    pages = []
-    for offset, number in enumerate(range(task.first, task.last + 1)):
-        work = _new_page(task, number, config.dpi)
-        if offset >= len(images):
-            work.fail(PAGE_COUNT_MISMATCH,
-                      f"page {number} is declared but poppler rendered only {len(images)} of pages "
-                      f"{task.first}-{task.last}")
-        else:
-            work.image = to_gray8(images[offset])
-            work.height, work.width = work.image.shape
-            work.rotation = task.rotations[offset] if offset < len(task.rotations) else 0
-        pages.append(work)
-    return pages
+        raise RenderFailed(f"poppler failed on pages {first}-{last}: {exc}") from exc
 
 
 #: Degrees clockwise that ``ImageOps.exif_transpose`` turns an image, per EXIF orientation (the

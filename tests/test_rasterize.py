@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pikepdf
 import pytest
 from PIL import Image
 
@@ -50,6 +51,28 @@ def test_pages_poppler_does_not_render_fail_as_count_mismatch(tmp_path, page_ima
     pages = rasterize(PageRange("id", str(path), "pdf", 1, 3), RasterizeConfig(dpi=100))
     assert [(p.page, p.status, p.error_code) for p in pages] == [
         (1, "ok", None), (2, "ok", None), (3, "failed", "page_count_mismatch")]
+
+
+def test_a_pdf_page_of_a_larger_user_unit_renders_at_its_real_size_and_counts_it_against_the_pixel_limit(
+        tmp_path, page_images):
+    """/UserUnit 2 makes a unit 2/72 inch, which poppler ignores: the page had been rendered at half the requested
+    dpi (recorded as the requested one all the same) and checked against rasterize.max_page_pixels at that."""
+    with pikepdf.open(write_pdf(tmp_path / "doc.pdf", page_images, dpi=150)) as pdf:
+        pdf.pages[1].obj.UserUnit = 2
+        pdf.Root.Pages.UserUnit = 3  # not inherited: a page's own entry
+        pdf.save(tmp_path / "units.pdf")
+    config = RasterizeConfig(dpi=75)
+    plan = triage(str(tmp_path / "units.pdf"), config)
+    assert (plan.error, plan.oversized_pages) == (None, ())
+    width, height = page_images[0].size[0] // 2, page_images[0].size[1] // 2  # 150 dpi pages at 75
+    [task] = page_ranges([plan], pages_per_task=8)  # one range: each unit gets its own poppler call
+    works = rasterize(task, config)
+    assert [(work.page, work.status, work.width, work.height, work.dpi) for work in works] == [
+        (1, "ok", width, height, 75), (2, "ok", 2 * width, 2 * height, 75), (3, "ok", width, height, 75)]
+    assert works[1].image.min() < 100  # the text is there
+    limited = triage(str(tmp_path / "units.pdf"), RasterizeConfig(dpi=75, max_page_pixels=4 * width * height - 1))
+    assert [(page, why.split(",")[0]) for page, why in limited.oversized_pages] == [
+        (2, f"page 2 would be {2 * width}x{2 * height} px at 75 dpi")]
 
 
 def _mode_image(mode: str) -> Image.Image:

@@ -30,7 +30,8 @@ from pdf2image import convert_from_path
 from PIL import Image, ImageOps
 
 from operators.formats.geometry import straight_baseline
-from operators.ingest import allow_pixels, local_path, open_image, page_frames, quiet_decoders, sniff_kind
+from operators.ingest import (allow_pixels, local_path, open_image, page_frames, quiet_decoders, sniff_kind,
+                              user_unit)
 from operators.rasterize import (EXIF_ORIENTATION_TAG, EXIF_ROTATION, MIRRORED_EXIF, file_resolution, to_gray8,
                                  upright_resolution)
 
@@ -166,14 +167,15 @@ def _scanned_pages(path: str, rows: Sequence[dict], form: str = "whole"
 
 
 def _rendered_pages(pdf: pikepdf.Pdf, dpis: Sequence[int]) -> tuple[bytes, list[int]]:
-    """The pages of ``pdf`` as poppler renders them at ``dpis`` (as the job did, but in colour), in a PDF of images,
-    and the degrees each is turned: its /Rotate, which poppler applies."""
+    """The pages of ``pdf`` as poppler renders them at ``dpis`` per real inch (as the job did, its /UserUnit
+    counted, but in colour), in a PDF of images of the pages' real sizes, and the degrees each is turned: its
+    /Rotate, which poppler applies."""
     pages = []
     with tempfile.TemporaryDirectory(prefix="trocr-pipeline-render-") as folder:
         pdf.save(Path(folder) / "pages.pdf")
-        for number, dpi in enumerate(dpis, 1):
-            [image] = convert_from_path(Path(folder) / "pages.pdf", dpi=dpi, first_page=number, last_page=number,
-                                        timeout=RENDER_TIMEOUT_S)
+        for number, (dpi, page) in enumerate(zip(dpis, pdf.pages), 1):
+            [image] = convert_from_path(Path(folder) / "pages.pdf", dpi=dpi * user_unit(page), first_page=number,
+                                        last_page=number, timeout=RENDER_TIMEOUT_S)
             buffer = io.BytesIO()
             _gray_if_gray(image).save(buffer, format="PNG", dpi=(dpi, dpi))
             pages.append(buffer.getvalue())
