@@ -439,7 +439,9 @@ def test_pdfa_of_pages_it_refuses_as_drawn_holds_them_as_rendered_with_their_tex
         page = pdf.pages[0]
         page.obj.Resources.Font = pikepdf.Dictionary(F1=pikepdf.Dictionary(
             Type=pikepdf.Name.Font, Subtype=pikepdf.Name.Type1, BaseFont=pikepdf.Name.Helvetica))
-        page.contents_add(pdf.make_stream(b"BT /F1 9 Tf 20 20 Td (Received 1905) Tj ET"))
+        page.contents_add(pdf.make_stream(b"BT /F1 9 Tf 80 80 Td (Received 1905) Tj ET"))
+        _, _, width, height = (float(value) for value in page.mediabox)
+        page.CropBox = [72, 72, width, height]  # what a viewer shows, and the job read
         pdf.save(source)
     text_page(["A receipt printed in four inks."]).convert("CMYK").save(tmp_path / "cmyk.jpg", dpi=(150, 150))
     for path in (source, tmp_path / "cmyk.jpg"):
@@ -448,6 +450,8 @@ def test_pdfa_of_pages_it_refuses_as_drawn_holds_them_as_rendered_with_their_tex
         _, text = _labelled_pdf(works, path, "Read", pdfa=True)
         with pikepdf.open(path.with_suffix(".out.pdf")) as pdf:
             assert pdf.open_metadata().pdfa_status == "2B" and len(pdf.pages) == 1
+            shown = [float(value) * works[0].dpi / 72 for value in pdf.pages[0].cropbox]
+            assert abs(shown[2] - shown[0] - works[0].width) <= 1 and abs(shown[3] - shown[1] - works[0].height) <= 1
         assert text.split() == ["Read1"], text
     pdfa = source.with_suffix(".out.pdf")
     with pikepdf.open(io.BytesIO(searchable_pdf([page_row(works[0]) for works in [rasterize(

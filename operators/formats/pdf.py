@@ -175,7 +175,7 @@ def _rendered_pages(pdf: pikepdf.Pdf, dpis: Sequence[int]) -> tuple[bytes, list[
         pdf.save(Path(folder) / "pages.pdf")
         for number, (dpi, page) in enumerate(zip(dpis, pdf.pages), 1):
             [image] = convert_from_path(Path(folder) / "pages.pdf", dpi=dpi * user_unit(page), first_page=number,
-                                        last_page=number, timeout=RENDER_TIMEOUT_S)
+                                        last_page=number, use_cropbox=True, timeout=RENDER_TIMEOUT_S)
             buffer = io.BytesIO()
             _gray_if_gray(image).save(buffer, format="PNG", dpi=(dpi, dpi))
             pages.append(buffer.getvalue())
