@@ -461,9 +461,11 @@ def pdf_pages(path: str, config: RasterizeConfig
             raise
         with repaired_pdf(path) as fixed:
             info, repaired = pdf_info(fixed, config), True
-    # the larger count: the declared /Count can lie low (the tree's pages past it fail as page_count_mismatch), and
-    # qpdf leaves out of its tree a page it cannot parse, which poppler may render
-    pages = max(len(units or ()), int(info["pages"]))
+    # the pages qpdf walks in the tree or poppler finds (gives a size), whichever are more: the declared /Count can
+    # lie, high or low (the tree's pages past it fail as page_count_mismatch), and qpdf leaves out of its tree a
+    # page it cannot parse, which poppler may render
+    found = max((number for number, width, height in info["sizes"] if width > 0 and height > 0), default=0)
+    pages = max(len(units), found) if units is not None else int(info["pages"])
     if pages < 1:
         raise NoPages("the PDF declares no page")
     units = units or ()
