@@ -536,9 +536,14 @@ def page_frames(image: Image.Image, pages: int | None = None) -> list[Frame]:
     marked: list[Frame] = []
     damaged: list[Frame] = []
     index = 0
+    # Pillow decodes a GIF's or animated PNG's frame as it seeks to the next: each is decoded here, so that its
+    # damage is its own (a GIF cut off in its only frame had got a second, failed page)
+    decodes_on_seek = image.format == "GIF" or (image.format == "PNG" and getattr(image, "is_animated", False))
     while pages is None or len(found) < pages:
         try:
             image.seek(index)
+            if decodes_on_seek:
+                image.load()
         except EOFError:
             break
         except Image.DecompressionBombError:

@@ -63,6 +63,7 @@ EXPECTED: dict[str, Expected] = {
     "scan.gif": Expected("ok", pages_ok=1, lines=3),
     "truncated-frame.tif": Expected("failed", "render_failed", pages_ok=2, pages_failed=1, lines=3),
     "empty-page-tree.pdf": Expected("failed", "no_pages"),
+    "cut-off.gif": Expected("failed", "render_failed", pages_ok=0, pages_failed=1),
     "tiny.png": Expected("ok", pages_ok=1, lines=0),
     "strip.png": Expected("ok", pages_ok=1),
     "bitonal-600dpi-letter.tif": Expected("ok", pages_ok=1, lines=3),
@@ -179,6 +180,10 @@ def build_corpus(folder: Path) -> dict[str, Expected]:
     frames.unlink()
     (folder / "truncated-frame.tif").write_bytes(cut[: len(cut) * 9 // 10])  # the last frame's directory is cut
     pikepdf.new().save(folder / "empty-page-tree.pdf")
+    text.save(folder / "_whole.gif")
+    whole = (folder / "_whole.gif").read_bytes()
+    (folder / "_whole.gif").unlink()
+    (folder / "cut-off.gif").write_bytes(whole[: len(whole) * 7 // 10])  # an interrupted copy
     Image.new("L", (8, 8), 255).save(folder / "tiny.png")
     strip = Image.new("L", (9000, 220), 255)
     ImageDraw.Draw(strip).text((40, 60), "A long strip " * 40, font=ImageFont.truetype(FONT, 60), fill=0)
