@@ -7,6 +7,7 @@ that was planned comes out as exactly one :class:`PageWork`, rendered or failed 
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from itertools import groupby
@@ -218,9 +219,52 @@ def _render_image(task: PageRange, path: str, config: RasterizeConfig) -> list[P
             except DocumentError as error:
                 work.fail(error.error_code, str(error))
             except Exception as exc:  # noqa: BLE001 - decoders raise anything on damaged bytes
-                work.fail(RenderFailed.error_code, f"page {number} cannot be decoded: {type(exc).__name__}: {exc}")
+                if not (image.format == "JPEG" and _render_completed_jpeg(path, work, config)):
+                    work.fail(RenderFailed.error_code, f"page {number} cannot be decoded: {type(exc).__name__}: {exc}")
             pages.append(work)
     return pages
+
+
+#: The end-of-image marker a JPEG ends with.
+JPEG_END = b"\xff\xd9"
+#: Bytes laid between a JPEG's data and an end marker given to it: a decoder that still needs data reads them, one
+#: that has all it needs does not.
+JPEG_FILLERS = (b"\x55" * 2048, b"\x93\x2c" * 1024)
+
+
+def _jpeg_lacking_only_its_end(path: str) -> bytes | None:
+    """The JPEG at ``path`` with its end marker, when that marker is all it lacks (some scanners and interrupted
+    copies leave it off; Pillow refuses the file as truncated), else None. A file cut off inside its data decodes
+    to other pixels with each filler laid before the marker; a whole one decodes alike with either, never reading
+    them."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if data.endswith(b"\xff"):  # a marker cut in two
+        return None
+    try:
+        decoded = [_gray_pixels(data + filler + JPEG_END) for filler in (b"", *JPEG_FILLERS)]
+    except (OSError, SyntaxError, ValueError):
+        return None
+    return data + JPEG_END if all(np.array_equal(decoded[0], other) for other in decoded[1:]) else None
+
+
+def _render_completed_jpeg(path: str, work: PageWork, config: RasterizeConfig) -> bool:
+    """Render the JPEG at ``path`` into ``work`` with the end marker it lacks (:func:`_jpeg_lacking_only_its_end`);
+    False when it lacks more, or still cannot be decoded."""
+    whole = _jpeg_lacking_only_its_end(path)
+    if whole is None:
+        return False
+    try:
+        with Image.open(io.BytesIO(whole)) as completed:
+            _render_frame(completed, work, config)
+    except Exception:  # noqa: BLE001 - decoders raise anything on damaged bytes; the caller records the first error
+        return False
+    return True
+
+
+def _gray_pixels(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("L"))
 
 
 def _upright(pages: list[PageWork], config: RasterizeConfig) -> list[PageWork]:

@@ -64,6 +64,8 @@ EXPECTED: dict[str, Expected] = {
     "truncated-frame.tif": Expected("failed", "render_failed", pages_ok=2, pages_failed=1, lines=3),
     "empty-page-tree.pdf": Expected("failed", "no_pages"),
     "cut-off.gif": Expected("failed", "render_failed", pages_ok=0, pages_failed=1),
+    "no-end-marker.jpg": Expected("ok", pages_ok=1, lines=3),
+    "cut-off.jpg": Expected("failed", "render_failed", pages_ok=0, pages_failed=1),
     "tiny.png": Expected("ok", pages_ok=1, lines=0),
     "strip.png": Expected("ok", pages_ok=1),
     "bitonal-600dpi-letter.tif": Expected("ok", pages_ok=1, lines=3),
@@ -184,6 +186,11 @@ def build_corpus(folder: Path) -> dict[str, Expected]:
     whole = (folder / "_whole.gif").read_bytes()
     (folder / "_whole.gif").unlink()
     (folder / "cut-off.gif").write_bytes(whole[: len(whole) * 7 // 10])  # an interrupted copy
+    text.save(folder / "_whole.jpg", quality=90, dpi=(100, 100))
+    whole = (folder / "_whole.jpg").read_bytes()
+    (folder / "_whole.jpg").unlink()
+    (folder / "no-end-marker.jpg").write_bytes(whole[:-2])
+    (folder / "cut-off.jpg").write_bytes(whole[: len(whole) * 6 // 10])
     Image.new("L", (8, 8), 255).save(folder / "tiny.png")
     strip = Image.new("L", (9000, 220), 255)
     ImageDraw.Draw(strip).text((40, 60), "A long strip " * 40, font=ImageFont.truetype(FONT, 60), fill=0)
