@@ -327,12 +327,15 @@ class PublishedDocuments:
         return {row["doc_id"]: row["source"] for row in self.rows}
 
     def known(self) -> dict[str, KnownDocument]:
-        """The documents read whole and well (status ok) by source, with the size and modification time their
-        files had (rows written before those were recorded are left out): what a rerun need not read again."""
-        return {row["source"]: KnownDocument(row["doc_id"], row["num_pages"],
-                                             (row["source_size"], row["source_mtime_ns"]))
+        """The documents read whole and well (status ok), and the duplicates of those (as their bytes' document), by
+        source, with the size and modification time their files had (rows written before those were recorded are
+        left out): what a rerun need not read again (200 copies of a 10 MB scan had been hashed again each rerun)."""
+        ok = {row["doc_id"] for row in self.rows if row["status"] == "ok"}
+        return {row["source"]: KnownDocument(row["doc_id"] if row["status"] == "ok" else row["duplicate_of"],
+                                             row["num_pages"], (row["source_size"], row["source_mtime_ns"]))
                 for row in self.rows
-                if row["status"] == "ok" and row["source_size"] is not None and row["source_mtime_ns"] is not None}
+                if (row["status"] == "ok" or (row["status"] == "duplicate" and row["duplicate_of"] in ok))
+                and row["source_size"] is not None and row["source_mtime_ns"] is not None}
 
     def readings(self) -> dict[str, tuple[str | None, str | None]]:
         """doc_id -> how it was read: its page selection (None: every page) and its mode (None: not recorded)."""

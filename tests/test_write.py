@@ -17,7 +17,7 @@ from PIL import Image
 
 from operators.errors import OutputLocked, OutputNotWritable, WriteFailed
 from operators.formats.export import write_exports
-from operators.ingest import duplicate_id, source_stamp, triage
+from operators.ingest import duplicate_id, mark_duplicates, source_stamp, triage
 from operators.write import (
     DOCUMENTS_DIR,
     EXPORTS_DIR,
@@ -221,6 +221,32 @@ def test_a_failed_copy_outside_the_run_is_found_among_the_retried_documents_of_i
     sink.close()
     read_now = {f"x{index}.pdf": f"x{index}" for index in range(3)}
     assert published_documents(str(tmp_path)).failed_to_retry(read_now).doc_ids == {"x0"}  # y.pdf, z.pdf rest
+
+
+def test_a_rerun_takes_unchanged_duplicates_of_written_documents_unread(tmp_path):
+    """A copy of a document read well is known as that document's bytes, so a rerun marks it a duplicate again
+    without hashing it (200 copies of a 10 MB scan had been read again at each rerun); a copy of a failed
+    document, which --retry-failed may read again, is not."""
+    sources = {name: tmp_path / f"{name}.pdf" for name in "abfg"}
+    for path in sources.values():
+        path.write_bytes(b"%PDF-1.4 the same bytes")
+    stamps = {name: dict(zip(("source_size", "source_mtime_ns"), source_stamp(str(path))))
+              for name, path in sources.items()}
+    sink = ParquetSink(str(tmp_path / "out"), rows_per_file=100)
+    sink.expect(replace(_document("a", 1), source=str(sources["a"]), **stamps["a"]))
+    sink.add_page(replace(_page("a", 1), source=str(sources["a"])))
+    sink.expect(replace(_document(duplicate_id("a", str(sources["b"])), 0, status="duplicate"), source=str(sources["b"]),
+                        duplicate_of="a", **stamps["b"]))
+    sink.expect(replace(_document("f", 0, status="failed", error_code="render_failed"), source=str(sources["f"]),
+                        **stamps["f"]))
+    sink.expect(replace(_document(duplicate_id("f", str(sources["g"])), 0, status="duplicate"), source=str(sources["g"]),
+                        duplicate_of="f", **stamps["g"]))
+    sink.close()
+    published = published_documents(str(tmp_path / "out"))
+    known = published.known()
+    assert {Path(source).name: document.doc_id for source, document in known.items()} == {"a.pdf": "a", "b.pdf": "a"}
+    plans = [triage(str(sources[name]), RasterizeConfig(), known[str(sources[name])]) for name in "ab"]
+    assert mark_duplicates(plans, published.sources()) == []  # both written already, neither read
 
 
 def test_a_failed_document_records_the_size_its_copies_share(tmp_path):
