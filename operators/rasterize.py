@@ -82,8 +82,7 @@ def to_gray8(image: Image.Image) -> np.ndarray:
     does for 8-bit samples only. Float samples are stretched from their range."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         values = np.asarray(image, dtype=np.float64)
-        full = 2 ** max(8, int(values.max()).bit_length()) - 1
-        gray = (np.clip(values, 0, full) * (255.0 / full)).round().astype(np.uint8)
+        gray = _to_8_bits(values, _full_scale(values))
         min_is_white = getattr(image, "tag_v2", {}).get(TIFF_PHOTOMETRIC) == 0
         return 255 - gray if min_is_white else gray
     if image.mode == "F":
@@ -100,6 +99,16 @@ def to_gray8(image: Image.Image) -> np.ndarray:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return np.asarray(image.convert("L"), dtype=np.uint8)
+
+
+def _full_scale(samples: np.ndarray) -> int:
+    """The largest value of the bit depth that integer samples fill: 16, or 12 and 10 from cameras and some
+    scanners (at least 8)."""
+    return 2 ** max(8, int(samples.max()).bit_length()) - 1
+
+
+def _to_8_bits(samples: np.ndarray, full: int) -> np.ndarray:
+    return (np.clip(samples, 0, full) * (255.0 / full)).round().astype(np.uint8)
 
 
 def file_resolution(image: Image.Image) -> tuple[int, int] | None:
@@ -178,8 +187,19 @@ def _poppler_pages(path: str, first: int, last: int, dpi: float, config: Rasteri
 EXIF_ROTATION = {3: 180, 4: 180, 5: 90, 6: 90, 7: 270, 8: 270}
 MIRRORED_EXIF = frozenset({2, 4, 5, 7})
 EXIF_ORIENTATION_TAG = 0x0112
-#: TIFF PhotometricInterpretation: 0 means min-is-white.
+#: What ``ImageOps.exif_transpose`` does per EXIF orientation, for a frame decoded apart from Pillow.
+EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                  4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                  7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+#: TIFF PhotometricInterpretation: 0 means min-is-white, 2 RGB.
 TIFF_PHOTOMETRIC = 262
+_TIFF_RGB = 2
+TIFF_WIDTH, TIFF_HEIGHT, TIFF_BITS_PER_SAMPLE, TIFF_SAMPLES_PER_PIXEL = 256, 257, 258, 277
+#: TIFF PlanarConfiguration: 2 stores each sample (red, green, blue) in a plane of its own.
+TIFF_PLANAR_CONFIGURATION = 284
+_SEPARATE_PLANES = 2
+#: PNG colour types of RGB and RGBA, whose samples the IHDR chunk gives the bit depth of.
+_PNG_COLOUR_TYPES = (2, 6)
 
 
 def upright_resolution(resolution: Sequence[float], orientation: int) -> tuple[float, float]:
@@ -188,7 +208,92 @@ def upright_resolution(resolution: Sequence[float], orientation: int) -> tuple[f
     return (y, x) if EXIF_ROTATION.get(orientation, 0) in (90, 270) else (x, y)
 
 
-def _render_frame(image: Image.Image, work: PageWork, config: RasterizeConfig) -> None:
+def holds_deep_colour(image: Image.Image, path: str) -> bool:
+    """Whether the current frame (of the image file ``path``) holds 16-bit RGB or RGBA samples, which Pillow cuts
+    to their high byte as it decodes them: samples holding 12- or 8-bit values came out black, as a 16-bit gray
+    frame's do not (:func:`to_gray8`)."""
+    if image.format == "TIFF":
+        return (image.mode in ("RGB", "RGBA") and image.tag_v2.get(TIFF_PHOTOMETRIC) == _TIFF_RGB
+                and set(image.tag_v2.get(TIFF_BITS_PER_SAMPLE, ())) == {16})
+    if image.format == "PNG":
+        with open(path, "rb") as handle:
+            header = handle.read(26)  # the signature, then IHDR: width, height, bit depth, colour type
+        return header[24] == 16 and header[25] in _PNG_COLOUR_TYPES
+    return False
+
+
+def _deep_colour(image: Image.Image, path: str) -> Image.Image | None:
+    """The current frame, which :func:`holds_deep_colour`, as 8-bit RGB(A) scaled from the bit depth its colour
+    samples fill, as 16-bit gray is, and as stored (not turned by its orientation); None where Pillow's decoding is
+    that already: a compressed TIFF that OpenCV cannot read as stored (separate planes, which it reads as if
+    interleaved; an orientation tag, which some versions apply), whose samples fill 16 bits (their high byte is
+    what the scaling keeps)."""
+    width, height = (image.tag_v2[TIFF_WIDTH], image.tag_v2[TIFF_HEIGHT]) if image.format == "TIFF" else image.size
+    if width * height > 2 * Image.MAX_IMAGE_PIXELS:  # what Pillow refuses (:func:`allow_pixels`), before decoding
+        raise Image.DecompressionBombError(f"a frame of {width}x{height} px could be a decompression bomb")
+    channels = len(image.getbands())
+    if image.format == "TIFF" and all(tile.codec_name == "raw" for tile in image.tile):
+        samples = _uncompressed_samples(image, path, channels)
+    elif image.format == "PNG" or (image.tag_v2.get(TIFF_PLANAR_CONFIGURATION) != _SEPARATE_PLANES
+                                   and image.tag_v2.get(EXIF_ORIENTATION_TAG, 1) == 1):
+        read, frames = cv2.imreadmulti(path, start=image.tell(), count=1, flags=cv2.IMREAD_UNCHANGED)
+        if not read or frames[0].dtype != np.uint16 or frames[0].shape[:2] != (height, width) \
+                or frames[0].ndim != 3 or frames[0].shape[2] < channels:
+            raise RenderFailed("the page's 16-bit colour samples cannot be decoded exactly (OpenCV cannot read them)")
+        samples = frames[0][..., [2, 1, 0, 3][:channels]]  # BGR(A) to RGB(A); an unspecified extra sample left out
+    else:
+        image.load()
+        if max(high for _, high in image.getextrema()[:3]) >= 128:
+            return None
+        raise RenderFailed("the page's 16-bit colour samples hold fewer than 16 bits and are compressed in a way no "
+                           "decoder here reads exactly (separate planes, or an orientation tag)")
+    full = _full_scale(samples[..., :3])
+    colour = _to_8_bits(samples[..., :3], full)
+    if channels == 3:
+        return Image.fromarray(colour)
+    alpha = _to_8_bits(samples[..., 3], max(full, _full_scale(samples[..., 3])))  # opaque at 16 bits over 12-bit colour
+    return Image.fromarray(np.dstack([colour, alpha]))
+
+
+def _uncompressed_samples(image: Image.Image, path: str, channels: int) -> np.ndarray:
+    """The first ``channels`` 16-bit samples of each pixel of the current frame, read from where Pillow's tiles
+    (strips or tiles of the frame, or of each plane in turn) say they lie, in the file's byte order."""
+    width, height = image.tag_v2[TIFF_WIDTH], image.tag_v2[TIFF_HEIGHT]
+    planar = image.tag_v2.get(TIFF_PLANAR_CONFIGURATION) == _SEPARATE_PLANES
+    per_pixel, planes = (1, channels) if planar else (image.tag_v2[TIFF_SAMPLES_PER_PIXEL], 1)
+    samples = np.zeros((height, width, channels), np.uint16)
+    plane = -1
+    with open(path, "rb") as handle:
+        sample = np.dtype("<u2" if handle.read(2) == b"II" else ">u2")
+        for tile in image.tile:
+            left, top, right, bottom = tile.extents
+            plane += (left, top) == (0, 0)
+            if plane == planes:
+                break
+            row_bytes = tile.args[1] or (right - left) * per_pixel * sample.itemsize
+            handle.seek(tile.offset)
+            rows = np.frombuffer(handle.read(row_bytes * (bottom - top)), sample).reshape(bottom - top, -1, per_pixel)
+            into = samples[top:bottom, left:right, plane:plane + 1] if planar else samples[top:bottom, left:right]
+            into[...] = rows[:, :right - left, :into.shape[2]]
+    if plane + 1 < planes:  # no tiles left to say where they lie: the frame was decoded already
+        raise RenderFailed("the page's 16-bit colour samples were not found in the file")
+    return samples
+
+
+def decoded_upright(image: Image.Image, path: str) -> Image.Image:
+    """The current frame of the image file ``path`` decoded, upright as its EXIF orientation says: 16-bit colour
+    as :func:`_deep_colour` reads it, other frames as Pillow does."""
+    orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    deep = _deep_colour(image, path) if holds_deep_colour(image, path) else None
+    if deep is not None:
+        return deep.transpose(EXIF_TRANSPOSE[orientation]) if orientation in EXIF_TRANSPOSE else deep
+    if orientation != 1:
+        return ImageOps.exif_transpose(image)
+    image.load()  # here, not where the caller uses it: what a damaged frame raises is the caller's to catch
+    return image
+
+
+def _render_frame(image: Image.Image, path: str, work: PageWork, config: RasterizeConfig) -> None:
     """Decode the current frame into ``work``, upright as its EXIF orientation says, in square pixels."""
     orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
     work.rotation = EXIF_ROTATION.get(orientation, 0)
@@ -197,7 +302,7 @@ def _render_frame(image: Image.Image, work: PageWork, config: RasterizeConfig) -
     if image.width * image.height * work.dpi ** 2 / (dpi_x * dpi_y) > config.max_page_pixels:
         raise PageTooLarge(f"page {work.page} has {image.width}x{image.height} px at {dpi_x}x{dpi_y} dpi, "
                            "over the limit once its pixels are square")
-    work.image = _square_pixels(to_gray8(ImageOps.exif_transpose(image) if orientation != 1 else image), dpi_x, dpi_y)
+    work.image = _square_pixels(to_gray8(decoded_upright(image, path)), dpi_x, dpi_y)
     work.height, work.width = work.image.shape
 
 
@@ -215,7 +320,7 @@ def _render_image(task: PageRange, path: str, config: RasterizeConfig) -> list[P
                 if frames[number - 1].damage is not None:
                     raise RenderFailed(f"page {number} cannot be decoded: {frames[number - 1].damage}")
                 image.seek(frames[number - 1].index)
-                _render_frame(image, work, config)
+                _render_frame(image, path, work, config)
             except DocumentError as error:
                 work.fail(error.error_code, str(error))
             except Exception as exc:  # noqa: BLE001 - decoders raise anything on damaged bytes

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from urllib.parse import unquote
 
+import cv2
 import jiwer
 import numpy as np
 import pikepdf
@@ -21,6 +22,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pytest
 from lxml import etree
+from pdf2image import convert_from_path
 from PIL import Image, TiffImagePlugin
 
 from conftest import box_iou, official_schema, text_page, write_pdf
@@ -289,6 +291,22 @@ def test_images_img2pdf_cannot_embed_get_a_searchable_pdf_of_every_page(tmp_path
                                 len(pages)), RasterizeConfig(dpi=150, detect_orientation=False))
     _, text = _labelled_pdf(works, source, "sheet")
     assert text.split() == [f"sheet{number}" for number in range(1, len(pages) + 1)]
+
+
+@pytest.mark.parametrize("bands", [3, 1])
+def test_a_16_bit_png_holding_12_bit_values_shows_in_its_searchable_pdf_as_the_job_read_it(tmp_path, bands):
+    """img2pdf embeds a 16-bit PNG's samples as they are: 12-bit values showed the page near black under its text
+    layer, where the job had read it scaled from its bit depth."""
+    page = np.asarray(text_page(["Twelve bits in sixteen, shown as read."], size=(700, 240)))
+    source = tmp_path / "page.png"
+    cv2.imwrite(str(source), np.dstack([page.astype(np.uint16) * 16] * bands))
+    [work] = rasterize(PageRange("0123456789abcdef", str(source), "png", 1, 1),
+                       RasterizeConfig(dpi=150, detect_orientation=False))
+    pdf, _ = _labelled_pdf([work], source, "sheet")
+    [shown] = convert_from_path(pdf, dpi=150, grayscale=True)
+    assert np.abs(work.image.astype(int) - page).max() <= 1
+    assert shown.size == (work.width, work.height)
+    assert np.abs(np.asarray(shown, dtype=int) - work.image).mean() < 2
 
 
 @pytest.mark.parametrize("orientation", [1, 6, 5])  # upright; stored turned (EXIF 6); turned and mirrored (5)

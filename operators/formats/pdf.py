@@ -27,13 +27,14 @@ from ocrmypdf.font import MultiFontManager
 from ocrmypdf.fpdf_renderer import Fpdf2MultiPageRenderer
 from ocrmypdf.models.ocr_element import Baseline, BoundingBox, OcrClass, OcrElement
 from pdf2image import convert_from_path
-from PIL import Image, ImageOps
+from PIL import Image
 
 from operators.formats.geometry import straight_baseline
+from operators.errors import RenderFailed
 from operators.ingest import (allow_pixels, local_path, open_image, page_frames, quiet_decoders, sniff_kind,
                               user_unit)
-from operators.rasterize import (EXIF_ORIENTATION_TAG, EXIF_ROTATION, MIRRORED_EXIF, file_resolution, to_gray8,
-                                 upright_resolution)
+from operators.rasterize import (EXIF_ORIENTATION_TAG, EXIF_ROTATION, MIRRORED_EXIF, decoded_upright, file_resolution,
+                                 holds_deep_colour, to_gray8, upright_resolution)
 
 PDFA_FLAVOUR = "2b"
 #: What a searchable PDF is made of, tried in this order until PDF/A takes one: the document whole (a PDF input
@@ -200,10 +201,10 @@ def _image_pages(path: str, dpis: Mapping[int, int], as_read: bool = False) -> t
     pixels are then turned by the EXIF turn: a mirrored EXIF orientation (no page's /Rotate can mirror), a frame
     that cannot be decoded (the job failed its page and read the others; here a blank page of its size, or of
     the page before where even its header is damaged), pages of which some give a plausible resolution and some
-    not, and what img2pdf refuses or gets wrong (16-bit samples, alpha, a raw JPEG 2000 codestream, the frames
-    of an animated PNG, a camera's JPEG whose preview is cut off, a TIFF turned by its orientation tag, which
-    Pillow turns as it decodes it and img2pdf turns again), and where ``as_read`` asks for them (PDF/A refuses a CMYK
-    JPEG, which img2pdf embeds as it is)."""
+    not, and what img2pdf refuses or gets wrong (16-bit samples, which it embeds from a PNG as they are, dark where
+    they hold 12-bit values; alpha, a raw JPEG 2000 codestream, the frames of an animated PNG, a camera's JPEG whose
+    preview is cut off, a TIFF turned by its orientation tag, which Pillow turns as it decodes it and img2pdf turns
+    again), and where ``as_read`` asks for them (PDF/A refuses a CMYK JPEG, which img2pdf embeds as it is)."""
     quiet_decoders()
     with open_image(path) as image:
         frames = page_frames(image)
@@ -213,7 +214,8 @@ def _image_pages(path: str, dpis: Mapping[int, int], as_read: bool = False) -> t
                          if resolution is None and number in dpis), None)
         plausible = {resolution is not None for _, resolution in facts}
         if not as_read and not any(frame.damage for frame in frames) and not MIRRORED_EXIF.intersection(orientations) \
-                and not (image.format == "TIFF" and set(orientations) != {1}) and plausible != {True, False}:
+                and not (image.format == "TIFF" and set(orientations) != {1}) and plausible != {True, False} \
+                and not (image.format == "PNG" and (image.mode.startswith("I") or holds_deep_colour(image, path))):
             layout = img2pdf.default_layout_fun if plausible == {True} or fallback is None else \
                 img2pdf.get_fixed_dpi_layout_fun((fallback, fallback))
             try:
@@ -232,8 +234,8 @@ def _image_pages(path: str, dpis: Mapping[int, int], as_read: bool = False) -> t
                 image.seek(frame.index)
                 # sizes swap as resolutions do, but Pillow gives a TIFF's size upright already
                 size = image.size if image.format == "TIFF" else upright_resolution(image.size, orientation)
-                upright = _embeddable(ImageOps.exif_transpose(image))
-            except (OSError, ValueError, SyntaxError):
+                upright = _embeddable(decoded_upright(image, path))
+            except (OSError, ValueError, SyntaxError, RenderFailed):
                 upright = Image.new("L", (int(size[0]), int(size[1])), 255)
             # without a resolution, img2pdf's default
             upright.save(buffer, format="PNG", **({"dpi": upright_resolution(dpi, orientation)} if dpi else {}))
