@@ -15,6 +15,7 @@ from typing import Sequence
 
 import cv2
 import numpy as np
+import tifffile
 from pdf2image import convert_from_path
 from pdf2image.exceptions import PDFPageCountError, PDFPopplerTimeoutError, PDFSyntaxError
 from PIL import Image, ImageOps
@@ -194,10 +195,7 @@ EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_
 #: TIFF PhotometricInterpretation: 0 means min-is-white, 2 RGB.
 TIFF_PHOTOMETRIC = 262
 _TIFF_RGB = 2
-TIFF_WIDTH, TIFF_HEIGHT, TIFF_BITS_PER_SAMPLE, TIFF_SAMPLES_PER_PIXEL = 256, 257, 258, 277
-#: TIFF PlanarConfiguration: 2 stores each sample (red, green, blue) in a plane of its own.
-TIFF_PLANAR_CONFIGURATION = 284
-_SEPARATE_PLANES = 2
+TIFF_WIDTH, TIFF_HEIGHT, TIFF_BITS_PER_SAMPLE = 256, 257, 258
 #: PNG colour types of RGB and RGBA, whose samples the IHDR chunk gives the bit depth of.
 _PNG_COLOUR_TYPES = (2, 6)
 
@@ -222,31 +220,27 @@ def holds_deep_colour(image: Image.Image, path: str) -> bool:
     return False
 
 
-def _deep_colour(image: Image.Image, path: str) -> Image.Image | None:
+def _deep_colour(image: Image.Image, path: str) -> Image.Image:
     """The current frame, which :func:`holds_deep_colour`, as 8-bit RGB(A) scaled from the bit depth its colour
-    samples fill, as 16-bit gray is, and as stored (not turned by its orientation); None where Pillow's decoding is
-    that already: a compressed TIFF that OpenCV cannot read as stored (separate planes, which it reads as if
-    interleaved; an orientation tag, which some versions apply), whose samples fill 16 bits (their high byte is
-    what the scaling keeps)."""
+    samples fill, as 16-bit gray is, and as stored (not turned by its orientation). tifffile reads a TIFF's samples
+    exactly, whatever their compression and layout (separate planes, which OpenCV reads as if interleaved), OpenCV
+    a PNG's."""
     width, height = (image.tag_v2[TIFF_WIDTH], image.tag_v2[TIFF_HEIGHT]) if image.format == "TIFF" else image.size
     if width * height > 2 * Image.MAX_IMAGE_PIXELS:  # what Pillow refuses (:func:`allow_pixels`), before decoding
         raise Image.DecompressionBombError(f"a frame of {width}x{height} px could be a decompression bomb")
     channels = len(image.getbands())
-    if image.format == "TIFF" and all(tile.codec_name == "raw" for tile in image.tile):
-        samples = _uncompressed_samples(image, path, channels)
-    elif image.format == "PNG" or (image.tag_v2.get(TIFF_PLANAR_CONFIGURATION) != _SEPARATE_PLANES
-                                   and image.tag_v2.get(EXIF_ORIENTATION_TAG, 1) == 1):
-        read, frames = cv2.imreadmulti(path, start=image.tell(), count=1, flags=cv2.IMREAD_UNCHANGED)
-        if not read or frames[0].dtype != np.uint16 or frames[0].shape[:2] != (height, width) \
-                or frames[0].ndim != 3 or frames[0].shape[2] < channels:
-            raise RenderFailed("the page's 16-bit colour samples cannot be decoded exactly (OpenCV cannot read them)")
-        samples = frames[0][..., [2, 1, 0, 3][:channels]]  # BGR(A) to RGB(A); an unspecified extra sample left out
+    if image.format == "TIFF":
+        with tifffile.TiffFile(path) as tiff:
+            page = tiff.pages[image.tell()]
+            samples = page.asarray()
+        if page.axes.startswith("S"):  # separate planes: (samples, height, width)
+            samples = np.moveaxis(samples, 0, -1)
     else:
-        image.load()
-        if max(high for _, high in image.getextrema()[:3]) >= 128:
-            return None
-        raise RenderFailed("the page's 16-bit colour samples hold fewer than 16 bits and are compressed in a way no "
-                           "decoder here reads exactly (separate planes, or an orientation tag)")
+        stored = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+        samples = None if stored is None else stored[..., [2, 1, 0, 3][:stored.shape[-1]]]  # BGR(A) to RGB(A)
+    if samples is None or samples.dtype != np.uint16 or samples.shape[:2] != (height, width) \
+            or samples.ndim != 3 or samples.shape[2] < channels:
+        raise RenderFailed("the page's 16-bit colour samples cannot be decoded exactly")
     full = _full_scale(samples[..., :3])
     colour = _to_8_bits(samples[..., :3], full)
     if channels == 3:
@@ -255,37 +249,12 @@ def _deep_colour(image: Image.Image, path: str) -> Image.Image | None:
     return Image.fromarray(np.dstack([colour, alpha]))
 
 
-def _uncompressed_samples(image: Image.Image, path: str, channels: int) -> np.ndarray:
-    """The first ``channels`` 16-bit samples of each pixel of the current frame, read from where Pillow's tiles
-    (strips or tiles of the frame, or of each plane in turn) say they lie, in the file's byte order."""
-    width, height = image.tag_v2[TIFF_WIDTH], image.tag_v2[TIFF_HEIGHT]
-    planar = image.tag_v2.get(TIFF_PLANAR_CONFIGURATION) == _SEPARATE_PLANES
-    per_pixel, planes = (1, channels) if planar else (image.tag_v2[TIFF_SAMPLES_PER_PIXEL], 1)
-    samples = np.zeros((height, width, channels), np.uint16)
-    plane = -1
-    with open(path, "rb") as handle:
-        sample = np.dtype("<u2" if handle.read(2) == b"II" else ">u2")
-        for tile in image.tile:
-            left, top, right, bottom = tile.extents
-            plane += (left, top) == (0, 0)
-            if plane == planes:
-                break
-            row_bytes = tile.args[1] or (right - left) * per_pixel * sample.itemsize
-            handle.seek(tile.offset)
-            rows = np.frombuffer(handle.read(row_bytes * (bottom - top)), sample).reshape(bottom - top, -1, per_pixel)
-            into = samples[top:bottom, left:right, plane:plane + 1] if planar else samples[top:bottom, left:right]
-            into[...] = rows[:, :right - left, :into.shape[2]]
-    if plane + 1 < planes:  # no tiles left to say where they lie: the frame was decoded already
-        raise RenderFailed("the page's 16-bit colour samples were not found in the file")
-    return samples
-
-
 def decoded_upright(image: Image.Image, path: str) -> Image.Image:
     """The current frame of the image file ``path`` decoded, upright as its EXIF orientation says: 16-bit colour
     as :func:`_deep_colour` reads it, other frames as Pillow does."""
     orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
-    deep = _deep_colour(image, path) if holds_deep_colour(image, path) else None
-    if deep is not None:
+    if holds_deep_colour(image, path):
+        deep = _deep_colour(image, path)
         return deep.transpose(EXIF_TRANSPOSE[orientation]) if orientation in EXIF_TRANSPOSE else deep
     if orientation != 1:
         return ImageOps.exif_transpose(image)
