@@ -13,6 +13,7 @@ mapped back to the original page coordinates: callers never see the deskewed fra
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -23,6 +24,10 @@ from operators.records import LineRecord
 
 #: Resolution the analysis runs at: enough for line geometry, a quarter of the pixels of 300 dpi.
 WORK_DPI = 150
+#: At most this many pixels are analysed, whatever the page's size (24 Mpx is an A1 sheet at ``WORK_DPI``): a poster
+#: or map of 15,000 x 15,000 px at 150 dpi had been analysed whole, at 31 bytes a pixel (7 GB, against a layout task's
+#: 1 GB).
+MAX_WORK_PIXELS = 24_000_000
 #: Config pixel values are given at this resolution.
 CONFIG_DPI = 300
 #: Ink must lie where the local background is at least this share of the paper brightness.
@@ -81,7 +86,7 @@ def detect_lines(page: np.ndarray, dpi: int, config: DetectConfig) -> list[LineR
     check_page(page)
     if dpi <= 0:
         raise ValueError(f"dpi must be positive, got {dpi}")
-    scale = min(1.0, WORK_DPI / dpi)
+    scale = min(1.0, WORK_DPI / dpi, math.sqrt(MAX_WORK_PIXELS / page.size))
     work_dpi = dpi * scale
     small = cv2.resize(page, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else page
     ink, contrast = _binarize(small, _odd(config.sauvola_window_px * work_dpi / CONFIG_DPI), config.sauvola_k)

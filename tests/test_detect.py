@@ -443,6 +443,25 @@ def test_text_in_the_cells_of_a_ruled_table_is_read_row_by_row():
         (row, column) for row in range(rows) for column in range(3)]
 
 
+def test_a_page_of_many_megapixels_is_analysed_in_bounded_memory():
+    """A poster or map at 150 dpi had been analysed at its full size, 31 bytes a pixel: 2 GB for this 64-Mpx page,
+    7 GB at 225 Mpx, against a layout task's 1 GB."""
+    import tracemalloc
+
+    page = Image.new("L", (8000, 8000), 235)
+    centres = _text_rows(ImageDraw.Draw(page), 400, 400, 6, 90)
+    image = np.array(page)
+    del page
+    tracemalloc.start()
+    try:
+        lines = detect_lines(image, DPI, CONFIG)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(lines) == len(centres)
+    assert peak < 1_000_000_000, f"{peak / 1e9:.1f} GB"
+
+
 def _line(polygon: list[tuple[int, int]]) -> LineRecord:
     xs, ys = zip(*polygon)
     return LineRecord(bbox=(min(xs), min(ys), max(xs) + 1, max(ys) + 1), polygon=polygon,
