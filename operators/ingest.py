@@ -728,6 +728,21 @@ def _check_regular_file(path: str) -> None:
         raise UnreadableFile(f"{path} is not a regular file (a FIFO, socket or device), so it is not read")
 
 
+def unchanged_local_document(source: str, known: KnownDocument | None) -> DocumentPlan | None:
+    """The plan of a ``known`` document whose local file has the size and modification time it had, taken with one
+    ``stat`` where the driver lists the inputs (a rerun over 4,000 files had spent a Ray task on each, 1 ms a file);
+    None for any other, which :func:`triage` reads. A URI is left to triage: a request to its store each."""
+    if known is None or is_uri(source):
+        return None
+    try:
+        stat_result = os.stat(source)
+    except (OSError, ValueError):
+        return None
+    if not stat.S_ISREG(stat_result.st_mode) or (stat_result.st_size, stat_result.st_mtime_ns) != known.stamp:
+        return None
+    return DocumentPlan(doc_id=known.doc_id, source=source, kind=None, num_pages=known.num_pages, stamp=known.stamp)
+
+
 def triage(source: str, config: RasterizeConfig, known: KnownDocument | None = None) -> DocumentPlan:
     """Never raises for a bad document, whatever goes wrong: the error is recorded in the plan. A ``known``
     document whose file is unchanged is taken as it is, unread (a rerun over a growing archive had hashed every

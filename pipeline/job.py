@@ -30,7 +30,7 @@ from operators.checkpoint import resolve_checkpoint
 from operators.errors import ConfigError, InternalError, PipelineError, WriteFailed
 from operators.storage import is_uri, recorded_source
 from operators.ingest import (DocumentPlan, KnownDocument, find_inputs, input_copies, mark_duplicates, source_id,
-                              triage)
+                              triage, unchanged_local_document)
 from operators.pages import selected_pages
 from operators.preprocess import LinePreprocessor
 from operators.rasterize import PageRange, page_ranges, rasterize
@@ -284,29 +284,34 @@ class _RecognizeBatch:
 def _triage_all(sources: list[str], config: JobConfig, known: dict[str, KnownDocument],
                 on_triaged: Callable[[], None] | None = None) -> list[DocumentPlan]:
     """Triage every file in parallel as plain Ray tasks: cheap, and quicker to start than a dataset; the ``known``
-    documents of unchanged files unread. A task that dies (a decoder crashing its worker) fails its document, not
-    the job. ``on_triaged`` hears of each file, in the inputs' order."""
+    documents of unchanged local files are taken here, unread (:func:`operators.ingest.unchanged_local_document`).
+    A task that dies (a decoder crashing its worker) fails its document, not the job. ``on_triaged`` hears of each
+    file."""
     remote_triage = ray.remote(num_cpus=config.rasterize.num_cpus)(triage)
+    plans: list[DocumentPlan | None] = [unchanged_local_document(source, known.get(source)) for source in sources]
+    to_read = [index for index, plan in enumerate(plans) if plan is None]
+    if on_triaged:
+        for _ in range(len(sources) - len(to_read)):
+            on_triaged()
     # a window of tasks in flight, not one per file at once: the driver held ~9 KB per file of a large archive
     window = max(TRIAGE_WINDOW_MIN, TRIAGE_WINDOW_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
     refs: deque[ray.ObjectRef] = deque()
-    plans = []
-    for index, source in enumerate(sources):
-        while len(refs) < window and index + len(refs) < len(sources):
-            ahead = sources[index + len(refs)]
+    for position, index in enumerate(to_read):
+        while len(refs) < window and position + len(refs) < len(to_read):
+            ahead = sources[to_read[position + len(refs)]]
             refs.append(remote_triage.remote(ahead, config.rasterize, known.get(ahead)))
         ref = refs.popleft()
         try:
-            plans.append(ray.get(ref))
+            plans[index] = ray.get(ref)
         except ray.exceptions.RayError as exc:
             if isinstance(getattr(exc, "cause", None), WriteFailed):  # the job's to stop, not this file's
                 raise exc.cause from None
             error = InternalError(f"triage crashed: {type(exc).__name__}: {exc}")
-            plans.append(DocumentPlan(doc_id=source_id(source), source=recorded_source(source), kind=None,
-                                      num_pages=0, error=error))
+            plans[index] = DocumentPlan(doc_id=source_id(sources[index]), source=recorded_source(sources[index]),
+                                        kind=None, num_pages=0, error=error)
         if on_triaged:
             on_triaged()
-    return plans
+    return [plan for plan in plans if plan is not None]
 
 
 def _page_dataset(ranges: list[PageRange], config: JobConfig,
