@@ -44,6 +44,8 @@ MIN_PITCH_CORRELATION = 0.1
 TREND_GLYPHS = 6
 #: A run of ink along one row at least this many glyph heights long is a rule (or part of one): no letter is.
 RULE_GLYPHS = 4
+#: A rule is at most this many glyph heights thick: the dark rows of a picture are runs as long.
+RULE_THICKNESS = 0.5
 #: A rule crosses a gutter where it covers at least this share of the gutter's width (it may be a pixel off).
 RULE_CROSSING_SHARE = 0.95
 #: The side of a gap at most this many pitches wide, whose every row of ink lies in a row of the other side's, holds
@@ -210,10 +212,13 @@ def _horizontal_rules(ink: np.ndarray, glyph_height: float) -> np.ndarray | None
     before the blocks are found (:func:`_clean`), but a rule across a gutter tells what goes first there
     (:func:`_split`); the grid of a ruled table is one component too large to be taken for a rule there."""
     run = cv2.getStructuringElement(cv2.MORPH_RECT, (_odd(RULE_GLYPHS * glyph_height), 1))
-    rules = cv2.morphologyEx(ink, cv2.MORPH_OPEN, run)
-    if not rules.any():
+    runs = cv2.morphologyEx(ink, cv2.MORPH_OPEN, run)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(runs, connectivity=8)
+    thin = stats[:, cv2.CC_STAT_HEIGHT] <= max(2.0, RULE_THICKNESS * glyph_height)  # a picture's dark rows are no rule
+    thin[0] = False
+    if not thin.any():
         return None
-    return cv2.dilate(rules, np.ones((3, 1), np.uint8))
+    return cv2.dilate(thin[labels].astype(np.uint8), np.ones((3, 1), np.uint8))
 
 
 def _is_straight_stroke(labels: np.ndarray, label: int, stat: np.ndarray, size: float) -> bool:

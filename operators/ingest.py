@@ -422,7 +422,7 @@ def page_units(path: str) -> tuple[float, ...] | None:
     except pikepdf.PasswordError as exc:
         raise EncryptedFile("the PDF is encrypted with a user password") from exc
     except pikepdf.PdfError as exc:
-        if "encryption" in str(exc):  # a certificate's (/Adobe.PubSec) or another handler qpdf lacks
+        if "unsupported encryption" in str(exc):  # a certificate's (/Adobe.PubSec) or another handler qpdf lacks
             raise EncryptedFile(f"the PDF is encrypted in a way that cannot be read: {exc}") from exc
         return None
 
@@ -468,7 +468,7 @@ def pdf_pages(path: str, config: RasterizeConfig
     pages = max(len(units), found) if units is not None else int(info["pages"])
     if pages < 1:
         raise NoPages("the PDF declares no page")
-    units = units or ()
+    units = units if units is not None and len(units) >= found else ()  # by position only where the pages line up
     sizes = []
     for number, width, height in info["sizes"]:
         scale = (units[number - 1] if number <= len(units) else 1.0) * config.dpi / 72

@@ -165,6 +165,7 @@ def _render_pdf(task: PageRange, path: str, config: RasterizeConfig) -> list[Pag
 
 
 def _poppler_pages(path: str, first: int, last: int, dpi: float, config: RasterizeConfig) -> list[Image.Image]:
+    allow_pixels(config.max_page_pixels)  # pdf2image hands poppler's pages to Pillow, which refuses 179 Mpx and up
     try:
         return convert_from_path(
             path,
@@ -230,9 +231,13 @@ def _deep_colour(image: Image.Image, path: str) -> Image.Image:
         raise Image.DecompressionBombError(f"a frame of {width}x{height} px could be a decompression bomb")
     channels = len(image.getbands())
     if image.format == "TIFF":
-        with tifffile.TiffFile(path) as tiff:
-            page = tiff.pages[image.tell()]
-            samples = page.asarray()
+        try:
+            with tifffile.TiffFile(path) as tiff:
+                page = tiff.pages[image.tell()]
+                samples = page.asarray()
+        except Exception as exc:  # noqa: BLE001 - codecs raise anything on damaged bytes: the page's failure
+            raise RenderFailed(f"the page's 16-bit colour samples cannot be decoded: {type(exc).__name__}: {exc}") \
+                from exc
         if page.axes.startswith("S"):  # separate planes: (samples, height, width)
             samples = np.moveaxis(samples, 0, -1)
     else:
@@ -330,8 +335,8 @@ def _render_completed_jpeg(path: str, work: PageWork, config: RasterizeConfig) -
         return False
     try:
         with Image.open(io.BytesIO(whole)) as completed:
-            _render_frame(completed, work, config)
-    except Exception:  # noqa: BLE001 - decoders raise anything on damaged bytes; the caller records the first error
+            _render_frame(completed, path, work, config)
+    except (OSError, SyntaxError, ValueError, DocumentError):  # still damaged: the caller records the first error
         return False
     return True
 

@@ -21,6 +21,7 @@ import pikepdf
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pytest
+import tifffile
 from lxml import etree
 from pdf2image import convert_from_path
 from PIL import Image, TiffImagePlugin
@@ -32,7 +33,7 @@ from operators.formats.mets import page_images
 from operators.formats.pdf import searchable_pdf
 from operators.formats.read import page_image
 from operators.ingest import DEFAULT_MAX_IMAGE_PIXELS, NEW_SUBFILE_TYPE, sniff_kind, triage
-from operators.rasterize import PageRange, rasterize
+from operators.rasterize import PageRange, page_ranges, rasterize
 from operators.records import DocumentRecord, LineRecord
 from operators.settings import RasterizeConfig
 from operators.write import ParquetSink, page_row
@@ -475,6 +476,66 @@ def test_pdfa_of_pages_it_refuses_as_drawn_holds_them_as_rendered_with_their_tex
     with pikepdf.open(io.BytesIO(searchable_pdf([page_row(works[0]) for works in [rasterize(
             PageRange("id", str(pdfa), "pdf", 1, 1), RasterizeConfig(dpi=150))]], str(pdfa)))) as pdf:
         assert pdf.open_metadata().pdfa_status == ""
+
+
+def test_a_page_qpdf_cannot_parse_gets_its_own_page_and_text_layer_in_the_searchable_pdf(tmp_path):
+    """qpdf leaves such a page out of its tree, which the pages of the searchable PDF were taken from by position:
+    the export failed (a page past the tree's end), and page 2 alone had shown page 3 under page 2's words."""
+    pages = [text_page([f"Sheet {number} " * 3], size=(900, 600)) for number in (1, 2, 3)]
+    pages[1] = Image.eval(pages[1], lambda value: value // 2 + 128)  # a grayer page 2, to tell it from page 3
+    with pikepdf.open(write_pdf(tmp_path / "three.pdf", pages)) as pdf:
+        pdf.pages[1].obj.PieceInfo = 7
+        pdf.save(tmp_path / "marked.pdf", object_stream_mode=pikepdf.ObjectStreamMode.disable)
+    source = tmp_path / "unparsable.pdf"
+    source.write_bytes((tmp_path / "marked.pdf").read_bytes().replace(b"/PieceInfo 7", b"/PieceInfo 99999999999999999999"))
+    config = RasterizeConfig(dpi=150, detect_orientation=False)
+    plan = triage(str(source), config)
+    works = [work for task in page_ranges([plan], 8) for work in rasterize(task, config)]
+    assert [work.status for work in works] == ["ok"] * 3
+    _, text = _labelled_pdf(works, source, "Page")
+    assert text.split() == ["Page1", "Page2", "Page3"], text
+    pdf, text = _labelled_pdf(works[1:2], source, "Alone")
+    assert text.split() == ["Alone2"], text
+    shown = np.asarray(convert_from_path(pdf, dpi=150, grayscale=True)[0]).astype(int)
+    assert np.abs(shown - works[1].image).mean() < 3
+
+
+def test_pdfa_of_rendered_pages_leaves_a_page_the_job_did_not_render_blank(tmp_path, page_images):
+    """A page too large for the job was rendered all the same for the PDF/A (a 272-Mpx one ran out of Pillow's
+    bomb limit, and the document lost every export)."""
+    source = write_pdf(tmp_path / "stamped.pdf", page_images[:2])
+    with pikepdf.open(source, allow_overwriting_input=True) as pdf:
+        pdf.pages[0].obj.Resources.Font = pikepdf.Dictionary(F1=pikepdf.Dictionary(
+            Type=pikepdf.Name.Font, Subtype=pikepdf.Name.Type1, BaseFont=pikepdf.Name.Helvetica))
+        pdf.pages[0].contents_add(pdf.make_stream(b"BT /F1 9 Tf 80 80 Td (Received 1905) Tj ET"))
+        pdf.pages[1].MediaBox = [0, 0, 1440, 1440]  # 20 inches square: 9 Mpx at 150 dpi
+        pdf.save(source)
+    config = RasterizeConfig(dpi=150, max_page_pixels=4_000_000)
+    plan = triage(str(source), config)
+    works = [work for task in page_ranges([plan], 8) for work in rasterize(task, config)]
+    assert [(work.status, work.error_code) for work in works] == [("ok", None), ("failed", "page_too_large")]
+    with pikepdf.open(io.BytesIO(searchable_pdf([page_row(work) for work in works], str(source), pdfa=True))) as pdf:
+        assert pdf.open_metadata().pdfa_status == "2B"
+        [blank] = pdf.pages[1].images.values()
+        assert (blank.BitsPerComponent, float(pdf.pages[1].mediabox[2])) == (1, 1440)
+
+
+def test_a_16_bit_colour_tiff_with_a_damaged_frame_gets_a_searchable_pdf_of_the_others(tmp_path):
+    """tifffile's codec error on the damaged frame had escaped the export: the document lost every export."""
+    samples = np.dstack([np.asarray(text_page(["Sixteen bits a sample"], size=(1000, 300))).astype(np.uint16) * 16] * 3)
+    source = tmp_path / "deep.tif"
+    with tifffile.TiffWriter(source) as tiff:
+        for _ in range(2):
+            tiff.write(samples, photometric="rgb", compression="zlib", resolution=(150, 150), rowsperstrip=300)
+    with tifffile.TiffFile(source) as tiff:
+        offset, count = tiff.pages[1].dataoffsets[0], tiff.pages[1].databytecounts[0]
+    data = bytearray(source.read_bytes())
+    data[offset + 10:offset + count - 10] = bytes(count - 20)  # zeros inside the second frame's deflate stream
+    source.write_bytes(bytes(data))
+    works = rasterize(PageRange("id", str(source), "tiff", 1, 2), RasterizeConfig(dpi=150, detect_orientation=False))
+    assert [(work.status, work.error_code) for work in works] == [("ok", None), ("failed", "render_failed")]
+    _, text = _labelled_pdf(works, source, "Frame")
+    assert text.split() == ["Frame1"], text
 
 
 def test_text_is_looked_for_in_each_form_once(tmp_path):

@@ -15,7 +15,7 @@ import io
 import logging
 import secrets
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -30,9 +30,10 @@ from pdf2image import convert_from_path
 from PIL import Image
 
 from operators.formats.geometry import straight_baseline
-from operators.errors import RenderFailed
-from operators.ingest import (allow_pixels, local_path, open_image, page_frames, quiet_decoders, sniff_kind,
-                              user_unit)
+from operators.errors import DocumentError, RenderFailed
+from operators.ingest import (allow_pixels, local_path, open_image, page_frames, page_units, pdf_info, quiet_decoders,
+                              repaired_pdf, sniff_kind)
+from operators.settings import RasterizeConfig
 from operators.rasterize import (EXIF_ORIENTATION_TAG, EXIF_ROTATION, MIRRORED_EXIF, decoded_upright, file_resolution,
                                  holds_deep_colour, to_gray8, upright_resolution)
 
@@ -133,9 +134,10 @@ def _scanned_pages(path: str, rows: Sequence[dict], form: str = "whole"
     """A PDF holding the pages of the ``pages`` rows given, in page order, in ``form`` (:data:`FORMS`): a PDF input
     itself when they are all its pages and the form is whole (qpdf repairs a damaged one as it opens it), else a
     new one of those pages (``--pages``: the original's page labels and outline would name other pages), or of
-    their renderings (:func:`_rendered_pages`); :func:`_image_pages` for an image, its frames as the job read them
-    when rendered. Also, per page, the degrees its pixels are already turned from the file's own; and the
-    encryption to save it with."""
+    their renderings (:func:`_rendered_pages`), which are all there is of a PDF whose page tree, as qpdf walks it,
+    lacks a page poppler reads (the job's page numbers are poppler's); :func:`_image_pages` for an image, its
+    frames as the job read them when rendered. Also, per page, the degrees its pixels are already turned from the
+    file's own; and the encryption to save it with."""
     numbers = [row["page"] for row in rows]
     with open(path, "rb") as handle:
         kind = sniff_kind(handle.read(1024))
@@ -149,39 +151,67 @@ def _scanned_pages(path: str, rows: Sequence[dict], form: str = "whole"
         original = io.BytesIO(pdf)
         indexes, turns = [page_indexes[number - 1] for number in numbers], [all_turns[number - 1] for number in numbers]
     with pikepdf.open(original) as source:
-        if kind == "pdf" and form == "whole" and indexes == list(range(len(source.pages))):
-            yield source, turns, source.is_encrypted  # True: saved under its own encryption
-            return
         # its restrictions, under an owner password of its own (the original's cannot be read back): the pages
         # read alone, as links, named destinations and form fields of the original would keep the others in it
         encryption = pikepdf.Encryption(owner=secrets.token_urlsafe(24), allow=source.allow) \
             if source.is_encrypted else False
+        if kind == "pdf" and (form == "rendered" or len(source.pages) < _poppler_page_count(path)):
+            rendered, turns = _rendered_pages(path, rows)
+            with pikepdf.open(io.BytesIO(rendered)) as images:
+                yield images, turns, encryption
+            return
+        if kind == "pdf" and form == "whole" and indexes == list(range(len(source.pages))):
+            yield source, turns, source.is_encrypted  # True: saved under its own encryption
+            return
         with pikepdf.new() as out:
             for index in indexes:
                 out.pages.append(source.pages[index])
-            if kind != "pdf" or form != "rendered":
-                yield out, turns, encryption
-                return
-            rendered, turns = _rendered_pages(out, [row["dpi"] for row in rows])
-        with pikepdf.open(io.BytesIO(rendered)) as images:
-            yield images, turns, encryption
+            yield out, turns, encryption
 
 
-def _rendered_pages(pdf: pikepdf.Pdf, dpis: Sequence[int]) -> tuple[bytes, list[int]]:
-    """The pages of ``pdf`` as poppler renders them at ``dpis`` per real inch (as the job did, its /UserUnit
-    counted, but in colour), in a PDF of images of the pages' real sizes, and the degrees each is turned: its
-    /Rotate, which poppler applies."""
-    pages = []
-    with tempfile.TemporaryDirectory(prefix="trocr-pipeline-render-") as folder:
-        pdf.save(Path(folder) / "pages.pdf")
-        for number, (dpi, page) in enumerate(zip(dpis, pdf.pages), 1):
-            [image] = convert_from_path(Path(folder) / "pages.pdf", dpi=dpi * user_unit(page), first_page=number,
-                                        last_page=number, use_cropbox=True, timeout=RENDER_TIMEOUT_S)
+def _poppler_page_count(path: str) -> int:
+    """The pages poppler finds (with a size) in the PDF at ``path``; 0 where it cannot read it (qpdf repaired it for
+    the job, whose pages are then those of qpdf's tree)."""
+    try:
+        info = pdf_info(path, RasterizeConfig())
+    except DocumentError:
+        return 0
+    return sum(1 for _, width, height in info["sizes"] if width > 0 and height > 0)
+
+
+def _rendered_pages(path: str, rows: Sequence[dict]) -> tuple[bytes, list[int]]:
+    """The pages of the rows as poppler renders them from the PDF at ``path`` by their numbers, as the job did (its
+    /UserUnit counted, but in colour), in a PDF of images of the pages' real sizes; and the degrees each is turned:
+    its /Rotate, which poppler applies. A page the job did not render (too large, timed out) is a blank page of
+    its size in points, not rendered again. A damaged PDF is rendered from the copy qpdf repairs, as the job did."""
+    config = RasterizeConfig()
+    try:
+        info, readable = pdf_info(path, config), nullcontext(path)
+    except DocumentError:
+        info, readable = None, repaired_pdf(path)
+    with readable as source:
+        info = info or pdf_info(source, config)
+        units = page_units(source) or ()
+        units = units if len(units) == info["pages"] else ()  # by position only where qpdf's tree is poppler's
+        sizes = {number: (width, height) for number, width, height in info["sizes"]}
+        pages, turns = [], []
+        for row in rows:
+            number = row["page"]
+            unit = units[number - 1] if number <= len(units) else 1.0
             buffer = io.BytesIO()
-            _gray_if_gray(image).save(buffer, format="PNG", dpi=(dpi, dpi))
+            if row["width"] and row["height"]:
+                allow_pixels(row["width"] * row["height"])
+                [image] = convert_from_path(source, dpi=row["dpi"] * unit, first_page=number, last_page=number,
+                                            use_cropbox=True, timeout=RENDER_TIMEOUT_S)
+                _gray_if_gray(image).save(buffer, format="PNG", dpi=(row["dpi"], row["dpi"]))
+                rotation = info["rotations"][number - 1] if number <= len(info["rotations"]) else 0
+            else:
+                width, height = sizes.get(number, (612, 792))
+                Image.new("1", (max(1, round(width * unit)), max(1, round(height * unit))), 1).save(
+                    buffer, format="PNG", dpi=(72, 72))
+                rotation = 0
             pages.append(buffer.getvalue())
-    # poppler renders a /Rotate that is no multiple of 90 as 0
-    turns = [rotate % 360 if rotate % 90 == 0 else 0 for rotate in (int(page.obj.get("/Rotate", 0)) for page in pdf.pages)]
+            turns.append(rotation)
     return img2pdf.convert(pages), turns
 
 
