@@ -422,7 +422,8 @@ def page_units(path: str) -> tuple[float, ...] | None:
     except pikepdf.PasswordError as exc:
         raise EncryptedFile("the PDF is encrypted with a user password") from exc
     except pikepdf.PdfError as exc:
-        if "unsupported encryption" in str(exc):  # a certificate's (/Adobe.PubSec) or another handler qpdf lacks
+        # a certificate's (/Adobe.PubSec) or another handler qpdf lacks; qpdf's message starts with the path
+        if "unsupported encryption" in str(exc).removeprefix(path):
             raise EncryptedFile(f"the PDF is encrypted in a way that cannot be read: {exc}") from exc
         return None
 
@@ -461,19 +462,30 @@ def pdf_pages(path: str, config: RasterizeConfig
             raise
         with repaired_pdf(path) as fixed:
             info, repaired = pdf_info(fixed, config), True
-    # the pages qpdf walks in the tree or poppler finds (gives a size), whichever are more: the declared /Count can
-    # lie, high or low (the tree's pages past it fail as page_count_mismatch), and qpdf leaves out of its tree a
-    # page it cannot parse, which poppler may render
-    found = max((number for number, width, height in info["sizes"] if width > 0 and height > 0), default=0)
+    # the pages qpdf walks in the tree or poppler finds, whichever are more: the declared /Count can lie, high or low
+    # (the tree's pages past it fail as page_count_mismatch), and qpdf leaves out of its tree a page it cannot
+    # parse, which poppler may render
+    found = poppler_pages(info)
     pages = max(len(units), found) if units is not None else int(info["pages"])
     if pages < 1:
         raise NoPages("the PDF declares no page")
-    units = units if units is not None and len(units) >= found else ()  # by position only where the pages line up
+    units = units_by_page(units, found)
     sizes = []
     for number, width, height in info["sizes"]:
         scale = (units[number - 1] if number <= len(units) else 1.0) * config.dpi / 72
         sizes.append((number, width * scale, height * scale))
     return pages, repaired, tuple(info["rotations"]), units, sizes
+
+
+def poppler_pages(info: dict) -> int:
+    """The pages poppler finds in a PDF (:func:`pdf_info`): the last it gives a size, whatever /Count declares."""
+    return max((number for number, width, height in info["sizes"] if width > 0 and height > 0), default=0)
+
+
+def units_by_page(units: tuple[float, ...] | None, found: int) -> tuple[float, ...]:
+    """The pages' /UserUnit (:func:`page_units`, in qpdf's page tree) where the tree lines up with the ``found`` pages
+    of poppler, by whose numbers pages are read; () (every unit 1) where the tree lacks a page it could not parse."""
+    return units if units is not None and len(units) >= found else ()
 
 
 def quiet_decoders() -> None:

@@ -138,7 +138,10 @@ def _square_pixels(gray: np.ndarray, dpi_x: int, dpi_y: int) -> np.ndarray:
 
 
 def _new_page(task: PageRange, number: int, dpi: int) -> PageWork:
-    return PageWork(doc_id=task.doc_id, source=task.source, page=number, dpi=dpi)
+    """Page ``number`` of ``task``, with its /Rotate (a PDF's): a page that fails unrendered (too large, timed out)
+    keeps it, so that its searchable PDF page shows as a viewer shows it."""
+    rotations = dict(zip(range(task.first, task.last + 1), task.rotations))
+    return PageWork(doc_id=task.doc_id, source=task.source, page=number, dpi=dpi, rotation=rotations.get(number, 0))
 
 
 def _render_pdf(task: PageRange, path: str, config: RasterizeConfig) -> list[PageWork]:

@@ -502,22 +502,29 @@ def test_a_page_qpdf_cannot_parse_gets_its_own_page_and_text_layer_in_the_search
 
 def test_pdfa_of_rendered_pages_leaves_a_page_the_job_did_not_render_blank(tmp_path, page_images):
     """A page too large for the job was rendered all the same for the PDF/A (a 272-Mpx one ran out of Pillow's
-    bomb limit, and the document lost every export)."""
+    bomb limit, and the document lost every export); drawn blank at a pixel a point, a 200-inch page did too. It
+    keeps its /Rotate (its row had said 0). A page's /UserUnit counts where /Count lies (it had been dropped)."""
     source = write_pdf(tmp_path / "stamped.pdf", page_images[:2])
     with pikepdf.open(source, allow_overwriting_input=True) as pdf:
         pdf.pages[0].obj.Resources.Font = pikepdf.Dictionary(F1=pikepdf.Dictionary(
             Type=pikepdf.Name.Font, Subtype=pikepdf.Name.Type1, BaseFont=pikepdf.Name.Helvetica))
         pdf.pages[0].contents_add(pdf.make_stream(b"BT /F1 9 Tf 80 80 Td (Received 1905) Tj ET"))
-        pdf.pages[1].MediaBox = [0, 0, 1440, 1440]  # 20 inches square: 9 Mpx at 150 dpi
+        pdf.pages[0].obj.UserUnit = 2
+        pdf.pages[1].MediaBox = [0, 0, 14400, 14400]  # 200 inches square
+        pdf.pages[1].Rotate = 90
+        pdf.Root.Pages.Count = 3  # one more than it holds
         pdf.save(source)
-    config = RasterizeConfig(dpi=150, max_page_pixels=4_000_000)
+    config = RasterizeConfig(dpi=150, detect_orientation=False)
     plan = triage(str(source), config)
     works = [work for task in page_ranges([plan], 8) for work in rasterize(task, config)]
-    assert [(work.status, work.error_code) for work in works] == [("ok", None), ("failed", "page_too_large")]
+    assert [(work.status, work.error_code, work.rotation) for work in works] == [
+        ("ok", None, 0), ("failed", "page_too_large", 90)]
     with pikepdf.open(io.BytesIO(searchable_pdf([page_row(work) for work in works], str(source), pdfa=True))) as pdf:
         assert pdf.open_metadata().pdfa_status == "2B"
-        [blank] = pdf.pages[1].images.values()
-        assert (blank.BitsPerComponent, float(pdf.pages[1].mediabox[2])) == (1, 1440)
+        shown = [float(value) for value in pdf.pages[0].mediabox]
+        assert abs(shown[2] * works[0].dpi / 72 - works[0].width) <= 1  # two points an inch's 72nd: twice the size
+        [blank] = pdf.pages[1].get_images().values()
+        assert (blank.BitsPerComponent, float(pdf.pages[1].mediabox[2]), pdf.pages[1].Rotate) == (1, 14400, 90)
 
 
 def test_a_16_bit_colour_tiff_with_a_damaged_frame_gets_a_searchable_pdf_of_the_others(tmp_path):

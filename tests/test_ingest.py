@@ -122,10 +122,11 @@ def test_an_image_over_the_page_pixel_limit_fails_without_a_warning_on_the_conso
 
 def test_a_damaged_pdf_in_a_folder_named_for_encryption_fails_as_corrupt(tmp_path):
     """qpdf's message starts with the file's path: a damaged PDF under "encryption-policy/" had failed as encrypted."""
-    (tmp_path / "encryption-policy").mkdir()
-    (tmp_path / "encryption-policy" / "damaged.pdf").write_bytes(b"%PDF-1.4\n" + b"garbage " * 50)
-    plan = triage(str(tmp_path / "encryption-policy" / "damaged.pdf"), RasterizeConfig())
-    assert plan.error is not None and plan.error.error_code == "corrupt_file"
+    for folder in ("encryption-policy", "unsupported encryption"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "damaged.pdf").write_bytes(b"%PDF-1.4\n" + b"garbage " * 50)
+        plan = triage(str(tmp_path / folder / "damaged.pdf"), RasterizeConfig())
+        assert plan.error is not None and plan.error.error_code == "corrupt_file", folder
 
 
 def test_a_rotate_that_is_no_quarter_turn_counts_as_none(tmp_path, good_pdf):

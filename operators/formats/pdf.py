@@ -27,12 +27,13 @@ from ocrmypdf.font import MultiFontManager
 from ocrmypdf.fpdf_renderer import Fpdf2MultiPageRenderer
 from ocrmypdf.models.ocr_element import Baseline, BoundingBox, OcrClass, OcrElement
 from pdf2image import convert_from_path
+from pdf2image.exceptions import PDFPageCountError, PDFPopplerTimeoutError, PDFSyntaxError
 from PIL import Image
 
 from operators.formats.geometry import straight_baseline
 from operators.errors import DocumentError, RenderFailed
-from operators.ingest import (allow_pixels, local_path, open_image, page_frames, page_units, pdf_info, quiet_decoders,
-                              repaired_pdf, sniff_kind)
+from operators.ingest import (allow_pixels, local_path, open_image, page_frames, page_units, pdf_info, poppler_pages,
+                              quiet_decoders, repaired_pdf, sniff_kind, units_by_page)
 from operators.settings import RasterizeConfig
 from operators.rasterize import (EXIF_ORIENTATION_TAG, EXIF_ROTATION, MIRRORED_EXIF, decoded_upright, file_resolution,
                                  holds_deep_colour, to_gray8, upright_resolution)
@@ -45,6 +46,8 @@ PDFA_FLAVOUR = "2b"
 FORMS = ("whole", "pages", "rendered")
 #: poppler is stopped after this long on one page (the job's default ``rasterize.render_timeout_s``).
 RENDER_TIMEOUT_S = 120
+#: The long side, in pixels, of the blank page that stands for a page the job did not render (it may be 200 inches).
+BLANK_PAGE_PIXELS = 1000
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +173,12 @@ def _scanned_pages(path: str, rows: Sequence[dict], form: str = "whole"
 
 
 def _poppler_page_count(path: str) -> int:
-    """The pages poppler finds (with a size) in the PDF at ``path``; 0 where it cannot read it (qpdf repaired it for
-    the job, whose pages are then those of qpdf's tree)."""
+    """The pages poppler finds in the PDF at ``path``; 0 where it cannot read it (qpdf repaired it for the job,
+    whose pages are then those of qpdf's tree)."""
     try:
-        info = pdf_info(path, RasterizeConfig())
+        return poppler_pages(pdf_info(path, RasterizeConfig()))
     except DocumentError:
         return 0
-    return sum(1 for _, width, height in info["sizes"] if width > 0 and height > 0)
 
 
 def _rendered_pages(path: str, rows: Sequence[dict]) -> tuple[bytes, list[int]]:
@@ -191,28 +193,37 @@ def _rendered_pages(path: str, rows: Sequence[dict]) -> tuple[bytes, list[int]]:
         info, readable = None, repaired_pdf(path)
     with readable as source:
         info = info or pdf_info(source, config)
-        units = page_units(source) or ()
-        units = units if len(units) == info["pages"] else ()  # by position only where qpdf's tree is poppler's
+        units = units_by_page(page_units(source), poppler_pages(info))
         sizes = {number: (width, height) for number, width, height in info["sizes"]}
         pages, turns = [], []
         for row in rows:
             number = row["page"]
             unit = units[number - 1] if number <= len(units) else 1.0
+            image = _rendering(source, number, row, unit) if row["width"] and row["height"] else None
             buffer = io.BytesIO()
-            if row["width"] and row["height"]:
-                allow_pixels(row["width"] * row["height"])
-                [image] = convert_from_path(source, dpi=row["dpi"] * unit, first_page=number, last_page=number,
-                                            use_cropbox=True, timeout=RENDER_TIMEOUT_S)
+            if image is not None:
                 _gray_if_gray(image).save(buffer, format="PNG", dpi=(row["dpi"], row["dpi"]))
-                rotation = info["rotations"][number - 1] if number <= len(info["rotations"]) else 0
+                turns.append(info["rotations"][number - 1] if number <= len(info["rotations"]) else 0)
             else:
-                width, height = sizes.get(number, (612, 792))
-                Image.new("1", (max(1, round(width * unit)), max(1, round(height * unit))), 1).save(
-                    buffer, format="PNG", dpi=(72, 72))
-                rotation = 0
+                width, height = (side * unit for side in sizes.get(number, (612, 792)))
+                dpi = min(72.0, BLANK_PAGE_PIXELS * 72 / max(width, height, 1))  # a blank small in pixels, not in size
+                Image.new("1", (max(1, round(width * dpi / 72)), max(1, round(height * dpi / 72))), 1).save(
+                    buffer, format="PNG", dpi=(dpi, dpi))
+                turns.append(0)
             pages.append(buffer.getvalue())
-            turns.append(rotation)
     return img2pdf.convert(pages), turns
+
+
+def _rendering(source: str, number: int, row: dict, unit: float) -> Image.Image | None:
+    """Page ``number`` of the PDF at ``source`` as poppler renders it at the row's dpi; None where poppler fails or
+    takes too long now (the page is then blank: the job read it, and the export must not fail the document)."""
+    allow_pixels(row["width"] * row["height"])
+    try:
+        [image] = convert_from_path(source, dpi=row["dpi"] * unit, first_page=number, last_page=number,
+                                    use_cropbox=True, timeout=RENDER_TIMEOUT_S)
+    except (PDFPageCountError, PDFPopplerTimeoutError, PDFSyntaxError, ValueError):
+        return None
+    return image
 
 
 def _gray_if_gray(image: Image.Image) -> Image.Image:
