@@ -393,19 +393,23 @@ def _split(ink: np.ndarray, letter_size: np.ndarray, rules: np.ndarray | None, r
     tall = config.column_lines * pitch
     column_gaps, narrow_gutters = [], []
     for start, end in _gaps(region.sum(axis=0)):
-        if _labels_beside(region[:, :start], region[:, end:], end - start, pitch, config):
-            continue
         unit = pitch * _gap_scale(sizes[:, start - 1], sizes[:, end])
         beside = min(_ink_height(region[:, :start]), _ink_height(region[:, end:]))
         if end - start >= config.wide_gap * unit or (end - start >= config.column_gap * unit and beside >= tall):
-            column_gaps.append((start, end))
+            found = column_gaps
         elif (end - start >= config.narrow_gutter * unit and beside >= config.narrow_gutter_lines * pitch
               and _glosses_beside(sizes[:, :start], sizes[:, end:], config.narrow_gutter_type)):
-            narrow_gutters.append((start, end))
-    row_gaps = [(s, e) for s, e in _gaps(region.sum(axis=1)) if e - s >= config.block_gap * pitch]
+            found = narrow_gutters
+        else:
+            continue
+        # looked at for a gap that would cut only (the many word gaps of a region are no gutter anyway)
+        if not _labels_beside(region[:, :start], region[:, end:], end - start, pitch, config):
+            found.append((start, end))
+    text_row_gaps = _gaps(region.sum(axis=1))
+    row_gaps = [(s, e) for s, e in text_row_gaps if e - s >= config.block_gap * pitch]
     if column_gaps:
         start, end = max(column_gaps, key=lambda gap: gap[1] - gap[0])
-        ruled = _ruled_row_gaps(region, rules, rect, (start, end))
+        ruled = _ruled_row_gaps(text_row_gaps, rules, rect, (start, end))
         if ruled:
             top, bottom = max(ruled, key=lambda gap: gap[1] - gap[0])
             return [(x0, y0, x1, y0 + top), (x0, y0 + bottom, x1, y1)]
@@ -441,14 +445,14 @@ def _labels_beside(left: np.ndarray, right: np.ndarray, gap: int, pitch: float, 
                for start, end in _gaps(~label.any(axis=1)))
 
 
-def _ruled_row_gaps(region: np.ndarray, rules: np.ndarray | None, rect: Rect,
+def _ruled_row_gaps(row_gaps: list[tuple[int, int]], rules: np.ndarray | None, rect: Rect,
                     gutter: tuple[int, int]) -> list[tuple[int, int]]:
-    """The gaps between the region's rows of text (any height) that hold a rule across ``gutter``."""
+    """Of the gaps between the region's rows of text (any height), those that hold a rule across ``gutter``."""
     if rules is None:
         return []
     x0, y0, x1, y1 = rect
     crossing = rules[y0:y1, x0 + gutter[0]:x0 + gutter[1]].mean(axis=1) >= RULE_CROSSING_SHARE
-    return [(start, end) for start, end in _gaps(region.sum(axis=1)) if crossing[start:end].any()]
+    return [(start, end) for start, end in row_gaps if crossing[start:end].any()]
 
 
 def _margin_beside(left: np.ndarray, right: np.ndarray, pitch: float) -> bool:
