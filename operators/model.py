@@ -142,7 +142,7 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
         raise ModelLoadError(f"precision fp16 needs a CUDA device, got {device}")
     if precision == "bf16" and device.type != "cuda":
         return PRECISIONS["fp32"]
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):  # a V100 emulates it
         raise ModelLoadError(f"precision bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16")
     return PRECISIONS[precision]
 

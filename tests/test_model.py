@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -236,6 +237,25 @@ def test_int8_loads_an_int8_encoder_on_the_cpu_only(tiny_checkpoint):
     assert not any(isinstance(module, torch.nn.Linear) for module in bundle.model.encoder.modules())
     with pytest.raises(ModelLoadError, match="int8 is for the CPU"):
         resolve_dtype("int8", torch.device("cuda"))
+
+
+@pytest.mark.parametrize("capability, name, bf16", [((7, 0), "Tesla V100-SXM2-16GB", False),
+                                                     ((8, 0), "NVIDIA A100-SXM4-40GB", True)])
+def test_bf16_is_refused_on_a_gpu_without_native_bf16(monkeypatch, capability, name, bf16):
+    """A V100 had been given bf16 weights: ``torch.cuda.is_bf16_supported()`` says yes wherever a bf16 tensor can be
+    made (emulation), so the refusal that names fp16 never came. torch's view of the GPU is set to the card's."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: SimpleNamespace(major=capability[0], minor=capability[1], name=name))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # a bf16 tensor can be made
+    cuda = torch.device("cuda")
+    assert resolve_dtype("fp16", cuda) == torch.float16
+    if bf16:
+        assert resolve_dtype("bf16", cuda) == torch.bfloat16
+    else:
+        with pytest.raises(ModelLoadError, match=f"bf16 is not supported by {name}; use fp16"):
+            resolve_dtype("bf16", cuda)
 
 
 def test_center_crop_processor_is_reproduced():
