@@ -165,6 +165,21 @@ def check_gpus_for_recognizers(config: JobConfig, gpus: float, mode: Mode = "rec
                           f"set recognize.num_gpus=0 to read on the CPU, or run on a machine or cluster with GPUs")
 
 
+def check_accelerator_for_recognizers(config: JobConfig, resources: dict[str, float], mode: Mode = "recognize") -> None:
+    """Refuse a local recognizer pool pinned to a GPU type (``recognize.accelerator_type``, e.g. V100 from the cluster
+    config) that the local Ray instance's ``resources`` lack: Ray would wait for it for ever, as for a GPU it lacks.
+    Clusters are left alone (:func:`_wait_for_a_recognizer_node`: an autoscaler may add the nodes)."""
+    wanted = config.recognize.accelerator_type
+    if mode != "recognize" or wanted is None or not _runs_locally(config):
+        return
+    if resources.get(f"accelerator_type:{wanted}", 0.0) <= 0:
+        local = sorted(key.partition(":")[2] for key, count in resources.items()
+                       if key.startswith("accelerator_type:") and count > 0)
+        raise ConfigError(f"recognize.accelerator_type={wanted}, but the local Ray instance's GPUs are "
+                          f"{', '.join(local) or 'of no known type'}: set recognize.accelerator_type=null (or the "
+                          "type of this machine's GPU), or submit the job to a cluster with such GPUs")
+
+
 def cluster_address(config: JobConfig) -> str | None:
     """The address ``ray.init`` joins: ``ray.address``, or RAY_ADDRESS in place of none or ``auto``."""
     if config.ray.address in (None, "auto"):
@@ -365,6 +380,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             preprocessor = checked_model.result()
             check_cpus_left_for_pages(config, ray.cluster_resources().get("CPU", 0.0), mode)
             check_gpus_for_recognizers(config, ray.cluster_resources().get("GPU", 0.0), mode)
+            check_accelerator_for_recognizers(config, ray.cluster_resources(), mode)
             published = recover_output(output)
             sink = ParquetSink(output, config.output.parquet_rows_per_file, config.output.exports, config.output.pdfa,
                                listener=progress.document_done if progress else None,

@@ -131,6 +131,33 @@ def test_a_local_recognizer_pool_cannot_ask_for_gpus_the_machine_lacks():
     check_gpus_for_recognizers(load_config(None, ["recognize.num_gpus=1", "ray.address=auto"]), 0.0)  # a cluster
 
 
+@pytest.mark.timeout(180)
+def test_a_local_recognizer_pool_cannot_ask_for_a_gpu_type_the_machine_lacks(ray_local, tmp_path):
+    """`--config configs/cluster-v100.yaml` on a machine with another GPU, or none, had waited for ever: its
+    recognizer actors ask for accelerator_type V100, which no local node offers (the GPU count was checked)."""
+    from conftest import text_page, write_pdf
+    from pipeline.job import run_job
+
+    write_pdf(tmp_path / "letter.pdf", [text_page(["A line of text"])])
+    config = load_config(None, ["recognize.accelerator_type=V100", "recognize.max_new_tokens=4"])
+    with pytest.raises(ConfigError, match="recognize.accelerator_type=V100, but the local Ray instance's GPUs are "
+                                          "of no known type"):
+        run_job([str(tmp_path / "letter.pdf")], str(tmp_path / "out"), config)
+    assert not (tmp_path / "out" / "pages").exists()
+
+
+def test_the_gpu_type_check_names_the_local_types_and_leaves_clusters_alone():
+    from pipeline.job import check_accelerator_for_recognizers
+
+    config = load_config(None, ["recognize.accelerator_type=V100"])
+    with pytest.raises(ConfigError, match="GPUs are T4: set recognize.accelerator_type=null"):
+        check_accelerator_for_recognizers(config, {"GPU": 1.0, "accelerator_type:T4": 1.0})
+    check_accelerator_for_recognizers(config, {"GPU": 1.0, "accelerator_type:V100": 1.0})
+    check_accelerator_for_recognizers(config, {}, mode="detect")  # no recognizer
+    check_accelerator_for_recognizers(load_config(None, ["recognize.accelerator_type=V100", "ray.address=auto"]),
+                                      {})  # a cluster: its autoscaler may add V100 nodes
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["recognize.concurrency=0"], "concurrency needs at least 1 actor"),
     (["ray.object_store_memory_mb=64"], "ray.object_store_memory_mb \\(--set\\): Input should be greater than or "
