@@ -170,6 +170,16 @@ def test_dockerfile_installs_what_the_makefile_lists():
     assert re.search(r"^RUN pip install\b.*\s\.$", dockerfile, re.MULTILINE), "the image must install this package"
 
 
+def test_the_image_folder_pip_writes_into_is_the_ray_users_whatever_the_builder():
+    """`WORKDIR` had created /home/ray/trocr-pipeline: root's under kaniko, buildah and docker's classic builder, so
+    `pip install -e .`, run as ray, could not write its egg-info there and the image failed to build."""
+    text = (DOCKER / "Dockerfile").read_text().replace("\\\n", " ")
+    (workdir,) = re.findall(r"^WORKDIR\s+(\S+)", text, re.MULTILINE)
+    before_ray = text[:text.index("\nUSER ray")]
+    assert re.search(rf"mkdir -p {re.escape(workdir)}\b.*chown ray(:\w+)? {re.escape(workdir)}\b", before_ray), \
+        f"{workdir} must be made and given to the ray user (as root) before USER ray"
+
+
 def test_runtime_env_yaml_is_accepted_by_ray():
     from ray.runtime_env import RuntimeEnv
 
