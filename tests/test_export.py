@@ -6,12 +6,15 @@ the dev data checkout ``../shared/schemas`` sits next to the repository.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import img2pdf
 import pyarrow.fs as pafs
 import pytest
 from lxml import etree
+from PIL import Image
 
 from conftest import official_schema
 from operators.formats.export import ALTO_NS, PAGE_NS, XHTML_NS, export_stem, write_exports
@@ -254,3 +257,37 @@ def test_a_source_name_with_a_control_character_still_gets_its_mets():
     assert [url.text for url in mets.iter("{*}url")] == ["/scans/scan.png"]
     schema = official_schema("mets.xsd")
     assert schema.validate(etree.ElementTree(mets)), schema.error_log.last_error
+
+
+def test_a_page_whose_mets_image_cannot_be_made_again_is_named_by_its_source_not_a_missing_image(tmp_path, pages):
+    """The METS package renders the source's pages again; a page the job read that poppler cannot render now (it
+    fails or times out on it, here a page the PDF does not hold) had no image, while its ALTO, PAGE and hOCR named
+    ``….p0002.png``, a file that was never written."""
+    source = tmp_path / "in" / "one page.pdf"
+    source.parent.mkdir()
+    buffer = io.BytesIO()
+    Image.new("L", SIZE, 255).save(buffer, format="PNG", dpi=(150, 150))
+    source.write_bytes(img2pdf.convert(buffer.getvalue()))
+    rows = [dict(row, source=str(source)) for row in pages if row["page"] in (1, 2)]
+    document = {"doc_id": DOC_ID, "source": str(source), "num_pages": 2}
+    out = tmp_path / "out"
+    written = {Path(path).name for path in write_exports(rows, document, ["page", "hocr", "mets"], str(out))}
+    stem = export_stem(document)
+    assert f"{stem}.p0001.png" in written and f"{stem}.p0002.png" not in written
+
+    def named(image: str) -> bool:  # the image a file names is there, or is the source itself
+        return image == str(source) or (out / unquote(image)).is_file()
+
+    for number in (1, 2):
+        alto = etree.parse(str(out / f"{stem}.p{number:04d}.alto.xml"))
+        assert named(alto.findtext(".//a:fileName", namespaces=ALTO))
+        page = etree.parse(str(out / f"{stem}.p{number:04d}.page.xml"))
+        assert named(page.find(".//p:Page", PAGE).get("imageFilename"))
+    titles = [div.get("title") for div in etree.parse(str(out / f"{stem}.hocr")).iterfind(".//h:div", XHTML)
+              if div.get("class") == "ocr_page"]
+    assert [named(title.split('"')[1]) for title in titles] == [True, True]
+    mets = etree.parse(str(out / f"{stem}.mets.xml"))
+    hrefs = [location.get("{http://www.w3.org/1999/xlink}href") for location in mets.iter("{*}FLocat")]
+    assert all((out / unquote(href)).is_file() for href in hrefs)
+    schema = official_schema("mets.xsd")
+    assert schema.validate(mets), schema.error_log.last_error

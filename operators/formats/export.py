@@ -28,7 +28,7 @@ from lxml import etree
 from operators.formats.geometry import box_within, line_outline, polyline_within, straight_baseline
 from operators.settings import EXPORT_FORMATS
 from operators.text import xml_text
-from operators.formats.mets import IMAGE_GROUP, has_page_image, mets_document, page_images
+from operators.formats.mets import IMAGE_GROUP, mets_document, page_images
 from operators.storage import resolve_filesystem, writing
 
 SOFTWARE = "trocr-pipeline"
@@ -76,12 +76,16 @@ def write_exports(pages: Sequence[dict], document: dict, formats: Sequence[str],
     stem = export_stem(document)
     if "mets" in formats and "alto" not in formats:
         formats = ("alto", *formats)
-    images = "mets" in formats  # ALTO, PAGE and hOCR then name the METS package's page images
-    renderers = {"txt": _text_files, "alto": partial(_alto_files, images=images),
-                 "page": partial(_page_files, images=images), "hocr": partial(_hocr_files, images=images),
-                 "pdf": partial(_pdf_files, pdfa=pdfa), "mets": partial(_mets_files, formats=formats)}
+    # with a METS package, its page images are made first, and ALTO, PAGE, hOCR and the METS name the images made:
+    # a page the job read that cannot be rendered again now (poppler failing or timing out) gets none, and its files
+    # name the source, not an image that is not there
+    images: set[int] | None = set() if "mets" in formats else None
+    renderers = {"png": partial(_image_files, images=images), "txt": _text_files,
+                 "alto": partial(_alto_files, images=images), "page": partial(_page_files, images=images),
+                 "hocr": partial(_hocr_files, images=images), "pdf": partial(_pdf_files, pdfa=pdfa),
+                 "mets": partial(_mets_files, formats=formats, images=images)}
     written = []
-    for export_format in dict.fromkeys(formats):
+    for export_format in dict.fromkeys(("png", *formats) if images is not None else formats):
         for name, content in renderers[export_format](ordered, document, stem):  # reads the source for pdf, mets
             path = f"{root}/{name}"
             target = f"{staging}/{STAGED_EXPORT_PREFIX}{uuid.uuid4().hex}" if staging is not None else path
@@ -221,13 +225,14 @@ def _page_file(stem: str, page: int, suffix: str) -> str:
     return f"{stem}.p{page:04d}.{suffix}"
 
 
-def _image_name(page: dict, stem: str, images: bool) -> str:
-    """The image ALTO, PAGE and hOCR name: with a METS package, its image of the page (OCR-D: the image their
-    coordinates are pixels of, referenced in the METS, written as its href there), else the source file."""
-    return quote(_page_file(stem, page["page"], "png")) if images and has_page_image(page) else page["source"]
+def _image_name(page: dict, stem: str, images: set[int] | None) -> str:
+    """The image ALTO, PAGE and hOCR name: with a METS package, its image of the page where one was made (OCR-D: the
+    image their coordinates are pixels of, referenced in the METS, written as its href there), else the source
+    file."""
+    return quote(_page_file(stem, page["page"], "png")) if images and page["page"] in images else page["source"]
 
 
-def _alto_files(pages: Rows, document: dict, stem: str, images: bool) -> Rendered:
+def _alto_files(pages: Rows, document: dict, stem: str, images: set[int] | None) -> Rendered:
     for page in pages:
         yield _page_file(stem, page["page"], "alto.xml"), _xml_bytes(alto_page(page, _image_name(page, stem, images)))
 
@@ -299,7 +304,7 @@ def _alto_line(block: etree._Element, line: dict, line_id: str) -> None:
 # --- PAGE XML 2019-07-15 --------------------------------------------------------------------
 
 
-def _page_files(pages: Rows, document: dict, stem: str, images: bool) -> Rendered:
+def _page_files(pages: Rows, document: dict, stem: str, images: set[int] | None) -> Rendered:
     for page in pages:
         yield _page_file(stem, page["page"], "page.xml"), _xml_bytes(page_xml(page, _image_name(page, stem, images)))
 
@@ -368,7 +373,7 @@ def _text_equiv(parent: etree._Element, text: str, confidence: str | None) -> No
 # --- hOCR 1.2 -------------------------------------------------------------------------------
 
 
-def _hocr_files(pages: Rows, document: dict, stem: str, images: bool) -> Rendered:
+def _hocr_files(pages: Rows, document: dict, stem: str, images: set[int] | None) -> Rendered:
     names = {page["page"]: _image_name(page, stem, images) for page in pages}
     yield f"{stem}.hocr", _xml_bytes(hocr_document(pages, document, names), doctype=XHTML_DOCTYPE)
 
@@ -460,19 +465,20 @@ def _pdf_files(pages: Rows, document: dict, stem: str, pdfa: bool) -> Rendered:
     yield f"{stem}.pdf", searchable_pdf(pages, document["source"], pdfa)
 
 
-def _mets_files(pages: Rows, document: dict, stem: str, formats: Sequence[str]) -> Rendered:
-    """The page images (PNG), then the METS pointing at them and at the ALTO and PAGE files."""
-    images = {}
+def _image_files(pages: Rows, document: dict, stem: str, images: set[int]) -> Rendered:
+    """The METS package's page images (PNG), each page's number added to ``images`` as it is made."""
     for number, png in page_images(pages, document["source"]):
-        images[number] = _page_file(stem, number, "png")
-        yield images[number], png
+        images.add(number)
+        yield _page_file(stem, number, "png"), png
+
+
+def _mets_files(pages: Rows, document: dict, stem: str, formats: Sequence[str], images: set[int]) -> Rendered:
+    """The METS pointing at the page images made (:func:`_image_files`) and at the ALTO and PAGE files."""
     numbers = [page["page"] for page in pages]
-    groups = {IMAGE_GROUP: ("image/png", images)}
+    groups = {IMAGE_GROUP: ("image/png", {number: _page_file(stem, number, "png") for number in images})}
     for export_format, use, mimetype in (("alto", "OCR-D-OCR-ALTO", "application/alto+xml"),
                                          ("page", "OCR-D-OCR-PAGE", "application/vnd.prima.page+xml")):
         if export_format in formats:
             groups[use] = (mimetype, {number: _page_file(stem, number, f"{export_format}.xml") for number in numbers})
     yield f"{stem}.mets.xml", _xml_bytes(mets_document(document, numbers, groups,
                                                        f"{SOFTWARE} {_software_version()}"))
-
-
