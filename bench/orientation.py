@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from pdf2image import convert_from_path  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from operators.orientation import MIN_ASYMMETRY, MIN_AXIS_SCORE, detect_orientation, turn  # noqa: E402
+from operators.orientation import MAX_CONTRARY_ALIGNMENT, MIN_ASYMMETRY, MIN_AXIS_SCORE, detect_orientation, turn  # noqa: E402
 from operators.rasterize import to_gray8  # noqa: E402
 
 
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             seconds += time.perf_counter() - start
             runs += 1
             want = (360 - stored) % 360
-            margins.append((abs(found.axis_score), abs(found.asymmetry), name))
+            margins.append((abs(found.axis_score), abs(found.asymmetry), found.alignment * np.sign(found.asymmetry),
+                            name))
             for key in (category, "all"):
                 total[key] += 1
                 right[key] += found.rotation == want
@@ -69,13 +70,17 @@ def main(argv: list[str] | None = None) -> int:
             if args.verbose or found.rotation != want:
                 print(f"{'ok ' if found.rotation == want else 'BAD'} {name} stored {stored:3d}: "
                       f"turn {found.rotation:3d} (want {want:3d}) confident={found.confident} "
-                      f"axis={found.axis_score:+.2f} asym={found.asymmetry:+.3f} lines={found.lines}")
+                      f"axis={found.axis_score:+.2f} asym={found.asymmetry:+.3f} "
+                      f"align={found.alignment:+.3f} lines={found.lines}")
     print(f"\n{'category':34s} {'cases':>5s} {'correct':>8s} {'unsure':>6s} {'wrong turn':>10s}")
     for key in sorted(total, key=lambda k: (k == "all", k)):
         print(f"{key:34s} {total[key]:5d} {right[key] / total[key]:8.1%} {unsure[key]:6d} {wrong_turn[key]:10d}")
     weakest_axis, weakest_updown = min(margins), min(margins, key=lambda m: m[1])
-    print(f"\nweakest axis score {weakest_axis[0]:.2f} (needs {MIN_AXIS_SCORE}): {weakest_axis[2]}")
-    print(f"weakest up/down asymmetry {weakest_updown[1]:.3f} (needs {MIN_ASYMMETRY}): {weakest_updown[2]}")
+    contrary = min(margins, key=lambda m: m[2])
+    print(f"\nweakest axis score {weakest_axis[0]:.2f} (needs {MIN_AXIS_SCORE}): {weakest_axis[3]}")
+    print(f"weakest up/down asymmetry {weakest_updown[1]:.3f} (needs {MIN_ASYMMETRY}): {weakest_updown[3]}")
+    print(f"most contrary baseline alignment {contrary[2]:+.3f} (a turn needs above {-MAX_CONTRARY_ALIGNMENT}): "
+          f"{contrary[3]}")
     print(f"{seconds / runs * 1000:.1f} ms per page (detector only, page already decoded)")
     return 0
 

@@ -11,7 +11,9 @@ Run on a small binarized copy of the page (``WORK_PIXELS``), in two steps:
   poorly).
 * upright or upside down: Latin letters stand on a baseline with their x-height band above it;
   ascenders and capitals (above the band) far outnumber descenders (below it). Per line, the ink
-  above the densest band minus the ink below it says which way is up.
+  above the densest band minus the ink below it says which way is up. A few lines can be rich in
+  descenders ("jumps over the lazy dog"), so a second cue must not say otherwise: most letters end
+  on the baseline, while their tops lie at x-height or at cap height.
 
 Only a confident answer turns the page: a wrong turn ruins a page that was fine, so an unsure page
 (too little text, tables, all capitals, pictures) stays as it was.
@@ -38,8 +40,11 @@ STRIPS = 6
 MIN_AXIS_SCORE = 0.4
 #: Up/down decision: (above - below) / (above + below), summed over lines, at least this far from 0 ...
 MIN_ASYMMETRY = 0.08
-#: ... with at least this many line bands measured.
+#: ... with at least this many line bands measured, and no baseline alignment of the other sign this far from 0.
 MIN_LINES = 3
+MAX_CONTRARY_ALIGNMENT = 0.05
+#: A letter's bottom (top) within this share of its line band's height of the band's median bottom (top) is aligned.
+ALIGNED_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class Orientation:
     confident: bool
     axis_score: float  # evidence that the lines run horizontally as stored (>0) or vertically (<0)
     asymmetry: float  # ink above minus below the line cores, share of both, for the chosen axis
+    alignment: float  # letters ending on a common baseline minus letters topped on a common line, share of letters
     lines: int
 
 
@@ -100,17 +106,20 @@ def _elongation(ink: np.ndarray, reach: int) -> float:
     return float(np.average(np.log(w / h), weights=area)) if count > 1 else 0.0
 
 
-def _asymmetry(ink: np.ndarray) -> tuple[float, int]:
-    """Ink above minus below each line's core band, over both, summed over the line bands of every
-    strip; positive when the lines are upright."""
+def _up_down(ink: np.ndarray) -> tuple[float, float, int]:
+    """(asymmetry, alignment, line bands) of lines running along rows; both positive when they are upright.
+    Per line band of every strip: asymmetry is the ink above minus below the band's core, over both; alignment
+    is the letters whose bottom is on the band's common bottom minus those whose top is on its common top, over
+    the letters taller than a third of the band (commas, dots and specks say nothing)."""
     rows, cols = np.nonzero(ink)
     if rows.size < 200:
-        return 0.0, 0
+        return 0.0, 0.0, 0
     left, right = np.percentile(cols, [1, 99]).astype(int)
     above = below = 0.0
+    on_bottom = on_top = letters = 0
     lines = 0
-    for strip in np.array_split(ink[:, left:right + 1].astype(np.float32), STRIPS, axis=1):
-        profile = strip.sum(axis=1)
+    for strip in np.array_split(ink[:, left:right + 1], STRIPS, axis=1):
+        profile = strip.sum(axis=1, dtype=np.float32)
         if profile.max() <= 0:
             continue
         on = profile > 0.08 * profile.max()
@@ -128,8 +137,17 @@ def _asymmetry(ink: np.ndarray) -> tuple[float, int]:
             above += float(band[:core[0]].sum())
             below += float(band[core[-1] + 1:].sum())
             lines += 1
+            _, _, stats, _ = cv2.connectedComponentsWithStats(np.ascontiguousarray(strip[start:end]), connectivity=8)
+            tall = stats[1:, cv2.CC_STAT_HEIGHT] >= height / 3
+            tops = stats[1:, cv2.CC_STAT_TOP][tall]
+            bottoms = tops + stats[1:, cv2.CC_STAT_HEIGHT][tall]
+            if tops.size >= 3:
+                near = max(1.0, ALIGNED_SHARE * height)
+                on_bottom += int(np.sum(np.abs(bottoms - np.median(bottoms)) <= near))
+                on_top += int(np.sum(np.abs(tops - np.median(tops)) <= near))
+                letters += tops.size
     total = above + below
-    return ((above - below) / total if total else 0.0), lines
+    return ((above - below) / total if total else 0.0), ((on_bottom - on_top) / letters if letters else 0.0), lines
 
 
 def _letter_size(ink: np.ndarray) -> float:
@@ -148,14 +166,15 @@ def detect_orientation(gray: np.ndarray) -> Orientation:
         ink = _ink(gray, min(WORK_PIXELS, ink.size) * (LETTER_PX / letter) ** 2)
         letter = _letter_size(ink)
     if not letter:
-        return Orientation(0, False, 0.0, 0.0, 0)
+        return Orientation(0, False, 0.0, 0.0, 0.0, 0)
     reach = max(3, round(1.5 * letter))
     horizontal, vertical = _peakiness(ink), _peakiness(ink.T)
     peaks = float(np.log(horizontal / vertical)) if horizontal > 0 and vertical > 0 else 0.0
     axis = _elongation(ink, reach) - _elongation(ink.T, reach) + peaks
     sideways = axis < 0
     level = turn(ink, 90) if sideways else ink  # lines horizontal; upright or upside down
-    asymmetry, lines = _asymmetry(level)
+    asymmetry, alignment, lines = _up_down(level)
     rotation = (90 if sideways else 0) + (180 if asymmetry < 0 else 0)
-    confident = abs(axis) >= MIN_AXIS_SCORE and abs(asymmetry) >= MIN_ASYMMETRY and lines >= MIN_LINES
-    return Orientation(rotation if confident else 0, confident, axis, asymmetry, lines)
+    confident = (abs(axis) >= MIN_AXIS_SCORE and abs(asymmetry) >= MIN_ASYMMETRY and lines >= MIN_LINES
+                 and alignment * np.sign(asymmetry) > -MAX_CONTRARY_ALIGNMENT)
+    return Orientation(rotation if confident else 0, confident, axis, asymmetry, alignment, lines)

@@ -68,6 +68,20 @@ def test_a_card_of_three_lines_in_large_type_is_turned_the_right_way(stored):
     assert (found.rotation, found.confident) == ((360 - stored) % 360, True)
 
 
+@pytest.mark.parametrize("size", [48, 60])
+@pytest.mark.parametrize("stored", [0, 180])
+def test_a_line_whose_ink_says_upside_down_and_letters_say_upright_is_not_turned(stored, size):
+    """One line of a multi-page TIFF's frame at 200 dpi, in a sans-serif face: the ink below its core band outweighed
+    the ink above, and the upright frame was turned upside down with confidence (and the frame stored upside down
+    left as it was). Its letters, nearly all ending on one baseline under tops at two heights, say which way is up:
+    the cues disagree, and no confident turn is made the wrong way."""
+    page = Image.new("L", (1700, 2200), 255)
+    ImageDraw.Draw(page).text((120, 300), "tiff frame 0 some text here", fill=0,
+                              font=ImageFont.truetype("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", size))
+    found = detect_orientation(turn(np.asarray(page, dtype=np.uint8), stored))
+    assert not found.confident or found.rotation == (360 - stored) % 360, found
+
+
 def test_a_page_without_text_is_left_as_it_is():
     blank = np.full((1754, 1240), 250, dtype=np.uint8)
     blank[400:1300, 300:900] = 90  # a photograph-like block: no lines to read
