@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,11 +76,12 @@ def inspect_command(args: argparse.Namespace) -> int:
     sources = [source for source in find_inputs(args.inputs).sources if not _is_overlay(source, output)]
     if not sources:
         raise NoInputError(f"the inputs hold only overlays that inspect wrote to {output}")
-    outcomes = inspect_documents(sources, output, config, args.recognize, args.pages)
-    for outcome in outcomes:
-        print(outcome.describe())
-    failed = sum(outcome.error is not None for outcome in outcomes)
-    print(f"{len(outcomes) - failed} overlays written to {output}, {failed} failed")
+    written = failed = 0
+    for outcome in inspect_documents(sources, output, config, args.recognize, args.pages):
+        print(outcome.describe(), flush=True)
+        failed += outcome.error is not None
+        written += outcome.error is None
+    print(f"{written} overlays written to {output}, {failed} failed")
     return ExitCode.documents_failed if failed else ExitCode.ok
 
 
@@ -106,17 +108,19 @@ def _is_overlay(source: str, output: Path) -> bool:
 
 
 def inspect_documents(sources: list[str], output: Path, config: JobConfig, recognize: bool = False,
-                      max_pages: int | None = None) -> list[PageOutcome]:
-    """Overlay every page of ``sources`` (the first ``max_pages`` of each) into ``output``."""
+                      max_pages: int | None = None) -> Iterator[PageOutcome]:
+    """Overlay every page of ``sources`` (the first ``max_pages`` of each) into ``output``, giving each outcome as
+    soon as its page is done (a long inspect had said nothing until all its pages were)."""
     make_local_folder(str(output))
     recognizer = LineRecognizer.from_config(config.recognize) if recognize else None
-    plans = [triage(source, config.rasterize) for source in sources]
-    outcomes = [PageOutcome(plan.source, None, [], None, f"{plan.error.error_code}: {plan.error}")
-                for plan in plans if plan.error is not None]
-    for task in page_ranges([_first_pages(plan, max_pages) for plan in plans], config.rasterize.pages_per_task):
-        for work in rasterize(task, config.rasterize):
-            outcomes.append(_inspect_page(work, output, config, recognizer))
-    return outcomes
+    for source in sources:
+        plan = triage(source, config.rasterize)
+        if plan.error is not None:
+            yield PageOutcome(plan.source, None, [], None, f"{plan.error.error_code}: {plan.error}")
+            continue
+        for task in page_ranges([_first_pages(plan, max_pages)], config.rasterize.pages_per_task):
+            for work in rasterize(task, config.rasterize):
+                yield _inspect_page(work, output, config, recognizer)
 
 
 def _first_pages(plan: DocumentPlan, max_pages: int | None) -> DocumentPlan:

@@ -97,6 +97,20 @@ def test_pages_option_limits_each_document(documents, tmp_path):
     assert all(outcome.error is None and outcome.lines for outcome in outcomes)
 
 
+def test_each_page_is_reported_as_soon_as_it_is_done(input_folder, documents, tmp_path):
+    """inspect had triaged every input and drawn every page before it said anything: a folder of thousands of
+    scans, or --recognize on CPU, gave no word for an hour. The corrupt file is reported when its turn comes."""
+    config = load_config(None, [DPI_OVERRIDE])
+    sources = [str(input_folder / "corrupt.pdf"), *(str(path) for path in documents)]
+    outcomes = inspect_documents(sources, tmp_path, config)
+    first = next(outcomes)
+    assert first.page is None and "corrupt.pdf" in first.source and first.error.startswith("corrupt_file")
+    assert list(tmp_path.glob("*.png")) == []  # no page drawn yet
+    second = next(outcomes)
+    assert second.overlay is not None and list(tmp_path.glob("*.png")) == [second.overlay]
+    assert len([second, *outcomes]) == sum(_page_counts(documents))
+
+
 def test_bad_pages_option_is_a_usage_error(input_folder, tmp_path):
     code = main(["inspect", str(input_folder), "--output", str(tmp_path), "--pages", "0"])
     assert code == ExitCode.bad_args
