@@ -63,7 +63,8 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set detect.block_gap=1.5 (repeatable)")
     parser.add_argument("--recognize", action="store_true", help="also decode each line with recognize.model")
-    parser.add_argument("--pages", type=int, help="inspect only the first N pages of each document")
+    parser.add_argument("--pages", type=int, help="inspect only the first N pages of each document "
+                                                  "(those of them rasterize.pages selects)")
 
 
 def inspect_command(args: argparse.Namespace) -> int:
@@ -109,8 +110,9 @@ def _is_overlay(source: str, output: Path) -> bool:
 
 def inspect_documents(sources: list[str], output: Path, config: JobConfig, recognize: bool = False,
                       max_pages: int | None = None) -> Iterator[PageOutcome]:
-    """Overlay every page of ``sources`` (the first ``max_pages`` of each) into ``output``, giving each outcome as
-    soon as its page is done (a long inspect had said nothing until all its pages were)."""
+    """Overlay the pages of ``sources`` the job would read (``rasterize.pages``) among the first ``max_pages`` of
+    each into ``output``, giving each outcome as soon as its page is done (a long inspect had said nothing until all
+    its pages were)."""
     make_local_folder(str(output))
     recognizer = LineRecognizer.from_config(config.recognize) if recognize else None
     for source in sources:
@@ -118,7 +120,8 @@ def inspect_documents(sources: list[str], output: Path, config: JobConfig, recog
         if plan.error is not None:
             yield PageOutcome(plan.source, None, [], None, f"{plan.error.error_code}: {plan.error}")
             continue
-        for task in page_ranges([_first_pages(plan, max_pages)], config.rasterize.pages_per_task):
+        for task in page_ranges([_first_pages(plan, max_pages)], config.rasterize.pages_per_task,
+                                config.rasterize.pages):
             for work in rasterize(task, config.rasterize):
                 yield _inspect_page(work, output, config, recognizer)
 

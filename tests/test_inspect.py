@@ -111,6 +111,14 @@ def test_each_page_is_reported_as_soon_as_it_is_done(input_folder, documents, tm
     assert len([second, *outcomes]) == sum(_page_counts(documents))
 
 
+def test_the_configured_page_selection_is_inspected_as_the_job_reads_it(documents, tmp_path):
+    """``--set rasterize.pages=2`` (or a config file's ``pages``) had been ignored: every page was drawn."""
+    document = next(path for path, count in zip(documents, _page_counts(documents)) if count > 1)
+    config = load_config(None, [DPI_OVERRIDE, "rasterize.pages=2"])
+    assert [outcome.page for outcome in inspect_documents([str(document)], tmp_path, config)] == [2]
+    assert [outcome.page for outcome in inspect_documents([str(document)], tmp_path, config, max_pages=1)] == []
+
+
 def test_bad_pages_option_is_a_usage_error(input_folder, tmp_path):
     code = main(["inspect", str(input_folder), "--output", str(tmp_path), "--pages", "0"])
     assert code == ExitCode.bad_args
