@@ -20,7 +20,7 @@ from pathlib import Path
 from pipeline.config import load_config
 from operators.errors import ConfigError, ExitCode, PipelineError
 from operators.settings import EXPORT_FORMATS
-from operators.storage import make_local_folder
+from operators.storage import make_local_folder, writing
 
 log = logging.getLogger("trocr_pipeline")
 
@@ -104,8 +104,9 @@ def _synth_command(args: argparse.Namespace) -> int:
             raise ConfigError("--languages is for synth lines: synthetic documents are English")
 
         try:
-            paths = write_document_set(Path(args.output), args.count, args.seed, dpi=args.dpi,
-                                       font_kind=args.font_kind)
+            with writing(args.output):
+                paths = write_document_set(Path(args.output), args.count, args.seed, dpi=args.dpi,
+                                           font_kind=args.font_kind)
         except ValueError as exc:  # an argument out of its range (the dpi)
             raise ConfigError(f"synth docs: {exc}") from exc
         print(f"wrote {len(paths)} documents with ground truth to {args.output}")
@@ -117,7 +118,9 @@ def _synth_command(args: argparse.Namespace) -> int:
             languages = check_languages([part.strip() for part in (args.languages or "en").split(",")])
         except ValueError as exc:
             raise ConfigError(f"--languages: {exc}") from exc
-        folder = write_line_set(Path(args.output), args.count, args.seed, font_kind=args.font_kind, languages=languages)
+        with writing(args.output):
+            folder = write_line_set(Path(args.output), args.count, args.seed, font_kind=args.font_kind,
+                                    languages=languages)
         print(f"wrote {args.count} line images with ground truth to {folder}")
     return ExitCode.ok
 

@@ -311,3 +311,15 @@ def test_synth_command_refuses_unknown_languages_before_touching_an_existing_set
     assert main(["synth", "docs", "--output", str(tmp_path / "docs"), "--languages", "fr"]) == ExitCode.bad_args
     assert "unknown: xx" in capsys.readouterr().err
     assert (tmp_path / "manifest.tsv").read_text(encoding="utf-8") == manifest
+
+
+def test_synth_command_stops_in_one_line_when_the_disk_is_full(small_disk, capsys):
+    """A full output disk had ended synth docs and synth lines with an ENOSPC traceback (exit 1), where inspect and
+    the job say it in one line with exit code 7."""
+    from pipeline.cli import main
+
+    (small_disk / "filler").write_bytes(b"\0" * (2 * 1024 * 1024 - 4096))
+    for what in ("lines", "docs"):
+        output = small_disk / what
+        assert main(["synth", what, "--output", str(output), "--count", "1"]) == ExitCode.write_failed
+        assert f"no space left on the device while writing {output}" in capsys.readouterr().err
