@@ -14,8 +14,8 @@ import functools
 import json
 import logging
 import tempfile
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
@@ -152,18 +152,31 @@ def format_report(scores: Sequence[Score], results: Sequence[LineResult], worst:
     return "\n".join(rows)
 
 
-def open_predictions(path: Path) -> IO[str]:
+@contextmanager
+def open_predictions(path: Path) -> Iterator[IO[str]]:
     """The ``--predictions`` file, opened before the evaluation (a path that cannot be written had been found
-    only after all of it, with a traceback)."""
+    only after all of it, with a traceback) but emptied only by :func:`write_predictions`: an evaluation that fails
+    or is stopped leaves the file as it was (an earlier evaluation's predictions had been lost), and makes none."""
+    existed = path.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return path.open("w", encoding="utf-8")
+        out = path.open("a", encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot write --predictions {path}: {exc.strerror or exc}") from exc
+    with out:
+        try:
+            yield out
+        except BaseException:
+            if not existed:
+                path.unlink(missing_ok=True)
+            raise
 
 
 def write_predictions(out: IO[str], results: Sequence[LineResult]) -> None:
-    """JSONL, one {image, prediction, reference, cer} object per line (per page with ``--pages``: its XML file)."""
+    """JSONL, one {image, prediction, reference, cer} object per line (per page with ``--pages``: its XML file),
+    in place of what ``out`` held."""
+    out.seek(0)
+    out.truncate()
     for result in results:
         row = {key: value for key, value in asdict(result).items() if key != "source"}
         source = Path(result.source)  # a folder, or a page's XML file given by itself

@@ -200,3 +200,22 @@ def test_a_page_file_given_by_itself_is_named_as_it_is_and_a_page_without_text_i
     write_page_xml(tmp_path, "scan.png", (200, 100), [{"text": " ", "bbox": (10, 10, 150, 40)}])
     with pytest.raises(ConfigError, match=f"page {page} holds no line with text"):
         read_page_truth([tmp_path])
+
+
+def test_an_evaluation_that_fails_leaves_an_earlier_predictions_file_as_it_was(tmp_path, tiny_model):
+    """--predictions had been emptied before the evaluation: one that then failed (a damaged line image) had lost
+    the predictions an earlier evaluation wrote there, and one into a new path had left an empty file."""
+    lines = write_lines(tmp_path / "lines", ["alpha beta", "gamma"])
+    (lines / "l1.png").write_bytes(b"no image")
+    earlier = tmp_path / "earlier.jsonl"
+    earlier.write_text('{"image": "l0.png"}\n', encoding="utf-8")
+    common = ["--model", str(tiny_model), "--lines", str(lines), "--device", "cpu", "--max-new-tokens", "8"]
+    for predictions in (earlier, tmp_path / "new.jsonl"):
+        with pytest.raises(ConfigError, match="l1.png cannot be read"):
+            eval_command(parse([*common, "--predictions", str(predictions)]))
+    assert earlier.read_text(encoding="utf-8") == '{"image": "l0.png"}\n'
+    assert not (tmp_path / "new.jsonl").exists()
+    write_lines(tmp_path / "whole", ["delta"])
+    assert eval_command(parse([*common[:3], str(tmp_path / "whole"), *common[4:], "--predictions", str(earlier)])) == 0
+    [row] = [json.loads(line) for line in earlier.read_text(encoding="utf-8").splitlines()]
+    assert row["reference"] == "delta"
