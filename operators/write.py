@@ -21,6 +21,7 @@ words at the ink gaps measured in the layout stage, and mapped onto a row of ``P
 from __future__ import annotations
 
 import fcntl
+import heapq
 import json
 import logging
 import os
@@ -282,9 +283,11 @@ def published_documents(output: str) -> PublishedDocuments:
     return PublishedDocuments(tuple(_published_rows(output, PublishedDocuments.COLUMNS)))
 
 
-def read_published(output: str, page_columns: Sequence[str]) -> tuple[list[dict], list[dict]]:
-    """The documents rows and the ``page_columns`` of the pages rows ``output`` holds as published: parts with
-    their twin, less a retirement under way (what a reader should take as the output, :func:`_published_rows`)."""
+def read_published(output: str, page_columns: Sequence[str], first_pages: int) -> tuple[list[dict], list[dict]]:
+    """The documents rows, and the ``page_columns`` of the first ``first_pages`` pages rows by source and page
+    number, that ``output`` holds as published: parts with their twin, less a retirement under way (what a reader
+    should take as the output, :func:`_published_rows`). Of the other pages rows only the source and page number
+    are read (an archive's text and line geometry had all been loaded to show three pages)."""
     filesystem, root = resolve_filesystem(output)
     if filesystem.get_file_info(f"{root}/{DOCUMENTS_DIR}").type != pafs.FileType.Directory:
         raise ConfigError(f"{output} holds no trocr-pipeline output (no {DOCUMENTS_DIR}/ folder)")
@@ -292,10 +295,19 @@ def read_published(output: str, page_columns: Sequence[str]) -> tuple[list[dict]
     documents = _published_rows(output, DOCUMENTS_SCHEMA.names)
     published = {row["doc_id"] for row in documents}
     pages = _list_parts(filesystem, f"{root}/{PAGES_DIR}")
-    page_rows = [row for name in _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}") if name in pages
-                 for row in _open_part(filesystem, pages[name]).read(columns=["doc_id", *page_columns]).to_pylist()
-                 if row["doc_id"] in published]
-    return documents, page_rows
+    parts = [pages[name] for name in _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}") if name in pages]
+    keys = ((row["source"], row["page"], part, position) for part, path in enumerate(parts)
+            for position, row in enumerate(_open_part(filesystem, path).read(
+                columns=["doc_id", "source", "page"]).to_pylist())
+            if row["doc_id"] in published)
+    chosen = heapq.nsmallest(first_pages, keys)
+    wanted: dict[int, list[int]] = {}
+    for _, _, part, position in chosen:
+        wanted.setdefault(part, []).append(position)
+    rows = {(part, position): row for part, positions in wanted.items()
+            for position, row in zip(positions, _open_part(filesystem, parts[part]).read(
+                columns=["doc_id", *page_columns]).take(positions).to_pylist())}
+    return documents, [rows[part, position] for _, _, part, position in chosen]
 
 
 @dataclass(frozen=True)

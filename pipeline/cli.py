@@ -132,7 +132,7 @@ def _show_command(args: argparse.Namespace) -> int:
     if not args.output.strip():
         raise ConfigError("show: the output name is empty: give the output folder or URI")
     documents, pages = read_published(args.output, ["source", "page", "status", "error_code", "error_message",
-                                                     "text", "lines"])
+                                                     "text", "lines"], first_pages=args.pages)
     if not documents:
         print(f"{args.output} holds no document yet")
     for document in sorted(documents, key=lambda row: row["source"]):
@@ -140,7 +140,7 @@ def _show_command(args: argparse.Namespace) -> int:
                   else " (same bytes as another document)" if document["status"] == "duplicate" else "")
         # a name may hold a newline (Linux allows it): one line per document all the same
         print(printable_text(f"{document['status']:9} {document['num_pages']:4} pages  {document['source']}{reason}"))
-    for page in sorted(pages, key=lambda row: (row["source"], row["page"]))[: args.pages]:
+    for page in pages:
         confidences = [line["confidence"] for line in page["lines"] if line["confidence"] is not None]
         mean = f"mean confidence {sum(confidences) / len(confidences):.2f}" if confidences else "not recognized"
         if page["status"] == "failed":
