@@ -83,7 +83,8 @@ def read_page_truth(paths: Sequence[Path]) -> list[PageTruth]:
 
 def recognize_pages(pages: Sequence[PageTruth], overrides: Sequence[str]) -> list[str]:
     """Each page's text from the whole job (local Ray, default config plus ``overrides``), written to a
-    temporary folder; a page the job could not read scores as empty text, and its error is logged."""
+    temporary folder; a page the job could not read scores as empty text, and its error is logged. An image with the
+    bytes of another (the job reads them once) scores the other's text (it had scored as empty)."""
     import pyarrow.dataset as ds
 
     from pipeline.config import load_config
@@ -92,14 +93,15 @@ def recognize_pages(pages: Sequence[PageTruth], overrides: Sequence[str]) -> lis
     with tempfile.TemporaryDirectory(prefix="trocr-eval-") as output:
         run_job([str(page.image.resolve()) for page in pages], output, load_config(None, list(overrides)))
         rows = ds.dataset(f"{output}/pages", format="parquet").to_table(
-            columns=["source", "page", "text", "status", "error_message"]).to_pylist()
+            columns=["doc_id", "source", "page", "text", "status", "error_message"]).to_pylist()
         documents = ds.dataset(f"{output}/documents", format="parquet").to_table(
-            columns=["source", "status", "error_message"]).to_pylist()
+            columns=["doc_id", "source", "status", "duplicate_of", "error_message"]).to_pylist()
     for row in documents + rows:
-        if row["status"] != "ok":
+        if row["status"] == "failed":
             log.warning("%s not read (scored as empty text): %s", row["source"], row["error_message"])
-    texts = {row["source"]: row["text"] or "" for row in rows if row["page"] == 1}
-    return [texts.get(str(page.image.resolve()), "") for page in pages]
+    texts = {row["doc_id"]: row["text"] or "" for row in rows if row["page"] == 1}
+    by_source = {row["source"]: texts.get(row["duplicate_of"] or row["doc_id"], "") for row in documents}
+    return [by_source.get(str(page.image.resolve()), "") for page in pages]
 
 
 def score_pages(pages: Sequence[PageTruth], predictions: Sequence[str],

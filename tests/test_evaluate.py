@@ -163,7 +163,8 @@ def write_page_xml(folder: Path, image_name: str, size: tuple[int, int], lines: 
 
 def test_eval_pages_runs_the_whole_job_on_page_xml_images(tmp_path, capsys):
     """--pages: the bundled model reads a synthetic page through detection and recognition; the page
-    text is scored against the PAGE file's lines (and an empty prediction would score 100%)."""
+    text is scored against the PAGE file's lines (and an empty prediction would score 100%). A copy of the image
+    under another name, which the job reads once as a duplicate, had scored as empty text."""
     document = write_document_set(tmp_path / "docs", count=1, seed=5, dpi=150, formats=("tiff",),
                                   pages_per_document=(1, 1), two_column_share=0.0)[0]
     truth = load_ground_truth(document)["pages"][0]
@@ -172,16 +173,20 @@ def test_eval_pages_runs_the_whole_job_on_page_xml_images(tmp_path, capsys):
     with Image.open(document) as image:
         image.save(folder / "scan.png")
         size = image.size
-    write_page_xml(folder, "scan.png", size, sorted(truth["lines"], key=lambda line: (line["block"], line["order"])))
+    in_order = sorted(truth["lines"], key=lambda line: (line["block"], line["order"]))
+    write_page_xml(folder, "scan.png", size, in_order)
+    (folder / "scan-copy.png").write_bytes((folder / "scan.png").read_bytes())
+    write_page_xml(folder, "scan-copy.png", size, in_order)
     predictions = tmp_path / "pages.jsonl"
     assert eval_command(parse(["--pages", str(folder), "--predictions", str(predictions), "--worst", "0",
                                "--device", "cpu", "--max-new-tokens", "96"])) == ExitCode.ok
     report = capsys.readouterr().out
     assert report.splitlines()[0].split()[:2] == ["source", "pages"]
-    [row] = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines()]
-    assert row["image"] == str(folder / "scan.xml")
-    assert len(row["reference"].splitlines()) == len(truth["lines"])
-    assert row["cer"] < 0.05, row
+    rows = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines()]
+    assert sorted(row["image"] for row in rows) == [str(folder / "scan-copy.xml"), str(folder / "scan.xml")]
+    for row in rows:
+        assert len(row["reference"].splitlines()) == len(truth["lines"])
+        assert row["cer"] < 0.05, row
 
 
 def test_a_page_file_given_by_itself_is_named_as_it_is_and_a_page_without_text_is_refused(tmp_path):
