@@ -142,7 +142,9 @@ def _show_command(args: argparse.Namespace) -> int:
         print(printable_text(f"{document['status']:9} {document['num_pages']:4} pages  {document['source']}{reason}"))
     for page in pages:
         confidences = [line["confidence"] for line in page["lines"] if line["confidence"] is not None]
-        mean = f"mean confidence {sum(confidences) / len(confidences):.2f}" if confidences else "not recognized"
+        # a page without lines had been said to be "not recognized", as a detect run's are
+        mean = (f"mean confidence {sum(confidences) / len(confidences):.2f}" if confidences
+                else "no text found" if not page["lines"] else "not recognized")
         if page["status"] == "failed":
             mean += f", failed ({page['error_code']}: {page['error_message']})"
         print(f"\n--- {printable_text(Path(page['source']).name)} page {page['page']}: {len(page['lines'])} lines, "

@@ -775,6 +775,20 @@ def test_show_reads_the_text_of_only_the_pages_it_prints(tmp_path, capsys):
     assert peak < 2_000_000, f"{peak:,} bytes for two pages of 200 KB each"
 
 
+def test_show_tells_a_page_without_lines_from_one_not_recognized(tmp_path, capsys):
+    """A read page on which no line was found had been shown as "not recognized", as a detect run's pages are."""
+    sink = ParquetSink(str(tmp_path), rows_per_file=20)
+    line = LineRecord(bbox=(0, 0, 10, 10), polygon=[(0, 0), (10, 0), (10, 10), (0, 10)], baseline=[(0, 9), (10, 9)],
+                      block=0, order=0)
+    sink.expect(DocumentRecord("d", "scan.pdf", "ok", None, None, 2))
+    sink.add_page(PageWork("d", "scan.pdf", 1, 300, 100, 100))
+    sink.add_page(PageWork("d", "scan.pdf", 2, 300, 100, 100, lines=[line]))
+    sink.close()
+    assert main(["show", str(tmp_path), "--lines", "0"]) == 0
+    assert [row for row in capsys.readouterr().out.splitlines() if row.startswith("---")] == [
+        "--- scan.pdf page 1: 0 lines, no text found", "--- scan.pdf page 2: 1 lines, not recognized"]
+
+
 def test_pages_selects_the_same_pages_of_every_input(ray_local, inputs, tmp_path):
     config = load_config(None, [DPI, "rasterize.pages=2", "output.exports=[alto]"])
     summary = run_job([str(inputs / "letters.pdf"), str(inputs / "note.png")], str(tmp_path), config)
