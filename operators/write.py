@@ -44,6 +44,7 @@ from operators.errors import (EXPORT_FAILED, ConfigError, DocumentError, OutputL
 from operators.formats.export import STAGED_EXPORT_PREFIX, remove_other_exports, write_exports
 from operators.ingest import KnownDocument, check_unchanged, duplicate_id
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
+from operators.settings import RasterizeConfig
 from operators.storage import resolve_filesystem, scratch_space_full, writing
 from operators.words import split_words
 
@@ -494,13 +495,14 @@ class ParquetSink:
 
     def __init__(self, output: str, rows_per_file: int, exports: Sequence[str] = (), pdfa: bool = False,
                  listener: DocumentListener | None = None, on_published: DocumentListener | None = None,
-                 publish_every_s: float = float("inf")):
+                 publish_every_s: float = float("inf"), rasterize: RasterizeConfig = RasterizeConfig()):
         self.filesystem, self.root = resolve_filesystem(output)
         self.rows_per_file = rows_per_file
         self.publish_every_s = publish_every_s  # a run stopped then keeps what it finished up to that long ago
         self._last_published = time.monotonic()
         self.exports = tuple(exports)
         self.pdfa = pdfa
+        self.rasterize = rasterize  # the job's: the searchable PDF and METS read the source again under it
         self.listener = listener
         self.on_published = on_published
         self.run_id = uuid.uuid4().hex[:12]
@@ -588,7 +590,7 @@ class ParquetSink:
             if None not in stamp:
                 check_unchanged(outcome.source, stamp)
             write_exports(rows, document, self.exports, folder, self.filesystem, pdfa=self.pdfa,
-                          staging=f"{self.root}/{STAGING_DIR}")
+                          staging=f"{self.root}/{STAGING_DIR}", rasterize=self.rasterize)
             if None not in stamp:
                 check_unchanged(outcome.source, stamp)
         except WriteFailed:

@@ -385,7 +385,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             sink = ParquetSink(output, config.output.parquet_rows_per_file, config.output.exports, config.output.pdfa,
                                listener=progress.document_done if progress else None,
                                on_published=progress.document_published if progress else None,
-                               publish_every_s=config.output.publish_every_s)
+                               publish_every_s=config.output.publish_every_s, rasterize=config.rasterize)
             quiet_ray_data(verbose)
             if progress:
                 progress.triage_started(len(found.sources))

@@ -652,6 +652,38 @@ def test_a_page_over_the_default_pixel_limit_read_under_a_higher_one_gets_its_me
         assert (number, image.size) == (1, (16200, 15500))
 
 
+def test_the_exports_read_the_source_again_under_the_jobs_render_timeout(tmp_path, page_images):
+    """The METS page images and a PDF/A's rendered pages are poppler's renderings of the source made again: they had
+    been made under the default ``rasterize`` settings, so a job that gave poppler longer for its slow pages
+    (``render_timeout_s``) got its pages read and then their METS images missing and their PDF/A pages blank. Here
+    the job's timeout is one no page renders in, and the exports, made through the job's sink, keep to it: the page
+    gets no METS image and a blank PDF/A page, and the document is exported all the same."""
+    source = write_pdf(tmp_path / "stamped.pdf", page_images[:1])
+    with pikepdf.open(source, allow_overwriting_input=True) as pdf:  # a font not embedded: PDF/A takes it rendered
+        pdf.pages[0].obj.Resources.Font = pikepdf.Dictionary(F1=pikepdf.Dictionary(
+            Type=pikepdf.Name.Font, Subtype=pikepdf.Name.Type1, BaseFont=pikepdf.Name.Helvetica))
+        pdf.pages[0].contents_add(pdf.make_stream(b"BT /F1 9 Tf 80 80 Td (Received 1905) Tj ET"))
+        pdf.save(source)
+    [work] = rasterize(PageRange("id", str(source), "pdf", 1, 1), RasterizeConfig(dpi=150, detect_orientation=False))
+    assert work.status == "ok"
+    job = RasterizeConfig(dpi=150, render_timeout_s=0.001)
+    sink = ParquetSink(str(tmp_path / "out"), rows_per_file=100, exports=("pdf", "mets"), pdfa=True, rasterize=job)
+    sink.expect(DocumentRecord("id", str(source), "ok", None, None, 1))
+    sink.add_page(work)
+    sink.close()
+    [document] = ds.dataset(f"{tmp_path}/out/documents", format="parquet").to_table().to_pylist()
+    assert (document["status"], document["error_code"]) == ("ok", None)
+    exports = tmp_path / "out" / "exports"
+    assert list(exports.glob("*.png")) == []
+    [mets] = exports.glob("*.mets.xml")
+    assert etree.parse(str(mets)).find(".//{*}fileGrp[@USE='OCR-D-IMG']/{*}file") is None
+    [pdf_path] = exports.glob("*.pdf")
+    with pikepdf.open(pdf_path) as pdf:
+        assert pdf.open_metadata().pdfa_status == "2B"
+        [blank] = pdf.pages[0].get_images().values()
+        assert blank.BitsPerComponent == 1
+
+
 def test_a_page_pillow_takes_for_a_decompression_bomb_gets_its_searchable_pdf(tmp_path):
     """A 182-Mpx page, under max_page_pixels, which the job read: its searchable PDF, made in the driver (where
     Pillow's limit is its own), had failed the document as export_failed, a DecompressionBombError."""

@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 from lxml import etree
 
 from operators.formats.geometry import box_within, line_outline, polyline_within, straight_baseline
-from operators.settings import EXPORT_FORMATS
+from operators.settings import EXPORT_FORMATS, RasterizeConfig
 from operators.text import xml_text
 from operators.formats.mets import IMAGE_GROUP, mets_document, page_images
 from operators.storage import resolve_filesystem, writing
@@ -48,17 +48,18 @@ Rendered = Iterator[tuple[str, bytes]]  # (file name, content)
 
 
 def write_exports(pages: Sequence[dict], document: dict, formats: Sequence[str], out_dir: str,
-                  filesystem: pafs.FileSystem | None = None, pdfa: bool = False, staging: str | None = None
-                  ) -> list[str]:
+                  filesystem: pafs.FileSystem | None = None, pdfa: bool = False, staging: str | None = None,
+                  rasterize: RasterizeConfig = RasterizeConfig()) -> list[str]:
     """Write one document in each of ``formats`` under ``out_dir`` and return the paths written. What cannot be
     written raises :class:`operators.errors.WriteFailed`; what cannot be made, the error it met.
 
     ``out_dir`` is a local path or URI, or a path in ``filesystem`` when one is given. A document
     without pages (it failed before rasterizing) has nothing to export and writes no file. ``mets``
     brings ``alto`` with it (a METS package points at each page's ALTO); ``pdfa`` makes the
-    searchable PDF a PDF/A-2b. With a ``staging`` folder (on the same filesystem), each file is written there
-    and moved into place whole, so that a reader (an indexer) never opens one half written, nor is one left so
-    by a killed run.
+    searchable PDF a PDF/A-2b. ``rasterize``: the job's settings, under which the searchable PDF and the METS page
+    images read the source again (poppler stopped after its timeouts). With a ``staging`` folder (on the same
+    filesystem), each file is written there and moved into place whole, so that a reader (an indexer) never opens
+    one half written, nor is one left so by a killed run.
     """
     unknown = sorted(set(formats) - set(EXPORT_FORMATS))
     if unknown:
@@ -80,9 +81,10 @@ def write_exports(pages: Sequence[dict], document: dict, formats: Sequence[str],
     # a page the job read that cannot be rendered again now (poppler failing or timing out) gets none, and its files
     # name the source, not an image that is not there
     images: set[int] | None = set() if "mets" in formats else None
-    renderers = {"png": partial(_image_files, images=images), "txt": _text_files,
+    renderers = {"png": partial(_image_files, images=images, config=rasterize), "txt": _text_files,
                  "alto": partial(_alto_files, images=images), "page": partial(_page_files, images=images),
-                 "hocr": partial(_hocr_files, images=images), "pdf": partial(_pdf_files, pdfa=pdfa),
+                 "hocr": partial(_hocr_files, images=images),
+                 "pdf": partial(_pdf_files, pdfa=pdfa, config=rasterize),
                  "mets": partial(_mets_files, formats=formats, images=images)}
     written = []
     for export_format in dict.fromkeys(("png", *formats) if images is not None else formats):
@@ -459,15 +461,15 @@ def _text_files(pages: Rows, document: dict, stem: str) -> Rendered:
 # --- searchable PDF and METS -------------------------------------------------------------------
 
 
-def _pdf_files(pages: Rows, document: dict, stem: str, pdfa: bool) -> Rendered:
+def _pdf_files(pages: Rows, document: dict, stem: str, pdfa: bool, config: RasterizeConfig) -> Rendered:
     from operators.formats.pdf import searchable_pdf  # OCRmyPDF and pikepdf.pdfa: only for PDF exports
 
-    yield f"{stem}.pdf", searchable_pdf(pages, document["source"], pdfa)
+    yield f"{stem}.pdf", searchable_pdf(pages, document["source"], pdfa, config)
 
 
-def _image_files(pages: Rows, document: dict, stem: str, images: set[int]) -> Rendered:
+def _image_files(pages: Rows, document: dict, stem: str, images: set[int], config: RasterizeConfig) -> Rendered:
     """The METS package's page images (PNG), each page's number added to ``images`` as it is made."""
-    for number, png in page_images(pages, document["source"]):
+    for number, png in page_images(pages, document["source"], config):
         images.add(number)
         yield _page_file(stem, number, "png"), png
 

@@ -43,22 +43,23 @@ def has_page_image(row: dict) -> bool:
     return row["status"] == "ok" or bool(row["lines"])
 
 
-def page_images(pages: Sequence[dict], source: str) -> Iterator[tuple[int, bytes]]:
+def page_images(pages: Sequence[dict], source: str, config: RasterizeConfig = RasterizeConfig()
+                ) -> Iterator[tuple[int, bytes]]:
     """(page number, PNG) of each page row that rendered, as the job's rasterize stage saw it: a PDF's page
-    with its /Rotate and /UserUnit, from the repaired copy where the job needed one. A page is not held to the
-    default ``max_page_pixels`` again: the job read it, maybe under a higher limit, and ALTO and PAGE name its
-    image."""
+    with its /Rotate and /UserUnit, from the repaired copy where the job needed one. ``config``: the job's
+    ``rasterize`` settings, whose pdfinfo and render timeouts hold here too. A page is not held to
+    ``max_page_pixels`` again: the job read it, and ALTO and PAGE name its image."""
     with local_path(source) as path:
         with open(path, "rb") as handle:
             kind = sniff_kind(handle.read(1024))
-        repaired, rotations, units = pdf_pages(path, RasterizeConfig())[1:4] if kind == "pdf" else (False, (), ())
+        repaired, rotations, units = pdf_pages(path, config)[1:4] if kind == "pdf" else (False, (), ())
         for row in filter(has_page_image, pages):
             task = PageRange(row["doc_id"], path, kind, row["page"], row["page"], repaired,
                              rotations[row["page"] - 1:row["page"]], units[row["page"] - 1:row["page"]])
             # the page's own size, with a pixel's rounding along each side when its pixels were made square
-            pixels = max(RasterizeConfig().max_page_pixels, row["width"] * row["height"] + row["width"] + row["height"])
-            for work in rasterize(task, RasterizeConfig(dpi=row["dpi"], detect_orientation=False,
-                                                        max_page_pixels=pixels)):
+            pixels = max(config.max_page_pixels, row["width"] * row["height"] + row["width"] + row["height"])
+            for work in rasterize(task, config.model_copy(update={"dpi": row["dpi"], "detect_orientation": False,
+                                                                  "max_page_pixels": pixels})):
                 if work.image is not None:
                     # work.rotation: what the file says (EXIF, /Rotate); the row's rotation adds what the job found
                     image = turn(work.image, (row["rotation"] - work.rotation) % 360)

@@ -44,16 +44,16 @@ PDFA_FLAVOUR = "2b"
 #: pages as poppler renders them and an image's frames as the job read them (PDF/A refuses fonts that are not
 #: embedded, device colours without their profile: CMYK JPEGs, many producers' PDFs).
 FORMS = ("whole", "pages", "rendered")
-#: poppler is stopped after this long on one page (the job's default ``rasterize.render_timeout_s``).
-RENDER_TIMEOUT_S = 120
 #: The long side, in pixels, of the blank page that stands for a page the job did not render (it may be 200 inches).
 BLANK_PAGE_PIXELS = 1000
 
 log = logging.getLogger(__name__)
 
 
-def searchable_pdf(pages: Sequence[dict], source: str, pdfa: bool = False) -> bytes:
-    """The document's pages (the ``pages`` rows given, in page order) with their text layers. A PDF keeps what it
+def searchable_pdf(pages: Sequence[dict], source: str, pdfa: bool = False,
+                   config: RasterizeConfig = RasterizeConfig()) -> bytes:
+    """The document's pages (the ``pages`` rows given, in page order) with their text layers; ``config``: the job's
+    ``rasterize`` settings, whose pdfinfo and render timeouts hold where poppler reads the source. A PDF keeps what it
     holds besides its pages (outlines, page labels, forms, metadata, and its encryption unless PDF/A is asked
     for, which forbids it); where PDF/A refuses some of that (a script, a form, an attachment), the PDF/A holds
     the pages alone. A page that shows text already (born digital, or OCRed before) gets no second text layer, as
@@ -66,16 +66,17 @@ def searchable_pdf(pages: Sequence[dict], source: str, pdfa: bool = False) -> by
         forms = FORMS if pdfa else FORMS[:1]
         for form in forms[:-1]:
             try:
-                return _with_text_layers(path, ordered, text_path, pdfa, form)
+                return _with_text_layers(path, ordered, text_path, pdfa, form, config)
             except pikepdf.pdfa.PdfaError as error:
                 log.info("%s: PDF/A refuses the document's %s form (%s): trying the next", source, form, error)
-        return _with_text_layers(path, ordered, text_path, pdfa, forms[-1])
+        return _with_text_layers(path, ordered, text_path, pdfa, forms[-1], config)
 
 
-def _with_text_layers(path: str, rows: Sequence[dict], text_path: Path, pdfa: bool, form: str) -> bytes:
+def _with_text_layers(path: str, rows: Sequence[dict], text_path: Path, pdfa: bool, form: str,
+                      config: RasterizeConfig) -> bytes:
     """The PDF of :func:`searchable_pdf` (its source read from ``path``), the text layers of ``text_path`` laid
     over the pages of :func:`_scanned_pages` in ``form``."""
-    with _scanned_pages(path, rows, form) as (out, turned, encryption), pikepdf.open(text_path) as text:
+    with _scanned_pages(path, rows, form, config) as (out, turned, encryption), pikepdf.open(text_path) as text:
         # looked for before any text layer is added: pages that share one resources dictionary (many producers
         # write one for all) would each find the layers of the pages before them there
         shows_text = [_shows_text(page.obj) for page in out.pages]
@@ -132,7 +133,7 @@ def _shows_text(content: pikepdf.Object, seen: set[tuple[int, int]] | None = Non
 
 
 @contextmanager
-def _scanned_pages(path: str, rows: Sequence[dict], form: str = "whole"
+def _scanned_pages(path: str, rows: Sequence[dict], form: str, config: RasterizeConfig
                    ) -> Iterator[tuple[pikepdf.Pdf, list[int], bool | pikepdf.Encryption]]:
     """A PDF holding the pages of the ``pages`` rows given, in page order, in ``form`` (:data:`FORMS`): a PDF input
     itself when they are all its pages and the form is whole (qpdf repairs a damaged one as it opens it), else a
@@ -158,8 +159,8 @@ def _scanned_pages(path: str, rows: Sequence[dict], form: str = "whole"
         # read alone, as links, named destinations and form fields of the original would keep the others in it
         encryption = pikepdf.Encryption(owner=secrets.token_urlsafe(24), allow=source.allow) \
             if source.is_encrypted else False
-        if kind == "pdf" and (form == "rendered" or len(source.pages) < _poppler_page_count(path)):
-            rendered, turns = _rendered_pages(path, rows)
+        if kind == "pdf" and (form == "rendered" or len(source.pages) < _poppler_page_count(path, config)):
+            rendered, turns = _rendered_pages(path, rows, config)
             with pikepdf.open(io.BytesIO(rendered)) as images:
                 yield images, turns, encryption
             return
@@ -172,21 +173,20 @@ def _scanned_pages(path: str, rows: Sequence[dict], form: str = "whole"
             yield out, turns, encryption
 
 
-def _poppler_page_count(path: str) -> int:
+def _poppler_page_count(path: str, config: RasterizeConfig) -> int:
     """The pages poppler finds in the PDF at ``path``; 0 where it cannot read it (qpdf repaired it for the job,
     whose pages are then those of qpdf's tree)."""
     try:
-        return poppler_pages(pdf_info(path, RasterizeConfig()))
+        return poppler_pages(pdf_info(path, config))
     except DocumentError:
         return 0
 
 
-def _rendered_pages(path: str, rows: Sequence[dict]) -> tuple[bytes, list[int]]:
+def _rendered_pages(path: str, rows: Sequence[dict], config: RasterizeConfig) -> tuple[bytes, list[int]]:
     """The pages of the rows as poppler renders them from the PDF at ``path`` by their numbers, as the job did (its
     /UserUnit counted, but in colour), in a PDF of images of the pages' real sizes; and the degrees each is turned:
     its /Rotate, which poppler applies. A page the job did not render (too large, timed out) is a blank page of
     its size in points, not rendered again. A damaged PDF is rendered from the copy qpdf repairs, as the job did."""
-    config = RasterizeConfig()
     try:
         info, readable = pdf_info(path, config), nullcontext(path)
     except DocumentError:
@@ -199,7 +199,7 @@ def _rendered_pages(path: str, rows: Sequence[dict]) -> tuple[bytes, list[int]]:
         for row in rows:
             number = row["page"]
             unit = units[number - 1] if number <= len(units) else 1.0
-            image = _rendering(source, number, row, unit) if row["width"] and row["height"] else None
+            image = _rendering(source, number, row, unit, config) if row["width"] and row["height"] else None
             buffer = io.BytesIO()
             if image is not None:
                 _gray_if_gray(image).save(buffer, format="PNG", dpi=(row["dpi"], row["dpi"]))
@@ -214,13 +214,14 @@ def _rendered_pages(path: str, rows: Sequence[dict]) -> tuple[bytes, list[int]]:
     return img2pdf.convert(pages), turns
 
 
-def _rendering(source: str, number: int, row: dict, unit: float) -> Image.Image | None:
+def _rendering(source: str, number: int, row: dict, unit: float, config: RasterizeConfig) -> Image.Image | None:
     """Page ``number`` of the PDF at ``source`` as poppler renders it at the row's dpi; None where poppler fails or
-    takes too long now (the page is then blank: the job read it, and the export must not fail the document)."""
+    takes longer than the job's ``render_timeout_s`` now (the page is then blank: the job read it, and the export
+    must not fail the document)."""
     allow_pixels(row["width"] * row["height"])
     try:
         [image] = convert_from_path(source, dpi=row["dpi"] * unit, first_page=number, last_page=number,
-                                    use_cropbox=True, timeout=RENDER_TIMEOUT_S)
+                                    use_cropbox=True, timeout=config.render_timeout_s)
     except (PDFPageCountError, PDFPopplerTimeoutError, PDFSyntaxError, ValueError):
         return None
     return image
