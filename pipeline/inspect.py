@@ -10,7 +10,7 @@ fail are reported with their reason and written as no PNG.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
-from operators.errors import RECOGNITION_FAILED, ConfigError, ExitCode, NoInputError
+from operators.errors import RECOGNITION_FAILED, ExitCode, NoInputError
 from operators.formats.export import export_stem
-from operators.ingest import DocumentPlan, find_inputs, triage
+from operators.ingest import find_inputs, triage
 from operators.rasterize import page_ranges, rasterize
 from operators.recognize import LineRecognizer
 from operators.records import LineRecord, PageWork
@@ -63,14 +63,13 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set detect.block_gap=1.5 (repeatable)")
     parser.add_argument("--recognize", action="store_true", help="also decode each line with recognize.model")
-    parser.add_argument("--pages", type=int, help="inspect only the first N pages of each document "
-                                                  "(those of them rasterize.pages selects)")
+    parser.add_argument("--pages", metavar="RANGES", help="1-based pages of every input, e.g. 1-3,7 or 5- (as run "
+                                                        "--pages reads them: rasterize.pages)")
 
 
 def inspect_command(args: argparse.Namespace) -> int:
-    if args.pages is not None and args.pages < 1:
-        raise ConfigError(f"--pages must be >= 1, got {args.pages}")
-    config = load_config(args.config, args.overrides)
+    pages = [] if args.pages is None else [f"rasterize.pages={json.dumps(args.pages)}"]  # a YAML string, as for run
+    config = load_config(args.config, [*args.overrides, *pages])
     make_local_folder(args.output)
     output = Path(args.output)
     # never its own overlays of an earlier run, wherever the output lies (in an input folder, or the folder itself)
@@ -78,7 +77,7 @@ def inspect_command(args: argparse.Namespace) -> int:
     if not sources:
         raise NoInputError(f"the inputs hold only overlays that inspect wrote to {output}")
     written = failed = 0
-    for outcome in inspect_documents(sources, output, config, args.recognize, args.pages):
+    for outcome in inspect_documents(sources, output, config, args.recognize):
         print(outcome.describe(), flush=True)
         failed += outcome.error is not None
         written += outcome.error is None
@@ -108,11 +107,10 @@ def _is_overlay(source: str, output: Path) -> bool:
         return False
 
 
-def inspect_documents(sources: list[str], output: Path, config: JobConfig, recognize: bool = False,
-                      max_pages: int | None = None) -> Iterator[PageOutcome]:
-    """Overlay the pages of ``sources`` the job would read (``rasterize.pages``) among the first ``max_pages`` of
-    each into ``output``, giving each outcome as soon as its page is done (a long inspect had said nothing until all
-    its pages were)."""
+def inspect_documents(sources: list[str], output: Path, config: JobConfig, recognize: bool = False
+                      ) -> Iterator[PageOutcome]:
+    """Overlay the pages of ``sources`` the job would read (``rasterize.pages``) into ``output``, giving each
+    outcome as soon as its page is done (a long inspect had said nothing until all its pages were)."""
     make_local_folder(str(output))
     recognizer = LineRecognizer.from_config(config.recognize) if recognize else None
     for source in sources:
@@ -120,16 +118,10 @@ def inspect_documents(sources: list[str], output: Path, config: JobConfig, recog
         if plan.error is not None:
             yield PageOutcome(plan.source, None, [], None, f"{plan.error.error_code}: {plan.error}")
             continue
-        for task in page_ranges([_first_pages(plan, max_pages)], config.rasterize.pages_per_task,
+        for task in page_ranges([plan], config.rasterize.pages_per_task,
                                 config.rasterize.pages):
             for work in rasterize(task, config.rasterize):
                 yield _inspect_page(work, output, config, recognizer)
-
-
-def _first_pages(plan: DocumentPlan, max_pages: int | None) -> DocumentPlan:
-    if max_pages is None or plan.error is not None:
-        return plan
-    return dataclasses.replace(plan, num_pages=min(plan.num_pages, max_pages))
 
 
 def _inspect_page(work: PageWork, output: Path, config: JobConfig, recognizer: LineRecognizer | None) -> PageOutcome:

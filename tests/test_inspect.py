@@ -90,9 +90,14 @@ def test_a_long_source_name_gets_its_overlay_and_a_full_disk_stops_in_one_line(d
     assert f"no space left on the device while writing {small_disk / 'overlays'}/x" in capsys.readouterr().err
 
 
-def test_pages_option_limits_each_document(documents, tmp_path):
-    config = load_config(None, [DPI_OVERRIDE])
-    outcomes = inspect_documents([str(path) for path in documents], tmp_path, config, max_pages=1)
+def test_pages_option_selects_the_pages_run_reads(documents, tmp_path, capsys):
+    """``inspect --pages 2`` had drawn pages 1 and 2 (the first N), while ``run --pages 2`` reads page 2 alone, and
+    ``--pages 1-2`` was refused: inspect takes the job's page ranges now."""
+    document = next(path for path, count in zip(documents, _page_counts(documents)) if count > 1)
+    assert main(["inspect", str(document), "--output", str(tmp_path), "--set", DPI_OVERRIDE, "--pages", "2"]) == 0
+    assert [path.name[-9:] for path in tmp_path.glob("*.png")] == ["p0002.png"]
+    config = load_config(None, [DPI_OVERRIDE, "rasterize.pages=1"])
+    outcomes = list(inspect_documents([str(path) for path in documents], tmp_path, config))
     assert [outcome.page for outcome in outcomes] == [1] * len(documents)
     assert all(outcome.error is None and outcome.lines for outcome in outcomes)
 
@@ -116,7 +121,6 @@ def test_the_configured_page_selection_is_inspected_as_the_job_reads_it(document
     document = next(path for path, count in zip(documents, _page_counts(documents)) if count > 1)
     config = load_config(None, [DPI_OVERRIDE, "rasterize.pages=2"])
     assert [outcome.page for outcome in inspect_documents([str(document)], tmp_path, config)] == [2]
-    assert [outcome.page for outcome in inspect_documents([str(document)], tmp_path, config, max_pages=1)] == []
 
 
 def test_bad_pages_option_is_a_usage_error(input_folder, tmp_path):
@@ -125,9 +129,10 @@ def test_bad_pages_option_is_a_usage_error(input_folder, tmp_path):
 
 
 def test_recognize_adds_a_text_panel_beside_the_page(documents, tiny_model, tmp_path):
-    config = load_config(None, [DPI_OVERRIDE, f"recognize.model={tiny_model}", "recognize.max_new_tokens=16"])
-    plain, = inspect_documents([str(documents[0])], tmp_path / "plain", config, max_pages=1)
-    read, = inspect_documents([str(documents[0])], tmp_path / "read", config, recognize=True, max_pages=1)
+    config = load_config(None, [DPI_OVERRIDE, f"recognize.model={tiny_model}", "recognize.max_new_tokens=16",
+                                "rasterize.pages=1"])
+    plain, = inspect_documents([str(documents[0])], tmp_path / "plain", config)
+    read, = inspect_documents([str(documents[0])], tmp_path / "read", config, recognize=True)
     with Image.open(plain.overlay) as without_text, Image.open(read.overlay) as with_text:
         assert with_text.size == (2 * without_text.width, without_text.height)
         panel = np.asarray(with_text.convert("L"))[:, without_text.width:]
