@@ -34,7 +34,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/trocr-pipeline synth docs --output $(DEMO)/samples --count 4 --seed 7
+	test -d $(DEMO)/samples || $(BIN)/trocr-pipeline synth docs --output $(DEMO)/samples --count 4 --seed 7
 	$(BIN)/trocr-pipeline run $(DEMO)/samples --output $(DEMO)/result
 	$(BIN)/trocr-pipeline show $(DEMO)/result
 

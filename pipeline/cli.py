@@ -11,6 +11,7 @@ import atexit
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -18,9 +19,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from pipeline.config import load_config
-from operators.errors import ConfigError, ExitCode, PipelineError
+from operators.errors import ConfigError, ExitCode, OutputNotWritable, PipelineError
 from operators.settings import EXPORT_FORMATS
 from operators.storage import make_local_folder, writing
+from operators.text import printable_text
 
 log = logging.getLogger("trocr_pipeline")
 
@@ -95,14 +97,26 @@ def _whole_number(least: int) -> Callable[[str], int]:
     return parse
 
 
+def _new_synth_folder(path: str) -> None:
+    """Create the synth output, or take it only if it is empty: a set written into another's folder had mixed with
+    it (the older set's images left beside the new manifest, and read by eval and train). Nothing there is deleted."""
+    make_local_folder(path)
+    try:
+        held = sorted(os.listdir(path))
+    except OSError as exc:
+        raise OutputNotWritable(f"the output {path} cannot be read: {exc}") from exc
+    if held:
+        raise ConfigError(printable_text(f"synth: --output {path} already holds {len(held)} files or folders ({held[0]} "
+                                         "first): choose an empty or new folder (a new set would mix with them)"))
+
+
 def _synth_command(args: argparse.Namespace) -> int:
-    make_local_folder(args.output)
     if args.what == "docs":
         from pipeline.synth.docs import write_document_set
 
         if args.languages is not None:
             raise ConfigError("--languages is for synth lines: synthetic documents are English")
-
+        _new_synth_folder(args.output)
         try:
             with writing(args.output):
                 paths = write_document_set(Path(args.output), args.count, args.seed, dpi=args.dpi,
@@ -118,6 +132,7 @@ def _synth_command(args: argparse.Namespace) -> int:
             languages = check_languages([part.strip() for part in (args.languages or "en").split(",")])
         except ValueError as exc:
             raise ConfigError(f"--languages: {exc}") from exc
+        _new_synth_folder(args.output)
         with writing(args.output):
             folder = write_line_set(Path(args.output), args.count, args.seed, font_kind=args.font_kind,
                                     languages=languages)
@@ -126,7 +141,6 @@ def _synth_command(args: argparse.Namespace) -> int:
 
 
 def _show_command(args: argparse.Namespace) -> int:
-    from operators.text import printable_text
     from operators.write import read_published
 
     if not args.output.strip():

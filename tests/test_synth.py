@@ -313,6 +313,29 @@ def test_synth_command_refuses_unknown_languages_before_touching_an_existing_set
     assert (tmp_path / "manifest.tsv").read_text(encoding="utf-8") == manifest
 
 
+def test_synth_command_refuses_a_folder_that_holds_files_and_leaves_them_as_they_were(tmp_path, capsys):
+    """A second set written into a first's folder had mixed with it: 6 image/text pairs left beside a manifest of 2,
+    and eval --lines and train read all 6."""
+    from pipeline.cli import main
+
+    lines = tmp_path / "lines"
+    assert main(["synth", "lines", "--output", str(lines), "--count", "3"]) == ExitCode.ok
+    first_set = {path.name: path.read_bytes() for path in lines.iterdir()}
+    capsys.readouterr()
+    assert main(["synth", "lines", "--output", str(lines), "--count", "2", "--seed", "7"]) == ExitCode.bad_args
+    [message] = capsys.readouterr().err.splitlines()
+    assert message == (f"trocr-pipeline: error: synth: --output {lines} already holds 7 files or folders "
+                       "(line_000000.gt.txt first): choose an empty or new folder (a new set would mix with them)")
+    assert {path.name: path.read_bytes() for path in lines.iterdir()} == first_set
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("mine")
+    assert main(["synth", "docs", "--output", str(tmp_path / "docs"), "--count", "1"]) == ExitCode.bad_args
+    assert "choose an empty or new folder" in capsys.readouterr().err
+    assert [path.name for path in (tmp_path / "docs").iterdir()] == ["notes.txt"]
+    (tmp_path / "empty").mkdir()
+    assert main(["synth", "docs", "--output", str(tmp_path / "empty"), "--count", "1"]) == ExitCode.ok
+
+
 def test_synth_command_stops_in_one_line_when_the_disk_is_full(small_disk, capsys):
     """A full output disk had ended synth docs and synth lines with an ENOSPC traceback (exit 1), where inspect and
     the job say it in one line with exit code 7."""
