@@ -81,17 +81,21 @@ def read_page_truth(paths: Sequence[Path]) -> list[PageTruth]:
     return pages
 
 
-def recognize_pages(pages: Sequence[PageTruth], overrides: Sequence[str]) -> list[str]:
+def recognize_pages(pages: Sequence[PageTruth], overrides: Sequence[str], verbose: bool = False) -> list[str]:
     """Each page's text from the whole job (local Ray, default config plus ``overrides``), written to a
     temporary folder; a page the job could not read scores as empty text, and its error is logged. An image with the
-    bytes of another (the job reads them once) scores the other's text (it had scored as empty)."""
+    bytes of another (the job reads them once) scores the other's text (it had scored as empty). Ray's own log lines
+    stay off the console unless ``verbose``, as in ``run`` (they had reached it)."""
     import pyarrow.dataset as ds
 
     from pipeline.config import load_config
     from pipeline.job import run_job
+    from pipeline.progress import without_ray_core_logs
 
-    with tempfile.TemporaryDirectory(prefix="trocr-eval-") as output:
-        run_job([str(page.image.resolve()) for page in pages], output, load_config(None, list(overrides)))
+    with (tempfile.TemporaryDirectory(prefix="trocr-eval-") as output,
+          nullcontext() if verbose else without_ray_core_logs()):
+        run_job([str(page.image.resolve()) for page in pages], output, load_config(None, list(overrides)),
+                verbose=verbose)
         rows = ds.dataset(f"{output}/pages", format="parquet").to_table(
             columns=["doc_id", "source", "page", "text", "status", "error_message"]).to_pylist()
         documents = ds.dataset(f"{output}/documents", format="parquet").to_table(
@@ -204,15 +208,17 @@ def evaluate(model: str, folders: Sequence[Path], normalize_options: Sequence[st
 
 def evaluate_pages(model: str, paths: Sequence[Path], normalize_options: Sequence[str] = (), batch_size: int = 32,
                    num_beams: int = 1, max_new_tokens: int | None = None, device: str = "auto",
-                   precision: str = "fp32", languages: Sequence[str] = ()) -> tuple[list[Score], list[LineResult]]:
-    """Run the whole job on the PAGE/ALTO files' images and score each page's text."""
+                   precision: str = "fp32", languages: Sequence[str] = (),
+                   verbose: bool = False) -> tuple[list[Score], list[LineResult]]:
+    """Run the whole job on the PAGE/ALTO files' images and score each page's text (``verbose``: Ray's own output
+    too)."""
     normalize = make_normalizer(normalize_options)
     pages = read_page_truth(paths)
     overrides = [f"recognize.model={model}", f"recognize.line_batch_size={batch_size}", f"recognize.num_beams={num_beams}",
                  f"recognize.max_new_tokens={'null' if max_new_tokens is None else max_new_tokens}",
                  f"recognize.device={device}", f"recognize.precision={precision}",
                  f"recognize.languages=[{','.join(languages)}]"]
-    results = score_pages(pages, recognize_pages(pages, overrides), normalize)
+    results = score_pages(pages, recognize_pages(pages, overrides, verbose), normalize)
     return scores_by_source(results, normalize), results
 
 
@@ -235,6 +241,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paint-out-neighbours", action="store_true",
                         help="--lines whose images are cut with a margin: paint out the ink of the lines above and "
                              "below first, as the job does for the lines it cuts (not for images cut tight)")
+    parser.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging, and with --pages Ray's own progress output and logs")
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -248,7 +256,8 @@ def eval_command(args: argparse.Namespace) -> int:
         load_config(None, [f"recognize.num_beams={args.num_beams}", f"recognize.languages=[{','.join(languages)}]"])
     if args.paint_out_neighbours and args.pages:
         raise ConfigError("--paint-out-neighbours is for --lines: the job paints out the lines it cuts itself")
-    run = evaluate_pages if args.pages else functools.partial(evaluate, paint_out_neighbours=args.paint_out_neighbours)
+    run = (functools.partial(evaluate_pages, verbose=args.verbose) if args.pages
+           else functools.partial(evaluate, paint_out_neighbours=args.paint_out_neighbours))
     with open_predictions(args.predictions) if args.predictions else nullcontext() as predictions:
         scores, results = run(args.model, args.pages or args.lines, options, args.batch_size, args.num_beams,
                               args.max_new_tokens, args.device, args.precision, languages)
