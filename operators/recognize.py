@@ -15,7 +15,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -149,22 +149,29 @@ class LineRecognizer:
         return cls.from_pretrained(config.model, config.device, config.precision, config.engine, config.num_beams,
                                    config.max_new_tokens, config.line_batch_size, config.languages)
 
-    def __call__(self, lines: Sequence[Sequence[LinePiece]]) -> list[LineReading]:
+    def __call__(self, lines: Sequence[Sequence[LinePiece]],
+                 on_batch: Callable[[int, int], None] | None = None) -> list[LineReading]:
         """One reading per line from its :func:`line_pieces`; the pieces of all lines are decoded
         together, in batches of similar expected length (their aspects), so short lines do not wait
-        on long ones."""
+        on long ones. ``on_batch`` hears before each batch how many pieces of how many are read (the progress of
+        a long evaluation)."""
         pieces = [piece for line in lines for piece in line]
         readings: list[LineReading | None] = [None] * len(pieces)
+        done = 0
         for chunk in line_batches(len(pieces), self.line_batch_size, [piece.aspect for piece in pieces]):
+            if on_batch is not None:
+                on_batch(done, len(pieces))
             for index, reading in zip(chunk, self._decode_batch([pieces[i].pixels for i in chunk])):
                 readings[index] = reading
+            done += len(chunk)
         return [join_readings(part) for part in _regroup(readings, [len(line) for line in lines])]
 
-    def read_images(self, images: Sequence[np.ndarray]) -> list[LineReading]:
+    def read_images(self, images: Sequence[np.ndarray],
+                    on_batch: Callable[[int, int], None] | None = None) -> list[LineReading]:
         """Whole line images (training validation, ``eval --lines``), read exactly as the job reads a
-        detected line (long lines in pieces)."""
+        detected line (long lines in pieces); ``on_batch`` as for :meth:`__call__`."""
         return self([line_pieces(image, ink_gaps(image, (0, 0)), self.bundle.preprocessor, split_long_lines=True)
-                     for image in images])
+                     for image in images], on_batch)
 
     def _decode_batch(self, resized: Sequence[np.ndarray]) -> list[LineReading]:
         # the fast engine reads each line over its own ink, the batch cut at its widest line (encode_lines);

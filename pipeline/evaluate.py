@@ -193,15 +193,16 @@ def write_predictions(out: IO[str], results: Sequence[LineResult]) -> None:
 def evaluate(model: str, folders: Sequence[Path], normalize_options: Sequence[str] = (), batch_size: int = 32,
              num_beams: int = 1, max_new_tokens: int | None = None, device: str = "auto",
              precision: str = "fp32", languages: Sequence[str] = (),
-             paint_out_neighbours: bool = False) -> tuple[list[Score], list[LineResult]]:
+             paint_out_neighbours: bool = False,
+             on_batch: Callable[[int, int], None] | None = None) -> tuple[list[Score], list[LineResult]]:
     """Load ``model``, read every folder's lines, decode and score them (``paint_out_neighbours``: see
-    :meth:`pipeline.train.data.LabeledLine.load_gray`)."""
+    :meth:`pipeline.train.data.LabeledLine.load_gray`; ``on_batch``: see :meth:`LineRecognizer.__call__`)."""
     normalize = make_normalizer(normalize_options)
     lines = read_eval_lines(folders, paint_out_neighbours)
     recognizer = LineRecognizer.from_pretrained(model, device, precision, num_beams=num_beams,
                                                 max_new_tokens=max_new_tokens, line_batch_size=batch_size,
                                                 languages=languages)
-    predictions = [reading.text for reading in recognizer.read_images([line.load_gray() for line in lines])]
+    predictions = [reading.text for reading in recognizer.read_images([line.load_gray() for line in lines], on_batch)]
     results = score_lines(lines, predictions, normalize)
     return scores_by_source(results, normalize), results
 
@@ -256,8 +257,13 @@ def eval_command(args: argparse.Namespace) -> int:
         load_config(None, [f"recognize.num_beams={args.num_beams}", f"recognize.languages=[{','.join(languages)}]"])
     if args.paint_out_neighbours and args.pages:
         raise ConfigError("--paint-out-neighbours is for --lines: the job paints out the lines it cuts itself")
-    run = (functools.partial(evaluate_pages, verbose=args.verbose) if args.pages
-           else functools.partial(evaluate, paint_out_neighbours=args.paint_out_neighbours))
+    if args.pages:
+        run = functools.partial(evaluate_pages, verbose=args.verbose)
+    else:
+        from pipeline.progress import PeriodicProgress
+
+        run = functools.partial(evaluate, paint_out_neighbours=args.paint_out_neighbours,
+                                on_batch=PeriodicProgress("reading lines"))
     with open_predictions(args.predictions) if args.predictions else nullcontext() as predictions:
         scores, results = run(args.model, args.pages or args.lines, options, args.batch_size, args.num_beams,
                               args.max_new_tokens, args.device, args.precision, languages)

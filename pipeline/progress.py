@@ -107,6 +107,32 @@ def check_log_json(path: Path) -> None:
 
 
 @dataclass
+class PeriodicProgress:
+    """Called with how many of how many are done (0 when the work starts: the ETA's rate counts from there), it
+    prints a ``progress:`` line at most every ``interval_s``, the first after one interval from its making: a long
+    count (``eval --lines`` over thousands of lines, minutes on a CPU, had said nothing until its report) says how
+    far it is, a short one says nothing."""
+
+    what: str
+    stream: IO[str] = field(default_factory=lambda: sys.stderr)
+    interval_s: float = LOG_INTERVAL_S
+    _began: float = field(default_factory=time.monotonic)
+    _started: float = field(default_factory=time.monotonic)
+    _shown: float = field(default_factory=time.monotonic)
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if not done:
+            self._started = now
+        if not done or now - self._shown < self.interval_s:
+            return
+        self._shown = now
+        self.stream.write(f"progress: {self.what} {done / total:.0%} done, {_clock(now - self._began)} elapsed, "
+                          f"ETA {_clock((now - self._started) / done * (total - done))}\n")
+        self.stream.flush()
+
+
+@dataclass
 class JobProgress:
     """Counts files triaged, then pages and documents as they finish; see the module docstring for what it
     prints. From :meth:`begin` to :meth:`close` a thread shows the status at least every interval, so a job

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
+import re
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -59,7 +61,8 @@ def test_eval_command_reports_each_folder_and_writes_predictions(tmp_path, tiny_
     args = parse(["--model", str(tiny_model), "--lines", str(first), str(second), "--predictions", str(predictions),
                   "--worst", "2", "--batch-size", "2", "--max-new-tokens", "8", "--device", "cpu"])
     assert eval_command(args) == ExitCode.ok
-    report = capsys.readouterr().out
+    report, console = capsys.readouterr()
+    assert "progress:" not in console  # a short evaluation says nothing while it reads
     assert str(first) in report and str(second) in report and "overall" in report
     assert "worst 2 lines" in report
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
@@ -75,6 +78,19 @@ def test_eval_command_reports_each_folder_and_writes_predictions(tmp_path, tiny_
                             str(tmp_path / "a-file" / "p.jsonl")]))
     with pytest.raises(ConfigError, match=f"{tmp_path / 'a-file'} is no PAGE or ALTO file"):
         eval_command(parse(["--model", str(tiny_model), "--pages", str(tmp_path / "a-file"), "--device", "cpu"]))
+
+
+def test_a_line_evaluation_says_how_far_it_is_as_it_reads(tmp_path, tiny_model):
+    """eval --lines had said nothing until its report, minutes for thousands of lines on a CPU."""
+    from pipeline.progress import PeriodicProgress
+
+    lines = write_lines(tmp_path / "lines", ["alpha", "beta", "gamma", "delta"])
+    console = io.StringIO()
+    evaluate(str(tiny_model), [lines], batch_size=1, max_new_tokens=8, device="cpu",
+             on_batch=PeriodicProgress("reading lines", stream=console, interval_s=0))
+    shown = console.getvalue().splitlines()
+    assert [line.split()[3] for line in shown] == ["25%", "50%", "75%"], shown
+    assert all(re.fullmatch(r"progress: reading lines \d+% done, 0:\d\d elapsed, ETA 0:\d\d", line) for line in shown), shown
 
 
 def test_eval_languages_read_with_word_scores_and_need_beams(tmp_path, tiny_model, capsys):
