@@ -167,6 +167,9 @@ def open_predictions(path: Path) -> Iterator[IO[str]]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         out = path.open("a", encoding="utf-8")
+    except (FileExistsError, NotADirectoryError) as exc:  # a file where a folder of the path should be
+        in_the_way = next(parent for parent in path.parents if parent.exists())
+        raise ConfigError(f"cannot write --predictions {path}: {in_the_way} is not a folder") from exc
     except OSError as exc:
         raise ConfigError(f"cannot write --predictions {path}: {exc.strerror or exc}") from exc
     with out:

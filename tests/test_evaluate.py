@@ -71,11 +71,14 @@ def test_eval_command_reports_each_folder_and_writes_predictions(tmp_path, tiny_
     assert {row["reference"] for row in rows} == {"alpha beta", "gamma", "delta"}
     assert rows[0]["image"].endswith("first/l0.png")
     # a --predictions path that cannot be written is found before the model is loaded (a traceback after all the
-    # work, before); a file that is no PAGE or ALTO is named in one line (an lxml traceback)
+    # work, before), and a file in the way of its folder is named (it had said "File exists"); a file that is no PAGE
+    # or ALTO is named in one line (an lxml traceback)
     (tmp_path / "a-file").write_text("in the way")
-    with pytest.raises(ConfigError, match=f"cannot write --predictions {tmp_path / 'a-file' / 'p.jsonl'}"):
-        eval_command(parse(["--model", str(tmp_path / "no-model"), "--lines", str(first), "--predictions",
-                            str(tmp_path / "a-file" / "p.jsonl")]))
+    for predictions in (tmp_path / "a-file" / "p.jsonl", tmp_path / "a-file" / "sub" / "p.jsonl"):
+        with pytest.raises(ConfigError) as refused:
+            eval_command(parse(["--model", str(tmp_path / "no-model"), "--lines", str(first), "--predictions",
+                                str(predictions)]))
+        assert str(refused.value) == f"cannot write --predictions {predictions}: {tmp_path / 'a-file'} is not a folder"
     with pytest.raises(ConfigError, match=f"{tmp_path / 'a-file'} is no PAGE or ALTO file"):
         eval_command(parse(["--model", str(tiny_model), "--pages", str(tmp_path / "a-file"), "--device", "cpu"]))
 
