@@ -125,11 +125,14 @@ def _synth_command(args: argparse.Namespace) -> int:
             raise ConfigError(f"synth docs: {exc}") from exc
         print(f"wrote {len(paths)} documents with ground truth to {args.output}")
     else:
-        from pipeline.synth.corpus import check_languages
+        from pipeline.synth.corpus import LANGUAGES, check_languages
         from pipeline.synth.lines import write_line_set
 
+        named = [part.strip() for part in ("en" if args.languages is None else args.languages).split(",") if part.strip()]
+        if not named:  # it had been taken as the default, English
+            raise ConfigError(f"--languages {args.languages!r} names no language; choose from {','.join(LANGUAGES)}")
         try:
-            languages = check_languages([part.strip() for part in (args.languages or "en").split(",")])
+            languages = check_languages(named)
         except ValueError as exc:
             raise ConfigError(f"--languages: {exc}") from exc
         _new_synth_folder(args.output)

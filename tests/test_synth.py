@@ -310,6 +310,11 @@ def test_synth_command_refuses_unknown_languages_before_touching_an_existing_set
     assert main(["synth", "lines", "--output", str(tmp_path), "--count", "2", "--languages", "fr,xx"]) == ExitCode.bad_args
     assert main(["synth", "docs", "--output", str(tmp_path / "docs"), "--languages", "fr"]) == ExitCode.bad_args
     assert "unknown: xx" in capsys.readouterr().err
+    for nothing in ("", " , "):  # had been taken as English
+        assert main(["synth", "lines", "--output", str(tmp_path / "none"), "--languages", nothing]) == ExitCode.bad_args
+        assert capsys.readouterr().err == (f"trocr-pipeline: error: --languages {nothing!r} names no language; "
+                                           "choose from en,fr,de,it,es,la\n")
+    assert not (tmp_path / "none").exists()
     assert (tmp_path / "manifest.tsv").read_text(encoding="utf-8") == manifest
 
 
