@@ -28,7 +28,7 @@ from pipeline.cli import main
 from pipeline.train.config import DataSource, LayerSelection, TrainConfig, load_train_config
 from operators.words import fit_loose_crop, fit_rows_to_ink
 from pipeline.train.data import LabelCollator, read_line_folder, read_line_sources, read_page_lines, validation_lines
-from pipeline.train.loop import (BEST_STATE, CHECKPOINT_PREFIX, TRAINER_STATE, character_error_rate, latest_checkpoint, learning_rate_factor, start_run,
+from pipeline.train.loop import (BEST_STATE, CHECKPOINT_PREFIX, RUN_LOCK, TRAINER_STATE, character_error_rate, latest_checkpoint, learning_rate_factor, start_run,
                                  train)
 from pipeline.train.model import SAVING_PREFIX, build_trocr, save_trocr, shrink_trocr
 from pipeline.train.tokenizer import train_tokenizer
@@ -168,6 +168,7 @@ def test_bf16_training_on_the_cpu_runs_in_bf16_where_the_cpu_has_it_and_is_refus
         return
     run, _ = start_run(config, resume=False)
     assert run.autocast_dtype == torch.bfloat16
+    run.end()
     metrics: list[dict] = []
     train(config, show_progress=False, report=metrics.append)
     assert [row["step"] for row in metrics] == [1, 2] and all(math.isfinite(row["loss"]) for row in metrics)
@@ -512,6 +513,29 @@ def test_a_work_dir_belongs_to_one_run(tmp_path, base_model, line_folder, caplog
     (tmp_path / "work" / BEST_STATE).write_text(json.dumps({"step": 15, "validation_cer": 0.0001}))
     _, state = start_run(config.model_copy(update={"steps": 20}), resume=True)
     assert (state.step, state.best_cer) == (10, 0.0001)
+
+
+def test_a_work_dir_takes_one_run_at_a_time(tmp_path, base_model, line_folder):
+    """A --resume started while a background run still trained on the same work_dir had trained beside it: both wrote
+    checkpoints of the same steps into the same folders, rotated away each other's and replaced each other's best
+    model in output_dir."""
+    config = fine_tune_config(tmp_path, base_model, line_folder, steps=2)
+    train(config, show_progress=False)
+    background = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; lock = open(sys.argv[1], 'a+'); "
+                                   "fcntl.flock(lock, fcntl.LOCK_EX); lock.truncate(0); lock.write('4242'); lock.flush(); print(flush=True); "
+                                   "time.sleep(60)", str(tmp_path / "work" / RUN_LOCK)], stdout=subprocess.PIPE)
+    try:
+        background.stdout.readline()  # the other process holds work_dir
+        with pytest.raises(ConfigError, match=r"work is in use by another training run \(process 4242\)"):
+            train(config.model_copy(update={"steps": 4}), resume=True, show_progress=False)
+    finally:
+        background.kill()
+        background.wait()
+    assert latest_checkpoint(tmp_path / "work").name == f"{CHECKPOINT_PREFIX}2"
+    metrics: list[dict] = []  # the other process gone, its hold goes with it; and a run ended lets go of it
+    train(config.model_copy(update={"steps": 3}), resume=True, show_progress=False, report=metrics.append)
+    train(config.model_copy(update={"steps": 4}), resume=True, show_progress=False, report=metrics.append)
+    assert [row["step"] for row in metrics] == [3, 4]
 
 
 def test_storage_that_cannot_take_a_checkpoint_stops_training_with_one_line(tmp_path, base_model, line_folder,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import jiwer
 import numpy as np
@@ -56,6 +58,8 @@ TRAINER_STATE = "trainer_state.pt"
 #: In work_dir: the validation CER of the model in output_dir, so that a resumed run, which restarts from a
 #: checkpoint older than that model, replaces it only with a better one.
 BEST_STATE = "best.json"
+#: In work_dir: locked (flock) by the run training there, and holding its process id.
+RUN_LOCK = "run.lock"
 #: What a resumed run may change: how long it runs, and how it saves, validates and uses the machine. The other
 #: settings decide what is learnt (data, model, optimizer), so a checkpoint continues only the run that made it.
 CHANGEABLE_ON_RESUME = frozenset({"output_dir", "work_dir", "steps", "stop_after_step", "checkpoint_every",
@@ -228,6 +232,26 @@ def _check_writable(config: TrainConfig) -> None:
             raise OutputNotWritable(f"training cannot write to {folder}: {exc}") from exc
 
 
+def _hold_work_dir(work_dir: Path) -> IO[str]:
+    """Lock work_dir for this run until the returned file is closed (or the process ends, however it ends): a second
+    run there (a --resume started while a background run still trained) had written checkpoints of the same steps
+    into the same folders, one run's weights beside the other's optimizer state, rotated away the checkpoint the
+    other was loading, and put each run's models over the other's in output_dir."""
+    lock = open(work_dir / RUN_LOCK, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise ConfigError(f"{work_dir} is in use by another training run (process {holder}): let it end or stop it "
+                          f"first; a work_dir takes one run at a time") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
 @dataclass
 class TrainingRun:
     config: TrainConfig
@@ -241,10 +265,16 @@ class TrainingRun:
     preprocessor: LinePreprocessor
     grad_scaler: torch.amp.GradScaler  # loss scaling for fp16 (V100), so small gradients do not flush to zero
     shard: tuple[int, int] = (0, 1)  # (rank, world size)
+    work_dir_lock: IO[str] | None = None  # rank 0's hold on work_dir (:func:`_hold_work_dir`), let go by :meth:`end`
 
     @property
     def is_main(self) -> bool:
         return self.shard[0] == 0
+
+    def end(self) -> None:
+        """Let go of work_dir, for another run."""
+        if self.work_dir_lock is not None:
+            self.work_dir_lock.close()
 
     def bundle(self) -> TrOCRBundle:
         return TrOCRBundle(self.model, self.processor, self.processor.tokenizer, self.preprocessor, self.device, torch.float32,
@@ -295,11 +325,26 @@ def training_autocast_dtype(precision: str, device: torch.device) -> torch.dtype
 
 def start_run(config: TrainConfig, resume: bool, shard: tuple[int, int] = (0, 1),
               wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> tuple[TrainingRun, TrainerState]:
-    """Build (or reload) model and optimizer; with ``resume`` continue from the newest checkpoint."""
+    """Build (or reload) model and optimizer; with ``resume`` continue from the newest checkpoint. Rank 0 holds
+    work_dir until :meth:`TrainingRun.end`."""
     device = resolve_device(config.device)
     autocast_dtype = training_autocast_dtype(config.precision, device)
-    if shard[0] == 0:
-        _check_writable(config)
+    if shard[0] != 0:
+        return _load_run(config, resume, shard, wrap, device, autocast_dtype)
+    _check_writable(config)
+    work_dir_lock = _hold_work_dir(config.work_dir)
+    try:
+        run, state = _load_run(config, resume, shard, wrap, device, autocast_dtype)
+    except BaseException:
+        work_dir_lock.close()
+        raise
+    run.work_dir_lock = work_dir_lock
+    return run, state
+
+
+def _load_run(config: TrainConfig, resume: bool, shard: tuple[int, int],
+              wrap: Callable[[torch.nn.Module], torch.nn.Module] | None, device: torch.device,
+              autocast_dtype: torch.dtype) -> tuple[TrainingRun, TrainerState]:
     checkpoint = latest_checkpoint(config.work_dir)
     if checkpoint is not None and not resume:
         raise ConfigError(f"{config.work_dir} holds the checkpoints of an earlier run (the newest: {checkpoint.name}): "
@@ -428,6 +473,15 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
         torch.set_num_threads(config.torch_threads)
     torch.manual_seed(config.seed)
     run, state = start_run(config, resume, shard, wrap)
+    try:
+        return _train_run(run, state, show_progress, report)
+    finally:
+        run.end()
+
+
+def _train_run(run: TrainingRun, state: TrainerState, show_progress: bool,
+               report: Callable[[dict], None] | None) -> Path:
+    config = run.config
     held_out = validation_lines(config.validation_data) if run.is_main else []
     if run.is_main:
         check_training_lines(config.train_data, label_collator(run))
