@@ -242,6 +242,22 @@ def test_from_scratch_builds_tokenizer_and_model_from_the_spec(tmp_path):
     assert bundle.model.config.encoder.num_hidden_layers == 1
 
 
+@pytest.mark.parametrize("shape, error", [
+    ({"input_size": [32, 100], "patch_size": [16, 8]}, r"model: Value error, input_size \[32, 100\] is not a multiple of patch_size"),
+    ({"patch_size": [0, 8]}, "must be positive"),
+    ({"hidden_size": 32, "decoder_heads": 3}, "hidden_size 32 is not a multiple of decoder_heads 3"),
+    ({"hidden_size": 32, "encoder_heads": 3}, "hidden_size 32 is not a multiple of encoder_heads 3"),
+])
+def test_a_model_spec_of_impossible_shapes_is_refused_when_the_config_is_read(tmp_path, shape, error):
+    """It had failed in a ValueError traceback after the tokenizer was trained, or (encoder heads) trained a model with
+    a narrower attention than asked for."""
+    config = {"output_dir": str(tmp_path / "model"), "work_dir": str(tmp_path / "work"), "model": shape,
+              "train_data": [{"kind": "synth"}], "steps": 1}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=error):
+        load_train_config(tmp_path / "train.yaml")
+
+
 def test_labels_pad_with_minus_100_and_drop_the_start_token(base_model):
     tokenizer = load_trocr(str(base_model), device="cpu").tokenizer
     labels = LabelCollator(tokenizer, tokenizer.bos_token_id, max_target_tokens=16).labels(["a", "longer text"])

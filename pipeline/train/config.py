@@ -37,6 +37,21 @@ class ModelSpec(Frozen):
     tokenizer_corpus_lines: int = Field(default=20000, ge=10, description="synthetic corpus lines to learn it from")
     tokenizer_corpus_seed: int = 0
 
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSpec":
+        """Checked here, when the config is read: a wrong shape had failed in a traceback only after the tokenizer
+        was trained, or (encoder heads that do not divide hidden_size) built a narrower attention than asked."""
+        if min(self.input_size + self.patch_size) < 1:
+            raise ValueError(f"input_size {list(self.input_size)} and patch_size {list(self.patch_size)} must be "
+                             "positive")
+        if self.input_size[0] % self.patch_size[0] or self.input_size[1] % self.patch_size[1]:
+            raise ValueError(f"input_size {list(self.input_size)} is not a multiple of patch_size "
+                             f"{list(self.patch_size)} (height of height, width of width)")
+        for heads in ("encoder_heads", "decoder_heads"):
+            if self.hidden_size % getattr(self, heads):
+                raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of {heads} {getattr(self, heads)}")
+        return self
+
 
 class LayerSelection(Frozen):
     """Layers of the base model, by index and in order, that make a smaller model to fine-tune: fewer

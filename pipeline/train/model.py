@@ -48,9 +48,8 @@ def build_trocr(
     keep_aspect: bool = True,
     seed: int = 0,
 ) -> tuple[VisionEncoderDecoderModel, TrOCRProcessor]:
-    """A randomly initialised TrOCR (ViT or DeiT encoder, TrOCR decoder) and its processor, ready to train."""
-    if input_size[0] % patch_size[0] or input_size[1] % patch_size[1]:
-        raise ValueError(f"input size {input_size} is not a multiple of patch size {patch_size}")
+    """A randomly initialised TrOCR (ViT or DeiT encoder, TrOCR decoder) and its processor, ready to train (the
+    shapes as :class:`pipeline.train.config.ModelSpec` checks them)."""
     encoder_class = {"vit": ViTConfig, "deit": DeiTConfig}[encoder]
     encoder_config = encoder_class(
         image_size=list(input_size),
