@@ -554,6 +554,25 @@ def test_a_work_dir_takes_one_run_at_a_time(tmp_path, base_model, line_folder):
     assert [row["step"] for row in metrics] == [3, 4]
 
 
+def test_a_resume_into_another_or_an_emptied_output_dir_saves_its_best_model_there(tmp_path, base_model,
+                                                                                  line_folder):
+    """The CER of the model in the first output_dir had been kept: nothing was saved into the new one unless a model
+    beat it, and the run ended with "model saved to" a folder it had left empty."""
+    config = fine_tune_config(tmp_path, base_model, line_folder, steps=10)
+    train(config, show_progress=False)
+    (tmp_path / "work" / BEST_STATE).write_text(json.dumps(  # a perfect model in the first output_dir
+        {"step": 10, "validation_cer": 0.0, "output_dir": os.path.abspath(tmp_path / "model")}))
+    moved = config.model_copy(update={"steps": 11, "output_dir": tmp_path / "model-2"})
+    assert load_trocr(str(train(moved, resume=True, show_progress=False)), device="cpu")
+    shutil.rmtree(tmp_path / "model-2")
+    assert load_trocr(str(train(moved.model_copy(update={"steps": 12}), resume=True, show_progress=False)),
+                      device="cpu")
+    best = json.loads((tmp_path / "work" / BEST_STATE).read_text())
+    (tmp_path / "work" / BEST_STATE).write_text(json.dumps({**best, "validation_cer": 0.0}))
+    _, state = start_run(moved.model_copy(update={"steps": 13}), resume=True)  # the same folder: its model's CER holds
+    assert state.best_cer == 0.0
+
+
 def test_storage_that_cannot_take_a_checkpoint_stops_training_with_one_line(tmp_path, base_model, line_folder,
                                                                             small_disk):
     """A full disk had ended the run in a torch traceback naming no file, a read-only one only at the first

@@ -208,16 +208,26 @@ def save_best(run: "TrainingRun", state: TrainerState) -> None:
     with _saving(config.output_dir):
         save_trocr(run.model, run.processor, config.output_dir)
         partial = config.work_dir / f"{BEST_STATE}.partial"
-        partial.write_text(json.dumps({"step": state.step, "validation_cer": state.best_cer}))
+        partial.write_text(json.dumps({"step": state.step, "validation_cer": state.best_cer,
+                                       "output_dir": os.path.abspath(config.output_dir)}))
         os.replace(partial, config.work_dir / BEST_STATE)
 
 
-def _best_saved(work_dir: Path) -> float:
-    """The validation CER of the model in output_dir, as :func:`save_best` recorded it."""
-    try:
-        return float(json.loads((work_dir / BEST_STATE).read_text())["validation_cer"])
-    except (OSError, ValueError, KeyError, TypeError):
+def _best_in_output_dir(config: TrainConfig, checkpoint_best: float) -> float:
+    """The validation CER of the model in output_dir, as :func:`save_best` recorded it (or the checkpoint's, from a
+    work_dir without the record); none (inf) where output_dir holds no model, or is not the folder the record names: a
+    resume into another output_dir (or after the model was moved away) had kept the CER of a model not there, saved
+    nothing unless a model beat it, and ended with "model saved to" a folder it had left empty."""
+    if not (config.output_dir / "config.json").is_file():
         return float("inf")
+    try:
+        best = json.loads((config.work_dir / BEST_STATE).read_text())
+        recorded_cer, saved_to = float(best["validation_cer"]), best.get("output_dir")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return checkpoint_best
+    if saved_to is not None and saved_to != os.path.abspath(config.output_dir):
+        return float("inf")
+    return min(checkpoint_best, recorded_cer)
 
 
 def _check_writable(config: TrainConfig) -> None:
@@ -373,7 +383,7 @@ def _load_run(config: TrainConfig, resume: bool, shard: tuple[int, int],
         schedule.load_state_dict(saved["schedule"])
         if saved["grad_scaler"]:  # empty from a run without fp16 loss scaling (resumed in fp16 on a GPU)
             grad_scaler.load_state_dict(saved["grad_scaler"])
-        state = TrainerState(step=saved["step"], best_cer=min(saved["best_cer"], _best_saved(config.work_dir)))
+        state = TrainerState(step=saved["step"], best_cer=_best_in_output_dir(config, saved["best_cer"]))
         log.info("resumed from %s at step %d", checkpoint, state.step)
     preprocessor = LinePreprocessor.from_image_processor(processor.image_processor)
     run = TrainingRun(config, model, processor, optimizer, schedule, device, autocast_dtype, forward_model, preprocessor,
