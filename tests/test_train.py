@@ -443,6 +443,22 @@ def test_page_xml_lines_are_cut_from_their_polygons(tmp_path):
     assert (first < 128).any(axis=1)[[2, -3]].all()
 
 
+def test_a_damaged_page_image_is_named_and_its_lines_left_out(tmp_path, caplog):
+    """It had ended the run in Pillow's traceback."""
+    page_image(tmp_path)
+    for name, image in (("good", "page.png"), ("damaged", "damaged.png")):
+        (tmp_path / f"{name}.xml").write_text(f"""<?xml version="1.0" encoding="UTF-8"?>
+<PcGts xmlns="http://schema.primaresearch.org/PAGE/gts/pagecontent/2019-07-15">
+  <Page imageFilename="{image}" imageWidth="400" imageHeight="100"><TextRegion id="r1">
+    <TextLine id="l1"><Coords points="5,3 200,3 200,40 5,40"/><TextEquiv><Unicode>first line</Unicode></TextEquiv>
+    </TextLine></TextRegion></Page></PcGts>""")
+    (tmp_path / "damaged.png").write_bytes(b"not an image")
+    with caplog.at_level(logging.WARNING):
+        lines = read_line_sources([DataSource(kind="pages", path=tmp_path)])
+    assert [line.name for line in lines] == ["good:0"]
+    assert re.search(r"damaged.xml: page image .*damaged.png cannot be read \(UnidentifiedImageError", caplog.text)
+
+
 def test_alto_lines_use_polygon_or_box_and_join_strings(tmp_path):
     page_image(tmp_path)
     (tmp_path / "page.xml").write_text("""<?xml version="1.0" encoding="UTF-8"?>

@@ -33,6 +33,8 @@ SYNTH_CHUNK = 256
 
 #: The most pixels a line image may have: a long line at 600 dpi is about 20,000 x 300 px (6 Mpx).
 MAX_LINE_PIXELS = 16_000_000
+#: What Pillow raises on a damaged image file.
+IMAGE_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class LabeledLine:
                     raise ConfigError(f"line image {self.path} is {image.width} x {image.height} px, too large for "
                                       f"a line (at most {MAX_LINE_PIXELS:,} px): is it a page?")
                 pixels = np.asarray(image.convert("L"))
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # what Pillow raises on a damaged file
+        except IMAGE_READ_ERRORS as exc:
             raise ConfigError(f"line image {self.path} cannot be read: {type(exc).__name__}: {exc}") from exc
         return fit(pixels)
 
@@ -118,13 +120,20 @@ def read_page_lines(path: Path) -> list[LabeledLine]:
     """Lines cut from PAGE or ALTO pages (one XML file, or every .xml in a folder) by their polygons.
 
     Pixels outside a line's polygon (within its bounding box) are set to white, so neighbouring
-    lines' ascenders and descenders do not leak into the crop. Lines without text are skipped.
+    lines' ascenders and descenders do not leak into the crop. Lines without text are skipped, and so are the lines
+    of a page whose image cannot be read, named in a warning (a damaged page image had ended the run in a traceback).
     """
     lines: list[LabeledLine] = []
     for xml_path in page_xml_files(path):
         page = read_page_xml(xml_path)
-        with Image.open(page_image(xml_path, page.image_name)) as image:
-            gray = np.asarray(image.convert("L"))
+        image_path = page_image(xml_path, page.image_name)
+        try:
+            with Image.open(image_path) as image:
+                gray = np.asarray(image.convert("L"))
+        except IMAGE_READ_ERRORS as exc:
+            log.warning("%s: page image %s cannot be read (%s: %s), its lines are left out", xml_path, image_path,
+                        type(exc).__name__, exc)
+            continue
         for number, line in enumerate(page.lines):
             crop, text = cut_polygon(gray, line.points), line.text
             if text and crop is not None:  # fitted as the pipeline fits the lines it reads
