@@ -19,7 +19,7 @@ import torch
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
-from operators.errors import ConfigError, ModelLoadError, OutputNotWritable, WriteFailed
+from operators.errors import ConfigError, ModelLoadError, OutputLocked, OutputNotWritable, WriteFailed
 from helpers import TINY_CORPUS, build_tiny_random_trocr
 from operators.crops import cut_polygon
 from operators.model import cpu_has_native_bf16, load_trocr
@@ -558,7 +558,7 @@ def test_a_work_dir_takes_one_run_at_a_time(tmp_path, base_model, line_folder):
                                    "time.sleep(60)", str(tmp_path / "work" / RUN_LOCK)], stdout=subprocess.PIPE)
     try:
         background.stdout.readline()  # the other process holds work_dir
-        with pytest.raises(ConfigError, match=r"work is in use by another training run \(process 4242\)"):
+        with pytest.raises(OutputLocked, match=r"work is in use by another training run \(process 4242\)"):
             train(config.model_copy(update={"steps": 4}), resume=True, show_progress=False)
     finally:
         background.kill()

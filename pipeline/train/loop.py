@@ -39,7 +39,7 @@ from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 from transformers.models.vision_encoder_decoder.modeling_vision_encoder_decoder import shift_tokens_right
 
 from operators.decoding import encode_lines, ink_width_step
-from operators.errors import ConfigError, OutputNotWritable, WriteFailed
+from operators.errors import ConfigError, OutputLocked, OutputNotWritable, WriteFailed
 from operators.model import TrOCRBundle, cpu_has_native_bf16, load_trocr, resolve_device, resolve_dtype
 from operators.preprocess import WIDTH_SCALE_KEY, LinePreprocessor, ink_columns
 from operators.recognize import LineRecognizer
@@ -254,7 +254,7 @@ def _hold_work_dir(work_dir: Path) -> IO[str]:
         lock.seek(0)
         holder = lock.read().strip() or "?"
         lock.close()
-        raise ConfigError(f"{work_dir} is in use by another training run (process {holder}): let it end or stop it "
+        raise OutputLocked(f"{work_dir} is in use by another training run (process {holder}): let it end or stop it "
                           f"first; a work_dir takes one run at a time") from None
     lock.truncate(0)
     lock.write(f"{os.getpid()}\n")
