@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -157,14 +158,17 @@ def _show_command(args: argparse.Namespace) -> int:
                   else " (same bytes as another document)" if document["status"] == "duplicate" else "")
         # a name may hold a newline (Linux allows it): one line per document all the same
         print(printable_text(f"{document['status']:9} {document['num_pages']:4} pages  {document['source']}{reason}"))
+    names = Counter(Path(document["source"]).name for document in documents)
     for page in pages:
+        # a page is headed by its file's name, or by its whole source where another document has that name
+        heading = Path(page["source"]).name if names[Path(page["source"]).name] == 1 else page["source"]
         confidences = [line["confidence"] for line in page["lines"] if line["confidence"] is not None]
         # a page without lines had been said to be "not recognized", as a detect run's are
         mean = (f"mean confidence {sum(confidences) / len(confidences):.2f}" if confidences
                 else "no text found" if not page["lines"] else "not recognized")
         if page["status"] == "failed":
             mean += f", failed ({page['error_code']}: {page['error_message']})"
-        print(f"\n--- {printable_text(Path(page['source']).name)} page {page['page']}: {len(page['lines'])} lines, "
+        print(f"\n--- {printable_text(heading)} page {page['page']}: {len(page['lines'])} lines, "
               f"{printable_text(mean)}")
         print("\n".join(page["text"].splitlines()[: args.lines]))
     return ExitCode.ok

@@ -821,6 +821,19 @@ def test_show_tells_a_page_without_lines_from_one_not_recognized(tmp_path, capsy
         "--- scan.pdf page 1: 0 lines, no text found", "--- scan.pdf page 2: 1 lines, not recognized"]
 
 
+def test_show_heads_a_page_with_its_whole_source_where_another_document_has_its_name(tmp_path, capsys):
+    """Pages of box 1/scan.pdf and box 2/scan.pdf had both been headed "scan.pdf"."""
+    sink = ParquetSink(str(tmp_path), rows_per_file=20)
+    for doc_id, source in (("a", "box 1/scan.pdf"), ("b", "box 2/scan.pdf"), ("c", "box 2/note.pdf")):
+        sink.expect(DocumentRecord(doc_id, source, "ok", None, None, 1))
+        sink.add_page(PageWork(doc_id, source, 1, 300, 100, 100))
+    sink.close()
+    assert main(["show", str(tmp_path), "--lines", "0"]) == 0
+    assert [row for row in capsys.readouterr().out.splitlines() if row.startswith("---")] == [
+        "--- box 1/scan.pdf page 1: 0 lines, no text found", "--- note.pdf page 1: 0 lines, no text found",
+        "--- box 2/scan.pdf page 1: 0 lines, no text found"]
+
+
 def test_pages_selects_the_same_pages_of_every_input(ray_local, inputs, tmp_path):
     config = load_config(None, [DPI, "rasterize.pages=2", "output.exports=[alto]"])
     summary = run_job([str(inputs / "letters.pdf"), str(inputs / "note.png")], str(tmp_path), config)
