@@ -6,6 +6,7 @@ the dev data checkout ``../shared/schemas`` sits next to the repository.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -254,7 +255,7 @@ def test_a_source_name_with_a_control_character_still_gets_its_mets():
     unwritable (lxml refuses what XML 1.0 cannot hold), and the document failed with export_failed."""
     mets = mets_document({"doc_id": DOC_ID, "source": "/scans/scan\x1b.png"}, [1],
                          {IMAGE_GROUP: ("image/png", {1: "scan\x1b-01234567.p0001.png"})}, "test")
-    assert [url.text for url in mets.iter("{*}url")] == ["/scans/scan.png"]
+    assert [url.text for url in mets.iter("{*}url")] == ["file:///scans/scan%1B.png"]
     schema = official_schema("mets.xsd")
     assert schema.validate(etree.ElementTree(mets)), schema.error_log.last_error
 
@@ -289,5 +290,29 @@ def test_a_page_whose_mets_image_cannot_be_made_again_is_named_by_its_source_not
     mets = etree.parse(str(out / f"{stem}.mets.xml"))
     hrefs = [location.get("{http://www.w3.org/1999/xlink}href") for location in mets.iter("{*}FLocat")]
     assert all((out / unquote(href)).is_file() for href in hrefs)
+    schema = official_schema("mets.xsd")
+    assert schema.validate(mets), schema.error_log.last_error
+
+
+def test_mets_gives_each_file_its_sha256_and_the_source_as_a_file_uri(tmp_path, pages):
+    """An archive checks its copies of a package by each file's checksum: the METS had given none, and its
+    mods:url held a bare local path, which is no URL. METS comes last even when asked for first."""
+    source = tmp_path / "in" / "Box #3" / "scan.pdf"
+    source.parent.mkdir(parents=True)
+    buffer = io.BytesIO()
+    Image.new("L", SIZE, 255).save(buffer, format="PNG", dpi=(150, 150))
+    source.write_bytes(img2pdf.convert(buffer.getvalue()))
+    rows = [dict(row, source=str(source)) for row in pages if row["page"] == 1]
+    document = {"doc_id": DOC_ID, "source": str(source), "num_pages": 1}
+    out = tmp_path / "out"
+    write_exports(rows, document, ["mets", "page"], str(out))
+    mets = etree.parse(str(out / f"{export_stem(document)}.mets.xml"))
+    files = list(mets.iter("{*}file"))
+    assert len(files) == 3  # the page image, its ALTO and its PAGE
+    for entry in files:
+        href = entry.find("{*}FLocat").get("{http://www.w3.org/1999/xlink}href")
+        assert entry.get("CHECKSUMTYPE") == "SHA-256"
+        assert entry.get("CHECKSUM") == hashlib.sha256((out / unquote(href)).read_bytes()).hexdigest()
+    assert [url.text for url in mets.iter("{*}url")] == [source.as_uri()]
     schema = official_schema("mets.xsd")
     assert schema.validate(mets), schema.error_log.last_error

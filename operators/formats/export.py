@@ -15,6 +15,7 @@ tokens (its line's where a row has none).
 
 from __future__ import annotations
 
+import hashlib
 from functools import partial
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -81,14 +82,18 @@ def write_exports(pages: Sequence[dict], document: dict, formats: Sequence[str],
     # a page the job read that cannot be rendered again now (poppler failing or timing out) gets none, and its files
     # name the source, not an image that is not there
     images: set[int] | None = set() if "mets" in formats else None
+    digests: dict[str, str] = {}  # file name -> SHA-256 of what was written
     renderers = {"png": partial(_image_files, images=images, config=rasterize), "txt": _text_files,
                  "alto": partial(_alto_files, images=images), "page": partial(_page_files, images=images),
                  "hocr": partial(_hocr_files, images=images),
                  "pdf": partial(_pdf_files, pdfa=pdfa, config=rasterize),
-                 "mets": partial(_mets_files, formats=formats, images=images)}
+                 "mets": partial(_mets_files, formats=formats, images=images, digests=digests)}
     written = []
-    for export_format in dict.fromkeys(("png", *formats) if images is not None else formats):
+    # the METS last, as it gives the checksum of each file it names
+    for export_format in sorted(dict.fromkeys(("png", *formats) if images is not None else formats),
+                                key=lambda name: name == "mets"):
         for name, content in renderers[export_format](ordered, document, stem):  # reads the source for pdf, mets
+            digests[name] = hashlib.sha256(content).hexdigest()
             path = f"{root}/{name}"
             target = f"{staging}/{STAGED_EXPORT_PREFIX}{uuid.uuid4().hex}" if staging is not None else path
             with writing(what):
@@ -474,8 +479,10 @@ def _image_files(pages: Rows, document: dict, stem: str, images: set[int], confi
         yield _page_file(stem, number, "png"), png
 
 
-def _mets_files(pages: Rows, document: dict, stem: str, formats: Sequence[str], images: set[int]) -> Rendered:
-    """The METS pointing at the page images made (:func:`_image_files`) and at the ALTO and PAGE files."""
+def _mets_files(pages: Rows, document: dict, stem: str, formats: Sequence[str], images: set[int],
+                digests: Mapping[str, str]) -> Rendered:
+    """The METS pointing at the page images made (:func:`_image_files`) and at the ALTO and PAGE files, with the
+    SHA-256 of each (``digests``: file name -> digest of the files written before it)."""
     numbers = [page["page"] for page in pages]
     groups = {IMAGE_GROUP: ("image/png", {number: _page_file(stem, number, "png") for number in images})}
     for export_format, use, mimetype in (("alto", "OCR-D-OCR-ALTO", "application/alto+xml"),
@@ -483,4 +490,4 @@ def _mets_files(pages: Rows, document: dict, stem: str, formats: Sequence[str], 
         if export_format in formats:
             groups[use] = (mimetype, {number: _page_file(stem, number, f"{export_format}.xml") for number in numbers})
     yield f"{stem}.mets.xml", _xml_bytes(mets_document(document, numbers, groups,
-                                                       f"{SOFTWARE} {_software_version()}"))
+                                                       f"{SOFTWARE} {_software_version()}", digests))

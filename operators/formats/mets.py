@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 from urllib.parse import quote
 
@@ -23,6 +24,7 @@ from operators.ingest import local_path, pdf_pages, sniff_kind
 from operators.orientation import turn
 from operators.rasterize import PageRange, rasterize
 from operators.settings import RasterizeConfig
+from operators.storage import is_uri
 from operators.text import xml_text
 
 METS_NS = "http://www.loc.gov/METS/"
@@ -69,9 +71,11 @@ def page_images(pages: Sequence[dict], source: str, config: RasterizeConfig = Ra
 
 
 def mets_document(document: dict, page_numbers: Sequence[int],
-                  groups: Mapping[str, tuple[str, Mapping[int, str]]], creator: str) -> etree._Element:
+                  groups: Mapping[str, tuple[str, Mapping[int, str]]], creator: str,
+                  checksums: Mapping[str, str] = {}) -> etree._Element:
     """The METS of one document. ``groups``: file group USE -> (MIME type, page -> path relative to
-    the METS file, written percent-encoded); every page gets a ``page`` div with a pointer to each of its files."""
+    the METS file, written percent-encoded); every page gets a ``page`` div with a pointer to each of its files.
+    ``checksums``: path -> SHA-256, given as each file's CHECKSUM, which an archive checks its copies by."""
     root = etree.Element(_m("mets"), nsmap={"mets": METS_NS, "mods": MODS_NS, "xlink": XLINK_NS, "xsi": XSI_NS})
     root.set(f"{{{XSI_NS}}}schemaLocation", f"{METS_NS} {METS_SCHEMA}")
     header = etree.SubElement(root, _m("metsHdr"),
@@ -82,13 +86,18 @@ def mets_document(document: dict, page_numbers: Sequence[int],
     mods = etree.SubElement(etree.SubElement(wrap, _m("xmlData")), f"{{{MODS_NS}}}mods")
     etree.SubElement(mods, f"{{{MODS_NS}}}identifier", type="sha256").text = document["doc_id"]
     location = etree.SubElement(mods, f"{{{MODS_NS}}}location")
-    etree.SubElement(location, f"{{{MODS_NS}}}url").text = xml_text(document["source"])
+    source = document["source"]  # a URI as given, a local path as a file: URI (a bare path is no URL)
+    etree.SubElement(location, f"{{{MODS_NS}}}url").text = (xml_text(source) if is_uri(source)
+                                                        else Path(source).absolute().as_uri())
 
     file_section = etree.SubElement(root, _m("fileSec"))
     for use, (mimetype, files) in groups.items():
         group = etree.SubElement(file_section, _m("fileGrp"), USE=use)
         for number, href in sorted(files.items()):
             entry = etree.SubElement(group, _m("file"), ID=_file_id(use, number), MIMETYPE=mimetype)
+            if href in checksums:
+                entry.set("CHECKSUM", checksums[href])
+                entry.set("CHECKSUMTYPE", "SHA-256")
             # a URI reference: a source named "Brief #2 (100%).png" gives file names that are not one as they are
             etree.SubElement(entry, _m("FLocat"), {"LOCTYPE": "OTHER", "OTHERLOCTYPE": "FILE",
                                                    f"{{{XLINK_NS}}}href": quote(href)})
