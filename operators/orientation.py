@@ -176,5 +176,5 @@ def detect_orientation(gray: np.ndarray) -> Orientation:
     asymmetry, alignment, lines = _up_down(level)
     rotation = (90 if sideways else 0) + (180 if asymmetry < 0 else 0)
     confident = (abs(axis) >= MIN_AXIS_SCORE and abs(asymmetry) >= MIN_ASYMMETRY and lines >= MIN_LINES
-                 and alignment * np.sign(asymmetry) > -MAX_CONTRARY_ALIGNMENT)
+                 and alignment * (1.0 if asymmetry > 0 else -1.0) > -MAX_CONTRARY_ALIGNMENT)
     return Orientation(rotation if confident else 0, confident, axis, asymmetry, alignment, lines)

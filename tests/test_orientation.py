@@ -144,3 +144,17 @@ def test_searchable_pdf_of_a_turned_scan_shows_the_upright_page_under_its_words(
     layout = subprocess.run(["pdftotext", "-bbox", str(tmp_path / "side.pdf"), "-"], capture_output=True, text=True,
                             check=True).stdout
     assert 'xMin="57.6' in layout and "Hello" in layout  # 120 px at 150 dpi, in the upright page's frame
+
+
+@pytest.mark.parametrize("stored", [0, 180])
+def test_the_answer_is_plain_python_whatever_the_cues_say(upright, stored):
+    """``confident`` had become numpy's bool (the alignment cue's ``np.sign``) where every test passed, and stayed
+    Python's where one failed: ``found.confident is True`` was False on a confident page, and the scores are meant
+    for logs and benchmarks (json.dumps refuses numpy's bool)."""
+    import json
+    from dataclasses import asdict
+
+    found = detect_orientation(turn(upright, stored))
+    assert found.confident is True
+    assert all(type(value) in (int, float, bool) for value in asdict(found).values()), asdict(found)
+    json.dumps(asdict(found))
