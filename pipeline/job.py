@@ -175,9 +175,11 @@ def check_accelerator_for_recognizers(config: JobConfig, resources: dict[str, fl
     if resources.get(f"accelerator_type:{wanted}", 0.0) <= 0:
         local = sorted(key.partition(":")[2] for key, count in resources.items()
                        if key.startswith("accelerator_type:") and count > 0)
-        raise ConfigError(f"recognize.accelerator_type={wanted}, but the local Ray instance's GPUs are "
-                          f"{', '.join(local) or 'of no known type'}: set recognize.accelerator_type=null (or the "
-                          "type of this machine's GPU), or submit the job to a cluster with such GPUs")
+        has = (" has no GPU" if resources.get("GPU", 0.0) <= 0 and not local
+               else f"'s GPUs are {', '.join(local) or 'of no known type'}")
+        raise ConfigError(f"recognize.accelerator_type={wanted}, but the local Ray instance{has}: set "
+                          "recognize.accelerator_type=null (or the type of this machine's GPU), or submit the job "
+                          "to a cluster with such GPUs")
 
 
 def cluster_address(config: JobConfig) -> str | None:

@@ -140,8 +140,7 @@ def test_a_local_recognizer_pool_cannot_ask_for_a_gpu_type_the_machine_lacks(ray
 
     write_pdf(tmp_path / "letter.pdf", [text_page(["A line of text"])])
     config = load_config(None, ["recognize.accelerator_type=V100", "recognize.max_new_tokens=4"])
-    with pytest.raises(ConfigError, match="recognize.accelerator_type=V100, but the local Ray instance's GPUs are "
-                                          "of no known type"):
+    with pytest.raises(ConfigError, match="recognize.accelerator_type=V100, but the local Ray instance has no GPU: "):
         run_job([str(tmp_path / "letter.pdf")], str(tmp_path / "out"), config)
     assert not (tmp_path / "out" / "pages").exists()
 
@@ -153,6 +152,11 @@ def test_the_gpu_type_check_names_the_local_types_and_leaves_clusters_alone():
     with pytest.raises(ConfigError, match="GPUs are T4: set recognize.accelerator_type=null"):
         check_accelerator_for_recognizers(config, {"GPU": 1.0, "accelerator_type:T4": 1.0})
     check_accelerator_for_recognizers(config, {"GPU": 1.0, "accelerator_type:V100": 1.0})
+    # a machine without a GPU had been said to have GPUs "of no known type"
+    with pytest.raises(ConfigError, match="local Ray instance has no GPU: set recognize.accelerator_type=null"):
+        check_accelerator_for_recognizers(config, {"CPU": 2.0, "memory": 1e9})
+    with pytest.raises(ConfigError, match="local Ray instance's GPUs are of no known type"):
+        check_accelerator_for_recognizers(config, {"CPU": 2.0, "GPU": 1.0})  # a GPU Ray could not name
     check_accelerator_for_recognizers(config, {}, mode="detect")  # no recognizer
     check_accelerator_for_recognizers(load_config(None, ["recognize.accelerator_type=V100", "ray.address=auto"]),
                                       {})  # a cluster: its autoscaler may add V100 nodes
