@@ -13,6 +13,8 @@ import argparse
 import functools
 import json
 import logging
+import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -183,9 +185,11 @@ def open_predictions(path: Path) -> Iterator[IO[str]]:
 
 def write_predictions(out: IO[str], results: Sequence[LineResult]) -> None:
     """JSONL, one {image, prediction, reference, cer} object per line (per page with ``--pages``: its XML file),
-    in place of what ``out`` held."""
-    out.seek(0)
-    out.truncate()
+    in place of what ``out`` held (a pipe, ``/dev/null`` or another device is written as it is: it cannot be emptied,
+    and had failed the evaluation after all its work)."""
+    if stat.S_ISREG(os.fstat(out.fileno()).st_mode):
+        out.seek(0)
+        out.truncate()
     for result in results:
         row = {key: value for key, value in asdict(result).items() if key != "source"}
         source = Path(result.source)  # a folder, or a page's XML file given by itself

@@ -245,3 +245,23 @@ def test_an_evaluation_that_fails_leaves_an_earlier_predictions_file_as_it_was(t
     assert eval_command(parse([*common[:3], str(tmp_path / "whole"), *common[4:], "--predictions", str(earlier)])) == 0
     [row] = [json.loads(line) for line in earlier.read_text(encoding="utf-8").splitlines()]
     assert row["reference"] == "delta"
+
+
+def test_predictions_go_to_a_pipe_or_dev_null_as_they_did(tmp_path, tiny_model):
+    """``--predictions >(gzip > p.gz)`` (a pipe) and ``--predictions /dev/null`` had failed the evaluation after all
+    its work (exit 7): the file was emptied by seeking, which a pipe cannot do and /dev/null refuses."""
+    import os
+    import threading
+
+    lines = write_lines(tmp_path / "lines", ["alpha"])
+    common = ["--model", str(tiny_model), "--lines", str(lines), "--device", "cpu", "--max-new-tokens", "8"]
+    assert eval_command(parse([*common, "--predictions", os.devnull])) == ExitCode.ok
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received: list[str] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text(encoding="utf-8")), daemon=True)
+    reader.start()
+    assert eval_command(parse([*common, "--predictions", str(fifo)])) == ExitCode.ok
+    reader.join(timeout=30)
+    [row] = [json.loads(line) for line in received[0].splitlines()]
+    assert row["reference"] == "alpha"
