@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator
 
-import ray
-
 from operators.errors import ConfigError
 from operators.records import DocumentRecord, PageWork
 from operators.storage import writing
@@ -42,6 +40,8 @@ NAMED_FAILURES = 10
 def quiet_ray_data(verbose: bool) -> None:
     """Ray Data's progress bars and dumps, and its execution-plan lines, off unless ``verbose``; its
     warnings stay on the console only when verbose, its errors always (the session log keeps all)."""
+    import ray.data  # here, not at the top: eval --lines and train take PeriodicProgress, without_ray_core_logs
+
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = verbose
     context.print_on_execution_start = verbose

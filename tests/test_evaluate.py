@@ -265,3 +265,19 @@ def test_predictions_go_to_a_pipe_or_dev_null_as_they_did(tmp_path, tiny_model):
     reader.join(timeout=30)
     [row] = [json.loads(line) for line in received[0].splitlines()]
     assert row["reference"] == "alpha"
+
+
+def test_a_line_evaluation_does_not_load_ray(tmp_path, tiny_model):
+    """eval --lines reads on this process alone: its progress lines (pipeline.progress) had pulled in Ray, half a second
+    and its modules' memory for nothing."""
+    import subprocess
+    import sys
+
+    lines = write_lines(tmp_path / "lines", ["alpha"])
+    script = ("import sys\nfrom pipeline.cli import main\n"
+              f"assert main(['eval', '--model', {str(tiny_model)!r}, '--lines', {str(lines)!r}, '--device', 'cpu', "
+              "'--max-new-tokens', '4']) == 0\nprint('ray loaded:', 'ray' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == "ray loaded: False"
