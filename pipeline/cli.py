@@ -163,11 +163,13 @@ def _show_command(args: argparse.Namespace) -> int:
         # a page is headed by its file's name, or by its whole source where another document has that name
         heading = Path(page["source"]).name if names[Path(page["source"]).name] == 1 else page["source"]
         confidences = [line["confidence"] for line in page["lines"] if line["confidence"] is not None]
-        # a page without lines had been said to be "not recognized", as a detect run's are
-        mean = (f"mean confidence {sum(confidences) / len(confidences):.2f}" if confidences
-                else "no text found" if not page["lines"] else "not recognized")
+        # a read page without lines had been said to be "not recognized", as a detect run's are; a failed page was
+        # not read, so nothing was found on it either
         if page["status"] == "failed":
-            mean += f", failed ({page['error_code']}: {page['error_message']})"
+            mean = f"failed ({page['error_code']}: {page['error_message']})"
+        else:
+            mean = (f"mean confidence {sum(confidences) / len(confidences):.2f}" if confidences
+                    else "no text found" if not page["lines"] else "not recognized")
         print(f"\n--- {printable_text(heading)} page {page['page']}: {len(page['lines'])} lines, "
               f"{printable_text(mean)}")
         print("\n".join(page["text"].splitlines()[: args.lines]))

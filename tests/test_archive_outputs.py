@@ -808,17 +808,20 @@ def test_show_reads_the_text_of_only_the_pages_it_prints(tmp_path, capsys):
 
 
 def test_show_tells_a_page_without_lines_from_one_not_recognized(tmp_path, capsys):
-    """A read page on which no line was found had been shown as "not recognized", as a detect run's pages are."""
+    """A read page on which no line was found had been shown as "not recognized", as a detect run's pages are; a page
+    that failed, not read at all, is said to have failed, not to have no text found."""
     sink = ParquetSink(str(tmp_path), rows_per_file=20)
     line = LineRecord(bbox=(0, 0, 10, 10), polygon=[(0, 0), (10, 0), (10, 10), (0, 10)], baseline=[(0, 9), (10, 9)],
                       block=0, order=0)
-    sink.expect(DocumentRecord("d", "scan.pdf", "ok", None, None, 2))
+    sink.expect(DocumentRecord("d", "scan.pdf", "ok", None, None, 3))
     sink.add_page(PageWork("d", "scan.pdf", 1, 300, 100, 100))
     sink.add_page(PageWork("d", "scan.pdf", 2, 300, 100, 100, lines=[line]))
+    sink.add_page(PageWork("d", "scan.pdf", 3, 300).fail("render_timeout", "poppler timed out"))  # not read at all
     sink.close()
-    assert main(["show", str(tmp_path), "--lines", "0"]) == 0
+    assert main(["show", str(tmp_path), "--lines", "0", "--pages", "3"]) == 0
     assert [row for row in capsys.readouterr().out.splitlines() if row.startswith("---")] == [
-        "--- scan.pdf page 1: 0 lines, no text found", "--- scan.pdf page 2: 1 lines, not recognized"]
+        "--- scan.pdf page 1: 0 lines, no text found", "--- scan.pdf page 2: 1 lines, not recognized",
+        "--- scan.pdf page 3: 0 lines, failed (render_timeout: poppler timed out)"]
 
 
 def test_show_heads_a_page_with_its_whole_source_where_another_document_has_its_name(tmp_path, capsys):
