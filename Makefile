@@ -33,8 +33,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
 	touch $@
 
+# The samples are made once, under another name and renamed when whole: a killed synth's part of a set had been
+# taken for them by every later make demo (and synth refuses a folder that holds files).
 demo: setup
-	test -d $(DEMO)/samples || $(BIN)/trocr-pipeline synth docs --output $(DEMO)/samples --count 4 --seed 7
+	test -d $(DEMO)/samples || { rm -rf $(DEMO)/samples.partial && \
+		$(BIN)/trocr-pipeline synth docs --output $(DEMO)/samples.partial --count 4 --seed 7 && \
+		mv $(DEMO)/samples.partial $(DEMO)/samples; }
 	$(BIN)/trocr-pipeline run $(DEMO)/samples --output $(DEMO)/result
 	$(BIN)/trocr-pipeline show $(DEMO)/result
 
