@@ -589,6 +589,20 @@ def test_a_resume_into_another_or_an_emptied_output_dir_saves_its_best_model_the
     assert state.best_cer == 0.0
 
 
+def test_a_resume_naming_its_output_dir_through_a_link_keeps_the_cer_of_the_model_there(tmp_path, base_model,
+                                                                                       line_folder):
+    """best.json names output_dir as the run spelt it (resolved, with ``--workers N``): the same folder named through a
+    link had been taken for another, and its better model replaced by the resumed run's first validated one."""
+    config = fine_tune_config(tmp_path, base_model, line_folder, steps=10)
+    train(config, show_progress=False)
+    best = json.loads((tmp_path / "work" / BEST_STATE).read_text())
+    (tmp_path / "work" / BEST_STATE).write_text(json.dumps({**best, "validation_cer": 0.0}))
+    (tmp_path / "link").symlink_to(tmp_path)
+    run, state = start_run(config.model_copy(update={"steps": 11, "output_dir": tmp_path / "link" / "model"}),
+                           resume=True)
+    run.end()
+    assert state.best_cer == 0.0
+
 def test_storage_that_cannot_take_a_checkpoint_stops_training_with_one_line(tmp_path, base_model, line_folder,
                                                                             small_disk):
     """A full disk had ended the run in a torch traceback naming no file, a read-only one only at the first

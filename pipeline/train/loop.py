@@ -225,9 +225,19 @@ def _best_in_output_dir(config: TrainConfig, checkpoint_best: float) -> float:
         recorded_cer, saved_to = float(best["validation_cer"]), best.get("output_dir")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return checkpoint_best
-    if saved_to is not None and saved_to != os.path.abspath(config.output_dir):
+    if saved_to is not None and not _same_folder(saved_to, config.output_dir):
         return float("inf")
     return min(checkpoint_best, recorded_cer)
+
+
+def _same_folder(recorded: object, folder: Path) -> bool:
+    """Whether the folder best.json names is ``folder``, by what they are, not how they are spelt: ``--workers N``
+    records output_dir with its links resolved, and the same folder reached through a link or another mount had been
+    taken for another (its better model then replaced by the resumed run's first one)."""
+    try:
+        return os.path.samefile(recorded, folder)
+    except (OSError, TypeError, ValueError):  # gone, or not a path (a hand-edited record)
+        return False
 
 
 def _check_writable(config: TrainConfig) -> None:
