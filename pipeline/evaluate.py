@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import json
 import logging
 import os
@@ -187,7 +188,11 @@ def write_predictions(out: IO[str], results: Sequence[LineResult]) -> None:
     """JSONL, one {image, prediction, reference, cer} object per line (per page with ``--pages``: its XML file),
     in place of what ``out`` held (a pipe, ``/dev/null`` or another device is written as it is: it cannot be emptied,
     and had failed the evaluation after all its work)."""
-    if stat.S_ISREG(os.fstat(out.fileno()).st_mode):
+    try:
+        emptied = stat.S_ISREG(os.fstat(out.fileno()).st_mode)
+    except io.UnsupportedOperation:  # a stream in memory, which holds only what was written to it
+        emptied = True
+    if emptied:
         out.seek(0)
         out.truncate()
     for result in results:
