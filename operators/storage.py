@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import errno
+import fcntl
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
+from typing import IO
 from contextlib import contextmanager
 
 import pyarrow as pa
@@ -23,6 +26,23 @@ def recorded_source(source: str) -> str:
     any bytes; Python lists them as lone surrogates) with those bytes written ``\\xNN``, as Arrow strings,
     XML and the console need UTF-8."""
     return source.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+#: What ``flock`` says on a filesystem that has no locks (NFS without its lock daemon, Lustre mounted ``noflock``).
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+def lock_alone(handle: IO, what: str) -> None:
+    """Take ``handle``'s file for this process alone (``flock``, let go when it is closed or the process ends);
+    :class:`BlockingIOError` where another holds it. On a filesystem without locks ``what`` is warned of and goes
+    unlocked: such a share had failed the run with a traceback before any work."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in NO_LOCKS:  # BlockingIOError (EAGAIN) among them
+            raise
+        logging.getLogger(__name__).warning("%s cannot be locked (%s): its filesystem has no locks, so nothing stops "
+                                            "a second run there; start one at a time", what, exc.strerror)
 
 
 #: How long a ``gs://`` store is retried before the read or write fails (a URI's ``?retry_limit_seconds=`` wins).

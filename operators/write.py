@@ -20,7 +20,6 @@ words at the ink gaps measured in the layout stage, and mapped onto a row of ``P
 
 from __future__ import annotations
 
-import fcntl
 import heapq
 import json
 import logging
@@ -45,7 +44,7 @@ from operators.formats.export import STAGED_EXPORT_PREFIX, remove_other_exports,
 from operators.ingest import KnownDocument, check_unchanged, duplicate_id
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
 from operators.settings import RasterizeConfig
-from operators.storage import resolve_filesystem, scratch_space_full, writing
+from operators.storage import lock_alone, resolve_filesystem, scratch_space_full, writing
 from operators.words import split_words
 
 log = logging.getLogger(__name__)
@@ -134,7 +133,7 @@ def output_lock(output: str) -> Iterator[None]:
     with lock if lock is not None else nullcontext():
         if lock is not None:
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                lock_alone(lock, f"the output {output}")
             except BlockingIOError as exc:
                 raise OutputLocked(f"another run is writing to {output} (it holds {root}/{LOCK_FILE}); "
                                    "this run stopped without touching the output") from exc

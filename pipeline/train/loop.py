@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import json
 import logging
 import math
@@ -43,6 +42,7 @@ from operators.errors import ConfigError, OutputLocked, OutputNotWritable, Write
 from operators.model import TrOCRBundle, cpu_has_native_bf16, load_trocr, resolve_device, resolve_dtype
 from operators.preprocess import WIDTH_SCALE_KEY, LinePreprocessor, ink_columns
 from operators.recognize import LineRecognizer
+from operators.storage import lock_alone
 from operators.text import make_normalizer
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import (Batch, LabelCollator, LabeledLine, TrainingLines, check_training_lines,
@@ -259,7 +259,7 @@ def _hold_work_dir(work_dir: Path) -> IO[str]:
     other was loading, and put each run's models over the other's in output_dir."""
     lock = open(work_dir / RUN_LOCK, "a+")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock_alone(lock, f"the training work_dir {work_dir}")
     except BlockingIOError:
         lock.seek(0)
         holder = lock.read().strip() or "?"
