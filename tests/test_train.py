@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ import torch
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
-from operators.errors import ConfigError, ModelLoadError, OutputLocked, OutputNotWritable, WriteFailed
+from operators.errors import ConfigError, ExitCode, ModelLoadError, OutputLocked, OutputNotWritable, WriteFailed
 from helpers import TINY_CORPUS, build_tiny_random_trocr
 from operators.crops import cut_polygon
 from operators.model import cpu_has_native_bf16, load_trocr
@@ -97,7 +98,16 @@ def test_two_ray_train_workers_train_one_model_through_the_cli(ray_local, tmp_pa
     config = fine_tune_config(tmp_path, base_model, line_folder, steps=4).model_dump(mode="json")
     config.update(checkpoint_every=2, validate_every=2)
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
-    assert main(["train", "--config", str(tmp_path / "train.yaml"), "--workers", "2", "--no-progress"]) == 0
+    command = ["train", "--config", str(tmp_path / "train.yaml"), "--workers", "2", "--no-progress"]
+    # a work_dir another run holds is refused by the driver in one line (rank 0's refusal had come back from Ray
+    # Train as a traceback, exit 1)
+    (tmp_path / "work").mkdir()
+    with open(tmp_path / "work" / RUN_LOCK, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(command) == ExitCode.output_locked
+    refused = capfd.readouterr().err
+    assert "work is in use by another training run" in refused and "Traceback" not in refused, refused[-3000:]
+    assert main(command) == 0
     # rank 0's validation line (it reaches this process a moment after the run): the last step ran
     # data-parallel on two workers; Ray Train's per-step reports stay off the console
     logged, deadline = "", time.monotonic() + 30
@@ -168,7 +178,6 @@ def test_bf16_training_on_the_cpu_runs_in_bf16_where_the_cpu_has_it_and_is_refus
         return
     run, _ = start_run(config, resume=False)
     assert run.autocast_dtype == torch.bfloat16
-    run.end()
     metrics: list[dict] = []
     train(config, show_progress=False, report=metrics.append)
     assert [row["step"] for row in metrics] == [1, 2] and all(math.isfinite(row["loss"]) for row in metrics)
@@ -598,10 +607,10 @@ def test_a_resume_naming_its_output_dir_through_a_link_keeps_the_cer_of_the_mode
     best = json.loads((tmp_path / "work" / BEST_STATE).read_text())
     (tmp_path / "work" / BEST_STATE).write_text(json.dumps({**best, "validation_cer": 0.0}))
     (tmp_path / "link").symlink_to(tmp_path)
-    run, state = start_run(config.model_copy(update={"steps": 11, "output_dir": tmp_path / "link" / "model"}),
-                           resume=True)
-    run.end()
+    _, state = start_run(config.model_copy(update={"steps": 11, "output_dir": tmp_path / "link" / "model"}),
+                         resume=True)
     assert state.best_cer == 0.0
+
 
 def test_storage_that_cannot_take_a_checkpoint_stops_training_with_one_line(tmp_path, base_model, line_folder,
                                                                             small_disk):

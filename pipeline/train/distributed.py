@@ -7,7 +7,7 @@ from pathlib import Path
 
 from operators.model import resolve_device
 from pipeline.train.config import DataSource, TrainConfig
-from pipeline.train.loop import train
+from pipeline.train.loop import holding_work_dir, train
 
 
 def train_with_ray(config: TrainConfig, workers: int, resume: bool = False) -> Path:
@@ -19,11 +19,16 @@ def train_with_ray(config: TrainConfig, workers: int, resume: bool = False) -> P
     instance logs only errors from Ray's own actors (without a dashboard, Ray Train's placement-group
     cleaner cannot reach the state API and would warn about it every second).
     """
+    config = absolute_paths(config)
+    with holding_work_dir(config):  # here, so that a work_dir another run holds is refused in one line, exit 6
+        return _fit(config, workers, resume)
+
+
+def _fit(config: TrainConfig, workers: int, resume: bool) -> Path:
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    config = absolute_paths(config)
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address="local", num_cpus=workers + 1, include_dashboard=False, logging_level=logging.ERROR,
@@ -71,6 +76,7 @@ def _ray_worker_loop(loop_config: dict) -> None:
         # find_unused_parameters: the ViT pooler is part of the checkpoint but not of the loss
         wrap=lambda model: ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}),
         report=report,
+        hold_work_dir=False,  # the driver holds it (train_with_ray)
     )
 
 

@@ -22,10 +22,9 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import jiwer
 import numpy as np
@@ -252,24 +251,30 @@ def _check_writable(config: TrainConfig) -> None:
             raise OutputNotWritable(f"training cannot write to {folder}: {exc}") from exc
 
 
-def _hold_work_dir(work_dir: Path) -> IO[str]:
-    """Lock work_dir for this run until the returned file is closed (or the process ends, however it ends): a second
-    run there (a --resume started while a background run still trained) had written checkpoints of the same steps
-    into the same folders, one run's weights beside the other's optimizer state, rotated away the checkpoint the
-    other was loading, and put each run's models over the other's in output_dir."""
-    lock = open(work_dir / RUN_LOCK, "a+")
+@contextmanager
+def holding_work_dir(config: TrainConfig) -> Iterator[None]:
+    """Hold work_dir (made where missing) for this run while the block runs; the kernel lets go when the process
+    ends, however it ends. A second run there (a --resume started while a background run still trained) had
+    written checkpoints of the same steps into the same folders, one run's weights beside the other's optimizer
+    state, rotated away the checkpoint the other was loading, and put each run's models over the other's in
+    output_dir. A work_dir held by another run is refused as a held output is (:class:`OutputLocked`)."""
     try:
-        lock_alone(lock, f"the training work_dir {work_dir}")
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "?"
-        lock.close()
-        raise OutputLocked(f"{work_dir} is in use by another training run (process {holder}): let it end or stop it "
-                          f"first; a work_dir takes one run at a time") from None
-    lock.truncate(0)
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    return lock
+        config.work_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(config.work_dir / RUN_LOCK, "a+")  # noqa: SIM115 - held for the run
+    except OSError as exc:
+        raise OutputNotWritable(f"training cannot write to {config.work_dir}: {exc}") from exc
+    with lock:
+        try:
+            lock_alone(lock, f"the training work_dir {config.work_dir}")
+        except BlockingIOError:
+            lock.seek(0)
+            raise OutputLocked(f"{config.work_dir} is in use by another training run (process "
+                               f"{lock.read().strip() or '?'}): let it end or stop it first; a work_dir takes one "
+                               "run at a time") from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
 
 
 @dataclass
@@ -285,16 +290,10 @@ class TrainingRun:
     preprocessor: LinePreprocessor
     grad_scaler: torch.amp.GradScaler  # loss scaling for fp16 (V100), so small gradients do not flush to zero
     shard: tuple[int, int] = (0, 1)  # (rank, world size)
-    work_dir_lock: IO[str] | None = None  # rank 0's hold on work_dir (:func:`_hold_work_dir`), let go by :meth:`end`
 
     @property
     def is_main(self) -> bool:
         return self.shard[0] == 0
-
-    def end(self) -> None:
-        """Let go of work_dir, for another run."""
-        if self.work_dir_lock is not None:
-            self.work_dir_lock.close()
 
     def bundle(self) -> TrOCRBundle:
         return TrOCRBundle(self.model, self.processor, self.processor.tokenizer, self.preprocessor, self.device, torch.float32,
@@ -345,21 +344,12 @@ def training_autocast_dtype(precision: str, device: torch.device) -> torch.dtype
 
 def start_run(config: TrainConfig, resume: bool, shard: tuple[int, int] = (0, 1),
               wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> tuple[TrainingRun, TrainerState]:
-    """Build (or reload) model and optimizer; with ``resume`` continue from the newest checkpoint. Rank 0 holds
-    work_dir until :meth:`TrainingRun.end`."""
+    """Build (or reload) model and optimizer; with ``resume`` continue from the newest checkpoint."""
     device = resolve_device(config.device)
     autocast_dtype = training_autocast_dtype(config.precision, device)
-    if shard[0] != 0:
-        return _load_run(config, resume, shard, wrap, device, autocast_dtype)
-    _check_writable(config)
-    work_dir_lock = _hold_work_dir(config.work_dir)
-    try:
-        run, state = _load_run(config, resume, shard, wrap, device, autocast_dtype)
-    except BaseException:
-        work_dir_lock.close()
-        raise
-    run.work_dir_lock = work_dir_lock
-    return run, state
+    if shard[0] == 0:
+        _check_writable(config)
+    return _load_run(config, resume, shard, wrap, device, autocast_dtype)
 
 
 def _load_run(config: TrainConfig, resume: bool, shard: tuple[int, int],
@@ -483,20 +473,19 @@ def validate(run: TrainingRun, lines: Sequence[LabeledLine]) -> float:
 
 def train(config: TrainConfig, resume: bool = False, show_progress: bool = True, shard: tuple[int, int] = (0, 1),
           wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-          report: Callable[[dict], None] | None = None) -> Path:
+          report: Callable[[dict], None] | None = None, hold_work_dir: bool = True) -> Path:
     """Run training to ``config.steps``; returns the output folder (best validation CER, else the last model).
 
     Under Ray Train every worker runs this with its ``shard`` (rank, world size), ``wrap`` = prepare_model
-    (DDP) and ``report`` = ray.train.report; only rank 0 validates and writes files.
+    (DDP) and ``report`` = ray.train.report; only rank 0 validates and writes files, and the driver holds work_dir
+    for them (``hold_work_dir`` false: :func:`holding_work_dir`).
     """
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     torch.manual_seed(config.seed)
-    run, state = start_run(config, resume, shard, wrap)
-    try:
+    with holding_work_dir(config) if shard[0] == 0 and hold_work_dir else nullcontext():
+        run, state = start_run(config, resume, shard, wrap)
         return _train_run(run, state, show_progress, report)
-    finally:
-        run.end()
 
 
 def _train_run(run: TrainingRun, state: TrainerState, show_progress: bool,
