@@ -120,8 +120,8 @@ def output_lock(output: str) -> Iterator[None]:
     A local output is locked with ``flock`` on ``DIR/.lock``: a second run on the same folder (a cron
     job firing twice) stops at once with :class:`OutputLocked`, before it writes anything, instead of
     cleaning up or repeating the first run's work. The kernel releases the lock when the run ends, even
-    killed. Object stores have no such lock: an object-store output is only checked, and one job at a time
-    per output is the caller's rule.
+    killed. Object stores have no such lock, nor do some shares (:func:`operators.storage.lock_alone` warns of
+    them): such an output is only checked, and one job at a time per output is the caller's rule.
     """
     filesystem, root = resolve_filesystem(output)
     try:

@@ -190,8 +190,8 @@ def write_predictions(out: IO[str], results: Sequence[LineResult]) -> None:
     and had failed the evaluation after all its work)."""
     try:
         emptied = stat.S_ISREG(os.fstat(out.fileno()).st_mode)
-    except io.UnsupportedOperation:  # a stream in memory, which holds only what was written to it
-        emptied = True
+    except io.UnsupportedOperation:  # a stream in memory (emptied), or one only written to, as a console's is
+        emptied = out.seekable()
     if emptied:
         out.seek(0)
         out.truncate()

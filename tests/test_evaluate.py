@@ -223,6 +223,21 @@ def test_a_page_file_given_by_itself_is_named_as_it_is_and_a_page_without_text_i
     out = io.StringIO()
     write_predictions(out, score_pages([truth], ["a line"], make_normalizer([])))
     assert json.loads(out.getvalue())["image"] == str(page)
+
+    class Console(io.TextIOBase):  # written to only, as a notebook's output is: no file descriptor, no seek
+        def __init__(self) -> None:
+            self.text = ""
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, text: str) -> int:
+            self.text += text
+            return len(text)
+
+    console = Console()
+    write_predictions(console, score_pages([truth], ["a line"], make_normalizer([])))  # it had raised on seek
+    assert json.loads(console.text)["image"] == str(page)
     write_page_xml(tmp_path, "scan.png", (200, 100), [{"text": " ", "bbox": (10, 10, 150, 40)}])
     with pytest.raises(ConfigError, match=f"page {page} holds no line with text"):
         read_page_truth([tmp_path])

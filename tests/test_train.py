@@ -556,6 +556,15 @@ def test_a_work_dir_belongs_to_one_run(tmp_path, base_model, line_folder, caplog
     assert (state.step, state.best_cer) == (10, 0.0001)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_a_device_the_machine_lacks_is_refused_before_any_folder_is_made(tmp_path, base_model, line_folder):
+    """The work_dir's hold had made work_dir (and its lock file) before the device and precision were checked."""
+    config = fine_tune_config(tmp_path, base_model, line_folder, steps=2).model_copy(update={"device": "cuda"})
+    with pytest.raises(ModelLoadError, match="no CUDA GPU"):
+        train(config, show_progress=False)
+    assert not (tmp_path / "work").exists() and not (tmp_path / "model").exists()
+
+
 def test_a_work_dir_takes_one_run_at_a_time(tmp_path, base_model, line_folder):
     """A --resume started while a background run still trained on the same work_dir had trained beside it: both wrote
     checkpoints of the same steps into the same folders, rotated away each other's and replaced each other's best

@@ -257,7 +257,9 @@ def holding_work_dir(config: TrainConfig) -> Iterator[None]:
     ends, however it ends. A second run there (a --resume started while a background run still trained) had
     written checkpoints of the same steps into the same folders, one run's weights beside the other's optimizer
     state, rotated away the checkpoint the other was loading, and put each run's models over the other's in
-    output_dir. A work_dir held by another run is refused as a held output is (:class:`OutputLocked`)."""
+    output_dir. A work_dir held by another run is refused as a held output is (:class:`OutputLocked`); a device or
+    precision this machine lacks before work_dir is made."""
+    training_autocast_dtype(config.precision, resolve_device(config.device))
     try:
         config.work_dir.mkdir(parents=True, exist_ok=True)
         lock = open(config.work_dir / RUN_LOCK, "a+")  # noqa: SIM115 - held for the run
