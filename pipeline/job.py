@@ -380,9 +380,10 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
         checked_model = background.submit(_line_preprocessor, config, mode)
         with ray_session(config, verbose):
             preprocessor = checked_model.result()
-            check_cpus_left_for_pages(config, ray.cluster_resources().get("CPU", 0.0), mode)
-            check_gpus_for_recognizers(config, ray.cluster_resources().get("GPU", 0.0), mode)
-            check_accelerator_for_recognizers(config, ray.cluster_resources(), mode)
+            resources = ray.cluster_resources()
+            check_cpus_left_for_pages(config, resources.get("CPU", 0.0), mode)
+            check_gpus_for_recognizers(config, resources.get("GPU", 0.0), mode)
+            check_accelerator_for_recognizers(config, resources, mode)
             published = recover_output(output)
             sink = ParquetSink(output, config.output.parquet_rows_per_file, config.output.exports, config.output.pdfa,
                                listener=progress.document_done if progress else None,
