@@ -78,7 +78,7 @@ def _job_command(args: argparse.Namespace, mode: str) -> int:
         report = dry_run(args.inputs, args.output, config, mode=mode)
         print(report.describe())
         return ExitCode.documents_failed if report.failing else ExitCode.ok
-    progress = JobProgress(interactive=sys.stderr.isatty(), log_json=args.log_json)
+    progress = JobProgress(interactive=sys.stderr.isatty(), log_json=args.log_json, loads_model=mode == "recognize")
     with nullcontext() if args.verbose else without_ray_core_logs():
         try:
             summary = run_job(args.inputs, args.output, config, mode=mode, progress=progress, verbose=args.verbose)

@@ -139,12 +139,14 @@ class JobProgress:
     that is busy but finishes nothing still says so, with the time it has run.
 
     ``interactive``: redraw one line in place (a terminal) instead of printing a summary line every
-    ``interval_s``. ``log_json``: a file that gets one JSON object per finished document."""
+    ``interval_s``. ``log_json``: a file that gets one JSON object per finished document. ``loads_model``: the
+    start names the model it waits for (a ``detect`` job has none)."""
 
     stream: IO[str] = field(default_factory=lambda: sys.stderr)
     interactive: bool = False
     interval_s: float = LOG_INTERVAL_S
     log_json: Path | None = None
+    loads_model: bool = True
     files: int = 0
     files_triaged: int = 0
     documents: int = 0
@@ -261,7 +263,7 @@ class JobProgress:
         now = time.monotonic()
         elapsed = f"{_clock(now - self._began)} elapsed"
         if self._phase == "starting":
-            return f"starting (Ray, the model), {elapsed}"
+            return f"starting (Ray{', the model' if self.loads_model else ''}), {elapsed}"
         if self._phase == "triage":
             return f"triage: files {self.files_triaged}/{self.files}, {elapsed}"
         reading = (self._finished or now) - self._started

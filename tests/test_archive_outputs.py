@@ -999,8 +999,7 @@ def test_a_log_record_on_a_terminal_starts_on_a_line_of_its_own():
     assert not handler.filters
 
 
-def test_a_run_on_a_terminal_redraws_its_line_and_leaves_no_colour_reset_after_the_summary(inputs, tiny_model,
-                                                                                          tmp_path):
+def test_a_run_on_a_terminal_redraws_its_line_and_leaves_no_colour_reset_after_the_summary(inputs, tmp_path):
     """Ray's bundled colorama, set up when Ray starts, had written ``\\x1b[0m`` to the terminal at exit, after the
     summary."""
     import os
@@ -1008,9 +1007,8 @@ def test_a_run_on_a_terminal_redraws_its_line_and_leaves_no_colour_reset_after_t
     import select
 
     terminal, job_side = pty.openpty()
-    job = subprocess.Popen(CLI + ["run", str(inputs / "note.png"), "--output", str(tmp_path / "out"), "--set", DPI,
-                                  "--set", f"recognize.model={tiny_model}", "--set", "recognize.max_new_tokens=4"],
-                           stdin=job_side, stdout=job_side, stderr=job_side)
+    job = subprocess.Popen(CLI + ["detect", str(inputs / "note.png"), "--output", str(tmp_path / "out"), "--set", DPI],
+                           stdin=job_side, stdout=job_side, stderr=job_side)  # no model: the console is the point
     os.close(job_side)
     shown, deadline = b"", time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -1024,6 +1022,7 @@ def test_a_run_on_a_terminal_redraws_its_line_and_leaves_no_colour_reset_after_t
     assert job.wait(timeout=60) == 0, shown.decode(errors="replace")
     text = shown.decode()
     assert "\r\x1b[Kdocuments 1/1, pages 1/1" in text and "pages: 1 (0 failed)" in text, text
+    assert "the model" not in text, text  # a detect job loads none
     assert "\x1b[0m" not in text, text[-300:]
 
 
