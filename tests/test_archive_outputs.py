@@ -614,7 +614,7 @@ def test_mets_page_images_are_the_pages_as_the_job_read_them(ray_local, tmp_path
     upright.rotate(180).save(tmp_path / "turned.png", dpi=(150, 150))
     config = load_config(None, [DPI, f"rasterize.detect_orientation={str(detect_orientation).lower()}",
                                 "output.exports=[mets]"])
-    run_job([str(tmp_path / "turned.png")], str(tmp_path / "out"), config)
+    run_job([str(tmp_path / "turned.png")], str(tmp_path / "out"), config, mode="detect")  # the text is no matter
     [page] = ds.dataset(f"{tmp_path}/out/pages", format="parquet").to_table().to_pylist()
     assert page["rotation"] == (180 if detect_orientation else 0)
     [image] = (tmp_path / "out" / "exports").glob("turned-*.png")
@@ -631,7 +631,7 @@ def test_mets_page_images_of_pdf_pages_with_a_rotate_are_the_pages_a_viewer_show
     with pikepdf.open(source, allow_overwriting_input=True) as pdf:
         pdf.pages[0].Rotate = rotate
         pdf.save(source)
-    run_job([str(source)], str(tmp_path / "out"), load_config(None, [DPI, "output.exports=[mets]"]))
+    run_job([str(source)], str(tmp_path / "out"), load_config(None, [DPI, "output.exports=[mets]"]), mode="detect")
     [page] = ds.dataset(f"{tmp_path}/out/pages", format="parquet").to_table().to_pylist()
     assert page["rotation"] == rotate
     [work] = rasterize(PageRange("id", str(source), "pdf", 1, 1, rotations=(rotate,)),
@@ -838,8 +838,9 @@ def test_show_heads_a_page_with_its_whole_source_where_another_document_has_its_
 
 
 def test_pages_selects_the_same_pages_of_every_input(ray_local, inputs, tmp_path):
+    # in detect mode, which selects pages as a run does, with no model to load for each of its jobs
     config = load_config(None, [DPI, "rasterize.pages=2", "output.exports=[alto]"])
-    summary = run_job([str(inputs / "letters.pdf"), str(inputs / "note.png")], str(tmp_path), config)
+    summary = run_job([str(inputs / "letters.pdf"), str(inputs / "note.png")], str(tmp_path), config, mode="detect")
     pages = ds.dataset(f"{tmp_path}/pages", format="parquet").to_table().to_pylist()
     assert [(Path(page["source"]).name, page["page"]) for page in pages] == [("letters.pdf", 2)]
     assert sorted(path.name.split(".", 1)[1] for path in (tmp_path / "exports").iterdir()) == ["p0002.alto.xml"]
@@ -854,15 +855,16 @@ def test_pages_selects_the_same_pages_of_every_input(ray_local, inputs, tmp_path
         again = load_config(None, [DPI, f"rasterize.pages={selection or 'null'}"])
         for attempt in (dry_run, run_job):
             with pytest.raises(ConfigError, match=f"1 of these documents are in {tmp_path} read with pages 2 "):
-                attempt([str(inputs / "letters.pdf"), str(inputs / "note.png")], str(tmp_path), again)
-    assert run_job([str(inputs / "letters.pdf")], str(tmp_path), config).documents_skipped == 1
+                attempt([str(inputs / "letters.pdf"), str(inputs / "note.png")], str(tmp_path), again, mode="detect")
+    assert run_job([str(inputs / "letters.pdf")], str(tmp_path), config, mode="detect").documents_skipped == 1
     # selections are compared by the pages they pick: "2-2" picks the same pages as "2"
     same = load_config(None, [DPI, "rasterize.pages=2-2"])
-    assert dry_run([str(inputs / "letters.pdf"), str(inputs / "note.png")], str(tmp_path), same).done
-    assert "no pages     0 pages" in dry_run([str(inputs / "note.png")], str(tmp_path), config).describe()
+    assert dry_run([str(inputs / "letters.pdf"), str(inputs / "note.png")], str(tmp_path), same, mode="detect").done
+    unselected = dry_run([str(inputs / "note.png")], str(tmp_path), config, mode="detect")
+    assert "no pages     0 pages" in unselected.describe()
     # and note.png is read by a run that selects its page
     first = load_config(None, [DPI, "rasterize.pages=1"])
-    assert run_job([str(inputs / "note.png")], str(tmp_path), first).written.pages == 1
+    assert run_job([str(inputs / "note.png")], str(tmp_path), first, mode="detect").written.pages == 1
 
 
 def test_dry_run_lists_documents_and_writes_nothing(inputs, tmp_path, capsys):
