@@ -73,6 +73,25 @@ def resolve_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(location)
 
 
+def on_disk(path: str) -> None:
+    """Wait until a local file's data (or a folder's entries) are on the disk, not only in the page cache."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def move_into_place(filesystem: pafs.FileSystem, staged: str, final: str) -> None:
+    """Give a file written under a staging name its published name, on a local disk only once its data are there:
+    ext4 and XFS may write a new file's data after its rename, so a power cut could leave a published name on an
+    empty file, a Parquet part that stops the next run or an export taken for done. An object store's file is
+    whole once its stream is closed."""
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        on_disk(staged)
+    filesystem.move(staged, final)
+
+
 def make_local_folder(path: str) -> None:
     """Create a local output folder (``inspect``, ``synth``), or say in one line why it cannot be: a URI or no name
     (an ``s3://`` output had been written under ``./s3:/``, an empty one into the working folder), a file in the

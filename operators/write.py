@@ -44,7 +44,7 @@ from operators.formats.export import STAGED_EXPORT_PREFIX, remove_other_exports,
 from operators.ingest import KnownDocument, check_unchanged, duplicate_id
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
 from operators.settings import RasterizeConfig
-from operators.storage import lock_alone, resolve_filesystem, scratch_space_full, writing
+from operators.storage import lock_alone, move_into_place, resolve_filesystem, scratch_space_full, writing
 from operators.words import split_words
 
 log = logging.getLogger(__name__)
@@ -403,7 +403,7 @@ def retire_documents(output: str, retirement: Retirement) -> None:
     with writing(f"{root}/{RETIRING}"):
         with filesystem.open_output_stream(partial) as stream:
             stream.write(json.dumps([sorted(retirement.dependents), sorted(retirement.failed)]).encode())
-        filesystem.move(partial, f"{root}/{RETIRING}")
+        move_into_place(filesystem, partial, f"{root}/{RETIRING}")
     _retire(filesystem, root)
 
 
@@ -444,7 +444,7 @@ def _retire(filesystem: pafs.FileSystem, root: str) -> None:
                                       pages[name]), (staying, path)):
                     staged = f"{root}/{STAGING_DIR}/retired-{final.rsplit('/', 2)[-2]}-{name}"
                     pq.write_table(table, staged, filesystem=filesystem)
-                    filesystem.move(staged, final)
+                    move_into_place(filesystem, staged, final)
     filesystem.delete_file(f"{root}/{RETIRING}")
 
 
@@ -583,7 +583,7 @@ class ParquetSink:
             with writing(f"{self.root}/{STAGING_DIR}"):  # whole or not at all: a rerun reads it
                 with self.filesystem.open_output_stream(f"{note}.part") as stream:
                     stream.write(json.dumps({key: document[key] for key in ("doc_id", "source", "num_pages")}).encode())
-                self.filesystem.move(f"{note}.part", note)
+                move_into_place(self.filesystem, f"{note}.part", note)
             self._exporting.add(outcome.doc_id)
         try:
             if None not in stamp:
@@ -614,7 +614,7 @@ class ParquetSink:
         staged = f"{self.root}/{STAGING_DIR}/{folder}-{name}"
         with writing(staged):
             pq.write_table(table, staged, filesystem=self.filesystem)
-            self.filesystem.move(staged, f"{self.root}/{folder}/{name}")
+            move_into_place(self.filesystem, staged, f"{self.root}/{folder}/{name}")
 
     def flush(self) -> None:
         """Publish the complete documents held so far (also what a stopped run does before it ends)."""

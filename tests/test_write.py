@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tempfile
 from dataclasses import asdict, replace
@@ -294,6 +295,31 @@ def test_a_retirement_cut_short_is_finished_at_the_next_start_and_counts_as_done
     assert not (tmp_path / RETIRING).exists()
     assert [row["doc_id"] for row in _read(tmp_path, DOCUMENTS_DIR).to_pylist()] == ["a"]
     assert [path.name for path in (tmp_path / EXPORTS_DIR).iterdir()] == ["a-a.txt"]
+
+
+def test_every_file_a_run_publishes_is_on_the_disk_before_its_name_is(tmp_path, monkeypatch):
+    """ext4 and XFS may write a new file's data after its rename, so each part, export file and part rewritten by a
+    retirement is fsynced under its staging name: a power cut could otherwise leave a published name on an empty
+    file. (The real fsync runs; the files it was given are noted by inode, which a rename keeps.)"""
+    synced: set[int] = set()
+    fsync = os.fsync
+
+    def noting_fsync(descriptor: int) -> None:
+        synced.add(os.fstat(descriptor).st_ino)
+        fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", noting_fsync)
+    sink = ParquetSink(str(tmp_path), rows_per_file=100, exports=("txt", "alto"))
+    sink.expect(_document("a", 1))
+    sink.add_page(_page("a", 1))
+    sink.expect(_document("g", 2))
+    sink.add_page(_page("g", 1))
+    sink.add_page(_page("g", 2).fail("render_failed", "cut off"))
+    sink.close()
+    retire_documents(str(tmp_path), published_documents(str(tmp_path)).failed_to_retry({"g.pdf": "g"}))
+    published = [path for folder in (PAGES_DIR, DOCUMENTS_DIR, EXPORTS_DIR) for path in (tmp_path / folder).iterdir()]
+    assert sorted(path.suffix for path in published) == [".parquet", ".parquet", ".txt", ".xml"]
+    assert [path for path in published if path.stat().st_ino not in synced] == []
 
 
 def test_an_output_holding_files_of_others_is_refused_and_their_files_stay(tmp_path):

@@ -30,7 +30,7 @@ from operators.formats.geometry import box_within, line_outline, polyline_within
 from operators.settings import EXPORT_FORMATS, RasterizeConfig
 from operators.text import xml_text
 from operators.formats.mets import IMAGE_GROUP, mets_document, page_images
-from operators.storage import resolve_filesystem, writing
+from operators.storage import move_into_place, resolve_filesystem, writing
 
 SOFTWARE = "trocr-pipeline"
 
@@ -100,7 +100,7 @@ def write_exports(pages: Sequence[dict], document: dict, formats: Sequence[str],
                 with filesystem.open_output_stream(target) as stream:
                     stream.write(content)
                 if target != path:
-                    filesystem.move(target, path)
+                    move_into_place(filesystem, target, path)
             written.append(path)
     with writing(what):
         remove_other_exports(document, written, root, filesystem)

@@ -41,7 +41,7 @@ from operators.errors import ConfigError, OutputLocked, OutputNotWritable, Write
 from operators.model import TrOCRBundle, cpu_has_native_bf16, load_trocr, resolve_device, resolve_dtype
 from operators.preprocess import WIDTH_SCALE_KEY, LinePreprocessor, ink_columns
 from operators.recognize import LineRecognizer
-from operators.storage import lock_alone
+from operators.storage import lock_alone, on_disk
 from operators.text import make_normalizer
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import (Batch, LabelCollator, LabeledLine, TrainingLines, check_training_lines,
@@ -178,6 +178,15 @@ def _saving(what: Path) -> Iterator[None]:
         raise WriteFailed(f"cannot write {what}: {exc}") from exc
 
 
+def _folder_on_disk(folder: Path) -> None:
+    """A saved folder's files on the disk before what vouches for them is written (a checkpoint's trainer state, the
+    best model's record) and older checkpoints are deleted: after a power cut, a checkpoint counted complete could
+    otherwise hold empty files, with the ones before it gone."""
+    for path in folder.iterdir():
+        if path.is_file():
+            on_disk(str(path))
+
+
 def save_checkpoint(run: "TrainingRun", state: TrainerState) -> Path:
     """Model + processor + optimizer/scheduler/state; the trainer state file is written last (= complete)."""
     folder = run.config.work_dir / f"{CHECKPOINT_PREFIX}{state.step}"
@@ -190,7 +199,9 @@ def save_checkpoint(run: "TrainingRun", state: TrainerState) -> Path:
              "settings": _settings(run.config)},
             partial,
         )
+        _folder_on_disk(folder)
         os.replace(partial, folder / TRAINER_STATE)
+        on_disk(str(folder))
     complete, unfinished = [], []
     for checkpoint in _checkpoints(run.config.work_dir):
         (complete if (checkpoint / TRAINER_STATE).is_file() else unfinished).append(checkpoint)
@@ -206,9 +217,11 @@ def save_best(run: "TrainingRun", state: TrainerState) -> None:
     config = run.config
     with _saving(config.output_dir):
         save_trocr(run.model, run.processor, config.output_dir)
+        _folder_on_disk(config.output_dir)
         partial = config.work_dir / f"{BEST_STATE}.partial"
         partial.write_text(json.dumps({"step": state.step, "validation_cer": state.best_cer,
                                        "output_dir": os.path.abspath(config.output_dir)}))
+        on_disk(str(partial))
         os.replace(partial, config.work_dir / BEST_STATE)
 
 
