@@ -5,6 +5,7 @@ Nothing here needs the network, a GPU or ../shared: every input is built by the 
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -43,6 +44,13 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def joining_ray_local(ray_local) -> dict[str, str]:
+    """The environment of a job subprocess that joins the session's Ray instance, as ``ray job submit`` has a job
+    join its cluster, instead of taking seconds to start its own (for tests where which instance is no matter)."""
+    return {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
 
 
 @pytest.fixture(scope="session")

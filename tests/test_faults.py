@@ -1,6 +1,6 @@
-"""Faults on a real local Ray instance: the driver killed with SIGKILL and rerun, a second run on one
-output while the rerun holds it, a recognizer actor killed mid-batch, a disk that fills up, an output
-that cannot be written. Every document and page ends up in the output exactly once."""
+"""Faults on a real local Ray instance: a run stopped by SIGTERM, its rerun killed with SIGKILL, a second run on one
+output while the next rerun holds it, a recognizer actor killed mid-batch, a disk that fills up, an output that
+cannot be written. Every document and page ends up in the output exactly once."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 
 from operators.errors import ExitCode
@@ -40,16 +41,16 @@ def _job_arguments(documents: list[Path], output: Path, model: Path, line_batch_
             "--set", "recognize.pages_per_batch=1", "--set", f"recognize.line_batch_size={line_batch_size}"]
 
 
-def _job(documents: list[Path], output: Path, model: Path, line_batch_size: int = 1) -> subprocess.Popen:
-    """The CLI job in its own process group, with the Ray instance it starts."""
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli",
-                             *_job_arguments(documents, output, model, line_batch_size)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def _job(arguments: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """The CLI job in its own process group, with the Ray instance it starts (unless ``env`` names one to join)."""
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *arguments], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
 
 
 def _published(output: Path) -> int:
+    """Documents rows published so far (each part is whole once it has its name)."""
     folder = output / "documents"
-    return len(list(folder.glob("*.parquet"))) if folder.exists() else 0
+    return sum(pq.read_metadata(part).num_rows for part in folder.glob("*.parquet")) if folder.exists() else 0
 
 
 def _wait_for(condition, timeout: float, what: str) -> None:
@@ -82,23 +83,42 @@ def _lock_held(output: Path) -> bool:
     return any(fields[1] == "FLOCK" and fields[5].endswith(f":{inode}") for fields in held)
 
 
-def test_driver_killed_then_rerun_writes_every_document_once_and_a_run_beside_it_stops_at_once(
-        documents, tiny_model, tmp_path, capsys):
-    """Also a cron job firing twice: a run started while the rerun holds the output stops at once,
-    touches nothing and says why."""
+def test_a_run_stopped_then_killed_then_run_again_writes_every_document_once(documents, tiny_model, tmp_path,
+                                                                             joining_ray_local, capsys):
+    """Three runs on one output.
+    1. Stopped by SIGTERM (`kill`, systemd, `ray job stop`): Ray's handler had aborted the driver with a C++ stack dump
+       (exit 134), and documents finished since the last 2,000-row part were redone. Finished documents are now
+       published at least every publish_every_s and at the signal, and the console gets one line.
+    2. Its rerun killed outright (SIGKILL), with the Ray instance it started.
+    3. The next rerun (on the session's Ray instance) finishes, while a run started beside it (a cron job firing
+       twice) stops at once, touches nothing and says why. Every document and page is in the output once."""
     output = tmp_path / "out"
-    job = _job(documents, output, tiny_model)
+    stopped = _job([*_job_arguments(documents, output, tiny_model), "--set", "output.parquet_rows_per_file=2000",
+                    "--set", "output.publish_every_s=0.5"])
     try:
-        _wait_for(lambda: _published(output) >= 1 or job.poll() is not None, 300, "the first published document")
-        os.killpg(job.pid, signal.SIGKILL)  # the driver and the Ray instance it started
-        job.wait(timeout=60)
+        _wait_for(lambda: _published(output) >= 1 or stopped.poll() is not None, 300, "the first published document")
+        os.kill(stopped.pid, signal.SIGTERM)
+        log, _ = stopped.communicate(timeout=120)
     finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-    killed_at = _published(output)
-    assert 1 <= killed_at < len(documents), "the kill must land mid-job for this test to mean anything"
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(stopped.pid, signal.SIGKILL)
+    assert stopped.returncode == ExitCode.ctrl_c, log[-3000:]
+    assert "trocr-pipeline: interrupted" in log and "SIGTERM received" not in log, log[-3000:]
+    kept = _published(output)
+    assert 1 <= kept < len(documents) - 1, "the signal must land early in the job for this test to mean anything"
 
-    rerun = _job(documents, output, tiny_model, line_batch_size=64)  # nothing in it is killed
+    killed = _job(_job_arguments(documents, output, tiny_model))
+    try:
+        _wait_for(lambda: _published(output) > kept or killed.poll() is not None, 300, "a document published")
+        os.killpg(killed.pid, signal.SIGKILL)  # the driver and the Ray instance it started
+        killed.wait(timeout=60)
+    finally:
+        if killed.poll() is None:
+            os.killpg(killed.pid, signal.SIGKILL)
+    killed_at = _published(output)
+    assert kept < killed_at < len(documents), "the kill must land mid-job for this test to mean anything"
+
+    rerun = _job(_job_arguments(documents, output, tiny_model, line_batch_size=64), env=joining_ray_local)
     try:
         _wait_for(lambda: _lock_held(output) or rerun.poll() is not None, 300, "the rerun to hold the output")
         second = main(["detect", str(documents[0].parent), "--output", str(output)])
@@ -111,30 +131,6 @@ def test_driver_killed_then_rerun_writes_every_document_once_and_a_run_beside_it
     assert f"another run is writing to {output}" in capsys.readouterr().err
     assert rerun.returncode == 0, log[-3000:]
     assert f"{killed_at} already done" in log
-    _check_exactly_once(output, documents)
-
-
-def test_sigterm_stops_a_run_as_ctrl_c_does_keeping_what_it_finished(documents, tiny_model, tmp_path):
-    """`kill`, systemd or `ray job stop`: Ray's handler had aborted the driver with a C++ stack dump (exit 134),
-    and documents finished since the last 2,000-row part were redone. Now finished documents are published at
-    least every publish_every_s and at the signal, and the console gets one line."""
-    output = tmp_path / "out"
-    arguments = [*_job_arguments(documents, output, tiny_model), "--set", "output.parquet_rows_per_file=2000",
-                 "--set", "output.publish_every_s=0.5"]
-    job = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *arguments], stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        _wait_for(lambda: _published(output) >= 1 or job.poll() is not None, 300, "the first published document")
-        os.kill(job.pid, signal.SIGTERM)
-        log, _ = job.communicate(timeout=120)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(job.pid, signal.SIGKILL)
-    assert job.returncode == ExitCode.ctrl_c, log[-3000:]
-    assert "trocr-pipeline: interrupted" in log and "SIGTERM received" not in log, log[-3000:]
-    kept = len(ds.dataset(output / "documents", format="parquet").to_table())
-    assert 1 <= kept < len(documents), "the signal must land mid-job for this test to mean anything"
-    assert main([*arguments, "--set", "recognize.line_batch_size=64"]) == 0  # nothing in it is stopped
     _check_exactly_once(output, documents)
 
 

@@ -97,7 +97,7 @@ def test_blank_page_is_ok_with_no_lines(corpus_run):
     assert (page["status"], page["lines"], page["text"]) == ("ok", [], "")
 
 
-def test_thousand_page_pdf_streams_through_in_bounded_memory(tmp_path):
+def test_thousand_page_pdf_streams_through_in_bounded_memory(tmp_path, joining_ray_local):
     """1,000 pages rendered 50 at a time: every page comes out once, the driver stays small."""
     single = write_pdf(tmp_path / "one.pdf", [text_page(["A page of the thousand-page register",
                                                          "with a second line of text"],
@@ -119,9 +119,9 @@ def test_thousand_page_pdf_streams_through_in_bounded_memory(tmp_path):
     )
     result = subprocess.run(
         [sys.executable, "-c", measured, "detect", str(register), "--output", str(output),
-         "--set", "rasterize.dpi=50", "--set", "rasterize.pages_per_task=50", "--set", "ray.num_cpus=2",
+         "--set", "rasterize.dpi=50", "--set", "rasterize.pages_per_task=50",
          "--set", "rasterize.detect_orientation=false"],  # a third of each page's work, and beside the point here
-        capture_output=True, text=True, timeout=900)
+        capture_output=True, text=True, timeout=900, env=joining_ray_local)
     assert result.returncode == 0, result.stderr[-3000:]
     pages = ds.dataset(f"{output}/pages", format="parquet").to_table(columns=["page", "status", "lines"])
     assert sorted(pages.column("page").to_pylist()) == list(range(1, 1001))
