@@ -261,6 +261,14 @@ class RayHead:
         result = self.job("status", "--log-color", "false", submission_id)
         return result.stdout + result.stderr
 
+    def ended(self, submission_id: str, timeout: float = 300) -> str:
+        """What `ray job status` says once the job has ended."""
+        deadline = time.monotonic() + timeout
+        while not re.search(rf"Job '{submission_id}' (succeeded|failed|stopped)", said := self.status(submission_id)):
+            assert time.monotonic() < deadline, f"{submission_id} still running after {timeout} s: {said}"
+            time.sleep(1)
+        return said
+
 
 @pytest.fixture(scope="module")
 def ray_head():
@@ -318,14 +326,37 @@ def _assert_every_document_once(output: Path, expected: list[Path]) -> None:
     assert sorted(pages) == _expected_pages(expected), "every page exactly once"
 
 
-def test_job_submit_runs_the_cli_with_the_actors_that_fit_and_reports_in_the_job_logs(ray_head, job_inputs,
-                                                                                       job_documents, tiny_model,
-                                                                                       tmp_path):
+@pytest.fixture(scope="module")
+def failing_jobs(ray_head, job_inputs, tiny_model, tmp_path_factory) -> Path:
+    """Jobs that fail, submitted without waiting (as users of a cluster submit theirs) before the job that reads, which
+    runs beside them; each test below reads how its own ended."""
+    cpu_only = [override for override in CPU_OVERRIDES if not override.startswith(("recognize.num_gpus",
+                                                                                    "recognize.accelerator_type"))]
+    output = tmp_path_factory.mktemp("failing-jobs")
+    entrypoints = {
+        "ocr-no-gpu": ["run", str(job_inputs), "--output", str(output / "no-gpu"), "--config",
+                       "configs/cluster-v100.yaml", "--set", f"recognize.model={tiny_model}",
+                       "--set", "recognize.start_timeout_s=3", *[arg for item in cpu_only for arg in ("--set", item)]],
+        "ocr-relative": ["run", str(job_inputs), "--output", "ocr-out"],
+        "ocr-bad-model": ["run", str(job_inputs), "--output", str(output / "bad-model"),
+                          "--set", f"recognize.model={output / 'no-such-model'}"],
+    }
+    for submission_id, arguments in entrypoints.items():
+        submit = ray_head.job("submit", "--no-wait", "--submission-id", submission_id, "--working-dir", ".",
+                              "--runtime-env", "docker/runtime-env.yaml", "--", "python", "-m", "pipeline.cli",
+                              *arguments, timeout=120)
+        assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
+    return output
+
+
+def test_job_submit_runs_the_cli_with_the_actors_that_fit_and_reports_in_the_job_logs(ray_head, failing_jobs,
+                                                                                       job_inputs, job_documents,
+                                                                                       tiny_model, tmp_path):
     """Two recognizer actors of 1.5 CPUs on a head of 2: one fits, and the job reads with it (Ray Data's wait for
     the pool's whole size had failed such a job after recognize.start_timeout_s)."""
     output = tmp_path / "ocr"
     overrides = [*CPU_OVERRIDES, "recognize.concurrency=2", "recognize.num_cpus=1.5", "rasterize.num_cpus=0.5",
-                 "detect.num_cpus=0.5", "recognize.start_timeout_s=20"]
+                 "detect.num_cpus=0.5", "recognize.start_timeout_s=120"]
     entrypoint = ["python", "-m", "pipeline.cli", "run", str(job_inputs), "--output", str(output),
                   "--config", "configs/cluster-v100.yaml", "--set", f"recognize.model={tiny_model}",
                   *[arg for override in overrides for arg in ("--set", override)]]
@@ -339,22 +370,12 @@ def test_job_submit_runs_the_cli_with_the_actors_that_fit_and_reports_in_the_job
     _assert_every_document_once(output, job_documents)
 
 
-def test_a_recognizer_no_node_fits_fails_the_job_instead_of_waiting_for_ever(ray_head, job_inputs, tiny_model,
-                                                                              tmp_path):
+def test_a_recognizer_no_node_fits_fails_the_job_instead_of_waiting_for_ever(ray_head, failing_jobs):
     """The V100 config on a cluster without V100s had stayed RUNNING, silent, with Ray's autoscaler repeating that
     no node type fits: on a cluster the GPU check is left to Ray, as an autoscaler may add the nodes."""
     from operators.errors import ExitCode
 
-    overrides = [override for override in CPU_OVERRIDES if not override.startswith(("recognize.num_gpus",
-                                                                                      "recognize.accelerator_type"))]
-    submit = ray_head.job("submit", "--submission-id", "ocr-no-gpu", "--working-dir", ".",
-                          "--runtime-env", "docker/runtime-env.yaml", "--",
-                          "python", "-m", "pipeline.cli", "run", str(job_inputs), "--output", str(tmp_path / "ocr"),
-                          "--config", "configs/cluster-v100.yaml", "--set", f"recognize.model={tiny_model}",
-                          "--set", "recognize.start_timeout_s=3",
-                          *[arg for override in overrides for arg in ("--set", override)], timeout=300)
-    assert submit.returncode != 0
-    assert f"failed with exit code {int(ExitCode.bad_args)}" in ray_head.status("ocr-no-gpu")
+    assert f"failed with exit code {int(ExitCode.bad_args)}" in ray_head.ended("ocr-no-gpu")
     assert ("no node of the cluster took a recognizer actor within recognize.start_timeout_s=3 s" in
             ray_head.job("logs", "ocr-no-gpu").stdout)
 
@@ -397,28 +418,19 @@ def test_the_address_check_takes_the_address_ray_joins(monkeypatch):
         check_cluster_address(f"[::1]:{head.getsockname()[1]}")
 
 
-def test_a_relative_output_in_a_job_with_a_working_dir_is_refused(ray_head, job_inputs):
+def test_a_relative_output_in_a_job_with_a_working_dir_is_refused(ray_head, failing_jobs):
     """`--output ocr-out` had landed in Ray's copy of the working dir, which Ray deletes, with the job SUCCEEDED."""
-    submit = ray_head.job("submit", "--submission-id", "ocr-relative", "--working-dir", ".",
-                          "--runtime-env", "docker/runtime-env.yaml", "--",
-                          "python", "-m", "pipeline.cli", "run", str(job_inputs), "--output", "ocr-out", timeout=180)
-    assert submit.returncode != 0
+    assert "Job 'ocr-relative' failed" in ray_head.ended("ocr-relative")
     assert "'ocr-out' is relative" in ray_head.job("logs", "ocr-relative").stdout
 
 
-def test_job_submit_fails_the_job_with_the_cli_exit_code(ray_head, job_inputs, tmp_path):
+def test_job_submit_fails_the_job_with_the_cli_exit_code(ray_head, failing_jobs):
     from operators.errors import ExitCode
 
-    missing_model = tmp_path / "no-such-model"
-    submit = ray_head.job("submit", "--submission-id", "ocr-bad-model", "--working-dir", ".",
-                          "--runtime-env", "docker/runtime-env.yaml", "--",
-                          "python", "-m", "pipeline.cli", "run", str(job_inputs), "--output", str(tmp_path / "ocr"),
-                          "--set", f"recognize.model={missing_model}", timeout=180)
-    assert submit.returncode != 0
-    status = ray_head.status("ocr-bad-model")
+    status = ray_head.ended("ocr-bad-model")
     assert "Job 'ocr-bad-model' failed" in status
     assert f"Job entrypoint command failed with exit code {int(ExitCode.model_error)}" in status
-    assert str(missing_model) in ray_head.job("logs", "ocr-bad-model").stdout
+    assert str(failing_jobs / "no-such-model") in ray_head.job("logs", "ocr-bad-model").stdout
 
 
 def run_on_simulated_gpu_cluster(spec: dict) -> dict:
