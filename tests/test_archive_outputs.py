@@ -1001,7 +1001,8 @@ def test_a_log_record_on_a_terminal_starts_on_a_line_of_its_own():
     assert not handler.filters
 
 
-def test_a_run_on_a_terminal_redraws_its_line_and_leaves_no_colour_reset_after_the_summary(inputs, tmp_path):
+def test_a_run_on_a_terminal_redraws_its_line_and_leaves_no_colour_reset_after_the_summary(inputs, tmp_path,
+                                                                                          joining_ray_local):
     """Ray's bundled colorama, set up when Ray starts, had written ``\\x1b[0m`` to the terminal at exit, after the
     summary."""
     import os
@@ -1009,8 +1010,9 @@ def test_a_run_on_a_terminal_redraws_its_line_and_leaves_no_colour_reset_after_t
     import select
 
     terminal, job_side = pty.openpty()
+    # a detect job on the session's Ray instance: the console is the point, not the model or which instance
     job = subprocess.Popen(CLI + ["detect", str(inputs / "note.png"), "--output", str(tmp_path / "out"), "--set", DPI],
-                           stdin=job_side, stdout=job_side, stderr=job_side)  # no model: the console is the point
+                           stdin=job_side, stdout=job_side, stderr=job_side, env=joining_ray_local)
     os.close(job_side)
     shown, deadline = b"", time.monotonic() + 300
     while time.monotonic() < deadline:
