@@ -42,8 +42,10 @@ demo: setup
 	$(BIN)/trocr-pipeline run $(DEMO)/samples --output $(DEMO)/result
 	$(BIN)/trocr-pipeline show $(DEMO)/result
 
+# Two test processes, each module's tests in one of them (its module fixtures, a Ray head or a job's output, made
+# once): the tests wait on Ray, subprocesses and disks for a third of the time, and the other process uses it.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope
 
 clean:
 	rm -rf out .pytest_cache
