@@ -54,6 +54,17 @@ def _read(output, folder):
     return ds.dataset(f"{output}/{folder}", format="parquet").to_table()
 
 
+def _write_a_and_g_with_a_failed_page(output: Path, exports: tuple[str, ...]) -> None:
+    """Document a, whole, and document g, failed by its second page: a run's output for --retry-failed to retire."""
+    sink = ParquetSink(str(output), rows_per_file=100, exports=exports)
+    sink.expect(_document("a", 1))
+    sink.add_page(_page("a", 1))
+    sink.expect(_document("g", 2))
+    sink.add_page(_page("g", 1))
+    sink.add_page(_page("g", 2).fail("render_failed", "cut off"))
+    sink.close()
+
+
 def test_documents_and_pages_with_the_explicit_schema(tmp_path):
     sink = ParquetSink(str(tmp_path), rows_per_file=100)
     sink.expect(_document("a", 2))
@@ -277,13 +288,7 @@ def test_a_retirement_cut_short_is_finished_at_the_next_start_and_counts_as_done
     """A run killed while taking documents out (here: after the pages part was rewritten, before the documents
     part) had left a failed document without its good pages for good, unless the next run retried it too; the
     retired document's exports had stayed beside its new reading."""
-    sink = ParquetSink(str(tmp_path), rows_per_file=100, exports=("txt",))
-    sink.expect(_document("a", 1))
-    sink.add_page(_page("a", 1))
-    sink.expect(_document("g", 2))
-    sink.add_page(_page("g", 1))
-    sink.add_page(_page("g", 2).fail("render_failed", "cut off"))
-    sink.close()
+    _write_a_and_g_with_a_failed_page(tmp_path, exports=("txt",))
     assert sorted(path.name for path in (tmp_path / EXPORTS_DIR).iterdir()) == ["a-a.txt", "g-g.txt"]
     # what retire_documents writes down before it starts, and the first of its renames
     (tmp_path / RETIRING).write_text(json.dumps([[], ["g"]]))
@@ -309,13 +314,7 @@ def test_every_file_a_run_publishes_is_on_the_disk_before_its_name_is(tmp_path, 
         fsync(descriptor)
 
     monkeypatch.setattr(os, "fsync", noting_fsync)
-    sink = ParquetSink(str(tmp_path), rows_per_file=100, exports=("txt", "alto"))
-    sink.expect(_document("a", 1))
-    sink.add_page(_page("a", 1))
-    sink.expect(_document("g", 2))
-    sink.add_page(_page("g", 1))
-    sink.add_page(_page("g", 2).fail("render_failed", "cut off"))
-    sink.close()
+    _write_a_and_g_with_a_failed_page(tmp_path, exports=("txt", "alto"))
     retire_documents(str(tmp_path), published_documents(str(tmp_path)).failed_to_retry({"g.pdf": "g"}))
     published = [path for folder in (PAGES_DIR, DOCUMENTS_DIR, EXPORTS_DIR) for path in (tmp_path / folder).iterdir()]
     assert sorted(path.suffix for path in published) == [".parquet", ".parquet", ".txt", ".xml"]
