@@ -1026,7 +1026,7 @@ def test_a_run_on_a_terminal_redraws_its_line_and_leaves_no_colour_reset_after_t
     assert job.wait(timeout=60) == 0, shown.decode(errors="replace")
     text = shown.decode()
     assert "\r\x1b[Kdocuments 1/1, pages 1/1" in text and "pages: 1 (0 failed)" in text, text
-    assert "the model" not in text, text  # a detect job loads none
+    assert "\r\x1b[Kstarting (Ray), 0:00 elapsed" in text and "the model" not in text, text  # a detect job loads none
     assert "\x1b[0m" not in text, text[-300:]
 
 

@@ -275,20 +275,26 @@ def ray_head():
     """A real `ray start --head` with the dashboard's job server, two CPUs, no GPU."""
     ray_tmpdir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     env = _private_ray_env(ray_tmpdir)
-    dashboard_port = _free_port()
-    start = subprocess.Popen(
-        [RAY_CLI, "start", "--head", f"--port={_free_port()}", "--num-cpus=2", "--num-gpus=0",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-         "--disable-usage-stats"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
+    starts = []
     try:
-        output, _ = start.communicate(timeout=120)
-        assert start.returncode == 0, output[-3000:]
+        for _ in range(3):  # a port found free may be taken before Ray binds it (by the other test process's Ray)
+            dashboard_port = _free_port()
+            starts.append(subprocess.Popen(
+                [RAY_CLI, "start", "--head", f"--port={_free_port()}", "--num-cpus=2", "--num-gpus=0",
+                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                 f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+                 "--disable-usage-stats"],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            ))
+            output, _ = starts[-1].communicate(timeout=120)
+            if starts[-1].returncode == 0:
+                break
+            _stop_process_group(starts[-1].pid)
+        assert starts[-1].returncode == 0, output[-3000:]
         yield RayHead(f"http://127.0.0.1:{dashboard_port}", env)
     finally:
-        _stop_process_group(start.pid)
+        for start in starts:
+            _stop_process_group(start.pid)
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
 
 

@@ -105,7 +105,7 @@ def test_a_run_stopped_then_killed_then_run_again_writes_every_document_once(doc
     assert stopped.returncode == ExitCode.ctrl_c, log[-3000:]
     assert "trocr-pipeline: interrupted" in log and "SIGTERM received" not in log, log[-3000:]
     kept = _published(output)
-    assert 1 <= kept < len(documents) - 1, "the signal must land early in the job for this test to mean anything"
+    assert 1 <= kept <= len(documents) - 3, "the signal must land early in the job for this test to mean anything"
 
     killed = _job(_job_arguments(documents, output, tiny_model))
     try:

@@ -132,7 +132,7 @@ def test_cli_run_fills_text_and_confidence_and_reports_failed_documents_in_exit_
     assert {"alto.xml", "page.xml", "hocr", "txt"} <= set(exported), exported
     pages = _read(str(output), "pages").to_pylist()
     lines = [line for page in pages for line in page["lines"]]
-    assert lines and f"lines: {len(lines)}" in said
+    assert lines and f"lines: {len(lines)}\n" in said
     confidences = np.array([line["confidence"] for line in lines])
     assert np.all((confidences >= 0) & (confidences <= 1))
     # a random 8-token model never reaches end-of-sequence: every line is flagged, none silently cut

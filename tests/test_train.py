@@ -78,9 +78,10 @@ def fine_tune_config(tmp_path: Path, base_model: Path, line_folder: Path, steps:
 
 
 def test_fine_tuning_lowers_the_loss_and_saves_a_loadable_model(tmp_path, base_model, line_folder, monkeypatch):
-    synced: set[int] = set()  # the inodes given to the real fsync
+    synced: dict[int, list[str]] = {}  # what the real fsync was given: inode (a rename keeps it) -> names it had then
     fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda descriptor: (synced.add(os.fstat(descriptor).st_ino), fsync(descriptor)))
+    monkeypatch.setattr(os, "fsync", lambda descriptor: (synced.setdefault(os.fstat(descriptor).st_ino, []).append(
+        os.readlink(f"/proc/self/fd/{descriptor}")), fsync(descriptor)))
     metrics: list[dict] = []
     output = train(fine_tune_config(tmp_path, base_model, line_folder, steps=20), show_progress=False,
                    report=metrics.append)
@@ -91,11 +92,14 @@ def test_fine_tuning_lowers_the_loss_and_saves_a_loadable_model(tmp_path, base_m
     bundle = load_trocr(str(output), device="cpu")
     assert bundle.preprocessor.input_size == (32, 128)
     assert latest_checkpoint(tmp_path / "work").name == f"{CHECKPOINT_PREFIX}20"
-    # on the disk before the files that vouch for them and before older checkpoints go: after a power cut, a checkpoint
-    # counted complete or a model best.json records could otherwise hold empty files
+    # each file on the disk before its rename (over the one it replaces, in output_dir), and a checkpoint's folder before
+    # older checkpoints go: after a power cut, a checkpoint counted complete or the model best.json vouches for could
+    # otherwise hold empty files
     checkpoint = latest_checkpoint(tmp_path / "work")
-    saved_files = [checkpoint, *checkpoint.iterdir(), *output.iterdir(), tmp_path / "work" / BEST_STATE]
-    assert [path for path in saved_files if path.stat().st_ino not in synced] == []
+    renamed = [*checkpoint.iterdir(), *output.iterdir(), tmp_path / "work" / BEST_STATE]
+    assert [path for path in renamed if not any(SAVING_PREFIX in name or name.endswith(".partial")
+                                                for name in synced.get(path.stat().st_ino, []))] == []
+    assert str(checkpoint) in synced[checkpoint.stat().st_ino]
     saved = json.loads((output / "tokenizer.json").read_text())  # no training-time truncation for its users
     assert saved["truncation"] is None and saved["padding"] is None
 

@@ -305,12 +305,14 @@ def test_a_retirement_cut_short_is_finished_at_the_next_start_and_counts_as_done
 def test_every_file_a_run_publishes_is_on_the_disk_before_its_name_is(tmp_path, monkeypatch):
     """ext4 and XFS may write a new file's data after its rename, so each part, export file and part rewritten by a
     retirement is fsynced under its staging name: a power cut could otherwise leave a published name on an empty
-    file. (The real fsync runs; the files it was given are noted by inode, which a rename keeps.)"""
-    synced: set[int] = set()
+    file. (The real fsync runs; each file it was given is noted with its inode and size, which a rename keeps, and
+    the name it had then.)"""
+    synced: dict[tuple[int, int], list[str]] = {}
     fsync = os.fsync
 
     def noting_fsync(descriptor: int) -> None:
-        synced.add(os.fstat(descriptor).st_ino)
+        status = os.fstat(descriptor)
+        synced.setdefault((status.st_ino, status.st_size), []).append(os.readlink(f"/proc/self/fd/{descriptor}"))
         fsync(descriptor)
 
     monkeypatch.setattr(os, "fsync", noting_fsync)
@@ -318,7 +320,9 @@ def test_every_file_a_run_publishes_is_on_the_disk_before_its_name_is(tmp_path, 
     retire_documents(str(tmp_path), published_documents(str(tmp_path)).failed_to_retry({"g.pdf": "g"}))
     published = [path for folder in (PAGES_DIR, DOCUMENTS_DIR, EXPORTS_DIR) for path in (tmp_path / folder).iterdir()]
     assert sorted(path.suffix for path in published) == [".parquet", ".parquet", ".txt", ".xml"]
-    assert [path for path in published if path.stat().st_ino not in synced] == []
+    staged = f"{tmp_path}/{STAGING_DIR}/"
+    assert [path for path in published if not any(name.startswith(staged) for name in
+                                                  synced.get((path.stat().st_ino, path.stat().st_size), []))] == []
 
 
 def test_an_output_holding_files_of_others_is_refused_and_their_files_stay(tmp_path):

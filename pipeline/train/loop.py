@@ -178,15 +178,6 @@ def _saving(what: Path) -> Iterator[None]:
         raise WriteFailed(f"cannot write {what}: {exc}") from exc
 
 
-def _folder_on_disk(folder: Path) -> None:
-    """A saved folder's files on the disk before what vouches for them is written (a checkpoint's trainer state, the
-    best model's record) and older checkpoints are deleted: after a power cut, a checkpoint counted complete could
-    otherwise hold empty files, with the ones before it gone."""
-    for path in folder.iterdir():
-        if path.is_file():
-            on_disk(str(path))
-
-
 def save_checkpoint(run: "TrainingRun", state: TrainerState) -> Path:
     """Model + processor + optimizer/scheduler/state; the trainer state file is written last (= complete)."""
     folder = run.config.work_dir / f"{CHECKPOINT_PREFIX}{state.step}"
@@ -199,9 +190,9 @@ def save_checkpoint(run: "TrainingRun", state: TrainerState) -> Path:
              "settings": _settings(run.config)},
             partial,
         )
-        _folder_on_disk(folder)
+        on_disk(str(partial))  # the model's files are on the disk already (save_trocr)
         os.replace(partial, folder / TRAINER_STATE)
-        on_disk(str(folder))
+        on_disk(str(folder))  # before older checkpoints go: a power cut must leave one that is complete
     complete, unfinished = [], []
     for checkpoint in _checkpoints(run.config.work_dir):
         (complete if (checkpoint / TRAINER_STATE).is_file() else unfinished).append(checkpoint)
@@ -217,7 +208,6 @@ def save_best(run: "TrainingRun", state: TrainerState) -> None:
     config = run.config
     with _saving(config.output_dir):
         save_trocr(run.model, run.processor, config.output_dir)
-        _folder_on_disk(config.output_dir)
         partial = config.work_dir / f"{BEST_STATE}.partial"
         partial.write_text(json.dumps({"step": state.step, "validation_cer": state.best_cer,
                                        "output_dir": os.path.abspath(config.output_dir)}))

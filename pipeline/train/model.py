@@ -28,6 +28,7 @@ from transformers import (
 from operators.errors import ConfigError
 from operators.model import set_generation_ids
 from operators.preprocess import KEEP_ASPECT_KEY
+from operators.storage import on_disk
 from pipeline.train.config import EncoderKind
 
 #: The start of a parameter name inside a module list: ``encoder.layers.3.`` in ``encoder.layers.3.mlp.fc1.weight``.
@@ -134,7 +135,7 @@ def save_trocr(model: VisionEncoderDecoderModel, processor: TrOCRProcessor, out_
     """Write model (safetensors), image processor and tokenizer where load_trocr finds them. Each file is written
     into a staging folder inside first and renamed into place whole, so a run killed while saving its best model
     leaves every file of the folder complete (transformers rewrites ``config.json`` in place, and a kill there had
-    left it empty: no model at all)."""
+    left it empty: no model at all), its data on the disk first."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for leftover in out_dir.glob(f"{SAVING_PREFIX}*"):  # a save killed before it ended
         shutil.rmtree(leftover, ignore_errors=True)
@@ -147,7 +148,9 @@ def save_trocr(model: VisionEncoderDecoderModel, processor: TrOCRProcessor, out_
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         for path in sorted(Path(staging).iterdir()):
+            on_disk(str(path))  # before its rename over the file it replaces: a power cut must not leave it empty
             os.replace(path, out_dir / path.name)
+    on_disk(str(out_dir))
     return out_dir
 
 
