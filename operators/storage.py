@@ -73,13 +73,20 @@ def resolve_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(location)
 
 
-def on_disk(path: str) -> None:
+def on_disk(path: str | os.PathLike) -> None:
     """Wait until a local file's data (or a folder's entries) are on the disk, not only in the page cache."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def replace_on_disk(staged: str | os.PathLike, final: str | os.PathLike) -> None:
+    """``os.replace`` of a local file written under a staging name, once its data are on the disk (see
+    :func:`move_into_place`)."""
+    on_disk(staged)
+    os.replace(staged, final)
 
 
 def move_into_place(filesystem: pafs.FileSystem, staged: str, final: str) -> None:

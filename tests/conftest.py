@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,22 @@ def joining_ray_local(ray_local) -> dict[str, str]:
     """The environment of a job subprocess that joins the session's Ray instance, as ``ray job submit`` has a job
     join its cluster, instead of taking seconds to start its own (for tests where which instance is no matter)."""
     return {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+
+
+@pytest.fixture
+def names_synced(monkeypatch) -> Callable[[Path], list[str]]:
+    """The real ``os.fsync``, noting each file it is given; returns the names a file (known by its inode and size,
+    which a rename keeps) had when it was synced, to tell a sync under the staging name from one after the rename."""
+    synced: dict[tuple[int, int], list[str]] = {}
+    fsync = os.fsync
+
+    def noting_fsync(descriptor: int) -> None:
+        status = os.fstat(descriptor)
+        synced.setdefault((status.st_ino, status.st_size), []).append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", noting_fsync)
+    return lambda path: synced.get((path.stat().st_ino, path.stat().st_size), [])
 
 
 @pytest.fixture(scope="session")

@@ -77,11 +77,7 @@ def fine_tune_config(tmp_path: Path, base_model: Path, line_folder: Path, steps:
     )
 
 
-def test_fine_tuning_lowers_the_loss_and_saves_a_loadable_model(tmp_path, base_model, line_folder, monkeypatch):
-    synced: dict[int, list[str]] = {}  # what the real fsync was given: inode (a rename keeps it) -> names it had then
-    fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda descriptor: (synced.setdefault(os.fstat(descriptor).st_ino, []).append(
-        os.readlink(f"/proc/self/fd/{descriptor}")), fsync(descriptor)))
+def test_fine_tuning_lowers_the_loss_and_saves_a_loadable_model(tmp_path, base_model, line_folder, names_synced):
     metrics: list[dict] = []
     output = train(fine_tune_config(tmp_path, base_model, line_folder, steps=20), show_progress=False,
                    report=metrics.append)
@@ -98,8 +94,8 @@ def test_fine_tuning_lowers_the_loss_and_saves_a_loadable_model(tmp_path, base_m
     checkpoint = latest_checkpoint(tmp_path / "work")
     renamed = [*checkpoint.iterdir(), *output.iterdir(), tmp_path / "work" / BEST_STATE]
     assert [path for path in renamed if not any(SAVING_PREFIX in name or name.endswith(".partial")
-                                                for name in synced.get(path.stat().st_ino, []))] == []
-    assert str(checkpoint) in synced[checkpoint.stat().st_ino]
+                                                for name in names_synced(path))] == []
+    assert str(checkpoint) in names_synced(checkpoint)
     saved = json.loads((output / "tokenizer.json").read_text())  # no training-time truncation for its users
     assert saved["truncation"] is None and saved["padding"] is None
 

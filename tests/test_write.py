@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tempfile
 from dataclasses import asdict, replace
@@ -302,27 +301,16 @@ def test_a_retirement_cut_short_is_finished_at_the_next_start_and_counts_as_done
     assert [path.name for path in (tmp_path / EXPORTS_DIR).iterdir()] == ["a-a.txt"]
 
 
-def test_every_file_a_run_publishes_is_on_the_disk_before_its_name_is(tmp_path, monkeypatch):
+def test_every_file_a_run_publishes_is_on_the_disk_before_its_name_is(tmp_path, names_synced):
     """ext4 and XFS may write a new file's data after its rename, so each part, export file and part rewritten by a
     retirement is fsynced under its staging name: a power cut could otherwise leave a published name on an empty
-    file. (The real fsync runs; each file it was given is noted with its inode and size, which a rename keeps, and
-    the name it had then.)"""
-    synced: dict[tuple[int, int], list[str]] = {}
-    fsync = os.fsync
-
-    def noting_fsync(descriptor: int) -> None:
-        status = os.fstat(descriptor)
-        synced.setdefault((status.st_ino, status.st_size), []).append(os.readlink(f"/proc/self/fd/{descriptor}"))
-        fsync(descriptor)
-
-    monkeypatch.setattr(os, "fsync", noting_fsync)
+    file."""
     _write_a_and_g_with_a_failed_page(tmp_path, exports=("txt", "alto"))
     retire_documents(str(tmp_path), published_documents(str(tmp_path)).failed_to_retry({"g.pdf": "g"}))
     published = [path for folder in (PAGES_DIR, DOCUMENTS_DIR, EXPORTS_DIR) for path in (tmp_path / folder).iterdir()]
     assert sorted(path.suffix for path in published) == [".parquet", ".parquet", ".txt", ".xml"]
     staged = f"{tmp_path}/{STAGING_DIR}/"
-    assert [path for path in published if not any(name.startswith(staged) for name in
-                                                  synced.get((path.stat().st_ino, path.stat().st_size), []))] == []
+    assert [path for path in published if not any(name.startswith(staged) for name in names_synced(path))] == []
 
 
 def test_an_output_holding_files_of_others_is_refused_and_their_files_stay(tmp_path):

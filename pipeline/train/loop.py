@@ -41,7 +41,7 @@ from operators.errors import ConfigError, OutputLocked, OutputNotWritable, Write
 from operators.model import TrOCRBundle, cpu_has_native_bf16, load_trocr, resolve_device, resolve_dtype
 from operators.preprocess import WIDTH_SCALE_KEY, LinePreprocessor, ink_columns
 from operators.recognize import LineRecognizer
-from operators.storage import lock_alone, on_disk
+from operators.storage import lock_alone, on_disk, replace_on_disk
 from operators.text import make_normalizer
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import (Batch, LabelCollator, LabeledLine, TrainingLines, check_training_lines,
@@ -190,9 +190,8 @@ def save_checkpoint(run: "TrainingRun", state: TrainerState) -> Path:
              "settings": _settings(run.config)},
             partial,
         )
-        on_disk(str(partial))  # the model's files are on the disk already (save_trocr)
-        os.replace(partial, folder / TRAINER_STATE)
-        on_disk(str(folder))  # before older checkpoints go: a power cut must leave one that is complete
+        replace_on_disk(partial, folder / TRAINER_STATE)  # the model's files are on the disk already (save_trocr)
+        on_disk(folder)  # before older checkpoints go: a power cut must leave one that is complete
     complete, unfinished = [], []
     for checkpoint in _checkpoints(run.config.work_dir):
         (complete if (checkpoint / TRAINER_STATE).is_file() else unfinished).append(checkpoint)
@@ -211,8 +210,7 @@ def save_best(run: "TrainingRun", state: TrainerState) -> None:
         partial = config.work_dir / f"{BEST_STATE}.partial"
         partial.write_text(json.dumps({"step": state.step, "validation_cer": state.best_cer,
                                        "output_dir": os.path.abspath(config.output_dir)}))
-        on_disk(str(partial))
-        os.replace(partial, config.work_dir / BEST_STATE)
+        replace_on_disk(partial, config.work_dir / BEST_STATE)
 
 
 def _best_in_output_dir(config: TrainConfig, checkpoint_best: float) -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import re
 import shutil
 import tempfile
@@ -28,7 +27,7 @@ from transformers import (
 from operators.errors import ConfigError
 from operators.model import set_generation_ids
 from operators.preprocess import KEEP_ASPECT_KEY
-from operators.storage import on_disk
+from operators.storage import on_disk, replace_on_disk
 from pipeline.train.config import EncoderKind
 
 #: The start of a parameter name inside a module list: ``encoder.layers.3.`` in ``encoder.layers.3.mlp.fc1.weight``.
@@ -148,9 +147,8 @@ def save_trocr(model: VisionEncoderDecoderModel, processor: TrOCRProcessor, out_
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         for path in sorted(Path(staging).iterdir()):
-            on_disk(str(path))  # before its rename over the file it replaces: a power cut must not leave it empty
-            os.replace(path, out_dir / path.name)
-    on_disk(str(out_dir))
+            replace_on_disk(path, out_dir / path.name)  # a power cut must not leave the file it replaces empty
+    on_disk(out_dir)
     return out_dir
 
 
