@@ -6,9 +6,10 @@ pairs of part files with the same name, ``pages/part-R-N.parquet`` then
 ``documents/part-R-N.parquet``, each written under ``_staging/`` and renamed into place. A document
 counts as written once its ``documents`` row is published; a ``pages`` part whose ``documents``
 twin is missing (a run killed between the two renames) is removed at the next start, and the rerun
-processes those documents again. ALTO / PAGE / hOCR / text exports, when asked for, go to
-``exports/`` before the documents row is published, under names that a rerun overwrites; what an
-unfinished run exported of a document and the rerun does not write again is removed.
+processes those documents again. ALTO / PAGE / hOCR / text / PDF / METS exports, when asked for, go to
+``exports/`` before the documents row is published (written by the job's Ray tasks while it reads on), under names
+that a rerun overwrites; what an unfinished run exported of a document and the rerun does not write again is
+removed.
 
 One run at a time: :func:`output_lock` holds ``DIR/.lock`` for the whole run, and a write that fails
 (disk full) stops the job with :class:`~operators.errors.WriteFailed`, everything published before
@@ -28,6 +29,8 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from concurrent.futures import Executor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import PurePosixPath
@@ -448,6 +451,41 @@ def _retire(filesystem: pafs.FileSystem, root: str) -> None:
     filesystem.delete_file(f"{root}/{RETIRING}")
 
 
+def export_document(outcome: DocumentRecord, rows: list[dict], output: str, exports: Sequence[str], pdfa: bool,
+                    rasterize: RasterizeConfig) -> DocumentRecord:
+    """Write a complete document's export files (``rows``: its ``pages`` rows) to ``output``; run where the sink's
+    exporter puts it (a Ray task, on any node: the output is on storage they all reach) while the job reads on.
+    Returns the document's record: as given, or failed for its exports. An output that cannot be written stops
+    the job (:func:`operators.storage.writing`), and so does the temporary folder running out of space while they
+    are made. A source changed since its pages were read (the searchable PDF and METS read it again) fails this
+    document as ``source_changed``, any other failure (a file a PDF library cannot embed, say) as
+    ``export_failed``; either way what it had exported is removed, and its text stays in the tables."""
+    filesystem, root = resolve_filesystem(output)
+    document, folder = asdict(outcome), f"{root}/{EXPORTS_DIR}"
+    stamp = (outcome.source_size, outcome.source_mtime_ns)
+    try:
+        if None not in stamp:
+            check_unchanged(outcome.source, stamp)
+        write_exports(rows, document, exports, folder, filesystem, pdfa=pdfa, staging=f"{root}/{STAGING_DIR}",
+                      rasterize=rasterize)
+        if None not in stamp:
+            check_unchanged(outcome.source, stamp)
+    except WriteFailed:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one document's exports never end the job
+        if (full := scratch_space_full(exc, f"making the exports of {outcome.source}")) is not None:
+            raise full from exc
+        if not isinstance(exc, SourceChanged) and None not in stamp:  # the file gone or replaced under a renderer
+            try:
+                check_unchanged(outcome.source, stamp)
+            except DocumentError as found:
+                exc = found if isinstance(found, SourceChanged) else exc
+        with writing(f"the exports of {outcome.source} in {folder}"):  # none half written, none of another file
+            remove_other_exports(document, (), folder, filesystem)
+        return _export_failed(outcome, exc)
+    return outcome
+
+
 def _export_failed(outcome: DocumentRecord, exc: Exception) -> DocumentRecord:
     """The document failed for its exports, with their reason: a source changed since it was read as
     ``source_changed``, anything else as ``export_failed``; a document failed before keeps its own code."""
@@ -466,6 +504,26 @@ class WriteSummary:
     pages: int = 0
     pages_failed: int = 0
     lines: int = 0
+
+
+@dataclass(frozen=True)
+class _RunningExport:
+    future: futures.Future[DocumentRecord]  # of :func:`export_document`
+    outcome: DocumentRecord  # as it stands without its exports
+    pages: list[PageWork]
+    rows: list[dict]
+
+
+class _InlineExecutor(futures.Executor):
+    """Runs what it is given at once, in the caller: the sink's exports where no job hands it an executor."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future:
+        future: futures.Future = futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as exc:  # noqa: BLE001 - handed back through the future, as any executor does
+            future.set_exception(exc)
+        return future
 
 
 @dataclass
@@ -494,7 +552,9 @@ class ParquetSink:
 
     def __init__(self, output: str, rows_per_file: int, exports: Sequence[str] = (), pdfa: bool = False,
                  listener: DocumentListener | None = None, on_published: DocumentListener | None = None,
-                 publish_every_s: float = float("inf"), rasterize: RasterizeConfig = RasterizeConfig()):
+                 publish_every_s: float = float("inf"), rasterize: RasterizeConfig = RasterizeConfig(),
+                 exporter: Executor | None = None):
+        self.output = output
         self.filesystem, self.root = resolve_filesystem(output)
         self.rows_per_file = rows_per_file
         self.publish_every_s = publish_every_s  # a run stopped then keeps what it finished up to that long ago
@@ -502,6 +562,7 @@ class ParquetSink:
         self.exports = tuple(exports)
         self.pdfa = pdfa
         self.rasterize = rasterize  # the job's: the searchable PDF and METS read the source again under it
+        self.exporter = exporter or _InlineExecutor()  # the job's runs each document's exports as a Ray task
         self.listener = listener
         self.on_published = on_published
         self.run_id = uuid.uuid4().hex[:12]
@@ -511,6 +572,7 @@ class ParquetSink:
         self._ready_pages: list[dict] = []
         self._unpublished: list[tuple[DocumentRecord, list[PageWork]]] = []  # for on_published
         self._exporting: set[str] = set()  # doc_ids with an EXPORTING note
+        self._exports_running: dict[str, _RunningExport] = {}  # by doc_id, in the order they were handed out
         self._reading: set[str] = set()  # doc_ids of the pending documents
         self._held: dict[str, list[DocumentRecord]] = {}  # duplicates by the doc_id of the document they name
         self._parts = 0
@@ -528,6 +590,7 @@ class ParquetSink:
         else:
             self._pending[(record.doc_id, record.source)] = _PendingDocument(record, expected)
             self._reading.add(record.doc_id)
+        self._collect_exports()
 
     def add_page(self, work: PageWork) -> None:
         pending = self._pending[(work.doc_id, work.source)]
@@ -536,19 +599,26 @@ class ParquetSink:
         pending.pages[work.page] = work
         if len(pending.pages) == pending.expected:
             del self._pending[(work.doc_id, work.source)]
-            self._reading.discard(work.doc_id)
             self._complete(pending.record, [pending.pages[n] for n in sorted(pending.pages)])
+        self._collect_exports()
 
     def _complete(self, record: DocumentRecord, pages: list[PageWork]) -> None:
         outcome = _document_outcome(record, pages)
         rows = [page_row(page) for page in pages]
-        if self.exports:  # before the documents row is published: a rerun rewrites them whole
-            outcome = self._export(outcome, rows)
-        elif rows and self._exports_found:  # an unfinished earlier run's exports of it, which this run does not write
+        if self.exports and rows:  # before the documents row is published: a rerun rewrites them whole
+            self._start_export(outcome, pages, rows)
+            return
+        if rows and self._exports_found:  # an unfinished earlier run's exports of it, which this run does not write
             with writing(f"the exports of {outcome.source} in {self.root}/{EXPORTS_DIR}"):
                 remove_other_exports(asdict(outcome), (), f"{self.root}/{EXPORTS_DIR}", self.filesystem)
+        self._finish(outcome, pages, rows)
+
+    def _finish(self, outcome: DocumentRecord, pages: list[PageWork], rows: list[dict]) -> None:
+        """The document is complete, its exports written: hold it for the next part, with the duplicates that
+        waited for it."""
+        self._reading.discard(outcome.doc_id)
         # a duplicate waits for the document it names: published first, it had pointed at nothing for as long as
-        # that one was read, and for good when the run was killed meanwhile
+        # that one was read (and exported), and for good when the run was killed meanwhile
         if outcome.duplicate_of in self._reading:
             self._held.setdefault(outcome.duplicate_of, []).append(outcome)
         else:
@@ -570,42 +640,40 @@ class ParquetSink:
                 or time.monotonic() - self._last_published >= self.publish_every_s):
             self.flush()
 
-    def _export(self, outcome: DocumentRecord, rows: list[dict]) -> DocumentRecord:
-        """Write the document's export files. An output that cannot be written stops the job
-        (:func:`operators.storage.writing`), and so does the temporary folder running out of space while they are
-        made. A source changed since its pages were read (the searchable PDF and METS read it again) fails this
-        document as ``source_changed``, any other failure (a file a PDF library cannot embed, say) as
-        ``export_failed``; either way what it had exported is removed, and its text stays in the tables."""
-        document, folder = asdict(outcome), f"{self.root}/{EXPORTS_DIR}"
-        stamp = (outcome.source_size, outcome.source_mtime_ns) if rows else (None, None)
-        if rows:
-            note = self._exporting_note(outcome.doc_id)
-            with writing(f"{self.root}/{STAGING_DIR}"):  # whole or not at all: a rerun reads it
-                with self.filesystem.open_output_stream(f"{note}.part") as stream:
-                    stream.write(json.dumps({key: document[key] for key in ("doc_id", "source", "num_pages")}).encode())
-                move_into_place(self.filesystem, f"{note}.part", note)
-            self._exporting.add(outcome.doc_id)
-        try:
-            if None not in stamp:
-                check_unchanged(outcome.source, stamp)
-            write_exports(rows, document, self.exports, folder, self.filesystem, pdfa=self.pdfa,
-                          staging=f"{self.root}/{STAGING_DIR}", rasterize=self.rasterize)
-            if None not in stamp:
-                check_unchanged(outcome.source, stamp)
-        except WriteFailed:
-            raise
-        except Exception as exc:  # noqa: BLE001 - one document's exports never end the job
-            if (full := scratch_space_full(exc, f"making the exports of {outcome.source}")) is not None:
-                raise full from exc
-            if not isinstance(exc, SourceChanged) and None not in stamp:  # the file gone or replaced under a renderer
-                try:
-                    check_unchanged(outcome.source, stamp)
-                except DocumentError as found:
-                    exc = found if isinstance(found, SourceChanged) else exc
-            with writing(f"the exports of {outcome.source} in {folder}"):  # none half written, none of another file
-                remove_other_exports(document, (), folder, self.filesystem)
-            return _export_failed(outcome, exc)
-        return outcome
+    def _start_export(self, outcome: DocumentRecord, pages: list[PageWork], rows: list[dict]) -> None:
+        """Note the document's exports in ``_staging/`` (what a rerun takes out if its row never comes), then hand
+        :func:`export_document` to the exporter; the document is finished once they are written."""
+        note = self._exporting_note(outcome.doc_id)
+        with writing(f"{self.root}/{STAGING_DIR}"):  # whole or not at all: a rerun reads it
+            with self.filesystem.open_output_stream(f"{note}.part") as stream:
+                stream.write(json.dumps({"doc_id": outcome.doc_id, "source": outcome.source,
+                                         "num_pages": outcome.num_pages}).encode())
+            move_into_place(self.filesystem, f"{note}.part", note)
+        self._exporting.add(outcome.doc_id)
+        future = self.exporter.submit(export_document, outcome, rows, self.output, self.exports, self.pdfa,
+                                      self.rasterize)
+        self._exports_running[outcome.doc_id] = _RunningExport(future, outcome, pages, rows)
+
+    def _collect_exports(self, wait: bool = False) -> None:
+        """Finish the documents whose exports are written (with ``wait``, all of them, once written). An export
+        that could not run to its end (its worker killed: out of memory, a node lost) fails its document as
+        ``export_failed``, its files removed; one that could not write stops the job."""
+        if wait:
+            futures.wait([running.future for running in self._exports_running.values()])
+        for doc_id, running in list(self._exports_running.items()):
+            if not running.future.done():
+                continue
+            del self._exports_running[doc_id]
+            try:
+                outcome = running.future.result()
+            except WriteFailed:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one document's exports never end the job
+                folder = f"{self.root}/{EXPORTS_DIR}"
+                with writing(f"the exports of {running.outcome.source} in {folder}"):
+                    remove_other_exports(asdict(running.outcome), (), folder, self.filesystem)
+                outcome = _export_failed(running.outcome, exc)
+            self._finish(outcome, running.pages, running.rows)
 
     def _exporting_note(self, doc_id: str) -> str:
         return f"{self.root}/{STAGING_DIR}/{EXPORTING.format(doc_id=doc_id)}"
@@ -645,6 +713,7 @@ class ParquetSink:
             missing = {source: record.expected - len(record.pages)
                        for (_, source), record in self._pending.items()}
             raise RuntimeError(f"pages never arrived for {missing}")
+        self._collect_exports(wait=True)
         self.flush()
         _clear_staging(self.filesystem, self.root)
         return self.summary

@@ -18,13 +18,15 @@ import tempfile
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Generator, Iterator, Literal, Sequence
 
 import ray
 from ray.data import ActorPoolStrategy
+from ray.exceptions import RayTaskError
+from ray.remote_function import RemoteFunction
 
 from operators.checkpoint import resolve_checkpoint
 from operators.errors import ConfigError, InternalError, PipelineError, WriteFailed
@@ -64,6 +66,8 @@ TRIAGE_WINDOW_MIN = 16
 CLUSTER_CONNECT_TIMEOUT_S = 10.0
 #: What Ray's job supervisor gives a submitted job's driver: its runtime environment (working dir) as JSON.
 RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+#: CPUs a document's export task holds: one Python process (qpdf, pdftoppm and the PNG encoder run in turn).
+EXPORT_TASK_CPUS = 1
 
 
 @dataclass(frozen=True)
@@ -250,6 +254,31 @@ def ray_session(config: JobConfig, verbose: bool = False) -> Iterator[None]:
         ray.shutdown()
 
 
+class RayTaskExecutor(Executor):
+    """Runs what the sink hands it (each document's exports) as Ray tasks, on any node: the output is on storage
+    they all reach. The driver reads on meanwhile; made in it, a searchable PDF/A and the METS page images had cost
+    it 1-2 s a page, the whole job's pace on a cluster. A task's own error comes back as itself, not wrapped."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[Callable[..., Any], RemoteFunction] = {}
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        if fn not in self._tasks:
+            self._tasks[fn] = ray.remote(num_cpus=EXPORT_TASK_CPUS)(fn)
+        done: Future = Future()
+
+        def settle(ran: Future) -> None:
+            try:
+                done.set_result(ran.result())
+            except RayTaskError as error:
+                done.set_exception(error.cause)
+            except Exception as error:  # noqa: BLE001 - its worker died (out of memory, a node lost): the sink's to say
+                done.set_exception(error)
+
+        self._tasks[fn].remote(*args, **kwargs).future().add_done_callback(settle)
+        return done
+
+
 def _pack(work: PageWork) -> dict[str, bytes]:
     return {"work": pickle.dumps(work, protocol=5)}
 
@@ -388,7 +417,8 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             sink = ParquetSink(output, config.output.parquet_rows_per_file, config.output.exports, config.output.pdfa,
                                listener=progress.document_done if progress else None,
                                on_published=progress.document_published if progress else None,
-                               publish_every_s=config.output.publish_every_s, rasterize=config.rasterize)
+                               publish_every_s=config.output.publish_every_s, rasterize=config.rasterize,
+                               exporter=RayTaskExecutor())
             quiet_ray_data(verbose)
             if progress:
                 progress.triage_started(len(found.sources))
@@ -424,7 +454,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is finished is kept, published
                         sink.flush()  # first: `ray job stop` kills the driver a few seconds after its SIGTERM
                         raise
-        written = sink.close()
+            written = sink.close()  # while Ray runs: it waits for the documents' export tasks
     return JobSummary(output=output, documents_skipped=skipped, written=written,
                       seconds=time.monotonic() - started, left_out=dict(found.left_out),
                       retried=len(retirement.doc_ids), unselected=unselected)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -14,9 +17,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from ray.exceptions import OutOfMemoryError
 
 from operators.errors import OutputLocked, OutputNotWritable, WriteFailed
-from operators.formats.export import write_exports
+from operators.formats.export import export_stem, write_exports
 from operators.ingest import duplicate_id, mark_duplicates, source_stamp, triage
 from operators.write import (
     DOCUMENTS_DIR,
@@ -36,6 +40,7 @@ from operators.write import (
 )
 from operators.settings import RasterizeConfig
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
+from pipeline.job import RayTaskExecutor
 
 
 def _document(doc_id: str, pages: int, status="ok", error_code=None) -> DocumentRecord:
@@ -500,16 +505,88 @@ def test_a_duplicate_row_is_published_with_or_after_the_document_it_names(tmp_pa
     assert len(list((tmp_path / "twice" / DOCUMENTS_DIR).iterdir())) == 3
 
 
-def test_an_export_is_never_seen_half_written_under_its_name(tmp_path, small_disk):
+@pytest.mark.parametrize("in_ray", [False, True], ids=["in the caller", "as a Ray task, as the job writes them"])
+def test_an_export_is_never_seen_half_written_under_its_name(request, small_disk, in_ray):
     """Exports had been written in place: a reader could open one half written, and a run stopped by a full disk
-    (or killed) left it so."""
-    sink = ParquetSink(str(small_disk), rows_per_file=100, exports=("txt",))
+    (or killed) left it so. Written by a Ray task, the error stops the job as itself, in one line (Ray wraps it in
+    one that prints the task's traceback)."""
+    exporter = None
+    if in_ray:
+        request.getfixturevalue("ray_local")
+        exporter = RayTaskExecutor()
+    sink = ParquetSink(str(small_disk), rows_per_file=100, exports=("txt",), exporter=exporter)
     sink.expect(_document("a", 1))
-    with pytest.raises(WriteFailed, match="no space left"):
+    with pytest.raises(WriteFailed) as stopped:
         sink.add_page(_page("a", 1, texts=("x" * 3_000_000,)))
+        sink.close()
+    assert type(stopped.value) is WriteFailed
+    assert str(stopped.value) == (f"no space left on the device while writing the exports of a.pdf in {small_disk}/"
+                                  f"{EXPORTS_DIR}; documents published so far are kept: free space and run the job "
+                                  "again to finish the rest")
     assert not list((small_disk / EXPORTS_DIR).glob("a-*"))
     recover_output(str(small_disk))
     assert not [path.name for path in (small_disk / STAGING_DIR).iterdir()]
+
+
+class _HeldExecutor(Executor):
+    """Runs what it is given only when told to: a document's exports still being written (by a Ray task in a job)."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Future, Callable[..., Any], tuple]] = []
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        self.held.append((Future(), fn, args))
+        return self.held[-1][0]
+
+    def run_held(self) -> None:
+        for future, fn, args in self.held:
+            future.set_result(fn(*args))
+        self.held = []
+
+    def fail_held(self, error: Exception) -> None:
+        for future, _, _ in self.held:
+            future.set_exception(error)
+        self.held = []
+
+
+def test_a_document_is_published_once_its_exports_are_written_and_its_duplicates_after_it(tmp_path):
+    """The exports are written beside the job (Ray tasks): a document is held, its row unpublished, until its files
+    are all there, and a duplicate naming it waits for it, announced before or after its pages came."""
+    exporter = _HeldExecutor()
+    sink = ParquetSink(str(tmp_path), rows_per_file=100, exports=("txt",), publish_every_s=0.0, exporter=exporter)
+    sink.expect(_document("a", 1))
+    sink.expect(replace(_document("d1", 1, status="duplicate"), duplicate_of="a"))
+    sink.add_page(_page("a", 1))
+    sink.expect(replace(_document("d2", 1, status="duplicate"), duplicate_of="a"))
+    sink.expect(_document("b", 0))  # nothing to export: published at once
+    sink.flush()
+    assert published_documents(str(tmp_path)).sources() == {"b": "b.pdf"}
+    assert not (tmp_path / EXPORTS_DIR).exists()
+    exporter.run_held()
+    sink.close()
+    assert _read(tmp_path, DOCUMENTS_DIR).column("doc_id").to_pylist() == ["b", "a", "d1", "d2"]
+    assert [path.suffix for path in (tmp_path / EXPORTS_DIR).iterdir()] == [".txt"]
+
+
+def test_an_export_whose_worker_died_fails_its_document_and_the_job_goes_on(tmp_path):
+    """A Ray task killed for memory or with its node returns Ray's error, not the document's record."""
+    exporter = _HeldExecutor()
+    sink = ParquetSink(str(tmp_path), rows_per_file=100, exports=("txt",), exporter=exporter)
+    sink.expect(_document("a", 1))
+    sink.add_page(_page("a", 1))
+    (tmp_path / EXPORTS_DIR).mkdir()
+    (tmp_path / EXPORTS_DIR / f"{export_stem(asdict(_document('a', 1)))}.txt").write_text("half")  # as it was killed
+    exporter.fail_held(OutOfMemoryError("Task was killed due to the node running low on memory."))
+    sink.expect(_document("b", 1))
+    sink.add_page(_page("b", 1))
+    exporter.run_held()
+    sink.close()
+    documents = {row["doc_id"]: row for row in _read(tmp_path, DOCUMENTS_DIR).to_pylist()}
+    assert (documents["a"]["status"], documents["a"]["error_code"]) == ("failed", "export_failed")
+    assert documents["a"]["error_message"] == ("exports not written: OutOfMemoryError: Task was killed due to the node "
+                                               "running low on memory.")
+    assert documents["b"]["status"] == "ok"
+    assert [path.name.split("-")[0] for path in (tmp_path / EXPORTS_DIR).iterdir()] == ["b"]
 
 
 def test_a_write_probe_a_killed_run_left_is_taken_out_by_the_next(tmp_path):
