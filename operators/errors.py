@@ -64,6 +64,13 @@ class WriteFailed(PipelineError):
     error_code = "write_failed"
 
 
+class RecognizersLost(PipelineError):
+    """A cluster had no node that can run a recognizer actor for ``recognize.start_timeout_s`` mid-job (GPU nodes
+    lost, none added): Ray Data would wait for one for ever. What was published stays; a rerun does the rest."""
+
+    error_code = "recognizers_lost"
+
+
 class NoInputError(PipelineError):
     """The inputs named on the command line match no file."""
 

@@ -29,7 +29,7 @@ from ray.exceptions import RayTaskError
 from ray.remote_function import RemoteFunction
 
 from operators.checkpoint import resolve_checkpoint
-from operators.errors import ConfigError, InternalError, PipelineError, WriteFailed
+from operators.errors import ConfigError, InternalError, PipelineError, RecognizersLost, WriteFailed
 from operators.storage import is_uri, recorded_source
 from operators.ingest import (DocumentPlan, KnownDocument, find_inputs, input_copies, mark_duplicates, source_id,
                               triage, unchanged_local_document)
@@ -66,6 +66,8 @@ TRIAGE_WINDOW_MIN = 16
 CLUSTER_CONNECT_TIMEOUT_S = 10.0
 #: What Ray's job supervisor gives a submitted job's driver: its runtime environment (working dir) as JSON.
 RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+#: Seconds between looks at a cluster's nodes while a job runs on it, at most (:func:`_recognizer_nodes_watched`).
+RECOGNIZER_NODES_CHECK_S = 10.0
 #: CPUs a document's export task holds: one Python process (qpdf, pdftoppm and the PNG encoder run in turn).
 EXPORT_TASK_CPUS = 1
 
@@ -145,6 +147,64 @@ def _wait_for_a_recognizer_node(config: JobConfig) -> None:
             "recognize.accelerator_type=null), or add such nodes") from exc
     finally:
         ray.kill(probe)
+
+
+def _offers_a_recognizer(node: dict[str, Any], config: JobConfig) -> bool:
+    """Whether a node (as ``ray.nodes()`` lists it) is alive and has what one recognizer actor asks for."""
+    recognize, resources = config.recognize, node["Resources"]
+    return (node["Alive"] and resources.get("CPU", 0.0) >= recognize.num_cpus
+            and resources.get("GPU", 0.0) >= recognize.num_gpus
+            and (recognize.accelerator_type is None or f"accelerator_type:{recognize.accelerator_type}" in resources))
+
+
+@contextmanager
+def _recognizer_nodes_watched(config: JobConfig, mode: Mode) -> Iterator[Callable[[], RecognizersLost | None]]:
+    """On a cluster, while the pages are read: when no node that can run a recognizer actor has been there for
+    ``recognize.start_timeout_s`` (the GPU nodes lost, spot instances taken back, and none added), the main thread
+    is interrupted by a signal (SIGUSR1, raising KeyboardInterrupt as Ctrl-C does): Ray Data would wait for such a
+    node for ever, in calls only a real signal wakes. Yields what tells the interruption from a Ctrl-C: the error to
+    raise instead, or None."""
+    lost: list[RecognizersLost] = []
+    if mode != "recognize" or _runs_locally(config) or threading.current_thread() is not threading.main_thread():
+        yield lambda: None  # a local run's one node is the driver's; only the main thread can take a signal
+        return
+    timeout = config.recognize.start_timeout_s
+    stop, interrupting = threading.Event(), threading.Lock()
+
+    def watch() -> None:
+        since = None
+        while not stop.wait(min(RECOGNIZER_NODES_CHECK_S, timeout / 2)):
+            if any(_offers_a_recognizer(node, config) for node in ray.nodes()):
+                since = None
+            elif since is None:
+                since = time.monotonic()
+            elif time.monotonic() - since >= timeout:
+                with interrupting:
+                    if stop.is_set():
+                        return
+                    recognize = config.recognize
+                    lost.append(RecognizersLost(
+                        f"the cluster has had no node that can run a recognizer actor (num_gpus={recognize.num_gpus:g}, "
+                        f"num_cpus={recognize.num_cpus:g}, accelerator_type={recognize.accelerator_type}) for "
+                        f"recognize.start_timeout_s={timeout:g} s, and none was added (`ray status` and the "
+                        "autoscaler's log say why): the documents finished are published; run the job again once "
+                        "such nodes are back to read the rest"))
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+                return
+
+    def interrupted(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGUSR1, interrupted)
+    watcher = threading.Thread(target=watch, name="recognizer-nodes-watch", daemon=True)
+    watcher.start()
+    try:
+        yield lambda: lost[0] if lost else None
+    finally:
+        with interrupting:
+            stop.set()
+        watcher.join()
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def check_paths_outlive_the_job(paths: Sequence[str | os.PathLike | None]) -> None:
@@ -441,7 +501,8 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             if ranges:
                 if mode == "recognize" and not _runs_locally(config):
                     _wait_for_a_recognizer_node(config)
-                with _batches_of(_page_dataset(ranges, config, preprocessor)) as batches:
+                with (_batches_of(_page_dataset(ranges, config, preprocessor)) as batches,
+                      _recognizer_nodes_watched(config, mode) as lost):
                     try:
                         for batch in batches:
                             for item in batch["work"]:
@@ -453,6 +514,8 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                                 sink.add_page(work)
                     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is finished is kept, published
                         sink.flush()  # first: `ray job stop` kills the driver a few seconds after its SIGTERM
+                        if (error := lost()) is not None:  # the recognizer nodes gone: the same, with its reason
+                            raise error from None
                         raise
             written = sink.close()  # while Ray runs: it waits for the documents' export tasks
     return JobSummary(output=output, documents_skipped=skipped, written=written,

@@ -9,6 +9,7 @@ are stopped by process group, never with ``ray stop`` (which stops every Ray ins
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -31,6 +32,7 @@ import pyarrow.dataset as ds
 import pytest
 import yaml
 
+from conftest import text_page, write_pdf
 from operators.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -492,12 +494,8 @@ def run_on_simulated_gpu_cluster(spec: dict) -> dict:
         cluster.shutdown()
 
 
-def test_recognizer_actors_spread_over_gpu_nodes(job_inputs, job_documents, tiny_model, tmp_path):
-    gpu_nodes = 2
-    spec = {"gpu_nodes": gpu_nodes, "inputs": [str(job_inputs)], "output": str(tmp_path / "ocr"),
-            "overrides": ["rasterize.dpi=150", f"recognize.model={tiny_model}", "recognize.device=cpu",
-                          "recognize.num_gpus=1", "recognize.num_cpus=0.5", f"recognize.concurrency={gpu_nodes}",
-                          "recognize.max_new_tokens=4", "recognize.line_batch_size=16"]}
+def _on_a_simulated_gpu_cluster(spec: dict, tmp_path: Path) -> dict:
+    """What this file, run as a program in a process of its own (a Ray cluster of its own), reports of ``spec``."""
     report = tmp_path / "report.json"
     ray_tmpdir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")
     try:
@@ -506,13 +504,92 @@ def test_recognizer_actors_spread_over_gpu_nodes(job_inputs, job_documents, tiny
     finally:
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    placement = json.loads(report.read_text())
+    return json.loads(report.read_text())
+
+
+def test_recognizer_actors_spread_over_gpu_nodes(job_inputs, job_documents, tiny_model, tmp_path):
+    gpu_nodes = 2
+    spec = {"gpu_nodes": gpu_nodes, "inputs": [str(job_inputs)], "output": str(tmp_path / "ocr"),
+            "overrides": ["rasterize.dpi=150", f"recognize.model={tiny_model}", "recognize.device=cpu",
+                          "recognize.num_gpus=1", "recognize.num_cpus=0.5", f"recognize.concurrency={gpu_nodes}",
+                          "recognize.max_new_tokens=4", "recognize.line_batch_size=16"]}
+    placement = _on_a_simulated_gpu_cluster(spec, tmp_path)
     assert len(placement["actor_nodes"]) == gpu_nodes, placement
     assert sorted(placement["actor_nodes"]) == sorted(placement["gpu_nodes"]), "one actor per GPU node, none on the head"
     assert placement["documents_ok"] == 2
     _assert_every_document_once(tmp_path / "ocr", job_documents)
 
 
-if __name__ == "__main__":  # the subprocess of test_recognizer_actors_spread_over_gpu_nodes
+def lose_the_gpu_nodes_mid_job(spec: dict) -> dict:
+    """Subprocess side: a CPU-only head plus one node declaring a (fake) GPU, which is taken away once the job's first
+    page is read, as a spot instance is; the job is run again when another such node has come."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from operators.errors import RecognizersLost
+    from pipeline.config import load_config
+    from pipeline.job import run_job
+    from pipeline.progress import JobProgress
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        gpu_node = cluster.add_node(num_cpus=1, num_gpus=1)
+        os.environ["RAY_ADDRESS"] = cluster.address  # the job's, as `ray job submit` gives it: a cluster, not a local run
+        ray.init(address=cluster.address, logging_level="WARNING")
+        config = load_config(None, spec["overrides"])
+
+        class LosingTheGpuNode(JobProgress):
+            def page_done(self, work) -> None:
+                super().page_done(work)
+                if self.pages_done == 1:
+                    cluster.remove_node(gpu_node)
+
+        try:
+            run_job(spec["inputs"], spec["output"], config, progress=LosingTheGpuNode(stream=io.StringIO()))
+            lost = None
+        except RecognizersLost as error:
+            lost = str(error)
+        published = ds.dataset(f"{spec['output']}/documents", format="parquet").count_rows() \
+            if Path(spec["output"], "documents").is_dir() else 0
+        cluster.add_node(num_cpus=1, num_gpus=1)
+        # as long as the new node's first worker may take to start on a busy machine
+        patient = load_config(None, [*spec["overrides"], "recognize.start_timeout_s=60"])
+        rerun = run_job(spec["inputs"], spec["output"], patient)
+        return {"lost": lost, "published": published, "skipped": rerun.documents_skipped,
+                "read_again": rerun.written.documents_ok}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_a_job_whose_gpu_nodes_are_all_lost_stops_and_its_rerun_reads_the_rest(tiny_model, tmp_path):
+    """Ray Data waits for ever for a node that can run the recognizer actors it lost: a cluster whose GPU nodes went
+    (spot instances taken back) and were not replaced had hung the job with no word, holding the head."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for number in range(12):
+        write_pdf(inputs / f"register-{number:02d}.pdf",
+                  [text_page([f"Register {number}, page {page}", "Entered the second line of the page"],
+                             size=(620, 877), font_px=14) for page in range(1, 5)], dpi=75)
+    spec = {"run": "lose_the_gpu_nodes_mid_job", "inputs": [str(inputs)], "output": str(tmp_path / "ocr"),
+            "overrides": ["rasterize.dpi=75", "rasterize.detect_orientation=false", f"recognize.model={tiny_model}",
+                          "recognize.device=cpu", "recognize.num_gpus=1", "recognize.num_cpus=0.5",
+                          "recognize.concurrency=1", "recognize.pages_per_batch=1", "recognize.start_timeout_s=10",
+                          "output.publish_every_s=1"]}
+    outcome = _on_a_simulated_gpu_cluster(spec, tmp_path)
+    assert outcome["lost"] == (
+        "the cluster has had no node that can run a recognizer actor (num_gpus=1, num_cpus=0.5, accelerator_type=None) "
+        "for recognize.start_timeout_s=10 s, and none was added (`ray status` and the autoscaler's log say why): the "
+        "documents finished are published; run the job again once such nodes are back to read the rest")
+    assert outcome["published"] < 12, "the GPU node must go mid-job for this test to mean anything"
+    assert (outcome["skipped"], outcome["read_again"]) == (outcome["published"], 12 - outcome["published"])
+    documents, pages = _read_output(tmp_path / "ocr")
+    assert sorted(Path(row["source"]).name for row in documents) == [f"register-{n:02d}.pdf" for n in range(12)]
+    assert sorted(pages) == [(f"register-{n:02d}.pdf", page) for n in range(12) for page in range(1, 5)]
+
+
+if __name__ == "__main__":  # the subprocess of the tests on a simulated GPU cluster
     sys.path.insert(0, str(REPO))
-    Path(sys.argv[2]).write_text(json.dumps(run_on_simulated_gpu_cluster(json.loads(sys.argv[1]))))
+    arguments = json.loads(sys.argv[1])
+    run = lose_the_gpu_nodes_mid_job if arguments.get("run") == "lose_the_gpu_nodes_mid_job" else run_on_simulated_gpu_cluster
+    Path(sys.argv[2]).write_text(json.dumps(run(arguments)))
