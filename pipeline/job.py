@@ -184,8 +184,9 @@ def _recognizer_nodes_watched(config: JobConfig, mode: Mode) -> Iterator[Callabl
                         return
                     recognize = config.recognize
                     lost.append(RecognizersLost(
-                        f"the cluster has had no node that can run a recognizer actor (num_gpus={recognize.num_gpus:g}, "
-                        f"num_cpus={recognize.num_cpus:g}, accelerator_type={recognize.accelerator_type}) for "
+                        "the cluster has had no node that can run a recognizer actor "
+                        f"(num_gpus={recognize.num_gpus:g}, num_cpus={recognize.num_cpus:g}, "
+                        f"accelerator_type={recognize.accelerator_type}) for "
                         f"recognize.start_timeout_s={timeout:g} s, and none was added (`ray status` and the "
                         "autoscaler's log say why): the documents finished are published; run the job again once "
                         "such nodes are back to read the rest"))
