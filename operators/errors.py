@@ -65,7 +65,7 @@ class WriteFailed(PipelineError):
 
 
 class RecognizersLost(PipelineError):
-    """A cluster had no node that can run a recognizer actor for ``recognize.start_timeout_s`` mid-job (GPU nodes
+    """A cluster had no node that can run a recognizer actor for ``recognize.lost_timeout_s`` mid-job (GPU nodes
     lost, none added): Ray Data would wait for one for ever. What was published stays; a rerun does the rest."""
 
     error_code = "recognizers_lost"

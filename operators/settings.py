@@ -156,7 +156,10 @@ class RecognizeConfig(Frozen):
     accelerator_type: str | None = Field(default=None, description="e.g. V100: pin actors on mixed clusters")
     start_timeout_s: float = Field(default=1800, gt=0, description="on a cluster: how long a node that takes a "
                                    "recognizer actor may take to be found or added before the job fails, instead of "
-                                   "waiting for ever; at the start, and again when the job has lost them all")
+                                   "waiting for ever")
+    lost_timeout_s: float = Field(default=1800, gt=0, description="on a cluster: how long a job that has lost every "
+                                  "node that can run a recognizer actor waits for one to come back or be added before "
+                                  "it stops, its finished documents published, instead of waiting for ever")
     torch_threads: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")

@@ -47,7 +47,7 @@ from operators.formats.export import STAGED_EXPORT_PREFIX, remove_other_exports,
 from operators.ingest import KnownDocument, check_unchanged, duplicate_id
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
 from operators.settings import RasterizeConfig
-from operators.storage import lock_alone, move_into_place, resolve_filesystem, scratch_space_full, writing
+from operators.storage import is_uri, lock_alone, move_into_place, resolve_filesystem, scratch_space_full, writing
 from operators.words import split_words
 
 log = logging.getLogger(__name__)
@@ -553,8 +553,8 @@ class ParquetSink:
     def __init__(self, output: str, rows_per_file: int, exports: Sequence[str] = (), pdfa: bool = False,
                  listener: DocumentListener | None = None, on_published: DocumentListener | None = None,
                  publish_every_s: float = float("inf"), rasterize: RasterizeConfig = RasterizeConfig(),
-                 exporter: Executor | None = None):
-        self.output = output
+                 exporter: Executor | None = None, exports_in_flight: int = 4):
+        self.output = output if is_uri(output) else os.path.abspath(output)  # for workers, whatever their folder
         self.filesystem, self.root = resolve_filesystem(output)
         self.rows_per_file = rows_per_file
         self.publish_every_s = publish_every_s  # a run stopped then keeps what it finished up to that long ago
@@ -563,6 +563,9 @@ class ParquetSink:
         self.pdfa = pdfa
         self.rasterize = rasterize  # the job's: the searchable PDF and METS read the source again under it
         self.exporter = exporter or _InlineExecutor()  # the job's runs each document's exports as a Ray task
+        # at most this many documents wait for their exports: held in memory and unpublished, they had piled up
+        # without end where exports are slower than reading (PDF/A, METS), to be lost by a killed run
+        self.exports_in_flight = exports_in_flight
         self.listener = listener
         self.on_published = on_published
         self.run_id = uuid.uuid4().hex[:12]
@@ -590,7 +593,7 @@ class ParquetSink:
         else:
             self._pending[(record.doc_id, record.source)] = _PendingDocument(record, expected)
             self._reading.add(record.doc_id)
-        self._collect_exports()
+        self.collect_exports()
 
     def add_page(self, work: PageWork) -> None:
         pending = self._pending[(work.doc_id, work.source)]
@@ -600,7 +603,7 @@ class ParquetSink:
         if len(pending.pages) == pending.expected:
             del self._pending[(work.doc_id, work.source)]
             self._complete(pending.record, [pending.pages[n] for n in sorted(pending.pages)])
-        self._collect_exports()
+        self.collect_exports()
 
     def _complete(self, record: DocumentRecord, pages: list[PageWork]) -> None:
         outcome = _document_outcome(record, pages)
@@ -650,16 +653,20 @@ class ParquetSink:
                                          "num_pages": outcome.num_pages}).encode())
             move_into_place(self.filesystem, f"{note}.part", note)
         self._exporting.add(outcome.doc_id)
+        while len(self._exports_running) >= self.exports_in_flight:
+            self.collect_exports(block=True)
         future = self.exporter.submit(export_document, outcome, rows, self.output, self.exports, self.pdfa,
                                       self.rasterize)
         self._exports_running[outcome.doc_id] = _RunningExport(future, outcome, pages, rows)
 
-    def _collect_exports(self, wait: bool = False) -> None:
-        """Finish the documents whose exports are written (with ``wait``, all of them, once written). An export
-        that could not run to its end (its worker killed: out of memory, a node lost) fails its document as
-        ``export_failed``, its files removed; one that could not write stops the job."""
-        if wait:
-            futures.wait([running.future for running in self._exports_running.values()])
+    def collect_exports(self, block: bool = False) -> None:
+        """Finish the documents whose exports are written (with ``block``, once one is, or ``publish_every_s`` has
+        passed). An export that could not run to its end (its worker killed: out of memory, a node lost) fails its
+        document as ``export_failed``, its files removed; one that could not write stops the job."""
+        if block and self._exports_running:
+            futures.wait([running.future for running in self._exports_running.values()],
+                         timeout=None if self.publish_every_s == float("inf") else self.publish_every_s,
+                         return_when=futures.FIRST_COMPLETED)
         for doc_id, running in list(self._exports_running.items()):
             if not running.future.done():
                 continue
@@ -674,6 +681,14 @@ class ParquetSink:
                     remove_other_exports(asdict(running.outcome), (), folder, self.filesystem)
                 outcome = _export_failed(running.outcome, exc)
             self._finish(outcome, running.pages, running.rows)
+
+    def finish_exports(self) -> None:
+        """Wait for every document's exports, publishing the documents as they are written (``publish_every_s``,
+        ``rows_per_file``)."""
+        while self._exports_running:
+            self.collect_exports(block=True)
+            if time.monotonic() - self._last_published >= self.publish_every_s:
+                self.flush()
 
     def _exporting_note(self, doc_id: str) -> str:
         return f"{self.root}/{STAGING_DIR}/{EXPORTING.format(doc_id=doc_id)}"
@@ -713,7 +728,7 @@ class ParquetSink:
             missing = {source: record.expected - len(record.pages)
                        for (_, source), record in self._pending.items()}
             raise RuntimeError(f"pages never arrived for {missing}")
-        self._collect_exports(wait=True)
+        self.finish_exports()
         self.flush()
         _clear_staging(self.filesystem, self.root)
         return self.summary

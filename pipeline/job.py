@@ -68,8 +68,8 @@ CLUSTER_CONNECT_TIMEOUT_S = 10.0
 RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 #: Seconds between looks at a cluster's nodes while a job runs on it, at most (:func:`_recognizer_nodes_watched`).
 RECOGNIZER_NODES_CHECK_S = 10.0
-#: CPUs a document's export task holds: one Python process (qpdf, pdftoppm and the PNG encoder run in turn).
-EXPORT_TASK_CPUS = 1
+#: Documents whose exports may be in flight at once, per CPU of the cluster.
+EXPORTS_IN_FLIGHT_PER_CPU = 2
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def _offers_a_recognizer(node: dict[str, Any], config: JobConfig) -> bool:
 @contextmanager
 def _recognizer_nodes_watched(config: JobConfig, mode: Mode) -> Iterator[Callable[[], RecognizersLost | None]]:
     """On a cluster, while the pages are read: when no node that can run a recognizer actor has been there for
-    ``recognize.start_timeout_s`` (the GPU nodes lost, spot instances taken back, and none added), the main thread
+    ``recognize.lost_timeout_s`` (the GPU nodes lost, spot instances taken back, and none added), the main thread
     is interrupted by a signal (SIGUSR1, raising KeyboardInterrupt as Ctrl-C does): Ray Data would wait for such a
     node for ever, in calls only a real signal wakes. Yields what tells the interruption from a Ctrl-C: the error to
     raise instead, or None."""
@@ -168,13 +168,18 @@ def _recognizer_nodes_watched(config: JobConfig, mode: Mode) -> Iterator[Callabl
     if mode != "recognize" or _runs_locally(config) or threading.current_thread() is not threading.main_thread():
         yield lambda: None  # a local run's one node is the driver's; only the main thread can take a signal
         return
-    timeout = config.recognize.start_timeout_s
+    timeout = config.recognize.lost_timeout_s
     stop, interrupting = threading.Event(), threading.Lock()
 
     def watch() -> None:
         since = None
         while not stop.wait(min(RECOGNIZER_NODES_CHECK_S, timeout / 2)):
-            if any(_offers_a_recognizer(node, config) for node in ray.nodes()):
+            try:
+                nodes = ray.nodes()
+            except Exception:  # noqa: BLE001 - the GCS slow to answer: looked at again next time
+                log.warning("cannot list the cluster's nodes to look for recognizer nodes", exc_info=True)
+                continue
+            if any(_offers_a_recognizer(node, config) for node in nodes):
                 since = None
             elif since is None:
                 since = time.monotonic()
@@ -187,7 +192,7 @@ def _recognizer_nodes_watched(config: JobConfig, mode: Mode) -> Iterator[Callabl
                         "the cluster has had no node that can run a recognizer actor "
                         f"(num_gpus={recognize.num_gpus:g}, num_cpus={recognize.num_cpus:g}, "
                         f"accelerator_type={recognize.accelerator_type}) for "
-                        f"recognize.start_timeout_s={timeout:g} s, and none was added (`ray status` and the "
+                        f"recognize.lost_timeout_s={timeout:g} s, and none was added (`ray status` and the "
                         "autoscaler's log say why): the documents finished are published; run the job again once "
                         "such nodes are back to read the rest"))
                     signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
@@ -316,16 +321,18 @@ def ray_session(config: JobConfig, verbose: bool = False) -> Iterator[None]:
 
 
 class RayTaskExecutor(Executor):
-    """Runs what the sink hands it (each document's exports) as Ray tasks, on any node: the output is on storage
-    they all reach. The driver reads on meanwhile; made in it, a searchable PDF/A and the METS page images had cost
-    it 1-2 s a page, the whole job's pace on a cluster. A task's own error comes back as itself, not wrapped."""
+    """Runs what the sink hands it (each document's exports) as Ray tasks of ``options`` (``ray.remote``'s), on any
+    node: the output is on storage they all reach. The driver reads on meanwhile; made in it, a searchable PDF/A and
+    the METS page images had cost it 1-2 s a page, the whole job's pace on a cluster. A task's own error comes back
+    as itself, not wrapped; one whose worker died (out of memory, its node lost) is run once more, then fails."""
 
-    def __init__(self) -> None:
+    def __init__(self, **options: Any) -> None:
+        self.options = {"max_retries": 1, **options}
         self._tasks: dict[Callable[..., Any], RemoteFunction] = {}
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         if fn not in self._tasks:
-            self._tasks[fn] = ray.remote(num_cpus=EXPORT_TASK_CPUS)(fn)
+            self._tasks[fn] = ray.remote(**self.options)(fn)
         done: Future = Future()
 
         def settle(ran: Future) -> None:
@@ -479,7 +486,11 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                                listener=progress.document_done if progress else None,
                                on_published=progress.document_published if progress else None,
                                publish_every_s=config.output.publish_every_s, rasterize=config.rasterize,
-                               exporter=RayTaskExecutor())
+                               # an export renders pages as a page task does, and gets what one gets: the CPUs a
+                               # local run keeps from the recognizers for them (check_cpus_left_for_pages)
+                               exporter=RayTaskExecutor(num_cpus=max(config.rasterize.num_cpus, config.detect.num_cpus),
+                                                        memory=config.detect.memory_mb * 1024 * 1024),
+                               exports_in_flight=max(2, int(EXPORTS_IN_FLIGHT_PER_CPU * resources.get("CPU", 0.0))))
             quiet_ray_data(verbose)
             if progress:
                 progress.triage_started(len(found.sources))
@@ -513,7 +524,9 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                                 if progress:
                                     progress.page_done(work)
                                 sink.add_page(work)
+                        sink.finish_exports()  # still watched, and as stoppable
                     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is finished is kept, published
+                        sink.collect_exports()  # those whose exports were written meanwhile too
                         sink.flush()  # first: `ray job stop` kills the driver a few seconds after its SIGTERM
                         if (error := lost()) is not None:  # the recognizer nodes gone: the same, with its reason
                             raise error from None

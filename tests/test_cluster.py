@@ -566,11 +566,12 @@ def test_a_job_whose_gpu_nodes_are_all_lost_stops_and_keeps_what_it_finished(tin
     spec = {"run": "lose_the_gpu_nodes_mid_job", "inputs": [str(inputs)], "output": str(tmp_path / "ocr"),
             "overrides": ["rasterize.dpi=75", "rasterize.detect_orientation=false", f"recognize.model={tiny_model}",
                           "recognize.device=cpu", "recognize.num_gpus=1", "recognize.num_cpus=0.5",
-                          "recognize.concurrency=1", "recognize.pages_per_batch=1", "recognize.start_timeout_s=10",
+                          "recognize.concurrency=1", "recognize.pages_per_batch=1", "recognize.lost_timeout_s=4",
+                          "recognize.start_timeout_s=120",  # as long as the GPU node's first worker may take to start
                           "output.publish_every_s=1"]}
     assert _on_a_simulated_gpu_cluster(spec, tmp_path)["lost"] == (
         "the cluster has had no node that can run a recognizer actor (num_gpus=1, num_cpus=0.5, accelerator_type=None) "
-        "for recognize.start_timeout_s=10 s, and none was added (`ray status` and the autoscaler's log say why): the "
+        "for recognize.lost_timeout_s=4 s, and none was added (`ray status` and the autoscaler's log say why): the "
         "documents finished are published; run the job again once such nodes are back to read the rest")
     if (tmp_path / "ocr" / "documents").is_dir():  # what it finished (maybe nothing) is published whole
         documents, pages = _read_output(tmp_path / "ocr")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -566,6 +568,45 @@ def test_a_document_is_published_once_its_exports_are_written_and_its_duplicates
     sink.close()
     assert _read(tmp_path, DOCUMENTS_DIR).column("doc_id").to_pylist() == ["b", "a", "d1", "d2"]
     assert [path.suffix for path in (tmp_path / EXPORTS_DIR).iterdir()] == [".txt"]
+
+
+class _SlowExecutor(ThreadPoolExecutor):
+    """Exports that take a while, each in a thread of its own: notes how many were in flight at most."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=8)
+        self.in_flight = self.most_in_flight = 0
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        def slowly() -> Any:
+            time.sleep(0.05)
+            return fn(*args)
+
+        with self._lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        future = super().submit(slowly)
+        future.add_done_callback(lambda _: self._done())
+        return future
+
+    def _done(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+
+def test_documents_wait_for_their_exports_a_few_at_a_time(tmp_path):
+    """Where exports are slower than reading (PDF/A, METS), every document read had been handed out at once: held in
+    the driver's memory, unpublished (a killed run lost them all)."""
+    with _SlowExecutor() as exporter:
+        sink = ParquetSink(str(tmp_path), rows_per_file=100, exports=("txt",), exporter=exporter, exports_in_flight=2)
+        for number in range(6):
+            sink.expect(_document(f"d{number}", 1))
+            sink.add_page(_page(f"d{number}", 1))
+        sink.close()
+    assert exporter.most_in_flight == 2
+    assert sorted(_read(tmp_path, DOCUMENTS_DIR).column("doc_id").to_pylist()) == [f"d{n}" for n in range(6)]
+    assert len(list((tmp_path / EXPORTS_DIR).iterdir())) == 6
 
 
 def test_an_export_whose_worker_died_fails_its_document_and_the_job_goes_on(tmp_path):
