@@ -571,8 +571,10 @@ class ParquetSink:
         self.run_id = uuid.uuid4().hex[:12]
         self.summary = WriteSummary()
         self._pending: dict[tuple[str, str], _PendingDocument] = {}
-        self._ready_documents: list[DocumentRecord] = []
-        self._ready_pages: list[dict] = []
+        # complete documents with their pages rows, for the next part: one list, added to in one step, so that a
+        # stop (Ctrl-C, SIGTERM) landing mid-way cannot publish a document without its pages, nor pages without it
+        self._ready: list[tuple[DocumentRecord, list[dict]]] = []
+        self._ready_rows = 0  # pages rows in _ready
         self._unpublished: list[tuple[DocumentRecord, list[PageWork]]] = []  # for on_published
         self._exporting: set[str] = set()  # doc_ids with an EXPORTING note
         self._exports_running: dict[str, _RunningExport] = {}  # by doc_id, in the order they were handed out
@@ -622,14 +624,14 @@ class ParquetSink:
         self._reading.discard(outcome.doc_id)
         # a duplicate waits for the document it names: published first, it had pointed at nothing for as long as
         # that one was read (and exported), and for good when the run was killed meanwhile
-        if outcome.duplicate_of in self._reading:
+        if outcome.duplicate_of in self._reading:  # a duplicate: no pages of its own
             self._held.setdefault(outcome.duplicate_of, []).append(outcome)
         else:
             released = self._held.pop(outcome.doc_id, [])
-            self._ready_documents += [outcome, *released]
+            self._ready += [(outcome, rows), *((duplicate, []) for duplicate in released)]
+            self._ready_rows += len(rows)
             if self.on_published is not None:
                 self._unpublished += [(outcome, pages), *((duplicate, []) for duplicate in released)]
-        self._ready_pages.extend(rows)
         summary = self.summary
         summary.documents_ok += outcome.status == "ok"
         summary.documents_failed += outcome.status == "failed"
@@ -639,7 +641,7 @@ class ParquetSink:
         summary.lines += sum(len(page.lines) for page in pages)
         if self.listener is not None:
             self.listener(outcome, pages)
-        if (len(self._ready_pages) >= self.rows_per_file or len(self._ready_documents) >= self.rows_per_file
+        if (self._ready_rows >= self.rows_per_file or len(self._ready) >= self.rows_per_file
                 or time.monotonic() - self._last_published >= self.publish_every_s):
             self.flush()
 
@@ -702,14 +704,15 @@ class ParquetSink:
     def flush(self) -> None:
         """Publish the complete documents held so far (also what a stopped run does before it ends)."""
         self._last_published = time.monotonic()
-        if not self._ready_documents:
+        if not self._ready:
             return
         name = f"part-{self.run_id}-{self._parts:05d}.parquet"
         self._parts += 1
         # taken off the sink first: a flush interrupted half way (Ctrl-C, SIGTERM) and flushed again must not
         # publish them twice; unpublished, they are read again by the next run
-        documents, pages = self._ready_documents, self._ready_pages
-        self._ready_documents, self._ready_pages = [], []
+        ready, self._ready, self._ready_rows = self._ready, [], 0
+        documents = [record for record, _ in ready]
+        pages = [row for _, rows in ready for row in rows]
         self._publish(pa.Table.from_pylist(pages, schema=PAGES_SCHEMA), PAGES_DIR, name)
         self._publish(pa.Table.from_pylist([asdict(record) for record in documents], schema=DOCUMENTS_SCHEMA),
                       DOCUMENTS_DIR, name)
