@@ -480,10 +480,15 @@ def export_document(outcome: DocumentRecord, rows: list[dict], output: str, expo
                 check_unchanged(outcome.source, stamp)
             except DocumentError as found:
                 exc = found if isinstance(found, SourceChanged) else exc
-        with writing(f"the exports of {outcome.source} in {folder}"):  # none half written, none of another file
-            remove_other_exports(document, (), folder, filesystem)
+        _take_out_exports(document, folder, filesystem)  # none half written, none of another file
         return _export_failed(outcome, exc)
     return outcome
+
+
+def _take_out_exports(document: dict, folder: str, filesystem: pafs.FileSystem) -> None:
+    """Remove what a document's failed exports wrote to ``folder``."""
+    with writing(f"the exports of {document['source']} in {folder}"):
+        remove_other_exports(document, (), folder, filesystem)
 
 
 def _export_failed(outcome: DocumentRecord, exc: Exception) -> DocumentRecord:
@@ -554,8 +559,8 @@ class ParquetSink:
                  listener: DocumentListener | None = None, on_published: DocumentListener | None = None,
                  publish_every_s: float = float("inf"), rasterize: RasterizeConfig = RasterizeConfig(),
                  exporter: Executor | None = None, exports_in_flight: int = 4):
-        self.output = output if is_uri(output) else os.path.abspath(output)  # for workers, whatever their folder
         self.filesystem, self.root = resolve_filesystem(output)
+        self.output = output if is_uri(output) else self.root  # absolute, for workers whatever their folder
         self.rows_per_file = rows_per_file
         self.publish_every_s = publish_every_s  # a run stopped then keeps what it finished up to that long ago
         self._last_published = time.monotonic()
@@ -678,9 +683,7 @@ class ParquetSink:
             except WriteFailed:
                 raise
             except Exception as exc:  # noqa: BLE001 - one document's exports never end the job
-                folder = f"{self.root}/{EXPORTS_DIR}"
-                with writing(f"the exports of {running.outcome.source} in {folder}"):
-                    remove_other_exports(asdict(running.outcome), (), folder, self.filesystem)
+                _take_out_exports(asdict(running.outcome), f"{self.root}/{EXPORTS_DIR}", self.filesystem)
                 outcome = _export_failed(running.outcome, exc)
             self._finish(outcome, running.pages, running.rows)
 
