@@ -7,11 +7,13 @@ together through every stage with no shuffle, and the driver only ever sees text
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
 import os
 import pickle
+import queue
 import signal
 import socket
 import tempfile
@@ -21,6 +23,7 @@ from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from logging.handlers import QueueHandler
 from typing import Any, Callable, Collection, Generator, Iterator, Literal, Sequence
 
 import ray
@@ -332,12 +335,16 @@ class RayTaskExecutor(Executor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         if fn not in self._tasks:
-            self._tasks[fn] = ray.remote(**self.options)(fn)
+            self._tasks[fn] = ray.remote(**self.options)(_keeping_logs(fn))
         done: Future = Future()
 
         def settle(ran: Future) -> None:
             try:
-                done.set_result(ran.result())
+                result, records = ran.result()
+                for record in records:
+                    if (logger := logging.getLogger(record.name)).isEnabledFor(record.levelno):
+                        logger.handle(record)
+                done.set_result(result)
             except RayTaskError as error:
                 done.set_exception(error.cause)
             except Exception as error:  # noqa: BLE001 - its worker died (out of memory, a node lost): the sink's to say
@@ -345,6 +352,24 @@ class RayTaskExecutor(Executor):
 
         self._tasks[fn].remote(*args, **kwargs).future().add_done_callback(settle)
         return done
+
+
+def _keeping_logs(fn: Callable[..., Any]) -> Callable[..., tuple[Any, list[logging.LogRecord]]]:
+    """``fn`` returning also what it logged to this project's loggers from INFO up, for the driver to log: a Ray
+    worker's logging has no handler, so its INFO lines (a PDF whose pages show text already) went nowhere."""
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> tuple[Any, list[logging.LogRecord]]:
+        logger, kept = logging.getLogger("operators"), queue.SimpleQueue()
+        handler, level = QueueHandler(kept), logger.level
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        try:
+            result = fn(*args, **kwargs)
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+        return result, [kept.get() for _ in range(kept.qsize())]
+    return run
 
 
 def _pack(work: PageWork) -> dict[str, bytes]:

@@ -45,8 +45,9 @@ def quiet_ray_data(verbose: bool) -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = verbose
     context.print_on_execution_start = verbose
+    shared = logging.getLogger().handlers  # pytest's capture, say, hung on every logger that does not propagate
     for handler in logging.getLogger("ray.data").handlers:
-        if not isinstance(handler, logging.FileHandler):
+        if not isinstance(handler, logging.FileHandler) and handler not in shared:
             handler.setLevel(logging.INFO if verbose else logging.ERROR)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -388,10 +389,12 @@ def test_pages_stored_turned_show_upright_under_their_text_layer(ray_local, tmp_
         assert image.Filter == "/DCTDecode" and image.read_raw_bytes() == (inputs / "photo6.jpg").read_bytes()
 
 
-def test_a_pdf_keeps_its_outline_labels_metadata_and_encryption_and_text_is_not_laid_twice(ray_local, tmp_path):
+def test_a_pdf_keeps_its_outline_labels_metadata_and_encryption_and_text_is_not_laid_twice(ray_local, tmp_path,
+                                                                                          caplog):
     """A born-digital cover page before a scanned one, with an outline, page labels, a title and an owner password:
     the searchable PDF had been a new file of the pages alone, unencrypted, and the cover's text came out twice
-    (its own, and an invisible copy of the job's reading of it)."""
+    (its own, and an invisible copy of the job's reading of it). The page left without a text layer is said: the
+    export runs as a Ray task, whose worker's log lines had gone nowhere."""
     from fpdf import FPDF
 
     cover = FPDF(unit="pt", format=(620, 877))
@@ -412,7 +415,9 @@ def test_a_pdf_keeps_its_outline_labels_metadata_and_encryption_and_text_is_not_
             pikepdf.String("cover"), pikepdf.Array([pdf.pages[0].obj, pikepdf.Name.Fit])]))
         pdf.save(source, encryption=pikepdf.Encryption(owner="secret", user="",
                                                        allow=pikepdf.Permissions(extract=False)))
-    run_job([str(source)], str(tmp_path / "out"), load_config(None, [DPI, "output.exports=[pdf]"]))
+    with caplog.at_level(logging.INFO, logger="operators"):
+        run_job([str(source)], str(tmp_path / "out"), load_config(None, [DPI, "output.exports=[pdf]"]))
+    assert re.search(r"report\.pdf: 1 page\(s\) show text already \(page 1 first\)", caplog.text), caplog.text
     [exported] = (tmp_path / "out" / "exports").glob("report-*.pdf")
     with pikepdf.open(exported) as pdf:
         assert pdf.is_encrypted and not pdf.allow.extract
