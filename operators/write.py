@@ -576,11 +576,12 @@ class ParquetSink:
         self.run_id = uuid.uuid4().hex[:12]
         self.summary = WriteSummary()
         self._pending: dict[tuple[str, str], _PendingDocument] = {}
-        # complete documents with their pages rows, for the next part: one list, added to in one step, so that a
-        # stop (Ctrl-C, SIGTERM) landing mid-way cannot publish a document without its pages, nor pages without it
-        self._ready: list[tuple[DocumentRecord, list[dict]]] = []
+        # complete documents with their pages rows (and pages, for on_published), for the next part: one list,
+        # added to in one step, so that a stop (Ctrl-C, SIGTERM) landing mid-way cannot publish a document without
+        # its pages, nor pages without it
+        self._ready: list[tuple[DocumentRecord, list[dict], list[PageWork]]] = []
         self._ready_rows = 0  # pages rows in _ready
-        self._unpublished: list[tuple[DocumentRecord, list[PageWork]]] = []  # for on_published
+        self._unannounced: list[tuple[DocumentRecord, list[dict], list[PageWork]]] = []  # published, not yet told
         self._exporting: set[str] = set()  # doc_ids with an EXPORTING note
         self._exports_running: dict[str, _RunningExport] = {}  # by doc_id, in the order they were handed out
         self._reading: set[str] = set()  # doc_ids of the pending documents
@@ -633,10 +634,8 @@ class ParquetSink:
             self._held.setdefault(outcome.duplicate_of, []).append(outcome)
         else:
             released = self._held.pop(outcome.doc_id, [])
-            self._ready += [(outcome, rows), *((duplicate, []) for duplicate in released)]
+            self._ready += [(outcome, rows, pages), *((duplicate, [], []) for duplicate in released)]
             self._ready_rows += len(rows)
-            if self.on_published is not None:
-                self._unpublished += [(outcome, pages), *((duplicate, []) for duplicate in released)]
         summary = self.summary
         summary.documents_ok += outcome.status == "ok"
         summary.documents_failed += outcome.status == "failed"
@@ -707,6 +706,7 @@ class ParquetSink:
     def flush(self) -> None:
         """Publish the complete documents held so far (also what a stopped run does before it ends)."""
         self._last_published = time.monotonic()
+        self._announce()  # what a flush stopped half way had published without telling on_published
         if not self._ready:
             return
         name = f"part-{self.run_id}-{self._parts:05d}.parquet"
@@ -714,19 +714,27 @@ class ParquetSink:
         # taken off the sink first: a flush interrupted half way (Ctrl-C, SIGTERM) and flushed again must not
         # publish them twice; unpublished, they are read again by the next run
         ready, self._ready, self._ready_rows = self._ready, [], 0
-        documents = [record for record, _ in ready]
-        pages = [row for _, rows in ready for row in rows]
+        documents = [record for record, _, _ in ready]
+        pages = [row for _, rows, _ in ready for row in rows]
         self._publish(pa.Table.from_pylist(pages, schema=PAGES_SCHEMA), PAGES_DIR, name)
         self._publish(pa.Table.from_pylist([asdict(record) for record in documents], schema=DOCUMENTS_SCHEMA),
                       DOCUMENTS_DIR, name)
+        self._unannounced += ready
         with writing(f"{self.root}/{STAGING_DIR}"):
             for record in documents:
                 if record.doc_id in self._exporting:
                     self._exporting.discard(record.doc_id)
                     self.filesystem.delete_file(self._exporting_note(record.doc_id))
-        published, self._unpublished = self._unpublished, []
-        for record, pages in published:
-            self.on_published(record, pages)
+        self._announce()
+
+    def _announce(self) -> None:
+        """Tell on_published of each published document (``--log-json``), once: one stopped mid-way (Ctrl-C,
+        SIGTERM) is told by the stopped run's last flush."""
+        while self._unannounced:
+            record, _, pages = self._unannounced[0]
+            if self.on_published is not None:
+                self.on_published(record, pages)
+            del self._unannounced[0]
 
     def close(self) -> WriteSummary:
         """Flush; documents still waiting for pages mean pages were lost, which is a bug."""

@@ -390,6 +390,29 @@ def test_published_documents_are_announced_only_once_their_rows_are_written(tmp_
     assert _read(tmp_path, DOCUMENTS_DIR).column("doc_id").to_pylist() == ["a"]
 
 
+def test_documents_published_by_a_flush_stopped_half_way_are_each_announced_once(tmp_path):
+    """A stop (Ctrl-C, SIGTERM) landing while published documents are announced, the stopped run's last flush
+    announces the rest: they had had no ``--log-json`` line, and a rerun takes them as done and logs none either."""
+    published, stopping_at = [], ["b"]
+
+    def announce(record: DocumentRecord, pages: list[PageWork]) -> None:
+        if record.doc_id in stopping_at:
+            stopping_at.remove(record.doc_id)
+            raise KeyboardInterrupt  # the stop, landing as b is told
+        published.append((record.doc_id, len(pages)))
+
+    sink = ParquetSink(str(tmp_path), rows_per_file=100, on_published=announce)
+    for doc_id in ("a", "b", "c"):
+        sink.expect(_document(doc_id, 1))
+        sink.add_page(_page(doc_id, 1))
+    with pytest.raises(KeyboardInterrupt):
+        sink.flush()
+    assert published == [("a", 1)]
+    sink.flush()  # what the stopped job does before it ends
+    assert published == [("a", 1), ("b", 1), ("c", 1)]
+    assert _read(tmp_path, DOCUMENTS_DIR).column("doc_id").to_pylist() == ["a", "b", "c"]
+
+
 def test_page_text_leaves_out_lines_without_text_and_marks_blocks_with_one_blank_line():
     def line(order: int, block: int, text: str) -> LineRecord:
         return LineRecord(bbox=(0, 10 * order, 50, 10 * order + 8), polygon=[], baseline=[], block=block, order=order,
