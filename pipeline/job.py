@@ -69,7 +69,7 @@ TRIAGE_WINDOW_MIN = 16
 CLUSTER_CONNECT_TIMEOUT_S = 10.0
 #: What Ray's job supervisor gives a submitted job's driver: its runtime environment (working dir) as JSON.
 RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
-#: Seconds between looks at a cluster's nodes while a job runs on it, at most (:func:`_recognizer_nodes_watched`).
+#: Seconds between looks at a cluster's nodes while a job runs on it, at most (:class:`RecognizerNodesWatch`).
 RECOGNIZER_NODES_CHECK_S = 10.0
 #: Documents whose exports may be in flight at once, per CPU of the cluster.
 EXPORTS_IN_FLIGHT_PER_CPU = 2
@@ -160,60 +160,72 @@ def _offers_a_recognizer(node: dict[str, Any], config: JobConfig) -> bool:
             and (recognize.accelerator_type is None or f"accelerator_type:{recognize.accelerator_type}" in resources))
 
 
-@contextmanager
-def _recognizer_nodes_watched(config: JobConfig, mode: Mode) -> Iterator[Callable[[], RecognizersLost | None]]:
+class RecognizerNodesWatch:
     """On a cluster, while the pages are read: when no node that can run a recognizer actor has been there for
     ``recognize.lost_timeout_s`` (the GPU nodes lost, spot instances taken back, and none added), the main thread
     is interrupted by a signal (SIGUSR1, raising KeyboardInterrupt as Ctrl-C does): Ray Data would wait for such a
-    node for ever, in calls only a real signal wakes. Yields what tells the interruption from a Ctrl-C: the error to
-    raise instead, or None."""
-    lost: list[RecognizersLost] = []
-    if mode != "recognize" or _runs_locally(config) or threading.current_thread() is not threading.main_thread():
-        yield lambda: None  # a local run's one node is the driver's; only the main thread can take a signal
-        return
-    timeout = config.recognize.lost_timeout_s
-    stop, interrupting = threading.Event(), threading.Lock()
+    node for ever, in calls only a real signal wakes. :attr:`lost` tells that interruption from a Ctrl-C.
+    :meth:`stop` once the pages are read: the exports still being written need no recognizer."""
 
-    def watch() -> None:
+    def __init__(self, config: JobConfig, mode: Mode) -> None:
+        self.config = config
+        self.lost: RecognizersLost | None = None  # the error to raise instead of the KeyboardInterrupt
+        # a local run's one node is the driver's; only the main thread can take a signal
+        self._active = (mode == "recognize" and not _runs_locally(config)
+                        and threading.current_thread() is threading.main_thread())
+        self._stopped, self._interrupting = threading.Event(), threading.Lock()
+        self._watcher = threading.Thread(target=self._watch, name="recognizer-nodes-watch", daemon=True)
+        self._previous_handler: Any = None
+
+    def __enter__(self) -> RecognizerNodesWatch:
+        if self._active:
+            self._previous_handler = signal.signal(signal.SIGUSR1, self._interrupted)
+            self._watcher.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Watch no more; a signal sent as the watch was stopped does nothing when it lands."""
+        if not self._active or self._stopped.is_set():
+            return
+        with self._interrupting:
+            self._stopped.set()
+        self._watcher.join()
+        signal.signal(signal.SIGUSR1, self._previous_handler)
+
+    def _interrupted(self, signum: int, frame: Any) -> None:
+        if not self._stopped.is_set():
+            raise KeyboardInterrupt
+
+    def _watch(self) -> None:
+        timeout = self.config.recognize.lost_timeout_s
         since = None
-        while not stop.wait(min(RECOGNIZER_NODES_CHECK_S, timeout / 2)):
+        while not self._stopped.wait(min(RECOGNIZER_NODES_CHECK_S, timeout / 2)):
             try:
                 nodes = ray.nodes()
             except Exception:  # noqa: BLE001 - the GCS slow to answer: looked at again next time
                 log.warning("cannot list the cluster's nodes to look for recognizer nodes", exc_info=True)
                 continue
-            if any(_offers_a_recognizer(node, config) for node in nodes):
+            if any(_offers_a_recognizer(node, self.config) for node in nodes):
                 since = None
             elif since is None:
                 since = time.monotonic()
             elif time.monotonic() - since >= timeout:
-                with interrupting:
-                    if stop.is_set():
+                with self._interrupting:
+                    if self._stopped.is_set():
                         return
-                    recognize = config.recognize
-                    lost.append(RecognizersLost(
+                    recognize = self.config.recognize
+                    self.lost = RecognizersLost(
                         "the cluster has had no node that can run a recognizer actor "
                         f"(num_gpus={recognize.num_gpus:g}, num_cpus={recognize.num_cpus:g}, "
                         f"accelerator_type={recognize.accelerator_type}) for "
                         f"recognize.lost_timeout_s={timeout:g} s, and none was added (`ray status` and the "
                         "autoscaler's log say why): the documents finished are published; run the job again once "
-                        "such nodes are back to read the rest"))
+                        "such nodes are back to read the rest")
                     signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
                 return
-
-    def interrupted(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGUSR1, interrupted)
-    watcher = threading.Thread(target=watch, name="recognizer-nodes-watch", daemon=True)
-    watcher.start()
-    try:
-        yield lambda: lost[0] if lost else None
-    finally:
-        with interrupting:
-            stop.set()
-        watcher.join()
-        signal.signal(signal.SIGUSR1, previous)
 
 
 def check_paths_outlive_the_job(paths: Sequence[str | os.PathLike | None]) -> None:
@@ -539,7 +551,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                 if mode == "recognize" and not _runs_locally(config):
                     _wait_for_a_recognizer_node(config)
                 with (_batches_of(_page_dataset(ranges, config, preprocessor)) as batches,
-                      _recognizer_nodes_watched(config, mode) as lost):
+                      RecognizerNodesWatch(config, mode) as watch):
                     try:
                         for batch in batches:
                             for item in batch["work"]:
@@ -549,12 +561,15 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                                 if progress:
                                     progress.page_done(work)
                                 sink.add_page(work)
-                        sink.finish_exports()  # still watched, and as stoppable
+                        # the pages are read: the GPU nodes may go (an autoscaler takes idle ones back) while the
+                        # last exports are written, which had stopped a finished job as RecognizersLost
+                        watch.stop()
+                        sink.finish_exports()  # as stoppable
                     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is finished is kept, published
                         sink.collect_exports()  # those whose exports were written meanwhile too
                         sink.flush()  # first: `ray job stop` kills the driver a few seconds after its SIGTERM
-                        if (error := lost()) is not None:  # the recognizer nodes gone: the same, with its reason
-                            raise error from None
+                        if watch.lost is not None:  # the recognizer nodes gone: the same, with its reason
+                            raise watch.lost from None
                         raise
             written = sink.close()  # while Ray runs: it waits for the documents' export tasks
     return JobSummary(output=output, documents_skipped=skipped, written=written,

@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 from conftest import text_page, write_pdf
-from operators.errors import ConfigError
+from operators.errors import ConfigError, RecognizersLost
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
@@ -526,7 +526,6 @@ def lose_the_gpu_nodes_mid_job(spec: dict) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    from operators.errors import RecognizersLost
     from pipeline.config import load_config
     from pipeline.job import run_job
     from pipeline.progress import JobProgress
@@ -577,6 +576,26 @@ def test_a_job_whose_gpu_nodes_are_all_lost_stops_and_keeps_what_it_finished(tin
         documents, pages = _read_output(tmp_path / "ocr")
         assert len(documents) < 12, "the GPU node must go mid-job for this test to mean anything"
         assert sorted(pages) == sorted((Path(row["source"]).name, page) for row in documents for page in range(1, 5))
+
+
+def test_the_watch_for_lost_gpu_nodes_interrupts_the_job_only_until_its_pages_are_read(ray_local, monkeypatch):
+    """Once the pages are read, the GPU nodes may go (an autoscaler takes idle ones back) while the last exports are
+    written: the watch had still stopped the finished job as RecognizersLost, its documents left to read again."""
+    from pipeline.config import load_config
+    from pipeline.job import RecognizerNodesWatch
+
+    monkeypatch.setenv("RAY_ADDRESS", ray_local.get_runtime_context().gcs_address)  # a cluster's job
+    config = load_config(None, ["recognize.num_gpus=1", "recognize.lost_timeout_s=0.5"])  # this one has no GPU
+    with pytest.raises(KeyboardInterrupt), RecognizerNodesWatch(config, "recognize") as watch:
+        time.sleep(30)
+    assert isinstance(watch.lost, RecognizersLost)
+    with RecognizerNodesWatch(config, "recognize") as watch:
+        watch.stop()  # the pages are read
+        time.sleep(2)
+    assert watch.lost is None
+    with RecognizerNodesWatch(config, "detect") as watch:  # no recognizer to lose
+        time.sleep(2)
+    assert watch.lost is None
 
 
 if __name__ == "__main__":  # the subprocess of the tests on a simulated GPU cluster
