@@ -27,6 +27,7 @@ import jiwer
 
 from operators.errors import ConfigError, ExitCode
 from operators.formats.read import page_image, page_xml_files, read_page_xml
+from operators.model import PRECISIONS
 from operators.recognize import LineRecognizer
 from operators.settings import DEFAULT_MODEL_NAME
 from operators.storage import writing
@@ -250,7 +251,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                                                         "(word frequencies in beam search; needs --num-beams 2 or more)")
     parser.add_argument("--max-new-tokens", type=int, help="default: what the model can produce")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
+                        help="int8: the encoder's linear layers quantized, on the CPU (recognize.precision)")
     parser.add_argument("--paint-out-neighbours", action="store_true",
                         help="--lines whose images are cut with a margin: paint out the ink of the lines above and "
                              "below first, as the job does for the lines it cuts (not for images cut tight)")

@@ -70,6 +70,10 @@ def test_eval_command_reports_each_folder_and_writes_predictions(tmp_path, tiny_
     assert set(rows[0]) == {"image", "prediction", "reference", "cer"}
     assert {row["reference"] for row in rows} == {"alpha beta", "gamma", "delta"}
     assert rows[0]["image"].endswith("first/l0.png")
+    # the job's CPU precisions, int8 included (eval had refused it, so its accuracy could not be measured)
+    assert eval_command(parse(["--model", str(tiny_model), "--lines", str(first), "--max-new-tokens", "8",
+                               "--device", "cpu", "--precision", "int8"])) == ExitCode.ok
+    assert "overall" in capsys.readouterr().out
     # a --predictions path that cannot be written is found before the model is loaded (a traceback after all the
     # work, before), and a file in the way of its folder is named (it had said "File exists"); a file that is no PAGE
     # or ALTO is named in one line (an lxml traceback)
