@@ -4,6 +4,7 @@ torch or transformers."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -33,6 +34,44 @@ def resolve_checkpoint(name_or_path: str) -> str:
     if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
         raise ModelLoadError(f"model folder {name_or_path} does not exist (and it is no hub id)")
     return name_or_path
+
+
+def recorded_model(name_or_path: str) -> str:
+    """How a documents row names the model that read it: a bundled model by its short name (however it was given),
+    a local folder by its absolute path, a hub id as it is."""
+    source = Path(resolve_checkpoint(name_or_path))
+    if not source.is_dir():
+        return name_or_path
+    for short_name, folder in BUNDLED_MODELS.items():
+        if folder.is_dir() and source.samefile(folder):
+            return short_name
+    return str(source.resolve())
+
+
+def weights_sha256(name_or_path: str) -> str | None:
+    """The SHA-256 of a local model's weights (of its shards one after another, in name order, when it is sharded),
+    which tells two versions of a model apart whatever their names; None for a hub id, whose weights each node
+    fetches for itself."""
+    source = Path(resolve_checkpoint(name_or_path))
+    if not source.is_dir():
+        return None
+    weights = next(source / name for name in WEIGHT_FILES if (source / name).is_file())
+    files = [weights]
+    if weights.suffix == ".json":  # an index of shards
+        try:
+            shards = json.loads(weights.read_text(encoding="utf-8"))["weight_map"].values()
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise ModelLoadError(f"model folder {source}: its {weights.name} cannot be read ({exc})") from exc
+        files = [source / shard for shard in sorted(set(shards))]
+    digest = hashlib.sha256()
+    for file in files:
+        try:
+            with open(file, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+        except OSError as exc:
+            raise ModelLoadError(f"model folder {source}: cannot read {file.name} ({exc.strerror})") from exc
+    return digest.hexdigest()
 
 
 def _check_local_folder(folder: Path) -> None:

@@ -82,6 +82,8 @@ class DocumentRecord:
     mode: str | None = None  # what the run did: "recognize" (run) or "detect" (layout only, no text)
     source_size: int | None = None  # the file's size and modification time when it was read: a rerun that finds
     source_mtime_ns: int | None = None  # them unchanged takes the document as done without reading it again
+    model: str | None = None  # what read the text (operators.checkpoint.recorded_model); None: detect, or older rows
+    model_sha256: str | None = None  # of its weights (operators.checkpoint.weights_sha256); None for a hub id
 
 
 WORD_TYPE = pa.struct(
@@ -138,6 +140,8 @@ DOCUMENTS_SCHEMA = pa.schema(
         pa.field("mode", pa.string()),
         pa.field("source_size", pa.int64()),
         pa.field("source_mtime_ns", pa.int64()),
+        pa.field("model", pa.string()),
+        pa.field("model_sha256", pa.string()),
     ]
 )
 

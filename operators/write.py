@@ -34,7 +34,7 @@ from concurrent.futures import Executor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import PurePosixPath
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -313,6 +313,14 @@ def read_published(output: str, page_columns: Sequence[str], first_pages: int) -
     return documents, [rows[part, position] for _, _, part, position in chosen]
 
 
+class Reading(NamedTuple):
+    """How a published document was read (each None where its row predates the column)."""
+
+    pages_selected: str | None  # None: every page, or not recorded
+    mode: str | None
+    model: str | None
+
+
 @dataclass(frozen=True)
 class Retirement:
     """The published documents ``--retry-failed`` takes out so that the run reads them again, in the order they
@@ -334,7 +342,7 @@ class PublishedDocuments:
     out."""
 
     COLUMNS: ClassVar[tuple[str, ...]] = ("doc_id", "source", "status", "num_pages", "duplicate_of", "pages_selected",
-                                          "mode", "source_size", "source_mtime_ns")
+                                          "mode", "source_size", "source_mtime_ns", "model")
     rows: tuple[dict[str, Any], ...]
 
     def sources(self) -> dict[str, str]:
@@ -352,9 +360,9 @@ class PublishedDocuments:
                 if (row["status"] == "ok" or (row["status"] == "duplicate" and row["duplicate_of"] in ok))
                 and row["source_size"] is not None and row["source_mtime_ns"] is not None}
 
-    def readings(self) -> dict[str, tuple[str | None, str | None]]:
-        """doc_id -> how it was read: its page selection (None: every page) and its mode (None: not recorded)."""
-        return {row["doc_id"]: (row["pages_selected"], row["mode"]) for row in self.rows}
+    def readings(self) -> dict[str, Reading]:
+        """doc_id -> how it was read."""
+        return {row["doc_id"]: Reading(row["pages_selected"], row["mode"], row["model"]) for row in self.rows}
 
     def failed_to_retry(self, read_now: dict[str, str]) -> Retirement:
         """What ``--retry-failed`` takes out: the ``failed`` documents whose source is among this run's

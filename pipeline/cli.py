@@ -158,6 +158,11 @@ def _show_command(args: argparse.Namespace) -> int:
                   else " (same bytes as another document)" if document["status"] == "duplicate" else "")
         # a name may hold a newline (Linux allows it): one line per document all the same
         print(printable_text(f"{document['status']:9} {document['num_pages']:4} pages  {document['source']}{reason}"))
+    # which model read them: an output written by several (another version of a bundled one) says so
+    for (model, weights), count in sorted(Counter((document.get("model"), document.get("model_sha256"))
+                                                  for document in documents if document.get("model")).items()):
+        print(printable_text(f"read by {model}{f' (weights SHA-256 {weights[:16]})' if weights else ''}: "
+                             f"{count} documents"))
     names = Counter(Path(document["source"]).name for document in documents)
     for page in pages:
         # a page is headed by its file's name, or by its whole source where another document has that name

@@ -31,7 +31,7 @@ from ray.data import ActorPoolStrategy
 from ray.exceptions import RayTaskError
 from ray.remote_function import RemoteFunction
 
-from operators.checkpoint import resolve_checkpoint
+from operators.checkpoint import recorded_model, resolve_checkpoint, weights_sha256
 from operators.errors import ConfigError, InternalError, PipelineError, RecognizersLost, WriteFailed
 from operators.storage import is_uri, recorded_source
 from operators.ingest import (DocumentPlan, KnownDocument, find_inputs, input_copies, mark_duplicates, source_id,
@@ -512,8 +512,12 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
         # model that cannot be found, has no usable image processor or sets what the fast engine does not
         # implement fails there; its weights load once, in the recognizer actors
         checked_model = background.submit(_line_preprocessor, config, mode)
+        # what each documents row names as the model that read it, and its weights' hash (0.1 s for a bundled model)
+        model = recorded_model(config.recognize.model) if mode == "recognize" else None
+        hashed = background.submit(weights_sha256, config.recognize.model) if model else None
         with ray_session(config, verbose):
             preprocessor = checked_model.result()
+            model_sha256 = hashed.result() if hashed else None
             resources = ray.cluster_resources()
             check_cpus_left_for_pages(config, resources.get("CPU", 0.0), mode)
             check_gpus_for_recognizers(config, resources.get("GPU", 0.0), mode)
@@ -545,7 +549,8 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             if progress:
                 progress.start(len(fresh), sum(len(selected_pages(selection, plan.num_pages)) for plan in readable))
             for plan in fresh:
-                sink.expect(_document_record(plan, selection, mode), len(selected_pages(selection, plan.num_pages)))
+                sink.expect(_document_record(plan, selection, mode, model, model_sha256),
+                            len(selected_pages(selection, plan.num_pages)))
             ranges = page_ranges(readable, config.rasterize.pages_per_task, selection)
             if ranges:
                 if mode == "recognize" and not _runs_locally(config):
@@ -645,7 +650,8 @@ def _with_selected_pages(plans: list[DocumentPlan], selection: str | None) -> tu
     return kept, len(plans) - len(kept)
 
 
-def _document_record(plan: DocumentPlan, selection: str | None, mode: Mode) -> DocumentRecord:
+def _document_record(plan: DocumentPlan, selection: str | None, mode: Mode, model: str | None,
+                     model_sha256: str | None) -> DocumentRecord:
     error = plan.error
     status = "duplicate" if plan.duplicate_of else "failed" if error else "ok"
     return DocumentRecord(
@@ -653,7 +659,7 @@ def _document_record(plan: DocumentPlan, selection: str | None, mode: Mode) -> D
         error_code=error.error_code if error else None, error_message=str(error) if error else None,
         num_pages=plan.num_pages, repaired=plan.repaired, duplicate_of=plan.duplicate_of, pages_selected=selection,
         mode=mode, source_size=plan.stamp[0] if plan.stamp else None,
-        source_mtime_ns=plan.stamp[1] if plan.stamp else None,
+        source_mtime_ns=plan.stamp[1] if plan.stamp else None, model=model, model_sha256=model_sha256,
     )
 
 
@@ -664,12 +670,14 @@ def _check_against_output(plans: list[DocumentPlan], published: PublishedDocumen
     run alike."""
     retirement = (published.failed_to_retry({recorded_source(plan.source): plan.doc_id for plan in plans})
                   if config.output.retry_failed else Retirement())
-    check_earlier_readings(plans, published, output, config.rasterize.pages, mode, retirement.doc_ids)
+    model = recorded_model(config.recognize.model) if mode == "recognize" else None
+    check_earlier_readings(plans, published, output, config.rasterize.pages, mode, model, retirement.doc_ids)
     return retirement
 
 
 def check_earlier_readings(plans: list[DocumentPlan], published: PublishedDocuments, output: str,
-                           selection: str | None, mode: Mode, retried: Collection[str] = ()) -> None:
+                           selection: str | None, mode: Mode, model: str | None,
+                           retried: Collection[str] = ()) -> None:
     """Refuse a run that would skip documents the output holds read otherwise: a run skips what is already
     written, so what the earlier run left undone would never be done.
 
@@ -678,11 +686,14 @@ def check_earlier_readings(plans: list[DocumentPlan], published: PublishedDocume
     - In the other mode: a ``run`` into a ``detect`` output would leave their lines without text for good, and a
       ``detect`` into a ``run`` output would say done of work it does not do. Rows written before the mode was
       recorded are not checked.
+    - By another model (``recognize.model``, as :func:`operators.checkpoint.recorded_model` names it): the output
+      would hold them as the other one read them, and say nothing of it. Rows written before the model was recorded
+      are not checked.
 
     Documents ``retried`` are read again."""
     earlier = published.readings()
     again = [plan for plan in plans if plan.doc_id in earlier and plan.doc_id not in retried]
-    other_pages = [plan for plan in again if selected_pages(earlier[plan.doc_id][0], plan.num_pages)
+    other_pages = [plan for plan in again if selected_pages(earlier[plan.doc_id].pages_selected, plan.num_pages)
                    != selected_pages(selection, plan.num_pages)]
     if other_pages:
         def described(pages: str | None) -> str:
@@ -690,17 +701,23 @@ def check_earlier_readings(plans: list[DocumentPlan], published: PublishedDocume
 
         raise ConfigError(
             f"{len(other_pages)} of these documents are in {output} read with "
-            f"{described(earlier[other_pages[0].doc_id][0])} ({other_pages[0].source}), and this run selects "
-            f"{described(selection)}: a run skips documents already written, so their other pages would never be "
+            f"{described(earlier[other_pages[0].doc_id].pages_selected)} ({other_pages[0].source}), and this run "
+            f"selects {described(selection)}: a run skips documents already written, so their other pages would never be "
             f"read; run with the same --pages, or write to another output")
-    other_mode = [plan for plan in again if earlier[plan.doc_id][1] not in (None, mode)]
+    other_mode = [plan for plan in again if earlier[plan.doc_id].mode not in (None, mode)]
     if other_mode:
         command = {"recognize": "run", "detect": "detect"}
         raise ConfigError(
             f"{len(other_mode)} of these documents are in {output} from `trocr-pipeline "
-            f"{command[earlier[other_mode[0].doc_id][1]]}` ({other_mode[0].source}), and this is `trocr-pipeline "
+            f"{command[earlier[other_mode[0].doc_id].mode]}` ({other_mode[0].source}), and this is `trocr-pipeline "
             f"{command[mode]}`: a run skips documents already written, so they would never be read this way; write "
             f"to another output")
+    other_model = [plan for plan in again if model and earlier[plan.doc_id].model not in (None, model)]
+    if other_model:
+        raise ConfigError(
+            f"{len(other_model)} of these documents are in {output} read by the model "
+            f"{earlier[other_model[0].doc_id].model} ({other_model[0].source}), and this run reads with {model}: a "
+            f"run skips documents already written, so they would never be read by it; write to another output")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ log. The bundled model reads the small 150-dpi pages, so the text layer carries 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -37,7 +38,7 @@ from operators.formats.read import page_image
 from operators.ingest import DEFAULT_MAX_IMAGE_PIXELS, NEW_SUBFILE_TYPE, sniff_kind, triage
 from operators.rasterize import PageRange, page_ranges, rasterize
 from operators.records import DocumentRecord, LineRecord, PageWork
-from operators.settings import RasterizeConfig
+from operators.settings import DEFAULT_MODEL, RasterizeConfig
 from operators.write import ParquetSink, page_row
 from pipeline.cli import main
 from pipeline.config import load_config
@@ -733,13 +734,20 @@ def test_page_words_and_baselines_lie_within_their_lines_as_ocrd_validates_them(
     assert files and words > 20
 
 
-def test_mets_files_are_valid_against_the_official_schema(run):
+def test_mets_files_are_valid_against_the_official_schema_and_name_the_model_that_read_the_text(run):
+    """Which model read a document, and which version of it (its weights' SHA-256), is in its documents row and
+    its METS: an archive finds what an older model read, to read it again."""
     _, output, _, _ = run
     schema = official_schema("mets.xsd")
     mets_files = list((output / "exports").glob("*.mets.xml"))
     assert len(mets_files) == 4
+    weights = hashlib.sha256((DEFAULT_MODEL / "model.safetensors").read_bytes()).hexdigest()
     for path in mets_files:
-        assert schema.validate(etree.parse(str(path))), (path.name, schema.error_log.last_error)
+        mets = etree.parse(str(path))
+        assert schema.validate(mets), (path.name, schema.error_log.last_error)
+        assert mets.findtext("{*}metsHdr/{*}agent/{*}note") == f"model: printed, model_sha256: {weights}"
+    documents = ds.dataset(f"{output}/documents", format="parquet").to_table().to_pylist()
+    assert {(row["model"], row["model_sha256"]) for row in documents} == {("printed", weights)}
 
 
 def test_every_file_an_export_writes_is_one_a_rerun_would_replace(run, tmp_path):
@@ -764,6 +772,8 @@ def test_show_prints_what_is_published_and_refuses_a_folder_without_output(run, 
     assert main(["show", str(copy), "--pages", "99", "--lines", "1"]) == 0
     shown = capsys.readouterr().out
     assert "failed       0 pages" in shown and "broken.pdf (corrupt_file:" in shown
+    weights = hashlib.sha256((DEFAULT_MODEL / "model.safetensors").read_bytes()).hexdigest()
+    assert f"\nread by printed (weights SHA-256 {weights[:16]}): 5 documents\n" in shown
     assert shown.count("\n--- ") == len(ds.dataset(output / "pages", format="parquet").to_table())
     assert main(["show", str(tmp_path / "nothing")]) == ExitCode.bad_args
     assert "holds no trocr-pipeline output" in capsys.readouterr().err

@@ -71,7 +71,7 @@ def pages() -> list[dict]:
 @pytest.fixture()
 def document() -> dict:
     return {"doc_id": DOC_ID, "source": SOURCE, "status": "failed", "error_code": "recognition_failed",
-            "error_message": "1 of 4 pages failed", "num_pages": 4}
+            "error_message": "1 of 4 pages failed", "num_pages": 4, "model": "printed", "model_sha256": "5e" * 32}
 
 
 @pytest.fixture()
@@ -97,6 +97,8 @@ def test_alto_page_holds_blocks_in_reading_order_with_polygons_words_and_confide
     assert tree.findtext("a:Description/a:MeasurementUnit", namespaces=ALTO) == "pixel"
     assert tree.findtext("a:Description/a:sourceImageInformation/a:fileName", namespaces=ALTO) == SOURCE
     assert tree.findtext(".//a:processingSoftware/a:softwareName", namespaces=ALTO) == "trocr-pipeline"
+    # which model read the text, and which version of it: an archive re-reads what an older one read
+    assert tree.findtext(".//a:processingStepSettings", namespaces=ALTO) == f"model: printed, model_sha256: {'5e' * 32}"
     page = tree.find("a:Layout/a:Page", ALTO)
     assert (page.get("WIDTH"), page.get("HEIGHT"), page.get("PHYSICAL_IMG_NR")) == ("1240", "1754", "1")
     blocks = page.findall(".//a:TextBlock", ALTO)
@@ -122,6 +124,9 @@ def test_alto_page_holds_blocks_in_reading_order_with_polygons_words_and_confide
 
 def test_page_xml_holds_regions_in_reading_order_with_words_and_confidences(exported, pages):
     tree = _parse(exported, ".p0001.page.xml")
+    [step] = tree.findall("p:Metadata/p:MetadataItem[@type='processingStep']", PAGE)
+    assert {label.get("type"): label.get("value") for label in step.iterfind("p:Labels/p:Label", PAGE)} == {
+        "model": "printed", "model_sha256": "5e" * 32}
     page = tree.find("p:Page", PAGE)
     assert (page.get("imageFilename"), page.get("imageWidth"), page.get("imageHeight")) == (SOURCE, "1240", "1754")
     refs = page.findall("p:ReadingOrder/p:OrderedGroup/p:RegionRefIndexed", PAGE)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +17,7 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from operators.errors import ModelLoadError
 from helpers import build_tiny_random_trocr
-from operators.checkpoint import resolve_checkpoint
+from operators.checkpoint import recorded_model, resolve_checkpoint, weights_sha256
 from operators.model import load_trocr, resolve_dtype
 from operators.preprocess import KEEP_ASPECT_KEY, WIDTH_SCALE_KEY, LinePreprocessor, ink_columns
 from operators.settings import BUNDLED_MODELS, DEFAULT_MODEL, RecognizeConfig
@@ -302,3 +304,24 @@ def test_official_checkpoint_processor_configs_are_reproduced(tmp_path, legacy_c
 def test_short_names_resolve_to_the_bundled_models(name):
     assert resolve_checkpoint(name) == str(BUNDLED_MODELS[name])
     assert RecognizeConfig().model == "printed" and BUNDLED_MODELS["printed"] == DEFAULT_MODEL
+
+
+def test_a_model_is_recorded_by_one_name_however_it_is_given_and_its_weights_by_their_hash(tmp_path, tiny_model):
+    """The documents row's model: a bundled one by its short name, given by it or by its folder (a relative path
+    included); a folder by its absolute path; a hub id as it is. Sharded weights hash as their shards in order."""
+    folder = BUNDLED_MODELS["handwritten"]
+    for given in ("handwritten", str(folder), os.path.relpath(folder)):
+        assert recorded_model(given) == "handwritten"
+    assert weights_sha256("handwritten") == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    (tmp_path / "link").symlink_to(tiny_model)
+    assert recorded_model(str(tmp_path / "link")) == recorded_model(str(tiny_model)) == str(tiny_model.resolve())
+    assert (recorded_model("microsoft/trocr-base-printed"), weights_sha256("microsoft/trocr-base-printed")) == (
+        "microsoft/trocr-base-printed", None)
+    sharded = shutil.copytree(tiny_model, tmp_path / "sharded")
+    whole = (sharded / "model.safetensors").read_bytes()
+    (sharded / "model.safetensors").unlink()
+    (sharded / "b.safetensors").write_bytes(whole[:100])
+    (sharded / "a.safetensors").write_bytes(whole[100:])
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"encoder.x": "b.safetensors", "decoder.y": "a.safetensors", "decoder.z": "a.safetensors"}}))
+    assert weights_sha256(str(sharded)) == hashlib.sha256(whole[100:] + whole[:100]).hexdigest()

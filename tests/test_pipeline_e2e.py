@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -278,6 +279,30 @@ def test_a_run_into_a_detect_output_is_refused_instead_of_leaving_its_lines_with
         with pytest.raises(ConfigError, match="1 of these documents are in .* from `trocr-pipeline detect`"):
             attempt([str(tmp_path / "a.png")], output, config, mode="recognize")
     assert run_job([str(tmp_path / "a.png")], output, config, mode="detect").documents_skipped == 1
+
+
+def test_a_run_by_another_model_into_an_output_is_refused_instead_of_skipping_what_the_first_read(ray_local, tmp_path,
+                                                                                                 tiny_model):
+    """A run with the handwritten model into an output the printed one wrote had skipped every document as done,
+    exit 0: the user's new model never read them, and nothing in the output said which model had. The same model
+    given by another path reads on."""
+    text_page(["A letter read by one model"], size=(600, 300)).save(tmp_path / "a.png", dpi=(150, 150))
+    other = shutil.copytree(tiny_model, tmp_path / "other-model")
+    (tmp_path / "same-model").symlink_to(tiny_model)
+    output = str(tmp_path / "out")
+
+    def config(model: Path):
+        return load_config(None, ["rasterize.dpi=150", f"recognize.model={model}", "recognize.max_new_tokens=4"])
+
+    run_job([str(tmp_path / "a.png")], output, config(tiny_model))
+    [row] = _read(output, "documents").to_pylist()
+    assert (row["model"], row["model_sha256"]) == (str(tiny_model.resolve()), hashlib.sha256(
+        (tiny_model / "model.safetensors").read_bytes()).hexdigest())
+    for attempt in (dry_run, run_job):
+        with pytest.raises(ConfigError, match=f"1 of these documents are in .* read by the model {tiny_model.resolve()} "
+                                              f".*, and this run reads with {other.resolve()}"):
+            attempt([str(tmp_path / "a.png")], output, config(other))
+    assert run_job([str(tmp_path / "a.png")], output, config(tmp_path / "same-model")).documents_skipped == 1
 
 
 def test_retry_failed_reads_a_repaired_file_again_in_place_of_its_failed_row(ray_local, tmp_path):

@@ -241,14 +241,16 @@ def _image_name(page: dict, stem: str, images: set[int] | None) -> str:
 
 def _alto_files(pages: Rows, document: dict, stem: str, images: set[int] | None) -> Rendered:
     for page in pages:
-        yield _page_file(stem, page["page"], "alto.xml"), _xml_bytes(alto_page(page, _image_name(page, stem, images)))
+        yield _page_file(stem, page["page"], "alto.xml"), _xml_bytes(alto_page(page, _image_name(page, stem, images),
+                                                                               model_settings(document)))
 
 
-def alto_page(page: dict, image: str) -> etree._Element:
-    """One page as an ALTO 4.4 document: blocks in reading order, line polygons, word Strings."""
+def alto_page(page: dict, image: str, model: str | None = None) -> etree._Element:
+    """One page as an ALTO 4.4 document: blocks in reading order, line polygons, word Strings. ``model``: what
+    read the text (:func:`model_settings`)."""
     root = etree.Element(_a("alto"), nsmap={None: ALTO_NS, "xsi": XSI_NS})
     root.set(f"{{{XSI_NS}}}schemaLocation", f"{ALTO_NS} {ALTO_SCHEMA}")
-    _alto_description(root, image)
+    _alto_description(root, image, model)
     number = page["page"]
     blocks = _blocks(page)
     if blocks:
@@ -269,8 +271,18 @@ def alto_page(page: dict, image: str) -> etree._Element:
     return root
 
 
-def _alto_description(root: etree._Element, image: str) -> None:
-    """Pixel units, the page's image, and the processing step (referenced by each Page)."""
+def model_settings(document: dict) -> str | None:
+    """The model that read a document's text, as its documents row names it, for the exports' processing
+    metadata; None where no model read it (``detect``)."""
+    if not document.get("model"):
+        return None
+    return f"model: {document['model']}" + (f", model_sha256: {document['model_sha256']}"
+                                            if document.get("model_sha256") else "")
+
+
+def _alto_description(root: etree._Element, image: str, model: str | None) -> None:
+    """Pixel units, the page's image, and the processing step (referenced by each Page), with the model's
+    settings."""
     description = etree.SubElement(root, _a("Description"))
     etree.SubElement(description, _a("MeasurementUnit")).text = "pixel"
     image_information = etree.SubElement(description, _a("sourceImageInformation"))
@@ -279,6 +291,8 @@ def _alto_description(root: etree._Element, image: str) -> None:
     etree.SubElement(processing, _a("processingCategory")).text = "contentGeneration"
     etree.SubElement(processing, _a("processingStepDescription")).text = (
         "text line detection (OpenCV) and line recognition (TrOCR)")
+    if model:
+        etree.SubElement(processing, _a("processingStepSettings")).text = xml_text(model)
     software = etree.SubElement(processing, _a("processingSoftware"))
     etree.SubElement(software, _a("softwareName")).text = SOFTWARE
     etree.SubElement(software, _a("softwareVersion")).text = _software_version()
@@ -313,14 +327,16 @@ def _alto_line(block: etree._Element, line: dict, line_id: str) -> None:
 
 def _page_files(pages: Rows, document: dict, stem: str, images: set[int] | None) -> Rendered:
     for page in pages:
-        yield _page_file(stem, page["page"], "page.xml"), _xml_bytes(page_xml(page, _image_name(page, stem, images)))
+        yield _page_file(stem, page["page"], "page.xml"), _xml_bytes(page_xml(page, _image_name(page, stem, images),
+                                                                              document))
 
 
-def page_xml(page: dict, image: str) -> etree._Element:
-    """One page as a PAGE XML document: regions in a reading order, line polygons, Words, TextEquivs."""
+def page_xml(page: dict, image: str, document: dict | None = None) -> etree._Element:
+    """One page as a PAGE XML document: regions in a reading order, line polygons, Words, TextEquivs; with its
+    ``document``'s row, the model that read it."""
     root = etree.Element(_p("PcGts"), nsmap={None: PAGE_NS, "xsi": XSI_NS})
     root.set(f"{{{XSI_NS}}}schemaLocation", f"{PAGE_NS} {PAGE_SCHEMA}")
-    _page_metadata(root, _failure(page))
+    _page_metadata(root, _failure(page), document or {})
     number = page["page"]
     element = etree.SubElement(root, _p("Page"), imageFilename=xml_text(image),
                                imageWidth=str(page["width"]), imageHeight=str(page["height"]))
@@ -343,8 +359,9 @@ def page_xml(page: dict, image: str) -> etree._Element:
     return root
 
 
-def _page_metadata(root: etree._Element, failure: str | None) -> None:
-    """Creator and the time of writing in UTC; a failed page's error goes into the Comments."""
+def _page_metadata(root: etree._Element, failure: str | None, document: dict) -> None:
+    """Creator and the time of writing in UTC; a failed page's error goes into the Comments; the model that read the
+    text, as OCR-D processors give their parameters (a processingStep's labels)."""
     metadata = etree.SubElement(root, _p("Metadata"))
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     etree.SubElement(metadata, _p("Creator")).text = f"{SOFTWARE} {_software_version()}"
@@ -352,6 +369,13 @@ def _page_metadata(root: etree._Element, failure: str | None) -> None:
     etree.SubElement(metadata, _p("LastChange")).text = stamp
     if failure:
         etree.SubElement(metadata, _p("Comments")).text = xml_text(failure)
+    if document.get("model"):
+        step = etree.SubElement(metadata, _p("MetadataItem"), type="processingStep",
+                                name="recognition/text-recognition", value=SOFTWARE)
+        labels = etree.SubElement(step, _p("Labels"), externalModel="ocrd-tool", externalId="parameters")
+        for key in ("model", "model_sha256"):
+            if document.get(key):
+                etree.SubElement(labels, _p("Label"), type=key, value=xml_text(document[key]))
 
 
 def _page_line(region: etree._Element, line: dict, line_id: str) -> None:
@@ -490,4 +514,5 @@ def _mets_files(pages: Rows, document: dict, stem: str, formats: Sequence[str], 
         if export_format in formats:
             groups[use] = (mimetype, {number: _page_file(stem, number, f"{export_format}.xml") for number in numbers})
     yield f"{stem}.mets.xml", _xml_bytes(mets_document(document, numbers, groups,
-                                                       f"{SOFTWARE} {_software_version()}", digests))
+                                                       f"{SOFTWARE} {_software_version()}", digests,
+                                                       model_settings(document)))

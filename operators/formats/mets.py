@@ -72,16 +72,19 @@ def page_images(pages: Sequence[dict], source: str, config: RasterizeConfig = Ra
 
 def mets_document(document: dict, page_numbers: Sequence[int],
                   groups: Mapping[str, tuple[str, Mapping[int, str]]], creator: str,
-                  checksums: Mapping[str, str] = {}) -> etree._Element:
+                  checksums: Mapping[str, str] = {}, creator_note: str | None = None) -> etree._Element:
     """The METS of one document. ``groups``: file group USE -> (MIME type, page -> path relative to
     the METS file, written percent-encoded); every page gets a ``page`` div with a pointer to each of its files.
-    ``checksums``: path -> SHA-256, given as each file's CHECKSUM, which an archive checks its copies by."""
+    ``checksums``: path -> SHA-256, given as each file's CHECKSUM, which an archive checks its copies by.
+    ``creator_note``: the creating software's settings (the model that read the text)."""
     root = etree.Element(_m("mets"), nsmap={"mets": METS_NS, "mods": MODS_NS, "xlink": XLINK_NS, "xsi": XSI_NS})
     root.set(f"{{{XSI_NS}}}schemaLocation", f"{METS_NS} {METS_SCHEMA}")
     header = etree.SubElement(root, _m("metsHdr"),
                               CREATEDATE=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"))
     agent = etree.SubElement(header, _m("agent"), TYPE="OTHER", OTHERTYPE="SOFTWARE", ROLE="CREATOR")
     etree.SubElement(agent, _m("name")).text = creator
+    if creator_note:
+        etree.SubElement(agent, _m("note")).text = xml_text(creator_note)
     wrap = etree.SubElement(etree.SubElement(root, _m("dmdSec"), ID="DMDPHYS_0000"), _m("mdWrap"), MDTYPE="MODS")
     mods = etree.SubElement(etree.SubElement(wrap, _m("xmlData")), f"{{{MODS_NS}}}mods")
     etree.SubElement(mods, f"{{{MODS_NS}}}identifier", type="sha256").text = document["doc_id"]
