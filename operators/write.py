@@ -590,6 +590,7 @@ class ParquetSink:
         self._ready: list[tuple[DocumentRecord, list[dict], list[PageWork]]] = []
         self._ready_rows = 0  # pages rows in _ready
         self._unannounced: list[tuple[DocumentRecord, list[dict], list[PageWork]]] = []  # published, not yet told
+        self._publishing: tuple[str, list[tuple[DocumentRecord, list[dict], list[PageWork]]]] | None = None
         self._exporting: set[str] = set()  # doc_ids with an EXPORTING note
         self._exports_running: dict[str, _RunningExport] = {}  # by doc_id, in the order they were handed out
         self._reading: set[str] = set()  # doc_ids of the pending documents
@@ -714,6 +715,12 @@ class ParquetSink:
     def flush(self) -> None:
         """Publish the complete documents held so far (also what a stopped run does before it ends)."""
         self._last_published = time.monotonic()
+        if self._publishing is not None:  # a flush stopped (Ctrl-C, SIGTERM) as it published: did its part go in?
+            name, ready = self._publishing
+            part = f"{self.root}/{DOCUMENTS_DIR}/{name}"
+            with writing(part):
+                published = self.filesystem.get_file_info(part).type == pafs.FileType.File
+            self._unannounced, self._publishing = self._unannounced + (ready if published else []), None
         self._announce()  # what a flush stopped half way had published without telling on_published
         if not self._ready:
             return
@@ -722,12 +729,15 @@ class ParquetSink:
         # taken off the sink first: a flush interrupted half way (Ctrl-C, SIGTERM) and flushed again must not
         # publish them twice; unpublished, they are read again by the next run
         ready, self._ready, self._ready_rows = self._ready, [], 0
+        # a stop may land once the documents part is in place, before they are noted as published (the move takes
+        # seconds on an object store): the next flush looks for the part
+        self._publishing = (name, ready)
         documents = [record for record, _, _ in ready]
         pages = [row for _, rows, _ in ready for row in rows]
         self._publish(pa.Table.from_pylist(pages, schema=PAGES_SCHEMA), PAGES_DIR, name)
         self._publish(pa.Table.from_pylist([asdict(record) for record in documents], schema=DOCUMENTS_SCHEMA),
                       DOCUMENTS_DIR, name)
-        self._unannounced += ready
+        self._unannounced, self._publishing = self._unannounced + ready, None
         with writing(f"{self.root}/{STAGING_DIR}"):
             for record in documents:
                 if record.doc_id in self._exporting:
@@ -736,8 +746,9 @@ class ParquetSink:
         self._announce()
 
     def _announce(self) -> None:
-        """Tell on_published of each published document (``--log-json``), once: one stopped mid-way (Ctrl-C,
-        SIGTERM) is told by the stopped run's last flush."""
+        """Tell on_published of each published document (``--log-json``): one stopped mid-way (Ctrl-C, SIGTERM) is
+        told by the stopped run's last flush; one stopped as it was told (its line written, not yet noted) is told
+        twice rather than never."""
         while self._unannounced:
             record, _, pages = self._unannounced[0]
             if self.on_published is not None:

@@ -176,6 +176,7 @@ class RecognizerNodesWatch:
         self._stopped, self._interrupting = threading.Event(), threading.Lock()
         self._watcher = threading.Thread(target=self._watch, name="recognizer-nodes-watch", daemon=True)
         self._previous_handler: Any = None
+        self._restored = False
 
     def __enter__(self) -> RecognizerNodesWatch:
         if self._active:
@@ -183,17 +184,26 @@ class RecognizerNodesWatch:
             self._watcher.start()
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    def __exit__(self, kind: type[BaseException] | None, *exc_info: object) -> None:
+        try:
+            self.stop()
+        except KeyboardInterrupt:
+            if kind is None or self.lost is None:
+                raise
+            # the watch's own signal, landing as another error (a full disk) ends the job: that error stands
 
     def stop(self) -> None:
-        """Watch no more; a signal sent as the watch was stopped does nothing when it lands."""
-        if not self._active or self._stopped.is_set():
+        """Watch no more; a signal sent as the watch was stopped does nothing when it lands. SIGUSR1's handler is
+        given back even when a Ctrl-C lands while the watcher is waited for."""
+        if not self._active or self._restored:
             return
-        with self._interrupting:
-            self._stopped.set()
-        self._watcher.join()
-        signal.signal(signal.SIGUSR1, self._previous_handler)
+        try:
+            with self._interrupting:
+                self._stopped.set()
+            self._watcher.join()
+        finally:
+            signal.signal(signal.SIGUSR1, self._previous_handler)
+            self._restored = True
 
     def _interrupted(self, signum: int, frame: Any) -> None:
         if not self._stopped.is_set():
@@ -339,7 +349,8 @@ class RayTaskExecutor(Executor):
     """Runs what the sink hands it (each document's exports) as Ray tasks of ``options`` (``ray.remote``'s), on any
     node: the output is on storage they all reach. The driver reads on meanwhile; made in it, a searchable PDF/A and
     the METS page images had cost it 1-2 s a page, the whole job's pace on a cluster. A task's own error comes back
-    as itself, not wrapped; one whose worker died (out of memory, its node lost) is run once more, then fails."""
+    as itself, not wrapped; one whose worker died (out of memory, its node lost) is run once more, then fails. What
+    a task logged is logged by whoever takes its result (:class:`_LoggingFuture`)."""
 
     def __init__(self, **options: Any) -> None:
         self.options = {"max_retries": 1, **options}
@@ -348,27 +359,45 @@ class RayTaskExecutor(Executor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         if fn not in self._tasks:
             self._tasks[fn] = ray.remote(**self.options)(_keeping_logs(fn))
-        done: Future = Future()
+        done = _LoggingFuture()
 
         def settle(ran: Future) -> None:
             try:
-                result, records = ran.result()
-                for record in records:
-                    if (logger := logging.getLogger(record.name)).isEnabledFor(record.levelno):
-                        logger.handle(record)
-                done.set_result(result)
+                result, done.records = ran.result()
             except RayTaskError as error:
                 done.set_exception(error.cause)
             except Exception as error:  # noqa: BLE001 - its worker died (out of memory, a node lost): the sink's to say
                 done.set_exception(error)
+            else:
+                done.set_result(result)
 
         self._tasks[fn].remote(*args, **kwargs).future().add_done_callback(settle)
         return done
 
 
+class _LoggingFuture(Future):
+    """A task's future that logs what the task logged (``records``) when its result is taken: in the driver's
+    thread that takes it, where the progress display is drawn, not in Ray's callback thread, whose lines had
+    landed in the middle of the live progress line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def result(self, timeout: float | None = None) -> Any:
+        try:
+            return super().result(timeout)
+        finally:
+            records, self.records = self.records, []
+            for record in records:
+                if (logger := logging.getLogger(record.name)).isEnabledFor(record.levelno):
+                    logger.handle(record)
+
+
 def _keeping_logs(fn: Callable[..., Any]) -> Callable[..., tuple[Any, list[logging.LogRecord]]]:
     """``fn`` returning also what it logged to this project's loggers from INFO up, for the driver to log: a Ray
-    worker's logging has no handler, so its INFO lines (a PDF whose pages show text already) went nowhere."""
+    worker's logging has no handler, so its INFO lines (a PDF whose pages show text already, why PDF/A refused a
+    document's form) went nowhere. (An export's error is the job's end, a full disk: it says it all.)"""
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> tuple[Any, list[logging.LogRecord]]:
         logger, kept = logging.getLogger("operators"), queue.SimpleQueue()

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -416,9 +417,12 @@ def test_a_pdf_keeps_its_outline_labels_metadata_and_encryption_and_text_is_not_
             pikepdf.String("cover"), pikepdf.Array([pdf.pages[0].obj, pikepdf.Name.Fit])]))
         pdf.save(source, encryption=pikepdf.Encryption(owner="secret", user="",
                                                        allow=pikepdf.Permissions(extract=False)))
+    said_in = []  # the thread each line is said in: the driver's, where the progress line is drawn, not Ray's own
+    caplog.handler.addFilter(lambda record: said_in.append((record.name, threading.current_thread())) or True)
     with caplog.at_level(logging.INFO, logger="operators"):
         run_job([str(source)], str(tmp_path / "out"), load_config(None, [DPI, "output.exports=[pdf]"]))
     assert re.search(r"report\.pdf: 1 page\(s\) show text already \(page 1 first\)", caplog.text), caplog.text
+    assert [thread for name, thread in said_in if name == "operators.formats.pdf"] == [threading.main_thread()]
     [exported] = (tmp_path / "out" / "exports").glob("report-*.pdf")
     with pikepdf.open(exported) as pdf:
         assert pdf.is_encrypted and not pdf.allow.extract

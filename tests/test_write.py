@@ -390,10 +390,24 @@ def test_published_documents_are_announced_only_once_their_rows_are_written(tmp_
     assert _read(tmp_path, DOCUMENTS_DIR).column("doc_id").to_pylist() == ["a"]
 
 
-def test_documents_published_by_a_flush_stopped_half_way_are_each_announced_once(tmp_path):
-    """A stop (Ctrl-C, SIGTERM) landing while published documents are announced, the stopped run's last flush
-    announces the rest: they had had no ``--log-json`` line, and a rerun takes them as done and logs none either."""
-    published, stopping_at = [], ["b"]
+class _StoppedOnPublishing(ParquetSink):
+    """A sink on which a stop (Ctrl-C, SIGTERM) lands once its first documents part is in place."""
+
+    stopped = False
+
+    def _publish(self, table: pa.Table, folder: str, name: str) -> None:
+        super()._publish(table, folder, name)
+        if folder == DOCUMENTS_DIR and not self.stopped:
+            self.stopped = True
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("stop", ["as the part is published", "as b is announced"])
+def test_documents_published_by_a_flush_stopped_half_way_are_each_announced_once(tmp_path, stop):
+    """A stop (Ctrl-C, SIGTERM) landing once the documents part is in place (a move of seconds on an object store),
+    or while its documents are announced: the stopped run's last flush announces the rest. They had had no
+    ``--log-json`` line, and a rerun takes them as done and logs none either."""
+    published, stopping_at = [], ["b"] if stop == "as b is announced" else []
 
     def announce(record: DocumentRecord, pages: list[PageWork]) -> None:
         if record.doc_id in stopping_at:
@@ -401,13 +415,14 @@ def test_documents_published_by_a_flush_stopped_half_way_are_each_announced_once
             raise KeyboardInterrupt  # the stop, landing as b is told
         published.append((record.doc_id, len(pages)))
 
-    sink = ParquetSink(str(tmp_path), rows_per_file=100, on_published=announce)
+    sink = (_StoppedOnPublishing if stop == "as the part is published" else ParquetSink)(
+        str(tmp_path), rows_per_file=100, on_published=announce)
     for doc_id in ("a", "b", "c"):
         sink.expect(_document(doc_id, 1))
         sink.add_page(_page(doc_id, 1))
     with pytest.raises(KeyboardInterrupt):
         sink.flush()
-    assert published == [("a", 1)]
+    assert published == {"as the part is published": [], "as b is announced": [("a", 1)]}[stop]
     sink.flush()  # what the stopped job does before it ends
     assert published == [("a", 1), ("b", 1), ("c", 1)]
     assert _read(tmp_path, DOCUMENTS_DIR).column("doc_id").to_pylist() == ["a", "b", "c"]
