@@ -319,6 +319,7 @@ class Reading(NamedTuple):
     pages_selected: str | None  # None: every page, or not recorded
     mode: str | None
     model: str | None
+    model_sha256: str | None
 
 
 @dataclass(frozen=True)
@@ -342,7 +343,7 @@ class PublishedDocuments:
     out."""
 
     COLUMNS: ClassVar[tuple[str, ...]] = ("doc_id", "source", "status", "num_pages", "duplicate_of", "pages_selected",
-                                          "mode", "source_size", "source_mtime_ns", "model")
+                                          "mode", "source_size", "source_mtime_ns", "model", "model_sha256")
     rows: tuple[dict[str, Any], ...]
 
     def sources(self) -> dict[str, str]:
@@ -362,7 +363,8 @@ class PublishedDocuments:
 
     def readings(self) -> dict[str, Reading]:
         """doc_id -> how it was read."""
-        return {row["doc_id"]: Reading(row["pages_selected"], row["mode"], row["model"]) for row in self.rows}
+        return {row["doc_id"]: Reading(row["pages_selected"], row["mode"], row["model"], row["model_sha256"])
+                for row in self.rows}
 
     def failed_to_retry(self, read_now: dict[str, str]) -> Retirement:
         """What ``--retry-failed`` takes out: the ``failed`` documents whose source is among this run's

@@ -43,6 +43,7 @@ from operators.records import DocumentRecord, PageWork
 from operators.write import (
     ParquetSink,
     PublishedDocuments,
+    Reading,
     Retirement,
     WriteSummary,
     check_output_is_ours,
@@ -535,13 +536,14 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     selection = config.rasterize.pages
     if mode == "recognize":
         resolve_checkpoint(config.recognize.model)  # a wrong model path fails here, before Ray starts
-    with ThreadPoolExecutor(max_workers=1) as background, output_lock(output), input_copies(found.sources):
+    with ThreadPoolExecutor(max_workers=2) as background, output_lock(output), input_copies(found.sources):
         # the model's preprocessor and generation settings are loaded and checked while Ray starts (loading
         # transformers takes seconds; Ray's start is mostly waiting), and before anything is read or written: a
         # model that cannot be found, has no usable image processor or sets what the fast engine does not
         # implement fails there; its weights load once, in the recognizer actors
         checked_model = background.submit(_line_preprocessor, config, mode)
-        # what each documents row names as the model that read it, and its weights' hash (0.1 s for a bundled model)
+        # what each documents row names as the model that read it, and its weights' hash (0.1 s for a bundled model,
+        # seconds for a large one: beside the check)
         model = recorded_model(config.recognize.model) if mode == "recognize" else None
         hashed = background.submit(weights_sha256, config.recognize.model) if model else None
         with ray_session(config, verbose):
@@ -565,7 +567,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             if progress:
                 progress.triage_started(len(found.sources))
             plans = _triage_all(found.sources, config, published.known(), progress.file_triaged if progress else None)
-            retirement = _check_against_output(plans, published, output, config, mode)
+            retirement = _check_against_output(plans, published, output, config, mode, model_sha256)
             retire_documents(output, retirement)
             done = {doc_id: source for doc_id, source in published.sources().items()
                     if doc_id not in retirement.doc_ids}
@@ -683,6 +685,8 @@ def _document_record(plan: DocumentPlan, selection: str | None, mode: Mode, mode
                      model_sha256: str | None) -> DocumentRecord:
     error = plan.error
     status = "duplicate" if plan.duplicate_of else "failed" if error else "ok"
+    if status != "ok":  # no model reads a file that failed triage, nor a duplicate (its original's row tells)
+        model = model_sha256 = None
     return DocumentRecord(
         doc_id=plan.doc_id, source=plan.source, status=status,
         error_code=error.error_code if error else None, error_message=str(error) if error else None,
@@ -693,19 +697,20 @@ def _document_record(plan: DocumentPlan, selection: str | None, mode: Mode, mode
 
 
 def _check_against_output(plans: list[DocumentPlan], published: PublishedDocuments, output: str, config: JobConfig,
-                          mode: Mode) -> Retirement:
+                          mode: Mode, model_sha256: str | None) -> Retirement:
     """What ``--retry-failed`` takes out of the output (:meth:`operators.write.PublishedDocuments.failed_to_retry`),
     once the run is known not to skip documents read otherwise (:func:`check_earlier_readings`); the run and the dry
     run alike."""
     retirement = (published.failed_to_retry({recorded_source(plan.source): plan.doc_id for plan in plans})
                   if config.output.retry_failed else Retirement())
     model = recorded_model(config.recognize.model) if mode == "recognize" else None
-    check_earlier_readings(plans, published, output, config.rasterize.pages, mode, model, retirement.doc_ids)
+    check_earlier_readings(plans, published, output, config.rasterize.pages, mode, model, model_sha256,
+                           retirement.doc_ids)
     return retirement
 
 
 def check_earlier_readings(plans: list[DocumentPlan], published: PublishedDocuments, output: str,
-                           selection: str | None, mode: Mode, model: str | None,
+                           selection: str | None, mode: Mode, model: str | None, model_sha256: str | None,
                            retried: Collection[str] = ()) -> None:
     """Refuse a run that would skip documents the output holds read otherwise: a run skips what is already
     written, so what the earlier run left undone would never be done.
@@ -715,9 +720,10 @@ def check_earlier_readings(plans: list[DocumentPlan], published: PublishedDocume
     - In the other mode: a ``run`` into a ``detect`` output would leave their lines without text for good, and a
       ``detect`` into a ``run`` output would say done of work it does not do. Rows written before the mode was
       recorded are not checked.
-    - By another model (``recognize.model``, as :func:`operators.checkpoint.recorded_model` names it): the output
-      would hold them as the other one read them, and say nothing of it. Rows written before the model was recorded
-      are not checked.
+    - By another model: the output would hold them as the other one read them. Models are the same by their weights
+      where both were hashed (a copy of the model elsewhere is the same, a folder trained again in place is not),
+      else by name (:func:`operators.checkpoint.recorded_model`). Rows written before the model was recorded are not
+      checked.
 
     Documents ``retried`` are read again."""
     earlier = published.readings()
@@ -731,8 +737,8 @@ def check_earlier_readings(plans: list[DocumentPlan], published: PublishedDocume
         raise ConfigError(
             f"{len(other_pages)} of these documents are in {output} read with "
             f"{described(earlier[other_pages[0].doc_id].pages_selected)} ({other_pages[0].source}), and this run "
-            f"selects {described(selection)}: a run skips documents already written, so their other pages would never be "
-            f"read; run with the same --pages, or write to another output")
+            f"selects {described(selection)}: a run skips documents already written, so their other pages would never "
+            f"be read; run with the same --pages, or write to another output")
     other_mode = [plan for plan in again if earlier[plan.doc_id].mode not in (None, mode)]
     if other_mode:
         command = {"recognize": "run", "detect": "detect"}
@@ -741,12 +747,27 @@ def check_earlier_readings(plans: list[DocumentPlan], published: PublishedDocume
             f"{command[earlier[other_mode[0].doc_id].mode]}` ({other_mode[0].source}), and this is `trocr-pipeline "
             f"{command[mode]}`: a run skips documents already written, so they would never be read this way; write "
             f"to another output")
-    other_model = [plan for plan in again if model and earlier[plan.doc_id].model not in (None, model)]
+    other_model = [plan for plan in again if model and earlier[plan.doc_id].model is not None
+                   and not _same_model(earlier[plan.doc_id], model, model_sha256)]
     if other_model:
+        first = earlier[other_model[0].doc_id]
         raise ConfigError(
             f"{len(other_model)} of these documents are in {output} read by the model "
-            f"{earlier[other_model[0].doc_id].model} ({other_model[0].source}), and this run reads with {model}: a "
-            f"run skips documents already written, so they would never be read by it; write to another output")
+            f"{_model_named(first.model, first.model_sha256)} ({other_model[0].source}), and this run reads with "
+            f"{_model_named(model, model_sha256)}: a run skips documents already written, so they would never be read "
+            f"by it; write to another output")
+
+
+def _same_model(earlier: Reading, model: str, model_sha256: str | None) -> bool:
+    """Whether the model of an earlier reading is this run's: by their weights where both were hashed, else by
+    name."""
+    if earlier.model_sha256 and model_sha256:
+        return earlier.model_sha256 == model_sha256
+    return earlier.model == model
+
+
+def _model_named(model: str, model_sha256: str | None) -> str:
+    return f"{model} (weights SHA-256 {model_sha256[:16]})" if model_sha256 else model
 
 
 @dataclass(frozen=True)
@@ -810,7 +831,8 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     known = published.known()
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         plans = list(pool.map(lambda source: triage(source, config.rasterize, known.get(source)), sources))
-    retired = _check_against_output(plans, published, output, config, mode).doc_ids
+    model_sha256 = weights_sha256(config.recognize.model) if mode == "recognize" else None
+    retired = _check_against_output(plans, published, output, config, mode, model_sha256).doc_ids
     done = {doc_id: source for doc_id, source in published.sources().items() if doc_id not in retired}
     marked = {plan.source: plan for plan in mark_duplicates(plans, done)}  # all but the ones already done
     return DryRun([marked.get(plan.source, plan) for plan in plans], done, config.rasterize.pages, mode)

@@ -284,25 +284,30 @@ def test_a_run_into_a_detect_output_is_refused_instead_of_leaving_its_lines_with
 def test_a_run_by_another_model_into_an_output_is_refused_instead_of_skipping_what_the_first_read(ray_local, tmp_path,
                                                                                                  tiny_model):
     """A run with the handwritten model into an output the printed one wrote had skipped every document as done,
-    exit 0: the user's new model never read them, and nothing in the output said which model had. The same model
-    given by another path reads on."""
+    exit 0: the user's new model never read them, and nothing in the output said which model had. Models are the
+    same by their weights: a copy elsewhere reads on, a folder trained again in place is refused."""
     text_page(["A letter read by one model"], size=(600, 300)).save(tmp_path / "a.png", dpi=(150, 150))
-    other = shutil.copytree(tiny_model, tmp_path / "other-model")
-    (tmp_path / "same-model").symlink_to(tiny_model)
+    model = shutil.copytree(tiny_model, tmp_path / "model")
     output = str(tmp_path / "out")
 
-    def config(model: Path):
-        return load_config(None, ["rasterize.dpi=150", f"recognize.model={model}", "recognize.max_new_tokens=4"])
+    def config(folder: Path):
+        return load_config(None, ["rasterize.dpi=150", f"recognize.model={folder}", "recognize.max_new_tokens=4"])
 
-    run_job([str(tmp_path / "a.png")], output, config(tiny_model))
+    run_job([str(tmp_path / "a.png")], output, config(model))
+    first = hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()
     [row] = _read(output, "documents").to_pylist()
-    assert (row["model"], row["model_sha256"]) == (str(tiny_model.resolve()), hashlib.sha256(
-        (tiny_model / "model.safetensors").read_bytes()).hexdigest())
+    assert (row["model"], row["model_sha256"]) == (str(model.resolve()), first)
+    copy = shutil.copytree(model, tmp_path / "copy")
+    assert run_job([str(tmp_path / "a.png")], output, config(copy)).documents_skipped == 1
+    weights = bytearray((model / "model.safetensors").read_bytes())
+    weights[-1] ^= 1  # one weight of the last tensor changed: the model trained again, in place
+    (model / "model.safetensors").write_bytes(bytes(weights))
+    again = hashlib.sha256(weights).hexdigest()
     for attempt in (dry_run, run_job):
-        with pytest.raises(ConfigError, match=f"1 of these documents are in .* read by the model {tiny_model.resolve()} "
-                                              f".*, and this run reads with {other.resolve()}"):
-            attempt([str(tmp_path / "a.png")], output, config(other))
-    assert run_job([str(tmp_path / "a.png")], output, config(tmp_path / "same-model")).documents_skipped == 1
+        with pytest.raises(ConfigError, match=(
+                f"1 of these documents are in .* read by the model {model.resolve()} \\(weights SHA-256 {first[:16]}\\) "
+                f".*, and this run reads with {model.resolve()} \\(weights SHA-256 {again[:16]}\\)")):
+            attempt([str(tmp_path / "a.png")], output, config(model))
 
 
 def test_retry_failed_reads_a_repaired_file_again_in_place_of_its_failed_row(ray_local, tmp_path):
