@@ -98,7 +98,7 @@ def ink_gaps(crop: np.ndarray, origin: tuple[int, int]) -> list[Interval]:
 def fit_loose_crop(crop: np.ndarray) -> np.ndarray:
     """A line crop cut with a margin around the line (a detected line's padded crop, a dataset's line
     image) as the model reads it: the ink of its neighbouring lines painted out
-    (:func:`paint_out_neighbour_ink`), then fitted to its ink rows (:func:`fit_rows_to_ink`). A crop cut
+    (:func:`_without_neighbour_ink`), then fitted to its ink rows (:func:`fit_rows_to_ink`). A crop cut
     tight along the line's polygon, outside it blank, takes :func:`fit_rows_to_ink` alone: its own accents
     and dots may touch its edges."""
     _check_crop(crop)
@@ -252,22 +252,13 @@ def _check_crop(crop: np.ndarray) -> None:
         raise ValueError(f"line crop has zero size: shape {crop.shape}")
 
 
-def paint_out_neighbour_ink(crop: np.ndarray) -> np.ndarray:
-    """The crop with ink that only reaches in from the lines above and below painted as paper (the
-    crop's median): a connected piece of ink that touches the crop's top edge and ends above the line's
-    body (a descender of the line above), or touches its bottom edge and starts below it (capitals and
-    ascenders of the line below). Such ink is not this line's text, and fitted to, it shrinks the text in
-    the model's input (on a 1993 magazine scan, "fortress walls" read as "fortress wals"); the line's own
-    accents and dots do not reach the edge of a crop cut with a margin. Returns ``crop`` itself when there
-    is none.
-    """
-    _check_crop(crop)
-    painted = _without_neighbour_ink(crop, _ink_pixels(crop))
-    return crop if painted is None else painted
-
-
 def _without_neighbour_ink(crop: np.ndarray, ink: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray | None:
-    """:func:`paint_out_neighbour_ink` given the crop's ink; None when there is nothing to paint."""
+    """The crop (whose ``ink`` is given) with ink that only reaches in from the lines above and below painted as
+    paper (the crop's median), or None when there is none: a connected piece of ink that touches the crop's top
+    edge and ends above the line's body (a descender of the line above), or touches its bottom edge and starts below
+    it (capitals and ascenders of the line below). Such ink is not this line's text, and fitted to, it shrinks the
+    text in the model's input (on a 1993 magazine scan, "fortress walls" read as "fortress wals"); the line's own
+    accents and dots do not reach the edge of a crop cut with a margin."""
     if ink is None:
         return None
     dark = np.zeros(crop.shape, np.uint8)
