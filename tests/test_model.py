@@ -301,9 +301,12 @@ def test_official_checkpoint_processor_configs_are_reproduced(tmp_path, legacy_c
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLED_MODELS))
-def test_short_names_resolve_to_the_bundled_models(name):
+def test_short_names_resolve_to_the_bundled_models_whose_cards_give_their_weights_hash(name):
+    """The card names the version an output's model_sha256 is matched against: a model trained again and bundled
+    without its card brought up to date fails here."""
     assert resolve_checkpoint(name) == str(BUNDLED_MODELS[name])
     assert RecognizeConfig().model == "printed" and BUNDLED_MODELS["printed"] == DEFAULT_MODEL
+    assert f"`{weights_sha256(name)}`" in (BUNDLED_MODELS[name] / "README.md").read_text(encoding="utf-8")
 
 
 def test_a_model_is_recorded_by_one_name_however_it_is_given_and_its_weights_by_their_hash(tmp_path, tiny_model):
