@@ -349,6 +349,22 @@ def _assert_text_layer_on_the_pixels(work, source: str, folder: Path) -> None:
     assert word.text == "Placed" and box_iou(found, box) >= 0.8, found
 
 
+@pytest.mark.parametrize("name", ["keyed.png", "keyed.gif"])
+def test_a_palette_image_with_a_transparent_colour_shows_its_page_in_the_searchable_pdf(tmp_path, name):
+    """img2pdf made a palette image's transparent colour a soft mask of its palette indices: the page of a GIF or of
+    a 16-grey PNG with one grey marked transparent came out nearly white, its text layer alone left."""
+    page = text_page([f"Line {number} of a page kept in sixteen greys." for number in range(8)]).convert("L")
+    source = tmp_path / name
+    page.convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(source, transparency=0, dpi=(150, 150))
+    [work] = rasterize(PageRange("0123456789abcdef", str(source), sniff_kind(source.read_bytes()[:1024]), 1, 1),
+                       RasterizeConfig(dpi=150, detect_orientation=False))
+    pdf, text = _labelled_pdf([work], source, "Sheet")
+    [shown] = convert_from_path(str(pdf), dpi=150, grayscale=True)
+    shown = np.asarray(shown.resize(work.image.shape[::-1]), np.float32)
+    assert np.corrcoef(shown.ravel(), work.image.astype(np.float32).ravel())[0, 1] > 0.9
+    assert text.split() == ["Sheet1"]
+
+
 def test_pages_stored_turned_show_upright_under_their_text_layer(ray_local, tmp_path):
     """Camera JPEGs stored sideways (EXIF 6) or sideways and mirrored (EXIF 5, which a PDF page cannot
     express as /Rotate), and scanner TIFFs stored sideways with the TIFF orientation tag: the searchable PDF

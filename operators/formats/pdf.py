@@ -32,8 +32,8 @@ from PIL import Image
 
 from operators.formats.geometry import straight_baseline
 from operators.errors import DocumentError, RenderFailed
-from operators.ingest import (allow_pixels, local_path, open_image, page_frames, page_units, pdf_info, poppler_pages,
-                              quiet_decoders, repaired_pdf, sniff_kind, units_by_page)
+from operators.ingest import (Frame, allow_pixels, local_path, open_image, page_frames, page_units, pdf_info,
+                              poppler_pages, quiet_decoders, repaired_pdf, sniff_kind, units_by_page)
 from operators.settings import RasterizeConfig
 from operators.rasterize import (EXIF_ORIENTATION_TAG, EXIF_ROTATION, MIRRORED_EXIF, decoded_upright, file_resolution,
                                  holds_deep_colour, to_gray8, upright_resolution)
@@ -246,7 +246,8 @@ def _image_pages(path: str, dpis: Mapping[int, int], as_read: bool = False) -> t
     not, and what img2pdf refuses or gets wrong (16-bit samples, which it embeds from a PNG as they are, dark where
     they hold 12-bit values; alpha, a raw JPEG 2000 codestream, the frames of an animated PNG, a camera's JPEG whose
     preview is cut off, a TIFF turned by its orientation tag, which Pillow turns as it decodes it and img2pdf turns
-    again), and where ``as_read`` asks for them (PDF/A refuses a CMYK JPEG, which img2pdf embeds as it is)."""
+    again; a palette with a colour marked transparent), and where ``as_read`` asks for them (PDF/A refuses a CMYK
+    JPEG, which img2pdf embeds as it is)."""
     quiet_decoders()
     with open_image(path) as image:
         frames = page_frames(image)
@@ -257,7 +258,8 @@ def _image_pages(path: str, dpis: Mapping[int, int], as_read: bool = False) -> t
         plausible = {resolution is not None for _, resolution in facts}
         if not as_read and not any(frame.damage for frame in frames) and not MIRRORED_EXIF.intersection(orientations) \
                 and not (image.format == "TIFF" and set(orientations) != {1}) and plausible != {True, False} \
-                and not (image.format == "PNG" and (image.mode.startswith("I") or holds_deep_colour(image, path))):
+                and not (image.format == "PNG" and (image.mode.startswith("I") or holds_deep_colour(image, path))) \
+                and not _keyed_palette(image, frames):
             layout = img2pdf.default_layout_fun if plausible == {True} or fallback is None else \
                 img2pdf.get_fixed_dpi_layout_fun((fallback, fallback))
             try:
@@ -283,6 +285,16 @@ def _image_pages(path: str, dpis: Mapping[int, int], as_read: bool = False) -> t
             upright.save(buffer, format="PNG", **({"dpi": upright_resolution(dpi, orientation)} if dpi else {}))
             pages.append(buffer.getvalue())
     return img2pdf.convert(pages), list(range(len(pages))), [EXIF_ROTATION.get(value, 0) for value in orientations]
+
+
+def _keyed_palette(image: Image.Image, frames: Sequence[Frame]) -> bool:
+    """Whether a frame is a palette image with a colour marked transparent (GIFs, palette PNGs), of which img2pdf
+    makes a soft mask of the palette indices: its page had come out nearly white."""
+    for frame in frames:
+        image.seek(frame.index)
+        if image.mode in ("P", "PA") and "transparency" in image.info:
+            return True
+    return False
 
 
 def _orientation_and_resolution(image: Image.Image, index: int) -> tuple[int, tuple[int, int] | None]:
