@@ -396,20 +396,22 @@ class _LoggingFuture(Future):
 
 
 def _keeping_logs(fn: Callable[..., Any]) -> Callable[..., tuple[Any, list[logging.LogRecord]]]:
-    """``fn`` returning also what it logged to this project's loggers from INFO up, for the driver to log: a Ray
-    worker's logging has no handler, so its INFO lines (a PDF whose pages show text already, why PDF/A refused a
-    document's form) went nowhere. (An export's error is the job's end, a full disk: it says it all.)"""
+    """``fn`` returning also what it logged, for the driver to log as its own settings say: this project's lines
+    from INFO up, other libraries' from the root's WARNING. A Ray worker's logging has no handler, so this project's
+    INFO lines (a PDF whose pages show text already, why PDF/A refused a document's form) went nowhere, and other
+    libraries' warnings reached the console through Ray, with its colours and prefix. (An export's error is the
+    job's end, a full disk: it says it all.)"""
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> tuple[Any, list[logging.LogRecord]]:
-        logger, kept = logging.getLogger("operators"), queue.SimpleQueue()
-        handler, level = QueueHandler(kept), logger.level
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+        root, ours, kept = logging.getLogger(), logging.getLogger("operators"), queue.SimpleQueue()
+        handler, level = QueueHandler(kept), ours.level
+        root.addHandler(handler)
+        ours.setLevel(logging.INFO)
         try:
             result = fn(*args, **kwargs)
         finally:
-            logger.removeHandler(handler)
-            logger.setLevel(level)
+            root.removeHandler(handler)
+            ours.setLevel(level)
         return result, [kept.get() for _ in range(kept.qsize())]
     return run
 

@@ -349,6 +349,18 @@ def _assert_text_layer_on_the_pixels(work, source: str, folder: Path) -> None:
     assert word.text == "Placed" and box_iou(found, box) >= 0.8, found
 
 
+def test_what_a_library_warns_of_while_exporting_is_logged_by_the_driver(ray_local, tmp_path, caplog, capfd):
+    """img2pdf's warning about a PNG's alpha channel, said in the Ray task that writes the exports, had reached the
+    console through Ray's forwarding, with its colour codes and the worker's pid."""
+    text_page(["A page with an alpha channel."]).convert("LA").save(tmp_path / "faded.png", dpi=(150, 150))
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING):
+        run_job([str(tmp_path / "faded.png")], str(tmp_path / "out"),
+                load_config(None, [DPI, "output.exports=[pdf]", "recognize.max_new_tokens=4"]))
+    assert [record.name for record in caplog.records if "alpha channel" in record.getMessage()] == ["img2pdf"]
+    assert "export_document pid=" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["keyed.png", "keyed.gif"])
 def test_a_palette_image_with_a_transparent_colour_shows_its_page_in_the_searchable_pdf(tmp_path, name):
     """img2pdf made a palette image's transparent colour a soft mask of its palette indices: the page of a GIF or of
