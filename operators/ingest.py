@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import pikepdf
 import pyarrow.fs as pafs
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from operators.settings import RasterizeConfig
 from operators.storage import is_uri, recorded_source, resolve_filesystem, scratch_space_full
@@ -529,9 +529,15 @@ class Frame:
 def open_image(path: str) -> Iterator[Image.Image]:
     """An image opened from a file object, not its path: Pillow memory-maps an uncompressed single-strip frame
     opened by path with the size it reports, which for a TIFF whose orientation turns it a quarter (5-8) is the
-    upright one, so the page came out garbled (Pillow 13)."""
-    with open(path, "rb") as handle, Image.open(handle) as image:
-        yield image
+    upright one, so the page came out garbled (Pillow 13). Bytes Pillow cannot identify are named by the file's path
+    (from a file object its error names the object: ``<_io.BufferedReader name=...>``)."""
+    with open(path, "rb") as handle:
+        try:
+            image = Image.open(handle)
+        except UnidentifiedImageError as exc:
+            raise UnidentifiedImageError(f"cannot identify image file {path!r}") from exc
+        with image:
+            yield image
 
 
 def page_frames(image: Image.Image, pages: int | None = None) -> list[Frame]:

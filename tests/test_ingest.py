@@ -129,6 +129,15 @@ def test_a_damaged_pdf_in_a_folder_named_for_encryption_fails_as_corrupt(tmp_pat
         assert plan.error is not None and plan.error.error_code == "corrupt_file", folder
 
 
+def test_an_image_of_unknown_bytes_is_named_by_its_path_not_a_python_object(tmp_path):
+    """Opened from a file object, Pillow's error had named ``<_io.BufferedReader name=...>`` in the row's message."""
+    (tmp_path / "scan.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    plan = triage(str(tmp_path / "scan.png"), RasterizeConfig())
+    assert plan.error is not None and plan.error.error_code == "corrupt_file"
+    assert str(plan.error) == ("the image cannot be decoded: UnidentifiedImageError: cannot identify image file "
+                               f"{str(tmp_path / 'scan.png')!r}")
+
+
 def test_a_rotate_that_is_no_quarter_turn_counts_as_none(tmp_path, good_pdf):
     """poppler renders /Rotate 45 unrotated; the row had said 45, and the searchable PDF would copy it."""
     with pikepdf.open(good_pdf) as pdf:
