@@ -387,16 +387,17 @@ def pdf_info(path: str, config: RasterizeConfig) -> dict[str, str | int | list]:
     return {"pages": int(pages.group(1)), "sizes": sizes, "rotations": rotations}
 
 
-def _too_large(width: float, height: float, page: int, config: RasterizeConfig, dpi: int) -> str | None:
-    """Why a page of ``width`` x ``height`` px is over the pixel limit, or None."""
+def _too_large(width: float, height: float, page: int, config: RasterizeConfig, dpi: int | None) -> str | None:
+    """Why a page of ``width`` x ``height`` px (rendered at ``dpi``; None: an image's own pixels, whatever its
+    resolution) is over the pixel limit, or None."""
     if width * height <= config.max_page_pixels:
         return None
-    return (f"page {page} would be {width:.0f}x{height:.0f} px at {dpi} dpi, over the limit of "
-            f"{config.max_page_pixels} pixels (rasterize.max_page_pixels)")
+    size = f"would be {width:.0f}x{height:.0f} px at {dpi} dpi" if dpi else f"is {width:.0f}x{height:.0f} px"
+    return f"page {page} {size}, over the limit of {config.max_page_pixels} pixels (rasterize.max_page_pixels)"
 
 
 def _oversized(sizes: Iterable[tuple[int, float, float]], pages: int, config: RasterizeConfig,
-               dpi: int) -> tuple[tuple[int, str], ...]:
+               dpi: int | None) -> tuple[tuple[int, str], ...]:
     """(page, why) of the pages (number, width px, height px) over the pixel limit. A foldout in a book fails
     its own page, not the book; a document whose every page is too large fails as a whole."""
     oversized = tuple((number, why) for number, width, height in sizes
@@ -593,7 +594,7 @@ def triage_image(path: str, config: RasterizeConfig) -> tuple[int, tuple[tuple[i
     except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, TypeError... on bad bytes
         raise CorruptFile(f"the image cannot be decoded: {type(exc).__name__}: {exc}") from exc
     sizes = [(number, *frame.size) for number, frame in enumerate(frames, 1) if frame.size is not None]
-    return len(frames), _oversized(sizes, len(frames), config, config.dpi)
+    return len(frames), _oversized(sizes, len(frames), config, None)
 
 
 #: How much of the temporary folder a node's copies of URI inputs may take (least recently used out first).

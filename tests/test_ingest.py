@@ -107,6 +107,9 @@ def test_an_image_under_the_page_pixel_limit_is_not_refused_as_a_decompression_b
     assert (plan.error, plan.num_pages) == (None, 1)
     refused = triage(str(tmp_path / "map.png"), RasterizeConfig(max_page_pixels=100_000_000))
     assert refused.error is not None and refused.error.error_code == "page_too_large"
+    # an image's own pixels: the configured dpi (300) is no part of its size, and the message had named it
+    assert str(refused.error) == ("page 1 is 14000x13000 px, over the limit of 100000000 pixels "
+                                  "(rasterize.max_page_pixels)")
 
 
 def test_an_image_over_the_page_pixel_limit_fails_without_a_warning_on_the_console(tmp_path):
