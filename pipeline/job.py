@@ -678,8 +678,10 @@ def _with_selected_pages(plans: list[DocumentPlan], selection: str | None) -> tu
     kept = [plan for plan in plans if plan.doc_id not in empty and plan.duplicate_of not in empty]
     if empty:
         first = next(plan for plan in plans if plan.doc_id in empty)
-        log.warning("%d documents have no page in --pages %s (%s has %d), and are not written: a run with other pages "
-                    "can read them", len(empty), selection, first.source, first.num_pages)
+        log.warning("%s no page in --pages %s (%s has %d), and %s not written: a run with other pages can read "
+                    "%s", "1 document has" if len(empty) == 1 else f"{len(empty)} documents have", selection,
+                    first.source, first.num_pages, "is" if len(empty) == 1 else "are",
+                    "it" if len(empty) == 1 else "them")
     return kept, len(plans) - len(kept)
 
 
@@ -717,8 +719,9 @@ def check_earlier_readings(plans: list[DocumentPlan], published: PublishedDocume
     """Refuse a run that would skip documents the output holds read otherwise: a run skips what is already
     written, so what the earlier run left undone would never be done.
 
-    - With other pages (``--pages``). Selections are compared by the pages they pick from each document ("1-" and
-      none, "1-3" and "1,2,3" are the same); rows written before the selection was recorded count as every page.
+    - With pages (``--pages``) the earlier reading did not read. Selections are compared by the pages they pick from
+      each document ("1-" and none, "1-3" and "1,2,3" are the same; a one-page document read whole lacks nothing
+      that ``--pages 2`` picks); rows written before the selection was recorded count as every page.
     - In the other mode: a ``run`` into a ``detect`` output would leave their lines without text for good, and a
       ``detect`` into a ``run`` output would say done of work it does not do. Rows written before the mode was
       recorded are not checked.
@@ -730,14 +733,15 @@ def check_earlier_readings(plans: list[DocumentPlan], published: PublishedDocume
     Documents ``retried`` are read again."""
     earlier = published.readings()
     again = [plan for plan in plans if plan.doc_id in earlier and plan.doc_id not in retried]
-    other_pages = [plan for plan in again if selected_pages(earlier[plan.doc_id].pages_selected, plan.num_pages)
-                   != selected_pages(selection, plan.num_pages)]
+    # pages this run selects that the earlier reading did not read (one that read more lost nothing)
+    other_pages = [plan for plan in again if set(selected_pages(selection, plan.num_pages))
+                   - set(selected_pages(earlier[plan.doc_id].pages_selected, plan.num_pages))]
     if other_pages:
         def described(pages: str | None) -> str:
             return "every page" if pages is None else f"pages {pages}"
 
         raise ConfigError(
-            f"{len(other_pages)} of these documents are in {output} read with "
+            f"{_of_these(len(other_pages))} in {output} read with "
             f"{described(earlier[other_pages[0].doc_id].pages_selected)} ({other_pages[0].source}), and this run "
             f"selects {described(selection)}: a run skips documents already written, so their other pages would never "
             f"be read; run with the same --pages, or write to another output")
@@ -745,7 +749,7 @@ def check_earlier_readings(plans: list[DocumentPlan], published: PublishedDocume
     if other_mode:
         command = {"recognize": "run", "detect": "detect"}
         raise ConfigError(
-            f"{len(other_mode)} of these documents are in {output} from `trocr-pipeline "
+            f"{_of_these(len(other_mode))} in {output} from `trocr-pipeline "
             f"{command[earlier[other_mode[0].doc_id].mode]}` ({other_mode[0].source}), and this is `trocr-pipeline "
             f"{command[mode]}`: a run skips documents already written, so they would never be read this way; write "
             f"to another output")
@@ -754,10 +758,14 @@ def check_earlier_readings(plans: list[DocumentPlan], published: PublishedDocume
     if other_model:
         first = earlier[other_model[0].doc_id]
         raise ConfigError(
-            f"{len(other_model)} of these documents are in {output} read by the model "
+            f"{_of_these(len(other_model))} in {output} read by the model "
             f"{_model_named(first.model, first.model_sha256)} ({other_model[0].source}), and this run reads with "
             f"{_model_named(model, model_sha256)}: a run skips documents already written, so they would never be read "
             f"by it; write to another output")
+
+
+def _of_these(count: int) -> str:
+    return f"{count} of these documents {'is' if count == 1 else 'are'}"
 
 
 def _same_model(earlier: Reading, model: str, model_sha256: str | None) -> bool:

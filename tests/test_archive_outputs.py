@@ -902,9 +902,15 @@ def test_pages_selects_the_same_pages_of_every_input(ray_local, inputs, tmp_path
     for selection in (None, "1-3"):
         again = load_config(None, [DPI, f"rasterize.pages={selection or 'null'}"])
         for attempt in (dry_run, run_job):
-            with pytest.raises(ConfigError, match=f"1 of these documents are in {tmp_path} read with pages 2 "):
+            with pytest.raises(ConfigError, match=f"1 of these documents is in {tmp_path} read with pages 2 "):
                 attempt([str(inputs / "letters.pdf"), str(inputs / "note.png")], str(tmp_path), again, mode="detect")
     assert run_job([str(inputs / "letters.pdf")], str(tmp_path), config, mode="detect").documents_skipped == 1
+    # a run that selects fewer pages than were read, or none of a document's (note.png has no page 2), loses nothing:
+    # it skips them as done (both had been refused)
+    whole = tmp_path.with_name(f"{tmp_path.name}-whole")
+    both = [str(inputs / "letters.pdf"), str(inputs / "note.png")]
+    run_job(both, str(whole), load_config(None, [DPI]), mode="detect")
+    assert run_job(both, str(whole), config, mode="detect").documents_skipped == 2
     # selections are compared by the pages they pick: "2-2" picks the same pages as "2"
     same = load_config(None, [DPI, "rasterize.pages=2-2"])
     assert dry_run([str(inputs / "letters.pdf"), str(inputs / "note.png")], str(tmp_path), same, mode="detect").done

@@ -276,7 +276,7 @@ def test_a_run_into_a_detect_output_is_refused_instead_of_leaving_its_lines_with
     run_job([str(tmp_path / "a.png")], output, config, mode="detect")
     assert _read(output, "documents").column("mode").to_pylist() == ["detect"]
     for attempt in (dry_run, run_job):
-        with pytest.raises(ConfigError, match="1 of these documents are in .* from `trocr-pipeline detect`"):
+        with pytest.raises(ConfigError, match="1 of these documents is in .* from `trocr-pipeline detect`"):
             attempt([str(tmp_path / "a.png")], output, config, mode="recognize")
     assert run_job([str(tmp_path / "a.png")], output, config, mode="detect").documents_skipped == 1
 
@@ -305,7 +305,7 @@ def test_a_run_by_another_model_into_an_output_is_refused_instead_of_skipping_wh
     again = hashlib.sha256(weights).hexdigest()
     for attempt in (dry_run, run_job):
         with pytest.raises(ConfigError, match=(
-                f"1 of these documents are in .* read by the model {model.resolve()} \\(weights SHA-256 {first[:16]}\\) "
+                f"1 of these documents is in .* read by the model {model.resolve()} \\(weights SHA-256 {first[:16]}\\) "
                 f".*, and this run reads with {model.resolve()} \\(weights SHA-256 {again[:16]}\\)")):
             attempt([str(tmp_path / "a.png")], output, config(model))
 
