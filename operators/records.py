@@ -84,6 +84,9 @@ class DocumentRecord:
     source_mtime_ns: int | None = None  # them unchanged takes the document as done without reading it again
     model: str | None = None  # what read the text (operators.checkpoint.recorded_model); None: detect, or older rows
     model_sha256: str | None = None  # of its weights (operators.checkpoint.weights_sha256); None for a hub id
+    # the export formats written for its pages (mets brings alto): empty when none were asked or they failed; None
+    # for a document without pages, and in rows written before it was recorded
+    exports: tuple[str, ...] | None = None
 
 
 WORD_TYPE = pa.struct(
@@ -142,6 +145,7 @@ DOCUMENTS_SCHEMA = pa.schema(
         pa.field("source_mtime_ns", pa.int64()),
         pa.field("model", pa.string()),
         pa.field("model_sha256", pa.string()),
+        pa.field("exports", pa.list_(pa.string())),
     ]
 )
 

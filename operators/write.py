@@ -28,7 +28,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent import futures
 from concurrent.futures import Executor
 from contextlib import contextmanager, nullcontext
@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 
 from operators.errors import (EXPORT_FAILED, ConfigError, DocumentError, OutputLocked, OutputNotWritable,
                               SourceChanged, WriteFailed)
-from operators.formats.export import STAGED_EXPORT_PREFIX, remove_other_exports, write_exports
+from operators.formats.export import STAGED_EXPORT_PREFIX, formats_written, remove_other_exports, write_exports
 from operators.ingest import KnownDocument, check_unchanged, duplicate_id
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
 from operators.settings import RasterizeConfig
@@ -343,8 +343,16 @@ class PublishedDocuments:
     out."""
 
     COLUMNS: ClassVar[tuple[str, ...]] = ("doc_id", "source", "status", "num_pages", "duplicate_of", "pages_selected",
-                                          "mode", "source_size", "source_mtime_ns", "model", "model_sha256")
+                                          "mode", "source_size", "source_mtime_ns", "model", "model_sha256",
+                                          "exports")
     rows: tuple[dict[str, Any], ...]
+
+    def lacking_exports(self, doc_ids: Collection[str], formats: Sequence[str]) -> list[str]:
+        """The sources of the documents among ``doc_ids`` with pages whose row does not record all of ``formats`` as
+        written (rows written before the exports were recorded are not known to)."""
+        wanted = set(formats_written(formats))
+        return [row["source"] for row in self.rows
+                if row["doc_id"] in doc_ids and row["exports"] is not None and not wanted <= set(row["exports"])]
 
     def sources(self) -> dict[str, str]:
         """doc_id -> source."""
@@ -506,9 +514,9 @@ def _export_failed(outcome: DocumentRecord, exc: Exception) -> DocumentRecord:
     ``source_changed``, anything else as ``export_failed``; a document failed before keeps its own code."""
     reason = f"exports not written: {exc if isinstance(exc, SourceChanged) else f'{type(exc).__name__}: {exc}'}"
     if outcome.status == "failed":
-        return replace(outcome, error_message=f"{outcome.error_message}; {reason}")
+        return replace(outcome, error_message=f"{outcome.error_message}; {reason}", exports=())
     code = SourceChanged.error_code if isinstance(exc, SourceChanged) else EXPORT_FAILED
-    return replace(outcome, status="failed", error_code=code, error_message=reason)
+    return replace(outcome, status="failed", error_code=code, error_message=reason, exports=())
 
 
 @dataclass
@@ -625,8 +633,9 @@ class ParquetSink:
         self.collect_exports()
 
     def _complete(self, record: DocumentRecord, pages: list[PageWork]) -> None:
-        outcome = _document_outcome(record, pages)
         rows = [page_row(page) for page in pages]
+        outcome = replace(_document_outcome(record, pages),
+                          exports=tuple(sorted(formats_written(self.exports))) if rows else None)
         if self.exports and rows:  # before the documents row is published: a rerun rewrites them whole
             self._start_export(outcome, pages, rows)
             return

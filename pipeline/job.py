@@ -575,9 +575,12 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                     if doc_id not in retirement.doc_ids}
             fresh, unselected = _with_selected_pages(mark_duplicates(plans, done), selection)
             skipped = len(plans) - len(fresh) - unselected  # already in the output
-            if config.output.exports and skipped:
-                log.warning("%d documents are already in %s and are not exported again: exports are written when a "
-                            "document is read (write to a new output to export them all)", skipped, output)
+            if config.output.exports and (unexported := published.lacking_exports(
+                    {plan.doc_id for plan in plans} & done.keys(), config.output.exports)):
+                log.warning("%s already in %s without all the exports this run asks for (%s, first), and not read "
+                            "again: exports are written when a document is read (write to a new output to export them "
+                            "all)", "1 document is" if len(unexported) == 1 else f"{len(unexported)} documents are",
+                            output, unexported[0])
             readable = [plan for plan in fresh if plan.duplicate_of is None]
             if progress:
                 progress.start(len(fresh), sum(len(selected_pages(selection, plan.num_pages)) for plan in readable))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 import os
 import shutil
 import subprocess
@@ -308,6 +310,27 @@ def test_a_run_by_another_model_into_an_output_is_refused_instead_of_skipping_wh
                 f"1 of these documents is in .* read by the model {model.resolve()} \\(weights SHA-256 {first[:16]}\\) "
                 f".*, and this run reads with {model.resolve()} \\(weights SHA-256 {again[:16]}\\)")):
             attempt([str(tmp_path / "a.png")], output, config(model))
+
+
+def test_a_rerun_warns_only_of_documents_written_without_the_exports_it_asks_for(ray_local, tmp_path, caplog):
+    """Every rerun that asked for exports had warned that the documents already written were not exported again,
+    even when they had those very exports: a scheduled job's log warned on every run."""
+    text_page(["A letter exported as ALTO"], size=(600, 300)).save(tmp_path / "a.png", dpi=(150, 150))
+    (tmp_path / "b.pdf").write_bytes(b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog")  # fails triage: no page to export
+    inputs, output = [str(tmp_path / "a.png"), str(tmp_path / "b.pdf")], str(tmp_path / "out")
+
+    def exported(formats: str):
+        return load_config(None, ["rasterize.dpi=150", f"output.exports=[{formats}]"])
+
+    run_job(inputs, output, exported("alto"), mode="detect")
+    assert sorted((row["status"], row["exports"]) for row in _read(output, "documents").to_pylist()) == [
+        ("failed", None), ("ok", ["alto"])]
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        assert run_job(inputs, output, exported("alto"), mode="detect").documents_skipped == 2
+        assert "without all the exports" not in caplog.text
+        run_job(inputs, output, exported("alto,txt"), mode="detect")
+    assert re.search(r"1 document is already in .* without all the exports this run asks for \(.*a\.png, first\)",
+                     caplog.text), caplog.text
 
 
 def test_retry_failed_reads_a_repaired_file_again_in_place_of_its_failed_row(ray_local, tmp_path):

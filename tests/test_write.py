@@ -666,6 +666,7 @@ def test_an_export_whose_worker_died_fails_its_document_and_the_job_goes_on(tmp_
                                                "running low on memory.")
     assert documents["b"]["status"] == "ok"
     assert [path.name.split("-")[0] for path in (tmp_path / EXPORTS_DIR).iterdir()] == ["b"]
+    assert (documents["a"]["exports"], documents["b"]["exports"]) == ([], ["txt"])  # what a rerun's warning reads
 
 
 def test_a_write_probe_a_killed_run_left_is_taken_out_by_the_next(tmp_path):

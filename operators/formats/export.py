@@ -76,8 +76,7 @@ def write_exports(pages: Sequence[dict], document: dict, formats: Sequence[str],
         filesystem.create_dir(root, recursive=True)
     ordered = sorted(pages, key=lambda row: row["page"])
     stem = export_stem(document)
-    if "mets" in formats and "alto" not in formats:
-        formats = ("alto", *formats)
+    formats = formats_written(formats)
     # with a METS package, its page images are made first, and ALTO, PAGE, hOCR and the METS name the images made:
     # a page the job read that cannot be rendered again now (poppler failing or timing out) gets none, and its files
     # name the source, not an image that is not there
@@ -105,6 +104,12 @@ def write_exports(pages: Sequence[dict], document: dict, formats: Sequence[str],
     with writing(what):
         remove_other_exports(document, written, root, filesystem)
     return written
+
+
+def formats_written(formats: Sequence[str]) -> tuple[str, ...]:
+    """The formats a document is exported in when ``formats`` are asked for: ``mets`` brings ``alto`` (a METS package
+    points at each page's ALTO)."""
+    return ("alto", *formats) if "mets" in formats and "alto" not in formats else tuple(formats)
 
 
 def remove_other_exports(document: dict, kept: Sequence[str], root: str, filesystem: pafs.FileSystem) -> None:
