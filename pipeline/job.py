@@ -577,10 +577,11 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             skipped = len(plans) - len(fresh) - unselected  # already in the output
             if config.output.exports and (unexported := published.lacking_exports(
                     {plan.doc_id for plan in plans} & done.keys(), config.output.exports)):
-                log.warning("%s already in %s without all the exports this run asks for (%s, first), and not read "
-                            "again: exports are written when a document is read (write to a new output to export them "
-                            "all)", "1 document is" if len(unexported) == 1 else f"{len(unexported)} documents are",
-                            output, unexported[0])
+                one = len(unexported) == 1
+                log.warning("%s already in %s without all the exports this run asks for (%s), and not read again: "
+                            "exports are written when a document is read (write to a new output to export %s)",
+                            "1 document is" if one else f"{len(unexported)} documents are", output,
+                            unexported[0] if one else f"{unexported[0]}, first", "it" if one else "them all")
             readable = [plan for plan in fresh if plan.duplicate_of is None]
             if progress:
                 progress.start(len(fresh), sum(len(selected_pages(selection, plan.num_pages)) for plan in readable))
@@ -746,16 +747,16 @@ def check_earlier_readings(plans: list[DocumentPlan], published: PublishedDocume
         raise ConfigError(
             f"{_of_these(len(other_pages))} in {output} read with "
             f"{described(earlier[other_pages[0].doc_id].pages_selected)} ({other_pages[0].source}), and this run "
-            f"selects {described(selection)}: a run skips documents already written, so their other pages would never "
-            f"be read; run with the same --pages, or write to another output")
+            f"selects {described(selection)}: a run skips documents already written, so those pages would never be "
+            f"read; run with the same --pages, or write to another output")
     other_mode = [plan for plan in again if earlier[plan.doc_id].mode not in (None, mode)]
     if other_mode:
         command = {"recognize": "run", "detect": "detect"}
         raise ConfigError(
             f"{_of_these(len(other_mode))} in {output} from `trocr-pipeline "
             f"{command[earlier[other_mode[0].doc_id].mode]}` ({other_mode[0].source}), and this is `trocr-pipeline "
-            f"{command[mode]}`: a run skips documents already written, so they would never be read this way; write "
-            f"to another output")
+            f"{command[mode]}`: a run skips documents already written, so this command would never read "
+            f"{'it' if len(other_mode) == 1 else 'them'}; write to another output")
     other_model = [plan for plan in again if model and earlier[plan.doc_id].model is not None
                    and not _same_model(earlier[plan.doc_id], model, model_sha256)]
     if other_model:
@@ -763,8 +764,8 @@ def check_earlier_readings(plans: list[DocumentPlan], published: PublishedDocume
         raise ConfigError(
             f"{_of_these(len(other_model))} in {output} read by the model "
             f"{_model_named(first.model, first.model_sha256)} ({other_model[0].source}), and this run reads with "
-            f"{_model_named(model, model_sha256)}: a run skips documents already written, so they would never be read "
-            f"by it; write to another output")
+            f"{_model_named(model, model_sha256)}: a run skips documents already written, so this model would never "
+            f"read {'it' if len(other_model) == 1 else 'them'}; write to another output")
 
 
 def _of_these(count: int) -> str:
