@@ -192,6 +192,11 @@ class OutputConfig(Frozen):
     retry_failed: bool = Field(default=False, description="read again the documents the output holds as failed, "
                                                           "when this run's inputs hold their sources")
 
+    @field_validator("exports")
+    @classmethod
+    def _each_format_once(cls, exports: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(exports))  # [pdf, pdf] had been recorded so in the documents rows
+
     @model_validator(mode="after")
     def _check_pdfa(self) -> "OutputConfig":
         if self.pdfa and "pdf" not in self.exports:

@@ -204,8 +204,9 @@ def _clear_staging(filesystem: pafs.FileSystem, root: str) -> None:
 
 
 def output_folders(output: str) -> list[str]:
-    """The folders a job writes in ``output``: a job never reads them as its input."""
-    return [f"{output.rstrip('/')}/{folder}" for folder in (PAGES_DIR, DOCUMENTS_DIR, STAGING_DIR, EXPORTS_DIR)]
+    """The folders a job writes in ``output``, and its lock file: a job never reads them as its input (the lock had
+    been counted as an input left out for having no suffix)."""
+    return [f"{output.rstrip('/')}/{name}" for name in (PAGES_DIR, DOCUMENTS_DIR, STAGING_DIR, EXPORTS_DIR, LOCK_FILE)]
 
 
 def recover_output(output: str) -> PublishedDocuments:

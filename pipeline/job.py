@@ -736,7 +736,12 @@ def check_earlier_readings(plans: list[DocumentPlan], published: PublishedDocume
 
     Documents ``retried`` are read again."""
     earlier = published.readings()
-    again = [plan for plan in plans if plan.doc_id in earlier and plan.doc_id not in retried]
+    # one plan per document: a copy given in this run has its original's doc_id until duplicates are marked
+    firsts: dict[str, DocumentPlan] = {}
+    for plan in plans:
+        if plan.doc_id in earlier and plan.doc_id not in retried:
+            firsts.setdefault(plan.doc_id, plan)
+    again = list(firsts.values())
     # pages this run selects that the earlier reading did not read (one that read more lost nothing)
     other_pages = [plan for plan in again if set(selected_pages(selection, plan.num_pages))
                    - set(selected_pages(earlier[plan.doc_id].pages_selected, plan.num_pages))]

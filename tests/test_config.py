@@ -21,6 +21,8 @@ def test_overrides_are_parsed_as_yaml():
     assert config.recognize.concurrency == (1, 4)
     assert config.rasterize.dpi == 200
     assert config.ray.address is None
+    # a format given twice is one format (the documents rows had recorded [pdf, pdf, txt])
+    assert load_config(None, ["output.exports=[pdf, pdf, txt]"]).output.exports == ("pdf", "txt")
 
 
 def test_a_number_names_a_model_folder_and_a_truth_value_is_no_number():

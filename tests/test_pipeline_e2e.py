@@ -305,11 +305,12 @@ def test_a_run_by_another_model_into_an_output_is_refused_instead_of_skipping_wh
     weights[-1] ^= 1  # one weight of the last tensor changed: the model trained again, in place
     (model / "model.safetensors").write_bytes(bytes(weights))
     again = hashlib.sha256(weights).hexdigest()
+    shutil.copy(tmp_path / "a.png", tmp_path / "copy-of-a.png")  # one document still (it had counted as two)
     for attempt in (dry_run, run_job):
         with pytest.raises(ConfigError, match=(
                 f"1 of these documents is in .* read by the model {model.resolve()} \\(weights SHA-256 {first[:16]}\\) "
                 f".*, and this run reads with {model.resolve()} \\(weights SHA-256 {again[:16]}\\)")):
-            attempt([str(tmp_path / "a.png")], output, config(model))
+            attempt([str(tmp_path / "a.png"), str(tmp_path / "copy-of-a.png")], output, config(model))
 
 
 def test_a_rerun_warns_only_of_documents_written_without_the_exports_it_asks_for(ray_local, tmp_path, caplog):
