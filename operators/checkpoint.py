@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from operators.errors import ModelLoadError
 from operators.settings import BUNDLED_MODELS
 
+#: Seconds to wait for the Hugging Face hub's host to answer before a model only it holds is refused.
+HUB_CONNECT_TIMEOUT_S = 5.0
 #: ``model_type`` of a TrOCR checkpoint's config.json (transformers' VisionEncoderDecoderConfig).
 TROCR_MODEL_TYPE = "vision-encoder-decoder"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -27,19 +31,47 @@ def resolve_checkpoint(name_or_path: str) -> str:
     """
     if name_or_path in BUNDLED_MODELS and not BUNDLED_MODELS[name_or_path].is_dir():
         raise ModelLoadError(f"the bundled model {name_or_path!r} is missing: {BUNDLED_MODELS[name_or_path]}")
-    local = BUNDLED_MODELS.get(name_or_path, Path(name_or_path).expanduser())
+    local = _local(name_or_path)
     if local.exists():
         _check_local_folder(local)
         return str(local)
     if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
         raise ModelLoadError(f"model folder {name_or_path} does not exist (and it is no hub id)")
+    if name_or_path.lower() in BUNDLED_MODELS:
+        raise ModelLoadError(f"no model {name_or_path!r}: the bundled models are {', '.join(sorted(BUNDLED_MODELS))} "
+                             f"(names are in lower case)")
+    _check_hub_reachable(name_or_path)
     return name_or_path
 
 
+def _check_hub_reachable(model_id: str) -> None:
+    """Refuse at once a hub id whose files are not in the local Hugging Face cache when the hub's host cannot be
+    reached (no network, as in many archives): transformers had retried for about 100 s, printing each retry, and
+    then blamed the image processor. With HF_HUB_OFFLINE set, transformers uses the cache alone and says so."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+        return
+    endpoint = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)),
+                                 timeout=HUB_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ModelLoadError(
+            f"model {model_id!r} is no bundled model ({', '.join(sorted(BUNDLED_MODELS))}) nor a local folder, it is "
+            f"not in the local Hugging Face cache, and the hub ({constants.ENDPOINT}) cannot be reached to fetch it "
+            f"({exc.strerror or exc}): give the folder of a downloaded checkpoint") from exc
+
+
+def _local(name_or_path: str) -> Path:
+    """Where the model would be on this machine: a bundled model's folder, else the name taken as a path."""
+    return BUNDLED_MODELS.get(name_or_path, Path(name_or_path).expanduser())
+
+
 def recorded_model(name_or_path: str) -> str:
-    """How a documents row names the model that read it: a bundled model by its short name (however it was given),
-    a local folder by its absolute path, a hub id as it is."""
-    source = Path(resolve_checkpoint(name_or_path))
+    """How a documents row names the model that read it (checked by :func:`resolve_checkpoint` first): a bundled
+    model by its short name (however it was given), a local folder by its absolute path, a hub id as it is."""
+    source = _local(name_or_path)
     if not source.is_dir():
         return name_or_path
     for short_name, folder in BUNDLED_MODELS.items():
@@ -51,8 +83,8 @@ def recorded_model(name_or_path: str) -> str:
 def weights_sha256(name_or_path: str) -> str | None:
     """The SHA-256 of a local model's weights (of its shards one after another, in name order, when it is sharded),
     which tells two versions of a model apart whatever their names; None for a hub id, whose weights each node
-    fetches for itself."""
-    source = Path(resolve_checkpoint(name_or_path))
+    fetches for itself. The model is checked by :func:`resolve_checkpoint` first."""
+    source = _local(name_or_path)
     if not source.is_dir():
         return None
     weights = next(source / name for name in WEIGHT_FILES if (source / name).is_file())

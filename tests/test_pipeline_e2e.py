@@ -163,6 +163,23 @@ def test_cli_bad_model_fails_fast_with_clear_message(input_folder, tmp_path):
     assert not (tmp_path / "out" / "pages").exists()
 
 
+@pytest.mark.parametrize("model, said", [
+    ("example-archive/trocr-not-downloaded", "is no bundled model (handwritten, printed) nor a local folder, it is not "
+                                              "in the local Hugging Face cache, and the hub (http://127.0.0.1:9) cannot "
+                                              "be reached to fetch it"),
+    ("HANDWRITTEN", "no model 'HANDWRITTEN': the bundled models are handwritten, printed (names are in lower case)")])
+def test_a_model_only_an_unreachable_hub_could_give_fails_at_once_saying_so(input_folder, tmp_path, model, said):
+    """Offline (as many archives are), a hub id had taken transformers 100 s of retries, each printed, to fail
+    blaming the image processor; so had a bundled name in capitals, taken for a hub id."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", str(input_folder), "--output", str(tmp_path / "out"),
+         "--dry-run", "--set", f"recognize.model={model}"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert result.returncode == ExitCode.model_error
+    assert said in result.stderr, result.stderr[-2000:]
+    assert "Retrying" not in result.stderr
+
+
 def test_a_precision_this_machine_cannot_run_fails_before_any_page_is_read(ray_local, synthetic_documents, tmp_path):
     """fp16 with ``device: auto`` passes the config (a GPU machine runs it); on a local run without
     CUDA the driver refuses it at start-up, instead of each recognizer actor once the pages are read."""
