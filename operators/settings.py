@@ -86,11 +86,12 @@ class RasterizeConfig(Frozen):
         """``--set rasterize.pages=2`` and ``pages: 7`` in YAML arrive as numbers."""
         return str(value) if isinstance(value, int) else value
 
-    @model_validator(mode="after")
-    def _check_pages(self) -> "RasterizeConfig":
-        if self.pages is not None:
-            parse_pages(self.pages)
-        return self
+    @field_validator("pages")
+    @classmethod
+    def _check_pages(cls, pages: str | None) -> str | None:
+        if pages is not None:
+            parse_pages(pages)
+        return pages
 
 
 class DetectConfig(Frozen):
@@ -168,14 +169,26 @@ class RecognizeConfig(Frozen):
             raise ValueError("precision fp16 needs device cuda (or auto on a GPU machine)")
         if self.device == "cuda" and self.precision == "int8":
             raise ValueError("precision int8 is for the CPU; use fp16 on a GPU")
-        check_languages(self.languages)
         if self.languages and self.num_beams == 1:
             raise ValueError("languages rank the beams of a beam search: set num_beams (4 is a good start) as well")
-        if isinstance(self.concurrency, tuple) and not (1 <= self.concurrency[0] <= self.concurrency[1]):
-            raise ValueError("concurrency (min, max) needs 1 <= min <= max")
-        if isinstance(self.concurrency, int) and self.concurrency < 1:
-            raise ValueError("concurrency needs at least 1 actor")
         return self
+
+    # checks of one key are its own validators: an error names the key (recognize.languages), not only its section
+
+    @field_validator("languages")
+    @classmethod
+    def _languages_with_word_lists(cls, languages: tuple[str, ...]) -> tuple[str, ...]:
+        check_languages(languages)
+        return languages
+
+    @field_validator("concurrency")
+    @classmethod
+    def _check_concurrency(cls, concurrency: int | tuple[int, int]) -> int | tuple[int, int]:
+        if isinstance(concurrency, tuple) and not (1 <= concurrency[0] <= concurrency[1]):
+            raise ValueError("(min, max) needs 1 <= min <= max")
+        if isinstance(concurrency, int) and concurrency < 1:
+            raise ValueError("needs at least 1 actor")
+        return concurrency
 
 
 #: The files a job can write beside its Parquet output (``output.exports``, ``--export``).

@@ -77,8 +77,8 @@ def describe_errors(error: ValidationError, overridden: Collection[str] = ()) ->
             lines.append(f"unknown key {key!r}{given}")
         elif item["type"] in ("tuple_type", "list_type"):
             lines.append(f"{key}{given}: {item['msg']} (write a list: [a, b])")
-        else:
-            lines.append(f"{key}{given}: {item['msg']}")
+        else:  # pydantic says "Value error, " before a validator's own message
+            lines.append(f"{key}{given}: {item['msg'].removeprefix('Value error, ')}")
     return "; ".join(lines)
 
 

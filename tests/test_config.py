@@ -165,7 +165,10 @@ def test_the_gpu_type_check_names_the_local_types_and_leaves_clusters_alone():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["recognize.concurrency=0"], "concurrency needs at least 1 actor"),
+    (["recognize.concurrency=0"], "recognize.concurrency \\(--set\\): needs at least 1 actor"),
+    (["recognize.concurrency=[2, 1]"], "recognize.concurrency \\(--set\\): \\(min, max\\) needs 1 <= min <= max"),
+    (["recognize.languages=[xx]"], "recognize.languages \\(--set\\): no word list for language"),
+    (["rasterize.pages=0"], "rasterize.pages \\(--set\\): page selection '0'"),
     (["ray.object_store_memory_mb=64"], "ray.object_store_memory_mb \\(--set\\): Input should be greater than or "
                                         "equal to 75"),
     (["recognize.foo=1"], "unknown key 'recognize.foo' \\(--set\\)"),

@@ -260,7 +260,7 @@ def test_from_scratch_builds_tokenizer_and_model_from_the_spec(tmp_path):
 
 
 @pytest.mark.parametrize("shape, error", [
-    ({"input_size": [32, 100], "patch_size": [16, 8]}, r"model: Value error, input_size \[32, 100\] is not a multiple of patch_size"),
+    ({"input_size": [32, 100], "patch_size": [16, 8]}, r"model: input_size \[32, 100\] is not a multiple of patch_size"),
     ({"patch_size": [0, 8]}, "must be positive"),
     ({"hidden_size": 32, "decoder_heads": 3}, "hidden_size 32 is not a multiple of decoder_heads 3"),
     ({"hidden_size": 32, "encoder_heads": 3}, "hidden_size 32 is not a multiple of encoder_heads 3"),
