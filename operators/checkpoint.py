@@ -9,6 +9,7 @@ import json
 import socket
 from pathlib import Path
 from urllib.parse import urlsplit
+from urllib.request import getproxies
 
 from operators.errors import ModelLoadError
 from operators.settings import BUNDLED_MODELS
@@ -50,9 +51,11 @@ def _check_hub_reachable(model_id: str) -> None:
     then blamed the image processor. With HF_HUB_OFFLINE set, transformers uses the cache alone and says so."""
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(model_id, "config.json"), str):
-        return
     endpoint = urlsplit(constants.ENDPOINT)
+    # behind a proxy (HTTPS_PROXY) the hub is reached through it, not directly: left to transformers
+    if (constants.HF_HUB_OFFLINE or endpoint.scheme in getproxies()
+            or isinstance(try_to_load_from_cache(model_id, "config.json"), str)):
+        return
     try:
         socket.create_connection((endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)),
                                  timeout=HUB_CONNECT_TIMEOUT_S).close()
