@@ -83,6 +83,11 @@ def recorded_model(name_or_path: str) -> str:
     return str(source.resolve())
 
 
+def model_named(model: str, model_sha256: str | None) -> str:
+    """A recorded model as a person reads it: its name, and the start of its weights' hash where known."""
+    return f"{model} (weights SHA-256 {model_sha256[:16]})" if model_sha256 else model
+
+
 def weights_sha256(name_or_path: str) -> str | None:
     """The SHA-256 of a local model's weights (of its shards one after another, in name order, when it is sharded),
     which tells two versions of a model apart whatever their names; None for a hub id, whose weights each node

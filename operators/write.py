@@ -584,6 +584,7 @@ class ParquetSink:
         self.publish_every_s = publish_every_s  # a run stopped then keeps what it finished up to that long ago
         self._last_published = time.monotonic()
         self.exports = tuple(exports)
+        self._formats_written = tuple(sorted(formats_written(self.exports)))  # each document's exports column
         self.pdfa = pdfa
         self.rasterize = rasterize  # the job's: the searchable PDF and METS read the source again under it
         self.exporter = exporter or _InlineExecutor()  # the job's runs each document's exports as a Ray task
@@ -635,8 +636,7 @@ class ParquetSink:
 
     def _complete(self, record: DocumentRecord, pages: list[PageWork]) -> None:
         rows = [page_row(page) for page in pages]
-        outcome = replace(_document_outcome(record, pages),
-                          exports=tuple(sorted(formats_written(self.exports))) if rows else None)
+        outcome = replace(_document_outcome(record, pages), exports=self._formats_written if rows else None)
         if self.exports and rows:  # before the documents row is published: a rerun rewrites them whole
             self._start_export(outcome, pages, rows)
             return

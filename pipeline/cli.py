@@ -145,6 +145,7 @@ def _synth_command(args: argparse.Namespace) -> int:
 
 
 def _show_command(args: argparse.Namespace) -> int:
+    from operators.checkpoint import model_named
     from operators.write import read_published
 
     if not args.output.strip():
@@ -161,8 +162,7 @@ def _show_command(args: argparse.Namespace) -> int:
     # which model read them: an output written by several (another version of a bundled one) says so
     for (model, weights), count in sorted(Counter((document.get("model"), document.get("model_sha256"))
                                                   for document in documents if document.get("model")).items()):
-        print(printable_text(f"read by {model}{f' (weights SHA-256 {weights[:16]})' if weights else ''}: "
-                             f"{count} document{'s' if count != 1 else ''}"))
+        print(printable_text(f"read by {model_named(model, weights)}: {count} document{'s' if count != 1 else ''}"))
     names = Counter(Path(document["source"]).name for document in documents)
     for page in pages:
         # a page is headed by its file's name, or by its whole source where another document has that name

@@ -31,7 +31,7 @@ from ray.data import ActorPoolStrategy
 from ray.exceptions import RayTaskError
 from ray.remote_function import RemoteFunction
 
-from operators.checkpoint import recorded_model, resolve_checkpoint, weights_sha256
+from operators.checkpoint import model_named, recorded_model, resolve_checkpoint, weights_sha256
 from operators.errors import ConfigError, InternalError, PipelineError, RecognizersLost, WriteFailed
 from operators.storage import is_uri, recorded_source
 from operators.ingest import (DocumentPlan, KnownDocument, find_inputs, input_copies, mark_duplicates, source_id,
@@ -569,7 +569,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             if progress:
                 progress.triage_started(len(found.sources))
             plans = _triage_all(found.sources, config, published.known(), progress.file_triaged if progress else None)
-            retirement = _check_against_output(plans, published, output, config, mode, model_sha256)
+            retirement = _check_against_output(plans, published, output, config, mode, model, model_sha256)
             retire_documents(output, retirement)
             done = {doc_id: source for doc_id, source in published.sources().items()
                     if doc_id not in retirement.doc_ids}
@@ -705,13 +705,12 @@ def _document_record(plan: DocumentPlan, selection: str | None, mode: Mode, mode
 
 
 def _check_against_output(plans: list[DocumentPlan], published: PublishedDocuments, output: str, config: JobConfig,
-                          mode: Mode, model_sha256: str | None) -> Retirement:
+                          mode: Mode, model: str | None, model_sha256: str | None) -> Retirement:
     """What ``--retry-failed`` takes out of the output (:meth:`operators.write.PublishedDocuments.failed_to_retry`),
     once the run is known not to skip documents read otherwise (:func:`check_earlier_readings`); the run and the dry
     run alike."""
     retirement = (published.failed_to_retry({recorded_source(plan.source): plan.doc_id for plan in plans})
                   if config.output.retry_failed else Retirement())
-    model = recorded_model(config.recognize.model) if mode == "recognize" else None
     check_earlier_readings(plans, published, output, config.rasterize.pages, mode, model, model_sha256,
                            retirement.doc_ids)
     return retirement
@@ -768,8 +767,8 @@ def check_earlier_readings(plans: list[DocumentPlan], published: PublishedDocume
         first = earlier[other_model[0].doc_id]
         raise ConfigError(
             f"{_of_these(len(other_model))} in {output} read by the model "
-            f"{_model_named(first.model, first.model_sha256)} ({other_model[0].source}), and this run reads with "
-            f"{_model_named(model, model_sha256)}: a run skips documents already written, so this model would never "
+            f"{model_named(first.model, first.model_sha256)} ({other_model[0].source}), and this run reads with "
+            f"{model_named(model, model_sha256)}: a run skips documents already written, so this model would never "
             f"read {'it' if len(other_model) == 1 else 'them'}; write to another output")
 
 
@@ -783,10 +782,6 @@ def _same_model(earlier: Reading, model: str, model_sha256: str | None) -> bool:
     if earlier.model_sha256 and model_sha256:
         return earlier.model_sha256 == model_sha256
     return earlier.model == model
-
-
-def _model_named(model: str, model_sha256: str | None) -> str:
-    return f"{model} (weights SHA-256 {model_sha256[:16]})" if model_sha256 else model
 
 
 @dataclass(frozen=True)
@@ -850,8 +845,9 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     known = published.known()
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         plans = list(pool.map(lambda source: triage(source, config.rasterize, known.get(source)), sources))
-    model_sha256 = weights_sha256(config.recognize.model) if mode == "recognize" else None
-    retired = _check_against_output(plans, published, output, config, mode, model_sha256).doc_ids
+    model = recorded_model(config.recognize.model) if mode == "recognize" else None
+    model_sha256 = weights_sha256(config.recognize.model) if model else None
+    retired = _check_against_output(plans, published, output, config, mode, model, model_sha256).doc_ids
     done = {doc_id: source for doc_id, source in published.sources().items() if doc_id not in retired}
     marked = {plan.source: plan for plan in mark_duplicates(plans, done)}  # all but the ones already done
     return DryRun([marked.get(plan.source, plan) for plan in plans], done, config.rasterize.pages, mode)
