@@ -575,13 +575,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                     if doc_id not in retirement.doc_ids}
             fresh, unselected = _with_selected_pages(mark_duplicates(plans, done), selection)
             skipped = len(plans) - len(fresh) - unselected  # already in the output
-            if config.output.exports and (unexported := published.lacking_exports(
-                    {plan.doc_id for plan in plans} & done.keys(), config.output.exports)):
-                one = len(unexported) == 1
-                log.warning("%s already in %s without all the exports this run asks for (%s), and not read again: "
-                            "exports are written when a document is read (write to a new output to export %s)",
-                            "1 document is" if one else f"{len(unexported)} documents are", output,
-                            unexported[0] if one else f"{unexported[0]}, first", "it" if one else "them all")
+            _warn_of_documents_without_exports(plans, published, done, output, config.output.exports)
             readable = [plan for plan in fresh if plan.duplicate_of is None]
             if progress:
                 progress.start(len(fresh), sum(len(selected_pages(selection, plan.num_pages)) for plan in readable))
@@ -772,6 +766,19 @@ def check_earlier_readings(plans: list[DocumentPlan], published: PublishedDocume
             f"read {'it' if len(other_model) == 1 else 'them'}; write to another output")
 
 
+def _warn_of_documents_without_exports(plans: list[DocumentPlan], published: PublishedDocuments,
+                                       done: Collection[str], output: str, exports: Sequence[str]) -> None:
+    """Warn of the documents this run skips (already written) without the exports it asks for: exports are written
+    when a document is read, so a run that asks for them later does not write them; the run and the dry run alike."""
+    unexported = published.lacking_exports({plan.doc_id for plan in plans} & set(done), exports) if exports else []
+    if unexported:
+        one = len(unexported) == 1
+        log.warning("%s already in %s without all the exports this run asks for (%s), and not read again: "
+                    "exports are written when a document is read (write to a new output to export %s)",
+                    "1 document is" if one else f"{len(unexported)} documents are", output,
+                    unexported[0] if one else f"{unexported[0]}, first", "it" if one else "them all")
+
+
 def _of_these(count: int) -> str:
     return f"{count} of these documents {'is' if count == 1 else 'are'}"
 
@@ -849,5 +856,6 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     model_sha256 = weights_sha256(config.recognize.model) if model else None
     retired = _check_against_output(plans, published, output, config, mode, model, model_sha256).doc_ids
     done = {doc_id: source for doc_id, source in published.sources().items() if doc_id not in retired}
+    _warn_of_documents_without_exports(plans, published, done, output, config.output.exports)
     marked = {plan.source: plan for plan in mark_duplicates(plans, done)}  # all but the ones already done
     return DryRun([marked.get(plan.source, plan) for plan in plans], done, config.rasterize.pages, mode)

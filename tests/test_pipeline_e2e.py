@@ -332,7 +332,7 @@ def test_a_run_by_another_model_into_an_output_is_refused_instead_of_skipping_wh
             attempt([str(tmp_path / "a.png"), str(tmp_path / "copy-of-a.png")], output, config(model))
 
 
-def test_a_rerun_warns_only_of_documents_written_without_the_exports_it_asks_for(ray_local, tmp_path, caplog):
+def test_a_rerun_and_its_dry_run_warn_only_of_documents_lacking_the_exports_asked_for(ray_local, tmp_path, caplog):
     """Every rerun that asked for exports had warned that the documents already written were not exported again,
     even when they had those very exports: a scheduled job's log warned on every run."""
     text_page(["A letter exported as ALTO"], size=(600, 300)).save(tmp_path / "a.png", dpi=(150, 150))
@@ -347,10 +347,14 @@ def test_a_rerun_warns_only_of_documents_written_without_the_exports_it_asks_for
         ("failed", None), ("ok", ["alto"])]
     with caplog.at_level(logging.WARNING, logger="pipeline"):
         assert run_job(inputs, output, exported("alto"), mode="detect").documents_skipped == 2
+        dry_run(inputs, output, exported("alto"), mode="detect")
         assert "without all the exports" not in caplog.text
-        run_job(inputs, output, exported("alto,txt"), mode="detect")
-    assert re.search(r"1 document is already in .* without all the exports this run asks for \(.*a\.png\)",
-                     caplog.text), caplog.text
+        # the dry run says it as the run does (it had said nothing of exports the run would not write)
+        for attempt in (dry_run, run_job):
+            caplog.clear()
+            attempt(inputs, output, exported("alto,txt"), mode="detect")
+            assert re.search(r"1 document is already in .* without all the exports this run asks for \(.*a\.png\)",
+                             caplog.text), caplog.text
 
 
 def test_retry_failed_reads_a_repaired_file_again_in_place_of_its_failed_row(ray_local, tmp_path):
