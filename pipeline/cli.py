@@ -198,15 +198,20 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging (also after the command)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="the whole job: ingest, rasterize, detect, recognize, write Parquet")
+    # each command's help is also the description its own --help opens with (detect's had read as run's)
+    run_help = "the whole job: ingest, rasterize, detect, recognize, write Parquet"
+    run = commands.add_parser("run", help=run_help, description=run_help)
     _add_job_arguments(run)
     run.set_defaults(handler=lambda args: _job_command(args, "recognize"))
 
-    detect = commands.add_parser("detect", help="layout only: the pages table with empty line texts")
+    detect_help = "layout only: the pages table with empty line texts"
+    detect = commands.add_parser("detect", help=detect_help, description=(
+        f"{detect_help}; no model is loaded and recognize.* settings are not used"))
     _add_job_arguments(detect)
     detect.set_defaults(handler=lambda args: _job_command(args, "detect"))
 
-    synth = commands.add_parser("synth", help="synthetic scanned documents or text lines with ground truth")
+    synth_help = "synthetic scanned documents or text lines with ground truth"
+    synth = commands.add_parser("synth", help=synth_help, description=synth_help)
     synth.add_argument("what", choices=["docs", "lines"])
     synth.add_argument("--output", "-o", required=True)
     synth.add_argument("--count", "-n", type=_whole_number(1), default=4)
@@ -218,7 +223,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                                            "each line is in one of them, picked by its seed")
     synth.set_defaults(handler=_synth_command)
 
-    show = commands.add_parser("show", help="print the documents of an output and the start of its first pages' text")
+    show_help = "print the documents of an output and the start of its first pages' text"
+    show = commands.add_parser("show", help=show_help, description=show_help)
     show.add_argument("output")
     show.add_argument("--pages", type=_whole_number(0), default=3,
                       help="pages to print in all, the first by source and page number")
@@ -227,7 +233,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     named = next((argument for argument in argv if not argument.startswith("-")), None)
     for name, (module_name, add_arguments, handler, help_text) in MODEL_COMMANDS.items():
-        command = commands.add_parser(name, help=help_text)
+        command = commands.add_parser(name, help=help_text, description=help_text)
         if name == named:
             module = importlib.import_module(module_name)
             getattr(module, add_arguments)(command)

@@ -214,3 +214,15 @@ def test_mistyped_command_lines_get_one_line_and_exit_code_2(tmp_path, capsys):
     for argv, message in cases:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv
+
+
+@pytest.mark.parametrize("command, says", [("run", "the whole job"), ("detect", "layout only"),
+                                            ("show", "print the documents"), ("eval", "CER/WER of a model")])
+def test_each_command_says_what_it_does_under_its_own_help(command, says, capsys):
+    """``detect --help`` had read exactly as ``run --help``: the usage and the options, not what the command does."""
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    usage, description = capsys.readouterr().out.split("\n\n")[:2]
+    assert description.replace("\n", " ").startswith(says), description
