@@ -4,7 +4,7 @@ The stages of :mod:`pipeline.stages` run in this process, one page at a time, as
 rasterize, detect and, with ``--recognize``, crop + decode. Each page becomes one PNG: the page with
 every line polygon coloured by block and labelled ``order`` / ``b<block>``; with recognized text, a
 panel on the right shows each line's text where the line sits on the page. Documents and pages that
-fail are reported with their reason and written as no PNG.
+fail are reported with their reason and written as no PNG, and so is a document with no page in ``--pages``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from operators.errors import RECOGNITION_FAILED, ExitCode, NoInputError
 from operators.formats.export import export_stem
 from operators.ingest import find_inputs, triage
+from operators.pages import selected_pages
 from operators.rasterize import page_ranges, rasterize
 from operators.recognize import LineRecognizer
 from operators.records import LineRecord, PageWork
@@ -46,11 +47,14 @@ class PageOutcome:
     lines: list[LineRecord]
     overlay: Path | None
     error: str | None = None  # "error_code: message" when the page failed
+    unselected: str | None = None  # why a document has no page to draw: none of its pages is in rasterize.pages
 
     def describe(self) -> str:
         where = self.source if self.page is None else f"{self.source} page {self.page}"
         if self.error is not None:
             return f"failed  {where}: {self.error}"
+        if self.unselected is not None:
+            return f"skipped {where}: {self.unselected}"
         blocks = len({line.block for line in self.lines})
         found = f"{len(self.lines)} lines in {blocks} blocks" if self.lines else "0 lines (no text found)"
         return f"ok      {where}: {found} -> {self.overlay}"
@@ -76,12 +80,14 @@ def inspect_command(args: argparse.Namespace) -> int:
     sources = [source for source in find_inputs(args.inputs).sources if not _is_overlay(source, output)]
     if not sources:
         raise NoInputError(f"the inputs hold only overlays that inspect wrote to {output}")
-    written = failed = 0
+    written = failed = skipped = 0
     for outcome in inspect_documents(sources, output, config, args.recognize):
         print(outcome.describe(), flush=True)
         failed += outcome.error is not None
-        written += outcome.error is None
-    print(f"{written} overlays written to {output}, {failed} failed")
+        skipped += outcome.unselected is not None
+        written += outcome.overlay is not None
+    unselected = f", {skipped} document{'s' if skipped != 1 else ''} without a page in --pages" if skipped else ""
+    print(f"{written} overlays written to {output}, {failed} failed{unselected}")
     return ExitCode.documents_failed if failed else ExitCode.ok
 
 
@@ -118,8 +124,12 @@ def inspect_documents(sources: list[str], output: Path, config: JobConfig, recog
         if plan.error is not None:
             yield PageOutcome(plan.source, None, [], None, f"{plan.error.error_code}: {plan.error}")
             continue
-        for task in page_ranges([plan], config.rasterize.pages_per_task,
-                                config.rasterize.pages):
+        if not selected_pages(config.rasterize.pages, plan.num_pages):  # it had been passed over without a word
+            yield PageOutcome(plan.source, None, [], None, unselected=(
+                f"none of its {plan.num_pages} page{'s' if plan.num_pages != 1 else ''} is in --pages "
+                f"{config.rasterize.pages}"))
+            continue
+        for task in page_ranges([plan], config.rasterize.pages_per_task, config.rasterize.pages):
             for work in rasterize(task, config.rasterize):
                 yield _inspect_page(work, output, config, recognizer)
 

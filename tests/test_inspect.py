@@ -162,3 +162,13 @@ def test_overlay_rejects_texts_that_do_not_match_the_lines():
     page, line = _page_with_one_line()
     with pytest.raises(ValueError, match="1 texts for 2 lines"):
         draw_overlay(page, [line, line], ["only one"])
+
+
+def test_a_document_without_a_page_in_the_selection_is_named_not_passed_over(documents, tmp_path, capsys):
+    """``inspect --pages 5`` on shorter documents had printed only "0 overlays written, 0 failed"."""
+    code = main(["inspect", str(documents[0]), "--output", str(tmp_path), "--set", DPI_OVERRIDE, "--pages", "99"])
+    printed = capsys.readouterr().out
+    assert code == ExitCode.ok
+    pages = _page_counts(documents[:1])[0]
+    assert f"skipped {documents[0]}: none of its {pages} pages is in --pages 99" in printed, printed
+    assert "0 overlays written to" in printed and "0 failed, 1 document without a page in --pages" in printed
