@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
@@ -55,7 +58,9 @@ def load_trocr(name_or_path: str, device: str = "auto", precision: str = "fp32")
     dtype, encoder_dtype = resolve_precision(precision, torch_device)
     source = resolve_checkpoint(name_or_path)
     try:
-        model = VisionEncoderDecoderModel.from_pretrained(source, dtype=dtype)
+        # a hub id may be downloaded, and its download bars are worth seeing
+        with _no_progress_bars() if Path(source).is_dir() else nullcontext():
+            model = VisionEncoderDecoderModel.from_pretrained(source, dtype=dtype)
         image_processor = AutoImageProcessor.from_pretrained(source, backend="pil")
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # any failure to read the checkpoint is a model error, reported at start-up
@@ -71,6 +76,20 @@ def load_trocr(name_or_path: str, device: str = "auto", precision: str = "fp32")
     processor = TrOCRProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return TrOCRBundle(model, processor, tokenizer, preprocessor, torch_device, dtype,
                        ink_width_step(model, preprocessor.keep_aspect), encoder_dtype)
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Without transformers' "Loading weights" bar, drawn while it places weights already read from a folder (a tenth
+    of a second for the bundled models): in a log, or from ``eval`` and ``inspect`` piped to a file, it had been a
+    line of carriage returns and block characters."""
+    shown = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def quantize_encoder(model: VisionEncoderDecoderModel) -> None:
