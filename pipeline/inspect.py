@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
-from operators.errors import RECOGNITION_FAILED, ExitCode, NoInputError
+from operators.errors import ExitCode, NoInputError
 from operators.formats.export import export_stem
 from operators.ingest import find_inputs, triage
 from operators.pages import selected_pages
 from operators.rasterize import page_ranges, rasterize
-from operators.recognize import LineRecognizer
+from operators.recognize import TrOCRRecognizer
 from operators.records import LineRecord, PageWork
 from operators.storage import make_local_folder, writing
 from pipeline.config import JobConfig, load_config
@@ -81,7 +81,8 @@ def inspect_command(args: argparse.Namespace) -> int:
     if not sources:
         raise NoInputError(f"the inputs hold only overlays that inspect wrote to {output}")
     written = failed = skipped = 0
-    for outcome in inspect_documents(sources, output, config, args.recognize):
+    recognizer = TrOCRRecognizer(config.recognize) if args.recognize else None
+    for outcome in inspect_documents(sources, output, config, recognizer):
         print(outcome.describe(), flush=True)
         failed += outcome.error is not None
         skipped += outcome.unselected is not None
@@ -113,12 +114,12 @@ def _is_overlay(source: str, output: Path) -> bool:
         return False
 
 
-def inspect_documents(sources: list[str], output: Path, config: JobConfig, recognize: bool = False
+def inspect_documents(sources: list[str], output: Path, config: JobConfig, recognizer: TrOCRRecognizer | None = None
                       ) -> Iterator[PageOutcome]:
     """Overlay the pages of ``sources`` the job would read (``rasterize.pages``) into ``output``, giving each
-    outcome as soon as its page is done (a long inspect had said nothing until all its pages were)."""
+    outcome as soon as its page is done (a long inspect had said nothing until all its pages were); with a
+    ``recognizer``, each line's text beside it."""
     make_local_folder(str(output))
-    recognizer = LineRecognizer.from_config(config.recognize) if recognize else None
     for source in sources:
         plan = triage(source, config.rasterize)
         if plan.error is not None:
@@ -134,32 +135,24 @@ def inspect_documents(sources: list[str], output: Path, config: JobConfig, recog
                 yield _inspect_page(work, output, config, recognizer)
 
 
-def _inspect_page(work: PageWork, output: Path, config: JobConfig, recognizer: LineRecognizer | None) -> PageOutcome:
+def _inspect_page(work: PageWork, output: Path, config: JobConfig, recognizer: TrOCRRecognizer | None) -> PageOutcome:
+    """The page through the job's stages, its failures recorded as the job records them (a model error, running out
+    of memory with a line alone) and kept to the page."""
     work = detect_page(work, config.detect)
+    page = work.image  # the crops stage drops it from the PageWork, the overlay still needs it
+    if recognizer is not None and work.status == "ok":
+        work = cut_crops(work, config, recognizer.recognizer.bundle.preprocessor)
+        if work.status == "ok":
+            work, = recognizer.recognize_pages([work])
     if work.status != "ok":
         return PageOutcome(work.source, work.page, [], None, f"{work.error_code}: {work.error_message}")
-    try:
-        texts = _recognize(work, config, recognizer) if recognizer is not None else None
-    except RuntimeError as exc:  # out of memory, a model bug: the page fails, the others go on
-        reason = f"{RECOGNITION_FAILED}: recognition failed: {exc}"
-        return PageOutcome(work.source, work.page, [], None, reason)
+    texts = [line.text for line in work.lines] if recognizer is not None else None
     path = output / _overlay_name(work)
     mark = PngImagePlugin.PngInfo()
     mark.add_text(OVERLAY_MARK, work.source)
     with writing(str(path)):
-        draw_overlay(work.image, work.lines, texts).save(path, compress_level=1, pnginfo=mark)  # fast; throwaway
+        draw_overlay(page, work.lines, texts).save(path, compress_level=1, pnginfo=mark)  # fast; throwaway
     return PageOutcome(work.source, work.page, work.lines, path)
-
-
-def _recognize(work: PageWork, config: JobConfig, recognizer: LineRecognizer) -> list[str]:
-    image = work.image  # cut_crops drops it from the PageWork, the overlay still needs it
-    cut_crops(work, config, recognizer.bundle.preprocessor)
-    work.image = image
-    if work.status != "ok":  # cut_crops records its failure on the page instead of raising
-        raise RuntimeError(f"{work.error_code}: {work.error_message}")
-    readings = recognizer(work.line_pieces)
-    work.line_pieces = []
-    return [reading.text for reading in readings]
 
 
 def draw_overlay(page: np.ndarray, lines: list[LineRecord], texts: list[str] | None = None,

@@ -13,6 +13,7 @@ from pipeline.config import load_config
 from operators.errors import ExitCode
 from pipeline.inspect import OVERLAY_MAX_SIDE, draw_overlay, inspect_documents
 from operators.records import LineRecord
+from operators.recognize import TrOCRRecognizer
 from pipeline.synth.docs import load_ground_truth
 
 DPI_OVERRIDE = "rasterize.dpi=150"  # the synthetic documents are drawn at 150 dpi
@@ -132,12 +133,30 @@ def test_recognize_adds_a_text_panel_beside_the_page(documents, tiny_model, tmp_
     config = load_config(None, [DPI_OVERRIDE, f"recognize.model={tiny_model}", "recognize.max_new_tokens=16",
                                 "rasterize.pages=1"])
     plain, = inspect_documents([str(documents[0])], tmp_path / "plain", config)
-    read, = inspect_documents([str(documents[0])], tmp_path / "read", config, recognize=True)
+    read, = inspect_documents([str(documents[0])], tmp_path / "read", config, TrOCRRecognizer(config.recognize))
     with Image.open(plain.overlay) as without_text, Image.open(read.overlay) as with_text:
         assert with_text.size == (2 * without_text.width, without_text.height)
         panel = np.asarray(with_text.convert("L"))[:, without_text.width:]
     assert (panel < 128).any(), "the text panel is blank"
     assert len(read.lines) == len(plain.lines) > 0
+
+
+class _FailingRecognizer(TrOCRRecognizer):
+    """A real recognizer whose model fails as a model bug would (not out of memory)."""
+
+    def decode_with_backoff(self, lines):
+        raise ValueError("a model bug")
+
+
+def test_a_page_the_model_fails_on_is_reported_and_the_next_document_inspected(documents, tiny_model, tmp_path):
+    """inspect had caught only RuntimeError: any other error from the model (a ValueError, numpy's MemoryError)
+    ended the command with a traceback; the page now fails as the job records it."""
+    config = load_config(None, [DPI_OVERRIDE, f"recognize.model={tiny_model}", "rasterize.pages=1"])
+    outcomes = list(inspect_documents([str(path) for path in documents], tmp_path, config,
+                                      _FailingRecognizer(config.recognize)))
+    assert [outcome.error for outcome in outcomes] == ["recognition_failed: recognition failed: ValueError: "
+                                                       "a model bug"] * 2
+    assert not list(tmp_path.glob("*.png"))
 
 
 def _page_with_one_line() -> tuple[np.ndarray, LineRecord]:
