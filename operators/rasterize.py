@@ -8,6 +8,7 @@ that was planned comes out as exactly one :class:`PageWork`, rendered or failed 
 from __future__ import annotations
 
 import io
+import logging
 import math
 from dataclasses import dataclass
 from itertools import groupby
@@ -29,6 +30,8 @@ from operators.errors import (DocumentError, PAGE_COUNT_MISMATCH, PageTooLarge, 
                               SourceChanged)
 from operators.records import PageWork
 from operators.storage import scratch_space_full
+
+log = logging.getLogger(__name__)
 
 #: Scans often claim 72 dpi or nothing; outside this range the configured dpi is used instead.
 _PLAUSIBLE_DPI = (100, 1200)
@@ -358,6 +361,8 @@ def _upright(pages: list[PageWork], config: RasterizeConfig) -> list[PageWork]:
                 try:
                     found = detect_orientation(work.image)
                 except Exception:  # noqa: BLE001 - a detector bug leaves the page as it was, never fails it
+                    log.warning("orientation detection failed on %s page %d; the page is read as it was rendered",
+                                work.source, work.page, exc_info=True)
                     continue
                 if found.rotation:
                     work.image = turn(work.image, found.rotation)

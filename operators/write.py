@@ -228,7 +228,7 @@ def recover_output(output: str) -> PublishedDocuments:
         if name not in documents:
             filesystem.delete_file(path)
         else:
-            _open_part(filesystem, path)
+            _read_part(filesystem, path, columns=[])  # its footer: a part that is no Parquet file is named here
     for name, path in documents.items():
         if name not in pages:
             log.warning("%s has lost its pages twin %s/%s/%s: its documents will be read again", path, root, PAGES_DIR,
@@ -254,11 +254,15 @@ def _remove_unpublished_exports(filesystem: pafs.FileSystem, root: str, publishe
         filesystem.delete_file(info.path)
 
 
-def _open_part(filesystem: pafs.FileSystem, path: str) -> pq.ParquetFile:
-    """A published part, its footer read; one that is no Parquet file stops the run, named (an OSError, a
-    storage hiccup, says nothing of the part and is raised as it is)."""
+def _read_part(filesystem: pafs.FileSystem, path: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """``columns`` of a published part (all when None; those a part older than them lacks are left out), its file
+    closed after (a ``ParquetFile`` does not close a file it is handed); one that is no Parquet file stops the run,
+    named (an OSError, a storage hiccup, says nothing of the part and is raised as it is)."""
     try:
-        return pq.ParquetFile(filesystem.open_input_file(path))
+        with filesystem.open_input_file(path) as file:
+            part = pq.ParquetFile(file)
+            return part.read(columns=None if columns is None else
+                             [column for column in columns if column in part.schema_arrow.names])
     except pa.ArrowInvalid as exc:
         raise OutputNotWritable(f"the output part {path} is not a Parquet file ({exc}); remove it and its twin of "
                                 f"the same name in {PAGES_DIR}/ or {DOCUMENTS_DIR}/ to have its documents read again"
@@ -275,10 +279,8 @@ def _published_rows(output: str, columns: Sequence[str]) -> list[dict[str, Any]]
     for name, path in _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}").items():
         if name not in pages:
             continue
-        part = _open_part(filesystem, path)
-        present = [column for column in columns if column in part.schema_arrow.names]
-        rows += [{column: row.get(column) for column in columns} for row in part.read(columns=present).to_pylist()
-                 if row["doc_id"] not in retiring]
+        rows += [{column: row.get(column) for column in columns}
+                 for row in _read_part(filesystem, path, columns).to_pylist() if row["doc_id"] not in retiring]
     return rows
 
 
@@ -301,16 +303,15 @@ def read_published(output: str, page_columns: Sequence[str], first_pages: int) -
     pages = _list_parts(filesystem, f"{root}/{PAGES_DIR}")
     parts = [pages[name] for name in _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}") if name in pages]
     keys = ((row["source"], row["page"], part, position) for part, path in enumerate(parts)
-            for position, row in enumerate(_open_part(filesystem, path).read(
-                columns=["doc_id", "source", "page"]).to_pylist())
+            for position, row in enumerate(_read_part(filesystem, path, ["doc_id", "source", "page"]).to_pylist())
             if row["doc_id"] in published)
     chosen = heapq.nsmallest(first_pages, keys)
     wanted: dict[int, list[int]] = {}
     for _, _, part, position in chosen:
         wanted.setdefault(part, []).append(position)
     rows = {(part, position): row for part, positions in wanted.items()
-            for position, row in zip(positions, _open_part(filesystem, parts[part]).read(
-                columns=["doc_id", *page_columns]).take(positions).to_pylist())}
+            for position, row in zip(positions, _read_part(filesystem, parts[part], ["doc_id", *page_columns]).take(
+                positions).to_pylist())}
     return documents, [rows[part, position] for _, _, part, position in chosen]
 
 
@@ -449,7 +450,7 @@ def _retire(filesystem: pafs.FileSystem, root: str) -> None:
         for name, path in _list_parts(filesystem, f"{root}/{DOCUMENTS_DIR}").items():
             if name not in pages:
                 continue
-            documents = _open_part(filesystem, path).read()
+            documents = _read_part(filesystem, path)
             leaving = pc.is_in(documents.column("doc_id"), retired)
             if not pc.any(leaving).as_py():
                 continue
@@ -461,7 +462,7 @@ def _retire(filesystem: pafs.FileSystem, root: str) -> None:
                     filesystem.delete_file(path)
                     filesystem.delete_file(pages[name])
                     continue
-                page_rows = _open_part(filesystem, pages[name]).read()
+                page_rows = _read_part(filesystem, pages[name])
                 for table, final in ((page_rows.filter(pc.invert(pc.is_in(page_rows.column("doc_id"), retired))),
                                       pages[name]), (staying, path)):
                     staged = f"{root}/{STAGING_DIR}/retired-{final.rsplit('/', 2)[-2]}-{name}"
