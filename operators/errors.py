@@ -155,5 +155,5 @@ class InternalError(DocumentError):
 #: Codes of page failures that are recorded on the page (``PageWork.fail``), never raised.
 PAGE_COUNT_MISMATCH = "page_count_mismatch"  # fewer pages rendered than the file declares
 DETECTION_FAILED = "detection_failed"  # line detection failed on a page
-RECOGNITION_FAILED = "recognition_failed"  # the model failed on this page's lines even after splitting the batch
+RECOGNITION_FAILED = "recognition_failed"  # the model failed on this page's lines: an error, or no memory for a line alone
 EXPORT_FAILED = "export_failed"  # the document's export files could not be made (its tables are written)

@@ -128,7 +128,8 @@ class DetectConfig(Frozen):
     polygon_padding: float = Field(default=0.15, ge=0, description="margin around a line's ink")
     crop_padding_px: int = Field(default=4, ge=0, description="padding around each line crop")
     num_cpus: float = Field(default=1.0, gt=0)
-    memory_mb: int = Field(default=1024, ge=64, description="Ray memory request of a layout task")
+    memory_mb: int = Field(default=1024, ge=64, description="Ray memory request of a page task (rasterize, layout) "
+                                                            "and of a document's export task")
 
 
 class RecognizeConfig(Frozen):

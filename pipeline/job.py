@@ -446,9 +446,9 @@ def _layout_row(row: dict[str, Any], config: JobConfig, preprocessor: LinePrepro
 class _RecognizeBatch:
     """Ray adapter around :class:`operators.recognize.TrOCRRecognizer` (model loaded once).
 
-    torch and transformers are imported here, in the actor, and nowhere else in this module: the
-    CPU workers that run the other stages import this module and start on pages at once instead
-    of spending seconds loading them."""
+    torch and transformers are imported here, in the actor, and elsewhere in this module only inside the functions
+    that check the model in the driver: the CPU workers that run the other stages import this module and start on
+    pages at once instead of spending seconds loading them."""
 
     def __init__(self, config: JobConfig):
         import transformers

@@ -40,7 +40,7 @@ from operators.decoding import encode_lines, ink_width_step
 from operators.errors import ConfigError, OutputLocked, OutputNotWritable, WriteFailed
 from operators.model import TrOCRBundle, cpu_has_native_bf16, load_trocr, resolve_device, resolve_dtype
 from operators.preprocess import WIDTH_SCALE_KEY, LinePreprocessor, ink_columns
-from operators.recognize import LineRecognizer
+from operators.recognize import LineRecognizer, resolve_max_new_tokens
 from operators.storage import lock_alone, on_disk, replace_on_disk
 from operators.text import make_normalizer
 from pipeline.train.config import TrainConfig
@@ -467,7 +467,7 @@ def validate(run: TrainingRun, lines: Sequence[LabeledLine]) -> float:
     """Greedy-read the validation lines as the pipeline and ``eval`` read them and return the CER."""
     run.model.eval()
     recognizer = LineRecognizer(run.bundle(), "fast", num_beams=1,  # built now: its engine takes the weights as they are
-                                max_new_tokens=run.model.generation_config.max_new_tokens or 128,
+                                max_new_tokens=resolve_max_new_tokens(None, run.model),
                                 line_batch_size=run.config.validation_batch_size)
     predictions = [reading.text for reading in recognizer.read_images([line.load_gray() for line in lines])]
     run.model.train()
@@ -477,7 +477,7 @@ def validate(run: TrainingRun, lines: Sequence[LabeledLine]) -> float:
 def train(config: TrainConfig, resume: bool = False, show_progress: bool = True, shard: tuple[int, int] = (0, 1),
           wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
           report: Callable[[dict], None] | None = None, hold_work_dir: bool = True) -> Path:
-    """Run training to ``config.steps``; returns the output folder (best validation CER, else the last model).
+    """Run training to ``config.last_step``; returns the output folder (best validation CER, else the last model).
 
     Under Ray Train every worker runs this with its ``shard`` (rank, world size), ``wrap`` = prepare_model
     (DDP) and ``report`` = ray.train.report; only rank 0 validates and writes files, and the driver holds work_dir
