@@ -155,17 +155,14 @@ def _inspect_page(work: PageWork, output: Path, config: JobConfig, recognizer: T
     return PageOutcome(work.source, work.page, work.lines, path)
 
 
-def draw_overlay(page: np.ndarray, lines: list[LineRecord], texts: list[str] | None = None,
-                 max_side: int = OVERLAY_MAX_SIDE) -> Image.Image:
-    """The page, scaled to fit ``max_side``, with each line's polygon, baseline, order and block drawn on it;
+def draw_overlay(page: np.ndarray, lines: list[LineRecord], texts: list[str] | None = None) -> Image.Image:
+    """The page, scaled to fit :data:`OVERLAY_MAX_SIDE`, with each line's polygon, baseline, order and block drawn on it;
     with ``texts`` (one per line) a panel of the same size on the right shows them in place."""
     if page.ndim != 2 or page.dtype != np.uint8 or page.size == 0:
         raise ValueError(f"page must be a non-empty 8-bit grayscale array, got {page.dtype} {page.shape}")
     if texts is not None and len(texts) != len(lines):
         raise ValueError(f"{len(texts)} texts for {len(lines)} lines")
-    if max_side < 1:
-        raise ValueError(f"max_side must be >= 1, got {max_side}")
-    scale = min(1.0, max_side / max(page.shape))
+    scale = min(1.0, OVERLAY_MAX_SIDE / max(page.shape))
     size = (max(1, round(page.shape[1] * scale)), max(1, round(page.shape[0] * scale)))
     canvas = Image.fromarray(page).resize(size, Image.Resampling.LANCZOS).convert("RGB")
     draw = ImageDraw.Draw(canvas)

@@ -131,9 +131,9 @@ class CorpusSampler:
         text = " ".join(words[:n_words]).rstrip(",;:")
         return text if text.endswith((".", "?", "!")) else text.rstrip(".?!") + "."
 
-    def title(self, max_words: int = 7) -> str:
-        """A document or section title: a few words, title- or upper-case, sometimes numbered."""
-        return self._in_charset(self._heading(max_words))
+    def title(self) -> str:
+        """A document or section title: a few words (at most 7), title- or upper-case, sometimes numbered."""
+        return self._in_charset(self._heading(7))
 
     def _in_charset(self, text: str) -> str:
         """Drop characters outside CHARSET (Faker data may carry some) so the guarantee holds."""

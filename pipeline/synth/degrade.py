@@ -11,6 +11,8 @@ import cv2
 import numpy as np
 
 MAX_ROTATION_DEG = 1.5
+#: Random margin around a line's ink on each side, in pixels (line detectors crop tight).
+LINE_MARGIN_PX = (2, 10)
 #: Probability of each degradation being applied to one line.
 P_ROTATE = 0.5
 P_STRETCH = 0.3
@@ -69,13 +71,14 @@ def change_ink_weight(mask: np.ndarray, rng: np.random.Generator, font_px: int) 
     return cv2.dilate(mask, kernel)
 
 
-def crop_to_ink(mask: np.ndarray, rng: np.random.Generator, margin_px: tuple[int, int]) -> np.ndarray:
-    """Tight crop around the ink with an independent random margin on each side, as line detectors crop."""
+def crop_to_ink(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Tight crop around the ink with an independent random margin on each side (:data:`LINE_MARGIN_PX`), as line
+    detectors crop."""
     rows = np.flatnonzero(mask.max(axis=1) > 64)
     cols = np.flatnonzero(mask.max(axis=0) > 64)
     if rows.size == 0:
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    top, bottom, left, right = rng.integers(margin_px[0], margin_px[1] + 1, size=4)
+    top, bottom, left, right = rng.integers(LINE_MARGIN_PX[0], LINE_MARGIN_PX[1] + 1, size=4)
     padded = cv2.copyMakeBorder(mask, int(top), int(bottom), int(left), int(right), cv2.BORDER_CONSTANT, value=0)
     return padded[rows[0] : rows[-1] + 1 + top + bottom, cols[0] : cols[-1] + 1 + left + right]
 
@@ -128,15 +131,14 @@ def jpeg_roundtrip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE)
 
 
-def scanned_line(mask: np.ndarray, rng: np.random.Generator, font_px: int,
-                 margin_px: tuple[int, int] = (2, 10), max_rotation_deg: float = MAX_ROTATION_DEG) -> np.ndarray:
+def scanned_line(mask: np.ndarray, rng: np.random.Generator, font_px: int) -> np.ndarray:
     """A rendered line mask turned into a tightly cropped, scanned-looking uint8 grey image."""
     _require_mask(mask)
     height, width = mask.shape
-    mask, _ = warp_to_fit(mask, random_homography(rng, width, height, max_rotation_deg))
+    mask, _ = warp_to_fit(mask, random_homography(rng, width, height, MAX_ROTATION_DEG))
     if rng.random() < P_INK_WEIGHT:
         mask = change_ink_weight(mask, rng, font_px)
-    image = ink_on_paper(crop_to_ink(mask, rng, margin_px), rng)
+    image = ink_on_paper(crop_to_ink(mask, rng), rng)
     if rng.random() < P_BLUR:
         image = blur(image, rng, font_px)
     if rng.random() < P_NOISE:
