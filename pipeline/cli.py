@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
-from pipeline.config import load_config
+from pipeline.config import add_config_arguments, config_from_arguments
 from operators.errors import ConfigError, ExitCode, OutputNotWritable, PipelineError
 from operators.settings import EXPORT_FORMATS
 from operators.storage import make_local_folder, writing
@@ -31,14 +31,10 @@ log = logging.getLogger("trocr_pipeline")
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="files, folders or globs; local paths or URIs (s3://, gs://)")
     parser.add_argument("--output", "-o", required=True, help="output folder or URI")
-    parser.add_argument("--config", "-c", type=Path, help="YAML config (default: configs/local.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set recognize.precision=fp16 (repeatable)")
+    add_config_arguments(parser, "recognize.precision=fp16")
     parser.add_argument("--export", metavar="FORMATS",
                         help="also write alto,page,hocr,txt,pdf,mets files to DIR/exports (same as output.exports)")
     parser.add_argument("--pdfa", action="store_true", help="searchable PDFs as PDF/A-2b (output.pdfa)")
-    parser.add_argument("--pages", metavar="RANGES",
-                        help="1-based pages of every input, e.g. 1-3,7 or 5- (same as rasterize.pages)")
     parser.add_argument("--retry-failed", action="store_true",
                         help="read again the documents the output holds as failed, from these inputs "
                              "(output.retry_failed)")
@@ -57,7 +53,7 @@ def _job_command(args: argparse.Namespace, mode: str) -> int:
     if not args.output.strip():
         raise ConfigError("--output is empty: give the output folder or URI")
     check_paths_outlive_the_job([args.output, args.log_json])
-    overrides = list(args.overrides)
+    overrides = []
     if args.export is not None:
         formats = [name.strip() for name in args.export.split(",") if name.strip()]
         if not formats:
@@ -69,9 +65,7 @@ def _job_command(args: argparse.Namespace, mode: str) -> int:
         overrides.append("output.pdfa=true")
     if args.retry_failed:
         overrides.append("output.retry_failed=true")
-    if args.pages is not None:
-        overrides.append(f"rasterize.pages={json.dumps(args.pages)}")  # a YAML string, whatever it holds
-    config = load_config(args.config, overrides)
+    config = config_from_arguments(args, overrides)
     if args.dry_run:
         if args.log_json is not None:
             check_log_json(args.log_json)

@@ -6,7 +6,9 @@ submission time instead of being silently ignored.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import argparse
+import json
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +84,23 @@ def describe_errors(error: ValidationError, overridden: Collection[str] = ()) ->
     return "; ".join(lines)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig:
+def add_config_arguments(parser: argparse.ArgumentParser, example: str) -> None:
+    """``--config``, ``--set`` and ``--pages``, as every command that runs the job's stages takes them
+    (:func:`config_from_arguments`)."""
+    parser.add_argument("--config", "-c", type=Path, help="YAML config (default: configs/local.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config value, e.g. --set {example} (repeatable)")
+    parser.add_argument("--pages", metavar="RANGES",
+                        help="1-based pages of every input, e.g. 1-3,7 or 5- (same as rasterize.pages)")
+
+
+def config_from_arguments(args: argparse.Namespace, overrides: Sequence[str] = ()) -> JobConfig:
+    """The config of :func:`add_config_arguments`' options, with the command's own ``overrides`` after ``--set``'s."""
+    pages = [] if args.pages is None else [f"rasterize.pages={json.dumps(args.pages)}"]  # a YAML string, whatever it holds
+    return load_config(args.config, [*args.overrides, *overrides, *pages])
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> JobConfig:
     """Load ``path`` (default: configs/local.yaml when present) and apply ``key=value`` overrides.
 
     Override values are parsed as YAML, so ``--set recognize.concurrency=[1,4]`` gives a tuple and

@@ -10,7 +10,6 @@ fail are reported with their reason and written as no PNG, and so is a document 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from operators.rasterize import page_ranges, rasterize
 from operators.recognize import TrOCRRecognizer
 from operators.records import LineRecord, PageWork
 from operators.storage import make_local_folder, writing
-from pipeline.config import JobConfig, load_config
+from pipeline.config import JobConfig, add_config_arguments, config_from_arguments
 from pipeline.stages import cut_crops, detect_page
 
 #: Longest side of an overlay in pixels: a whole page stays legible on screen and the PNG small.
@@ -63,17 +62,12 @@ class PageOutcome:
 def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="files, folders or globs; local paths or URIs")
     parser.add_argument("--output", "-o", required=True, help="folder for the PNG overlays")
-    parser.add_argument("--config", "-c", type=Path, help="YAML config (default: configs/local.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set detect.block_gap=1.5 (repeatable)")
+    add_config_arguments(parser, "detect.block_gap=1.5")
     parser.add_argument("--recognize", action="store_true", help="also decode each line with recognize.model")
-    parser.add_argument("--pages", metavar="RANGES", help="1-based pages of every input, e.g. 1-3,7 or 5- (as run "
-                                                        "--pages reads them: rasterize.pages)")
 
 
 def inspect_command(args: argparse.Namespace) -> int:
-    pages = [] if args.pages is None else [f"rasterize.pages={json.dumps(args.pages)}"]  # a YAML string, as for run
-    config = load_config(args.config, [*args.overrides, *pages])
+    config = config_from_arguments(args)
     make_local_folder(args.output)
     output = Path(args.output)
     # never its own overlays of an earlier run, wherever the output lies (in an input folder, or the folder itself)
