@@ -82,6 +82,10 @@ class KnownDocument:
     num_pages: int
     stamp: tuple[int, int]
 
+    def plan(self, source: str) -> DocumentPlan:
+        """Its plan, taken as the output holds it (its file unread)."""
+        return DocumentPlan(doc_id=self.doc_id, source=source, kind=None, num_pages=self.num_pages, stamp=self.stamp)
+
 
 @dataclass
 class FoundInputs:
@@ -759,7 +763,7 @@ def unchanged_local_document(source: str, known: KnownDocument | None) -> Docume
         return None
     if not stat.S_ISREG(stat_result.st_mode) or (stat_result.st_size, stat_result.st_mtime_ns) != known.stamp:
         return None
-    return DocumentPlan(doc_id=known.doc_id, source=source, kind=None, num_pages=known.num_pages, stamp=known.stamp)
+    return known.plan(source)
 
 
 def triage(source: str, config: RasterizeConfig, known: KnownDocument | None = None) -> DocumentPlan:
@@ -780,7 +784,7 @@ def triage(source: str, config: RasterizeConfig, known: KnownDocument | None = N
         if stamp is None:
             raise UnreadableFile(f"cannot read {source}: there is no such file")
         if known is not None and known.stamp == stamp:
-            return DocumentPlan(doc_id=known.doc_id, source=source, kind=None, num_pages=known.num_pages, stamp=stamp)
+            return known.plan(source)
         quiet_decoders()
         with local_path(source, stamp) as path:  # a URI's bytes fetched once, for the hash and for the look inside
             doc_id, head, size = fingerprint(path)

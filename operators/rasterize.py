@@ -151,7 +151,7 @@ def _render_pdf(task: PageRange, path: str, config: RasterizeConfig) -> list[Pag
     """The pages at ``config.dpi`` per real inch, recorded as that dpi: poppler takes a unit for a point whatever
     the page's /UserUnit, so each run of pages of one unit is rendered at ``config.dpi`` times it."""
     numbered = range(task.first, task.last + 1)
-    rotations, units = dict(zip(numbered, task.rotations)), dict(zip(numbered, task.units))
+    units = dict(zip(numbered, task.units))
     pages = []
     for unit, run in groupby(numbered, key=lambda number: units.get(number, 1.0)):
         numbers = list(run)
@@ -165,7 +165,6 @@ def _render_pdf(task: PageRange, path: str, config: RasterizeConfig) -> list[Pag
             else:
                 work.image = to_gray8(images[offset])
                 work.height, work.width = work.image.shape
-                work.rotation = rotations.get(number, 0)
             pages.append(work)
     return pages
 

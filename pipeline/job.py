@@ -119,7 +119,7 @@ def check_cpus_left_for_pages(config: JobConfig, cpus: float, mode: Mode = "reco
     recognize = config.recognize
     actors = recognize.concurrency[0] if isinstance(recognize.concurrency, tuple) else recognize.concurrency
     held = actors * recognize.num_cpus
-    page_cpus = max(config.rasterize.num_cpus, config.detect.num_cpus)
+    page_cpus = _page_task_cpus(config)
     if held + page_cpus > cpus:
         raise ConfigError(
             f"the recognizer pool ({actors} actor(s) at least, recognize.concurrency={recognize.concurrency}, "
@@ -497,6 +497,16 @@ def _triage_all(sources: list[str], config: JobConfig, known: dict[str, KnownDoc
     return [plan for plan in plans if plan is not None]
 
 
+def _page_task_cpus(config: JobConfig) -> float:
+    """The CPUs of a page task, rasterize and layout run as one (:func:`_page_dataset`), and of an export task."""
+    return max(config.rasterize.num_cpus, config.detect.num_cpus)
+
+
+def _page_task_memory(config: JobConfig) -> int:
+    """The memory in bytes a page task and an export task ask Ray for (``detect.memory_mb``)."""
+    return config.detect.memory_mb * 1024 * 1024
+
+
 def _page_dataset(ranges: list[PageRange], config: JobConfig,
                   preprocessor: LinePreprocessor | None) -> ray.data.Dataset:
     """Rasterize -> layout (CPU tasks) -> recognize (actor pool; skipped without a preprocessor)."""
@@ -506,7 +516,7 @@ def _page_dataset(ranges: list[PageRange], config: JobConfig,
     # serialize CPU work with the model instead of overlapping them. Rasterize and layout ask for
     # the same resources, so Ray runs them as one task per page range: a page goes on to layout
     # in the process that rendered it, without a round of scheduling in between.
-    page_memory = config.detect.memory_mb * 1024 * 1024
+    page_memory = _page_task_memory(config)
     dataset = dataset.flat_map(_rasterize_row, fn_kwargs={"config": config}, num_cpus=config.rasterize.num_cpus,
                                memory=page_memory)
     dataset = dataset.map(_layout_row, fn_kwargs={"config": config, "preprocessor": preprocessor},
@@ -562,8 +572,8 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                                publish_every_s=config.output.publish_every_s, rasterize=config.rasterize,
                                # an export renders pages as a page task does, and gets what one gets: the CPUs a
                                # local run keeps from the recognizers for them (check_cpus_left_for_pages)
-                               exporter=RayTaskExecutor(num_cpus=max(config.rasterize.num_cpus, config.detect.num_cpus),
-                                                        memory=config.detect.memory_mb * 1024 * 1024),
+                               exporter=RayTaskExecutor(num_cpus=_page_task_cpus(config),
+                                                        memory=_page_task_memory(config)),
                                exports_in_flight=max(2, int(EXPORTS_IN_FLIGHT_PER_CPU * resources.get("CPU", 0.0))))
             quiet_ray_data(verbose)
             if progress:

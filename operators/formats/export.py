@@ -29,7 +29,7 @@ from lxml import etree
 from operators.formats.geometry import box_within, line_outline, polyline_within, straight_baseline
 from operators.settings import EXPORT_FORMATS, RasterizeConfig
 from operators.text import xml_text
-from operators.formats.mets import IMAGE_GROUP, mets_document, page_images
+from operators.formats.mets import IMAGE_GROUP, XSI_NS, mets_document, page_images
 from operators.storage import move_into_place, resolve_filesystem, writing
 
 SOFTWARE = "trocr-pipeline"
@@ -39,7 +39,6 @@ ALTO_SCHEMA = "http://www.loc.gov/alto/v4/alto-4-4.xsd"
 PAGE_NS = "http://schema.primaresearch.org/PAGE/gts/pagecontent/2019-07-15"
 PAGE_SCHEMA = f"{PAGE_NS}/pagecontent.xsd"
 XHTML_NS = "http://www.w3.org/1999/xhtml"
-XSI_NS = "http://www.w3.org/2001/XMLSchema-instance"
 XHTML_DOCTYPE = ('<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Strict//EN" '
                  '"http://www.w3.org/TR/xhtml1/DTD/xhtml1-strict.dtd">')
 HOCR_CAPABILITIES = "ocr_page ocr_carea ocr_par ocr_line ocrx_word"
