@@ -23,8 +23,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
-import jiwer
-
 from operators.errors import ConfigError, ExitCode
 from operators.formats.read import page_image, page_xml_files, read_page_xml
 from operators.model import PRECISIONS
@@ -33,6 +31,7 @@ from operators.settings import DEFAULT_MODEL_NAME
 from operators.storage import writing
 from operators.text import NORMALIZATIONS, make_normalizer
 from pipeline.train.config import DataSource
+from pipeline.scoring import corpus_error_rates, line_cer
 from pipeline.train.data import LabeledLine, read_line_sources
 
 log = logging.getLogger(__name__)
@@ -127,21 +126,9 @@ def score_lines(lines: Sequence[LabeledLine], predictions: Sequence[str],
     return results
 
 
-def line_cer(reference: str, hypothesis: str) -> float:
-    """jiwer CER of one line; an empty reference scores 0 if the prediction is empty too, else 1."""
-    if not reference:
-        return 0.0 if not hypothesis else 1.0
-    return float(jiwer.cer(reference, hypothesis))
-
-
 def summarize(results: Sequence[LineResult], normalize: Callable[[str], str], source: str) -> Score:
-    """Corpus CER/WER over lines with a non-empty reference (jiwer cannot score empty references)."""
-    scored = [result for result in results if normalize(result.reference)]
-    if not scored:
-        return Score(source, 0, float("nan"), float("nan"))
-    references = [normalize(result.reference) for result in scored]
-    hypotheses = [normalize(result.prediction) for result in scored]
-    return Score(source, len(scored), float(jiwer.cer(references, hypotheses)), float(jiwer.wer(references, hypotheses)))
+    return Score(source, *corpus_error_rates([result.reference for result in results],
+                                             [result.prediction for result in results], normalize))
 
 
 def scores_by_source(results: Sequence[LineResult], normalize: Callable[[str], str]) -> list[Score]:

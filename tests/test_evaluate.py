@@ -21,12 +21,12 @@ from pipeline.evaluate import (
     eval_command,
     evaluate,
     format_report,
-    line_cer,
     score_pages,
     scores_by_source,
 )
 from helpers import build_tiny_random_trocr
 from operators.text import make_normalizer
+from pipeline.scoring import line_cer
 from pipeline.stderr_filter import ray_line_start
 from pipeline.synth.docs import load_ground_truth, write_document_set
 

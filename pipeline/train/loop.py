@@ -26,7 +26,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import jiwer
 import numpy as np
 import torch
 from safetensors import SafetensorError
@@ -43,6 +42,7 @@ from operators.preprocess import WIDTH_SCALE_KEY, LinePreprocessor, ink_columns
 from operators.recognize import LineRecognizer, resolve_max_new_tokens
 from operators.storage import lock_alone, on_disk, replace_on_disk
 from operators.text import make_normalizer
+from pipeline.scoring import corpus_error_rates
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import (Batch, LabelCollator, LabeledLine, TrainingLines, check_training_lines,
                                  validation_lines)
@@ -121,15 +121,6 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> tuple[torch.o
         optimizer, lambda step: learning_rate_factor(step, config.warmup_steps, config.steps, config.min_lr_ratio)
     )
     return optimizer, schedule
-
-
-def character_error_rate(references: Sequence[str], predictions: Sequence[str]) -> float:
-    """Corpus CER (total edits / total reference characters), jiwer, after ``eval``'s normalisation (NFC,
-    whitespace runs as one space), so that training's validation CER is the figure ``eval`` gives."""
-    if not references:
-        raise ValueError("no reference lines to compute a CER on")
-    normalize = make_normalizer(())
-    return float(jiwer.cer([normalize(text) for text in references], [normalize(text) for text in predictions]))
 
 
 @dataclass
@@ -471,7 +462,9 @@ def validate(run: TrainingRun, lines: Sequence[LabeledLine]) -> float:
                                 line_batch_size=run.config.validation_batch_size)
     predictions = [reading.text for reading in recognizer.read_images([line.load_gray() for line in lines])]
     run.model.train()
-    return character_error_rate([line.text for line in lines], predictions)
+    # scored as eval scores it (NFC, whitespace runs as one space): the two figures for one model had been 1-12
+    # points apart
+    return corpus_error_rates([line.text for line in lines], predictions, make_normalizer(()))[1]
 
 
 def train(config: TrainConfig, resume: bool = False, show_progress: bool = True, shard: tuple[int, int] = (0, 1),
