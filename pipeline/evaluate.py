@@ -23,11 +23,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
+from pydantic import ValidationError
+
 from operators.errors import ConfigError, ExitCode
 from operators.formats.read import page_image, page_xml_files, read_page_xml
 from operators.model import PRECISIONS
 from operators.recognize import LineRecognizer
-from operators.settings import DEFAULT_MODEL_NAME
+from operators.settings import DEFAULT_MODEL_NAME, RecognizeConfig
 from operators.storage import writing
 from operators.text import NORMALIZATIONS, make_normalizer
 from pipeline.train.config import DataSource
@@ -252,10 +254,12 @@ def eval_command(args: argparse.Namespace) -> int:
         raise ConfigError("--batch-size, --num-beams and --max-new-tokens must be >= 1, --worst >= 0")
     options = [option.strip() for option in args.normalize.split(",") if option.strip()]
     languages = tuple(language.strip() for language in args.languages.split(",") if language.strip())
-    if languages:  # the job's own check (languages need beams, and word lists), before any model is loaded
-        from pipeline.config import load_config
-
-        load_config(None, [f"recognize.num_beams={args.num_beams}", f"recognize.languages=[{','.join(languages)}]"])
+    if languages:  # the job's own checks (languages need beams, and word lists), before any model is loaded
+        try:
+            RecognizeConfig(num_beams=args.num_beams, languages=languages)
+        except ValidationError as exc:  # a config file's error had been given: eval reads none
+            reasons = "; ".join(item["msg"].removeprefix("Value error, ") for item in exc.errors())
+            raise ConfigError(f"--languages {args.languages} with --num-beams {args.num_beams}: {reasons}") from None
     if args.paint_out_neighbours and args.pages:
         raise ConfigError("--paint-out-neighbours is for --lines: the job paints out the lines it cuts itself")
     if args.pages:
