@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,28 @@ def describe_errors(error: ValidationError, overridden: Collection[str] = ()) ->
     return "; ".join(lines)
 
 
+class _UniqueKeysLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: it keeps the last one without a word, and a
+    config that set ``recognize.model`` twice (one line meant to be taken out) had run with whichever came last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults": its keys may be given again
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    f"the key {key!r} is given twice: first", seen[key].start_mark, "then", key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str) -> Any:
+    """``text`` as YAML, safely, each key once per mapping (:class:`_UniqueKeysLoader`)."""
+    return yaml.load(text, Loader=_UniqueKeysLoader)  # noqa: S506 - a safe loader
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, example: str) -> None:
     """``--config``, ``--set`` and ``--pages``, as every command that runs the job's stages takes them
     (:func:`config_from_arguments`)."""
@@ -110,7 +132,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     source = config_file(path) if path is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     if source is not None:
         try:
-            loaded = yaml.safe_load(source.read_text())
+            loaded = read_yaml(source.read_text())
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read config {source}: {exc}") from exc
         except yaml.YAMLError as exc:

@@ -61,6 +61,23 @@ def test_unknown_key_in_yaml_file_is_rejected(tmp_path):
     assert load_config(path) == JobConfig()
 
 
+def test_a_key_given_twice_in_a_config_file_is_refused_where_it_is(tmp_path):
+    """PyYAML keeps the last of two equal keys without a word: a job config that set recognize.model twice had run
+    with whichever came last, a training config likewise. Keys a merge (``<<: *defaults``) brings may be given
+    again."""
+    from pipeline.train.config import load_train_config
+
+    path = tmp_path / "twice.yaml"
+    path.write_text("recognize:\n  model: printed\n  num_beams: 2\n  model: handwritten\n")
+    with pytest.raises(ConfigError, match=r"(?s)the key 'model' is given twice: first.*line 2.*then.*line 4"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="the key 'steps' is given twice"):
+        path.write_text("steps: 10\nsteps: 20\n")
+        load_train_config(path)
+    path.write_text("recognize:\n  <<: {num_beams: 2, languages: [fr]}\n  num_beams: 4\n")
+    assert load_config(path).recognize.num_beams == 4
+
+
 def test_a_training_config_error_is_one_line_per_key(tmp_path):
     """pydantic's own text had run over several lines with links to its documentation."""
     from pipeline.train.config import load_train_config

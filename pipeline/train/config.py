@@ -10,7 +10,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from operators.errors import ConfigError
 from operators.settings import Frozen
-from pipeline.config import config_file, describe_errors
+from pipeline.config import config_file, describe_errors, read_yaml
 from pipeline.synth.corpus import Language, check_languages
 
 #: Defined here, not beside the code that builds them: reading a training config (``bench/gpu_pack.py``)
@@ -142,7 +142,7 @@ class TrainConfig(Frozen):
 def load_train_config(path: Path) -> TrainConfig:
     path = config_file(path)
     try:
-        tree = yaml.safe_load(path.read_text())
+        tree = read_yaml(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read training config {path}: {exc}") from exc
     try:
