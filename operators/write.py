@@ -124,8 +124,11 @@ def output_lock(output: str) -> Iterator[None]:
     job firing twice) stops at once with :class:`OutputLocked`, before it writes anything, instead of
     cleaning up or repeating the first run's work. The kernel releases the lock when the run ends, even
     killed. Object stores have no such lock, nor do some shares (:func:`operators.storage.lock_alone` warns of
-    them): such an output is only checked, and one job at a time per output is the caller's rule.
+    them): such an output is only checked, and one job at a time per output is the caller's rule. Another tool's
+    Parquet files there are refused first (:func:`check_output_is_ours`), before anything is written: the refused
+    folder had been left with this tool's lock file and staging folder in it.
     """
+    check_output_is_ours(output)
     filesystem, root = resolve_filesystem(output)
     try:
         filesystem.create_dir(f"{root}/{STAGING_DIR}", recursive=True)
@@ -216,7 +219,6 @@ def recover_output(output: str) -> PublishedDocuments:
     and is removed. A documents part without its pages twin (removed by hand, lost) is removed too, so that
     its documents are read again instead of standing as done without their pages. A part that is no
     Parquet file stops the run, named: whether to redo its documents is the owner's call."""
-    check_output_is_ours(output)
     filesystem, root = resolve_filesystem(output)
     filesystem.create_dir(root, recursive=True)
     _clear_staging(filesystem, root)

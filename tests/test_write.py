@@ -333,11 +333,23 @@ def test_an_output_holding_files_of_others_is_refused_and_their_files_stay(tmp_p
     assert recover_output(str(tmp_path)).sources() == {"a": "a.pdf"}
     assert [path.name for path in (tmp_path / STAGING_DIR).iterdir()] == ["batch1"]
     pq.write_table(pa.table({"x": [1]}), tmp_path / PAGES_DIR / "page_scores_2023.parquet")
-    for check in (recover_output, check_output_is_ours):
+
+    def run_there(output: str) -> None:
+        with output_lock(output):
+            recover_output(output)
+
+    for check in (run_there, check_output_is_ours):
         with pytest.raises(OutputNotWritable, match="pages holds 1 Parquet file\\(s\\) trocr-pipeline did not write "
                                                      "\\(page_scores_2023.parquet\\)"):
             check(str(tmp_path))
     assert len(list((tmp_path / PAGES_DIR).iterdir())) == 2
+    # another tool's folder is refused before anything is written in it (it had been left with .lock and _staging/)
+    theirs = tmp_path / "theirs"
+    (theirs / PAGES_DIR).mkdir(parents=True)
+    pq.write_table(pa.table({"x": [1]}), theirs / PAGES_DIR / "scores.parquet")
+    with pytest.raises(OutputNotWritable, match="did not write"):
+        run_there(str(theirs))
+    assert sorted(path.name for path in theirs.iterdir()) == [PAGES_DIR]
 
 
 def test_the_dry_run_finds_an_output_that_cannot_be_written_without_writing(tmp_path):
