@@ -130,9 +130,10 @@ def output_lock(output: str) -> Iterator[None]:
     """
     check_output_is_ours(output)
     filesystem, root = resolve_filesystem(output)
+    local = isinstance(filesystem, pafs.LocalFileSystem)  # a file:// URI too
+    made = local and not os.path.lexists(root)
     try:
         filesystem.create_dir(f"{root}/{STAGING_DIR}", recursive=True)
-        local = isinstance(filesystem, pafs.LocalFileSystem)  # a file:// URI too
         lock = open(f"{root}/{LOCK_FILE}", "a") if local else None  # noqa: SIM115 - held for the run
     except OSError as exc:
         raise OutputNotWritable(f"the output {output} cannot be written: {exc}") from exc
@@ -154,7 +155,26 @@ def output_lock(output: str) -> Iterator[None]:
                 filesystem.delete_file(probe)
             except OSError as exc:
                 raise OutputNotWritable(f"the output {output} cannot be written: {exc}") from exc
-        yield
+        try:
+            yield
+        finally:
+            if lock is not None:
+                _leave_no_trace(root, made)
+
+
+def _leave_no_trace(root: str, made: bool) -> None:
+    """Take out the lock file and the empty staging folder of a run that wrote nothing (refused once Ray had started:
+    too few CPUs or no GPU for the recognizers; stopped before its first part), and the output folder where the run
+    made it: it had been left holding them, and ``show`` and ``synth`` took it for an output."""
+    try:
+        if set(os.listdir(root)) - {LOCK_FILE, STAGING_DIR} or os.listdir(f"{root}/{STAGING_DIR}"):
+            return
+        os.rmdir(f"{root}/{STAGING_DIR}")
+        os.remove(f"{root}/{LOCK_FILE}")
+        if made:
+            os.rmdir(root)
+    except OSError:  # another run came meanwhile, or the folder went: what is left is harmless
+        pass
 
 
 #: The names this tool gives its part files (:meth:`ParquetSink.flush`) and what it stages under ``_staging/``.
@@ -297,6 +317,8 @@ def read_published(output: str, page_columns: Sequence[str], first_pages: int) -
     should take as the output, :func:`_published_rows`). Of the other pages rows only the source and page number
     are read (an archive's text and line geometry had all been loaded to show three pages)."""
     filesystem, root = resolve_filesystem(output)
+    if filesystem.get_file_info(root).type == pafs.FileType.NotFound:
+        raise ConfigError(f"{output} does not exist")
     if filesystem.get_file_info(f"{root}/{DOCUMENTS_DIR}").type != pafs.FileType.Directory:
         raise ConfigError(f"{output} holds no trocr-pipeline output (no {DOCUMENTS_DIR}/ folder)")
     check_output_is_ours(output)  # another tool's Parquet files there: not an output to read as this tool's

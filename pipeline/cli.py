@@ -140,6 +140,7 @@ def _synth_command(args: argparse.Namespace) -> int:
 
 def _show_command(args: argparse.Namespace) -> int:
     from operators.checkpoint import model_named
+    from operators.pages import selected_pages
     from operators.write import read_published
 
     if not args.output.strip():
@@ -151,8 +152,12 @@ def _show_command(args: argparse.Namespace) -> int:
     for document in sorted(documents, key=lambda row: row["source"]):
         reason = (f" ({document['error_code']}: {document['error_message']})" if document["status"] == "failed"
                   else " (same bytes as another document)" if document["status"] == "duplicate" else "")
+        # the pages read where --pages left some out: "2 pages" had been shown for a document read on its first only
+        read = len(selected_pages(document.get("pages_selected"), document["num_pages"]))
+        count = (f"{document['num_pages']:4} pages" if document["status"] != "ok" or read == document["num_pages"]
+                 else f"{read:4} of {document['num_pages']} pages")
         # a name may hold a newline (Linux allows it): one line per document all the same
-        print(printable_text(f"{document['status']:9} {document['num_pages']:4} pages  {document['source']}{reason}"))
+        print(printable_text(f"{document['status']:9} {count}  {document['source']}{reason}"))
     # which model read them: an output written by several (another version of a bundled one) says so
     for (model, weights), count in sorted(Counter((document.get("model"), document.get("model_sha256"))
                                                   for document in documents if document.get("model")).items()):

@@ -809,6 +809,9 @@ def test_show_prints_what_is_published_and_refuses_a_folder_without_output(run, 
     assert f"\nread by printed (weights SHA-256 {weights[:16]}): 4 documents\n" in shown  # not broken.pdf
     assert shown.count("\n--- ") == len(ds.dataset(output / "pages", format="parquet").to_table())
     assert main(["show", str(tmp_path / "nothing")]) == ExitCode.bad_args
+    assert f"{tmp_path / 'nothing'} does not exist" in capsys.readouterr().err  # it had said it held no output
+    (tmp_path / "nothing").mkdir()
+    assert main(["show", str(tmp_path / "nothing")]) == ExitCode.bad_args
     assert "holds no trocr-pipeline output" in capsys.readouterr().err
     for folder in ("pages", "documents"):  # a run stopped before it published anything
         (tmp_path / "empty" / folder).mkdir(parents=True)
@@ -870,6 +873,17 @@ def test_show_tells_a_page_without_lines_from_one_not_recognized(tmp_path, capsy
     assert [row for row in capsys.readouterr().out.splitlines() if row.startswith("---")] == [
         "--- scan.pdf page 1: 0 lines, no text found", "--- scan.pdf page 2: 1 lines, not recognized",
         "--- scan.pdf page 3: 0 lines, failed (render_timeout: poppler timed out)"]
+
+
+def test_show_counts_the_pages_read_where_pages_left_some_out(tmp_path, capsys):
+    """A document read with --pages 1 had been shown as "ok 2 pages", as if both had been read."""
+    sink = ParquetSink(str(tmp_path), rows_per_file=20)
+    for doc_id, selected in (("a", "1"), ("b", None), ("c", "1-")):
+        sink.expect(DocumentRecord(doc_id, f"{doc_id}.pdf", "ok", None, None, 2, pages_selected=selected), 0)
+    sink.close()
+    assert main(["show", str(tmp_path), "--pages", "0"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "ok           1 of 2 pages  a.pdf", "ok           2 pages  b.pdf", "ok           2 pages  c.pdf"]
 
 
 def test_show_heads_a_page_with_its_whole_source_where_another_document_has_its_name(tmp_path, capsys):

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 from ray.exceptions import OutOfMemoryError
 
-from operators.errors import OutputLocked, OutputNotWritable, WriteFailed
+from operators.errors import ConfigError, OutputLocked, OutputNotWritable, WriteFailed
 from operators.formats.export import export_stem, write_exports
 from operators.ingest import duplicate_id, mark_duplicates, source_stamp, triage
 from operators.write import (
@@ -350,6 +350,26 @@ def test_an_output_holding_files_of_others_is_refused_and_their_files_stay(tmp_p
     with pytest.raises(OutputNotWritable, match="did not write"):
         run_there(str(theirs))
     assert sorted(path.name for path in theirs.iterdir()) == [PAGES_DIR]
+
+
+def test_a_run_that_writes_nothing_leaves_nothing_behind(tmp_path):
+    """A run refused after taking the output (the recognizers' CPUs or GPUs are checked once Ray has started), or
+    stopped before its first part, had left the folder holding .lock and _staging/, which show and synth took for an
+    output. A folder that was there stays; what a run wrote stays."""
+    with pytest.raises(ConfigError, match="refused"):
+        with output_lock(str(tmp_path / "new")):
+            raise ConfigError("refused")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "given").mkdir()
+    with output_lock(str(tmp_path / "given")):
+        pass
+    assert list((tmp_path / "given").iterdir()) == []
+    with output_lock(str(tmp_path / "written")):
+        sink = ParquetSink(str(tmp_path / "written"), rows_per_file=100)
+        sink.expect(_document("a", 1))
+        sink.add_page(_page("a", 1))
+        sink.close()
+    assert {path.name for path in (tmp_path / "written").iterdir()} == {".lock", DOCUMENTS_DIR, PAGES_DIR, STAGING_DIR}
 
 
 def test_the_dry_run_finds_an_output_that_cannot_be_written_without_writing(tmp_path):
