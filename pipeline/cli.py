@@ -149,9 +149,20 @@ def _show_command(args: argparse.Namespace) -> int:
                                                      "text", "lines"], first_pages=args.pages)
     if not documents:
         print(f"{args.output} holds no document yet")
+    sources = {document["doc_id"]: document["source"] for document in documents if document["status"] != "duplicate"}
+    # a file read again with other bytes (a scan replaced under its name) has a reading of each: the latest is of the
+    # file's newest version (rows that predate the modification time are not told apart)
+    newest: dict[str, int] = {}
+    for document in documents:
+        if document["status"] == "ok" and document.get("source_mtime_ns") is not None:
+            newest[document["source"]] = max(newest.get(document["source"], 0), document["source_mtime_ns"])
     for document in sorted(documents, key=lambda row: row["source"]):
+        mtime = document.get("source_mtime_ns")
+        superseded = document["status"] == "ok" and mtime is not None and mtime < newest[document["source"]]
         reason = (f" ({document['error_code']}: {document['error_message']})" if document["status"] == "failed"
-                  else " (same bytes as another document)" if document["status"] == "duplicate" else "")
+                  else f" (same bytes as {sources.get(document['duplicate_of'], 'another document')})"
+                  if document["status"] == "duplicate"
+                  else " (an earlier reading: the file was read again since, with other bytes)" if superseded else "")
         # the pages read where --pages left some out: "2 pages" had been shown for a document read on its first only
         read = len(selected_pages(document.get("pages_selected"), document["num_pages"]))
         count = (f"{document['num_pages']:4} pages" if document["status"] != "ok" or read == document["num_pages"]

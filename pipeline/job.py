@@ -586,6 +586,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             fresh, unselected = _with_selected_pages(mark_duplicates(plans, done), selection)
             skipped = len(plans) - len(fresh) - unselected  # already in the output
             _warn_of_documents_without_exports(plans, published, done, output, config.output.exports)
+            _warn_of_files_read_again(plans, done, output)
             readable = [plan for plan in fresh if plan.duplicate_of is None]
             if progress:
                 progress.start(len(fresh), sum(len(selected_pages(selection, plan.num_pages)) for plan in readable))
@@ -789,6 +790,24 @@ def _warn_of_documents_without_exports(plans: list[DocumentPlan], published: Pub
                     unexported[0] if one else f"{unexported[0]}, first", "it" if one else "them all")
 
 
+def _warn_of_files_read_again(plans: list[DocumentPlan], done: dict[str, str], output: str) -> None:
+    """Warn of the files this run reads that the output holds an earlier reading of, made from other bytes (a scan
+    replaced under its name): each reading is a document of its own, so both are kept, under the same source, and
+    no run had said so; the run and the dry run alike."""
+    earlier: dict[str, list[str]] = {}
+    for doc_id, source in done.items():
+        earlier.setdefault(source, []).append(doc_id)
+    again = [plan for plan in plans if plan.error is None and plan.doc_id not in done
+             and earlier.get(recorded_source(plan.source))]
+    if again:
+        one = len(again) == 1
+        log.warning("%s in %s read before with other bytes (%s%s): %s read as %s, and the earlier reading%s kept "
+                    "beside %s under the same source (show marks the earlier one)",
+                    "1 file was" if one else f"{len(again)} files were", output, again[0].source, "" if one else ", first",
+                    "it is" if one else "they are", "a new document" if one else "new documents",
+                    " is" if one else "s are", "it" if one else "them")
+
+
 def _of_these(count: int) -> str:
     return f"{count} of these documents {'is' if count == 1 else 'are'}"
 
@@ -812,8 +831,14 @@ class DryRun:
 
     def describe(self) -> str:
         # where each duplicate's pages come from: the output's copy, else this run's first one
-        owners = {**{plan.doc_id: plan.source for plan in reversed(self.plans) if plan.duplicate_of is None},
-                  **self.done}
+        owners = {plan.doc_id: plan.source for plan in reversed(self.plans) if plan.duplicate_of is None}
+        now_read = {plan.source: plan.doc_id for plan in self.plans}
+        for doc_id, source in self.done.items():
+            # the file an earlier run read may hold other bytes now, or be gone: a duplicate named as "same bytes as"
+            # it had sent an operator to a file that no longer holds them
+            since = (", which now holds other bytes" if now_read.get(source, doc_id) != doc_id
+                     else ", which is gone" if not is_uri(source) and not os.path.lexists(source) else "")
+            owners[doc_id] = f"the document read earlier from {source}{since}"
         lines, todo_pages, todo_documents, failing, duplicates, unselected = [], 0, 0, 0, 0, 0
         for plan in self.plans:
             selected = len(selected_pages(self.pages, plan.num_pages))
@@ -867,5 +892,6 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     retired = _check_against_output(plans, published, output, config, mode, model, model_sha256).doc_ids
     done = {doc_id: source for doc_id, source in published.sources().items() if doc_id not in retired}
     _warn_of_documents_without_exports(plans, published, done, output, config.output.exports)
+    _warn_of_files_read_again(plans, done, output)
     marked = {plan.source: plan for plan in mark_duplicates(plans, done)}  # all but the ones already done
     return DryRun([marked.get(plan.source, plan) for plan in plans], done, config.rasterize.pages, mode)

@@ -236,7 +236,9 @@ class JobProgress:
                      "pages": len(pages), "lines": sum(len(page.lines) for page in pages),
                      "seconds": round(sum(page.seconds for page in pages), 3) + 0.0,  # a float without pages too
                      "error": {"code": record.error_code, "message": record.error_message}
-                     if record.error_code else None}
+                     if record.error_code else None,
+                     # a duplicate's record had not said which document holds its text
+                     "duplicate_of": record.duplicate_of}
             with writing(f"the --log-json file {self.log_json}"):
                 self._log.write(json.dumps(entry, ensure_ascii=False) + "\n")
                 self._log.flush()

@@ -106,6 +106,16 @@ def test_log_json_has_one_record_per_finished_document(run, inputs):
     assert letters["seconds"] > 0
 
 
+def test_a_duplicates_log_json_record_names_the_document_that_holds_its_text(tmp_path):
+    """A duplicate's record had said only "duplicate": a scheduler could not tell where its text was."""
+    progress = JobProgress(stream=io.StringIO(), log_json=tmp_path / "log.jsonl")
+    progress.document_published(DocumentRecord("c0", "copy.pdf", "duplicate", None, None, 0, duplicate_of="a1"), [])
+    progress.document_published(DocumentRecord("a1", "a.pdf", "ok", None, None, 0), [])
+    progress.close()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(record["source"], record["duplicate_of"]) for record in records] == [("copy.pdf", "a1"), ("a.pdf", None)]
+
+
 def test_words_carry_their_own_confidence(run):
     *_, pages = run
     lines = [line for page in pages for line in page["lines"] if len(line["words"]) > 1]

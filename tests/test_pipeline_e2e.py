@@ -357,6 +357,43 @@ def test_a_rerun_and_its_dry_run_warn_only_of_documents_lacking_the_exports_aske
                              caplog.text), caplog.text
 
 
+def test_a_file_replaced_under_its_name_is_warned_of_and_a_copy_of_its_old_bytes_is_not_sent_to_it(ray_local, tmp_path,
+                                                                                                   caplog, capsys):
+    """A nightly job over a folder where a scan was replaced under its name: the new bytes are a new document beside
+    the earlier reading, which no run had said (show printed two identical lines). A copy of the old bytes, or of a
+    deleted file's, was a duplicate "same bytes as" a file that no longer held them."""
+    from pipeline.cli import main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    text_page(["The first letter"], size=(600, 300)).save(folder / "a.png", dpi=(150, 150))
+    text_page(["A second letter"], size=(600, 300)).save(folder / "b.png", dpi=(150, 150))
+    output, config = str(tmp_path / "out"), load_config(None, ["rasterize.dpi=150"])
+    run_job([str(folder)], output, config, mode="detect")
+    shutil.copy(folder / "a.png", folder / "d.png")
+    shutil.move(folder / "b.png", folder / "e.png")
+    text_page(["A letter written over the first"], size=(600, 300)).save(folder / "a.png", dpi=(150, 150))
+    stamp = (folder / "a.png").stat().st_mtime_ns + 10**9
+    os.utime(folder / "a.png", ns=(stamp, stamp))
+    warning = rf"1 file was in {output} read before with other bytes \({folder / 'a.png'}\): it is read as a new document"
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        report = dry_run([str(folder)], output, config, mode="detect").describe()
+        assert re.search(warning, caplog.text), caplog.text
+        caplog.clear()
+        run_job([str(folder)], output, config, mode="detect")
+        assert re.search(warning, caplog.text), caplog.text
+    assert (f"d.png (same bytes as the document read earlier from {folder / 'a.png'}, which now holds other bytes)"
+            in report), report
+    assert f"e.png (same bytes as the document read earlier from {folder / 'b.png'}, which is gone)" in report
+    assert main(["show", output, "--pages", "0"]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert sorted(shown) == sorted([
+        f"duplicate    1 pages  {folder / 'd.png'} (same bytes as {folder / 'a.png'})",
+        f"duplicate    1 pages  {folder / 'e.png'} (same bytes as {folder / 'b.png'})",
+        f"ok           1 pages  {folder / 'a.png'} (an earlier reading: the file was read again since, with other bytes)",
+        f"ok           1 pages  {folder / 'a.png'}", f"ok           1 pages  {folder / 'b.png'}"]), shown
+
+
 def test_retry_failed_reads_a_repaired_file_again_in_place_of_its_failed_row(ray_local, tmp_path):
     """With --retry-failed a failed document's row is replaced by the new outcome of its source (without it,
     a repaired file is a second row beside the failed one), the dry run says so first, and the good document
