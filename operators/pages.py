@@ -19,8 +19,10 @@ def parse_pages(spec: str) -> tuple[PageSpan, ...]:
             raise ValueError(f"page selection {spec!r}: {part.strip()!r} is not N, N-M or N-")
         first = int(match.group(1))
         last = None if match.group(2) and not match.group(3) else int(match.group(3) or first)
-        if first < 1 or (last is not None and last < first):
-            raise ValueError(f"page selection {spec!r}: {part.strip()!r} is not a range of pages from 1")
+        if first < 1:
+            raise ValueError(f"page selection {spec!r}: {part.strip()!r}: pages are counted from 1")
+        if last is not None and last < first:
+            raise ValueError(f"page selection {spec!r}: {part.strip()!r} ends before it starts (write {last}-{first})")
         spans.append((first, last))
     return tuple(spans)
 

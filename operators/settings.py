@@ -83,7 +83,10 @@ class RasterizeConfig(Frozen):
     @field_validator("pages", mode="before")
     @classmethod
     def _pages_as_text(cls, value: object) -> object:
-        """``--set rasterize.pages=2`` and ``pages: 7`` in YAML arrive as numbers."""
+        """``--set rasterize.pages=2`` and ``pages: 7`` in YAML arrive as numbers, and ``pages: [1, 3]`` as a list
+        (which had been refused as "Input should be a valid string")."""
+        if isinstance(value, list):
+            return ",".join(str(part) for part in value)
         return str(value) if isinstance(value, int) else value
 
     @field_validator("pages")

@@ -16,6 +16,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from operators.errors import ConfigError
+from operators.pages import parse_pages
 from operators.settings import (
     DATA_ROOT,
     DetectConfig,
@@ -73,7 +74,9 @@ def describe_errors(error: ValidationError, overridden: Collection[str] = ()) ->
         key = ".".join(str(p) for p in item["loc"]) or "<root>"
         # the override set this key, a section above it, or a key below it (recognize.model.x=3; not a section's
         # own check, which one override below it need not have failed)
-        given = " (--set)" if any(key == name or key.startswith(f"{name}.") or ("." in key and name.startswith(f"{key}."))
+        # an unknown key is the override's own however high it is (--set recognise.model: 'recognise')
+        below = "." in key or item["type"] == "extra_forbidden"
+        given = " (--set)" if any(key == name or key.startswith(f"{name}.") or (below and name.startswith(f"{key}."))
                                   for name in overridden) else ""
         if item["type"] == "extra_forbidden":
             lines.append(f"unknown key {key!r}{given}")
@@ -118,6 +121,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, example: str) -> None:
 
 def config_from_arguments(args: argparse.Namespace, overrides: Sequence[str] = ()) -> JobConfig:
     """The config of :func:`add_config_arguments`' options, with the command's own ``overrides`` after ``--set``'s."""
+    if args.pages is not None:
+        try:
+            parse_pages(args.pages)
+        except ValueError as exc:  # named by the option given (it had been "rasterize.pages (--set)")
+            raise ConfigError(f"--pages: {exc}") from None
     pages = [] if args.pages is None else [f"rasterize.pages={json.dumps(args.pages)}"]  # a YAML string, whatever it holds
     return load_config(args.config, [*args.overrides, *overrides, *pages])
 

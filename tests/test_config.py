@@ -45,6 +45,11 @@ def test_config_is_frozen():
     ("rasterize.dpi=10", "rasterize.dpi"),
     ("recognize.model.x=3", re.escape("recognize.model (--set): Input should be a valid string")),
     ("recognize.languages=fr", re.escape("recognize.languages (--set): Input should be a valid tuple (write a list")),
+    # an unknown section is the override's own (it had been named without "(--set)")
+    ("recognise.model=x", re.escape("unknown key 'recognise' (--set)")),
+    # what is wrong with a range, said (both had been "is not a range of pages from 1")
+    ("rasterize.pages=3-1", re.escape("'3-1' ends before it starts (write 1-3)")),
+    ("rasterize.pages=0", re.escape("'0': pages are counted from 1")),
 ])
 def test_bad_keys_and_values_are_named(override, named):
     with pytest.raises(ConfigError, match=named) as info:
@@ -116,7 +121,11 @@ def test_pages_takes_any_text_and_names_what_is_wrong_with_it(tmp_path, capsys):
     from pipeline.cli import main
 
     assert main(["run", str(tmp_path), "--output", str(tmp_path / "out"), "--dry-run", "--pages", "1'"]) == 2
-    assert 'page selection "1\'": "1\'" is not N, N-M or N-' in capsys.readouterr().err
+    # named by the option given: it had been "rasterize.pages (--set)"
+    assert 'error: --pages: page selection "1\'": "1\'" is not N, N-M or N-' in capsys.readouterr().err
+    # a YAML list is a selection too (it had been "Input should be a valid string")
+    (tmp_path / "pages.yaml").write_text("rasterize:\n  pages: [1, 3-4]\n")
+    assert load_config(tmp_path / "pages.yaml").rasterize.pages == "1,3-4"
 
 
 @pytest.mark.parametrize("overrides, cpus, refused", [

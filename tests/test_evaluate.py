@@ -85,6 +85,8 @@ def test_eval_command_reports_each_folder_and_writes_predictions(tmp_path, tiny_
         assert str(refused.value) == f"cannot write --predictions {predictions}: {tmp_path / 'a-file'} is not a folder"
     with pytest.raises(ConfigError, match=f"{tmp_path / 'a-file'} is no PAGE or ALTO file"):
         eval_command(parse(["--model", str(tiny_model), "--pages", str(tmp_path / "a-file"), "--device", "cpu"]))
+    with pytest.raises(ConfigError, match=f"^page source {tmp_path / 'nothing.xml'} does not exist$"):  # "no .xml found"
+        eval_command(parse(["--model", str(tiny_model), "--pages", str(tmp_path / "nothing.xml"), "--device", "cpu"]))
 
 
 def test_a_line_evaluation_says_how_far_it_is_as_it_reads(tmp_path, tiny_model):

@@ -34,8 +34,10 @@ class XmlPage:
 
 def page_xml_files(path: Path) -> list[Path]:
     """One PAGE/ALTO file, or every .xml file of a folder."""
+    if not path.exists():
+        raise ConfigError(f"page source {path} does not exist")
     files = sorted(path.glob("*.xml")) if path.is_dir() else [path]
-    if not path.exists() or not files:
+    if not files:
         raise ConfigError(f"page source {path}: no PAGE/ALTO .xml file found")
     return files
 
