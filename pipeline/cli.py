@@ -75,9 +75,16 @@ def _job_command(args: argparse.Namespace, mode: str) -> int:
     progress = JobProgress(interactive=sys.stderr.isatty(), log_json=args.log_json, loads_model=mode == "recognize")
     with nullcontext() if args.verbose else without_ray_core_logs():
         try:
-            summary = run_job(args.inputs, args.output, config, mode=mode, progress=progress, verbose=args.verbose)
-        finally:
-            progress.close()
+            try:
+                summary = run_job(args.inputs, args.output, config, mode=mode, progress=progress,
+                                  verbose=args.verbose)
+            finally:
+                progress.close()
+        except KeyboardInterrupt:  # what is safe, said: the console had been told only "interrupted"
+            written = progress.documents_published
+            print(f"interrupted: {written} document{'' if written == 1 else 's'} written to {args.output} by this run; "
+                  "the same command again goes on with the others")
+            raise
     print(summary.describe())
     return ExitCode.documents_failed if summary.written.documents_failed else ExitCode.ok
 

@@ -154,6 +154,7 @@ class JobProgress:
     pages: int = 0
     documents_done: int = 0
     documents_failed: int = 0
+    documents_published: int = 0
     pages_done: int = 0
     lines_done: int = 0
     _phase: str = "starting"
@@ -231,6 +232,7 @@ class JobProgress:
     def document_published(self, record: DocumentRecord, pages: list[PageWork]) -> None:
         """The write stage's listener once a document's row is in the output: its ``--log-json`` record
         (so a run killed before publishing, and run again, logs the document once)."""
+        self.documents_published += 1
         if self._log is not None:
             entry = {"source": record.source, "doc_id": record.doc_id, "status": record.status,
                      "pages": len(pages), "lines": sum(len(page.lines) for page in pages),

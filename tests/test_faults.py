@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,6 +106,9 @@ def test_a_run_stopped_then_killed_then_run_again_writes_every_document_once(doc
     assert stopped.returncode == ExitCode.ctrl_c, log[-3000:]
     assert "trocr-pipeline: interrupted" in log and "SIGTERM received" not in log, log[-3000:]
     kept = _published(output)
+    # what is safe, said (the console had been told only "interrupted")
+    assert re.search(rf"^interrupted: {kept} documents? written to {output} by this run; the same command again goes "
+                     "on with the others$", log, re.MULTILINE), log[-3000:]
     assert 1 <= kept <= len(documents) - 3, "the signal must land early in the job for this test to mean anything"
 
     killed = _job(_job_arguments(documents, output, tiny_model))
