@@ -97,7 +97,7 @@ class JobSummary:
             f"output: {self.output}\n"
             f"documents: {w.documents_ok} ok, {w.documents_failed} failed, {w.documents_duplicate} duplicates, "
             f"{self.documents_skipped} already done"
-            f"{f', {self.retried} failed ones read again (--retry-failed)' if self.retried else ''}"
+            f"{f', {self.retried} failed taken out to be read again (--retry-failed)' if self.retried else ''}"
             f"{f', {self.unselected} without a page in --pages' if self.unselected else ''}\n"
             f"left out (no document): {left_out}\n"
             f"pages: {w.pages} ({w.pages_failed} failed), lines: {w.lines}\n"
@@ -828,6 +828,7 @@ class DryRun:
     done: dict[str, str]  # doc_ids already in the output (and their sources), which a run skips
     pages: str | None  # rasterize.pages
     mode: Mode = "recognize"
+    retried: int = 0  # failed documents rows a run takes out to read their files again (--retry-failed)
 
     def describe(self) -> str:
         # where each duplicate's pages come from: the output's copy, else this run's first one
@@ -861,6 +862,7 @@ class DryRun:
         skipped = sum(plan.doc_id in self.done for plan in self.plans)
         lines.append(f"documents: {len(self.plans)} found, {todo_documents} to process, {failing} failing triage, "
                      f"{duplicates} duplicates, {skipped} already done"
+                     f"{f', {self.retried} failed taken out to be read again (--retry-failed)' if self.retried else ''}"
                      f"{f', {unselected} without a page in --pages' if unselected else ''}")
         stages = "rasterize, detect and recognize" if self.mode == "recognize" else "rasterize and detect"
         lines.append(f"work: {todo_pages} pages to {stages}; nothing written (dry run)")
@@ -894,4 +896,4 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     _warn_of_documents_without_exports(plans, published, done, output, config.output.exports)
     _warn_of_files_read_again(plans, done, output)
     marked = {plan.source: plan for plan in mark_duplicates(plans, done)}  # all but the ones already done
-    return DryRun([marked.get(plan.source, plan) for plan in plans], done, config.rasterize.pages, mode)
+    return DryRun([marked.get(plan.source, plan) for plan in plans], done, config.rasterize.pages, mode, len(retired))

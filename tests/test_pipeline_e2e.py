@@ -410,10 +410,14 @@ def test_retry_failed_reads_a_repaired_file_again_in_place_of_its_failed_row(ray
     (failed_id,) = [row["doc_id"] for row in _read(output, "documents").to_pylist() if row["status"] == "failed"]
     text_page(["The repaired letter"], size=(600, 300)).save(folder / "b.png", dpi=(150, 150))
     assert failed_id in dry_run([str(folder)], output, plain, mode="detect").done
-    assert failed_id not in dry_run([str(folder)], output, retry, mode="detect").done
+    retried = dry_run([str(folder)], output, retry, mode="detect")
+    assert failed_id not in retried.done
+    # the dry run says what the run will take out (it had not)
+    assert "1 already done, 1 failed taken out to be read again (--retry-failed)" in retried.describe()
     again = run_job([str(folder)], output, retry, mode="detect")
     assert (again.retried, again.documents_skipped, again.written.documents_ok, again.written.pages) == (1, 1, 1, 1)
-    assert "1 ok, 0 failed, 0 duplicates, 1 already done, 1 failed ones read again (--retry-failed)" in again.describe()
+    assert ("1 ok, 0 failed, 0 duplicates, 1 already done, 1 failed taken out to be read again (--retry-failed)"
+            in again.describe())
     rows = {os.path.basename(row["source"]): row["status"] for row in _read(output, "documents").to_pylist()}
     assert rows == {"a.png": "ok", "b.png": "ok"} and _read(output, "documents").num_rows == 2
     assert sorted(os.path.basename(source) for source in _read(output, "pages").column("source").to_pylist()) == [
