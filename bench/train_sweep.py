@@ -23,6 +23,10 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.config import read_yaml  # noqa: E402
+
 #: ``trocr-pipeline train`` without the rest of the CLI, whose imports (Ray, poppler bindings) a bare
 #: GPU machine may lack.
 TRAIN_ONLY = """
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    base = yaml.safe_load(args.config.read_text())
+    base = read_yaml(args.config.read_text(), str(args.config))  # a key given twice refused, as train refuses it
     variants = [parse_variant(text) for text in args.variant]
     runs = {name: launch(base, name, overrides, args.out) for name, overrides in variants}
     deadline = time.monotonic() + args.minutes * 60

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.utils
 import torch
 import transformers
 from transformers import (
@@ -84,12 +85,15 @@ def _no_progress_bars() -> Iterator[None]:
     of a second for the bundled models): in a log, or from ``eval`` and ``inspect`` piped to a file, it had been a
     line of carriage returns and block characters."""
     shown = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()
+    hub_hidden = huggingface_hub.utils.are_progress_bars_disabled()
+    transformers.utils.logging.disable_progress_bar()  # the hub's bars too
     try:
         yield
     finally:
         if shown:
-            transformers.utils.logging.enable_progress_bar()
+            transformers.utils.logging.enable_progress_bar()  # and the hub's: hidden again where they were
+        if hub_hidden:
+            huggingface_hub.utils.disable_progress_bars()
 
 
 def quantize_encoder(model: VisionEncoderDecoderModel) -> None:

@@ -20,7 +20,7 @@ def parse_pages(spec: str) -> tuple[PageSpan, ...]:
         first = int(match.group(1))
         last = None if match.group(2) and not match.group(3) else int(match.group(3) or first)
         if first < 1:
-            raise ValueError(f"page selection {spec!r}: {part.strip()!r}: pages are counted from 1")
+            raise ValueError(f"page selection {spec!r}: {part.strip()!r} names page 0; pages are counted from 1")
         if last is not None and last < first:
             raise ValueError(f"page selection {spec!r}: {part.strip()!r} ends before it starts (write {last}-{first})")
         spans.append((first, last))

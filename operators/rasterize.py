@@ -359,9 +359,9 @@ def _upright(pages: list[PageWork], config: RasterizeConfig) -> list[PageWork]:
             if work.status == "ok" and work.image is not None:
                 try:
                     found = detect_orientation(work.image)
-                except Exception:  # noqa: BLE001 - a detector bug leaves the page as it was, never fails it
-                    log.warning("orientation detection failed on %s page %d; the page is read as it was rendered",
-                                work.source, work.page, exc_info=True)
+                except Exception as exc:  # noqa: BLE001 - a detector bug leaves the page as it was, never fails it
+                    log.warning("orientation detection failed on %s page %d (%s: %s); the page is read as it was "
+                                "rendered", work.source, work.page, type(exc).__name__, exc)
                     continue
                 if found.rotation:
                     work.image = turn(work.image, found.rotation)

@@ -31,10 +31,10 @@ import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent import futures
 from concurrent.futures import Executor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import PurePosixPath
-from typing import Any, ClassVar, NamedTuple
+from typing import IO, Any, ClassVar, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -133,47 +133,77 @@ def output_lock(output: str) -> Iterator[None]:
     local = isinstance(filesystem, pafs.LocalFileSystem)  # a file:// URI too
     made = local and not os.path.lexists(root)
     try:
-        filesystem.create_dir(f"{root}/{STAGING_DIR}", recursive=True)
-        lock = open(f"{root}/{LOCK_FILE}", "a") if local else None  # noqa: SIM115 - held for the run
-    except OSError as exc:
-        raise OutputNotWritable(f"the output {output} cannot be written: {exc}") from exc
-    with lock if lock is not None else nullcontext():
-        if lock is not None:
+        with _holding(output, root) if local else nullcontext():
+            try:
+                filesystem.create_dir(f"{root}/{STAGING_DIR}", recursive=True)
+            except OSError as exc:
+                raise OutputNotWritable(f"the output {output} cannot be written: {exc}") from exc
+            # each folder a run writes in that is there already (one made read-only had been found after all the work)
+            folders = [STAGING_DIR, *(folder for folder in (PAGES_DIR, DOCUMENTS_DIR, EXPORTS_DIR)
+                                      if filesystem.get_file_info(f"{root}/{folder}").type != pafs.FileType.NotFound)]
+            for folder in folders:  # one name: a run killed here leaves its probe for the next run to take out
+                probe = f"{root}/{folder}/{WRITE_PROBE}"
+                try:
+                    with filesystem.open_output_stream(probe):
+                        pass
+                    filesystem.delete_file(probe)
+                except OSError as exc:
+                    raise OutputNotWritable(f"the output {output} cannot be written: {exc}") from exc
+            try:
+                yield
+            finally:
+                if local:
+                    _leave_no_trace(root)
+    finally:
+        if made:  # once let go, and only when empty: what another run has put there since stays
+            with suppress(OSError):
+                os.rmdir(root)
+
+
+@contextmanager
+def _holding(output: str, root: str) -> Iterator[None]:
+    """Hold ``DIR/.lock`` for this run. A lock file that a run which wrote nothing took out (:func:`_leave_no_trace`)
+    as this one opened it is opened again: two runs had each held a lock of their own, one on a file gone from the
+    folder."""
+    for _ in range(3):
+        try:
+            os.makedirs(root, exist_ok=True)
+            lock = open(f"{root}/{LOCK_FILE}", "a")  # noqa: SIM115 - held for the run
+        except FileNotFoundError:  # the folder taken out meanwhile by a run that made it and wrote nothing
+            continue
+        except OSError as exc:
+            raise OutputNotWritable(f"the output {output} cannot be written: {exc}") from exc
+        with lock:
             try:
                 lock_alone(lock, f"the output {output}")
             except BlockingIOError as exc:
                 raise OutputLocked(f"another run is writing to {output} (it holds {root}/{LOCK_FILE}); "
                                    "this run stopped without touching the output") from exc
-        # each folder a run writes in that is there already (one made read-only had been found after all the work)
-        folders = [STAGING_DIR, *(folder for folder in (PAGES_DIR, DOCUMENTS_DIR, EXPORTS_DIR)
-                                  if filesystem.get_file_info(f"{root}/{folder}").type != pafs.FileType.NotFound)]
-        for folder in folders:  # one name: a run killed here leaves its probe for the next run to take out
-            probe = f"{root}/{folder}/{WRITE_PROBE}"
-            try:
-                with filesystem.open_output_stream(probe):
-                    pass
-                filesystem.delete_file(probe)
-            except OSError as exc:
-                raise OutputNotWritable(f"the output {output} cannot be written: {exc}") from exc
-        try:
-            yield
-        finally:
-            if lock is not None:
-                _leave_no_trace(root, made)
+            if _is_the_lock_file(lock, f"{root}/{LOCK_FILE}"):
+                yield
+                return
+    raise OutputLocked(f"other runs kept taking out {root}/{LOCK_FILE} as this run took it: run again")
 
 
-def _leave_no_trace(root: str, made: bool) -> None:
+def _is_the_lock_file(lock: IO, path: str) -> bool:
+    try:
+        held, named = os.fstat(lock.fileno()), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
+
+
+def _leave_no_trace(root: str) -> None:
     """Take out the lock file and the empty staging folder of a run that wrote nothing (refused once Ray had started:
-    too few CPUs or no GPU for the recognizers; stopped before its first part), and the output folder where the run
-    made it: it had been left holding them, and ``show`` and ``synth`` took it for an output."""
+    too few CPUs or no GPU for the recognizers; stopped before its first part), while it holds the lock: it had left
+    them, and ``show`` and ``synth`` took the folder for an output (:func:`output_lock` takes out the folder it
+    made)."""
     try:
         if set(os.listdir(root)) - {LOCK_FILE, STAGING_DIR} or os.listdir(f"{root}/{STAGING_DIR}"):
             return
         os.rmdir(f"{root}/{STAGING_DIR}")
         os.remove(f"{root}/{LOCK_FILE}")
-        if made:
-            os.rmdir(root)
-    except OSError:  # another run came meanwhile, or the folder went: what is left is harmless
+    except OSError:  # the folder went, or cannot be changed: what is left is harmless
         pass
 
 
@@ -379,6 +409,10 @@ class PublishedDocuments:
         wanted = set(formats_written(formats))
         return [row["source"] for row in self.rows
                 if row["doc_id"] in doc_ids and row["exports"] is not None and not wanted <= set(row["exports"])]
+
+    def read_sources(self, doc_ids: Collection[str]) -> set[str]:
+        """The sources of the documents among ``doc_ids`` that were read (status ok)."""
+        return {row["source"] for row in self.rows if row["doc_id"] in doc_ids and row["status"] == "ok"}
 
     def sources(self) -> dict[str, str]:
         """doc_id -> source."""

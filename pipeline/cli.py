@@ -83,7 +83,7 @@ def _job_command(args: argparse.Namespace, mode: str) -> int:
         except KeyboardInterrupt:  # what is safe, said: the console had been told only "interrupted"
             written = progress.documents_published
             print(f"interrupted: {written} document{'' if written == 1 else 's'} written to {args.output} by this run; "
-                  "the same command again goes on with the others")
+                  "the same command again goes on with the others", file=sys.stderr)
             raise
     print(summary.describe())
     return ExitCode.documents_failed if summary.written.documents_failed else ExitCode.ok
@@ -157,19 +157,12 @@ def _show_command(args: argparse.Namespace) -> int:
     if not documents:
         print(f"{args.output} holds no document yet")
     sources = {document["doc_id"]: document["source"] for document in documents if document["status"] != "duplicate"}
-    # a file read again with other bytes (a scan replaced under its name) has a reading of each: the latest is of the
-    # file's newest version (rows that predate the modification time are not told apart)
-    newest: dict[str, int] = {}
-    for document in documents:
-        if document["status"] == "ok" and document.get("source_mtime_ns") is not None:
-            newest[document["source"]] = max(newest.get(document["source"], 0), document["source_mtime_ns"])
+    readings = Counter(document["source"] for document in documents if document["status"] == "ok")
     for document in sorted(documents, key=lambda row: row["source"]):
-        mtime = document.get("source_mtime_ns")
-        superseded = document["status"] == "ok" and mtime is not None and mtime < newest[document["source"]]
         reason = (f" ({document['error_code']}: {document['error_message']})" if document["status"] == "failed"
                   else f" (same bytes as {sources.get(document['duplicate_of'], 'another document')})"
                   if document["status"] == "duplicate"
-                  else " (an earlier reading: the file was read again since, with other bytes)" if superseded else "")
+                  else _which_reading(document, readings[document["source"]]))
         # the pages read where --pages left some out: "2 pages" had been shown for a document read on its first only
         read = len(selected_pages(document.get("pages_selected"), document["num_pages"]))
         count = (f"{document['num_pages']:4} pages" if document["status"] != "ok" or read == document["num_pages"]
@@ -196,6 +189,24 @@ def _show_command(args: argparse.Namespace) -> int:
               f"{printable_text(mean)}")
         print("\n".join(page["text"].splitlines()[: args.lines]))
     return ExitCode.ok
+
+
+def _which_reading(document: dict, readings: int) -> str:
+    """What tells apart the readings of a file read again with other bytes (a scan replaced under its name), each a
+    document of its own: the file's size and modification time now (show had printed two identical lines)."""
+    if readings < 2:
+        return ""
+    from operators.ingest import source_stamp
+    from operators.storage import is_uri
+
+    try:
+        now = None if is_uri(document["source"]) else source_stamp(document["source"])
+    except PipelineError:
+        now = None
+    if now is None:  # not here to look at
+        return f" (one of {readings} readings of this file, of different bytes)"
+    read = (document.get("source_size"), document.get("source_mtime_ns"))
+    return " (an earlier reading: the file holds other bytes now)" if read != now else ""
 
 
 #: Commands whose modules load torch and transformers (seconds): name -> (module, its argument adder,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Collection, Hashable, Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,26 +87,45 @@ def describe_errors(error: ValidationError, overridden: Collection[str] = ()) ->
     return "; ".join(lines)
 
 
-class _UniqueKeysLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping: it keeps the last one without a word, and a
-    config that set ``recognize.model`` twice (one line meant to be taken out) had run with whichever came last."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, yaml.Node] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults": its keys may be given again
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, Hashable) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    f"the key {key!r} is given twice: first", seen[key].start_mark, "then", key_node.start_mark)
-            seen[key] = key_node
-        return super().construct_mapping(node, deep)
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-def read_yaml(text: str) -> Any:
-    """``text`` as YAML, safely, each key once per mapping (:class:`_UniqueKeysLoader`)."""
-    return yaml.load(text, Loader=_UniqueKeysLoader)  # noqa: S506 - a safe loader
+def _refuse_repeated_keys(node: yaml.Node, checked: set[int]) -> None:
+    """Refuse a scalar key given twice in one mapping of the composed ``node`` tree, before anything is built (a merge's
+    keys, ``<<: *defaults``, may be given again; an anchored node is checked once)."""
+    if id(node) in checked:
+        return
+    checked.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[tuple[str, str], yaml.Node] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG:
+                if (key.tag, key.value) in seen:
+                    first = seen[key.tag, key.value].start_mark.line + 1
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key.value!r} is given twice, first on line {first}", key.start_mark)
+                seen[key.tag, key.value] = key
+            _refuse_repeated_keys(key, checked)
+            _refuse_repeated_keys(value, checked)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_repeated_keys(item, checked)
+
+
+def read_yaml(text: str, name: str) -> Any:
+    """``text`` as YAML, as ``yaml.safe_load`` reads it, but refusing a key given twice in one mapping: PyYAML keeps
+    the last one without a word, and a config that set ``recognize.model`` twice (one line meant to be taken out) had
+    run with whichever came last. ``name`` is where the text is from, as errors give it."""
+    loader = yaml.SafeLoader(text)
+    loader.name = name  # the marks of errors say where (they had said "<unicode string>")
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_repeated_keys(node, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, example: str) -> None:
@@ -140,7 +159,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     source = config_file(path) if path is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     if source is not None:
         try:
-            loaded = read_yaml(source.read_text())
+            loaded = read_yaml(source.read_text(), str(source))
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read config {source}: {exc}") from exc
         except yaml.YAMLError as exc:
@@ -154,7 +173,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         try:
-            value = yaml.safe_load(raw)
+            value = read_yaml(raw, f"--set {key.strip()}")
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML: {getattr(exc, 'problem', None) or exc}") from exc
         _set_dotted(tree, key.strip(), value)

@@ -83,7 +83,7 @@ class JobSummary:
     written: WriteSummary
     seconds: float
     left_out: dict[str, int]  # files in folders and globs that are no documents, by suffix
-    retried: int = 0  # documents the output held, taken out and read again (--retry-failed)
+    retried: int = 0  # failed documents the output held, taken out and read again (--retry-failed)
     unselected: int = 0  # documents with no page in --pages, not written
 
     @property
@@ -97,7 +97,7 @@ class JobSummary:
             f"output: {self.output}\n"
             f"documents: {w.documents_ok} ok, {w.documents_failed} failed, {w.documents_duplicate} duplicates, "
             f"{self.documents_skipped} already done"
-            f"{f', {self.retried} failed taken out to be read again (--retry-failed)' if self.retried else ''}"
+            f"{f', {_failed_documents(self.retried)} taken out and read again (--retry-failed)' if self.retried else ''}"
             f"{f', {self.unselected} without a page in --pages' if self.unselected else ''}\n"
             f"left out (no document): {left_out}\n"
             f"pages: {w.pages} ({w.pages_failed} failed), lines: {w.lines}\n"
@@ -586,7 +586,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             fresh, unselected = _with_selected_pages(mark_duplicates(plans, done), selection)
             skipped = len(plans) - len(fresh) - unselected  # already in the output
             _warn_of_documents_without_exports(plans, published, done, output, config.output.exports)
-            _warn_of_files_read_again(plans, done, output)
+            _warn_of_files_read_again(plans, published, done, output, selection)
             readable = [plan for plan in fresh if plan.duplicate_of is None]
             if progress:
                 progress.start(len(fresh), sum(len(selected_pages(selection, plan.num_pages)) for plan in readable))
@@ -621,7 +621,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             written = sink.close()  # while Ray runs: it waits for the documents' export tasks
     return JobSummary(output=output, documents_skipped=skipped, written=written,
                       seconds=time.monotonic() - started, left_out=dict(found.left_out),
-                      retried=len(retirement.doc_ids), unselected=unselected)
+                      retried=len(retirement.failed), unselected=unselected)
 
 
 @contextmanager
@@ -790,22 +790,25 @@ def _warn_of_documents_without_exports(plans: list[DocumentPlan], published: Pub
                     unexported[0] if one else f"{unexported[0]}, first", "it" if one else "them all")
 
 
-def _warn_of_files_read_again(plans: list[DocumentPlan], done: dict[str, str], output: str) -> None:
+def _warn_of_files_read_again(plans: list[DocumentPlan], published: PublishedDocuments, done: Collection[str],
+                              output: str, selection: str | None) -> None:
     """Warn of the files this run reads that the output holds an earlier reading of, made from other bytes (a scan
     replaced under its name): each reading is a document of its own, so both are kept, under the same source, and
     no run had said so; the run and the dry run alike."""
-    earlier: dict[str, list[str]] = {}
-    for doc_id, source in done.items():
-        earlier.setdefault(source, []).append(doc_id)
+    read = published.read_sources(done)
     again = [plan for plan in plans if plan.error is None and plan.doc_id not in done
-             and earlier.get(recorded_source(plan.source))]
+             and recorded_source(plan.source) in read and selected_pages(selection, plan.num_pages)]
     if again:
         one = len(again) == 1
-        log.warning("%s in %s read before with other bytes (%s%s): %s read as %s, and the earlier reading%s kept "
+        log.warning("%s in %s %s read before with other bytes (%s%s): %s read as %s, and the earlier %s kept "
                     "beside %s under the same source (show marks the earlier one)",
-                    "1 file was" if one else f"{len(again)} files were", output, again[0].source, "" if one else ", first",
-                    "it is" if one else "they are", "a new document" if one else "new documents",
-                    " is" if one else "s are", "it" if one else "them")
+                    "1 file" if one else f"{len(again)} files", output, "was" if one else "were", again[0].source,
+                    "" if one else ", first", "it is" if one else "they are", "a new document" if one else "new documents",
+                    "reading is" if one else "readings are", "it" if one else "them")
+
+
+def _failed_documents(count: int) -> str:
+    return f"{count} failed document{'' if count == 1 else 's'}"
 
 
 def _of_these(count: int) -> str:
@@ -828,17 +831,19 @@ class DryRun:
     done: dict[str, str]  # doc_ids already in the output (and their sources), which a run skips
     pages: str | None  # rasterize.pages
     mode: Mode = "recognize"
-    retried: int = 0  # failed documents rows a run takes out to read their files again (--retry-failed)
+    retried: int = 0  # failed documents a run takes out to read their files again (--retry-failed)
 
     def describe(self) -> str:
         # where each duplicate's pages come from: the output's copy, else this run's first one
         owners = {plan.doc_id: plan.source for plan in reversed(self.plans) if plan.duplicate_of is None}
         now_read = {plan.source: plan.doc_id for plan in self.plans}
+        unreadable = {plan.source for plan in self.plans if plan.error is not None}
         for doc_id, source in self.done.items():
             # the file an earlier run read may hold other bytes now, or be gone: a duplicate named as "same bytes as"
             # it had sent an operator to a file that no longer holds them
-            since = (", which now holds other bytes" if now_read.get(source, doc_id) != doc_id
-                     else ", which is gone" if not is_uri(source) and not os.path.lexists(source) else "")
+            since = (", which cannot be read now" if source in unreadable
+                     else ", which now holds other bytes" if now_read.get(source, doc_id) != doc_id
+                     else ", which is not found here" if not is_uri(source) and not os.path.exists(source) else "")
             owners[doc_id] = f"the document read earlier from {source}{since}"
         lines, todo_pages, todo_documents, failing, duplicates, unselected = [], 0, 0, 0, 0, 0
         for plan in self.plans:
@@ -860,9 +865,10 @@ class DryRun:
                 reason = f" (same bytes as {owners.get(plan.duplicate_of, plan.duplicate_of)})"
             lines.append(f"{state:9} {selected:4} pages  {plan.source}{reason}")
         skipped = sum(plan.doc_id in self.done for plan in self.plans)
+        retry = f", {_failed_documents(self.retried)} to take out and read again (--retry-failed)" if self.retried else ""
         lines.append(f"documents: {len(self.plans)} found, {todo_documents} to process, {failing} failing triage, "
                      f"{duplicates} duplicates, {skipped} already done"
-                     f"{f', {self.retried} failed taken out to be read again (--retry-failed)' if self.retried else ''}"
+                     f"{retry}"
                      f"{f', {unselected} without a page in --pages' if unselected else ''}")
         stages = "rasterize, detect and recognize" if self.mode == "recognize" else "rasterize and detect"
         lines.append(f"work: {todo_pages} pages to {stages}; nothing written (dry run)")
@@ -891,9 +897,10 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
         plans = list(pool.map(lambda source: triage(source, config.rasterize, known.get(source)), sources))
     model = recorded_model(config.recognize.model) if mode == "recognize" else None
     model_sha256 = weights_sha256(config.recognize.model) if model else None
-    retired = _check_against_output(plans, published, output, config, mode, model, model_sha256).doc_ids
-    done = {doc_id: source for doc_id, source in published.sources().items() if doc_id not in retired}
+    retirement = _check_against_output(plans, published, output, config, mode, model, model_sha256)
+    done = {doc_id: source for doc_id, source in published.sources().items() if doc_id not in retirement.doc_ids}
     _warn_of_documents_without_exports(plans, published, done, output, config.output.exports)
-    _warn_of_files_read_again(plans, done, output)
+    _warn_of_files_read_again(plans, published, done, output, config.rasterize.pages)
     marked = {plan.source: plan for plan in mark_duplicates(plans, done)}  # all but the ones already done
-    return DryRun([marked.get(plan.source, plan) for plan in plans], done, config.rasterize.pages, mode, len(retired))
+    return DryRun([marked.get(plan.source, plan) for plan in plans], done, config.rasterize.pages, mode,
+                  len(retirement.failed))

@@ -49,7 +49,7 @@ def test_config_is_frozen():
     ("recognise.model=x", re.escape("unknown key 'recognise' (--set)")),
     # what is wrong with a range, said (both had been "is not a range of pages from 1")
     ("rasterize.pages=3-1", re.escape("'3-1' ends before it starts (write 1-3)")),
-    ("rasterize.pages=0", re.escape("'0': pages are counted from 1")),
+    ("rasterize.pages=0", re.escape("'0' names page 0; pages are counted from 1")),
 ])
 def test_bad_keys_and_values_are_named(override, named):
     with pytest.raises(ConfigError, match=named) as info:
@@ -74,8 +74,17 @@ def test_a_key_given_twice_in_a_config_file_is_refused_where_it_is(tmp_path):
 
     path = tmp_path / "twice.yaml"
     path.write_text("recognize:\n  model: printed\n  num_beams: 2\n  model: handwritten\n")
-    with pytest.raises(ConfigError, match=r"(?s)the key 'model' is given twice: first.*line 2.*then.*line 4"):
+    with pytest.raises(ConfigError, match=r"(?s)the key 'model' is given twice, first on line 2.*line 4"):
         load_config(path)
+    # a nested merge of a merge (PyYAML rewrites merged mappings in place) and a list as a key are no repeated keys
+    path.write_text("x-root: &root {k: 0}\nx-base: {inner: &base {<<: *root, k: 1}}\ny: {<<: *base}\n")
+    with pytest.raises(ConfigError, match="unknown key 'x-root'"):
+        load_config(path)
+    path.write_text("? [1, 2]\n: 3\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):  # PyYAML's own refusal; it had been a TypeError
+        load_config(path)
+    with pytest.raises(ConfigError, match="the key 'a' is given twice"):
+        load_config(None, ["recognize.x={a: 1, a: 2}"])
     with pytest.raises(ConfigError, match="the key 'steps' is given twice"):
         path.write_text("steps: 10\nsteps: 20\n")
         load_train_config(path)

@@ -61,12 +61,19 @@ def test_load_sets_generation_ids_cache_and_eval_mode(tiny_bundle):
 
 def test_a_model_from_a_folder_loads_without_a_progress_bar_and_leaves_them_as_they_were(tiny_checkpoint, capsys):
     """transformers' "Loading weights" bar had been a line of carriage returns in every eval and inspect log."""
+    import huggingface_hub.utils
     import transformers
 
     transformers.utils.logging.enable_progress_bar()  # as in a new process (a train test in this one hides them)
     load_trocr(str(tiny_checkpoint), device="cpu")
     assert "Loading weights" not in capsys.readouterr().err
     assert transformers.utils.logging.is_progress_bar_enabled()  # a hub download after it shows its bars
+    huggingface_hub.utils.disable_progress_bars()  # the hub's hidden alone (a user's choice) stay hidden
+    try:
+        load_trocr(str(tiny_checkpoint), device="cpu")
+        assert huggingface_hub.utils.are_progress_bars_disabled()
+    finally:
+        huggingface_hub.utils.enable_progress_bars()
 
 
 def test_preprocessor_matches_real_image_processor(tiny_bundle):

@@ -368,14 +368,16 @@ def test_a_file_replaced_under_its_name_is_warned_of_and_a_copy_of_its_old_bytes
     folder.mkdir()
     text_page(["The first letter"], size=(600, 300)).save(folder / "a.png", dpi=(150, 150))
     text_page(["A second letter"], size=(600, 300)).save(folder / "b.png", dpi=(150, 150))
+    (folder / "f.png").write_bytes(b"not an image yet")  # failed, then repaired: no earlier reading to warn of
     output, config = str(tmp_path / "out"), load_config(None, ["rasterize.dpi=150"])
     run_job([str(folder)], output, config, mode="detect")
+    text_page(["A repaired letter"], size=(600, 300)).save(folder / "f.png", dpi=(150, 150))
     shutil.copy(folder / "a.png", folder / "d.png")
     shutil.move(folder / "b.png", folder / "e.png")
+    earlier = (folder / "d.png").stat().st_mtime_ns
     text_page(["A letter written over the first"], size=(600, 300)).save(folder / "a.png", dpi=(150, 150))
-    stamp = (folder / "a.png").stat().st_mtime_ns + 10**9
-    os.utime(folder / "a.png", ns=(stamp, stamp))
-    warning = rf"1 file was in {output} read before with other bytes \({folder / 'a.png'}\): it is read as a new document"
+    os.utime(folder / "a.png", ns=(earlier - 10**9, earlier - 10**9))  # an older scan put back (cp -p, rsync -t)
+    warning = rf"1 file in {output} was read before with other bytes \({folder / 'a.png'}\): it is read as a new document"
     with caplog.at_level(logging.WARNING, logger="pipeline"):
         report = dry_run([str(folder)], output, config, mode="detect").describe()
         assert re.search(warning, caplog.text), caplog.text
@@ -384,14 +386,17 @@ def test_a_file_replaced_under_its_name_is_warned_of_and_a_copy_of_its_old_bytes
         assert re.search(warning, caplog.text), caplog.text
     assert (f"d.png (same bytes as the document read earlier from {folder / 'a.png'}, which now holds other bytes)"
             in report), report
-    assert f"e.png (same bytes as the document read earlier from {folder / 'b.png'}, which is gone)" in report
+    assert f"e.png (same bytes as the document read earlier from {folder / 'b.png'}, which is not found here)" in report
     assert main(["show", output, "--pages", "0"]) == 0
-    shown = capsys.readouterr().out.splitlines()
+    shown = [line for line in capsys.readouterr().out.splitlines() if "f.png" not in line]
     assert sorted(shown) == sorted([
         f"duplicate    1 pages  {folder / 'd.png'} (same bytes as {folder / 'a.png'})",
         f"duplicate    1 pages  {folder / 'e.png'} (same bytes as {folder / 'b.png'})",
-        f"ok           1 pages  {folder / 'a.png'} (an earlier reading: the file was read again since, with other bytes)",
+        f"ok           1 pages  {folder / 'a.png'} (an earlier reading: the file holds other bytes now)",
         f"ok           1 pages  {folder / 'a.png'}", f"ok           1 pages  {folder / 'b.png'}"]), shown
+    (folder / "a.png").unlink()  # gone: the readings are told apart as far as they can be
+    assert main(["show", output, "--pages", "0"]) == 0
+    assert capsys.readouterr().out.count("(one of 2 readings of this file, of different bytes)") == 2
 
 
 def test_retry_failed_reads_a_repaired_file_again_in_place_of_its_failed_row(ray_local, tmp_path):
@@ -413,15 +418,20 @@ def test_retry_failed_reads_a_repaired_file_again_in_place_of_its_failed_row(ray
     retried = dry_run([str(folder)], output, retry, mode="detect")
     assert failed_id not in retried.done
     # the dry run says what the run will take out (it had not)
-    assert "1 already done, 1 failed taken out to be read again (--retry-failed)" in retried.describe()
+    assert "1 already done, 1 failed document to take out and read again (--retry-failed)" in retried.describe()
     again = run_job([str(folder)], output, retry, mode="detect")
     assert (again.retried, again.documents_skipped, again.written.documents_ok, again.written.pages) == (1, 1, 1, 1)
-    assert ("1 ok, 0 failed, 0 duplicates, 1 already done, 1 failed taken out to be read again (--retry-failed)"
+    assert ("1 ok, 0 failed, 0 duplicates, 1 already done, 1 failed document taken out and read again (--retry-failed)"
             in again.describe())
     rows = {os.path.basename(row["source"]): row["status"] for row in _read(output, "documents").to_pylist()}
     assert rows == {"a.png": "ok", "b.png": "ok"} and _read(output, "documents").num_rows == 2
     assert sorted(os.path.basename(source) for source in _read(output, "pages").column("source").to_pylist()) == [
         "a.png", "b.png"]
+    # a failed file and its copy: the failed document is counted, not the copy's row resting on it (had been 2)
+    (folder / "d.png").write_bytes(b"not an image either")
+    shutil.copy(folder / "d.png", folder / "e.png")
+    assert run_job([str(folder)], output, plain, mode="detect").written.documents_failed == 2
+    assert run_job([str(folder)], output, retry, mode="detect").retried == 1
 
 
 def test_bundled_handwritten_model_reads_a_synthetic_handwritten_page(ray_local, tmp_path):

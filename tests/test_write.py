@@ -27,10 +27,12 @@ from operators.ingest import duplicate_id, mark_duplicates, source_stamp, triage
 from operators.write import (
     DOCUMENTS_DIR,
     EXPORTS_DIR,
+    LOCK_FILE,
     PAGES_DIR,
     RETIRING,
     STAGING_DIR,
     ParquetSink,
+    _is_the_lock_file,
     check_output_is_ours,
     check_output_writable,
     output_lock,
@@ -370,6 +372,18 @@ def test_a_run_that_writes_nothing_leaves_nothing_behind(tmp_path):
         sink.add_page(_page("a", 1))
         sink.close()
     assert {path.name for path in (tmp_path / "written").iterdir()} == {".lock", DOCUMENTS_DIR, PAGES_DIR, STAGING_DIR}
+
+
+def test_a_lock_on_a_file_taken_out_of_the_folder_is_not_the_outputs_lock(tmp_path):
+    """A run that wrote nothing takes out its lock file: a run that had opened it just before, and locked it once
+    it was let go, had held a lock on a file no longer in the folder, beside a third run locking a new one."""
+    path = tmp_path / LOCK_FILE
+    with open(path, "a") as stale:
+        assert _is_the_lock_file(stale, str(path))
+        path.unlink()
+        assert not _is_the_lock_file(stale, str(path))
+        path.touch()
+        assert not _is_the_lock_file(stale, str(path))
 
 
 def test_the_dry_run_finds_an_output_that_cannot_be_written_without_writing(tmp_path):

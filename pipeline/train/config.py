@@ -142,7 +142,7 @@ class TrainConfig(Frozen):
 def load_train_config(path: Path) -> TrainConfig:
     path = config_file(path)
     try:
-        tree = read_yaml(path.read_text())
+        tree = read_yaml(path.read_text(), str(path))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read training config {path}: {exc}") from exc
     try:
