@@ -335,6 +335,9 @@ def ray_session(config: JobConfig, verbose: bool = False) -> Iterator[None]:
         except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception when its own processes do not start
             if options["address"] != "local":
                 raise
+            if "timed out" in str(exc):  # a machine too busy to start Ray in time (it had been blamed on the disk)
+                raise PipelineError(f"Ray did not start in time on this machine, which may be busy ({exc}): run "
+                                    "again") from exc
             where = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
             raise PipelineError(f"Ray could not start on this machine ({exc}): it keeps its session files in {where} "
                                 "(RAY_TMPDIR, else the temporary folder): is there room?") from exc

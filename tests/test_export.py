@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -253,6 +254,8 @@ def test_mets_points_at_its_files_with_uri_references():
     assert unquote(urlsplit(href).path) == name
     schema = official_schema("mets.xsd")
     assert schema.validate(etree.ElementTree(mets)), schema.error_log.last_error
+    # a time of creation with its offset, as PAGE and the PDF's XMP give it (without one it means no fixed instant)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", mets.find("{*}metsHdr").get("CREATEDATE"))
 
 
 def test_a_source_name_with_a_control_character_still_gets_its_mets():

@@ -80,7 +80,7 @@ def mets_document(document: dict, page_numbers: Sequence[int],
     root = etree.Element(_m("mets"), nsmap={"mets": METS_NS, "mods": MODS_NS, "xlink": XLINK_NS, "xsi": XSI_NS})
     root.set(f"{{{XSI_NS}}}schemaLocation", f"{METS_NS} {METS_SCHEMA}")
     header = etree.SubElement(root, _m("metsHdr"),
-                              CREATEDATE=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"))
+                              CREATEDATE=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
     agent = etree.SubElement(header, _m("agent"), TYPE="OTHER", OTHERTYPE="SOFTWARE", ROLE="CREATOR")
     etree.SubElement(agent, _m("name")).text = creator
     if creator_note:
