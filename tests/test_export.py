@@ -19,7 +19,8 @@ from lxml import etree
 from PIL import Image
 
 from conftest import official_schema
-from operators.formats.export import ALTO_NS, PAGE_NS, XHTML_NS, export_stem, write_exports
+from operators.formats.export import (ALTO_NS, PAGE_NS, XHTML_NS, alto_page, export_stem, hocr_document, page_xml,
+                                      write_exports)
 from operators.formats.mets import IMAGE_GROUP, mets_document
 from operators.write import page_row
 from operators.records import LineRecord, PageWork
@@ -243,6 +244,30 @@ def test_alto_and_page_files_are_valid_against_the_official_schemas(exported):
         schema = alto if name.endswith(".alto.xml") else page if name.endswith(".page.xml") else None
         if schema is not None:
             assert schema.validate(etree.parse(str(path))), (name, schema.error_log.last_error)
+
+
+def test_a_turned_page_says_so_where_its_file_names_the_source(document):
+    """A page turned upright (EXIF, /Rotate, the orientation found) has coordinates of the turned image: ALTO, PAGE
+    and hOCR naming the source file had said nothing of the turn (only the Parquet's rotation column did). Naming the
+    METS image of the upright page, there is no turn to tell."""
+    work = PageWork(doc_id=DOC_ID, source=SOURCE, page=1, dpi=150, width=SIZE[0], height=SIZE[1], rotation=270,
+                    lines=[_line(0, 0, 100, 200, "a line", 0.9)])
+    row = page_row(work)
+    alto, page = alto_page(row, SOURCE, "model: printed"), page_xml(row, SOURCE, document)
+    for root, schema in ((alto, "alto-4-4.xsd"), (page, "pagecontent-2019-07-15.xsd")):
+        assert official_schema(schema).validate(etree.ElementTree(root)), official_schema(schema).error_log.last_error
+    assert alto.xpath("//a:Processing[@ID='turning']/a:processingStepSettings/text()", namespaces=ALTO) == [
+        "rotation: 270"]
+    [label] = page.xpath("//p:MetadataItem[@name='preprocessing/optimization/deskewing']//p:Label", namespaces=PAGE)
+    assert (label.get("type"), label.get("value")) == ("rotation", "270") and "turned 270 degrees" in label.get("comments")
+    [hocr_page] = hocr_document([row], document, {1: SOURCE}).xpath("//h:div[@class='ocr_page']", namespaces=XHTML)
+    assert hocr_page.get("title").endswith("; x_rotation 270")
+    image = "letter-0123456789abcdef.p0001.png"  # a METS package's image of the upright page
+    assert not alto_page(row, image).xpath("//a:Processing[@ID='turning']", namespaces=ALTO)
+    assert not page_xml(row, image, document).xpath("//p:MetadataItem[@name='preprocessing/optimization/deskewing']",
+                                                    namespaces=PAGE)
+    assert "x_rotation" not in hocr_document([row], document, {1: image}).xpath("//h:div[@class='ocr_page']/@title",
+                                                                                namespaces=XHTML)[0]
 
 
 def test_mets_points_at_its_files_with_uri_references():

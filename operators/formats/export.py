@@ -243,6 +243,17 @@ def _image_name(page: dict, stem: str, images: set[int] | None) -> str:
     return quote(_page_file(stem, page["page"], "png")) if images and page["page"] in images else page["source"]
 
 
+def _turn(page: dict, image: str) -> int:
+    """Degrees clockwise the image a file names was turned to read upright, which its coordinates are pixels of: the
+    page's ``rotation`` where it names the source file, none where it names the METS image of the upright page."""
+    return (page.get("rotation") or 0) if image == page["source"] else 0
+
+
+#: How each format says a named image was turned (:func:`_turn`): nothing outside the Parquet had said so.
+TURN_NOTE = ("the image turned {turn} degrees clockwise to read upright (its EXIF orientation, PDF /Rotate or the "
+             "orientation found): the coordinates are pixels of the turned image")
+
+
 def _alto_files(pages: Rows, document: dict, stem: str, images: set[int] | None) -> Rendered:
     for page in pages:
         yield _page_file(stem, page["page"], "alto.xml"), _xml_bytes(alto_page(page, _image_name(page, stem, images),
@@ -254,7 +265,7 @@ def alto_page(page: dict, image: str, model: str | None = None) -> etree._Elemen
     read the text (:func:`model_settings`)."""
     root = etree.Element(_a("alto"), nsmap={None: ALTO_NS, "xsi": XSI_NS})
     root.set(f"{{{XSI_NS}}}schemaLocation", f"{ALTO_NS} {ALTO_SCHEMA}")
-    _alto_description(root, image, model)
+    _alto_description(root, image, model, _turn(page, image))
     number = page["page"]
     blocks = _blocks(page)
     if blocks:
@@ -284,13 +295,18 @@ def model_settings(document: dict) -> str | None:
                                             if document.get("model_sha256") else "")
 
 
-def _alto_description(root: etree._Element, image: str, model: str | None) -> None:
+def _alto_description(root: etree._Element, image: str, model: str | None, turn: int) -> None:
     """Pixel units, the page's image, and the processing step (referenced by each Page), with the model's
-    settings."""
+    settings; the turn of the image, a step before it."""
     description = etree.SubElement(root, _a("Description"))
     etree.SubElement(description, _a("MeasurementUnit")).text = "pixel"
     image_information = etree.SubElement(description, _a("sourceImageInformation"))
     etree.SubElement(image_information, _a("fileName")).text = xml_text(image)
+    if turn:
+        turning = etree.SubElement(description, _a("Processing"), ID="turning")
+        etree.SubElement(turning, _a("processingCategory")).text = "preOperation"
+        etree.SubElement(turning, _a("processingStepDescription")).text = TURN_NOTE.format(turn=turn)
+        etree.SubElement(turning, _a("processingStepSettings")).text = f"rotation: {turn}"
     processing = etree.SubElement(description, _a("Processing"), ID="processing")
     etree.SubElement(processing, _a("processingCategory")).text = "contentGeneration"
     etree.SubElement(processing, _a("processingStepDescription")).text = (
@@ -340,7 +356,7 @@ def page_xml(page: dict, image: str, document: dict | None = None) -> etree._Ele
     ``document``'s row, the model that read it."""
     root = etree.Element(_p("PcGts"), nsmap={None: PAGE_NS, "xsi": XSI_NS})
     root.set(f"{{{XSI_NS}}}schemaLocation", f"{PAGE_NS} {PAGE_SCHEMA}")
-    _page_metadata(root, _failure(page), document or {})
+    _page_metadata(root, _failure(page), document or {}, _turn(page, image))
     number = page["page"]
     element = etree.SubElement(root, _p("Page"), imageFilename=xml_text(image),
                                imageWidth=str(page["width"]), imageHeight=str(page["height"]))
@@ -363,9 +379,9 @@ def page_xml(page: dict, image: str, document: dict | None = None) -> etree._Ele
     return root
 
 
-def _page_metadata(root: etree._Element, failure: str | None, document: dict) -> None:
+def _page_metadata(root: etree._Element, failure: str | None, document: dict, turn: int) -> None:
     """Creator and the time of writing in UTC; a failed page's error goes into the Comments; the model that read the
-    text, as OCR-D processors give their parameters (a processingStep's labels)."""
+    text, and the turn of the image, as OCR-D processors give their parameters (a processingStep's labels)."""
     metadata = etree.SubElement(root, _p("Metadata"))
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     etree.SubElement(metadata, _p("Creator")).text = f"{SOFTWARE} {_software_version()}"
@@ -380,6 +396,11 @@ def _page_metadata(root: etree._Element, failure: str | None, document: dict) ->
         for key in ("model", "model_sha256"):
             if document.get(key):
                 etree.SubElement(labels, _p("Label"), type=key, value=xml_text(document[key]))
+    if turn:
+        step = etree.SubElement(metadata, _p("MetadataItem"), type="processingStep",
+                                name="preprocessing/optimization/deskewing", value=SOFTWARE)
+        labels = etree.SubElement(step, _p("Labels"), externalModel="ocrd-tool", externalId="parameters")
+        etree.SubElement(labels, _p("Label"), type="rotation", value=str(turn), comments=TURN_NOTE.format(turn=turn))
 
 
 def _page_line(region: etree._Element, line: dict, line_id: str) -> None:
@@ -438,6 +459,8 @@ def _hocr_page(body: etree._Element, page: dict, image: str) -> None:
     title = f'image "{quoted}"; bbox 0 0 {page["width"]} {page["height"]}; ppageno {number - 1}'
     if page["dpi"]:
         title += f"; scan_res {page['dpi']} {page['dpi']}"
+    if turn := _turn(page, image):  # an engine's own property, as hOCR names them (x_)
+        title += f"; x_rotation {turn}"
     element = etree.SubElement(body, _h("div"), {"class": "ocr_page", "id": f"page_{number}", "title": title})
     line_number = 0
     for block_number, lines in enumerate(_blocks(page), start=1):
