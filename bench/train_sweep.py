@@ -55,7 +55,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, object]]:
 
 def parse_value(text: str) -> object:
     """YAML, except that 5e-4 is a number (YAML 1.1 reads exponents without a dot as strings)."""
-    value = yaml.safe_load(text)
+    value = read_yaml(text, "--variant")
     if isinstance(value, str):
         try:
             return float(value)

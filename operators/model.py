@@ -91,9 +91,11 @@ def _no_progress_bars() -> Iterator[None]:
         yield
     finally:
         if shown:
-            transformers.utils.logging.enable_progress_bar()  # and the hub's: hidden again where they were
+            transformers.utils.logging.enable_progress_bar()  # and the hub's, set again below
         if hub_hidden:
             huggingface_hub.utils.disable_progress_bars()
+        else:
+            huggingface_hub.utils.enable_progress_bars()
 
 
 def quantize_encoder(model: VisionEncoderDecoderModel) -> None:

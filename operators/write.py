@@ -135,21 +135,7 @@ def output_lock(output: str) -> Iterator[None]:
     try:
         with _holding(output, root) if local else nullcontext():
             try:
-                filesystem.create_dir(f"{root}/{STAGING_DIR}", recursive=True)
-            except OSError as exc:
-                raise OutputNotWritable(f"the output {output} cannot be written: {exc}") from exc
-            # each folder a run writes in that is there already (one made read-only had been found after all the work)
-            folders = [STAGING_DIR, *(folder for folder in (PAGES_DIR, DOCUMENTS_DIR, EXPORTS_DIR)
-                                      if filesystem.get_file_info(f"{root}/{folder}").type != pafs.FileType.NotFound)]
-            for folder in folders:  # one name: a run killed here leaves its probe for the next run to take out
-                probe = f"{root}/{folder}/{WRITE_PROBE}"
-                try:
-                    with filesystem.open_output_stream(probe):
-                        pass
-                    filesystem.delete_file(probe)
-                except OSError as exc:
-                    raise OutputNotWritable(f"the output {output} cannot be written: {exc}") from exc
-            try:
+                _check_writable(filesystem, root, output)
                 yield
             finally:
                 if local:
@@ -158,6 +144,25 @@ def output_lock(output: str) -> Iterator[None]:
         if made:  # once let go, and only when empty: what another run has put there since stays
             with suppress(OSError):
                 os.rmdir(root)
+
+
+def _check_writable(filesystem: pafs.FileSystem, root: str, output: str) -> None:
+    """Make the staging folder, and write in each folder a run writes in that is there already (one made read-only
+    had been found after all the work)."""
+    try:
+        filesystem.create_dir(f"{root}/{STAGING_DIR}", recursive=True)
+    except OSError as exc:
+        raise OutputNotWritable(f"the output {output} cannot be written: {exc}") from exc
+    folders = [STAGING_DIR, *(folder for folder in (PAGES_DIR, DOCUMENTS_DIR, EXPORTS_DIR)
+                              if filesystem.get_file_info(f"{root}/{folder}").type != pafs.FileType.NotFound)]
+    for folder in folders:  # one name: a run killed here leaves its probe for the next run to take out
+        probe = f"{root}/{folder}/{WRITE_PROBE}"
+        try:
+            with filesystem.open_output_stream(probe):
+                pass
+            filesystem.delete_file(probe)
+        except OSError as exc:
+            raise OutputNotWritable(f"the output {output} cannot be written: {exc}") from exc
 
 
 @contextmanager
@@ -194,14 +199,17 @@ def _is_the_lock_file(lock: IO, path: str) -> bool:
 
 
 def _leave_no_trace(root: str) -> None:
-    """Take out the lock file and the empty staging folder of a run that wrote nothing (refused once Ray had started:
-    too few CPUs or no GPU for the recognizers; stopped before its first part), while it holds the lock: it had left
-    them, and ``show`` and ``synth`` took the folder for an output (:func:`output_lock` takes out the folder it
-    made)."""
+    """Take out what a run that wrote nothing made (refused once Ray had started: too few CPUs or no GPU for the
+    recognizers; stopped before its first part): its lock file, and its folders while they are empty, while it holds
+    the lock. They had been left, and ``show`` and ``synth`` took the folder for an output (:func:`output_lock` takes
+    out the folder it made)."""
+    folders = (STAGING_DIR, PAGES_DIR, DOCUMENTS_DIR, EXPORTS_DIR)
     try:
-        if set(os.listdir(root)) - {LOCK_FILE, STAGING_DIR} or os.listdir(f"{root}/{STAGING_DIR}"):
+        held = set(os.listdir(root))
+        if held - {LOCK_FILE, *folders} or any(os.listdir(f"{root}/{folder}") for folder in held & set(folders)):
             return
-        os.rmdir(f"{root}/{STAGING_DIR}")
+        for folder in held & set(folders):
+            os.rmdir(f"{root}/{folder}")
         os.remove(f"{root}/{LOCK_FILE}")
     except OSError:  # the folder went, or cannot be changed: what is left is harmless
         pass

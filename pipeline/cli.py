@@ -203,10 +203,10 @@ def _which_reading(document: dict, readings: int) -> str:
         now = None if is_uri(document["source"]) else source_stamp(document["source"])
     except PipelineError:
         now = None
-    if now is None:  # not here to look at
-        return f" (one of {readings} readings of this file, of different bytes)"
     read = (document.get("source_size"), document.get("source_mtime_ns"))
-    return " (an earlier reading: the file holds other bytes now)" if read != now else ""
+    if now is None or None in read:  # the file not here to look at, or the row older than its size and time
+        return f" (one of {readings} readings of this file, of different bytes)"
+    return " (the file has changed since this reading)" if read != now else ""
 
 
 #: Commands whose modules load torch and transformers (seconds): name -> (module, its argument adder,

@@ -90,39 +90,46 @@ def describe_errors(error: ValidationError, overridden: Collection[str] = ()) ->
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-def _refuse_repeated_keys(node: yaml.Node, checked: set[int]) -> None:
-    """Refuse a scalar key given twice in one mapping of the composed ``node`` tree, before anything is built (a merge's
-    keys, ``<<: *defaults``, may be given again; an anchored node is checked once)."""
+def _refuse_repeated_keys(loader: yaml.SafeLoader, node: yaml.Node, checked: set[int]) -> None:
+    """Refuse a scalar key given twice in one mapping of the composed ``node`` tree, compared as built (``1`` and
+    ``0x1``, ``yes`` and ``true`` are one key), before the document is built: a merge's keys (``<<: *defaults``)
+    may be given again, which PyYAML's merging writes into the merged mappings. An anchored node is checked once."""
     if id(node) in checked:
         return
     checked.add(id(node))
     if isinstance(node, yaml.MappingNode):
-        seen: dict[tuple[str, str], yaml.Node] = {}
+        seen: dict[Any, yaml.Node] = {}
         for key, value in node.value:
             if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG:
-                if (key.tag, key.value) in seen:
-                    first = seen[key.tag, key.value].start_mark.line + 1
+                built = loader.construct_object(key)
+                if built in seen:
+                    first = seen[built].start_mark.line + 1
                     raise yaml.constructor.ConstructorError(
                         None, None, f"the key {key.value!r} is given twice, first on line {first}", key.start_mark)
-                seen[key.tag, key.value] = key
-            _refuse_repeated_keys(key, checked)
-            _refuse_repeated_keys(value, checked)
+                seen[built] = key
+            _refuse_repeated_keys(loader, key, checked)
+            _refuse_repeated_keys(loader, value, checked)
     elif isinstance(node, yaml.SequenceNode):
         for item in node.value:
-            _refuse_repeated_keys(item, checked)
+            _refuse_repeated_keys(loader, item, checked)
 
 
 def read_yaml(text: str, name: str) -> Any:
-    """``text`` as YAML, as ``yaml.safe_load`` reads it, but refusing a key given twice in one mapping: PyYAML keeps
+    """``text`` as YAML, safely (``yaml.safe_load``'s loader), refusing a key given twice in one mapping: PyYAML keeps
     the last one without a word, and a config that set ``recognize.model`` twice (one line meant to be taken out) had
-    run with whichever came last. ``name`` is where the text is from, as errors give it."""
-    loader = yaml.SafeLoader(text)
-    loader.name = name  # the marks of errors say where (they had said "<unicode string>")
+    run with whichever came last. ``name`` is where the text is from, as errors give it (they had said "<unicode
+    string>")."""
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:  # a character YAML does not take, found as the text is first read
+        exc.name = name
+        raise
+    loader.name = name
     try:
         node = loader.get_single_node()
         if node is None:
             return None
-        _refuse_repeated_keys(node, set())
+        _refuse_repeated_keys(loader, node, set())
         return loader.construct_document(node)
     finally:
         loader.dispose()

@@ -586,10 +586,11 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             retire_documents(output, retirement)
             done = {doc_id: source for doc_id, source in published.sources().items()
                     if doc_id not in retirement.doc_ids}
-            fresh, unselected = _with_selected_pages(mark_duplicates(plans, done), selection)
+            marked = mark_duplicates(plans, done)
+            fresh, unselected = _with_selected_pages(marked, selection)
             skipped = len(plans) - len(fresh) - unselected  # already in the output
             _warn_of_documents_without_exports(plans, published, done, output, config.output.exports)
-            _warn_of_files_read_again(plans, published, done, output, selection)
+            _warn_of_files_read_again(marked, published, done, output, selection)
             readable = [plan for plan in fresh if plan.duplicate_of is None]
             if progress:
                 progress.start(len(fresh), sum(len(selected_pages(selection, plan.num_pages)) for plan in readable))
@@ -793,20 +794,20 @@ def _warn_of_documents_without_exports(plans: list[DocumentPlan], published: Pub
                     unexported[0] if one else f"{unexported[0]}, first", "it" if one else "them all")
 
 
-def _warn_of_files_read_again(plans: list[DocumentPlan], published: PublishedDocuments, done: Collection[str],
+def _warn_of_files_read_again(fresh: list[DocumentPlan], published: PublishedDocuments, done: Collection[str],
                               output: str, selection: str | None) -> None:
-    """Warn of the files this run reads that the output holds an earlier reading of, made from other bytes (a scan
-    replaced under its name): each reading is a document of its own, so both are kept, under the same source, and
-    no run had said so; the run and the dry run alike."""
+    """Warn of the files this run reads (``fresh``: its plans not already done, duplicates marked) that the output
+    holds a reading of, made from other bytes (a scan replaced under its name): each reading is a document of its own,
+    so both are kept, under the same source, and no run had said so; the run and the dry run alike."""
     read = published.read_sources(done)
-    again = [plan for plan in plans if plan.error is None and plan.doc_id not in done
+    again = [plan for plan in fresh if plan.error is None and plan.duplicate_of is None
              and recorded_source(plan.source) in read and selected_pages(selection, plan.num_pages)]
     if again:
         one = len(again) == 1
-        log.warning("%s in %s %s read before with other bytes (%s%s): %s read as %s, and the earlier %s kept "
-                    "beside %s under the same source (show marks the earlier one)",
-                    "1 file" if one else f"{len(again)} files", output, "was" if one else "were", again[0].source,
-                    "" if one else ", first", "it is" if one else "they are", "a new document" if one else "new documents",
+        log.warning("%s read into %s before, from other bytes (%s%s): %s read as %s, and the earlier %s kept "
+                    "beside %s under the same source (show tells them apart)",
+                    "1 file was" if one else f"{len(again)} files were", output, again[0].source, "" if one else ", first",
+                    "it is" if one else "they are", "a new document" if one else "new documents",
                     "reading is" if one else "readings are", "it" if one else "them")
 
 
@@ -903,7 +904,8 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     retirement = _check_against_output(plans, published, output, config, mode, model, model_sha256)
     done = {doc_id: source for doc_id, source in published.sources().items() if doc_id not in retirement.doc_ids}
     _warn_of_documents_without_exports(plans, published, done, output, config.output.exports)
-    _warn_of_files_read_again(plans, published, done, output, config.rasterize.pages)
-    marked = {plan.source: plan for plan in mark_duplicates(plans, done)}  # all but the ones already done
+    fresh = mark_duplicates(plans, done)  # all but the ones already done
+    _warn_of_files_read_again(fresh, published, done, output, config.rasterize.pages)
+    marked = {plan.source: plan for plan in fresh}
     return DryRun([marked.get(plan.source, plan) for plan in plans], done, config.rasterize.pages, mode,
                   len(retirement.failed))

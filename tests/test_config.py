@@ -85,6 +85,12 @@ def test_a_key_given_twice_in_a_config_file_is_refused_where_it_is(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="the key 'a' is given twice"):
         load_config(None, ["recognize.x={a: 1, a: 2}"])
+    path.write_text("ray:\n  num_cpus: 2\n  num_cpus: 0x2\n")  # one key as YAML builds them
+    with pytest.raises(ConfigError, match="the key 'num_cpus' is given twice, first on line 2"):
+        load_config(path)
+    path.write_text("ray:\n  address: \x07\n")  # where a character YAML refuses is, named by the file
+    with pytest.raises(ConfigError, match=f"in \"{re.escape(str(path))}\", position"):
+        load_config(path)
     with pytest.raises(ConfigError, match="the key 'steps' is given twice"):
         path.write_text("steps: 10\nsteps: 20\n")
         load_train_config(path)

@@ -74,6 +74,14 @@ def test_a_model_from_a_folder_loads_without_a_progress_bar_and_leaves_them_as_t
         assert huggingface_hub.utils.are_progress_bars_disabled()
     finally:
         huggingface_hub.utils.enable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()  # transformers' hidden alone: the hub's stay shown
+    huggingface_hub.utils.enable_progress_bars()
+    try:
+        load_trocr(str(tiny_checkpoint), device="cpu")
+        assert not huggingface_hub.utils.are_progress_bars_disabled()
+        assert not transformers.utils.logging.is_progress_bar_enabled()
+    finally:
+        transformers.utils.logging.enable_progress_bar()
 
 
 def test_preprocessor_matches_real_image_processor(tiny_bundle):

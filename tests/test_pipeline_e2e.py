@@ -377,7 +377,7 @@ def test_a_file_replaced_under_its_name_is_warned_of_and_a_copy_of_its_old_bytes
     earlier = (folder / "d.png").stat().st_mtime_ns
     text_page(["A letter written over the first"], size=(600, 300)).save(folder / "a.png", dpi=(150, 150))
     os.utime(folder / "a.png", ns=(earlier - 10**9, earlier - 10**9))  # an older scan put back (cp -p, rsync -t)
-    warning = rf"1 file in {output} was read before with other bytes \({folder / 'a.png'}\): it is read as a new document"
+    warning = rf"1 file was read into {output} before, from other bytes \({folder / 'a.png'}\): it is read as a new document"
     with caplog.at_level(logging.WARNING, logger="pipeline"):
         report = dry_run([str(folder)], output, config, mode="detect").describe()
         assert re.search(warning, caplog.text), caplog.text
@@ -392,7 +392,7 @@ def test_a_file_replaced_under_its_name_is_warned_of_and_a_copy_of_its_old_bytes
     assert sorted(shown) == sorted([
         f"duplicate    1 pages  {folder / 'd.png'} (same bytes as {folder / 'a.png'})",
         f"duplicate    1 pages  {folder / 'e.png'} (same bytes as {folder / 'b.png'})",
-        f"ok           1 pages  {folder / 'a.png'} (an earlier reading: the file holds other bytes now)",
+        f"ok           1 pages  {folder / 'a.png'} (the file has changed since this reading)",
         f"ok           1 pages  {folder / 'a.png'}", f"ok           1 pages  {folder / 'b.png'}"]), shown
     (folder / "a.png").unlink()  # gone: the readings are told apart as far as they can be
     assert main(["show", output, "--pages", "0"]) == 0

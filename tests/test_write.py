@@ -362,6 +362,11 @@ def test_a_run_that_writes_nothing_leaves_nothing_behind(tmp_path):
         with output_lock(str(tmp_path / "new")):
             raise ConfigError("refused")
     assert not (tmp_path / "new").exists()
+    with pytest.raises(KeyboardInterrupt):  # stopped in triage: the sink has made its folders, empty
+        with output_lock(str(tmp_path / "stopped")):
+            ParquetSink(str(tmp_path / "stopped"), rows_per_file=100)
+            raise KeyboardInterrupt
+    assert not (tmp_path / "stopped").exists()
     (tmp_path / "given").mkdir()
     with output_lock(str(tmp_path / "given")):
         pass

@@ -250,8 +250,9 @@ def _turn(page: dict, image: str) -> int:
 
 
 #: How each format says a named image was turned (:func:`_turn`): nothing outside the Parquet had said so.
-TURN_NOTE = ("the image turned {turn} degrees clockwise to read upright (its EXIF orientation, PDF /Rotate or the "
-             "orientation found): the coordinates are pixels of the turned image")
+TURN_NOTE = ("the coordinates are pixels of the page upright: its stored image turned {turn} degrees clockwise, by its "
+             "EXIF orientation or PDF /Rotate (which viewers apply) and any quarter turn orientation detection added, "
+             "and a mirroring its EXIF orientation asks for undone")
 
 
 def _alto_files(pages: Rows, document: dict, stem: str, images: set[int] | None) -> Rendered:
