@@ -100,6 +100,11 @@ def test_fine_tuning_lowers_the_loss_and_saves_a_loadable_model(tmp_path, base_m
     assert str(checkpoint) in names_synced(checkpoint)
     saved = json.loads((output / "tokenizer.json").read_text())  # no training-time truncation for its users
     assert saved["truncation"] is None and saved["padding"] is None
+    # every file readable as the umask lets it (safetensors had written the weights for their owner alone, 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in [*output.iterdir(), *checkpoint.iterdir()]
+            if path.is_file() and path.suffix == ".safetensors"} == {"model.safetensors": oct(0o666 & ~umask)}
 
 
 def test_two_ray_train_workers_train_one_model_through_the_cli(ray_local, tmp_path, base_model, line_folder, capfd):
@@ -616,6 +621,11 @@ def test_a_resume_into_another_or_an_emptied_output_dir_saves_its_best_model_the
     (tmp_path / "work" / BEST_STATE).write_text(json.dumps({**best, "validation_cer": 0.0}))
     _, state = start_run(moved.model_copy(update={"steps": 13}), resume=True)  # the same folder: its model's CER holds
     assert state.best_cer == 0.0
+    # no step left and no model there: refused (it had said "model saved to" the empty folder); with it there, kept
+    with pytest.raises(ConfigError, match=r"is at step 12 already, and this run stops at step 12: no step is left"):
+        train(moved.model_copy(update={"steps": 12, "output_dir": tmp_path / "model-3"}), resume=True,
+              show_progress=False)
+    assert train(moved.model_copy(update={"steps": 12}), resume=True, show_progress=False) == tmp_path / "model-2"
 
 
 def test_a_resume_naming_its_output_dir_through_a_link_keeps_the_cer_of_the_model_there(tmp_path, base_model,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shutil
 import tempfile
@@ -146,7 +147,12 @@ def save_trocr(model: VisionEncoderDecoderModel, processor: TrOCRProcessor, out_
     with tempfile.TemporaryDirectory(prefix=SAVING_PREFIX, dir=out_dir) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
+        umask = os.umask(0)
+        os.umask(umask)
         for path in sorted(Path(staging).iterdir()):
+            # safetensors writes its file for its owner alone (0600): another account (a service, a cluster's
+            # workers) could read the model's config but not its weights
+            path.chmod(0o666 & ~umask)
             replace_on_disk(path, out_dir / path.name)  # a power cut must not leave the file it replaces empty
     on_disk(out_dir)
     return out_dir
