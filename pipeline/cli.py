@@ -118,10 +118,11 @@ def _synth_command(args: argparse.Namespace) -> int:
 
         if args.languages is not None:
             raise ConfigError("--languages is for synth lines: synthetic documents are English")
+        dpi = 150 if args.dpi is None else args.dpi
         _new_synth_folder(args.output)
         try:
             with writing(args.output):
-                paths = write_document_set(Path(args.output), args.count, args.seed, dpi=args.dpi,
+                paths = write_document_set(Path(args.output), args.count, args.seed, dpi=dpi,
                                            font_kind=args.font_kind)
         except ValueError as exc:  # an argument out of its range (the dpi)
             raise ConfigError(f"synth docs: {exc}") from exc
@@ -129,6 +130,9 @@ def _synth_command(args: argparse.Namespace) -> int:
     else:
         from pipeline.synth.corpus import LANGUAGES, check_languages
         from pipeline.synth.lines import write_line_set
+
+        if args.dpi is not None:  # it had been taken and had done nothing
+            raise ConfigError("--dpi is for synth docs: synthetic lines are drawn at their font's size")
 
         named = [part.strip() for part in ("en" if args.languages is None else args.languages).split(",") if part.strip()]
         if not named:  # it had been taken as the default, English
@@ -244,7 +248,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     synth.add_argument("--output", "-o", required=True)
     synth.add_argument("--count", "-n", type=_whole_number(1), default=4)
     synth.add_argument("--seed", type=_whole_number(0), default=0)
-    synth.add_argument("--dpi", type=int, default=150, help="docs only")
+    synth.add_argument("--dpi", type=int, help="docs only (default 150)")
     synth.add_argument("--font-kind", choices=["printed", "handwritten", "historical", "all", "heldout"], default="printed",
                        help="heldout: printed fonts no model is trained on, for measuring (bench/heldout_fonts.py)")
     synth.add_argument("--languages", help="lines only: comma-separated, some of en,fr,de,it,es,la (default en); "

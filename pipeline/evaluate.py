@@ -67,9 +67,13 @@ class Score:
 
 
 def read_eval_lines(folders: Sequence[Path], paint_out_neighbours: bool = False) -> list[LabeledLine]:
-    """All labelled lines of the folders; a folder without any is an error, not a silent zero."""
-    return read_line_sources([DataSource(kind="folder", path=Path(folder), paint_out_neighbours=paint_out_neighbours)
-                              for folder in folders])
+    """All labelled lines of the folders, each folder once however often it is given (overlapping globs had scored a
+    folder twice, and weighed it twice in the overall figure); a folder without any is an error, not a silent zero."""
+    once: dict[Path, Path] = {}
+    for folder in folders:
+        once.setdefault(Path(folder).resolve(), Path(folder))
+    return read_line_sources([DataSource(kind="folder", path=folder, paint_out_neighbours=paint_out_neighbours)
+                              for folder in once.values()])
 
 
 def read_page_truth(paths: Sequence[Path]) -> list[PageTruth]:
@@ -147,7 +151,9 @@ def format_report(scores: Sequence[Score], results: Sequence[LineResult], worst:
     if worst > 0:
         rows.append(f"\nworst {min(worst, len(results))} {unit} (CER, image, reference | prediction):")
         for result in sorted(results, key=lambda r: r.cer, reverse=True)[:worst]:
-            rows.append(f"{result.cer:7.2%}  {result.image}\n         ref:  {result.reference}\n         pred: {result.prediction}")
+            # with its folder: every synthetic set names its lines alike (line_000000.png)
+            rows.append(f"{result.cer:7.2%}  {os.path.join(result.source, result.image)}\n"
+                        f"         ref:  {result.reference}\n         pred: {result.prediction}")
     return "\n".join(rows)
 
 

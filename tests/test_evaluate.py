@@ -121,6 +121,24 @@ def test_folder_without_labelled_lines_is_an_error(tmp_path, tiny_model):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no labelled lines"):
         eval_command(parse(["--model", str(tiny_model), "--lines", str(tmp_path / "empty"), "--device", "cpu"]))
+    # a folder of line folders: they are named (it had been refused with no word of them)
+    write_lines(tmp_path / "sets" / "first", ["alpha"])
+    write_lines(tmp_path / "sets" / "second", ["beta"])
+    with pytest.raises(ConfigError, match=r"its subfolders first, second hold lines: give them \(subfolders are not "):
+        eval_command(parse(["--model", str(tiny_model), "--lines", str(tmp_path / "sets"), "--device", "cpu"]))
+
+
+def test_a_folder_given_twice_is_read_once_and_the_worst_lines_are_named_with_their_folder(tmp_path, tiny_model,
+                                                                                           capsys):
+    """Overlapping globs had scored a folder twice (and weighed it twice overall); every synthetic set names its
+    lines alike, and the worst lines had been listed by file name alone."""
+    folder = write_lines(tmp_path / "set", ["alpha beta"])
+    argv = ["--model", str(tiny_model), "--lines", str(folder), f"{folder}/", "--device", "cpu", "--max-new-tokens", "4",
+            "--worst", "1"]
+    assert eval_command(parse(argv)) == ExitCode.ok
+    report = capsys.readouterr().out
+    assert re.search(r"^overall\s+1\s", report, re.MULTILINE), report
+    assert f"  {folder / 'l0.png'}\n" in report, report
 
 
 def test_scores_are_corpus_level_per_source_and_overall():

@@ -153,9 +153,21 @@ def read_line_sources(sources: Sequence["DataSource"]) -> list[LabeledLine]:
                  else read_page_lines(source.path))
         if not found:
             raise ConfigError(f"{source.kind} source {source.path} holds no labelled lines (a folder: <name>.png|jpg|tif "
-                              f"beside <name>.gt.txt; pages: PAGE/ALTO lines with text and an outline)")
+                              f"beside <name>.gt.txt; pages: PAGE/ALTO lines with text and an outline)"
+                              f"{_subfolders_with_lines(source.path) if source.kind == 'folder' else ''}")
         lines += found
     return lines
+
+
+def _subfolders_with_lines(folder: Path) -> str:
+    """What to say of a folder's subfolders that hold transcriptions: a folder's lines are read from it alone, and a
+    set laid out as one folder per source had been refused with no word of them."""
+    held = sorted(sub.name for sub in folder.iterdir() if sub.is_dir() and any(sub.glob(f"*{GT_SUFFIX}")))
+    if not held:
+        return ""
+    return (f"; its subfolder{'s' if len(held) > 1 else ''} {', '.join(held[:3])}{', ...' if len(held) > 3 else ''} "
+            f"hold{'' if len(held) > 1 else 's'} lines: give {'them' if len(held) > 1 else 'it'} (subfolders are not "
+            "searched)")
 
 
 def readable_lines(lines: Sequence[LabeledLine]) -> list[LabeledLine]:
