@@ -271,13 +271,16 @@ def test_a_page_file_given_by_itself_is_named_as_it_is_and_a_page_without_text_i
 def test_an_evaluation_that_fails_leaves_an_earlier_predictions_file_as_it_was(tmp_path, tiny_model):
     """--predictions had been emptied before the evaluation: one that then failed (a damaged line image) had lost
     the predictions an earlier evaluation wrote there, and one into a new path had left an empty file."""
-    lines = write_lines(tmp_path / "lines", ["alpha beta", "gamma"])
+    lines = write_lines(tmp_path / "lines", ["alpha beta", "gamma", "delta"])
     (lines / "l1.png").write_bytes(b"no image")
+    (lines / "l2.png").write_bytes(b"")
     earlier = tmp_path / "earlier.jsonl"
     earlier.write_text('{"image": "l0.png"}\n', encoding="utf-8")
     common = ["--model", str(tiny_model), "--lines", str(lines), "--device", "cpu", "--max-new-tokens", "8"]
     for predictions in (earlier, tmp_path / "new.jsonl"):
-        with pytest.raises(ConfigError, match="l1.png cannot be read"):
+        # every image that cannot be read named at once (the first alone had been)
+        with pytest.raises(ConfigError, match="^2 line images cannot be read, so the score would leave them out: "
+                                              ".*l1.png cannot be read.*; .*l2.png cannot be read"):
             eval_command(parse([*common, "--predictions", str(predictions)]))
     assert earlier.read_text(encoding="utf-8") == '{"image": "l0.png"}\n'
     assert not (tmp_path / "new.jsonl").exists()
