@@ -378,6 +378,14 @@ def test_training_names_bad_lines_before_its_first_step_and_trains_on_the_others
     assert "1 line images cannot be read and are left out" in caplog.text and "damaged.png" in caplog.text
     assert "2 images have no .gt.txt beside them" in caplog.text  # the folder's unlabelled.png and this one
     assert re.search(r"1 transcriptions are longer than a label's \d+ tokens and are taught cut short", caplog.text)
+    # said once, not again by each stream that reads the folder (here the one in this process, without workers)
+    caplog.clear()
+    once = config.model_copy(update={"loader_workers": 0, "steps": 1, "work_dir": tmp_path / "work-once",
+                                     "output_dir": tmp_path / "model-once",
+                                     "validation_data": [DataSource(kind="folder", path=line_folder)]})
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.data"):
+        train(once, show_progress=False)
+    assert caplog.text.count("2 images have no .gt.txt beside them") == 1, caplog.text
     (lines / "latin1.gt.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     render("cafe").save(lines / "latin1.png")
     shutil.rmtree(tmp_path / "work")

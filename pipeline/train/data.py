@@ -74,9 +74,9 @@ class LabeledLine:
         return fit(pixels)
 
 
-def read_line_folder(folder: Path, paint_out_neighbours: bool = False) -> list[LabeledLine]:
+def read_line_folder(folder: Path, paint_out_neighbours: bool = False, warn: bool = True) -> list[LabeledLine]:
     """Every ``<stem>.gt.txt`` with an image ``<stem>[.more].png|jpg|tif`` beside it (e.g. UW3 ``x.bin.png``);
-    ``paint_out_neighbours``: see :meth:`LabeledLine.load_gray`."""
+    ``paint_out_neighbours``: see :meth:`LabeledLine.load_gray`; ``warn``: name what is left out."""
     if not folder.is_dir():
         raise ConfigError(f"line folder {folder} does not exist or is not a folder")
     images_by_stem: dict[str, list[Path]] = {}
@@ -102,7 +102,7 @@ def read_line_folder(folder: Path, paint_out_neighbours: bool = False) -> list[L
     for left_out, what in ((without_image, "transcriptions have no image beside them"),
                            (without_text, "transcriptions are empty"),
                            (sorted(path.name for path in untranscribed), f"images have no {GT_SUFFIX} beside them")):
-        if left_out:
+        if left_out and warn:
             log.warning("%s: %d %s and are left out (e.g. %s)", folder, len(left_out), what, left_out[0])
     return lines
 
@@ -142,14 +142,15 @@ def read_page_lines(path: Path) -> list[LabeledLine]:
     return lines
 
 
-def read_line_sources(sources: Sequence["DataSource"]) -> list[LabeledLine]:
+def read_line_sources(sources: Sequence["DataSource"], warn: bool = True) -> list[LabeledLine]:
     """Labelled lines from folder and page sources (synthetic sources are streamed, not read here); a source
-    without any is an error, not a run that trains or validates on nothing."""
+    without any is an error, not a run that trains or validates on nothing. ``warn``: name what a folder leaves out
+    (the training streams read again what :func:`check_training_lines` read, and had said it once each)."""
     lines: list[LabeledLine] = []
     for source in sources:
         if source.kind == "synth":
             continue
-        found = (read_line_folder(source.path, source.paint_out_neighbours) if source.kind == "folder"
+        found = (read_line_folder(source.path, source.paint_out_neighbours, warn) if source.kind == "folder"
                  else read_page_lines(source.path))
         if not found:
             raise ConfigError(f"{source.kind} source {source.path} holds no labelled lines (a folder: <name>.png|jpg|tif "
@@ -243,7 +244,8 @@ class TrainingLines(IterableDataset):
 def _source_stream(source: DataSource, seed: int, start_line: int, worker_id: int, workers: int) -> Iterator[tuple[np.ndarray, str]]:
     if source.kind == "synth":
         return _synth_stream(source, start_line, worker_id, workers)
-    return _shuffled_forever(read_line_sources([source]), random.Random(seed + start_line + worker_id), source.augment)
+    return _shuffled_forever(read_line_sources([source], warn=False), random.Random(seed + start_line + worker_id),
+                             source.augment)
 
 
 def _synth_stream(source: DataSource, start_line: int, worker_id: int, workers: int) -> Iterator[tuple[np.ndarray, str]]:
