@@ -32,7 +32,7 @@ def recorded_source(source: str) -> str:
 NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
-def lock_alone(handle: IO, what: str) -> None:
+def lock_alone(handle: IO | int, what: str) -> None:
     """Take ``handle``'s file for this process alone (``flock``, let go when it is closed or the process ends);
     :class:`BlockingIOError` where another holds it. On a filesystem without locks ``what`` is warned of and goes
     unlocked: such a share had failed the run with a traceback before any work."""

@@ -31,7 +31,8 @@ from operators.text import make_normalizer
 from pipeline.train.config import DataSource, LayerSelection, TrainConfig, load_train_config
 from operators.words import fit_loose_crop, fit_rows_to_ink
 from pipeline.train.data import LabelCollator, read_line_folder, read_line_sources, read_page_lines, validation_lines
-from pipeline.train.loop import (BEST_STATE, CHECKPOINT_PREFIX, RUN_LOCK, TRAINER_STATE, latest_checkpoint, learning_rate_factor, start_run,
+from pipeline.train.loop import (BEST_STATE, CHECKPOINT_PREFIX, RUN_LOCK, TRAINER_STATE, holding_work_dir,
+                                 latest_checkpoint, learning_rate_factor, start_run,
                                  train)
 from pipeline.train.model import SAVING_PREFIX, build_trocr, save_trocr, shrink_trocr
 from pipeline.train.tokenizer import train_tokenizer
@@ -610,6 +611,10 @@ def test_a_work_dir_takes_one_run_at_a_time(tmp_path, base_model, line_folder):
     train(config.model_copy(update={"steps": 3}), resume=True, show_progress=False, report=metrics.append)
     train(config.model_copy(update={"steps": 4}), resume=True, show_progress=False, report=metrics.append)
     assert [row["step"] for row in metrics] == [3, 4]
+    # an output_dir takes one run at a time too, whatever its work_dir (two had each saved their best models there)
+    with holding_work_dir(config):
+        with pytest.raises(OutputLocked, match="model is the output_dir of another training run"):
+            train(config.model_copy(update={"work_dir": tmp_path / "work-2"}), show_progress=False)
 
 
 def test_a_resume_into_another_or_an_emptied_output_dir_saves_its_best_model_there(tmp_path, base_model,

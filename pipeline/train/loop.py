@@ -268,7 +268,28 @@ def holding_work_dir(config: TrainConfig) -> Iterator[None]:
         lock.truncate(0)
         lock.write(f"{os.getpid()}\n")
         lock.flush()
+        with _holding_output_dir(config):
+            yield
+
+
+@contextmanager
+def _holding_output_dir(config: TrainConfig) -> Iterator[None]:
+    """Hold output_dir too, by a lock on the folder itself (no file in the model's folder): two runs of different
+    work_dirs writing their best models into one output_dir had each recorded it as holding its own."""
+    try:
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+        folder = os.open(config.output_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise OutputNotWritable(f"training cannot write to {config.output_dir}: {exc}") from exc
+    try:
+        try:
+            lock_alone(folder, f"the training output_dir {config.output_dir}")
+        except BlockingIOError:
+            raise OutputLocked(f"{config.output_dir} is the output_dir of another training run (of another work_dir): "
+                               "let it end, or give this run an output_dir of its own") from None
         yield
+    finally:
+        os.close(folder)
 
 
 @dataclass
