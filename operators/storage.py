@@ -45,6 +45,16 @@ def lock_alone(handle: IO | int, what: str) -> None:
                                             "a second run there; start one at a time", what, exc.strerror)
 
 
+def is_the_file_named(handle: IO, path: str | os.PathLike) -> bool:
+    """Whether ``handle``'s file is the one ``path`` names now: a lock taken on a file that a run ending took out of
+    its folder as this one opened it locks nothing another run would see."""
+    try:
+        held, named = os.fstat(handle.fileno()), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
+
+
 #: How long a ``gs://`` store is retried before the read or write fails (a URI's ``?retry_limit_seconds=`` wins).
 GCS_RETRY_LIMIT_S = 60
 

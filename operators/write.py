@@ -34,7 +34,7 @@ from concurrent.futures import Executor
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import PurePosixPath
-from typing import IO, Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -47,7 +47,8 @@ from operators.formats.export import STAGED_EXPORT_PREFIX, formats_written, remo
 from operators.ingest import KnownDocument, check_unchanged, duplicate_id
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
 from operators.settings import RasterizeConfig
-from operators.storage import is_uri, lock_alone, move_into_place, resolve_filesystem, scratch_space_full, writing
+from operators.storage import (is_the_file_named, is_uri, lock_alone, move_into_place, resolve_filesystem,
+                               scratch_space_full, writing)
 from operators.words import split_words
 
 log = logging.getLogger(__name__)
@@ -184,18 +185,10 @@ def _holding(output: str, root: str) -> Iterator[None]:
             except BlockingIOError as exc:
                 raise OutputLocked(f"another run is writing to {output} (it holds {root}/{LOCK_FILE}); "
                                    "this run stopped without touching the output") from exc
-            if _is_the_lock_file(lock, f"{root}/{LOCK_FILE}"):
+            if is_the_file_named(lock, f"{root}/{LOCK_FILE}"):
                 yield
                 return
     raise OutputLocked(f"other runs kept taking out {root}/{LOCK_FILE} as this run took it: run again")
-
-
-def _is_the_lock_file(lock: IO, path: str) -> bool:
-    try:
-        held, named = os.fstat(lock.fileno()), os.stat(path)
-    except FileNotFoundError:
-        return False
-    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
 
 
 def _leave_no_trace(root: str) -> None:

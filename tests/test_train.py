@@ -561,6 +561,12 @@ def test_an_unfinished_checkpoint_never_takes_a_complete_ones_place_and_resume_n
     with pytest.raises(ConfigError, match="--resume: .* holds no complete checkpoint to continue from"):
         train(config.model_copy(update={"steps": 14}), resume=True, show_progress=False)
     assert (tmp_path / "model" / "model.safetensors").read_bytes() == best
+    # a refused run leaves nothing it made (a work_dir mistyped with --resume had been made, and an empty output_dir)
+    assert not (tmp_path / "work").exists()
+    with pytest.raises(ConfigError, match="holds no complete checkpoint"):
+        train(config.model_copy(update={"work_dir": tmp_path / "typo", "output_dir": tmp_path / "new-model"}),
+              resume=True, show_progress=False)
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "new-model").exists()
 
 
 def test_a_work_dir_belongs_to_one_run(tmp_path, base_model, line_folder, caplog):

@@ -40,7 +40,7 @@ from operators.errors import ConfigError, OutputLocked, OutputNotWritable, Write
 from operators.model import TrOCRBundle, cpu_has_native_bf16, load_trocr, resolve_device, resolve_dtype
 from operators.preprocess import WIDTH_SCALE_KEY, LinePreprocessor, ink_columns
 from operators.recognize import LineRecognizer, resolve_max_new_tokens
-from operators.storage import lock_alone, on_disk, replace_on_disk
+from operators.storage import is_the_file_named, lock_alone, on_disk, replace_on_disk
 from operators.text import make_normalizer
 from pipeline.scoring import corpus_error_rates
 from pipeline.train.config import TrainConfig
@@ -252,6 +252,7 @@ def holding_work_dir(config: TrainConfig) -> Iterator[None]:
     output_dir. A work_dir held by another run is refused as a held output is (:class:`OutputLocked`); a device or
     precision this machine lacks before work_dir is made."""
     training_autocast_dtype(config.precision, resolve_device(config.device))
+    made = [folder for folder in (config.output_dir, config.work_dir) if not os.path.lexists(folder)]
     try:
         config.work_dir.mkdir(parents=True, exist_ok=True)
         lock = open(config.work_dir / RUN_LOCK, "a+")  # noqa: SIM115 - held for the run
@@ -265,11 +266,30 @@ def holding_work_dir(config: TrainConfig) -> Iterator[None]:
             raise OutputLocked(f"{config.work_dir} is in use by another training run (process "
                                f"{lock.read().strip() or '?'}): let it end or stop it first; a work_dir takes one "
                                "run at a time") from None
+        if not is_the_file_named(lock, config.work_dir / RUN_LOCK):
+            raise OutputLocked(f"{config.work_dir}: another training run took out its {RUN_LOCK} as this one began: "
+                               "run again")
         lock.truncate(0)
         lock.write(f"{os.getpid()}\n")
         lock.flush()
-        with _holding_output_dir(config):
-            yield
+        try:
+            with _holding_output_dir(config):
+                yield
+        finally:
+            _leave_no_trace(config, made)
+
+
+def _leave_no_trace(config: TrainConfig, made: Sequence[Path]) -> None:
+    """Take out the lock of a run that wrote nothing (refused: a --resume with no checkpoint, a data folder that is
+    not there), and the folders it made, while they are empty: they had been left, an empty output_dir among them."""
+    try:
+        if os.listdir(config.work_dir) != [RUN_LOCK]:
+            return
+        (config.work_dir / RUN_LOCK).unlink()
+        for folder in made:
+            folder.rmdir()
+    except OSError:  # written in, or gone: what is left is harmless
+        pass
 
 
 @contextmanager
