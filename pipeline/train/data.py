@@ -204,8 +204,9 @@ def check_training_lines(sources: Sequence[DataSource], collator: "LabelCollator
     too_long = [text for text, ids in zip(texts, encoded) if len(ids) > collator.max_length]
     unknown = [text for text, ids in zip(texts, encoded) if tokenizer.unk_token_id in ids]
     if too_long:
+        # the label's own tokens, as the config gives them (the <s> the decoder starts with is no part of it)
         log.warning("%d transcriptions are longer than a label's %d tokens and are taught cut short (e.g. %r)",
-                    len(too_long), collator.max_length, too_long[0][:80])
+                    len(too_long), collator.max_length - collator.drop_bos, too_long[0][:80])
     if unknown:
         log.warning("%d transcriptions hold characters the tokenizer has no token for, taught as unknown "
                     "(e.g. %r)", len(unknown), unknown[0][:80])
