@@ -839,16 +839,21 @@ class DryRun:
 
     def describe(self) -> str:
         # where each duplicate's pages come from: the output's copy, else this run's first one
-        owners = {plan.doc_id: plan.source for plan in reversed(self.plans) if plan.duplicate_of is None}
+        firsts = {plan.doc_id: plan.source for plan in reversed(self.plans) if plan.duplicate_of is None}
         now_read = {plan.source: plan.doc_id for plan in self.plans}
         unreadable = {plan.source for plan in self.plans if plan.error is not None}
-        for doc_id, source in self.done.items():
+
+        def owner(doc_id: str) -> str:
+            if doc_id not in self.done:
+                return firsts.get(doc_id, doc_id)
             # the file an earlier run read may hold other bytes now, or be gone: a duplicate named as "same bytes as"
-            # it had sent an operator to a file that no longer holds them
+            # it had sent an operator to a file that no longer holds them (looked at for duplicates alone: an
+            # output holds millions of documents)
+            source = self.done[doc_id]
             since = (", which cannot be read now" if source in unreadable
                      else ", which now holds other bytes" if now_read.get(source, doc_id) != doc_id
                      else ", which is not found here" if not is_uri(source) and not os.path.exists(source) else "")
-            owners[doc_id] = f"the document read earlier from {source}{since}"
+            return f"the document read earlier from {source}{since}"
         lines, todo_pages, todo_documents, failing, duplicates, unselected = [], 0, 0, 0, 0, 0
         for plan in self.plans:
             selected = len(selected_pages(self.pages, plan.num_pages))
@@ -866,7 +871,7 @@ class DryRun:
             if plan.oversized_pages and state == "ok":
                 reason = f" ({len(plan.oversized_pages)} page(s) will fail, page_too_large: {plan.oversized_pages[0][1]})"
             if state == "duplicate":
-                reason = f" (same bytes as {owners.get(plan.duplicate_of, plan.duplicate_of)})"
+                reason = f" (same bytes as {owner(plan.duplicate_of)})"
             lines.append(f"{state:9} {selected:4} pages  {plan.source}{reason}")
         skipped = sum(plan.doc_id in self.done for plan in self.plans)
         retry = f", {_failed_documents(self.retried)} to take out and read again (--retry-failed)" if self.retried else ""
