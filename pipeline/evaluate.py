@@ -47,6 +47,12 @@ class LineResult:
     reference: str
     cer: float
 
+    @property
+    def path(self) -> str:
+        """The image's path (the XML file's with ``--pages``): its source is a folder, or a page's file by itself."""
+        source = Path(self.source)
+        return str(source / self.image if source.is_dir() else source)
+
 
 @dataclass(frozen=True)
 class PageTruth:
@@ -152,7 +158,7 @@ def format_report(scores: Sequence[Score], results: Sequence[LineResult], worst:
         rows.append(f"\nworst {min(worst, len(results))} {unit} (CER, image, reference | prediction):")
         for result in sorted(results, key=lambda r: r.cer, reverse=True)[:worst]:
             # with its folder: every synthetic set names its lines alike (line_000000.png)
-            rows.append(f"{result.cer:7.2%}  {os.path.join(result.source, result.image)}\n"
+            rows.append(f"{result.cer:7.2%}  {result.path}\n"
                         f"         ref:  {result.reference}\n         pred: {result.prediction}")
     return "\n".join(rows)
 
@@ -193,8 +199,7 @@ def write_predictions(out: IO[str], results: Sequence[LineResult]) -> None:
         out.truncate()
     for result in results:
         row = {key: value for key, value in asdict(result).items() if key != "source"}
-        source = Path(result.source)  # a folder, or a page's XML file given by itself
-        row["image"] = str(source / result.image if source.is_dir() else source)
+        row["image"] = result.path
         out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 

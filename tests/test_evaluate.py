@@ -185,10 +185,10 @@ def test_line_cer_handles_empty_reference():
     assert line_cer("abcd", "abed") == pytest.approx(0.25)
 
 
-def test_report_lists_worst_lines_first():
-    results = [LineResult("good.png", "A", "ok", "ok", 0.0), LineResult("bad.png", "A", "xx", "ok", 1.0)]
+def test_report_lists_worst_lines_first(tmp_path):
+    results = [LineResult("good.png", str(tmp_path), "ok", "ok", 0.0), LineResult("bad.png", str(tmp_path), "xx", "ok", 1.0)]
     report = format_report(scores_by_source(results, make_normalizer([])), results, worst=1)
-    assert "bad.png" in report and "good.png" not in report
+    assert str(tmp_path / "bad.png") in report and "good.png" not in report
 
 
 def write_page_xml(folder: Path, image_name: str, size: tuple[int, int], lines: list[dict]) -> Path:
