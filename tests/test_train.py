@@ -645,6 +645,7 @@ def test_a_resume_into_another_or_an_emptied_output_dir_saves_its_best_model_the
     with pytest.raises(ConfigError, match=r"is at step 12 already, and this run stops at step 12: no step is left"):
         train(moved.model_copy(update={"steps": 12, "output_dir": tmp_path / "model-3"}), resume=True,
               show_progress=False)
+    assert not (tmp_path / "model-3").exists()  # nothing was saved there: the folder is not left either
     assert train(moved.model_copy(update={"steps": 12}), resume=True, show_progress=False) == tmp_path / "model-2"
 
 

@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,14 +282,12 @@ def holding_work_dir(config: TrainConfig) -> Iterator[None]:
 def _leave_no_trace(config: TrainConfig, made: Sequence[Path]) -> None:
     """Take out the lock of a run that wrote nothing (refused: a --resume with no checkpoint, a data folder that is
     not there), and the folders it made, while they are empty: they had been left, an empty output_dir among them."""
-    try:
-        if os.listdir(config.work_dir) != [RUN_LOCK]:
-            return
-        (config.work_dir / RUN_LOCK).unlink()
-        for folder in made:
+    with suppress(OSError):  # written in, or gone: what is left is harmless
+        if os.listdir(config.work_dir) == [RUN_LOCK]:
+            (config.work_dir / RUN_LOCK).unlink()
+    for folder in made:  # each while it is empty (a resume with no step left makes an output_dir and saves nothing)
+        with suppress(OSError):
             folder.rmdir()
-    except OSError:  # written in, or gone: what is left is harmless
-        pass
 
 
 @contextmanager
