@@ -45,9 +45,27 @@ def lock_alone(handle: IO | int, what: str) -> None:
                                             "a second run there; start one at a time", what, exc.strerror)
 
 
-def is_the_file_named(handle: IO, path: str | os.PathLike) -> bool:
-    """Whether ``handle``'s file is the one ``path`` names now: a lock taken on a file that a run ending took out of
-    its folder as this one opened it locks nothing another run would see."""
+@contextmanager
+def holding_lock_file(path: str | os.PathLike, what: str) -> Iterator[IO[str]]:
+    """The lock file ``path`` (made where missing, with its folder), open for reading and appending and held for this
+    process alone (:func:`lock_alone`) while the block runs; :class:`BlockingIOError` where another holds it. A file
+    that a run ending took out of its folder as this one opened it is opened again: a lock on it would lock nothing
+    another run sees."""
+    for _ in range(3):
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            handle = open(path, "a+")  # noqa: SIM115 - held for the block
+        except FileNotFoundError:  # the folder taken out meanwhile by a run that made it and wrote nothing
+            continue
+        with handle:
+            lock_alone(handle, what)
+            if _is_the_file_named(handle, path):
+                yield handle
+                return
+    raise BlockingIOError(errno.EAGAIN, f"other runs kept taking out {path} as this one took it")
+
+
+def _is_the_file_named(handle: IO, path: str | os.PathLike) -> bool:
     try:
         held, named = os.fstat(handle.fileno()), os.stat(path)
     except FileNotFoundError:

@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent import futures
 from concurrent.futures import Executor
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import PurePosixPath
 from typing import Any, ClassVar, NamedTuple
@@ -47,8 +47,8 @@ from operators.formats.export import STAGED_EXPORT_PREFIX, formats_written, remo
 from operators.ingest import KnownDocument, check_unchanged, duplicate_id
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
 from operators.settings import RasterizeConfig
-from operators.storage import (is_the_file_named, is_uri, lock_alone, move_into_place, resolve_filesystem,
-                               scratch_space_full, writing)
+from operators.storage import (holding_lock_file, is_uri, move_into_place, resolve_filesystem, scratch_space_full,
+                               writing)
 from operators.words import split_words
 
 log = logging.getLogger(__name__)
@@ -168,27 +168,16 @@ def _check_writable(filesystem: pafs.FileSystem, root: str, output: str) -> None
 
 @contextmanager
 def _holding(output: str, root: str) -> Iterator[None]:
-    """Hold ``DIR/.lock`` for this run. A lock file that a run which wrote nothing took out (:func:`_leave_no_trace`)
-    as this one opened it is opened again: two runs had each held a lock of their own, one on a file gone from the
-    folder."""
-    for _ in range(3):
+    """Hold ``DIR/.lock`` for this run (:func:`operators.storage.holding_lock_file`)."""
+    with ExitStack() as held:
         try:
-            os.makedirs(root, exist_ok=True)
-            lock = open(f"{root}/{LOCK_FILE}", "a")  # noqa: SIM115 - held for the run
-        except FileNotFoundError:  # the folder taken out meanwhile by a run that made it and wrote nothing
-            continue
+            held.enter_context(holding_lock_file(f"{root}/{LOCK_FILE}", f"the output {output}"))
+        except BlockingIOError as exc:
+            raise OutputLocked(f"another run is writing to {output} (it holds {root}/{LOCK_FILE}); "
+                               "this run stopped without touching the output") from exc
         except OSError as exc:
             raise OutputNotWritable(f"the output {output} cannot be written: {exc}") from exc
-        with lock:
-            try:
-                lock_alone(lock, f"the output {output}")
-            except BlockingIOError as exc:
-                raise OutputLocked(f"another run is writing to {output} (it holds {root}/{LOCK_FILE}); "
-                                   "this run stopped without touching the output") from exc
-            if is_the_file_named(lock, f"{root}/{LOCK_FILE}"):
-                yield
-                return
-    raise OutputLocked(f"other runs kept taking out {root}/{LOCK_FILE} as this run took it: run again")
+        yield
 
 
 def _leave_no_trace(root: str) -> None:

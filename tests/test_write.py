@@ -42,7 +42,7 @@ from operators.write import (
     retire_documents,
 )
 from operators.settings import RasterizeConfig
-from operators.storage import is_the_file_named
+from operators.storage import _is_the_file_named
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
 from pipeline.job import RayTaskExecutor
 
@@ -384,11 +384,11 @@ def test_a_lock_on_a_file_taken_out_of_the_folder_is_not_the_outputs_lock(tmp_pa
     it was let go, had held a lock on a file no longer in the folder, beside a third run locking a new one."""
     path = tmp_path / LOCK_FILE
     with open(path, "a") as stale:
-        assert is_the_file_named(stale, str(path))
+        assert _is_the_file_named(stale, str(path))
         path.unlink()
-        assert not is_the_file_named(stale, str(path))
+        assert not _is_the_file_named(stale, str(path))
         path.touch()
-        assert not is_the_file_named(stale, str(path))
+        assert not _is_the_file_named(stale, str(path))
 
 
 def test_the_dry_run_finds_an_output_that_cannot_be_written_without_writing(tmp_path):

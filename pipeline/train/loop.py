@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +40,7 @@ from operators.errors import ConfigError, OutputLocked, OutputNotWritable, Write
 from operators.model import TrOCRBundle, cpu_has_native_bf16, load_trocr, resolve_device, resolve_dtype
 from operators.preprocess import WIDTH_SCALE_KEY, LinePreprocessor, ink_columns
 from operators.recognize import LineRecognizer, resolve_max_new_tokens
-from operators.storage import is_the_file_named, lock_alone, on_disk, replace_on_disk
+from operators.storage import holding_lock_file, lock_alone, on_disk, replace_on_disk
 from operators.text import make_normalizer
 from pipeline.scoring import corpus_error_rates
 from pipeline.train.config import TrainConfig
@@ -253,22 +253,16 @@ def holding_work_dir(config: TrainConfig) -> Iterator[None]:
     precision this machine lacks before work_dir is made."""
     training_autocast_dtype(config.precision, resolve_device(config.device))
     made = [folder for folder in (config.output_dir, config.work_dir) if not os.path.lexists(folder)]
-    try:
-        config.work_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(config.work_dir / RUN_LOCK, "a+")  # noqa: SIM115 - held for the run
-    except OSError as exc:
-        raise OutputNotWritable(f"training cannot write to {config.work_dir}: {exc}") from exc
-    with lock:
+    with ExitStack() as held:
         try:
-            lock_alone(lock, f"the training work_dir {config.work_dir}")
+            lock = held.enter_context(holding_lock_file(config.work_dir / RUN_LOCK,
+                                                        f"the training work_dir {config.work_dir}"))
         except BlockingIOError:
-            lock.seek(0)
             raise OutputLocked(f"{config.work_dir} is in use by another training run (process "
-                               f"{lock.read().strip() or '?'}): let it end or stop it first; a work_dir takes one "
-                               "run at a time") from None
-        if not is_the_file_named(lock, config.work_dir / RUN_LOCK):
-            raise OutputLocked(f"{config.work_dir}: another training run took out its {RUN_LOCK} as this one began: "
-                               "run again")
+                               f"{_lock_holder(config)}): let it end or stop it first; a work_dir takes one run at a "
+                               "time") from None
+        except OSError as exc:
+            raise OutputNotWritable(f"training cannot write to {config.work_dir}: {exc}") from exc
         lock.truncate(0)
         lock.write(f"{os.getpid()}\n")
         lock.flush()
@@ -277,6 +271,14 @@ def holding_work_dir(config: TrainConfig) -> Iterator[None]:
                 yield
         finally:
             _leave_no_trace(config, made)
+
+
+def _lock_holder(config: TrainConfig) -> str:
+    """The process id a training run wrote into the work_dir's lock it holds."""
+    try:
+        return (config.work_dir / RUN_LOCK).read_text().strip() or "?"
+    except OSError:
+        return "?"
 
 
 def _leave_no_trace(config: TrainConfig, made: Sequence[Path]) -> None:
