@@ -109,27 +109,30 @@ def check_log_json(path: Path) -> None:
 
 @dataclass
 class PeriodicProgress:
-    """Called with how many of how many are done (0 when the work starts: the ETA's rate counts from there), it
-    prints a ``progress:`` line at most every ``interval_s``, the first after one interval from its making: a long
-    count (``eval --lines`` over thousands of lines, minutes on a CPU, had said nothing until its report) says how
-    far it is, a short one says nothing."""
+    """Called with how many of how many are done (first when the work starts: the ETA's rate counts from there, so a
+    resumed count's earlier part does not speed it up), it prints a ``progress:`` line at most every ``interval_s``,
+    the first after one interval from its making: a long count (``eval --lines`` over thousands of lines, minutes on
+    a CPU, had said nothing until its report) says how far it is, a short one says nothing."""
 
     what: str
     stream: IO[str] = field(default_factory=lambda: sys.stderr)
     interval_s: float = LOG_INTERVAL_S
     _began: float = field(default_factory=time.monotonic)
-    _started: float = field(default_factory=time.monotonic)
     _shown: float = field(default_factory=time.monotonic)
+    _start: tuple[float, int] | None = None
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, detail: str = "") -> None:
+        """``detail``: what else the line says, after how far the work is (``step 40/100, loss 1.2``)."""
         now = time.monotonic()
-        if not done:
-            self._started = now
-        if not done or now - self._shown < self.interval_s:
+        if self._start is None:
+            self._start = (now, done)
+        started, done_at_start = self._start
+        if done == done_at_start or now - self._shown < self.interval_s:
             return
         self._shown = now
-        self.stream.write(f"progress: {self.what} {done / total:.0%} done, {_clock(now - self._began)} elapsed, "
-                          f"ETA {_clock((now - self._started) / done * (total - done))}\n")
+        self.stream.write(f"progress: {self.what} {done / total:.0%} done, {detail + ', ' if detail else ''}"
+                          f"{_clock(now - self._began)} elapsed, "
+                          f"ETA {_clock((now - started) / (done - done_at_start) * (total - done))}\n")
         self.stream.flush()
 
 

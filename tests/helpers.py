@@ -6,6 +6,14 @@ repository root, as ``tests.helpers``.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import pty
+import select
+import struct
+import subprocess
+import termios
+import time
 from pathlib import Path
 
 from pipeline.train.config import EncoderKind, TokenizerKind
@@ -33,6 +41,25 @@ def build_tiny_random_trocr(out_dir: Path, tokenizer_kind: TokenizerKind = "robe
         seed=seed,
     )
     return save_trocr(model, processor, Path(out_dir))
+
+
+def run_on_a_terminal(command: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> tuple[int, str]:
+    """Run ``command`` with a pseudo-terminal as its standard streams, as a user at a console runs it; returns its
+    exit status and everything it drew there."""
+    terminal, command_side = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a console's size, not 0 x 0
+    process = subprocess.Popen(command, stdin=command_side, stdout=command_side, stderr=command_side, env=env)
+    os.close(command_side)
+    shown, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not select.select([terminal], [], [], 1)[0]:
+            continue
+        try:
+            shown += os.read(terminal, 65536)
+        except OSError:  # EIO: every process that had the terminal has closed it
+            break
+    os.close(terminal)
+    return process.wait(timeout=60), shown.decode(errors="replace")
 
 
 TINY_CORPUS = [

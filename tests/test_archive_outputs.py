@@ -31,6 +31,7 @@ from pdf2image import convert_from_path
 from PIL import Image, TiffImagePlugin
 
 from conftest import box_iou, official_schema, text_page, write_pdf
+from helpers import run_on_a_terminal
 from operators.errors import ConfigError, ExitCode, WriteFailed
 from operators.formats.export import remove_other_exports
 from operators.formats.mets import page_images
@@ -1083,26 +1084,10 @@ def test_a_run_on_a_terminal_redraws_its_line_and_leaves_no_colour_reset_after_t
                                                                                           joining_ray_local):
     """Ray's bundled colorama, set up when Ray starts, had written ``\\x1b[0m`` to the terminal at exit, after the
     summary."""
-    import os
-    import pty
-    import select
-
-    terminal, job_side = pty.openpty()
     # a detect job on the session's Ray instance: the console is the point, not the model or which instance
-    job = subprocess.Popen(CLI + ["detect", str(inputs / "note.png"), "--output", str(tmp_path / "out"), "--set", DPI],
-                           stdin=job_side, stdout=job_side, stderr=job_side, env=joining_ray_local)
-    os.close(job_side)
-    shown, deadline = b"", time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if not select.select([terminal], [], [], 1)[0]:
-            continue
-        try:
-            shown += os.read(terminal, 65536)
-        except OSError:  # EIO: every process that had the terminal has closed it
-            break
-    os.close(terminal)
-    assert job.wait(timeout=60) == 0, shown.decode(errors="replace")
-    text = shown.decode()
+    status, text = run_on_a_terminal(CLI + ["detect", str(inputs / "note.png"), "--output", str(tmp_path / "out"),
+                                            "--set", DPI], env=joining_ray_local)
+    assert status == 0, text
     assert "\r\x1b[Kdocuments 1/1, pages 1/1" in text and "pages: 1 (0 failed)" in text, text
     assert "\r\x1b[Kstarting (Ray), 0:00 elapsed" in text and "the model" not in text, text  # a detect job loads none
     assert "\x1b[0m" not in text, text[-300:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ import yaml
 from PIL import Image, ImageDraw, ImageFont
 
 from operators.errors import ConfigError, ExitCode, ModelLoadError, OutputLocked, OutputNotWritable, WriteFailed
-from helpers import TINY_CORPUS, build_tiny_random_trocr
+from helpers import TINY_CORPUS, build_tiny_random_trocr, run_on_a_terminal
 from operators.crops import cut_polygon
 from operators.model import cpu_has_native_bf16, load_trocr
 from operators.preprocess import WIDTH_SCALE_KEY
@@ -138,26 +139,46 @@ def test_two_ray_train_workers_train_one_model_through_the_cli(ray_local, tmp_pa
 
 
 def test_cli_prints_each_validation_on_its_own_line_above_the_step_bar(tmp_path, base_model, line_folder):
-    """The bar is redrawn at its own pace (a redraw each step had filled a log file with one per step); without
-    the bar and without validation, each checkpoint still says how the run goes (nothing had been printed)."""
+    """On a terminal the bar is redrawn at its own pace (a redraw each step had filled a log file with one per step);
+    in a log there is no bar, whose redraws had run together into one line of ``\\r``s; without the bar and without
+    validation, each checkpoint still says how the run goes (nothing had been printed)."""
     config = fine_tune_config(tmp_path, base_model, line_folder, steps=60).model_dump(mode="json")
     config.update(checkpoint_every=30, validate_every=30)
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--config", str(tmp_path / "train.yaml")],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stderr.replace("\r", "\n").splitlines()
+    command = [sys.executable, "-m", "pipeline.cli", "train", "--config", str(tmp_path / "train.yaml")]
+    status, shown = run_on_a_terminal(command, timeout=600)
+    assert status == 0, shown[-3000:]
+    lines = shown.replace("\r", "\n").splitlines()
     validations = [line for line in lines if "validation CER" in line]
     assert len(validations) == 2 and all(line.startswith(("20", "step")) for line in validations), validations
-    assert any(line.startswith("train: 100%") for line in lines)
+    assert any(line.startswith("train: 100%") for line in lines), shown[-3000:]
     assert len([line for line in lines if line.startswith("train:")]) < 30
     assert not any("Writing model shards" in line for line in lines)
+    config.update(work_dir=str(tmp_path / "logged"), output_dir=str(tmp_path / "logged-model"))
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "\r" not in done.stderr and "train:" not in done.stderr, done.stderr[-3000:]
+    assert len(re.findall(r"step (\d+): loss [\d.]+, validation CER", done.stderr)) == 2, done.stderr[-3000:]
     config.update(validation_data=[], work_dir=str(tmp_path / "quiet"))
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--config", str(tmp_path / "train.yaml"),
-                           "--no-progress"], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command + ["--no-progress"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.findall(r"step (\d+): loss [\d.]+, checkpoint checkpoint-\1", done.stderr) == ["30", "60"]
+
+
+def test_progress_lines_in_a_log_count_a_resumed_run_from_where_it_resumed():
+    """A training run's progress in a log: the first call (the step a resume starts at) says nothing and sets where
+    the ETA's rate counts from."""
+    from pipeline.progress import PeriodicProgress
+
+    console = io.StringIO()
+    progress = PeriodicProgress("training", stream=console, interval_s=0)
+    progress(50, 100)
+    assert console.getvalue() == ""
+    progress(60, 100, "step 60/100, loss 1.2345")
+    assert re.fullmatch(r"progress: training 60% done, step 60/100, loss 1.2345, 0:00 elapsed, ETA 0:00\n",
+                        console.getvalue()), console.getvalue()
 
 
 def test_stop_after_step_ends_early_on_the_schedule_of_all_steps(tmp_path, base_model, line_folder):

@@ -16,7 +16,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", type=Path, required=True, help="training YAML (see configs/train-*.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in work_dir")
     parser.add_argument("--workers", type=int, default=1, help="N > 1: data-parallel Ray Train with N CPU workers")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal, no progress lines in a log (checkpoints and validations are still logged)")
 
 
 def train_command(args: argparse.Namespace) -> int:

@@ -42,6 +42,7 @@ from operators.preprocess import WIDTH_SCALE_KEY, LinePreprocessor, ink_columns
 from operators.recognize import LineRecognizer, resolve_max_new_tokens
 from operators.storage import holding_lock_file, lock_alone, on_disk, replace_on_disk
 from operators.text import make_normalizer
+from pipeline.progress import PeriodicProgress
 from pipeline.scoring import corpus_error_rates
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import (Batch, LabelCollator, LabeledLine, TrainingLines, check_training_lines,
@@ -539,7 +540,13 @@ def _train_run(run: TrainingRun, state: TrainerState, show_progress: bool,
         check_training_lines(config.train_data, label_collator(run))
     batches = training_batches(run, state)
     last_step = config.last_step
-    progress = tqdm(total=last_step, initial=state.step, disable=not (show_progress and run.is_main), desc="train", unit="step")
+    show_progress = show_progress and run.is_main
+    on_terminal = show_progress and sys.stderr.isatty()
+    progress = tqdm(total=last_step, initial=state.step, disable=not on_terminal, desc="train", unit="step")
+    # in a log, a line now and then instead of the bar: tqdm's redraws had run together into one ever-growing line
+    in_log = PeriodicProgress("training") if show_progress and not on_terminal else None
+    if in_log:
+        in_log(state.step, last_step)
     recent_losses: list[float] = []
     started = time.monotonic()
     with logging_redirect_tqdm():  # validation lines go above the bar instead of onto it
@@ -552,6 +559,8 @@ def _train_run(run: TrainingRun, state: TrainerState, show_progress: bool,
             progress.set_postfix(loss=f"{np.mean(recent_losses):.3f}", lr=f"{run.schedule.get_last_lr()[0]:.2e}",
                                  refresh=False)
             at_end = state.step == last_step
+            if in_log:
+                in_log(state.step, last_step, f"step {state.step}/{last_step}, loss {np.mean(recent_losses):.4f}")
             metrics = {"step": state.step, "loss": loss, "world_size": run.shard[1]}
             if held_out and config.is_validation_step(state.step):
                 metrics["validation_cer"] = cer = validate(run, held_out)
