@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from lxml import etree
 from PIL import Image, ImageDraw, ImageFont
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf"
@@ -98,10 +99,9 @@ def box_iou(a, b) -> float:
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 
 
-def official_schema(name: str) -> "etree.XMLSchema":
+def official_schema(name: str) -> etree.XMLSchema:
     """An official export schema from tests/schemas, its xlink import resolved to the local copy
     (ALTO imports it by URL, and tests have no network)."""
-    from lxml import etree
 
     class LocalXlink(etree.Resolver):
         def resolve(self, url, public_id, context):
