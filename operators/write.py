@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from operators.errors import (EXPORT_FAILED, ConfigError, DocumentError, OutputLocked, OutputNotWritable,
                               SourceChanged, WriteFailed)
 from operators.formats.export import STAGED_EXPORT_PREFIX, formats_written, remove_other_exports, write_exports
-from operators.ingest import KnownDocument, check_unchanged, duplicate_id
+from operators.ingest import KnownDocument, check_unchanged, duplicate_id, source_id
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
 from operators.settings import RasterizeConfig
 from operators.storage import (holding_lock_file, is_uri, move_into_place, resolve_filesystem, scratch_space_full,
@@ -370,9 +370,10 @@ class Reading(NamedTuple):
 
 @dataclass(frozen=True)
 class Retirement:
-    """The published documents ``--retry-failed`` takes out so that the run reads them again, in the order they
-    go: the rows that rest on another (duplicates, failed copies) before the documents they rest on, so that a
-    kill in between never leaves a row pointing at nothing."""
+    """The published failed documents a run takes out so that it reads them again
+    (:meth:`PublishedDocuments.failed_to_retry`), in the order they go: the rows that rest on another (duplicates,
+    failed copies) before the documents they rest on, so that a kill in between never leaves a row pointing at
+    nothing."""
 
     dependents: frozenset[str] = frozenset()
     failed: frozenset[str] = frozenset()
@@ -424,7 +425,7 @@ class PublishedDocuments:
         return {row["doc_id"]: Reading(row["pages_selected"], row["mode"], row["model"], row["model_sha256"])
                 for row in self.rows}
 
-    def failed_to_retry(self, read_now: dict[str, str]) -> Retirement:
+    def failed_to_retry(self, read_now: dict[str, str], every: bool = True) -> Retirement:
         """What ``--retry-failed`` takes out: the ``failed`` documents whose source is among this run's
         (``read_now``: each recorded source and the doc_id its bytes have now), whatever bytes it holds now, with
         the rows resting on them: duplicates, and failed copies (a copy of a file that fails triage fails on a row
@@ -434,15 +435,23 @@ class PublishedDocuments:
 
         A folder's row (one that could not be listed) goes too when this run reads files in it.
 
+        ``every`` false (any run): only the failures of files whose bytes were never read, their doc_id made from
+        the path (:func:`operators.ingest.source_id`), that this run reads under another doc_id, and the rows of
+        folders it now lists. The new outcome replaces them: a file an object store had failed to send once (a
+        network fault) had kept its ``unreadable`` row beside the reading that followed, two rows for one source.
+
         A copy this run reads is found from its bytes' doc_id, at once; only the failed rows of files it does not
         read are tried against the documents it retries of their size, as a copy has its original's bytes (8,000
         failed documents read again had taken 33 s, every pair tried; and 5,000 failed outside the run, tried
         against 5,000 retried, 30 s); a row without its size (written before failed rows recorded it) against
         every one."""
-        failed = {row["doc_id"]: row for row in self.rows if row["status"] == "failed"}
+        failed = {row["doc_id"]: row for row in self.rows
+                  if row["status"] == "failed" and (every or row["doc_id"] == source_id(row["source"]))}
         listed = {str(folder) for source in read_now for folder in PurePosixPath(source).parents}
         resting: dict[str, list[dict]] = {doc_id: [] for doc_id, row in failed.items()
-                                          if row["source"] in read_now or row["source"] in listed}
+                                          if row["source"] in listed
+                                          or read_now.get(row["source"], doc_id) != doc_id
+                                          or (every and row["source"] in read_now)}
         for row in self.rows:
             if row["duplicate_of"] in resting:
                 resting[row["duplicate_of"]].append(row)

@@ -97,7 +97,7 @@ class JobSummary:
             f"output: {self.output}\n"
             f"documents: {w.documents_ok} ok, {w.documents_failed} failed, {w.documents_duplicate} duplicates, "
             f"{self.documents_skipped} already done"
-            f"{f', {_failed_documents(self.retried)} taken out and read again (--retry-failed)' if self.retried else ''}"
+            f"{f', {_failed_documents(self.retried)} taken out and read again' if self.retried else ''}"
             f"{f', {self.unselected} without a page in --pages' if self.unselected else ''}\n"
             f"left out (no document): {left_out}\n"
             f"pages: {w.pages} ({w.pages_failed} failed), lines: {w.lines}\n"
@@ -715,11 +715,13 @@ def _document_record(plan: DocumentPlan, selection: str | None, mode: Mode, mode
 
 def _check_against_output(plans: list[DocumentPlan], published: PublishedDocuments, output: str, config: JobConfig,
                           mode: Mode, model: str | None, model_sha256: str | None) -> Retirement:
-    """What ``--retry-failed`` takes out of the output (:meth:`operators.write.PublishedDocuments.failed_to_retry`),
+    """The failed documents the run takes out of the output to read them again (all of its sources' with
+    ``--retry-failed``, else those whose bytes could not be read:
+    :meth:`operators.write.PublishedDocuments.failed_to_retry`),
     once the run is known not to skip documents read otherwise (:func:`check_earlier_readings`); the run and the dry
     run alike."""
-    retirement = (published.failed_to_retry({recorded_source(plan.source): plan.doc_id for plan in plans})
-                  if config.output.retry_failed else Retirement())
+    retirement = published.failed_to_retry({recorded_source(plan.source): plan.doc_id for plan in plans},
+                                           every=config.output.retry_failed)
     check_earlier_readings(plans, published, output, config.rasterize.pages, mode, model, model_sha256,
                            retirement.doc_ids)
     return retirement
@@ -874,7 +876,7 @@ class DryRun:
                 reason = f" (same bytes as {owner(plan.duplicate_of)})"
             lines.append(f"{state:9} {selected:4} pages  {plan.source}{reason}")
         skipped = sum(plan.doc_id in self.done for plan in self.plans)
-        retry = f", {_failed_documents(self.retried)} to take out and read again (--retry-failed)" if self.retried else ""
+        retry = f", {_failed_documents(self.retried)} to take out and read again" if self.retried else ""
         lines.append(f"documents: {len(self.plans)} found, {todo_documents} to process, {failing} failing triage, "
                      f"{duplicates} duplicates, {skipped} already done"
                      f"{retry}"

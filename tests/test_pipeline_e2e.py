@@ -399,6 +399,24 @@ def test_a_file_replaced_under_its_name_is_warned_of_and_a_copy_of_its_old_bytes
     assert capsys.readouterr().out.count("(one of 2 readings of this file, of different bytes)") == 2
 
 
+def test_a_file_that_could_not_be_read_is_replaced_by_its_reading_when_a_rerun_can_read_it(ray_local, tmp_path):
+    """A file whose bytes a run could not read (here a FIFO; an object store's network fault in the field) is read
+    by the next run that can, and its failed row goes: it had stayed beside the reading, two rows for one source."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    os.mkfifo(folder / "b.png")
+    output = str(tmp_path / "out")
+    config = load_config(None, ["rasterize.dpi=150"])
+    assert run_job([str(folder)], output, config, mode="detect").written.documents_failed == 1
+    (folder / "b.png").unlink()
+    text_page(["The letter itself"], size=(600, 300)).save(folder / "b.png", dpi=(150, 150))
+    assert "1 failed document to take out and read again" in dry_run([str(folder)], output, config,
+                                                                     mode="detect").describe()
+    again = run_job([str(folder)], output, config, mode="detect")
+    assert (again.retried, again.written.documents_ok) == (1, 1), again.describe()
+    assert [row["status"] for row in _read(output, "documents").to_pylist()] == ["ok"]
+
+
 def test_retry_failed_reads_a_repaired_file_again_in_place_of_its_failed_row(ray_local, tmp_path):
     """With --retry-failed a failed document's row is replaced by the new outcome of its source (without it,
     a repaired file is a second row beside the failed one), the dry run says so first, and the good document
@@ -418,10 +436,10 @@ def test_retry_failed_reads_a_repaired_file_again_in_place_of_its_failed_row(ray
     retried = dry_run([str(folder)], output, retry, mode="detect")
     assert failed_id not in retried.done
     # the dry run says what the run will take out (it had not)
-    assert "1 already done, 1 failed document to take out and read again (--retry-failed)" in retried.describe()
+    assert "1 already done, 1 failed document to take out and read again" in retried.describe()
     again = run_job([str(folder)], output, retry, mode="detect")
     assert (again.retried, again.documents_skipped, again.written.documents_ok, again.written.pages) == (1, 1, 1, 1)
-    assert ("1 ok, 0 failed, 0 duplicates, 1 already done, 1 failed document taken out and read again (--retry-failed)"
+    assert ("1 ok, 0 failed, 0 duplicates, 1 already done, 1 failed document taken out and read again"
             in again.describe())
     rows = {os.path.basename(row["source"]): row["status"] for row in _read(output, "documents").to_pylist()}
     assert rows == {"a.png": "ok", "b.png": "ok"} and _read(output, "documents").num_rows == 2

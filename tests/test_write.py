@@ -23,7 +23,7 @@ from ray.exceptions import OutOfMemoryError
 
 from operators.errors import ConfigError, OutputLocked, OutputNotWritable, WriteFailed
 from operators.formats.export import export_stem, write_exports
-from operators.ingest import duplicate_id, mark_duplicates, source_stamp, triage
+from operators.ingest import duplicate_id, mark_duplicates, source_id, source_stamp, triage
 from operators.write import (
     DOCUMENTS_DIR,
     EXPORTS_DIR,
@@ -219,6 +219,15 @@ def test_retrying_failed_documents_takes_out_their_rows_and_pages_and_keeps_ever
     folders.expect(DocumentRecord("box", "/scans/box", "failed", "unreadable", "cannot list the folder", 0))
     folders.close()
     assert published_documents(str(tmp_path / "folders")).failed_to_retry({"/scans/box/a.pdf": "a"}).doc_ids == {"box"}
+    # any run: what was never read (a doc_id made from the path), read now under another doc_id, and the folder
+    folders = ParquetSink(str(tmp_path / "plain"), rows_per_file=4)
+    for name in ("/scans/box", "u.pdf", "v.pdf"):
+        folders.expect(DocumentRecord(source_id(name), name, "failed", "unreadable", "network fault", 0))
+    folders.expect(_document("f", 0, status="failed", error_code="corrupt_file"))
+    folders.close()
+    plain = published_documents(str(tmp_path / "plain")).failed_to_retry(
+        {"/scans/box/a.pdf": "a", "u.pdf": "u", "v.pdf": source_id("v.pdf"), "f.pdf": "f2"}, every=False)
+    assert plain.doc_ids == {source_id("/scans/box"), source_id("u.pdf")}  # v.pdf unreadable still, f.pdf's bytes failed
     retire_documents(str(tmp_path), retirement)
     assert len(list((tmp_path / DOCUMENTS_DIR).iterdir())) == len(list((tmp_path / PAGES_DIR).iterdir())) == 1
     assert recover_output(str(tmp_path)).sources() == {"a": "a.pdf"}
