@@ -29,8 +29,9 @@ import pyarrow.fs as pafs
 from PIL import Image, UnidentifiedImageError
 
 from operators.settings import RasterizeConfig
-from operators.storage import is_uri, recorded_source, resolve_filesystem, scratch_space_full
+from operators.storage import asking_the_store, is_uri, recorded_source, resolve_filesystem, scratch_space_full
 from operators.errors import (
+    ConfigError,
     CorruptFile,
     DocumentError,
     EmptyFile,
@@ -209,6 +210,22 @@ def _glob_in(folder: str, parts: list[str], above: frozenset[tuple[int, int]]) -
         yield from _glob_in(path, rest, above)
 
 
+def _matches_glob(parts: Sequence[str], names: Sequence[str]) -> bool:
+    """Whether a glob's parts match a listed file's path (its names below the glob's fixed start) as :func:`_glob`
+    matches a local one: ``*``, ``?`` and ``[...]`` within one name, ``**`` through any number of folders, a name
+    starting with a dot only where the part does, and a folder matched taken whole. A URI's glob had been matched
+    against the whole path, its ``*`` running on through ``/`` into every subfolder."""
+    if not parts:
+        return True  # inside a folder the glob matched
+    if not names:  # a file where the glob goes on into a folder
+        return False
+    part, name = parts[0], names[0]
+    if part == "**":
+        return _matches_glob(parts[1:], names) or (not name.startswith(".") and _matches_glob(parts, names[1:]))
+    return (fnmatch.fnmatchcase(name, part) and not (name.startswith(".") and not part.startswith("."))
+            and _matches_glob(parts[1:], names[1:]))
+
+
 def _inside_test(folders: Sequence[str]) -> Callable[[str], bool]:
     """Whether a path lies under one of ``folders``: a local folder as given or with its links resolved, and
     the paths as listed or with their folder's links resolved, once per folder (not per file: archives list
@@ -251,13 +268,19 @@ def _expand_one(item: str, left_out: Counter, output_folders: Sequence[str]) -> 
             paths, unlisted = _walk(path, set())
             return _sort_out(paths, left_out, output_folders, unlisted)
         return [path] if os.path.lexists(path) else []  # a broken link too: reported by triage
+    if "?" in item:
+        # rebuilt from their paths, the files found would be read without them: from another endpoint (AWS's)
+        raise ConfigError(f"input {item!r}: the options of an input URI (after '?') do not reach the files found in "
+                          "it; set them in the environment instead (S3: AWS_ENDPOINT_URL, AWS_REGION and the "
+                          "credentials), and write a '?' in a name as %3F")
     filesystem, path = resolve_filesystem(item)
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.NotFound and _GLOB_CHARS.search(path):
-        root = path[: _GLOB_CHARS.search(path).start()].rsplit("/", 1)[0] or "/"
-        infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
-        return _sort_out([_with_scheme(item, i.path) for i in infos
-                          if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)], left_out,
+        root = path[: _GLOB_CHARS.search(path).start()].rsplit("/", 1)[0]
+        parts = path[len(root):].strip("/").split("/")
+        infos = filesystem.get_file_info(pafs.FileSelector(root or "/", recursive=True, allow_not_found=True))
+        return _sort_out([_with_scheme(item, i.path) for i in infos if i.type == pafs.FileType.File
+                          and _matches_glob(parts, i.path[len(root):].strip("/").split("/"))], left_out,
                          output_folders)
     if info.type == pafs.FileType.Directory:
         infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
@@ -278,7 +301,8 @@ def find_inputs(inputs: list[str], output_folders: Sequence[str] = ()) -> FoundI
     found = FoundInputs()
     seen: set[str] = set()
     for item in inputs:
-        matched = _expand_one(item, found.left_out, output_folders)
+        with asking_the_store(item, "the input"):
+            matched = _expand_one(item, found.left_out, output_folders)
         if not matched:
             raise NoInputError(f"input {item!r} matches no document ({' '.join(SUPPORTED_SUFFIXES)})")
         for source in matched:

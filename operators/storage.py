@@ -92,13 +92,26 @@ def resolve_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
             filesystem, path = pafs.FileSystem.from_uri(uri)
         except pa.ArrowInvalid as exc:
             raise ConfigError(f"{location!r} is not a valid URI ({exc}); in a URI, write a space as %20, "
-                              "# as %23 and % as %25") from exc
+                              "# as %23, % as %25, and [ and ] (in a glob too) as %5B and %5D") from exc
         except OSError as exc:  # an object store that cannot be reached (no network, no such bucket's region)
             raise ConfigError(f"cannot reach {location}: {exc}") from exc
         if not path.strip("/"):
             raise ConfigError(f"{location!r} names no bucket or folder")
         return filesystem, path
     return pafs.LocalFileSystem(), os.path.abspath(location)
+
+
+@contextmanager
+def asking_the_store(location: str, role: str) -> Iterator[None]:
+    """Around a command's first request to the object store a URI names (``role``: "the input", "the output"): what
+    fails there (no network, a wrong endpoint, refused credentials) is one line before any work (exit 2), where it had
+    been a traceback and exit 1, the code of a bug. A local path's errors pass unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        if not is_uri(location):
+            raise
+        raise ConfigError(f"cannot read {role} {location}: {exc}") from exc
 
 
 def on_disk(path: str | os.PathLike) -> None:

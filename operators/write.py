@@ -47,8 +47,8 @@ from operators.formats.export import STAGED_EXPORT_PREFIX, formats_written, remo
 from operators.ingest import KnownDocument, check_unchanged, duplicate_id, source_id
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
 from operators.settings import RasterizeConfig
-from operators.storage import (holding_lock_file, is_uri, move_into_place, resolve_filesystem, scratch_space_full,
-                               writing)
+from operators.storage import (asking_the_store, holding_lock_file, is_uri, move_into_place, resolve_filesystem,
+                               scratch_space_full, writing)
 from operators.words import split_words
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,9 @@ def check_output_is_ours(output: str) -> None:
     filesystem, root = resolve_filesystem(output)
     for folder in (PAGES_DIR, DOCUMENTS_DIR):
         selector = pafs.FileSelector(f"{root}/{folder}", allow_not_found=True)
-        foreign = sorted(info.base_name for info in filesystem.get_file_info(selector)
+        with asking_the_store(output, "the output"):
+            listed = filesystem.get_file_info(selector)
+        foreign = sorted(info.base_name for info in listed
                          if info.base_name.endswith(".parquet") and not _PART_NAME.fullmatch(info.base_name))
         if foreign:
             raise OutputNotWritable(

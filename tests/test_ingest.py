@@ -24,7 +24,7 @@ from operators.rasterize import PageRange, page_ranges, rasterize
 from pipeline.job import DryRun
 from operators.settings import RasterizeConfig
 from operators.write import output_folders
-from operators.errors import ConfigError, NoInputError, UnsupportedFormat, WriteFailed
+from operators.errors import ConfigError, ExitCode, NoInputError, UnsupportedFormat, WriteFailed
 from operators.storage import resolve_filesystem
 
 CONFIG = RasterizeConfig(dpi=150)
@@ -72,6 +72,44 @@ def test_linked_folders_are_searched_and_a_link_loop_lists_each_file_once(tmp_pa
                 str(tmp_path / "in" / "sub" / "own.png")]
     for inputs in ([tmp_path / "in"], [tmp_path / "in" / "**" / "*.png"], [tmp_path / "in" / "*"]):
         assert find_inputs([str(path) for path in inputs]).sources == expected, inputs
+
+
+def test_a_glob_in_a_uri_finds_what_the_same_glob_finds_on_the_disk(tmp_path):
+    """An object store's glob had been matched against whole paths: ``s3://archive/scans/*.pdf`` took the PDFs of
+    every subfolder too. Here through pyarrow's local filesystem (file://), the code path of s3:// and gs://."""
+    for name in ("a.pdf", "sub/b.pdf", "sub/deep/c.pdf", "sub2/d.png", ".hidden/e.pdf", "sub/.f.pdf", "g.pdf/h.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"%PDF-")
+    for pattern in ("*.pdf", "*/*.pdf", "**/*.pdf", "s*", "**", "sub/**", "*/*/c.pdf", "s[u]b/*", "sub/.*", "[sg]*/*"):
+        local = find_inputs([f"{tmp_path}/{pattern}"]).sources
+        uri = find_inputs([f"file://{tmp_path}/{pattern.replace('[', '%5B').replace(']', '%5D')}"]).sources
+        assert [source.removeprefix("file://") for source in uri] == local and local, pattern
+    assert [os.path.relpath(uri.removeprefix("file://"), tmp_path)
+            for uri in find_inputs([f"file://{tmp_path}/*.pdf"]).sources] == [
+        "a.pdf", "g.pdf/h.png"]  # a folder matched is taken whole, as on the disk
+
+
+def test_an_input_uri_with_options_is_refused_before_its_files_are_read_without_them(tmp_path):
+    """Rebuilt from their paths, the files found had been read without the URI's options: from AWS's endpoint
+    instead of the one named, every document failing as internal_error."""
+    with pytest.raises(ConfigError, match=r"the options of an input URI \(after '\?'\) do not reach the files.*AWS_ENDPOINT_URL"):
+        find_inputs(["s3://archive/scans/?endpoint_override=127.0.0.1:9000&scheme=http"])
+
+
+def test_an_object_store_that_cannot_be_reached_is_one_line_and_exit_2_before_any_work(tmp_path):
+    """It had ended every command with a traceback and exit 1, a bug's code. A closed port on this machine stands
+    for a store out of reach."""
+    (tmp_path / "a.png").write_bytes(b"\x89PNG")
+    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x",
+           "AWS_SECRET_ACCESS_KEY": "x", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+           "PYTHONPATH": str(ROOT)}
+    for inputs, output, role in ((["s3://archive/scans/"], str(tmp_path / "out"), "input"),
+                                 ([str(tmp_path / "a.png")], "s3://archive/ocr", "output")):
+        done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", *inputs, "--output", output, "--dry-run"],
+                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+        assert done.returncode == ExitCode.bad_args, done.stderr
+        assert done.stderr.startswith(f"trocr-pipeline: error: cannot read the {role} s3://archive/"), done.stderr
+        assert "Traceback" not in done.stderr
 
 
 def test_a_recursive_glob_through_two_link_loops_ends(tmp_path, page_images):
