@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -265,15 +266,27 @@ class JobProgress:
             except OSError:  # what it held could not be flushed: that write failed already, and said so
                 pass
 
-    def status(self) -> str:
+    def status(self, width: int | None = None) -> str:
         """``documents 3/5 (1 failed), pages 9/12, 14.2 lines/s, 1:40 elapsed, ETA 0:12``; before that,
-        ``triage: files 120/4000, 0:52 elapsed`` or ``starting (Ray, the model), 0:04 elapsed``."""
+        ``triage: files 120/4000, 0:52 elapsed`` or ``starting (Ray, the model), 0:04 elapsed``.
+
+        ``width``: at most so many characters (a terminal's line), the rate and then the time elapsed left out
+        first: a line wider than the terminal wraps, and each redraw in place had left its first row behind."""
+        parts = self._status_parts()
+        for leave_out in (None, "lines/s", "elapsed"):
+            parts = [part for part in parts if leave_out is None or not part.endswith(leave_out)]
+            line = ", ".join(parts)
+            if width is None or len(line) <= width:
+                return line
+        return line[:width]
+
+    def _status_parts(self) -> list[str]:
         now = time.monotonic()
         elapsed = f"{_clock(now - self._began)} elapsed"
         if self._phase == "starting":
-            return f"starting (Ray{', the model' if self.loads_model else ''}), {elapsed}"
+            return [f"starting (Ray{', the model' if self.loads_model else ''})", elapsed]
         if self._phase == "triage":
-            return f"triage: files {self.files_triaged}/{self.files}, {elapsed}"
+            return [f"triage: files {self.files_triaged}/{self.files}", elapsed]
         reading = (self._finished or now) - self._started
         rate = self.lines_done / reading if reading > 0 else 0.0
         if self.pages_done and self.pages > self.pages_done:
@@ -281,8 +294,8 @@ class JobProgress:
         else:
             eta = "-" if self.pages_done < self.pages else "0:00"
         failed = f" ({self.documents_failed} failed)" if self.documents_failed else ""
-        return (f"documents {self.documents_done}/{self.documents}{failed}, pages {self.pages_done}/{self.pages}, "
-                f"{rate:.1f} lines/s, {elapsed}, ETA {eta}")
+        return [f"documents {self.documents_done}/{self.documents}{failed}", f"pages {self.pages_done}/{self.pages}",
+                f"{rate:.1f} lines/s", elapsed, f"ETA {eta}"]
 
     def _clear_live_line(self, record: logging.LogRecord) -> bool:
         """A logging filter that lets every record through, on a line of its own."""
@@ -307,7 +320,8 @@ class JobProgress:
                 return
             self._shown, self._drawn = now, True
             if self.interactive:
-                self.stream.write("\r\x1b[K" + self.status())
+                # one column short of the width: a line that fills the last column wraps on some terminals
+                self.stream.write("\r\x1b[K" + self.status(shutil.get_terminal_size().columns - 1))
             else:
                 self.stream.write(f"progress: {self.status()}\n")
             self.stream.flush()

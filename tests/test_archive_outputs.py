@@ -1040,6 +1040,25 @@ def test_the_rate_stands_once_the_last_page_is_done():
     assert progress.status().split(", ")[2] == done.split(", ")[2]  # "... lines/s"
 
 
+def test_the_live_line_fits_the_terminal_it_is_redrawn_on(monkeypatch):
+    """A line wider than the terminal wraps, and each redraw in place had left its first row behind: a job of
+    thousands of documents on an 80-column terminal scrolled a row every half second."""
+    from io import StringIO
+
+    from operators.records import DocumentRecord, PageWork
+
+    stream = StringIO()
+    progress = JobProgress(stream=stream, interactive=True)
+    progress.start(documents=4000, pages=12000)
+    progress.page_done(PageWork("d", "a.pdf", 1, 150))
+    progress.document_done(DocumentRecord("d", "a.pdf", "failed", "corrupt_file", "broken", 1), [])
+    for columns, kept in ((200, "lines/s"), (70, "elapsed"), (50, "ETA"), (30, "documents 1/4000 (1 failed),")):
+        monkeypatch.setenv("COLUMNS", str(columns))
+        progress._show(force=True)
+        drawn = stream.getvalue().rsplit("\r\x1b[K", 1)[1]
+        assert len(drawn) < columns and kept in drawn, (columns, drawn)
+
+
 def test_progress_says_the_job_is_alive_while_nothing_finishes():
     """A log had no line until the first page finished: none while Ray started, while triage hashed a large
     archive, or while a long first batch ran; a terminal's line stood still."""
