@@ -238,7 +238,7 @@ def _inside_test(folders: Sequence[str]) -> Callable[[str], bool]:
 
     def inside(path: str) -> bool:
         if is_uri(path):
-            return path.startswith(uris)
+            return f"{path}/".startswith(uris)  # the lock file itself too
         parent, name = os.path.split(os.path.abspath(path))
         if parent not in real_folders:
             real_folders[parent] = os.path.realpath(parent)

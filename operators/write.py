@@ -35,6 +35,7 @@ from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import PurePosixPath
 from typing import Any, ClassVar, NamedTuple
+from urllib.parse import quote, unquote, urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -250,7 +251,12 @@ def _clear_staging(filesystem: pafs.FileSystem, root: str) -> None:
 
 def output_folders(output: str) -> list[str]:
     """The folders a job writes in ``output``, and its lock file: a job never reads them as its input (the lock had
-    been counted as an input left out for having no suffix)."""
+    been counted as an input left out for having no suffix). A URI's are written as the files found in a store
+    are, percent-encoded the one way and without the URI's options (``?region=...``), so that they compare: an
+    output so named inside an input folder had read its own exports as new documents at each run."""
+    if is_uri(output):
+        parts = urlsplit(output)
+        output = f"{output.split('://', 1)[0]}://{quote(unquote(parts.netloc + parts.path))}"
     return [f"{output.rstrip('/')}/{name}" for name in (PAGES_DIR, DOCUMENTS_DIR, STAGING_DIR, EXPORTS_DIR, LOCK_FILE)]
 
 

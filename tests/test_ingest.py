@@ -202,6 +202,11 @@ def test_an_output_folder_inside_an_input_folder_is_not_read_again(tmp_path, pag
         assert found.sources == [str(tmp_path / "scan.png")]
         assert found.left_out == {"in the output folder": 4}
     assert len(find_inputs([str(tmp_path)]).sources) == 3  # no output given: every document
+    # an output URI with options, or percent-encoded otherwise than the files a store lists: its own folders had
+    # been read as new documents at each run
+    for output in (f"file://{tmp_path}/out/?region=eu-west-1", f"file://{tmp_path}/o%75t"):
+        found = find_inputs([f"file://{tmp_path}"], output_folders(output))
+        assert (found.sources, found.left_out) == ([f"file://{tmp_path}/scan.png"], {"in the output folder": 4})
     # the input folder through a link, a glob through it, and a link in another input folder to the output: the
     # exports had been read as new documents, and more of them written at every run
     (tmp_path.parent / f"{tmp_path.name}-link").symlink_to(tmp_path)
