@@ -22,7 +22,7 @@ from pathlib import Path
 from pipeline.config import add_config_arguments, config_from_arguments
 from operators.errors import ConfigError, ExitCode, OutputNotWritable, PipelineError
 from operators.settings import EXPORT_FORMATS
-from operators.storage import make_local_folder, writing
+from operators.storage import is_uri, make_local_folder, writing
 from operators.text import printable_text
 
 log = logging.getLogger("trocr_pipeline")
@@ -40,8 +40,8 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
                              "(output.retry_failed)")
     parser.add_argument("--dry-run", action="store_true",
                         help="triage only: list documents, page counts and problems; write nothing")
-    parser.add_argument("--log-json", type=Path, metavar="FILE",
-                        help="append one JSON object per finished document to FILE")
+    parser.add_argument("--log-json", metavar="FILE",
+                        help="append one JSON object per finished document to FILE (a local file, the driver's)")
     parser.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
                         help="debug logging, and Ray's own progress output and logs")
 
@@ -52,6 +52,12 @@ def _job_command(args: argparse.Namespace, mode: str) -> int:
 
     if not args.output.strip():
         raise ConfigError("--output is empty: give the output folder or URI")
+    if args.log_json is not None:
+        if is_uri(args.log_json) or not args.log_json.strip():
+            # read as a path, s3://b/log had become ./s3:/b/log: written there if such a folder was there
+            raise ConfigError(f"--log-json {args.log_json!r}: the log is a local file, which the driver appends to "
+                              "as documents are published (under ray job submit, on the head node); give its path")
+        args.log_json = Path(args.log_json)
     check_paths_outlive_the_job([args.output, args.log_json])
     overrides = []
     if args.export is not None:
@@ -201,7 +207,6 @@ def _which_reading(document: dict, readings: int) -> str:
     if readings < 2:
         return ""
     from operators.ingest import source_stamp
-    from operators.storage import is_uri
 
     try:
         now = None if is_uri(document["source"]) else source_stamp(document["source"])

@@ -964,7 +964,7 @@ def test_dry_run_lists_documents_and_writes_nothing(inputs, tmp_path, capsys):
     assert "work: 5 pages to rasterize and detect;" in capsys.readouterr().out  # no recognizing in detect
 
 
-def test_a_log_json_path_that_cannot_be_written_fails_before_any_work(inputs, tmp_path):
+def test_a_log_json_path_that_cannot_be_written_fails_before_any_work(inputs, tmp_path, monkeypatch):
     output = tmp_path / "never"
     result = subprocess.run(CLI + ["run", str(inputs), "--output", str(output), "--log-json",
                                    str(tmp_path / "no-such-folder" / "log.jsonl")],
@@ -972,6 +972,13 @@ def test_a_log_json_path_that_cannot_be_written_fails_before_any_work(inputs, tm
     assert result.returncode == ExitCode.bad_args, result.stderr
     assert "cannot write the --log-json file" in result.stderr and "no-such-folder" in result.stderr
     assert not output.exists()
+    # a URI, read as a path, had become ./s3:/archive/log.jsonl, and been written there where such a folder was
+    (tmp_path / "s3:" / "archive").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    for dry_run in ([], ["--dry-run"]):
+        assert main(["run", str(inputs), "--output", str(output), "--log-json", "s3://archive/log.jsonl",
+                     *dry_run]) == ExitCode.bad_args
+    assert not output.exists() and not any((tmp_path / "s3:" / "archive").iterdir())
 
 
 def test_a_log_json_file_on_a_full_disk_stops_the_job_in_one_line(small_disk):
