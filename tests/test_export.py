@@ -91,6 +91,9 @@ def test_one_file_per_page_for_alto_and_page_one_per_document_for_hocr_and_text(
     expected = {f"{stem}.p{n:04d}.{kind}.xml" for n in range(1, 5) for kind in ("alto", "page")}
     assert set(exported) == expected | {f"{stem}.hocr", f"{stem}.txt"}
     assert export_stem({"doc_id": "ffee" * 8, "source": "s3://bucket/in/scan"}) == "scan-ffeeffeeffeeffee"
+    # a URI's file is named as on a disk: "letter%20%232" had named the exports of s3://.../letter #2.pdf
+    assert export_stem({"doc_id": "ffee" * 8, "source": "s3://bucket/in/letter%20%232%2Fb.pdf"}) == (
+        "letter #2_b-ffeeffeeffeeffee")
 
 
 def test_alto_page_holds_blocks_in_reading_order_with_polygons_words_and_confidences(exported, pages):

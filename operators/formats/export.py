@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 import uuid
 from typing import Iterator, Mapping, Sequence
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import pyarrow.fs as pafs
 from lxml import etree
@@ -30,7 +30,7 @@ from operators.formats.geometry import box_within, line_outline, polyline_within
 from operators.settings import EXPORT_FORMATS, RasterizeConfig
 from operators.text import xml_text
 from operators.formats.mets import IMAGE_GROUP, XSI_NS, mets_document, page_images
-from operators.storage import move_into_place, resolve_filesystem, writing
+from operators.storage import is_uri, move_into_place, resolve_filesystem, writing
 
 SOFTWARE = "trocr-pipeline"
 
@@ -131,6 +131,8 @@ def export_stem(document: dict) -> str:
     digits, as archives name a file ``0001.tif`` in every box: with eight, two of 100,000 such files were likely
     to share a name and overwrite each other's exports."""
     name = document["source"].replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    if is_uri(document["source"]):  # the file's own name, as a local one is named (it had kept its %20s)
+        name = unquote(name).replace("/", "_")
     base = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
     base = base.encode()[:STEM_BYTES].decode("utf-8", "ignore")
     return f"{base}-{document['doc_id'][:16]}"
