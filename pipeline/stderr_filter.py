@@ -24,6 +24,11 @@ import sys
 #: ``\x1b[33m(raylet)\x1b[0m [2026-... E 3672 3686] (raylet) file_system_monitor.cc:116: ...``.
 RAY_CORE_LOG_LINE = re.compile(rb"(?:(?:\x1b\[[\d;]*m)?\([^)\n]*\)(?:\x1b\[0m)? )?"
                                rb"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ([DIWEF]) \d+ \d+\] (?:\([^)\n]*\) )?\S+\.(?:cc|h):\d+:")
+#: What Ray forwards from the raylet as a stopped job kills its actor pool (``ray.kill``): that the actor's tasks
+#: "will be retried", which they will not be, glued to the live progress line.
+RAY_KILLED_ACTOR_NOTICE = re.compile(rb"(?:\x1b\[[\d;]*m)?\(raylet\)(?:\x1b\[0m)? Task .* failed\. There are \S+ "
+                                     rb"retries remaining, so the task will be retried\. Error: The actor is dead "
+                                     rb"because it was killed by `ray\.kill`")
 #: What Ray says when it ends the process right after (a fatal line passes too): the only word of
 #: why a run ended with exit status 1 and nothing else.
 RAY_EXIT_NOTICE = re.compile(rb"process will exit|not initialized yet or already")
@@ -35,6 +40,8 @@ MAYBE_RAY_LINE = re.compile(rb"(?<!\x1b)\[(?=\d|$)|\x1b\[[\d;]*m\(|\x1b\[?[\d;]*
 def ray_line_start(line: bytes) -> int | None:
     """Where a Ray log line to drop starts in ``line`` (0: the whole line is one), or None: none to
     drop, or Ray says there that it ends the process."""
+    if (killed := RAY_KILLED_ACTOR_NOTICE.search(line)) is not None:
+        return killed.start()
     found = RAY_CORE_LOG_LINE.search(line)
     if found is None or found.group(1) == b"F" or RAY_EXIT_NOTICE.search(line, found.end()):
         return None

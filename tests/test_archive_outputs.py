@@ -1139,6 +1139,10 @@ def test_stderr_filter_drops_ray_core_lines_and_passes_the_rest_at_once(capfd):
                     b"\x1b[33m(raylet)\x1b[0m [2026-12-06 16:01:46,249 E 3672 3686] (raylet) file_system_monitor.cc:116:"
                     b" forwarded noise\n(raylet) [2026-12-06 16:01:56,249 E 3672 3686] (raylet) file_system_monitor.cc:116:"
                     b" plain forwarded noise\n"
+                    # as a stopped job's actors are killed: "will be retried", which they are not
+                    b"\rdocuments 1/2 \x1b[33m(raylet)\x1b[0m Task MapWorker(MapBatches(_RecognizeBatch)).submit failed."
+                    b" There are infinite retries remaining, so the task will be retried. Error: The actor is dead"
+                    b" because it was killed by `ray.kill`. killed-actor noise\n"
                     b"\r\x1b[Kdocuments 2/2 redrawn in place [after 2 s]")  # as JobProgress draws it on a terminal
         deadline = time.monotonic() + 10
         while "redrawn in place" not in shown and time.monotonic() < deadline:
@@ -1147,7 +1151,7 @@ def test_stderr_filter_drops_ray_core_lines_and_passes_the_rest_at_once(capfd):
         assert "redrawn in place" in shown, "a live progress line must show before its newline, if ever, comes"
     shown += capfd.readouterr().err
     assert "kept line\n\n" in shown and "noise" not in shown
-    assert "Check failed: fatal" in shown and "\rdocuments 1/2 \r\x1b[Kdocuments 2/2" in shown
+    assert "Check failed: fatal" in shown and "\rdocuments 1/2 \rdocuments 1/2 \r\x1b[Kdocuments 2/2" in shown
 
 
 def test_rays_last_words_reach_the_console_when_it_ends_the_driver():
