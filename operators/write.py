@@ -43,7 +43,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from operators.errors import (EXPORT_FAILED, ConfigError, DocumentError, OutputLocked, OutputNotWritable,
-                              SourceChanged, WriteFailed)
+                              PipelineError, SourceChanged, WriteFailed)
 from operators.formats.export import STAGED_EXPORT_PREFIX, formats_written, remove_other_exports, write_exports
 from operators.ingest import KnownDocument, check_unchanged, duplicate_id, source_id
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
@@ -287,6 +287,23 @@ def recover_output(output: str) -> PublishedDocuments:
     published = published_documents(output)
     _remove_unpublished_exports(filesystem, root, set(published.sources()))
     return published
+
+
+@contextmanager
+def exports_tidied_when_stopped(output: str) -> Iterator[None]:
+    """Around a run, outside its Ray session: when it is stopped (Ctrl-C, SIGTERM, ``ray job stop``), the exports
+    of the documents it did not publish, and what it staged, are taken out once Ray is down and their tasks with it.
+    An orderly stop had left them in ``exports/`` until the next run, beside no row: an archive syncing the folder
+    meanwhile took in METS packages of documents the tables lack. The next run's start does the same, should this
+    fail or a cluster's task still be writing."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        with suppress(OSError, PipelineError):
+            filesystem, root = resolve_filesystem(output)
+            _remove_unpublished_exports(filesystem, root, set(published_documents(output).sources()))
+            _clear_staging(filesystem, root)
+        raise
 
 
 def _remove_unpublished_exports(filesystem: pafs.FileSystem, root: str, published: set[str]) -> None:

@@ -48,6 +48,7 @@ from operators.write import (
     WriteSummary,
     check_output_is_ours,
     check_output_writable,
+    exports_tidied_when_stopped,
     output_folders,
     output_lock,
     published_documents,
@@ -551,7 +552,8 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     selection = config.rasterize.pages
     if mode == "recognize":
         resolve_checkpoint(config.recognize.model)  # a wrong model path fails here, before Ray starts
-    with ThreadPoolExecutor(max_workers=2) as background, output_lock(output), input_copies(found.sources):
+    with (ThreadPoolExecutor(max_workers=2) as background, output_lock(output), exports_tidied_when_stopped(output),
+          input_copies(found.sources)):
         # the model's preprocessor and generation settings are loaded and checked while Ray starts (loading
         # transformers takes seconds; Ray's start is mostly waiting), and before anything is read or written: a
         # model that cannot be found, has no usable image processor or sets what the fast engine does not

@@ -95,9 +95,10 @@ def test_a_run_stopped_then_killed_then_run_again_writes_every_document_once(doc
        twice) stops at once, touches nothing and says why. Every document and page is in the output once."""
     output = tmp_path / "out"
     stopped = _job([*_job_arguments(documents, output, tiny_model), "--set", "output.parquet_rows_per_file=2000",
-                    "--set", "output.publish_every_s=0.5"])
+                    "--set", "output.publish_every_s=0.5", "--export", "txt,pdf,mets", "--pdfa"])  # exports of seconds
     try:
-        _wait_for(lambda: _published(output) >= 1 or stopped.poll() is not None, 300, "the first published document")
+        _wait_for(lambda: (_published(output) >= 1 and any((output / "_staging").glob("exporting-*")))
+                  or stopped.poll() is not None, 300, "the first published document, and exports in flight")
         os.kill(stopped.pid, signal.SIGTERM)
         log, _ = stopped.communicate(timeout=120)
     finally:
@@ -110,6 +111,10 @@ def test_a_run_stopped_then_killed_then_run_again_writes_every_document_once(doc
     assert re.search(rf"^interrupted: {kept} documents? written to {output} by this run; the same command again goes "
                      "on with the others$", log, re.MULTILINE), log[-3000:]
     assert 1 <= kept <= len(documents) - 3, "the signal must land early in the job for this test to mean anything"
+    # the exports of the documents it did not publish are taken out as it stops (they had stayed until the next run)
+    published = {row["doc_id"][:16] for row in ds.dataset(output / "documents", format="parquet").to_table().to_pylist()}
+    exported = {path.name.split(".")[0].rsplit("-", 1)[1] for path in (output / "exports").iterdir()}
+    assert exported == published and list((output / "_staging").iterdir()) == [], (exported, published)
 
     killed = _job(_job_arguments(documents, output, tiny_model))
     try:
