@@ -975,9 +975,9 @@ def test_a_log_json_path_that_cannot_be_written_fails_before_any_work(inputs, tm
     # a URI, read as a path, had become ./s3:/archive/log.jsonl, and been written there where such a folder was
     (tmp_path / "s3:" / "archive").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    for dry_run in ([], ["--dry-run"]):
+    for only_looking in ([], ["--dry-run"]):
         assert main(["run", str(inputs), "--output", str(output), "--log-json", "s3://archive/log.jsonl",
-                     *dry_run]) == ExitCode.bad_args
+                     *only_looking]) == ExitCode.bad_args
     assert not output.exists() and not any((tmp_path / "s3:" / "archive").iterdir())
 
 
