@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Iterator, Literal, Sequence
 from urllib.parse import quote
 
 import pikepdf
+import pyarrow as pa
 import pyarrow.fs as pafs
 from PIL import Image, UnidentifiedImageError
 
@@ -332,7 +333,7 @@ def source_stamp(source: str) -> tuple[int, int] | None:
     filesystem, path = resolve_filesystem(source)
     try:
         info = filesystem.get_file_info(path)
-    except OSError as exc:
+    except (OSError, pa.ArrowInvalid) as exc:  # ArrowInvalid: a name pyarrow cannot take (an S3 key with "//")
         raise UnreadableFile(f"cannot read {source}: {exc}") from exc
     return None if info.type == pafs.FileType.NotFound else (info.size, info.mtime_ns or 0)
 
