@@ -434,6 +434,10 @@ class PublishedDocuments:
         """doc_id -> source."""
         return {row["doc_id"]: row["source"] for row in self.rows}
 
+    def failed(self) -> frozenset[str]:
+        """The doc_ids of the failed documents."""
+        return frozenset(row["doc_id"] for row in self.rows if row["status"] == "failed")
+
     def known(self) -> dict[str, KnownDocument]:
         """The documents read whole and well (status ok), and the duplicates of those (as their bytes' document), by
         source, with the size and modification time their files had (rows written before those were recorded are

@@ -92,7 +92,7 @@ def _job_command(args: argparse.Namespace, mode: str) -> int:
                   "the same command again goes on with the others", file=sys.stderr)
             raise
     print(summary.describe())
-    return ExitCode.documents_failed if summary.written.documents_failed else ExitCode.ok
+    return ExitCode.documents_failed if summary.written.documents_failed or summary.failed_earlier else ExitCode.ok
 
 
 def _whole_number(least: int) -> Callable[[str], int]:

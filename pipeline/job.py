@@ -86,6 +86,7 @@ class JobSummary:
     left_out: dict[str, int]  # files in folders and globs that are no documents, by suffix
     retried: int = 0  # failed documents the output held, taken out and read again (--retry-failed)
     unselected: int = 0  # documents with no page in --pages, not written
+    failed_earlier: int = 0  # of those already done, the ones the output holds as failed
 
     @property
     def pages_per_second(self) -> float:
@@ -97,13 +98,24 @@ class JobSummary:
         return (
             f"output: {self.output}\n"
             f"documents: {w.documents_ok} ok, {w.documents_failed} failed, {w.documents_duplicate} duplicates, "
-            f"{self.documents_skipped} already done"
+            f"{self.documents_skipped} already done{_failed_earlier_note(self.failed_earlier)}"
             f"{f', {_failed_documents(self.retried)} taken out and read again' if self.retried else ''}"
             f"{f', {self.unselected} without a page in --pages' if self.unselected else ''}\n"
             f"left out (no document): {left_out}\n"
             f"pages: {w.pages} ({w.pages_failed} failed), lines: {w.lines}\n"
             f"time: {self.seconds:.1f} s, {self.pages_per_second:.2f} pages/s"
         )
+
+
+def _failed_earlier_note(count: int) -> str:
+    return f" ({count} of them failed: `show` names them, --retry-failed reads them again)" if count else ""
+
+
+def _failed_earlier(plans: list[DocumentPlan], reading: list[DocumentPlan], published: PublishedDocuments) -> int:
+    """How many inputs a run skips as done are failed documents in the output (their bytes': a copy's, a duplicate's
+    too). A rerun after a stop had said nothing of them and exited 0: only the run that was stopped had told."""
+    failed, read = published.failed(), {plan.source for plan in reading}
+    return sum(plan.doc_id in failed for plan in plans if plan.source not in read)
 
 
 def _runs_locally(config: JobConfig) -> bool:
@@ -627,7 +639,8 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             written = sink.close()  # while Ray runs: it waits for the documents' export tasks
     return JobSummary(output=output, documents_skipped=skipped, written=written,
                       seconds=time.monotonic() - started, left_out=dict(found.left_out),
-                      retried=len(retirement.failed), unselected=unselected)
+                      retried=len(retirement.failed), unselected=unselected,
+                      failed_earlier=_failed_earlier(plans, marked, published))
 
 
 @contextmanager
@@ -840,6 +853,7 @@ class DryRun:
     pages: str | None  # rasterize.pages
     mode: Mode = "recognize"
     retried: int = 0  # failed documents a run takes out to read their files again (--retry-failed)
+    failed_earlier: int = 0  # of those already done, the ones the output holds as failed
 
     def describe(self) -> str:
         # where each duplicate's pages come from: the output's copy, else this run's first one
@@ -880,7 +894,7 @@ class DryRun:
         skipped = sum(plan.doc_id in self.done for plan in self.plans)
         retry = f", {_failed_documents(self.retried)} to take out and read again" if self.retried else ""
         lines.append(f"documents: {len(self.plans)} found, {todo_documents} to process, {failing} failing triage, "
-                     f"{duplicates} duplicates, {skipped} already done"
+                     f"{duplicates} duplicates, {skipped} already done{_failed_earlier_note(self.failed_earlier)}"
                      f"{retry}"
                      f"{f', {unselected} without a page in --pages' if unselected else ''}")
         stages = "rasterize, detect and recognize" if self.mode == "recognize" else "rasterize and detect"
@@ -889,7 +903,8 @@ class DryRun:
 
     @property
     def failing(self) -> bool:
-        return any(plan.error is not None and plan.doc_id not in self.done for plan in self.plans)
+        return bool(self.failed_earlier) or any(plan.error is not None and plan.doc_id not in self.done
+                                                for plan in self.plans)
 
 
 def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "recognize") -> DryRun:
@@ -917,4 +932,4 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     _warn_of_files_read_again(fresh, published, done, output, config.rasterize.pages)
     marked = {plan.source: plan for plan in fresh}
     return DryRun([marked.get(plan.source, plan) for plan in plans], done, config.rasterize.pages, mode,
-                  len(retirement.failed))
+                  len(retirement.failed), _failed_earlier(plans, fresh, published))

@@ -21,6 +21,7 @@ import pytest
 
 from conftest import box_iou, text_page
 from operators.settings import DEFAULT_MODEL
+from pipeline.cli import main
 from pipeline.config import load_config
 from operators.decoding import check_generation_settings
 from operators.errors import ConfigError, ExitCode, ModelLoadError
@@ -122,8 +123,6 @@ def test_cli_run_fills_text_and_confidence_and_reports_failed_documents_in_exit_
                                                                                       synthetic_documents, tiny_model,
                                                                                       tmp_path, capsys):
     """The command line's run, in this process on the session's Ray instance (the job joins it)."""
-    from pipeline.cli import main
-
     output = tmp_path / "out"
     code = main(["run", str(input_folder), "--output", str(output), "--set", "rasterize.dpi=150",
                  "--set", f"recognize.model={tiny_model}", "--set", "recognize.max_new_tokens=8",
@@ -362,8 +361,6 @@ def test_a_file_replaced_under_its_name_is_warned_of_and_a_copy_of_its_old_bytes
     """A nightly job over a folder where a scan was replaced under its name: the new bytes are a new document beside
     the earlier reading, which no run had said (show printed two identical lines). A copy of the old bytes, or of a
     deleted file's, was a duplicate "same bytes as" a file that no longer held them."""
-    from pipeline.cli import main
-
     folder = tmp_path / "in"
     folder.mkdir()
     text_page(["The first letter"], size=(600, 300)).save(folder / "a.png", dpi=(150, 150))
@@ -415,6 +412,23 @@ def test_a_file_that_could_not_be_read_is_replaced_by_its_reading_when_a_rerun_c
     again = run_job([str(folder)], output, config, mode="detect")
     assert (again.retried, again.written.documents_ok) == (1, 1), again.describe()
     assert [row["status"] for row in _read(output, "documents").to_pylist()] == ["ok"]
+
+
+def test_a_rerun_says_which_documents_it_skips_failed_and_exits_4(ray_local, tmp_path, capsys):
+    """A rerun after a stop (or any rerun) had exited 0 with "N already done" while the output held failed
+    documents of its inputs: only the run that was stopped had told of them."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    text_page(["A letter"], size=(600, 300)).save(folder / "a.png", dpi=(150, 150))
+    (folder / "b.png").write_bytes(b"not an image")
+    output, config = str(tmp_path / "out"), load_config(None, ["rasterize.dpi=150"])
+    assert run_job([str(folder)], output, config, mode="detect").written.documents_failed == 1
+    again = run_job([str(folder)], output, config, mode="detect")
+    assert (again.documents_skipped, again.failed_earlier, again.written.documents_failed) == (2, 1, 0)
+    assert "2 already done (1 of them failed: `show` names them, --retry-failed reads them again)" in again.describe()
+    assert main(["detect", str(folder), "--output", output, "--set", "rasterize.dpi=150", "--dry-run"]) == 4
+    assert "2 already done (1 of them failed" in capsys.readouterr().out
+    assert run_job([str(folder / "a.png")], output, config, mode="detect").failed_earlier == 0  # not an input
 
 
 def test_retry_failed_reads_a_repaired_file_again_in_place_of_its_failed_row(ray_local, tmp_path):
