@@ -34,6 +34,8 @@ STDERR_FILTER = stderr_filter.__file__
 #: Seconds between two summary lines in a non-interactive run, and between two redraws of the live line.
 LOG_INTERVAL_S = 30.0
 REDRAW_INTERVAL_S = 0.5
+#: Pages done within so many seconds of the first are one batch, where the rates start.
+FIRST_PAGES_S = 1.0
 #: How many failed documents are named on the console, each with its error, as they fail.
 NAMED_FAILURES = 10
 
@@ -165,6 +167,7 @@ class JobProgress:
     _began: float = field(default_factory=time.monotonic)
     _started: float = field(default_factory=time.monotonic)
     _finished: float | None = None  # when the last page was done
+    _first_pages: tuple[float, int, int] | None = None  # when the first pages were done, how many, with how many lines
     _shown: float = 0.0
     _drawn: bool = False
     _log: IO[str] | None = None
@@ -208,6 +211,9 @@ class JobProgress:
     def page_done(self, work: PageWork) -> None:
         self.pages_done += 1
         self.lines_done += len(work.lines)
+        now = time.monotonic()
+        if self._first_pages is None or now - self._first_pages[0] < FIRST_PAGES_S:  # the first batch, one event
+            self._first_pages = (self._first_pages or (now,))[0], self.pages_done, self.lines_done
         if self.pages_done == self.pages:  # the rate stands from here (it had kept falling while the job ended)
             self._finished = time.monotonic()
         self._show()
@@ -287,12 +293,18 @@ class JobProgress:
             return [f"starting (Ray{', the model' if self.loads_model else ''})", elapsed]
         if self._phase == "triage":
             return [f"triage: files {self.files_triaged}/{self.files}", elapsed]
-        reading = (self._finished or now) - self._started
-        rate = self.lines_done / reading if reading > 0 else 0.0
-        if self.pages_done and self.pages > self.pages_done:
-            eta = _clock(reading / self.pages_done * (self.pages - self.pages_done))
+        # from the first pages done on, once more have been: counted from the end of triage, the rates had taken in
+        # Ray's and the model's start, and the first ETA of an 8-minute job had said 34 minutes
+        first = self._first_pages
+        since, pages_then, lines_then = first if first and self.pages_done > first[1] else (self._started, 0, 0)
+        reading = (self._finished or now) - since
+        rate = (self.lines_done - lines_then) / reading if reading > 0 else 0.0
+        if self.pages_done >= self.pages:
+            eta = "0:00"
+        elif pages_then:
+            eta = _clock(reading / (self.pages_done - pages_then) * (self.pages - self.pages_done))
         else:
-            eta = "-" if self.pages_done < self.pages else "0:00"
+            eta = "-"
         failed = f" ({self.documents_failed} failed)" if self.documents_failed else ""
         return [f"documents {self.documents_done}/{self.documents}{failed}", f"pages {self.pages_done}/{self.pages}",
                 f"{rate:.1f} lines/s", elapsed, f"ETA {eta}"]

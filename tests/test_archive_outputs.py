@@ -1047,6 +1047,22 @@ def test_the_rate_stands_once_the_last_page_is_done():
     assert progress.status().split(", ")[2] == done.split(", ")[2]  # "... lines/s"
 
 
+def test_the_eta_counts_from_the_first_pages_done_not_from_the_start():
+    """Counted from the end of triage, the rate took in Ray's and the model's start: an 8-minute job's first ETA
+    had said 34 minutes. The first batch's pages (done together) start the count; no ETA until a page after them."""
+    from io import StringIO
+
+    progress = JobProgress(stream=StringIO())
+    progress.start(documents=10, pages=10)
+    time.sleep(3)  # the recognizers starting
+    for _ in range(2):  # the first batch
+        progress.page_done(PageWork("d", "a.pdf", 1, 150))
+    assert progress.status().endswith("ETA -")
+    time.sleep(1.1)
+    progress.page_done(PageWork("d", "a.pdf", 1, 150))
+    assert progress.status().rsplit(", ", 1)[1] in ("ETA 0:07", "ETA 0:08"), progress.status()  # 1.1 s a page, 7 left
+
+
 def test_the_live_line_fits_the_terminal_it_is_redrawn_on(monkeypatch):
     """A line wider than the terminal wraps, and each redraw in place had left its first row behind: a job of
     thousands of documents on an 80-column terminal scrolled a row every half second."""
