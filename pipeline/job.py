@@ -22,7 +22,7 @@ import time
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging.handlers import QueueHandler
 from typing import Any, Callable, Collection, Generator, Iterator, Literal, Sequence
 
@@ -94,17 +94,20 @@ class JobSummary:
 
     def describe(self) -> str:
         w = self.written
-        left_out = ", ".join(f"{count} {key}" for key, count in sorted(self.left_out.items())) or "none"
         return (
             f"output: {self.output}\n"
             f"documents: {w.documents_ok} ok, {w.documents_failed} failed, {w.documents_duplicate} duplicates, "
             f"{self.documents_skipped} already done{_failed_earlier_note(self.failed_earlier)}"
             f"{f', {_failed_documents(self.retried)} taken out and read again' if self.retried else ''}"
             f"{f', {self.unselected} without a page in --pages' if self.unselected else ''}\n"
-            f"left out (no document): {left_out}\n"
+            f"{_left_out_line(self.left_out)}\n"
             f"pages: {w.pages} ({w.pages_failed} failed), lines: {w.lines}\n"
             f"time: {self.seconds:.1f} s, {self.pages_per_second:.2f} pages/s"
         )
+
+
+def _left_out_line(left_out: dict[str, int]) -> str:
+    return f"left out (no document): {', '.join(f'{count} {key}' for key, count in sorted(left_out.items())) or 'none'}"
 
 
 def _failed_earlier_note(count: int) -> str:
@@ -854,6 +857,7 @@ class DryRun:
     mode: Mode = "recognize"
     retried: int = 0  # failed documents a run takes out to read their files again (--retry-failed)
     failed_earlier: int = 0  # of those already done, the ones the output holds as failed
+    left_out: dict[str, int] = field(default_factory=dict)  # files in folders and globs that are no documents
 
     def describe(self) -> str:
         # where each duplicate's pages come from: the output's copy, else this run's first one
@@ -875,9 +879,9 @@ class DryRun:
         lines, todo_pages, todo_documents, failing, duplicates, unselected = [], 0, 0, 0, 0, 0
         for plan in self.plans:
             selected = len(selected_pages(self.pages, plan.num_pages))
-            if plan.doc_id in self.done:
-                state = "done"
-            elif plan.duplicate_of is not None:
+            if plan.doc_id in self.done:  # counted, not listed: a growing archive's new files had been lost among them
+                continue
+            if plan.duplicate_of is not None:
                 state, selected, duplicates = "duplicate", 0, duplicates + 1
             elif plan.error is not None:
                 state, failing = "failed", failing + 1
@@ -897,6 +901,7 @@ class DryRun:
                      f"{duplicates} duplicates, {skipped} already done{_failed_earlier_note(self.failed_earlier)}"
                      f"{retry}"
                      f"{f', {unselected} without a page in --pages' if unselected else ''}")
+        lines.append(_left_out_line(self.left_out))
         stages = "rasterize, detect and recognize" if self.mode == "recognize" else "rasterize and detect"
         lines.append(f"work: {todo_pages} pages to {stages}; nothing written (dry run)")
         return "\n".join(lines)
@@ -910,7 +915,8 @@ class DryRun:
 def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "recognize") -> DryRun:
     """Triage every input (in threads: hashing and poppler release the GIL) and check the model, as
     :func:`run_job` would before any work; starts no Ray and writes nothing."""
-    sources = find_inputs(inputs, output_folders(output)).sources
+    found = find_inputs(inputs, output_folders(output))
+    sources = found.sources
     check_output_writable(output)
     check_output_is_ours(output)
     check_cpus_left_for_pages(config, config.ray.num_cpus or len(os.sched_getaffinity(0)), mode)
@@ -932,4 +938,4 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     _warn_of_files_read_again(fresh, published, done, output, config.rasterize.pages)
     marked = {plan.source: plan for plan in fresh}
     return DryRun([marked.get(plan.source, plan) for plan in plans], done, config.rasterize.pages, mode,
-                  len(retirement.failed), _failed_earlier(plans, fresh, published))
+                  len(retirement.failed), _failed_earlier(plans, fresh, published), dict(found.left_out))

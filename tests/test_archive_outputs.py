@@ -949,12 +949,14 @@ def test_pages_selects_the_same_pages_of_every_input(ray_local, inputs, tmp_path
 def test_dry_run_lists_documents_and_writes_nothing(inputs, tmp_path, capsys):
     folder = Path(shutil.copytree(inputs, tmp_path / "inputs"))
     shutil.copy(folder / "letters.pdf", folder / "letters2.pdf")  # a run would write it as a duplicate
+    (folder / "letters.pdf.md5").write_text("0123\n")
     output = tmp_path / "never"
     code = main(["run", str(folder), "--output", str(output), "--set", DPI, "--dry-run", "--pages", "1-2"])
     result = capsys.readouterr()
     assert code == 4, result.err  # broken.pdf would fail
     assert not output.exists()
     assert "documents: 6 found, 4 to process, 1 failing triage, 1 duplicates, 0 already done" in result.out
+    assert "\nleft out (no document): 1 .md5\n" in result.out  # as the run says it (the dry run had not)
     assert re.search(r"^ok\s+2 pages\s+\S+/letters\.pdf$", result.out, re.MULTILINE)
     assert re.search(r"^duplicate\s+0 pages\s+\S+/letters2\.pdf \(same bytes as \S+/letters\.pdf\)$",
                      result.out, re.MULTILINE)
