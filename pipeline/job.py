@@ -85,7 +85,7 @@ class JobSummary:
     written: WriteSummary
     seconds: float
     left_out: dict[str, int]  # files in folders and globs that are no documents, by suffix
-    retried: int = 0  # failed documents the output held, taken out and read again (--retry-failed)
+    retried: int = 0  # failed documents the output held, taken out and read again (:func:`_check_against_output`)
     unselected: int = 0  # documents with no page in --pages, not written
     failed_earlier: int = 0  # of those already done, the ones the output holds as failed
 
@@ -873,7 +873,7 @@ class DryRun:
     done: dict[str, str]  # doc_ids already in the output (and their sources), which a run skips
     pages: str | None  # rasterize.pages
     mode: Mode = "recognize"
-    retried: int = 0  # failed documents a run takes out to read their files again (--retry-failed)
+    retried: int = 0  # failed documents a run takes out to read their files again (:func:`_check_against_output`)
     failed_earlier: int = 0  # of those already done, the ones the output holds as failed
     left_out: dict[str, int] = field(default_factory=dict)  # files in folders and globs that are no documents
 
