@@ -163,12 +163,14 @@ def _show_command(args: argparse.Namespace) -> int:
     if not args.output.strip():
         raise ConfigError("show: the output name is empty: give the output folder or URI")
     documents, pages = read_published(args.output, ["source", "page", "status", "error_code", "error_message",
-                                                     "text", "lines"], first_pages=args.pages)
+                                                     "text", "lines"], first_pages=0 if args.failed else args.pages)
     if not documents:
         print(f"{args.output} holds no document yet")
     sources = {document["doc_id"]: document["source"] for document in documents if document["status"] != "duplicate"}
     readings = Counter(document["source"] for document in documents if document["status"] == "ok")
-    for document in sorted(documents, key=lambda row: row["source"]):
+    # --failed: where a run names its first failures only, the rest among thousands of documents
+    listed = [document for document in documents if not args.failed or document["status"] == "failed"]
+    for document in sorted(listed, key=lambda row: row["source"]):
         reason = (f" ({document['error_code']}: {document['error_message']})" if document["status"] == "failed"
                   else f" (same bytes as {sources.get(document['duplicate_of'], 'another document')})"
                   if document["status"] == "duplicate"
@@ -179,6 +181,9 @@ def _show_command(args: argparse.Namespace) -> int:
                  else f"{read:4} of {document['num_pages']} pages")
         # a name may hold a newline (Linux allows it): one line per document all the same
         print(printable_text(f"{document['status']:9} {count}  {document['source']}{reason}"))
+    if documents:
+        statuses = Counter(document["status"] for document in documents)
+        print(f"documents: {statuses['ok']} ok, {statuses['failed']} failed, {statuses['duplicate']} duplicates")
     # which model read them: an output written by several (another version of a bundled one) says so
     for (model, weights), count in sorted(Counter((document.get("model"), document.get("model_sha256"))
                                                   for document in documents if document.get("model")).items()):
@@ -266,6 +271,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     show.add_argument("--pages", type=_whole_number(0), default=3,
                       help="pages to print in all, the first by source and page number")
     show.add_argument("--lines", type=_whole_number(0), default=8, help="lines per page to print")
+    show.add_argument("--failed", action="store_true", help="the failed documents only, with their errors, no text")
     show.set_defaults(handler=_show_command)
 
     named = next((argument for argument in argv if not argument.startswith("-")), None)

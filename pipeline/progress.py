@@ -227,7 +227,7 @@ class JobProgress:
             if self.documents_failed <= NAMED_FAILURES:
                 self._say(printable_text(f"failed: {record.source} ({record.error_code}: {record.error_message})"))
             if self.documents_failed == NAMED_FAILURES:
-                self._say("further failed documents are not named here: `trocr-pipeline show DIR` lists them all")
+                self._say("further failed documents are not named here: `trocr-pipeline show DIR --failed` lists them all")
         self._show()
 
     def _say(self, line: str) -> None:

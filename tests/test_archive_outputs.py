@@ -824,6 +824,12 @@ def test_show_prints_what_is_published_and_refuses_a_folder_without_output(run, 
     weights = hashlib.sha256((DEFAULT_MODEL / "model.safetensors").read_bytes()).hexdigest()
     assert f"\nread by printed (weights SHA-256 {weights[:16]}): 4 documents\n" in shown  # not broken.pdf
     assert shown.count("\n--- ") == len(ds.dataset(output / "pages", format="parquet").to_table())
+    assert "\ndocuments: 4 ok, 1 failed, 0 duplicates\n" in shown
+    # the failed ones alone, as the job's console sends an operator to them beyond its first ten
+    assert main(["show", str(copy), "--failed"]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert len(shown) == 3 and shown[0].startswith("failed       0 pages") and "broken.pdf (corrupt_file:" in shown[0]
+    assert shown[1] == "documents: 4 ok, 1 failed, 0 duplicates", shown
     assert main(["show", str(tmp_path / "nothing")]) == ExitCode.bad_args
     assert f"{tmp_path / 'nothing'} does not exist" in capsys.readouterr().err  # it had said it held no output
     (tmp_path / "nothing").mkdir()
@@ -842,7 +848,8 @@ def test_show_prints_one_line_per_document_whatever_its_name_holds(tmp_path, cap
     sink.close()
     assert main(["show", str(tmp_path)]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "failed       0 pages  box 1 letter.pdf (corrupt_file: cannot read box 1 letter.pdf)"]
+        "failed       0 pages  box 1 letter.pdf (corrupt_file: cannot read box 1 letter.pdf)",
+        "documents: 0 ok, 1 failed, 0 duplicates"]
     # another tool's Parquet file there: refused as a run refuses it (it had been shown as holding no document)
     shutil.copy(next((tmp_path / "documents").iterdir()), tmp_path / "documents" / "scores.parquet")
     assert main(["show", str(tmp_path)]) == ExitCode.bad_args
@@ -899,7 +906,8 @@ def test_show_counts_the_pages_read_where_pages_left_some_out(tmp_path, capsys):
     sink.close()
     assert main(["show", str(tmp_path), "--pages", "0"]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "ok           1 of 2 pages  a.pdf", "ok           2 pages  b.pdf", "ok           2 pages  c.pdf"]
+        "ok           1 of 2 pages  a.pdf", "ok           2 pages  b.pdf", "ok           2 pages  c.pdf",
+        "documents: 3 ok, 0 failed, 0 duplicates"]
 
 
 def test_show_heads_a_page_with_its_whole_source_where_another_document_has_its_name(tmp_path, capsys):
