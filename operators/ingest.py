@@ -221,6 +221,8 @@ def _matches_glob(parts: Sequence[str], names: Sequence[str]) -> bool:
     if not names:  # a file where the glob goes on into a folder
         return False
     part, name = parts[0], names[0]
+    if part == "":  # after a trailing "/": what went before matched a folder
+        return True
     if part == "**":
         return _matches_glob(parts[1:], names) or (not name.startswith(".") and _matches_glob(parts, names[1:]))
     return (fnmatch.fnmatchcase(name, part) and not (name.startswith(".") and not part.startswith("."))
@@ -278,7 +280,8 @@ def _expand_one(item: str, left_out: Counter, output_folders: Sequence[str]) -> 
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.NotFound and _GLOB_CHARS.search(path):
         root = path[: _GLOB_CHARS.search(path).start()].rsplit("/", 1)[0]
-        parts = path[len(root):].strip("/").split("/")
+        # a glob ending in "/" matches folders only, as on a disk (pyarrow drops the "/" from the path)
+        parts = path[len(root):].strip("/").split("/") + ([""] if item.endswith("/") else [])
         infos = filesystem.get_file_info(pafs.FileSelector(root or "/", recursive=True, allow_not_found=True))
         return _sort_out([_with_scheme(item, i.path) for i in infos if i.type == pafs.FileType.File
                           and _matches_glob(parts, i.path[len(root):].strip("/").split("/"))], left_out,

@@ -294,19 +294,20 @@ def exports_tidied_when_stopped(output: str) -> Iterator[None]:
     """Around a run, outside its Ray session: when it is stopped (Ctrl-C, SIGTERM, ``ray job stop``), the exports
     of the documents it did not publish, and what it staged, are taken out once Ray is down and their tasks with it.
     An orderly stop had left them in ``exports/`` until the next run, beside no row: an archive syncing the folder
-    meanwhile took in METS packages of documents the tables lack. The next run's start does the same, should this
-    fail or a cluster's task still be writing."""
+    meanwhile took in METS packages of documents the tables lack. The notes naming them stay, so that the next run's
+    start does the same again, should this fail or a cluster's task still be writing."""
     try:
         yield
     except KeyboardInterrupt:
         with suppress(OSError, PipelineError):
             filesystem, root = resolve_filesystem(output)
-            _remove_unpublished_exports(filesystem, root, set(published_documents(output).sources()))
+            _remove_unpublished_exports(filesystem, root, set(published_documents(output).sources()), keep_notes=True)
             _clear_staging(filesystem, root)
         raise
 
 
-def _remove_unpublished_exports(filesystem: pafs.FileSystem, root: str, published: set[str]) -> None:
+def _remove_unpublished_exports(filesystem: pafs.FileSystem, root: str, published: set[str],
+                                keep_notes: bool = False) -> None:
     """Take out the exports a killed run wrote for documents whose rows it never published (:data:`EXPORTING`): a
     rerun writes them again under the same names, but not when the source has changed or gone meanwhile, and they
     had stayed beside the new ones for good."""
@@ -318,7 +319,8 @@ def _remove_unpublished_exports(filesystem: pafs.FileSystem, root: str, publishe
             document = json.loads(stream.read())
         if document["doc_id"] not in published:
             remove_other_exports(document, (), f"{root}/{EXPORTS_DIR}", filesystem)
-        filesystem.delete_file(info.path)
+        if not keep_notes:
+            filesystem.delete_file(info.path)
 
 
 def _read_part(filesystem: pafs.FileSystem, path: str, columns: Sequence[str] | None = None) -> pa.Table:

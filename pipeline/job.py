@@ -112,7 +112,7 @@ def _left_out_line(left_out: dict[str, int]) -> str:
 
 
 def _failed_earlier_note(count: int) -> str:
-    return f" ({count} of them failed: `show` names them, --retry-failed reads them again)" if count else ""
+    return f" ({count} of them failed: `show --failed` names them)" if count else ""
 
 
 def _failed_earlier(plans: list[DocumentPlan], reading: list[DocumentPlan], published: PublishedDocuments) -> int:
@@ -265,8 +265,8 @@ def check_paths_outlive_the_job(paths: Sequence[str | os.PathLike | None]) -> No
     for path in (str(path) for path in paths if path):
         if not is_uri(path) and not os.path.isabs(path):
             raise ConfigError(f"{path!r} is relative: in a job submitted with --working-dir it would be written into "
-                              "Ray's copy of that folder, which Ray deletes; give an absolute path on storage every "
-                              "node shares, or a URI (s3://...)")
+                              "Ray's copy of that folder, which Ray deletes; give an absolute path (for --output, on "
+                              "storage every node shares, or a URI: s3://...)")
 
 
 def check_gpus_for_recognizers(config: JobConfig, gpus: float, mode: Mode = "recognize") -> None:

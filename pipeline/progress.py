@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator
@@ -168,6 +168,7 @@ class JobProgress:
     _started: float = field(default_factory=time.monotonic)
     _finished: float | None = None  # when the last page was done
     _first_pages: tuple[float, int, int] | None = None  # when the first pages were done, how many, with how many lines
+    _terminal: int | None = None  # the terminal drawn on, kept: the stderr filter's pipe takes its place as fd 2
     _shown: float = 0.0
     _drawn: bool = False
     _log: IO[str] | None = None
@@ -176,6 +177,9 @@ class JobProgress:
     _heartbeat: threading.Thread | None = None
 
     def __post_init__(self) -> None:
+        if self.interactive:
+            with suppress(AttributeError, OSError, ValueError):  # a stream without a file (a test's)
+                self._terminal = os.dup(self.stream.fileno())
         # opened before the job starts, so a path that cannot be written fails at once
         if self.log_json is not None:
             try:
@@ -265,6 +269,9 @@ class JobProgress:
             self._show(force=True)
             self.stream.write("\n")
             self.stream.flush()
+        if self._terminal is not None:
+            os.close(self._terminal)
+            self._terminal = None
         if self._log is not None:
             log, self._log = self._log, None
             try:
@@ -309,6 +316,13 @@ class JobProgress:
         return [f"documents {self.documents_done}/{self.documents}{failed}", f"pages {self.pages_done}/{self.pages}",
                 f"{rate:.1f} lines/s", elapsed, f"ETA {eta}"]
 
+    def _columns(self) -> int:
+        """The width of the terminal drawn on (stdout's had been taken: 80 columns where it was piped on)."""
+        if self._terminal is not None:
+            with suppress(OSError):
+                return os.get_terminal_size(self._terminal).columns
+        return shutil.get_terminal_size().columns
+
     def _clear_live_line(self, record: logging.LogRecord) -> bool:
         """A logging filter that lets every record through, on a line of its own."""
         with self._lock:
@@ -333,7 +347,7 @@ class JobProgress:
             self._shown, self._drawn = now, True
             if self.interactive:
                 # one column short of the width: a line that fills the last column wraps on some terminals
-                self.stream.write("\r\x1b[K" + self.status(shutil.get_terminal_size().columns - 1))
+                self.stream.write("\r\x1b[K" + self.status(self._columns() - 1))
             else:
                 self.stream.write(f"progress: {self.status()}\n")
             self.stream.flush()

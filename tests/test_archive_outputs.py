@@ -1097,6 +1097,26 @@ def test_the_live_line_fits_the_terminal_it_is_redrawn_on(monkeypatch):
         assert len(drawn) < columns and kept in drawn, (columns, drawn)
 
 
+def test_the_live_line_is_as_wide_as_the_terminal_it_is_drawn_on_whatever_stdout_is(monkeypatch):
+    """The width had been stdout's, 80 columns where the summary was piped on (``run ... | tee``)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    monkeypatch.delenv("COLUMNS", raising=False)  # pytest's stdout is no terminal: shutil's width would be 80
+    terminal, drawn_on = pty.openpty()
+    fcntl.ioctl(drawn_on, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 40, 0, 0))
+    with open(drawn_on, "w", closefd=True) as stream:
+        progress = JobProgress(stream=stream, interactive=True)
+        progress.start(documents=4000, pages=12000)
+        progress.close()
+    shown = os.read(terminal, 65536).decode()
+    os.close(terminal)
+    assert shown and all(len(line) < 40 for line in shown.replace("\x1b[K", "").replace("\r", "\n").splitlines()), shown
+
+
 def test_progress_says_the_job_is_alive_while_nothing_finishes():
     """A log had no line until the first page finished: none while Ray started, while triage hashed a large
     archive, or while a long first batch ran; a terminal's line stood still."""

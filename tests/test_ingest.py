@@ -80,7 +80,7 @@ def test_a_glob_in_a_uri_finds_what_the_same_glob_finds_on_the_disk(tmp_path):
     for name in ("a.pdf", "sub/b.pdf", "sub/deep/c.pdf", "sub2/d.png", ".hidden/e.pdf", "sub/.f.pdf", "g.pdf/h.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"%PDF-")
-    for pattern in ("*.pdf", "*/*.pdf", "**/*.pdf", "s*", "**", "sub/**", "*/*/c.pdf", "s[u]b/*", "sub/.*", "[sg]*/*"):
+    for pattern in ("*.pdf", "*/*.pdf", "**/*.pdf", "s*", "**", "sub/**", "*/*/c.pdf", "s[u]b/*", "sub/.*", "[sg]*/*", "*/", "**/"):
         local = find_inputs([f"{tmp_path}/{pattern}"]).sources
         uri = find_inputs([f"file://{tmp_path}/{pattern.replace('[', '%5B').replace(']', '%5D')}"]).sources
         assert [source.removeprefix("file://") for source in uri] == local and local, pattern

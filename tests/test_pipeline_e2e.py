@@ -425,7 +425,7 @@ def test_a_rerun_says_which_documents_it_skips_failed_and_exits_4(ray_local, tmp
     assert run_job([str(folder)], output, config, mode="detect").written.documents_failed == 1
     again = run_job([str(folder)], output, config, mode="detect")
     assert (again.documents_skipped, again.failed_earlier, again.written.documents_failed) == (2, 1, 0)
-    assert "2 already done (1 of them failed: `show` names them, --retry-failed reads them again)" in again.describe()
+    assert "2 already done (1 of them failed: `show --failed` names them)" in again.describe()
     assert main(["detect", str(folder), "--output", output, "--set", "rasterize.dpi=150", "--dry-run"]) == 4
     shown = capsys.readouterr().out
     assert "2 already done (1 of them failed" in shown
