@@ -390,7 +390,8 @@ def test_a_file_replaced_under_its_name_is_warned_of_and_a_copy_of_its_old_bytes
         f"duplicate    1 pages  {folder / 'd.png'} (same bytes as {folder / 'a.png'})",
         f"duplicate    1 pages  {folder / 'e.png'} (same bytes as {folder / 'b.png'})",
         f"ok           1 pages  {folder / 'a.png'} (the file has changed since this reading)",
-        f"ok           1 pages  {folder / 'a.png'}", f"ok           1 pages  {folder / 'b.png'}"]), shown
+        f"ok           1 pages  {folder / 'a.png'}", f"ok           1 pages  {folder / 'b.png'}",
+        "documents: 4 ok, 1 failed, 2 duplicates"]), shown
     (folder / "a.png").unlink()  # gone: the readings are told apart as far as they can be
     assert main(["show", output, "--pages", "0"]) == 0
     assert capsys.readouterr().out.count("(one of 2 readings of this file, of different bytes)") == 2
