@@ -97,9 +97,10 @@ class FoundInputs:
     left_out: Counter = field(default_factory=Counter)
 
 
-def _with_scheme(location: str, path: str) -> str:
+def with_scheme(location: str, path: str) -> str:
     """A path found in a URI's filesystem as a URI again, percent-encoded so that ``#``, ``%`` and
-    spaces in names survive the next parse."""
+    spaces in names survive the next parse: the one form of a store's files (and of the output's folders,
+    :func:`operators.write.output_folders`, that they are compared with)."""
     return f"{location.split('://', 1)[0]}://{quote(path)}" if is_uri(location) else path
 
 
@@ -283,17 +284,17 @@ def _expand_one(item: str, left_out: Counter, output_folders: Sequence[str]) -> 
         # a glob ending in "/" matches folders only, as on a disk (pyarrow drops the "/" from the path)
         parts = path[len(root):].strip("/").split("/") + ([""] if item.endswith("/") else [])
         infos = filesystem.get_file_info(pafs.FileSelector(root or "/", recursive=True, allow_not_found=True))
-        return _sort_out([_with_scheme(item, i.path) for i in infos if i.type == pafs.FileType.File
+        return _sort_out([with_scheme(item, i.path) for i in infos if i.type == pafs.FileType.File
                           and _matches_glob(parts, i.path[len(root):].strip("/").split("/"))], left_out,
                          output_folders)
     if info.type == pafs.FileType.Directory:
         infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
-        return _sort_out([_with_scheme(item, i.path) for i in infos if i.type == pafs.FileType.File], left_out,
+        return _sort_out([with_scheme(item, i.path) for i in infos if i.type == pafs.FileType.File], left_out,
                          output_folders)
     if info.type == pafs.FileType.NotFound:
         return []
     # A file named explicitly is taken whatever its suffix: triage decides what it is.
-    return [_with_scheme(item, path)]
+    return [with_scheme(item, path)]
 
 
 def find_inputs(inputs: list[str], output_folders: Sequence[str] = ()) -> FoundInputs:

@@ -35,7 +35,7 @@ from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import PurePosixPath
 from typing import Any, ClassVar, NamedTuple
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from operators.errors import (EXPORT_FAILED, ConfigError, DocumentError, OutputLocked, OutputNotWritable,
                               PipelineError, SourceChanged, WriteFailed)
 from operators.formats.export import STAGED_EXPORT_PREFIX, formats_written, remove_other_exports, write_exports
-from operators.ingest import KnownDocument, check_unchanged, duplicate_id, source_id
+from operators.ingest import KnownDocument, check_unchanged, duplicate_id, source_id, with_scheme
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, LineRecord, PageWork
 from operators.settings import RasterizeConfig
 from operators.storage import (asking_the_store, holding_lock_file, is_uri, move_into_place, resolve_filesystem,
@@ -256,7 +256,7 @@ def output_folders(output: str) -> list[str]:
     output so named inside an input folder had read its own exports as new documents at each run."""
     if is_uri(output):
         parts = urlsplit(output)
-        output = f"{output.split('://', 1)[0]}://{quote(unquote(parts.netloc + parts.path))}"
+        output = with_scheme(output, unquote(parts.netloc + parts.path))
     return [f"{output.rstrip('/')}/{name}" for name in (PAGES_DIR, DOCUMENTS_DIR, STAGING_DIR, EXPORTS_DIR, LOCK_FILE)]
 
 
