@@ -429,15 +429,12 @@ def _too_large(width: float, height: float, page: int, config: RasterizeConfig, 
     return f"page {page} {size}, over the limit of {config.max_page_pixels} pixels (rasterize.max_page_pixels)"
 
 
-def _oversized(sizes: Iterable[tuple[int, float, float]], pages: int, config: RasterizeConfig,
+def _oversized(sizes: Iterable[tuple[int, float, float]], config: RasterizeConfig,
                dpi: int | None) -> tuple[tuple[int, str], ...]:
     """(page, why) of the pages (number, width px, height px) over the pixel limit. A foldout in a book fails
-    its own page, not the book; a document whose every page is too large fails as a whole."""
-    oversized = tuple((number, why) for number, width, height in sizes
-                      if (why := _too_large(width, height, number, config, dpi)) is not None)
-    if oversized and len(oversized) >= pages:
-        raise PageTooLarge(oversized[0][1])
-    return oversized
+    its own page, not the book."""
+    return tuple((number, why) for number, width, height in sizes
+                 if (why := _too_large(width, height, number, config, dpi)) is not None)
 
 
 def user_unit(page: pikepdf.Page) -> float:
@@ -479,7 +476,7 @@ def triage_pdf(path: str, config: RasterizeConfig
     """Page count, whether rendering needs the repaired copy, each page's /Rotate and /UserUnit, and the pages
     too large to render (:func:`_oversized`)."""
     pages, repaired, rotations, units, sizes = pdf_pages(path, config)
-    return pages, repaired, rotations, units, _oversized(sizes, pages, config, config.dpi)
+    return pages, repaired, rotations, units, _oversized(sizes, config, config.dpi)
 
 
 def pdf_pages(path: str, config: RasterizeConfig
@@ -627,7 +624,7 @@ def triage_image(path: str, config: RasterizeConfig) -> tuple[int, tuple[tuple[i
     except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, TypeError... on bad bytes
         raise CorruptFile(f"the image cannot be decoded: {type(exc).__name__}: {exc}") from exc
     sizes = [(number, *frame.size) for number, frame in enumerate(frames, 1) if frame.size is not None]
-    return len(frames), _oversized(sizes, len(frames), config, None)
+    return len(frames), _oversized(sizes, config, None)
 
 
 #: How much of the temporary folder a node's copies of URI inputs may take (least recently used out first).

@@ -626,7 +626,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             skipped = len(plans) - len(fresh) - unselected  # already in the output
             _warn_of_documents_without_exports(plans, published, done, output, config.output.exports)
             _warn_of_files_read_again(marked, published, done, output, selection)
-            readable = [plan for plan in fresh if plan.duplicate_of is None]
+            readable = [plan for plan in fresh if plan.duplicate_of is None and plan.error is None]
             if progress:
                 progress.start(len(fresh), sum(len(selected_pages(selection, plan.num_pages)) for plan in readable))
             for plan in fresh:
@@ -897,19 +897,21 @@ class DryRun:
         lines, todo_pages, todo_documents, failing, duplicates, unselected = [], 0, 0, 0, 0, 0
         for plan in self.plans:
             selected = len(selected_pages(self.pages, plan.num_pages))
+            oversized = _oversized_selected(plan, self.pages)
             if plan.doc_id in self.done:  # counted, not listed: a growing archive's new files had been lost among them
                 continue
             if plan.duplicate_of is not None:
                 state, selected, duplicates = "duplicate", 0, duplicates + 1
-            elif plan.error is not None:
+            elif plan.error is not None or (oversized and len(oversized) == selected):
                 state, failing = "failed", failing + 1
             elif _selects_no_page(plan, self.pages):  # not written (:func:`_with_selected_pages`)
                 state, unselected = "no pages", unselected + 1
             else:
-                state, todo_pages, todo_documents = "ok", todo_pages + selected, todo_documents + 1
+                state, todo_pages, todo_documents = "ok", todo_pages + selected - len(oversized), todo_documents + 1
             reason = f" ({plan.error.error_code}: {plan.error})" if plan.error is not None else ""
-            if plan.oversized_pages and state == "ok":
-                reason = f" ({len(plan.oversized_pages)} page(s) will fail, page_too_large: {plan.oversized_pages[0][1]})"
+            if oversized and state != "duplicate":
+                reason = (f" ({len(oversized)} page(s) will fail, " if state == "ok" else " (") + \
+                    f"page_too_large: {oversized[0]})"
             if state == "duplicate":
                 reason = f" (same bytes as {owner(plan.duplicate_of)})"
             lines.append(f"{state:9} {selected:4} pages  {plan.source}{reason}")
@@ -926,8 +928,17 @@ class DryRun:
 
     @property
     def failing(self) -> bool:
-        return bool(self.failed_earlier) or any(plan.error is not None and plan.doc_id not in self.done
-                                                for plan in self.plans)
+        """Whether the run would exit 4: a document fails triage, has a page over the pixel limit, or is done as
+        failed."""
+        return bool(self.failed_earlier) or any(
+            (plan.error is not None or _oversized_selected(plan, self.pages)) and plan.doc_id not in self.done
+            and plan.duplicate_of is None for plan in self.plans)
+
+
+def _oversized_selected(plan: DocumentPlan, pages: str | None) -> list[str]:
+    """Why each selected page of ``plan`` over the pixel limit fails unrendered (the document with it)."""
+    selected = set(selected_pages(pages, plan.num_pages))
+    return [why for number, why in plan.oversized_pages if number in selected]
 
 
 def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "recognize") -> DryRun:

@@ -144,20 +144,21 @@ def test_an_image_under_the_page_pixel_limit_is_not_refused_as_a_decompression_b
     plan = triage(str(tmp_path / "map.png"), RasterizeConfig())
     assert (plan.error, plan.num_pages) == (None, 1)
     refused = triage(str(tmp_path / "map.png"), RasterizeConfig(max_page_pixels=100_000_000))
-    assert refused.error is not None and refused.error.error_code == "page_too_large"
+    # counted, its page failed as a foldout's is (the document had failed with 0 pages, unopened as it were)
+    assert (refused.error, refused.num_pages) == (None, 1)
     # an image's own pixels: the configured dpi (300) is no part of its size, and the message had named it
-    assert str(refused.error) == ("page 1 is 14000x13000 px, over the limit of 100000000 pixels "
-                                  "(rasterize.max_page_pixels)")
+    assert refused.oversized_pages == ((1, "page 1 is 14000x13000 px, over the limit of 100000000 pixels "
+                                           "(rasterize.max_page_pixels)"),)
 
 
 def test_an_image_over_the_page_pixel_limit_fails_without_a_warning_on_the_console(tmp_path):
-    """A BMP header declaring 900 Mpx fails as page_too_large, as it should, and Pillow's DecompressionBombWarning
-    had reached the console too, without a word of which file."""
+    """A BMP header declaring 900 Mpx fails its page as page_too_large, as it should, and Pillow's
+    DecompressionBombWarning had reached the console too, without a word of which file."""
     header = struct.pack("<IiiHHIIiiII", 40, 30000, 30000, 1, 24, 0, 0, 2835, 2835, 0, 0)
     (tmp_path / "header.bmp").write_bytes(b"BM" + struct.pack("<IHHI", 70, 0, 0, 54) + header + b"\0" * 16)
     with warnings.catch_warnings(record=True) as caught:
         plan = triage(str(tmp_path / "header.bmp"), RasterizeConfig())
-    assert plan.error is not None and plan.error.error_code == "page_too_large"
+    assert (plan.error, plan.num_pages, [page for page, _ in plan.oversized_pages]) == (None, 1, [1])
     assert not caught, [str(warning.message) for warning in caught]
 
 
@@ -448,7 +449,11 @@ def test_declared_page_count_is_not_trusted(tmp_path, good_pdf):
 def test_page_too_large_is_checked_before_rendering(good_pdf, tmp_path):
     small_limit = RasterizeConfig(dpi=300, max_page_pixels=1_000_000)
     plan = triage(str(good_pdf), small_limit)
-    assert plan.error.error_code == "page_too_large"
+    assert (plan.error, plan.num_pages, [page for page, _ in plan.oversized_pages]) == (None, 3, [1, 2, 3])
+    # every page fails: the document fails, which the dry run says and exits 4 for (it had said "ok")
+    described = DryRun([plan], {}, "2-").describe()
+    assert described.startswith(f"failed       2 pages  {good_pdf} (page_too_large: page 2 would be ")
+    assert "work: 0 pages" in described and DryRun([plan], {}, "2-").failing
     wide = tmp_path / "wide.pdf"  # pdfinfo writes its width as "1e+06"; only page 2 is too large
     with pikepdf.open(good_pdf) as pdf:
         pdf.pages[1].MediaBox = [0, 0, 1_000_000, 30]
@@ -461,9 +466,11 @@ def test_page_too_large_is_checked_before_rendering(good_pdf, tmp_path):
     assert [(work.page, work.status, work.error_code) for work in works] == [
         (1, "ok", None), (2, "failed", "page_too_large"), (3, "ok", None)]
     assert "1 page(s) will fail, page_too_large: page 2 would be" in DryRun([plan], {}, None).describe()
+    assert DryRun([plan], {}, None).failing and not DryRun([plan], {}, "3").failing  # as the run exits
+    assert "work: 2 pages" in DryRun([plan], {}, None).describe()
     image = tmp_path / "huge.png"
     Image.new("1", (5000, 5000), 1).save(image)
-    assert triage(str(image), small_limit).error.error_code == "page_too_large"
+    assert triage(str(image), small_limit).oversized_pages[0][0] == 1
     bundle = tmp_path / "bundle.tif"  # the same for an image's frames
     Image.new("L", (500, 500), 255).save(bundle, save_all=True, append_images=[Image.new("L", (2000, 2000), 255)])
     plan = triage(str(bundle), small_limit)

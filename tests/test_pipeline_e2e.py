@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import re
@@ -18,6 +19,7 @@ import jiwer
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
+from PIL import Image
 
 from conftest import box_iou, text_page
 from operators.settings import DEFAULT_MODEL
@@ -26,6 +28,7 @@ from pipeline.config import load_config
 from operators.decoding import check_generation_settings
 from operators.errors import ConfigError, ExitCode, ModelLoadError
 from pipeline.job import dry_run, run_job
+from pipeline.progress import JobProgress
 from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA
 from pipeline.synth.docs import load_ground_truth, page_texts
 
@@ -287,6 +290,29 @@ def test_same_bytes_seen_in_a_later_run_is_a_duplicate_of_the_published_document
     assert rows["b.png"]["status"] == "duplicate" and rows["b.png"]["duplicate_of"] == rows["a.png"]["doc_id"]
     assert _read(output, "pages").num_rows == 1
     assert run_job([str(folder)], output, config, mode="detect").documents_skipped == 2
+
+
+def test_a_document_whose_every_page_is_too_large_has_a_failed_row_for_each(ray_local, tmp_path):
+    """It had failed with 0 pages and no pages row, as a file that cannot be opened: a foldout's page fails on its
+    own, and so does every page here."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    text_page(["A page of a usual size"], size=(600, 300)).save(folder / "a.png", dpi=(150, 150))
+    Image.new("1", (3000, 3000), 1).save(folder / "map.png")
+    stream = io.StringIO()
+    progress = JobProgress(stream=stream, interactive=False, interval_s=0)
+    config = load_config(None, ["rasterize.dpi=150", "rasterize.max_page_pixels=4000000"])
+    run_job([str(folder)], str(tmp_path / "out"), config, mode="detect", progress=progress)
+    progress.close()
+    rows = {os.path.basename(row["source"]): row for row in _read(str(tmp_path / "out"), "documents").to_pylist()}
+    assert [(rows[name]["status"], rows[name]["error_code"], rows[name]["num_pages"]) for name in ("a.png", "map.png")
+            ] == [("ok", None, 1), ("failed", "page_too_large", 1)]
+    pages = {os.path.basename(row["source"]): row for row in _read(str(tmp_path / "out"), "pages").to_pylist()}
+    assert (pages["map.png"]["page"], pages["map.png"]["status"], pages["map.png"]["error_code"]) == (
+        1, "failed", "page_too_large")
+    assert pages["map.png"]["error_message"] == (
+        "page 1 is 3000x3000 px, over the limit of 4000000 pixels (rasterize.max_page_pixels)")
+    assert "documents 2/2 (1 failed), pages 2/2," in stream.getvalue().splitlines()[-1], stream.getvalue()
 
 
 def test_a_run_into_a_detect_output_is_refused_instead_of_leaving_its_lines_without_text(ray_local, tmp_path):
