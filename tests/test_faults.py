@@ -99,6 +99,8 @@ def test_a_run_stopped_then_killed_then_run_again_writes_every_document_once(doc
     try:
         _wait_for(lambda: (_published(output) >= 1 and any((output / "_staging").glob("exporting-*")))
                   or stopped.poll() is not None, 300, "the first published document, and exports in flight")
+        assert stopped.poll() is None, f"the run ended before the signal (a machine too busy to see its exports): " \
+            f"{stopped.communicate()[0][-3000:]}"
         os.kill(stopped.pid, signal.SIGTERM)
         log, _ = stopped.communicate(timeout=120)
     finally:
