@@ -78,12 +78,27 @@ def without_ray_core_logs() -> Iterator[None]:
         os.close(read_end)
     os.dup2(write_end, 2)
     os.close(write_end)
+    left = threading.Event()
+    restoring = threading.Lock()
+
+    def console_back_if_the_filter_dies() -> None:
+        """A filter killed meanwhile (the OOM killer, a stray ``kill``) had ended the job at its next line to the
+        console (BrokenPipeError), the documents it had finished unpublished: the console is fd 2 again."""
+        filter_process.wait()
+        with restoring:
+            if not left.is_set():  # its usual end comes after the command's, once every holder of the pipe closed it
+                os.dup2(original, 2)
+
+    threading.Thread(target=console_back_if_the_filter_dies, name="stderr-filter-watch", daemon=True).start()
     try:
         yield
     finally:
-        sys.stderr.flush()
-        os.dup2(original, 2)  # closes the pipe's last write end: the filter reads to the end and stops
-        os.close(original)
+        with suppress(OSError):  # what the filter, killed, never read
+            sys.stderr.flush()
+        with restoring:
+            left.set()
+            os.dup2(original, 2)  # closes the pipe's last write end: the filter reads to the end and stops
+            os.close(original)
         try:
             filter_process.wait(timeout=5)
         except subprocess.TimeoutExpired:  # a process started meanwhile still holds the pipe: it ends with it
@@ -336,8 +351,14 @@ class JobProgress:
         return REDRAW_INTERVAL_S if self.interactive else self.interval_s
 
     def _beat(self) -> None:
-        while not self._closing.wait(max(self._period(), REDRAW_INTERVAL_S)):
+        """A line one period after the last one shown: on a fixed grid, a line shown between two beats had made
+        the next beat pass without one, and a log's lines came up to twice the interval apart."""
+        while not self._closing.wait(self._until_due()):
             self._show()
+
+    def _until_due(self) -> float:
+        with self._lock:
+            return max(self._shown + self._period() - time.monotonic(), REDRAW_INTERVAL_S)
 
     def _show(self, force: bool = False) -> None:
         with self._lock:

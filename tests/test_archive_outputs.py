@@ -1134,6 +1134,22 @@ def test_progress_says_the_job_is_alive_while_nothing_finishes():
     assert lines[-1].startswith("progress: triage: files 0/3, 0:0")
 
 
+def test_a_logs_progress_lines_come_one_interval_after_the_last_one_shown():
+    """On a fixed grid from the start, the line shown once the work ahead was known made the next beat pass
+    without one: a log's lines came up to twice the interval apart (54 s for 30)."""
+    from io import StringIO
+
+    stream = StringIO()
+    progress = JobProgress(stream=stream, interval_s=2.0)
+    progress.begin()  # a line at 0 s
+    time.sleep(1.0)
+    progress.start(documents=1, pages=1)  # a line at 1 s: the next is due at 3 s (at 4 s on the grid)
+    time.sleep(2.6)
+    progress.close()
+    assert len([line for line in stream.getvalue().splitlines() if line.startswith("progress: documents")]) == 2, \
+        stream.getvalue()
+
+
 def test_a_log_record_on_a_terminal_starts_on_a_line_of_its_own():
     """The live line drawn while Ray started or triage ran had run into the next log record ("0:03 elapsed2026-12-06
     ... WARNING ...")."""
@@ -1205,16 +1221,34 @@ def test_stderr_filter_drops_ray_core_lines_and_passes_the_rest_at_once(capfd):
     assert "Check failed: fatal" in shown and "\rdocuments 1/2 \rdocuments 1/2 \r\x1b[Kdocuments 2/2" in shown
 
 
+def _under_the_stderr_filter(script: str) -> subprocess.CompletedProcess:
+    """``script`` run in a process of its own, with ``os`` and :func:`without_ray_core_logs` imported."""
+    script = f"import os\nfrom pipeline.progress import without_ray_core_logs\n{script}"
+    return subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_job_whose_stderr_filter_is_killed_goes_on_writing_to_the_console():
+    """The filter killed (the OOM killer, a stray kill) had ended the job at its next progress line with a
+    BrokenPipeError, exit 1, the documents it had finished unpublished."""
+    result = _under_the_stderr_filter(
+        "import signal, sys, time\n"
+        "with without_ray_core_logs():\n"
+        "    [child] = open(f'/proc/{os.getpid()}/task/{os.getpid()}/children').read().split()\n"
+        "    os.kill(int(child), signal.SIGKILL)\n"
+        "    time.sleep(1)\n"
+        "    print('progress: after the filter', file=sys.stderr, flush=True)\n"
+        "print('finished')\n")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "finished\n", "progress: after the filter\n")
+
+
 def test_rays_last_words_reach_the_console_when_it_ends_the_driver():
     """Ray ends a driver with _Exit(1) right after an error line saying why (a thread touching the core
     worker during ray.shutdown()): that line must still reach the console."""
-    script = ("import os\n"
-              "from pipeline.progress import without_ray_core_logs\n"
-              "with without_ray_core_logs():\n"
-              "    os.write(2, b'[2026-01-01 10:00:00,125 E 4242 4242] core_worker_process.cc:9: The core worker '\n"
-              "                b'has already been shutdown. The process will exit\\n')\n"
-              "    os._exit(1)\n")
-    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent,
-                            capture_output=True, text=True, timeout=60)
+    result = _under_the_stderr_filter(
+        "with without_ray_core_logs():\n"
+        "    os.write(2, b'[2026-01-01 10:00:00,125 E 4242 4242] core_worker_process.cc:9: The core worker '\n"
+        "                b'has already been shutdown. The process will exit\\n')\n"
+        "    os._exit(1)\n")
     assert result.returncode == 1
     assert "The core worker has already been shutdown. The process will exit" in result.stderr
