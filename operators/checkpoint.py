@@ -31,7 +31,10 @@ def resolve_checkpoint(name_or_path: str) -> str:
     error here, rather than a confusing hub lookup.
     """
     if name_or_path in BUNDLED_MODELS and not BUNDLED_MODELS[name_or_path].is_dir():
-        raise ModelLoadError(f"the bundled model {name_or_path!r} is missing: {BUNDLED_MODELS[name_or_path]}")
+        # a job submitted with --working-dir runs a copy of the code without models/ (docker/runtime-env.yaml)
+        raise ModelLoadError(f"the bundled model {name_or_path!r} is missing: {BUNDLED_MODELS[name_or_path]}; where the "
+                             "code is a copy without models/ (ray job submit --working-dir), set recognize.model to "
+                             "the model's folder on storage every node reaches (docker/README.md)")
     local = _local(name_or_path)
     if local.exists():
         _check_local_folder(local)

@@ -26,6 +26,25 @@ from operators.storage import is_uri, make_local_folder, writing
 from operators.text import printable_text
 
 log = logging.getLogger("trocr_pipeline")
+#: What Ray's job supervisor gives a submitted job's driver: its runtime environment (working dir) as JSON.
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def check_paths_outlive_the_job(written: Sequence[str | os.PathLike | None],
+                                read: Sequence[str | os.PathLike | None] = ()) -> None:
+    """Refuse relative local paths in a job submitted with a working dir (``ray job submit --working-dir``): the
+    command runs in Ray's copy of that folder, which Ray deletes, and a resubmitted job gets a new one. What is
+    ``written`` there is lost; documents ``read`` there are recorded under the copy's path (and had been uploaded
+    with the code)."""
+    job = json.loads(os.environ.get(RAY_JOB_CONFIG_ENV) or "{}")
+    if not (job.get("runtime_env") or {}).get("working_dir"):
+        return
+    for paths, what in ((written, "written into"), (read, "read from")):
+        for path in (str(path) for path in paths if path):
+            if not is_uri(path) and not os.path.isabs(path):
+                raise ConfigError(f"{path!r} is relative: in a job submitted with --working-dir it would be {what} "
+                                  "Ray's copy of that folder, which Ray deletes; give an absolute path on storage "
+                                  "every node shares, or a URI (s3://...)")
 
 
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +66,7 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _job_command(args: argparse.Namespace, mode: str) -> int:
-    from pipeline.job import check_paths_outlive_the_job, dry_run, run_job
+    from pipeline.job import dry_run, run_job
     from pipeline.progress import JobProgress, check_log_json, without_ray_core_logs
 
     if not args.output.strip():
@@ -58,7 +77,7 @@ def _job_command(args: argparse.Namespace, mode: str) -> int:
             raise ConfigError(f"--log-json {args.log_json!r}: the log is a local file, which the driver appends to "
                               "as documents are published (under ray job submit, on the head node); give its path")
         args.log_json = Path(args.log_json)
-    check_paths_outlive_the_job([args.output, args.log_json])
+    check_paths_outlive_the_job([args.output, args.log_json], args.inputs)
     overrides = []
     if args.export is not None:
         formats = [name.strip() for name in args.export.split(",") if name.strip()]
@@ -119,6 +138,7 @@ def _new_synth_folder(path: str) -> None:
 
 
 def _synth_command(args: argparse.Namespace) -> int:
+    check_paths_outlive_the_job([args.output])
     if args.what == "docs":
         from pipeline.synth.docs import write_document_set
 

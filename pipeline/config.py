@@ -187,7 +187,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     try:
         return JobConfig.model_validate(tree)
     except ValidationError as exc:
-        where = f" in {source}" if source else ""
+        # the file as given; the default by its name (its path had been that of Ray's copy of the working dir)
+        where = f" in {path}" if path is not None else f" in the default configs/{source.name}" if source else ""
         overridden = {item.partition("=")[0].strip() for item in overrides}
         raise ConfigError(f"invalid configuration{where}{' and the command line' if overrides else ''}: "
                           f"{describe_errors(exc, overridden)}") from exc

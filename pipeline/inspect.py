@@ -67,6 +67,9 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def inspect_command(args: argparse.Namespace) -> int:
+    from pipeline.cli import check_paths_outlive_the_job
+
+    check_paths_outlive_the_job([args.output])
     config = config_from_arguments(args)
     make_local_folder(args.output)
     output = Path(args.output)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import json
 import logging
 import os
 import pickle
@@ -70,8 +69,6 @@ TRIAGE_WINDOW_PER_CPU = 4
 TRIAGE_WINDOW_MIN = 16
 #: Seconds to wait for a cluster's head to answer before saying it cannot be reached.
 CLUSTER_CONNECT_TIMEOUT_S = 10.0
-#: What Ray's job supervisor gives a submitted job's driver: its runtime environment (working dir) as JSON.
-RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 #: Seconds between looks at a cluster's nodes while a job runs on it, at most (:class:`RecognizerNodesWatch`).
 RECOGNIZER_NODES_CHECK_S = 10.0
 #: Documents whose exports may be in flight at once, per CPU of the cluster.
@@ -98,7 +95,7 @@ class JobSummary:
         return (
             f"output: {self.output}\n"
             f"documents: {w.documents_ok} ok, {w.documents_failed} failed, {w.documents_duplicate} duplicates, "
-            f"{self.documents_skipped} already done{_failed_earlier_note(self.failed_earlier)}"
+            f"{self.documents_skipped} already done{_failed_earlier_note(self.failed_earlier, self.output)}"
             f"{f', {_failed_documents(self.retried)} taken out and read again' if self.retried else ''}"
             f"{f', {self.unselected} without a page in --pages' if self.unselected else ''}\n"
             f"{_left_out_line(self.left_out)}\n"
@@ -111,8 +108,9 @@ def _left_out_line(left_out: dict[str, int]) -> str:
     return f"left out (no document): {', '.join(f'{count} {key}' for key, count in sorted(left_out.items())) or 'none'}"
 
 
-def _failed_earlier_note(count: int) -> str:
-    return f" ({count} of them failed: `show --failed` names them)" if count else ""
+def _failed_earlier_note(count: int, output: str) -> str:
+    """A command to copy (`show --failed` alone could not be run as it was written)."""
+    return f" ({count} of them failed: `trocr-pipeline show {output} --failed` names them)" if count else ""
 
 
 def _failed_earlier(plans: list[DocumentPlan], reading: list[DocumentPlan], published: PublishedDocuments) -> int:
@@ -254,19 +252,6 @@ class RecognizerNodesWatch:
                         "such nodes are back to read the rest")
                     signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
                 return
-
-
-def check_paths_outlive_the_job(paths: Sequence[str | os.PathLike | None]) -> None:
-    """Refuse relative local paths in a job submitted with a working dir (``ray job submit --working-dir``): the
-    driver runs in Ray's copy of that folder, which Ray deletes, and a resubmitted job gets a new one."""
-    job = json.loads(os.environ.get(RAY_JOB_CONFIG_ENV) or "{}")
-    if not (job.get("runtime_env") or {}).get("working_dir"):
-        return
-    for path in (str(path) for path in paths if path):
-        if not is_uri(path) and not os.path.isabs(path):
-            raise ConfigError(f"{path!r} is relative: in a job submitted with --working-dir it would be written into "
-                              "Ray's copy of that folder, which Ray deletes; give an absolute path (for --output, on "
-                              "storage every node shares, or a URI: s3://...)")
 
 
 def check_gpus_for_recognizers(config: JobConfig, gpus: float, mode: Mode = "recognize") -> None:
@@ -876,6 +861,7 @@ class DryRun:
     retried: int = 0  # failed documents a run takes out to read their files again (:func:`_check_against_output`)
     failed_earlier: int = 0  # of those already done, the ones the output holds as failed
     left_out: dict[str, int] = field(default_factory=dict)  # files in folders and globs that are no documents
+    output: str = "DIR"  # as given, for the commands the description names
 
     def describe(self) -> str:
         # where each duplicate's pages come from: the output's copy, else this run's first one
@@ -918,7 +904,7 @@ class DryRun:
         skipped = sum(plan.doc_id in self.done for plan in self.plans)
         retry = f", {_failed_documents(self.retried)} to take out and read again" if self.retried else ""
         lines.append(f"documents: {len(self.plans)} found, {todo_documents} to process, {failing} failing triage, "
-                     f"{duplicates} duplicates, {skipped} already done{_failed_earlier_note(self.failed_earlier)}"
+                     f"{duplicates} duplicates, {skipped} already done{_failed_earlier_note(self.failed_earlier, self.output)}"
                      f"{retry}"
                      f"{f', {unselected} without a page in --pages' if unselected else ''}")
         lines.append(_left_out_line(self.left_out))
@@ -967,4 +953,4 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     _warn_of_files_read_again(fresh, published, done, output, config.rasterize.pages)
     marked = {plan.source: plan for plan in fresh}
     return DryRun([marked.get(plan.source, plan) for plan in plans], done, config.rasterize.pages, mode,
-                  len(retirement.failed), _failed_earlier(plans, fresh, published), dict(found.left_out))
+                  len(retirement.failed), _failed_earlier(plans, fresh, published), dict(found.left_out), output)

@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 from conftest import text_page, write_pdf
-from operators.errors import ConfigError, RecognizersLost
+from operators.errors import ConfigError, ExitCode, RecognizersLost
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
@@ -207,7 +207,7 @@ def _working_dir_upload(root: Path) -> dict[str, int]:
 
 def test_the_working_dir_upload_is_the_code_without_history_models_or_outputs(tmp_path):
     """A checkout's .git had been uploaded with every `ray job submit --working-dir .` (341 MiB of 342 here; Ray
-    refuses packages of 512 MiB and excludes no folder of its own accord), and unpacked on every node."""
+    refuses packages of 512 MiB and leaves .git out by itself only from 2.60), and unpacked on every node."""
     for name in (".git/objects/pack/pack-1.pack", ".git/HEAD", "models/printed/model.safetensors", "out/run/x.parquet",
                  "tests/test_x.py", "bench/b.py", "operators/x.py", "pipeline/cli.py", "configs/local.yaml"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -381,8 +381,6 @@ def test_job_submit_runs_the_cli_with_the_actors_that_fit_and_reports_in_the_job
 def test_a_recognizer_no_node_fits_fails_the_job_instead_of_waiting_for_ever(ray_head, failing_jobs):
     """The V100 config on a cluster without V100s had stayed RUNNING, silent, with Ray's autoscaler repeating that
     no node type fits: on a cluster the GPU check is left to Ray, as an autoscaler may add the nodes."""
-    from operators.errors import ExitCode
-
     assert f"failed with exit code {int(ExitCode.bad_args)}" in ray_head.ended("ocr-no-gpu")
     assert ("no node of the cluster took a recognizer actor within recognize.start_timeout_s=3 s" in
             ray_head.job("logs", "ocr-no-gpu").stdout)
@@ -432,9 +430,26 @@ def test_a_relative_output_in_a_job_with_a_working_dir_is_refused(ray_head, fail
     assert "'ocr-out' is relative" in ray_head.job("logs", "ocr-relative").stdout
 
 
-def test_job_submit_fails_the_job_with_the_cli_exit_code(ray_head, failing_jobs):
-    from operators.errors import ExitCode
+@pytest.mark.parametrize("arguments", [["run", "scans/", "--output", "{abs}/out"],
+                                       ["detect", "{abs}/scans", "scans/*.png", "--output", "{abs}/out"],
+                                       ["inspect", "{abs}/scans", "--output", "overlays"],
+                                       ["synth", "lines", "--output", "lines"]])
+def test_a_relative_path_in_any_command_of_a_job_with_a_working_dir_is_refused(arguments, tmp_path, monkeypatch,
+                                                                               capsys):
+    """Only run's and detect's outputs had been checked: relative inputs were read from Ray's upload of them and
+    recorded under its path, and inspect's and synth's outputs written into Ray's copy, which Ray deletes."""
+    from pipeline.cli import RAY_JOB_CONFIG_ENV, main
 
+    (tmp_path / "scans").mkdir()
+    text_page(["A scan"], size=(300, 120)).save(tmp_path / "scans" / "a.png")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(RAY_JOB_CONFIG_ENV, json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}}))
+    assert main([argument.format(abs=tmp_path) for argument in arguments]) == ExitCode.bad_args
+    assert "is relative: in a job submitted with --working-dir" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["scans"], "nothing written"
+
+
+def test_job_submit_fails_the_job_with_the_cli_exit_code(ray_head, failing_jobs):
     status = ray_head.ended("ocr-bad-model")
     assert "Job 'ocr-bad-model' failed" in status
     assert f"Job entrypoint command failed with exit code {int(ExitCode.model_error)}" in status

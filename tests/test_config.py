@@ -268,3 +268,13 @@ def test_each_command_says_what_it_does_under_its_own_help(command, says, capsys
         main([command, "--help"])
     usage, description = capsys.readouterr().out.split("\n\n")[:2]
     assert description.replace("\n", " ").startswith(says), description
+
+
+def test_an_invalid_setting_names_the_config_as_given():
+    """The default config had been named by its full path, in a submitted job that of Ray's copy of the working dir
+    (/tmp/ray/session_.../runtime_resources/working_dir_files/_ray_pkg_.../configs/local.yaml)."""
+    with pytest.raises(ConfigError, match=re.escape("invalid configuration in the default configs/local.yaml and the "
+                                                    "command line: unknown key 'recognize.bogus' (--set)")):
+        load_config(None, ["recognize.bogus=1"])
+    with pytest.raises(ConfigError, match=re.escape("invalid configuration in cluster-v100.yaml and the command line")):
+        load_config("cluster-v100.yaml", ["recognize.bogus=1"])

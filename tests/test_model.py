@@ -334,6 +334,15 @@ def test_short_names_resolve_to_the_bundled_models_whose_cards_give_their_weight
     assert f"`{weights_sha256(name)}`" in (BUNDLED_MODELS[name] / "README.md").read_text(encoding="utf-8")
 
 
+def test_a_missing_bundled_model_says_where_the_code_may_run_without_it(tmp_path, monkeypatch):
+    """A job submitted with --working-dir runs a copy of the code without models/: the message had named the copy's
+    folder only."""
+    monkeypatch.setitem(BUNDLED_MODELS, "printed", tmp_path / "models" / "trocr-pipeline-printed-small")
+    with pytest.raises(ModelLoadError, match=r"is missing: .*set recognize.model to the model's folder on storage "
+                                             r"every node reaches"):
+        resolve_checkpoint("printed")
+
+
 def test_a_model_is_recorded_by_one_name_however_it_is_given_and_its_weights_by_their_hash(tmp_path, tiny_model):
     """The documents row's model: a bundled one by its short name, given by it or by its folder (a relative path
     included); a folder by its absolute path; a hub id as it is. Sharded weights hash as their shards in order."""

@@ -452,10 +452,11 @@ def test_a_rerun_says_which_documents_it_skips_failed_and_exits_4(ray_local, tmp
     assert run_job([str(folder)], output, config, mode="detect").written.documents_failed == 1
     again = run_job([str(folder)], output, config, mode="detect")
     assert (again.documents_skipped, again.failed_earlier, again.written.documents_failed) == (2, 1, 0)
-    assert "2 already done (1 of them failed: `show --failed` names them)" in again.describe()
+    # a command to copy (`show --failed` alone had not been one)
+    assert f"2 already done (1 of them failed: `trocr-pipeline show {output} --failed` names them)" in again.describe()
     assert main(["detect", str(folder), "--output", output, "--set", "rasterize.dpi=150", "--dry-run"]) == 4
     shown = capsys.readouterr().out
-    assert "2 already done (1 of them failed" in shown
+    assert f"2 already done (1 of them failed: `trocr-pipeline show {output} --failed`" in shown
     assert not re.search("^done", shown, re.MULTILINE), shown  # counted, not listed (new files had been lost among them)
     assert run_job([str(folder / "a.png")], output, config, mode="detect").failed_earlier == 0  # not an input
 
