@@ -271,7 +271,9 @@ def _expand_one(item: str, left_out: Counter, output_folders: Sequence[str]) -> 
         if os.path.isdir(path):
             paths, unlisted = _walk(path, set())
             return _sort_out(paths, left_out, output_folders, unlisted)
-        return [path] if os.path.lexists(path) else []  # a broken link too: reported by triage
+        if not os.path.lexists(path):  # a broken link is there: reported by triage
+            raise NoInputError(f"input {item!r}: there is no such file or folder")
+        return [path]
     if "?" in item:
         # rebuilt from their paths, the files found would be read without them: from another endpoint (AWS's)
         raise ConfigError(f"input {item!r}: the options of an input URI (after '?') do not reach the files found in "
@@ -292,7 +294,7 @@ def _expand_one(item: str, left_out: Counter, output_folders: Sequence[str]) -> 
         return _sort_out([with_scheme(item, i.path) for i in infos if i.type == pafs.FileType.File], left_out,
                          output_folders)
     if info.type == pafs.FileType.NotFound:
-        return []
+        raise NoInputError(f"input {item!r}: there is no such file or folder")
     # A file named explicitly is taken whatever its suffix: triage decides what it is.
     return [with_scheme(item, path)]
 

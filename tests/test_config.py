@@ -236,7 +236,7 @@ def test_mistyped_command_lines_get_one_line_and_exit_code_2(tmp_path, capsys):
         (["synth", "docs", "--output", "s3://bucket/synth"], "--output 's3://bucket/synth': this command writes to a "
                                                              "local folder"),
         (["inspect", str(tmp_path / "a.pdf"), "--output", "s3://bucket/i"], "this command writes to a local folder"),
-        (["synth", "docs", "--output", str(tmp_path / "s"), "--dpi", "0"], "synth docs: dpi must be in (50, 600)"),
+        (["synth", "docs", "--output", str(tmp_path / "s"), "--dpi", "0"], "synth docs: dpi must be from 50 to 600"),
         (["synth", "lines", "--output", str(tmp_path / "s"), "--dpi", "300"], "--dpi is for synth docs"),
         (["run", str(tmp_path / "a.pdf"), "--output", "", "--dry-run"], "--output is empty"),
         (["show", ""], "show: the output name is empty"),

@@ -245,8 +245,15 @@ def test_a_gs_store_is_retried_for_a_minute_not_a_quarter_of_an_hour():
 
 
 def test_input_matching_nothing_is_an_error(tmp_path):
-    with pytest.raises(NoInputError, match="missing"):
-        find_inputs([str(tmp_path / "missing")]).sources
+    """A name that is not there had been said to match no document (.pdf .tif ...), as if of the wrong kind."""
+    for missing in (str(tmp_path / "missing.pdf"), f"file://{tmp_path}/missing.pdf"):
+        with pytest.raises(NoInputError, match=f"input '{missing}': there is no such file or folder"):
+            find_inputs([missing])
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("not a document")
+    for empty in (str(tmp_path / "notes"), str(tmp_path / "*.pdf"), f"file://{tmp_path}/*.pdf"):
+        with pytest.raises(NoInputError, match=f"input '{re.escape(empty)}' matches no document"):
+            find_inputs([empty])
 
 
 def test_sniff_kind_trusts_bytes_not_names():

@@ -292,7 +292,7 @@ def _check_document_args(count: int, dpi: int, formats: tuple[str, ...], pages_p
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
     if not DPI_RANGE[0] <= dpi <= DPI_RANGE[1]:
-        raise ValueError(f"dpi must be in {DPI_RANGE}, got {dpi}")
+        raise ValueError(f"dpi must be from {DPI_RANGE[0]} to {DPI_RANGE[1]}, got {dpi}")
     if not formats or not set(formats) <= set(DOCUMENT_FORMATS):
         raise ValueError(f"formats must be a non-empty selection of {DOCUMENT_FORMATS}, got {formats}")
     low, high = pages_per_document
