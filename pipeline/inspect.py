@@ -28,12 +28,16 @@ from operators.records import LineRecord, PageWork
 from operators.storage import make_local_folder, writing
 from pipeline.config import JobConfig, add_config_arguments, config_from_arguments
 from pipeline.stages import cut_crops, detect_page
+from pipeline.synth.fonts import FONT_ROOT, load_font
 
 #: Longest side of an overlay in pixels: a whole page stays legible on screen and the PNG small.
 OVERLAY_MAX_SIDE = 1600
 #: Colours cycled over blocks (RGB), distinct on paper-white and on black ink.
 BLOCK_COLOURS = ((230, 25, 75), (60, 140, 60), (0, 100, 220), (245, 130, 48), (145, 30, 180), (0, 150, 150))
 LABEL_PX = 14
+#: The face of the text panel: Pillow's own lacks the accented and historical letters the models read (ó, ü, ſ
+#: were drawn as boxes); Debian's fonts-dejavu-core, which the Makefile installs, has them.
+TEXT_FONT = FONT_ROOT / "truetype" / "dejavu" / "DejaVuSans.ttf"
 MIN_TEXT_PX = 8
 
 
@@ -183,10 +187,18 @@ def _text_panel(size: tuple[int, int], lines: list[LineRecord], texts: list[str]
     draw = ImageDraw.Draw(panel)
     for line, text in zip(lines, texts):
         x0, y0, _, y1 = (value * scale for value in line.bbox)
-        font = ImageFont.load_default(size=max(MIN_TEXT_PX, round(0.6 * (y1 - y0))))
+        font = text_font(max(MIN_TEXT_PX, round(0.6 * (y1 - y0))))
         colour = BLOCK_COLOURS[line.block % len(BLOCK_COLOURS)]
         draw.text((x0, (y0 + y1) / 2), f"{line.order}: {text}", font=font, fill=colour, anchor="lm")
     return panel
+
+
+def text_font(size_px: int) -> ImageFont.FreeTypeFont:
+    """:data:`TEXT_FONT`, else (not installed) Pillow's own."""
+    try:
+        return load_font(TEXT_FONT, size_px)
+    except OSError:
+        return ImageFont.load_default(size=size_px)
 
 
 def _beside(left: Image.Image, right: Image.Image) -> Image.Image:

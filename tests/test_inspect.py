@@ -191,3 +191,11 @@ def test_a_document_without_a_page_in_the_selection_is_named_not_passed_over(doc
     pages = _page_counts(documents[:1])[0]
     assert f"skipped {documents[0]}: none of its {pages} pages is in --pages 99" in printed, printed
     assert "0 overlays written to" in printed and "0 failed, 1 document without a page in --pages" in printed
+
+
+def test_the_text_panel_draws_the_letters_the_models_read():
+    """Pillow's own face had drawn ó, ü, ä, é and ſ as boxes ("con□mic J□rg-")."""
+    from pipeline.inspect import text_font
+    from pipeline.synth.fonts import missing_chars
+
+    assert missing_chars(text_font(20), "óüäéſßçæœ") == frozenset()
