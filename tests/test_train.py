@@ -352,6 +352,42 @@ def test_line_folder_pairs_images_with_ground_truth(line_folder):
     assert lines[0].load_gray().dtype == np.uint8 and lines[0].load_gray().ndim == 2
 
 
+def test_line_images_are_read_as_the_job_reads_a_page_image(tmp_path):
+    """Training and eval had read a line with Pillow's ``convert("L")``, not as the job reads its pages: black ink on
+    a transparent background came out all black, a 16-bit line almost white, a JPEG turned by its EXIF orientation
+    upside down (eval CER 104%, 97%, 82%)."""
+    from conftest import text_page
+
+    from operators.rasterize import upright_gray
+
+    line = text_page(["hello line"], size=(420, 200)).crop((100, 135, 400, 195))  # black ink on white
+    ink = 255 - np.asarray(line)
+    Image.fromarray(np.dstack([np.zeros_like(ink)] * 3 + [ink])).save(tmp_path / "rgba.png")
+    Image.fromarray(np.dstack([np.zeros_like(ink), ink])).convert("LA").save(tmp_path / "la.png")
+    Image.fromarray(np.asarray(line).astype(np.uint16) * 257).save(tmp_path / "deep.png")  # I;16
+    exif = Image.Exif()
+    exif[0x0112] = 3  # stored upside down, shown upright
+    line.rotate(180).save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    for name in ("rgba", "la", "deep", "turned"):
+        (tmp_path / f"{name}.gt.txt").write_text("hello line\n", encoding="utf-8")
+    expected = fit_rows_to_ink(np.asarray(line))
+    lines = read_line_folder(tmp_path)
+    assert [Image.open(read.path).mode for read in lines] == ["I;16", "LA", "RGBA", "L"]
+    for read in lines:
+        with Image.open(read.path) as image:
+            assert np.array_equal(read.load_gray(), fit_rows_to_ink(upright_gray(image, str(read.path)))), read.name
+        gray = read.load_gray()
+        assert gray.shape == expected.shape, read.name
+        assert np.abs(gray.astype(int) - expected).mean() < 3, read.name
+    (tmp_path / "page.xml").write_text("""<?xml version="1.0" encoding="UTF-8"?>
+<PcGts xmlns="http://schema.primaresearch.org/PAGE/gts/pagecontent/2019-07-15">
+  <Page imageFilename="rgba.png" imageWidth="300" imageHeight="60"><TextRegion id="r1">
+    <TextLine id="l1"><Coords points="0,0 299,0 299,59 0,59"/><TextEquiv><Unicode>hello line</Unicode></TextEquiv>
+    </TextLine></TextRegion></Page></PcGts>""")
+    [cut] = read_page_lines(tmp_path / "page.xml")  # a page's image too
+    assert np.abs(cut.load_gray().astype(int) - expected[:, :cut.load_gray().shape[1]]).mean() < 3
+
+
 def test_line_folders_name_what_cannot_be_read_and_what_is_missing(tmp_path, caplog):
     """A source without a labelled line is refused before a run trains or validates on nothing (a run with an
     empty validation set once saved no model at all); a damaged image is named when it is read; a transcription

@@ -15,9 +15,11 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from operators.crops import cut_polygon
-from operators.errors import ConfigError
+from operators.errors import ConfigError, DocumentError
 from operators.formats.read import page_image, page_xml_files, read_page_xml
+from operators.ingest import open_image
 from operators.preprocess import LinePreprocessor
+from operators.rasterize import upright_gray
 from operators.text import standard_text
 from operators.words import fit_loose_crop, fit_rows_to_ink
 from pipeline.train.config import DataSource
@@ -33,8 +35,8 @@ SYNTH_CHUNK = 256
 
 #: The most pixels a line image may have: a long line at 600 dpi is about 20,000 x 300 px (6 Mpx).
 MAX_LINE_PIXELS = 16_000_000
-#: What Pillow raises on a damaged image file.
-IMAGE_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+#: What Pillow raises on a damaged image file, and the job's reading of its 16-bit colour (:func:`upright_gray`).
+IMAGE_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, DocumentError)
 
 
 @dataclass(frozen=True)
@@ -56,19 +58,19 @@ class LabeledLine:
         object.__setattr__(self, "text", standard_text(self.text))  # what the model is taught to write
 
     def load_gray(self) -> np.ndarray:
-        """uint8 HxW grayscale pixels (alpha and colour dropped); a file's rows fitted to its ink as the
-        pipeline fits the lines it reads, with ``paint_out_neighbours`` after the ink of the lines above and
-        below is painted out (:func:`fit_loose_crop`: for images cut with a margin, which carry a neighbour's
-        descenders; an image cut tight may have its own accents on its edge, and is only fitted)."""
+        """uint8 HxW grayscale pixels, a file's read as the job reads a page image (:func:`upright_gray`), its rows
+        fitted to its ink as the pipeline fits the lines it reads, with ``paint_out_neighbours`` after the ink of the
+        lines above and below is painted out (:func:`fit_loose_crop`: for images cut with a margin, which carry a
+        neighbour's descenders; an image cut tight may have its own accents on its edge, and is only fitted)."""
         if self.pixels is not None:
             return self.pixels
         fit = fit_loose_crop if self.paint_out_neighbours else fit_rows_to_ink
         try:
-            with Image.open(self.path) as image:
+            with open_image(str(self.path)) as image:
                 if image.width * image.height > MAX_LINE_PIXELS:
                     raise ConfigError(f"line image {self.path} is {image.width} x {image.height} px, too large for "
                                       f"a line (at most {MAX_LINE_PIXELS:,} px): is it a page?")
-                pixels = np.asarray(image.convert("L"))
+                pixels = upright_gray(image, str(self.path))
         except IMAGE_READ_ERRORS as exc:
             raise ConfigError(f"line image {self.path} cannot be read: {type(exc).__name__}: {exc}") from exc
         return fit(pixels)
@@ -128,8 +130,8 @@ def read_page_lines(path: Path) -> list[LabeledLine]:
         page = read_page_xml(xml_path)
         image_path = page_image(xml_path, page.image_name)
         try:
-            with Image.open(image_path) as image:
-                gray = np.asarray(image.convert("L"))
+            with open_image(str(image_path)) as image:
+                gray = upright_gray(image, str(image_path))
         except IMAGE_READ_ERRORS as exc:
             log.warning("%s: page image %s cannot be read (%s: %s), its lines are left out", xml_path, image_path,
                         type(exc).__name__, exc)
