@@ -213,15 +213,15 @@ def evaluate(model: str, folders: Sequence[Path], normalize_options: Sequence[st
     normalize = make_normalizer(normalize_options)
     lines = read_eval_lines(folders, paint_out_neighbours)
     images, unreadable = [], []
-    for line in lines:  # every one that cannot be read named at once (the first alone had been, a rerun each)
+    for line in lines:  # all that cannot be read named at once (the first alone, then three, had been)
         try:
             images.append(line.load_gray())
         except ConfigError as exc:
             unreadable.append(str(exc))
     if unreadable:
         raise ConfigError(f"{len(unreadable)} line image{'s' if len(unreadable) > 1 else ''} cannot be read, so the "
-                          f"score would leave {'them' if len(unreadable) > 1 else 'it'} out: {'; '.join(unreadable[:3])}"
-                          f"{'; ...' if len(unreadable) > 3 else ''} (move each out with its .gt.txt to score the rest)")
+                          f"score would leave {'them' if len(unreadable) > 1 else 'it'} out: {'; '.join(unreadable)} (move each "
+                          "out with its .gt.txt to score the rest)")
     recognizer = LineRecognizer.from_pretrained(model, device, precision, num_beams=num_beams,
                                                 max_new_tokens=max_new_tokens, line_batch_size=batch_size,
                                                 languages=languages)

@@ -128,6 +128,24 @@ def test_folder_without_labelled_lines_is_an_error(tmp_path, tiny_model):
         eval_command(parse(["--model", str(tiny_model), "--lines", str(tmp_path / "sets"), "--device", "cpu"]))
 
 
+def test_eval_lines_names_every_image_it_cannot_read_and_what_a_line_folder_holds(tmp_path):
+    """Of five images it could not read eval had named three, then "...", where the README says all are named; a
+    folder without lines was said to want .png|jpg|tif, or PAGE/ALTO pages, which --lines never reads."""
+    lines = write_lines(tmp_path / "lines", ["alpha"] * 6)
+    for index in range(1, 6):
+        (lines / f"l{index}.png").write_bytes(b"no image")
+    with pytest.raises(ConfigError) as refused:
+        eval_command(parse(["--model", str(tmp_path / "no-model"), "--lines", str(lines), "--device", "cpu"]))
+    assert str(refused.value).startswith("5 line images cannot be read, so the score would leave them out: ")
+    assert all(f"line image {lines / f'l{index}.png'} cannot be read" in str(refused.value) for index in range(1, 6))
+    assert "..." not in str(refused.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError) as refused:
+        eval_command(parse(["--model", str(tmp_path / "no-model"), "--lines", str(tmp_path / "empty")]))
+    assert str(refused.value) == (f"folder source {tmp_path / 'empty'} holds no labelled lines "
+                                  "(<name>.tif|tiff|png|jpg|jpeg|jp2|j2k|jpx|jpf|bmp|webp|gif beside <name>.gt.txt)")
+
+
 def test_a_folder_given_twice_is_read_once_and_the_worst_lines_are_named_with_their_folder(tmp_path, tiny_model,
                                                                                            capsys):
     """Overlapping globs had scored a folder twice (and weighed it twice overall); every synthetic set names its

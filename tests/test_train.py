@@ -418,6 +418,70 @@ def test_line_folders_name_what_cannot_be_read_and_what_is_missing(tmp_path, cap
         read_line_folder(tmp_path)
 
 
+def test_a_transcription_takes_the_image_of_its_own_stem_and_two_images_for_one_are_refused(tmp_path, caplog):
+    """``x.jpg`` and ``x.png`` beside one ``x.gt.txt``: one had been taken and the other passed over without a word;
+    ``x.b.jpg`` beside ``x.jpg`` had been taken as a candidate of ``x``, not named as an image without a transcription
+    (``x.bin.png`` alone is still ``x``'s, as UW3 names its lines)."""
+    for name in ("x.jpg", "x.png", "y.bin.png", "y.nrm.png"):
+        render("a line").save(tmp_path / name)
+    for stem in ("x", "y"):
+        (tmp_path / f"{stem}.gt.txt").write_text("a line\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as refused:
+        read_line_folder(tmp_path)
+    assert str(refused.value) == (f"{tmp_path}: 2 transcriptions have more than one image beside them: x.gt.txt "
+                                  "(x.jpg, x.png); y.gt.txt (y.bin.png, y.nrm.png): keep one image for each")
+    for name in ("x.png", "y.nrm.png"):
+        (tmp_path / name).unlink()
+    render("another").save(tmp_path / "x.b.jpg")
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.data"):
+        assert [line.name for line in read_line_folder(tmp_path)] == ["x.jpg", "y.bin.png"]
+    assert f"{tmp_path}: 1 images have no .gt.txt beside them and are left out: x.b.jpg" in caplog.text
+
+
+def test_a_line_folder_reads_every_image_kind_the_job_reads_and_leaves_out_transcriptions_of_two_lines(tmp_path,
+                                                                                                       caplog):
+    """A .webp, .gif or .jp2 line had been passed over ("1 transcriptions have no image beside them"), and a folder
+    without lines was said to want .png|jpg|tif or PAGE/ALTO pages; a .gt.txt of two lines had been taught and scored
+    as one line's text without a word."""
+    with pytest.raises(ConfigError) as refused:
+        read_line_sources([DataSource(kind="folder", path=tmp_path)])
+    assert str(refused.value) == (f"folder source {tmp_path} holds no labelled lines "
+                                  "(<name>.tif|tiff|png|jpg|jpeg|jp2|j2k|jpx|jpf|bmp|webp|gif beside <name>.gt.txt)")
+    for suffix in ("webp", "gif", "jp2"):
+        render(suffix).save(tmp_path / f"line.{suffix}.{suffix}")
+        (tmp_path / f"line.{suffix}.gt.txt").write_text(f"{suffix}\r\n", encoding="utf-8")
+    render("one").save(tmp_path / "two.png")
+    (tmp_path / "two.gt.txt").write_text("one\r\ntwo\r\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.data"):
+        lines = read_line_folder(tmp_path)
+    assert [(line.name, line.text) for line in lines] == [("line.gif.gif", "gif"), ("line.jp2.jp2", "jp2"),
+                                                          ("line.webp.webp", "webp")]
+    assert all((line.load_gray() < 128).any() for line in lines)
+    assert f"{tmp_path}: 1 transcriptions hold more than one line and are left out: two.gt.txt" in caplog.text
+    assert "have no" not in caplog.text
+
+
+def test_what_a_line_folder_leaves_out_is_named_all_of_it(tmp_path, caplog):
+    """Five damaged images had been given as one "(e.g. ...)", and so had empty transcriptions and images without
+    one, where the README says each is named."""
+    render("good").save(tmp_path / "good.png")
+    (tmp_path / "good.gt.txt").write_text("good\n", encoding="utf-8")
+    for index in range(5):
+        (tmp_path / f"damaged{index}.png").write_bytes(b"no image")
+        (tmp_path / f"damaged{index}.gt.txt").write_text("damaged\n", encoding="utf-8")
+        render("blank").save(tmp_path / f"blank{index}.png")
+        (tmp_path / f"blank{index}.gt.txt").write_text("\n", encoding="utf-8")
+        render("alone").save(tmp_path / f"alone{index}.png")
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.data"):
+        assert [line.name for line in validation_lines([DataSource(kind="folder", path=tmp_path)])] == ["good.png"]
+    assert (f"5 transcriptions are empty and are left out: {', '.join(f'blank{i}.gt.txt' for i in range(5))}"
+            in caplog.text)
+    assert (f"5 images have no .gt.txt beside them and are left out: {', '.join(f'alone{i}.png' for i in range(5))}"
+            in caplog.text)
+    assert "5 line images cannot be read and are left out: " in caplog.text
+    assert all(f"line image {tmp_path / f'damaged{i}.png'} cannot be read" in caplog.text for i in range(5))
+
+
 def test_training_names_bad_lines_before_its_first_step_and_trains_on_the_others(tmp_path, base_model, line_folder,
                                                                                    caplog):
     """A damaged image had stopped a run when the shuffle first drew it, or at the first validation, 500 steps of
