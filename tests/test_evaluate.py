@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -251,6 +252,26 @@ def test_eval_pages_runs_the_whole_job_on_page_xml_images(tmp_path, capfd):
     for row in rows:
         assert len(row["reference"].splitlines()) == len(truth["lines"])
         assert row["cer"] < 0.05, row
+
+
+def test_eval_pages_refuses_pages_the_job_cannot_read_as_eval_lines_does(tmp_path, tiny_model, caplog):
+    """A page image the job could not read had scored as 100% CER with exit 0, logged once for its document and again
+    for its page, where --lines refuses images it cannot read (exit 2)."""
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    Image.new("L", (200, 100), 255).save(folder / "good.png")
+    Image.new("L", (200, 100), 255).save(folder / "cut.png", compress_level=0)
+    (folder / "cut.png").write_bytes((folder / "cut.png").read_bytes()[:5000])  # its header whole, its pixels cut off
+    (folder / "bad.png").write_bytes(b"not an image")
+    for name in ("good", "cut", "bad"):
+        write_page_xml(folder, f"{name}.png", (200, 100), [{"text": "a line", "bbox": (10, 10, 150, 40)}])
+    with pytest.raises(ConfigError) as refused, caplog.at_level(logging.WARNING):
+        eval_command(parse(["--model", str(tiny_model), "--pages", str(folder), "--device", "cpu",
+                            "--max-new-tokens", "4"]))
+    assert str(refused.value).startswith("2 page images cannot be read, so the score would leave them out: ")
+    assert str(refused.value).endswith("(move each out with its PAGE/ALTO file to score the rest)")
+    assert all(str(refused.value).count(str(folder / name)) == 1 for name in ("bad.png", "cut.png"))
+    assert "good.png" not in str(refused.value) and "not read" not in caplog.text
 
 
 def test_a_page_file_given_by_itself_is_named_as_it_is_and_a_page_without_text_is_refused(tmp_path):
