@@ -233,6 +233,10 @@ def evaluate(model: str, folders: Sequence[Path], normalize_options: Sequence[st
     recognizer = LineRecognizer.from_pretrained(model, device, precision, num_beams=num_beams,
                                                 max_new_tokens=max_new_tokens, line_batch_size=batch_size,
                                                 languages=languages)
+    references = recognizer.bundle.tokenizer([line.text for line in lines], add_special_tokens=False).input_ids
+    if too_long := sum(len(tokens) > recognizer.max_new_tokens for tokens in references):  # train says so, eval had not
+        log.warning("%d references are longer than the %d tokens the model can write (--max-new-tokens): their "
+                    "readings stop there, and their CER cannot reach 0", too_long, recognizer.max_new_tokens)
     predictions = [reading.text for reading in recognizer.read_images(images, on_batch)]
     results = score_lines(lines, predictions, normalize)
     return scores_by_source(results, normalize), results
