@@ -272,6 +272,13 @@ def decoded_upright(image: Image.Image, path: str) -> Image.Image:
     return image
 
 
+def upright_gray(image: Image.Image, path: str) -> np.ndarray:
+    """The current frame of the image file ``path`` as the job reads it: upright, 8-bit gray. ``train`` and ``eval``
+    read line images with it too, so a model learns and is scored on what the job gives it (they had used Pillow's
+    ``convert("L")``: a line with transparency came out black, a 16-bit one white, a turned JPEG upside down)."""
+    return to_gray8(decoded_upright(image, path))
+
+
 def _render_frame(image: Image.Image, path: str, work: PageWork, config: RasterizeConfig) -> None:
     """Decode the current frame into ``work``, upright as its EXIF orientation says, in square pixels."""
     orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
@@ -281,7 +288,7 @@ def _render_frame(image: Image.Image, path: str, work: PageWork, config: Rasteri
     if image.width * image.height * work.dpi ** 2 / (dpi_x * dpi_y) > config.max_page_pixels:
         raise PageTooLarge(f"page {work.page} has {image.width}x{image.height} px at {dpi_x}x{dpi_y} dpi, "
                            "over the limit once its pixels are square")
-    work.image = _square_pixels(to_gray8(decoded_upright(image, path)), dpi_x, dpi_y)
+    work.image = _square_pixels(upright_gray(image, path), dpi_x, dpi_y)
     work.height, work.width = work.image.shape
 
 

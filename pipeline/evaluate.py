@@ -96,11 +96,20 @@ def read_page_truth(paths: Sequence[Path]) -> list[PageTruth]:
     return pages
 
 
+def unscorable(what: str, reasons: Sequence[str], truth: str) -> ConfigError:
+    """The refusal of images that cannot be read, all named: a score that left them out would not be the set's."""
+    many = len(reasons) > 1
+    return ConfigError(f"{len(reasons)} {what}{'s' if many else ''} cannot be read, so the score would leave "
+                       f"{'them' if many else 'it'} out: {'; '.join(reasons)} (move each out with its {truth} to score "
+                       "the rest)")
+
+
 def recognize_pages(pages: Sequence[PageTruth], overrides: Sequence[str], verbose: bool = False) -> list[str]:
     """Each page's text from the whole job (local Ray, default config plus ``overrides``), written to a
-    temporary folder; a page the job could not read scores as empty text, and its error is logged. An image with the
-    bytes of another (the job reads them once) scores the other's text (it had scored as empty). Ray's own log lines
-    stay off the console unless ``verbose``, as in ``run`` (they had reached it)."""
+    temporary folder; pages the job could not read are refused, all named, as ``--lines`` refuses images it cannot
+    read (they had scored as empty text, exit 0, each logged once for its document and again for its page). An image
+    with the bytes of another (the job reads them once) scores the other's text (it had scored as empty). Ray's own
+    log lines stay off the console unless ``verbose``, as in ``run`` (they had reached it)."""
     import pyarrow.dataset as ds
 
     from pipeline.config import load_config
@@ -115,9 +124,10 @@ def recognize_pages(pages: Sequence[PageTruth], overrides: Sequence[str], verbos
             columns=["doc_id", "source", "page", "text", "status", "error_message"]).to_pylist()
         documents = ds.dataset(f"{output}/documents", format="parquet").to_table(
             columns=["doc_id", "source", "status", "duplicate_of", "error_message"]).to_pylist()
-    for row in documents + rows:
-        if row["status"] == "failed":
-            log.warning("%s not read (scored as empty text): %s", row["source"], row["error_message"])
+    failed = {row["source"]: row["error_message"] for row in documents + rows
+              if row["status"] == "failed" and row.get("page", 1) == 1}
+    if failed:
+        raise unscorable("page image", [f"{source}: {error}" for source, error in failed.items()], "PAGE/ALTO file")
     texts = {row["doc_id"]: row["text"] or "" for row in rows if row["page"] == 1}
     by_source = {row["source"]: texts.get(row["duplicate_of"] or row["doc_id"], "") for row in documents}
     return [by_source.get(str(page.image.resolve()), "") for page in pages]
@@ -213,18 +223,20 @@ def evaluate(model: str, folders: Sequence[Path], normalize_options: Sequence[st
     normalize = make_normalizer(normalize_options)
     lines = read_eval_lines(folders, paint_out_neighbours)
     images, unreadable = [], []
-    for line in lines:  # every one that cannot be read named at once (the first alone had been, a rerun each)
+    for line in lines:  # all that cannot be read named at once (the first alone, then three, had been)
         try:
             images.append(line.load_gray())
         except ConfigError as exc:
             unreadable.append(str(exc))
     if unreadable:
-        raise ConfigError(f"{len(unreadable)} line image{'s' if len(unreadable) > 1 else ''} cannot be read, so the "
-                          f"score would leave {'them' if len(unreadable) > 1 else 'it'} out: {'; '.join(unreadable[:3])}"
-                          f"{'; ...' if len(unreadable) > 3 else ''} (move each out with its .gt.txt to score the rest)")
+        raise unscorable("line image", unreadable, ".gt.txt")
     recognizer = LineRecognizer.from_pretrained(model, device, precision, num_beams=num_beams,
                                                 max_new_tokens=max_new_tokens, line_batch_size=batch_size,
                                                 languages=languages)
+    references = recognizer.bundle.tokenizer([line.text for line in lines], add_special_tokens=False).input_ids
+    if too_long := sum(len(tokens) > recognizer.max_new_tokens for tokens in references):  # train says so, eval had not
+        log.warning("%d references are longer than the %d tokens the model can write (--max-new-tokens): their "
+                    "readings stop there, and their CER cannot reach 0", too_long, recognizer.max_new_tokens)
     predictions = [reading.text for reading in recognizer.read_images(images, on_batch)]
     results = score_lines(lines, predictions, normalize)
     return scores_by_source(results, normalize), results

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -102,6 +103,16 @@ def test_a_line_evaluation_says_how_far_it_is_as_it_reads(tmp_path, tiny_model):
     assert all(re.fullmatch(r"progress: reading lines \d+% done, 0:\d\d elapsed, ETA 0:\d\d", line) for line in shown), shown
 
 
+def test_eval_notes_references_longer_than_the_model_can_write(tmp_path, tiny_model, caplog):
+    """train warns of transcriptions longer than a label; eval had said nothing of references longer than the model
+    can write, whose score that length caps."""
+    lines = write_lines(tmp_path / "lines", ["the", "the quick brown fox jumps", "over the lazy dog"])
+    with caplog.at_level(logging.WARNING, logger="pipeline.evaluate"):
+        evaluate(str(tiny_model), [lines], max_new_tokens=4, device="cpu")
+    assert ("2 references are longer than the 4 tokens the model can write (--max-new-tokens): their readings stop "
+            "there, and their CER cannot reach 0") in caplog.text
+
+
 def test_eval_languages_read_with_word_scores_and_need_beams(tmp_path, tiny_model, capsys):
     lines = write_lines(tmp_path / "lines", ["alpha beta"])
     common = ["--model", str(tiny_model), "--lines", str(lines), "--device", "cpu", "--max-new-tokens", "8"]
@@ -126,6 +137,24 @@ def test_folder_without_labelled_lines_is_an_error(tmp_path, tiny_model):
     write_lines(tmp_path / "sets" / "second", ["beta"])
     with pytest.raises(ConfigError, match=r"its subfolders first, second hold lines: give them \(subfolders are not "):
         eval_command(parse(["--model", str(tiny_model), "--lines", str(tmp_path / "sets"), "--device", "cpu"]))
+
+
+def test_eval_lines_names_every_image_it_cannot_read_and_what_a_line_folder_holds(tmp_path):
+    """Of five images it could not read eval had named three, then "...", where the README says all are named; a
+    folder without lines was said to want .png|jpg|tif, or PAGE/ALTO pages, which --lines never reads."""
+    lines = write_lines(tmp_path / "lines", ["alpha"] * 6)
+    for index in range(1, 6):
+        (lines / f"l{index}.png").write_bytes(b"no image")
+    with pytest.raises(ConfigError) as refused:
+        eval_command(parse(["--model", str(tmp_path / "no-model"), "--lines", str(lines), "--device", "cpu"]))
+    assert str(refused.value).startswith("5 line images cannot be read, so the score would leave them out: ")
+    assert all(f"line image {lines / f'l{index}.png'} cannot be read" in str(refused.value) for index in range(1, 6))
+    assert "..." not in str(refused.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError) as refused:
+        eval_command(parse(["--model", str(tmp_path / "no-model"), "--lines", str(tmp_path / "empty")]))
+    assert str(refused.value) == (f"folder source {tmp_path / 'empty'} holds no labelled lines "
+                                  "(<name>.tif|tiff|png|jpg|jpeg|jp2|j2k|jpx|jpf|bmp|webp|gif beside <name>.gt.txt)")
 
 
 def test_a_folder_given_twice_is_read_once_and_the_worst_lines_are_named_with_their_folder(tmp_path, tiny_model,
@@ -233,6 +262,26 @@ def test_eval_pages_runs_the_whole_job_on_page_xml_images(tmp_path, capfd):
     for row in rows:
         assert len(row["reference"].splitlines()) == len(truth["lines"])
         assert row["cer"] < 0.05, row
+
+
+def test_eval_pages_refuses_pages_the_job_cannot_read_as_eval_lines_does(tmp_path, tiny_model, caplog):
+    """A page image the job could not read had scored as 100% CER with exit 0, logged once for its document and again
+    for its page, where --lines refuses images it cannot read (exit 2)."""
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    Image.new("L", (200, 100), 255).save(folder / "good.png")
+    Image.new("L", (200, 100), 255).save(folder / "cut.png", compress_level=0)
+    (folder / "cut.png").write_bytes((folder / "cut.png").read_bytes()[:5000])  # its header whole, its pixels cut off
+    (folder / "bad.png").write_bytes(b"not an image")
+    for name in ("good", "cut", "bad"):
+        write_page_xml(folder, f"{name}.png", (200, 100), [{"text": "a line", "bbox": (10, 10, 150, 40)}])
+    with pytest.raises(ConfigError) as refused, caplog.at_level(logging.WARNING):
+        eval_command(parse(["--model", str(tiny_model), "--pages", str(folder), "--device", "cpu",
+                            "--max-new-tokens", "4"]))
+    assert str(refused.value).startswith("2 page images cannot be read, so the score would leave them out: ")
+    assert str(refused.value).endswith("(move each out with its PAGE/ALTO file to score the rest)")
+    assert all(str(refused.value).count(str(folder / name)) == 1 for name in ("bad.png", "cut.png"))
+    assert "good.png" not in str(refused.value) and "not read" not in caplog.text
 
 
 def test_a_page_file_given_by_itself_is_named_as_it_is_and_a_page_without_text_is_refused(tmp_path):

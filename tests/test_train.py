@@ -352,6 +352,42 @@ def test_line_folder_pairs_images_with_ground_truth(line_folder):
     assert lines[0].load_gray().dtype == np.uint8 and lines[0].load_gray().ndim == 2
 
 
+def test_line_images_are_read_as_the_job_reads_a_page_image(tmp_path):
+    """Training and eval had read a line with Pillow's ``convert("L")``, not as the job reads its pages: black ink on
+    a transparent background came out all black, a 16-bit line almost white, a JPEG turned by its EXIF orientation
+    upside down (eval CER 104%, 97%, 82%)."""
+    from conftest import text_page
+
+    from operators.rasterize import upright_gray
+
+    line = text_page(["hello line"], size=(420, 200)).crop((100, 135, 400, 195))  # black ink on white
+    ink = 255 - np.asarray(line)
+    Image.fromarray(np.dstack([np.zeros_like(ink)] * 3 + [ink])).save(tmp_path / "rgba.png")
+    Image.fromarray(np.dstack([np.zeros_like(ink), ink])).convert("LA").save(tmp_path / "la.png")
+    Image.fromarray(np.asarray(line).astype(np.uint16) * 257).save(tmp_path / "deep.png")  # I;16
+    exif = Image.Exif()
+    exif[0x0112] = 3  # stored upside down, shown upright
+    line.rotate(180).save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    for name in ("rgba", "la", "deep", "turned"):
+        (tmp_path / f"{name}.gt.txt").write_text("hello line\n", encoding="utf-8")
+    expected = fit_rows_to_ink(np.asarray(line))
+    lines = read_line_folder(tmp_path)
+    assert [Image.open(read.path).mode for read in lines] == ["I;16", "LA", "RGBA", "L"]
+    for read in lines:
+        with Image.open(read.path) as image:
+            assert np.array_equal(read.load_gray(), fit_rows_to_ink(upright_gray(image, str(read.path)))), read.name
+        gray = read.load_gray()
+        assert gray.shape == expected.shape, read.name
+        assert np.abs(gray.astype(int) - expected).mean() < 3, read.name
+    (tmp_path / "page.xml").write_text("""<?xml version="1.0" encoding="UTF-8"?>
+<PcGts xmlns="http://schema.primaresearch.org/PAGE/gts/pagecontent/2019-07-15">
+  <Page imageFilename="rgba.png" imageWidth="300" imageHeight="60"><TextRegion id="r1">
+    <TextLine id="l1"><Coords points="0,0 299,0 299,59 0,59"/><TextEquiv><Unicode>hello line</Unicode></TextEquiv>
+    </TextLine></TextRegion></Page></PcGts>""")
+    [cut] = read_page_lines(tmp_path / "page.xml")  # a page's image too
+    assert np.abs(cut.load_gray().astype(int) - expected[:, :cut.load_gray().shape[1]]).mean() < 3
+
+
 def test_line_folders_name_what_cannot_be_read_and_what_is_missing(tmp_path, caplog):
     """A source without a labelled line is refused before a run trains or validates on nothing (a run with an
     empty validation set once saved no model at all); a damaged image is named when it is read; a transcription
@@ -380,6 +416,70 @@ def test_line_folders_name_what_cannot_be_read_and_what_is_missing(tmp_path, cap
     render("cafe").save(tmp_path / "latin1.png")
     with pytest.raises(ConfigError, match=f"transcription {tmp_path / 'latin1.gt.txt'} is not UTF-8"):
         read_line_folder(tmp_path)
+
+
+def test_a_transcription_takes_the_image_of_its_own_stem_and_two_images_for_one_are_refused(tmp_path, caplog):
+    """``x.jpg`` and ``x.png`` beside one ``x.gt.txt``: one had been taken and the other passed over without a word;
+    ``x.b.jpg`` beside ``x.jpg`` had been taken as a candidate of ``x``, not named as an image without a transcription
+    (``x.bin.png`` alone is still ``x``'s, as UW3 names its lines)."""
+    for name in ("x.jpg", "x.png", "y.bin.png", "y.nrm.png"):
+        render("a line").save(tmp_path / name)
+    for stem in ("x", "y"):
+        (tmp_path / f"{stem}.gt.txt").write_text("a line\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as refused:
+        read_line_folder(tmp_path)
+    assert str(refused.value) == (f"{tmp_path}: 2 transcriptions have more than one image beside them: x.gt.txt "
+                                  "(x.jpg, x.png); y.gt.txt (y.bin.png, y.nrm.png): keep one image for each")
+    for name in ("x.png", "y.nrm.png"):
+        (tmp_path / name).unlink()
+    render("another").save(tmp_path / "x.b.jpg")
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.data"):
+        assert [line.name for line in read_line_folder(tmp_path)] == ["x.jpg", "y.bin.png"]
+    assert f"{tmp_path}: 1 images have no .gt.txt beside them and are left out: x.b.jpg" in caplog.text
+
+
+def test_a_line_folder_reads_every_image_kind_the_job_reads_and_leaves_out_transcriptions_of_two_lines(tmp_path,
+                                                                                                       caplog):
+    """A .webp, .gif or .jp2 line had been passed over ("1 transcriptions have no image beside them"), and a folder
+    without lines was said to want .png|jpg|tif or PAGE/ALTO pages; a .gt.txt of two lines had been taught and scored
+    as one line's text without a word."""
+    with pytest.raises(ConfigError) as refused:
+        read_line_sources([DataSource(kind="folder", path=tmp_path)])
+    assert str(refused.value) == (f"folder source {tmp_path} holds no labelled lines "
+                                  "(<name>.tif|tiff|png|jpg|jpeg|jp2|j2k|jpx|jpf|bmp|webp|gif beside <name>.gt.txt)")
+    for suffix in ("webp", "gif", "jp2"):
+        render(suffix).save(tmp_path / f"line.{suffix}.{suffix}")
+        (tmp_path / f"line.{suffix}.gt.txt").write_text(f"{suffix}\r\n", encoding="utf-8")
+    render("one").save(tmp_path / "two.png")
+    (tmp_path / "two.gt.txt").write_text("one\r\ntwo\r\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.data"):
+        lines = read_line_folder(tmp_path)
+    assert [(line.name, line.text) for line in lines] == [("line.gif.gif", "gif"), ("line.jp2.jp2", "jp2"),
+                                                          ("line.webp.webp", "webp")]
+    assert all((line.load_gray() < 128).any() for line in lines)
+    assert f"{tmp_path}: 1 transcriptions hold more than one line and are left out: two.gt.txt" in caplog.text
+    assert "have no" not in caplog.text
+
+
+def test_what_a_line_folder_leaves_out_is_named_all_of_it(tmp_path, caplog):
+    """Five damaged images had been given as one "(e.g. ...)", and so had empty transcriptions and images without
+    one, where the README says each is named."""
+    render("good").save(tmp_path / "good.png")
+    (tmp_path / "good.gt.txt").write_text("good\n", encoding="utf-8")
+    for index in range(5):
+        (tmp_path / f"damaged{index}.png").write_bytes(b"no image")
+        (tmp_path / f"damaged{index}.gt.txt").write_text("damaged\n", encoding="utf-8")
+        render("blank").save(tmp_path / f"blank{index}.png")
+        (tmp_path / f"blank{index}.gt.txt").write_text("\n", encoding="utf-8")
+        render("alone").save(tmp_path / f"alone{index}.png")
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.data"):
+        assert [line.name for line in validation_lines([DataSource(kind="folder", path=tmp_path)])] == ["good.png"]
+    assert (f"5 transcriptions are empty and are left out: {', '.join(f'blank{i}.gt.txt' for i in range(5))}"
+            in caplog.text)
+    assert (f"5 images have no .gt.txt beside them and are left out: {', '.join(f'alone{i}.png' for i in range(5))}"
+            in caplog.text)
+    assert "5 line images cannot be read and are left out: " in caplog.text
+    assert all(f"line image {tmp_path / f'damaged{i}.png'} cannot be read" in caplog.text for i in range(5))
 
 
 def test_training_names_bad_lines_before_its_first_step_and_trains_on_the_others(tmp_path, base_model, line_folder,

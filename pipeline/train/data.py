@@ -15,9 +15,11 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from operators.crops import cut_polygon
-from operators.errors import ConfigError
+from operators.errors import ConfigError, DocumentError
 from operators.formats.read import page_image, page_xml_files, read_page_xml
+from operators.ingest import SUPPORTED_SUFFIXES, open_image
 from operators.preprocess import LinePreprocessor
+from operators.rasterize import upright_gray
 from operators.text import standard_text
 from operators.words import fit_loose_crop, fit_rows_to_ink
 from pipeline.train.config import DataSource
@@ -25,7 +27,8 @@ from pipeline.train.config import DataSource
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+#: The image files the job reads by themselves (a PDF is no line image): a .webp or .gif line had been passed over.
+LINE_IMAGE_SUFFIXES = tuple(suffix for suffix in SUPPORTED_SUFFIXES if suffix != ".pdf")
 GT_SUFFIX = ".gt.txt"
 #: Synthetic lines are rendered in chunks of this many; DataLoader workers take turns by chunk.
 SYNTH_CHUNK = 256
@@ -33,8 +36,8 @@ SYNTH_CHUNK = 256
 
 #: The most pixels a line image may have: a long line at 600 dpi is about 20,000 x 300 px (6 Mpx).
 MAX_LINE_PIXELS = 16_000_000
-#: What Pillow raises on a damaged image file.
-IMAGE_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+#: What Pillow raises on a damaged image file, and the job's reading of its 16-bit colour (:func:`upright_gray`).
+IMAGE_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, DocumentError)
 
 
 @dataclass(frozen=True)
@@ -56,54 +59,70 @@ class LabeledLine:
         object.__setattr__(self, "text", standard_text(self.text))  # what the model is taught to write
 
     def load_gray(self) -> np.ndarray:
-        """uint8 HxW grayscale pixels (alpha and colour dropped); a file's rows fitted to its ink as the
-        pipeline fits the lines it reads, with ``paint_out_neighbours`` after the ink of the lines above and
-        below is painted out (:func:`fit_loose_crop`: for images cut with a margin, which carry a neighbour's
-        descenders; an image cut tight may have its own accents on its edge, and is only fitted)."""
+        """uint8 HxW grayscale pixels, a file's read as the job reads a page image (:func:`upright_gray`), its rows
+        fitted to its ink as the pipeline fits the lines it reads, with ``paint_out_neighbours`` after the ink of the
+        lines above and below is painted out (:func:`fit_loose_crop`: for images cut with a margin, which carry a
+        neighbour's descenders; an image cut tight may have its own accents on its edge, and is only fitted)."""
         if self.pixels is not None:
             return self.pixels
         fit = fit_loose_crop if self.paint_out_neighbours else fit_rows_to_ink
         try:
-            with Image.open(self.path) as image:
+            with open_image(str(self.path)) as image:
                 if image.width * image.height > MAX_LINE_PIXELS:
                     raise ConfigError(f"line image {self.path} is {image.width} x {image.height} px, too large for "
                                       f"a line (at most {MAX_LINE_PIXELS:,} px): is it a page?")
-                pixels = np.asarray(image.convert("L"))
+                pixels = upright_gray(image, str(self.path))
         except IMAGE_READ_ERRORS as exc:
             raise ConfigError(f"line image {self.path} cannot be read: {type(exc).__name__}: {exc}") from exc
         return fit(pixels)
 
 
 def read_line_folder(folder: Path, paint_out_neighbours: bool = False, warn: bool = True) -> list[LabeledLine]:
-    """Every ``<stem>.gt.txt`` with an image ``<stem>[.more].png|jpg|tif`` beside it (e.g. UW3 ``x.bin.png``);
-    ``paint_out_neighbours``: see :meth:`LabeledLine.load_gray`; ``warn``: name what is left out."""
+    """Every ``<stem>.gt.txt`` with its image beside it: ``<stem>.png`` (any of :data:`LINE_IMAGE_SUFFIXES`), else
+    ``<stem>.<more>.png`` (e.g. UW3 ``x.bin.png``). A transcription with two images is refused, naming them (one had
+    been taken, the other passed over without a word); ``x.b.png`` beside ``x.png`` is an image of its own stem, and
+    left out as one without a transcription (it had been taken as one of ``x``'s). ``paint_out_neighbours``: see
+    :meth:`LabeledLine.load_gray`; ``warn``: name, all of them, the images and transcriptions left out."""
     if not folder.is_dir():
         raise ConfigError(f"line folder {folder} does not exist or is not a folder")
-    images_by_stem: dict[str, list[Path]] = {}
-    untranscribed: set[Path] = set()  # until a transcription names it
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            untranscribed.add(path)
-            parts = path.name.split(".")
-            for end in range(1, len(parts)):
-                images_by_stem.setdefault(".".join(parts[:end]), []).append(path)
-    lines, without_image, without_text = [], [], []
-    for gt in sorted(folder.glob(f"*{GT_SUFFIX}")):
-        candidates = images_by_stem.get(gt.name[: -len(GT_SUFFIX)])
-        untranscribed.difference_update(candidates or ())
+    paths = sorted(folder.iterdir())
+    stems = {path.name[: -len(GT_SUFFIX)] for path in paths if path.name.endswith(GT_SUFFIX)}
+    images = [path for path in paths if path.suffix.lower() in LINE_IMAGE_SUFFIXES]
+    own: dict[str, list[Path]] = {}  # x.png of x.gt.txt
+    longer: dict[str, list[Path]] = {}  # x.bin.png of x.gt.txt: the longest stem with a transcription
+    for image in images:
+        parts = image.name.split(".")
+        stem = next((".".join(parts[:end]) for end in range(len(parts) - 1, 0, -1) if ".".join(parts[:end]) in stems),
+                    None)
+        if stem is not None:
+            (own if stem == image.stem else longer).setdefault(stem, []).append(image)
+    lines, without_image, without_text, several_lines, several_images = [], [], [], [], []
+    taken: set[Path] = set()
+    for stem in sorted(stems):
+        gt = folder / f"{stem}{GT_SUFFIX}"
+        candidates = own.get(stem) or longer.get(stem, [])
+        taken.update(candidates)
         if not candidates:
             without_image.append(gt.name)
+        elif len(candidates) > 1:
+            several_images.append(f"{gt.name} ({', '.join(image.name for image in candidates)})")
         elif not (text := _transcription(gt)):  # as lines without text on PAGE/ALTO pages: nothing to learn or score
             without_text.append(gt.name)
+        elif len(text.splitlines()) > 1:  # a line image holds one line (a second one had been taught and scored)
+            several_lines.append(gt.name)
         else:
-            image = min(candidates, key=lambda path: len(path.name))
-            lines.append(LabeledLine(name=image.name, text=text, source=str(folder), path=image,
+            lines.append(LabeledLine(name=candidates[0].name, text=text, source=str(folder), path=candidates[0],
                                      paint_out_neighbours=paint_out_neighbours))
+    if several_images:
+        raise ConfigError(f"{folder}: {len(several_images)} transcriptions have more than one image beside them: "
+                          f"{'; '.join(several_images)}: keep one image for each")
     for left_out, what in ((without_image, "transcriptions have no image beside them"),
                            (without_text, "transcriptions are empty"),
-                           (sorted(path.name for path in untranscribed), f"images have no {GT_SUFFIX} beside them")):
+                           (several_lines, "transcriptions hold more than one line"),
+                           ([image.name for image in images if image not in taken],
+                            f"images have no {GT_SUFFIX} beside them")):
         if left_out and warn:
-            log.warning("%s: %d %s and are left out (e.g. %s)", folder, len(left_out), what, left_out[0])
+            log.warning("%s: %d %s and are left out: %s", folder, len(left_out), what, ", ".join(left_out))
     return lines
 
 
@@ -128,8 +147,8 @@ def read_page_lines(path: Path) -> list[LabeledLine]:
         page = read_page_xml(xml_path)
         image_path = page_image(xml_path, page.image_name)
         try:
-            with Image.open(image_path) as image:
-                gray = np.asarray(image.convert("L"))
+            with open_image(str(image_path)) as image:
+                gray = upright_gray(image, str(image_path))
         except IMAGE_READ_ERRORS as exc:
             log.warning("%s: page image %s cannot be read (%s: %s), its lines are left out", xml_path, image_path,
                         type(exc).__name__, exc)
@@ -152,10 +171,11 @@ def read_line_sources(sources: Sequence["DataSource"], warn: bool = True) -> lis
             continue
         found = (read_line_folder(source.path, source.paint_out_neighbours, warn) if source.kind == "folder"
                  else read_page_lines(source.path))
-        if not found:
-            raise ConfigError(f"{source.kind} source {source.path} holds no labelled lines (a folder: <name>.png|jpg|tif "
-                              f"beside <name>.gt.txt; pages: PAGE/ALTO lines with text and an outline)"
-                              f"{_subfolders_with_lines(source.path) if source.kind == 'folder' else ''}")
+        if not found:  # what each kind holds (a folder's message had named three suffixes, and pages)
+            raise ConfigError(f"{source.kind} source {source.path} holds no labelled lines "
+                              + (f"(<name>.{'|'.join(suffix[1:] for suffix in LINE_IMAGE_SUFFIXES)} beside "
+                                 f"<name>{GT_SUFFIX}){_subfolders_with_lines(source.path)}" if source.kind == "folder"
+                                 else "(PAGE/ALTO lines with text and an outline)"))
         lines += found
     return lines
 
@@ -184,9 +204,9 @@ def readable_lines(lines: Sequence[LabeledLine]) -> list[LabeledLine]:
             continue
         readable.append(line)
     if unreadable and not readable:
-        raise ConfigError(f"none of the {len(unreadable)} line images can be read (e.g. {unreadable[0]})")
-    if unreadable:
-        log.warning("%d line images cannot be read and are left out (e.g. %s)", len(unreadable), unreadable[0])
+        raise ConfigError(f"none of the {len(unreadable)} line images can be read: {'; '.join(unreadable)}")
+    if unreadable:  # all of them (the first alone had been)
+        log.warning("%d line images cannot be read and are left out: %s", len(unreadable), "; ".join(unreadable))
     return readable
 
 
