@@ -26,7 +26,7 @@ from typing import IO
 from pydantic import ValidationError
 
 from operators.errors import ConfigError, ExitCode
-from operators.formats.read import page_image, page_xml_files, read_page_xml
+from operators.formats.read import check_page_image, page_image, page_xml_files, read_page_xml
 from operators.model import PRECISIONS
 from operators.recognize import LineRecognizer
 from operators.settings import DEFAULT_MODEL_NAME, RecognizeConfig
@@ -92,7 +92,9 @@ def read_page_truth(paths: Sequence[Path]) -> list[PageTruth]:
             text = "\n".join(line.text for line in page.lines if line.text)
             if not text.strip():
                 raise ConfigError(f"page {xml_path} holds no line with text to score the job's reading against")
-            pages.append(PageTruth(xml_path, page_image(xml_path, page.image_name), str(path), text))
+            image = page_image(xml_path, page.image_name)
+            check_page_image(xml_path, page, image)
+            pages.append(PageTruth(xml_path, image, str(path), text))
     return pages
 
 

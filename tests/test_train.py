@@ -614,6 +614,39 @@ def test_a_damaged_page_image_is_named_and_its_lines_left_out(tmp_path, caplog):
     assert re.search(r"damaged.xml: page image .*damaged.png cannot be read \(UnidentifiedImageError", caplog.text)
 
 
+@pytest.mark.parametrize("case", ["two-page tiff", "pdf", "turned", "other size"])
+def test_a_page_file_whose_image_is_not_its_page_is_refused_for_training_and_scoring(tmp_path, case):
+    """The job's PAGE and ALTO exports without METS name the source file: page 2 of a TIFF had been cut from page 1's
+    pixels and trained on and scored against with page 2's text, without a word; so too a page turned upright."""
+    from pipeline.evaluate import read_page_truth
+
+    first = page_image(tmp_path)
+    image, turn, size = "page.png", "", 'imageWidth="400" imageHeight="100"'
+    if case == "two-page tiff":
+        image = "letters.tif"
+        Image.open(first).save(tmp_path / image, save_all=True, append_images=[Image.open(first)])
+    elif case == "pdf":
+        image = "letters.pdf"
+        Image.open(first).convert("RGB").save(tmp_path / image)
+    elif case == "turned":  # as the job's export of a page it turned says so
+        turn = ('<Metadata><MetadataItem type="processingStep" name="preprocessing/optimization/deskewing" '
+                'value="trocr-pipeline"><Labels><Label type="rotation" value="180"/></Labels></MetadataItem>'
+                '</Metadata>')
+    else:
+        size = 'imageWidth="800" imageHeight="200"'
+    (tmp_path / "page.xml").write_text(f"""<?xml version="1.0" encoding="UTF-8"?>
+<PcGts xmlns="http://schema.primaresearch.org/PAGE/gts/pagecontent/2019-07-15">{turn}
+  <Page imageFilename="{image}" {size}><TextRegion id="r1">
+    <TextLine id="l1"><Coords points="5,3 200,3 200,40 5,40"/><TextEquiv><Unicode>first line</Unicode></TextEquiv>
+    </TextLine></TextRegion></Page></PcGts>""")
+    said = {"two-page tiff": "an image of 2 pages, and does not say which; export with mets",
+            "pdf": "names a PDF", "turned": "turned 180 degrees clockwise, not of the image",
+            "other size": "describes a 800x200 px page, and its image"}[case]
+    for read in (read_page_lines, read_page_truth):
+        with pytest.raises(ConfigError, match=said):
+            read(tmp_path / "page.xml") if read is read_page_lines else read([tmp_path / "page.xml"])
+
+
 def test_alto_lines_use_polygon_or_box_and_join_strings(tmp_path):
     page_image(tmp_path)
     (tmp_path / "page.xml").write_text("""<?xml version="1.0" encoding="UTF-8"?>

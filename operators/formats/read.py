@@ -6,12 +6,14 @@ benchmark, so they agree on what a ground-truth line is.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
 import numpy as np
 from lxml import etree
+from PIL import Image
 
 from operators.errors import ConfigError
 
@@ -30,6 +32,8 @@ class XmlLine:
 class XmlPage:
     image_name: str  # Page/@imageFilename or ALTO fileName, as written in the file
     lines: list[XmlLine]
+    size: tuple[int, int] | None = None  # the page's width and height in pixels, as the file gives them
+    turn: int = 0  # degrees clockwise the named image was turned for the coordinates (this tool's exports say so)
 
 
 def page_xml_files(path: Path) -> list[Path]:
@@ -56,9 +60,16 @@ def read_page_xml(xml_path: Path) -> XmlPage:
         geometry, text_of, block_tags = alto_geometry, _alto_text, ("TextBlock",)
         file_name = list(root.iter("{*}fileName"))
         image_name = (file_name[0].text or "").strip() if file_name else ""
+        page = next(root.iter("{*}Page"), None)
+        size = _pixels(page, "WIDTH", "HEIGHT")
+        turn = next((int(text.split(":")[1]) for settings in root.iter("{*}processingStepSettings")
+                     if re.fullmatch(r"rotation: \d+", text := (settings.text or "").strip())), 0)
     elif kind == "PcGts":
         geometry, text_of, block_tags = page_geometry, _page_text, ("TextRegion",)
-        image_name = next(root.iter("{*}Page")).get("imageFilename", "")
+        page = next(root.iter("{*}Page"))
+        image_name, size = page.get("imageFilename", ""), _pixels(page, "imageWidth", "imageHeight")
+        turn = next((int(label.get("value")) for label in root.iter("{*}Label")
+                     if label.get("type") == "rotation" and (label.get("value") or "").isdigit()), 0)
     else:
         raise ConfigError(f"{xml_path}: root element {kind!r} is neither PAGE (PcGts) nor ALTO (alto)")
     lines = list(root.iter("{*}TextLine"))
@@ -69,7 +80,14 @@ def read_page_xml(xml_path: Path) -> XmlPage:
         points = geometry(line)
         if points is not None:
             found.append(XmlLine(points, text_of(line), block, baseline_of(line)))
-    return XmlPage(image_name, found)
+    return XmlPage(image_name, found, size, turn)
+
+
+def _pixels(page, width: str, height: str) -> tuple[int, int] | None:
+    try:
+        return round(float(page.get(width))), round(float(page.get(height)))
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def _in_reading_order(root, lines: list) -> list:
@@ -111,6 +129,34 @@ def page_image(xml_path: Path, image_name: str) -> Path:
     if image_path is None:
         raise ConfigError(f"{xml_path}: page image {image_name!r} not found next to it")
     return image_path
+
+
+def check_page_image(xml_path: Path, page: XmlPage, image_path: Path) -> None:
+    """Refuse an image whose pixels are not the page's coordinates: this tool's PAGE and ALTO exports without METS
+    name the source file, which may hold many pages or have been turned to read upright (page 1 of a TIFF had been
+    cut by page 2's lines, and trained on and scored against their text). An image Pillow cannot open is left to
+    the reader to report."""
+    advice = ("export with mets (`--export page,mets`), whose PAGE and ALTO files each name the image of their page "
+              "as the job read it")
+    with open(image_path, "rb") as handle:
+        if handle.read(5) == b"%PDF-":
+            raise ConfigError(f"{xml_path} names a PDF, {image_path}: which page, rendered how, it does not say; "
+                              f"{advice}")
+    try:
+        with Image.open(image_path) as image:
+            # upright, as the readers take it (operators.rasterize.upright_gray): EXIF orientations 5-8 turn it a quarter
+            frames, size = getattr(image, "n_frames", 1), image.size[::-1 if image.getexif().get(0x0112) in
+                                                                     (5, 6, 7, 8) else 1]
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return
+    if frames > 1:
+        raise ConfigError(f"{xml_path} names {image_path}, an image of {frames} pages, and does not say which; {advice}")
+    if page.turn:
+        raise ConfigError(f"{xml_path}: its coordinates are pixels of {image_path} turned {page.turn} degrees "
+                          f"clockwise, not of the image; {advice}")
+    if page.size is not None and page.size != size:
+        raise ConfigError(f"{xml_path} describes a {page.size[0]}x{page.size[1]} px page, and its image {image_path} "
+                          f"is {size[0]}x{size[1]} px")
 
 
 def _page_text(element, parts: tuple[str, ...] = ("Word", "Glyph")) -> str:

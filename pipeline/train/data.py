@@ -16,7 +16,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from operators.crops import cut_polygon
 from operators.errors import ConfigError, DocumentError
-from operators.formats.read import page_image, page_xml_files, read_page_xml
+from operators.formats.read import check_page_image, page_image, page_xml_files, read_page_xml
 from operators.ingest import SUPPORTED_SUFFIXES, open_image
 from operators.preprocess import LinePreprocessor
 from operators.rasterize import upright_gray
@@ -146,6 +146,7 @@ def read_page_lines(path: Path) -> list[LabeledLine]:
     for xml_path in page_xml_files(path):
         page = read_page_xml(xml_path)
         image_path = page_image(xml_path, page.image_name)
+        check_page_image(xml_path, page, image_path)
         try:
             with open_image(str(image_path)) as image:
                 gray = upright_gray(image, str(image_path))
