@@ -662,12 +662,28 @@ def test_a_resume_into_another_or_an_emptied_output_dir_saves_its_best_model_the
     (tmp_path / "work" / BEST_STATE).write_text(json.dumps({**best, "validation_cer": 0.0}))
     _, state = start_run(moved.model_copy(update={"steps": 13}), resume=True)  # the same folder: its model's CER holds
     assert state.best_cer == 0.0
-    # no step left and no model there: refused (it had said "model saved to" the empty folder); with it there, kept
+    # no step left and no model there: refused (it had said "model saved to" the empty folder)
     with pytest.raises(ConfigError, match=r"is at step 12 already, and this run stops at step 12: no step is left"):
         train(moved.model_copy(update={"steps": 12, "output_dir": tmp_path / "model-3"}), resume=True,
               show_progress=False)
     assert not (tmp_path / "model-3").exists()  # nothing was saved there: the folder is not left either
-    assert train(moved.model_copy(update={"steps": 12}), resume=True, show_progress=False) == tmp_path / "model-2"
+
+
+def test_a_resume_with_no_step_left_is_refused(tmp_path, base_model, line_folder, capsys):
+    """With the best model in output_dir, a resume at or past its last step had trained and saved nothing, and said
+    "model saved to" with exit 0."""
+    config = fine_tune_config(tmp_path, base_model, line_folder, steps=10)
+    train(config, show_progress=False)
+    best = (tmp_path / "model" / "model.safetensors").read_bytes()
+    for steps in (10, 8):
+        (tmp_path / "train.yaml").write_text(yaml.safe_dump(config.model_copy(update={"steps": steps})
+                                                            .model_dump(mode="json")))
+        assert main(["train", "--config", str(tmp_path / "train.yaml"), "--resume", "--no-progress"]) == ExitCode.bad_args
+        refused = capsys.readouterr()
+        assert f"is at step 10 already, and this run stops at step {steps}: no step is left" in refused.err
+        assert "model saved to" not in refused.out
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == best
+    assert latest_checkpoint(tmp_path / "work").name == f"{CHECKPOINT_PREFIX}10"
 
 
 def test_a_resume_naming_its_output_dir_through_a_link_keeps_the_cer_of_the_model_there(tmp_path, base_model,

@@ -529,12 +529,10 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
 def _train_run(run: TrainingRun, state: TrainerState, show_progress: bool,
                report: Callable[[dict], None] | None) -> Path:
     config = run.config
-    if run.is_main and state.step >= config.last_step and not (config.output_dir / "config.json").is_file():
-        # a resume with no step left had said "model saved to" a folder it left empty
+    if run.is_main and state.step >= config.last_step:
+        # a resume with no step left had trained and saved nothing, and said "model saved to" all the same
         raise ConfigError(f"--resume: {config.work_dir} is at step {state.step} already, and this run stops at step "
-                          f"{config.last_step}: no step is left to train, and {config.output_dir} holds no model; "
-                          "raise steps (or stop_after_step) to train on, or give the output_dir this work_dir saved "
-                          "its best model to")
+                          f"{config.last_step}: no step is left to train; raise steps (or stop_after_step) to train on")
     held_out = validation_lines(config.validation_data) if run.is_main else []
     if run.is_main:
         check_training_lines(config.train_data, label_collator(run))
