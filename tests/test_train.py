@@ -794,3 +794,28 @@ def test_a_resume_reads_the_same_folders_however_they_are_written(tmp_path, base
     metrics: list[dict] = []
     train(moved, resume=True, show_progress=False, report=metrics.append)
     assert [row["step"] for row in metrics] == [11, 12]
+
+
+def test_a_damaged_newest_checkpoint_is_named_with_the_one_to_resume_from(tmp_path, base_model, line_folder, capsys):
+    """A trainer state cut short (a copy of work_dir not yet done, a failing disk) had ended --resume in a torch
+    traceback (PytorchStreamReader failed reading zip archive), exit 1."""
+    config = fine_tune_config(tmp_path, base_model, line_folder, steps=4).model_copy(
+        update={"checkpoint_every": 2, "validate_every": 2})
+    train(config, show_progress=False)
+    state = tmp_path / "work" / f"{CHECKPOINT_PREFIX}4" / TRAINER_STATE
+    state.write_bytes(state.read_bytes()[:1000])
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config.model_copy(update={"steps": 6}).model_dump(mode="json")))
+    assert main(["train", "--config", str(tmp_path / "train.yaml"), "--resume", "--no-progress"]) == ExitCode.model_error
+    refused = capsys.readouterr().err
+    assert (f"the newest checkpoint {state.parent} cannot be read (its {TRAINER_STATE} is cut short or damaged): "
+            f"remove {CHECKPOINT_PREFIX}4 to resume from {CHECKPOINT_PREFIX}2") in refused and "Traceback" not in refused
+    shutil.rmtree(state.parent)  # as it says
+    metrics: list[dict] = []
+    train(config.model_copy(update={"steps": 3}), resume=True, show_progress=False, report=metrics.append)
+    assert [row["step"] for row in metrics] == [3]
+    shutil.rmtree(tmp_path / "work" / f"{CHECKPOINT_PREFIX}2")
+    weights = tmp_path / "work" / f"{CHECKPOINT_PREFIX}3" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # damaged weights, and no older checkpoint
+    with pytest.raises(ModelLoadError, match=f"{CHECKPOINT_PREFIX}3 cannot be read \\(cannot load TrOCR model .*: no "
+                                             "complete checkpoint is older: remove it, and start the run again"):
+        train(config.model_copy(update={"steps": 6}), resume=True, show_progress=False)

@@ -14,8 +14,9 @@ import errno
 import json
 import logging
 import math
-import random
 import os
+import pickle
+import random
 import re
 import shutil
 import signal
@@ -36,7 +37,7 @@ from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 from transformers.models.vision_encoder_decoder.modeling_vision_encoder_decoder import shift_tokens_right
 
 from operators.decoding import encode_lines, ink_width_step
-from operators.errors import ConfigError, OutputLocked, OutputNotWritable, WriteFailed
+from operators.errors import ConfigError, ModelLoadError, OutputLocked, OutputNotWritable, WriteFailed
 from operators.model import TrOCRBundle, cpu_has_native_bf16, load_trocr, resolve_device, resolve_dtype
 from operators.preprocess import WIDTH_SCALE_KEY, LinePreprocessor, ink_columns
 from operators.recognize import LineRecognizer, resolve_max_new_tokens
@@ -137,9 +138,14 @@ def _checkpoints(work_dir: Path) -> list[Path]:
     return sorted(steps, key=steps.get)
 
 
+def _complete_checkpoints(work_dir: Path) -> list[Path]:
+    """Checkpoints in step order but those interrupted while saving (they have no trainer state yet)."""
+    return [path for path in _checkpoints(work_dir) if (path / TRAINER_STATE).is_file()]
+
+
 def latest_checkpoint(work_dir: Path) -> Path | None:
-    """The newest complete checkpoint (one interrupted while saving has no trainer state yet)."""
-    complete = [path for path in _checkpoints(work_dir) if (path / TRAINER_STATE).is_file()]
+    """The newest complete checkpoint."""
+    complete = _complete_checkpoints(work_dir)
     return complete[-1] if complete else None
 
 
@@ -401,7 +407,9 @@ def _load_run(config: TrainConfig, resume: bool, shard: tuple[int, int],
     if checkpoint is None and shard[0] == 0:
         (config.work_dir / BEST_STATE).unlink(missing_ok=True)  # an earlier run's, killed before its first checkpoint
     if checkpoint is not None:
-        bundle = load_trocr(str(checkpoint), device="cpu")
+        with _reading_checkpoint(checkpoint):
+            bundle = load_trocr(str(checkpoint), device="cpu")
+            saved = torch.load(checkpoint / TRAINER_STATE, map_location=device, weights_only=False)
         model, processor = bundle.model, bundle.processor
     else:
         model, processor = build_or_load(config)
@@ -413,7 +421,6 @@ def _load_run(config: TrainConfig, resume: bool, shard: tuple[int, int],
     grad_scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     state = TrainerState()
     if checkpoint is not None:
-        saved = torch.load(checkpoint / TRAINER_STATE, map_location=device, weights_only=False)
         _check_same_settings(saved.get("settings"), config, checkpoint)
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
@@ -425,6 +432,22 @@ def _load_run(config: TrainConfig, resume: bool, shard: tuple[int, int],
     run = TrainingRun(config, model, processor, optimizer, schedule, device, autocast_dtype, forward_model, preprocessor,
                       grad_scaler, shard)
     return run, state
+
+
+@contextmanager
+def _reading_checkpoint(checkpoint: Path) -> Iterator[None]:
+    """A newest checkpoint that cannot be read is named in one line, exit 5, with the checkpoint to resume from once
+    it is removed (a trainer state cut short had ended --resume in a torch traceback). It is not passed over by itself:
+    a file cut short may be a copy of work_dir still under way, or a failing disk, for a person to look at; and a run
+    gone back to the older checkpoint would keep the damaged one as the newest, rotating the good one away."""
+    try:
+        yield
+    except (ModelLoadError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        damage = exc if isinstance(exc, ModelLoadError) else f"its {TRAINER_STATE} is cut short or damaged"
+        older = _complete_checkpoints(checkpoint.parent)[:-1]
+        then = (f"remove {checkpoint.name} to resume from {older[-1].name}, the newest complete one before it" if older
+                else "no complete checkpoint is older: remove it, and start the run again without --resume")
+        raise ModelLoadError(f"--resume: the newest checkpoint {checkpoint} cannot be read ({damage}): {then}") from exc
 
 
 def _check_same_settings(saved: dict | None, config: TrainConfig, checkpoint: Path) -> None:
