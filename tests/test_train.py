@@ -703,12 +703,25 @@ def test_a_resume_naming_its_output_dir_through_a_link_keeps_the_cer_of_the_mode
 def test_storage_that_cannot_take_a_checkpoint_stops_training_with_one_line(tmp_path, base_model, line_folder,
                                                                             small_disk):
     """A full disk had ended the run in a torch traceback naming no file, a read-only one only at the first
-    checkpoint, hundreds of steps in."""
+    checkpoint, hundreds of steps in. At the first checkpoint it had left that checkpoint's folder half written and
+    told to continue with --resume, which found no checkpoint to continue from."""
     config = fine_tune_config(small_disk, base_model, line_folder, steps=2).model_copy(
-        update={"output_dir": tmp_path / "model", "checkpoint_every": 1})
+        update={"output_dir": tmp_path / "model", "checkpoint_every": 1, "validate_every": 1})
     (small_disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 64 * 1024))
-    with pytest.raises(WriteFailed, match=f"cannot write {small_disk / 'work' / CHECKPOINT_PREFIX}1: no space left"):
+    with pytest.raises(WriteFailed, match=f"cannot write {small_disk / 'work' / CHECKPOINT_PREFIX}1: no space left on "
+                                          "the device; no checkpoint was saved before it: free space and start the "
+                                          "run again \\(without --resume\\)"):
         train(config, show_progress=False)
+    assert not list((small_disk / "work").glob(f"{CHECKPOINT_PREFIX}*"))
+    (small_disk / "filler").unlink()
+    train(config, show_progress=False)  # as it says (over the model its step 1 saved in output_dir)
+    (small_disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 64 * 1024))
+    with pytest.raises(WriteFailed, match=f"{CHECKPOINT_PREFIX}3: no space left on the device; the checkpoints saved "
+                                          f"before it are kept \\(the newest: {CHECKPOINT_PREFIX}2\\): free space and "
+                                          "continue with --resume"):
+        train(config.model_copy(update={"steps": 3}), resume=True, show_progress=False)
+    assert sorted(path.name for path in (small_disk / "work").glob(f"{CHECKPOINT_PREFIX}*")) == [
+        f"{CHECKPOINT_PREFIX}1", f"{CHECKPOINT_PREFIX}2"]
     (small_disk / "filler").unlink()
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     with pytest.raises(OutputNotWritable, match=f"training cannot write to {small_disk / 'work'}"):
@@ -722,9 +735,9 @@ def test_a_disk_that_fills_while_the_trainer_state_is_written_is_named_full(tmp_
         update={"output_dir": tmp_path / "model", "checkpoint_every": 1})
     model_files = sum(path.stat().st_size for path in base_model.iterdir())
     (small_disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - model_files - 160 * 1024))
-    with pytest.raises(WriteFailed, match=f"cannot write {small_disk / 'work' / CHECKPOINT_PREFIX}1: no space left"):
+    with pytest.raises(WriteFailed, match=f"cannot write {small_disk / 'work' / CHECKPOINT_PREFIX}1: no space left") as failed:
         train(config, show_progress=False)
-    assert (small_disk / "work" / f"{CHECKPOINT_PREFIX}1" / "model.safetensors").is_file()  # the state failed
+    assert "unexpected pos" in str(failed.value.__cause__)  # the state failed, the weights were written
 
 
 def test_loader_workers_end_with_a_training_process_killed_outright(tmp_path, base_model, line_folder):

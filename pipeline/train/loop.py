@@ -161,35 +161,45 @@ def _settings(config: TrainConfig) -> dict:
 
 
 @contextmanager
-def _saving(what: Path) -> Iterator[None]:
+def _saving(what: Path, work_dir: Path) -> Iterator[None]:
     """A failed save (disk full, a folder made read-only) as one line and exit code 7, naming what was saved;
     torch's writer reports a full disk as a RuntimeError (a failed stream, or a short write: "unexpected pos"),
-    safetensors as its own error."""
+    safetensors as its own error. A full disk says how to go on from the checkpoints in ``work_dir``: before the first
+    one, it had told to continue with --resume, which then found none to continue from."""
     try:
         yield
     except (OSError, RuntimeError, SafetensorError) as exc:
         full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC
                 or any(sign in str(exc) for sign in ("iostream error", "No space left", "unexpected pos")))
-        if full:
-            raise WriteFailed(f"cannot write {what}: no space left on the device; the checkpoints saved before it "
-                              "are kept: free space and continue with --resume") from exc
-        raise WriteFailed(f"cannot write {what}: {exc}") from exc
+        if not full:
+            raise WriteFailed(f"cannot write {what}: {exc}") from exc
+        newest = latest_checkpoint(work_dir)
+        then = (f"the checkpoints saved before it are kept (the newest: {newest.name}): free space and continue with "
+                "--resume" if newest else "no checkpoint was saved before it: free space and start the run again "
+                "(without --resume)")
+        raise WriteFailed(f"cannot write {what}: no space left on the device; {then}") from exc
 
 
 def save_checkpoint(run: "TrainingRun", state: TrainerState) -> Path:
     """Model + processor + optimizer/scheduler/state; the trainer state file is written last (= complete)."""
     folder = run.config.work_dir / f"{CHECKPOINT_PREFIX}{state.step}"
-    with _saving(folder):
-        save_trocr(run.model, run.processor, folder)
-        partial = folder / f"{TRAINER_STATE}.partial"  # renamed once whole: a run killed while saving leaves no state
-        torch.save(
-            {"step": state.step, "best_cer": state.best_cer, "optimizer": run.optimizer.state_dict(),
-             "schedule": run.schedule.state_dict(), "grad_scaler": run.grad_scaler.state_dict(),
-             "settings": _settings(run.config)},
-            partial,
-        )
-        replace_on_disk(partial, folder / TRAINER_STATE)  # the model's files are on the disk already (save_trocr)
-        on_disk(folder)  # before older checkpoints go: a power cut must leave one that is complete
+    with _saving(folder, run.config.work_dir):
+        try:
+            save_trocr(run.model, run.processor, folder)
+            partial = folder / f"{TRAINER_STATE}.partial"  # renamed once whole: a run killed while saving leaves none
+            torch.save(
+                {"step": state.step, "best_cer": state.best_cer, "optimizer": run.optimizer.state_dict(),
+                 "schedule": run.schedule.state_dict(), "grad_scaler": run.grad_scaler.state_dict(),
+                 "settings": _settings(run.config)},
+                partial,
+            )
+            replace_on_disk(partial, folder / TRAINER_STATE)  # the model's files are on the disk already (save_trocr)
+            on_disk(folder)  # before older checkpoints go: a power cut must leave one that is complete
+        except BaseException:
+            # a failed save (a full disk) had left its folder half written, the only one of a run stopped at its first
+            # checkpoint, where --resume then found no checkpoint
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
     complete, unfinished = [], []
     for checkpoint in _checkpoints(run.config.work_dir):
         (complete if (checkpoint / TRAINER_STATE).is_file() else unfinished).append(checkpoint)
@@ -203,7 +213,7 @@ def save_checkpoint(run: "TrainingRun", state: TrainerState) -> Path:
 def save_best(run: "TrainingRun", state: TrainerState) -> None:
     """The model to output_dir, then its CER to work_dir (:data:`BEST_STATE`)."""
     config = run.config
-    with _saving(config.output_dir):
+    with _saving(config.output_dir, config.work_dir):
         save_trocr(run.model, run.processor, config.output_dir)
         partial = config.work_dir / f"{BEST_STATE}.partial"
         partial.write_text(json.dumps({"step": state.step, "validation_cer": state.best_cer,
@@ -599,6 +609,6 @@ def _train_run(run: TrainingRun, state: TrainerState, show_progress: bool,
                 report(metrics)
     progress.close()
     if run.is_main and not config.validation_data:
-        with _saving(config.output_dir):
+        with _saving(config.output_dir, config.work_dir):
             save_trocr(run.model, run.processor, config.output_dir)
     return config.output_dir
