@@ -32,9 +32,8 @@ from operators.text import make_normalizer
 from pipeline.train.config import DataSource, LayerSelection, TrainConfig, load_train_config
 from operators.words import fit_loose_crop, fit_rows_to_ink
 from pipeline.train.data import LabelCollator, read_line_folder, read_line_sources, read_page_lines, validation_lines
-from pipeline.train.loop import (BEST_STATE, CHECKPOINT_PREFIX, RUN_LOCK, TRAINER_STATE, holding_work_dir,
-                                 latest_checkpoint, learning_rate_factor, start_run,
-                                 train)
+from pipeline.train.loop import (BEST_STATE, CHECKPOINT_PREFIX, RUN_LOCK, TRAINER_STATE, UNREAD_ON_RESUME,
+                                 holding_work_dir, latest_checkpoint, learning_rate_factor, start_run, train)
 from pipeline.train.model import SAVING_PREFIX, build_trocr, save_trocr, shrink_trocr
 from pipeline.train.tokenizer import train_tokenizer
 
@@ -792,16 +791,16 @@ def test_a_model_is_saved_onto_a_mount_point_and_a_killed_save_leaves_nothing_be
 
 
 def test_a_resume_reads_the_same_folders_however_they_are_written(tmp_path, base_model, line_folder, monkeypatch):
-    """A relative data path run from another folder, or another base_model (a resume reads the checkpoint's
-    model), had been refused as other settings."""
+    """A relative data path run from another folder had been refused as other settings; a base_model folder is
+    compared so too."""
     (tmp_path / "a").mkdir()
     monkeypatch.chdir(tmp_path / "a")
     relative = Path(os.path.relpath(line_folder))
-    config = fine_tune_config(tmp_path, base_model, relative, steps=10)
+    config = fine_tune_config(tmp_path, Path(os.path.relpath(base_model)), relative, steps=10)
     train(config, show_progress=False)
     monkeypatch.chdir(tmp_path)
     moved = config.model_copy(update={
-        "steps": 12, "base_model": str(tmp_path / "elsewhere"),
+        "steps": 12, "base_model": os.path.relpath(base_model),
         "train_data": [DataSource(kind="folder", path=Path(os.path.relpath(line_folder)))],
         "validation_data": [DataSource(kind="folder", path=Path(os.path.relpath(line_folder)))]})
     metrics: list[dict] = []
@@ -832,3 +831,27 @@ def test_a_damaged_newest_checkpoint_is_named_with_the_one_to_resume_from(tmp_pa
     with pytest.raises(ModelLoadError, match=f"{CHECKPOINT_PREFIX}3 cannot be read \\(cannot load TrOCR model .*: no "
                                              "complete checkpoint is older: remove it, and start the run again"):
         train(config.model_copy(update={"steps": 6}), resume=True, show_progress=False)
+
+
+def test_a_resume_under_another_base_model_is_refused(tmp_path, base_model, line_folder):
+    """A resume under another base_model had been taken without a word (the model comes from the checkpoint), though
+    the config said another model was trained. A base folder gone from here is not read on resume, and a checkpoint
+    saved before the base was recorded is taken as it is."""
+    base = tmp_path / "base"
+    shutil.copytree(base_model, base)
+    config = fine_tune_config(tmp_path, base, line_folder, steps=2).model_copy(update={"checkpoint_every": 1})
+    train(config, show_progress=False)
+    with pytest.raises(ConfigError, match=re.escape("saved with other base_model than this config gives; only ") + ".*"
+                       + re.escape(f"give the one the checkpoint was saved with ({base}) even where that folder is gone")):
+        train(config.model_copy(update={"steps": 3, "base_model": str(base_model)}), resume=True, show_progress=False)
+    base.rename(tmp_path / "moved-away")
+    metrics: list[dict] = []
+    train(config.model_copy(update={"steps": 3}), resume=True, show_progress=False, report=metrics.append)
+    state = latest_checkpoint(tmp_path / "work") / TRAINER_STATE
+    saved = torch.load(state, weights_only=False)
+    saved["settings"] = {key: value for key, value in saved["settings"].items()
+                         if key not in UNREAD_ON_RESUME}
+    torch.save(saved, state)
+    train(config.model_copy(update={"steps": 4, "base_model": str(base_model)}), resume=True, show_progress=False,
+          report=metrics.append)
+    assert [row["step"] for row in metrics] == [3, 4]

@@ -66,7 +66,8 @@ RUN_LOCK = "run.lock"
 CHANGEABLE_ON_RESUME = frozenset({"output_dir", "work_dir", "steps", "stop_after_step", "checkpoint_every",
                                   "keep_checkpoints", "validate_every", "validation_batch_size", "torch_threads",
                                   "loader_workers", "device", "precision"})
-#: What a resumed run does not read: the model comes from the checkpoint.
+#: What a resumed run does not read (the model comes from the checkpoint), compared all the same: it says which model
+#: the run trains, and a resume under another base_model had been taken without a word.
 UNREAD_ON_RESUME = frozenset({"base_model", "model", "base_layers"})
 #: Training lines are drawn this many batches at a time and batched by ink width within the draw.
 WIDTH_POOL_BATCHES = 8
@@ -150,9 +151,11 @@ def latest_checkpoint(work_dir: Path) -> Path | None:
 
 
 def _settings(config: TrainConfig) -> dict:
-    """The settings a checkpoint belongs to (all but :data:`CHANGEABLE_ON_RESUME` and what a resume does not read),
-    data folders as absolute paths, so that a relative path run from another folder is the same folder."""
-    settings = config.model_dump(mode="json", exclude=set(CHANGEABLE_ON_RESUME | UNREAD_ON_RESUME))
+    """The settings a checkpoint belongs to (all but :data:`CHANGEABLE_ON_RESUME`), data and base_model folders as
+    absolute paths, so that a relative path run from another folder is the same folder (a hub id stays as it is)."""
+    settings = config.model_dump(mode="json", exclude=set(CHANGEABLE_ON_RESUME))
+    if config.base_model is not None and os.path.isdir(config.base_model):
+        settings["base_model"] = os.path.abspath(config.base_model)
     for key in ("train_data", "validation_data"):
         for source in settings[key]:
             if source.get("path") is not None:
@@ -462,15 +465,22 @@ def _reading_checkpoint(checkpoint: Path) -> Iterator[None]:
 
 def _check_same_settings(saved: dict | None, config: TrainConfig, checkpoint: Path) -> None:
     """Refuse to resume a checkpoint under other data, model or optimizer settings (checkpoints written before
-    the settings were saved with them are taken as they are)."""
+    the settings, or the model's source, were saved with them are taken as they are). A base_model folder gone from
+    here is the one it was saved with where the path given leads to where it was: a resume does not read it."""
     if saved is None:
         return
     now = _settings(config)
+    if not UNREAD_ON_RESUME & saved.keys():
+        now = {key: value for key, value in now.items() if key not in UNREAD_ON_RESUME}
+    elif now["base_model"] is not None and saved["base_model"] == os.path.abspath(now["base_model"]):
+        now["base_model"] = saved["base_model"]
     changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
     if changed:
+        unread = (f"; base_model is not read on resume, so give the one the checkpoint was saved with "
+                  f"({saved['base_model']}) even where that folder is gone" if "base_model" in changed else "")
         raise ConfigError(f"--resume: {checkpoint} was saved with other {', '.join(changed)} than this config gives; "
                           f"only {', '.join(sorted(CHANGEABLE_ON_RESUME))} may change on resume (set them back, link a "
-                          f"moved data folder at its old path, or start a new run in another work_dir)")
+                          f"moved data folder at its old path, or start a new run in another work_dir){unread}")
 
 
 def training_batches(run: TrainingRun, state: TrainerState) -> Iterator[Batch]:
