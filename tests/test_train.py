@@ -159,7 +159,7 @@ def test_cli_prints_each_validation_on_its_own_line_above_the_step_bar(tmp_path,
     assert done.returncode == 0, done.stderr[-3000:]
     assert "\r" not in done.stderr and "train:" not in done.stderr, done.stderr[-3000:]
     assert len(re.findall(r"step (\d+): loss [\d.]+, validation CER", done.stderr)) == 2, done.stderr[-3000:]
-    config.update(validation_data=[], work_dir=str(tmp_path / "quiet"))
+    config.update(validation_data=[], work_dir=str(tmp_path / "quiet"), output_dir=str(tmp_path / "quiet-model"))
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
     done = subprocess.run(command + ["--no-progress"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -412,7 +412,7 @@ def test_training_names_bad_lines_before_its_first_step_and_trains_on_the_others
     render("cafe").save(lines / "latin1.png")
     shutil.rmtree(tmp_path / "work")
     with pytest.raises(ConfigError) as refused:
-        train(config, show_progress=False)
+        train(config.model_copy(update={"replace_output": True}), show_progress=False)
     assert str(refused.value).startswith(f"transcription {lines / 'latin1.gt.txt'} is not UTF-8")
     assert "Traceback" not in str(refused.value)
 
@@ -554,6 +554,9 @@ def test_shipped_training_configs_rebuild_each_bundled_model_from_scratch():
         assert config.base_model is None or config.base_model in outputs, f"{name}: nothing builds {config.base_model}"
     bundled = sorted(f"models/{folder.name}" for folder in (root / "models").iterdir() if folder.is_dir())
     assert sorted(output for output in outputs if output.startswith("models/")) == bundled
+    # a new run into a folder holding a model is refused unless the config says the model there is to be replaced
+    assert [name for name, config in configs.items() if str(config.output_dir).startswith("models/")
+            and not config.replace_output] == []
 
 
 def test_validation_cer_is_scored_as_eval_scores_it():
@@ -855,3 +858,28 @@ def test_a_resume_under_another_base_model_is_refused(tmp_path, base_model, line
     train(config.model_copy(update={"steps": 4, "base_model": str(base_model)}), resume=True, show_progress=False,
           report=metrics.append)
     assert [row["step"] for row in metrics] == [3, 4]
+
+
+def test_a_new_run_replaces_a_model_in_output_dir_only_when_told_to(tmp_path, base_model, line_folder, capsys):
+    """A new run into a folder holding a model (a copy of a bundled one, its own base_model) had trained over it without
+    a word, keeping the old model's card (README.md) beside the new model."""
+    output = tmp_path / "model"
+    shutil.copytree(base_model, output)
+    (output / "README.md").write_text("# the base model's card\n")
+    weights = (output / "model.safetensors").read_bytes()
+    config = fine_tune_config(tmp_path, output, line_folder, steps=2).model_copy(
+        update={"checkpoint_every": 1, "validation_data": []})  # no validation: each run saves its last model
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    assert main(["train", "--config", str(tmp_path / "train.yaml"), "--no-progress"]) == ExitCode.bad_args
+    assert (f"{output} holds a model already, which this new run would replace: set replace_output: true in the "
+            "config to replace it") in capsys.readouterr().err
+    assert (output / "model.safetensors").read_bytes() == weights and (output / "README.md").is_file()
+    assert not (tmp_path / "work").exists()
+    replacing = config.model_copy(update={"replace_output": True})  # output_dir is base_model too
+    train(replacing, show_progress=False)
+    assert (output / "model.safetensors").read_bytes() != weights and not (output / "README.md").exists()
+    (output / "README.md").write_text("# the card of this run's model at step 2\n")
+    metrics: list[dict] = []  # the same run resumed, its best model in output_dir: without replace_output too
+    train(config.model_copy(update={"steps": 3}), resume=True, show_progress=False, report=metrics.append)
+    assert [row["step"] for row in metrics] == [3] and load_trocr(str(output), device="cpu")
+    assert not (output / "README.md").exists()  # it described the model of step 2, replaced at step 3

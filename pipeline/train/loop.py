@@ -59,13 +59,15 @@ TRAINER_STATE = "trainer_state.pt"
 #: In work_dir: the validation CER of the model in output_dir, so that a resumed run, which restarts from a
 #: checkpoint older than that model, replaces it only with a better one.
 BEST_STATE = "best.json"
+#: In output_dir: the card of the model there (Hugging Face's convention), written by a person, never by training.
+MODEL_CARD = "README.md"
 #: In work_dir: locked (flock) by the run training there, and holding its process id.
 RUN_LOCK = "run.lock"
 #: What a resumed run may change: how long it runs, and how it saves, validates and uses the machine. The other
 #: settings decide what is learnt (data, model, optimizer), so a checkpoint continues only the run that made it.
-CHANGEABLE_ON_RESUME = frozenset({"output_dir", "work_dir", "steps", "stop_after_step", "checkpoint_every",
-                                  "keep_checkpoints", "validate_every", "validation_batch_size", "torch_threads",
-                                  "loader_workers", "device", "precision"})
+CHANGEABLE_ON_RESUME = frozenset({"output_dir", "replace_output", "work_dir", "steps", "stop_after_step",
+                                  "checkpoint_every", "keep_checkpoints", "validate_every", "validation_batch_size",
+                                  "torch_threads", "loader_workers", "device", "precision"})
 #: What a resumed run does not read (the model comes from the checkpoint), compared all the same: it says which model
 #: the run trains, and a resume under another base_model had been taken without a word.
 UNREAD_ON_RESUME = frozenset({"base_model", "model", "base_layers"})
@@ -217,11 +219,26 @@ def save_best(run: "TrainingRun", state: TrainerState) -> None:
     """The model to output_dir, then its CER to work_dir (:data:`BEST_STATE`)."""
     config = run.config
     with _saving(config.output_dir, config.work_dir):
-        save_trocr(run.model, run.processor, config.output_dir)
+        _save_model(run)
         partial = config.work_dir / f"{BEST_STATE}.partial"
         partial.write_text(json.dumps({"step": state.step, "validation_cer": state.best_cer,
                                        "output_dir": os.path.abspath(config.output_dir)}))
         replace_on_disk(partial, config.work_dir / BEST_STATE)
+
+
+def _save_model(run: "TrainingRun") -> None:
+    """The model to output_dir. A model card there goes with the model it was beside: kept, it had described the model
+    this run replaced (a retrained bundled model's card had given its base's CER and recipe)."""
+    card = run.config.output_dir / MODEL_CARD
+    stale = _holds_model(run.config.output_dir) and card.is_file()
+    save_trocr(run.model, run.processor, run.config.output_dir)
+    if stale:
+        card.unlink()
+        log.info("removed %s: it described the model this run replaced; write one for the new model", card)
+
+
+def _holds_model(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
 
 
 def _best_in_output_dir(config: TrainConfig, checkpoint_best: float) -> float:
@@ -229,16 +246,39 @@ def _best_in_output_dir(config: TrainConfig, checkpoint_best: float) -> float:
     work_dir without the record); none (inf) where output_dir holds no model, or is not the folder the record names: a
     resume into another output_dir (or after the model was moved away) had kept the CER of a model not there, saved
     nothing unless a model beat it, and ended with "model saved to" a folder it had left empty."""
-    if not (config.output_dir / "config.json").is_file():
+    if not _holds_model(config.output_dir):
         return float("inf")
-    try:
-        best = json.loads((config.work_dir / BEST_STATE).read_text())
-        recorded_cer, saved_to = float(best["validation_cer"]), best.get("output_dir")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    recorded = _recorded_best(config)
+    if recorded is None:
         return checkpoint_best
+    recorded_cer, saved_to = recorded
     if saved_to is not None and not _same_folder(saved_to, config.output_dir):
         return float("inf")
     return min(checkpoint_best, recorded_cer)
+
+
+def _recorded_best(config: TrainConfig) -> tuple[float, object] | None:
+    """The CER and the output_dir (None in a record older than that) that work_dir's :data:`BEST_STATE` records; None
+    where there is no record to read."""
+    try:
+        best = json.loads((config.work_dir / BEST_STATE).read_text())
+        return float(best["validation_cer"]), best.get("output_dir")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _check_output_dir_free(config: TrainConfig) -> None:
+    """A new run replaces a model in output_dir only when told to (``replace_output``), or when the run of this
+    work_dir saved it (one stopped before its first checkpoint): it had trained over a copy of a bundled model, or its
+    own base_model, without a word, keeping the old model's card beside the new model."""
+    if config.replace_output or not _holds_model(config.output_dir):
+        return
+    recorded = _recorded_best(config)
+    if recorded is not None and _same_folder(recorded[1], config.output_dir):
+        return
+    raise ConfigError(f"{config.output_dir} holds a model already, which this new run would replace: set "
+                      f"replace_output: true in the config to replace it (its {MODEL_CARD} goes with it), or give "
+                      "another output_dir")
 
 
 def _same_folder(recorded: object, folder: Path) -> bool:
@@ -416,8 +456,10 @@ def _load_run(config: TrainConfig, resume: bool, shard: tuple[int, int],
                           f"add --resume to continue it, or remove them or set another work_dir to start again")
     if resume and checkpoint is None:  # starting over would put a new run's first model over the best one
         raise ConfigError(f"--resume: {config.work_dir} holds no complete checkpoint to continue from; to start a new "
-                          f"run, leave out --resume (its models replace those in {config.output_dir})")
+                          f"run, leave out --resume (and set replace_output: true if its models are to replace one in "
+                          f"{config.output_dir})")
     if checkpoint is None and shard[0] == 0:
+        _check_output_dir_free(config)
         (config.work_dir / BEST_STATE).unlink(missing_ok=True)  # an earlier run's, killed before its first checkpoint
     if checkpoint is not None:
         with _reading_checkpoint(checkpoint):
@@ -620,5 +662,5 @@ def _train_run(run: TrainingRun, state: TrainerState, show_progress: bool,
     progress.close()
     if run.is_main and not config.validation_data:
         with _saving(config.output_dir, config.work_dir):
-            save_trocr(run.model, run.processor, config.output_dir)
+            _save_model(run)
     return config.output_dir
