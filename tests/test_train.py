@@ -32,9 +32,8 @@ from operators.text import make_normalizer
 from pipeline.train.config import DataSource, LayerSelection, TrainConfig, load_train_config
 from operators.words import fit_loose_crop, fit_rows_to_ink
 from pipeline.train.data import LabelCollator, read_line_folder, read_line_sources, read_page_lines, validation_lines
-from pipeline.train.loop import (BEST_STATE, CHECKPOINT_PREFIX, RUN_LOCK, TRAINER_STATE, holding_work_dir,
-                                 latest_checkpoint, learning_rate_factor, start_run,
-                                 train)
+from pipeline.train.loop import (BEST_STATE, CHECKPOINT_PREFIX, RUN_LOCK, TRAINER_STATE, UNREAD_ON_RESUME,
+                                 holding_work_dir, latest_checkpoint, learning_rate_factor, start_run, train)
 from pipeline.train.model import SAVING_PREFIX, build_trocr, save_trocr, shrink_trocr
 from pipeline.train.tokenizer import train_tokenizer
 
@@ -160,7 +159,7 @@ def test_cli_prints_each_validation_on_its_own_line_above_the_step_bar(tmp_path,
     assert done.returncode == 0, done.stderr[-3000:]
     assert "\r" not in done.stderr and "train:" not in done.stderr, done.stderr[-3000:]
     assert len(re.findall(r"step (\d+): loss [\d.]+, validation CER", done.stderr)) == 2, done.stderr[-3000:]
-    config.update(validation_data=[], work_dir=str(tmp_path / "quiet"))
+    config.update(validation_data=[], work_dir=str(tmp_path / "quiet"), output_dir=str(tmp_path / "quiet-model"))
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
     done = subprocess.run(command + ["--no-progress"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -513,7 +512,7 @@ def test_training_names_bad_lines_before_its_first_step_and_trains_on_the_others
     render("cafe").save(lines / "latin1.png")
     shutil.rmtree(tmp_path / "work")
     with pytest.raises(ConfigError) as refused:
-        train(config, show_progress=False)
+        train(config.model_copy(update={"replace_output": True}), show_progress=False)
     assert str(refused.value).startswith(f"transcription {lines / 'latin1.gt.txt'} is not UTF-8")
     assert "Traceback" not in str(refused.value)
 
@@ -688,6 +687,9 @@ def test_shipped_training_configs_rebuild_each_bundled_model_from_scratch():
         assert config.base_model is None or config.base_model in outputs, f"{name}: nothing builds {config.base_model}"
     bundled = sorted(f"models/{folder.name}" for folder in (root / "models").iterdir() if folder.is_dir())
     assert sorted(output for output in outputs if output.startswith("models/")) == bundled
+    # a new run into a folder holding a model is refused unless the config says the model there is to be replaced
+    assert [name for name, config in configs.items() if str(config.output_dir).startswith("models/")
+            and not config.replace_output] == []
 
 
 def test_validation_cer_is_scored_as_eval_scores_it():
@@ -795,12 +797,28 @@ def test_a_resume_into_another_or_an_emptied_output_dir_saves_its_best_model_the
     (tmp_path / "work" / BEST_STATE).write_text(json.dumps({**best, "validation_cer": 0.0}))
     _, state = start_run(moved.model_copy(update={"steps": 13}), resume=True)  # the same folder: its model's CER holds
     assert state.best_cer == 0.0
-    # no step left and no model there: refused (it had said "model saved to" the empty folder); with it there, kept
+    # no step left and no model there: refused (it had said "model saved to" the empty folder)
     with pytest.raises(ConfigError, match=r"is at step 12 already, and this run stops at step 12: no step is left"):
         train(moved.model_copy(update={"steps": 12, "output_dir": tmp_path / "model-3"}), resume=True,
               show_progress=False)
     assert not (tmp_path / "model-3").exists()  # nothing was saved there: the folder is not left either
-    assert train(moved.model_copy(update={"steps": 12}), resume=True, show_progress=False) == tmp_path / "model-2"
+
+
+def test_a_resume_with_no_step_left_is_refused(tmp_path, base_model, line_folder, capsys):
+    """With the best model in output_dir, a resume at or past its last step had trained and saved nothing, and said
+    "model saved to" with exit 0."""
+    config = fine_tune_config(tmp_path, base_model, line_folder, steps=10)
+    train(config, show_progress=False)
+    best = (tmp_path / "model" / "model.safetensors").read_bytes()
+    for steps in (10, 8):
+        (tmp_path / "train.yaml").write_text(yaml.safe_dump(config.model_copy(update={"steps": steps})
+                                                            .model_dump(mode="json")))
+        assert main(["train", "--config", str(tmp_path / "train.yaml"), "--resume", "--no-progress"]) == ExitCode.bad_args
+        refused = capsys.readouterr()
+        assert f"is at step 10 already, and this run stops at step {steps}: no step is left" in refused.err
+        assert "model saved to" not in refused.out
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == best
+    assert latest_checkpoint(tmp_path / "work").name == f"{CHECKPOINT_PREFIX}10"
 
 
 def test_a_resume_naming_its_output_dir_through_a_link_keeps_the_cer_of_the_model_there(tmp_path, base_model,
@@ -820,12 +838,25 @@ def test_a_resume_naming_its_output_dir_through_a_link_keeps_the_cer_of_the_mode
 def test_storage_that_cannot_take_a_checkpoint_stops_training_with_one_line(tmp_path, base_model, line_folder,
                                                                             small_disk):
     """A full disk had ended the run in a torch traceback naming no file, a read-only one only at the first
-    checkpoint, hundreds of steps in."""
+    checkpoint, hundreds of steps in. At the first checkpoint it had left that checkpoint's folder half written and
+    told to continue with --resume, which found no checkpoint to continue from."""
     config = fine_tune_config(small_disk, base_model, line_folder, steps=2).model_copy(
-        update={"output_dir": tmp_path / "model", "checkpoint_every": 1})
+        update={"output_dir": tmp_path / "model", "checkpoint_every": 1, "validate_every": 1})
     (small_disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 64 * 1024))
-    with pytest.raises(WriteFailed, match=f"cannot write {small_disk / 'work' / CHECKPOINT_PREFIX}1: no space left"):
+    with pytest.raises(WriteFailed, match=f"cannot write {small_disk / 'work' / CHECKPOINT_PREFIX}1: no space left on "
+                                          "the device; no checkpoint was saved before it: free space and start the "
+                                          "run again \\(without --resume\\)"):
         train(config, show_progress=False)
+    assert not list((small_disk / "work").glob(f"{CHECKPOINT_PREFIX}*"))
+    (small_disk / "filler").unlink()
+    train(config, show_progress=False)  # as it says (over the model its step 1 saved in output_dir)
+    (small_disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 64 * 1024))
+    with pytest.raises(WriteFailed, match=f"{CHECKPOINT_PREFIX}3: no space left on the device; the checkpoints saved "
+                                          f"before it are kept \\(the newest: {CHECKPOINT_PREFIX}2\\): free space and "
+                                          "continue with --resume"):
+        train(config.model_copy(update={"steps": 3}), resume=True, show_progress=False)
+    assert sorted(path.name for path in (small_disk / "work").glob(f"{CHECKPOINT_PREFIX}*")) == [
+        f"{CHECKPOINT_PREFIX}1", f"{CHECKPOINT_PREFIX}2"]
     (small_disk / "filler").unlink()
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     with pytest.raises(OutputNotWritable, match=f"training cannot write to {small_disk / 'work'}"):
@@ -839,9 +870,9 @@ def test_a_disk_that_fills_while_the_trainer_state_is_written_is_named_full(tmp_
         update={"output_dir": tmp_path / "model", "checkpoint_every": 1})
     model_files = sum(path.stat().st_size for path in base_model.iterdir())
     (small_disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - model_files - 160 * 1024))
-    with pytest.raises(WriteFailed, match=f"cannot write {small_disk / 'work' / CHECKPOINT_PREFIX}1: no space left"):
+    with pytest.raises(WriteFailed, match=f"cannot write {small_disk / 'work' / CHECKPOINT_PREFIX}1: no space left") as failed:
         train(config, show_progress=False)
-    assert (small_disk / "work" / f"{CHECKPOINT_PREFIX}1" / "model.safetensors").is_file()  # the state failed
+    assert "unexpected pos" in str(failed.value.__cause__)  # the state failed, the weights were written
 
 
 def test_loader_workers_end_with_a_training_process_killed_outright(tmp_path, base_model, line_folder):
@@ -896,18 +927,92 @@ def test_a_model_is_saved_onto_a_mount_point_and_a_killed_save_leaves_nothing_be
 
 
 def test_a_resume_reads_the_same_folders_however_they_are_written(tmp_path, base_model, line_folder, monkeypatch):
-    """A relative data path run from another folder, or another base_model (a resume reads the checkpoint's
-    model), had been refused as other settings."""
+    """A relative data path run from another folder had been refused as other settings; a base_model folder is
+    compared so too."""
     (tmp_path / "a").mkdir()
     monkeypatch.chdir(tmp_path / "a")
     relative = Path(os.path.relpath(line_folder))
-    config = fine_tune_config(tmp_path, base_model, relative, steps=10)
+    config = fine_tune_config(tmp_path, Path(os.path.relpath(base_model)), relative, steps=10)
     train(config, show_progress=False)
     monkeypatch.chdir(tmp_path)
     moved = config.model_copy(update={
-        "steps": 12, "base_model": str(tmp_path / "elsewhere"),
+        "steps": 12, "base_model": os.path.relpath(base_model),
         "train_data": [DataSource(kind="folder", path=Path(os.path.relpath(line_folder)))],
         "validation_data": [DataSource(kind="folder", path=Path(os.path.relpath(line_folder)))]})
     metrics: list[dict] = []
     train(moved, resume=True, show_progress=False, report=metrics.append)
     assert [row["step"] for row in metrics] == [11, 12]
+
+
+def test_a_damaged_newest_checkpoint_is_named_with_the_one_to_resume_from(tmp_path, base_model, line_folder, capsys):
+    """A trainer state cut short (a copy of work_dir not yet done, a failing disk) had ended --resume in a torch
+    traceback (PytorchStreamReader failed reading zip archive), exit 1."""
+    config = fine_tune_config(tmp_path, base_model, line_folder, steps=4).model_copy(
+        update={"checkpoint_every": 2, "validate_every": 2})
+    train(config, show_progress=False)
+    state = tmp_path / "work" / f"{CHECKPOINT_PREFIX}4" / TRAINER_STATE
+    state.write_bytes(state.read_bytes()[:1000])
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config.model_copy(update={"steps": 6}).model_dump(mode="json")))
+    assert main(["train", "--config", str(tmp_path / "train.yaml"), "--resume", "--no-progress"]) == ExitCode.model_error
+    refused = capsys.readouterr().err
+    assert (f"the newest checkpoint {state.parent} cannot be read (its {TRAINER_STATE} is cut short or damaged): "
+            f"remove {CHECKPOINT_PREFIX}4 to resume from {CHECKPOINT_PREFIX}2") in refused and "Traceback" not in refused
+    shutil.rmtree(state.parent)  # as it says
+    metrics: list[dict] = []
+    train(config.model_copy(update={"steps": 3}), resume=True, show_progress=False, report=metrics.append)
+    assert [row["step"] for row in metrics] == [3]
+    shutil.rmtree(tmp_path / "work" / f"{CHECKPOINT_PREFIX}2")
+    weights = tmp_path / "work" / f"{CHECKPOINT_PREFIX}3" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # damaged weights, and no older checkpoint
+    with pytest.raises(ModelLoadError, match=f"{CHECKPOINT_PREFIX}3 cannot be read \\(cannot load TrOCR model .*: no "
+                                             "complete checkpoint is older: remove it, and start the run again"):
+        train(config.model_copy(update={"steps": 6}), resume=True, show_progress=False)
+
+
+def test_a_resume_under_another_base_model_is_refused(tmp_path, base_model, line_folder):
+    """A resume under another base_model had been taken without a word (the model comes from the checkpoint), though
+    the config said another model was trained. A base folder gone from here is not read on resume, and a checkpoint
+    saved before the base was recorded is taken as it is."""
+    base = tmp_path / "base"
+    shutil.copytree(base_model, base)
+    config = fine_tune_config(tmp_path, base, line_folder, steps=2).model_copy(update={"checkpoint_every": 1})
+    train(config, show_progress=False)
+    with pytest.raises(ConfigError, match=re.escape("saved with other base_model than this config gives; only ") + ".*"
+                       + re.escape(f"give the one the checkpoint was saved with ({base}) even where that folder is gone")):
+        train(config.model_copy(update={"steps": 3, "base_model": str(base_model)}), resume=True, show_progress=False)
+    base.rename(tmp_path / "moved-away")
+    metrics: list[dict] = []
+    train(config.model_copy(update={"steps": 3}), resume=True, show_progress=False, report=metrics.append)
+    state = latest_checkpoint(tmp_path / "work") / TRAINER_STATE
+    saved = torch.load(state, weights_only=False)
+    saved["settings"] = {key: value for key, value in saved["settings"].items()
+                         if key not in UNREAD_ON_RESUME}
+    torch.save(saved, state)
+    train(config.model_copy(update={"steps": 4, "base_model": str(base_model)}), resume=True, show_progress=False,
+          report=metrics.append)
+    assert [row["step"] for row in metrics] == [3, 4]
+
+
+def test_a_new_run_replaces_a_model_in_output_dir_only_when_told_to(tmp_path, base_model, line_folder, capsys):
+    """A new run into a folder holding a model (a copy of a bundled one, its own base_model) had trained over it without
+    a word, keeping the old model's card (README.md) beside the new model."""
+    output = tmp_path / "model"
+    shutil.copytree(base_model, output)
+    (output / "README.md").write_text("# the base model's card\n")
+    weights = (output / "model.safetensors").read_bytes()
+    config = fine_tune_config(tmp_path, output, line_folder, steps=2).model_copy(
+        update={"checkpoint_every": 1, "validation_data": []})  # no validation: each run saves its last model
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    assert main(["train", "--config", str(tmp_path / "train.yaml"), "--no-progress"]) == ExitCode.bad_args
+    assert (f"{output} holds a model already, which this new run would replace: set replace_output: true in the "
+            "config to replace it") in capsys.readouterr().err
+    assert (output / "model.safetensors").read_bytes() == weights and (output / "README.md").is_file()
+    assert not (tmp_path / "work").exists()
+    replacing = config.model_copy(update={"replace_output": True})  # output_dir is base_model too
+    train(replacing, show_progress=False)
+    assert (output / "model.safetensors").read_bytes() != weights and not (output / "README.md").exists()
+    (output / "README.md").write_text("# the card of this run's model at step 2\n")
+    metrics: list[dict] = []  # the same run resumed, its best model in output_dir: without replace_output too
+    train(config.model_copy(update={"steps": 3}), resume=True, show_progress=False, report=metrics.append)
+    assert [row["step"] for row in metrics] == [3] and load_trocr(str(output), device="cpu")
+    assert not (output / "README.md").exists()  # it described the model of step 2, replaced at step 3

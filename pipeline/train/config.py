@@ -88,6 +88,8 @@ class DataSource(Frozen):
 
 class TrainConfig(Frozen):
     output_dir: Path = Field(description="best model so far, as a save_pretrained folder")
+    replace_output: bool = Field(default=False, description=(
+        "a new run may replace a model output_dir holds already (a bundled model retrained); its card goes with it"))
     work_dir: Path = Field(description="checkpoints with optimizer state, for --resume")
     base_model: str | None = Field(default=None, description="checkpoint to fine-tune (hub id or folder)")
     model: ModelSpec | None = Field(default=None, description="or: build this model from scratch")

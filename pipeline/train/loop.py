@@ -14,8 +14,9 @@ import errno
 import json
 import logging
 import math
-import random
 import os
+import pickle
+import random
 import re
 import shutil
 import signal
@@ -36,7 +37,7 @@ from transformers import TrOCRProcessor, VisionEncoderDecoderModel
 from transformers.models.vision_encoder_decoder.modeling_vision_encoder_decoder import shift_tokens_right
 
 from operators.decoding import encode_lines, ink_width_step
-from operators.errors import ConfigError, OutputLocked, OutputNotWritable, WriteFailed
+from operators.errors import ConfigError, ModelLoadError, OutputLocked, OutputNotWritable, WriteFailed
 from operators.model import TrOCRBundle, cpu_has_native_bf16, load_trocr, resolve_device, resolve_dtype
 from operators.preprocess import WIDTH_SCALE_KEY, LinePreprocessor, ink_columns
 from operators.recognize import LineRecognizer, resolve_max_new_tokens
@@ -58,14 +59,17 @@ TRAINER_STATE = "trainer_state.pt"
 #: In work_dir: the validation CER of the model in output_dir, so that a resumed run, which restarts from a
 #: checkpoint older than that model, replaces it only with a better one.
 BEST_STATE = "best.json"
+#: In output_dir: the card of the model there (Hugging Face's convention), written by a person, never by training.
+MODEL_CARD = "README.md"
 #: In work_dir: locked (flock) by the run training there, and holding its process id.
 RUN_LOCK = "run.lock"
 #: What a resumed run may change: how long it runs, and how it saves, validates and uses the machine. The other
 #: settings decide what is learnt (data, model, optimizer), so a checkpoint continues only the run that made it.
-CHANGEABLE_ON_RESUME = frozenset({"output_dir", "work_dir", "steps", "stop_after_step", "checkpoint_every",
-                                  "keep_checkpoints", "validate_every", "validation_batch_size", "torch_threads",
-                                  "loader_workers", "device", "precision"})
-#: What a resumed run does not read: the model comes from the checkpoint.
+CHANGEABLE_ON_RESUME = frozenset({"output_dir", "replace_output", "work_dir", "steps", "stop_after_step",
+                                  "checkpoint_every", "keep_checkpoints", "validate_every", "validation_batch_size",
+                                  "torch_threads", "loader_workers", "device", "precision"})
+#: What a resumed run does not read (the model comes from the checkpoint), compared all the same: it says which model
+#: the run trains, and a resume under another base_model had been taken without a word.
 UNREAD_ON_RESUME = frozenset({"base_model", "model", "base_layers"})
 #: Training lines are drawn this many batches at a time and batched by ink width within the draw.
 WIDTH_POOL_BATCHES = 8
@@ -137,16 +141,23 @@ def _checkpoints(work_dir: Path) -> list[Path]:
     return sorted(steps, key=steps.get)
 
 
+def _complete_checkpoints(work_dir: Path) -> list[Path]:
+    """Checkpoints in step order but those interrupted while saving (they have no trainer state yet)."""
+    return [path for path in _checkpoints(work_dir) if (path / TRAINER_STATE).is_file()]
+
+
 def latest_checkpoint(work_dir: Path) -> Path | None:
-    """The newest complete checkpoint (one interrupted while saving has no trainer state yet)."""
-    complete = [path for path in _checkpoints(work_dir) if (path / TRAINER_STATE).is_file()]
+    """The newest complete checkpoint."""
+    complete = _complete_checkpoints(work_dir)
     return complete[-1] if complete else None
 
 
 def _settings(config: TrainConfig) -> dict:
-    """The settings a checkpoint belongs to (all but :data:`CHANGEABLE_ON_RESUME` and what a resume does not read),
-    data folders as absolute paths, so that a relative path run from another folder is the same folder."""
-    settings = config.model_dump(mode="json", exclude=set(CHANGEABLE_ON_RESUME | UNREAD_ON_RESUME))
+    """The settings a checkpoint belongs to (all but :data:`CHANGEABLE_ON_RESUME`), data and base_model folders as
+    absolute paths, so that a relative path run from another folder is the same folder (a hub id stays as it is)."""
+    settings = config.model_dump(mode="json", exclude=set(CHANGEABLE_ON_RESUME))
+    if config.base_model is not None and os.path.isdir(config.base_model):
+        settings["base_model"] = os.path.abspath(config.base_model)
     for key in ("train_data", "validation_data"):
         for source in settings[key]:
             if source.get("path") is not None:
@@ -155,35 +166,45 @@ def _settings(config: TrainConfig) -> dict:
 
 
 @contextmanager
-def _saving(what: Path) -> Iterator[None]:
+def _saving(what: Path, work_dir: Path) -> Iterator[None]:
     """A failed save (disk full, a folder made read-only) as one line and exit code 7, naming what was saved;
     torch's writer reports a full disk as a RuntimeError (a failed stream, or a short write: "unexpected pos"),
-    safetensors as its own error."""
+    safetensors as its own error. A full disk says how to go on from the checkpoints in ``work_dir``: before the first
+    one, it had told to continue with --resume, which then found none to continue from."""
     try:
         yield
     except (OSError, RuntimeError, SafetensorError) as exc:
         full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC
                 or any(sign in str(exc) for sign in ("iostream error", "No space left", "unexpected pos")))
-        if full:
-            raise WriteFailed(f"cannot write {what}: no space left on the device; the checkpoints saved before it "
-                              "are kept: free space and continue with --resume") from exc
-        raise WriteFailed(f"cannot write {what}: {exc}") from exc
+        if not full:
+            raise WriteFailed(f"cannot write {what}: {exc}") from exc
+        newest = latest_checkpoint(work_dir)
+        then = (f"the checkpoints saved before it are kept (the newest: {newest.name}): free space and continue with "
+                "--resume" if newest else "no checkpoint was saved before it: free space and start the run again "
+                "(without --resume)")
+        raise WriteFailed(f"cannot write {what}: no space left on the device; {then}") from exc
 
 
 def save_checkpoint(run: "TrainingRun", state: TrainerState) -> Path:
     """Model + processor + optimizer/scheduler/state; the trainer state file is written last (= complete)."""
     folder = run.config.work_dir / f"{CHECKPOINT_PREFIX}{state.step}"
-    with _saving(folder):
-        save_trocr(run.model, run.processor, folder)
-        partial = folder / f"{TRAINER_STATE}.partial"  # renamed once whole: a run killed while saving leaves no state
-        torch.save(
-            {"step": state.step, "best_cer": state.best_cer, "optimizer": run.optimizer.state_dict(),
-             "schedule": run.schedule.state_dict(), "grad_scaler": run.grad_scaler.state_dict(),
-             "settings": _settings(run.config)},
-            partial,
-        )
-        replace_on_disk(partial, folder / TRAINER_STATE)  # the model's files are on the disk already (save_trocr)
-        on_disk(folder)  # before older checkpoints go: a power cut must leave one that is complete
+    with _saving(folder, run.config.work_dir):
+        try:
+            save_trocr(run.model, run.processor, folder)
+            partial = folder / f"{TRAINER_STATE}.partial"  # renamed once whole: a run killed while saving leaves none
+            torch.save(
+                {"step": state.step, "best_cer": state.best_cer, "optimizer": run.optimizer.state_dict(),
+                 "schedule": run.schedule.state_dict(), "grad_scaler": run.grad_scaler.state_dict(),
+                 "settings": _settings(run.config)},
+                partial,
+            )
+            replace_on_disk(partial, folder / TRAINER_STATE)  # the model's files are on the disk already (save_trocr)
+            on_disk(folder)  # before older checkpoints go: a power cut must leave one that is complete
+        except BaseException:
+            # a failed save (a full disk) had left its folder half written, the only one of a run stopped at its first
+            # checkpoint, where --resume then found no checkpoint
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
     complete, unfinished = [], []
     for checkpoint in _checkpoints(run.config.work_dir):
         (complete if (checkpoint / TRAINER_STATE).is_file() else unfinished).append(checkpoint)
@@ -197,12 +218,27 @@ def save_checkpoint(run: "TrainingRun", state: TrainerState) -> Path:
 def save_best(run: "TrainingRun", state: TrainerState) -> None:
     """The model to output_dir, then its CER to work_dir (:data:`BEST_STATE`)."""
     config = run.config
-    with _saving(config.output_dir):
-        save_trocr(run.model, run.processor, config.output_dir)
+    with _saving(config.output_dir, config.work_dir):
+        _save_model(run)
         partial = config.work_dir / f"{BEST_STATE}.partial"
         partial.write_text(json.dumps({"step": state.step, "validation_cer": state.best_cer,
                                        "output_dir": os.path.abspath(config.output_dir)}))
         replace_on_disk(partial, config.work_dir / BEST_STATE)
+
+
+def _save_model(run: "TrainingRun") -> None:
+    """The model to output_dir. A model card there goes with the model it was beside: kept, it had described the model
+    this run replaced (a retrained bundled model's card had given its base's CER and recipe)."""
+    card = run.config.output_dir / MODEL_CARD
+    stale = _holds_model(run.config.output_dir) and card.is_file()
+    save_trocr(run.model, run.processor, run.config.output_dir)
+    if stale:
+        card.unlink()
+        log.info("removed %s: it described the model this run replaced; write one for the new model", card)
+
+
+def _holds_model(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
 
 
 def _best_in_output_dir(config: TrainConfig, checkpoint_best: float) -> float:
@@ -210,16 +246,39 @@ def _best_in_output_dir(config: TrainConfig, checkpoint_best: float) -> float:
     work_dir without the record); none (inf) where output_dir holds no model, or is not the folder the record names: a
     resume into another output_dir (or after the model was moved away) had kept the CER of a model not there, saved
     nothing unless a model beat it, and ended with "model saved to" a folder it had left empty."""
-    if not (config.output_dir / "config.json").is_file():
+    if not _holds_model(config.output_dir):
         return float("inf")
-    try:
-        best = json.loads((config.work_dir / BEST_STATE).read_text())
-        recorded_cer, saved_to = float(best["validation_cer"]), best.get("output_dir")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    recorded = _recorded_best(config)
+    if recorded is None:
         return checkpoint_best
+    recorded_cer, saved_to = recorded
     if saved_to is not None and not _same_folder(saved_to, config.output_dir):
         return float("inf")
     return min(checkpoint_best, recorded_cer)
+
+
+def _recorded_best(config: TrainConfig) -> tuple[float, object] | None:
+    """The CER and the output_dir (None in a record older than that) that work_dir's :data:`BEST_STATE` records; None
+    where there is no record to read."""
+    try:
+        best = json.loads((config.work_dir / BEST_STATE).read_text())
+        return float(best["validation_cer"]), best.get("output_dir")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _check_output_dir_free(config: TrainConfig) -> None:
+    """A new run replaces a model in output_dir only when told to (``replace_output``), or when the run of this
+    work_dir saved it (one stopped before its first checkpoint): it had trained over a copy of a bundled model, or its
+    own base_model, without a word, keeping the old model's card beside the new model."""
+    if config.replace_output or not _holds_model(config.output_dir):
+        return
+    recorded = _recorded_best(config)
+    if recorded is not None and _same_folder(recorded[1], config.output_dir):
+        return
+    raise ConfigError(f"{config.output_dir} holds a model already, which this new run would replace: set "
+                      f"replace_output: true in the config to replace it (its {MODEL_CARD} goes with it), or give "
+                      "another output_dir")
 
 
 def _same_folder(recorded: object, folder: Path) -> bool:
@@ -397,11 +456,15 @@ def _load_run(config: TrainConfig, resume: bool, shard: tuple[int, int],
                           f"add --resume to continue it, or remove them or set another work_dir to start again")
     if resume and checkpoint is None:  # starting over would put a new run's first model over the best one
         raise ConfigError(f"--resume: {config.work_dir} holds no complete checkpoint to continue from; to start a new "
-                          f"run, leave out --resume (its models replace those in {config.output_dir})")
+                          f"run, leave out --resume (and set replace_output: true if its models are to replace one in "
+                          f"{config.output_dir})")
     if checkpoint is None and shard[0] == 0:
+        _check_output_dir_free(config)
         (config.work_dir / BEST_STATE).unlink(missing_ok=True)  # an earlier run's, killed before its first checkpoint
     if checkpoint is not None:
-        bundle = load_trocr(str(checkpoint), device="cpu")
+        with _reading_checkpoint(checkpoint):
+            bundle = load_trocr(str(checkpoint), device="cpu")
+            saved = torch.load(checkpoint / TRAINER_STATE, map_location=device, weights_only=False)
         model, processor = bundle.model, bundle.processor
     else:
         model, processor = build_or_load(config)
@@ -413,7 +476,6 @@ def _load_run(config: TrainConfig, resume: bool, shard: tuple[int, int],
     grad_scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     state = TrainerState()
     if checkpoint is not None:
-        saved = torch.load(checkpoint / TRAINER_STATE, map_location=device, weights_only=False)
         _check_same_settings(saved.get("settings"), config, checkpoint)
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
@@ -427,17 +489,40 @@ def _load_run(config: TrainConfig, resume: bool, shard: tuple[int, int],
     return run, state
 
 
+@contextmanager
+def _reading_checkpoint(checkpoint: Path) -> Iterator[None]:
+    """A newest checkpoint that cannot be read is named in one line, exit 5, with the checkpoint to resume from once
+    it is removed (a trainer state cut short had ended --resume in a torch traceback). It is not passed over by itself:
+    a file cut short may be a copy of work_dir still under way, or a failing disk, for a person to look at; and a run
+    gone back to the older checkpoint would keep the damaged one as the newest, rotating the good one away."""
+    try:
+        yield
+    except (ModelLoadError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        damage = exc if isinstance(exc, ModelLoadError) else f"its {TRAINER_STATE} is cut short or damaged"
+        older = _complete_checkpoints(checkpoint.parent)[:-1]
+        then = (f"remove {checkpoint.name} to resume from {older[-1].name}, the newest complete one before it" if older
+                else "no complete checkpoint is older: remove it, and start the run again without --resume")
+        raise ModelLoadError(f"--resume: the newest checkpoint {checkpoint} cannot be read ({damage}): {then}") from exc
+
+
 def _check_same_settings(saved: dict | None, config: TrainConfig, checkpoint: Path) -> None:
     """Refuse to resume a checkpoint under other data, model or optimizer settings (checkpoints written before
-    the settings were saved with them are taken as they are)."""
+    the settings, or the model's source, were saved with them are taken as they are). A base_model folder gone from
+    here is the one it was saved with where the path given leads to where it was: a resume does not read it."""
     if saved is None:
         return
     now = _settings(config)
+    if not UNREAD_ON_RESUME & saved.keys():
+        now = {key: value for key, value in now.items() if key not in UNREAD_ON_RESUME}
+    elif now["base_model"] is not None and saved["base_model"] == os.path.abspath(now["base_model"]):
+        now["base_model"] = saved["base_model"]
     changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
     if changed:
+        unread = (f"; base_model is not read on resume, so give the one the checkpoint was saved with "
+                  f"({saved['base_model']}) even where that folder is gone" if "base_model" in changed else "")
         raise ConfigError(f"--resume: {checkpoint} was saved with other {', '.join(changed)} than this config gives; "
                           f"only {', '.join(sorted(CHANGEABLE_ON_RESUME))} may change on resume (set them back, link a "
-                          f"moved data folder at its old path, or start a new run in another work_dir)")
+                          f"moved data folder at its old path, or start a new run in another work_dir){unread}")
 
 
 def training_batches(run: TrainingRun, state: TrainerState) -> Iterator[Batch]:
@@ -529,12 +614,10 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
 def _train_run(run: TrainingRun, state: TrainerState, show_progress: bool,
                report: Callable[[dict], None] | None) -> Path:
     config = run.config
-    if run.is_main and state.step >= config.last_step and not (config.output_dir / "config.json").is_file():
-        # a resume with no step left had said "model saved to" a folder it left empty
+    if run.is_main and state.step >= config.last_step:
+        # a resume with no step left had trained and saved nothing, and said "model saved to" all the same
         raise ConfigError(f"--resume: {config.work_dir} is at step {state.step} already, and this run stops at step "
-                          f"{config.last_step}: no step is left to train, and {config.output_dir} holds no model; "
-                          "raise steps (or stop_after_step) to train on, or give the output_dir this work_dir saved "
-                          "its best model to")
+                          f"{config.last_step}: no step is left to train; raise steps (or stop_after_step) to train on")
     held_out = validation_lines(config.validation_data) if run.is_main else []
     if run.is_main:
         check_training_lines(config.train_data, label_collator(run))
@@ -578,6 +661,6 @@ def _train_run(run: TrainingRun, state: TrainerState, show_progress: bool,
                 report(metrics)
     progress.close()
     if run.is_main and not config.validation_data:
-        with _saving(config.output_dir):
-            save_trocr(run.model, run.processor, config.output_dir)
+        with _saving(config.output_dir, config.work_dir):
+            _save_model(run)
     return config.output_dir
