@@ -433,15 +433,20 @@ def test_a_relative_output_in_a_job_with_a_working_dir_is_refused(ray_head, fail
 @pytest.mark.parametrize("arguments", [["run", "scans/", "--output", "{abs}/out"],
                                        ["detect", "{abs}/scans", "scans/*.png", "--output", "{abs}/out"],
                                        ["inspect", "{abs}/scans", "--output", "overlays"],
-                                       ["synth", "lines", "--output", "lines"]])
+                                       ["synth", "lines", "--output", "lines"],
+                                       ["train", "--config", "{abs}/scans/train.yaml"]])
 def test_a_relative_path_in_any_command_of_a_job_with_a_working_dir_is_refused(arguments, tmp_path, monkeypatch,
                                                                                capsys):
     """Only run's and detect's outputs had been checked: relative inputs were read from Ray's upload of them and
-    recorded under its path, and inspect's and synth's outputs written into Ray's copy, which Ray deletes."""
+    recorded under its path, and inspect's, synth's and train's outputs written into Ray's copy, which Ray deletes
+    (hours of training with them)."""
     from pipeline.cli import RAY_JOB_CONFIG_ENV, main
 
     (tmp_path / "scans").mkdir()
     text_page(["A scan"], size=(300, 120)).save(tmp_path / "scans" / "a.png")
+    (tmp_path / "scans" / "train.yaml").write_text(yaml.safe_dump({
+        "base_model": "printed", "output_dir": "models/mine", "work_dir": "out/train-mine", "steps": 10,
+        "train_data": [{"kind": "folder", "path": str(tmp_path / "scans")}]}))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(RAY_JOB_CONFIG_ENV, json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}}))
     assert main([argument.format(abs=tmp_path) for argument in arguments]) == ExitCode.bad_args

@@ -20,7 +20,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    from pipeline.cli import check_paths_outlive_the_job
+
     config = load_train_config(args.config)
+    check_paths_outlive_the_job([config.output_dir, config.work_dir])
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     if args.workers > 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from operators.errors import PipelineError
 from operators.model import resolve_device
 from pipeline.train.config import DataSource, TrainConfig
 from pipeline.train.loop import holding_work_dir, train
@@ -42,7 +43,16 @@ def _fit(config: TrainConfig, workers: int, resume: bool) -> Path:
             run_config=ray.train.RunConfig(name="trocr-train", storage_path=str(config.work_dir / "ray"),
                                            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         )
-        trainer.fit()
+        try:
+            trainer.fit()
+        except ray.train.WorkerGroupError as exc:
+            # a worker's refusal (no step left, a damaged checkpoint) is one line with its exit code, as in one
+            # process: it had come back as Ray Train's traceback, exit 1
+            refusals = [getattr(failure, "cause", failure) for failure in exc.worker_failures.values()]
+            refusal = next((failure for failure in refusals if isinstance(failure, PipelineError)), None)
+            if refusal is None:
+                raise
+            raise refusal from None
     finally:
         if started_here:
             ray.shutdown()
