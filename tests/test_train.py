@@ -1021,3 +1021,16 @@ def test_a_new_run_replaces_a_model_in_output_dir_only_when_told_to(tmp_path, ba
     train(config.model_copy(update={"steps": 3}), resume=True, show_progress=False, report=metrics.append)
     assert [row["step"] for row in metrics] == [3] and load_trocr(str(output), device="cpu")
     assert not (output / "README.md").exists()  # it described the model of step 2, replaced at step 3
+
+
+def test_train_help_names_every_key_of_a_training_config(capsys):
+    """The YAML's keys, source kinds among them, had been described only in pipeline/train/config.py."""
+    from pipeline.train.config import ModelSpec
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    shown = capsys.readouterr().out
+    for model in (TrainConfig, DataSource, ModelSpec, LayerSelection):
+        for name in model.model_fields:
+            assert re.search(rf"^  {name}: ", shown, re.MULTILINE), name
+    assert "  kind: 'folder' | 'pages' | 'synth', required" in shown

@@ -7,12 +7,14 @@ from pathlib import Path
 
 from operators.errors import ConfigError, ExitCode
 from pipeline.progress import without_ray_core_logs
-from pipeline.train.config import load_train_config
+from pipeline.train.config import config_reference, load_train_config
 from pipeline.train.distributed import train_with_ray
 from pipeline.train.loop import train
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = config_reference()
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the reference's lines kept as they are
     parser.add_argument("--config", "-c", type=Path, required=True, help="training YAML (see configs/train-*.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in work_dir")
     parser.add_argument("--workers", type=int, default=1, help="N > 1: data-parallel Ray Train with N CPU workers")

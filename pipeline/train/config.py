@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
+from pydantic_core import PydanticUndefined
 
 from operators.errors import ConfigError
 from operators.settings import Frozen
@@ -98,12 +99,13 @@ class TrainConfig(Frozen):
     width_scale: float | None = Field(default=None, gt=0, description=(
         "keep-aspect models: stretch every line this much wider before fitting it to the input, saved "
         "with the model so that the pipeline reads lines as it was trained on them; None keeps the base's"))
-    train_data: list[DataSource] = Field(min_length=1)
-    validation_data: list[DataSource] = []
+    train_data: list[DataSource] = Field(min_length=1, description="the labelled lines to learn from (below)")
+    validation_data: list[DataSource] = Field(default=[], description=(
+        "lines whose CER is measured every validate_every steps: output_dir gets the best model; none: the last"))
     steps: int = Field(ge=1, description="optimizer steps; the learning-rate schedule spans them")
     stop_after_step: int | None = Field(default=None, ge=1,
                                         description="end this run early, at this step, on the same schedule")
-    batch_size: int = Field(default=32, ge=1)
+    batch_size: int = Field(default=32, ge=1, description="lines per batch; a step takes grad_accum_steps of them")
     grad_accum_steps: int = Field(default=1, ge=1)
     learning_rate: float = Field(default=5e-4, gt=0)
     warmup_steps: int = Field(default=200, ge=0)
@@ -113,11 +115,11 @@ class TrainConfig(Frozen):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = Field(
         default="fp32", description="autocast: fp16 on CUDA; bf16 on CUDA or a CPU with native bf16 (AMX, AVX512-BF16)")
-    checkpoint_every: int = Field(default=500, ge=1)
-    keep_checkpoints: int = Field(default=2, ge=1)
+    checkpoint_every: int = Field(default=500, ge=1, description="steps between checkpoints in work_dir")
+    keep_checkpoints: int = Field(default=2, ge=1, description="the newest checkpoints kept")
     validate_every: int = Field(default=500, ge=1)
     validation_batch_size: int = Field(default=64, ge=1)
-    torch_threads: int | None = Field(default=None, ge=1)
+    torch_threads: int | None = Field(default=None, ge=1, description="CPU threads; None: torch's own choice")
     loader_workers: int = Field(default=0, ge=0, description="DataLoader processes making training lines")
     seed: int = 0
 
@@ -151,3 +153,29 @@ def load_train_config(path: Path) -> TrainConfig:
         return TrainConfig.model_validate(tree or {})
     except ValidationError as exc:
         raise ConfigError(f"invalid training config {path}: {describe_errors(exc)}") from exc
+
+
+def config_reference() -> str:
+    """Every key of a training config, from the models' own fields (``train --help``): the YAML had been described
+    nowhere but in this module."""
+    sections = [(TrainConfig, "the training config (YAML)"), (DataSource, "each item of train_data and validation_data"),
+                (ModelSpec, "model (a model built from scratch)"), (LayerSelection, "base_layers")]
+    lines = []
+    for model, title in sections:
+        lines.append(f"{title}:")
+        for name, field in model.model_fields.items():
+            default = ("required" if field.is_required() else
+                       f"default {field.default!r}" if field.default is not PydanticUndefined else "default []")
+            lines.append(f"  {name}: {_kind(field.annotation)}, {default}"
+                         + (f": {field.description}" if field.description else ""))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _kind(annotation: object) -> str:
+    """``int``, ``'cpu' | 'cuda'``, ``list[DataSource]``: a type as the YAML's writer reads it."""
+    if isinstance(annotation, type):
+        return annotation.__name__
+    if get_origin(annotation) is Literal:
+        return " | ".join(repr(value) for value in get_args(annotation))
+    return str(annotation).replace("typing.", "").replace("pathlib.", "").replace(f"{__name__}.", "")
