@@ -21,13 +21,16 @@ import time
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, TYPE_CHECKING, Iterator
 
 from operators.errors import ConfigError
 from operators.records import DocumentRecord, PageWork
 from operators.storage import writing
 from operators.text import printable_text
 from pipeline import stderr_filter
+
+if TYPE_CHECKING:  # the write stage's module is not loaded for it: eval and train show progress without it
+    from operators.write import PagesRead
 
 STDERR_FILTER = stderr_filter.__file__
 
@@ -258,14 +261,14 @@ class JobProgress:
             if self.interactive:
                 self._shown = 0.0
 
-    def document_published(self, record: DocumentRecord, pages: list[PageWork]) -> None:
+    def document_published(self, record: DocumentRecord, read: PagesRead) -> None:
         """The write stage's listener once a document's row is in the output: its ``--log-json`` record
         (so a run killed before publishing, and run again, logs the document once)."""
         self.documents_published += 1
         if self._log is not None:
             entry = {"source": record.source, "doc_id": record.doc_id, "status": record.status,
-                     "pages": len(pages), "lines": sum(len(page.lines) for page in pages),
-                     "seconds": round(sum(page.seconds for page in pages), 3) + 0.0,  # a float without pages too
+                     "pages": read.pages, "lines": read.lines,
+                     "seconds": round(read.seconds, 3) + 0.0,  # a float without pages too
                      "error": {"code": record.error_code, "message": record.error_message}
                      if record.error_code else None,
                      # a duplicate's record had not said which document holds its text

@@ -42,7 +42,7 @@ from operators.ingest import DEFAULT_MAX_IMAGE_PIXELS, NEW_SUBFILE_TYPE, sniff_k
 from operators.rasterize import PageRange, page_ranges, rasterize
 from operators.records import DocumentRecord, LineRecord, PageWork
 from operators.settings import DEFAULT_MODEL, RasterizeConfig
-from operators.write import ParquetSink, page_row
+from operators.write import PagesRead, ParquetSink, page_row
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.job import dry_run, run_job
@@ -115,8 +115,9 @@ def test_log_json_has_one_record_per_finished_document(run, inputs):
 def test_a_duplicates_log_json_record_names_the_document_that_holds_its_text(tmp_path):
     """A duplicate's record had said only "duplicate": a scheduler could not tell where its text was."""
     progress = JobProgress(stream=io.StringIO(), log_json=tmp_path / "log.jsonl")
-    progress.document_published(DocumentRecord("c0", "copy.pdf", "duplicate", None, None, 0, duplicate_of="a1"), [])
-    progress.document_published(DocumentRecord("a1", "a.pdf", "ok", None, None, 0), [])
+    progress.document_published(DocumentRecord("c0", "copy.pdf", "duplicate", None, None, 0, duplicate_of="a1"),
+                                PagesRead.of([]))
+    progress.document_published(DocumentRecord("a1", "a.pdf", "ok", None, None, 0), PagesRead.of([]))
     progress.close()
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [(record["source"], record["duplicate_of"]) for record in records] == [("copy.pdf", "a1"), ("a.pdf", None)]
@@ -1003,7 +1004,7 @@ def test_a_log_json_file_on_a_full_disk_stops_the_job_in_one_line(small_disk):
     record = DocumentRecord("id", "a.pdf", "failed", "corrupt_file", "x" * 8192, 0)
     with pytest.raises(WriteFailed, match=f"no space left on the device while writing the --log-json file "
                                           f"{small_disk / 'log.jsonl'}"):
-        progress.document_published(record, [])
+        progress.document_published(record, PagesRead.of([]))
     progress.close()
 
 
