@@ -414,9 +414,12 @@ def _split(ink: np.ndarray, letter_size: np.ndarray, rules: np.ndarray | None, r
             top, bottom = max(ruled, key=lambda gap: gap[1] - gap[0])
             return [(x0, y0, x1, y0 + top), (x0, y0 + bottom, x1, y1)]
         # notes in a margin beside part of the text: the heading above and the footer below them go first and
-        # last, not after or before them
-        if not (row_gaps and _margin_beside(region[:, :start], region[:, end:], pitch)):
-            return [(x0, y0, x0 + start, y1), (x0 + end, y0, x1, y1)]
+        # last, not after or before them. The widest gutter that is no margin's is cut: a speck of dirt in the
+        # margin, beside a page of two columns, had made the page's row gaps go first, and a left column's last
+        # paragraph, below the right column's end, was read after it
+        for start, end in sorted(column_gaps, key=lambda gap: gap[0] - gap[1]):
+            if not (row_gaps and _margin_beside(region[:, :start], region[:, end:], pitch)):
+                return [(x0, y0, x0 + start, y1), (x0 + end, y0, x1, y1)]
     if row_gaps:
         start, end = max(row_gaps, key=lambda gap: gap[1] - gap[0])
         return [(x0, y0, x1, y0 + start), (x0, y0 + end, x1, y1)]

@@ -337,6 +337,24 @@ def test_a_column_that_starts_lower_and_ends_higher_is_no_margin():
     assert "".join("L" if line.bbox[0] < 600 else "R" for line in lines) == "L" * 30 + "R" * 18
 
 
+def test_a_speck_in_the_margin_does_not_put_a_columns_last_paragraph_after_the_next_column():
+    """A left column longer than the right, its last paragraph below the right column's end, and a speck of dirt in
+    the right margin: the speck had been taken for a margin beside the text, the page's row gaps were cut first, and
+    that paragraph was read after the right column (two of the demo's five two-column pages)."""
+    page = Image.new("L", (1275, 1650), 235)
+    draw = ImageDraw.Draw(page)
+    body, top = ImageFont.truetype(FONT, 22), 150
+    for index in range(24):
+        top += 60 if index == 19 else 0
+        draw.text((80, top), " ".join((WORDS[index % 5:] + WORDS)[:5]), font=body, fill=25)
+        top += 40
+    for index in range(12):
+        draw.text((520, 150 + index * 40), " ".join((WORDS[(index + 2) % 5:] + WORDS)[:5]), font=body, fill=25)
+    draw.rectangle((1230, 330, 1234, 334), fill=25)  # further from the text than the gutter is wide
+    lines = [line for line in detect_lines(np.array(page), DPI, CONFIG) if line.bbox[2] - line.bbox[0] > 20]
+    assert "".join("L" if line.bbox[0] < 500 else "R" for line in lines) == "L" * 24 + "R" * 12
+
+
 @pytest.mark.parametrize("gap", [9, 12, 24])
 def test_a_numbered_list_keeps_its_numbers_in_their_lines(gap):
     """A long list set with a hanging indent: the same narrow gap runs down beside the numbers, but
