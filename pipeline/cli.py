@@ -197,7 +197,8 @@ def _show_command(args: argparse.Namespace) -> int:
                   else _which_reading(document, readings[document["source"]]))
         # the pages read where --pages left some out: "2 pages" had been shown for a document read on its first only
         read = len(selected_pages(document.get("pages_selected"), document["num_pages"]))
-        count = (f"{document['num_pages']:4} pages" if document["status"] != "ok" or read == document["num_pages"]
+        # a failed one's too ("3 pages" had been shown for a document failed on one of the 2 pages read)
+        count = (f"{document['num_pages']:4} pages" if read == document["num_pages"]
                  else f"{read:4} of {document['num_pages']} pages")
         # a name may hold a newline (Linux allows it): one line per document all the same
         print(printable_text(f"{document['status']:9} {count}  {document['source']}{reason}"))
@@ -222,7 +223,8 @@ def _show_command(args: argparse.Namespace) -> int:
                     else "no text found" if not page["lines"] else "not recognized")
         print(f"\n--- {printable_text(heading)} page {page['page']}: {len(page['lines'])} lines, "
               f"{printable_text(mean)}")
-        print("\n".join(page["text"].splitlines()[: args.lines]))
+        if page["text"]:  # a detect output's pages had each been followed by an empty line
+            print("\n".join(page["text"].splitlines()[: args.lines]))
     return ExitCode.ok
 
 

@@ -894,9 +894,12 @@ def test_show_tells_a_page_without_lines_from_one_not_recognized(tmp_path, capsy
     sink.add_page(PageWork("d", "scan.pdf", 3, 300).fail("render_timeout", "poppler timed out"))  # not read at all
     sink.close()
     assert main(["show", str(tmp_path), "--lines", "0", "--pages", "3"]) == 0
-    assert [row for row in capsys.readouterr().out.splitlines() if row.startswith("---")] == [
+    shown = capsys.readouterr().out.splitlines()
+    assert [row for row in shown if row.startswith("---")] == [
         "--- scan.pdf page 1: 0 lines, no text found", "--- scan.pdf page 2: 1 lines, not recognized",
         "--- scan.pdf page 3: 0 lines, failed (render_timeout: poppler timed out)"]
+    # a page without text is its heading alone (each had been followed by an empty line)
+    assert shown[-1] != "" and "\n\n\n" not in "\n".join(shown), shown
 
 
 def test_show_counts_the_pages_read_where_pages_left_some_out(tmp_path, capsys):
@@ -904,11 +907,14 @@ def test_show_counts_the_pages_read_where_pages_left_some_out(tmp_path, capsys):
     sink = ParquetSink(str(tmp_path), rows_per_file=20)
     for doc_id, selected in (("a", "1"), ("b", None), ("c", "1-")):
         sink.expect(DocumentRecord(doc_id, f"{doc_id}.pdf", "ok", None, None, 2, pages_selected=selected), 0)
+    # a failed one too: "3 pages" had been shown for one failed on a page of the two read
+    sink.expect(DocumentRecord("d", "d.pdf", "failed", "render_failed", "1 of 2 pages failed", 3, pages_selected="2-"), 0)
     sink.close()
     assert main(["show", str(tmp_path), "--pages", "0"]) == 0
     assert capsys.readouterr().out.splitlines() == [
         "ok           1 of 2 pages  a.pdf", "ok           2 pages  b.pdf", "ok           2 pages  c.pdf",
-        "documents: 3 ok, 0 failed, 0 duplicates"]
+        "failed       2 of 3 pages  d.pdf (render_failed: 1 of 2 pages failed)",
+        "documents: 3 ok, 1 failed, 0 duplicates"]
 
 
 def test_show_heads_a_page_with_its_whole_source_where_another_document_has_its_name(tmp_path, capsys):
