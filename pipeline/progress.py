@@ -30,7 +30,7 @@ from operators.text import printable_text
 from pipeline import stderr_filter
 
 if TYPE_CHECKING:  # the write stage's module is not loaded for it: eval and train show progress without it
-    from operators.write import PagesRead
+    from operators.write import HeldPage, PagesRead
 
 STDERR_FILTER = stderr_filter.__file__
 
@@ -240,7 +240,7 @@ class JobProgress:
             self._finished = time.monotonic()
         self._show()
 
-    def document_done(self, record: DocumentRecord, pages: list[PageWork]) -> None:
+    def document_done(self, record: DocumentRecord, pages: list[HeldPage]) -> None:
         """The write stage's listener: one document and its pages, complete. The first failed documents are named
         with their error (the console had only counted them); the rest are in the output's tables."""
         self.documents_done += 1

@@ -425,21 +425,23 @@ def test_line_folders_name_what_cannot_be_read_and_what_is_missing(tmp_path, cap
 def test_a_transcription_takes_the_image_of_its_own_stem_and_two_images_for_one_are_refused(tmp_path, caplog):
     """``x.jpg`` and ``x.png`` beside one ``x.gt.txt``: one had been taken and the other passed over without a word;
     ``x.b.jpg`` beside ``x.jpg`` had been taken as a candidate of ``x``, not named as an image without a transcription
-    (``x.bin.png`` alone is still ``x``'s, as UW3 names its lines)."""
+    (``x.bin.png`` alone is still ``x``'s, as UW3 names its lines; beside ocropy's ``x.nrm.png`` the first is taken,
+    the other named: a folder of them is no mistake to refuse)."""
     for name in ("x.jpg", "x.png", "y.bin.png", "y.nrm.png"):
         render("a line").save(tmp_path / name)
     for stem in ("x", "y"):
         (tmp_path / f"{stem}.gt.txt").write_text("a line\n", encoding="utf-8")
     with pytest.raises(ConfigError) as refused:
         read_line_folder(tmp_path)
-    assert str(refused.value) == (f"{tmp_path}: 2 transcriptions have more than one image beside them: x.gt.txt "
-                                  "(x.jpg, x.png); y.gt.txt (y.bin.png, y.nrm.png): keep one image for each")
-    for name in ("x.png", "y.nrm.png"):
-        (tmp_path / name).unlink()
+    assert str(refused.value) == (f"{tmp_path}: 1 transcriptions have more than one image beside them: x.gt.txt "
+                                  "(x.jpg, x.png): keep one image for each")
+    (tmp_path / "x.png").unlink()
     render("another").save(tmp_path / "x.b.jpg")
     with caplog.at_level(logging.WARNING, logger="pipeline.train.data"):
         assert [line.name for line in read_line_folder(tmp_path)] == ["x.jpg", "y.bin.png"]
     assert f"{tmp_path}: 1 images have no .gt.txt beside them and are left out: x.b.jpg" in caplog.text
+    assert (f"{tmp_path}: 1 images are other copies of a line whose first image is taken and are left out: "
+            "y.nrm.png") in caplog.text
 
 
 def test_a_line_folder_reads_every_image_kind_the_job_reads_and_leaves_out_transcriptions_of_two_lines(tmp_path,
@@ -618,10 +620,12 @@ def test_a_damaged_page_image_is_named_and_its_lines_left_out(tmp_path, caplog):
     assert re.search(r"damaged.xml: page image .*damaged.png cannot be read \(UnidentifiedImageError", caplog.text)
 
 
-@pytest.mark.parametrize("case", ["two-page tiff", "pdf", "turned", "other size"])
+@pytest.mark.parametrize("case", ["two-page tiff", "pdf", "turned", "other size", "camera mpo", "turned tiff"])
 def test_a_page_file_whose_image_is_not_its_page_is_refused_for_training_and_scoring(tmp_path, case):
     """The job's PAGE and ALTO exports without METS name the source file: page 2 of a TIFF had been cut from page 1's
-    pixels and trained on and scored against with page 2's text, without a word; so too a page turned upright."""
+    pixels and trained on and scored against with page 2's text, without a word; so too a page turned upright. eval,
+    which scores the text alone, refuses only a file that does not say which page; a camera's MPO is one page, and a
+    TIFF turned by its orientation tag is the size it reads as."""
     from pipeline.evaluate import read_page_truth
 
     first = page_image(tmp_path)
@@ -632,6 +636,15 @@ def test_a_page_file_whose_image_is_not_its_page_is_refused_for_training_and_sco
     elif case == "pdf":
         image = "letters.pdf"
         Image.open(first).convert("RGB").save(tmp_path / image)
+    elif case == "camera mpo":
+        image = "photo.jpg"
+        Image.open(first).convert("RGB").save(tmp_path / image, "MPO", save_all=True,
+                                              append_images=[Image.open(first).convert("RGB")])
+    elif case == "turned tiff":  # stored lying on its side, orientation 8: read upright, 400 x 100 as the file says
+        image = "turned.tif"
+        stored, tags = Image.open(first).transpose(Image.Transpose.ROTATE_270), Image.Exif()
+        tags[0x0112] = 8
+        stored.save(tmp_path / image, exif=tags)
     elif case == "turned":  # as the job's export of a page it turned says so
         turn = ('<Metadata><MetadataItem type="processingStep" name="preprocessing/optimization/deskewing" '
                 'value="trocr-pipeline"><Labels><Label type="rotation" value="180"/></Labels></MetadataItem>'
@@ -645,10 +658,18 @@ def test_a_page_file_whose_image_is_not_its_page_is_refused_for_training_and_sco
     </TextLine></TextRegion></Page></PcGts>""")
     said = {"two-page tiff": "an image of 2 pages, and does not say which; export with mets",
             "pdf": "names a PDF", "turned": "turned 180 degrees clockwise, not of the image",
-            "other size": "describes a 800x200 px page, and its image"}[case]
-    for read in (read_page_lines, read_page_truth):
+            "other size": "describes a 800x200 px page, and its image .* is 400x100 px as read"}.get(case)
+    if said is None:
+        assert [line.text for line in read_page_lines(tmp_path / "page.xml")] == ["first line"]
+        assert read_page_truth([tmp_path / "page.xml"])[0].text == "first line"
+        return
+    with pytest.raises(ConfigError, match=said):
+        read_page_lines(tmp_path / "page.xml")
+    if case in ("turned", "other size"):
+        assert read_page_truth([tmp_path / "page.xml"])[0].text == "first line"
+    else:
         with pytest.raises(ConfigError, match=said):
-            read(tmp_path / "page.xml") if read is read_page_lines else read([tmp_path / "page.xml"])
+            read_page_truth([tmp_path / "page.xml"])
 
 
 def test_alto_lines_use_polygon_or_box_and_join_strings(tmp_path):
@@ -824,6 +845,14 @@ def test_a_resume_with_no_step_left_is_refused(tmp_path, base_model, line_folder
         assert "model saved to" not in refused.out
     assert (tmp_path / "model" / "model.safetensors").read_bytes() == best
     assert latest_checkpoint(tmp_path / "work").name == f"{CHECKPOINT_PREFIX}10"
+    # without validation the model is saved at the run's end, after its last checkpoint: where that save failed (a full
+    # disk), the resume the message advises saves it (it had been refused, the run's model nowhere but the checkpoint)
+    unvalidated = config.model_copy(update={"validation_data": [], "work_dir": tmp_path / "work2",
+                                            "output_dir": tmp_path / "model2"})
+    train(unvalidated, show_progress=False)
+    shutil.rmtree(tmp_path / "model2")
+    train(unvalidated, resume=True, show_progress=False)
+    assert load_trocr(str(tmp_path / "model2"), device="cpu").model is not None
 
 
 def test_a_resume_naming_its_output_dir_through_a_link_keeps_the_cer_of_the_model_there(tmp_path, base_model,

@@ -16,6 +16,7 @@ from lxml import etree
 from PIL import Image
 
 from operators.errors import ConfigError
+from operators.ingest import open_image, page_frames
 
 
 @dataclass(frozen=True)
@@ -131,32 +132,37 @@ def page_image(xml_path: Path, image_name: str) -> Path:
     return image_path
 
 
-def check_page_image(xml_path: Path, page: XmlPage, image_path: Path) -> None:
-    """Refuse an image whose pixels are not the page's coordinates: this tool's PAGE and ALTO exports without METS
-    name the source file, which may hold many pages or have been turned to read upright (page 1 of a TIFF had been
-    cut by page 2's lines, and trained on and scored against their text). An image Pillow cannot open is left to
-    the reader to report."""
+def check_page_image(xml_path: Path, page: XmlPage, image_path: Path, coordinates: bool = True) -> None:
+    """Refuse an image that is not the one page the file describes: a PDF, or an image of several pages as the job
+    counts them (this tool's PAGE and ALTO exports without METS name the source file: page 1 of a TIFF had been cut
+    by page 2's lines, and trained on and scored against their text); with ``coordinates`` (lines cut by them), one
+    the file says was turned to read upright. Its size is checked once it is read (:func:`check_page_size`); an
+    image that cannot be opened is left to the reader to report."""
     advice = ("export with mets (`--export page,mets`), whose PAGE and ALTO files each name the image of their page "
               "as the job read it")
-    with open(image_path, "rb") as handle:
-        if handle.read(5) == b"%PDF-":
-            raise ConfigError(f"{xml_path} names a PDF, {image_path}: which page, rendered how, it does not say; "
-                              f"{advice}")
     try:
-        with Image.open(image_path) as image:
-            # upright, as the readers take it (operators.rasterize.upright_gray): EXIF orientations 5-8 turn it a quarter
-            frames, size = getattr(image, "n_frames", 1), image.size[::-1 if image.getexif().get(0x0112) in
-                                                                     (5, 6, 7, 8) else 1]
+        with open(image_path, "rb") as handle:
+            is_pdf = handle.read(5) == b"%PDF-"
+        if not is_pdf:
+            with open_image(str(image_path)) as image:
+                frames = len(page_frames(image))  # a camera's MPO or a TIFF's thumbnails are one page
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return
+    if is_pdf:
+        raise ConfigError(f"{xml_path} names a PDF, {image_path}: which page, rendered how, it does not say; {advice}")
     if frames > 1:
         raise ConfigError(f"{xml_path} names {image_path}, an image of {frames} pages, and does not say which; {advice}")
-    if page.turn:
+    if coordinates and page.turn:
         raise ConfigError(f"{xml_path}: its coordinates are pixels of {image_path} turned {page.turn} degrees "
                           f"clockwise, not of the image; {advice}")
-    if page.size is not None and page.size != size:
+
+
+def check_page_size(xml_path: Path, page: XmlPage, image_path: Path, shape: tuple[int, ...]) -> None:
+    """Refuse a page image, as read (upright), of another size than the file gives: its lines would be cut from the
+    wrong pixels."""
+    if page.size is not None and page.size != (shape[1], shape[0]):
         raise ConfigError(f"{xml_path} describes a {page.size[0]}x{page.size[1]} px page, and its image {image_path} "
-                          f"is {size[0]}x{size[1]} px")
+                          f"is {shape[1]}x{shape[0]} px as read")
 
 
 def _page_text(element, parts: tuple[str, ...] = ("Word", "Glyph")) -> str:

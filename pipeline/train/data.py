@@ -16,7 +16,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from operators.crops import cut_polygon
 from operators.errors import ConfigError, DocumentError
-from operators.formats.read import check_page_image, page_image, page_xml_files, read_page_xml
+from operators.formats.read import check_page_image, check_page_size, page_image, page_xml_files, read_page_xml
 from operators.ingest import SUPPORTED_SUFFIXES, open_image
 from operators.preprocess import LinePreprocessor
 from operators.rasterize import upright_gray
@@ -96,12 +96,17 @@ def read_line_folder(folder: Path, paint_out_neighbours: bool = False, warn: boo
                     None)
         if stem is not None:
             (own if stem == image.stem else longer).setdefault(stem, []).append(image)
-    lines, without_image, without_text, several_lines, several_images = [], [], [], [], []
+    lines, without_image, without_text, several_lines, several_images, other_copies = [], [], [], [], [], []
     taken: set[Path] = set()
     for stem in sorted(stems):
         gt = folder / f"{stem}{GT_SUFFIX}"
         candidates = own.get(stem) or longer.get(stem, [])
         taken.update(candidates)
+        if stem not in own and len(candidates) > 1:
+            # ocropy's x.bin.png beside x.nrm.png: one reading of the line is taken, the first by name, as it had been
+            # (the folder had been refused whole); the others are named
+            candidates, others = candidates[:1], candidates[1:]
+            other_copies += [image.name for image in others]
         if not candidates:
             without_image.append(gt.name)
         elif len(candidates) > 1:
@@ -119,6 +124,7 @@ def read_line_folder(folder: Path, paint_out_neighbours: bool = False, warn: boo
     for left_out, what in ((without_image, "transcriptions have no image beside them"),
                            (without_text, "transcriptions are empty"),
                            (several_lines, "transcriptions hold more than one line"),
+                           (other_copies, "images are other copies of a line whose first image is taken"),
                            ([image.name for image in images if image not in taken],
                             f"images have no {GT_SUFFIX} beside them")):
         if left_out and warn:
@@ -154,6 +160,7 @@ def read_page_lines(path: Path) -> list[LabeledLine]:
             log.warning("%s: page image %s cannot be read (%s: %s), its lines are left out", xml_path, image_path,
                         type(exc).__name__, exc)
             continue
+        check_page_size(xml_path, page, image_path, gray.shape)
         for number, line in enumerate(page.lines):
             crop, text = cut_polygon(gray, line.points), line.text
             if text and crop is not None:  # fitted as the pipeline fits the lines it reads

@@ -61,6 +61,8 @@ TRAINER_STATE = "trainer_state.pt"
 BEST_STATE = "best.json"
 #: In output_dir: the card of the model there (Hugging Face's convention), written by a person, never by training.
 MODEL_CARD = "README.md"
+#: What torch says of a checkpoint file cut short or damaged (its zip archive).
+DAMAGED_ARCHIVE_SIGNS = ("PytorchStreamReader", "zip archive", "central directory")
 #: In work_dir: locked (flock) by the run training there, and holding its process id.
 RUN_LOCK = "run.lock"
 #: What a resumed run may change: how long it runs, and how it saves, validates and uses the machine. The other
@@ -464,7 +466,9 @@ def _load_run(config: TrainConfig, resume: bool, shard: tuple[int, int],
     if checkpoint is not None:
         with _reading_checkpoint(checkpoint):
             bundle = load_trocr(str(checkpoint), device="cpu")
-            saved = torch.load(checkpoint / TRAINER_STATE, map_location=device, weights_only=False)
+            # to the CPU: a GPU's own errors (out of memory) are not taken for a damaged file (the optimizer's
+            # state goes to its parameters' device as it is loaded)
+            saved = torch.load(checkpoint / TRAINER_STATE, map_location="cpu", weights_only=False)
         model, processor = bundle.model, bundle.processor
     else:
         model, processor = build_or_load(config)
@@ -498,6 +502,12 @@ def _reading_checkpoint(checkpoint: Path) -> Iterator[None]:
     try:
         yield
     except (ModelLoadError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        damaged = (isinstance(exc, (ModelLoadError, EOFError, pickle.UnpicklingError))
+                   or isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in DAMAGED_ARCHIVE_SIGNS))
+        if not damaged:  # a disk's or a mount's error (EIO, EACCES) is no reason to remove a sound checkpoint
+            if isinstance(exc, OSError):
+                raise ModelLoadError(f"--resume: cannot read the newest checkpoint {checkpoint}: {exc}") from exc
+            raise
         damage = exc if isinstance(exc, ModelLoadError) else f"its {TRAINER_STATE} is cut short or damaged"
         older = _complete_checkpoints(checkpoint.parent)[:-1]
         then = (f"remove {checkpoint.name} to resume from {older[-1].name}, the newest complete one before it" if older
@@ -614,8 +624,10 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
 def _train_run(run: TrainingRun, state: TrainerState, show_progress: bool,
                report: Callable[[dict], None] | None) -> Path:
     config = run.config
-    if run.is_main and state.step >= config.last_step:
-        # a resume with no step left had trained and saved nothing, and said "model saved to" all the same
+    if (run.is_main and state.step >= config.last_step
+            and (config.validation_data or _holds_model(config.output_dir))):
+        # a resume with no step left had trained and saved nothing, and said "model saved to" all the same; one without
+        # validation whose output_dir lacks the model (the disk full as the run's end saved it) goes on to save it
         raise ConfigError(f"--resume: {config.work_dir} is at step {state.step} already, and this run stops at step "
                           f"{config.last_step}: no step is left to train; raise steps (or stop_after_step) to train on")
     held_out = validation_lines(config.validation_data) if run.is_main else []
