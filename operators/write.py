@@ -688,7 +688,7 @@ class PagesRead:
 #: Called with a document and what its pages came to once its row is published (``--log-json``: a record there
 #: means the document is in the output).
 PublishedListener = Callable[[DocumentRecord, PagesRead], None]
-#: A complete document as it waits for the next part: its row, its pages rows (None: it has none) and :class:`PagesRead`.
+#: A complete document as it waits for the next part: its row, its pages rows (None: none) and :class:`PagesRead`.
 ReadyDocument = tuple[DocumentRecord, "pa.Table | None", PagesRead]
 
 
@@ -770,7 +770,7 @@ class ParquetSink:
         if self.exports and rows is not None:  # before the documents row is published: a rerun rewrites them whole
             self._start_export(outcome, pages, rows)
             return
-        if rows is not None and self._exports_found:  # an unfinished earlier run's exports of it, which this run does not write
+        if rows is not None and self._exports_found:  # an unfinished earlier run's exports of it, not written now
             with writing(f"the exports of {outcome.source} in {self.root}/{EXPORTS_DIR}"):
                 remove_other_exports(asdict(outcome), (), f"{self.root}/{EXPORTS_DIR}", self.filesystem)
         self._finish(outcome, pages, rows)

@@ -882,10 +882,10 @@ class DryRun:
             return f"the document read earlier from {source}{since}"
         lines, todo_pages, todo_documents, failing, duplicates, unselected = [], 0, 0, 0, 0, 0
         for plan in self.plans:
-            selected = len(selected_pages(self.pages, plan.num_pages))
-            oversized = _oversized_selected(plan, self.pages)
             if plan.doc_id in self.done:  # counted, not listed: a growing archive's new files had been lost among them
                 continue
+            selected = len(selected_pages(self.pages, plan.num_pages))
+            oversized = _oversized_selected(plan, self.pages)
             if plan.duplicate_of is not None:
                 state, selected, duplicates = "duplicate", 0, duplicates + 1
             elif plan.error is not None or (oversized and len(oversized) == selected):
@@ -894,18 +894,21 @@ class DryRun:
                 state, unselected = "no pages", unselected + 1
             else:
                 state, todo_pages, todo_documents = "ok", todo_pages + selected - len(oversized), todo_documents + 1
-            reason = f" ({plan.error.error_code}: {plan.error})" if plan.error is not None else ""
-            if oversized and state != "duplicate":
-                reason = (f" ({len(oversized)} page(s) will fail, " if state == "ok" else " (") + \
-                    f"page_too_large: {oversized[0]})"
             if state == "duplicate":
                 reason = f" (same bytes as {owner(plan.duplicate_of)})"
+            elif plan.error is not None:
+                reason = f" ({plan.error.error_code}: {plan.error})"
+            elif oversized:
+                will_fail = f"{len(oversized)} page(s) will fail, " if state == "ok" else ""
+                reason = f" ({will_fail}page_too_large: {oversized[0]})"
+            else:
+                reason = ""
             lines.append(f"{state:9} {selected:4} pages  {plan.source}{reason}")
         skipped = sum(plan.doc_id in self.done for plan in self.plans)
         retry = f", {_failed_documents(self.retried)} to take out and read again" if self.retried else ""
         lines.append(f"documents: {len(self.plans)} found, {todo_documents} to process, {failing} failing triage, "
-                     f"{duplicates} duplicates, {skipped} already done{_failed_earlier_note(self.failed_earlier, self.output)}"
-                     f"{retry}"
+                     f"{duplicates} duplicates, {skipped} already done"
+                     f"{_failed_earlier_note(self.failed_earlier, self.output)}{retry}"
                      f"{f', {unselected} without a page in --pages' if unselected else ''}")
         lines.append(_left_out_line(self.left_out))
         stages = "rasterize, detect and recognize" if self.mode == "recognize" else "rasterize and detect"

@@ -63,8 +63,8 @@ def read_page_xml(xml_path: Path) -> XmlPage:
         image_name = (file_name[0].text or "").strip() if file_name else ""
         page = next(root.iter("{*}Page"), None)
         size = _pixels(page, "WIDTH", "HEIGHT")
-        turn = next((int(text.split(":")[1]) for settings in root.iter("{*}processingStepSettings")
-                     if re.fullmatch(r"rotation: \d+", text := (settings.text or "").strip())), 0)
+        turn = next((int(found.group(1)) for settings in root.iter("{*}processingStepSettings")
+                     if (found := re.fullmatch(r"rotation: (\d+)", (settings.text or "").strip()))), 0)
     elif kind == "PcGts":
         geometry, text_of, block_tags = page_geometry, _page_text, ("TextRegion",)
         page = next(root.iter("{*}Page"))
