@@ -906,7 +906,7 @@ class DryRun:
             lines.append(f"{state:9} {selected:4} pages  {plan.source}{reason}")
         skipped = sum(plan.doc_id in self.done for plan in self.plans)
         retry = f", {_failed_documents(self.retried)} to take out and read again" if self.retried else ""
-        lines.append(f"documents: {len(self.plans)} found, {todo_documents} to process, {failing} failing triage, "
+        lines.append(f"documents: {len(self.plans)} found, {todo_documents} to process, {failing} failing, "
                      f"{duplicates} duplicates, {skipped} already done"
                      f"{_failed_earlier_note(self.failed_earlier, self.output)}{retry}"
                      f"{f', {unselected} without a page in --pages' if unselected else ''}")

@@ -975,7 +975,7 @@ def test_dry_run_lists_documents_and_writes_nothing(inputs, tmp_path, capsys):
     result = capsys.readouterr()
     assert code == 4, result.err  # broken.pdf would fail
     assert not output.exists()
-    assert "documents: 6 found, 4 to process, 1 failing triage, 1 duplicates, 0 already done" in result.out
+    assert "documents: 6 found, 4 to process, 1 failing, 1 duplicates, 0 already done" in result.out
     assert "\nleft out (no document): 1 .md5\n" in result.out  # as the run says it (the dry run had not)
     assert re.search(r"^ok\s+2 pages\s+\S+/letters\.pdf$", result.out, re.MULTILINE)
     assert re.search(r"^duplicate\s+0 pages\s+\S+/letters2\.pdf \(same bytes as \S+/letters\.pdf\)$",

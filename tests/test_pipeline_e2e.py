@@ -302,6 +302,9 @@ def test_a_document_whose_every_page_is_too_large_has_a_failed_row_for_each(ray_
     stream = io.StringIO()
     progress = JobProgress(stream=stream, interactive=False, interval_s=0)
     config = load_config(None, ["rasterize.dpi=150", "rasterize.max_page_pixels=4000000"])
+    report = dry_run([str(folder)], str(tmp_path / "out"), config, mode="detect").describe()
+    assert (f"failed       1 pages  {folder / 'map.png'} (page_too_large: page 1 is 3000x3000 px" in report
+            and "2 found, 1 to process, 1 failing, 0 duplicates" in report), report
     run_job([str(folder)], str(tmp_path / "out"), config, mode="detect", progress=progress)
     progress.close()
     rows = {os.path.basename(row["source"]): row for row in _read(str(tmp_path / "out"), "documents").to_pylist()}
