@@ -136,10 +136,11 @@ def test_two_ray_train_workers_train_one_model_through_the_cli(ray_local, tmp_pa
     assert latest_checkpoint(tmp_path / "work").name == f"{CHECKPOINT_PREFIX}4"
     assert load_trocr(str(tmp_path / "model"), device="cpu").preprocessor.input_size == (32, 128)
     # a refusal of the workers' own (no step left to train) ends with its line and exit code, as in one process: it
-    # had ended in Ray Train's WorkerGroupError traceback, exit 1 (the worker's own log of it still comes first)
+    # had ended in Ray Train's WorkerGroupError traceback, exit 1, and the worker's own log of it had come first
     assert main([*command, "--resume"]) == ExitCode.bad_args
     refused = capfd.readouterr().err.strip().splitlines()
     assert re.fullmatch(r"trocr-pipeline: error: --resume: .*no step is left to train.*", refused[-1]), refused[-20:]
+    assert "Traceback" not in "\n".join(refused), refused[-40:]
 
 
 def test_cli_prints_each_validation_on_its_own_line_above_the_step_bar(tmp_path, base_model, line_folder):

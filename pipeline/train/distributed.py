@@ -69,6 +69,9 @@ def _ray_worker_loop(loop_config: dict) -> None:
     # project's own lines (rank 0's validations) stay at INFO
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("pipeline").setLevel(logging.INFO)
+    # Ray Train logs a worker's error with its traceback before the driver hears of it, and the driver says it
+    # again: a refusal in its one line, any other error in Ray Train's WorkerGroupError with the same traceback
+    logging.getLogger("ray.train.v2._internal.util").setLevel(logging.CRITICAL)
     context = ray.train.get_context()
     config = TrainConfig.model_validate(loop_config["config"])
 
