@@ -564,8 +564,6 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     """Run the whole job; bad documents are recorded as failed rows, never raised. ``progress`` hears of
     every finished page and document; Ray Data's own progress output shows only when ``verbose``."""
     started = time.monotonic()
-    if progress:
-        progress.begin()
     found = find_inputs(inputs, output_folders(output))
     selection = config.rasterize.pages
     if mode == "recognize":
@@ -581,6 +579,8 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
         # seconds for a large one: beside the check)
         model = recorded_model(config.recognize.model) if mode == "recognize" else None
         hashed = background.submit(weights_sha256, config.recognize.model) if model else None
+        if progress:  # not before: a run refused by the checks above had said it was starting Ray
+            progress.begin()
         with ray_session(config, verbose):
             preprocessor = checked_model.result()
             model_sha256 = hashed.result() if hashed else None

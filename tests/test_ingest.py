@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -21,7 +22,9 @@ from conftest import write_pdf
 from operators.ingest import (IN_THE_OUTPUT, NEW_SUBFILE_TYPE, SUBFILE_TYPE, KnownDocument, find_inputs, page_frames,
                               sniff_kind, triage, unchanged_local_document)
 from operators.rasterize import PageRange, page_ranges, rasterize
-from pipeline.job import DryRun
+from pipeline.config import load_config
+from pipeline.job import DryRun, run_job
+from pipeline.progress import JobProgress
 from operators.settings import RasterizeConfig
 from operators.write import output_folders
 from operators.errors import ConfigError, ExitCode, NoInputError, UnsupportedFormat, WriteFailed
@@ -254,6 +257,16 @@ def test_input_matching_nothing_is_an_error(tmp_path):
     for empty in (str(tmp_path / "notes"), str(tmp_path / "*.pdf"), f"file://{tmp_path}/*.pdf"):
         with pytest.raises(NoInputError, match=f"input '{re.escape(empty)}' matches no document"):
             find_inputs([empty])
+
+
+def test_a_run_refused_for_its_input_does_not_say_it_started(tmp_path):
+    """Its progress had said "starting (Ray, the model)" before the refusal, and no Ray had started."""
+    stream = io.StringIO()
+    progress = JobProgress(stream=stream, interactive=False, interval_s=0)
+    with pytest.raises(NoInputError):
+        run_job([str(tmp_path / "missing.pdf")], str(tmp_path / "out"), load_config(None, []), progress=progress)
+    progress.close()
+    assert stream.getvalue() == ""
 
 
 def test_sniff_kind_trusts_bytes_not_names():
