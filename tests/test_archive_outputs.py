@@ -136,7 +136,7 @@ def test_words_carry_their_own_confidence(run):
 def _pdf_words(path: Path) -> list[list[tuple[str, list[float]]]]:
     """Per page: (word, [x0, y0, x1, y1] in points from the top left) as pdftotext finds them."""
     html = subprocess.run(["pdftotext", "-bbox", str(path), "-"], capture_output=True, check=True).stdout
-    root = etree.fromstring(html, etree.HTMLParser())
+    root = etree.fromstring(html, etree.HTMLParser(encoding="utf-8"))
     return [[(word.text or "", [float(word.get(key)) for key in ("xmin", "ymin", "xmax", "ymax")])
              for word in page.iter("word")] for page in root.iter("page")]
 
@@ -196,6 +196,27 @@ def test_a_crop_box_reaching_beyond_the_media_box_overlays_what_a_viewer_shows(t
                        RasterizeConfig(dpi=150, detect_orientation=False))
     assert work.image.shape == np.asarray(page_images[0].convert("L")).shape
     _assert_text_layer_on_the_pixels(work, source, tmp_path)
+
+
+def test_words_whose_ink_nearly_touches_are_copied_apart_by_pdftotext_raw(tmp_path, page_images):
+    """Word boxes hug the ink, and in italic or cursive print (a j's tail under the word before it) two words may lie
+    closer than the 0.15 font sizes poppler's content-stream order takes for a space: pdftotext -raw had given
+    "ofjalapeño", for all the space characters of the text layer. Each word still lies on its box."""
+    source = write_pdf(tmp_path / "close.pdf", page_images[:1])
+    [work] = rasterize(PageRange("0123456789abcdef", str(source), "pdf", 1, 1),
+                       RasterizeConfig(dpi=150, detect_orientation=False))
+    work.lines = [LineRecord(bbox=(100, 100, 900, 160), polygon=[(100, 100), (900, 100), (900, 160), (100, 160)],
+                             baseline=[(100, 150), (900, 150)], block=0, order=0, confidence=0.9,
+                             text="carry of jalapeño yeah", gaps=[(300, 302), (360, 362), (600, 603)])]
+    row = page_row(work)
+    (tmp_path / "out.pdf").write_bytes(searchable_pdf([row], str(source)))
+    raw = subprocess.run(["pdftotext", "-raw", str(tmp_path / "out.pdf"), "-"], capture_output=True, text=True,
+                         check=True).stdout
+    assert raw.split("\n")[0] == "carry of jalapeño yeah", raw
+    [found] = _pdf_words(tmp_path / "out.pdf")
+    for word, (text, box) in zip(row["lines"][0]["words"], found):
+        (left, right), (x0, _, x1, _) = (value * 150 / 72 for value in box[::2]), word["bbox"]
+        assert text == word["text"] and x0 - 1 <= left < right <= x1 + 1 and right - left >= 0.8 * (x1 - x0), (text, box)
 
 
 def test_pages_sharing_one_resources_dictionary_each_get_their_text_layer(tmp_path, page_images):
