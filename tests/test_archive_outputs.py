@@ -136,7 +136,7 @@ def test_words_carry_their_own_confidence(run):
 def _pdf_words(path: Path) -> list[list[tuple[str, list[float]]]]:
     """Per page: (word, [x0, y0, x1, y1] in points from the top left) as pdftotext finds them."""
     html = subprocess.run(["pdftotext", "-bbox", str(path), "-"], capture_output=True, check=True).stdout
-    root = etree.fromstring(html, etree.HTMLParser())
+    root = etree.fromstring(html, etree.HTMLParser(encoding="utf-8"))
     return [[(word.text or "", [float(word.get(key)) for key in ("xmin", "ymin", "xmax", "ymax")])
              for word in page.iter("word")] for page in root.iter("page")]
 
@@ -196,6 +196,27 @@ def test_a_crop_box_reaching_beyond_the_media_box_overlays_what_a_viewer_shows(t
                        RasterizeConfig(dpi=150, detect_orientation=False))
     assert work.image.shape == np.asarray(page_images[0].convert("L")).shape
     _assert_text_layer_on_the_pixels(work, source, tmp_path)
+
+
+def test_words_whose_ink_nearly_touches_are_copied_apart_by_pdftotext_raw(tmp_path, page_images):
+    """Word boxes hug the ink, and in italic or cursive print (a j's tail under the word before it) two words may lie
+    closer than the 0.15 font sizes poppler's content-stream order takes for a space: pdftotext -raw had given
+    "ofjalapeño", for all the space characters of the text layer. Each word still lies on its box."""
+    source = write_pdf(tmp_path / "close.pdf", page_images[:1])
+    [work] = rasterize(PageRange("0123456789abcdef", str(source), "pdf", 1, 1),
+                       RasterizeConfig(dpi=150, detect_orientation=False))
+    work.lines = [LineRecord(bbox=(100, 100, 900, 160), polygon=[(100, 100), (900, 100), (900, 160), (100, 160)],
+                             baseline=[(100, 150), (900, 150)], block=0, order=0, confidence=0.9,
+                             text="carry of jalapeño yeah", gaps=[(300, 302), (360, 362), (600, 603)])]
+    row = page_row(work)
+    (tmp_path / "out.pdf").write_bytes(searchable_pdf([row], str(source)))
+    raw = subprocess.run(["pdftotext", "-raw", str(tmp_path / "out.pdf"), "-"], capture_output=True, text=True,
+                         check=True).stdout
+    assert raw.split("\n")[0] == "carry of jalapeño yeah", raw
+    [found] = _pdf_words(tmp_path / "out.pdf")
+    for word, (text, box) in zip(row["lines"][0]["words"], found):
+        (left, right), (x0, _, x1, _) = (value * 150 / 72 for value in box[::2]), word["bbox"]
+        assert text == word["text"] and x0 - 1 <= left < right <= x1 + 1 and right - left >= 0.8 * (x1 - x0), (text, box)
 
 
 def test_pages_sharing_one_resources_dictionary_each_get_their_text_layer(tmp_path, page_images):
@@ -504,6 +525,14 @@ def test_a_pdf_holding_what_pdfa_refuses_gets_a_pdfa_of_its_pages(tmp_path, page
         assert "/OpenAction" in pdf.Root  # without PDF/A, the document as it was
 
 
+def _stamped(pdf: pikepdf.Pdf, page: pikepdf.Page) -> None:
+    """A stamp on the page in a font the PDF does not embed (many producers' letterheads): PDF/A refuses the page as
+    drawn."""
+    page.obj.Resources.Font = pikepdf.Dictionary(F1=pikepdf.Dictionary(
+        Type=pikepdf.Name.Font, Subtype=pikepdf.Name.Type1, BaseFont=pikepdf.Name.Helvetica))
+    page.contents_add(pdf.make_stream(b"BT /F1 9 Tf 80 80 Td (Received 1905) Tj ET"))
+
+
 def test_pdfa_of_pages_it_refuses_as_drawn_holds_them_as_rendered_with_their_text_layers(tmp_path, page_images):
     """A PDF page that shows text in a font it does not embed (many producers' letterheads and stamps) and a CMYK
     JPEG: PDF/A refuses both as they are, and the document had failed as export_failed, every other export of it
@@ -512,9 +541,7 @@ def test_pdfa_of_pages_it_refuses_as_drawn_holds_them_as_rendered_with_their_tex
     source = write_pdf(tmp_path / "stamped.pdf", page_images[:1])
     with pikepdf.open(source, allow_overwriting_input=True) as pdf:
         page = pdf.pages[0]
-        page.obj.Resources.Font = pikepdf.Dictionary(F1=pikepdf.Dictionary(
-            Type=pikepdf.Name.Font, Subtype=pikepdf.Name.Type1, BaseFont=pikepdf.Name.Helvetica))
-        page.contents_add(pdf.make_stream(b"BT /F1 9 Tf 80 80 Td (Received 1905) Tj ET"))
+        _stamped(pdf, page)
         _, _, width, height = (float(value) for value in page.mediabox)
         page.CropBox = [72, 72, width, height]  # what a viewer shows, and the job read
         pdf.save(source)
@@ -532,6 +559,26 @@ def test_pdfa_of_pages_it_refuses_as_drawn_holds_them_as_rendered_with_their_tex
     with pikepdf.open(io.BytesIO(searchable_pdf([page_row(works[0]) for works in [rasterize(
             PageRange("id", str(pdfa), "pdf", 1, 1), RasterizeConfig(dpi=150))]], str(pdfa)))) as pdf:
         assert pdf.open_metadata().pdfa_status == ""
+
+
+def test_pdfa_renders_only_the_pages_it_refuses_as_drawn(tmp_path, page_images):
+    """One page with a stamp in a font the PDF does not embed had made the PDF/A hold every page as rendered: each
+    scan resampled to the job's dpi and stored anew, four times the pixels of a 150-dpi scan (a 600-dpi one would
+    have lost three quarters). The other pages now keep their image streams byte for byte."""
+    source = write_pdf(tmp_path / "stamped.pdf", page_images[:2])
+    with pikepdf.open(source, allow_overwriting_input=True) as pdf:
+        _stamped(pdf, pdf.pages[0])
+        pdf.save(source)
+        scanned = pdf.pages[1].Resources.XObject.image.read_raw_bytes()
+    works = rasterize(PageRange("id", str(source), "pdf", 1, 2), RasterizeConfig(dpi=300))
+    pdfa, text = _labelled_pdf(works, source, "Read", pdfa=True)
+    assert text.split() == ["Read1", "Read2"], text
+    with pikepdf.open(pdfa) as pdf:
+        assert pdf.open_metadata().pdfa_status == "2B"
+        [stamped], [kept] = ([image for image in page.Resources.XObject.values() if image.Subtype == "/Image"]
+                             for page in pdf.pages)
+        assert "/Font" not in pdf.pages[0].Resources and stamped.Width == works[0].width
+        assert kept.read_raw_bytes() == scanned
 
 
 def test_a_page_qpdf_cannot_parse_gets_its_own_page_and_text_layer_in_the_searchable_pdf(tmp_path):
@@ -562,9 +609,8 @@ def test_pdfa_of_rendered_pages_leaves_a_page_the_job_did_not_render_blank(tmp_p
     keeps its /Rotate (its row had said 0). A page's /UserUnit counts where /Count lies (it had been dropped)."""
     source = write_pdf(tmp_path / "stamped.pdf", page_images[:2])
     with pikepdf.open(source, allow_overwriting_input=True) as pdf:
-        pdf.pages[0].obj.Resources.Font = pikepdf.Dictionary(F1=pikepdf.Dictionary(
-            Type=pikepdf.Name.Font, Subtype=pikepdf.Name.Type1, BaseFont=pikepdf.Name.Helvetica))
-        pdf.pages[0].contents_add(pdf.make_stream(b"BT /F1 9 Tf 80 80 Td (Received 1905) Tj ET"))
+        for page in pdf.pages:  # PDF/A refuses each page as drawn
+            _stamped(pdf, page)
         pdf.pages[0].obj.UserUnit = 2
         pdf.pages[1].MediaBox = [0, 0, 14400, 14400]  # 200 inches square
         pdf.pages[1].Rotate = 90
@@ -714,10 +760,8 @@ def test_the_exports_read_the_source_again_under_the_jobs_render_timeout(tmp_pat
     the job's timeout is one no page renders in, and the exports, made through the job's sink, keep to it: the page
     gets no METS image and a blank PDF/A page, and the document is exported all the same."""
     source = write_pdf(tmp_path / "stamped.pdf", page_images[:1])
-    with pikepdf.open(source, allow_overwriting_input=True) as pdf:  # a font not embedded: PDF/A takes it rendered
-        pdf.pages[0].obj.Resources.Font = pikepdf.Dictionary(F1=pikepdf.Dictionary(
-            Type=pikepdf.Name.Font, Subtype=pikepdf.Name.Type1, BaseFont=pikepdf.Name.Helvetica))
-        pdf.pages[0].contents_add(pdf.make_stream(b"BT /F1 9 Tf 80 80 Td (Received 1905) Tj ET"))
+    with pikepdf.open(source, allow_overwriting_input=True) as pdf:  # PDF/A takes it rendered
+        _stamped(pdf, pdf.pages[0])
         pdf.save(source)
     [work] = rasterize(PageRange("id", str(source), "pdf", 1, 1), RasterizeConfig(dpi=150, detect_orientation=False))
     assert work.status == "ok"

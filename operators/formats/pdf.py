@@ -6,7 +6,8 @@ over the original page with pikepdf as a form XObject, so a PDF input keeps its 
 image streams byte for byte; an image input becomes a page through img2pdf, which embeds JPEG as
 is and other images losslessly. PDF/A-2b is written by ``pikepdf.pdfa``, which adds the sRGB
 output intent and XMP metadata and validates the bytes it wrote (veraPDF's rules). Where it refuses the document
-as it is, the pages alone are tried, and then the pages as poppler renders them (:data:`FORMS`).
+as it is, the pages alone are tried, then those it refuses alone as poppler renders them, and then every page so
+(:data:`FORMS`).
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ from operators.rasterize import (EXIF_ORIENTATION_TAG, EXIF_ROTATION, MIRRORED_E
 
 PDFA_FLAVOUR = "2b"
 #: What a searchable PDF is made of, tried in this order until PDF/A takes one: the document whole (a PDF input
-#: keeps its outline, labels, forms, metadata), its pages alone (PDF/A refuses scripts, forms, attachments), its
-#: pages as poppler renders them and an image's frames as the job read them (PDF/A refuses fonts that are not
-#: embedded, device colours without their profile: CMYK JPEGs, many producers' PDFs).
-FORMS = ("whole", "pages", "rendered")
+#: keeps its outline, labels, forms, metadata), its pages alone (PDF/A refuses scripts, forms, attachments), the pages
+#: PDF/A refuses as drawn (fonts that are not embedded, device colours without their profile: CMYK JPEGs, many
+#: producers' PDFs) as poppler renders them or, of an image, its frames as the job read them, the others as drawn
+#: ("mixed"), and every page so rendered.
+FORMS = ("whole", "pages", "mixed", "rendered")
 #: The long side, in pixels, of the blank page that stands for a page the job did not render (it may be 200 inches).
 BLANK_PAGE_PIXELS = 1000
 
@@ -140,8 +142,23 @@ def _scanned_pages(path: str, rows: Sequence[dict], form: str, config: Rasterize
     new one of those pages (``--pages``: the original's page labels and outline would name other pages), or of
     their renderings (:func:`_rendered_pages`), which are all there is of a PDF whose page tree, as qpdf walks it,
     lacks a page poppler reads (the job's page numbers are poppler's); :func:`_image_pages` for an image, its
-    frames as the job read them when rendered. Also, per page, the degrees its pixels are already turned from the
-    file's own; and the encryption to save it with."""
+    frames as the job read them when rendered; mixed: the pages PDF/A refuses alone rendered, the others as drawn.
+    Also, per page, the degrees its pixels are already turned from the file's own; and the encryption to save it
+    with."""
+    if form == "mixed":
+        with _scanned_pages(path, rows, "pages", config) as (drawn, turns, _):
+            refused = [index for index, page in enumerate(drawn.pages) if not _pdfa_takes(page)]
+            if not refused:  # refused together only: the next form renders them all
+                yield drawn, turns, False
+                return
+            with _scanned_pages(path, [rows[index] for index in refused], "rendered", config) as (
+                    rendered, rendered_turns, _), pikepdf.new() as out:
+                renderings = dict(zip(refused, zip(rendered.pages, rendered_turns)))
+                chosen = [renderings.get(index, drawn_page) for index, drawn_page in enumerate(zip(drawn.pages, turns))]
+                for page, _ in chosen:
+                    out.pages.append(page)
+                yield out, [turn for _, turn in chosen], False
+        return
     numbers = [row["page"] for row in rows]
     with open(path, "rb") as handle:
         kind = sniff_kind(handle.read(1024))
@@ -171,6 +188,17 @@ def _scanned_pages(path: str, rows: Sequence[dict], form: str, config: Rasterize
             for index in indexes:
                 out.pages.append(source.pages[index])
             yield out, turns, encryption
+
+
+def _pdfa_takes(page: pikepdf.Page) -> bool:
+    """Whether PDF/A takes a page as it is drawn, alone in a document of its own."""
+    with pikepdf.new() as alone:
+        alone.pages.append(page)
+        try:
+            pikepdf.pdfa.save(alone, io.BytesIO(), PDFA_FLAVOUR)
+        except pikepdf.pdfa.PdfaError:
+            return False
+    return True
 
 
 def _poppler_page_count(path: str, config: RasterizeConfig) -> int:
@@ -326,10 +354,14 @@ def ocr_page(row: dict) -> OcrElement:
     for line in sorted(row["lines"], key=lambda item: item["order"]):
         if not line["text"].strip():
             continue
-        words = [OcrElement(ocr_class=OcrClass.WORD, bbox=_box(word["bbox"]), text=word["text"])
-                 for word in line["words"]] or [OcrElement(ocr_class=OcrClass.WORD, bbox=_box(line["bbox"]),
-                                                           text=line["text"])]
         fitted = straight_baseline(line["baseline"], line["bbox"])
+        height = line["bbox"][3] - line["bbox"][1]
+        # OCRmyPDF's font size: from the baseline to the line's top
+        font_size = height + fitted[1] if fitted and height + fitted[1] > 0 else height
+        boxes = _apart([word["bbox"] for word in line["words"]], font_size)
+        words = [OcrElement(ocr_class=OcrClass.WORD, bbox=BoundingBox(*box), text=word["text"])
+                 for word, box in zip(line["words"], boxes)] or [OcrElement(ocr_class=OcrClass.WORD,
+                                                                             bbox=_box(line["bbox"]), text=line["text"])]
         lines.append(OcrElement(ocr_class=OcrClass.LINE, bbox=_box(line["bbox"]), children=words,
                                 baseline=Baseline(*fitted) if fitted else None))
     return OcrElement(ocr_class=OcrClass.PAGE, bbox=BoundingBox(0, 0, row["width"], row["height"]),
@@ -338,3 +370,23 @@ def ocr_page(row: dict) -> OcrElement:
 
 def _box(bbox: Sequence[int]) -> BoundingBox:
     return BoundingBox(*(float(value) for value in bbox))
+
+
+#: pdftotext -raw (poppler's content-stream order) puts a space between two words only where their glyphs lie
+#: more than 0.15 font sizes apart, whatever space characters the text layer holds; a little more is kept.
+RAW_WORD_GAP = 0.17
+
+
+def _apart(boxes: Sequence[Sequence[int]], font_size: float) -> list[list[float]]:
+    """A line's word boxes with at least :data:`RAW_WORD_GAP` font sizes between neighbours in x: boxes that hug the
+    ink of italic or cursive words are often closer (a j's tail under the word before it), and pdftotext -raw had
+    run them together ("ofjalapeño"). Each of two neighbours gives up half of what is missing, at most a quarter of
+    its width, so every word still lies on its box."""
+    apart = [[float(value) for value in box] for box in boxes]
+    in_x = sorted(range(len(boxes)), key=lambda index: boxes[index][0])
+    for left, right in zip(in_x, in_x[1:]):
+        missing = RAW_WORD_GAP * font_size - (apart[right][0] - apart[left][2])
+        if missing > 0:
+            apart[left][2] -= min(missing / 2, (boxes[left][2] - boxes[left][0]) / 4)
+            apart[right][0] += min(missing / 2, (boxes[right][2] - boxes[right][0]) / 4)
+    return apart
