@@ -46,6 +46,9 @@ PDFA_FLAVOUR = "2b"
 #: producers' PDFs) as poppler renders them or, of an image, its frames as the job read them, the others as drawn
 #: ("mixed"), and every page so rendered.
 FORMS = ("whole", "pages", "mixed", "rendered")
+#: pdftotext -raw (poppler's content-stream order) puts a space between two words only where their glyphs lie
+#: more than 0.15 font sizes apart, whatever space characters the text layer holds; a little more is kept.
+RAW_WORD_GAP = 0.17
 #: The long side, in pixels, of the blank page that stands for a page the job did not render (it may be 200 inches).
 BLANK_PAGE_PIXELS = 1000
 
@@ -370,11 +373,6 @@ def ocr_page(row: dict) -> OcrElement:
 
 def _box(bbox: Sequence[int]) -> BoundingBox:
     return BoundingBox(*(float(value) for value in bbox))
-
-
-#: pdftotext -raw (poppler's content-stream order) puts a space between two words only where their glyphs lie
-#: more than 0.15 font sizes apart, whatever space characters the text layer holds; a little more is kept.
-RAW_WORD_GAP = 0.17
 
 
 def _apart(boxes: Sequence[Sequence[int]], font_size: float) -> list[list[float]]:
