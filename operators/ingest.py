@@ -351,8 +351,11 @@ def check_unchanged(source: str, stamp: tuple[int, int]) -> None:
     if now is None:
         raise SourceChanged(f"{source} was deleted or moved while the job read it")
     if now != stamp:
-        raise SourceChanged(f"the file was written to or replaced while the job read it (it had {stamp[0]} bytes, "
-                            f"now {now[0]}): the next run reads it as it is then")
+        # a touched file had been said to be written to, "it had 793123 bytes, now 793123"
+        change = (f"it had {stamp[0]} bytes, now {now[0]}" if now[0] != stamp[0]
+                  else "its modification time changed, its size did not")
+        raise SourceChanged(f"the file was written to, replaced or touched while the job read it ({change}): the next "
+                            "run reads it as it is then")
 
 
 def fingerprint(source: str) -> tuple[str, bytes, int]:
