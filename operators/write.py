@@ -482,9 +482,13 @@ class PublishedDocuments:
         failed = {row["doc_id"]: row for row in self.rows if row["status"] == "failed" and (every or _of_no_bytes(row))}
         listed = {str(folder) for source in read_now for folder in PurePosixPath(source).parents}
         bytes_now = set(read_now.values())
+
+        def other_bytes_now(row: dict[str, Any]) -> bool:  # a failed copy's row is its bytes' too (no churn)
+            now = read_now.get(row["source"])
+            return now is not None and row["doc_id"] not in (now, duplicate_id(now, row["source"]))
+
         resting: dict[str, list[dict]] = {doc_id: [] for doc_id, row in failed.items()
-                                          if row["source"] in listed
-                                          or read_now.get(row["source"], doc_id) != doc_id
+                                          if row["source"] in listed or other_bytes_now(row)
                                           or (every and row["source"] in read_now)
                                           or (row["error_code"] == SourceChanged.error_code and doc_id in bytes_now)}
         for row in self.rows:

@@ -250,14 +250,16 @@ def test_a_row_of_a_file_that_changed_or_was_empty_is_replaced_by_the_next_readi
     sink.expect(_document("grown", 0, status="failed", error_code="source_changed"))
     sink.expect(_document("empty", 0, status="failed", error_code="empty_file"))
     sink.expect(_document("broken", 0, status="failed", error_code="corrupt_file"))
+    sink.expect(DocumentRecord(duplicate_id("empty", "copy.pdf"), "copy.pdf", "failed", "empty_file", "empty", 0))
     sink.close()
     published = published_documents(str(tmp_path))
     assert {row["doc_id"]: row["error_code"] for row in published.rows}["moved"] == "source_changed"
-    unchanged = {"empty.pdf": "empty", "broken.pdf": "broken"}
+    unchanged = {"empty.pdf": "empty", "copy.pdf": "empty", "broken.pdf": "broken"}
     assert published.failed_to_retry(unchanged, every=False).doc_ids == set()  # still empty: no row read again
     assert published.failed_to_retry({"grown.pdf": "grown"}, every=False).doc_ids == {"grown"}  # touched while read
-    read_now = {"renamed.pdf": "moved", "grown.pdf": "g2", "empty.pdf": "e2", "broken.pdf": "b2"}
-    assert published.failed_to_retry(read_now, every=False).doc_ids == {"moved", "grown", "empty"}
+    read_now = {"renamed.pdf": "moved", "grown.pdf": "g2", "empty.pdf": "e2", "copy.pdf": "empty", "broken.pdf": "b2"}
+    assert published.failed_to_retry(read_now, every=False).doc_ids == {"moved", "grown", "empty",
+                                                                        duplicate_id("empty", "copy.pdf")}
 
 
 def test_a_failed_copy_outside_the_run_is_found_among_the_retried_documents_of_its_size(tmp_path):
