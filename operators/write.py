@@ -417,9 +417,8 @@ class PublishedDocuments:
     out."""
 
     COLUMNS: ClassVar[tuple[str, ...]] = ("doc_id", "source", "status", "error_code", "num_pages", "duplicate_of",
-                                          "pages_selected",
-                                          "mode", "source_size", "source_mtime_ns", "model", "model_sha256",
-                                          "exports")
+                                          "pages_selected", "mode", "source_size", "source_mtime_ns", "model",
+                                          "model_sha256", "exports")
     rows: tuple[dict[str, Any], ...]
 
     def lacking_exports(self, doc_ids: Collection[str], formats: Sequence[str]) -> list[str]:
