@@ -351,8 +351,11 @@ def check_unchanged(source: str, stamp: tuple[int, int]) -> None:
     if now is None:
         raise SourceChanged(f"{source} was deleted or moved while the job read it")
     if now != stamp:
-        raise SourceChanged(f"the file was written to or replaced while the job read it (it had {stamp[0]} bytes, "
-                            f"now {now[0]}): run again with --retry-failed to read it as it is now")
+        # a touched file had been said to be written to, "it had 793123 bytes, now 793123"
+        change = (f"it had {stamp[0]} bytes, now {now[0]}" if now[0] != stamp[0]
+                  else "its modification time changed, its size did not")
+        raise SourceChanged(f"the file was written to, replaced or touched while the job read it ({change}): the next "
+                            "run reads it as it is then")
 
 
 def fingerprint(source: str) -> tuple[str, bytes, int]:
@@ -827,9 +830,15 @@ def triage(source: str, config: RasterizeConfig, known: KnownDocument | None = N
         return DocumentPlan(doc_id=doc_id, source=source, kind=kind, num_pages=num_pages, repaired=repaired,
                             page_rotations=rotations, page_units=units, oversized_pages=oversized, stamp=stamp)
     except DocumentError as error:
+        if stamp is not None and not isinstance(error, SourceChanged):
+            try:  # a file still being copied in had failed as corrupt_file, named by the hash of a part of it
+                check_unchanged(source, stamp)
+            except DocumentError as found:
+                error = found if isinstance(found, SourceChanged) else error
+        if isinstance(error, SourceChanged):  # no one version of the file was read: named by its path
+            return DocumentPlan(doc_id=source_id(source), source=recorded, kind=kind, num_pages=0, error=error)
         # the size a copy of the file shares (:meth:`operators.write.PublishedDocuments.failed_to_retry`)
-        kept = None if isinstance(error, SourceChanged) else stamp
-        return DocumentPlan(doc_id=doc_id, source=recorded, kind=kind, num_pages=0, error=error, stamp=kept)
+        return DocumentPlan(doc_id=doc_id, source=recorded, kind=kind, num_pages=0, error=error, stamp=stamp)
     except Exception as exc:  # noqa: BLE001 - one file must never end the job
         if (full := scratch_space_full(exc, f"reading {recorded}")) is not None:
             raise full from exc

@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from operators.errors import (EXPORT_FAILED, ConfigError, DocumentError, OutputLocked, OutputNotWritable,
+from operators.errors import (EXPORT_FAILED, ConfigError, DocumentError, EmptyFile, OutputLocked, OutputNotWritable,
                               PipelineError, SourceChanged, WriteFailed)
 from operators.formats.export import STAGED_EXPORT_PREFIX, formats_written, remove_other_exports, write_exports
 from operators.ingest import KnownDocument, check_unchanged, duplicate_id, source_id, with_scheme
@@ -416,9 +416,9 @@ class PublishedDocuments:
     doc_ids are done, which files a rerun need not read, how each was read, and what ``--retry-failed`` takes
     out."""
 
-    COLUMNS: ClassVar[tuple[str, ...]] = ("doc_id", "source", "status", "num_pages", "duplicate_of", "pages_selected",
-                                          "mode", "source_size", "source_mtime_ns", "model", "model_sha256",
-                                          "exports")
+    COLUMNS: ClassVar[tuple[str, ...]] = ("doc_id", "source", "status", "error_code", "num_pages", "duplicate_of",
+                                          "pages_selected", "mode", "source_size", "source_mtime_ns", "model",
+                                          "model_sha256", "exports")
     rows: tuple[dict[str, Any], ...]
 
     def lacking_exports(self, doc_ids: Collection[str], formats: Sequence[str]) -> list[str]:
@@ -466,23 +466,30 @@ class PublishedDocuments:
 
         A folder's row (one that could not be listed) goes too when this run reads files in it.
 
-        ``every`` false (any run): only the failures of files whose bytes were never read, their doc_id made from
-        the path (:func:`operators.ingest.source_id`), that this run reads under another doc_id, and the rows of
-        folders it now lists. The new outcome replaces them: a file an object store had failed to send once (a
-        network fault) had kept its ``unreadable`` row beside the reading that followed, two rows for one source.
+        ``every`` false (any run): only the failures that say nothing of the bytes the file holds (:func:`_of_no_bytes`)
+        of files this run reads under another doc_id, the rows of folders it now lists, and the ``source_changed``
+        rows of bytes this run reads, under any name. The new outcome replaces them: a file an object store had failed
+        to send once (a network fault) had kept its ``unreadable`` row beside the reading that followed, two rows for
+        one source; and a file renamed while a run read it (a folder renamed) had become a ``duplicate`` of its
+        ``source_changed`` row, its pages never read, with exit 0.
 
         A copy this run reads is found from its bytes' doc_id, at once; only the failed rows of files it does not
         read are tried against the documents it retries of their size, as a copy has its original's bytes (8,000
         failed documents read again had taken 33 s, every pair tried; and 5,000 failed outside the run, tried
         against 5,000 retried, 30 s); a row without its size (written before failed rows recorded it) against
         every one."""
-        failed = {row["doc_id"]: row for row in self.rows
-                  if row["status"] == "failed" and (every or row["doc_id"] == source_id(row["source"]))}
+        failed = {row["doc_id"]: row for row in self.rows if row["status"] == "failed" and (every or _of_no_bytes(row))}
         listed = {str(folder) for source in read_now for folder in PurePosixPath(source).parents}
+        bytes_now = set(read_now.values())
+
+        def other_bytes_now(row: dict[str, Any]) -> bool:  # a failed copy's row is its bytes' too (no churn)
+            now = read_now.get(row["source"])
+            return now is not None and row["doc_id"] not in (now, duplicate_id(now, row["source"]))
+
         resting: dict[str, list[dict]] = {doc_id: [] for doc_id, row in failed.items()
-                                          if row["source"] in listed
-                                          or read_now.get(row["source"], doc_id) != doc_id
-                                          or (every and row["source"] in read_now)}
+                                          if row["source"] in listed or other_bytes_now(row)
+                                          or (every and row["source"] in read_now)
+                                          or (row["error_code"] == SourceChanged.error_code and doc_id in bytes_now)}
         for row in self.rows:
             if row["duplicate_of"] in resting:
                 resting[row["duplicate_of"]].append(row)
@@ -501,6 +508,15 @@ class PublishedDocuments:
         owners = {doc_id for doc_id, rows_on in resting.items() if all(row["source"] in read_now for row in rows_on)}
         dependents = frozenset(row["doc_id"] for doc_id in owners for row in resting[doc_id])
         return Retirement(dependents=dependents, failed=frozenset(owners - dependents))
+
+
+def _of_no_bytes(row: dict[str, Any]) -> bool:
+    """Whether a failed documents row says nothing of the bytes its file holds, so that the next run that reads other
+    bytes there replaces it: they could not be read (its doc_id made from the path), the file was empty (a scanner's
+    file as it is created), or it changed while the job read it (a hot folder's file still being copied in, replaced
+    or moved). Such a row had stayed for good beside the reading of the file's next bytes."""
+    return (row["doc_id"] == source_id(row["source"])
+            or row["error_code"] in (EmptyFile.error_code, SourceChanged.error_code))
 
 
 def retire_documents(output: str, retirement: Retirement) -> None:
@@ -693,10 +709,13 @@ ReadyDocument = tuple[DocumentRecord, "pa.Table | None", PagesRead]
 
 
 def _document_outcome(record: DocumentRecord, pages: list[HeldPage]) -> DocumentRecord:
+    """Failed where a page failed, under the first failed page's code; ``source_changed`` where any page found the
+    file changed, since the next run's reading of it replaces this row (:func:`_of_no_bytes`): a damaged first page
+    had hidden it, and the row had stayed beside that reading."""
     failed = [page for page in pages if page.status == "failed"]
     if record.status == "failed" or not failed:
         return record
-    first = failed[0]
+    first = next((page for page in failed if page.error_code == SourceChanged.error_code), failed[0])
     message = f"{len(failed)} of {len(pages)} pages failed; page {first.page}: {first.error_message}"
     return replace(record, status="failed", error_code=first.error_code, error_message=message)
 

@@ -737,7 +737,7 @@ def _document_record(plan: DocumentPlan, selection: str | None, mode: Mode, mode
 def _check_against_output(plans: list[DocumentPlan], published: PublishedDocuments, output: str, config: JobConfig,
                           mode: Mode, model: str | None, model_sha256: str | None) -> Retirement:
     """The failed documents the run takes out of the output to read them again (all of its sources' with
-    ``--retry-failed``, else those whose bytes could not be read:
+    ``--retry-failed``, else those whose failure says nothing of the bytes their file holds:
     :meth:`operators.write.PublishedDocuments.failed_to_retry`),
     once the run is known not to skip documents read otherwise (:func:`check_earlier_readings`); the run and the dry
     run alike."""

@@ -19,8 +19,9 @@ import pytest
 from PIL import Image
 
 from conftest import write_pdf
+import operators.ingest
 from operators.ingest import (IN_THE_OUTPUT, NEW_SUBFILE_TYPE, SUBFILE_TYPE, KnownDocument, find_inputs, page_frames,
-                              sniff_kind, triage, unchanged_local_document)
+                              sniff_kind, source_id, triage, unchanged_local_document)
 from operators.rasterize import PageRange, page_ranges, rasterize
 from pipeline.config import load_config
 from pipeline.job import DryRun, run_job
@@ -387,6 +388,26 @@ def test_a_fifo_is_refused_before_it_is_read(tmp_path):
         assert not reader.is_alive(), f"triage blocked reading a FIFO as {source}"
         [plan] = plans
         assert plan.error.error_code == "unreadable" and "not a regular file" in str(plan.error)
+
+
+def test_a_file_still_being_copied_in_fails_as_changed_under_its_path(tmp_path, good_pdf, monkeypatch):
+    """A scan copied slowly into a hot folder, its next bytes written while triage looks inside: it had failed as
+    corrupt_file (or source_changed) under the sha256 of the part read, the bytes of no version of the file, and its
+    corrupt_file row had stayed beside the next run's reading for good."""
+    path, whole = tmp_path / "scan.pdf", good_pdf.read_bytes()
+    path.write_bytes(whole[: len(whole) // 4])
+    looked_inside = operators.ingest.triage_pdf
+
+    def copied_on_meanwhile(*args, **kwargs):
+        try:
+            return looked_inside(*args, **kwargs)
+        finally:
+            with open(path, "ab") as scanner:
+                scanner.write(whole[len(whole) // 4:])
+
+    monkeypatch.setattr(operators.ingest, "triage_pdf", copied_on_meanwhile)
+    plan = triage(str(path), CONFIG)
+    assert (plan.error.error_code, plan.doc_id, plan.stamp) == ("source_changed", source_id(str(path)), None)
 
 
 def test_file_gone_before_triage_is_unreadable(tmp_path):

@@ -29,7 +29,8 @@ from operators.decoding import check_generation_settings
 from operators.errors import ConfigError, ExitCode, ModelLoadError
 from pipeline.job import dry_run, run_job
 from pipeline.progress import JobProgress
-from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA
+from operators.records import DOCUMENTS_SCHEMA, PAGES_SCHEMA, DocumentRecord, PageWork
+from operators.write import ParquetSink
 from pipeline.synth.docs import load_ground_truth, page_texts
 
 
@@ -442,6 +443,27 @@ def test_a_file_that_could_not_be_read_is_replaced_by_its_reading_when_a_rerun_c
     again = run_job([str(folder)], output, config, mode="detect")
     assert (again.retried, again.written.documents_ok) == (1, 1), again.describe()
     assert [row["status"] for row in _read(output, "documents").to_pylist()] == ["ok"]
+
+
+def test_a_file_renamed_while_a_run_read_it_is_read_by_the_next_run(ray_local, tmp_path):
+    """A hot folder: a.png renamed to b.png (or its folder renamed) while a run rendered it fails as source_changed
+    under its bytes' doc_id. The next run had made b.png a duplicate of that failed row, its pages never read, with
+    exit 0 (and --retry-failed could not help, a.png being gone); now it takes the row out and reads b.png."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    text_page(["The letter itself"], size=(600, 300)).save(folder / "b.png", dpi=(150, 150))
+    output, config = str(tmp_path / "out"), load_config(None, ["rasterize.dpi=150"])
+    sink = ParquetSink(output, rows_per_file=100)
+    moved = hashlib.sha256((folder / "b.png").read_bytes()).hexdigest()
+    sink.expect(DocumentRecord(moved, str(folder / "a.png"), "ok", None, None, 1))  # as the run that read it
+    sink.add_page(PageWork(moved, str(folder / "a.png"), 1, 150).fail(
+        "source_changed", f"{folder / 'a.png'} was deleted or moved while the job read it"))
+    sink.close()
+    assert f"ok           1 pages  {folder / 'b.png'}\n" in dry_run([str(folder)], output, config, mode="detect").describe()
+    again = run_job([str(folder)], output, config, mode="detect")
+    assert (again.retried, again.written.documents_ok, again.written.documents_duplicate) == (1, 1, 0)
+    assert [(row["source"], row["status"]) for row in _read(output, "documents").to_pylist()] == [
+        (str(folder / "b.png"), "ok")]
 
 
 def test_a_rerun_says_which_documents_it_skips_failed_and_exits_4(ray_local, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import cv2
@@ -176,6 +177,8 @@ def test_a_file_changed_or_deleted_after_triage_fails_as_changed(tmp_path, page_
     config = RasterizeConfig(dpi=150, detect_orientation=False)
     plan = triage(str(path), config)
     [task] = page_ranges([plan], pages_per_task=8)
+    os.utime(path, ns=(plan.stamp[1] + 10**9, plan.stamp[1] + 10**9))  # touched: it had been said to be written to
+    assert "its modification time changed, its size did not" in rasterize(task, config)[0].error_message
     page_images[1].copy().save(path)
     assert [(work.status, work.error_code) for work in rasterize(task, config)] == [("failed", "source_changed")] * 3
     assert [work.status for work in rasterize(replace(task, stamp=None), config)] == ["ok"] + ["failed"] * 2

@@ -237,6 +237,31 @@ def test_retrying_failed_documents_takes_out_their_rows_and_pages_and_keeps_ever
     assert published_documents(str(tmp_path)).failed_to_retry(everything).doc_ids == set()
 
 
+def test_a_row_of_a_file_that_changed_or_was_empty_is_replaced_by_the_next_reading_of_its_file_or_bytes(tmp_path):
+    """A hot folder: a file renamed (or its folder) while a run read it had failed as source_changed under its bytes'
+    doc_id, and the next run made the renamed file a duplicate of that row (its pages never read, exit 0, for good);
+    a file caught empty as it was created, or changed, had kept that row beside the reading of its next bytes. Any run
+    takes them out when it reads their file's new bytes, or a changed file's bytes under any name; a damaged page
+    before the changed one no longer hides the change."""
+    sink = ParquetSink(str(tmp_path), rows_per_file=100)
+    sink.expect(_document("moved", 2))
+    sink.add_page(_page("moved", 1).fail("render_failed", "cut off"))
+    sink.add_page(_page("moved", 2).fail("source_changed", "moved.pdf was deleted or moved while the job read it"))
+    sink.expect(_document("grown", 0, status="failed", error_code="source_changed"))
+    sink.expect(_document("empty", 0, status="failed", error_code="empty_file"))
+    sink.expect(_document("broken", 0, status="failed", error_code="corrupt_file"))
+    sink.expect(DocumentRecord(duplicate_id("empty", "copy.pdf"), "copy.pdf", "failed", "empty_file", "empty", 0))
+    sink.close()
+    published = published_documents(str(tmp_path))
+    assert {row["doc_id"]: row["error_code"] for row in published.rows}["moved"] == "source_changed"
+    unchanged = {"empty.pdf": "empty", "copy.pdf": "empty", "broken.pdf": "broken"}
+    assert published.failed_to_retry(unchanged, every=False).doc_ids == set()  # still empty: no row read again
+    assert published.failed_to_retry({"grown.pdf": "grown"}, every=False).doc_ids == {"grown"}  # touched while read
+    read_now = {"renamed.pdf": "moved", "grown.pdf": "g2", "empty.pdf": "e2", "copy.pdf": "empty", "broken.pdf": "b2"}
+    assert published.failed_to_retry(read_now, every=False).doc_ids == {"moved", "grown", "empty",
+                                                                        duplicate_id("empty", "copy.pdf")}
+
+
 def test_a_failed_copy_outside_the_run_is_found_among_the_retried_documents_of_its_size(tmp_path):
     """A copy has its original's bytes, so its row is tried only against retried documents of its size (5,000
     failed rows outside a run, each tried against 5,000 retried, had taken 30 s); a row without a size, against
