@@ -30,8 +30,9 @@ RAY_KILLED_ACTOR_NOTICE = re.compile(rb"(?:\x1b\[[\d;]*m)?\(raylet\)(?:\x1b\[0m)
                                      rb"retries remaining, so the task will be retried\. Error: The actor is dead "
                                      rb"because it was killed by `ray\.kill`")
 #: What Ray says when it ends the process right after (a fatal line passes too): the only word of
-#: why a run ended with exit status 1 and nothing else.
-RAY_EXIT_NOTICE = re.compile(rb"process will exit|not initialized yet or already")
+#: why a run ended with exit status 1 and nothing else. "The program will terminate": the GCS gone for 60 s (the
+#: local instance stopped under the job by `ray stop`), which had ended a run with exit status 1 and no word.
+RAY_EXIT_NOTICE = re.compile(rb"process will exit|not initialized yet or already|program will terminate")
 #: Where a Ray log line may be starting in an unfinished line: a ``[`` before a digit or at the end so far, not the
 #: ``[`` of a terminal control sequence (the progress line's ``\x1b[K``), which would hold the line back.
 MAYBE_RAY_LINE = re.compile(rb"(?<!\x1b)\[(?=\d|$)|\x1b\[[\d;]*m\(|\x1b\[?[\d;]*$")

@@ -1292,13 +1292,20 @@ def test_a_job_whose_stderr_filter_is_killed_goes_on_writing_to_the_console():
     assert (result.returncode, result.stdout, result.stderr) == (0, "finished\n", "progress: after the filter\n")
 
 
-def test_rays_last_words_reach_the_console_when_it_ends_the_driver():
-    """Ray ends a driver with _Exit(1) right after an error line saying why (a thread touching the core
-    worker during ray.shutdown()): that line must still reach the console."""
+@pytest.mark.parametrize("last_words", [
+    # a thread touching the core worker during ray.shutdown()
+    "[2026-01-01 10:00:00,125 E 4242 4242] core_worker_process.cc:9: The core worker has already been shutdown. "
+    "The process will exit",
+    # the GCS gone for 60 s: the local instance stopped under the job (`ray stop`); it had ended the run in silence
+    "[2026-12-07 15:44:11,695 E 10618 10858] rpc_client.h:204: Failed to connect to GCS within 60 seconds. GCS may "
+    "have been killed. It's either GCS is terminated by `ray stop` or is killed unexpectedly. If it is killed "
+    "unexpectedly, see the log file gcs_server.out. The program will terminate"])
+def test_rays_last_words_reach_the_console_when_it_ends_the_driver(last_words):
+    """Ray ends a driver with _Exit(1) right after an error line saying why: that line must still reach the
+    console."""
     result = _under_the_stderr_filter(
         "with without_ray_core_logs():\n"
-        "    os.write(2, b'[2026-01-01 10:00:00,125 E 4242 4242] core_worker_process.cc:9: The core worker '\n"
-        "                b'has already been shutdown. The process will exit\\n')\n"
+        f"    os.write(2, {(last_words + chr(10)).encode()!r})\n"
         "    os._exit(1)\n")
     assert result.returncode == 1
-    assert "The core worker has already been shutdown. The process will exit" in result.stderr
+    assert last_words.split("] ", 1)[1] in result.stderr
