@@ -51,13 +51,18 @@ def resolve_checkpoint(name_or_path: str) -> str:
 def _check_hub_reachable(model_id: str) -> None:
     """Refuse at once a hub id whose files are not in the local Hugging Face cache when the hub's host cannot be
     reached (no network, as in many archives): transformers had retried for about 100 s, printing each retry, and
-    then blamed the image processor. With HF_HUB_OFFLINE set, transformers uses the cache alone and says so."""
+    then blamed the image processor. With HF_HUB_OFFLINE set, the cache is all there is."""
     from huggingface_hub import constants, try_to_load_from_cache
 
     endpoint = urlsplit(constants.ENDPOINT)
+    if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+        return
+    if constants.HF_HUB_OFFLINE:  # transformers had blamed the image processor ("Can't load image processor for ...")
+        raise ModelLoadError(f"model {model_id!r} is no bundled model ({', '.join(sorted(BUNDLED_MODELS))}) nor a local "
+                             f"folder, and it is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}), where "
+                             f"HF_HUB_OFFLINE=1 looks for it alone: give the folder of a downloaded checkpoint")
     # behind a proxy (HTTPS_PROXY) the hub is reached through it, not directly: left to transformers
-    if (constants.HF_HUB_OFFLINE or endpoint.scheme in getproxies()
-            or isinstance(try_to_load_from_cache(model_id, "config.json"), str)):
+    if endpoint.scheme in getproxies():
         return
     try:
         socket.create_connection((endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)),

@@ -167,6 +167,7 @@ class DecodingEngine:
 
     def __init__(self, model: VisionEncoderDecoderModel, encoder_dtype: torch.dtype | None = None):
         """``encoder_dtype``: the encoder runs under autocast to it (see :func:`encoder_autocast`)."""
+        check_decoder_type(model.config.decoder.model_type)
         decoder = model.decoder.model.decoder
         config = model.config.decoder
         self.model = model
@@ -597,11 +598,24 @@ def _required_id(generation: dict[str, Any], name: str) -> int | list[int]:
     return generation[name]
 
 
+def check_decoder_type(model_type: str | None) -> None:
+    """The engine repeats ``TrOCRDecoder``'s arithmetic: a VisionEncoderDecoder with another decoder (BERT, GPT-2,
+    RoBERTa) is read by ``generate`` alone."""
+    if model_type != "trocr":
+        raise ModelLoadError(f"the model's decoder is a {model_type!r} one, not a TrOCR decoder, which the fast decoding "
+                             f"engine reads only; use recognize.engine=hf (eval: --engine hf) for this model")
+
+
 def check_generation_settings(name_or_path: str) -> None:
     """Refuse, from the checkpoint's configuration files alone (no weights loaded), generation settings this
-    engine does not implement: the job's driver checks them at start-up, so a job fails before Ray reads a
-    page, with one clear error, instead of in every recognizer actor it starts."""
+    engine does not implement, and a decoder it does not read: the job's driver checks them at start-up, so a job
+    fails before Ray reads a page, with one clear error, instead of in every recognizer actor it starts."""
     source = resolve_checkpoint(name_or_path)
+    try:
+        decoder = AutoConfig.from_pretrained(source).decoder
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"cannot read the configuration of TrOCR model {name_or_path!r}: {exc}") from exc
+    check_decoder_type(getattr(decoder, "model_type", None))
     try:
         generation = GenerationConfig.from_pretrained(source)
     except OSError:  # no generation_config.json: the model's own config holds its generation settings

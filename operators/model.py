@@ -8,6 +8,7 @@ checkpoint's image processor exactly; a processor configuration they cannot repr
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import warnings
 from collections.abc import Iterator
@@ -20,12 +21,14 @@ import huggingface_hub.utils
 import torch
 import transformers
 from transformers import (
+    AutoConfig,
     AutoImageProcessor,
     AutoTokenizer,
     PreTrainedTokenizerBase,
     TrOCRProcessor,
     VisionEncoderDecoderModel,
 )
+from transformers.models.trocr.modeling_trocr import TrOCRSinusoidalPositionalEmbedding
 
 from operators.checkpoint import resolve_checkpoint
 from operators.decoding import ink_width_step
@@ -60,15 +63,15 @@ def load_trocr(name_or_path: str, device: str = "auto", precision: str = "fp32")
     source = resolve_checkpoint(name_or_path)
     try:
         # a hub id may be downloaded, and its download bars are worth seeing
-        with _no_progress_bars() if Path(source).is_dir() else nullcontext():
-            model = VisionEncoderDecoderModel.from_pretrained(source, dtype=dtype)
+        with _no_progress_bars() if Path(source).is_dir() else nullcontext(), _quiet_load_report():
+            model, loading = VisionEncoderDecoderModel.from_pretrained(source, dtype=dtype, output_loading_info=True)
         image_processor = AutoImageProcessor.from_pretrained(source, backend="pil")
-        tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # any failure to read the checkpoint is a model error, reported at start-up
-        if Path(source).is_dir():
-            raise ModelLoadError(f"cannot load TrOCR model from folder {name_or_path!r}: {exc}") from exc
-        raise ModelLoadError(f"cannot load TrOCR model {name_or_path!r}: there is no such folder here, and as a hub "
-                             f"id: {exc}") from exc
+        raise _load_error(name_or_path, source, exc) from exc
+    _report_unloaded_weights(name_or_path, loading)
+    restore_sinusoidal_positions(model)
+    tokenizer = load_tokenizer(name_or_path, source)
+    check_vocabulary(name_or_path, model.config.decoder.vocab_size, tokenizer)
     preprocessor = LinePreprocessor.from_image_processor(image_processor)
     set_generation_ids(model, tokenizer, name_or_path)
     model.to(torch_device).eval()
@@ -77,6 +80,109 @@ def load_trocr(name_or_path: str, device: str = "auto", precision: str = "fp32")
     processor = TrOCRProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return TrOCRBundle(model, processor, tokenizer, preprocessor, torch_device, dtype,
                        ink_width_step(model, preprocessor.keep_aspect), encoder_dtype)
+
+
+def _load_error(name_or_path: str, source: str, exc: Exception) -> ModelLoadError:
+    if Path(source).is_dir():
+        return ModelLoadError(f"cannot load TrOCR model from folder {name_or_path!r}: {exc}")
+    return ModelLoadError(f"cannot load TrOCR model {name_or_path!r}: there is no such folder here, and as a hub id: "
+                          f"{exc}")
+
+
+#: Weights a checkpoint may lack without harm: the encoder's pooler, which a VisionEncoderDecoderModel builds
+#: (``AutoModel.from_config``) but never uses; the official microsoft/trocr-* checkpoints were converted without it.
+UNUSED_MISSING_WEIGHTS = ("encoder.pooler.",)
+#: Entries a checkpoint may hold that no weight takes: transformers 4's TrOCR sinusoidal position buffer
+#: (microsoft/trocr-large-printed, trocr-base-stage1).
+UNUSED_CHECKPOINT_ENTRIES = ("decoder.model.decoder.embed_positions._float_tensor",)
+
+
+@contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    """Without transformers' LOAD REPORT table: for every official TrOCR checkpoint it lists the encoder pooler as
+    "newly initialized ... Consider training on your downstream task", a weight the model never uses, in every
+    recognizer actor and every eval; :func:`_report_unloaded_weights` says what does matter instead. A filter on
+    that one record: raising the logger's level instead makes transformers log a tensor-parallel check it otherwise
+    skips."""
+    loading_logger = transformers.utils.logging.get_logger("transformers.modeling_utils")
+    loading_logger.addFilter(_drop_load_report)
+    try:
+        yield
+    finally:
+        loading_logger.removeFilter(_drop_load_report)
+
+
+def _drop_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
+
+
+def restore_sinusoidal_positions(model: VisionEncoderDecoderModel) -> None:
+    """Give a TrOCR decoder with sinusoidal positions (microsoft/trocr-large-printed, trocr-base-stage1) its position
+    table again: transformers 5 builds a model on the meta device before it loads the weights, and that table is
+    neither a weight nor a buffer, so it stays on the meta device, and every forward pass (``generate``, training)
+    fails with "Cannot copy out of meta tensor". The fast engine computes its own table."""
+    for module in model.modules():
+        weights = getattr(module, "weights", None)
+        if isinstance(module, TrOCRSinusoidalPositionalEmbedding) and weights is not None and weights.is_meta:
+            module.weights = module.get_embedding(weights.shape[0], module.embedding_dim, module.padding_idx)
+
+
+def _report_unloaded_weights(name_or_path: str, loading: dict[str, Any]) -> None:
+    """Warn of weights the checkpoint did not give (left random: its readings would be noise) and of entries no
+    weight took, less those every official checkpoint has (:data:`UNUSED_MISSING_WEIGHTS`,
+    :data:`UNUSED_CHECKPOINT_ENTRIES`)."""
+    missing = sorted(key for key in loading.get("missing_keys", ()) if not key.startswith(UNUSED_MISSING_WEIGHTS))
+    unexpected = sorted(key for key in loading.get("unexpected_keys", ()) if key not in UNUSED_CHECKPOINT_ENTRIES)
+    if missing:
+        log.warning("model %s: %d weights are not in its checkpoint and were left random (its readings will be "
+                    "wrong): %s", name_or_path, len(missing), _some(missing))
+    if unexpected:
+        log.warning("model %s: %d entries of its checkpoint belong to no weight of the model and were not used: %s",
+                    name_or_path, len(unexpected), _some(unexpected))
+
+
+def _some(keys: list[str], shown: int = 5) -> str:
+    return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+
+def load_tokenizer(name_or_path: str, source: str) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer, with the cause named where transformers names another: a SentencePiece vocabulary
+    (``sentencepiece.bpe.model`` without ``tokenizer.json``, as microsoft/trocr-small-* ship) is read with the
+    sentencepiece package, and without it transformers 5 says that ``tiktoken`` is required."""
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as exc:  # noqa: BLE001 - any failure to read it is a model error, reported at start-up
+        if needs_sentencepiece(source) and importlib.util.find_spec("sentencepiece") is None:
+            raise ModelLoadError(f"cannot load the tokenizer of TrOCR model {name_or_path!r}: it is a SentencePiece "
+                                 f"model (sentencepiece.bpe.model, no tokenizer.json), which needs the sentencepiece "
+                                 f"package: pip install sentencepiece") from exc
+        raise _load_error(name_or_path, source, exc) from exc
+
+
+def needs_sentencepiece(source: str) -> bool:
+    """Whether a checkpoint's tokenizer is a SentencePiece model alone (no ``tokenizer.json``), locally or in the
+    Hugging Face cache."""
+    if Path(source).is_dir():
+        return (Path(source) / "sentencepiece.bpe.model").is_file() and not (Path(source) / "tokenizer.json").is_file()
+    from huggingface_hub import try_to_load_from_cache
+
+    return (isinstance(try_to_load_from_cache(source, "sentencepiece.bpe.model"), str)
+            and not isinstance(try_to_load_from_cache(source, "tokenizer.json"), str))
+
+
+def check_vocabulary(name_or_path: str, vocab_size: int, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse a tokenizer with more tokens than the decoder has outputs, which is another model's (labels beyond
+    the decoder's vocabulary, texts the model cannot write); warn of one with far fewer, which cannot read some of
+    what the decoder writes. Padding a vocabulary to a round size leaves the decoder a few more outputs: no
+    warning."""
+    tokens = len(tokenizer)
+    if tokens > vocab_size:
+        raise ModelLoadError(f"model {name_or_path}: its tokenizer has {tokens} tokens, its decoder writes {vocab_size}: "
+                             f"the tokenizer is not this model's ({type(tokenizer).__name__})")
+    if tokens < 0.99 * vocab_size:
+        log.warning("model %s: its tokenizer has %d tokens, its decoder writes %d: the ids beyond the tokenizer read "
+                    "as nothing; is it this model's tokenizer (%s)?", name_or_path, tokens, vocab_size,
+                    type(tokenizer).__name__)
 
 
 @contextmanager
@@ -176,19 +282,47 @@ def set_generation_ids(model: VisionEncoderDecoderModel, tokenizer: PreTrainedTo
     """Fill decoder start / pad / eos ids from the configs or the tokenizer, and turn the KV cache on."""
     generation = model.generation_config
     decoder = model.config.decoder
-    start = _first_set(generation.decoder_start_token_id, model.config.decoder_start_token_id, decoder.decoder_start_token_id)
-    pad = _first_set(generation.pad_token_id, model.config.pad_token_id, decoder.pad_token_id, tokenizer.pad_token_id)
-    eos = _first_set(generation.eos_token_id, model.config.eos_token_id, decoder.eos_token_id, tokenizer.eos_token_id)
+    # transformers 5 configs have no attribute for an id their file leaves out (the official microsoft/trocr-base-*
+    # config.json gives decoder_start/pad/eos in its decoder part only): read each with a default
+    start = _first_set(generation.decoder_start_token_id, _config_id(model.config, "decoder_start_token_id"),
+                       _config_id(decoder, "decoder_start_token_id"))
+    pad = _first_set(generation.pad_token_id, _config_id(model.config, "pad_token_id"), _config_id(decoder, "pad_token_id"),
+                     tokenizer.pad_token_id)
+    eos = _first_set(generation.eos_token_id, _config_id(model.config, "eos_token_id"), _config_id(decoder, "eos_token_id"),
+                     tokenizer.eos_token_id)
     if start is None or pad is None or eos is None:
         raise ModelLoadError(f"{source}: cannot determine decoder_start/pad/eos token ids from config or tokenizer")
     generation.decoder_start_token_id = model.config.decoder_start_token_id = start
     generation.pad_token_id = model.config.pad_token_id = pad
     generation.eos_token_id = eos
     generation.use_cache = True
+    # the decode limit is max_new_tokens (recognize.max_new_tokens, else the decoder's positions); the official
+    # checkpoints' configs carry transformers 4's max_length 20 from their decoder part, and generate() warned in
+    # every batch that both were set
+    generation.max_length = None
+
+
+def _config_id(config: Any, name: str) -> Any:
+    """A token id a config gives, None where its file gave none (transformers 5 then has no such attribute)."""
+    return getattr(config, name, None)
 
 
 def _first_set(*values: Any) -> Any:
     return next((value for value in values if value is not None), None)
+
+
+def check_tokenizer(name_or_path: str) -> None:
+    """The checkpoint's tokenizer loaded and held against its decoder's vocabulary (:func:`check_vocabulary`),
+    without the weights: the job driver checks it at start-up, so a tokenizer that cannot be read (a SentencePiece
+    vocabulary without the sentencepiece package) or is another model's fails the job before Ray starts, not in
+    each recognizer actor once pages are cut."""
+    source = resolve_checkpoint(name_or_path)
+    tokenizer = load_tokenizer(name_or_path, source)
+    try:
+        vocab_size = AutoConfig.from_pretrained(source).decoder.vocab_size
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"cannot read the configuration of TrOCR model {name_or_path!r}: {exc}") from exc
+    check_vocabulary(name_or_path, vocab_size, tokenizer)
 
 
 def load_line_preprocessor(name_or_path: str) -> LinePreprocessor:

@@ -219,9 +219,11 @@ def evaluate(model: str, folders: Sequence[Path], normalize_options: Sequence[st
              num_beams: int = 1, max_new_tokens: int | None = None, device: str = "auto",
              precision: str = "fp32", languages: Sequence[str] = (),
              paint_out_neighbours: bool = False,
-             on_batch: Callable[[int, int], None] | None = None) -> tuple[list[Score], list[LineResult]]:
+             on_batch: Callable[[int, int], None] | None = None,
+             engine: str = "fast") -> tuple[list[Score], list[LineResult]]:
     """Load ``model``, read every folder's lines, decode and score them (``paint_out_neighbours``: see
-    :meth:`pipeline.train.data.LabeledLine.load_gray`; ``on_batch``: see :meth:`LineRecognizer.__call__`)."""
+    :meth:`pipeline.train.data.LabeledLine.load_gray`; ``on_batch``: see :meth:`LineRecognizer.__call__`;
+    ``engine``: ``recognize.engine``)."""
     normalize = make_normalizer(normalize_options)
     lines = read_eval_lines(folders, paint_out_neighbours)
     images, unreadable = [], []
@@ -232,7 +234,7 @@ def evaluate(model: str, folders: Sequence[Path], normalize_options: Sequence[st
             unreadable.append(str(exc))
     if unreadable:
         raise unscorable("line image", unreadable, ".gt.txt")
-    recognizer = LineRecognizer.from_pretrained(model, device, precision, num_beams=num_beams,
+    recognizer = LineRecognizer.from_pretrained(model, device, precision, engine, num_beams=num_beams,
                                                 max_new_tokens=max_new_tokens, line_batch_size=batch_size,
                                                 languages=languages)
     readings = recognizer.read_images(images, on_batch)
@@ -248,7 +250,7 @@ def evaluate(model: str, folders: Sequence[Path], normalize_options: Sequence[st
 def evaluate_pages(model: str, paths: Sequence[Path], normalize_options: Sequence[str] = (), batch_size: int = 32,
                    num_beams: int = 1, max_new_tokens: int | None = None, device: str = "auto",
                    precision: str = "fp32", languages: Sequence[str] = (),
-                   verbose: bool = False) -> tuple[list[Score], list[LineResult]]:
+                   verbose: bool = False, engine: str = "fast") -> tuple[list[Score], list[LineResult]]:
     """Run the whole job on the PAGE/ALTO files' images and score each page's text (``verbose``: Ray's own output
     too)."""
     normalize = make_normalizer(normalize_options)
@@ -256,7 +258,7 @@ def evaluate_pages(model: str, paths: Sequence[Path], normalize_options: Sequenc
     overrides = [f"recognize.model={model}", f"recognize.line_batch_size={batch_size}", f"recognize.num_beams={num_beams}",
                  f"recognize.max_new_tokens={'null' if max_new_tokens is None else max_new_tokens}",
                  f"recognize.device={device}", f"recognize.precision={precision}",
-                 f"recognize.languages=[{','.join(languages)}]"]
+                 f"recognize.languages=[{','.join(languages)}]", f"recognize.engine={engine}"]
     results = score_pages(pages, recognize_pages(pages, overrides, verbose), normalize)
     return scores_by_source(results, normalize), results
 
@@ -276,6 +278,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                                                         "(word frequencies in beam search; needs --num-beams 2 or more)")
     parser.add_argument("--max-new-tokens", type=int, help="default: what the model can produce")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--engine", default="fast", choices=("fast", "hf"),
+                        help="recognize.engine: fast, this project's; hf, transformers generate (a VisionEncoderDecoder "
+                             "whose decoder is not TrOCR's)")
     parser.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
                         help="int8: the encoder's linear layers quantized, on the CPU (recognize.precision)")
     parser.add_argument("--paint-out-neighbours", action="store_true",
@@ -299,12 +304,12 @@ def eval_command(args: argparse.Namespace) -> int:
     if args.paint_out_neighbours and args.pages:
         raise ConfigError("--paint-out-neighbours is for --lines: the job paints out the lines it cuts itself")
     if args.pages:
-        run = functools.partial(evaluate_pages, verbose=args.verbose)
+        run = functools.partial(evaluate_pages, verbose=args.verbose, engine=args.engine)
     else:
         from pipeline.progress import PeriodicProgress
 
         run = functools.partial(evaluate, paint_out_neighbours=args.paint_out_neighbours,
-                                on_batch=PeriodicProgress("reading lines"))
+                                on_batch=PeriodicProgress("reading lines"), engine=args.engine)
     with open_predictions(args.predictions) if args.predictions else nullcontext() as predictions:
         scores, results = run(args.model, args.pages or args.lines, options, args.batch_size, args.num_beams,
                               args.max_new_tokens, args.device, args.precision, languages)

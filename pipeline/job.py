@@ -680,19 +680,21 @@ def _stop_early(batches: Generator[dict[str, Any], None, None], before: set[thre
 
 
 def _line_preprocessor(config: JobConfig, mode: Mode) -> LinePreprocessor | None:
-    """The checkpoint's line preprocessing (recognize mode), which also checks the model (and for the fast
-    engine its generation settings, :func:`operators.decoding.check_generation_settings`), and on a local
+    """The checkpoint's line preprocessing (recognize mode), which also checks the model (its tokenizer,
+    :func:`operators.model.check_tokenizer`, and for the fast engine its decoder and generation settings,
+    :func:`operators.decoding.check_generation_settings`), and on a local
     run without a GPU the precision on this CPU (its recognizers would refuse it only once started; on
     a GPU the actors check it, so the driver never opens a CUDA context). Imported here: the driver
     loads transformers only when it needs them, in parallel with Ray's start."""
     if mode != "recognize":
         return None
     from operators.decoding import check_generation_settings
-    from operators.model import load_line_preprocessor, resolve_device, resolve_precision
+    from operators.model import check_tokenizer, load_line_preprocessor, resolve_device, resolve_precision
 
     if _runs_locally(config) and (device := resolve_device(config.recognize.device)).type == "cpu":
         resolve_precision(config.recognize.precision, device)
     preprocessor = load_line_preprocessor(config.recognize.model)
+    check_tokenizer(config.recognize.model)
     if config.recognize.engine == "fast":
         check_generation_settings(config.recognize.model)
     return preprocessor
