@@ -113,18 +113,25 @@ def _quiet_load_report() -> Iterator[None]:
 
 
 def _drop_load_report(record: logging.LogRecord) -> bool:
-    return "LOAD REPORT" not in str(record.msg)
+    """Keep a report of weights of another shape or that could not be converted: transformers raises after it, "For
+    details look at the above report"."""
+    message = str(record.msg)
+    return "LOAD REPORT" not in message or "MISMATCH" in message or "CONVERSION" in message
 
 
 def restore_sinusoidal_positions(model: VisionEncoderDecoderModel) -> None:
     """Give a TrOCR decoder with sinusoidal positions (microsoft/trocr-large-printed, trocr-base-stage1) its position
     table again: transformers 5 builds a model on the meta device before it loads the weights, and that table is
     neither a weight nor a buffer, so it stays on the meta device, and every forward pass (``generate``, training)
-    fails with "Cannot copy out of meta tensor". The fast engine computes its own table."""
+    fails with "Cannot copy out of meta tensor". The fast engine computes its own table. It is made a buffer, not
+    saved, in the model's dtype, so that ``model.to()`` takes it to the model's device and dtype as it does the
+    weights (a plain attribute had stayed on the CPU in fp32)."""
     for module in model.modules():
         weights = getattr(module, "weights", None)
         if isinstance(module, TrOCRSinusoidalPositionalEmbedding) and weights is not None and weights.is_meta:
-            module.weights = module.get_embedding(weights.shape[0], module.embedding_dim, module.padding_idx)
+            table = module.get_embedding(weights.shape[0], module.embedding_dim, module.padding_idx)
+            del module.weights
+            module.register_buffer("weights", table.to(model.dtype), persistent=False)
 
 
 def _report_unloaded_weights(name_or_path: str, loading: dict[str, Any]) -> None:
