@@ -69,13 +69,16 @@ def run(inputs, tmp_path_factory):
     """One plain non-interactive run of the command line with every export but text."""
     output = tmp_path_factory.mktemp("archive-out")
     log = output.parent / f"{output.name}.jsonl"
+    started = time.time()
     job = subprocess.Popen(CLI + ["run", str(inputs), "--output", str(output), "--set", DPI,
                                   "--export", "pdf,mets,page,hocr", "--pdfa", "--log-json", str(log)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     stdout, stderr = job.communicate(timeout=600)
     result = subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr)
-    # the Ray instance it started leaves no session folder (logs) behind: one had stayed from every run
-    assert not list(Path(tempfile.gettempdir(), "ray").glob(f"session_*_{job.pid}")), job.pid
+    # the Ray instance it started leaves no session folder (logs) behind: one had stayed from every run (that of a
+    # killed run long ago whose process id this one has again is not its)
+    assert not [session for session in Path(tempfile.gettempdir(), "ray").glob(f"session_*_{job.pid}")
+                if session.stat().st_mtime >= started], job.pid
     pages = ds.dataset(f"{output}/pages", format="parquet").to_table().to_pylist()
     return result, output, log, pages
 
