@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, GenerationConfig, LogitsProcessor, LogitsProcessorList, VisionEncoderDecoderModel
+from transformers import (AutoConfig, GenerationConfig, LogitsProcessor, LogitsProcessorList, PretrainedConfig,
+                          VisionEncoderDecoderModel)
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.trocr.modeling_trocr import TrOCRSinusoidalPositionalEmbedding
@@ -611,19 +612,26 @@ def check_generation_settings(name_or_path: str) -> None:
     engine does not implement, and a decoder it does not read: the job's driver checks them at start-up, so a job
     fails before Ray reads a page, with one clear error, instead of in every recognizer actor it starts."""
     source = resolve_checkpoint(name_or_path)
-    try:
-        decoder = AutoConfig.from_pretrained(source).decoder
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ModelLoadError(f"cannot read the configuration of TrOCR model {name_or_path!r}: {exc}") from exc
-    check_decoder_type(getattr(decoder, "model_type", None))
+    config = checkpoint_config(name_or_path, source)
+    check_decoder_type(getattr(config.decoder, "model_type", None))
     try:
         generation = GenerationConfig.from_pretrained(source)
     except OSError:  # no generation_config.json: the model's own config holds its generation settings
-        try:
-            generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(source))
-        except OSError as exc:
-            raise ModelLoadError(f"cannot read the configuration of TrOCR model {name_or_path!r}: {exc}") from exc
+        generation = GenerationConfig.from_model_config(config)
     _effective_generation_settings(generation)
+
+
+def checkpoint_config(name_or_path: str, source: str) -> PretrainedConfig:
+    """The checkpoint's configuration (``source``: :func:`operators.checkpoint.resolve_checkpoint`'s), read without
+    its weights, with the decoder part a VisionEncoderDecoder has."""
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the configuration of TrOCR model {name_or_path!r}: {exc}") from exc
+    if getattr(config, "decoder", None) is None:
+        raise ModelLoadError(f"model {name_or_path!r} is no VisionEncoderDecoder: its configuration "
+                             f"({config.model_type}) has no decoder")
+    return config
 
 
 def _effective_generation_settings(generation: GenerationConfig) -> dict[str, Any]:

@@ -21,7 +21,6 @@ import huggingface_hub.utils
 import torch
 import transformers
 from transformers import (
-    AutoConfig,
     AutoImageProcessor,
     AutoTokenizer,
     PreTrainedTokenizerBase,
@@ -31,7 +30,7 @@ from transformers import (
 from transformers.models.trocr.modeling_trocr import TrOCRSinusoidalPositionalEmbedding
 
 from operators.checkpoint import resolve_checkpoint
-from operators.decoding import ink_width_step
+from operators.decoding import checkpoint_config, ink_width_step
 from operators.errors import ModelLoadError
 from operators.preprocess import LinePreprocessor
 
@@ -291,12 +290,13 @@ def set_generation_ids(model: VisionEncoderDecoderModel, tokenizer: PreTrainedTo
     decoder = model.config.decoder
     # transformers 5 configs have no attribute for an id their file leaves out (the official microsoft/trocr-base-*
     # config.json gives decoder_start/pad/eos in its decoder part only): read each with a default
-    start = _first_set(generation.decoder_start_token_id, _config_id(model.config, "decoder_start_token_id"),
-                       _config_id(decoder, "decoder_start_token_id"))
-    pad = _first_set(generation.pad_token_id, _config_id(model.config, "pad_token_id"), _config_id(decoder, "pad_token_id"),
-                     tokenizer.pad_token_id)
-    eos = _first_set(generation.eos_token_id, _config_id(model.config, "eos_token_id"), _config_id(decoder, "eos_token_id"),
-                     tokenizer.eos_token_id)
+    def configured(name: str) -> Any:
+        return _first_set(getattr(generation, name, None), getattr(model.config, name, None),
+                          getattr(decoder, name, None))
+
+    start = configured("decoder_start_token_id")
+    pad = _first_set(configured("pad_token_id"), tokenizer.pad_token_id)
+    eos = _first_set(configured("eos_token_id"), tokenizer.eos_token_id)
     if start is None or pad is None or eos is None:
         raise ModelLoadError(f"{source}: cannot determine decoder_start/pad/eos token ids from config or tokenizer")
     generation.decoder_start_token_id = model.config.decoder_start_token_id = start
@@ -307,11 +307,6 @@ def set_generation_ids(model: VisionEncoderDecoderModel, tokenizer: PreTrainedTo
     # checkpoints' configs carry transformers 4's max_length 20 from their decoder part, and generate() warned in
     # every batch that both were set
     generation.max_length = None
-
-
-def _config_id(config: Any, name: str) -> Any:
-    """A token id a config gives, None where its file gave none (transformers 5 then has no such attribute)."""
-    return getattr(config, name, None)
 
 
 def _first_set(*values: Any) -> Any:
@@ -325,11 +320,7 @@ def check_tokenizer(name_or_path: str) -> None:
     each recognizer actor once pages are cut."""
     source = resolve_checkpoint(name_or_path)
     tokenizer = load_tokenizer(name_or_path, source)
-    try:
-        vocab_size = AutoConfig.from_pretrained(source).decoder.vocab_size
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ModelLoadError(f"cannot read the configuration of TrOCR model {name_or_path!r}: {exc}") from exc
-    check_vocabulary(name_or_path, vocab_size, tokenizer)
+    check_vocabulary(name_or_path, checkpoint_config(name_or_path, source).decoder.vocab_size, tokenizer)
 
 
 def load_line_preprocessor(name_or_path: str) -> LinePreprocessor:

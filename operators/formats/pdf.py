@@ -151,11 +151,14 @@ def _scanned_pages(path: str, rows: Sequence[dict], form: str, config: Rasterize
     if form == "mixed":
         with _scanned_pages(path, rows, "pages", config) as (drawn, turns, _):
             refused = [index for index, page in enumerate(drawn.pages) if not _pdfa_takes(page)]
-            if not refused:  # refused together only: the next form renders them all
-                yield drawn, turns, False
-                return
-            with _scanned_pages(path, [rows[index] for index in refused], "rendered", config) as (
+            # refused together only, or each alone: every page rendered (the pages form again had been refused again,
+            # and pages all rendered had been rendered again by the last form)
+            every = len(refused) in (0, len(rows))
+            with _scanned_pages(path, rows if every else [rows[index] for index in refused], "rendered", config) as (
                     rendered, rendered_turns, _), pikepdf.new() as out:
+                if every:
+                    yield rendered, rendered_turns, False
+                    return
                 renderings = dict(zip(refused, zip(rendered.pages, rendered_turns)))
                 chosen = [renderings.get(index, drawn_page) for index, drawn_page in enumerate(zip(drawn.pages, turns))]
                 for page, _ in chosen:
