@@ -52,8 +52,9 @@ def test_an_installed_wheel_finds_its_bundled_models_and_configs_outside_the_rep
     assert module.startswith(str(packages)) and not module.startswith(str(REPO))
     assert (Path(model) / "model.safetensors").is_file() and Path(model).is_relative_to(prefix)
     assert Path(config).is_file() and Path(config).is_relative_to(prefix) and accelerator == "V100"
-    # the bundled model loads: the dry run checks it (its processor and generation settings) before any work
-    dry = subprocess.run([str(python), "-m", "pipeline.cli", "run", str(synthetic_documents[0]), "--output",
-                          str(tmp_path / "out"), "--dry-run"], cwd=outside, env=env, capture_output=True, text=True,
-                         timeout=300)
+    # the bundled model loads: the dry run checks it (its processor and generation settings) before any work; run by
+    # the installed command, whose entry point pyproject.toml names
+    dry = subprocess.run([str(python), str(prefix / "bin" / "trocr-pipeline"), "run", str(synthetic_documents[0]),
+                          "--output", str(tmp_path / "out"), "--dry-run"], cwd=outside, env=env, capture_output=True,
+                         text=True, timeout=300)
     assert dry.returncode == 0 and "1 to process" in dry.stdout, dry.stderr
