@@ -486,11 +486,16 @@ class _RecognizeBatch:
     pages at once instead of spending seconds loading them."""
 
     def __init__(self, config: JobConfig):
-        import transformers
-        from operators.recognize import TrOCRRecognizer
+        gc.disable()  # no collection while torch, transformers and the model load (each a pass over all loaded so far)
+        try:
+            import transformers
+            from operators.recognize import TrOCRRecognizer
 
-        transformers.utils.logging.disable_progress_bar()  # a bar in an actor reaches the driver as garbage
-        self.recognizer = TrOCRRecognizer(config.recognize)
+            transformers.utils.logging.disable_progress_bar()  # a bar in an actor reaches the driver as garbage
+            self.recognizer = TrOCRRecognizer(config.recognize)
+        finally:
+            gc.freeze()  # nor later over them: the actor's own objects alone are collected
+            gc.enable()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[bytes]]:
         pages = [pickle.loads(item) for item in batch["work"]]
@@ -582,7 +587,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     if mode == "recognize":
         resolve_checkpoint(config.recognize.model)  # a wrong model path fails here, before Ray starts
     with (ThreadPoolExecutor(max_workers=2) as background, output_lock(output), exports_tidied_when_stopped(output),
-          input_copies(found.sources), _collections_skipping() as skip_in_collections):
+          input_copies(found.sources), _collections_after_loading() as loaded):
         # the model's preprocessor and generation settings are loaded and checked while Ray starts (loading
         # transformers takes seconds; Ray's start is mostly waiting), and before anything is read or written: a
         # model that cannot be found, has no usable image processor or sets what the fast engine does not
@@ -596,7 +601,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             progress.begin()
         with ray_session(config, verbose):
             preprocessor = checked_model.result()
-            skip_in_collections()  # torch, transformers and Ray are loaded by now
+            loaded()  # torch, transformers and Ray
             model_sha256 = hashed.result() if hashed else None
             resources = ray.cluster_resources()
             check_cpus_left_for_pages(config, resources.get("CPU", 0.0), mode)
@@ -664,14 +669,26 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
 
 
 @contextmanager
-def _collections_skipping() -> Iterator[Callable[[], None]]:
-    """``gc.freeze``, for the driver to call once its libraries are loaded: their million objects are then left out of
-    the full garbage collection before Ray's shutdown (:func:`ray_session`), which had taken 0.6 s at every job's end.
-    They go back into collections at the end, for a process that goes on."""
+def _collections_after_loading() -> Iterator[Callable[[], None]]:
+    """No garbage collection while the driver loads its libraries (Ray starting, torch and transformers for the model
+    check), each a pass over all that is loaded so far; then, once the driver calls what this yields, ``gc.freeze``:
+    their million objects stay out of later collections too, such as the full one before Ray's shutdown
+    (:func:`ray_session`, 0.6 s) and those Ray Data's start had set off (0.5 s). All back as it was at the end, for a
+    process that goes on."""
+    enabled = gc.isenabled()
+    gc.disable()
+
+    def loaded() -> None:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
     try:
-        yield gc.freeze
+        yield loaded
     finally:
         gc.unfreeze()
+        if enabled:
+            gc.enable()
 
 
 @contextmanager

@@ -556,21 +556,39 @@ def test_the_command_leaves_what_it_loaded_out_of_the_collections_at_its_exit(tm
     assert int(frozen) > 10_000
 
 
-def test_the_collection_before_rays_shutdown_leaves_out_the_loaded_libraries_and_frees_them_after(tmp_path):
-    """A full garbage collection over torch's, transformers' and Ray's million objects had taken 0.6 s at every job's
-    end (bench/RESULTS.md, thirty-seventh session): they are frozen (``gc.freeze``) once loaded, and thawed when the
-    job is done, so that a process that goes on collects them again."""
+def test_the_driver_collects_no_garbage_while_it_loads_and_never_again_over_what_it_loaded(tmp_path, tiny_model):
+    """Garbage collections over torch's, transformers' and Ray's million objects: while the driver loaded them (each
+    collection a pass over all loaded so far), during Ray Data's start (0.5 s), and a full one before Ray's shutdown
+    (0.6 s at every job's end; bench/RESULTS.md, thirty-seventh session). None runs while they load, they are frozen
+    (``gc.freeze``) once loaded, and thawed when the job is done, so that a process that goes on collects them."""
     text_page(["A note on a single sheet of paper."]).save(tmp_path / "note.png", dpi=(150, 150))
     script = ("import gc, sys\n"
               "from pipeline.config import load_config\nfrom pipeline.job import run_job\n"
               "full = []\n"
               "gc.callbacks.append(lambda phase, info: phase == 'start' and info['generation'] == 2 and "
               "full.append(gc.get_freeze_count()))\n"
-              "run_job([sys.argv[1]], sys.argv[2], load_config(None, ['rasterize.dpi=150']), mode='detect')\n"
-              "print(full[-1], gc.get_freeze_count())\n")
-    frozen_at_shutdown, frozen_after = map(int, _run_python(script, str(tmp_path / "note.png"),
-                                                            str(tmp_path / "out")).split())
-    assert frozen_at_shutdown > 100_000 and frozen_after == 0
+              "config = load_config(None, ['rasterize.dpi=150', f'recognize.model={sys.argv[3]}', "
+              "'recognize.max_new_tokens=4'])\n"
+              "run_job([sys.argv[1]], sys.argv[2], config)\n"
+              "print(gc.get_freeze_count(), gc.isenabled(), *full)\n")
+    printed = _run_python(script, str(tmp_path / "note.png"), str(tmp_path / "out"), str(tiny_model))
+    frozen_after, enabled_after, *frozen_at_each = printed.split()
+    assert frozen_at_each and all(int(frozen) > 100_000 for frozen in frozen_at_each), frozen_at_each
+    assert (frozen_after, enabled_after) == ("0", "True")
+
+
+def test_a_recognizer_collects_no_garbage_while_it_loads_and_never_again_over_what_it_loaded(tiny_model):
+    """The same in the recognizer actor, whose start (importing torch and transformers, loading the model) is on the
+    job's critical path: 15-25% of its import time had gone to collections."""
+    script = ("import gc, sys\n"
+              "from pipeline.config import load_config\nfrom pipeline.job import _RecognizeBatch\n"
+              "full = []\n"
+              "gc.callbacks.append(lambda phase, info: phase == 'start' and info['generation'] == 2 and "
+              "full.append(gc.get_freeze_count()))\n"
+              "_RecognizeBatch(load_config(None, [f'recognize.model={sys.argv[1]}']))\n"
+              "print(gc.get_freeze_count(), gc.isenabled(), len(full))\n")
+    frozen, enabled, collections = _run_python(script, str(tiny_model)).split()
+    assert int(frozen) > 100_000 and enabled == "True" and collections == "0"
 
 
 def test_rays_autoscaler_monitor_is_stopped_before_the_gcs_it_would_wait_on():
