@@ -579,7 +579,7 @@ def test_the_driver_collects_no_garbage_while_it_loads_and_never_again_over_what
 
 def test_a_recognizer_collects_no_garbage_while_it_loads_and_never_again_over_what_it_loaded(tiny_model):
     """The same in the recognizer actor, whose start (importing torch and transformers, loading the model) is on the
-    job's critical path: 15-25% of its import time had gone to collections."""
+    job's critical path: 14-31% of its import time had gone to collections."""
     script = ("import gc, sys\n"
               "from pipeline.config import load_config\nfrom pipeline.job import _RecognizeBatch\n"
               "full = []\n"
