@@ -565,11 +565,14 @@ def test_the_driver_collects_no_garbage_while_it_loads_and_never_again_over_what
     script = ("import gc, sys\n"
               "from pipeline.config import load_config\nfrom pipeline.job import run_job\n"
               "full = []\n"
-              "gc.callbacks.append(lambda phase, info: phase == 'start' and info['generation'] == 2 and "
-              "full.append(gc.get_freeze_count()))\n"
+              "def heard(phase, info):\n"
+              "    if phase == 'start' and info['generation'] == 2:\n"
+              "        full.append(gc.get_freeze_count())\n"
               "config = load_config(None, ['rasterize.dpi=150', f'recognize.model={sys.argv[3]}', "
               "'recognize.max_new_tokens=4'])\n"
+              "gc.callbacks.append(heard)\n"
               "run_job([sys.argv[1]], sys.argv[2], config)\n"
+              "gc.callbacks.remove(heard)\n"
               "print(gc.get_freeze_count(), gc.isenabled(), *full)\n")
     printed = _run_python(script, str(tmp_path / "note.png"), str(tmp_path / "out"), str(tiny_model))
     frozen_after, enabled_after, *frozen_at_each = printed.split()
