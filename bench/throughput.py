@@ -7,13 +7,17 @@ the same pages, ``CORES`` processes at a time with one thread each (``OMP_THREAD
 rendered at 300 dpi by ``pdftoppm`` first (counted in its time). Both run on an otherwise idle
 machine; ``job_vs_tesseract`` is Tesseract's seconds over ours (above 1: we are faster).
 
-    .venv/bin/python bench/throughput.py --pages ../shared/data/pages
+On a machine whose speed drifts (the thirty-seventh session's: a third within the hour), ``--rounds N`` runs the two
+alternately N times and prints each round and the median of the rounds' ratios.
+
+    .venv/bin/python bench/throughput.py --pages ../shared/data/pages [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,20 +71,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cores", type=int, default=2, help="cores both get (Ray CPUs; Tesseract processes)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for our job (repeatable)")
+    parser.add_argument("--rounds", type=int, default=1, help="Tesseract and the job alternately, this many times: "
+                        "the median of the rounds' ratios")
     args = parser.parse_args(argv)
 
     pages = read_pages(args.pages)
     pdfs = sorted((args.pages / "scanned_pdfs").glob("*.pdf"))
     images = [(page.truth.image, tesseract_language(page)) for page in pages]
+    extra = [argument for override in args.overrides for argument in ("--set", override)]
+    rounds: list[tuple[float, float]] = []
     with tempfile.TemporaryDirectory(prefix="throughput-") as work:
-        theirs = tesseract_seconds(images, pdfs, args.cores, Path(work))
-        extra = [argument for override in args.overrides for argument in ("--set", override)]
-        ours, summary = job_seconds([image for image, _ in images] + pdfs, args.cores, Path(work) / "job", extra)
+        for number in range(1, args.rounds + 1):
+            theirs = tesseract_seconds(images, pdfs, args.cores, Path(work))
+            ours, summary = job_seconds([image for image, _ in images] + pdfs, args.cores,
+                                        Path(work) / f"job-{number}", extra)
+            rounds.append((theirs, ours))
+            if args.rounds > 1:
+                print(f"round {number}: tesseract {theirs:.1f} s, job {ours:.1f} s, ratio {theirs / ours:.2f}",
+                      flush=True)
     print(summary)
     print(f"inputs: {len(images)} images + {len(pdfs)} PDFs, {args.cores} cores")
-    print(f"tesseract 5 full OCR ({args.cores} processes): {theirs:.1f} s")
-    print(f"trocr-pipeline run (start-up included):   {ours:.1f} s")
-    print(f"job_vs_tesseract={theirs / ours:.2f}")
+    median = "median of the rounds: " if args.rounds > 1 else ""
+    print(f"tesseract 5 full OCR ({args.cores} processes): {median}{statistics.median(t for t, _ in rounds):.1f} s")
+    print(f"trocr-pipeline run (start-up included):   {median}{statistics.median(o for _, o in rounds):.1f} s")
+    print(f"job_vs_tesseract={statistics.median(t / o for t, o in rounds):.2f}")
     return 0
 
 
