@@ -486,7 +486,7 @@ class _RecognizeBatch:
     pages at once instead of spending seconds loading them."""
 
     def __init__(self, config: JobConfig):
-        gc.disable()  # no collection while torch, transformers and the model load (each a pass over all loaded so far)
+        loaded = _stop_collecting()  # while torch, transformers and the model load; then the actor's objects alone
         try:
             import transformers
             from operators.recognize import TrOCRRecognizer
@@ -494,8 +494,7 @@ class _RecognizeBatch:
             transformers.utils.logging.disable_progress_bar()  # a bar in an actor reaches the driver as garbage
             self.recognizer = TrOCRRecognizer(config.recognize)
         finally:
-            gc.freeze()  # nor later over them: the actor's own objects alone are collected
-            gc.enable()
+            loaded()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[bytes]]:
         pages = [pickle.loads(item) for item in batch["work"]]
@@ -668,13 +667,10 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                       failed_earlier=_failed_earlier(plans, marked, published))
 
 
-@contextmanager
-def _collections_after_loading() -> Iterator[Callable[[], None]]:
-    """No garbage collection while the driver loads its libraries (Ray starting, torch and transformers for the model
-    check), each a pass over all that is loaded so far; then, once the driver calls what this yields, ``gc.freeze``:
-    their million objects stay out of later collections too, such as the full one before Ray's shutdown
-    (:func:`ray_session`, 0.6 s) and those Ray Data's start had set off (0.5 s). All back as it was at the end, for a
-    process that goes on."""
+def _stop_collecting() -> Callable[[], None]:
+    """Garbage collection off while a process loads torch, transformers, Ray or a model (each collection a pass over
+    all loaded so far); what this returns, called once they are loaded, freezes them (``gc.freeze``: later
+    collections leave them out) and turns collection back on."""
     enabled = gc.isenabled()
     gc.disable()
 
@@ -683,8 +679,17 @@ def _collections_after_loading() -> Iterator[Callable[[], None]]:
         if enabled:
             gc.enable()
 
+    return loaded
+
+
+@contextmanager
+def _collections_after_loading() -> Iterator[Callable[[], None]]:
+    """:func:`_stop_collecting` for the driver, whose libraries (Ray starting, torch and transformers for the model
+    check) then stay out of the full collection before Ray's shutdown (:func:`ray_session`, 0.6 s) and of those Ray
+    Data's start had set off (0.5 s). All back as it was at the end, for a process that goes on."""
+    enabled = gc.isenabled()
     try:
-        yield loaded
+        yield _stop_collecting()
     finally:
         gc.unfreeze()
         if enabled:
