@@ -15,6 +15,7 @@ import re
 import stat
 import subprocess
 import tempfile
+import time
 import warnings
 from collections import Counter
 from contextlib import contextmanager
@@ -95,6 +96,7 @@ class FoundInputs:
 
     sources: list[str] = field(default_factory=list)
     left_out: Counter = field(default_factory=Counter)
+    recent: list[str] = field(default_factory=list)  # documents left for a later run: modified too lately
 
 
 def with_scheme(location: str, path: str) -> str:
@@ -299,14 +301,16 @@ def _expand_one(item: str, left_out: Counter, output_folders: Sequence[str]) -> 
     return [with_scheme(item, path)]
 
 
-def find_inputs(inputs: list[str], output_folders: Sequence[str] = ()) -> FoundInputs:
+def find_inputs(inputs: list[str], output_folders: Sequence[str] = (), min_file_age_s: float = 0.0) -> FoundInputs:
     """Files, folders (recursive) and globs, local or pyarrow-filesystem URIs, in a stable order.
 
     An input that matches nothing is an error naming it, so a typo never yields an empty job. Folders and
-    globs leave out what lies in the job's ``output_folders`` (see :func:`_sort_out`).
+    globs leave out what lies in the job's ``output_folders`` (see :func:`_sort_out`). Local files modified less
+    than ``min_file_age_s`` seconds ago are set apart as ``recent`` (:func:`_settled`).
     """
     found = FoundInputs()
     seen: set[str] = set()
+    now = time.time()
     for item in inputs:
         with asking_the_store(item, "the input"):
             matched = _expand_one(item, found.left_out, output_folders)
@@ -315,8 +319,25 @@ def find_inputs(inputs: list[str], output_folders: Sequence[str] = ()) -> FoundI
         for source in matched:
             if source not in seen:
                 seen.add(source)
-                found.sources.append(source)
+                (found.sources if _settled(source, min_file_age_s, now) else found.recent).append(source)
     return found
+
+
+def _settled(source: str, min_age_s: float, now: float) -> bool:
+    """Whether a file was last modified at least ``min_age_s`` seconds before ``now`` (this machine's clock).
+
+    Why: a scanner or a copy writing into a hot folder leaves a file half written for a while; read then, it fails
+    as broken or ``source_changed``, and the hour's run exits 4. Left for a later run, it is read whole. Object-store
+    objects (URIs) appear whole, and a file that cannot be looked at is triage's to report: both count as settled."""
+    if min_age_s <= 0:
+        return True
+    filesystem, path = resolve_filesystem(source)
+    if not isinstance(filesystem, pafs.LocalFileSystem):  # file:// URIs are local files
+        return True
+    try:
+        return now - os.stat(path).st_mtime >= min_age_s
+    except (OSError, ValueError):
+        return True
 
 
 _CHUNK = 1 << 20

@@ -79,6 +79,8 @@ class RasterizeConfig(Frozen):
     pages: str | None = Field(default=None, description="1-based page ranges of every input, e.g. 1-3,7")
     detect_orientation: bool = Field(default=True, description="turn pages found sideways or upside down "
                                                                "(after EXIF and /Rotate) upright")
+    min_file_age_s: float = Field(default=0.0, ge=0, description="leave local files modified less than this many "
+                                  "seconds ago for a later run (a hot folder's files still being written)")
 
     @field_validator("pages", mode="before")
     @classmethod

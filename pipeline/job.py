@@ -86,6 +86,8 @@ class JobSummary:
     retried: int = 0  # failed documents the output held, taken out and read again (:func:`_check_against_output`)
     unselected: int = 0  # documents with no page in --pages, not written
     failed_earlier: int = 0  # of those already done, the ones the output holds as failed
+    recent: int = 0  # files modified too lately to read (rasterize.min_file_age_s), left for a later run
+    min_file_age_s: float = 0.0
 
     @property
     def pages_per_second(self) -> float:
@@ -100,6 +102,7 @@ class JobSummary:
             f"{f', {_failed_documents(self.retried)} taken out and read again' if self.retried else ''}"
             f"{f', {self.unselected} without a page in --pages' if self.unselected else ''}\n"
             f"{_left_out_line(self.left_out)}\n"
+            f"{_recent_line(self.recent, self.min_file_age_s)}"
             f"pages: {w.pages} ({w.pages_failed} failed), lines: {w.lines}\n"
             f"time: {self.seconds:.1f} s, {self.pages_per_second:.2f} pages/s"
         )
@@ -107,6 +110,14 @@ class JobSummary:
 
 def _left_out_line(left_out: dict[str, int]) -> str:
     return f"left out (no document): {', '.join(f'{count} {key}' for key, count in sorted(left_out.items())) or 'none'}"
+
+
+def _recent_line(recent: int, min_file_age_s: float) -> str:
+    """The files set apart by ``rasterize.min_file_age_s``, with a newline; nothing when there are none."""
+    if not recent:
+        return ""
+    return (f"not read yet: {recent} {'file' if recent == 1 else 'files'} modified less than {min_file_age_s:g} s ago "
+            f"(rasterize.min_file_age_s), for a later run\n")
 
 
 def _failed_earlier_note(count: int, output: str) -> str:
@@ -581,7 +592,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     """Run the whole job; bad documents are recorded as failed rows, never raised. ``progress`` hears of
     every finished page and document; Ray Data's own progress output shows only when ``verbose``."""
     started = time.monotonic()
-    found = find_inputs(inputs, output_folders(output))
+    found = find_inputs(inputs, output_folders(output), config.rasterize.min_file_age_s)
     selection = config.rasterize.pages
     if mode == "recognize":
         resolve_checkpoint(config.recognize.model)  # a wrong model path fails here, before Ray starts
@@ -664,7 +675,8 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     return JobSummary(output=output, documents_skipped=skipped, written=written,
                       seconds=time.monotonic() - started, left_out=dict(found.left_out),
                       retried=len(retirement.failed), unselected=unselected,
-                      failed_earlier=_failed_earlier(plans, marked, published))
+                      failed_earlier=_failed_earlier(plans, marked, published), recent=len(found.recent),
+                      min_file_age_s=config.rasterize.min_file_age_s)
 
 
 def _stop_collecting() -> Callable[[], None]:
@@ -911,6 +923,8 @@ class DryRun:
     failed_earlier: int = 0  # of those already done, the ones the output holds as failed
     left_out: dict[str, int] = field(default_factory=dict)  # files in folders and globs that are no documents
     output: str = "DIR"  # as given, for the commands the description names
+    recent: list[str] = field(default_factory=list)  # files modified too lately to read, left for a later run
+    min_file_age_s: float = 0.0
 
     def describe(self) -> str:
         # where each duplicate's pages come from: the output's copy, else this run's first one
@@ -960,6 +974,9 @@ class DryRun:
                      f"{_failed_earlier_note(self.failed_earlier, self.output)}{retry}"
                      f"{f', {unselected} without a page in --pages' if unselected else ''}")
         lines.append(_left_out_line(self.left_out))
+        lines.extend(f"{'recent':9}    - pages  {source}" for source in self.recent)
+        if self.recent:
+            lines.append(_recent_line(len(self.recent), self.min_file_age_s).rstrip("\n"))
         stages = "rasterize, detect and recognize" if self.mode == "recognize" else "rasterize and detect"
         lines.append(f"work: {todo_pages} pages to {stages}; nothing written (dry run)")
         return "\n".join(lines)
@@ -982,7 +999,7 @@ def _oversized_selected(plan: DocumentPlan, pages: str | None) -> list[str]:
 def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "recognize") -> DryRun:
     """Triage every input (in threads: hashing and poppler release the GIL) and check the model, as
     :func:`run_job` would before any work; starts no Ray and writes nothing."""
-    found = find_inputs(inputs, output_folders(output))
+    found = find_inputs(inputs, output_folders(output), config.rasterize.min_file_age_s)
     sources = found.sources
     check_output_writable(output)
     check_output_is_ours(output)
@@ -1005,4 +1022,5 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     _warn_of_files_read_again(fresh, published, done, output, config.rasterize.pages)
     marked = {plan.source: plan for plan in fresh}
     return DryRun([marked.get(plan.source, plan) for plan in plans], done, config.rasterize.pages, mode,
-                  len(retirement.failed), _failed_earlier(plans, fresh, published), dict(found.left_out), output)
+                  len(retirement.failed), _failed_earlier(plans, fresh, published), dict(found.left_out), output,
+                  found.recent, config.rasterize.min_file_age_s)

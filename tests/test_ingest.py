@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -62,6 +63,22 @@ def test_folders_leave_out_os_junk_and_count_what_is_no_document(tmp_path, page_
     assert found.sources == [str(tmp_path / "scan.pdf" / "page.png")]
     assert found.left_out == {".DS_Store": 1, "Thumbs.db": 1, "._*": 1, ".md5": 1, ".xml": 1, "(no suffix)": 1}
     assert find_inputs([str(tmp_path / "*.pdf")]).sources == found.sources
+
+
+def test_files_modified_lately_are_set_apart_for_a_later_run(tmp_path, page_images):
+    """A hot folder: a scan written 10 s ago may still be growing; with rasterize.min_file_age_s it is left for a
+    later run (named, not dropped), whether found in a folder or named itself; a file:// URI is a local file too."""
+    page_images[0].save(tmp_path / "old.png")
+    page_images[0].save(tmp_path / "new.png")
+    hour_ago = time.time() - 3600
+    os.utime(tmp_path / "old.png", (hour_ago, hour_ago))
+    os.utime(tmp_path / "new.png", (time.time() - 10, time.time() - 10))
+    found = find_inputs([str(tmp_path)], min_file_age_s=60)
+    assert (found.sources, found.recent) == ([str(tmp_path / "old.png")], [str(tmp_path / "new.png")])
+    assert find_inputs([str(tmp_path / "new.png")], min_file_age_s=60).recent == [str(tmp_path / "new.png")]
+    assert find_inputs([f"file://{tmp_path}/new.png"], min_file_age_s=60).recent == [f"file://{tmp_path}/new.png"]
+    assert find_inputs([str(tmp_path)], min_file_age_s=5).recent == []
+    assert find_inputs([str(tmp_path)]).recent == []  # off by default
 
 
 def test_linked_folders_are_searched_and_a_link_loop_lists_each_file_once(tmp_path, page_images):
