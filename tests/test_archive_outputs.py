@@ -1045,22 +1045,25 @@ def test_a_file_still_being_written_is_left_for_a_later_run_which_reads_it(input
     hour_ago = time.time() - 3600
     os.utime(folder / "note.png", (hour_ago, hour_ago))
     settle = ["--set", DPI, "--set", "rasterize.min_file_age_s=60"]
+    output = tmp_path / "out"
+
+    def recorded() -> list[str]:
+        return sorted(row["source"] for row in ds.dataset(f"{output}/documents", format="parquet").to_table().to_pylist())
+
     assert main(["detect", str(folder), "--output", str(tmp_path / "never"), *settle, "--dry-run"]) == ExitCode.ok
     planned = capsys.readouterr().out
     assert re.search(r"^recent\s+- pages\s+\S+/box\.jpg$", planned, re.MULTILINE)
     assert "documents: 1 found, 1 to process" in planned
     assert "not read yet: 1 file modified less than 60 s ago (rasterize.min_file_age_s), for a later run" in planned
-    output = tmp_path / "out"
     assert main(["detect", str(folder), "--output", str(output), *settle]) == ExitCode.ok
     said = capsys.readouterr().out
     assert "documents: 1 ok, 0 failed" in said and "\nnot read yet: 1 file modified less than 60 s ago" in said
-    assert [row["source"] for row in ds.dataset(f"{output}/documents", format="parquet").to_table().to_pylist()] == [str(folder / "note.png")]
+    assert recorded() == [str(folder / "note.png")]
     os.utime(folder / "box.jpg", (hour_ago, hour_ago))
     assert main(["detect", str(folder), "--output", str(output), *settle]) == ExitCode.ok
     said = capsys.readouterr().out
     assert "documents: 1 ok, 0 failed, 0 duplicates, 1 already done" in said and "not read yet" not in said
-    assert sorted(row["source"] for row in ds.dataset(f"{output}/documents", format="parquet").to_table().to_pylist()) == sorted(str(folder / name)
-                                                                             for name in ("box.jpg", "note.png"))
+    assert recorded() == [str(folder / "box.jpg"), str(folder / "note.png")]
 
 
 def test_a_log_json_path_that_cannot_be_written_fails_before_any_work(inputs, tmp_path, monkeypatch):
