@@ -95,6 +95,7 @@ class JobSummary:
 
     def describe(self) -> str:
         w = self.written
+        recent = f"{_recent_line(self.recent, self.min_file_age_s)}\n" if self.recent else ""
         return (
             f"output: {self.output}\n"
             f"documents: {w.documents_ok} ok, {w.documents_failed} failed, {w.documents_duplicate} duplicates, "
@@ -102,7 +103,7 @@ class JobSummary:
             f"{f', {_failed_documents(self.retried)} taken out and read again' if self.retried else ''}"
             f"{f', {self.unselected} without a page in --pages' if self.unselected else ''}\n"
             f"{_left_out_line(self.left_out)}\n"
-            f"{_recent_line(self.recent, self.min_file_age_s)}"
+            f"{recent}"
             f"pages: {w.pages} ({w.pages_failed} failed), lines: {w.lines}\n"
             f"time: {self.seconds:.1f} s, {self.pages_per_second:.2f} pages/s"
         )
@@ -113,11 +114,9 @@ def _left_out_line(left_out: dict[str, int]) -> str:
 
 
 def _recent_line(recent: int, min_file_age_s: float) -> str:
-    """The files set apart by ``rasterize.min_file_age_s``, with a newline; nothing when there are none."""
-    if not recent:
-        return ""
+    """What a run says of the files ``rasterize.min_file_age_s`` set apart."""
     return (f"not read yet: {recent} {'file' if recent == 1 else 'files'} modified less than {min_file_age_s:g} s ago "
-            f"(rasterize.min_file_age_s), for a later run\n")
+            f"(rasterize.min_file_age_s), for a later run")
 
 
 def _failed_earlier_note(count: int, output: str) -> str:
@@ -976,7 +975,7 @@ class DryRun:
         lines.append(_left_out_line(self.left_out))
         lines.extend(f"{'recent':9}    - pages  {source}" for source in self.recent)
         if self.recent:
-            lines.append(_recent_line(len(self.recent), self.min_file_age_s).rstrip("\n"))
+            lines.append(_recent_line(len(self.recent), self.min_file_age_s))
         stages = "rasterize, detect and recognize" if self.mode == "recognize" else "rasterize and detect"
         lines.append(f"work: {todo_pages} pages to {stages}; nothing written (dry run)")
         return "\n".join(lines)
