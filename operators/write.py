@@ -260,8 +260,9 @@ def output_folders(output: str) -> list[str]:
     return [f"{output.rstrip('/')}/{name}" for name in (PAGES_DIR, DOCUMENTS_DIR, STAGING_DIR, EXPORTS_DIR, LOCK_FILE)]
 
 
-def recover_output(output: str) -> PublishedDocuments:
-    """Clean what a killed run left behind and return the documents already published.
+def recover_output(output: str, published: PublishedDocuments | None = None) -> PublishedDocuments:
+    """Clean what a killed run left behind and return the documents already published: ``published``, where the run
+    has read them before (:func:`published_documents` counts none of what this takes out), else read here.
 
     Parts are published in pairs, pages first: a pages part without its documents twin is a killed run's,
     and is removed. A documents part without its pages twin (removed by hand, lost) is removed too, so that
@@ -284,7 +285,8 @@ def recover_output(output: str) -> PublishedDocuments:
             log.warning("%s has lost its pages twin %s/%s/%s: its documents will be read again", path, root, PAGES_DIR,
                         name)
             filesystem.delete_file(path)
-    published = published_documents(output)
+    if published is None:
+        published = published_documents(output)
     _remove_unpublished_exports(filesystem, root, set(published.sources()))
     return published
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Collection, Generator, Iterator, Literal, Sequ
 
 import ray
 from ray._private import ray_constants
+from ray._private.resource_and_label_spec import ResourceAndLabelSpec
 from ray.data import ActorPoolStrategy
 from ray.exceptions import RayTaskError
 from ray.remote_function import RemoteFunction
@@ -606,6 +607,14 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
         # seconds for a large one: beside the check)
         model = recorded_model(config.recognize.model) if mode == "recognize" else None
         hashed = background.submit(weights_sha256, config.recognize.model) if model else None
+        published = published_documents(output)  # as recover_output leaves it: tidied once the checks have passed
+        known = published.known()
+        done_before = _all_done_before(found.sources, output, published, known, config, mode, model, hashed,
+                                       checked_model)
+        if done_before is not None:  # nothing to read: no Ray (its start and end had been 7 s of each such run)
+            return JobSummary(output=output, documents_skipped=done_before, written=WriteSummary(),
+                              seconds=time.monotonic() - started, left_out=dict(found.left_out),
+                              recent=len(found.recent), min_file_age_s=config.rasterize.min_file_age_s)
         if progress:  # not before: a run refused by the checks above had said it was starting Ray
             progress.begin()
         with ray_session(config, verbose):
@@ -613,10 +622,8 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             loaded()  # torch, transformers and Ray
             model_sha256 = hashed.result() if hashed else None
             resources = ray.cluster_resources()
-            check_cpus_left_for_pages(config, resources.get("CPU", 0.0), mode)
-            check_gpus_for_recognizers(config, resources.get("GPU", 0.0), mode)
-            check_accelerator_for_recognizers(config, resources, mode)
-            published = recover_output(output)
+            check_recognizer_resources(config, resources, mode)
+            recover_output(output, published)
             sink = ParquetSink(output, config.output.parquet_rows_per_file, config.output.exports, config.output.pdfa,
                                listener=progress.document_done if progress else None,
                                on_published=progress.document_published if progress else None,
@@ -629,7 +636,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             quiet_ray_data(verbose)
             if progress:
                 progress.triage_started(len(found.sources))
-            plans = _triage_all(found.sources, config, published.known(), progress.file_triaged if progress else None)
+            plans = _triage_all(found.sources, config, known, progress.file_triaged if progress else None)
             retirement = _check_against_output(plans, published, output, config, mode, model, model_sha256)
             retire_documents(output, retirement)
             done = {doc_id: source for doc_id, source in published.sources().items()
@@ -676,6 +683,46 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                       retried=len(retirement.failed), unselected=unselected,
                       failed_earlier=_failed_earlier(plans, marked, published), recent=len(found.recent),
                       min_file_age_s=config.rasterize.min_file_age_s)
+
+
+def _all_done_before(sources: list[str], output: str, published: PublishedDocuments, known: dict[str, KnownDocument],
+                     config: JobConfig, mode: Mode, model: str | None, hashed: Future | None,
+                     checked_model: Future) -> int | None:
+    """How many ``sources`` a local run skips when every one is a local file unchanged since its document was
+    written well, and the output takes none out (:func:`_check_against_output`): a hot folder's run with nothing new.
+    None for a run with something to read, or with an object store size to try on Ray's start. Such a run is refused
+    as one with something to read would be, in the same order (the model, then the resources Ray's local instance
+    would have), before it tidies a killed run's leftovers: the output is read as :func:`recover_output` would leave
+    it (``published``, ``known``)."""
+    if not _runs_locally(config) or config.ray.object_store_memory_mb is not None:
+        return None
+    settled = []
+    for source in sources:
+        if (plan := unchanged_local_document(source, known.get(source))) is None:
+            return None
+        settled.append(plan)
+    checked_model.result()
+    check_recognizer_resources(config, local_ray_resources(config), mode)
+    model_sha256 = hashed.result() if hashed else None
+    if _check_against_output(settled, published, output, config, mode, model, model_sha256).doc_ids:
+        return None
+    recover_output(output, published)
+    _warn_of_documents_without_exports(settled, published, published.sources(), output, config.output.exports)
+    return len(settled)
+
+
+def local_ray_resources(config: JobConfig) -> dict[str, float]:
+    """The resources of the private local Ray instance a run of ``config`` starts, found as ``ray.init`` finds them
+    (a container's CPU quota, the GPUs visible and their type), without starting it."""
+    return ResourceAndLabelSpec(num_cpus=config.ray.num_cpus).resolve(is_head=True).to_resource_dict()
+
+
+def check_recognizer_resources(config: JobConfig, resources: dict[str, float], mode: Mode = "recognize") -> None:
+    """What a local run refuses of its recognizers' CPUs, GPUs and GPU type, given the local Ray instance's
+    ``resources`` (clusters are left alone)."""
+    check_cpus_left_for_pages(config, resources.get("CPU", 0.0), mode)
+    check_gpus_for_recognizers(config, resources.get("GPU", 0.0), mode)
+    check_accelerator_for_recognizers(config, resources, mode)
 
 
 def _stop_collecting() -> Callable[[], None]:
@@ -1002,12 +1049,8 @@ def dry_run(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
     sources = found.sources
     check_output_writable(output)
     check_output_is_ours(output)
-    check_cpus_left_for_pages(config, config.ray.num_cpus or len(os.sched_getaffinity(0)), mode)
     _line_preprocessor(config, mode)
-    if mode == "recognize":
-        import torch  # loaded already, with the model's preprocessor
-
-        check_gpus_for_recognizers(config, torch.cuda.device_count(), mode)
+    check_recognizer_resources(config, local_ray_resources(config), mode)
     published = published_documents(output)
     known = published.known()
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:

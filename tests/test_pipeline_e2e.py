@@ -114,6 +114,57 @@ def test_rerun_skips_documents_already_written(ray_local, detect_output, input_f
                                                                 os.stat(row["source"]).st_mtime_ns)
 
 
+def test_a_rerun_with_nothing_new_starts_no_ray_and_refuses_what_a_run_refuses(ray_local, tiny_model, tmp_path):
+    """A hot folder's run with nothing new (every file read before and unchanged) had started Ray only to skip them
+    all: 7 s of every such run. It starts none now (Ray's GCS server is a process of its own). It still refuses the
+    settings a run with something to read refuses, before it tidies a killed run's leftovers in the output."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    text_page(["A note on a single sheet of paper."]).save(inputs / "note.png", dpi=(150, 150))
+    text_page(["A second note, on another sheet."]).save(inputs / "other.png", dpi=(150, 150))
+    output = tmp_path / "out"
+    config = load_config(None, ["rasterize.dpi=150", f"recognize.model={tiny_model}", "recognize.max_new_tokens=4"])
+    assert run_job([str(inputs)], str(output), config).written.documents_ok == 2
+    script = ("import atexit, sys\n"
+              "args, started = sys.argv[1:], []\n"
+              "sys.addaudithook(lambda event, info: event == 'subprocess.Popen' and started.append(str(info[1])))\n"
+              "atexit.register(lambda: print('Ray started:', 'gcs_server' in str(started)))\n"
+              "from pipeline.cli import entry\n"
+              "sys.argv = ['trocr-pipeline', 'run', args[0], '--output', args[1], '--set', 'rasterize.dpi=150', '--set', "
+              "f'recognize.model={args[2]}', '--set', 'recognize.max_new_tokens=4', *args[3:]]\n"
+              "entry()\n")
+    killed_runs_part = output / "pages" / "part-00000000dead-00000.parquet"  # its documents twin never written
+    shutil.copy(next((output / "pages").glob("*.parquet")), killed_runs_part)
+    _run_python(script, str(inputs), str(output), str(tiny_model), "--set", "recognize.num_gpus=1",
+                exit_code=ExitCode.bad_args)
+    assert killed_runs_part.exists()
+    printed = _run_python(script, str(inputs), str(output), str(tiny_model))
+    assert "documents: 0 ok, 0 failed, 0 duplicates, 2 already done" in printed
+    assert printed.splitlines()[-1] == "Ray started: False"
+    assert not killed_runs_part.exists()
+    # one file changed: the rerun reads it, through Ray
+    text_page(["The note, written again."]).save(inputs / "note.png", dpi=(150, 150))
+    printed = _run_python(script, str(inputs), str(output), str(tiny_model))
+    assert "documents: 1 ok, 0 failed, 0 duplicates, 1 already done" in printed
+    assert printed.splitlines()[-1] == "Ray started: True"
+
+
+def test_the_resources_a_run_without_ray_checks_are_those_rays_local_instance_has():
+    """A run with nothing to read, and the dry run, check the recognizers' CPUs and GPUs against the local Ray
+    instance a run would start, without starting it. They had counted the CPUs this process may run on, which Ray does
+    not: pinned to one core (taskset), a run with nothing new was refused that a run with something to read was not."""
+    script = ("import os, ray\n"
+              "from pipeline.config import load_config\nfrom pipeline.job import local_ray_resources\n"
+              "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+              "found = local_ray_resources(load_config(None, []))\n"
+              "ray.init(address='local', include_dashboard=False, logging_level='ERROR')\n"
+              "has = ray.cluster_resources()\n"
+              "print(*(found.get(key, 0.0) == has.get(key, 0.0) for key in {'CPU', 'GPU', *found, *has}"
+              " if key in ('CPU', 'GPU') or key.startswith('accelerator_type:')))\n")
+    assert os.cpu_count() > 1  # else pinning to one core would not tell the two counts apart
+    assert set(_run_python(script).split()) == {"True"}
+
+
 def test_a_recognizer_pool_holding_every_local_cpu_is_refused_before_any_page(ray_local, input_folder,
                                                                               tiny_model, tmp_path):
     # two one-CPU actors on the fixture's two CPUs: layout would never run and Ray Data would stall

@@ -153,6 +153,26 @@ def test_recover_redoes_documents_whose_pages_part_is_lost_and_names_a_damaged_p
         recover_output(str(tmp_path))
 
 
+def test_what_recover_takes_out_no_reader_counts_so_a_run_reads_the_documents_once(tmp_path):
+    """A run reads the published documents before it starts Ray (to find whether it has anything to read), then hands
+    them to recover_output, which reads them no more: nothing recover takes out may have been counted by
+    published_documents, whatever a killed run left."""
+    sink = ParquetSink(str(tmp_path), rows_per_file=1)
+    for doc_id in ("a", "b", "c"):
+        sink.expect(_document(doc_id, 1))
+        sink.add_page(_page(doc_id, 1))
+    sink.close()
+    parts = sorted((tmp_path / PAGES_DIR).glob("*.parquet"), key=lambda part: pq.read_table(part)["doc_id"][0].as_py())
+    (tmp_path / PAGES_DIR / "part-00000000dead-00000.parquet").write_bytes(parts[0].read_bytes())  # no documents twin
+    parts[1].unlink()  # b's documents part has lost its pages twin
+    (tmp_path / RETIRING).write_text(json.dumps([[], ["c"]]))  # a retirement of c under way
+    before = published_documents(str(tmp_path))
+    assert sorted(before.sources()) == ["a"]
+    assert recover_output(str(tmp_path), before) is before
+    assert published_documents(str(tmp_path)).rows == before.rows
+    assert not (tmp_path / RETIRING).exists() and len(list((tmp_path / PAGES_DIR).glob("*.parquet"))) == 1
+
+
 def test_a_file_uri_output_is_locked_as_its_folder_is(tmp_path):
     with output_lock(str(tmp_path)):
         with pytest.raises(OutputLocked, match="another run is writing"), output_lock(f"file://{tmp_path}"):
