@@ -818,6 +818,25 @@ def unchanged_local_document(source: str, known: KnownDocument | None) -> Docume
     return known.plan(source)
 
 
+def local_document_of_bytes(source: str, num_pages: dict[str, int]) -> DocumentPlan | None:
+    """The plan of a local file whose bytes, hashed as :func:`triage` hashes them, are those of a document written
+    before (``num_pages``: each such doc_id's page count), where triage would find it so: a regular file, not empty,
+    unchanged while hashed. None for any other, which triage reads. What lets a run over a touched file, or one that
+    failed, find without triage that it has nothing to read."""
+    if is_uri(source):
+        return None
+    try:
+        stamp = source_stamp(source)
+        if stamp is None or not stat.S_ISREG(os.stat(source).st_mode):
+            return None
+        doc_id, _, size = fingerprint(source)
+        if size == 0 or doc_id not in num_pages or source_stamp(source) != stamp:
+            return None
+    except (DocumentError, OSError):
+        return None
+    return KnownDocument(doc_id, num_pages[doc_id], stamp).plan(source)
+
+
 def triage(source: str, config: RasterizeConfig, known: KnownDocument | None = None) -> DocumentPlan:
     """Never raises for a bad document, whatever goes wrong: the error is recorded in the plan. A ``known``
     document whose file is unchanged is taken as it is, unread (a rerun over a growing archive had hashed every

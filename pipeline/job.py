@@ -36,8 +36,8 @@ from ray.remote_function import RemoteFunction
 from operators.checkpoint import model_named, recorded_model, resolve_checkpoint, weights_sha256
 from operators.errors import ConfigError, InternalError, PipelineError, RecognizersLost, WriteFailed
 from operators.storage import is_uri, recorded_source
-from operators.ingest import (DocumentPlan, KnownDocument, find_inputs, input_copies, mark_duplicates, source_id,
-                              triage, unchanged_local_document)
+from operators.ingest import (DocumentPlan, KnownDocument, find_inputs, input_copies, local_document_of_bytes,
+                              mark_duplicates, source_id, triage, unchanged_local_document)
 from operators.pages import selected_pages
 from operators.preprocess import LinePreprocessor
 from operators.rasterize import PageRange, page_ranges, rasterize
@@ -612,9 +612,10 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
         done_before = _all_done_before(found.sources, output, published, known, config, mode, model, hashed,
                                        checked_model)
         if done_before is not None:  # nothing to read: no Ray (its start and end had been 7 s of each such run)
-            return JobSummary(output=output, documents_skipped=done_before, written=WriteSummary(),
+            return JobSummary(output=output, documents_skipped=len(done_before), written=WriteSummary(),
                               seconds=time.monotonic() - started, left_out=dict(found.left_out),
-                              recent=len(found.recent), min_file_age_s=config.rasterize.min_file_age_s)
+                              failed_earlier=_failed_earlier(done_before, [], published), recent=len(found.recent),
+                              min_file_age_s=config.rasterize.min_file_age_s)
         if progress:  # not before: a run refused by the checks above had said it was starting Ray
             progress.begin()
         with ray_session(config, verbose):
@@ -687,28 +688,36 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
 
 def _all_done_before(sources: list[str], output: str, published: PublishedDocuments, known: dict[str, KnownDocument],
                      config: JobConfig, mode: Mode, model: str | None, hashed: Future | None,
-                     checked_model: Future) -> int | None:
-    """How many ``sources`` a local run skips when every one is a local file unchanged since its document was
-    written well, and the output takes none out (:func:`_check_against_output`): a hot folder's run with nothing new.
-    None for a run with something to read, or with an object store size to try on Ray's start. Such a run is refused
-    as one with something to read would be, in the same order (the model, then the resources Ray's local instance
-    would have), before it tidies a killed run's leftovers: the output is read as :func:`recover_output` would leave
-    it (``published``, ``known``)."""
+                     checked_model: Future) -> list[DocumentPlan] | None:
+    """The plans of ``sources`` when a local run has nothing to read: each a local file unchanged since its document
+    was written well (``known``), or read before under its name with the bytes it holds now (hashed here: a touched
+    file, a file that failed), no copy of a document among them, and the output takes none out
+    (:func:`_check_against_output`): a hot folder's run with nothing new. None for a run with something to read, or
+    with an object store size to try on Ray's start. Such a run is refused as one with something to read would be, in
+    the same order (the model, then the resources Ray's local instance would have), before it tidies a killed run's
+    leftovers: the output is read as :func:`recover_output` would leave it (``published``)."""
     if not _runs_locally(config) or config.ray.object_store_memory_mb is not None:
         return None
-    settled = []
+    read_before = {row["source"] for row in published.rows}
+    num_pages = {row["doc_id"]: row["num_pages"] for row in published.rows}
+    plans = []
     for source in sources:
-        if (plan := unchanged_local_document(source, known.get(source))) is None:
+        plan = unchanged_local_document(source, known.get(source))
+        if plan is None and source in read_before:  # a file touched, or one that failed: its bytes tell
+            plan = local_document_of_bytes(source, num_pages)
+        if plan is None:
             return None
-        settled.append(plan)
+        plans.append(plan)
     checked_model.result()
     check_recognizer_resources(config, local_ray_resources(config), mode)
     model_sha256 = hashed.result() if hashed else None
-    if _check_against_output(settled, published, output, config, mode, model, model_sha256).doc_ids:
+    if _check_against_output(plans, published, output, config, mode, model, model_sha256).doc_ids:
+        return None
+    if mark_duplicates(plans, published.sources()):  # a file now holding another document's bytes: a duplicate row
         return None
     recover_output(output, published)
-    _warn_of_documents_without_exports(settled, published, published.sources(), output, config.output.exports)
-    return len(settled)
+    _warn_of_documents_without_exports(plans, published, published.sources(), output, config.output.exports)
+    return plans
 
 
 def local_ray_resources(config: JobConfig) -> dict[str, float]:

@@ -21,8 +21,9 @@ from PIL import Image
 
 from conftest import write_pdf
 import operators.ingest
-from operators.ingest import (IN_THE_OUTPUT, NEW_SUBFILE_TYPE, SUBFILE_TYPE, KnownDocument, find_inputs, page_frames,
-                              sniff_kind, source_id, triage, unchanged_local_document)
+from operators.ingest import (IN_THE_OUTPUT, NEW_SUBFILE_TYPE, SUBFILE_TYPE, KnownDocument, find_inputs,
+                              local_document_of_bytes, page_frames, sniff_kind, source_id, source_stamp, triage,
+                              unchanged_local_document)
 from operators.rasterize import PageRange, page_ranges, rasterize
 from pipeline.config import load_config
 from pipeline.job import DryRun, run_job
@@ -597,6 +598,24 @@ def test_an_unchanged_local_file_is_taken_as_its_document_without_a_triage_task(
     assert unchanged_local_document(str(tmp_path / "gone.pdf"), known) is None
     os.utime(source, ns=(plan.stamp[1] + 10**9, plan.stamp[1] + 10**9))
     assert unchanged_local_document(str(source), known) is None
+
+
+def test_a_touched_local_file_is_taken_as_the_document_its_bytes_are_without_a_triage_task(tmp_path, good_pdf):
+    """A file touched since it was read (or one that failed) is hashed as triage hashes it, and taken as the document
+    its bytes are, so that a run over it need not start Ray; other bytes, no bytes, a URI or a folder are left to
+    triage."""
+    source = shutil.copy(good_pdf, tmp_path / "letter.pdf")
+    plan = triage(str(source), CONFIG)
+    os.utime(source, ns=(plan.stamp[1] + 10**9, plan.stamp[1] + 10**9))
+    taken = local_document_of_bytes(str(source), {plan.doc_id: plan.num_pages})
+    assert (taken.doc_id, taken.num_pages, taken.stamp) == (plan.doc_id, plan.num_pages, source_stamp(str(source)))
+    assert local_document_of_bytes(str(source), {"other bytes": 1}) is None
+    assert local_document_of_bytes(f"file://{source}", {plan.doc_id: plan.num_pages}) is None
+    assert local_document_of_bytes(str(tmp_path), {plan.doc_id: plan.num_pages}) is None
+    assert local_document_of_bytes(str(tmp_path / "gone.pdf"), {plan.doc_id: plan.num_pages}) is None
+    (tmp_path / "empty.pdf").write_bytes(b"")
+    empty = triage(str(tmp_path / "empty.pdf"), CONFIG)
+    assert local_document_of_bytes(str(tmp_path / "empty.pdf"), {empty.doc_id: 0}) is None
 
 
 def test_a_uri_input_is_copied_once_per_version_and_the_oldest_copies_make_room(tmp_path, good_pdf, page_images,

@@ -115,16 +115,19 @@ def test_rerun_skips_documents_already_written(ray_local, detect_output, input_f
 
 
 def test_a_rerun_with_nothing_new_starts_no_ray_and_refuses_what_a_run_refuses(ray_local, tiny_model, tmp_path):
-    """A hot folder's run with nothing new (every file read before and unchanged) had started Ray only to skip them
-    all: 7 s of every such run. It starts none now (Ray's GCS server is a process of its own). It still refuses the
-    settings a run with something to read refuses, before it tidies a killed run's leftovers in the output."""
+    """A hot folder's run with nothing new had started Ray only to skip every file: 7 s of every such run. It starts
+    none now (Ray's GCS server is a process of its own) where every file is unchanged, or was touched (its bytes are
+    hashed), or failed before. It still refuses the settings a run with something to read refuses, before it tidies a
+    killed run's leftovers in the output."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     text_page(["A note on a single sheet of paper."]).save(inputs / "note.png", dpi=(150, 150))
     text_page(["A second note, on another sheet."]).save(inputs / "other.png", dpi=(150, 150))
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not a picture" * 10)
     output = tmp_path / "out"
     config = load_config(None, ["rasterize.dpi=150", f"recognize.model={tiny_model}", "recognize.max_new_tokens=4"])
-    assert run_job([str(inputs)], str(output), config).written.documents_ok == 2
+    first = run_job([str(inputs)], str(output), config)
+    assert (first.written.documents_ok, first.written.documents_failed) == (2, 1)
     script = ("import atexit, sys\n"
               "args, started = sys.argv[1:], []\n"
               "sys.addaudithook(lambda event, info: event == 'subprocess.Popen' and started.append(str(info[1])))\n"
@@ -138,14 +141,16 @@ def test_a_rerun_with_nothing_new_starts_no_ray_and_refuses_what_a_run_refuses(r
     _run_python(script, str(inputs), str(output), str(tiny_model), "--set", "recognize.num_gpus=1",
                 exit_code=ExitCode.bad_args)
     assert killed_runs_part.exists()
-    printed = _run_python(script, str(inputs), str(output), str(tiny_model))
-    assert "documents: 0 ok, 0 failed, 0 duplicates, 2 already done" in printed
+    touched = os.stat(inputs / "other.png").st_mtime_ns + 10**9
+    os.utime(inputs / "other.png", ns=(touched, touched))
+    printed = _run_python(script, str(inputs), str(output), str(tiny_model), exit_code=ExitCode.documents_failed)
+    assert "documents: 0 ok, 0 failed, 0 duplicates, 3 already done (1 of them failed" in printed
     assert printed.splitlines()[-1] == "Ray started: False"
     assert not killed_runs_part.exists()
     # one file changed: the rerun reads it, through Ray
     text_page(["The note, written again."]).save(inputs / "note.png", dpi=(150, 150))
-    printed = _run_python(script, str(inputs), str(output), str(tiny_model))
-    assert "documents: 1 ok, 0 failed, 0 duplicates, 1 already done" in printed
+    printed = _run_python(script, str(inputs), str(output), str(tiny_model), exit_code=ExitCode.documents_failed)
+    assert "documents: 1 ok, 0 failed, 0 duplicates, 2 already done (1 of them failed" in printed
     assert printed.splitlines()[-1] == "Ray started: True"
 
 
