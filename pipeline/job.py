@@ -694,28 +694,31 @@ def _all_done_before(sources: list[str], output: str, published: PublishedDocume
     file, a file that failed), no copy of a document among them, and the output takes none out
     (:func:`_check_against_output`): a hot folder's run with nothing new. None for a run with something to read, or
     with an object store size to try on Ray's start. Such a run is refused as one with something to read would be, in
-    the same order (the model, then the resources Ray's local instance would have), before it tidies a killed run's
-    leftovers: the output is read as :func:`recover_output` would leave it (``published``)."""
+    the same order (the model, then the resources Ray's local instance would have), and tidies a killed run's
+    leftovers where that run does: the output is read as :func:`recover_output` would leave it (``published``)."""
     if not _runs_locally(config) or config.ray.object_store_memory_mb is not None:
         return None
     read_before = {row["source"] for row in published.rows}
-    num_pages = {row["doc_id"]: row["num_pages"] for row in published.rows}
-    plans = []
-    for source in sources:
-        plan = unchanged_local_document(source, known.get(source))
-        if plan is None and source in read_before:  # a file touched, or one that failed: its bytes tell
-            plan = local_document_of_bytes(source, num_pages)
-        if plan is None:
-            return None
-        plans.append(plan)
+    plans = [unchanged_local_document(source, known.get(source)) for source in sources]
+    if any(plan is None and source not in read_before for plan, source in zip(plans, sources)):
+        return None  # a new file: nothing hashed
+    # a failed document's page count is triage's as it failed (none where it failed before counting): one read with
+    # other pages is left to triage, for the refusal of a run that selects pages its reading did not
+    num_pages = {row["doc_id"]: row["num_pages"] for row in published.rows
+                 if row["status"] != "failed" or row["pages_selected"] == config.rasterize.pages}
+    for index, source in enumerate(sources):
+        if plans[index] is None:  # a file touched, or one that failed: its bytes tell
+            if (plan := local_document_of_bytes(source, num_pages)) is None:
+                return None
+            plans[index] = plan
     checked_model.result()
     check_recognizer_resources(config, local_ray_resources(config), mode)
+    recover_output(output, published)  # where the run with Ray tidies too: before it compares with the output
     model_sha256 = hashed.result() if hashed else None
     if _check_against_output(plans, published, output, config, mode, model, model_sha256).doc_ids:
         return None
     if mark_duplicates(plans, published.sources()):  # a file now holding another document's bytes: a duplicate row
         return None
-    recover_output(output, published)
     _warn_of_documents_without_exports(plans, published, published.sources(), output, config.output.exports)
     return plans
 

@@ -21,7 +21,7 @@ import pyarrow.dataset as ds
 import pytest
 from PIL import Image
 
-from conftest import box_iou, text_page
+from conftest import box_iou, text_page, write_pdf
 from operators.settings import DEFAULT_MODEL
 from pipeline.cli import main
 from pipeline.config import load_config
@@ -152,6 +152,21 @@ def test_a_rerun_with_nothing_new_starts_no_ray_and_refuses_what_a_run_refuses(r
     printed = _run_python(script, str(inputs), str(output), str(tiny_model), exit_code=ExitCode.documents_failed)
     assert "documents: 1 ok, 0 failed, 0 duplicates, 2 already done (1 of them failed" in printed
     assert printed.splitlines()[-1] == "Ray started: True"
+
+
+def test_a_rerun_selecting_other_pages_of_a_document_that_failed_is_refused_without_ray_as_with_it(ray_local,
+                                                                                                  tmp_path):
+    """A file that failed in triage has no page count in the output, and the run with nothing to read had taken it as
+    one of none, so pages 2 of a file that had failed with pages 1 passed where the run with Ray (triage counts its
+    pages again) refuses it: the second run would never read them."""
+    pdf = write_pdf(tmp_path / "three.pdf", [text_page([f"Page {n}"]) for n in (1, 2, 3)])
+    output = str(tmp_path / "out")
+    config = load_config(None, ["rasterize.dpi=150", "rasterize.pages=1", "rasterize.pdfinfo_timeout_s=0.0001"])
+    assert run_job([str(pdf)], output, config, mode="detect").written.documents_failed == 1
+    with pytest.raises(ConfigError, match="read with pages 1 .* this run selects pages 2"):
+        run_job([str(pdf)], output, load_config(None, ["rasterize.dpi=150", "rasterize.pages=2"]), mode="detect")
+    again = run_job([str(pdf)], output, config, mode="detect")  # the same pages: nothing to read, no refusal
+    assert (again.documents_skipped, again.failed_earlier) == (1, 1)
 
 
 def test_the_resources_a_run_without_ray_checks_are_those_rays_local_instance_has():
