@@ -118,7 +118,7 @@ def test_a_rerun_with_nothing_new_starts_no_ray_and_refuses_what_a_run_refuses(r
     """A hot folder's run with nothing new had started Ray only to skip every file: 7 s of every such run. It starts
     none now (Ray's GCS server is a process of its own) where every file is unchanged, or was touched (its bytes are
     hashed), or failed before. It still refuses the settings a run with something to read refuses, before it tidies a
-    killed run's leftovers in the output."""
+    killed run's leftovers in the output, and tidies them, as such a run does, before it compares with the output."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     text_page(["A note on a single sheet of paper."]).save(inputs / "note.png", dpi=(150, 150))
@@ -143,6 +143,10 @@ def test_a_rerun_with_nothing_new_starts_no_ray_and_refuses_what_a_run_refuses(r
     assert killed_runs_part.exists()
     touched = os.stat(inputs / "other.png").st_mtime_ns + 10**9
     os.utime(inputs / "other.png", ns=(touched, touched))
+    with pytest.raises(ConfigError, match="from `trocr-pipeline run` .* and this is `trocr-pipeline detect`"):
+        run_job([str(inputs)], str(output), config, mode="detect")
+    assert not killed_runs_part.exists()  # tidied before the output is compared with, as by a run with Ray
+    shutil.copy(next((output / "pages").glob("*.parquet")), killed_runs_part)
     printed = _run_python(script, str(inputs), str(output), str(tiny_model), exit_code=ExitCode.documents_failed)
     assert "documents: 0 ok, 0 failed, 0 duplicates, 3 already done (1 of them failed" in printed
     assert printed.splitlines()[-1] == "Ray started: False"
