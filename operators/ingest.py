@@ -826,13 +826,15 @@ def local_document_of_bytes(source: str, num_pages: dict[str, int]) -> DocumentP
     if is_uri(source):
         return None
     try:
-        stamp = source_stamp(source)
-        if stamp is None or not stat.S_ISREG(os.stat(source).st_mode):
+        before = os.stat(source)
+        if not stat.S_ISREG(before.st_mode):
             return None
         doc_id, _, size = fingerprint(source)
-        if size == 0 or doc_id not in num_pages or source_stamp(source) != stamp:
-            return None
-    except (DocumentError, OSError):
+        after = os.stat(source)
+    except (DocumentError, OSError, ValueError):
+        return None
+    stamp = (before.st_size, before.st_mtime_ns)
+    if size == 0 or doc_id not in num_pages or (after.st_size, after.st_mtime_ns) != stamp:
         return None
     return KnownDocument(doc_id, num_pages[doc_id], stamp).plan(source)
 

@@ -514,14 +514,13 @@ class _RecognizeBatch:
         return {"work": [pickle.dumps(work, protocol=5) for work in done]}
 
 
-def _triage_all(sources: list[str], config: JobConfig, known: dict[str, KnownDocument],
-                on_triaged: Callable[[], None] | None = None) -> list[DocumentPlan]:
-    """Triage every file in parallel as plain Ray tasks: cheap, and quicker to start than a dataset; the ``known``
-    documents of unchanged local files are taken here, unread (:func:`operators.ingest.unchanged_local_document`).
-    A task that dies (a decoder crashing its worker) fails its document, not the job. ``on_triaged`` hears of each
-    file."""
+def _triage_all(sources: list[str], settled: list[DocumentPlan | None], config: JobConfig,
+                known: dict[str, KnownDocument], on_triaged: Callable[[], None] | None = None) -> list[DocumentPlan]:
+    """Triage every file not ``settled`` (its plan taken already: an unchanged local file's document) in parallel as
+    plain Ray tasks: cheap, and quicker to start than a dataset. A task that dies (a decoder crashing its worker)
+    fails its document, not the job. ``on_triaged`` hears of each file."""
     remote_triage = ray.remote(num_cpus=config.rasterize.num_cpus)(triage)
-    plans: list[DocumentPlan | None] = [unchanged_local_document(source, known.get(source)) for source in sources]
+    plans = list(settled)
     to_read = [index for index, plan in enumerate(plans) if plan is None]
     if on_triaged:
         for _ in range(len(sources) - len(to_read)):
@@ -609,7 +608,9 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
         hashed = background.submit(weights_sha256, config.recognize.model) if model else None
         published = published_documents(output)  # as recover_output leaves it: tidied once the checks have passed
         known = published.known()
-        done_before = _all_done_before(found.sources, output, published, known, config, mode, model, hashed,
+        # the documents of unchanged local files, taken unread (:func:`operators.ingest.unchanged_local_document`)
+        settled = [unchanged_local_document(source, known.get(source)) for source in found.sources]
+        done_before = _all_done_before(found.sources, settled, output, published, config, mode, model, hashed,
                                        checked_model)
         if done_before is not None:  # nothing to read: no Ray (its start and end had been 7 s of each such run)
             return JobSummary(output=output, documents_skipped=len(done_before), written=WriteSummary(),
@@ -637,7 +638,7 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
             quiet_ray_data(verbose)
             if progress:
                 progress.triage_started(len(found.sources))
-            plans = _triage_all(found.sources, config, known, progress.file_triaged if progress else None)
+            plans = _triage_all(found.sources, settled, config, known, progress.file_triaged if progress else None)
             retirement = _check_against_output(plans, published, output, config, mode, model, model_sha256)
             retire_documents(output, retirement)
             done = {doc_id: source for doc_id, source in published.sources().items()
@@ -686,11 +687,11 @@ def run_job(inputs: list[str], output: str, config: JobConfig, mode: Mode = "rec
                       min_file_age_s=config.rasterize.min_file_age_s)
 
 
-def _all_done_before(sources: list[str], output: str, published: PublishedDocuments, known: dict[str, KnownDocument],
-                     config: JobConfig, mode: Mode, model: str | None, hashed: Future | None,
-                     checked_model: Future) -> list[DocumentPlan] | None:
+def _all_done_before(sources: list[str], settled: list[DocumentPlan | None], output: str,
+                     published: PublishedDocuments, config: JobConfig, mode: Mode, model: str | None,
+                     hashed: Future | None, checked_model: Future) -> list[DocumentPlan] | None:
     """The plans of ``sources`` when a local run has nothing to read: each a local file unchanged since its document
-    was written well (``known``), or read before under its name with the bytes it holds now (hashed here: a touched
+    was written well (``settled``), or read before under its name with the bytes it holds now (hashed here: a touched
     file, a file that failed), no copy of a document among them, and the output takes none out
     (:func:`_check_against_output`): a hot folder's run with nothing new. None for a run with something to read, or
     with an object store size to try on Ray's start. Such a run is refused as one with something to read would be, in
@@ -699,7 +700,7 @@ def _all_done_before(sources: list[str], output: str, published: PublishedDocume
     if not _runs_locally(config) or config.ray.object_store_memory_mb is not None:
         return None
     read_before = {row["source"] for row in published.rows}
-    plans = [unchanged_local_document(source, known.get(source)) for source in sources]
+    plans = list(settled)
     if any(plan is None and source not in read_before for plan, source in zip(plans, sources)):
         return None  # a new file: nothing hashed
     # a failed document's page count is triage's as it failed (none where it failed before counting): one read with
